@@ -1,0 +1,186 @@
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::Fingerprint;
+
+/// Why a certificate operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    /// rcgen refused to build or sign a certificate.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A stored PEM could not be parsed.
+    #[error("stored certificate material is unreadable: {0}")]
+    BadPem(String),
+    /// The stored key does not belong to the stored certificate.
+    #[error("the CA key does not match the CA certificate")]
+    KeyMismatch,
+}
+
+/// A certificate and its private key, both PEM, as issued by the CA.
+pub struct IssuedCertificate {
+    pub cert_pem: String,
+    pub cert_der: Vec<u8>,
+    /// PEM of the private key. Callers encrypt it before it goes anywhere.
+    pub key_pem: String,
+    pub not_after: OffsetDateTime,
+}
+
+/// The control plane's certificate authority.
+///
+/// The CA certificate is kept as the exact DER first generated (operators pin its
+/// fingerprint); `signer` is an equivalent rcgen object rebuilt from it to sign with.
+pub struct CertificateAuthority {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    signer: rcgen::Certificate,
+    key: KeyPair,
+}
+
+/// How long the CA itself is valid. Rotating a CA means re-enrolling every agent, so it is
+/// long-lived; its key never leaves the database unencrypted.
+const CA_LIFETIME: Duration = Duration::days(3650);
+
+impl CertificateAuthority {
+    /// Creates a new CA with a fresh ECDSA P-256 key.
+    pub fn generate(common_name: &str) -> Result<Self, CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "Sensei");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + CA_LIFETIME;
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            signer: cert,
+            key,
+        })
+    }
+
+    /// Loads a CA from the PEM it was stored as, checking that key and certificate match.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CertError::BadPem(e.to_string()))?;
+        let cert_der = pem_to_der(cert_pem)?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| CertError::BadPem(e.to_string()))?;
+        if parsed.public_key().raw != key.public_key_der().as_slice() {
+            return Err(CertError::KeyMismatch);
+        }
+        let params = CertificateParams::from_ca_cert_pem(cert_pem)
+            .map_err(|e| CertError::BadPem(e.to_string()))?;
+        let signer = params.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+            signer,
+            key,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// PEM of the CA's private key, for encrypted storage.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of_der(&self.cert_der)
+    }
+
+    /// Issues a TLS server certificate for `names` (DNS names or IP addresses).
+    pub fn issue_server_certificate(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<IssuedCertificate, CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            names.first().map(String::as_str).unwrap_or("sensei"),
+        );
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        let not_after = now + lifetime;
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &self.signer, &self.key)?;
+        Ok(IssuedCertificate {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            key_pem: key.serialize_pem(),
+            not_after,
+        })
+    }
+}
+
+/// The first certificate of a PEM document, as DER.
+pub(crate) fn pem_to_der(pem: &str) -> Result<Vec<u8>, CertError> {
+    let mut reader = pem.as_bytes();
+    let first = rustls_pemfile::certs(&mut reader).next();
+    match first {
+        Some(Ok(der)) => Ok(der.to_vec()),
+        Some(Err(e)) => Err(CertError::BadPem(e.to_string())),
+        None => Err(CertError::BadPem("no certificate in PEM".into())),
+    }
+}
+
+/// When the certificate in `cert_pem` stops being valid.
+pub fn not_after(cert_pem: &str) -> Result<OffsetDateTime, CertError> {
+    let der = pem_to_der(cert_pem)?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::BadPem(e.to_string()))?;
+    Ok(parsed.validity().not_after.to_datetime())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reloaded_ca_keeps_its_fingerprint_and_signs() {
+        let ca = CertificateAuthority::generate("test CA").expect("ca");
+        let again = CertificateAuthority::from_pem(ca.cert_pem(), &ca.key_pem()).expect("load");
+        assert_eq!(ca.fingerprint(), again.fingerprint());
+        let issued = again
+            .issue_server_certificate(&["localhost".into()], Duration::days(1))
+            .expect("issue");
+        assert!(issued.cert_pem.contains("BEGIN CERTIFICATE"));
+        assert!(not_after(&issued.cert_pem).expect("parse") > OffsetDateTime::now_utc());
+    }
+
+    #[test]
+    fn mismatched_key_is_refused() {
+        let a = CertificateAuthority::generate("a").expect("ca");
+        let b = CertificateAuthority::generate("b").expect("ca");
+        assert!(matches!(
+            CertificateAuthority::from_pem(a.cert_pem(), &b.key_pem()),
+            Err(CertError::KeyMismatch)
+        ));
+    }
+}

@@ -1,0 +1,159 @@
+//! Every rustls configuration in Sensei is built here, so that "TLS 1.3 only" and "one crypto
+//! provider" are true by construction rather than by each caller remembering.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::authority::pem_to_der;
+use crate::CertError;
+
+/// The crypto provider used by the whole workspace.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs [`provider`] as the process default. Binaries call this first thing: any crate
+/// that builds a rustls config without naming a provider then gets ring, never a panic about
+/// an ambiguous provider. Calling it twice is harmless.
+pub fn install_default_provider() {
+    let _already_installed = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    #[error(transparent)]
+    Material(#[from] CertError),
+    #[error("TLS configuration refused: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Parses a PEM certificate chain.
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let mut reader = pem.as_bytes();
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut reader).collect();
+    let certs = certs.map_err(|e| CertError::BadPem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(CertError::BadPem("no certificate in PEM".into()));
+    }
+    Ok(certs)
+}
+
+/// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1).
+pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, CertError> {
+    let mut reader = pem.as_bytes();
+    rustls_pemfile::private_key(&mut reader)
+        .map_err(|e| CertError::BadPem(e.to_string()))?
+        .ok_or_else(|| CertError::BadPem("no private key in PEM".into()))
+}
+
+/// Server side of the HTTPS API: TLS 1.3 only, no client certificate, HTTP/1.1.
+pub fn https_server_config(
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs_from_pem(chain_pem)?, key_from_pem(key_pem)?)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client that trusts exactly one CA (given as PEM): used by the agent, the tests and the
+/// quickstart's self-check. TLS 1.3 only.
+pub fn client_config_trusting(ca_pem: &str) -> Result<ClientConfig, TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs_from_pem(ca_pem)? {
+        roots.add(cert)?;
+    }
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The DER of the first certificate in a PEM document.
+pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, CertError> {
+    pem_to_der(pem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CertificateAuthority;
+
+    /// Drives a client and a server through a handshake in memory, no sockets.
+    fn handshake(client: ClientConfig, server: Arc<ServerConfig>) -> Result<(), rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name)?;
+        let mut s = rustls::ServerConnection::new(server)?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).expect("write");
+            s.read_tls(&mut buf.as_slice()).expect("read");
+            s.process_new_packets()?;
+            buf.clear();
+            s.write_tls(&mut buf).expect("write");
+            c.read_tls(&mut buf.as_slice()).expect("read");
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    fn server() -> (CertificateAuthority, Arc<ServerConfig>) {
+        let ca = CertificateAuthority::generate("t").expect("ca");
+        let issued = ca
+            .issue_server_certificate(&["localhost".into()], time::Duration::days(1))
+            .expect("issue");
+        let config = https_server_config(&issued.cert_pem, &issued.key_pem).expect("config");
+        (ca, config)
+    }
+
+    #[test]
+    fn tls13_client_completes_handshake() {
+        let (ca, config) = server();
+        let client = client_config_trusting(ca.cert_pem()).expect("client");
+        handshake(client, config).expect("handshake");
+    }
+
+    #[test]
+    fn tls12_client_is_refused() {
+        let (ca, config) = server();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(certs_from_pem(ca.cert_pem()).expect("pem").remove(0))
+            .expect("root");
+        let tls12 = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let err = handshake(tls12, config).expect_err("TLS 1.2 must be refused");
+        assert!(
+            matches!(err, rustls::Error::PeerIncompatible(_)),
+            "unexpected error {err:?}"
+        );
+    }
+
+    #[test]
+    fn client_trusting_another_ca_is_refused() {
+        let (_, config) = server();
+        let other = CertificateAuthority::generate("other").expect("ca");
+        let client = client_config_trusting(other.cert_pem()).expect("client");
+        assert!(handshake(client, config).is_err());
+    }
+
+    #[test]
+    fn garbage_pem_is_refused() {
+        assert!(certs_from_pem("not a pem").is_err());
+        assert!(key_from_pem("not a pem").is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! API keys: created by a signed-in user, scoped no wider than that user's role, optionally
+//! bound to source networks and an expiry. The secret is shown once; only its hash is kept.
+
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ClientMeta, JsonBody};
+use super::AppState;
+use crate::audit::{self, AuditEvent, Outcome};
+use crate::auth::{Principal, Scope};
+use crate::tokens::{Token, TokenKind};
+
+const MAX_ALLOWLIST: usize = 64;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKey {
+    pub name: String,
+    /// e.g. `["servers:read", "deployments:write"]`
+    pub scopes: Vec<String>,
+    /// Networks in CIDR form (a bare address means just that address). Empty: anywhere.
+    #[serde(default)]
+    pub ip_allowlist: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ApiKeyView {
+    pub id: Uuid,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub ip_allowlist: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub created_by: Option<Uuid>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreatedApiKey {
+    #[serde(flatten)]
+    pub key: ApiKeyView,
+    /// The key itself: shown once, never again.
+    pub secret: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ApiKeyList {
+    pub api_keys: Vec<ApiKeyView>,
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+fn parse_network(text: &str) -> Result<ipnet::IpNet, ApiError> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|net| net.trunc())
+        .map_err(|_| {
+            invalid(
+                "invalid_ip_allowlist",
+                format!("{text:?} is not an address or CIDR network"),
+            )
+        })
+}
+
+/// Creates an API key; the answer holds the secret, once.
+#[utoipa::path(post, path = "/v1/api-keys", tag = "api-keys", request_body = CreateApiKey,
+    responses((status = 201, body = CreatedApiKey),
+              (status = 403, body = ErrorBody, description = "a scope exceeds your role"),
+              (status = 422, body = ErrorBody, description = "unknown scope, bad network or past expiry")))]
+pub async fn create(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    JsonBody(req): JsonBody<CreateApiKey>,
+) -> Result<(StatusCode, Json<CreatedApiKey>), ApiError> {
+    let name = req.name.trim().to_owned();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(invalid("invalid_name", "name must be 1 to 200 characters"));
+    }
+    if req.scopes.is_empty() {
+        return Err(invalid("invalid_scopes", "give at least one scope"));
+    }
+    let mut scopes = Vec::new();
+    for text in &req.scopes {
+        let scope = Scope::parse(text).ok_or_else(|| {
+            let known: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+            invalid(
+                "invalid_scopes",
+                format!("unknown scope {text:?}; known scopes: {}", known.join(", ")),
+            )
+        })?;
+        if !principal.role.grants(scope) {
+            return Err(ApiError::forbidden(
+                "scope_exceeds_role",
+                format!(
+                    "your role ({}) does not allow {}, so no key you create can",
+                    principal.role.as_str(),
+                    scope.as_str()
+                ),
+            ));
+        }
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
+    }
+    if req.ip_allowlist.len() > MAX_ALLOWLIST {
+        return Err(invalid(
+            "invalid_ip_allowlist",
+            format!("at most {MAX_ALLOWLIST} networks"),
+        ));
+    }
+    let allowlist = req
+        .ip_allowlist
+        .iter()
+        .map(|t| parse_network(t).map(|n| n.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(at) = req.expires_at.filter(|at| *at <= Utc::now()) {
+        return Err(invalid(
+            "invalid_expiry",
+            format!("expires_at {} is in the past", at.to_rfc3339()),
+        ));
+    }
+    let scope_names: Vec<String> = scopes.iter().map(|s| s.as_str().to_owned()).collect();
+    let token = Token::generate();
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_one(
+            "INSERT INTO api_keys (id, account_id, created_by, name, secret_hash, scopes, ip_allowlist, expires_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8) RETURNING created_at",
+            &[
+                &token.id,
+                &principal.account_id,
+                &principal.user_id,
+                &name,
+                &token.secret_hash(),
+                &scope_names,
+                &allowlist,
+                &req.expires_at,
+            ],
+        )
+        .await?;
+    audit::append(
+        &tx,
+        &AuditEvent {
+            account_id: Some(principal.account_id),
+            actor: principal.actor(),
+            client_ip: Some(meta.ip.to_string()),
+            user_agent: Some(meta.user_agent.clone()),
+            action: "api_key.created",
+            target: Some(("api_key", token.id)),
+            outcome: Outcome::Success,
+            metadata: json!({ "name": name, "scopes": scope_names.join(" ") }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedApiKey {
+            key: ApiKeyView {
+                id: token.id,
+                name,
+                scopes: scope_names,
+                ip_allowlist: allowlist,
+                expires_at: req.expires_at,
+                created_at: row.get(0),
+                last_used_at: None,
+                created_by: Some(principal.user_id),
+            },
+            secret: token.render(TokenKind::ApiKey),
+        }),
+    ))
+}
+
+/// Lists the account's active API keys (never their secrets).
+#[utoipa::path(get, path = "/v1/api-keys", tag = "api-keys",
+    responses((status = 200, body = ApiKeyList)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<ApiKeyList>, ApiError> {
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, name, scopes, ip_allowlist, expires_at, created_at, last_used_at, created_by \
+             FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL ORDER BY created_at",
+            &[&principal.account_id],
+        )
+        .await?;
+    Ok(Json(ApiKeyList {
+        api_keys: rows
+            .iter()
+            .map(|r| ApiKeyView {
+                id: r.get(0),
+                name: r.get(1),
+                scopes: r.get(2),
+                ip_allowlist: r.get(3),
+                expires_at: r.get(4),
+                created_at: r.get(5),
+                last_used_at: r.get(6),
+                created_by: r.get(7),
+            })
+            .collect(),
+    }))
+}
+
+/// Revokes an API key at once.
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "api-keys",
+    params(("id" = Uuid, Path, description = "API key id")),
+    responses((status = 204, description = "revoked"), (status = 404, body = ErrorBody)))]
+pub async fn revoke(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let n = tx
+        .execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND account_id = $2 AND revoked_at IS NULL",
+            &[&id, &principal.account_id],
+        )
+        .await?;
+    if n == 0 {
+        return Err(ApiError::not_found("API key"));
+    }
+    audit::append(
+        &tx,
+        &AuditEvent {
+            account_id: Some(principal.account_id),
+            actor: principal.actor(),
+            client_ip: Some(meta.ip.to_string()),
+            user_agent: Some(meta.user_agent.clone()),
+            action: "api_key.revoked",
+            target: Some(("api_key", id)),
+            outcome: Outcome::Success,
+            metadata: json!({}),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

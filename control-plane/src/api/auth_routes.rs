@@ -1,0 +1,466 @@
+//! Signup, login, logout and the user's sessions.
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use http::{HeaderValue, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ClientMeta, JsonBody};
+use super::AppState;
+use crate::audit::{self, Actor, AuditEvent, Outcome};
+use crate::auth::{Principal, Role, SESSION_COOKIE, SESSION_IDLE_DAYS};
+use crate::login_throttle;
+use crate::passwords::{self, Verdict};
+use crate::tokens::{Token, TokenKind};
+
+const MAX_EMAIL: usize = 254;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignupRequest {
+    pub email: String,
+    /// 10 to 1024 characters.
+    pub password: String,
+    pub account_name: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserView {
+    pub id: Uuid,
+    pub email: String,
+    pub role: String,
+    pub account_id: Uuid,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AccountView {
+    pub id: Uuid,
+    pub name: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SignupResponse {
+    pub account: AccountView,
+    pub user: UserView,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LoginResponse {
+    pub user: UserView,
+    pub session_id: Uuid,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SessionView {
+    pub id: Uuid,
+    pub ip: String,
+    pub user_agent: String,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    /// Whether this is the session making the request.
+    pub current: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SessionList {
+    pub sessions: Vec<SessionView>,
+}
+
+fn normalise_email(email: &str) -> Result<String, ApiError> {
+    let email = email.trim();
+    let valid = email.len() <= MAX_EMAIL
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        && email
+            .split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'));
+    if valid {
+        Ok(email.to_owned())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_email",
+            "email must look like name@example.com (at most 254 characters)",
+        ))
+    }
+}
+
+fn session_cookie(token: &str, max_age_secs: i64) -> HeaderValue {
+    // Secure: the API only speaks HTTPS. SameSite=Lax: the cookie is not sent on cross-site
+    // subrequests, which is what keeps state-changing POSTs from other sites out.
+    HeaderValue::from_str(&format!(
+        "{SESSION_COOKIE}={token}; Path=/; HttpOnly; Secure; SameSite=Lax; Max-Age={max_age_secs}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("sensei_session=; Max-Age=0"))
+}
+
+fn with_cookie(mut response: Response, cookie: HeaderValue) -> Response {
+    response
+        .headers_mut()
+        .append(http::header::SET_COOKIE, cookie);
+    response
+}
+
+async fn create_session(
+    tx: &tokio_postgres::Transaction<'_>,
+    user_id: Uuid,
+    meta: &ClientMeta,
+) -> Result<(Uuid, String), ApiError> {
+    let token = Token::generate();
+    tx.execute(
+        "INSERT INTO sessions (id, user_id, secret_hash, ip, user_agent) VALUES ($1,$2,$3,$4,$5)",
+        &[
+            &token.id,
+            &user_id,
+            &token.secret_hash(),
+            &meta.ip.to_string(),
+            &meta.user_agent,
+        ],
+    )
+    .await?;
+    Ok((token.id, token.render(TokenKind::Session)))
+}
+
+/// Creates an account and its owner, and signs the owner in.
+#[utoipa::path(post, path = "/v1/auth/signup", tag = "auth", request_body = SignupRequest,
+    responses((status = 201, body = SignupResponse, description = "account created; session cookie set"),
+              (status = 409, body = ErrorBody, description = "email already registered"),
+              (status = 422, body = ErrorBody, description = "invalid email, password or account name")))]
+pub async fn signup(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    JsonBody(req): JsonBody<SignupRequest>,
+) -> Result<Response, ApiError> {
+    let email = normalise_email(&req.email)?;
+    passwords::check_policy(&req.password).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "weak_password",
+            e.to_string(),
+        )
+    })?;
+    let account_name = req.account_name.trim().to_owned();
+    if account_name.is_empty() || account_name.chars().count() > 200 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_account_name",
+            "account_name must be 1 to 200 characters",
+        ));
+    }
+    let password = req.password;
+    let hash = tokio::task::spawn_blocking(move || passwords::hash(&password))
+        .await
+        .map_err(|_| ApiError::internal("password hashing task failed"))?;
+
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let account_id = Uuid::new_v4();
+    let user_id = Uuid::new_v4();
+    tx.execute(
+        "INSERT INTO accounts (id, name) VALUES ($1, $2)",
+        &[&account_id, &account_name],
+    )
+    .await?;
+    let inserted = tx
+        .execute(
+            "INSERT INTO users (id, account_id, email, password_hash, role) \
+             VALUES ($1, $2, $3, $4, 'owner') ON CONFLICT DO NOTHING",
+            &[&user_id, &account_id, &email, &hash],
+        )
+        .await?;
+    if inserted == 0 {
+        return Err(ApiError::conflict(
+            "email_taken",
+            "an account with this email already exists; sign in instead",
+        ));
+    }
+    let (_, cookie) = create_session(&tx, user_id, &meta).await?;
+    audit::append(
+        &tx,
+        &AuditEvent {
+            account_id: Some(account_id),
+            actor: Actor::User {
+                id: user_id,
+                email: email.clone(),
+            },
+            client_ip: Some(meta.ip.to_string()),
+            user_agent: Some(meta.user_agent.clone()),
+            action: "account.created",
+            target: Some(("account", account_id)),
+            outcome: Outcome::Success,
+            metadata: json!({ "owner_id": user_id.to_string() }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    let body = SignupResponse {
+        account: AccountView {
+            id: account_id,
+            name: account_name,
+        },
+        user: UserView {
+            id: user_id,
+            email,
+            role: Role::Owner.as_str().into(),
+            account_id,
+        },
+    };
+    Ok(with_cookie(
+        (StatusCode::CREATED, Json(body)).into_response(),
+        session_cookie(&cookie, SESSION_IDLE_DAYS * 86_400),
+    ))
+}
+
+/// Signs in with email and password; sets the session cookie.
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = LoginResponse, description = "signed in; session cookie set"),
+              (status = 401, body = ErrorBody, description = "email or password is incorrect"),
+              (status = 429, body = ErrorBody, description = "too many failed attempts")))]
+pub async fn login(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    JsonBody(req): JsonBody<LoginRequest>,
+) -> Result<Response, ApiError> {
+    let mut client = state.pool.get().await?;
+    login_throttle::check_ip(&**client, meta.ip).await?;
+    let email = req.email.trim().to_owned();
+    let user = client
+        .query_opt(
+            "SELECT id, account_id, email, password_hash, role FROM users WHERE lower(email) = lower($1)",
+            &[&email],
+        )
+        .await?;
+    if let Some(row) = &user {
+        login_throttle::check_account(&**client, row.get(1)).await?;
+    }
+    let stored: Option<String> = user.as_ref().map(|row| row.get(3));
+    let password = req.password.clone();
+    let verdict = tokio::task::spawn_blocking(move || match stored {
+        Some(stored) => passwords::verify(&password, &stored),
+        None => {
+            passwords::verify_dummy(&password);
+            Verdict::Mismatch
+        }
+    })
+    .await
+    .map_err(|_| ApiError::internal("password verification task failed"))?;
+
+    let tx = client.transaction().await?;
+    let (user, rehash) = match (user, verdict) {
+        (Some(user), Verdict::Match { rehash }) => (user, rehash),
+        (user, _) => {
+            let account_id: Option<Uuid> = user.as_ref().map(|u| u.get(1));
+            let email_hash = state.keys.keyed_input_hash(email.to_lowercase().as_bytes());
+            let input = format!("{email}\u{0}{}", req.password);
+            login_throttle::record(&*tx, meta.ip, account_id, &email_hash).await?;
+            audit::append(
+                &tx,
+                &AuditEvent {
+                    account_id,
+                    actor: Actor::Anonymous,
+                    client_ip: Some(meta.ip.to_string()),
+                    user_agent: Some(meta.user_agent.clone()),
+                    action: "user.login_failed",
+                    target: user.as_ref().map(|u| ("user", u.get::<_, Uuid>(0))),
+                    outcome: Outcome::Failure,
+                    metadata: json!({
+                        "email_hash": email_hash,
+                        "input_hash": state.keys.keyed_input_hash(input.as_bytes()),
+                    }),
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "email or password is incorrect",
+            ));
+        }
+    };
+    let user_id: Uuid = user.get(0);
+    let account_id: Uuid = user.get(1);
+    let email: String = user.get(2);
+    let role: String = user.get(4);
+    if rehash {
+        let password = req.password;
+        let new_hash = tokio::task::spawn_blocking(move || passwords::hash(&password))
+            .await
+            .map_err(|_| ApiError::internal("password hashing task failed"))?;
+        tx.execute(
+            "UPDATE users SET password_hash = $2 WHERE id = $1",
+            &[&user_id, &new_hash],
+        )
+        .await?;
+    }
+    let (session_id, cookie) = create_session(&tx, user_id, &meta).await?;
+    audit::append(
+        &tx,
+        &AuditEvent {
+            account_id: Some(account_id),
+            actor: Actor::User {
+                id: user_id,
+                email: email.clone(),
+            },
+            client_ip: Some(meta.ip.to_string()),
+            user_agent: Some(meta.user_agent.clone()),
+            action: "user.logged_in",
+            target: Some(("session", session_id)),
+            outcome: Outcome::Success,
+            metadata: json!({ "mfaUsed": false, "password_rehashed": rehash }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    let body = LoginResponse {
+        user: UserView {
+            id: user_id,
+            email,
+            role,
+            account_id,
+        },
+        session_id,
+    };
+    Ok(with_cookie(
+        Json(body).into_response(),
+        session_cookie(&cookie, SESSION_IDLE_DAYS * 86_400),
+    ))
+}
+
+async fn revoke_sessions(
+    state: &AppState,
+    principal: &Principal,
+    meta: &ClientMeta,
+    which: Option<Uuid>,
+    action: &'static str,
+) -> Result<u64, ApiError> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let revoked = tx
+        .execute(
+            "UPDATE sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL \
+             AND ($2::uuid IS NULL OR id = $2)",
+            &[&principal.user_id, &which],
+        )
+        .await?;
+    if revoked == 0 {
+        return Err(ApiError::not_found("session"));
+    }
+    audit::append(
+        &tx,
+        &AuditEvent {
+            account_id: Some(principal.account_id),
+            actor: principal.actor(),
+            client_ip: Some(meta.ip.to_string()),
+            user_agent: Some(meta.user_agent.clone()),
+            action,
+            target: which.map(|id| ("session", id)),
+            outcome: Outcome::Success,
+            metadata: json!({ "sessions_revoked": revoked }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(revoked)
+}
+
+fn signed_out() -> Response {
+    with_cookie(
+        StatusCode::NO_CONTENT.into_response(),
+        session_cookie("", 0),
+    )
+}
+
+/// Signs out the current session.
+#[utoipa::path(post, path = "/v1/auth/logout", tag = "auth",
+    responses((status = 204, description = "signed out; cookie cleared"),
+              (status = 401, body = ErrorBody, description = "not signed in")))]
+pub async fn logout(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    revoke_sessions(
+        &state,
+        &principal,
+        &meta,
+        principal.session_id(),
+        "user.logged_out",
+    )
+    .await?;
+    Ok(signed_out())
+}
+
+/// Lists the caller's active sessions.
+#[utoipa::path(get, path = "/v1/auth/sessions", tag = "auth",
+    responses((status = 200, body = SessionList), (status = 401, body = ErrorBody)))]
+pub async fn list_sessions(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<SessionList>, ApiError> {
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, ip, user_agent, created_at, last_seen_at FROM sessions \
+             WHERE user_id = $1 AND revoked_at IS NULL \
+             AND last_seen_at > now() - make_interval(days => $2) ORDER BY last_seen_at DESC",
+            &[&principal.user_id, &(SESSION_IDLE_DAYS as i32)],
+        )
+        .await?;
+    let current = principal.session_id();
+    Ok(Json(SessionList {
+        sessions: rows
+            .iter()
+            .map(|r| SessionView {
+                id: r.get(0),
+                ip: r.get(1),
+                user_agent: r.get(2),
+                created_at: r.get(3),
+                last_seen_at: r.get(4),
+                current: Some(r.get::<_, Uuid>(0)) == current,
+            })
+            .collect(),
+    }))
+}
+
+/// Signs out one of the caller's sessions.
+#[utoipa::path(delete, path = "/v1/auth/sessions/{id}", tag = "auth",
+    params(("id" = Uuid, Path, description = "session id")),
+    responses((status = 204, description = "session signed out"),
+              (status = 404, body = ErrorBody, description = "no such active session of yours")))]
+pub async fn revoke_session(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<Response, ApiError> {
+    revoke_sessions(&state, &principal, &meta, Some(id), "session.revoked").await?;
+    if Some(id) == principal.session_id() {
+        return Ok(signed_out());
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Signs out every session of the caller, the current one included.
+#[utoipa::path(post, path = "/v1/auth/sessions/sign-out-everywhere", tag = "auth",
+    responses((status = 204, description = "all sessions signed out; cookie cleared")))]
+pub async fn sign_out_everywhere(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    revoke_sessions(&state, &principal, &meta, None, "session.revoked_all").await?;
+    Ok(signed_out())
+}

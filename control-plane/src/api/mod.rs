@@ -1,0 +1,115 @@
+//! The HTTPS API: routes, access control, errors.
+//!
+//! The router is built from the handlers' OpenAPI annotations (utoipa-axum), so the document
+//! served at `/openapi.json` lists exactly the routes that exist.
+
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
+use axum::Router;
+use deadpool_postgres::Pool;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::field_crypto::FieldKeys;
+use crate::metrics::Metrics;
+
+pub mod access;
+pub mod api_keys;
+pub mod audit_routes;
+pub mod auth_routes;
+pub mod error;
+pub mod extract;
+pub mod system;
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState(Arc<StateInner>);
+
+pub struct StateInner {
+    pub pool: Pool,
+    pub keys: Arc<FieldKeys>,
+    pub metrics: Metrics,
+    pub binary_sha256: String,
+}
+
+impl AppState {
+    pub fn new(pool: Pool, keys: Arc<FieldKeys>, binary_sha256: String) -> Self {
+        Self(Arc::new(StateInner {
+            pool,
+            keys,
+            metrics: Metrics::default(),
+            binary_sha256,
+        }))
+    }
+}
+
+impl Deref for AppState {
+    type Target = StateInner;
+    fn deref(&self) -> &StateInner {
+        &self.0
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Sensei control plane", description = "Deploy onto your own servers. Errors are `{\"error\": {\"code\", \"message\"}}`."),
+    tags(
+        (name = "system", description = "health, metrics, this document"),
+        (name = "auth", description = "accounts, sign-in and sessions"),
+        (name = "api-keys", description = "API keys for automation"),
+        (name = "audit", description = "the audit log"),
+    )
+)]
+struct ApiDoc;
+
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(system::healthz))
+        .routes(routes!(system::metrics))
+        .routes(routes!(system::openapi_json))
+        .routes(routes!(auth_routes::signup))
+        .routes(routes!(auth_routes::login))
+        .routes(routes!(auth_routes::logout))
+        .routes(routes!(auth_routes::list_sessions))
+        .routes(routes!(auth_routes::revoke_session))
+        .routes(routes!(auth_routes::sign_out_everywhere))
+        .routes(routes!(api_keys::create, api_keys::list))
+        .routes(routes!(api_keys::revoke))
+        .routes(routes!(audit_routes::list))
+        .routes(routes!(audit_routes::export))
+}
+
+/// The OpenAPI document, rendered once.
+pub fn openapi_document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let (_, doc) = routes().split_for_parts();
+        doc.to_json().unwrap_or_else(|_| "{}".into())
+    })
+}
+
+async fn not_found() -> error::ApiError {
+    error::ApiError::new(
+        http::StatusCode::NOT_FOUND,
+        "no_such_route",
+        "no such route; see /openapi.json",
+    )
+}
+
+/// The complete API router.
+pub fn router(state: AppState) -> Router {
+    let (router, _) = routes().split_for_parts();
+    router
+        .route_layer(from_fn_with_state(state.clone(), access::authorize))
+        .route_layer(from_fn_with_state(state.clone(), system::track))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}

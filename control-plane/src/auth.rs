@@ -1,0 +1,367 @@
+//! Who is calling: roles, scopes, and turning a session cookie or an API key into a
+//! [`Principal`].
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use http::HeaderMap;
+use uuid::Uuid;
+
+use crate::api::error::ApiError;
+use crate::tokens::{Token, TokenKind};
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "sensei_session";
+/// A session not used for this long is over.
+pub const SESSION_IDLE_DAYS: i64 = 14;
+
+/// A member's role in an account, weakest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Viewer,
+    Operator,
+    Developer,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Developer => "developer",
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "viewer" => Role::Viewer,
+            "operator" => Role::Operator,
+            "developer" => Role::Developer,
+            "admin" => Role::Admin,
+            "owner" => Role::Owner,
+            _ => return None,
+        })
+    }
+
+    /// Everything this role may do.
+    pub fn grants(self, scope: Scope) -> bool {
+        use Scope::*;
+        let needed = match scope {
+            ServersRead | ProjectsRead | DeploymentsRead | RolloutsRead | AuditRead => Role::Viewer,
+            DeploymentsWrite | RolloutsWrite => Role::Operator,
+            ServersWrite | ProjectsWrite => Role::Developer,
+            ApiKeysRead | ApiKeysWrite => Role::Admin,
+        };
+        self >= needed
+    }
+}
+
+/// A permission an API key can carry, named `resource:access`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Scope {
+    ServersRead,
+    ServersWrite,
+    ProjectsRead,
+    ProjectsWrite,
+    DeploymentsRead,
+    DeploymentsWrite,
+    RolloutsRead,
+    RolloutsWrite,
+    AuditRead,
+    ApiKeysRead,
+    ApiKeysWrite,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 11] = [
+        Scope::ServersRead,
+        Scope::ServersWrite,
+        Scope::ProjectsRead,
+        Scope::ProjectsWrite,
+        Scope::DeploymentsRead,
+        Scope::DeploymentsWrite,
+        Scope::RolloutsRead,
+        Scope::RolloutsWrite,
+        Scope::AuditRead,
+        Scope::ApiKeysRead,
+        Scope::ApiKeysWrite,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::ServersRead => "servers:read",
+            Scope::ServersWrite => "servers:write",
+            Scope::ProjectsRead => "projects:read",
+            Scope::ProjectsWrite => "projects:write",
+            Scope::DeploymentsRead => "deployments:read",
+            Scope::DeploymentsWrite => "deployments:write",
+            Scope::RolloutsRead => "rollouts:read",
+            Scope::RolloutsWrite => "rollouts:write",
+            Scope::AuditRead => "audit:read",
+            Scope::ApiKeysRead => "api_keys:read",
+            Scope::ApiKeysWrite => "api_keys:write",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|scope| scope.as_str() == s)
+    }
+}
+
+/// How the caller proved who they are.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    Session { session_id: Uuid },
+    ApiKey { key_id: Uuid, scopes: Vec<Scope> },
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub account_id: Uuid,
+    /// The user acting, or who created the API key in use.
+    pub user_id: Uuid,
+    pub email: String,
+    pub role: Role,
+    pub credential: Credential,
+}
+
+impl Principal {
+    /// Whether this caller may use `scope`: the role must grant it and, for an API key, the
+    /// key must carry it too (a key only ever narrows its creator's role).
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.role.grants(scope)
+            && match &self.credential {
+                Credential::Session { .. } => true,
+                Credential::ApiKey { scopes, .. } => scopes.contains(&scope),
+            }
+    }
+
+    pub fn session_id(&self) -> Option<Uuid> {
+        match self.credential {
+            Credential::Session { session_id } => Some(session_id),
+            Credential::ApiKey { .. } => None,
+        }
+    }
+
+    /// The audit actor for this caller.
+    pub fn actor(&self) -> crate::audit::Actor {
+        match &self.credential {
+            Credential::Session { .. } => crate::audit::Actor::User {
+                id: self.user_id,
+                email: self.email.clone(),
+            },
+            Credential::ApiKey { key_id, .. } => crate::audit::Actor::ApiKey { id: *key_id },
+        }
+    }
+}
+
+/// The value of our session cookie in a `Cookie` header, if any.
+pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value)
+}
+
+/// The bearer token in `Authorization`, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Authenticates a request by its API key (preferred when present) or session cookie.
+pub async fn authenticate(
+    pool: &Pool,
+    headers: &HeaderMap,
+    client_ip: IpAddr,
+) -> Result<Principal, ApiError> {
+    if let Some(text) = bearer(headers) {
+        return authenticate_api_key(pool, text, client_ip).await;
+    }
+    match session_cookie(headers) {
+        Some(text) => authenticate_session(pool, text).await,
+        None => Err(ApiError::unauthenticated(
+            "sign in first, or send an API key as `Authorization: Bearer …`",
+        )),
+    }
+}
+
+async fn authenticate_session(pool: &Pool, text: &str) -> Result<Principal, ApiError> {
+    let invalid = || ApiError::unauthenticated("session expired or signed out; sign in again");
+    let token = Token::parse(TokenKind::Session, text).ok_or_else(invalid)?;
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT s.secret_hash, s.revoked_at IS NOT NULL, \
+                    s.last_seen_at < now() - make_interval(days => $2), \
+                    s.last_seen_at < now() - interval '1 minute', \
+                    u.id, u.account_id, u.email, u.role \
+             FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1",
+            &[&token.id, &(SESSION_IDLE_DAYS as i32)],
+        )
+        .await?
+        .ok_or_else(invalid)?;
+    let hash: Vec<u8> = row.get(0);
+    let (revoked, idle, stale): (bool, bool, bool) = (row.get(1), row.get(2), row.get(3));
+    if !token.matches(&hash) || revoked || idle {
+        return Err(invalid());
+    }
+    if stale {
+        // Touch at most once a minute: a write per request would cost more than the
+        // precision is worth.
+        client
+            .execute(
+                "UPDATE sessions SET last_seen_at = now() WHERE id = $1",
+                &[&token.id],
+            )
+            .await?;
+    }
+    let role: String = row.get(7);
+    Ok(Principal {
+        account_id: row.get(5),
+        user_id: row.get(4),
+        email: row.get(6),
+        role: Role::parse(&role).ok_or_else(|| ApiError::internal("unknown role in database"))?,
+        credential: Credential::Session {
+            session_id: token.id,
+        },
+    })
+}
+
+async fn authenticate_api_key(
+    pool: &Pool,
+    text: &str,
+    client_ip: IpAddr,
+) -> Result<Principal, ApiError> {
+    let invalid = || ApiError::unauthenticated("API key is not valid (unknown or revoked)");
+    let token = Token::parse(TokenKind::ApiKey, text).ok_or_else(invalid)?;
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT k.secret_hash, k.revoked_at IS NOT NULL, k.expires_at, k.scopes, \
+                    k.ip_allowlist, k.account_id, u.id, u.email, u.role \
+             FROM api_keys k JOIN users u ON u.id = k.created_by AND u.account_id = k.account_id \
+             WHERE k.id = $1",
+            &[&token.id],
+        )
+        .await?
+        .ok_or_else(invalid)?;
+    let hash: Vec<u8> = row.get(0);
+    let revoked: bool = row.get(1);
+    if !token.matches(&hash) || revoked {
+        return Err(invalid());
+    }
+    let expires_at: Option<DateTime<Utc>> = row.get(2);
+    if let Some(at) = expires_at.filter(|at| *at <= Utc::now()) {
+        return Err(ApiError::new(
+            http::StatusCode::UNAUTHORIZED,
+            "api_key_expired",
+            format!("API key expired at {}", at.to_rfc3339()),
+        ));
+    }
+    let allowlist: Vec<String> = row.get(4);
+    if !allowlist.is_empty() {
+        let allowed = allowlist
+            .iter()
+            .filter_map(|net| net.parse::<ipnet::IpNet>().ok())
+            .any(|net| net.contains(&client_ip));
+        if !allowed {
+            return Err(ApiError::new(
+                http::StatusCode::FORBIDDEN,
+                "ip_not_allowed",
+                format!("this API key may not be used from {client_ip}"),
+            ));
+        }
+    }
+    client
+        .execute(
+            "UPDATE api_keys SET last_used_at = now() WHERE id = $1 \
+             AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
+            &[&token.id],
+        )
+        .await?;
+    let scopes: Vec<String> = row.get(3);
+    let role: String = row.get(8);
+    Ok(Principal {
+        account_id: row.get(5),
+        user_id: row.get(6),
+        email: row.get(7),
+        role: Role::parse(&role).ok_or_else(|| ApiError::internal("unknown role in database"))?,
+        credential: Credential::ApiKey {
+            key_id: token.id,
+            scopes: scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_are_cumulative() {
+        assert!(Role::Viewer.grants(Scope::ServersRead));
+        assert!(!Role::Viewer.grants(Scope::DeploymentsWrite));
+        assert!(Role::Operator.grants(Scope::DeploymentsWrite));
+        assert!(!Role::Operator.grants(Scope::ServersWrite));
+        assert!(Role::Developer.grants(Scope::ProjectsWrite));
+        assert!(!Role::Developer.grants(Scope::ApiKeysWrite));
+        assert!(Role::Owner.grants(Scope::ApiKeysWrite));
+    }
+
+    #[test]
+    fn api_key_narrows_but_never_widens() {
+        let key = |role, scopes| Principal {
+            account_id: Uuid::nil(),
+            user_id: Uuid::nil(),
+            email: String::new(),
+            role,
+            credential: Credential::ApiKey {
+                key_id: Uuid::nil(),
+                scopes,
+            },
+        };
+        let narrow = key(Role::Owner, vec![Scope::ServersRead]);
+        assert!(narrow.allows(Scope::ServersRead));
+        assert!(!narrow.allows(Scope::ServersWrite));
+        // The creator was demoted to viewer after making a write key: the key loses write.
+        let demoted = key(Role::Viewer, vec![Scope::ServersWrite, Scope::ServersRead]);
+        assert!(!demoted.allows(Scope::ServersWrite));
+        assert!(demoted.allows(Scope::ServersRead));
+    }
+
+    #[test]
+    fn scope_names_round_trip() {
+        for scope in Scope::ALL {
+            assert_eq!(Scope::parse(scope.as_str()), Some(scope));
+        }
+        assert_eq!(Scope::parse("servers:admin"), None);
+    }
+
+    #[test]
+    fn finds_session_cookie_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::COOKIE,
+            "a=1; sensei_session=ss_x_y; b=2".parse().expect("header"),
+        );
+        assert_eq!(session_cookie(&h), Some("ss_x_y"));
+        h.insert(
+            http::header::AUTHORIZATION,
+            "Bearer sk_abc".parse().expect("header"),
+        );
+        assert_eq!(bearer(&h), Some("sk_abc"));
+    }
+}

@@ -1,0 +1,232 @@
+//! The `sensei-control-plane` command line: flags, environment, and what each command does.
+//! Every bad value stops the program with a message naming the flag or variable at fault.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::field_crypto::FieldKeys;
+use crate::server::{open_database, ControlPlane, DatabaseSource, ServeOptions};
+
+/// Default API address.
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8443";
+
+#[derive(Parser)]
+#[command(
+    name = "sensei-control-plane",
+    version,
+    about = "The Sensei control plane"
+)]
+pub struct Cli {
+    /// Where the control plane keeps its files (and the embedded database when DATABASE_URL
+    /// is unset). Default: /var/lib/sensei as root, ~/.local/share/sensei otherwise.
+    #[arg(long, env = "SENSEI_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Log format on standard error.
+    #[arg(
+        long,
+        env = "SENSEI_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ServeArgs {
+    /// Address of the HTTPS API [default: 127.0.0.1:8443].
+    #[arg(long, env = "SENSEI_API_ADDR")]
+    pub api_addr: Option<SocketAddr>,
+    /// Host names and addresses the API certificate is issued for.
+    #[arg(
+        long = "api-name",
+        env = "SENSEI_API_NAMES",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1,::1"
+    )]
+    pub api_names: Vec<String>,
+    /// Largest number of database connections.
+    #[arg(long, env = "SENSEI_DB_POOL_SIZE", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub db_pool_size: u16,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the API (needs CODESENSEI_FIELD_KEY).
+    Serve(ServeArgs),
+    /// Everything on one machine with nothing configured: embedded database, a development
+    /// field key, the API. With --once: check it works end to end, then exit.
+    Quickstart {
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Re-encrypt every encrypted field under the first key of CODESENSEI_FIELD_KEY.
+    RotateFieldKey,
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Print a new random field key (for CODESENSEI_FIELD_KEY).
+    GenerateFieldKey,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check every audit chain; exit 1 if a row was changed or removed.
+    Verify,
+}
+
+/// The data directory when none is given.
+pub fn default_data_dir() -> PathBuf {
+    if crate::postgres_cluster::running_as_root() {
+        return PathBuf::from("/var/lib/sensei");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("sensei");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/sensei"),
+        None => PathBuf::from("sensei-data"),
+    }
+}
+
+/// `DATABASE_URL`, or the embedded cluster when it is unset or empty.
+pub fn database_source() -> DatabaseSource {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => DatabaseSource::Url(url),
+        _ => DatabaseSource::Embedded,
+    }
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SENSEI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the parsed command; the error is what the user sees.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    match cli.command {
+        Command::GenerateFieldKey => {
+            println!("{}", FieldKeys::generate_key());
+            Ok(0)
+        }
+        Command::Serve(args) => {
+            let keys = FieldKeys::from_env()?;
+            let plane = ControlPlane::start(serve_options(&args, data_dir, keys, false)).await?;
+            announce(&plane);
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            plane.shutdown().await;
+            Ok(0)
+        }
+        Command::Quickstart { once, serve } => crate::quickstart::run(&serve, data_dir, once).await,
+        Command::RotateFieldKey => {
+            let keys = FieldKeys::from_env()?;
+            let (pool, cluster) = open_database(&database_source(), &data_dir, 2).await?;
+            crate::db::migrate(&pool).await?;
+            let report = crate::rotate::rotate(&pool, &keys).await?;
+            println!(
+                "rotate-field-key: rewrote {} field(s) under the first key; {} already were",
+                report.rewritten, report.already_current
+            );
+            pool.close();
+            drop(cluster);
+            Ok(0)
+        }
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let (pool, cluster) = open_database(&database_source(), &data_dir, 2).await?;
+            let client = pool.get().await?;
+            let report = crate::audit::verify(&**client).await?;
+            drop(client);
+            pool.close();
+            drop(cluster);
+            for problem in &report.problems {
+                println!("TAMPERED: {problem}");
+            }
+            println!(
+                "audit verify: {} chain(s), {} row(s), {} problem(s)",
+                report.chains,
+                report.rows,
+                report.problems.len()
+            );
+            Ok(if report.problems.is_empty() { 0 } else { 1 })
+        }
+    }
+}
+
+/// Options for `serve` and `quickstart` from the flags.
+pub fn serve_options(
+    args: &ServeArgs,
+    data_dir: PathBuf,
+    keys: FieldKeys,
+    ephemeral_port: bool,
+) -> ServeOptions {
+    let default_addr: SocketAddr = if ephemeral_port {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    } else {
+        DEFAULT_API_ADDR
+            .parse()
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8443)))
+    };
+    ServeOptions {
+        api_addr: args.api_addr.unwrap_or(default_addr),
+        data_dir,
+        database: database_source(),
+        field_keys: Arc::new(keys),
+        api_names: args
+            .api_names
+            .iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect(),
+        pool_size: usize::from(args.db_pool_size),
+    }
+}
+
+/// Prints where the API is and the CA fingerprint to pin.
+pub fn announce(plane: &ControlPlane) {
+    println!(
+        "Sensei control plane listening on https://{}",
+        plane.api_addr()
+    );
+    println!("CA fingerprint: {}", plane.ca_fingerprint());
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,249 @@
+//! The PostgreSQL connection pool and the schema migrations.
+//!
+//! `DATABASE_URL` is a libpq-style URL (`postgres://…`) or key/value string. tokio-postgres
+//! does not know libpq's `sslrootcert` nor the `verify-*` modes, so those two settings are taken
+//! out here and turned into a rustls connector. Only `disable` (no TLS: the embedded socket)
+//! and `verify-full` (TLS 1.3, CA and host name checked) are accepted: a mode that encrypts
+//! without verifying the server gives a false sense of safety, so it is refused.
+
+use std::str::FromStr;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Why the database could not be reached or prepared.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    #[error("DATABASE_URL is invalid: {0}")]
+    BadUrl(String),
+    #[error(
+        "DATABASE_URL asks for sslmode={0}; Sensei accepts sslmode=disable (a local socket) or \
+         sslmode=verify-full with sslrootcert=<CA file>, so that the server is always verified"
+    )]
+    UnsupportedSslMode(String),
+    #[error("sslmode=verify-full needs sslrootcert=<path to the CA certificate (PEM)>")]
+    MissingRootCert,
+    #[error("cannot read sslrootcert {path}: {message}")]
+    RootCert { path: String, message: String },
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(String),
+    #[error("database migration failed: {0}")]
+    Migrate(String),
+}
+
+/// Connection settings split into what tokio-postgres understands and the TLS choice.
+struct ParsedUrl {
+    config: tokio_postgres::Config,
+    root_cert: Option<String>,
+}
+
+fn parse_url(url: &str) -> Result<ParsedUrl, DbError> {
+    let mut sslmode = None;
+    let mut rootcert = None;
+    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        match url.split_once('?') {
+            Some((base, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|kv| match kv.split_once('=') {
+                        Some(("sslmode", v)) => {
+                            sslmode = Some(v.to_owned());
+                            false
+                        }
+                        Some(("sslrootcert", v)) => {
+                            rootcert = Some(percent_decode(v));
+                            false
+                        }
+                        _ => true,
+                    })
+                    .collect();
+                if kept.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+            None => url.to_owned(),
+        }
+    } else {
+        url.split_whitespace()
+            .filter(|kv| match kv.split_once('=') {
+                Some(("sslmode", v)) => {
+                    sslmode = Some(v.to_owned());
+                    false
+                }
+                Some(("sslrootcert", v)) => {
+                    rootcert = Some(v.to_owned());
+                    false
+                }
+                _ => true,
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let config =
+        tokio_postgres::Config::from_str(&rest).map_err(|e| DbError::BadUrl(e.to_string()))?;
+    match sslmode.as_deref() {
+        None | Some("disable") => Ok(ParsedUrl {
+            config,
+            root_cert: None,
+        }),
+        Some("verify-full") => Ok(ParsedUrl {
+            config,
+            root_cert: Some(rootcert.ok_or(DbError::MissingRootCert)?),
+        }),
+        Some(other) => Err(DbError::UnsupportedSslMode(other.to_owned())),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Opens a pool for `url` (at most `max_size` connections) and checks one connection works.
+pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
+    let ParsedUrl {
+        mut config,
+        root_cert,
+    } = parse_url(url)?;
+    if config.get_application_name().is_none() {
+        config.application_name("sensei-control-plane");
+    }
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match root_cert {
+        None => Manager::from_config(config, tokio_postgres::NoTls, manager_config),
+        Some(path) => {
+            let pem = std::fs::read_to_string(&path).map_err(|e| DbError::RootCert {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let tls =
+                sensei_certs::tls::client_config_trusting(&pem).map_err(|e| DbError::RootCert {
+                    path,
+                    message: e.to_string(),
+                })?;
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Manager::from_config(
+                config,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                manager_config,
+            )
+        }
+    };
+    let pool = Pool::builder(manager)
+        .max_size(max_size)
+        .build()
+        .map_err(|e| DbError::Connect(e.to_string()))?;
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| DbError::Connect(e.to_string()))?;
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map_err(|e| DbError::Connect(e.to_string()))?;
+    Ok(pool)
+}
+
+/// Applies pending migrations. Replicas starting together serialise on an advisory lock.
+pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
+    const MIGRATION_LOCK: i64 = 0x5e45_e100;
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| DbError::Connect(e.to_string()))?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| DbError::Migrate(e.to_string()))?;
+    let result = embedded::migrations::runner()
+        .run_async(&mut **client)
+        .await
+        .map_err(|e| DbError::Migrate(e.to_string()));
+    let unlock = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result?;
+    unlock.map_err(|e| DbError::Migrate(e.to_string()))?;
+    Ok(())
+}
+
+/// Maps any database error into a short message for logs (never with parameters).
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_without_ssl_is_plain() {
+        let p = parse_url("postgres://u@localhost:5433/db").expect("parse");
+        assert!(p.root_cert.is_none());
+        assert_eq!(p.config.get_dbname(), Some("db"));
+    }
+
+    #[test]
+    fn verify_full_takes_root_cert_out_of_the_url() {
+        let p = parse_url(
+            "postgresql://u:p@db.example:5432/sensei?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=5",
+        )
+        .expect("parse");
+        assert_eq!(p.root_cert.as_deref(), Some("/etc/ca.pem"));
+        assert_eq!(p.config.get_dbname(), Some("sensei"));
+    }
+
+    #[test]
+    fn key_value_form_is_accepted() {
+        let p = parse_url("host=/tmp/s port=5432 user=postgres dbname=x sslmode=disable")
+            .expect("parse");
+        assert!(p.root_cert.is_none());
+    }
+
+    #[test]
+    fn unverified_tls_modes_are_refused() {
+        for mode in ["require", "prefer", "allow", "verify-ca"] {
+            let err = parse_url(&format!("postgres://u@h/db?sslmode={mode}"))
+                .err()
+                .expect("refused");
+            assert!(matches!(err, DbError::UnsupportedSslMode(ref m) if m == mode));
+        }
+        assert!(matches!(
+            parse_url("postgres://u@h/db?sslmode=verify-full").err(),
+            Some(DbError::MissingRootCert)
+        ));
+    }
+
+    #[test]
+    fn garbage_url_is_refused() {
+        assert!(matches!(
+            parse_url("postgres://u@h:notaport/db"),
+            Err(DbError::BadUrl(_))
+        ));
+    }
+}

@@ -1,0 +1,24 @@
+//! The Sensei control plane.
+//!
+//! One file per concern: [`server`] wires a running control plane from the [`db`], the
+//! [`pki`] and the [`api`]; secrets go through [`field_crypto`], credentials through
+//! [`tokens`] and [`passwords`], and every state change through the [`audit`] writer.
+
+pub mod api;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod db;
+pub mod field_crypto;
+pub mod https;
+pub mod login_throttle;
+pub mod metrics;
+pub mod passwords;
+pub mod pki;
+pub mod postgres_cluster;
+pub mod quickstart;
+pub mod rotate;
+pub mod server;
+pub mod tokens;
+
+pub use server::{ControlPlane, DatabaseSource, ServeOptions, StartError};

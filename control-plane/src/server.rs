@@ -1,0 +1,205 @@
+//! Starting and stopping a control plane: database (external or embedded), migrations, the
+//! CA, and the HTTPS API. `serve`, `quickstart` and the tests all start it through here.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use sensei_certs::Fingerprint;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, AppState};
+use crate::db;
+use crate::field_crypto::FieldKeys;
+use crate::pki;
+use crate::postgres_cluster::{ClusterError, ClusterOptions, PostgresCluster};
+
+/// Where the database is.
+#[derive(Debug, Clone)]
+pub enum DatabaseSource {
+    /// `DATABASE_URL`.
+    Url(String),
+    /// A private cluster in `<data-dir>/postgres`, started and stopped with the control plane.
+    Embedded,
+}
+
+/// Everything needed to start.
+pub struct ServeOptions {
+    pub api_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database: DatabaseSource,
+    pub field_keys: Arc<FieldKeys>,
+    /// Names (DNS or IP) the API certificate is issued for.
+    pub api_names: Vec<String>,
+    pub pool_size: usize,
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("data directory {path}: {message}")]
+    DataDir { path: String, message: String },
+    #[error("embedded PostgreSQL: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("certificates: {0}")]
+    Pki(#[from] pki::PkiError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] sensei_certs::tls::TlsConfigError),
+    #[error("cannot listen for the API on {addr}: {message}")]
+    Listen { addr: SocketAddr, message: String },
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    api_addr: SocketAddr,
+    ca_fingerprint: Fingerprint,
+    ca_pem: String,
+    pool: Pool,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    // Dropped last: stops the embedded database after everything using it.
+    cluster: Option<PostgresCluster>,
+}
+
+/// Creates the data directory: traversable but not listable by others (the embedded
+/// PostgreSQL runs as another user and must reach its own subdirectory).
+pub fn prepare_data_dir(dir: &Path) -> Result<(), StartError> {
+    let err = |e: std::io::Error| StartError::DataDir {
+        path: dir.display().to_string(),
+        message: e.to_string(),
+    };
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Opens the database: the URL, or the embedded cluster (created and started on demand) with
+/// a `sensei` database in it.
+pub async fn open_database(
+    source: &DatabaseSource,
+    data_dir: &Path,
+    pool_size: usize,
+) -> Result<(Pool, Option<PostgresCluster>), StartError> {
+    match source {
+        DatabaseSource::Url(url) => Ok((db::connect(url, pool_size).await?, None)),
+        DatabaseSource::Embedded => {
+            prepare_data_dir(data_dir)?;
+            let root = data_dir.join("postgres");
+            let cluster = tokio::task::spawn_blocking(move || {
+                PostgresCluster::start(&root, &ClusterOptions::default())
+            })
+            .await
+            .map_err(|e| ClusterError::Step {
+                step: "starting postgres",
+                detail: e.to_string(),
+            })??;
+            let admin = db::connect(&cluster.conninfo("postgres"), 1).await?;
+            let client = admin
+                .get()
+                .await
+                .map_err(|e| db::DbError::Connect(e.to_string()))?;
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = 'sensei'", &[])
+                .await
+                .map_err(|e| db::DbError::Connect(db::describe(&e)))?;
+            if exists.is_none() {
+                client
+                    .batch_execute("CREATE DATABASE sensei")
+                    .await
+                    .map_err(|e| db::DbError::Connect(db::describe(&e)))?;
+            }
+            drop(client);
+            let pool = db::connect(&cluster.conninfo("sensei"), pool_size).await?;
+            Ok((pool, Some(cluster)))
+        }
+    }
+}
+
+fn binary_sha256() -> String {
+    std::env::current_exe()
+        .and_then(std::fs::read)
+        .map(|bytes| hex::encode(Sha256::digest(bytes)))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+impl ControlPlane {
+    /// Starts everything and returns once the API is listening.
+    pub async fn start(options: ServeOptions) -> Result<Self, StartError> {
+        let (pool, cluster) =
+            open_database(&options.database, &options.data_dir, options.pool_size).await?;
+        db::migrate(&pool).await?;
+        let keys = options.field_keys;
+        let ca = pki::certificate_authority(&pool, &keys).await?;
+        let api_cert = pki::api_certificate(&pool, &keys, &ca, &options.api_names).await?;
+        let tls = sensei_certs::tls::https_server_config(&api_cert.chain_pem, &api_cert.key_pem)?;
+        let listener =
+            TcpListener::bind(options.api_addr)
+                .await
+                .map_err(|e| StartError::Listen {
+                    addr: options.api_addr,
+                    message: e.to_string(),
+                })?;
+        let api_addr = listener.local_addr().map_err(|e| StartError::Listen {
+            addr: options.api_addr,
+            message: e.to_string(),
+        })?;
+        let sha = tokio::task::spawn_blocking(binary_sha256)
+            .await
+            .unwrap_or_else(|_| "unknown".into());
+        let state = AppState::new(pool.clone(), keys, sha);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let server = tokio::spawn(crate::https::serve(
+            listener,
+            tls,
+            api::router(state),
+            shutdown_rx,
+        ));
+        tracing::info!(%api_addr, ca_fingerprint = %ca.fingerprint(), "control plane listening");
+        Ok(Self {
+            api_addr,
+            ca_fingerprint: ca.fingerprint(),
+            ca_pem: ca.cert_pem().to_owned(),
+            pool,
+            shutdown,
+            server,
+            cluster,
+        })
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    pub fn ca_fingerprint(&self) -> Fingerprint {
+        self.ca_fingerprint
+    }
+
+    /// The CA certificate (PEM) clients trust.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Stops accepting connections, closes the pool and stops the embedded database.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        self.pool.close();
+        if let Some(cluster) = self.cluster {
+            let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
+        }
+    }
+}

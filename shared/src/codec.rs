@@ -1,0 +1,168 @@
+//! The one wire codec: serde types encoded with bincode 2, with every decode bounded.
+//!
+//! Messages are framed as a 4-byte big-endian length followed by the bincode body. The length
+//! is checked against [`MAX_MESSAGE_LEN`] before anything is allocated, and bincode itself is
+//! configured with the same limit so that a hostile length *inside* the body (a `Vec` claiming
+//! four billion elements) fails instead of allocating.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// The largest message either side accepts, frame header excluded.
+///
+/// A deploy spec with hooks and environment fits in a few KiB; 1 MiB leaves room without
+/// letting a peer make us buffer an arbitrary amount.
+pub const MAX_MESSAGE_LEN: usize = 1024 * 1024;
+
+/// Length of the frame header.
+pub const FRAME_HEADER_LEN: usize = 4;
+
+type Config = bincode::config::Configuration<
+    bincode::config::BigEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_MESSAGE_LEN>,
+>;
+
+fn config() -> Config {
+    bincode::config::standard()
+        .with_big_endian()
+        .with_limit::<MAX_MESSAGE_LEN>()
+}
+
+/// Why a message could not be encoded or decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The frame header announces more than [`MAX_MESSAGE_LEN`] bytes.
+    #[error("message of {0} bytes exceeds the {MAX_MESSAGE_LEN}-byte limit")]
+    TooLong(usize),
+    /// The bytes do not form a valid message of the expected type.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A valid message was followed by bytes that belong to nothing.
+    #[error("{0} unexpected bytes after the message")]
+    TrailingBytes(usize),
+}
+
+/// Encodes `message` into a frame body (no length header).
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, CodecError> {
+    let body = bincode::serde::encode_to_vec(message, config())
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if body.len() > MAX_MESSAGE_LEN {
+        return Err(CodecError::TooLong(body.len()));
+    }
+    Ok(body)
+}
+
+/// Decodes a frame body into `T`, refusing oversize input and trailing garbage.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
+    if body.len() > MAX_MESSAGE_LEN {
+        return Err(CodecError::TooLong(body.len()));
+    }
+    let (message, used) = bincode::serde::decode_from_slice(body, config())
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(CodecError::TrailingBytes(body.len() - used));
+    }
+    Ok(message)
+}
+
+/// Encodes `message` with its 4-byte length header, ready to write to a stream.
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, CodecError> {
+    let body = encode(message)?;
+    let len = u32::try_from(body.len()).map_err(|_| CodecError::TooLong(body.len()))?;
+    let mut frame = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Reads a frame header and returns the body length it announces, refusing oversize frames
+/// before the caller allocates a buffer for the body.
+pub fn frame_len(header: [u8; FRAME_HEADER_LEN]) -> Result<usize, CodecError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_MESSAGE_LEN {
+        return Err(CodecError::TooLong(len));
+    }
+    Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Sample {
+        id: u64,
+        name: String,
+        items: Vec<String>,
+    }
+
+    fn sample() -> Sample {
+        Sample {
+            id: 7,
+            name: "web-1".into(),
+            items: vec!["a".into(), "bc".into()],
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let body = encode(&sample()).expect("encode");
+        assert_eq!(decode::<Sample>(&body).expect("decode"), sample());
+    }
+
+    #[test]
+    fn frame_round_trips_through_header() {
+        let frame = encode_frame(&sample()).expect("encode");
+        let header: [u8; 4] = frame[..4].try_into().expect("header");
+        let len = frame_len(header).expect("len");
+        assert_eq!(len, frame.len() - 4);
+        assert_eq!(decode::<Sample>(&frame[4..]).expect("decode"), sample());
+    }
+
+    #[test]
+    fn oversize_frame_header_is_refused_before_allocation() {
+        let header = u32::MAX.to_be_bytes();
+        assert_eq!(
+            frame_len(header),
+            Err(CodecError::TooLong(u32::MAX as usize))
+        );
+    }
+
+    #[test]
+    fn hostile_inner_length_is_refused() {
+        // A varint-encoded element count of u64::MAX for `items`, then nothing.
+        let mut body = encode(&Sample {
+            items: vec![],
+            ..sample()
+        })
+        .expect("encode");
+        body.pop(); // drop the empty vec's length (0)
+        body.extend_from_slice(&[0xFF]);
+        body.extend_from_slice(&u64::MAX.to_be_bytes());
+        assert!(matches!(
+            decode::<Sample>(&body),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut body = encode(&sample()).expect("encode");
+        body.push(0);
+        assert_eq!(decode::<Sample>(&body), Err(CodecError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn truncated_input_is_refused_at_every_length() {
+        let body = encode(&sample()).expect("encode");
+        for cut in 0..body.len() {
+            assert!(
+                decode::<Sample>(&body[..cut]).is_err(),
+                "cut at {cut} decoded"
+            );
+        }
+    }
+}

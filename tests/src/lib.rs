@@ -1,0 +1,257 @@
+//! The end-to-end test harness.
+//!
+//! - [`cluster`]: one throwaway PostgreSQL cluster per test binary, started from the system's
+//!   binaries in a temp dir (as the `postgres` user when we are root) and removed at exit;
+//!   every test gets a database of its own, so tests run in parallel.
+//! - [`TestPlane`]: a control plane started in-process on a random loopback port, with an
+//!   HTTPS client that trusts its CA.
+
+#![allow(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, OnceLock};
+
+use sensei_control_plane::field_crypto::FieldKeys;
+use sensei_control_plane::postgres_cluster::{ClusterOptions, PostgresCluster};
+use sensei_control_plane::{ControlPlane, DatabaseSource, ServeOptions};
+use serde_json::Value;
+
+struct SharedCluster {
+    cluster: PostgresCluster,
+    _dir: tempfile::TempDir,
+}
+
+static CLUSTER: OnceLock<SharedCluster> = OnceLock::new();
+
+extern "C" fn stop_cluster_at_exit() {
+    if let Some(shared) = CLUSTER.get() {
+        shared.cluster.stop();
+        let _ = std::fs::remove_dir_all(
+            shared
+                .cluster
+                .root()
+                .parent()
+                .unwrap_or(shared.cluster.root()),
+        );
+    }
+}
+
+/// A temp dir the `postgres` user can enter (tempfile makes 0700 directories).
+pub fn open_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("sensei-test-")
+        .tempdir()
+        .expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+        .expect("chmod temp dir");
+    dir
+}
+
+/// The shared cluster of this test binary, started on first use.
+pub fn cluster() -> &'static PostgresCluster {
+    &CLUSTER
+        .get_or_init(|| {
+            sensei_certs::tls::install_default_provider();
+            let dir = open_tempdir();
+            let cluster = PostgresCluster::start(
+                &dir.path().join("pg"),
+                &ClusterOptions {
+                    throwaway: true,
+                    ..ClusterOptions::default()
+                },
+            )
+            .expect("start the test PostgreSQL cluster");
+            // SAFETY: registering a plain extern "C" function with no captured state.
+            unsafe {
+                libc::atexit(stop_cluster_at_exit);
+            }
+            SharedCluster { cluster, _dir: dir }
+        })
+        .cluster
+}
+
+/// Creates an empty database on the shared cluster and returns its connection string.
+pub async fn fresh_database() -> String {
+    let cluster = cluster();
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let (client, conn) =
+        tokio_postgres::connect(&cluster.conninfo("postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test cluster");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    cluster.conninfo(&name)
+}
+
+/// Connects straight to a test database, bypassing the control plane (to inspect rows, or
+/// to tamper with them the way a database administrator could).
+pub async fn connect(conninfo: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+/// A field key for tests.
+pub fn test_keys() -> Arc<FieldKeys> {
+    Arc::new(FieldKeys::parse(&FieldKeys::generate_key()).expect("generated key parses"))
+}
+
+/// A control plane on a random port, on its own database.
+pub struct TestPlane {
+    pub plane: ControlPlane,
+    pub conninfo: String,
+    pub http: reqwest::Client,
+    pub base: String,
+    pub data_dir: tempfile::TempDir,
+    pub keys: Arc<FieldKeys>,
+}
+
+impl TestPlane {
+    pub async fn start() -> Self {
+        let conninfo = fresh_database().await;
+        Self::start_on(conninfo, test_keys()).await
+    }
+
+    /// Starts on an existing database (a restart, or a second replica).
+    pub async fn start_on(conninfo: String, keys: Arc<FieldKeys>) -> Self {
+        sensei_certs::tls::install_default_provider();
+        let data_dir = open_tempdir();
+        let plane = ControlPlane::start(ServeOptions {
+            api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.path().to_owned(),
+            database: DatabaseSource::Url(conninfo.clone()),
+            field_keys: keys.clone(),
+            api_names: vec!["localhost".into(), "127.0.0.1".into()],
+            pool_size: 8,
+        })
+        .await
+        .expect("control plane starts");
+        let tls = sensei_certs::tls::client_config_trusting(plane.ca_pem()).expect("client tls");
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()
+            .expect("http client");
+        let base = format!("https://localhost:{}", plane.api_addr().port());
+        Self {
+            plane,
+            conninfo,
+            http,
+            base,
+            data_dir,
+            keys,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A direct database connection.
+    pub async fn db(&self) -> tokio_postgres::Client {
+        connect(&self.conninfo).await
+    }
+
+    /// Signs up a new account; returns the session cookie and the signup answer.
+    pub async fn signup(&self, email: &str, password: &str) -> (String, Value) {
+        let response = self
+            .http
+            .post(self.url("/v1/auth/signup"))
+            .json(
+                &serde_json::json!({"email": email, "password": password, "account_name": "Acme"}),
+            )
+            .send()
+            .await
+            .expect("signup request");
+        assert_eq!(response.status(), 201, "signup failed");
+        let cookie = session_cookie(&response).expect("signup sets a cookie");
+        (cookie, response.json().await.expect("json"))
+    }
+
+    /// Signs in; returns the cookie.
+    pub async fn login(&self, email: &str, password: &str) -> String {
+        let response = self
+            .http
+            .post(self.url("/v1/auth/login"))
+            .json(&serde_json::json!({"email": email, "password": password}))
+            .send()
+            .await
+            .expect("login request");
+        assert_eq!(response.status(), 200, "login failed");
+        session_cookie(&response).expect("login sets a cookie")
+    }
+
+    /// GET with a session cookie, returning status and JSON body.
+    pub async fn get(&self, path: &str, cookie: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST JSON with a session cookie.
+    pub async fn post(&self, path: &str, cookie: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .header("cookie", cookie)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GET with an API key.
+    pub async fn get_with_key(&self, path: &str, key: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Audit actions of the whole database, oldest first.
+    pub async fn audit_actions(&self) -> Vec<String> {
+        self.db()
+            .await
+            .query("SELECT action FROM audit_log ORDER BY id", &[])
+            .await
+            .expect("audit query")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+}
+
+/// The `name=value` of the session cookie a response sets.
+pub fn session_cookie(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("sensei_session="))
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned)
+}
+
+/// The error code of an API error body.
+pub fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
