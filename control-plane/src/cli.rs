@@ -114,8 +114,13 @@ pub fn database_source() -> DatabaseSource {
 }
 
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SENSEI_LOG")
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("SENSEI_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // tokio-postgres logs statement parameters at debug level; parameters carry password
+    // hashes and sealed secrets, so its chatter stops at warnings whatever SENSEI_LOG asks.
+    if let Ok(cap) = "tokio_postgres=warn".parse() {
+        filter = filter.add_directive(cap);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -135,8 +140,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Serve(args) => {
             let keys = FieldKeys::from_env()?;
-            let plane = ControlPlane::start(serve_options(&args, data_dir, keys, false)).await?;
-            announce(&plane);
+            let plane =
+                ControlPlane::start(serve_options(&args, data_dir.clone(), keys, false)).await?;
+            announce(&plane, &data_dir);
             wait_for_signal().await;
             tracing::info!("shutting down");
             plane.shutdown().await;
@@ -208,12 +214,13 @@ pub fn serve_options(
     }
 }
 
-/// Prints where the API is and the CA fingerprint to pin.
-pub fn announce(plane: &ControlPlane) {
+/// Prints where the API is, the CA fingerprint to pin and where the CA certificate is.
+pub fn announce(plane: &ControlPlane, data_dir: &std::path::Path) {
     println!(
         "Sensei control plane listening on https://{}",
         plane.api_addr()
     );
+    println!("CA certificate: {}", data_dir.join("ca.pem").display());
     println!("CA fingerprint: {}", plane.ca_fingerprint());
 }
 

@@ -238,7 +238,7 @@ mod tests {
     fn bad_key_lists_are_refused_without_echoing_them() {
         assert_eq!(FieldKeys::parse("").err(), Some(FieldKeyError::Missing));
         assert_eq!(FieldKeys::parse(" , ").err(), Some(FieldKeyError::Missing));
-        let err = FieldKeys::parse("hunter2").err().expect("refused");
+        let err = FieldKeys::parse("hunter2").expect_err("refused");
         assert_eq!(err, FieldKeyError::Malformed { position: 1 });
         assert!(!err.to_string().contains("hunter2"));
         let two = format!("{KEY},c2hvcnQ=");

@@ -31,9 +31,7 @@ pub async fn run(args: &ServeArgs, data_dir: PathBuf, once: bool) -> anyhow::Res
     };
     let plane = ControlPlane::start(serve_options(args, data_dir.clone(), keys, once)).await?;
     let ca_path = data_dir.join("ca.pem");
-    std::fs::write(&ca_path, plane.ca_pem())?;
-    announce(&plane);
-    println!("CA certificate: {}", ca_path.display());
+    announce(&plane, &data_dir);
     let base = format!("https://{}", plane.api_addr());
     if !once {
         println!();

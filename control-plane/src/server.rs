@@ -140,6 +140,13 @@ impl ControlPlane {
         db::migrate(&pool).await?;
         let keys = options.field_keys;
         let ca = pki::certificate_authority(&pool, &keys).await?;
+        // Clients (curl, the quickstart, agents' operators) need the CA to trust the API.
+        prepare_data_dir(&options.data_dir)?;
+        let ca_path = options.data_dir.join("ca.pem");
+        std::fs::write(&ca_path, ca.cert_pem()).map_err(|e| StartError::DataDir {
+            path: ca_path.display().to_string(),
+            message: e.to_string(),
+        })?;
         let api_cert = pki::api_certificate(&pool, &keys, &ca, &options.api_names).await?;
         let tls = sensei_certs::tls::https_server_config(&api_cert.chain_pem, &api_cert.key_pem)?;
         let listener =

@@ -255,3 +255,20 @@ pub fn session_cookie(response: &reqwest::Response) -> Option<String> {
 pub fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("")
 }
+
+/// The `sensei-control-plane` executable built alongside this test binary
+/// (`cargo test --workspace` builds it).
+pub fn control_plane_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let bin = dir.join("sensei-control-plane");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        bin.display()
+    );
+    bin
+}

@@ -1,1 +1,10 @@
-mod smoke;
+//! One test binary for every end-to-end test (one link, one shared PostgreSQL cluster).
+//! One module per feature.
+
+mod accounts;
+mod api_keys;
+mod audit_log;
+mod cli;
+mod database_tls;
+mod field_keys;
+mod system;

@@ -1,0 +1,177 @@
+//! The HTTPS listener, health, metrics, the OpenAPI document and error shapes.
+
+use std::sync::Arc;
+
+use sensei_e2e::{error_code, TestPlane};
+
+#[tokio::test]
+async fn tls12_client_is_refused_at_the_handshake() {
+    let t = TestPlane::start().await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in sensei_certs::tls::certs_from_pem(t.plane.ca_pem()).expect("ca") {
+        roots.add(cert).expect("root");
+    }
+    let tls12 = rustls::ClientConfig::builder_with_provider(sensei_certs::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .expect("tls12")
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(t.plane.api_addr())
+        .await
+        .expect("tcp");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let refused = tokio_rustls::TlsConnector::from(Arc::new(tls12))
+        .connect(name.clone(), tcp)
+        .await;
+    assert!(refused.is_err(), "TLS 1.2 handshake succeeded");
+
+    // The same client restricted to TLS 1.3 gets through: the refusal is about the version.
+    let tls13 = sensei_certs::tls::client_config_trusting(t.plane.ca_pem()).expect("tls13");
+    let tcp = tokio::net::TcpStream::connect(t.plane.api_addr())
+        .await
+        .expect("tcp");
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls13))
+        .connect(name, tcp)
+        .await
+        .expect("TLS 1.3 handshake");
+    assert_eq!(
+        stream.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+}
+
+#[tokio::test]
+async fn healthz_reports_version_binary_and_database() {
+    let t = TestPlane::start().await;
+    let r = t.http.get(t.url("/healthz")).send().await.expect("healthz");
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["database"], "ok");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    let sha = v["binary_sha256"].as_str().expect("sha");
+    assert_eq!(sha.len(), 64);
+    // It is the hash of the executable actually running (here, this test binary).
+    let exe = std::fs::read(std::env::current_exe().expect("exe")).expect("read exe");
+    use sha2::Digest;
+    assert_eq!(sha, hex::encode(sha2::Sha256::digest(&exe)));
+}
+
+#[tokio::test]
+async fn healthz_says_degraded_when_the_database_is_gone() {
+    let t = TestPlane::start().await;
+    // Terminate the control plane's connections and refuse new ones to its database.
+    let dbname = t
+        .conninfo
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("dbname="))
+        .expect("dbname")
+        .to_owned();
+    let admin = sensei_e2e::connect(&sensei_e2e::cluster().conninfo("postgres")).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {dbname} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{dbname}';"
+        ))
+        .await
+        .expect("cut the database off");
+    let r = t.http.get(t.url("/healthz")).send().await.expect("healthz");
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["database"], "unreachable");
+    assert_eq!(v["status"], "degraded");
+    admin
+        .batch_execute(&format!("ALTER DATABASE {dbname} ALLOW_CONNECTIONS true"))
+        .await
+        .expect("restore");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route() {
+    let t = TestPlane::start().await;
+    for _ in 0..3 {
+        t.http.get(t.url("/healthz")).send().await.expect("healthz");
+    }
+    t.http
+        .get(t.url("/v1/audit"))
+        .send()
+        .await
+        .expect("unauthenticated");
+    let text = t
+        .http
+        .get(t.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains(
+            "sensei_http_requests_total{method=\"GET\",route=\"/healthz\",status=\"200\"} 3"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("route=\"/v1/audit\",status=\"401\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("sensei_http_request_duration_seconds_bucket"));
+    assert!(text.contains("sensei_db_pool_max 8"));
+}
+
+#[tokio::test]
+async fn openapi_lists_every_contract_route() {
+    let t = TestPlane::start().await;
+    let doc: serde_json::Value = t
+        .http
+        .get(t.url("/openapi.json"))
+        .send()
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("json");
+    let paths = doc["paths"].as_object().expect("paths");
+    for (path, method) in [
+        ("/healthz", "get"),
+        ("/metrics", "get"),
+        ("/v1/auth/signup", "post"),
+        ("/v1/auth/login", "post"),
+        ("/v1/auth/logout", "post"),
+        ("/v1/auth/sessions", "get"),
+        ("/v1/auth/sessions/{id}", "delete"),
+        ("/v1/auth/sessions/sign-out-everywhere", "post"),
+        ("/v1/api-keys", "post"),
+        ("/v1/api-keys", "get"),
+        ("/v1/api-keys/{id}", "delete"),
+        ("/v1/audit", "get"),
+        ("/v1/audit/export", "get"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} missing"
+        );
+    }
+}
+
+#[tokio::test]
+async fn errors_are_json_with_a_code() {
+    let t = TestPlane::start().await;
+    let r = t.http.get(t.url("/v1/nowhere")).send().await.expect("req");
+    assert_eq!(r.status(), 404);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(error_code(&v), "no_such_route");
+    let r = t
+        .http
+        .get(t.url("/v1/auth/sessions"))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(r.status(), 401);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(error_code(&v), "unauthenticated");
+    assert!(v["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+}
