@@ -1,16 +1,16 @@
-//! `sensei-agent`. Enrollment and the job loop arrive with the agent-identity work; until then
-//! the binary answers `--version` and `--help` only, and says so.
-
 use clap::Parser;
-
-/// The Sensei agent. Enrollment (`enroll`), the job loop (`run`) and `revoke` are not part of
-/// this build yet.
-#[derive(Parser)]
-#[command(name = "sensei-agent", version, about)]
-struct Cli {}
+use sensei_agent::cli::{self, Cli};
 
 fn main() {
-    let _cli = Cli::parse();
-    eprintln!("sensei-agent: no command given; see --help");
-    std::process::exit(2);
+    sensei_certs::tls::install_default_provider();
+    let cli = Cli::parse();
+    cli::init_logging();
+    let code = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(cli::execute(cli)),
+        Err(e) => {
+            eprintln!("sensei-agent: cannot start the async runtime: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
 }

@@ -19,12 +19,17 @@ pub enum CertError {
     /// The stored key does not belong to the stored certificate.
     #[error("the CA key does not match the CA certificate")]
     KeyMismatch,
+    /// A certificate signing request that does not parse or whose signature is wrong.
+    #[error("the certificate signing request is malformed or its signature is invalid")]
+    BadCsr,
 }
 
 /// A certificate and its private key, both PEM, as issued by the CA.
 pub struct IssuedCertificate {
     pub cert_pem: String,
     pub cert_der: Vec<u8>,
+    /// The serial number, lowercase hex.
+    pub serial_hex: String,
     /// PEM of the private key. Callers encrypt it before it goes anywhere.
     pub key_pem: String,
     pub not_after: OffsetDateTime,
@@ -129,12 +134,81 @@ impl CertificateAuthority {
         params.not_before = now - Duration::minutes(5);
         let not_after = now + lifetime;
         params.not_after = not_after;
+        let serial = random_serial();
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let cert = params.signed_by(&key, &self.signer, &self.key)?;
         Ok(IssuedCertificate {
             cert_pem: cert.pem(),
             cert_der: cert.der().to_vec(),
+            serial_hex: hex::encode(serial),
             key_pem: key.serialize_pem(),
             not_after,
+        })
+    }
+
+    /// Signs an agent's certificate signing request. Only the CSR's public key is used (its
+    /// signature proves the agent holds the private key); every other field comes from here:
+    /// the subject names the server's UUID, the certificate is for client authentication
+    /// only, and it is valid from `not_before` to `not_after`.
+    pub fn sign_agent_csr(
+        &self,
+        csr_der: &[u8],
+        server_id: uuid::Uuid,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCertificate, CertError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_der(
+            &rustls::pki_types::CertificateSigningRequestDer::from(csr_der),
+        )
+        .map_err(|_| CertError::BadCsr)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, server_id.to_string());
+        dn.push(DnType::OrganizationName, "Sensei agent");
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let serial = random_serial();
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let cert = params.signed_by(&csr.public_key, &self.signer, &self.key)?;
+        Ok(IssuedCertificate {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            serial_hex: hex::encode(serial),
+            key_pem: String::new(),
+            not_after,
+        })
+    }
+}
+
+/// A positive 128-bit serial number.
+fn random_serial() -> [u8; 16] {
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] &= 0x7f;
+    serial[0] |= 0x01;
+    serial
+}
+
+/// A fresh agent key pair and a CSR for it. The key stays on the agent's server.
+pub struct AgentKeyRequest {
+    /// The private key, PEM (PKCS#8). Written 0600 by the agent; never sent anywhere.
+    pub key_pem: String,
+    pub csr_der: Vec<u8>,
+}
+
+impl AgentKeyRequest {
+    pub fn generate(hostname: &str) -> Result<Self, CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, hostname);
+        params.distinguished_name = dn;
+        let csr = params.serialize_request(&key)?;
+        Ok(Self {
+            key_pem: key.serialize_pem(),
+            csr_der: csr.der().to_vec(),
         })
     }
 }
@@ -172,6 +246,44 @@ mod tests {
             .expect("issue");
         assert!(issued.cert_pem.contains("BEGIN CERTIFICATE"));
         assert!(not_after(&issued.cert_pem).expect("parse") > OffsetDateTime::now_utc());
+    }
+
+    #[test]
+    fn agent_csr_is_signed_with_our_fields_only() {
+        let ca = CertificateAuthority::generate("ca").expect("ca");
+        let request = AgentKeyRequest::generate("web-1").expect("csr");
+        let id = uuid::Uuid::new_v4();
+        let now = OffsetDateTime::now_utc();
+        let issued = ca
+            .sign_agent_csr(&request.csr_der, id, now, now + Duration::days(1))
+            .expect("sign");
+        let (_, cert) = x509_parser::parse_x509_certificate(&issued.cert_der).expect("parse");
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok())
+            .expect("cn");
+        assert_eq!(cn, id.to_string());
+        assert_eq!(hex::encode(cert.raw_serial()), issued.serial_hex);
+        assert!(!cert.is_ca());
+    }
+
+    #[test]
+    fn garbage_or_tampered_csr_is_refused() {
+        let ca = CertificateAuthority::generate("ca").expect("ca");
+        let now = OffsetDateTime::now_utc();
+        let id = uuid::Uuid::new_v4();
+        assert!(matches!(
+            ca.sign_agent_csr(b"garbage", id, now, now + Duration::days(1)),
+            Err(CertError::BadCsr)
+        ));
+        let mut csr = AgentKeyRequest::generate("web-1").expect("csr").csr_der;
+        let mid = csr.len() / 2;
+        csr[mid] ^= 0x01;
+        assert!(ca
+            .sign_agent_csr(&csr, id, now, now + Duration::days(1))
+            .is_err());
     }
 
     #[test]

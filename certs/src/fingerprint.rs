@@ -13,6 +13,11 @@ impl Fingerprint {
         Self(Sha256::digest(der).into())
     }
 
+    /// A fingerprint from its 32 raw bytes (as stored in the database).
+    pub fn from_raw(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(Self)
+    }
+
     /// The raw digest.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0

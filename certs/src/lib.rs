@@ -3,12 +3,22 @@
 //! - [`CertificateAuthority`]: the control plane's CA (creates itself once, then is loaded
 //!   from its PEM), issuing server certificates.
 //! - [`Fingerprint`]: the `SHA256:<hex>` form operators pin on the command line.
+//! - [`AgentCertificateSet`]: which agent certificates are valid right now; its verifier
+//!   refuses revoked ones at the handshake.
+//! - [`PinnedCaVerifier`]: an agent enrolling trusts the control plane by the CA fingerprint
+//!   given on its command line, never on first use.
 //! - [`tls`]: the only place in the workspace that builds rustls configs; every config it
 //!   returns speaks TLS 1.3 and nothing older.
 
+mod agent_set;
 mod authority;
 mod fingerprint;
+mod pinned;
 pub mod tls;
 
-pub use authority::{not_after, CertError, CertificateAuthority, IssuedCertificate};
+pub use agent_set::{AgentCertStatus, AgentCertificateSet, AgentClientVerifier};
+pub use authority::{
+    not_after, AgentKeyRequest, CertError, CertificateAuthority, IssuedCertificate,
+};
 pub use fingerprint::{Fingerprint, FingerprintParseError};
+pub use pinned::PinnedCaVerifier;

@@ -77,6 +77,59 @@ pub fn client_config_trusting(ca_pem: &str) -> Result<ClientConfig, TlsConfigErr
         .with_no_client_auth())
 }
 
+/// Server side of the agent gateway (QUIC): TLS 1.3, ALPN `alpn`, client certificates
+/// checked by `verifier` (see [`crate::AgentClientVerifier`]).
+pub fn agent_gateway_config(
+    chain_pem: &str,
+    key_pem: &str,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    alpn: &[u8],
+) -> Result<ServerConfig, TlsConfigError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs_from_pem(chain_pem)?, key_from_pem(key_pem)?)?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
+/// A server verifier that trusts exactly the CA in `ca_pem`.
+pub fn verifier_trusting(
+    ca_pem: &str,
+) -> Result<Arc<dyn rustls::client::danger::ServerCertVerifier>, TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs_from_pem(ca_pem)? {
+        roots.add(cert)?;
+    }
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsConfigError::Rustls(rustls::Error::General(e.to_string())))?;
+    Ok(verifier)
+}
+
+/// Client side of an agent connection: TLS 1.3, ALPN `alpn`, the server checked by
+/// `server_verifier`, and the agent's certificate presented when it has one (enrollment
+/// connections have none).
+pub fn agent_client_config(
+    server_verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    identity: Option<(&str, &str)>,
+    alpn: &[u8],
+) -> Result<ClientConfig, TlsConfigError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(server_verifier);
+    let mut config = match identity {
+        Some((chain_pem, key_pem)) => {
+            builder.with_client_auth_cert(certs_from_pem(chain_pem)?, key_from_pem(key_pem)?)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
 /// The DER of the first certificate in a PEM document.
 pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, CertError> {
     pem_to_der(pem)

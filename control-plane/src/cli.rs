@@ -12,6 +12,8 @@ use crate::server::{open_database, ControlPlane, DatabaseSource, ServeOptions};
 
 /// Default API address.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8443";
+/// Default agent gateway address (UDP).
+pub const DEFAULT_AGENT_ADDR: &str = "127.0.0.1:7443";
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +58,17 @@ pub struct ServeArgs {
         default_value = "localhost,127.0.0.1,::1"
     )]
     pub api_names: Vec<String>,
+    /// UDP address of the agent gateway (QUIC) [default: 127.0.0.1:7443].
+    #[arg(long, env = "SENSEI_AGENT_ADDR")]
+    pub agent_addr: Option<SocketAddr>,
+    /// The `HOST:PORT` agents are told to connect to, when it differs from --agent-addr
+    /// (a load balancer, a public name). Must be one of the --api-name names.
+    #[arg(long, env = "SENSEI_AGENT_ENDPOINT")]
+    pub agent_endpoint: Option<String>,
+    /// Seconds between agent heartbeats.
+    #[arg(long, env = "SENSEI_AGENT_HEARTBEAT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub agent_heartbeat_secs: u64,
     /// Largest number of database connections.
     #[arg(long, env = "SENSEI_DB_POOL_SIZE", default_value_t = 16,
           value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -192,15 +205,23 @@ pub fn serve_options(
     keys: FieldKeys,
     ephemeral_port: bool,
 ) -> ServeOptions {
-    let default_addr: SocketAddr = if ephemeral_port {
-        SocketAddr::from(([127, 0, 0, 1], 0))
-    } else {
-        DEFAULT_API_ADDR
-            .parse()
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8443)))
+    // --once runs beside whatever else is on the machine: any free port will do.
+    let pick = |given: Option<SocketAddr>, default: &str| {
+        given.unwrap_or_else(|| {
+            if ephemeral_port {
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            } else {
+                default
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+            }
+        })
     };
     ServeOptions {
-        api_addr: args.api_addr.unwrap_or(default_addr),
+        api_addr: pick(args.api_addr, DEFAULT_API_ADDR),
+        agent_addr: pick(args.agent_addr, DEFAULT_AGENT_ADDR),
+        agent_endpoint: args.agent_endpoint.clone(),
+        agent_heartbeat: std::time::Duration::from_secs(args.agent_heartbeat_secs),
         data_dir,
         database: database_source(),
         field_keys: Arc::new(keys),

@@ -166,6 +166,82 @@ pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
     Ok(pool)
 }
 
+/// Notifications received on a LISTEN connection: their payloads, until the connection ends.
+pub type Notifications = futures_util::stream::BoxStream<'static, String>;
+
+/// Opens a dedicated (unpooled) connection that LISTENs on `channel`. The client must be kept
+/// alive as long as the stream is read.
+pub async fn listen(
+    url: &str,
+    channel: &str,
+) -> Result<(tokio_postgres::Client, Notifications), DbError> {
+    use futures_util::StreamExt;
+    use tokio_postgres::AsyncMessage;
+
+    fn payloads<S, T>(mut connection: tokio_postgres::Connection<S, T>) -> Notifications
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx))
+            .take_while(|m| std::future::ready(m.is_ok()))
+            .filter_map(|m| {
+                std::future::ready(match m {
+                    Ok(AsyncMessage::Notification(n)) => Some(n.payload().to_owned()),
+                    _ => None,
+                })
+            })
+            .boxed()
+    }
+
+    let ParsedUrl { config, root_cert } = parse_url(url)?;
+    let connect_err = |e: tokio_postgres::Error| DbError::Connect(describe(&e));
+    let (client, stream) = match root_cert {
+        None => {
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(connect_err)?;
+            (client, payloads(connection))
+        }
+        Some(path) => {
+            let pem = std::fs::read_to_string(&path).map_err(|e| DbError::RootCert {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let tls =
+                sensei_certs::tls::client_config_trusting(&pem).map_err(|e| DbError::RootCert {
+                    path,
+                    message: e.to_string(),
+                })?;
+            let mut config = config;
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let (client, connection) = config
+                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+                .await
+                .map_err(connect_err)?;
+            (client, payloads(connection))
+        }
+    };
+    // The stream drives the connection, so it must be polled for LISTEN to complete.
+    let statement = format!("LISTEN {channel}");
+    let listen = client.batch_execute(&statement);
+    let mut stream = stream;
+    let listen = {
+        let mut listen = std::pin::pin!(listen);
+        loop {
+            tokio::select! {
+                done = &mut listen => break done,
+                early = stream.next() => if early.is_none() {
+                    return Err(DbError::Connect("notification connection closed".into()));
+                },
+            }
+        }
+    };
+    listen.map_err(connect_err)?;
+    Ok((client, stream))
+}
+
 /// Applies pending migrations. Replicas starting together serialise on an advisory lock.
 pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
     const MIGRATION_LOCK: i64 = 0x5e45_e100;

@@ -4,6 +4,7 @@
 //! [`pki`] and the [`api`]; secrets go through [`field_crypto`], credentials through
 //! [`tokens`] and [`passwords`], and every state change through the [`audit`] writer.
 
+pub mod agents;
 pub mod api;
 pub mod audit;
 pub mod auth;
@@ -11,6 +12,7 @@ pub mod cli;
 pub mod db;
 pub mod field_crypto;
 pub mod https;
+pub mod job_signing;
 pub mod login_throttle;
 pub mod metrics;
 pub mod passwords;

@@ -17,11 +17,18 @@ pub struct EncryptedColumn {
 }
 
 /// Every encrypted column in the schema. A migration that adds one adds it here too.
-pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[EncryptedColumn {
-    table: "pki_material",
-    key: "name",
-    column: "key_ciphertext",
-}];
+pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[
+    EncryptedColumn {
+        table: "pki_material",
+        key: "name",
+        column: "key_ciphertext",
+    },
+    EncryptedColumn {
+        table: "signing_keys",
+        key: "name",
+        column: "private_key_ciphertext",
+    },
+];
 
 const BATCH: i64 = 200;
 

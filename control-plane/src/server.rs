@@ -13,7 +13,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{self, AppState};
+use crate::agents::gateway::{self, GatewayContext};
+use crate::agents::last_seen::LastSeen;
+use crate::agents::{cert_events, AgentHub};
+use crate::api::{self, AppState, Metrics, StateInner};
 use crate::db;
 use crate::field_crypto::FieldKeys;
 use crate::pki;
@@ -37,7 +40,16 @@ pub struct ServeOptions {
     /// Names (DNS or IP) the API certificate is issued for.
     pub api_names: Vec<String>,
     pub pool_size: usize,
+    /// UDP address of the agent gateway.
+    pub agent_addr: SocketAddr,
+    /// The address agents are told to connect to (`HOST:PORT`); default: `agent_addr`.
+    pub agent_endpoint: Option<String>,
+    /// How often agents send heartbeats.
+    pub agent_heartbeat: std::time::Duration,
 }
+
+/// Lifetime of agent certificates; agents re-enroll before it ends.
+pub const AGENT_CERT_DAYS: i64 = 365;
 
 /// Why the control plane could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +67,17 @@ pub enum StartError {
     Tls(#[from] sensei_certs::tls::TlsConfigError),
     #[error("cannot listen for the API on {addr}: {message}")]
     Listen { addr: SocketAddr, message: String },
+    #[error(transparent)]
+    Gateway(#[from] crate::agents::gateway::GatewayError),
 }
 
 /// A running control plane.
 pub struct ControlPlane {
     api_addr: SocketAddr,
+    agent_addr: SocketAddr,
+    agents: Arc<AgentHub>,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<JoinHandle<()>>,
     ca_fingerprint: Fingerprint,
     ca_pem: String,
     pool: Pool,
@@ -163,17 +181,87 @@ impl ControlPlane {
         let sha = tokio::task::spawn_blocking(binary_sha256)
             .await
             .unwrap_or_else(|_| "unknown".into());
-        let state = AppState::new(pool.clone(), keys, sha);
+
+        // Agents: the job-signing key they pin, the live certificate set, the QUIC gateway.
+        let job_key = crate::job_signing::load_or_create(&pool, &keys).await?;
+        let hub = Arc::new(AgentHub::new());
+        cert_events::load_all(&pool, &hub)
+            .await
+            .map_err(|e| db::DbError::Connect(db::describe(&e)))?;
+        let last_seen = Arc::new(LastSeen::default());
+        let ca = Arc::new(ca);
+        let gateway_ctx = Arc::new(GatewayContext {
+            pool: pool.clone(),
+            ca: ca.clone(),
+            job_public_key: job_key.verifying_key().to_bytes(),
+            hub: hub.clone(),
+            last_seen: last_seen.clone(),
+            heartbeat: options.agent_heartbeat,
+            agent_cert_days: AGENT_CERT_DAYS,
+        });
+        let endpoint = gateway::bind(
+            options.agent_addr,
+            &api_cert.chain_pem,
+            &api_cert.key_pem,
+            &gateway_ctx,
+        )?;
+        let agent_addr = endpoint.local_addr().map_err(|e| StartError::Listen {
+            addr: options.agent_addr,
+            message: e.to_string(),
+        })?;
+        let agent_endpoint = options
+            .agent_endpoint
+            .clone()
+            .unwrap_or_else(|| agent_addr.to_string());
+
+        let state = AppState::new(StateInner {
+            pool: pool.clone(),
+            keys,
+            metrics: Metrics::default(),
+            binary_sha256: sha,
+            agents: hub.clone(),
+            ca_fingerprint: ca.fingerprint().to_string(),
+            agent_endpoint,
+        });
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let database_url = match &options.database {
+            DatabaseSource::Url(url) => url.clone(),
+            DatabaseSource::Embedded => cluster
+                .as_ref()
+                .map(|c| c.conninfo("sensei"))
+                .unwrap_or_default(),
+        };
+        let tasks = vec![
+            tokio::spawn(gateway::run(
+                endpoint.clone(),
+                gateway_ctx,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(cert_events::listen(
+                pool.clone(),
+                database_url,
+                hub.clone(),
+                shutdown_rx.clone(),
+            )),
+            {
+                let pool = pool.clone();
+                let rx = shutdown_rx.clone();
+                tokio::spawn(async move { last_seen.run(pool, rx).await })
+            },
+        ];
         let server = tokio::spawn(crate::https::serve(
             listener,
             tls,
             api::router(state),
             shutdown_rx,
         ));
-        tracing::info!(%api_addr, ca_fingerprint = %ca.fingerprint(), "control plane listening");
+        tracing::info!(%api_addr, %agent_addr, ca_fingerprint = %ca.fingerprint(), "control plane listening");
         Ok(Self {
             api_addr,
+            agent_addr,
+            agents: hub,
+            endpoint,
+            tasks,
             ca_fingerprint: ca.fingerprint(),
             ca_pem: ca.cert_pem().to_owned(),
             pool,
@@ -181,6 +269,16 @@ impl ControlPlane {
             server,
             cluster,
         })
+    }
+
+    /// UDP address of the agent gateway.
+    pub fn agent_addr(&self) -> SocketAddr {
+        self.agent_addr
+    }
+
+    /// This replica's live agent state.
+    pub fn agents(&self) -> &Arc<AgentHub> {
+        &self.agents
     }
 
     pub fn api_addr(&self) -> SocketAddr {
@@ -203,7 +301,19 @@ impl ControlPlane {
     /// Stops accepting connections, closes the pool and stops the embedded database.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        // Tell connected agents to come back later, spread over a few seconds, so that a
+        // restart does not turn into a reconnect storm.
+        let spread = std::time::Duration::from_millis(
+            (self.agents.connected_count() as u64).clamp(1_000, 30_000),
+        );
+        self.agents.close_all_for_restart(spread);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
+            .await;
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
         let _ = self.server.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
         self.pool.close();
         if let Some(cluster) = self.cluster {
             let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;

@@ -20,6 +20,7 @@ const MAX_TOKEN_LEN: usize = 128;
 pub enum TokenKind {
     Session,
     ApiKey,
+    Enrollment,
 }
 
 impl TokenKind {
@@ -27,6 +28,7 @@ impl TokenKind {
         match self {
             TokenKind::Session => "ss",
             TokenKind::ApiKey => "sk",
+            TokenKind::Enrollment => "et",
         }
     }
 }

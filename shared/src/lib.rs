@@ -1,8 +1,10 @@
 //! Protocol logic shared by the control plane and the agent.
 //!
 //! Nothing in this crate opens a socket, touches a database or reads the clock: callers feed it
-//! bytes and times, so every rule can be tested with plain values.
+//! bytes, times and random numbers, so every rule can be tested with plain values.
 
+pub mod backoff;
 pub mod codec;
+pub mod protocol;
 
 pub use codec::{decode, encode, CodecError, MAX_MESSAGE_LEN};

@@ -120,6 +120,11 @@ impl TestPlane {
 
     /// Starts on an existing database (a restart, or a second replica).
     pub async fn start_on(conninfo: String, keys: Arc<FieldKeys>) -> Self {
+        Self::start_at(conninfo, keys, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts on an existing database with the agent gateway on `agent_addr`.
+    pub async fn start_at(conninfo: String, keys: Arc<FieldKeys>, agent_addr: SocketAddr) -> Self {
         sensei_certs::tls::install_default_provider();
         let data_dir = open_tempdir();
         let plane = ControlPlane::start(ServeOptions {
@@ -129,6 +134,9 @@ impl TestPlane {
             field_keys: keys.clone(),
             api_names: vec!["localhost".into(), "127.0.0.1".into()],
             pool_size: 8,
+            agent_addr,
+            agent_endpoint: None,
+            agent_heartbeat: std::time::Duration::from_secs(1),
         })
         .await
         .expect("control plane starts");
@@ -271,4 +279,107 @@ pub fn control_plane_binary() -> std::path::PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Polls `check` every 20 ms until it holds or `within` passes; returns whether it held.
+pub async fn eventually<F, Fut>(within: std::time::Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// An agent enrolled against a test control plane, running in this process.
+pub struct TestAgent {
+    pub state: sensei_agent::identity::StateDir,
+    pub server_id: uuid::Uuid,
+    pub stop: tokio::sync::watch::Sender<bool>,
+    pub task: tokio::task::JoinHandle<
+        Result<sensei_agent::session::RunOutcome, sensei_agent::session::RunError>,
+    >,
+    _dir: tempfile::TempDir,
+}
+
+impl TestPlane {
+    /// `HOST:PORT` of the agent gateway (an address the certificate names).
+    pub fn agent_endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.plane.agent_addr().port())
+    }
+
+    /// Creates an agent server; returns its id and enrollment token.
+    pub async fn create_agent_server(
+        &self,
+        cookie: &str,
+        name: &str,
+        labels: Value,
+    ) -> (uuid::Uuid, String) {
+        let (status, body) = self
+            .post(
+                "/v1/servers",
+                cookie,
+                serde_json::json!({"name": name, "host": format!("{name}.example"), "transport": "agent", "labels": labels}),
+            )
+            .await;
+        assert_eq!(status, 201, "create server: {body}");
+        let id = body["id"].as_str().expect("id").parse().expect("uuid");
+        (
+            id,
+            body["enrollment_token"].as_str().expect("token").to_owned(),
+        )
+    }
+
+    /// Options to enroll with `token` into a fresh state directory.
+    pub fn enroll_options(
+        &self,
+        token: &str,
+        dir: &std::path::Path,
+    ) -> sensei_agent::enroll::EnrollOptions {
+        sensei_agent::enroll::EnrollOptions {
+            control_plane: self.agent_endpoint(),
+            token: token.to_owned(),
+            ca_fingerprint: self.plane.ca_fingerprint(),
+            expected_server_id: None,
+            state_dir: sensei_agent::identity::StateDir::new(dir.join("state")),
+        }
+    }
+
+    /// Creates a server, enrolls an agent for it and starts the agent's loop.
+    pub async fn start_agent(&self, cookie: &str, name: &str) -> TestAgent {
+        let (server_id, token) = self
+            .create_agent_server(cookie, name, serde_json::json!({}))
+            .await;
+        let dir = open_tempdir();
+        let options = self.enroll_options(&token, dir.path());
+        sensei_agent::enroll::enroll(&options)
+            .await
+            .expect("enroll");
+        let state = options.state_dir.clone();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let run_state = state.clone();
+        let task =
+            tokio::spawn(async move { sensei_agent::session::run(&run_state, stopped).await });
+        TestAgent {
+            state,
+            server_id,
+            stop,
+            task,
+            _dir: dir,
+        }
+    }
+
+    /// Whether the API shows the server's agent as connected.
+    pub async fn agent_connected(&self, cookie: &str, server_id: uuid::Uuid) -> bool {
+        let (_, body) = self.get(&format!("/v1/servers/{server_id}"), cookie).await;
+        body["agent"]["connected"] == true
+    }
 }

@@ -14,8 +14,9 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::agents::AgentHub;
 use crate::field_crypto::FieldKeys;
-use crate::metrics::Metrics;
+pub use crate::metrics::Metrics;
 
 pub mod access;
 pub mod api_keys;
@@ -23,6 +24,7 @@ pub mod audit_routes;
 pub mod auth_routes;
 pub mod error;
 pub mod extract;
+pub mod servers;
 pub mod system;
 
 /// Largest request body accepted, in bytes.
@@ -37,16 +39,16 @@ pub struct StateInner {
     pub keys: Arc<FieldKeys>,
     pub metrics: Metrics,
     pub binary_sha256: String,
+    pub agents: Arc<AgentHub>,
+    /// `SHA256:…` of the CA, shown with servers so that operators can pin it.
+    pub ca_fingerprint: String,
+    /// Where agents connect, as given to them.
+    pub agent_endpoint: String,
 }
 
 impl AppState {
-    pub fn new(pool: Pool, keys: Arc<FieldKeys>, binary_sha256: String) -> Self {
-        Self(Arc::new(StateInner {
-            pool,
-            keys,
-            metrics: Metrics::default(),
-            binary_sha256,
-        }))
+    pub fn new(inner: StateInner) -> Self {
+        Self(Arc::new(inner))
     }
 }
 
@@ -65,6 +67,7 @@ impl Deref for AppState {
         (name = "auth", description = "accounts, sign-in and sessions"),
         (name = "api-keys", description = "API keys for automation"),
         (name = "audit", description = "the audit log"),
+        (name = "servers", description = "deploy targets and their agents"),
     )
 )]
 struct ApiDoc;
@@ -84,6 +87,10 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(api_keys::revoke))
         .routes(routes!(audit_routes::list))
         .routes(routes!(audit_routes::export))
+        .routes(routes!(servers::create, servers::list))
+        .routes(routes!(servers::show, servers::delete))
+        .routes(routes!(servers::revoke_certificate))
+        .routes(routes!(servers::new_enrollment_token))
 }
 
 /// The OpenAPI document, rendered once.

@@ -174,7 +174,7 @@ async fn rotate_field_key_command_reports_what_it_rewrote() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("rewrote 2 field(s)"), "{stdout}");
+    assert!(stdout.contains("rewrote 3 field(s)"), "{stdout}");
 }
 
 #[tokio::test]
@@ -190,6 +190,8 @@ async fn secrets_never_reach_the_log_even_at_trace_level() {
             &dir.path().display().to_string(),
             "serve",
             "--api-addr",
+            "127.0.0.1:0",
+            "--agent-addr",
             "127.0.0.1:0",
         ])
         .stdout(Stdio::piped())

@@ -43,6 +43,9 @@ async fn start_with(conninfo: &str, keys: FieldKeys) -> Result<ControlPlane, Sta
         field_keys: Arc::new(keys),
         api_names: vec!["localhost".into()],
         pool_size: 2,
+        agent_addr: "127.0.0.1:0".parse().expect("addr"),
+        agent_endpoint: None,
+        agent_heartbeat: std::time::Duration::from_secs(30),
     })
     .await
 }
@@ -64,7 +67,7 @@ async fn rotation_rewrites_every_field_once_and_retires_the_old_key() {
     assert_eq!(
         first,
         RotationReport {
-            rewritten: 2,
+            rewritten: 3,
             already_current: 0
         }
     );
@@ -74,7 +77,7 @@ async fn rotation_rewrites_every_field_once_and_retires_the_old_key() {
         second,
         RotationReport {
             rewritten: 0,
-            already_current: 2
+            already_current: 3
         }
     );
     plane.shutdown().await;

@@ -2,6 +2,7 @@
 //! One module per feature.
 
 mod accounts;
+mod agents;
 mod api_keys;
 mod audit_log;
 mod cli;

@@ -1,0 +1,217 @@
+//! The agent's identity on disk, in its state directory (default `/var/lib/sensei-agent`,
+//! mode 0700):
+//!
+//! | file | content |
+//! | --- | --- |
+//! | `identity.key` | the private key (0600); made here, never sent anywhere |
+//! | `identity.crt` | the certificate the control plane's CA issued for this server |
+//! | `ca.crt` | the control plane's CA certificate |
+//! | `agent.json` | server id, control plane address, pinned CA fingerprint and job-signing key |
+//!
+//! Files are written to a temporary name and renamed into place, so a crash never leaves a
+//! half-written identity.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sensei-agent";
+
+const KEY: &str = "identity.key";
+const CERT: &str = "identity.crt";
+const CA: &str = "ca.crt";
+const META: &str = "agent.json";
+
+/// What `agent.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityMeta {
+    pub server_id: Uuid,
+    /// `HOST:PORT` of the control plane's agent gateway.
+    pub control_plane: String,
+    /// The CA fingerprint pinned at enrollment.
+    pub ca_fingerprint: String,
+    /// Hex of the Ed25519 key that signs deploy jobs.
+    pub job_signing_public_key: String,
+    pub agent_version: String,
+}
+
+/// A complete identity.
+#[derive(Clone)]
+pub struct Identity {
+    pub meta: IdentityMeta,
+    pub key_pem: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the identity could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    #[error(
+        "this server has no agent identity in {0}: enroll it first with \
+         `sensei-agent enroll --control-plane HOST:PORT --token … --ca-fingerprint SHA256:…`"
+    )]
+    Missing(String),
+    #[error("the agent identity in {dir} is damaged ({detail}); revoke it and enroll again")]
+    Corrupt { dir: String, detail: String },
+    #[error("state directory {dir}: {message}")]
+    Io { dir: String, message: String },
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn io(&self, e: std::io::Error) -> IdentityError {
+        IdentityError::Io {
+            dir: self.dir.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Whether any identity file is present.
+    pub fn has_identity(&self) -> bool {
+        [KEY, CERT, CA, META]
+            .iter()
+            .any(|f| self.dir.join(f).exists())
+    }
+
+    pub fn load(&self) -> Result<Identity, IdentityError> {
+        if !self.has_identity() {
+            return Err(IdentityError::Missing(self.dir.display().to_string()));
+        }
+        let corrupt = |detail: String| IdentityError::Corrupt {
+            dir: self.dir.display().to_string(),
+            detail,
+        };
+        let read = |name: &str| {
+            fs::read_to_string(self.dir.join(name)).map_err(|e| corrupt(format!("{name}: {e}")))
+        };
+        let meta: IdentityMeta =
+            serde_json::from_str(&read(META)?).map_err(|e| corrupt(format!("{META}: {e}")))?;
+        Ok(Identity {
+            meta,
+            key_pem: read(KEY)?,
+            cert_pem: read(CERT)?,
+            ca_pem: read(CA)?,
+        })
+    }
+
+    /// Writes an identity, replacing any earlier one.
+    pub fn save(&self, identity: &Identity) -> Result<(), IdentityError> {
+        fs::create_dir_all(&self.dir).map_err(|e| self.io(e))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| self.io(e))?;
+        let meta = serde_json::to_string_pretty(&identity.meta).map_err(|e| IdentityError::Io {
+            dir: self.dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        // The key first: an identity with a certificate but no key would be useless.
+        self.write(KEY, &identity.key_pem)?;
+        self.write(CERT, &identity.cert_pem)?;
+        self.write(CA, &identity.ca_pem)?;
+        self.write(META, &meta)?;
+        Ok(())
+    }
+
+    fn write(&self, name: &str, content: &str) -> Result<(), IdentityError> {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| self.io(e))?;
+        file.write_all(content.as_bytes()).map_err(|e| self.io(e))?;
+        file.sync_all().map_err(|e| self.io(e))?;
+        fs::rename(&tmp, self.dir.join(name)).map_err(|e| self.io(e))
+    }
+
+    /// Deletes the identity. Returns whether there was one.
+    pub fn delete(&self) -> Result<bool, IdentityError> {
+        let mut found = false;
+        for name in [KEY, CERT, CA, META] {
+            match fs::remove_file(self.dir.join(name)) {
+                Ok(()) => found = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.io(e)),
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Identity {
+        Identity {
+            meta: IdentityMeta {
+                server_id: Uuid::new_v4(),
+                control_plane: "cp.example:7443".into(),
+                ca_fingerprint: "SHA256:00".into(),
+                job_signing_public_key: "ab".repeat(32),
+                agent_version: "0.1.0".into(),
+            },
+            key_pem: "KEY".into(),
+            cert_pem: "CERT".into(),
+            ca_pem: "CA".into(),
+        }
+    }
+
+    #[test]
+    fn save_load_delete() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let state = StateDir::new(tmp.path().join("state"));
+        assert!(matches!(state.load(), Err(IdentityError::Missing(_))));
+        let identity = sample();
+        state.save(&identity).expect("save");
+        let mode = |p: &Path| fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(state.path()), 0o700);
+        assert_eq!(mode(&state.path().join(KEY)), 0o600);
+        let loaded = state.load().expect("load");
+        assert_eq!(loaded.meta, identity.meta);
+        assert_eq!(loaded.key_pem, "KEY");
+        assert!(state.delete().expect("delete"));
+        assert!(!state.delete().expect("again"));
+        assert!(matches!(state.load(), Err(IdentityError::Missing(_))));
+    }
+
+    #[test]
+    fn damaged_identity_is_reported() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let state = StateDir::new(tmp.path());
+        state.save(&sample()).expect("save");
+        fs::write(tmp.path().join(META), "{not json").expect("damage");
+        assert!(matches!(state.load(), Err(IdentityError::Corrupt { .. })));
+        fs::remove_file(tmp.path().join(CERT)).expect("remove");
+        assert!(matches!(state.load(), Err(IdentityError::Corrupt { .. })));
+    }
+}

@@ -1,0 +1,12 @@
+//! The Sensei agent, one module per step: [`identity`] is what it keeps on disk,
+//! [`enroll`] obtains that identity, [`session`] keeps the connection to the control plane,
+//! [`cli`] is the command line.
+
+pub mod cli;
+pub mod enroll;
+pub mod identity;
+pub mod session;
+mod transport;
+
+/// This agent's version, as reported to the control plane.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

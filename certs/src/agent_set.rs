@@ -1,0 +1,173 @@
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
+use uuid::Uuid;
+
+use crate::tls::{certs_from_pem, provider, TlsConfigError};
+use crate::Fingerprint;
+
+/// What the control plane knows of an agent certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentCertStatus {
+    /// Issued to this server and not revoked.
+    Valid(Uuid),
+    /// Revoked: refused with the `certificate_revoked` alert.
+    Revoked,
+    /// Not known here (yet): refused, the agent retries.
+    Unknown,
+}
+
+/// The live set of agent certificates, by fingerprint. Held in memory so that the handshake
+/// can consult it without a database round trip; PostgreSQL is the truth, and every replica
+/// keeps its copy current through LISTEN/NOTIFY.
+#[derive(Debug, Default)]
+pub struct AgentCertificateSet {
+    inner: RwLock<Sets>,
+}
+
+#[derive(Debug, Default)]
+struct Sets {
+    valid: HashMap<Fingerprint, Uuid>,
+    revoked: HashSet<Fingerprint>,
+}
+
+impl AgentCertificateSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Marks a certificate valid for `server_id`.
+    pub fn allow(&self, fingerprint: Fingerprint, server_id: Uuid) {
+        if let Ok(mut sets) = self.inner.write() {
+            sets.revoked.remove(&fingerprint);
+            sets.valid.insert(fingerprint, server_id);
+        }
+    }
+
+    /// Revokes a certificate. Returns the server it belonged to, if it was valid.
+    pub fn revoke(&self, fingerprint: Fingerprint) -> Option<Uuid> {
+        let mut sets = self.inner.write().ok()?;
+        sets.revoked.insert(fingerprint);
+        sets.valid.remove(&fingerprint)
+    }
+
+    pub fn status(&self, fingerprint: &Fingerprint) -> AgentCertStatus {
+        let Ok(sets) = self.inner.read() else {
+            return AgentCertStatus::Unknown;
+        };
+        if let Some(id) = sets.valid.get(fingerprint) {
+            AgentCertStatus::Valid(*id)
+        } else if sets.revoked.contains(fingerprint) {
+            AgentCertStatus::Revoked
+        } else {
+            AgentCertStatus::Unknown
+        }
+    }
+
+    pub fn valid_count(&self) -> usize {
+        self.inner.read().map(|s| s.valid.len()).unwrap_or(0)
+    }
+}
+
+/// Client-certificate verifier of the agent gateway: the chain must lead to our CA (webpki
+/// checks signature, validity period and key usage), and the certificate must be in the
+/// [`AgentCertificateSet`]. A connection without a certificate is let through: that is an
+/// enrollment, and the gateway accepts nothing else on it.
+#[derive(Debug)]
+pub struct AgentClientVerifier {
+    webpki: Arc<dyn ClientCertVerifier>,
+    set: Arc<AgentCertificateSet>,
+}
+
+impl AgentClientVerifier {
+    pub fn new(ca_pem: &str, set: Arc<AgentCertificateSet>) -> Result<Arc<Self>, TlsConfigError> {
+        let mut roots = RootCertStore::empty();
+        for cert in certs_from_pem(ca_pem)? {
+            roots.add(cert)?;
+        }
+        let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsConfigError::Rustls(rustls::Error::General(e.to_string())))?;
+        Ok(Arc::new(Self { webpki, set }))
+    }
+}
+
+impl ClientCertVerifier for AgentClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.webpki
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match self.set.status(&Fingerprint::of_der(end_entity)) {
+            AgentCertStatus::Valid(_) => Ok(ClientCertVerified::assertion()),
+            AgentCertStatus::Revoked => {
+                Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+            }
+            AgentCertStatus::Unknown => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_revoke_and_reallow() {
+        let set = AgentCertificateSet::new();
+        let fp = Fingerprint::of_der(b"cert");
+        let id = Uuid::new_v4();
+        assert_eq!(set.status(&fp), AgentCertStatus::Unknown);
+        set.allow(fp, id);
+        assert_eq!(set.status(&fp), AgentCertStatus::Valid(id));
+        assert_eq!(set.revoke(fp), Some(id));
+        assert_eq!(set.status(&fp), AgentCertStatus::Revoked);
+        assert_eq!(set.revoke(fp), None);
+        assert_eq!(set.valid_count(), 0);
+    }
+}

@@ -1,0 +1,129 @@
+//! Keeping every replica's [`AgentHub`] in step: certificate changes are committed to
+//! PostgreSQL together with a `NOTIFY`, and every replica LISTENs and applies them. Job rows
+//! and certificate rows stay the truth; the notifications only say "look now".
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use sensei_certs::Fingerprint;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::AgentHub;
+
+/// The PostgreSQL channel.
+pub const CHANNEL: &str = "sensei_agent_certs";
+
+/// Loads every valid and revoked certificate into the hub (at start, and after the
+/// notification connection was lost, since notifications may have been missed).
+pub async fn load_all(pool: &Pool, hub: &AgentHub) -> Result<(), tokio_postgres::Error> {
+    let client = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot load agent certificates");
+            return Ok(());
+        }
+    };
+    let rows = client
+        .query(
+            "SELECT c.fingerprint, c.server_id, \
+                    c.revoked_at IS NULL AND c.not_after > now() AND s.deleted_at IS NULL \
+             FROM agent_certificates c JOIN servers s ON s.id = c.server_id",
+            &[],
+        )
+        .await?;
+    for row in rows {
+        let Some(fp) = fingerprint(row.get::<_, &[u8]>(0)) else {
+            continue;
+        };
+        if row.get::<_, bool>(2) {
+            hub.certificates.allow(fp, row.get(1));
+        } else {
+            hub.revoke(&[fp]);
+        }
+    }
+    Ok(())
+}
+
+fn fingerprint(bytes: &[u8]) -> Option<Fingerprint> {
+    Fingerprint::from_raw(bytes)
+}
+
+/// Queues, inside the caller's transaction, the notification that a certificate is valid.
+pub async fn notify_allowed(
+    tx: &tokio_postgres::Transaction<'_>,
+    fp: &Fingerprint,
+    server_id: Uuid,
+) -> Result<(), tokio_postgres::Error> {
+    let payload = format!("allow:{}:{server_id}", hex::encode(fp.as_bytes()));
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+        .await?;
+    Ok(())
+}
+
+/// Queues, inside the caller's transaction, the notification that a certificate is revoked.
+pub async fn notify_revoked(
+    tx: &tokio_postgres::Transaction<'_>,
+    fp: &Fingerprint,
+) -> Result<(), tokio_postgres::Error> {
+    let payload = format!("revoke:{}", hex::encode(fp.as_bytes()));
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+        .await?;
+    Ok(())
+}
+
+/// Applies one notification payload to the hub.
+pub fn apply(hub: &AgentHub, payload: &str) {
+    let mut parts = payload.split(':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("allow"), Some(fp), Some(id)) => {
+            let fp = hex::decode(fp).ok().and_then(|b| fingerprint(&b));
+            if let (Some(fp), Ok(id)) = (fp, id.parse::<Uuid>()) {
+                hub.certificates.allow(fp, id);
+            }
+        }
+        (Some("revoke"), Some(fp), None) => {
+            if let Some(fp) = hex::decode(fp).ok().and_then(|b| fingerprint(&b)) {
+                hub.revoke(&[fp]);
+            }
+        }
+        _ => tracing::warn!(payload, "unknown agent certificate notification"),
+    }
+}
+
+/// Listens on [`CHANNEL`] until `shutdown`, reconnecting (and reloading everything) when the
+/// connection drops.
+pub async fn listen(
+    pool: Pool,
+    database_url: String,
+    hub: Arc<AgentHub>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        match crate::db::listen(&database_url, CHANNEL).await {
+            Ok((_client, mut messages)) => {
+                // Anything committed while we were not listening is in the tables.
+                if let Err(e) = load_all(&pool, &hub).await {
+                    tracing::warn!(error = %e, "reloading agent certificates failed");
+                }
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        message = messages.next() => match message {
+                            Some(payload) => apply(&hub, &payload),
+                            None => break,
+                        },
+                    }
+                }
+                tracing::warn!("agent certificate notifications interrupted; reconnecting");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot open the notification connection"),
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

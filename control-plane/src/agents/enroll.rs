@@ -1,0 +1,231 @@
+//! Enrollment: an agent presents a single-use token and a CSR; the control plane checks the
+//! token (constant-time), signs the CSR with its CA, records the certificate and returns it
+//! with the CA certificate and the job-signing public key. Every refusal says why and is
+//! audited.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use sensei_certs::Fingerprint;
+use sensei_shared::protocol::{EnrollRequest, EnrollResponse};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::cert_events;
+use super::gateway::GatewayContext;
+use crate::audit::{self, Actor, AuditEvent, Outcome};
+use crate::tokens::{Token, TokenKind};
+
+/// A refusal: what the agent is told, and the account to audit it under (when known).
+struct Refusal {
+    reason: String,
+    account_id: Option<Uuid>,
+    server_id: Option<Uuid>,
+}
+
+fn refuse(reason: impl Into<String>) -> Refusal {
+    Refusal {
+        reason: reason.into(),
+        account_id: None,
+        server_id: None,
+    }
+}
+
+/// Handles one enrollment request.
+pub async fn process(ctx: &GatewayContext, request: EnrollRequest, peer: IpAddr) -> EnrollResponse {
+    match enroll(ctx, &request, peer).await {
+        Ok(response) => response,
+        Err(refusal) => {
+            tracing::info!(%peer, reason = %refusal.reason, "enrollment refused");
+            if let Err(e) = audit_refusal(ctx, &refusal, &request, peer).await {
+                tracing::error!(error = %e, "could not audit a refused enrollment");
+            }
+            EnrollResponse::Refused {
+                reason: refusal.reason,
+            }
+        }
+    }
+}
+
+async fn audit_refusal(
+    ctx: &GatewayContext,
+    refusal: &Refusal,
+    request: &EnrollRequest,
+    peer: IpAddr,
+) -> Result<(), String> {
+    let mut client = ctx.pool.get().await.map_err(|e| e.to_string())?;
+    let tx = client.transaction().await.map_err(|e| e.to_string())?;
+    audit::append(
+        &tx,
+        &AuditEvent {
+            account_id: refusal.account_id,
+            actor: Actor::Anonymous,
+            client_ip: Some(peer.to_string()),
+            user_agent: Some(format!("sensei-agent/{}", truncate(&request.agent_version))),
+            action: "agent.enrollment_refused",
+            target: refusal.server_id.map(|id| ("server", id)),
+            outcome: Outcome::Denied,
+            metadata: json!({
+                "reason": refusal.reason,
+                "hostname": truncate(&request.hostname),
+            }),
+        },
+    )
+    .await
+    .map_err(|e| crate::db::describe(&e))?;
+    tx.commit().await.map_err(|e| crate::db::describe(&e))
+}
+
+/// Untrusted strings from the agent are cut short before they are stored.
+fn truncate(s: &str) -> String {
+    s.chars().take(128).collect()
+}
+
+async fn enroll(
+    ctx: &GatewayContext,
+    request: &EnrollRequest,
+    peer: IpAddr,
+) -> Result<EnrollResponse, Refusal> {
+    let db = |e: tokio_postgres::Error| {
+        tracing::error!(error = %crate::db::describe(&e), "enrollment");
+        refuse("the control plane could not complete enrollment; try again")
+    };
+    let token = Token::parse(TokenKind::Enrollment, request.token.trim())
+        .ok_or_else(|| refuse("the enrollment token is malformed; copy it again from the API"))?;
+    let mut client = ctx
+        .pool
+        .get()
+        .await
+        .map_err(|_| refuse("the control plane's database is unavailable; try again"))?;
+    let tx = client.transaction().await.map_err(db)?;
+    let row = tx
+        .query_opt(
+            "SELECT t.secret_hash, t.expires_at, t.used_at, s.id, s.account_id, \
+                    s.deleted_at IS NOT NULL, s.transport \
+             FROM enrollment_tokens t JOIN servers s ON s.id = t.server_id \
+             WHERE t.id = $1 FOR UPDATE OF t",
+            &[&token.id],
+        )
+        .await
+        .map_err(db)?
+        .ok_or_else(|| refuse("unknown enrollment token"))?;
+    if !token.matches(row.get::<_, &[u8]>(0)) {
+        return Err(refuse("unknown enrollment token"));
+    }
+    let server_id: Uuid = row.get(3);
+    let account_id: Uuid = row.get(4);
+    let scoped = |reason: String| Refusal {
+        reason,
+        account_id: Some(account_id),
+        server_id: Some(server_id),
+    };
+    let expires_at: DateTime<Utc> = row.get(1);
+    let used_at: Option<DateTime<Utc>> = row.get(2);
+    if let Some(at) = used_at {
+        return Err(scoped(format!(
+            "this enrollment token was already used at {}; create a new one with \
+             POST /v1/servers/{server_id}/enrollment-token",
+            at.to_rfc3339()
+        )));
+    }
+    if expires_at <= Utc::now() {
+        return Err(scoped(format!(
+            "this enrollment token expired at {}; create a new one with \
+             POST /v1/servers/{server_id}/enrollment-token",
+            expires_at.to_rfc3339()
+        )));
+    }
+    if row.get::<_, bool>(5) {
+        return Err(scoped(
+            "the server this token belongs to was deleted".into(),
+        ));
+    }
+    if row.get::<_, &str>(6) != "agent" {
+        return Err(scoped("this server uses SSH, not an agent".into()));
+    }
+    if let Some(expected) = request.expected_server_id.filter(|e| *e != server_id) {
+        return Err(scoped(format!(
+            "this token belongs to another server ({server_id}), not {expected}"
+        )));
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let issued = ctx
+        .ca
+        .sign_agent_csr(
+            &request.csr_der,
+            server_id,
+            now - time::Duration::minutes(5),
+            now + time::Duration::days(ctx.agent_cert_days),
+        )
+        .map_err(|e| scoped(e.to_string()))?;
+    let fingerprint = Fingerprint::of_der(&issued.cert_der);
+    let not_after =
+        DateTime::from_timestamp(issued.not_after.unix_timestamp(), 0).unwrap_or_else(Utc::now);
+
+    tx.execute(
+        "UPDATE enrollment_tokens SET used_at = now() WHERE id = $1",
+        &[&token.id],
+    )
+    .await
+    .map_err(db)?;
+    // A new enrollment replaces the server's identity: older certificates stop working.
+    let replaced: Vec<Fingerprint> = tx
+        .query(
+            "UPDATE agent_certificates SET revoked_at = now() \
+             WHERE server_id = $1 AND revoked_at IS NULL RETURNING fingerprint",
+            &[&server_id],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .filter_map(|r| Fingerprint::from_raw(r.get::<_, &[u8]>(0)))
+        .collect();
+    tx.execute(
+        "INSERT INTO agent_certificates (fingerprint, server_id, serial, not_after) \
+         VALUES ($1, $2, $3, $4)",
+        &[
+            &fingerprint.as_bytes().as_slice(),
+            &server_id,
+            &issued.serial_hex,
+            &not_after,
+        ],
+    )
+    .await
+    .map_err(db)?;
+    for old in &replaced {
+        cert_events::notify_revoked(&tx, old).await.map_err(db)?;
+    }
+    cert_events::notify_allowed(&tx, &fingerprint, server_id)
+        .await
+        .map_err(db)?;
+    audit::append(
+        &tx,
+        &AuditEvent {
+            account_id: Some(account_id),
+            actor: Actor::Anonymous,
+            client_ip: Some(peer.to_string()),
+            user_agent: Some(format!("sensei-agent/{}", truncate(&request.agent_version))),
+            action: "agent.enrolled",
+            target: Some(("server", server_id)),
+            outcome: Outcome::Success,
+            metadata: json!({
+                "certificate_serial": issued.serial_hex,
+                "certificate_fingerprint": fingerprint.to_string(),
+                "hostname": truncate(&request.hostname),
+                "replaced_certificates": replaced.len(),
+            }),
+        },
+    )
+    .await
+    .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    // Apply here at once; other replicas hear the NOTIFY.
+    ctx.hub.certificates.allow(fingerprint, server_id);
+    ctx.hub.revoke(&replaced);
+    Ok(EnrollResponse::Enrolled {
+        server_id,
+        certificate_pem: issued.cert_pem,
+        ca_pem: ctx.ca.cert_pem().to_owned(),
+        job_signing_public_key: ctx.job_public_key,
+    })
+}

@@ -1,0 +1,150 @@
+//! The agent gateway: one QUIC endpoint (TLS 1.3, ALPN `sensei/1`). A connection without a
+//! client certificate is an enrollment and may only enroll; a connection with one is a
+//! session, admitted only if its certificate chains to our CA and is in the live valid set.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::VarInt;
+use rustls::pki_types::CertificateDer;
+use sensei_certs::{AgentClientVerifier, CertificateAuthority, Fingerprint};
+use sensei_shared::codec::io::{read_frame, write_frame};
+use sensei_shared::protocol::{close, EnrollRequest, ALPN};
+use tokio::sync::watch;
+
+use super::last_seen::LastSeen;
+use super::{enroll, session, AgentHub};
+
+/// How long a peer may take for each step before it is dropped.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A silent connection is closed after this long (agents send QUIC keep-alives).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the gateway's handlers share.
+pub struct GatewayContext {
+    pub pool: Pool,
+    pub ca: Arc<CertificateAuthority>,
+    pub job_public_key: [u8; 32],
+    pub hub: Arc<AgentHub>,
+    pub last_seen: Arc<LastSeen>,
+    pub heartbeat: Duration,
+    pub agent_cert_days: i64,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    #[error("agent gateway TLS: {0}")]
+    Tls(#[from] sensei_certs::tls::TlsConfigError),
+    #[error("agent gateway QUIC configuration: {0}")]
+    Quic(String),
+    #[error("cannot listen for agents on UDP {addr}: {message}")]
+    Bind { addr: SocketAddr, message: String },
+}
+
+/// Binds the endpoint.
+pub fn bind(
+    addr: SocketAddr,
+    chain_pem: &str,
+    key_pem: &str,
+    ctx: &GatewayContext,
+) -> Result<quinn::Endpoint, GatewayError> {
+    let verifier = AgentClientVerifier::new(ctx.ca.cert_pem(), ctx.hub.certificates.clone())?;
+    let tls = sensei_certs::tls::agent_gateway_config(chain_pem, key_pem, verifier, ALPN)?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| GatewayError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .map_err(|_| GatewayError::Quic("idle timeout out of range".into()))?,
+        ))
+        // A control stream plus a few job polls; agents never open unidirectional streams.
+        .max_concurrent_bidi_streams(VarInt::from_u32(8))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    config.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(config, addr).map_err(|e| GatewayError::Bind {
+        addr,
+        message: e.to_string(),
+    })
+}
+
+/// Accepts connections until `shutdown`.
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<GatewayContext>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move { handle(incoming, ctx).await });
+    }
+}
+
+async fn handle(incoming: quinn::Incoming, ctx: Arc<GatewayContext>) {
+    let peer = incoming.remote_address();
+    let connection = match tokio::time::timeout(STEP_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "agent handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "agent handshake timed out");
+            return;
+        }
+    };
+    let leaf = connection
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().cloned());
+    match leaf {
+        None => enrollment(connection, &ctx, peer).await,
+        Some(leaf) => session::run(connection, Fingerprint::of_der(&leaf), &ctx).await,
+    }
+}
+
+/// An unauthenticated connection: exactly one enrollment request, then the end.
+async fn enrollment(connection: quinn::Connection, ctx: &GatewayContext, peer: SocketAddr) {
+    let protocol_error = |connection: &quinn::Connection, why: &str| {
+        connection.close(VarInt::from_u32(close::PROTOCOL_ERROR), why.as_bytes());
+    };
+    let Ok(Ok((mut send, mut recv))) =
+        tokio::time::timeout(STEP_TIMEOUT, connection.accept_bi()).await
+    else {
+        protocol_error(&connection, "expected an enrollment request");
+        return;
+    };
+    let request =
+        match tokio::time::timeout(STEP_TIMEOUT, read_frame::<EnrollRequest, _>(&mut recv)).await {
+            Ok(Ok(Some(request))) => request,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "malformed enrollment request");
+                protocol_error(&connection, "malformed enrollment request");
+                return;
+            }
+            _ => {
+                protocol_error(&connection, "expected an enrollment request");
+                return;
+            }
+        };
+    let response = enroll::process(ctx, request, peer.ip()).await;
+    if write_frame(&mut send, &response).await.is_ok() {
+        let _ = send.finish();
+        // Let the agent read the answer and close; do not wait for ever.
+        let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+    }
+    connection.close(VarInt::from_u32(close::DONE), b"enrollment finished");
+}

@@ -1,0 +1,128 @@
+//! The live agent state of one replica: which certificates are valid (consulted during the
+//! handshake) and which agents are connected here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use quinn::VarInt;
+use sensei_certs::{AgentCertificateSet, Fingerprint};
+use sensei_shared::protocol::close;
+use uuid::Uuid;
+
+/// One open agent connection.
+struct Live {
+    connection: quinn::Connection,
+    fingerprint: Fingerprint,
+}
+
+/// Shared by the gateway and the API.
+pub struct AgentHub {
+    /// This replica's identity in `servers.connected_replica`.
+    pub replica_id: Uuid,
+    pub certificates: Arc<AgentCertificateSet>,
+    live: Mutex<HashMap<Uuid, Live>>,
+}
+
+impl AgentHub {
+    pub fn new() -> Self {
+        Self {
+            replica_id: Uuid::new_v4(),
+            certificates: Arc::new(AgentCertificateSet::new()),
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records a new session; an older connection of the same server is closed.
+    pub fn register(
+        &self,
+        server_id: Uuid,
+        connection: quinn::Connection,
+        fingerprint: Fingerprint,
+    ) {
+        let old = self.live.lock().ok().and_then(|mut live| {
+            live.insert(
+                server_id,
+                Live {
+                    connection,
+                    fingerprint,
+                },
+            )
+        });
+        if let Some(old) = old {
+            old.connection.close(
+                VarInt::from_u32(close::REPLACED),
+                b"replaced by a newer connection",
+            );
+        }
+    }
+
+    /// Forgets a session that ended. Returns whether it was still the registered one (a newer
+    /// connection may have replaced it).
+    pub fn unregister(&self, server_id: Uuid, connection: &quinn::Connection) -> bool {
+        let Ok(mut live) = self.live.lock() else {
+            return false;
+        };
+        match live.get(&server_id) {
+            Some(l) if l.connection.stable_id() == connection.stable_id() => {
+                live.remove(&server_id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `server_id` has a session on this replica.
+    pub fn is_connected_here(&self, server_id: Uuid) -> bool {
+        self.live
+            .lock()
+            .map(|live| live.contains_key(&server_id))
+            .unwrap_or(false)
+    }
+
+    /// Revokes certificates: they leave the valid set (the next handshake is refused) and any
+    /// session using one is closed at once with the "revoked" code.
+    pub fn revoke(&self, fingerprints: &[Fingerprint]) {
+        for fp in fingerprints {
+            self.certificates.revoke(*fp);
+        }
+        let Ok(mut live) = self.live.lock() else {
+            return;
+        };
+        let doomed: Vec<Uuid> = live
+            .iter()
+            .filter(|(_, l)| fingerprints.contains(&l.fingerprint))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in doomed {
+            if let Some(l) = live.remove(&id) {
+                l.connection
+                    .close(VarInt::from_u32(close::REVOKED), b"certificate revoked");
+            }
+        }
+    }
+
+    /// Closes every session, suggesting each agent a reconnect delay spread over `spread`
+    /// so that they do not all return in the same instant.
+    pub fn close_all_for_restart(&self, spread: std::time::Duration) {
+        let Ok(mut live) = self.live.lock() else {
+            return;
+        };
+        for (_, l) in live.drain() {
+            let delay_ms = 200 + (spread.as_millis() as f64 * rand::random::<f64>()) as u64;
+            l.connection.close(
+                VarInt::from_u32(close::RETRY_LATER),
+                delay_ms.to_string().as_bytes(),
+            );
+        }
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+}
+
+impl Default for AgentHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}

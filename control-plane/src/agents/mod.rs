@@ -1,0 +1,15 @@
+//! Everything about agents on the control-plane side, one file per step of their life:
+//! [`gateway`] accepts QUIC connections and tells enrollments from sessions; [`enroll`] turns
+//! a token and a CSR into a certificate; [`session`] keeps a connected agent's control stream;
+//! [`hub`] is the live state (valid certificates, open connections) shared with the API;
+//! [`cert_events`] keeps every replica's hub in step through PostgreSQL NOTIFY;
+//! [`last_seen`] batches heartbeat writes.
+
+pub mod cert_events;
+pub mod enroll;
+pub mod gateway;
+pub mod hub;
+pub mod last_seen;
+pub mod session;
+
+pub use hub::AgentHub;

@@ -1,0 +1,120 @@
+//! A connected agent's session: the agent says hello on its control stream (naming the server
+//! its certificate was issued to), then sends heartbeats. The session ends when the agent
+//! leaves, the connection dies, or the certificate is revoked (the hub closes it).
+
+use quinn::VarInt;
+use sensei_certs::{AgentCertStatus, Fingerprint};
+use sensei_shared::codec::io::{read_frame, write_frame};
+use sensei_shared::protocol::{close, AgentMessage, ControlMessage};
+use uuid::Uuid;
+
+use super::gateway::{GatewayContext, STEP_TIMEOUT};
+
+pub async fn run(connection: quinn::Connection, fingerprint: Fingerprint, ctx: &GatewayContext) {
+    let server_id = match ctx.hub.certificates.status(&fingerprint) {
+        AgentCertStatus::Valid(id) => id,
+        // Revoked between the handshake and now.
+        AgentCertStatus::Revoked => {
+            connection.close(VarInt::from_u32(close::REVOKED), b"certificate revoked");
+            return;
+        }
+        AgentCertStatus::Unknown => {
+            connection.close(VarInt::from_u32(close::RETRY_LATER), b"1000");
+            return;
+        }
+    };
+    let protocol_error = |why: String| {
+        tracing::info!(%server_id, reason = %why, "agent protocol error");
+        connection.close(VarInt::from_u32(close::PROTOCOL_ERROR), why.as_bytes());
+    };
+    let Ok(Ok((mut send, mut recv))) =
+        tokio::time::timeout(STEP_TIMEOUT, connection.accept_bi()).await
+    else {
+        protocol_error("expected the control stream".into());
+        return;
+    };
+    let agent_version =
+        match tokio::time::timeout(STEP_TIMEOUT, read_frame::<AgentMessage, _>(&mut recv)).await {
+            Ok(Ok(Some(AgentMessage::Hello {
+                server_id: claimed,
+                agent_version,
+            }))) => {
+                if claimed != server_id {
+                    protocol_error(format!(
+                        "this certificate was issued to server {server_id}, not {claimed}"
+                    ));
+                    return;
+                }
+                agent_version.chars().take(64).collect::<String>()
+            }
+            _ => {
+                protocol_error("expected hello".into());
+                return;
+            }
+        };
+    ctx.hub.register(server_id, connection.clone(), fingerprint);
+    mark_connected(ctx, server_id, Some(&agent_version)).await;
+    tracing::info!(%server_id, %agent_version, peer = %connection.remote_address(), "agent connected");
+    let welcome = ControlMessage::Welcome {
+        heartbeat_secs: ctx.heartbeat.as_secs().max(1) as u32,
+    };
+    if write_frame(&mut send, &welcome).await.is_ok() {
+        loop {
+            tokio::select! {
+                message = read_frame::<AgentMessage, _>(&mut recv) => match message {
+                    Ok(Some(AgentMessage::Heartbeat)) => {
+                        ctx.last_seen.touch(server_id);
+                        if write_frame(&mut send, &ControlMessage::HeartbeatAck).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Some(AgentMessage::Hello { .. })) => {
+                        protocol_error("hello sent twice".into());
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        protocol_error(format!("unreadable message: {e}"));
+                        break;
+                    }
+                },
+                _ = connection.closed() => break,
+            }
+        }
+    }
+    if ctx.hub.unregister(server_id, &connection) {
+        mark_connected(ctx, server_id, None).await;
+    }
+    tracing::info!(%server_id, reason = ?connection.close_reason(), "agent disconnected");
+}
+
+/// Records in PostgreSQL that the agent is connected to this replica (`Some(version)`) or no
+/// longer is (`None`; only if no other replica took it over meanwhile).
+async fn mark_connected(ctx: &GatewayContext, server_id: Uuid, version: Option<&str>) {
+    let Ok(client) = ctx.pool.get().await else {
+        return;
+    };
+    let result = match version {
+        Some(version) => {
+            client
+                .execute(
+                    "UPDATE servers SET connected_replica = $2, last_seen_at = now(), agent_version = $3 \
+                     WHERE id = $1",
+                    &[&server_id, &ctx.hub.replica_id, &version],
+                )
+                .await
+        }
+        None => {
+            client
+                .execute(
+                    "UPDATE servers SET connected_replica = NULL, last_seen_at = now() \
+                     WHERE id = $1 AND connected_replica = $2",
+                    &[&server_id, &ctx.hub.replica_id],
+                )
+                .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(%server_id, error = %crate::db::describe(&e), "recording agent connection");
+    }
+}

@@ -1,0 +1,546 @@
+//! Servers: create (an agent server gets a single-use enrollment token), list, show, delete,
+//! revoke the agent's certificate, issue a new enrollment token. Confined to the caller's
+//! account: another account's server is a 404, never a 403.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use sensei_certs::Fingerprint;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ClientMeta, JsonBody};
+use super::AppState;
+use crate::agents::cert_events;
+use crate::audit::{self, AuditEvent, Outcome};
+use crate::auth::Principal;
+use crate::tokens::{Token, TokenKind};
+
+/// Default lifetime of an enrollment token.
+pub const ENROLLMENT_TTL_SECS: i64 = 3600;
+const MAX_ENROLLMENT_TTL_SECS: i64 = 7 * 24 * 3600;
+const MAX_LABELS: usize = 32;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateServer {
+    pub name: String,
+    /// Host name or address (for agent servers: informational).
+    pub host: String,
+    pub port: Option<u16>,
+    pub username: Option<String>,
+    /// `agent` (default) or `ssh`.
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    /// For SSH servers: `key` (default) or `password`.
+    pub auth: Option<String>,
+    pub password: Option<String>,
+    pub host_key: Option<String>,
+    /// e.g. `{"env": "prod", "role": "web"}`
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Lifetime of the enrollment token in seconds (60 to 604800, default 3600).
+    pub enrollment_ttl_seconds: Option<i64>,
+}
+
+fn default_transport() -> String {
+    "agent".into()
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AgentStatus {
+    pub connected: bool,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    pub version: Option<String>,
+    pub certificate_serial: Option<String>,
+    pub certificate_fingerprint: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ServerView {
+    pub id: Uuid,
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub transport: String,
+    #[schema(value_type = Object)]
+    pub labels: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    /// The CA fingerprint an agent pins at enrollment.
+    pub ca_fingerprint: String,
+    /// Where agents connect (UDP).
+    pub agent_endpoint: String,
+    pub agent: AgentStatus,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Enrollment {
+    /// Single use; shown once.
+    pub enrollment_token: String,
+    pub enrollment_expires_at: DateTime<Utc>,
+    /// The command to run on the server.
+    pub enroll_command: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreatedServer {
+    #[serde(flatten)]
+    pub server: ServerView,
+    #[serde(flatten)]
+    pub enrollment: Enrollment,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ServerList {
+    pub servers: Vec<ServerView>,
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    pub enrollment_ttl_seconds: Option<i64>,
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > MAX_LABELS {
+        return Err(invalid(
+            "invalid_labels",
+            format!("at most {MAX_LABELS} labels"),
+        ));
+    }
+    let key_ok = |k: &str| {
+        (1..=63).contains(&k.len())
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+    };
+    for (k, v) in labels {
+        if !key_ok(k) {
+            return Err(invalid(
+                "invalid_labels",
+                format!("label key {k:?}: 1 to 63 letters, digits, '-', '_', '.', '/'"),
+            ));
+        }
+        if v.len() > 63 || v.chars().any(|c| c.is_control()) {
+            return Err(invalid(
+                "invalid_labels",
+                format!("label {k:?}: values are at most 63 printable characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn ttl(requested: Option<i64>) -> Result<i64, ApiError> {
+    let secs = requested.unwrap_or(ENROLLMENT_TTL_SECS);
+    if !(60..=MAX_ENROLLMENT_TTL_SECS).contains(&secs) {
+        return Err(invalid(
+            "invalid_ttl",
+            format!("enrollment_ttl_seconds must be between 60 and {MAX_ENROLLMENT_TTL_SECS}"),
+        ));
+    }
+    Ok(secs)
+}
+
+const VIEW_SQL: &str = "SELECT s.id, s.name, s.host, s.port, s.username, s.transport, s.labels, \
+     s.created_at, s.last_seen_at, s.agent_version, \
+     s.connected_replica IS NOT NULL AND s.last_seen_at > now() - interval '90 seconds', \
+     c.serial, c.fingerprint, c.not_after \
+     FROM servers s LEFT JOIN LATERAL ( \
+       SELECT serial, fingerprint, not_after FROM agent_certificates \
+       WHERE server_id = s.id AND revoked_at IS NULL ORDER BY issued_at DESC LIMIT 1) c ON true \
+     WHERE s.account_id = $1 AND s.deleted_at IS NULL";
+
+fn view(state: &AppState, row: &tokio_postgres::Row) -> ServerView {
+    let fingerprint: Option<&[u8]> = row.get(12);
+    ServerView {
+        id: row.get(0),
+        name: row.get(1),
+        host: row.get(2),
+        port: u16::try_from(row.get::<_, i32>(3)).unwrap_or(0),
+        username: row.get(4),
+        transport: row.get(5),
+        labels: row.get(6),
+        created_at: row.get(7),
+        ca_fingerprint: state.ca_fingerprint.clone(),
+        agent_endpoint: state.agent_endpoint.clone(),
+        agent: AgentStatus {
+            last_seen_at: row.get(8),
+            version: row.get(9),
+            connected: row.get(10),
+            certificate_serial: row.get(11),
+            certificate_fingerprint: fingerprint
+                .and_then(Fingerprint::from_raw)
+                .map(|f| f.to_string()),
+            expires_at: row.get(13),
+        },
+    }
+}
+
+async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<ServerView, ApiError> {
+    let client = state.pool.get().await?;
+    let row = client
+        .query_opt(&format!("{VIEW_SQL} AND s.id = $2"), &[&account, &id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("server"))?;
+    Ok(view(state, &row))
+}
+
+/// Creates a token for `server_id`, replacing unused ones, inside `tx`.
+async fn issue_token(
+    state: &AppState,
+    tx: &tokio_postgres::Transaction<'_>,
+    server_id: Uuid,
+    ttl_secs: i64,
+) -> Result<Enrollment, ApiError> {
+    let token = Token::generate();
+    tx.execute(
+        "DELETE FROM enrollment_tokens WHERE server_id = $1 AND used_at IS NULL",
+        &[&server_id],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "INSERT INTO enrollment_tokens (id, server_id, secret_hash, expires_at) \
+             VALUES ($1, $2, $3, now() + make_interval(secs => $4)) RETURNING expires_at",
+            &[
+                &token.id,
+                &server_id,
+                &token.secret_hash(),
+                &(ttl_secs as f64),
+            ],
+        )
+        .await?;
+    let text = token.render(TokenKind::Enrollment);
+    Ok(Enrollment {
+        enroll_command: format!(
+            "sensei-agent enroll --control-plane {} --token {text} --ca-fingerprint {} --server-id {server_id}",
+            state.agent_endpoint, state.ca_fingerprint
+        ),
+        enrollment_token: text,
+        enrollment_expires_at: row.get(0),
+    })
+}
+
+fn event(
+    principal: &Principal,
+    meta: &ClientMeta,
+    action: &'static str,
+    id: Uuid,
+    metadata: serde_json::Value,
+) -> AuditEvent {
+    AuditEvent {
+        account_id: Some(principal.account_id),
+        actor: principal.actor(),
+        client_ip: Some(meta.ip.to_string()),
+        user_agent: Some(meta.user_agent.clone()),
+        action,
+        target: Some(("server", id)),
+        outcome: Outcome::Success,
+        metadata,
+    }
+}
+
+/// Adds a server. An agent server's answer holds its enrollment token, once.
+#[utoipa::path(post, path = "/v1/servers", tag = "servers", request_body = CreateServer,
+    responses((status = 201, body = CreatedServer),
+              (status = 422, body = ErrorBody, description = "invalid name, host, labels or transport")))]
+pub async fn create(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    JsonBody(req): JsonBody<CreateServer>,
+) -> Result<(StatusCode, Json<CreatedServer>), ApiError> {
+    let name = req.name.trim().to_owned();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(invalid("invalid_name", "name must be 1 to 200 characters"));
+    }
+    let host = req.host.trim().to_owned();
+    if host.is_empty()
+        || host.len() > 255
+        || host.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(
+            "invalid_host",
+            "host must be a host name or address",
+        ));
+    }
+    match req.transport.as_str() {
+        "agent" => {}
+        "ssh" => {
+            return Err(invalid(
+                "transport_unavailable",
+                "SSH servers are not supported by this control plane yet; use \"agent\"",
+            ))
+        }
+        other => {
+            return Err(invalid(
+                "invalid_transport",
+                format!("transport {other:?}: use \"agent\" or \"ssh\""),
+            ))
+        }
+    }
+    if req.auth.is_some() || req.password.is_some() || req.host_key.is_some() {
+        return Err(invalid(
+            "invalid_field",
+            "auth, password and host_key apply to SSH servers only",
+        ));
+    }
+    check_labels(&req.labels)?;
+    let ttl_secs = ttl(req.enrollment_ttl_seconds)?;
+    let id = Uuid::new_v4();
+    let labels = json!(req.labels);
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO servers (id, account_id, name, host, port, username, transport, labels) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'agent', $7)",
+        &[
+            &id,
+            &principal.account_id,
+            &name,
+            &host,
+            &i32::from(req.port.unwrap_or(22)),
+            &req.username,
+            &labels,
+        ],
+    )
+    .await?;
+    let enrollment = issue_token(&state, &tx, id, ttl_secs).await?;
+    audit::append(
+        &tx,
+        &event(
+            &principal,
+            &meta,
+            "server.created",
+            id,
+            json!({"name": name, "transport": "agent"}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    let server = load(&state, principal.account_id, id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedServer { server, enrollment }),
+    ))
+}
+
+/// Lists the account's servers.
+#[utoipa::path(get, path = "/v1/servers", tag = "servers",
+    params(("label" = Option<String>, Query,
+            description = "only servers with this label, written `key=value`; repeat to require several")),
+    responses((status = 200, body = ServerList)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<ServerList>, ApiError> {
+    let mut selector = serde_json::Map::new();
+    let labels = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+        .filter(|(name, _)| name == "label")
+        .map(|(_, value)| value.into_owned());
+    for pair in labels {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_label_filter",
+                format!("label {pair:?}: write key=value"),
+            )
+        })?;
+        selector.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
+    }
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            &format!("{VIEW_SQL} AND s.labels @> $2 ORDER BY s.created_at"),
+            &[&principal.account_id, &serde_json::Value::Object(selector)],
+        )
+        .await?;
+    Ok(Json(ServerList {
+        servers: rows.iter().map(|r| view(&state, r)).collect(),
+    }))
+}
+
+/// One server, with its agent's status.
+#[utoipa::path(get, path = "/v1/servers/{id}", tag = "servers",
+    params(("id" = Uuid, Path, description = "server id")),
+    responses((status = 200, body = ServerView), (status = 404, body = ErrorBody)))]
+pub async fn show(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<ServerView>, ApiError> {
+    Ok(Json(load(&state, principal.account_id, id).await?))
+}
+
+/// Revokes every valid certificate of `server_id` inside `tx`; returns their fingerprints.
+async fn revoke_certificates(
+    tx: &tokio_postgres::Transaction<'_>,
+    server_id: Uuid,
+) -> Result<Vec<Fingerprint>, ApiError> {
+    let revoked: Vec<Fingerprint> = tx
+        .query(
+            "UPDATE agent_certificates SET revoked_at = now() \
+             WHERE server_id = $1 AND revoked_at IS NULL RETURNING fingerprint",
+            &[&server_id],
+        )
+        .await?
+        .iter()
+        .filter_map(|r| Fingerprint::from_raw(r.get::<_, &[u8]>(0)))
+        .collect();
+    for fp in &revoked {
+        cert_events::notify_revoked(tx, fp).await?;
+    }
+    tx.execute(
+        "UPDATE servers SET connected_replica = NULL WHERE id = $1",
+        &[&server_id],
+    )
+    .await?;
+    Ok(revoked)
+}
+
+async fn lock_server(
+    tx: &tokio_postgres::Transaction<'_>,
+    account: Uuid,
+    id: Uuid,
+) -> Result<(), ApiError> {
+    tx.query_opt(
+        "SELECT 1 FROM servers WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL FOR UPDATE",
+        &[&id, &account],
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found("server"))?;
+    Ok(())
+}
+
+/// Revokes the server's agent certificate: the live connection is closed at once and the
+/// next handshake is refused. The agent stops retrying.
+#[utoipa::path(delete, path = "/v1/servers/{id}/agent-certificate", tag = "servers",
+    params(("id" = Uuid, Path, description = "server id")),
+    responses((status = 204, description = "revoked"),
+              (status = 404, body = ErrorBody, description = "no such server, or it has no valid certificate")))]
+pub async fn revoke_certificate(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    lock_server(&tx, principal.account_id, id).await?;
+    let revoked = revoke_certificates(&tx, id).await?;
+    if revoked.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_certificate",
+            "this server has no valid agent certificate to revoke",
+        ));
+    }
+    audit::append(
+        &tx,
+        &event(
+            &principal,
+            &meta,
+            "agent.certificate_revoked",
+            id,
+            json!({"certificates": revoked.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(" ")}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    state.agents.revoke(&revoked);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Issues a new enrollment token (re-enrollment). Unused earlier tokens stop working; the
+/// current certificate keeps working until the agent enrolls again.
+#[utoipa::path(post, path = "/v1/servers/{id}/enrollment-token", tag = "servers",
+    params(("id" = Uuid, Path, description = "server id")), request_body = NewToken,
+    responses((status = 201, body = Enrollment), (status = 404, body = ErrorBody)))]
+pub async fn new_enrollment_token(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Enrollment>), ApiError> {
+    // The body is optional: an empty one means the defaults.
+    let request: NewToken = if body.iter().all(u8::is_ascii_whitespace) {
+        NewToken::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                e.to_string(),
+            )
+        })?
+    };
+    let ttl_secs = ttl(request.enrollment_ttl_seconds)?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    lock_server(&tx, principal.account_id, id).await?;
+    let enrollment = issue_token(&state, &tx, id, ttl_secs).await?;
+    audit::append(
+        &tx,
+        &event(
+            &principal,
+            &meta,
+            "server.enrollment_token_created",
+            id,
+            json!({}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(enrollment)))
+}
+
+/// Deletes a server (soft): credentials and certificates are revoked, unused tokens erased,
+/// the row kept for the audit trail. The application on the server keeps running.
+#[utoipa::path(delete, path = "/v1/servers/{id}", tag = "servers",
+    params(("id" = Uuid, Path, description = "server id")),
+    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    lock_server(&tx, principal.account_id, id).await?;
+    let revoked = revoke_certificates(&tx, id).await?;
+    tx.execute("DELETE FROM enrollment_tokens WHERE server_id = $1", &[&id])
+        .await?;
+    tx.execute(
+        "UPDATE servers SET deleted_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    audit::append(
+        &tx,
+        &event(
+            &principal,
+            &meta,
+            "server.deleted",
+            id,
+            json!({"certificates_revoked": revoked.len()}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    state.agents.revoke(&revoked);
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,101 @@
+//! Reconnect timing for agents: capped exponential backoff with full jitter, so that
+//! thousands of agents cut off together do not come back together.
+//!
+//! Pure: the caller supplies the random numbers, so the schedule is testable.
+
+use std::time::Duration;
+
+/// Backoff state for one agent.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The defaults agents use: 500 ms doubling up to 60 s.
+    pub fn agent_default() -> Self {
+        Self::new(Duration::from_millis(500), Duration::from_secs(60))
+    }
+
+    /// The delay before the next attempt. `random` is uniform in [0, 1): the delay is
+    /// uniform between zero and the current ceiling ("full jitter").
+    pub fn next_delay(&mut self, random: f64) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        ceiling.mul_f64(random.clamp(0.0, 1.0))
+    }
+
+    /// The ceiling for the next attempt: base × 2^attempt, at most `cap`.
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// A delay the control plane asked for, spread by up to a quarter so that agents it
+    /// closed at once do not return at once.
+    pub fn suggested(delay: Duration, random: f64) -> Duration {
+        delay + delay.mul_f64(0.25 * random.clamp(0.0, 1.0))
+    }
+
+    /// A session was established: start again from the base delay.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceiling_doubles_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        let ceilings: Vec<u64> = (0..10)
+            .map(|_| {
+                let c = b.ceiling().as_millis() as u64;
+                b.next_delay(0.5);
+                c
+            })
+            .collect();
+        assert_eq!(
+            ceilings,
+            vec![500, 1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000, 60000]
+        );
+    }
+
+    #[test]
+    fn delays_are_spread_over_the_whole_window() {
+        let mut b = Backoff::agent_default();
+        assert_eq!(b.next_delay(0.0), Duration::ZERO);
+        let mut b2 = Backoff::agent_default();
+        assert_eq!(b2.next_delay(0.999_999).as_millis(), 499);
+    }
+
+    #[test]
+    fn reset_starts_over_and_huge_attempt_counts_do_not_overflow() {
+        let mut b = Backoff::agent_default();
+        for _ in 0..1000 {
+            b.next_delay(1.0);
+        }
+        assert_eq!(b.ceiling(), Duration::from_secs(60));
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn suggested_delay_is_spread_by_a_quarter_at_most() {
+        let d = Duration::from_secs(4);
+        assert_eq!(Backoff::suggested(d, 0.0), d);
+        assert_eq!(Backoff::suggested(d, 1.0), Duration::from_secs(5));
+    }
+}

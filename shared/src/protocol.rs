@@ -1,0 +1,165 @@
+//! The messages agents and the control plane exchange over QUIC, and what a connection close
+//! means. Encoded with [`crate::codec`].
+//!
+//! Two kinds of connection share one endpoint and one ALPN:
+//! - **enrollment**: the agent has no certificate yet. It opens one bidirectional stream,
+//!   sends [`EnrollRequest`], reads [`EnrollResponse`], and the connection ends.
+//! - **session**: the agent presents its certificate. Its first bidirectional stream is the
+//!   control stream: [`AgentMessage::Hello`], then heartbeats; the control plane answers on it.
+//!   Jobs travel on further streams the agent opens to long-poll (added with deploys).
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// ALPN of every Sensei agent connection.
+pub const ALPN: &[u8] = b"sensei/1";
+
+/// The agent asks to be enrolled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The enrollment token from `POST /v1/servers`.
+    pub token: String,
+    /// The server the operator meant to enroll (`--server-id`), if given: a token pasted on the
+    /// wrong machine is refused instead of silently enrolling it as another server.
+    pub expected_server_id: Option<Uuid>,
+    /// PKCS#10 certificate signing request (DER). The key never leaves the agent.
+    pub csr_der: Vec<u8>,
+    pub agent_version: String,
+    pub hostname: String,
+}
+
+/// The control plane's answer to [`EnrollRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollResponse {
+    Enrolled {
+        server_id: Uuid,
+        /// The agent's certificate, PEM.
+        certificate_pem: String,
+        /// The control plane's CA, PEM (its fingerprint is the one the agent pinned).
+        ca_pem: String,
+        /// Ed25519 public key that signs deploy jobs; the agent pins it.
+        job_signing_public_key: [u8; 32],
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// Agent → control plane, on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// First message of a session.
+    Hello {
+        server_id: Uuid,
+        agent_version: String,
+    },
+    Heartbeat,
+}
+
+/// Control plane → agent, on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlMessage {
+    /// The session is accepted; send a heartbeat this often.
+    Welcome {
+        heartbeat_secs: u32,
+    },
+    HeartbeatAck,
+}
+
+/// Application close codes on agent connections.
+pub mod close {
+    /// The agent's certificate was revoked: do not reconnect.
+    pub const REVOKED: u32 = 0x5e01;
+    /// The control plane is shutting down or shedding load; the reason holds the suggested
+    /// delay before reconnecting, in milliseconds, as decimal text.
+    pub const RETRY_LATER: u32 = 0x5e02;
+    /// The agent broke the protocol (bad message, wrong server id).
+    pub const PROTOCOL_ERROR: u32 = 0x5e03;
+    /// A newer connection for the same server replaced this one.
+    pub const REPLACED: u32 = 0x5e04;
+    /// Enrollment finished (or was refused); the connection has no further use.
+    pub const DONE: u32 = 0x5e05;
+}
+
+/// TLS alert `certificate_revoked` (RFC 8446): what a handshake with a revoked certificate is
+/// refused with, so that an agent that was offline when it was revoked also learns it.
+pub const TLS_ALERT_CERTIFICATE_REVOKED: u8 = 44;
+
+/// What an agent should do after its connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseVerdict {
+    /// Revoked: stop and tell the operator.
+    Stop,
+    /// Reconnect after the control plane's suggested delay.
+    RetryAfter(std::time::Duration),
+    /// Reconnect with the usual backoff.
+    Retry,
+}
+
+impl CloseVerdict {
+    /// Interprets an application close from the control plane.
+    pub fn from_application_close(code: u64, reason: &[u8]) -> Self {
+        match u32::try_from(code) {
+            Ok(close::REVOKED) => CloseVerdict::Stop,
+            Ok(close::RETRY_LATER) => std::str::from_utf8(reason)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                // A control plane cannot park an agent for more than ten minutes.
+                .map(|ms| {
+                    CloseVerdict::RetryAfter(std::time::Duration::from_millis(ms.min(600_000)))
+                })
+                .unwrap_or(CloseVerdict::Retry),
+            _ => CloseVerdict::Retry,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn close_codes_are_interpreted() {
+        assert_eq!(
+            CloseVerdict::from_application_close(close::REVOKED.into(), b"revoked"),
+            CloseVerdict::Stop
+        );
+        assert_eq!(
+            CloseVerdict::from_application_close(close::RETRY_LATER.into(), b"2500"),
+            CloseVerdict::RetryAfter(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            CloseVerdict::from_application_close(close::RETRY_LATER.into(), b"99999999"),
+            CloseVerdict::RetryAfter(Duration::from_secs(600))
+        );
+        assert_eq!(
+            CloseVerdict::from_application_close(close::RETRY_LATER.into(), b"soon"),
+            CloseVerdict::Retry
+        );
+        assert_eq!(
+            CloseVerdict::from_application_close(0, b""),
+            CloseVerdict::Retry
+        );
+        assert_eq!(
+            CloseVerdict::from_application_close(u64::MAX, b""),
+            CloseVerdict::Retry
+        );
+    }
+
+    #[test]
+    fn messages_round_trip_through_the_codec() {
+        let hello = AgentMessage::Hello {
+            server_id: Uuid::new_v4(),
+            agent_version: "1.2.3".into(),
+        };
+        let back: AgentMessage = crate::decode(&crate::encode(&hello).expect("enc")).expect("dec");
+        assert_eq!(back, hello);
+        let refused = EnrollResponse::Refused {
+            reason: "token expired".into(),
+        };
+        let back: EnrollResponse =
+            crate::decode(&crate::encode(&refused).expect("enc")).expect("dec");
+        assert_eq!(back, refused);
+    }
+}
