@@ -619,3 +619,55 @@ async fn hostile_bytes_at_the_gateway_close_only_that_connection() {
     );
     let _ = agent.stop.send(true);
 }
+
+#[tokio::test]
+async fn revocation_through_one_replica_cuts_off_an_agent_held_by_another() {
+    let conninfo = sensei_e2e::fresh_database().await;
+    let keys = sensei_e2e::test_keys();
+    let a = TestPlane::start_on(conninfo.clone(), keys.clone()).await;
+    let b = TestPlane::start_on(conninfo, keys).await;
+    assert_eq!(
+        a.plane.ca_fingerprint(),
+        b.plane.ca_fingerprint(),
+        "replicas share one CA"
+    );
+    let (cookie, _) = a.signup("replicas@example.com", PW).await;
+    let (server_id, token) = a.create_agent_server(&cookie, "web-1", json!({})).await;
+    // Enroll and connect through replica B.
+    let dir = open_tempdir();
+    let options = b.enroll_options(&token, dir.path());
+    enroll(&options).await.expect("enroll through B");
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let state = options.state_dir.clone();
+    let task = tokio::spawn(async move { sensei_agent::session::run(&state, stopped).await });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            b.plane.agents().is_connected_here(server_id)
+        })
+        .await,
+        "agent did not connect to B"
+    );
+    assert!(
+        a.agent_connected(&cookie, server_id).await,
+        "A's API sees the agent held by B"
+    );
+
+    // Revoke through A's API: B must close the connection.
+    let started = Instant::now();
+    let r = a
+        .http
+        .delete(a.url(&format!("/v1/servers/{server_id}/agent-certificate")))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 204);
+    let outcome = tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .expect("replica B did not close the revoked agent within 1 s")
+        .expect("join")
+        .expect("run");
+    assert_eq!(outcome, RunOutcome::Revoked);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(!b.plane.agents().is_connected_here(server_id));
+}
