@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod enroll;
+pub mod execute;
 pub mod identity;
 pub mod session;
 mod transport;

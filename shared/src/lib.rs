@@ -5,6 +5,8 @@
 
 pub mod backoff;
 pub mod codec;
+pub mod job;
 pub mod protocol;
+pub mod release;
 
 pub use codec::{decode, encode, CodecError, MAX_MESSAGE_LEN};

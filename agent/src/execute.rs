@@ -1,0 +1,485 @@
+//! Runs a release-engine script on this machine: `sh` reads the script from its standard
+//! input, in a process group of its own (a cancel kills every hook it started), and dies with
+//! the agent (a parent-death signal), so that an agent killed mid-deploy leaves no deploy
+//! running behind it. Output is read line by line and handed to the caller.
+
+#![allow(unsafe_code)]
+
+use std::process::Stdio;
+
+use sensei_shared::release::{Outcome, OutputParser, ScriptEvent};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch};
+
+/// Longest log line kept; longer lines are cut (hooks can print anything).
+pub const MAX_LINE: usize = 4096;
+
+/// One line of output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputLine {
+    /// 1: standard output, 2: standard error.
+    pub stream: u8,
+    pub text: String,
+}
+
+/// How a script run ended.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub outcome: Outcome,
+    /// Exit status; `None` when killed by a signal.
+    pub status: Option<i32>,
+    pub cancelled: bool,
+}
+
+impl Report {
+    pub fn verdict(&self) -> Result<(), (String, String)> {
+        if self.cancelled && self.outcome.failure.is_none() {
+            let step = self.outcome.step.clone().unwrap_or_default();
+            return Err((step, "cancelled".into()));
+        }
+        self.outcome.verdict(self.status)
+    }
+}
+
+fn cut(mut line: String) -> String {
+    if line.len() > MAX_LINE {
+        let mut end = MAX_LINE;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push_str(" …[cut]");
+    }
+    line
+}
+
+/// Kills every process of session `sid` (the script and all it started).
+fn kill_session(sid: libc::pid_t) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command name (which may contain spaces, and ends at the last ')'):
+        // state, ppid, pgrp, session.
+        let session = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(3))
+            .and_then(|s| s.parse::<libc::pid_t>().ok());
+        if session == Some(sid) {
+            // SAFETY: kill has no memory-safety preconditions; these processes are ours.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Runs `script`, sending every event to `events`, until it exits or `cancel` turns true.
+pub async fn run_script(
+    script: &str,
+    nonce: &str,
+    events: mpsc::UnboundedSender<(OutputLine, ScriptEvent)>,
+    mut cancel: watch::Receiver<bool>,
+) -> std::io::Result<Report> {
+    let mut command = tokio::process::Command::new("sh");
+    command
+        .arg("-s")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("LC_ALL", "C")
+        .kill_on_drop(true);
+    // SAFETY: setsid and prctl are async-signal-safe and touch no memory of the parent.
+    // A session of its own: `timeout` moves hooks into process groups of their own, but
+    // never out of the session, so the session is what a cancel kills.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    let session = child.id().and_then(|id| libc::pid_t::try_from(id).ok());
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).await?;
+        // Closing stdin tells sh the script is complete.
+        drop(stdin);
+    }
+    let parser = OutputParser::new(nonce);
+    let mut outcome = Outcome::default();
+    let mut stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
+    let mut stderr = child.stderr.take().map(|s| BufReader::new(s).lines());
+    let mut cancelled = false;
+    // Listening for a cancel makes sense while someone can still send one.
+    let mut cancellable = true;
+    while stdout.is_some() || stderr.is_some() {
+        let (stream, line) = tokio::select! {
+            line = async { stdout.as_mut()?.next_line().await.ok().flatten() }, if stdout.is_some() => match line {
+                Some(l) => (1, l),
+                None => { stdout = None; continue; }
+            },
+            line = async { stderr.as_mut()?.next_line().await.ok().flatten() }, if stderr.is_some() => match line {
+                Some(l) => (2, l),
+                None => { stderr = None; continue; }
+            },
+            changed = cancel.changed(), if cancellable && !cancelled => {
+                match changed {
+                    Ok(()) if *cancel.borrow() => {
+                        cancelled = true;
+                        if let Some(session) = session {
+                            kill_session(session);
+                        }
+                    }
+                    Ok(()) => {}
+                    Err(_) => cancellable = false,
+                }
+                continue;
+            }
+        };
+        let event = parser.parse(&line);
+        outcome.feed(&event);
+        let _ = events.send((
+            OutputLine {
+                stream,
+                text: cut(line),
+            },
+            event,
+        ));
+    }
+    let status = child.wait().await?;
+    Ok(Report {
+        outcome,
+        status: status.code(),
+        cancelled,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sensei_shared::job::{DeploySpec, Hooks, RollbackSpec};
+    use sensei_shared::release::{deploy_script, rollback_script};
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// A repository with one commit per given `index.html` content; returns it and the commits.
+    fn repo(dir: &Path, versions: &[&str]) -> (PathBuf, Vec<String>) {
+        let repo = dir.join("repo");
+        std::fs::create_dir_all(&repo).expect("mkdir");
+        git(&repo, &["init", "-q", "-b", "main"]);
+        let mut commits = Vec::new();
+        for v in versions {
+            std::fs::write(repo.join("index.html"), v).expect("write");
+            git(&repo, &["add", "."]);
+            git(&repo, &["commit", "-q", "-m", v]);
+            commits.push(git(&repo, &["rev-parse", "HEAD"]));
+        }
+        (repo, commits)
+    }
+
+    fn spec(repo: &Path, deploy: &Path, id: &str) -> DeploySpec {
+        DeploySpec {
+            repo_url: repo.display().to_string(),
+            git_ref: "main".into(),
+            release_id: id.into(),
+            deploy_path: deploy.display().to_string(),
+            keep_releases: 2,
+            shared_paths: vec!["storage/".into()],
+            hooks: Hooks {
+                build: vec!["echo building $(cat index.html)".into()],
+                pre_switch: vec![],
+                post_switch: vec![],
+            },
+            health_check: Some("test -s index.html".into()),
+            env: vec![("SECRET".into(), "hunter2".into())],
+            hook_timeout_secs: 30,
+        }
+    }
+
+    async fn run(script: &str) -> (Report, Vec<OutputLine>) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_cancel, cancelled) = watch::channel(false);
+        let report = run_script(script, "t3st", tx, cancelled)
+            .await
+            .expect("spawn");
+        let mut lines = Vec::new();
+        while let Ok((line, _)) = rx.try_recv() {
+            lines.push(line);
+        }
+        (report, lines)
+    }
+
+    async fn deploy(spec: &DeploySpec) -> (Report, Vec<OutputLine>) {
+        run(&deploy_script(spec, "job", "t3st").expect("script")).await
+    }
+
+    fn current(deploy: &Path) -> String {
+        std::fs::read_link(deploy.join("current"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn deploy_switches_current_links_shared_and_writes_env() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (repo, commits) = repo(tmp.path(), &["v1"]);
+        let d = tmp.path().join("app");
+        let (report, lines) = deploy(&spec(&repo, &d, "20270101000000-aaaaaa")).await;
+        assert_eq!(report.verdict(), Ok(()), "{lines:?}");
+        assert_eq!(report.outcome.commit.as_deref(), Some(commits[0].as_str()));
+        assert_eq!(current(&d), "releases/20270101000000-aaaaaa");
+        assert_eq!(
+            std::fs::read_to_string(d.join("current/index.html")).expect("read"),
+            "v1"
+        );
+        assert!(d.join("current/storage").is_symlink());
+        let env = d.join("shared/.env");
+        assert_eq!(
+            std::fs::metadata(&env).expect("env").permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::read_to_string(&env).expect("env"),
+            "SECRET=\"hunter2\"\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join("current/.env")).expect("linked env"),
+            "SECRET=\"hunter2\"\n"
+        );
+        assert!(
+            lines.iter().any(|l| l.text == "building v1"),
+            "hook output streamed"
+        );
+        assert!(
+            !lines.iter().any(|l| l.text.contains("hunter2")),
+            "env value in the log"
+        );
+    }
+
+    #[tokio::test]
+    async fn failing_build_leaves_current_untouched() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (repo, _) = repo(tmp.path(), &["v1"]);
+        let d = tmp.path().join("app");
+        deploy(&spec(&repo, &d, "20270101000000-aaaaaa"))
+            .await
+            .0
+            .verdict()
+            .expect("first");
+        let mut bad = spec(&repo, &d, "20270101000001-bbbbbb");
+        bad.hooks.build = vec!["echo about to fail; exit 3".into()];
+        let (report, lines) = deploy(&bad).await;
+        let (step, message) = report.verdict().expect_err("must fail");
+        assert_eq!(step, "build");
+        assert!(message.contains("status 3"), "{message}");
+        assert!(lines.iter().any(|l| l.text == "about to fail"));
+        assert_eq!(current(&d), "releases/20270101000000-aaaaaa");
+        assert!(
+            !d.join("releases/20270101000001-bbbbbb").exists(),
+            "failed release left behind"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join("current/index.html")).expect("read"),
+            "v1"
+        );
+    }
+
+    #[tokio::test]
+    async fn failing_health_check_and_missing_ref_leave_current_untouched() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (repo, _) = repo(tmp.path(), &["v1"]);
+        let d = tmp.path().join("app");
+        deploy(&spec(&repo, &d, "20270101000000-aaaaaa"))
+            .await
+            .0
+            .verdict()
+            .expect("first");
+        let mut unhealthy = spec(&repo, &d, "20270101000001-bbbbbb");
+        unhealthy.health_check = Some("test -f missing.txt".into());
+        let (report, _) = deploy(&unhealthy).await;
+        assert_eq!(report.verdict().expect_err("fails").0, "health_check");
+        let mut missing = spec(&repo, &d, "20270101000002-cccccc");
+        missing.git_ref = "no-such-branch".into();
+        let (report, _) = deploy(&missing).await;
+        let (step, message) = report.verdict().expect_err("fails");
+        assert_eq!(step, "fetch");
+        assert!(message.contains("no-such-branch"), "{message}");
+        assert_eq!(current(&d), "releases/20270101000000-aaaaaa");
+    }
+
+    #[tokio::test]
+    async fn rollback_returns_to_the_previous_good_release() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (repo, _) = repo(tmp.path(), &["v1"]);
+        let d = tmp.path().join("app");
+        deploy(&spec(&repo, &d, "20270101000000-aaaaaa"))
+            .await
+            .0
+            .verdict()
+            .expect("v1");
+        std::fs::write(repo.join("index.html"), "v2").expect("write");
+        git(&repo, &["commit", "-qam", "v2"]);
+        deploy(&spec(&repo, &d, "20270101000001-bbbbbb"))
+            .await
+            .0
+            .verdict()
+            .expect("v2");
+        let mut failed = spec(&repo, &d, "20270101000002-cccccc");
+        failed.hooks.build = vec!["false".into()];
+        assert!(deploy(&failed).await.0.verdict().is_err());
+
+        let back = RollbackSpec {
+            deploy_path: d.display().to_string(),
+            to_release: None,
+        };
+        let (report, lines) = run(&rollback_script(&back, "job", "t3st").expect("script")).await;
+        assert_eq!(report.verdict(), Ok(()), "{lines:?}");
+        assert_eq!(current(&d), "releases/20270101000000-aaaaaa");
+        assert_eq!(
+            std::fs::read_to_string(d.join("current/index.html")).expect("read"),
+            "v1"
+        );
+        // Nothing older is good: a second rollback says so and changes nothing.
+        let (report, _) = run(&rollback_script(&back, "job", "t3st").expect("script")).await;
+        let (step, message) = report.verdict().expect_err("nothing to roll back to");
+        assert_eq!(step, "rollback");
+        assert!(message.contains("no earlier good release"), "{message}");
+        assert_eq!(current(&d), "releases/20270101000000-aaaaaa");
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_n_good_releases_and_never_current_or_previous() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (repo, _) = repo(tmp.path(), &["v1"]);
+        let d = tmp.path().join("app");
+        for i in 0..5 {
+            let mut s = spec(&repo, &d, &format!("2027010100000{i}-aaaaaa"));
+            s.keep_releases = 2;
+            deploy(&s).await.0.verdict().expect("deploy");
+        }
+        let mut left: Vec<String> = std::fs::read_dir(d.join("releases"))
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["20270101000003-aaaaaa", "20270101000004-aaaaaa"]);
+        // Roll back, then deploy with keep 1: current and the previous good one both stay.
+        let back = RollbackSpec {
+            deploy_path: d.display().to_string(),
+            to_release: None,
+        };
+        run(&rollback_script(&back, "j", "t3st").expect("script"))
+            .await
+            .0
+            .verdict()
+            .expect("rollback");
+        let mut s = spec(&repo, &d, "20270101000009-aaaaaa");
+        s.keep_releases = 1;
+        deploy(&s).await.0.verdict().expect("deploy");
+        assert!(
+            d.join("releases/20270101000003-aaaaaa").exists(),
+            "previous good release pruned"
+        );
+        assert!(d.join("releases/20270101000009-aaaaaa").exists());
+    }
+
+    #[tokio::test]
+    async fn a_held_lock_refuses_a_second_deploy_and_names_the_owner() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (repo, _) = repo(tmp.path(), &["v1"]);
+        let d = tmp.path().join("app");
+        let mut slow = spec(&repo, &d, "20270101000000-aaaaaa");
+        slow.hooks.build = vec!["sleep 3".into()];
+        let script = deploy_script(&slow, "first-job", "t3st").expect("script");
+        let first = tokio::spawn(async move { run(&script).await });
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let (report, _) = deploy(&spec(&repo, &d, "20270101000001-bbbbbb")).await;
+        let (step, message) = report
+            .verdict()
+            .expect_err("second deploy ran under the lock");
+        assert_eq!(step, "lock");
+        assert!(message.contains("first-job"), "{message}");
+        assert_eq!(first.await.expect("join").0.verdict(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_hook_that_runs_too_long_is_stopped() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (repo, _) = repo(tmp.path(), &["v1"]);
+        let d = tmp.path().join("app");
+        let mut s = spec(&repo, &d, "20270101000000-aaaaaa");
+        s.hooks.build = vec!["sleep 30".into()];
+        s.hook_timeout_secs = 1;
+        let (report, _) = deploy(&s).await;
+        let (step, message) = report.verdict().expect_err("timeout");
+        assert_eq!(step, "build");
+        assert!(message.contains("timed out"), "{message}");
+        assert!(!d.join("current").exists());
+    }
+
+    #[tokio::test]
+    async fn cancelling_mid_deploy_keeps_current_complete_and_the_next_deploy_works() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (repo, _) = repo(tmp.path(), &["v1"]);
+        let d = tmp.path().join("app");
+        deploy(&spec(&repo, &d, "20270101000000-aaaaaa"))
+            .await
+            .0
+            .verdict()
+            .expect("first");
+        let mut slow = spec(&repo, &d, "20270101000001-bbbbbb");
+        slow.hooks.build = vec!["sleep 30".into()];
+        let script = deploy_script(&slow, "job", "t3st").expect("script");
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (cancel, cancelled) = watch::channel(false);
+        let running = tokio::spawn(async move { run_script(&script, "t3st", tx, cancelled).await });
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        cancel.send(true).expect("cancel");
+        let report = tokio::time::timeout(std::time::Duration::from_secs(5), running)
+            .await
+            .expect("cancel did not stop the hook")
+            .expect("join")
+            .expect("run");
+        assert!(report.cancelled);
+        assert!(report.verdict().is_err());
+        assert_eq!(current(&d), "releases/20270101000000-aaaaaa");
+        assert_eq!(
+            std::fs::read_to_string(d.join("current/index.html")).expect("read"),
+            "v1"
+        );
+        deploy(&spec(&repo, &d, "20270101000002-cccccc"))
+            .await
+            .0
+            .verdict()
+            .expect("next deploy");
+        assert_eq!(current(&d), "releases/20270101000002-cccccc");
+    }
+}
