@@ -45,6 +45,14 @@ pub enum Command {
     Run {
         #[arg(long, env = "SENSEI_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Only deploy below this directory (repeatable). Without it, anywhere the agent's
+        /// user can write.
+        #[arg(
+            long = "allow-deploy-root",
+            env = "SENSEI_AGENT_DEPLOY_ROOTS",
+            value_delimiter = ','
+        )]
+        allow_deploy_roots: Vec<PathBuf>,
     },
     /// Delete this server's agent identity: the agent can no longer connect.
     Revoke {
@@ -104,13 +112,19 @@ pub async fn execute(cli: Cli) -> i32 {
                 }
             }
         }
-        Command::Run { state_dir } => {
+        Command::Run {
+            state_dir,
+            allow_deploy_roots,
+        } => {
+            let policy = crate::jobs::JobPolicy {
+                allowed_roots: allow_deploy_roots,
+            };
             let (stop, stopped) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 wait_for_signal().await;
                 let _ = stop.send(true);
             });
-            match run(&StateDir::new(state_dir), stopped).await {
+            match run(&StateDir::new(state_dir), policy, stopped).await {
                 Ok(RunOutcome::Shutdown) => 0,
                 Ok(RunOutcome::Revoked) => {
                     eprintln!(

@@ -53,6 +53,16 @@ fn cut(mut line: String) -> String {
     line
 }
 
+struct KillOnDrop(Option<libc::pid_t>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(sid) = self.0 {
+            kill_session(sid);
+        }
+    }
+}
+
 /// Kills every process of session `sid` (the script and all it started).
 fn kill_session(sid: libc::pid_t) {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -112,6 +122,9 @@ pub async fn run_script(
     }
     let mut child = command.spawn()?;
     let session = child.id().and_then(|id| libc::pid_t::try_from(id).ok());
+    // If this future is dropped mid-run (the connection died, the agent is stopping), every
+    // process of the script goes with it.
+    let mut guard = KillOnDrop(session);
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(script.as_bytes()).await?;
         // Closing stdin tells sh the script is complete.
@@ -159,6 +172,7 @@ pub async fn run_script(
         ));
     }
     let status = child.wait().await?;
+    guard.0 = None;
     Ok(Report {
         outcome,
         status: status.code(),

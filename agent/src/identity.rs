@@ -26,6 +26,8 @@ const KEY: &str = "identity.key";
 const CERT: &str = "identity.crt";
 const CA: &str = "ca.crt";
 const META: &str = "agent.json";
+/// The highest job sequence number run; survives restarts so that a replayed job is refused.
+const SEQUENCE: &str = "sequence";
 
 /// What `agent.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,8 +155,23 @@ impl StateDir {
         fs::rename(&tmp, self.dir.join(name)).map_err(|e| self.io(e))
     }
 
+    /// The highest job sequence number this agent has started (0: none).
+    pub fn highest_sequence(&self) -> u64 {
+        fs::read_to_string(self.dir.join(SEQUENCE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Records that job `sequence` is starting. Written (and synced) before the job runs, so
+    /// that a crash mid-job never lets the same job run twice.
+    pub fn store_sequence(&self, sequence: u64) -> Result<(), IdentityError> {
+        self.write(SEQUENCE, &sequence.to_string())
+    }
+
     /// Deletes the identity. Returns whether there was one.
     pub fn delete(&self) -> Result<bool, IdentityError> {
+        let _ = fs::remove_file(self.dir.join(SEQUENCE));
         let mut found = false;
         for name in [KEY, CERT, CA, META] {
             match fs::remove_file(self.dir.join(name)) {

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod enroll;
 pub mod execute;
 pub mod identity;
+pub mod jobs;
 pub mod session;
 mod transport;
 

@@ -14,6 +14,7 @@ use sensei_shared::protocol::{
 use tokio::sync::watch;
 
 use crate::identity::{Identity, IdentityError, StateDir};
+use crate::jobs::{job_loop, JobContext, JobPolicy};
 use crate::transport::{self, TransportError, CONNECT_TIMEOUT};
 
 /// How `run` ended.
@@ -23,6 +24,35 @@ pub enum RunOutcome {
     Revoked,
     /// Asked to stop.
     Shutdown,
+}
+
+/// What jobs are checked against: the pinned job-signing key, this server, this certificate.
+fn job_context(
+    identity: &Identity,
+    state_dir: &StateDir,
+    policy: JobPolicy,
+) -> Result<JobContext, RunError> {
+    let corrupt = |detail: &str| {
+        RunError::Identity(IdentityError::Corrupt {
+            dir: state_dir.path().display().to_string(),
+            detail: detail.into(),
+        })
+    };
+    let key: [u8; 32] = hex::decode(&identity.meta.job_signing_public_key)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(|| corrupt("the pinned job-signing key is unreadable"))?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&key)
+        .map_err(|_| corrupt("the pinned job-signing key is invalid"))?;
+    let cert = sensei_certs::tls::first_cert_der(&identity.cert_pem)
+        .map_err(|_| corrupt("the certificate is unreadable"))?;
+    Ok(JobContext {
+        key,
+        server_id: identity.meta.server_id,
+        fingerprint: *sensei_certs::Fingerprint::of_der(&cert).as_bytes(),
+        state: state_dir.clone(),
+        policy,
+    })
 }
 
 /// Why `run` could not even start.
@@ -47,9 +77,11 @@ enum SessionEnd {
 /// Runs until revoked or `shutdown` turns true.
 pub async fn run(
     state_dir: &StateDir,
+    policy: JobPolicy,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<RunOutcome, RunError> {
     let identity = state_dir.load()?;
+    let jobs = job_context(&identity, state_dir, policy)?;
     let server_id = identity.meta.server_id;
     let verifier = sensei_certs::tls::verifier_trusting(&identity.ca_pem)
         .map_err(|e| TransportError::Tls(e.to_string()))?;
@@ -60,7 +92,7 @@ pub async fn run(
     let mut backoff = Backoff::agent_default();
     loop {
         let end = tokio::select! {
-            end = session(&identity, config.clone(), &mut backoff) => end,
+            end = session(&identity, config.clone(), &mut backoff, &jobs) => end,
             _ = shutdown.changed() => return Ok(RunOutcome::Shutdown),
         };
         let delay = match end {
@@ -125,6 +157,7 @@ async fn session(
     identity: &Identity,
     config: quinn::ClientConfig,
     backoff: &mut Backoff,
+    jobs: &JobContext,
 ) -> SessionEnd {
     let (remote, server_name) = match transport::resolve(&identity.meta.control_plane).await {
         Ok(r) => r,
@@ -143,7 +176,11 @@ async fn session(
         Ok(Err(e)) => return verdict(&e),
         Err(_) => return SessionEnd::Lost("handshake timed out".into()),
     };
-    let end = control_stream(&connection, identity, backoff).await;
+    // The control stream and the job loop share the connection; when it ends, both end.
+    let end = tokio::select! {
+        end = control_stream(&connection, identity, backoff) => end,
+        () = job_loop(&connection, jobs) => None,
+    };
     let end = match end {
         Some(end) => end,
         None => verdict(&connection.closed().await),

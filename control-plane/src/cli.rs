@@ -69,6 +69,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSEI_AGENT_HEARTBEAT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub agent_heartbeat_secs: u64,
+    /// Seconds a queued deployment waits for its server's agent before failing as offline.
+    #[arg(long, env = "SENSEI_DISPATCH_TIMEOUT_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub dispatch_timeout_secs: u64,
     /// Largest number of database connections.
     #[arg(long, env = "SENSEI_DB_POOL_SIZE", default_value_t = 16,
           value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -222,6 +226,7 @@ pub fn serve_options(
         agent_addr: pick(args.agent_addr, DEFAULT_AGENT_ADDR),
         agent_endpoint: args.agent_endpoint.clone(),
         agent_heartbeat: std::time::Duration::from_secs(args.agent_heartbeat_secs),
+        dispatch_timeout: std::time::Duration::from_secs(args.dispatch_timeout_secs),
         data_dir,
         database: database_source(),
         field_keys: Arc::new(keys),

@@ -166,14 +166,15 @@ pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
     Ok(pool)
 }
 
-/// Notifications received on a LISTEN connection: their payloads, until the connection ends.
-pub type Notifications = futures_util::stream::BoxStream<'static, String>;
+/// Notifications received on a LISTEN connection, as (channel, payload), until the connection
+/// ends.
+pub type Notifications = futures_util::stream::BoxStream<'static, (String, String)>;
 
-/// Opens a dedicated (unpooled) connection that LISTENs on `channel`. The client must be kept
+/// Opens a dedicated (unpooled) connection that LISTENs on `channels`. The client must be kept
 /// alive as long as the stream is read.
 pub async fn listen(
     url: &str,
-    channel: &str,
+    channels: &[&str],
 ) -> Result<(tokio_postgres::Client, Notifications), DbError> {
     use futures_util::StreamExt;
     use tokio_postgres::AsyncMessage;
@@ -187,7 +188,9 @@ pub async fn listen(
             .take_while(|m| std::future::ready(m.is_ok()))
             .filter_map(|m| {
                 std::future::ready(match m {
-                    Ok(AsyncMessage::Notification(n)) => Some(n.payload().to_owned()),
+                    Ok(AsyncMessage::Notification(n)) => {
+                        Some((n.channel().to_owned(), n.payload().to_owned()))
+                    }
                     _ => None,
                 })
             })
@@ -224,7 +227,7 @@ pub async fn listen(
         }
     };
     // The stream drives the connection, so it must be polled for LISTEN to complete.
-    let statement = format!("LISTEN {channel}");
+    let statement: String = channels.iter().map(|c| format!("LISTEN {c};")).collect();
     let listen = client.batch_execute(&statement);
     let mut stream = stream;
     let listen = {

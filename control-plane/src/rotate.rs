@@ -28,6 +28,11 @@ pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[
         key: "name",
         column: "private_key_ciphertext",
     },
+    EncryptedColumn {
+        table: "projects",
+        key: "id",
+        column: "env_ciphertext",
+    },
 ];
 
 const BATCH: i64 = 200;

@@ -46,6 +46,9 @@ pub struct ServeOptions {
     pub agent_endpoint: Option<String>,
     /// How often agents send heartbeats.
     pub agent_heartbeat: std::time::Duration,
+    /// How long a queued deployment waits for its server's agent before it fails as
+    /// "agent offline".
+    pub dispatch_timeout: std::time::Duration,
 }
 
 /// Lifetime of agent certificates; agents re-enroll before it ends.
@@ -198,6 +201,8 @@ impl ControlPlane {
             last_seen: last_seen.clone(),
             heartbeat: options.agent_heartbeat,
             agent_cert_days: AGENT_CERT_DAYS,
+            job_key: job_key.clone(),
+            keys: keys.clone(),
         });
         let endpoint = gateway::bind(
             options.agent_addr,
@@ -219,6 +224,7 @@ impl ControlPlane {
             keys,
             metrics: Metrics::default(),
             binary_sha256: sha,
+            dispatch_timeout: options.dispatch_timeout,
             agents: hub.clone(),
             ca_fingerprint: ca.fingerprint().to_string(),
             agent_endpoint,
@@ -247,6 +253,21 @@ impl ControlPlane {
                 let pool = pool.clone();
                 let rx = shutdown_rx.clone();
                 tokio::spawn(async move { last_seen.run(pool, rx).await })
+            },
+            {
+                // Every replica expires queued jobs whose agent never came; the UPDATE is
+                // idempotent, so running it everywhere is harmless.
+                let pool = pool.clone();
+                let mut rx = shutdown_rx.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                    loop {
+                        tokio::select! {
+                            _ = tick.tick() => crate::agents::dispatch::expire_queued(&pool).await,
+                            _ = rx.changed() => break,
+                        }
+                    }
+                })
             },
         ];
         let server = tokio::spawn(crate::https::serve(

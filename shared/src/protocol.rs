@@ -45,7 +45,29 @@ pub enum EnrollResponse {
     },
 }
 
-/// Agent → control plane, on the control stream.
+/// One line of a job's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// 0: Sensei's own account of the steps; 1: standard output; 2: standard error.
+    pub stream: u8,
+    pub text: String,
+}
+
+/// How a job ended on the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub succeeded: bool,
+    pub release_id: Option<String>,
+    pub commit: Option<String>,
+    /// On failure: the step and why.
+    pub error: Option<(String, String)>,
+}
+
+/// Agent → control plane.
+///
+/// On the control stream: `Hello`, then `Heartbeat`s. On each job stream (a bidirectional
+/// stream the agent opens to long-poll): `Poll`, then for the job received `JobLog`s and one
+/// `JobFinished`, or `JobRefused` when the job failed verification.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentMessage {
     /// First message of a session.
@@ -54,9 +76,27 @@ pub enum AgentMessage {
         agent_version: String,
     },
     Heartbeat,
+    /// "Send my next job when there is one." Answered with `Job` on the same stream, at once
+    /// if a job is queued, or as soon as one is.
+    Poll {
+        highest_sequence: u64,
+    },
+    JobLog {
+        job_id: Uuid,
+        lines: Vec<LogLine>,
+    },
+    JobFinished {
+        job_id: Uuid,
+        result: JobResult,
+    },
+    /// The job failed verification and was not run.
+    JobRefused {
+        job_id: Option<Uuid>,
+        reason: String,
+    },
 }
 
-/// Control plane → agent, on the control stream.
+/// Control plane → agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlMessage {
     /// The session is accepted; send a heartbeat this often.
@@ -64,6 +104,10 @@ pub enum ControlMessage {
         heartbeat_secs: u32,
     },
     HeartbeatAck,
+    /// A signed job, in answer to `Poll`.
+    Job(crate::job::SignedJob),
+    /// The job's outcome is stored; poll again.
+    JobRecorded,
 }
 
 /// Application close codes on agent connections.

@@ -477,6 +477,30 @@ pub enum ScriptEvent {
     },
 }
 
+impl ScriptEvent {
+    /// The log line this event is recorded as: the script's own output as is, the engine's
+    /// events as Sensei's account of the steps. Both runners log exactly these lines.
+    pub fn log_line(&self) -> (u8, String) {
+        let sensei = |text: String| (0u8, text);
+        match self {
+            ScriptEvent::Log(text) => (1, text.clone()),
+            ScriptEvent::Step(s) => sensei(format!("==> {s}")),
+            ScriptEvent::Hook(h) => sensei(format!("running {h} hook")),
+            ScriptEvent::Commit(c) => sensei(format!("commit {c}")),
+            ScriptEvent::Release(r) => sensei(format!("release {r}")),
+            ScriptEvent::Switched { to, from } => sensei(match from {
+                Some(from) => format!("current -> releases/{to} (was releases/{from})"),
+                None => format!("current -> releases/{to}"),
+            }),
+            ScriptEvent::Pruned(r) => sensei(format!("pruned releases/{r}")),
+            ScriptEvent::Fail { step, message } => sensei(format!("FAILED at {step}: {message}")),
+            ScriptEvent::Done { release, commit } => {
+                sensei(format!("done: release {release} at commit {commit}"))
+            }
+        }
+    }
+}
+
 /// Reads the script's output. Lines carrying this run's marker are events; all others are
 /// log lines.
 #[derive(Debug, Clone)]

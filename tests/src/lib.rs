@@ -125,9 +125,19 @@ impl TestPlane {
 
     /// Starts on an existing database with the agent gateway on `agent_addr`.
     pub async fn start_at(conninfo: String, keys: Arc<FieldKeys>, agent_addr: SocketAddr) -> Self {
+        Self::start_configured(conninfo, keys, agent_addr, |_| {}).await
+    }
+
+    /// Starts with options adjusted by `adjust`.
+    pub async fn start_configured(
+        conninfo: String,
+        keys: Arc<FieldKeys>,
+        agent_addr: SocketAddr,
+        adjust: impl FnOnce(&mut ServeOptions),
+    ) -> Self {
         sensei_certs::tls::install_default_provider();
         let data_dir = open_tempdir();
-        let plane = ControlPlane::start(ServeOptions {
+        let mut options = ServeOptions {
             api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.path().to_owned(),
             database: DatabaseSource::Url(conninfo.clone()),
@@ -137,9 +147,12 @@ impl TestPlane {
             agent_addr,
             agent_endpoint: None,
             agent_heartbeat: std::time::Duration::from_secs(1),
-        })
-        .await
-        .expect("control plane starts");
+            dispatch_timeout: std::time::Duration::from_secs(60),
+        };
+        adjust(&mut options);
+        let plane = ControlPlane::start(options)
+            .await
+            .expect("control plane starts");
         let tls = sensei_certs::tls::client_config_trusting(plane.ca_pem()).expect("client tls");
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
@@ -366,8 +379,14 @@ impl TestPlane {
         let state = options.state_dir.clone();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let run_state = state.clone();
-        let task =
-            tokio::spawn(async move { sensei_agent::session::run(&run_state, stopped).await });
+        let task = tokio::spawn(async move {
+            sensei_agent::session::run(
+                &run_state,
+                sensei_agent::jobs::JobPolicy::default(),
+                stopped,
+            )
+            .await
+        });
         TestAgent {
             state,
             server_id,
@@ -377,9 +396,70 @@ impl TestPlane {
         }
     }
 
+    /// Waits until the deployment has ended; returns its JSON.
+    pub async fn wait_deployment(&self, cookie: &str, id: &str) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..600 {
+            let (_, body) = self.get(&format!("/v1/deployments/{id}"), cookie).await;
+            if body["status"] == "succeeded" || body["status"] == "failed" {
+                return body;
+            }
+            last = body;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("deployment {id} did not end: {last}");
+    }
+
     /// Whether the API shows the server's agent as connected.
     pub async fn agent_connected(&self, cookie: &str, server_id: uuid::Uuid) -> bool {
         let (_, body) = self.get(&format!("/v1/servers/{server_id}"), cookie).await;
         body["agent"]["connected"] == true
     }
+}
+
+impl TestAgent {
+    /// Starts the agent loop again on the same identity (after a stop).
+    pub fn restart(&mut self) {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let state = self.state.clone();
+        self.stop = stop;
+        self.task = tokio::spawn(async move {
+            sensei_agent::session::run(&state, sensei_agent::jobs::JobPolicy::default(), stopped)
+                .await
+        });
+    }
+}
+
+/// A git repository with `index.html` committed once per version; returns its path.
+pub fn git_repo(dir: &std::path::Path, versions: &[&str]) -> std::path::PathBuf {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    for v in versions {
+        git_commit(&repo, v);
+    }
+    repo
+}
+
+/// Commits `index.html` with `content`; returns the commit id.
+pub fn git_commit(repo: &std::path::Path, content: &str) -> String {
+    std::fs::write(repo.join("index.html"), content).expect("write");
+    git(repo, &["add", "."]);
+    git(repo, &["commit", "-q", "-m", content]);
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

@@ -13,8 +13,23 @@ use uuid::Uuid;
 
 use super::AgentHub;
 
-/// The PostgreSQL channel.
+/// The PostgreSQL channel of certificate changes.
 pub const CHANNEL: &str = "sensei_agent_certs";
+/// The PostgreSQL channel of queued jobs; the payload is the server id.
+pub const JOB_CHANNEL: &str = "sensei_jobs";
+
+/// Queues, inside the caller's transaction, the wake-up of the replica holding `server_id`.
+pub async fn notify_job(
+    tx: &tokio_postgres::Transaction<'_>,
+    server_id: Uuid,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&JOB_CHANNEL, &server_id.to_string()],
+    )
+    .await?;
+    Ok(())
+}
 
 /// Loads every valid and revoked certificate into the hub (at start, and after the
 /// notification connection was lost, since notifications may have been missed).
@@ -93,8 +108,9 @@ pub fn apply(hub: &AgentHub, payload: &str) {
     }
 }
 
-/// Listens on [`CHANNEL`] until `shutdown`, reconnecting (and reloading everything) when the
-/// connection drops.
+/// Listens on [`CHANNEL`] and [`JOB_CHANNEL`] until `shutdown`, reconnecting (and reloading
+/// the certificates) when the connection drops. Job polls re-check the table on their own
+/// every few seconds, so a wake-up missed during a reconnect only delays a job.
 pub async fn listen(
     pool: Pool,
     database_url: String,
@@ -102,7 +118,7 @@ pub async fn listen(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        match crate::db::listen(&database_url, CHANNEL).await {
+        match crate::db::listen(&database_url, &[CHANNEL, JOB_CHANNEL]).await {
             Ok((_client, mut messages)) => {
                 // Anything committed while we were not listening is in the tables.
                 if let Err(e) = load_all(&pool, &hub).await {
@@ -112,7 +128,12 @@ pub async fn listen(
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         message = messages.next() => match message {
-                            Some(payload) => apply(&hub, &payload),
+                            Some((channel, payload)) if channel == JOB_CHANNEL => {
+                                if let Ok(server_id) = payload.parse::<Uuid>() {
+                                    hub.wake(server_id);
+                                }
+                            }
+                            Some((_, payload)) => apply(&hub, &payload),
                             None => break,
                         },
                     }

@@ -32,6 +32,10 @@ pub struct GatewayContext {
     pub last_seen: Arc<LastSeen>,
     pub heartbeat: Duration,
     pub agent_cert_days: i64,
+    /// Signs jobs.
+    pub job_key: ed25519_dalek::SigningKey,
+    /// Opens projects' environments at dispatch.
+    pub keys: std::sync::Arc<crate::field_crypto::FieldKeys>,
 }
 
 /// Why the gateway could not start.

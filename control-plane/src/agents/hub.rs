@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::Notify;
+
 use quinn::VarInt;
 use sensei_certs::{AgentCertificateSet, Fingerprint};
 use sensei_shared::protocol::close;
@@ -21,6 +23,7 @@ pub struct AgentHub {
     pub replica_id: Uuid,
     pub certificates: Arc<AgentCertificateSet>,
     live: Mutex<HashMap<Uuid, Live>>,
+    job_signals: Mutex<HashMap<Uuid, Arc<Notify>>>,
 }
 
 impl AgentHub {
@@ -29,6 +32,25 @@ impl AgentHub {
             replica_id: Uuid::new_v4(),
             certificates: Arc::new(AgentCertificateSet::new()),
             live: Mutex::new(HashMap::new()),
+            job_signals: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The signal a server's job poll waits on.
+    pub fn job_signal(&self, server_id: Uuid) -> Arc<Notify> {
+        self.job_signals
+            .lock()
+            .map(|mut m| m.entry(server_id).or_default().clone())
+            .unwrap_or_default()
+    }
+
+    /// A job was queued for `server_id`: wake its poll if this replica holds it. A wake-up
+    /// with nobody waiting is kept for the next wait, so none is lost between check and wait.
+    pub fn wake(&self, server_id: Uuid) {
+        if let Ok(m) = self.job_signals.lock() {
+            if let Some(signal) = m.get(&server_id) {
+                signal.notify_one();
+            }
         }
     }
 

@@ -6,6 +6,7 @@
 //! [`last_seen`] batches heartbeat writes.
 
 pub mod cert_events;
+pub mod dispatch;
 pub mod enroll;
 pub mod gateway;
 pub mod hub;

@@ -10,7 +10,11 @@ use uuid::Uuid;
 
 use super::gateway::{GatewayContext, STEP_TIMEOUT};
 
-pub async fn run(connection: quinn::Connection, fingerprint: Fingerprint, ctx: &GatewayContext) {
+pub async fn run(
+    connection: quinn::Connection,
+    fingerprint: Fingerprint,
+    ctx: &std::sync::Arc<GatewayContext>,
+) {
     let server_id = match ctx.hub.certificates.status(&fingerprint) {
         AgentCertStatus::Valid(id) => id,
         // Revoked between the handshake and now.
@@ -58,6 +62,7 @@ pub async fn run(connection: quinn::Connection, fingerprint: Fingerprint, ctx: &
     let welcome = ControlMessage::Welcome {
         heartbeat_secs: ctx.heartbeat.as_secs().max(1) as u32,
     };
+    let mut polls = tokio::task::JoinSet::new();
     if write_frame(&mut send, &welcome).await.is_ok() {
         loop {
             tokio::select! {
@@ -68,8 +73,8 @@ pub async fn run(connection: quinn::Connection, fingerprint: Fingerprint, ctx: &
                             break;
                         }
                     }
-                    Ok(Some(AgentMessage::Hello { .. })) => {
-                        protocol_error("hello sent twice".into());
+                    Ok(Some(_)) => {
+                        protocol_error("only hello and heartbeats belong on the control stream".into());
                         break;
                     }
                     Ok(None) => break,
@@ -78,10 +83,23 @@ pub async fn run(connection: quinn::Connection, fingerprint: Fingerprint, ctx: &
                         break;
                     }
                 },
+                // Every further stream is a job poll.
+                stream = connection.accept_bi() => match stream {
+                    Ok((send, recv)) => {
+                        let ctx = ctx.clone();
+                        polls.spawn(async move {
+                            super::dispatch::serve_poll(&ctx, server_id, fingerprint, send, recv).await
+                        });
+                    }
+                    Err(_) => break,
+                },
                 _ = connection.closed() => break,
             }
         }
     }
+    polls.abort_all();
+    while polls.join_next().await.is_some() {}
+    super::dispatch::fail_interrupted(ctx, server_id).await;
     if ctx.hub.unregister(server_id, &connection) {
         mark_connected(ctx, server_id, None).await;
     }

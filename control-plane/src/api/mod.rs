@@ -22,8 +22,10 @@ pub mod access;
 pub mod api_keys;
 pub mod audit_routes;
 pub mod auth_routes;
+pub mod deployments;
 pub mod error;
 pub mod extract;
+pub mod projects;
 pub mod servers;
 pub mod system;
 
@@ -44,6 +46,8 @@ pub struct StateInner {
     pub ca_fingerprint: String,
     /// Where agents connect, as given to them.
     pub agent_endpoint: String,
+    /// How long a queued deployment waits for its agent.
+    pub dispatch_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -68,6 +72,8 @@ impl Deref for AppState {
         (name = "api-keys", description = "API keys for automation"),
         (name = "audit", description = "the audit log"),
         (name = "servers", description = "deploy targets and their agents"),
+        (name = "projects", description = "what to deploy and how"),
+        (name = "deployments", description = "deploys, their logs, rollbacks"),
     )
 )]
 struct ApiDoc;
@@ -91,6 +97,12 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(servers::show, servers::delete))
         .routes(routes!(servers::revoke_certificate))
         .routes(routes!(servers::new_enrollment_token))
+        .routes(routes!(projects::create, projects::list))
+        .routes(routes!(projects::show, projects::update, projects::delete))
+        .routes(routes!(deployments::create))
+        .routes(routes!(deployments::show))
+        .routes(routes!(deployments::logs))
+        .routes(routes!(deployments::rollback))
 }
 
 /// The OpenAPI document, rendered once.

@@ -639,7 +639,9 @@ async fn revocation_through_one_replica_cuts_off_an_agent_held_by_another() {
     enroll(&options).await.expect("enroll through B");
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let state = options.state_dir.clone();
-    let task = tokio::spawn(async move { sensei_agent::session::run(&state, stopped).await });
+    let task = tokio::spawn(async move {
+        sensei_agent::session::run(&state, sensei_agent::jobs::JobPolicy::default(), stopped).await
+    });
     assert!(
         eventually(Duration::from_secs(10), || async {
             b.plane.agents().is_connected_here(server_id)

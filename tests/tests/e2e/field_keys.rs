@@ -46,6 +46,7 @@ async fn start_with(conninfo: &str, keys: FieldKeys) -> Result<ControlPlane, Sta
         agent_addr: "127.0.0.1:0".parse().expect("addr"),
         agent_endpoint: None,
         agent_heartbeat: std::time::Duration::from_secs(30),
+        dispatch_timeout: std::time::Duration::from_secs(60),
     })
     .await
 }

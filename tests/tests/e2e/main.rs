@@ -7,5 +7,6 @@ mod api_keys;
 mod audit_log;
 mod cli;
 mod database_tls;
+mod deploys;
 mod field_keys;
 mod system;

@@ -1,0 +1,235 @@
+//! The agent's job loop, on an established session: long-poll for the next job, verify it,
+//! run it with the release engine, stream its log, report how it ended, poll again.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ed25519_dalek::VerifyingKey;
+use sensei_shared::codec::decode;
+use sensei_shared::codec::io::{read_frame, write_frame};
+use sensei_shared::job::{verify, Expectations, JobPayload, JobTask, SignedJob};
+use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult, LogLine};
+use sensei_shared::release::{deploy_script, rollback_script};
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use crate::execute::run_script;
+use crate::identity::StateDir;
+
+/// Log lines are sent in batches of at most this many, or every [`BATCH_INTERVAL`].
+const BATCH_LINES: usize = 200;
+const BATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What this agent accepts to do.
+#[derive(Debug, Clone, Default)]
+pub struct JobPolicy {
+    /// Deploy paths must lie below one of these; empty: anywhere the agent's user may write.
+    pub allowed_roots: Vec<PathBuf>,
+}
+
+impl JobPolicy {
+    fn permits(&self, deploy_path: &str) -> bool {
+        self.allowed_roots.is_empty()
+            || self.allowed_roots.iter().any(|root| {
+                let root = root.display().to_string();
+                let root = root.trim_end_matches('/');
+                deploy_path == root || deploy_path.starts_with(&format!("{root}/"))
+            })
+    }
+}
+
+/// What the agent checks jobs against.
+pub struct JobContext {
+    pub key: VerifyingKey,
+    pub server_id: Uuid,
+    pub fingerprint: [u8; 32],
+    pub state: StateDir,
+    pub policy: JobPolicy,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn failed(step: &str, message: String) -> JobResult {
+    JobResult {
+        succeeded: false,
+        release_id: None,
+        commit: None,
+        error: Some((step.into(), message)),
+    }
+}
+
+/// Polls and runs jobs until the connection ends.
+pub async fn job_loop(connection: &quinn::Connection, ctx: &JobContext) {
+    loop {
+        let Ok((mut send, mut recv)) = connection.open_bi().await else {
+            return;
+        };
+        let poll = AgentMessage::Poll {
+            highest_sequence: ctx.state.highest_sequence(),
+        };
+        if write_frame(&mut send, &poll).await.is_err() {
+            return;
+        }
+        let job = match read_frame::<ControlMessage, _>(&mut recv).await {
+            Ok(Some(ControlMessage::Job(job))) => job,
+            _ => return,
+        };
+        let answer = handle(connection, ctx, &job, &mut send).await;
+        if write_frame(&mut send, &answer).await.is_err() {
+            return;
+        }
+        match read_frame::<ControlMessage, _>(&mut recv).await {
+            Ok(Some(ControlMessage::JobRecorded)) => {}
+            _ => return,
+        }
+        let _ = send.finish();
+    }
+}
+
+/// Verifies and runs one job; returns the message that ends it.
+async fn handle(
+    connection: &quinn::Connection,
+    ctx: &JobContext,
+    job: &SignedJob,
+    send: &mut quinn::SendStream,
+) -> AgentMessage {
+    let expectations = Expectations {
+        key: &ctx.key,
+        server_id: ctx.server_id,
+        certificate_fingerprint: ctx.fingerprint,
+        highest_sequence: ctx.state.highest_sequence(),
+        now: now(),
+    };
+    let payload = match verify(job, &expectations) {
+        Ok(payload) => payload,
+        Err(rejection) => {
+            // The id of a job that failed verification is only a hint for the report.
+            let job_id = decode::<JobPayload>(&job.payload).ok().map(|p| p.job_id);
+            tracing::warn!(?job_id, reason = %rejection, "refused a job");
+            return AgentMessage::JobRefused {
+                job_id,
+                reason: rejection.to_string(),
+            };
+        }
+    };
+    let job_id = payload.job_id;
+    if let Err(e) = ctx.state.store_sequence(payload.sequence) {
+        return AgentMessage::JobFinished {
+            job_id,
+            result: failed(
+                "verify",
+                format!("cannot record the job's sequence number: {e}"),
+            ),
+        };
+    }
+    let deploy_path = match &payload.task {
+        JobTask::Deploy(spec) => spec.deploy_path.clone(),
+        JobTask::Rollback(spec) => spec.deploy_path.clone(),
+    };
+    if !ctx.policy.permits(&deploy_path) {
+        return AgentMessage::JobFinished {
+            job_id,
+            result: failed(
+                "verify",
+                format!("deploy path {deploy_path} is outside the deploy roots this agent allows"),
+            ),
+        };
+    }
+    let nonce = hex::encode(rand::random::<[u8; 12]>());
+    let script = match &payload.task {
+        JobTask::Deploy(spec) => deploy_script(spec, &job_id.to_string(), &nonce),
+        JobTask::Rollback(spec) => rollback_script(spec, &job_id.to_string(), &nonce),
+    };
+    let script = match script {
+        Ok(s) => s,
+        Err(e) => {
+            return AgentMessage::JobFinished {
+                job_id,
+                result: failed("verify", e.to_string()),
+            }
+        }
+    };
+    tracing::info!(%job_id, sequence = payload.sequence, %deploy_path, "running a job");
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (cancel, cancelled) = watch::channel(false);
+    // If this job is abandoned (the session ends, the agent stops), the script must not run
+    // on: aborting the task drops it, and dropping it kills every process it started.
+    let mut run = AbortOnDrop(tokio::spawn(async move {
+        run_script(&script, &nonce, events_tx, cancelled).await
+    }));
+    let mut batch: Vec<LogLine> = Vec::new();
+    let mut tick = tokio::time::interval(BATCH_INTERVAL);
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some((_, event)) => {
+                    let (stream, text) = event.log_line();
+                    batch.push(LogLine { stream, text });
+                    if batch.len() >= BATCH_LINES {
+                        flush(send, job_id, &mut batch).await;
+                    }
+                }
+                None => break,
+            },
+            _ = tick.tick() => flush(send, job_id, &mut batch).await,
+            _ = connection.closed() => {
+                let _ = cancel.send(true);
+            }
+        }
+    }
+    flush(send, job_id, &mut batch).await;
+    let result = match (&mut run.0).await {
+        Ok(Ok(report)) => {
+            let verdict = report.verdict();
+            JobResult {
+                succeeded: verdict.is_ok(),
+                release_id: report.outcome.release.clone(),
+                commit: report.outcome.commit.clone(),
+                error: verdict.err(),
+            }
+        }
+        Ok(Err(e)) => failed("preflight", format!("cannot start sh: {e}")),
+        Err(e) => failed("preflight", format!("the job's task failed: {e}")),
+    };
+    tracing::info!(%job_id, succeeded = result.succeeded, "job finished");
+    AgentMessage::JobFinished { job_id, result }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn flush(send: &mut quinn::SendStream, job_id: Uuid, batch: &mut Vec<LogLine>) {
+    if batch.is_empty() {
+        return;
+    }
+    let lines = std::mem::take(batch);
+    let _ = write_frame(send, &AgentMessage::JobLog { job_id, lines }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_roots_are_prefixes_on_component_boundaries() {
+        let open = JobPolicy::default();
+        assert!(open.permits("/anywhere"));
+        let policy = JobPolicy {
+            allowed_roots: vec!["/srv".into(), "/opt/apps/".into()],
+        };
+        assert!(policy.permits("/srv/app"));
+        assert!(policy.permits("/opt/apps/x"));
+        assert!(!policy.permits("/srvx/app"));
+        assert!(!policy.permits("/etc"));
+    }
+}

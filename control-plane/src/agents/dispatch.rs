@@ -1,0 +1,287 @@
+//! Handing jobs to a connected agent. Each poll stream the agent opens gets the next queued
+//! job for its server: at once if one is queued, otherwise as soon as one is (woken through
+//! the hub, with a periodic re-check of the table as a safety net). The job is signed for this
+//! server and this certificate. Then the agent's log lines and result are recorded.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use ed25519_dalek::SigningKey;
+use sensei_certs::Fingerprint;
+use sensei_shared::codec::io::{read_frame, write_frame};
+use sensei_shared::job::{DeploySpec, Hooks, JobPayload, JobTask, RollbackSpec, SignedJob};
+use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult, LogLine};
+use uuid::Uuid;
+
+use super::gateway::GatewayContext;
+
+/// How often a waiting poll looks at the table even without a wake-up.
+const RECHECK: Duration = Duration::from_secs(5);
+/// How long a signed job stays valid for the agent after it is sent.
+const JOB_VALIDITY_SECS: i64 = 300;
+/// Lines kept per deployment; beyond this the log says it was cut.
+pub const MAX_LOG_LINES: i64 = 20_000;
+
+/// A job claimed for dispatch.
+struct Claimed {
+    id: Uuid,
+    sequence: i64,
+    kind: String,
+    git_ref: Option<String>,
+    release_id: Option<String>,
+    project_id: Uuid,
+}
+
+async fn claim_next(ctx: &GatewayContext, server_id: Uuid) -> Result<Option<Claimed>, String> {
+    let client = ctx.pool.get().await.map_err(|e| e.to_string())?;
+    let row = client
+        .query_opt(
+            "UPDATE deployments SET status = 'running', started_at = now(), dispatched_replica = $2 \
+             WHERE id = (SELECT id FROM deployments WHERE server_id = $1 AND status = 'queued' \
+                         AND expires_at > now() ORDER BY sequence LIMIT 1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, sequence, kind, git_ref, release_id, project_id",
+            &[&server_id, &ctx.hub.replica_id],
+        )
+        .await
+        .map_err(|e| crate::db::describe(&e))?;
+    Ok(row.map(|r| Claimed {
+        id: r.get(0),
+        sequence: r.get(1),
+        kind: r.get(2),
+        git_ref: r.get(3),
+        release_id: r.get(4),
+        project_id: r.get(5),
+    }))
+}
+
+/// Builds and signs the job for a claimed deployment.
+async fn sign(
+    ctx: &GatewayContext,
+    job: &Claimed,
+    server_id: Uuid,
+    fingerprint: Fingerprint,
+    key: &SigningKey,
+) -> Result<SignedJob, String> {
+    let client = ctx.pool.get().await.map_err(|e| e.to_string())?;
+    let p = client
+        .query_one(
+            "SELECT repo_url, deploy_path, keep_releases, shared_paths, hooks, health_check, \
+                    hook_timeout_secs, env_ciphertext FROM projects WHERE id = $1",
+            &[&job.project_id],
+        )
+        .await
+        .map_err(|e| crate::db::describe(&e))?;
+    let deploy_path: String = p.get(1);
+    let task = if job.kind == "rollback" {
+        JobTask::Rollback(RollbackSpec {
+            deploy_path,
+            to_release: None,
+        })
+    } else {
+        let env: Vec<(String, String)> = match p.get::<_, Option<&str>>(7) {
+            Some(sealed) => {
+                let plain = ctx
+                    .keys
+                    .decrypt(sealed)
+                    .map_err(|_| "the project's environment cannot be decrypted with the configured field keys".to_owned())?;
+                let map: std::collections::BTreeMap<String, String> =
+                    serde_json::from_slice(&plain).map_err(|e| e.to_string())?;
+                map.into_iter().collect()
+            }
+            None => Vec::new(),
+        };
+        let hooks: Hooks = serde_json::from_value(p.get(4)).unwrap_or_default();
+        JobTask::Deploy(DeploySpec {
+            repo_url: p.get(0),
+            git_ref: job.git_ref.clone().unwrap_or_default(),
+            release_id: job.release_id.clone().unwrap_or_default(),
+            deploy_path,
+            keep_releases: u32::try_from(p.get::<_, i32>(2)).unwrap_or(5),
+            shared_paths: p.get(3),
+            hooks,
+            health_check: p.get(5),
+            env,
+            hook_timeout_secs: u32::try_from(p.get::<_, i32>(6)).unwrap_or(600),
+        })
+    };
+    let now = Utc::now().timestamp();
+    let payload = JobPayload {
+        job_id: job.id,
+        server_id,
+        certificate_fingerprint: *fingerprint.as_bytes(),
+        sequence: u64::try_from(job.sequence).unwrap_or(0),
+        not_before: now,
+        expires_at: now + JOB_VALIDITY_SECS,
+        task,
+    };
+    SignedJob::sign(&payload, key).map_err(|e| e.to_string())
+}
+
+/// Records the end of a deployment (only if it is still running: an end is final).
+pub async fn finish(ctx: &GatewayContext, id: Uuid, result: &JobResult) {
+    let Ok(client) = ctx.pool.get().await else {
+        return;
+    };
+    let (step, message) = match &result.error {
+        Some((s, m)) => (Some(s.as_str()), Some(m.as_str())),
+        None => (None, None),
+    };
+    let status = if result.succeeded {
+        "succeeded"
+    } else {
+        "failed"
+    };
+    if let Err(e) = client
+        .execute(
+            "UPDATE deployments SET status = $2, commit = COALESCE($3, commit), \
+             release_id = COALESCE($4, release_id), error_step = $5, error_message = $6, \
+             finished_at = now() WHERE id = $1 AND status = 'running'",
+            &[
+                &id,
+                &status,
+                &result.commit,
+                &result.release_id,
+                &step,
+                &message,
+            ],
+        )
+        .await
+    {
+        tracing::error!(deployment = %id, error = %crate::db::describe(&e), "recording a deployment's end");
+    }
+}
+
+async fn store_lines(ctx: &GatewayContext, id: Uuid, lines: &[LogLine]) {
+    let Ok(client) = ctx.pool.get().await else {
+        return;
+    };
+    let streams: Vec<i16> = lines.iter().map(|l| i16::from(l.stream)).collect();
+    let texts: Vec<String> = lines.iter().map(|l| l.text.replace('\0', "")).collect();
+    let result = client
+        .execute(
+            "INSERT INTO deployment_logs (deployment_id, stream, line) \
+             SELECT $1, s, l FROM unnest($2::smallint[], $3::text[]) AS t(s, l) \
+             WHERE (SELECT count(*) FROM deployment_logs WHERE deployment_id = $1) < $4",
+            &[&id, &streams, &texts, &MAX_LOG_LINES],
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(deployment = %id, error = %crate::db::describe(&e), "storing deploy log lines");
+    }
+}
+
+/// Serves one poll stream: waits for a job, sends it, records what comes back.
+pub async fn serve_poll(
+    ctx: &GatewayContext,
+    server_id: Uuid,
+    fingerprint: Fingerprint,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    match read_frame::<AgentMessage, _>(&mut recv).await {
+        Ok(Some(AgentMessage::Poll { .. })) => {}
+        _ => return,
+    }
+    let signal = ctx.hub.job_signal(server_id);
+    let (job, signed) = loop {
+        match claim_next(ctx, server_id).await {
+            Ok(Some(job)) => match sign(ctx, &job, server_id, fingerprint, &ctx.job_key).await {
+                Ok(signed) => break (job, signed),
+                Err(reason) => {
+                    finish(
+                        ctx,
+                        job.id,
+                        &JobResult {
+                            succeeded: false,
+                            release_id: None,
+                            commit: None,
+                            error: Some(("dispatch".into(), reason)),
+                        },
+                    )
+                    .await;
+                    continue;
+                }
+            },
+            Ok(None) => {}
+            Err(e) => tracing::warn!(%server_id, error = %e, "looking for queued jobs"),
+        }
+        tokio::select! {
+            _ = signal.notified() => {}
+            _ = tokio::time::sleep(RECHECK) => {}
+        }
+    };
+    if write_frame(&mut send, &ControlMessage::Job(signed))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::info!(%server_id, deployment = %job.id, sequence = job.sequence, "job sent to the agent");
+    loop {
+        match read_frame::<AgentMessage, _>(&mut recv).await {
+            Ok(Some(AgentMessage::JobLog { job_id, lines })) if job_id == job.id => {
+                store_lines(ctx, job.id, &lines).await;
+            }
+            Ok(Some(AgentMessage::JobFinished { job_id, result })) if job_id == job.id => {
+                finish(ctx, job.id, &result).await;
+                let _ = write_frame(&mut send, &ControlMessage::JobRecorded).await;
+                return;
+            }
+            Ok(Some(AgentMessage::JobRefused { reason, .. })) => {
+                tracing::warn!(%server_id, deployment = %job.id, %reason, "the agent refused a job");
+                finish(
+                    ctx,
+                    job.id,
+                    &JobResult {
+                        succeeded: false,
+                        release_id: None,
+                        commit: None,
+                        error: Some(("verify".into(), format!("refused by the agent: {reason}"))),
+                    },
+                )
+                .await;
+                let _ = write_frame(&mut send, &ControlMessage::JobRecorded).await;
+                return;
+            }
+            // Anything else, or the stream ending: the session's end marks the job failed.
+            _ => return,
+        }
+    }
+}
+
+/// Marks the jobs this replica handed to `server_id` and that are still running as failed:
+/// their agent went away mid-deploy.
+pub async fn fail_interrupted(ctx: &GatewayContext, server_id: Uuid) {
+    let Ok(client) = ctx.pool.get().await else {
+        return;
+    };
+    if let Err(e) = client
+        .execute(
+            "UPDATE deployments SET status = 'failed', error_step = 'run', \
+             error_message = 'the agent disconnected during the deploy; current still points at a complete release', \
+             finished_at = now() WHERE server_id = $1 AND status = 'running' AND dispatched_replica = $2",
+            &[&server_id, &ctx.hub.replica_id],
+        )
+        .await
+    {
+        tracing::warn!(%server_id, error = %crate::db::describe(&e), "failing interrupted deployments");
+    }
+}
+
+/// Fails queued deployments nobody collected in time: the server's agent is offline.
+pub async fn expire_queued(pool: &deadpool_postgres::Pool) {
+    let Ok(client) = pool.get().await else {
+        return;
+    };
+    if let Err(e) = client
+        .execute(
+            "UPDATE deployments SET status = 'failed', error_step = 'dispatch', \
+             error_message = 'agent offline: the server''s agent did not collect the job in time; the application keeps running', \
+             finished_at = now() WHERE status = 'queued' AND expires_at <= now()",
+            &[],
+        )
+        .await
+    {
+        tracing::warn!(error = %crate::db::describe(&e), "expiring queued deployments");
+    }
+}

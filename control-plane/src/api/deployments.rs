@@ -1,0 +1,421 @@
+//! Deployments: queue a deploy of a project's ref to a server, follow it, roll back.
+//! A deployment is a job row; the agent collects it over its open connection at once if it
+//! is connected. Jobs for one server run one at a time, in the order they were queued: a
+//! second deploy waits in the queue behind the first.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ClientMeta, JsonBody};
+use super::AppState;
+use crate::agents::cert_events;
+use crate::audit::{self, AuditEvent, Outcome};
+use crate::auth::Principal;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeployment {
+    pub project_id: Uuid,
+    pub server_id: Uuid,
+    /// Branch, tag or commit.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeploymentError {
+    pub step: String,
+    pub message: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeploymentView {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub server_id: Uuid,
+    /// `deploy` or `rollback`.
+    pub kind: String,
+    #[serde(rename = "ref")]
+    pub git_ref: Option<String>,
+    /// `queued`, `running`, `succeeded` or `failed`.
+    pub status: String,
+    pub commit: Option<String>,
+    pub release_id: Option<String>,
+    pub sequence: i64,
+    pub error: Option<DeploymentError>,
+    pub rollback_of: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LogEntry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// `sensei`, `stdout` or `stderr`.
+    pub stream: String,
+    pub line: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeploymentLog {
+    pub status: String,
+    pub lines: Vec<LogEntry>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
+    /// Stream new lines as server-sent events until the deployment ends.
+    #[serde(default)]
+    pub follow: bool,
+    /// Only lines after this id.
+    pub after: Option<i64>,
+}
+
+const SELECT: &str =
+    "SELECT id, project_id, server_id, kind, git_ref, status, commit, release_id, \
+     sequence, error_step, error_message, rollback_of, created_at, started_at, finished_at \
+     FROM deployments WHERE account_id = $1";
+
+fn view(r: &tokio_postgres::Row) -> DeploymentView {
+    let step: Option<String> = r.get(9);
+    let message: Option<String> = r.get(10);
+    DeploymentView {
+        id: r.get(0),
+        project_id: r.get(1),
+        server_id: r.get(2),
+        kind: r.get(3),
+        git_ref: r.get(4),
+        status: r.get(5),
+        commit: r.get(6),
+        release_id: r.get(7),
+        sequence: r.get(8),
+        error: step.map(|step| DeploymentError {
+            step,
+            message: message.unwrap_or_default(),
+        }),
+        rollback_of: r.get(11),
+        created_at: r.get(12),
+        started_at: r.get(13),
+        finished_at: r.get(14),
+    }
+}
+
+async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<DeploymentView, ApiError> {
+    let client = state.pool.get().await?;
+    let row = client
+        .query_opt(&format!("{SELECT} AND id = $2"), &[&account, &id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("deployment"))?;
+    Ok(view(&row))
+}
+
+/// A release id that sorts by time: `YYYYMMDDHHMMSS-` and the server's job sequence number,
+/// zero-padded, which orders releases made within the same second.
+fn release_id(at: DateTime<Utc>, sequence: i64) -> String {
+    format!("{}-{sequence:010}", at.format("%Y%m%d%H%M%S"))
+}
+
+/// Queues a job inside `tx`: the next sequence number of the server, then the row, then the
+/// wake-up of whichever replica holds the agent.
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn release_ids_sort_by_time_then_sequence() {
+        let t0 = chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+        let t1 = chrono::DateTime::from_timestamp(1_800_000_001, 0).expect("time");
+        let mut ids = [
+            super::release_id(t1, 1),
+            super::release_id(t0, 10),
+            super::release_id(t0, 9),
+        ];
+        ids.sort();
+        assert_eq!(
+            ids,
+            [
+                super::release_id(t0, 9),
+                super::release_id(t0, 10),
+                super::release_id(t1, 1)
+            ]
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn enqueue(
+    state: &AppState,
+    tx: &tokio_postgres::Transaction<'_>,
+    principal: &Principal,
+    project_id: Uuid,
+    server_id: Uuid,
+    kind: &str,
+    git_ref: Option<&str>,
+    rollback_of: Option<Uuid>,
+) -> Result<Uuid, ApiError> {
+    let server = tx
+        .query_opt(
+            "UPDATE servers SET job_sequence = job_sequence + 1 \
+             WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL RETURNING job_sequence, transport",
+            &[&server_id, &principal.account_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("server"))?;
+    let sequence: i64 = server.get(0);
+    let valid_cert = tx
+        .query_opt(
+            "SELECT 1 FROM agent_certificates WHERE server_id = $1 AND revoked_at IS NULL AND not_after > now()",
+            &[&server_id],
+        )
+        .await?;
+    if valid_cert.is_none() {
+        return Err(ApiError::conflict(
+            "server_not_enrolled",
+            "this server has no valid agent certificate: enroll its agent first (a revoked agent is never reached by any other way)",
+        ));
+    }
+    let id = Uuid::new_v4();
+    let now = Utc::now();
+    let release = (kind == "deploy").then(|| release_id(now, sequence));
+    let timeout = state.dispatch_timeout.as_secs_f64();
+    tx.execute(
+        "INSERT INTO deployments (id, account_id, project_id, server_id, kind, git_ref, rollback_of, sequence, \
+         release_id, status, created_by, expires_at) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'queued',$10, now() + make_interval(secs => $11))",
+        &[&id, &principal.account_id, &project_id, &server_id, &kind, &git_ref, &rollback_of,
+          &sequence, &release, &principal.user_id, &timeout],
+    )
+    .await?;
+    cert_events::notify_job(tx, server_id).await?;
+    Ok(id)
+}
+
+/// Queues a deploy.
+#[utoipa::path(post, path = "/v1/deployments", tag = "deployments", request_body = CreateDeployment,
+    responses((status = 201, body = DeploymentView),
+              (status = 404, body = ErrorBody, description = "no such project or server"),
+              (status = 409, body = ErrorBody, description = "the server's agent is not enrolled"),
+              (status = 422, body = ErrorBody, description = "invalid ref")))]
+pub async fn create(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    JsonBody(req): JsonBody<CreateDeployment>,
+) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
+    let git_ref = req.git_ref.trim();
+    sensei_shared::release::check_git_ref(git_ref)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_ref", e.0))?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.query_opt(
+        "SELECT 1 FROM projects WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
+        &[&req.project_id, &principal.account_id],
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found("project"))?;
+    let id = enqueue(
+        &state,
+        &tx,
+        &principal,
+        req.project_id,
+        req.server_id,
+        "deploy",
+        Some(git_ref),
+        None,
+    )
+    .await?;
+    audit::append(
+        &tx,
+        &AuditEvent {
+            account_id: Some(principal.account_id),
+            actor: principal.actor(),
+            client_ip: Some(meta.ip.to_string()),
+            user_agent: Some(meta.user_agent.clone()),
+            action: "deployment.queued",
+            target: Some(("deployment", id)),
+            outcome: Outcome::Success,
+            metadata: json!({"project_id": req.project_id.to_string(), "server_id": req.server_id.to_string(), "ref": git_ref}),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.agents.wake(req.server_id);
+    Ok((
+        StatusCode::CREATED,
+        Json(load(&state, principal.account_id, id).await?),
+    ))
+}
+
+/// One deployment: status, commit, release, timings, and on failure the step and reason.
+#[utoipa::path(get, path = "/v1/deployments/{id}", tag = "deployments",
+    params(("id" = Uuid, Path, description = "deployment id")),
+    responses((status = 200, body = DeploymentView), (status = 404, body = ErrorBody)))]
+pub async fn show(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<DeploymentView>, ApiError> {
+    Ok(Json(load(&state, principal.account_id, id).await?))
+}
+
+async fn lines_after(
+    state: &AppState,
+    id: Uuid,
+    after: i64,
+) -> Result<(Vec<LogEntry>, String), ApiError> {
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, at, stream, line FROM deployment_logs WHERE deployment_id = $1 AND id > $2 \
+             ORDER BY id LIMIT 1000",
+            &[&id, &after],
+        )
+        .await?;
+    let status: String = client
+        .query_one("SELECT status FROM deployments WHERE id = $1", &[&id])
+        .await?
+        .get(0);
+    let lines = rows
+        .iter()
+        .map(|r| LogEntry {
+            id: r.get(0),
+            at: r.get(1),
+            stream: match r.get::<_, i16>(2) {
+                0 => "sensei",
+                1 => "stdout",
+                _ => "stderr",
+            }
+            .into(),
+            line: r.get(3),
+        })
+        .collect();
+    Ok((lines, status))
+}
+
+/// The deployment's log. With `follow=true`: server-sent events, one `line` event per log line
+/// and a final `status` event when the deployment has ended.
+#[utoipa::path(get, path = "/v1/deployments/{id}/logs", tag = "deployments", params(("id" = Uuid, Path, description = "deployment id"), LogQuery),
+    responses((status = 200, body = DeploymentLog, description = "JSON, or text/event-stream with follow=true"),
+              (status = 404, body = ErrorBody)))]
+pub async fn logs(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    load(&state, principal.account_id, id).await?;
+    let after = q.after.unwrap_or(0);
+    if !q.follow {
+        let (lines, status) = lines_after(&state, id, after).await?;
+        let body = serde_json::to_vec(&DeploymentLog { status, lines })
+            .map_err(|_| ApiError::internal("encoding log"))?;
+        return Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .map_err(|_| ApiError::internal("building response"));
+    }
+    let stream = futures_util::stream::unfold(
+        (state, after, false),
+        move |(state, after, ended)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                let (lines, status) = match lines_after(&state, id, after).await {
+                    Ok(x) => x,
+                    Err(_) => {
+                        return Some((
+                            Err(std::io::Error::other("log stream interrupted")),
+                            (state, after, true),
+                        ))
+                    }
+                };
+                let finished = status == "succeeded" || status == "failed";
+                if lines.is_empty() && !finished {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+                let mut chunk = String::new();
+                let mut last = after;
+                for l in &lines {
+                    last = l.id;
+                    let data = serde_json::to_string(l).unwrap_or_default();
+                    chunk.push_str(&format!("id: {}\nevent: line\ndata: {data}\n\n", l.id));
+                }
+                // The end is announced once every line has been sent.
+                let done = finished && lines.len() < 1000;
+                if done {
+                    chunk.push_str(&format!(
+                        "event: status\ndata: {}\n\n",
+                        json!({"status": status})
+                    ));
+                }
+                return Some((Ok::<_, std::io::Error>(chunk), (state, last, done)));
+            }
+        },
+    );
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, "text/event-stream")
+        .header(http::header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .map_err(|_| ApiError::internal("building response"))
+}
+
+/// Switches the deployment's server back to the release before the current one (the
+/// previous good release). Queued like a deploy; answers the new rollback job.
+#[utoipa::path(post, path = "/v1/deployments/{id}/rollback", tag = "deployments",
+    params(("id" = Uuid, Path, description = "deployment id")),
+    responses((status = 201, body = DeploymentView), (status = 404, body = ErrorBody)))]
+pub async fn rollback(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
+    let original = load(&state, principal.account_id, id).await?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let new_id = enqueue(
+        &state,
+        &tx,
+        &principal,
+        original.project_id,
+        original.server_id,
+        "rollback",
+        None,
+        Some(id),
+    )
+    .await?;
+    audit::append(
+        &tx,
+        &AuditEvent {
+            account_id: Some(principal.account_id),
+            actor: principal.actor(),
+            client_ip: Some(meta.ip.to_string()),
+            user_agent: Some(meta.user_agent.clone()),
+            action: "deployment.rollback_queued",
+            target: Some(("deployment", new_id)),
+            outcome: Outcome::Success,
+            metadata: json!({"rollback_of": id.to_string()}),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.agents.wake(original.server_id);
+    Ok((
+        StatusCode::CREATED,
+        Json(load(&state, principal.account_id, new_id).await?),
+    ))
+}

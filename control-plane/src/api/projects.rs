@@ -1,0 +1,425 @@
+//! Projects: what to deploy and how. The environment is a secret: sealed with the field key,
+//! written to the server as `shared/.env` (0600), never returned by the API (only its names).
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use sensei_shared::release;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ClientMeta, JsonBody};
+use super::AppState;
+use crate::audit::{self, AuditEvent, Outcome};
+use crate::auth::Principal;
+
+const MAX_ENV_VARS: usize = 500;
+const MAX_HOOKS: usize = 50;
+
+#[derive(Deserialize, Serialize, ToSchema, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct HookSet {
+    #[serde(default)]
+    pub build: Vec<String>,
+    #[serde(default)]
+    pub pre_switch: Vec<String>,
+    #[serde(default)]
+    pub post_switch: Vec<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProject {
+    pub name: String,
+    pub repo_url: String,
+    /// Absolute path on the server, e.g. `/srv/app`.
+    pub deploy_path: String,
+    /// Successful releases kept (1–100, default 5).
+    pub keep_releases: Option<i32>,
+    /// Relative paths kept across releases; a trailing `/` marks a directory.
+    #[serde(default)]
+    pub shared_paths: Vec<String>,
+    #[serde(default)]
+    pub hooks: HookSet,
+    /// Run in the new release before the switch; a non-zero exit fails the deploy.
+    pub health_check: Option<String>,
+    /// Longest a hook may run, in seconds (default 600).
+    pub hook_timeout_secs: Option<i32>,
+    /// Secret: stored encrypted, never returned.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateProject {
+    pub name: Option<String>,
+    pub repo_url: Option<String>,
+    pub deploy_path: Option<String>,
+    pub keep_releases: Option<i32>,
+    pub shared_paths: Option<Vec<String>>,
+    pub hooks: Option<HookSet>,
+    /// `""` removes the health check.
+    pub health_check: Option<String>,
+    pub hook_timeout_secs: Option<i32>,
+    /// Replaces the whole environment.
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ProjectView {
+    pub id: Uuid,
+    pub name: String,
+    pub repo_url: String,
+    pub deploy_path: String,
+    pub keep_releases: i32,
+    pub shared_paths: Vec<String>,
+    pub hooks: HookSet,
+    pub health_check: Option<String>,
+    pub hook_timeout_secs: i32,
+    /// Names of the environment variables; values are never returned.
+    pub env_names: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ProjectList {
+    pub projects: Vec<ProjectView>,
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+/// The project as it will be stored, validated with the release engine's own rules.
+struct Checked {
+    name: String,
+    repo_url: String,
+    deploy_path: String,
+    keep_releases: i32,
+    shared_paths: Vec<String>,
+    hooks: HookSet,
+    health_check: Option<String>,
+    hook_timeout_secs: i32,
+}
+
+fn check(c: &Checked) -> Result<(), ApiError> {
+    if c.name.trim().is_empty() || c.name.chars().count() > 200 {
+        return Err(invalid("invalid_name", "name must be 1 to 200 characters"));
+    }
+    release::check_repo_url(&c.repo_url).map_err(|e| invalid("invalid_repo_url", e.0))?;
+    release::check_deploy_path(&c.deploy_path).map_err(|e| invalid("invalid_deploy_path", e.0))?;
+    if !(1..=100).contains(&c.keep_releases) {
+        return Err(invalid(
+            "invalid_keep_releases",
+            "keep_releases must be between 1 and 100",
+        ));
+    }
+    for p in &c.shared_paths {
+        release::check_shared_path(p).map_err(|e| invalid("invalid_shared_path", e.0))?;
+    }
+    let hooks = c
+        .hooks
+        .build
+        .iter()
+        .chain(&c.hooks.pre_switch)
+        .chain(&c.hooks.post_switch);
+    if hooks.clone().count() > MAX_HOOKS {
+        return Err(invalid(
+            "invalid_hooks",
+            format!("at most {MAX_HOOKS} hook commands"),
+        ));
+    }
+    for h in hooks.chain(c.health_check.iter()) {
+        if h.trim().is_empty() || h.len() > 4096 || h.contains('\0') {
+            return Err(invalid(
+                "invalid_hooks",
+                "hook commands are non-empty text of at most 4096 bytes",
+            ));
+        }
+    }
+    if !(1..=86_400).contains(&c.hook_timeout_secs) {
+        return Err(invalid(
+            "invalid_hook_timeout",
+            "hook_timeout_secs must be between 1 and 86400",
+        ));
+    }
+    Ok(())
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if env.len() > MAX_ENV_VARS {
+        return Err(invalid(
+            "invalid_env",
+            format!("at most {MAX_ENV_VARS} variables"),
+        ));
+    }
+    for (k, v) in env {
+        release::check_env_name(k).map_err(|e| invalid("invalid_env", e.0))?;
+        if v.contains('\0') || v.len() > 65_536 {
+            return Err(invalid(
+                "invalid_env",
+                format!("value of {k} is not storable text"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+const SELECT: &str = "SELECT id, name, repo_url, deploy_path, keep_releases, shared_paths, hooks, \
+     health_check, hook_timeout_secs, env_names, created_at, updated_at FROM projects \
+     WHERE account_id = $1 AND deleted_at IS NULL";
+
+fn view(r: &tokio_postgres::Row) -> ProjectView {
+    ProjectView {
+        id: r.get(0),
+        name: r.get(1),
+        repo_url: r.get(2),
+        deploy_path: r.get(3),
+        keep_releases: r.get(4),
+        shared_paths: r.get(5),
+        hooks: serde_json::from_value(r.get(6)).unwrap_or_default(),
+        health_check: r.get(7),
+        hook_timeout_secs: r.get(8),
+        env_names: r.get(9),
+        created_at: r.get(10),
+        updated_at: r.get(11),
+    }
+}
+
+async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<ProjectView, ApiError> {
+    let client = state.pool.get().await?;
+    let row = client
+        .query_opt(&format!("{SELECT} AND id = $2"), &[&account, &id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("project"))?;
+    Ok(view(&row))
+}
+
+fn seal_env(
+    state: &AppState,
+    env: &BTreeMap<String, String>,
+) -> Result<(Option<String>, Vec<String>), ApiError> {
+    if env.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let plain = serde_json::to_vec(env).map_err(|_| ApiError::internal("encoding env"))?;
+    Ok((
+        Some(state.keys.encrypt(&plain)),
+        env.keys().cloned().collect(),
+    ))
+}
+
+fn event(
+    p: &Principal,
+    meta: &ClientMeta,
+    action: &'static str,
+    id: Uuid,
+    metadata: serde_json::Value,
+) -> AuditEvent {
+    AuditEvent {
+        account_id: Some(p.account_id),
+        actor: p.actor(),
+        client_ip: Some(meta.ip.to_string()),
+        user_agent: Some(meta.user_agent.clone()),
+        action,
+        target: Some(("project", id)),
+        outcome: Outcome::Success,
+        metadata,
+    }
+}
+
+/// Creates a project.
+#[utoipa::path(post, path = "/v1/projects", tag = "projects", request_body = CreateProject,
+    responses((status = 201, body = ProjectView), (status = 422, body = ErrorBody)))]
+pub async fn create(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    JsonBody(req): JsonBody<CreateProject>,
+) -> Result<(StatusCode, Json<ProjectView>), ApiError> {
+    let c = Checked {
+        name: req.name.trim().to_owned(),
+        repo_url: req.repo_url.trim().to_owned(),
+        deploy_path: req.deploy_path.trim().trim_end_matches('/').to_owned(),
+        keep_releases: req.keep_releases.unwrap_or(5),
+        shared_paths: req.shared_paths,
+        hooks: req.hooks,
+        health_check: req.health_check.filter(|h| !h.trim().is_empty()),
+        hook_timeout_secs: req.hook_timeout_secs.unwrap_or(600),
+    };
+    check(&c)?;
+    check_env(&req.env)?;
+    let (sealed, names) = seal_env(&state, &req.env)?;
+    let id = Uuid::new_v4();
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO projects (id, account_id, name, repo_url, deploy_path, keep_releases, shared_paths, \
+         hooks, health_check, hook_timeout_secs, env_ciphertext, env_names) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
+        &[&id, &principal.account_id, &c.name, &c.repo_url, &c.deploy_path, &c.keep_releases,
+          &c.shared_paths, &json!(c.hooks), &c.health_check, &c.hook_timeout_secs, &sealed, &names],
+    )
+    .await?;
+    audit::append(
+        &tx,
+        &event(
+            &principal,
+            &meta,
+            "project.created",
+            id,
+            json!({"name": c.name, "env_names": names.join(" ")}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(load(&state, principal.account_id, id).await?),
+    ))
+}
+
+/// Lists the account's projects.
+#[utoipa::path(get, path = "/v1/projects", tag = "projects", responses((status = 200, body = ProjectList)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<ProjectList>, ApiError> {
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            &format!("{SELECT} ORDER BY created_at"),
+            &[&principal.account_id],
+        )
+        .await?;
+    Ok(Json(ProjectList {
+        projects: rows.iter().map(view).collect(),
+    }))
+}
+
+/// One project (environment names only).
+#[utoipa::path(get, path = "/v1/projects/{id}", tag = "projects",
+    params(("id" = Uuid, Path, description = "project id")),
+    responses((status = 200, body = ProjectView), (status = 404, body = ErrorBody)))]
+pub async fn show(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<ProjectView>, ApiError> {
+    Ok(Json(load(&state, principal.account_id, id).await?))
+}
+
+/// Changes a project. Changing `env` replaces the whole environment and is audited as
+/// `project.env_updated` (names only).
+#[utoipa::path(patch, path = "/v1/projects/{id}", tag = "projects", request_body = UpdateProject,
+    params(("id" = Uuid, Path, description = "project id")),
+    responses((status = 200, body = ProjectView), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn update(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+    JsonBody(req): JsonBody<UpdateProject>,
+) -> Result<Json<ProjectView>, ApiError> {
+    let current = load(&state, principal.account_id, id).await?;
+    let c = Checked {
+        name: req
+            .name
+            .map(|n| n.trim().to_owned())
+            .unwrap_or(current.name),
+        repo_url: req
+            .repo_url
+            .map(|n| n.trim().to_owned())
+            .unwrap_or(current.repo_url),
+        deploy_path: req
+            .deploy_path
+            .map(|p| p.trim().trim_end_matches('/').to_owned())
+            .unwrap_or(current.deploy_path),
+        keep_releases: req.keep_releases.unwrap_or(current.keep_releases),
+        shared_paths: req.shared_paths.unwrap_or(current.shared_paths),
+        hooks: req.hooks.unwrap_or(current.hooks),
+        health_check: match req.health_check {
+            Some(h) if h.trim().is_empty() => None,
+            Some(h) => Some(h),
+            None => current.health_check,
+        },
+        hook_timeout_secs: req.hook_timeout_secs.unwrap_or(current.hook_timeout_secs),
+    };
+    check(&c)?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "UPDATE projects SET name=$3, repo_url=$4, deploy_path=$5, keep_releases=$6, shared_paths=$7, \
+         hooks=$8, health_check=$9, hook_timeout_secs=$10, updated_at=now() \
+         WHERE id=$1 AND account_id=$2 AND deleted_at IS NULL",
+        &[&id, &principal.account_id, &c.name, &c.repo_url, &c.deploy_path, &c.keep_releases,
+          &c.shared_paths, &json!(c.hooks), &c.health_check, &c.hook_timeout_secs],
+    )
+    .await?;
+    audit::append(
+        &tx,
+        &event(&principal, &meta, "project.updated", id, json!({})),
+    )
+    .await?;
+    if let Some(env) = &req.env {
+        check_env(env)?;
+        let (sealed, names) = seal_env(&state, env)?;
+        tx.execute(
+            "UPDATE projects SET env_ciphertext=$2, env_names=$3 WHERE id=$1",
+            &[&id, &sealed, &names],
+        )
+        .await?;
+        audit::append(
+            &tx,
+            &event(
+                &principal,
+                &meta,
+                "project.env_updated",
+                id,
+                json!({"env_names": names.join(" ")}),
+            ),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Json(load(&state, principal.account_id, id).await?))
+}
+
+/// Deletes a project (its deployment history stays).
+#[utoipa::path(delete, path = "/v1/projects/{id}", tag = "projects",
+    params(("id" = Uuid, Path, description = "project id")),
+    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let n = tx
+        .execute(
+            "UPDATE projects SET deleted_at = now(), env_ciphertext = NULL \
+             WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
+            &[&id, &principal.account_id],
+        )
+        .await?;
+    if n == 0 {
+        return Err(ApiError::not_found("project"));
+    }
+    audit::append(
+        &tx,
+        &event(&principal, &meta, "project.deleted", id, json!({})),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

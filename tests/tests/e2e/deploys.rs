@@ -1,0 +1,511 @@
+//! Deploys through a real agent: real git, real sh, the real release engine.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use sensei_e2e::{error_code, git_commit, git_repo, open_tempdir, TestPlane};
+use serde_json::{json, Value};
+
+const PW: &str = "correct horse battery";
+
+struct Setup {
+    t: TestPlane,
+    cookie: String,
+    agent: sensei_e2e::TestAgent,
+    project: String,
+    repo: std::path::PathBuf,
+    app: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(extra: Value) -> Setup {
+    let t = TestPlane::start().await;
+    setup_on(t, extra).await
+}
+
+async fn setup_on(t: TestPlane, extra: Value) -> Setup {
+    let (cookie, _) = t
+        .signup(
+            &format!("d{}@example.com", uuid::Uuid::new_v4().simple()),
+            PW,
+        )
+        .await;
+    let agent = t.start_agent(&cookie, "web-1").await;
+    let dir = open_tempdir();
+    let repo = git_repo(dir.path(), &["v1"]);
+    let app = dir.path().join("app");
+    let mut body = json!({
+        "name": "site",
+        "repo_url": repo.display().to_string(),
+        "deploy_path": app.display().to_string(),
+        "shared_paths": ["storage/"],
+        "hooks": {"build": ["echo building $(cat index.html)"]},
+        "health_check": "test -s index.html",
+        "env": {"SECRET_TOKEN": "s3cr3t-value", "PLAIN": "x"},
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    let (status, project) = t.post("/v1/projects", &cookie, body).await;
+    assert_eq!(status, 201, "{project}");
+    Setup {
+        project: project["id"].as_str().expect("id").to_owned(),
+        t,
+        cookie,
+        agent,
+        repo,
+        app,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    async fn deploy(&self, git_ref: &str) -> Value {
+        let (status, d) = self
+            .t
+            .post(
+                "/v1/deployments",
+                &self.cookie,
+                json!({"project_id": self.project, "server_id": self.agent.server_id, "ref": git_ref}),
+            )
+            .await;
+        assert_eq!(status, 201, "{d}");
+        d
+    }
+
+    async fn deploy_and_wait(&self, git_ref: &str) -> Value {
+        let d = self.deploy(git_ref).await;
+        self.t
+            .wait_deployment(&self.cookie, d["id"].as_str().expect("id"))
+            .await
+    }
+
+    fn current(&self) -> String {
+        std::fs::read_link(self.app.join("current"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
+    fn served(&self) -> String {
+        std::fs::read_to_string(self.app.join("current/index.html")).unwrap_or_default()
+    }
+}
+
+#[tokio::test]
+async fn deploy_switches_current_keeps_logs_and_guards_the_env() {
+    let s = setup(json!({})).await;
+    let head = git_commit(&s.repo, "v2");
+    let d = s.deploy_and_wait("main").await;
+    assert_eq!(d["status"], "succeeded", "{d}");
+    assert_eq!(d["commit"], head);
+    let release = d["release_id"].as_str().expect("release");
+    assert_eq!(s.current(), format!("releases/{release}"));
+    assert_eq!(s.served(), "v2");
+    assert!(s.app.join("current/storage").is_symlink());
+    let env = s.app.join("shared/.env");
+    assert_eq!(
+        std::fs::metadata(&env).expect("env").permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(std::fs::read_to_string(&env)
+        .expect("env")
+        .contains("SECRET_TOKEN=\"s3cr3t-value\""));
+    assert!(d["started_at"].is_string() && d["finished_at"].is_string());
+
+    let id = d["id"].as_str().expect("id");
+    let (status, log) =
+        s.t.get(&format!("/v1/deployments/{id}/logs"), &s.cookie)
+            .await;
+    assert_eq!(status, 200);
+    let lines: Vec<String> = log["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .map(|l| l["line"].as_str().unwrap_or("").to_owned())
+        .collect();
+    for expected in [
+        "==> build",
+        "building v2",
+        "==> switch",
+        &format!("commit {head}"),
+    ] {
+        assert!(
+            lines.iter().any(|l| l == expected),
+            "log lacks {expected:?}: {lines:#?}"
+        );
+    }
+    // Follow: server-sent events ending with the status.
+    let sse =
+        s.t.http
+            .get(s.t.url(&format!("/v1/deployments/{id}/logs?follow=true")))
+            .header("cookie", &s.cookie)
+            .send()
+            .await
+            .expect("follow");
+    assert_eq!(
+        sse.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    let text = sse.text().await.expect("sse body");
+    assert!(text.contains("event: line") && text.contains("building v2"));
+    assert!(
+        text.trim_end().ends_with(r#"data: {"status":"succeeded"}"#),
+        "{text}"
+    );
+
+    // The env value is in no API answer, no log line, no clear database column.
+    let (_, project) =
+        s.t.get(&format!("/v1/projects/{}", s.project), &s.cookie)
+            .await;
+    assert_eq!(project["env_names"], json!(["PLAIN", "SECRET_TOKEN"]));
+    assert!(project.get("env").is_none());
+    let db = s.t.db().await;
+    let dump: String = db
+        .query_one(
+            "SELECT (SELECT string_agg(row_to_json(p)::text, '') FROM projects p) || \
+                    (SELECT string_agg(line, '') FROM deployment_logs) || \
+                    (SELECT string_agg(row_to_json(a)::text, '') FROM audit_log a)",
+            &[],
+        )
+        .await
+        .expect("dump")
+        .get(0);
+    assert!(
+        !dump.contains("s3cr3t-value"),
+        "the secret is stored in clear"
+    );
+    assert!(s
+        .t
+        .audit_actions()
+        .await
+        .contains(&"deployment.queued".to_owned()));
+}
+
+#[tokio::test]
+async fn failing_build_hook_fails_the_deploy_and_leaves_the_app_running() {
+    let s = setup(json!({})).await;
+    let first = s.deploy_and_wait("main").await;
+    assert_eq!(first["status"], "succeeded");
+    let live = s.current();
+    let (status, _) =
+        s.t.post(&format!("/v1/projects/{}", s.project), &s.cookie, json!({}))
+            .await;
+    assert_eq!(status, 405);
+    let r = s
+        .t
+        .http
+        .patch(s.t.url(&format!("/v1/projects/{}", s.project)))
+        .header("cookie", &s.cookie)
+        .json(&json!({"hooks": {"build": ["echo compiling; echo 'error: it broke' >&2; exit 2"]}}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 200);
+    git_commit(&s.repo, "v2-broken");
+    let d = s.deploy_and_wait("main").await;
+    assert_eq!(d["status"], "failed");
+    assert_eq!(d["error"]["step"], "build");
+    assert!(
+        d["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("status 2"),
+        "{d}"
+    );
+    assert_eq!(s.current(), live, "current moved");
+    assert_eq!(s.served(), "v1", "the running app changed");
+    let (_, log) =
+        s.t.get(
+            &format!("/v1/deployments/{}/logs", d["id"].as_str().expect("id")),
+            &s.cookie,
+        )
+        .await;
+    assert!(log.to_string().contains("error: it broke"));
+}
+
+#[tokio::test]
+async fn rollback_returns_to_the_previous_good_release() {
+    let s = setup(json!({})).await;
+    let v1 = s.deploy_and_wait("main").await;
+    git_commit(&s.repo, "v2");
+    let v2 = s.deploy_and_wait("main").await;
+    assert_eq!(s.served(), "v2");
+    let (status, rb) =
+        s.t.post(
+            &format!(
+                "/v1/deployments/{}/rollback",
+                v2["id"].as_str().expect("id")
+            ),
+            &s.cookie,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 201, "{rb}");
+    assert_eq!(rb["kind"], "rollback");
+    let done =
+        s.t.wait_deployment(&s.cookie, rb["id"].as_str().expect("id"))
+            .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        s.current(),
+        format!("releases/{}", v1["release_id"].as_str().expect("r"))
+    );
+    assert_eq!(s.served(), "v1");
+    assert_eq!(done["commit"], v1["commit"]);
+}
+
+#[tokio::test]
+async fn a_second_deploy_waits_for_the_first() {
+    let s = setup(json!({"hooks": {"build": ["sleep 1"]}})).await;
+    let a = s.deploy("main").await;
+    let b = s.deploy("main").await;
+    let a =
+        s.t.wait_deployment(&s.cookie, a["id"].as_str().expect("id"))
+            .await;
+    let b =
+        s.t.wait_deployment(&s.cookie, b["id"].as_str().expect("id"))
+            .await;
+    assert_eq!(
+        (a["status"].as_str(), b["status"].as_str()),
+        (Some("succeeded"), Some("succeeded"))
+    );
+    let a_end: chrono::DateTime<chrono::Utc> = a["finished_at"]
+        .as_str()
+        .expect("end")
+        .parse()
+        .expect("time");
+    let b_start: chrono::DateTime<chrono::Utc> = b["started_at"]
+        .as_str()
+        .expect("start")
+        .parse()
+        .expect("time");
+    assert!(
+        b_start >= a_end,
+        "the second deploy started before the first ended"
+    );
+    assert!(b["sequence"].as_i64() > a["sequence"].as_i64());
+}
+
+#[tokio::test]
+async fn a_replayed_job_is_refused_by_the_agent() {
+    let s = setup(json!({})).await;
+    let d = s.deploy_and_wait("main").await;
+    assert_eq!(d["status"], "succeeded");
+    // Deliver the same signed sequence again, as a confused or malicious dispatcher would.
+    s.t.db()
+        .await
+        .execute(
+            "UPDATE deployments SET status = 'queued', finished_at = NULL, expires_at = now() + interval '1 minute' WHERE id = $1",
+            &[&d["id"].as_str().expect("id").parse::<uuid::Uuid>().expect("uuid")],
+        )
+        .await
+        .expect("requeue");
+    s.t.plane.agents().wake(s.agent.server_id);
+    let again =
+        s.t.wait_deployment(&s.cookie, d["id"].as_str().expect("id"))
+            .await;
+    assert_eq!(again["status"], "failed");
+    assert_eq!(again["error"]["step"], "verify");
+    assert!(
+        again["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("replayed job"),
+        "{again}"
+    );
+    assert_eq!(s.served(), "v1");
+}
+
+#[tokio::test]
+async fn killing_the_agent_mid_deploy_keeps_a_complete_release_and_the_next_deploy_works() {
+    let mut s = setup(json!({})).await;
+    assert_eq!(s.deploy_and_wait("main").await["status"], "succeeded");
+    let live = s.current();
+    let r =
+        s.t.http
+            .patch(s.t.url(&format!("/v1/projects/{}", s.project)))
+            .header("cookie", &s.cookie)
+            .json(&json!({"hooks": {"build": ["echo started; sleep 30"]}}))
+            .send()
+            .await
+            .expect("patch");
+    assert_eq!(r.status(), 200);
+    git_commit(&s.repo, "v2");
+    let d = s.deploy("main").await;
+    let id = d["id"].as_str().expect("id").to_owned();
+    assert!(
+        sensei_e2e::eventually(Duration::from_secs(10), || async {
+            let (_, log) =
+                s.t.get(&format!("/v1/deployments/{id}/logs"), &s.cookie)
+                    .await;
+            log.to_string().contains("started")
+        })
+        .await,
+        "the slow hook never started"
+    );
+    let _ = s.agent.stop.send(true);
+    let stopped = std::mem::replace(
+        &mut s.agent.task,
+        tokio::spawn(async { Ok(sensei_agent::session::RunOutcome::Shutdown) }),
+    );
+    let _ = stopped.await;
+    let failed = s.t.wait_deployment(&s.cookie, &id).await;
+    assert_eq!(failed["status"], "failed");
+    assert!(
+        failed["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("disconnected"),
+        "{failed}"
+    );
+    assert_eq!(s.current(), live);
+    assert_eq!(s.served(), "v1");
+
+    s.agent.restart();
+    let r =
+        s.t.http
+            .patch(s.t.url(&format!("/v1/projects/{}", s.project)))
+            .header("cookie", &s.cookie)
+            .json(&json!({"hooks": {"build": []}}))
+            .send()
+            .await
+            .expect("patch");
+    assert_eq!(r.status(), 200);
+    let next = s.deploy_and_wait("main").await;
+    assert_eq!(next["status"], "succeeded", "{next}");
+    assert_eq!(s.served(), "v2");
+}
+
+#[tokio::test]
+async fn a_deploy_to_an_offline_agent_fails_after_the_timeout() {
+    let t = TestPlane::start_configured(
+        sensei_e2e::fresh_database().await,
+        sensei_e2e::test_keys(),
+        "127.0.0.1:0".parse().expect("addr"),
+        |o| o.dispatch_timeout = Duration::from_secs(2),
+    )
+    .await;
+    let s = setup_on(t, json!({})).await;
+    let _ = s.agent.stop.send(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let d = s.deploy_and_wait("main").await;
+    assert_eq!(d["status"], "failed");
+    assert_eq!(d["error"]["step"], "dispatch");
+    assert!(
+        d["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("agent offline"),
+        "{d}"
+    );
+    assert!(!s.app.join("current").exists());
+}
+
+#[tokio::test]
+async fn bad_deployment_and_project_requests_are_refused() {
+    let s = setup(json!({})).await;
+    for (body, status, code) in [
+        (
+            json!({"project_id": s.project, "server_id": s.agent.server_id, "ref": "--upload-pack=x"}),
+            422,
+            "invalid_ref",
+        ),
+        (
+            json!({"project_id": uuid::Uuid::new_v4(), "server_id": s.agent.server_id, "ref": "main"}),
+            404,
+            "not_found",
+        ),
+        (
+            json!({"project_id": s.project, "server_id": uuid::Uuid::new_v4(), "ref": "main"}),
+            404,
+            "not_found",
+        ),
+    ] {
+        let (st, v) = s.t.post("/v1/deployments", &s.cookie, body.clone()).await;
+        assert_eq!((st, error_code(&v)), (status, code), "{body}: {v}");
+    }
+    for (body, code) in [
+        (
+            json!({"name": "p", "repo_url": "r", "deploy_path": "relative"}),
+            "invalid_deploy_path",
+        ),
+        (
+            json!({"name": "p", "repo_url": "r", "deploy_path": "/srv/a", "shared_paths": ["../up"]}),
+            "invalid_shared_path",
+        ),
+        (
+            json!({"name": "p", "repo_url": "r", "deploy_path": "/srv/a", "env": {"BAD-NAME": "x"}}),
+            "invalid_env",
+        ),
+        (
+            json!({"name": "p", "repo_url": "r", "deploy_path": "/srv/a", "keep_releases": 0}),
+            "invalid_keep_releases",
+        ),
+    ] {
+        let (st, v) = s.t.post("/v1/projects", &s.cookie, body.clone()).await;
+        assert_eq!((st, error_code(&v)), (422, code), "{body}: {v}");
+    }
+    // A revoked server gets no job by any way.
+    let r =
+        s.t.http
+            .delete(s.t.url(&format!(
+                "/v1/servers/{}/agent-certificate",
+                s.agent.server_id
+            )))
+            .header("cookie", &s.cookie)
+            .send()
+            .await
+            .expect("revoke");
+    assert_eq!(r.status(), 204);
+    let (st, v) =
+        s.t.post(
+            "/v1/deployments",
+            &s.cookie,
+            json!({"project_id": s.project, "server_id": s.agent.server_id, "ref": "main"}),
+        )
+        .await;
+    assert_eq!((st, error_code(&v)), (409, "server_not_enrolled"));
+    let n: i64 =
+        s.t.db()
+            .await
+            .query_one("SELECT count(*) FROM deployments", &[])
+            .await
+            .expect("q")
+            .get(0);
+    assert_eq!(n, 0, "refused requests queued nothing");
+}
+
+#[tokio::test]
+async fn env_updates_are_audited_without_values() {
+    let s = setup(json!({})).await;
+    let r =
+        s.t.http
+            .patch(s.t.url(&format!("/v1/projects/{}", s.project)))
+            .header("cookie", &s.cookie)
+            .json(&json!({"env": {"NEW_SECRET": "brand-new-value"}}))
+            .send()
+            .await
+            .expect("patch");
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["env_names"], json!(["NEW_SECRET"]));
+    let rows =
+        s.t.db()
+            .await
+            .query(
+                "SELECT row_to_json(a)::text FROM audit_log a WHERE action = 'project.env_updated'",
+                &[],
+            )
+            .await
+            .expect("audit");
+    assert_eq!(rows.len(), 1);
+    let text: String = rows[0].get(0);
+    assert!(
+        text.contains("NEW_SECRET") && !text.contains("brand-new-value"),
+        "{text}"
+    );
+}
