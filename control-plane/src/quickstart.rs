@@ -1,12 +1,18 @@
 //! `sensei-control-plane quickstart`: the whole product on one machine with nothing
-//! configured. It uses the embedded database (unless DATABASE_URL is set) and a development
-//! field key kept in the data directory, and says loudly that this is not the production
-//! setup.
+//! configured. It starts the control plane on the embedded database, with a development field
+//! key kept in the data directory, and says loudly that this is not the production setup.
+//! Then it signs up a demo account, enrolls a local agent (its own state directory), creates a
+//! small git repository, and deploys it into `<data-dir>/deploy/demo` through the agent, over
+//! the real API and the real QUIC connection.
 //!
-//! With `--once` it proves the API works end to end, through the real HTTPS listener: health,
-//! signup, an authenticated call, the audit log and its chain. Then it exits.
+//! With `--once` it exits 0 once that deploy has succeeded, printing the path of the `current`
+//! link as its last line; otherwise it keeps serving so that you can try the API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{json, Value};
 
 use crate::cli::{announce, serve_options, ServeArgs};
 use crate::field_crypto::{FieldKeys, FIELD_KEY_ENV};
@@ -30,99 +36,245 @@ pub async fn run(args: &ServeArgs, data_dir: PathBuf, once: bool) -> anyhow::Res
         Err(e) => return Err(e.into()),
     };
     let plane = ControlPlane::start(serve_options(args, data_dir.clone(), keys, once)).await?;
-    let ca_path = data_dir.join("ca.pem");
     announce(&plane, &data_dir);
-    let base = format!("https://{}", plane.api_addr());
+    let demo = Demo::new(&plane, &data_dir)?;
+    let result = demo.run(&plane).await;
+    let (agent_stop, agent_task, current) = match result {
+        Ok(parts) => parts,
+        Err(e) => {
+            plane.shutdown().await;
+            return Err(e);
+        }
+    };
     if !once {
         println!();
-        println!("Create an account:");
-        println!(
-            "  curl --cacert {} -c cookies.txt -H 'content-type: application/json' \\\n    \
-             -d '{{\"email\":\"you@example.com\",\"password\":\"a long passphrase\",\"account_name\":\"Acme\"}}' \\\n    \
-             {base}/v1/auth/signup",
-            ca_path.display()
-        );
-        println!("API reference: {base}/openapi.json  ·  Ctrl-C stops the control plane and its database.");
+        println!("The control plane keeps running; Ctrl-C stops it, its agent and its database.");
+        println!("Password reset emails are not sent in this build; keep the password above.");
         let _ = tokio::signal::ctrl_c().await;
-        plane.shutdown().await;
-        return Ok(0);
     }
-    let result = self_check(&plane, &base).await;
+    let _ = agent_stop.send(true);
+    let _ = agent_task.await;
     plane.shutdown().await;
-    result?;
-    println!("quickstart: OK");
+    // The last line: where the deployed application is.
+    println!("{}", current.display());
     Ok(0)
 }
 
-/// Signs up a throwaway account and walks the main routes through real HTTPS.
-async fn self_check(plane: &ControlPlane, base: &str) -> anyhow::Result<()> {
-    let tls = sensei_certs::tls::client_config_trusting(plane.ca_pem())?;
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .build()?;
-    let health: serde_json::Value = http
-        .get(format!("{base}/healthz"))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    anyhow::ensure!(health["database"] == "ok", "health check: {health}");
-    println!("health: {health}");
+struct Demo {
+    http: reqwest::Client,
+    base: String,
+    data_dir: PathBuf,
+}
 
-    let email = format!("quickstart-{}@example.com", uuid::Uuid::new_v4().simple());
-    let password = uuid::Uuid::new_v4().to_string();
-    let signup = http
-        .post(format!("{base}/v1/auth/signup"))
-        .json(&serde_json::json!({"email": email, "password": password, "account_name": "Quickstart"}))
-        .send()
-        .await?
-        .error_for_status()?;
-    let cookie = signup
-        .headers()
-        .get(http::header::SET_COOKIE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow::anyhow!("signup set no session cookie"))?;
-    println!("signed up {email}");
+type AgentHandle = (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+    PathBuf,
+);
 
-    let sessions: serde_json::Value = http
-        .get(format!("{base}/v1/auth/sessions"))
-        .header(http::header::COOKIE, &cookie)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    anyhow::ensure!(
-        sessions["sessions"]
-            .as_array()
-            .is_some_and(|s| s.len() == 1),
-        "expected one session: {sessions}"
-    );
-    let audit: serde_json::Value = http
-        .get(format!("{base}/v1/audit"))
-        .header(http::header::COOKIE, &cookie)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    anyhow::ensure!(
-        audit["events"][0]["event"] == "account.created",
-        "audit log: {audit}"
-    );
-    let client = plane.pool().get().await?;
-    let report = crate::audit::verify(&**client).await?;
-    anyhow::ensure!(
-        report.problems.is_empty(),
-        "audit chain: {:?}",
-        report.problems
-    );
-    println!(
-        "audit chain verified: {} chain(s), {} row(s)",
-        report.chains, report.rows
-    );
-    Ok(())
+impl Demo {
+    fn new(plane: &ControlPlane, data_dir: &Path) -> anyhow::Result<Self> {
+        let tls = sensei_certs::tls::client_config_trusting(plane.ca_pem())?;
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .build()?,
+            base: format!("https://{}", plane.api_addr()),
+            data_dir: data_dir.to_owned(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        cookie: Option<&str>,
+        body: Option<Value>,
+    ) -> anyhow::Result<(Value, Option<String>)> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(c) = cookie {
+            request = request.header(http::header::COOKIE, c);
+        }
+        if let Some(b) = body {
+            request = request.json(&b);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let cookie = response
+            .headers()
+            .get(http::header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(str::to_owned);
+        let value: Value = response.json().await.unwrap_or(Value::Null);
+        anyhow::ensure!(status.is_success(), "{path}: {status} {value}");
+        Ok((value, cookie))
+    }
+
+    async fn run(&self, plane: &ControlPlane) -> anyhow::Result<AgentHandle> {
+        let (health, _) = self
+            .call(reqwest::Method::GET, "/healthz", None, None)
+            .await?;
+        anyhow::ensure!(health["database"] == "ok", "health check: {health}");
+
+        let email = format!(
+            "demo-{}@example.com",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        let (_, cookie) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/auth/signup",
+                None,
+                Some(json!({"email": email, "password": password, "account_name": "Quickstart"})),
+            )
+            .await?;
+        let cookie = cookie.context("signup set no session cookie")?;
+        println!("API: {}  (sign in: {email} / {password})", self.base);
+
+        let (server, _) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/servers",
+                Some(&cookie),
+                Some(json!({"name": "this-machine", "host": "localhost", "transport": "agent", "labels": {"env": "demo"}})),
+            )
+            .await?;
+        let server_id = server["id"].as_str().context("server id")?.to_owned();
+        let token = server["enrollment_token"]
+            .as_str()
+            .context("token")?
+            .to_owned();
+
+        // The local agent: its own state directory, allowed to deploy under deploy/ only.
+        let state = sensei_agent::identity::StateDir::new(self.data_dir.join("agent"));
+        let deploy_root = self.data_dir.join("deploy");
+        std::fs::create_dir_all(&deploy_root)?;
+        sensei_agent::enroll::enroll(&sensei_agent::enroll::EnrollOptions {
+            control_plane: plane.agent_addr().to_string(),
+            token,
+            ca_fingerprint: plane.ca_fingerprint(),
+            expected_server_id: server_id.parse().ok(),
+            state_dir: state.clone(),
+        })
+        .await
+        .context("enrolling the local agent")?;
+        println!(
+            "agent enrolled as server {server_id} (state in {})",
+            state.path().display()
+        );
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let policy = sensei_agent::jobs::JobPolicy {
+            allowed_roots: vec![deploy_root.clone()],
+        };
+        let agent_task = tokio::spawn(async move {
+            if let Err(e) = sensei_agent::session::run(&state, policy, stopped).await {
+                eprintln!("quickstart agent: {e}");
+            }
+        });
+
+        let repo = self.demo_repository()?;
+        let deploy_path = deploy_root.join("demo");
+        let (project, _) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/projects",
+                Some(&cookie),
+                Some(json!({
+                    "name": "demo",
+                    "repo_url": repo.display().to_string(),
+                    "deploy_path": deploy_path.display().to_string(),
+                    "shared_paths": ["storage/"],
+                    "hooks": {"build": ["echo \"building $(cat VERSION)\""]},
+                    "health_check": "test -s index.html",
+                    "env": {"GREETING": "hello from Sensei"},
+                })),
+            )
+            .await?;
+        let (deployment, _) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/deployments",
+                Some(&cookie),
+                Some(json!({"project_id": project["id"], "server_id": server_id, "ref": "main"})),
+            )
+            .await?;
+        let id = deployment["id"]
+            .as_str()
+            .context("deployment id")?
+            .to_owned();
+        let mut done = Value::Null;
+        for _ in 0..600 {
+            let (d, _) = self
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/v1/deployments/{id}"),
+                    Some(&cookie),
+                    None,
+                )
+                .await?;
+            if d["status"] == "succeeded" || d["status"] == "failed" {
+                done = d;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (log, _) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/deployments/{id}/logs"),
+                Some(&cookie),
+                None,
+            )
+            .await?;
+        for line in log["lines"].as_array().into_iter().flatten() {
+            println!("  | {}", line["line"].as_str().unwrap_or(""));
+        }
+        anyhow::ensure!(
+            done["status"] == "succeeded",
+            "the demo deploy did not succeed: {done}"
+        );
+        println!(
+            "deployed commit {} as release {}",
+            done["commit"].as_str().unwrap_or("?"),
+            done["release_id"].as_str().unwrap_or("?")
+        );
+        Ok((stop, agent_task, deploy_path.join("current")))
+    }
+
+    /// A small repository to deploy, made on first use.
+    fn demo_repository(&self) -> anyhow::Result<PathBuf> {
+        let repo = self.data_dir.join("demo-repo");
+        if repo.join(".git").exists() {
+            return Ok(repo);
+        }
+        std::fs::create_dir_all(&repo)?;
+        std::fs::write(repo.join("index.html"), "<h1>Hello from Sensei</h1>\n")?;
+        std::fs::write(repo.join("VERSION"), "1\n")?;
+        for args in [
+            vec!["init", "-q", "-b", "main"],
+            vec!["add", "."],
+            vec!["commit", "-q", "-m", "demo site"],
+        ] {
+            let out = std::process::Command::new("git")
+                .args([
+                    "-c",
+                    "user.name=Sensei quickstart",
+                    "-c",
+                    "user.email=quickstart@example.com",
+                ])
+                .args(&args)
+                .current_dir(&repo)
+                .output()
+                .context("git is required for the quickstart (apt-get install git)")?;
+            anyhow::ensure!(
+                out.status.success(),
+                "git {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(repo)
+    }
 }
