@@ -167,8 +167,8 @@ async fn handle(
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some((_, event)) => {
-                    let (stream, text) = event.log_line();
+                Some((line, event)) => {
+                    let (stream, text) = event.log_entry(line.stream);
                     batch.push(LogLine { stream, text });
                     if batch.len() >= BATCH_LINES {
                         flush(send, job_id, &mut batch).await;

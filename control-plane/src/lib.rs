@@ -21,6 +21,8 @@ pub mod postgres_cluster;
 pub mod quickstart;
 pub mod rotate;
 pub mod server;
+pub mod ssh_keys;
+pub mod ssh_runner;
 pub mod tokens;
 
 pub use server::{ControlPlane, DatabaseSource, ServeOptions, StartError};

@@ -33,6 +33,16 @@ pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[
         key: "id",
         column: "env_ciphertext",
     },
+    EncryptedColumn {
+        table: "servers",
+        key: "id",
+        column: "ssh_private_key_ciphertext",
+    },
+    EncryptedColumn {
+        table: "servers",
+        key: "id",
+        column: "ssh_password_ciphertext",
+    },
 ];
 
 const BATCH: i64 = 200;

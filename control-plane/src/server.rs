@@ -219,6 +219,7 @@ impl ControlPlane {
             .clone()
             .unwrap_or_else(|| agent_addr.to_string());
 
+        let state_keys = keys.clone();
         let state = AppState::new(StateInner {
             pool: pool.clone(),
             keys,
@@ -254,6 +255,18 @@ impl ControlPlane {
                 let rx = shutdown_rx.clone();
                 tokio::spawn(async move { last_seen.run(pool, rx).await })
             },
+            tokio::spawn(
+                Arc::new(crate::ssh_runner::SshRunner {
+                    pool: pool.clone(),
+                    keys: state_keys.clone(),
+                    job_key: job_key.clone(),
+                    hub: hub.clone(),
+                    permits: Arc::new(tokio::sync::Semaphore::new(
+                        crate::ssh_runner::DEFAULT_CONCURRENCY,
+                    )),
+                })
+                .run(shutdown_rx.clone()),
+            ),
             {
                 // Every replica expires queued jobs whose agent never came; the UPDATE is
                 // idempotent, so running it everywhere is harmless.

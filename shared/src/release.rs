@@ -478,9 +478,17 @@ pub enum ScriptEvent {
 }
 
 impl ScriptEvent {
-    /// The log line this event is recorded as: the script's own output as is, the engine's
-    /// events as Sensei's account of the steps. Both runners log exactly these lines.
-    pub fn log_line(&self) -> (u8, String) {
+    /// The log line this event is recorded as, for output read from `raw_stream` (1 stdout,
+    /// 2 stderr): the script's own output as is, on its stream; the engine's events as Sensei's
+    /// account of the steps (stream 0). Both runners log exactly these lines.
+    pub fn log_entry(&self, raw_stream: u8) -> (u8, String) {
+        match self {
+            ScriptEvent::Log(text) => (raw_stream, text.clone()),
+            other => other.log_line(),
+        }
+    }
+
+    fn log_line(&self) -> (u8, String) {
         let sensei = |text: String| (0u8, text);
         match self {
             ScriptEvent::Log(text) => (1, text.clone()),

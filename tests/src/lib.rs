@@ -399,7 +399,8 @@ impl TestPlane {
     /// Waits until the deployment has ended; returns its JSON.
     pub async fn wait_deployment(&self, cookie: &str, id: &str) -> Value {
         let mut last = Value::Null;
-        for _ in 0..600 {
+        // Up to 90 s: an upper bound for a loaded CI machine, not a timing.
+        for _ in 0..1800 {
             let (_, body) = self.get(&format!("/v1/deployments/{id}"), cookie).await;
             if body["status"] == "succeeded" || body["status"] == "failed" {
                 return body;
@@ -451,7 +452,14 @@ pub fn git_commit(repo: &std::path::Path, content: &str) -> String {
 
 fn git(dir: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "-c",
+            "safe.directory=*",
+        ])
         .args(args)
         .current_dir(dir)
         .output()
@@ -462,4 +470,148 @@ fn git(dir: &std::path::Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The non-root user SSH deploys log in as in the tests.
+pub const DEPLOY_USER: &str = "sensei-deploy";
+/// Its password, for the legacy password flow.
+pub const DEPLOY_PASSWORD: &str = "sensei-test-login-pw";
+
+/// Creates the deploy user once (tests run as root, as CI does) and returns its uid and gid.
+pub fn deploy_user() -> (u32, u32) {
+    static USER: OnceLock<(u32, u32)> = OnceLock::new();
+    *USER.get_or_init(|| {
+        let exists = std::process::Command::new("id")
+            .arg(DEPLOY_USER)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !exists {
+            let out = std::process::Command::new("useradd")
+                .args(["--create-home", "--shell", "/bin/sh", DEPLOY_USER])
+                .output()
+                .expect("useradd (the SSH tests run as root)");
+            assert!(
+                out.status.success(),
+                "useradd: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut chpasswd = std::process::Command::new("chpasswd")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("chpasswd");
+        use std::io::Write;
+        chpasswd
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{DEPLOY_USER}:{DEPLOY_PASSWORD}\n").as_bytes())
+            .expect("write");
+        assert!(chpasswd.wait().expect("chpasswd").success());
+        let id = |flag: &str| -> u32 {
+            let out = std::process::Command::new("id")
+                .args([flag, DEPLOY_USER])
+                .output()
+                .expect("id");
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .expect("numeric id")
+        };
+        (id("-u"), id("-g"))
+    })
+}
+
+/// Gives `path` (recursively) to the deploy user.
+pub fn give_to_deploy_user(path: &std::path::Path) {
+    let out = std::process::Command::new("chown")
+        .args(["-R", &format!("{DEPLOY_USER}:{DEPLOY_USER}")])
+        .arg(path)
+        .output()
+        .expect("chown");
+    assert!(out.status.success());
+}
+
+/// A real OpenSSH server on a loopback port, with its own host key and authorized_keys.
+pub struct SshServer {
+    pub port: u16,
+    pub host_key_public: String,
+    authorized_keys: std::path::PathBuf,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl SshServer {
+    pub fn start() -> Self {
+        deploy_user();
+        let dir = open_tempdir();
+        let host_key = dir.path().join("host_key");
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key)
+            .output()
+            .expect("ssh-keygen (openssh-client)");
+        assert!(out.status.success());
+        let authorized_keys = dir.path().join("authorized_keys");
+        std::fs::write(&authorized_keys, "").expect("authorized_keys");
+        std::fs::set_permissions(&authorized_keys, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let config = dir.path().join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
+                 PasswordAuthentication yes\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+                 PermitRootLogin no\nAllowUsers {DEPLOY_USER}\nMaxStartups 100\nLogLevel VERBOSE\n",
+                host_key.display(),
+                dir.path().join("sshd.pid").display(),
+                authorized_keys.display()
+            ),
+        )
+        .expect("sshd_config");
+        std::fs::create_dir_all("/run/sshd").expect("privilege separation directory");
+        let log = std::fs::File::create(dir.path().join("sshd.log")).expect("log");
+        let child = std::process::Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stderr(log)
+            .spawn()
+            .expect("sshd (openssh-server; .ci/run installs it)");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "sshd did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let host_key_public = std::fs::read_to_string(dir.path().join("host_key.pub"))
+            .expect("host key")
+            .trim()
+            .to_owned();
+        Self {
+            port,
+            host_key_public,
+            authorized_keys,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Replaces authorized_keys with `content`.
+    pub fn set_authorized_keys(&self, content: &str) {
+        std::fs::write(&self.authorized_keys, content).expect("authorized_keys");
+    }
+}
+
+impl Drop for SshServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -23,13 +23,29 @@ const JOB_VALIDITY_SECS: i64 = 300;
 pub const MAX_LOG_LINES: i64 = 20_000;
 
 /// A job claimed for dispatch.
-struct Claimed {
-    id: Uuid,
-    sequence: i64,
-    kind: String,
-    git_ref: Option<String>,
-    release_id: Option<String>,
-    project_id: Uuid,
+pub struct Claimed {
+    pub id: Uuid,
+    pub sequence: i64,
+    pub kind: String,
+    pub git_ref: Option<String>,
+    pub release_id: Option<String>,
+    pub project_id: Uuid,
+}
+
+/// The columns [`Claimed::from_row`] reads, in order.
+pub const CLAIMED_COLUMNS: &str = "id, sequence, kind, git_ref, release_id, project_id";
+
+impl Claimed {
+    pub fn from_row(r: &tokio_postgres::Row) -> Self {
+        Self {
+            id: r.get(0),
+            sequence: r.get(1),
+            kind: r.get(2),
+            git_ref: r.get(3),
+            release_id: r.get(4),
+            project_id: r.get(5),
+        }
+    }
 }
 
 async fn claim_next(ctx: &GatewayContext, server_id: Uuid) -> Result<Option<Claimed>, String> {
@@ -44,25 +60,20 @@ async fn claim_next(ctx: &GatewayContext, server_id: Uuid) -> Result<Option<Clai
         )
         .await
         .map_err(|e| crate::db::describe(&e))?;
-    Ok(row.map(|r| Claimed {
-        id: r.get(0),
-        sequence: r.get(1),
-        kind: r.get(2),
-        git_ref: r.get(3),
-        release_id: r.get(4),
-        project_id: r.get(5),
-    }))
+    Ok(row.as_ref().map(Claimed::from_row))
 }
 
-/// Builds and signs the job for a claimed deployment.
-async fn sign(
-    ctx: &GatewayContext,
+/// Builds and signs the job for a claimed deployment, bound to `server_id` and to `binding`
+/// (an agent certificate's fingerprint, or an SSH login key's).
+pub async fn sign(
+    pool: &deadpool_postgres::Pool,
+    keys: &crate::field_crypto::FieldKeys,
     job: &Claimed,
     server_id: Uuid,
-    fingerprint: Fingerprint,
+    binding: [u8; 32],
     key: &SigningKey,
 ) -> Result<SignedJob, String> {
-    let client = ctx.pool.get().await.map_err(|e| e.to_string())?;
+    let client = pool.get().await.map_err(|e| e.to_string())?;
     let p = client
         .query_one(
             "SELECT repo_url, deploy_path, keep_releases, shared_paths, hooks, health_check, \
@@ -80,8 +91,7 @@ async fn sign(
     } else {
         let env: Vec<(String, String)> = match p.get::<_, Option<&str>>(7) {
             Some(sealed) => {
-                let plain = ctx
-                    .keys
+                let plain = keys
                     .decrypt(sealed)
                     .map_err(|_| "the project's environment cannot be decrypted with the configured field keys".to_owned())?;
                 let map: std::collections::BTreeMap<String, String> =
@@ -108,7 +118,7 @@ async fn sign(
     let payload = JobPayload {
         job_id: job.id,
         server_id,
-        certificate_fingerprint: *fingerprint.as_bytes(),
+        certificate_fingerprint: binding,
         sequence: u64::try_from(job.sequence).unwrap_or(0),
         not_before: now,
         expires_at: now + JOB_VALIDITY_SECS,
@@ -118,8 +128,8 @@ async fn sign(
 }
 
 /// Records the end of a deployment (only if it is still running: an end is final).
-pub async fn finish(ctx: &GatewayContext, id: Uuid, result: &JobResult) {
-    let Ok(client) = ctx.pool.get().await else {
+pub async fn finish(pool: &deadpool_postgres::Pool, id: Uuid, result: &JobResult) {
+    let Ok(client) = pool.get().await else {
         return;
     };
     let (step, message) = match &result.error {
@@ -151,8 +161,9 @@ pub async fn finish(ctx: &GatewayContext, id: Uuid, result: &JobResult) {
     }
 }
 
-async fn store_lines(ctx: &GatewayContext, id: Uuid, lines: &[LogLine]) {
-    let Ok(client) = ctx.pool.get().await else {
+/// Appends log lines to a deployment (up to [`MAX_LOG_LINES`]).
+pub async fn store_lines(pool: &deadpool_postgres::Pool, id: Uuid, lines: &[LogLine]) {
+    let Ok(client) = pool.get().await else {
         return;
     };
     let streams: Vec<i16> = lines.iter().map(|l| i16::from(l.stream)).collect();
@@ -185,11 +196,20 @@ pub async fn serve_poll(
     let signal = ctx.hub.job_signal(server_id);
     let (job, signed) = loop {
         match claim_next(ctx, server_id).await {
-            Ok(Some(job)) => match sign(ctx, &job, server_id, fingerprint, &ctx.job_key).await {
+            Ok(Some(job)) => match sign(
+                &ctx.pool,
+                &ctx.keys,
+                &job,
+                server_id,
+                *fingerprint.as_bytes(),
+                &ctx.job_key,
+            )
+            .await
+            {
                 Ok(signed) => break (job, signed),
                 Err(reason) => {
                     finish(
-                        ctx,
+                        &ctx.pool,
                         job.id,
                         &JobResult {
                             succeeded: false,
@@ -220,17 +240,17 @@ pub async fn serve_poll(
     loop {
         match read_frame::<AgentMessage, _>(&mut recv).await {
             Ok(Some(AgentMessage::JobLog { job_id, lines })) if job_id == job.id => {
-                store_lines(ctx, job.id, &lines).await;
+                store_lines(&ctx.pool, job.id, &lines).await;
             }
             Ok(Some(AgentMessage::JobFinished { job_id, result })) if job_id == job.id => {
-                finish(ctx, job.id, &result).await;
+                finish(&ctx.pool, job.id, &result).await;
                 let _ = write_frame(&mut send, &ControlMessage::JobRecorded).await;
                 return;
             }
             Ok(Some(AgentMessage::JobRefused { reason, .. })) => {
                 tracing::warn!(%server_id, deployment = %job.id, %reason, "the agent refused a job");
                 finish(
-                    ctx,
+                    &ctx.pool,
                     job.id,
                     &JobResult {
                         succeeded: false,

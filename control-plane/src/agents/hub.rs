@@ -24,6 +24,8 @@ pub struct AgentHub {
     pub certificates: Arc<AgentCertificateSet>,
     live: Mutex<HashMap<Uuid, Live>>,
     job_signals: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    /// Any job was queued (the SSH runner waits on this).
+    pub any_job: Notify,
 }
 
 impl AgentHub {
@@ -33,6 +35,7 @@ impl AgentHub {
             certificates: Arc::new(AgentCertificateSet::new()),
             live: Mutex::new(HashMap::new()),
             job_signals: Mutex::new(HashMap::new()),
+            any_job: Notify::new(),
         }
     }
 
@@ -47,6 +50,7 @@ impl AgentHub {
     /// A job was queued for `server_id`: wake its poll if this replica holds it. A wake-up
     /// with nobody waiting is kept for the next wait, so none is lost between check and wait.
     pub fn wake(&self, server_id: Uuid) {
+        self.any_job.notify_one();
         if let Ok(m) = self.job_signals.lock() {
             if let Some(signal) = m.get(&server_id) {
                 signal.notify_one();

@@ -174,16 +174,29 @@ async fn enqueue(
         .await?
         .ok_or_else(|| ApiError::not_found("server"))?;
     let sequence: i64 = server.get(0);
-    let valid_cert = tx
-        .query_opt(
+    let transport: String = server.get(1);
+    let reachable = if transport == "ssh" {
+        tx.query_opt(
+            "SELECT 1 FROM servers WHERE id = $1 AND \
+             (ssh_private_key_ciphertext IS NOT NULL OR ssh_password_ciphertext IS NOT NULL)",
+            &[&server_id],
+        )
+        .await?
+    } else {
+        tx.query_opt(
             "SELECT 1 FROM agent_certificates WHERE server_id = $1 AND revoked_at IS NULL AND not_after > now()",
             &[&server_id],
         )
-        .await?;
-    if valid_cert.is_none() {
+        .await?
+    };
+    if reachable.is_none() {
         return Err(ApiError::conflict(
             "server_not_enrolled",
-            "this server has no valid agent certificate: enroll its agent first (a revoked agent is never reached by any other way)",
+            if transport == "ssh" {
+                "this SSH server has no stored credentials"
+            } else {
+                "this server has no valid agent certificate: enroll its agent first (a revoked agent is never reached by any other way)"
+            },
         ));
     }
     let id = Uuid::new_v4();

@@ -79,6 +79,13 @@ pub struct ServerView {
     /// Where agents connect (UDP).
     pub agent_endpoint: String,
     pub agent: AgentStatus,
+    /// SSH servers: `key` or `password`.
+    pub auth: Option<String>,
+    /// SSH servers with key auth: `SHA256:…` of the platform's key, as `ssh-keygen -lf` prints
+    /// it. The line to remove from `authorized_keys` to cut the platform off.
+    pub fingerprint: Option<String>,
+    /// SSH servers: the pinned host key.
+    pub host_key: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -94,8 +101,11 @@ pub struct Enrollment {
 pub struct CreatedServer {
     #[serde(flatten)]
     pub server: ServerView,
+    /// Agent servers: the enrollment token and command, once.
     #[serde(flatten)]
-    pub enrollment: Enrollment,
+    pub enrollment: Option<Enrollment>,
+    /// SSH servers with key auth: the `authorized_keys` line to install, shown once.
+    pub public_key: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -156,7 +166,7 @@ fn ttl(requested: Option<i64>) -> Result<i64, ApiError> {
 const VIEW_SQL: &str = "SELECT s.id, s.name, s.host, s.port, s.username, s.transport, s.labels, \
      s.created_at, s.last_seen_at, s.agent_version, \
      s.connected_replica IS NOT NULL AND s.last_seen_at > now() - interval '90 seconds', \
-     c.serial, c.fingerprint, c.not_after \
+     c.serial, c.fingerprint, c.not_after, s.ssh_auth, s.ssh_key_fingerprint, s.host_key \
      FROM servers s LEFT JOIN LATERAL ( \
        SELECT serial, fingerprint, not_after FROM agent_certificates \
        WHERE server_id = s.id AND revoked_at IS NULL ORDER BY issued_at DESC LIMIT 1) c ON true \
@@ -185,6 +195,9 @@ fn view(state: &AppState, row: &tokio_postgres::Row) -> ServerView {
                 .map(|f| f.to_string()),
             expires_at: row.get(13),
         },
+        auth: row.get(14),
+        fingerprint: row.get(15),
+        host_key: row.get(16),
     }
 }
 
@@ -276,13 +289,39 @@ pub async fn create(
             "host must be a host name or address",
         ));
     }
-    match req.transport.as_str() {
-        "agent" => {}
+    check_labels(&req.labels)?;
+    let id = Uuid::new_v4();
+    let labels = json!(req.labels);
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let (enrollment, public_key) = match req.transport.as_str() {
+        "agent" => {
+            if req.auth.is_some() || req.password.is_some() || req.host_key.is_some() {
+                return Err(invalid(
+                    "invalid_field",
+                    "auth, password and host_key apply to SSH servers only",
+                ));
+            }
+            let ttl_secs = ttl(req.enrollment_ttl_seconds)?;
+            tx.execute(
+                "INSERT INTO servers (id, account_id, name, host, port, username, transport, labels) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'agent', $7)",
+                &[&id, &principal.account_id, &name, &host, &i32::from(req.port.unwrap_or(22)), &req.username, &labels],
+            )
+            .await?;
+            (Some(issue_token(&state, &tx, id, ttl_secs).await?), None)
+        }
         "ssh" => {
-            return Err(invalid(
-                "transport_unavailable",
-                "SSH servers are not supported by this control plane yet; use \"agent\"",
-            ))
+            let ssh = SshCredentials::from_request(&state, id, &req)?;
+            tx.execute(
+                "INSERT INTO servers (id, account_id, name, host, port, username, transport, labels, \
+                 ssh_auth, ssh_private_key_ciphertext, ssh_password_ciphertext, ssh_key_fingerprint, host_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'ssh', $7, $8, $9, $10, $11, $12)",
+                &[&id, &principal.account_id, &name, &host, &i32::from(req.port.unwrap_or(22)), &req.username,
+                  &labels, &ssh.auth, &ssh.sealed_key, &ssh.sealed_password, &ssh.fingerprint, &ssh.host_key],
+            )
+            .await?;
+            (None, ssh.public_line)
         }
         other => {
             return Err(invalid(
@@ -290,34 +329,7 @@ pub async fn create(
                 format!("transport {other:?}: use \"agent\" or \"ssh\""),
             ))
         }
-    }
-    if req.auth.is_some() || req.password.is_some() || req.host_key.is_some() {
-        return Err(invalid(
-            "invalid_field",
-            "auth, password and host_key apply to SSH servers only",
-        ));
-    }
-    check_labels(&req.labels)?;
-    let ttl_secs = ttl(req.enrollment_ttl_seconds)?;
-    let id = Uuid::new_v4();
-    let labels = json!(req.labels);
-    let mut client = state.pool.get().await?;
-    let tx = client.transaction().await?;
-    tx.execute(
-        "INSERT INTO servers (id, account_id, name, host, port, username, transport, labels) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'agent', $7)",
-        &[
-            &id,
-            &principal.account_id,
-            &name,
-            &host,
-            &i32::from(req.port.unwrap_or(22)),
-            &req.username,
-            &labels,
-        ],
-    )
-    .await?;
-    let enrollment = issue_token(&state, &tx, id, ttl_secs).await?;
+    };
     audit::append(
         &tx,
         &event(
@@ -325,7 +337,7 @@ pub async fn create(
             &meta,
             "server.created",
             id,
-            json!({"name": name, "transport": "agent"}),
+            json!({"name": name, "transport": req.transport}),
         ),
     )
     .await?;
@@ -333,8 +345,100 @@ pub async fn create(
     let server = load(&state, principal.account_id, id).await?;
     Ok((
         StatusCode::CREATED,
-        Json(CreatedServer { server, enrollment }),
+        Json(CreatedServer {
+            server,
+            enrollment,
+            public_key,
+        }),
     ))
+}
+
+/// What an SSH server stores, checked and sealed.
+struct SshCredentials {
+    auth: String,
+    sealed_key: Option<String>,
+    sealed_password: Option<String>,
+    fingerprint: Option<String>,
+    host_key: Option<String>,
+    public_line: Option<String>,
+}
+
+impl SshCredentials {
+    fn from_request(state: &AppState, id: Uuid, req: &CreateServer) -> Result<Self, ApiError> {
+        let user_ok = req.username.as_deref().is_some_and(|u| {
+            (1..=32).contains(&u.len())
+                && u.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                && !u.starts_with('-')
+        });
+        if !user_ok {
+            return Err(invalid(
+                "invalid_username",
+                "SSH servers need the login username (letters, digits, . _ -)",
+            ));
+        }
+        if req.enrollment_ttl_seconds.is_some() {
+            return Err(invalid(
+                "invalid_field",
+                "enrollment_ttl_seconds applies to agent servers only",
+            ));
+        }
+        let host_key = match &req.host_key {
+            Some(line) => {
+                let key = crate::ssh_keys::public_key(line)
+                    .map_err(|e| invalid("invalid_host_key", e.0))?;
+                Some(
+                    key.to_openssh()
+                        .map_err(|e| invalid("invalid_host_key", e.to_string()))?,
+                )
+            }
+            None => None,
+        };
+        match req.auth.as_deref().unwrap_or("key") {
+            "key" => {
+                if req.password.is_some() {
+                    return Err(invalid(
+                        "invalid_field",
+                        "password applies to auth \"password\" only",
+                    ));
+                }
+                let key = crate::ssh_keys::LoginKey::generate(id)
+                    .map_err(|e| ApiError::internal(&e.0))?;
+                Ok(Self {
+                    auth: "key".into(),
+                    sealed_key: Some(state.keys.encrypt(key.private_openssh.as_bytes())),
+                    sealed_password: None,
+                    fingerprint: Some(key.fingerprint),
+                    host_key,
+                    public_line: Some(key.authorized_keys_line),
+                })
+            }
+            "password" => {
+                let password = req
+                    .password
+                    .as_deref()
+                    .filter(|p| !p.is_empty() && p.len() <= 1024)
+                    .ok_or_else(|| {
+                        invalid(
+                            "invalid_password",
+                            "auth \"password\" needs the login password",
+                        )
+                    })?;
+                Ok(Self {
+                    auth: "password".into(),
+                    sealed_key: None,
+                    sealed_password: Some(state.keys.encrypt(password.as_bytes())),
+                    fingerprint: None,
+                    host_key,
+                    public_line: None,
+                })
+            }
+            other => Err(invalid(
+                "invalid_auth",
+                format!("auth {other:?}: use \"key\" or \"password\""),
+            )),
+        }
+    }
 }
 
 /// Lists the account's servers.
@@ -524,8 +628,10 @@ pub async fn delete(
     let revoked = revoke_certificates(&tx, id).await?;
     tx.execute("DELETE FROM enrollment_tokens WHERE server_id = $1", &[&id])
         .await?;
+    // Soft revoke: the row stays for the audit trail, the credentials are erased.
     tx.execute(
-        "UPDATE servers SET deleted_at = now() WHERE id = $1",
+        "UPDATE servers SET deleted_at = now(), ssh_private_key_ciphertext = NULL, \
+         ssh_password_ciphertext = NULL WHERE id = $1",
         &[&id],
     )
     .await?;

@@ -61,7 +61,7 @@ async fn enroll_connect_then_revoke_cuts_the_agent_off_within_a_second() {
     let (cookie, _) = t.signup("ops@example.com", PW).await;
     let agent = t.start_agent(&cookie, "web-1").await;
     assert!(
-        eventually(Duration::from_secs(10), || t
+        eventually(Duration::from_secs(30), || t
             .agent_connected(&cookie, agent.server_id))
         .await,
         "agent never showed as connected"
@@ -407,7 +407,7 @@ async fn server_input_is_validated_and_labels_filter() {
         ),
         (
             json!({"name": "n", "host": "h", "transport": "ssh"}),
-            "transport_unavailable",
+            "invalid_username",
         ),
         (
             json!({"name": "n", "host": "h", "labels": {"bad key!": "x"}}),
@@ -469,7 +469,7 @@ async fn reenrollment_replaces_the_certificate() {
     let (cookie, _) = t.signup("re@example.com", PW).await;
     let first = t.start_agent(&cookie, "web-1").await;
     assert!(
-        eventually(Duration::from_secs(10), || t
+        eventually(Duration::from_secs(30), || t
             .agent_connected(&cookie, first.server_id))
         .await
     );
@@ -517,7 +517,7 @@ async fn deleting_a_server_revokes_its_agent() {
     let (cookie, _) = t.signup("del@example.com", PW).await;
     let agent = t.start_agent(&cookie, "web-1").await;
     assert!(
-        eventually(Duration::from_secs(10), || t
+        eventually(Duration::from_secs(30), || t
             .agent_connected(&cookie, agent.server_id))
         .await
     );
@@ -555,7 +555,7 @@ async fn agent_reconnects_after_a_control_plane_restart() {
     let (cookie, _) = t.signup("restart@example.com", PW).await;
     let agent = t.start_agent(&cookie, "web-1").await;
     assert!(
-        eventually(Duration::from_secs(10), || t
+        eventually(Duration::from_secs(30), || t
             .agent_connected(&cookie, agent.server_id))
         .await
     );
@@ -643,7 +643,7 @@ async fn revocation_through_one_replica_cuts_off_an_agent_held_by_another() {
         sensei_agent::session::run(&state, sensei_agent::jobs::JobPolicy::default(), stopped).await
     });
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        eventually(Duration::from_secs(30), || async {
             b.plane.agents().is_connected_here(server_id)
         })
         .await,

@@ -338,7 +338,7 @@ async fn killing_the_agent_mid_deploy_keeps_a_complete_release_and_the_next_depl
     let d = s.deploy("main").await;
     let id = d["id"].as_str().expect("id").to_owned();
     assert!(
-        sensei_e2e::eventually(Duration::from_secs(10), || async {
+        sensei_e2e::eventually(Duration::from_secs(30), || async {
             let (_, log) =
                 s.t.get(&format!("/v1/deployments/{id}/logs"), &s.cookie)
                     .await;

@@ -9,4 +9,5 @@ mod cli;
 mod database_tls;
 mod deploys;
 mod field_keys;
+mod ssh;
 mod system;

@@ -1,0 +1,513 @@
+//! The SSH fallback runner: deploys to servers without an agent, over SSH, with the platform's
+//! key for that server (decrypted in memory only; it never touches disk).
+//!
+//! It is just another executor of the same signed job: every replica claims queued jobs of
+//! SSH servers (one running job per server, claimed under a lock on the server row), checks
+//! the signed job exactly as an agent does (signature, server, key binding, replay, time),
+//! and pipes the release engine's script into `sh -s` over **one** SSH channel. The steps,
+//! log lines and statuses are therefore those of an agent deploy.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use ed25519_dalek::SigningKey;
+use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
+use russh::{client, ChannelMsg};
+use sensei_shared::job::{verify, Expectations, JobTask};
+use sensei_shared::protocol::{JobResult, LogLine};
+use sensei_shared::release::{deploy_script, rollback_script, Outcome, OutputParser};
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Semaphore};
+use uuid::Uuid;
+
+use crate::agents::dispatch::{self, Claimed, CLAIMED_COLUMNS};
+use crate::agents::AgentHub;
+use crate::field_crypto::FieldKeys;
+
+/// SSH deploys running at once on one replica.
+pub const DEFAULT_CONCURRENCY: usize = 32;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const MAX_LINE: usize = 4096;
+
+/// What the runner needs.
+pub struct SshRunner {
+    pub pool: Pool,
+    pub keys: Arc<FieldKeys>,
+    pub job_key: SigningKey,
+    pub hub: Arc<AgentHub>,
+    pub permits: Arc<Semaphore>,
+}
+
+/// Why an SSH deploy could not run; the message is the deployment's error.
+struct Failure {
+    step: &'static str,
+    message: String,
+}
+
+fn fail(step: &'static str, message: impl Into<String>) -> Failure {
+    Failure {
+        step,
+        message: message.into(),
+    }
+}
+
+impl SshRunner {
+    /// Claims and runs SSH jobs until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            loop {
+                let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                    break;
+                };
+                match self.claim().await {
+                    Ok(Some((server_id, job))) => {
+                        let runner = self.clone();
+                        tokio::spawn(async move {
+                            runner.execute(server_id, job).await;
+                            drop(permit);
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming SSH jobs");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.hub.any_job.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Claims the oldest queued job of an SSH server that has no job running.
+    async fn claim(&self) -> Result<Option<(Uuid, Claimed)>, String> {
+        let mut client = self.pool.get().await.map_err(|e| e.to_string())?;
+        let candidates: Vec<Uuid> = client
+            .query(
+                "SELECT DISTINCT d.server_id FROM deployments d JOIN servers s ON s.id = d.server_id \
+                 WHERE s.transport = 'ssh' AND d.status = 'queued' AND d.expires_at > now() LIMIT 50",
+                &[],
+            )
+            .await
+            .map_err(|e| crate::db::describe(&e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for server_id in candidates {
+            let tx = client
+                .transaction()
+                .await
+                .map_err(|e| crate::db::describe(&e))?;
+            // The server row's lock serialises claims for it across replicas.
+            let locked = tx
+                .query_opt(
+                    "SELECT 1 FROM servers WHERE id = $1 FOR UPDATE SKIP LOCKED",
+                    &[&server_id],
+                )
+                .await
+                .map_err(|e| crate::db::describe(&e))?;
+            let busy = tx
+                .query_opt(
+                    "SELECT 1 FROM deployments WHERE server_id = $1 AND status = 'running'",
+                    &[&server_id],
+                )
+                .await
+                .map_err(|e| crate::db::describe(&e))?;
+            if locked.is_none() || busy.is_some() {
+                continue;
+            }
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "UPDATE deployments SET status = 'running', started_at = now(), dispatched_replica = $2 \
+                         WHERE id = (SELECT id FROM deployments WHERE server_id = $1 AND status = 'queued' \
+                                     AND expires_at > now() ORDER BY sequence LIMIT 1) \
+                         RETURNING {CLAIMED_COLUMNS}"
+                    ),
+                    &[&server_id, &self.hub.replica_id],
+                )
+                .await
+                .map_err(|e| crate::db::describe(&e))?;
+            tx.commit().await.map_err(|e| crate::db::describe(&e))?;
+            if let Some(row) = row {
+                return Ok(Some((server_id, Claimed::from_row(&row))));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn execute(&self, server_id: Uuid, job: Claimed) {
+        tracing::info!(%server_id, deployment = %job.id, "SSH deploy starting");
+        let result = match self.deploy(server_id, &job).await {
+            Ok(result) => result,
+            Err(f) => {
+                self.log(
+                    job.id,
+                    vec![LogLine {
+                        stream: 0,
+                        text: format!("FAILED at {}: {}", f.step, f.message),
+                    }],
+                )
+                .await;
+                JobResult {
+                    succeeded: false,
+                    release_id: None,
+                    commit: None,
+                    error: Some((f.step.into(), f.message)),
+                }
+            }
+        };
+        tracing::info!(%server_id, deployment = %job.id, succeeded = result.succeeded, "SSH deploy finished");
+        dispatch::finish(&self.pool, job.id, &result).await;
+    }
+
+    async fn log(&self, id: Uuid, lines: Vec<LogLine>) {
+        dispatch::store_lines(&self.pool, id, &lines).await;
+    }
+
+    async fn deploy(&self, server_id: Uuid, job: &Claimed) -> Result<JobResult, Failure> {
+        let db = |e: tokio_postgres::Error| fail("dispatch", crate::db::describe(&e));
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| fail("dispatch", e.to_string()))?;
+        let s = client
+            .query_one(
+                "SELECT host, port, username, ssh_auth, ssh_private_key_ciphertext, \
+                        ssh_password_ciphertext, host_key, ssh_highest_sequence \
+                 FROM servers WHERE id = $1",
+                &[&server_id],
+            )
+            .await
+            .map_err(db)?;
+        drop(client);
+        let host: String = s.get(0);
+        let port = u16::try_from(s.get::<_, i32>(1)).unwrap_or(22);
+        let user: String = s.get::<_, Option<String>>(2).unwrap_or_default();
+        let pinned: Option<String> = s.get(6);
+        let highest = u64::try_from(s.get::<_, i64>(7)).unwrap_or(0);
+        let credential = match (
+            s.get::<_, Option<&str>>(3),
+            s.get::<_, Option<&str>>(4),
+            s.get::<_, Option<&str>>(5),
+        ) {
+            (Some("key"), Some(sealed), _) => {
+                let plain = self
+                    .keys
+                    .decrypt(sealed)
+                    .map_err(|e| fail("dispatch", e.to_string()))?;
+                let text = String::from_utf8(plain)
+                    .map_err(|_| fail("dispatch", "stored SSH key is not text"))?;
+                Credential::Key(Box::new(
+                    crate::ssh_keys::private_key(&text).map_err(|e| fail("dispatch", e.0))?,
+                ))
+            }
+            (Some("password"), _, Some(sealed)) => {
+                let plain = self
+                    .keys
+                    .decrypt(sealed)
+                    .map_err(|e| fail("dispatch", e.to_string()))?;
+                Credential::Password(
+                    String::from_utf8(plain)
+                        .map_err(|_| fail("dispatch", "stored password is not text"))?,
+                )
+            }
+            _ => {
+                return Err(fail(
+                    "dispatch",
+                    "the server's credentials were erased (the server was deleted)",
+                ))
+            }
+        };
+
+        // The same signed job an agent would get, checked the same way.
+        let binding = credential.binding();
+        let signed = dispatch::sign(
+            &self.pool,
+            &self.keys,
+            job,
+            server_id,
+            binding,
+            &self.job_key,
+        )
+        .await
+        .map_err(|e| fail("dispatch", e))?;
+        let verifying = self.job_key.verifying_key();
+        let payload = verify(
+            &signed,
+            &Expectations {
+                key: &verifying,
+                server_id,
+                certificate_fingerprint: binding,
+                highest_sequence: highest,
+                now: Utc::now().timestamp(),
+            },
+        )
+        .map_err(|e| fail("verify", e.to_string()))?;
+        let sequence = i64::try_from(payload.sequence).unwrap_or(i64::MAX);
+        let raised = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| fail("dispatch", e.to_string()))?
+            .execute(
+                "UPDATE servers SET ssh_highest_sequence = $2 WHERE id = $1 AND ssh_highest_sequence < $2",
+                &[&server_id, &sequence],
+            )
+            .await
+            .map_err(db)?;
+        if raised == 0 {
+            return Err(fail(
+                "verify",
+                format!("replayed job: sequence {sequence} already ran on this server"),
+            ));
+        }
+        let nonce = hex::encode(rand::random::<[u8; 12]>());
+        let script = match &payload.task {
+            JobTask::Deploy(spec) => deploy_script(spec, &job.id.to_string(), &nonce),
+            JobTask::Rollback(spec) => rollback_script(spec, &job.id.to_string(), &nonce),
+        }
+        .map_err(|e| fail("verify", e.to_string()))?;
+
+        let session = self
+            .connect(server_id, &host, port, &user, credential, pinned)
+            .await?;
+        let outcome = self.run_script(&session, job.id, &script, &nonce).await;
+        let _ = session
+            .disconnect(russh::Disconnect::ByApplication, "deploy finished", "en")
+            .await;
+        let (outcome, status) = outcome?;
+        let verdict = outcome.verdict(status);
+        Ok(JobResult {
+            succeeded: verdict.is_ok(),
+            release_id: outcome.release.clone(),
+            commit: outcome.commit.clone(),
+            error: verdict.err(),
+        })
+    }
+
+    async fn connect(
+        &self,
+        server_id: Uuid,
+        host: &str,
+        port: u16,
+        user: &str,
+        credential: Credential,
+        pinned: Option<String>,
+    ) -> Result<client::Handle<HostKeyCheck>, Failure> {
+        let pinned_key = match &pinned {
+            Some(line) => {
+                Some(crate::ssh_keys::public_key(line).map_err(|e| fail("connect", e.0))?)
+            }
+            None => None,
+        };
+        let seen = Arc::new(Mutex::new(None));
+        let handler = HostKeyCheck {
+            pinned: pinned_key.clone(),
+            seen: seen.clone(),
+        };
+        let config = Arc::new(client::Config {
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max: 4,
+            ..Default::default()
+        });
+        let connecting = client::connect(config, (host, port), handler);
+        let mut session = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(session)) => session,
+            Ok(Err(e)) => {
+                let presented = seen.lock().ok().and_then(|s| s.clone());
+                return Err(match (pinned_key, presented) {
+                    (Some(expected), Some(got)) if expected.key_data() != got.key_data() => fail(
+                        "connect",
+                        format!(
+                            "host key changed: {host}:{port} presented {} but {} is pinned; refusing to \
+                             connect (if the server was reinstalled, delete and re-add it)",
+                            crate::ssh_keys::fingerprint(&got),
+                            crate::ssh_keys::fingerprint(&expected)
+                        ),
+                    ),
+                    _ => fail("connect", format!("cannot reach {host}:{port} over SSH: {e}")),
+                });
+            }
+            Err(_) => {
+                return Err(fail(
+                    "connect",
+                    format!("cannot reach {host}:{port}: timed out"),
+                ))
+            }
+        };
+        let auth = match credential {
+            Credential::Key(key) => session
+                .authenticate_publickey(user, PrivateKeyWithHashAlg::new(Arc::new(*key), None))
+                .await
+                .map(|r| r.success())
+                .map_err(|e| fail("connect", format!("SSH authentication error: {e}")))?,
+            Credential::Password(password) => session
+                .authenticate_password(user, password)
+                .await
+                .map(|r| r.success())
+                .map_err(|e| fail("connect", format!("SSH authentication error: {e}")))?,
+        };
+        if !auth {
+            return Err(fail(
+                "connect",
+                format!(
+                    "SSH authentication failed for {user}@{host}: the key may have been removed from \
+                     authorized_keys (or the password changed)"
+                ),
+            ));
+        }
+        // First successful connection: pin the host key it presented.
+        if pinned.is_none() {
+            if let Some(key) = seen.lock().ok().and_then(|s| s.clone()) {
+                if let (Ok(line), Ok(client)) = (key.to_openssh(), self.pool.get().await) {
+                    let _ = client
+                        .execute(
+                            "UPDATE servers SET host_key = $2 WHERE id = $1 AND host_key IS NULL",
+                            &[&server_id, &line],
+                        )
+                        .await;
+                }
+            }
+        }
+        Ok(session)
+    }
+
+    /// Pipes the script into `sh -s` on one channel and reads its output back.
+    async fn run_script(
+        &self,
+        session: &client::Handle<HostKeyCheck>,
+        job_id: Uuid,
+        script: &str,
+        nonce: &str,
+    ) -> Result<(Outcome, Option<i32>), Failure> {
+        let mut channel = session
+            .channel_open_session()
+            .await
+            .map_err(|e| fail("connect", format!("cannot open an SSH channel: {e}")))?;
+        channel
+            .exec(true, "sh -s")
+            .await
+            .map_err(|e| fail("connect", format!("cannot start sh: {e}")))?;
+        channel
+            .data(script.as_bytes())
+            .await
+            .map_err(|e| fail("connect", format!("cannot send the deploy script: {e}")))?;
+        channel
+            .eof()
+            .await
+            .map_err(|e| fail("connect", format!("cannot send the deploy script: {e}")))?;
+        let parser = OutputParser::new(nonce);
+        let mut outcome = Outcome::default();
+        let mut buffers = [Vec::new(), Vec::new()];
+        let mut status = None;
+        let mut batch = Vec::new();
+        let mut take_lines = |stream: usize,
+                              data: &[u8],
+                              outcome: &mut Outcome,
+                              batch: &mut Vec<LogLine>,
+                              flush_all: bool| {
+            buffers[stream].extend_from_slice(data);
+            loop {
+                let Some(pos) = buffers[stream].iter().position(|b| *b == b'\n') else {
+                    if flush_all && !buffers[stream].is_empty() {
+                        let rest = std::mem::take(&mut buffers[stream]);
+                        push_line(&parser, stream, &rest, outcome, batch);
+                    }
+                    break;
+                };
+                let line: Vec<u8> = buffers[stream].drain(..=pos).collect();
+                push_line(&parser, stream, &line[..line.len() - 1], outcome, batch);
+            }
+        };
+        loop {
+            let Some(message) = channel.wait().await else {
+                break;
+            };
+            match message {
+                ChannelMsg::Data { ref data } => {
+                    take_lines(0, data, &mut outcome, &mut batch, false)
+                }
+                ChannelMsg::ExtendedData { ref data, .. } => {
+                    take_lines(1, data, &mut outcome, &mut batch, false)
+                }
+                ChannelMsg::ExitStatus { exit_status } => {
+                    status = Some(i32::try_from(exit_status).unwrap_or(i32::MAX))
+                }
+                ChannelMsg::ExitSignal { .. } => status = None,
+                _ => {}
+            }
+            if batch.len() >= 100 {
+                self.log(job_id, std::mem::take(&mut batch)).await;
+            }
+        }
+        take_lines(0, &[], &mut outcome, &mut batch, true);
+        take_lines(1, &[], &mut outcome, &mut batch, true);
+        self.log(job_id, batch).await;
+        Ok((outcome, status))
+    }
+}
+
+fn push_line(
+    parser: &OutputParser,
+    stream: usize,
+    raw: &[u8],
+    outcome: &mut Outcome,
+    batch: &mut Vec<LogLine>,
+) {
+    let mut text = String::from_utf8_lossy(raw).into_owned();
+    if text.len() > MAX_LINE {
+        let mut end = MAX_LINE;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" …[cut]");
+    }
+    let event = parser.parse(&text);
+    outcome.feed(&event);
+    let (stream, text) = event.log_entry(if stream == 0 { 1 } else { 2 });
+    batch.push(LogLine { stream, text });
+}
+
+enum Credential {
+    Key(Box<russh::keys::PrivateKey>),
+    Password(String),
+}
+
+impl Credential {
+    /// What the signed job is bound to: the login key (SHA-256 of its public half), or for
+    /// password logins a fixed marker.
+    fn binding(&self) -> [u8; 32] {
+        match self {
+            Credential::Key(key) => crate::ssh_keys::binding(key.public_key()),
+            Credential::Password(_) => Sha256::digest(b"sensei ssh password login").into(),
+        }
+    }
+}
+
+/// Accepts the pinned host key only (or, when none is pinned yet, records what was presented).
+struct HostKeyCheck {
+    pinned: Option<PublicKey>,
+    seen: Arc<Mutex<Option<PublicKey>>>,
+}
+
+impl client::Handler for HostKeyCheck {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &PublicKey) -> Result<bool, Self::Error> {
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = Some(key.clone());
+        }
+        Ok(match &self.pinned {
+            Some(pinned) => pinned.key_data() == key.key_data(),
+            None => true,
+        })
+    }
+}
