@@ -19,6 +19,7 @@ pub mod passwords;
 pub mod pki;
 pub mod postgres_cluster;
 pub mod quickstart;
+pub mod rollouts;
 pub mod rotate;
 pub mod server;
 pub mod ssh_keys;

@@ -255,6 +255,11 @@ impl ControlPlane {
                 let rx = shutdown_rx.clone();
                 tokio::spawn(async move { last_seen.run(pool, rx).await })
             },
+            tokio::spawn(crate::rollouts::run(
+                pool.clone(),
+                hub.clone(),
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(
                 Arc::new(crate::ssh_runner::SshRunner {
                     pool: pool.clone(),

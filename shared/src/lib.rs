@@ -8,5 +8,6 @@ pub mod codec;
 pub mod job;
 pub mod protocol;
 pub mod release;
+pub mod rollout;
 
 pub use codec::{decode, encode, CodecError, MAX_MESSAGE_LEN};

@@ -57,6 +57,17 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
         ("POST", "/v1/deployments" | "/v1/deployments/{id}/rollback") => {
             Scoped(Scope::DeploymentsWrite)
         }
+        ("GET", "/v1/rollouts" | "/v1/rollouts/{id}" | "/v1/rollouts/{id}/events") => {
+            Scoped(Scope::RolloutsRead)
+        }
+        (
+            "POST",
+            "/v1/rollouts"
+            | "/v1/rollouts/{id}/pause"
+            | "/v1/rollouts/{id}/resume"
+            | "/v1/rollouts/{id}/abort"
+            | "/v1/rollouts/{id}/approve",
+        ) => Scoped(Scope::RolloutsWrite),
         _ => return None,
     })
 }

@@ -123,10 +123,15 @@ async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<DeploymentVie
     Ok(view(&row))
 }
 
-/// A release id that sorts by time: `YYYYMMDDHHMMSS-` and the server's job sequence number,
-/// zero-padded, which orders releases made within the same second.
-fn release_id(at: DateTime<Utc>, sequence: i64) -> String {
-    format!("{}-{sequence:010}", at.format("%Y%m%d%H%M%S"))
+/// A release id that sorts by time: `YYYYMMDDHHMMSS-`, the server's job sequence number
+/// zero-padded (orders releases made within the same second), and six hex digits of the job
+/// id (unique even where several servers share one deploy path, e.g. over NFS).
+fn release_id(at: DateTime<Utc>, sequence: i64, job: Uuid) -> String {
+    format!(
+        "{}-{sequence:010}-{}",
+        at.format("%Y%m%d%H%M%S"),
+        &job.simple().to_string()[..6]
+    )
 }
 
 /// Queues a job inside `tx`: the next sequence number of the server, then the row, then the
@@ -137,39 +142,39 @@ mod tests {
     fn release_ids_sort_by_time_then_sequence() {
         let t0 = chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("time");
         let t1 = chrono::DateTime::from_timestamp(1_800_000_001, 0).expect("time");
-        let mut ids = [
-            super::release_id(t1, 1),
-            super::release_id(t0, 10),
-            super::release_id(t0, 9),
-        ];
+        let job = |n: u128| uuid::Uuid::from_u128(n << 120);
+        let (a, b, c) = (
+            super::release_id(t0, 9, job(3)),
+            super::release_id(t0, 10, job(2)),
+            super::release_id(t1, 1, job(1)),
+        );
+        let mut ids = [c.clone(), b.clone(), a.clone()];
         ids.sort();
-        assert_eq!(
-            ids,
-            [
-                super::release_id(t0, 9),
-                super::release_id(t0, 10),
-                super::release_id(t1, 1)
-            ]
+        assert_eq!(ids, [a, b, c]);
+        assert_ne!(
+            super::release_id(t0, 1, job(1)),
+            super::release_id(t0, 1, job(2))
         );
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn enqueue(
-    state: &AppState,
+pub async fn enqueue(
     tx: &tokio_postgres::Transaction<'_>,
-    principal: &Principal,
+    account_id: Uuid,
+    created_by: Option<Uuid>,
     project_id: Uuid,
     server_id: Uuid,
     kind: &str,
     git_ref: Option<&str>,
     rollback_of: Option<Uuid>,
+    timeout: Duration,
 ) -> Result<Uuid, ApiError> {
     let server = tx
         .query_opt(
             "UPDATE servers SET job_sequence = job_sequence + 1 \
              WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL RETURNING job_sequence, transport",
-            &[&server_id, &principal.account_id],
+            &[&server_id, &account_id],
         )
         .await?
         .ok_or_else(|| ApiError::not_found("server"))?;
@@ -201,14 +206,14 @@ async fn enqueue(
     }
     let id = Uuid::new_v4();
     let now = Utc::now();
-    let release = (kind == "deploy").then(|| release_id(now, sequence));
-    let timeout = state.dispatch_timeout.as_secs_f64();
+    let release = (kind == "deploy").then(|| release_id(now, sequence, id));
+    let timeout = timeout.as_secs_f64();
     tx.execute(
         "INSERT INTO deployments (id, account_id, project_id, server_id, kind, git_ref, rollback_of, sequence, \
          release_id, status, created_by, expires_at) \
          VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'queued',$10, now() + make_interval(secs => $11))",
-        &[&id, &principal.account_id, &project_id, &server_id, &kind, &git_ref, &rollback_of,
-          &sequence, &release, &principal.user_id, &timeout],
+        &[&id, &account_id, &project_id, &server_id, &kind, &git_ref, &rollback_of,
+          &sequence, &release, &created_by, &timeout],
     )
     .await?;
     cert_events::notify_job(tx, server_id).await?;
@@ -239,14 +244,15 @@ pub async fn create(
     .await?
     .ok_or_else(|| ApiError::not_found("project"))?;
     let id = enqueue(
-        &state,
         &tx,
-        &principal,
+        principal.account_id,
+        Some(principal.user_id),
         req.project_id,
         req.server_id,
         "deploy",
         Some(git_ref),
         None,
+        state.dispatch_timeout,
     )
     .await?;
     audit::append(
@@ -401,14 +407,15 @@ pub async fn rollback(
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let new_id = enqueue(
-        &state,
         &tx,
-        &principal,
+        principal.account_id,
+        Some(principal.user_id),
         original.project_id,
         original.server_id,
         "rollback",
         None,
         Some(id),
+        state.dispatch_timeout,
     )
     .await?;
     audit::append(

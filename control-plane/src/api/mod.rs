@@ -26,6 +26,7 @@ pub mod deployments;
 pub mod error;
 pub mod extract;
 pub mod projects;
+pub mod rollouts;
 pub mod servers;
 pub mod system;
 
@@ -74,6 +75,7 @@ impl Deref for AppState {
         (name = "servers", description = "deploy targets and their agents"),
         (name = "projects", description = "what to deploy and how"),
         (name = "deployments", description = "deploys, their logs, rollbacks"),
+        (name = "rollouts", description = "fleet-wide rollouts in batches"),
     )
 )]
 struct ApiDoc;
@@ -103,6 +105,13 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(deployments::show))
         .routes(routes!(deployments::logs))
         .routes(routes!(deployments::rollback))
+        .routes(routes!(rollouts::create, rollouts::list))
+        .routes(routes!(rollouts::show))
+        .routes(routes!(rollouts::events))
+        .routes(routes!(rollouts::pause))
+        .routes(routes!(rollouts::resume))
+        .routes(routes!(rollouts::abort))
+        .routes(routes!(rollouts::approve))
 }
 
 /// The OpenAPI document, rendered once.

@@ -9,5 +9,6 @@ mod cli;
 mod database_tls;
 mod deploys;
 mod field_keys;
+mod rollouts;
 mod ssh;
 mod system;

@@ -1,0 +1,446 @@
+//! Fleet-wide rollouts: deploy a ref to many servers (agent and SSH alike), batch by batch,
+//! with a canary, a failure budget, pauses, approval, abort, and rollback on halt. The
+//! scheduler (`crate::rollouts`) advances them; these routes start, watch and steer them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use sensei_shared::rollout::Strategy;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ClientMeta, JsonBody};
+use super::AppState;
+use crate::audit::{self, AuditEvent, Outcome};
+use crate::auth::Principal;
+
+const MAX_TARGETS: usize = 100_000;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRollout {
+    pub project_id: Uuid,
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// Servers whose labels include all of these. Give this or `server_ids`.
+    pub selector: Option<Selector>,
+    pub server_ids: Option<Vec<Uuid>>,
+    /// Defaults: canary 1, batches of 10%, halt at the first failure, no pause.
+    #[schema(value_type = Object)]
+    pub strategy: Option<Strategy>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TargetView {
+    pub server_id: Uuid,
+    pub batch: i32,
+    /// `pending`, `running`, `succeeded`, `failed`, `unreachable` or `skipped`.
+    pub status: String,
+    pub deployment_id: Option<Uuid>,
+    pub rollback_deployment_id: Option<Uuid>,
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RolloutView {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// `running`, `paused`, `halted`, `succeeded`, `aborted` or `rolled_back`.
+    pub state: String,
+    pub paused_reason: Option<String>,
+    pub halted_reason: Option<String>,
+    pub current_batch: Option<i32>,
+    pub batch_count: i32,
+    #[schema(value_type = Object)]
+    pub strategy: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub targets: Vec<TargetView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RolloutList {
+    pub rollouts: Vec<RolloutView>,
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<RolloutView, ApiError> {
+    let client = state.pool.get().await?;
+    let r = client
+        .query_opt(
+            "SELECT id, project_id, git_ref, state, paused_reason, halted_reason, current_batch, \
+                    batch_count, strategy, created_at, finished_at \
+             FROM rollouts WHERE account_id = $1 AND id = $2",
+            &[&account, &id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("rollout"))?;
+    let targets = client
+        .query(
+            "SELECT server_id, batch, status, deployment_id, rollback_deployment_id, error \
+             FROM rollout_targets WHERE rollout_id = $1 ORDER BY batch, position",
+            &[&id],
+        )
+        .await?;
+    Ok(RolloutView {
+        id: r.get(0),
+        project_id: r.get(1),
+        git_ref: r.get(2),
+        state: r.get(3),
+        paused_reason: r.get(4),
+        halted_reason: r.get(5),
+        current_batch: r.get(6),
+        batch_count: r.get(7),
+        strategy: r.get(8),
+        created_at: r.get(9),
+        finished_at: r.get(10),
+        targets: targets
+            .iter()
+            .map(|t| TargetView {
+                server_id: t.get(0),
+                batch: t.get(1),
+                status: t.get(2),
+                deployment_id: t.get(3),
+                rollback_deployment_id: t.get(4),
+                error: t.get(5),
+            })
+            .collect(),
+    })
+}
+
+fn event(
+    p: &Principal,
+    meta: &ClientMeta,
+    action: &'static str,
+    id: Uuid,
+    metadata: serde_json::Value,
+) -> AuditEvent {
+    AuditEvent {
+        account_id: Some(p.account_id),
+        actor: p.actor(),
+        client_ip: Some(meta.ip.to_string()),
+        user_agent: Some(meta.user_agent.clone()),
+        action,
+        target: Some(("rollout", id)),
+        outcome: Outcome::Success,
+        metadata,
+    }
+}
+
+/// Starts a rollout.
+#[utoipa::path(post, path = "/v1/rollouts", tag = "rollouts", request_body = CreateRollout,
+    responses((status = 201, body = RolloutView), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    JsonBody(req): JsonBody<CreateRollout>,
+) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
+    let git_ref = req.git_ref.trim().to_owned();
+    sensei_shared::release::check_git_ref(&git_ref).map_err(|e| invalid("invalid_ref", e.0))?;
+    let strategy = req.strategy.unwrap_or_default();
+    strategy
+        .validate()
+        .map_err(|e| invalid("invalid_strategy", e))?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.query_opt(
+        "SELECT 1 FROM projects WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
+        &[&req.project_id, &principal.account_id],
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found("project"))?;
+    let servers: Vec<Uuid> = match (req.selector, req.server_ids) {
+        (Some(selector), None) => tx
+            .query(
+                "SELECT id FROM servers WHERE account_id = $1 AND deleted_at IS NULL AND labels @> $2 \
+                 ORDER BY created_at, id",
+                &[&principal.account_id, &json!(selector.labels)],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+        (None, Some(ids)) => {
+            let mut unique = ids.clone();
+            unique.sort();
+            unique.dedup();
+            let found: Vec<Uuid> = tx
+                .query(
+                    "SELECT id FROM servers WHERE account_id = $1 AND deleted_at IS NULL AND id = ANY($2)",
+                    &[&principal.account_id, &unique],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if found.len() != unique.len() {
+                return Err(ApiError::not_found("one of the servers"));
+            }
+            let mut ordered = Vec::new();
+            for id in ids {
+                if !ordered.contains(&id) {
+                    ordered.push(id);
+                }
+            }
+            ordered
+        }
+        _ => return Err(invalid("invalid_targets", "give either selector or server_ids")),
+    };
+    if servers.is_empty() {
+        return Err(invalid("no_targets", "no server matches the selector"));
+    }
+    if servers.len() > MAX_TARGETS {
+        return Err(invalid(
+            "invalid_targets",
+            format!("at most {MAX_TARGETS} servers per rollout"),
+        ));
+    }
+    let batches = strategy.batches(servers.len());
+    let id = Uuid::new_v4();
+    tx.execute(
+        "INSERT INTO rollouts (id, account_id, project_id, git_ref, strategy, state, batch_count, created_by) \
+         VALUES ($1, $2, $3, $4, $5, 'running', $6, $7)",
+        &[&id, &principal.account_id, &req.project_id, &git_ref, &json!(strategy),
+          &(batches.len() as i32), &principal.user_id],
+    )
+    .await?;
+    let mut batch_of = Vec::with_capacity(servers.len());
+    for (b, size) in batches.iter().enumerate() {
+        batch_of.extend(std::iter::repeat_n(b as i32, *size));
+    }
+    let positions: Vec<i32> = (0..servers.len() as i32).collect();
+    tx.execute(
+        "INSERT INTO rollout_targets (rollout_id, server_id, batch, position, status) \
+         SELECT $1, s, b, p, 'pending' FROM unnest($2::uuid[], $3::int[], $4::int[]) AS t(s, b, p)",
+        &[&id, &servers, &batch_of, &positions],
+    )
+    .await?;
+    audit::append(
+        &tx,
+        &event(
+            &principal,
+            &meta,
+            "rollout.started",
+            id,
+            json!({"ref": git_ref, "targets": servers.len(), "batches": batches.len()}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(load(&state, principal.account_id, id).await?),
+    ))
+}
+
+/// Lists the account's rollouts, newest first.
+#[utoipa::path(get, path = "/v1/rollouts", tag = "rollouts", responses((status = 200, body = RolloutList)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<RolloutList>, ApiError> {
+    let ids: Vec<Uuid> = state
+        .pool
+        .get()
+        .await?
+        .query(
+            "SELECT id FROM rollouts WHERE account_id = $1 ORDER BY created_at DESC LIMIT 100",
+            &[&principal.account_id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut rollouts = Vec::new();
+    for id in ids {
+        rollouts.push(load(&state, principal.account_id, id).await?);
+    }
+    Ok(Json(RolloutList { rollouts }))
+}
+
+/// One rollout with every target.
+#[utoipa::path(get, path = "/v1/rollouts/{id}", tag = "rollouts",
+    params(("id" = Uuid, Path, description = "rollout id")),
+    responses((status = 200, body = RolloutView), (status = 404, body = ErrorBody)))]
+pub async fn show(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<RolloutView>, ApiError> {
+    Ok(Json(load(&state, principal.account_id, id).await?))
+}
+
+/// Progress as server-sent events: the rollout (`event: rollout`) each time it changes, until
+/// it reaches a final state.
+#[utoipa::path(get, path = "/v1/rollouts/{id}/events", tag = "rollouts",
+    params(("id" = Uuid, Path, description = "rollout id")),
+    responses((status = 200, content_type = "text/event-stream"), (status = 404, body = ErrorBody)))]
+pub async fn events(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<Response, ApiError> {
+    load(&state, principal.account_id, id).await?;
+    let account = principal.account_id;
+    let stream = futures_util::stream::unfold(
+        (state, String::new(), false),
+        move |(state, last, ended)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                let Ok(view) = load(&state, account, id).await else {
+                    return Some((
+                        Err(std::io::Error::other("rollout stream interrupted")),
+                        (state, last, true),
+                    ));
+                };
+                let text = serde_json::to_string(&view).unwrap_or_default();
+                let done = matches!(view.state.as_str(), "succeeded" | "aborted" | "rolled_back")
+                    || (view.state == "halted" && view.finished_at.is_some());
+                if text != last || done {
+                    let chunk = format!("event: rollout\ndata: {text}\n\n");
+                    return Some((Ok::<_, std::io::Error>(chunk), (state, text, done)));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        },
+    );
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, "text/event-stream")
+        .header(http::header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .map_err(|_| ApiError::internal("building response"))
+}
+
+/// Applies an operator's command if the rollout is in a state that allows it.
+async fn command(
+    state: &AppState,
+    principal: &Principal,
+    meta: &ClientMeta,
+    id: Uuid,
+    action: &'static str,
+) -> Result<Json<RolloutView>, ApiError> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "SELECT state, paused_reason FROM rollouts WHERE id = $1 AND account_id = $2 FOR UPDATE",
+            &[&id, &principal.account_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("rollout"))?;
+    let current: String = row.get(0);
+    let awaiting = row
+        .get::<_, Option<String>>(1)
+        .is_some_and(|r| r.contains("approval"));
+    let refuse = |what: &str| {
+        Err(ApiError::conflict(
+            "invalid_state",
+            format!(
+                "cannot {what} a rollout that is {current}{}",
+                if awaiting { " (awaiting approval)" } else { "" }
+            ),
+        ))
+    };
+    let sql = match action {
+        "rollout.paused" if current == "running" => {
+            "UPDATE rollouts SET state = 'paused', paused_reason = 'paused by an operator' WHERE id = $1"
+        }
+        "rollout.resumed" if current == "paused" && !awaiting => {
+            "UPDATE rollouts SET state = 'running', paused_reason = NULL WHERE id = $1"
+        }
+        "rollout.approved" if current == "paused" && awaiting => {
+            "UPDATE rollouts SET state = 'running', paused_reason = NULL, approved = true WHERE id = $1"
+        }
+        "rollout.aborted" if current == "running" || current == "paused" => {
+            tx.execute(
+                "UPDATE rollout_targets SET status = 'skipped' WHERE rollout_id = $1 AND status = 'pending'",
+                &[&id],
+            )
+            .await?;
+            "UPDATE rollouts SET state = 'aborted', finished_at = now() WHERE id = $1"
+        }
+        "rollout.paused" => return refuse("pause"),
+        "rollout.resumed" => return refuse("resume"),
+        "rollout.approved" => return refuse("approve"),
+        _ => return refuse("abort"),
+    };
+    tx.execute(sql, &[&id]).await?;
+    tx.execute(
+        "UPDATE rollouts SET updated_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    audit::append(
+        &tx,
+        &event(principal, meta, action, id, json!({"from": current})),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(load(state, principal.account_id, id).await?))
+}
+
+macro_rules! steering_route {
+    ($name:ident, $path:literal, $action:literal, $doc:literal) => {
+        #[doc = $doc]
+        #[utoipa::path(post, path = $path, tag = "rollouts",
+            params(("id" = Uuid, Path, description = "rollout id")),
+            responses((status = 200, body = RolloutView), (status = 404, body = ErrorBody),
+                      (status = 409, body = ErrorBody, description = "not allowed in the rollout's state")))]
+        pub async fn $name(
+            State(state): State<AppState>,
+            meta: ClientMeta,
+            Extension(principal): Extension<Principal>,
+            Path(id): Path<Uuid>,
+        ) -> Result<Json<RolloutView>, ApiError> {
+            command(&state, &principal, &meta, id, $action).await
+        }
+    };
+}
+
+steering_route!(
+    pause,
+    "/v1/rollouts/{id}/pause",
+    "rollout.paused",
+    "Stops starting new batches; running deploys finish."
+);
+steering_route!(
+    resume,
+    "/v1/rollouts/{id}/resume",
+    "rollout.resumed",
+    "Resumes a paused rollout."
+);
+steering_route!(
+    abort,
+    "/v1/rollouts/{id}/abort",
+    "rollout.aborted",
+    "Ends the rollout; targets not started are skipped."
+);
+steering_route!(
+    approve,
+    "/v1/rollouts/{id}/approve",
+    "rollout.approved",
+    "Lets a rollout waiting after its canary continue."
+);
