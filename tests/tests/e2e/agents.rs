@@ -673,3 +673,55 @@ async fn revocation_through_one_replica_cuts_off_an_agent_held_by_another() {
     assert!(started.elapsed() < Duration::from_secs(1));
     assert!(!b.plane.agents().is_connected_here(server_id));
 }
+
+#[tokio::test]
+async fn a_deployment_queued_on_one_replica_reaches_an_agent_held_by_another() {
+    let conninfo = sensei_e2e::fresh_database().await;
+    let keys = sensei_e2e::test_keys();
+    let a = TestPlane::start_on(conninfo.clone(), keys.clone()).await;
+    let b = TestPlane::start_on(conninfo, keys).await;
+    let (cookie, _) = a.signup("cross@example.com", PW).await;
+    // The agent is enrolled and connected through replica B.
+    let agent = b.start_agent(&cookie, "web-1").await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            b.plane.agents().is_connected_here(agent.server_id)
+        })
+        .await
+    );
+    assert!(!a.plane.agents().is_connected_here(agent.server_id));
+    let dir = open_tempdir();
+    let repo = sensei_e2e::git_repo(dir.path(), &["v1"]);
+    let app = dir.path().join("app");
+    let (_, project) = a
+        .post(
+            "/v1/projects",
+            &cookie,
+            json!({"name": "x", "repo_url": repo.display().to_string(), "deploy_path": app.display().to_string()}),
+        )
+        .await;
+    // Queued through replica A: B hears of it through NOTIFY and hands it to its agent.
+    let (status, d) = a
+        .post(
+            "/v1/deployments",
+            &cookie,
+            json!({"project_id": project["id"], "server_id": agent.server_id, "ref": "main"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{d}");
+    let started = Instant::now();
+    let done = a
+        .wait_deployment(&cookie, d["id"].as_str().expect("id"))
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    // Well under the scheduler's 5 s safety re-check: the wake-up came through NOTIFY.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        std::fs::read_to_string(app.join("current/index.html")).expect("page"),
+        "v1"
+    );
+}
