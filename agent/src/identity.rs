@@ -16,6 +16,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use sensei_shared::protocol::JobResult;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -28,6 +29,8 @@ const CA: &str = "ca.crt";
 const META: &str = "agent.json";
 /// The highest job sequence number run; survives restarts so that a replayed job is refused.
 const SEQUENCE: &str = "sequence";
+/// A finished job's result not yet acknowledged by the control plane.
+const PENDING: &str = "pending-result.json";
 
 /// What `agent.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +170,30 @@ impl StateDir {
     /// that a crash mid-job never lets the same job run twice.
     pub fn store_sequence(&self, sequence: u64) -> Result<(), IdentityError> {
         self.write(SEQUENCE, &sequence.to_string())
+    }
+
+    /// Keeps a finished job's result until the control plane has recorded it.
+    pub fn store_pending_result(
+        &self,
+        job_id: Uuid,
+        result: &JobResult,
+    ) -> Result<(), IdentityError> {
+        let text = serde_json::to_string(&(job_id, result)).map_err(|e| IdentityError::Io {
+            dir: self.dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        self.write(PENDING, &text)
+    }
+
+    /// The result still to report, if any.
+    pub fn pending_result(&self) -> Option<(Uuid, JobResult)> {
+        let text = fs::read_to_string(self.dir.join(PENDING)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The control plane recorded the pending result.
+    pub fn clear_pending_result(&self) {
+        let _ = fs::remove_file(self.dir.join(PENDING));
     }
 
     /// Deletes the identity. Returns whether there was one.

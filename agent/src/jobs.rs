@@ -63,8 +63,37 @@ fn failed(step: &str, message: String) -> JobResult {
     }
 }
 
+/// Reports a result left over from a connection that was lost before the control plane
+/// acknowledged it. Returns false if the connection failed meanwhile.
+async fn report_pending(connection: &quinn::Connection, ctx: &JobContext) -> bool {
+    let Some((job_id, result)) = ctx.state.pending_result() else {
+        return true;
+    };
+    let Ok((mut send, mut recv)) = connection.open_bi().await else {
+        return false;
+    };
+    if write_frame(&mut send, &AgentMessage::JobReport { job_id, result })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    match read_frame::<ControlMessage, _>(&mut recv).await {
+        Ok(Some(ControlMessage::JobRecorded)) => {
+            tracing::info!(%job_id, "reported the result of a job finished while disconnected");
+            ctx.state.clear_pending_result();
+            let _ = send.finish();
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Polls and runs jobs until the connection ends.
 pub async fn job_loop(connection: &quinn::Connection, ctx: &JobContext) {
+    if !report_pending(connection, ctx).await {
+        return;
+    }
     loop {
         let Ok((mut send, mut recv)) = connection.open_bi().await else {
             return;
@@ -80,11 +109,18 @@ pub async fn job_loop(connection: &quinn::Connection, ctx: &JobContext) {
             _ => return,
         };
         let answer = handle(connection, ctx, &job, &mut send).await;
+        // Kept on disk until acknowledged: if the connection (or the control plane replica)
+        // dies now, the result is reported again after reconnecting.
+        if let AgentMessage::JobFinished { job_id, result } = &answer {
+            if let Err(e) = ctx.state.store_pending_result(*job_id, result) {
+                tracing::warn!(error = %e, "cannot keep the job's result on disk");
+            }
+        }
         if write_frame(&mut send, &answer).await.is_err() {
             return;
         }
         match read_frame::<ControlMessage, _>(&mut recv).await {
-            Ok(Some(ControlMessage::JobRecorded)) => {}
+            Ok(Some(ControlMessage::JobRecorded)) => ctx.state.clear_pending_result(),
             _ => return,
         }
         let _ = send.finish();

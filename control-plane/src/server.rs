@@ -277,14 +277,23 @@ impl ControlPlane {
                 // idempotent, so running it everywhere is harmless.
                 let pool = pool.clone();
                 let mut rx = shutdown_rx.clone();
+                let replica = hub.replica_id;
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                    let mut beats = 0u64;
                     loop {
                         tokio::select! {
-                            _ = tick.tick() => crate::agents::dispatch::expire_queued(&pool).await,
+                            _ = tick.tick() => {
+                                if beats.is_multiple_of(2) {
+                                    crate::agents::dispatch::heartbeat(&pool, replica).await;
+                                }
+                                beats += 1;
+                                crate::agents::dispatch::expire_queued(&pool).await;
+                            }
                             _ = rx.changed() => break,
                         }
                     }
+                    crate::agents::dispatch::retire(&pool, replica).await;
                 })
             },
         ];

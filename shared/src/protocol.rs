@@ -94,6 +94,12 @@ pub enum AgentMessage {
         job_id: Option<Uuid>,
         reason: String,
     },
+    /// The result of a job that ended while the connection it came on was lost: sent first on
+    /// a new stream after reconnecting (to any replica), until the control plane records it.
+    JobReport {
+        job_id: Uuid,
+        result: JobResult,
+    },
 }
 
 /// Control plane → agent.

@@ -191,6 +191,13 @@ pub async fn serve_poll(
 ) {
     match read_frame::<AgentMessage, _>(&mut recv).await {
         Ok(Some(AgentMessage::Poll { .. })) => {}
+        Ok(Some(AgentMessage::JobReport { job_id, result })) => {
+            // A result from before a lost connection; whichever replica handed the job out,
+            // it is recorded if the job belongs to this server and is still open.
+            record_report(ctx, server_id, job_id, &result).await;
+            let _ = write_frame(&mut send, &ControlMessage::JobRecorded).await;
+            return;
+        }
         _ => return,
     }
     let signal = ctx.hub.job_signal(server_id);
@@ -269,6 +276,25 @@ pub async fn serve_poll(
     }
 }
 
+async fn record_report(ctx: &GatewayContext, server_id: Uuid, job_id: Uuid, result: &JobResult) {
+    let open = match ctx.pool.get().await {
+        Ok(client) => client
+            .query_opt(
+                "SELECT 1 FROM deployments WHERE id = $1 AND server_id = $2 AND status = 'running'",
+                &[&job_id, &server_id],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some(),
+        Err(_) => false,
+    };
+    if open {
+        tracing::info!(%server_id, deployment = %job_id, "recording a result reported after reconnecting");
+        finish(&ctx.pool, job_id, result).await;
+    }
+}
+
 /// Marks the jobs this replica handed to `server_id` and that are still running as failed:
 /// their agent went away mid-deploy.
 pub async fn fail_interrupted(ctx: &GatewayContext, server_id: Uuid) {
@@ -288,6 +314,33 @@ pub async fn fail_interrupted(ctx: &GatewayContext, server_id: Uuid) {
     }
 }
 
+/// How long a replica may miss heartbeats before it counts as gone.
+pub const REPLICA_SILENCE_SECS: i64 = 15;
+/// How long a job handed out by a gone replica waits for its server to report, before it
+/// fails. (An agent notices a dead replica within its 60 s idle timeout, then reconnects.)
+pub const ORPHAN_GRACE_SECS: i64 = 180;
+
+/// Records this replica as alive.
+pub async fn heartbeat(pool: &deadpool_postgres::Pool, replica: Uuid) {
+    if let Ok(client) = pool.get().await {
+        let _ = client
+            .execute(
+                "INSERT INTO replicas (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+                &[&replica],
+            )
+            .await;
+    }
+}
+
+/// A replica stopping cleanly says so.
+pub async fn retire(pool: &deadpool_postgres::Pool, replica: Uuid) {
+    if let Ok(client) = pool.get().await {
+        let _ = client
+            .execute("DELETE FROM replicas WHERE id = $1", &[&replica])
+            .await;
+    }
+}
+
 /// Fails queued deployments nobody collected in time: the server's agent is offline.
 pub async fn expire_queued(pool: &deadpool_postgres::Pool) {
     let Ok(client) = pool.get().await else {
@@ -303,5 +356,20 @@ pub async fn expire_queued(pool: &deadpool_postgres::Pool) {
         .await
     {
         tracing::warn!(error = %crate::db::describe(&e), "expiring queued deployments");
+    }
+    // Jobs handed out by a replica that is gone, whose server never reported a result.
+    if let Err(e) = client
+        .execute(
+            "UPDATE deployments d SET status = 'failed', error_step = 'run', \
+             error_message = 'the control plane replica running this deploy stopped and the server did not report a result', \
+             finished_at = now() \
+             WHERE d.status = 'running' AND d.started_at < now() - make_interval(secs => $1) \
+             AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = d.dispatched_replica \
+                             AND r.heartbeat_at > now() - make_interval(secs => $2))",
+            &[&(ORPHAN_GRACE_SECS as f64), &(REPLICA_SILENCE_SECS as f64)],
+        )
+        .await
+    {
+        tracing::warn!(error = %crate::db::describe(&e), "failing orphaned deployments");
     }
 }

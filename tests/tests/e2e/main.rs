@@ -9,6 +9,7 @@ mod cli;
 mod database_tls;
 mod deploys;
 mod field_keys;
+mod replicas;
 mod rollouts;
 mod ssh;
 mod system;
