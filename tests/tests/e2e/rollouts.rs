@@ -205,6 +205,29 @@ async fn a_mixed_fleet_rolls_out_in_batches_after_an_approved_canary() {
         .find(|t| t["server_id"] == f.ssh_server.as_str())
         .expect("ssh target");
     assert_eq!(ssh["status"], "succeeded");
+    // The progress stream: a finished rollout sends its final state and ends.
+    let events =
+        f.t.http
+            .get(f.t.url(&format!("/v1/rollouts/{id}/events")))
+            .header("cookie", &f.cookie)
+            .send()
+            .await
+            .expect("events");
+    assert_eq!(
+        events
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    let text = tokio::time::timeout(Duration::from_secs(10), events.text())
+        .await
+        .expect("the stream of a finished rollout must end")
+        .expect("body");
+    assert!(
+        text.starts_with("event: rollout\ndata: ") && text.contains("\"state\":\"succeeded\""),
+        "{text}"
+    );
     let actions = f.t.audit_actions().await;
     for a in [
         "rollout.started",
