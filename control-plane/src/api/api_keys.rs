@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ClientMeta, JsonBody};
-use super::AppState;
+use super::{actor_event, AppState};
 use crate::audit::{self, AuditEvent, Outcome};
 use crate::auth::{Principal, Scope};
 use crate::tokens::{Token, TokenKind};
@@ -239,16 +239,13 @@ pub async fn revoke(
     }
     audit::append(
         &tx,
-        &AuditEvent {
-            account_id: Some(principal.account_id),
-            actor: principal.actor(),
-            client_ip: Some(meta.ip.to_string()),
-            user_agent: Some(meta.user_agent.clone()),
-            action: "api_key.revoked",
-            target: Some(("api_key", id)),
-            outcome: Outcome::Success,
-            metadata: json!({}),
-        },
+        &actor_event(
+            &principal,
+            &meta,
+            "api_key.revoked",
+            ("api_key", id),
+            json!({}),
+        ),
     )
     .await?;
     tx.commit().await?;

@@ -18,9 +18,9 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ClientMeta, JsonBody};
-use super::AppState;
+use super::{actor_event, AppState};
 use crate::agents::cert_events;
-use crate::audit::{self, AuditEvent, Outcome};
+use crate::audit;
 use crate::auth::Principal;
 
 #[derive(Deserialize, ToSchema)]
@@ -257,16 +257,7 @@ pub async fn create(
     .await?;
     audit::append(
         &tx,
-        &AuditEvent {
-            account_id: Some(principal.account_id),
-            actor: principal.actor(),
-            client_ip: Some(meta.ip.to_string()),
-            user_agent: Some(meta.user_agent.clone()),
-            action: "deployment.queued",
-            target: Some(("deployment", id)),
-            outcome: Outcome::Success,
-            metadata: json!({"project_id": req.project_id.to_string(), "server_id": req.server_id.to_string(), "ref": git_ref}),
-        },
+        &actor_event(&principal, &meta, "deployment.queued", ("deployment", id), json!({"project_id": req.project_id.to_string(), "server_id": req.server_id.to_string(), "ref": git_ref})),
     )
     .await?;
     tx.commit().await?;
@@ -420,16 +411,13 @@ pub async fn rollback(
     .await?;
     audit::append(
         &tx,
-        &AuditEvent {
-            account_id: Some(principal.account_id),
-            actor: principal.actor(),
-            client_ip: Some(meta.ip.to_string()),
-            user_agent: Some(meta.user_agent.clone()),
-            action: "deployment.rollback_queued",
-            target: Some(("deployment", new_id)),
-            outcome: Outcome::Success,
-            metadata: json!({"rollback_of": id.to_string()}),
-        },
+        &actor_event(
+            &principal,
+            &meta,
+            "deployment.rollback_queued",
+            ("deployment", new_id),
+            json!({"rollback_of": id.to_string()}),
+        ),
     )
     .await?;
     tx.commit().await?;

@@ -30,6 +30,26 @@ pub mod rollouts;
 pub mod servers;
 pub mod system;
 
+/// The audit event for an action a signed-in caller took on `target` (type and id).
+pub fn actor_event(
+    principal: &crate::auth::Principal,
+    meta: &extract::ClientMeta,
+    action: &'static str,
+    target: (&'static str, uuid::Uuid),
+    metadata: serde_json::Value,
+) -> crate::audit::AuditEvent {
+    crate::audit::AuditEvent {
+        account_id: Some(principal.account_id),
+        actor: principal.actor(),
+        client_ip: Some(meta.ip.to_string()),
+        user_agent: Some(meta.user_agent.clone()),
+        action,
+        target: Some(target),
+        outcome: crate::audit::Outcome::Success,
+        metadata,
+    }
+}
+
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 

@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ClientMeta, JsonBody};
-use super::AppState;
-use crate::audit::{self, AuditEvent, Outcome};
+use super::{actor_event, AppState};
+use crate::audit;
 use crate::auth::Principal;
 
 const MAX_ENV_VARS: usize = 500;
@@ -217,25 +217,6 @@ fn seal_env(
     ))
 }
 
-fn event(
-    p: &Principal,
-    meta: &ClientMeta,
-    action: &'static str,
-    id: Uuid,
-    metadata: serde_json::Value,
-) -> AuditEvent {
-    AuditEvent {
-        account_id: Some(p.account_id),
-        actor: p.actor(),
-        client_ip: Some(meta.ip.to_string()),
-        user_agent: Some(meta.user_agent.clone()),
-        action,
-        target: Some(("project", id)),
-        outcome: Outcome::Success,
-        metadata,
-    }
-}
-
 /// Creates a project.
 #[utoipa::path(post, path = "/v1/projects", tag = "projects", request_body = CreateProject,
     responses((status = 201, body = ProjectView), (status = 422, body = ErrorBody)))]
@@ -271,11 +252,11 @@ pub async fn create(
     .await?;
     audit::append(
         &tx,
-        &event(
+        &actor_event(
             &principal,
             &meta,
             "project.created",
-            id,
+            ("project", id),
             json!({"name": c.name, "env_names": names.join(" ")}),
         ),
     )
@@ -366,7 +347,13 @@ pub async fn update(
     .await?;
     audit::append(
         &tx,
-        &event(&principal, &meta, "project.updated", id, json!({})),
+        &actor_event(
+            &principal,
+            &meta,
+            "project.updated",
+            ("project", id),
+            json!({}),
+        ),
     )
     .await?;
     if let Some(env) = &req.env {
@@ -379,11 +366,11 @@ pub async fn update(
         .await?;
         audit::append(
             &tx,
-            &event(
+            &actor_event(
                 &principal,
                 &meta,
                 "project.env_updated",
-                id,
+                ("project", id),
                 json!({"env_names": names.join(" ")}),
             ),
         )
@@ -417,7 +404,13 @@ pub async fn delete(
     }
     audit::append(
         &tx,
-        &event(&principal, &meta, "project.deleted", id, json!({})),
+        &actor_event(
+            &principal,
+            &meta,
+            "project.deleted",
+            ("project", id),
+            json!({}),
+        ),
     )
     .await?;
     tx.commit().await?;

@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ClientMeta, JsonBody};
-use super::AppState;
-use crate::audit::{self, AuditEvent, Outcome};
+use super::{actor_event, AppState};
+use crate::audit;
 use crate::auth::Principal;
 
 const MAX_TARGETS: usize = 100_000;
@@ -128,25 +128,6 @@ async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<RolloutView, 
     })
 }
 
-fn event(
-    p: &Principal,
-    meta: &ClientMeta,
-    action: &'static str,
-    id: Uuid,
-    metadata: serde_json::Value,
-) -> AuditEvent {
-    AuditEvent {
-        account_id: Some(p.account_id),
-        actor: p.actor(),
-        client_ip: Some(meta.ip.to_string()),
-        user_agent: Some(meta.user_agent.clone()),
-        action,
-        target: Some(("rollout", id)),
-        outcome: Outcome::Success,
-        metadata,
-    }
-}
-
 /// Starts a rollout.
 #[utoipa::path(post, path = "/v1/rollouts", tag = "rollouts", request_body = CreateRollout,
     responses((status = 201, body = RolloutView), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -238,11 +219,11 @@ pub async fn create(
     .await?;
     audit::append(
         &tx,
-        &event(
+        &actor_event(
             &principal,
             &meta,
             "rollout.started",
-            id,
+            ("rollout", id),
             json!({"ref": git_ref, "targets": servers.len(), "batches": batches.len()}),
         ),
     )
@@ -395,7 +376,13 @@ async fn command(
     .await?;
     audit::append(
         &tx,
-        &event(principal, meta, action, id, json!({"from": current})),
+        &actor_event(
+            principal,
+            meta,
+            action,
+            ("rollout", id),
+            json!({"from": current}),
+        ),
     )
     .await?;
     tx.commit().await?;

@@ -16,9 +16,9 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ClientMeta, JsonBody};
-use super::AppState;
+use super::{actor_event, AppState};
 use crate::agents::cert_events;
-use crate::audit::{self, AuditEvent, Outcome};
+use crate::audit;
 use crate::auth::Principal;
 use crate::tokens::{Token, TokenKind};
 
@@ -246,25 +246,6 @@ async fn issue_token(
     })
 }
 
-fn event(
-    principal: &Principal,
-    meta: &ClientMeta,
-    action: &'static str,
-    id: Uuid,
-    metadata: serde_json::Value,
-) -> AuditEvent {
-    AuditEvent {
-        account_id: Some(principal.account_id),
-        actor: principal.actor(),
-        client_ip: Some(meta.ip.to_string()),
-        user_agent: Some(meta.user_agent.clone()),
-        action,
-        target: Some(("server", id)),
-        outcome: Outcome::Success,
-        metadata,
-    }
-}
-
 /// Adds a server. An agent server's answer holds its enrollment token, once.
 #[utoipa::path(post, path = "/v1/servers", tag = "servers", request_body = CreateServer,
     responses((status = 201, body = CreatedServer),
@@ -332,11 +313,11 @@ pub async fn create(
     };
     audit::append(
         &tx,
-        &event(
+        &actor_event(
             &principal,
             &meta,
             "server.created",
-            id,
+            ("server", id),
             json!({"name": name, "transport": req.transport}),
         ),
     )
@@ -553,11 +534,7 @@ pub async fn revoke_certificate(
     }
     audit::append(
         &tx,
-        &event(
-            &principal,
-            &meta,
-            "agent.certificate_revoked",
-            id,
+        &actor_event(&principal, &meta, "agent.certificate_revoked", ("server", id),
             json!({"certificates": revoked.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(" ")}),
         ),
     )
@@ -598,11 +575,11 @@ pub async fn new_enrollment_token(
     let enrollment = issue_token(&state, &tx, id, ttl_secs).await?;
     audit::append(
         &tx,
-        &event(
+        &actor_event(
             &principal,
             &meta,
             "server.enrollment_token_created",
-            id,
+            ("server", id),
             json!({}),
         ),
     )
@@ -637,11 +614,11 @@ pub async fn delete(
     .await?;
     audit::append(
         &tx,
-        &event(
+        &actor_event(
             &principal,
             &meta,
             "server.deleted",
-            id,
+            ("server", id),
             json!({"certificates_revoked": revoked.len()}),
         ),
     )
