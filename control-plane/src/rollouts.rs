@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::agents::AgentHub;
-use crate::api::deployments::enqueue;
+use crate::api::deployments::{enqueue, enqueue_many};
 use crate::audit::{self, Actor, AuditEvent, Outcome};
 
 const TICK: Duration = Duration::from_millis(250);
@@ -191,44 +191,44 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
         Decision::StartBatch(batch) => {
             let timeout = Duration::from_secs(u64::from(strategy.unreachable_after_seconds));
             let batch_no = i32::try_from(batch).unwrap_or(i32::MAX);
-            // One job per target, each signed later for its own server; all of the batch is
-            // queued in this one transaction, and every agent is woken at once.
-            for t in targets.iter().filter(|t| t.get::<_, i32>(1) == batch_no) {
-                let server: Uuid = t.get(0);
-                match enqueue(
-                    &tx,
-                    account,
-                    created_by,
-                    project,
-                    server,
-                    "deploy",
-                    Some(&git_ref),
-                    None,
-                    timeout,
-                )
-                .await
-                {
-                    Ok(deployment) => {
-                        tx.execute(
-                            "UPDATE rollout_targets SET status = 'running', deployment_id = $3 \
-                             WHERE rollout_id = $1 AND server_id = $2",
-                            &[&id, &server, &deployment],
-                        )
-                        .await
-                        .map_err(db)?;
-                        woken.push(server);
-                    }
-                    Err(e) => {
-                        tx.execute(
-                            "UPDATE rollout_targets SET status = 'unreachable', error = $3 \
-                             WHERE rollout_id = $1 AND server_id = $2",
-                            &[&id, &server, &e.to_string()],
-                        )
-                        .await
-                        .map_err(db)?;
-                    }
-                }
-            }
+            // One job per target, each signed later for its own server; the whole batch is
+            // queued in one statement and every agent is woken at once.
+            let members: Vec<Uuid> = targets
+                .iter()
+                .filter(|t| t.get::<_, i32>(1) == batch_no)
+                .map(|t| t.get(0))
+                .collect();
+            let queued = enqueue_many(
+                &tx,
+                account,
+                created_by,
+                project,
+                &members,
+                "deploy",
+                Some(&git_ref),
+                None,
+                timeout,
+            )
+            .await
+            .map_err(db)?;
+            let (servers, jobs): (Vec<Uuid>, Vec<Uuid>) = queued.into_iter().unzip();
+            tx.execute(
+                "UPDATE rollout_targets t SET status = 'running', deployment_id = q.job \
+                 FROM unnest($2::uuid[], $3::uuid[]) AS q(server, job) \
+                 WHERE t.rollout_id = $1 AND t.server_id = q.server",
+                &[&id, &servers, &jobs],
+            )
+            .await
+            .map_err(db)?;
+            tx.execute(
+                "UPDATE rollout_targets SET status = 'unreachable', \
+                 error = 'the server has no valid agent certificate or SSH credentials' \
+                 WHERE rollout_id = $1 AND batch = $2 AND status = 'pending'",
+                &[&id, &batch_no],
+            )
+            .await
+            .map_err(db)?;
+            woken.extend(servers);
             tx.execute(
                 "UPDATE rollouts SET current_batch = $2, batch_done_at = NULL, updated_at = now() WHERE id = $1",
                 &[&id, &batch_no],

@@ -18,19 +18,6 @@ pub const CHANNEL: &str = "sensei_agent_certs";
 /// The PostgreSQL channel of queued jobs; the payload is the server id.
 pub const JOB_CHANNEL: &str = "sensei_jobs";
 
-/// Queues, inside the caller's transaction, the wake-up of the replica holding `server_id`.
-pub async fn notify_job(
-    tx: &tokio_postgres::Transaction<'_>,
-    server_id: Uuid,
-) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        "SELECT pg_notify($1, $2)",
-        &[&JOB_CHANNEL, &server_id.to_string()],
-    )
-    .await?;
-    Ok(())
-}
-
 /// Loads every valid and revoked certificate into the hub (at start, and after the
 /// notification connection was lost, since notifications may have been missed).
 pub async fn load_all(pool: &Pool, hub: &AgentHub) -> Result<(), tokio_postgres::Error> {

@@ -19,7 +19,6 @@ use uuid::Uuid;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ClientMeta, JsonBody};
 use super::{actor_event, AppState};
-use crate::agents::cert_events;
 use crate::audit;
 use crate::auth::Principal;
 
@@ -123,41 +122,51 @@ async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<DeploymentVie
     Ok(view(&row))
 }
 
-/// A release id that sorts by time: `YYYYMMDDHHMMSS-`, the server's job sequence number
-/// zero-padded (orders releases made within the same second), and six hex digits of the job
-/// id (unique even where several servers share one deploy path, e.g. over NFS).
-fn release_id(at: DateTime<Utc>, sequence: i64, job: Uuid) -> String {
-    format!(
-        "{}-{sequence:010}-{}",
-        at.format("%Y%m%d%H%M%S"),
-        &job.simple().to_string()[..6]
-    )
+/// Release ids (computed in `enqueue_many`) sort by time: `YYYYMMDDHHMMSS-`, the server's job
+/// sequence number zero-padded (orders releases made within the same second), and six hex
+/// digits of the job id (unique even where several servers share one deploy path, e.g. NFS).
+#[allow(clippy::too_many_arguments)]
+pub async fn enqueue_many(
+    tx: &tokio_postgres::Transaction<'_>,
+    account_id: Uuid,
+    created_by: Option<Uuid>,
+    project_id: Uuid,
+    servers: &[Uuid],
+    kind: &str,
+    git_ref: Option<&str>,
+    rollback_of: Option<Uuid>,
+    timeout: Duration,
+) -> Result<Vec<(Uuid, Uuid)>, tokio_postgres::Error> {
+    let rows = tx
+        .query(
+            "WITH locked AS ( \
+               SELECT id FROM servers s WHERE id = ANY($1) AND account_id = $2 AND deleted_at IS NULL \
+                 AND ((transport = 'agent' AND EXISTS (SELECT 1 FROM agent_certificates c \
+                        WHERE c.server_id = s.id AND c.revoked_at IS NULL AND c.not_after > now())) \
+                   OR (transport = 'ssh' AND (ssh_private_key_ciphertext IS NOT NULL \
+                        OR ssh_password_ciphertext IS NOT NULL))) \
+               ORDER BY id FOR UPDATE), \
+             numbered AS ( \
+               UPDATE servers SET job_sequence = job_sequence + 1 FROM locked \
+               WHERE servers.id = locked.id RETURNING servers.id AS server, servers.job_sequence AS seq), \
+             jobs AS (SELECT gen_random_uuid() AS job, server, seq FROM numbered), \
+             queued AS ( \
+               INSERT INTO deployments (id, account_id, project_id, server_id, kind, git_ref, rollback_of, \
+                 sequence, release_id, status, created_by, expires_at) \
+               SELECT job, $2, $3, server, $4, $5, $6, seq, \
+                 CASE WHEN $4 = 'deploy' THEN to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISS') \
+                   || '-' || lpad(seq::text, 10, '0') || '-' || substr(job::text, 1, 6) END, \
+                 'queued', $7, now() + make_interval(secs => $8) \
+               FROM jobs RETURNING server_id, id) \
+             SELECT server_id, id, pg_notify($9, server_id::text)::text FROM queued",
+            &[&servers, &account_id, &project_id, &kind, &git_ref, &rollback_of, &created_by,
+              &timeout.as_secs_f64(), &crate::agents::cert_events::JOB_CHANNEL],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Queues a job inside `tx`: the next sequence number of the server, then the row, then the
-/// wake-up of whichever replica holds the agent.
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn release_ids_sort_by_time_then_sequence() {
-        let t0 = chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("time");
-        let t1 = chrono::DateTime::from_timestamp(1_800_000_001, 0).expect("time");
-        let job = |n: u128| uuid::Uuid::from_u128(n << 120);
-        let (a, b, c) = (
-            super::release_id(t0, 9, job(3)),
-            super::release_id(t0, 10, job(2)),
-            super::release_id(t1, 1, job(1)),
-        );
-        let mut ids = [c.clone(), b.clone(), a.clone()];
-        ids.sort();
-        assert_eq!(ids, [a, b, c]);
-        assert_ne!(
-            super::release_id(t0, 1, job(1)),
-            super::release_id(t0, 1, job(2))
-        );
-    }
-}
-
+/// Queues one job, saying clearly why a server cannot take it.
 #[allow(clippy::too_many_arguments)]
 pub async fn enqueue(
     tx: &tokio_postgres::Transaction<'_>,
@@ -170,54 +179,39 @@ pub async fn enqueue(
     rollback_of: Option<Uuid>,
     timeout: Duration,
 ) -> Result<Uuid, ApiError> {
-    let server = tx
+    let queued = enqueue_many(
+        tx,
+        account_id,
+        created_by,
+        project_id,
+        &[server_id],
+        kind,
+        git_ref,
+        rollback_of,
+        timeout,
+    )
+    .await?;
+    if let Some((_, id)) = queued.first() {
+        return Ok(*id);
+    }
+    let transport: Option<String> = tx
         .query_opt(
-            "UPDATE servers SET job_sequence = job_sequence + 1 \
-             WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL RETURNING job_sequence, transport",
+            "SELECT transport FROM servers WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
             &[&server_id, &account_id],
         )
         .await?
-        .ok_or_else(|| ApiError::not_found("server"))?;
-    let sequence: i64 = server.get(0);
-    let transport: String = server.get(1);
-    let reachable = if transport == "ssh" {
-        tx.query_opt(
-            "SELECT 1 FROM servers WHERE id = $1 AND \
-             (ssh_private_key_ciphertext IS NOT NULL OR ssh_password_ciphertext IS NOT NULL)",
-            &[&server_id],
-        )
-        .await?
-    } else {
-        tx.query_opt(
-            "SELECT 1 FROM agent_certificates WHERE server_id = $1 AND revoked_at IS NULL AND not_after > now()",
-            &[&server_id],
-        )
-        .await?
-    };
-    if reachable.is_none() {
-        return Err(ApiError::conflict(
+        .map(|r| r.get(0));
+    match transport.as_deref() {
+        None => Err(ApiError::not_found("server")),
+        Some("ssh") => Err(ApiError::conflict(
             "server_not_enrolled",
-            if transport == "ssh" {
-                "this SSH server has no stored credentials"
-            } else {
-                "this server has no valid agent certificate: enroll its agent first (a revoked agent is never reached by any other way)"
-            },
-        ));
+            "this SSH server has no stored credentials",
+        )),
+        Some(_) => Err(ApiError::conflict(
+            "server_not_enrolled",
+            "this server has no valid agent certificate: enroll its agent first (a revoked agent is never reached by any other way)",
+        )),
     }
-    let id = Uuid::new_v4();
-    let now = Utc::now();
-    let release = (kind == "deploy").then(|| release_id(now, sequence, id));
-    let timeout = timeout.as_secs_f64();
-    tx.execute(
-        "INSERT INTO deployments (id, account_id, project_id, server_id, kind, git_ref, rollback_of, sequence, \
-         release_id, status, created_by, expires_at) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,'queued',$10, now() + make_interval(secs => $11))",
-        &[&id, &account_id, &project_id, &server_id, &kind, &git_ref, &rollback_of,
-          &sequence, &release, &created_by, &timeout],
-    )
-    .await?;
-    cert_events::notify_job(tx, server_id).await?;
-    Ok(id)
 }
 
 /// Queues a deploy.
