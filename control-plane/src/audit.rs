@@ -130,6 +130,16 @@ pub async fn append(
     tx: &tokio_postgres::Transaction<'_>,
     event: &AuditEvent,
 ) -> Result<(), tokio_postgres::Error> {
+    append_at(tx, event, Utc::now()).await
+}
+
+/// [`append`] with the event's time given: for importing history from another system (and
+/// for testing retention, which needs rows from long ago).
+pub async fn append_at(
+    tx: &tokio_postgres::Transaction<'_>,
+    event: &AuditEvent,
+    now: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
     let chain_id = event.account_id.unwrap_or(GLOBAL_CHAIN);
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7243))",
@@ -147,7 +157,6 @@ pub async fn append(
         None => (1, GENESIS.to_vec()),
     };
     // PostgreSQL keeps microseconds; hash exactly what will be read back.
-    let now = Utc::now();
     let at = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
     let metadata = if event.metadata.is_object() {
         event.metadata.clone()
@@ -326,8 +335,19 @@ pub async fn verify<C: GenericClient>(client: &C) -> Result<VerifyReport, tokio_
     for chain in chains {
         let chain_id: Uuid = chain.get(0);
         report.chains += 1;
-        let mut expected_seq = 1i64;
-        let mut prev = GENESIS.to_vec();
+        // Rows before an expiry checkpoint are gone by design: the chain continues from the
+        // hash the checkpoint recorded.
+        let checkpoint = client
+            .query_opt(
+                "SELECT through_seq, through_hash FROM audit_checkpoints WHERE chain_id = $1 \
+                 ORDER BY through_seq DESC LIMIT 1",
+                &[&chain_id],
+            )
+            .await?;
+        let (mut expected_seq, mut prev) = match checkpoint {
+            Some(c) => (c.get::<_, i64>(0) + 1, c.get::<_, Vec<u8>>(1)),
+            None => (1i64, GENESIS.to_vec()),
+        };
         loop {
             let rows = client
                 .query(
@@ -370,4 +390,116 @@ pub async fn verify<C: GenericClient>(client: &C) -> Result<VerifyReport, tokio_
         }
     }
     Ok(report)
+}
+
+/// What an expiry pass removed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ExpiryReport {
+    pub chains: u64,
+    pub rows: u64,
+}
+
+/// Expires, on every chain, the rows older than the chain's retention (its account's
+/// `audit_retention_days`; a year for the global chain and deleted accounts).
+///
+/// Per chain, in one transaction: an `audit.expired` event is appended (so the chain never
+/// ends at an expired row), a checkpoint records the hash of the last expired row, and the
+/// rows up to it are deleted. The database refuses any other deletion (see migration V7).
+pub async fn expire(pool: &deadpool_postgres::Pool) -> anyhow::Result<ExpiryReport> {
+    let mut report = ExpiryReport::default();
+    let chains: Vec<Uuid> = pool
+        .get()
+        .await?
+        .query(
+            "SELECT chain_id FROM audit_log GROUP BY chain_id \
+             HAVING min(at) < now() - audit_retention(chain_id)",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for chain_id in chains {
+        let mut client = pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7243))",
+            &[&chain_id.to_string()],
+        )
+        .await?;
+        // The last row of the expired prefix: older than retention, and no newer row before it.
+        let Some(last) = tx
+            .query_opt(
+                "SELECT seq FROM audit_log WHERE chain_id = $1 AND at < now() - audit_retention($1) \
+                 AND seq < COALESCE((SELECT min(seq) FROM audit_log WHERE chain_id = $1 \
+                                     AND at >= now() - audit_retention($1)), 9223372036854775807) \
+                 ORDER BY seq DESC LIMIT 1",
+                &[&chain_id],
+            )
+            .await?
+        else {
+            continue;
+        };
+        let through: i64 = last.get(0);
+        let row = tx
+            .query_one(
+                "SELECT hash, at, (SELECT count(*) FROM audit_log WHERE chain_id = $1 AND seq <= $2) \
+                 FROM audit_log WHERE chain_id = $1 AND seq = $2",
+                &[&chain_id, &through],
+            )
+            .await?;
+        let (hash, at, count): (Vec<u8>, DateTime<Utc>, i64) = (row.get(0), row.get(1), row.get(2));
+        append(
+            &tx,
+            &AuditEvent {
+                account_id: (chain_id != GLOBAL_CHAIN).then_some(chain_id),
+                actor: Actor::System,
+                client_ip: None,
+                user_agent: None,
+                action: "audit.expired",
+                target: None,
+                outcome: Outcome::Success,
+                metadata: json!({"through_seq": through, "rows": count}),
+            },
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO audit_checkpoints (chain_id, through_seq, through_hash, through_at, rows_expired) \
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&chain_id, &through, &hash, &at, &count],
+        )
+        .await?;
+        let deleted = tx
+            .execute(
+                "DELETE FROM audit_log WHERE chain_id = $1 AND seq <= $2",
+                &[&chain_id, &through],
+            )
+            .await?;
+        tx.commit().await?;
+        report.chains += 1;
+        report.rows += deleted;
+        tracing::info!(chain = %chain_id, rows = deleted, through_seq = through, "audit rows expired");
+    }
+    Ok(report)
+}
+
+/// How often the control plane expires audit rows.
+pub const EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Expires audit rows a minute after start and then hourly, until shutdown.
+pub async fn run_expiry(
+    pool: deadpool_postgres::Pool,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut wait = std::time::Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(error) = expire(&pool).await {
+            tracing::warn!(%error, "audit expiry failed; retrying next hour");
+        }
+        wait = EXPIRY_INTERVAL;
+    }
 }

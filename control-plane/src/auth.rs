@@ -52,10 +52,12 @@ impl Role {
     pub fn grants(self, scope: Scope) -> bool {
         use Scope::*;
         let needed = match scope {
-            ServersRead | ProjectsRead | DeploymentsRead | RolloutsRead | AuditRead => Role::Viewer,
+            ServersRead | ProjectsRead | DeploymentsRead | RolloutsRead | AuditRead
+            | MembersRead | AccountRead => Role::Viewer,
             DeploymentsWrite | RolloutsWrite => Role::Operator,
             ServersWrite | ProjectsWrite => Role::Developer,
-            ApiKeysRead | ApiKeysWrite => Role::Admin,
+            ApiKeysRead | ApiKeysWrite | MembersWrite | AccountWrite => Role::Admin,
+            AccountOwner => Role::Owner,
         };
         self >= needed
     }
@@ -76,10 +78,16 @@ pub enum Scope {
     AuditRead,
     ApiKeysRead,
     ApiKeysWrite,
+    MembersRead,
+    MembersWrite,
+    AccountRead,
+    AccountWrite,
+    /// Deleting the account, transferring ownership.
+    AccountOwner,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 11] = [
+    pub const ALL: [Scope; 16] = [
         Scope::ServersRead,
         Scope::ServersWrite,
         Scope::ProjectsRead,
@@ -91,6 +99,11 @@ impl Scope {
         Scope::AuditRead,
         Scope::ApiKeysRead,
         Scope::ApiKeysWrite,
+        Scope::MembersRead,
+        Scope::MembersWrite,
+        Scope::AccountRead,
+        Scope::AccountWrite,
+        Scope::AccountOwner,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -106,6 +119,11 @@ impl Scope {
             Scope::AuditRead => "audit:read",
             Scope::ApiKeysRead => "api_keys:read",
             Scope::ApiKeysWrite => "api_keys:write",
+            Scope::MembersRead => "members:read",
+            Scope::MembersWrite => "members:write",
+            Scope::AccountRead => "account:read",
+            Scope::AccountWrite => "account:write",
+            Scope::AccountOwner => "account:owner",
         }
     }
 
@@ -130,6 +148,9 @@ pub struct Principal {
     pub email: String,
     pub role: Role,
     pub credential: Credential,
+    /// The account requires MFA and this user has not set it up: only the routes that set
+    /// it up (and sign out) are open to them.
+    pub mfa_setup_required: bool,
 }
 
 impl Principal {
@@ -207,8 +228,10 @@ async fn authenticate_session(pool: &Pool, text: &str) -> Result<Principal, ApiE
             "SELECT s.secret_hash, s.revoked_at IS NOT NULL, \
                     s.last_seen_at < now() - make_interval(days => $2), \
                     s.last_seen_at < now() - interval '1 minute', \
-                    u.id, u.account_id, u.email, u.role \
-             FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1",
+                    u.id, u.account_id, u.email, u.role, \
+                    a.require_mfa AND u.totp_enabled_at IS NULL \
+             FROM sessions s JOIN users u ON u.id = s.user_id \
+             JOIN accounts a ON a.id = u.account_id WHERE s.id = $1",
             &[&token.id, &(SESSION_IDLE_DAYS as i32)],
         )
         .await?
@@ -237,6 +260,7 @@ async fn authenticate_session(pool: &Pool, text: &str) -> Result<Principal, ApiE
         credential: Credential::Session {
             session_id: token.id,
         },
+        mfa_setup_required: row.get(8),
     })
 }
 
@@ -251,9 +275,10 @@ async fn authenticate_api_key(
     let row = client
         .query_opt(
             "SELECT k.secret_hash, k.revoked_at IS NOT NULL, k.expires_at, k.scopes, \
-                    k.ip_allowlist, k.account_id, u.id, u.email, u.role \
+                    k.ip_allowlist, k.account_id, u.id, u.email, u.role, \
+                    a.require_mfa AND u.totp_enabled_at IS NULL \
              FROM api_keys k JOIN users u ON u.id = k.created_by AND u.account_id = k.account_id \
-             WHERE k.id = $1",
+             JOIN accounts a ON a.id = k.account_id WHERE k.id = $1",
             &[&token.id],
         )
         .await?
@@ -303,6 +328,7 @@ async fn authenticate_api_key(
             key_id: token.id,
             scopes: scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
         },
+        mfa_setup_required: row.get(9),
     })
 }
 
@@ -332,6 +358,7 @@ mod tests {
                 key_id: Uuid::nil(),
                 scopes,
             },
+            mfa_setup_required: false,
         };
         let narrow = key(Role::Owner, vec![Scope::ServersRead]);
         assert!(narrow.allows(Scope::ServersRead));

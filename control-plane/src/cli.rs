@@ -77,6 +77,16 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSEI_DB_POOL_SIZE", default_value_t = 16,
           value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub db_pool_size: u16,
+    /// SMTP server for password-reset and invitation emails: `smtp://host:25`,
+    /// `smtp://user:pass@host:587?tls=required` or `smtps://host:465`. Never logged.
+    #[arg(long, env = "SENSEI_SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<String>,
+    /// The From address of those emails.
+    #[arg(long, env = "SENSEI_SMTP_FROM")]
+    pub smtp_from: Option<String>,
+    /// The API's URL as users reach it, for links in emails [default: https://<api addr>].
+    #[arg(long, env = "SENSEI_PUBLIC_URL")]
+    pub public_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -106,6 +116,9 @@ pub enum Command {
 pub enum AuditCommand {
     /// Check every audit chain; exit 1 if a row was changed or removed.
     Verify,
+    /// Expire rows past each account's retention now (the control plane also does this
+    /// hourly), leaving a checkpoint so that the chains still verify.
+    Expire,
 }
 
 /// The data directory when none is given.
@@ -199,6 +212,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(if report.problems.is_empty() { 0 } else { 1 })
         }
+        Command::Audit {
+            command: AuditCommand::Expire,
+        } => {
+            let (pool, cluster) = open_database(&database_source(), &data_dir, 2).await?;
+            crate::db::migrate(&pool).await?;
+            let report = crate::audit::expire(&pool).await?;
+            pool.close();
+            drop(cluster);
+            println!(
+                "audit expire: {} row(s) expired from {} chain(s)",
+                report.rows, report.chains
+            );
+            Ok(0)
+        }
     }
 }
 
@@ -237,6 +264,12 @@ pub fn serve_options(
             .filter(|n| !n.is_empty())
             .collect(),
         pool_size: usize::from(args.db_pool_size),
+        mail: crate::mailer::MailSettings {
+            smtp_url: args.smtp_url.clone(),
+            from: args.smtp_from.clone(),
+            log_when_unset: false,
+        },
+        public_url: args.public_url.clone(),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod field_crypto;
 pub mod https;
 pub mod job_signing;
 pub mod login_throttle;
+pub mod mailer;
 pub mod metrics;
 pub mod passwords;
 pub mod pki;
@@ -25,5 +26,6 @@ pub mod server;
 pub mod ssh_keys;
 pub mod ssh_runner;
 pub mod tokens;
+pub mod totp;
 
 pub use server::{ControlPlane, DatabaseSource, ServeOptions, StartError};

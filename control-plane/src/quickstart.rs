@@ -35,7 +35,11 @@ pub async fn run(args: &ServeArgs, data_dir: PathBuf, once: bool) -> anyhow::Res
         }
         Err(e) => return Err(e.into()),
     };
-    let plane = ControlPlane::start(serve_options(args, data_dir.clone(), keys, once)).await?;
+    let mut options = serve_options(args, data_dir.clone(), keys, once);
+    // Development mode: without SMTP, reset and invitation emails go to the log.
+    options.mail.log_when_unset = true;
+    let smtp = options.mail.smtp_url.is_some();
+    let plane = ControlPlane::start(options).await?;
     announce(&plane, &data_dir);
     let demo = Demo::new(&plane, &data_dir)?;
     let result = demo.run(&plane).await;
@@ -49,7 +53,14 @@ pub async fn run(args: &ServeArgs, data_dir: PathBuf, once: bool) -> anyhow::Res
     if !once {
         println!();
         println!("The control plane keeps running; Ctrl-C stops it, its agent and its database.");
-        println!("Password reset emails are not sent in this build; keep the password above.");
+        if smtp {
+            println!("Password reset and invitation emails go out through SENSEI_SMTP_URL.");
+        } else {
+            println!(
+                "No SMTP configured (SENSEI_SMTP_URL): password reset and invitation emails are \
+                 written to this log instead of being sent (development mode only)."
+            );
+        }
         let _ = tokio::signal::ctrl_c().await;
     }
     let _ = agent_stop.send(true);

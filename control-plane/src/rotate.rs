@@ -19,6 +19,16 @@ pub struct EncryptedColumn {
 /// Every encrypted column in the schema. A migration that adds one adds it here too.
 pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[
     EncryptedColumn {
+        table: "users",
+        key: "id",
+        column: "totp_secret_ciphertext",
+    },
+    EncryptedColumn {
+        table: "users",
+        key: "id",
+        column: "totp_pending_ciphertext",
+    },
+    EncryptedColumn {
         table: "pki_material",
         key: "name",
         column: "key_ciphertext",

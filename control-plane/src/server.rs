@@ -49,6 +49,10 @@ pub struct ServeOptions {
     /// How long a queued deployment waits for its server's agent before it fails as
     /// "agent offline".
     pub dispatch_timeout: std::time::Duration,
+    /// Outgoing email.
+    pub mail: crate::mailer::MailSettings,
+    /// The API's URL as users reach it, for links in emails; default `https://<api addr>`.
+    pub public_url: Option<String>,
 }
 
 /// Lifetime of agent certificates; agents re-enroll before it ends.
@@ -72,6 +76,8 @@ pub enum StartError {
     Listen { addr: SocketAddr, message: String },
     #[error(transparent)]
     Gateway(#[from] crate::agents::gateway::GatewayError),
+    #[error(transparent)]
+    Mail(#[from] crate::mailer::MailConfigError),
 }
 
 /// A running control plane.
@@ -156,6 +162,7 @@ fn binary_sha256() -> String {
 impl ControlPlane {
     /// Starts everything and returns once the API is listening.
     pub async fn start(options: ServeOptions) -> Result<Self, StartError> {
+        let mailer = Arc::new(crate::mailer::Mailer::new(&options.mail)?);
         let (pool, cluster) =
             open_database(&options.database, &options.data_dir, options.pool_size).await?;
         db::migrate(&pool).await?;
@@ -219,6 +226,12 @@ impl ControlPlane {
             .clone()
             .unwrap_or_else(|| agent_addr.to_string());
 
+        let public_url = options
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{api_addr}"))
+            .trim_end_matches('/')
+            .to_owned();
         let state_keys = keys.clone();
         let state = AppState::new(StateInner {
             pool: pool.clone(),
@@ -229,6 +242,8 @@ impl ControlPlane {
             agents: hub.clone(),
             ca_fingerprint: ca.fingerprint().to_string(),
             agent_endpoint,
+            mailer,
+            public_url,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let database_url = match &options.database {
@@ -255,6 +270,7 @@ impl ControlPlane {
                 let rx = shutdown_rx.clone();
                 tokio::spawn(async move { last_seen.run(pool, rx).await })
             },
+            tokio::spawn(crate::audit::run_expiry(pool.clone(), shutdown_rx.clone())),
             tokio::spawn(crate::rollouts::run(
                 pool.clone(),
                 hub.clone(),

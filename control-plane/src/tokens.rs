@@ -1,4 +1,5 @@
-//! Bearer secrets handed to clients: session cookies and API keys (enrollment tokens later).
+//! Bearer secrets handed to clients: session cookies, API keys, enrollment tokens, invitation
+//! and password-reset links.
 //!
 //! A token reads `<kind>_<id>_<secret>`: the id finds the row, the secret proves possession.
 //! Only SHA-256 of the secret is stored (the secret has 256 bits of entropy, so a slow hash
@@ -21,6 +22,10 @@ pub enum TokenKind {
     Session,
     ApiKey,
     Enrollment,
+    /// A single-use invitation link.
+    Invitation,
+    /// A single-use password-reset link.
+    PasswordReset,
 }
 
 impl TokenKind {
@@ -29,6 +34,8 @@ impl TokenKind {
             TokenKind::Session => "ss",
             TokenKind::ApiKey => "sk",
             TokenKind::Enrollment => "et",
+            TokenKind::Invitation => "iv",
+            TokenKind::PasswordReset => "pr",
         }
     }
 }

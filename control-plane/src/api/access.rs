@@ -32,8 +32,20 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
     let m = method.as_str();
     Some(match (m, path) {
         ("GET", "/healthz" | "/metrics" | "/openapi.json") => Public,
-        ("POST", "/v1/auth/signup" | "/v1/auth/login") => Public,
+        (
+            "POST",
+            "/v1/auth/signup"
+            | "/v1/auth/login"
+            | "/v1/auth/password-reset"
+            | "/v1/auth/password-reset/confirm"
+            | "/v1/invitations/accept",
+        ) => Public,
         ("POST", "/v1/auth/logout") => Session,
+        ("GET", "/v1/auth/me") => Session,
+        (
+            "POST",
+            "/v1/auth/mfa/totp" | "/v1/auth/mfa/totp/confirm" | "/v1/auth/mfa/totp/disable",
+        ) => Session,
         ("GET", "/v1/auth/sessions") => Session,
         ("DELETE", "/v1/auth/sessions/{id}") => Session,
         ("POST", "/v1/auth/sessions/sign-out-everywhere") => Session,
@@ -41,6 +53,15 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
         ("POST", "/v1/api-keys") => SessionWith(Scope::ApiKeysWrite),
         ("DELETE", "/v1/api-keys/{id}") => SessionWith(Scope::ApiKeysWrite),
         ("GET", "/v1/audit" | "/v1/audit/export") => Scoped(Scope::AuditRead),
+        ("GET", "/v1/members") => Scoped(Scope::MembersRead),
+        ("PATCH" | "DELETE", "/v1/members/{id}") => SessionWith(Scope::MembersWrite),
+        ("GET" | "POST", "/v1/invitations") => SessionWith(Scope::MembersWrite),
+        ("DELETE", "/v1/invitations/{id}") => SessionWith(Scope::MembersWrite),
+        ("GET", "/v1/account") => Scoped(Scope::AccountRead),
+        ("PATCH", "/v1/account") => SessionWith(Scope::AccountWrite),
+        ("DELETE", "/v1/account") | ("POST", "/v1/account/transfer-ownership") => {
+            SessionWith(Scope::AccountOwner)
+        }
         ("GET", "/v1/servers" | "/v1/servers/{id}") => Scoped(Scope::ServersRead),
         ("POST", "/v1/servers" | "/v1/servers/{id}/enrollment-token") => {
             Scoped(Scope::ServersWrite)
@@ -105,6 +126,13 @@ pub async fn authorize(
     let meta = ClientMeta::from_parts(&parts);
     let principal = auth::authenticate(&state.pool, &parts.headers, meta.ip).await?;
     let is_session = principal.session_id().is_some();
+    // An account that requires MFA lets a member without it do one thing: set it up.
+    if principal.mfa_setup_required && rule != Rule::Session {
+        return Err(ApiError::forbidden(
+            "mfa_setup_required",
+            "this account requires multi-factor sign-in: set up TOTP at /v1/auth/mfa/totp first",
+        ));
+    }
     match rule {
         Rule::Public => {}
         Rule::Session if !is_session => {
@@ -117,7 +145,7 @@ pub async fn authorize(
         Rule::SessionWith(_) if !is_session => {
             return Err(ApiError::forbidden(
                 "session_required",
-                "API keys are managed by signed-in users, not by other API keys",
+                "only a signed-in user may do this, not an API key",
             ))
         }
         Rule::SessionWith(scope) | Rule::Scoped(scope) => {

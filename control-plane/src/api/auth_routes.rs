@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ClientMeta, JsonBody};
+use super::mfa;
 use super::AppState;
 use crate::audit::{self, Actor, AuditEvent, Outcome};
 use crate::auth::{Principal, Role, SESSION_COOKIE, SESSION_IDLE_DAYS};
@@ -35,6 +36,10 @@ pub struct SignupRequest {
 pub struct LoginRequest {
     pub email: String,
     pub password: String,
+    /// The current 6-digit code, for users with TOTP on.
+    pub totp_code: Option<String>,
+    /// A one-time recovery code, instead of `totp_code` when the authenticator is lost.
+    pub recovery_code: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -79,7 +84,7 @@ pub struct SessionList {
     pub sessions: Vec<SessionView>,
 }
 
-fn normalise_email(email: &str) -> Result<String, ApiError> {
+pub(super) fn normalise_email(email: &str) -> Result<String, ApiError> {
     let email = email.trim();
     let valid = email.len() <= MAX_EMAIL
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -97,7 +102,27 @@ fn normalise_email(email: &str) -> Result<String, ApiError> {
     }
 }
 
-fn session_cookie(token: &str, max_age_secs: i64) -> HeaderValue {
+/// Refuses a password the policy does not allow.
+pub(super) fn check_password(password: &str) -> Result<(), ApiError> {
+    passwords::check_policy(password).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "weak_password",
+            e.to_string(),
+        )
+    })
+}
+
+/// Checks a new password against the policy and hashes it (off the async threads: Argon2id
+/// takes tens of milliseconds by design).
+pub(super) async fn new_password_hash(password: String) -> Result<String, ApiError> {
+    check_password(&password)?;
+    tokio::task::spawn_blocking(move || passwords::hash(&password))
+        .await
+        .map_err(|_| ApiError::internal("password hashing task failed"))
+}
+
+pub(super) fn session_cookie(token: &str, max_age_secs: i64) -> HeaderValue {
     // Secure: the API only speaks HTTPS. SameSite=Lax: the cookie is not sent on cross-site
     // subrequests, which is what keeps state-changing POSTs from other sites out.
     HeaderValue::from_str(&format!(
@@ -106,14 +131,14 @@ fn session_cookie(token: &str, max_age_secs: i64) -> HeaderValue {
     .unwrap_or_else(|_| HeaderValue::from_static("sensei_session=; Max-Age=0"))
 }
 
-fn with_cookie(mut response: Response, cookie: HeaderValue) -> Response {
+pub(super) fn with_cookie(mut response: Response, cookie: HeaderValue) -> Response {
     response
         .headers_mut()
         .append(http::header::SET_COOKIE, cookie);
     response
 }
 
-async fn create_session(
+pub(super) async fn create_session(
     tx: &tokio_postgres::Transaction<'_>,
     user_id: Uuid,
     meta: &ClientMeta,
@@ -144,13 +169,7 @@ pub async fn signup(
     JsonBody(req): JsonBody<SignupRequest>,
 ) -> Result<Response, ApiError> {
     let email = normalise_email(&req.email)?;
-    passwords::check_policy(&req.password).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "weak_password",
-            e.to_string(),
-        )
-    })?;
+    check_password(&req.password)?;
     let account_name = req.account_name.trim().to_owned();
     if account_name.is_empty() || account_name.chars().count() > 200 {
         return Err(ApiError::new(
@@ -159,10 +178,7 @@ pub async fn signup(
             "account_name must be 1 to 200 characters",
         ));
     }
-    let password = req.password;
-    let hash = tokio::task::spawn_blocking(move || passwords::hash(&password))
-        .await
-        .map_err(|_| ApiError::internal("password hashing task failed"))?;
+    let hash = new_password_hash(req.password).await?;
 
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
@@ -238,7 +254,8 @@ pub async fn login(
     let email = req.email.trim().to_owned();
     let user = client
         .query_opt(
-            "SELECT id, account_id, email, password_hash, role FROM users WHERE lower(email) = lower($1)",
+            "SELECT id, account_id, email, password_hash, role, totp_enabled_at IS NOT NULL \
+             FROM users WHERE lower(email) = lower($1)",
             &[&email],
         )
         .await?;
@@ -262,24 +279,10 @@ pub async fn login(
         (Some(user), Verdict::Match { rehash }) => (user, rehash),
         (user, _) => {
             let account_id: Option<Uuid> = user.as_ref().map(|u| u.get(1));
-            let email_hash = state.keys.keyed_input_hash(email.to_lowercase().as_bytes());
+            let target = user.as_ref().map(|u| u.get::<_, Uuid>(0));
             let input = format!("{email}\u{0}{}", req.password);
-            login_throttle::record(&*tx, meta.ip, account_id, &email_hash).await?;
-            audit::append(
-                &tx,
-                &AuditEvent {
-                    account_id,
-                    actor: Actor::Anonymous,
-                    client_ip: Some(meta.ip.to_string()),
-                    user_agent: Some(meta.user_agent.clone()),
-                    action: "user.login_failed",
-                    target: user.as_ref().map(|u| ("user", u.get::<_, Uuid>(0))),
-                    outcome: Outcome::Failure,
-                    metadata: json!({
-                        "email_hash": email_hash,
-                        "input_hash": state.keys.keyed_input_hash(input.as_bytes()),
-                    }),
-                },
+            record_failure(
+                &state, &tx, &meta, &email, account_id, target, &input, "password",
             )
             .await?;
             tx.commit().await?;
@@ -294,6 +297,40 @@ pub async fn login(
     let account_id: Uuid = user.get(1);
     let email: String = user.get(2);
     let role: String = user.get(4);
+    let mut factor = None;
+    if user.get::<_, bool>(5) {
+        let (code, allow_recovery) =
+            match (&req.totp_code, &req.recovery_code) {
+                (_, Some(recovery)) => (recovery.as_str(), true),
+                (Some(totp), None) => (totp.as_str(), false),
+                (None, None) => return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "mfa_required",
+                    "this user signs in with a second factor: send totp_code (or recovery_code)",
+                )),
+            };
+        factor = mfa::consume_code(&tx, &state.keys, user_id, code, allow_recovery).await?;
+        if factor.is_none() {
+            let input = format!("{email}\u{0}{code}");
+            record_failure(
+                &state,
+                &tx,
+                &meta,
+                &email,
+                Some(account_id),
+                Some(user_id),
+                &input,
+                "mfa",
+            )
+            .await?;
+            tx.commit().await?;
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_mfa_code",
+                "the code is wrong, expired or already used",
+            ));
+        }
+    }
     if rehash {
         let password = req.password;
         let new_hash = tokio::task::spawn_blocking(move || passwords::hash(&password))
@@ -319,7 +356,11 @@ pub async fn login(
             action: "user.logged_in",
             target: Some(("session", session_id)),
             outcome: Outcome::Success,
-            metadata: json!({ "mfaUsed": false, "password_rehashed": rehash }),
+            metadata: json!({
+                "mfaUsed": factor.is_some(),
+                "mfa_method": factor.map(|f| f.as_str()),
+                "password_rehashed": rehash,
+            }),
         },
     )
     .await?;
@@ -337,6 +378,42 @@ pub async fn login(
         Json(body).into_response(),
         session_cookie(&cookie, SESSION_IDLE_DAYS * 86_400),
     ))
+}
+
+/// Counts a failed sign-in for throttling and audits it, keeping only keyed hashes of what
+/// was typed.
+#[allow(clippy::too_many_arguments)]
+async fn record_failure(
+    state: &AppState,
+    tx: &tokio_postgres::Transaction<'_>,
+    meta: &ClientMeta,
+    email: &str,
+    account_id: Option<Uuid>,
+    user: Option<Uuid>,
+    input: &str,
+    factor: &str,
+) -> Result<(), ApiError> {
+    let email_hash = state.keys.keyed_input_hash(email.to_lowercase().as_bytes());
+    login_throttle::record(tx, meta.ip, account_id, &email_hash).await?;
+    audit::append(
+        tx,
+        &AuditEvent {
+            account_id,
+            actor: Actor::Anonymous,
+            client_ip: Some(meta.ip.to_string()),
+            user_agent: Some(meta.user_agent.clone()),
+            action: "user.login_failed",
+            target: user.map(|u| ("user", u)),
+            outcome: Outcome::Failure,
+            metadata: json!({
+                "email_hash": email_hash,
+                "input_hash": state.keys.keyed_input_hash(input.as_bytes()),
+                "failed_factor": factor,
+            }),
+        },
+    )
+    .await?;
+    Ok(())
 }
 
 async fn revoke_sessions(
@@ -376,7 +453,7 @@ async fn revoke_sessions(
     Ok(revoked)
 }
 
-fn signed_out() -> Response {
+pub(super) fn signed_out() -> Response {
     with_cookie(
         StatusCode::NO_CONTENT.into_response(),
         session_cookie("", 0),
@@ -463,4 +540,38 @@ pub async fn sign_out_everywhere(
 ) -> Result<Response, ApiError> {
     revoke_sessions(&state, &principal, &meta, None, "session.revoked_all").await?;
     Ok(signed_out())
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Me {
+    pub user: UserView,
+    pub mfa_enabled: bool,
+    /// The account requires MFA and this user has not set it up yet.
+    pub mfa_setup_required: bool,
+}
+
+/// Who the caller is.
+#[utoipa::path(get, path = "/v1/auth/me", tag = "auth",
+    responses((status = 200, body = Me), (status = 401, body = ErrorBody)))]
+pub async fn me(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Me>, ApiError> {
+    let client = state.pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT totp_enabled_at IS NOT NULL FROM users WHERE id = $1",
+            &[&principal.user_id],
+        )
+        .await?;
+    Ok(Json(Me {
+        user: UserView {
+            id: principal.user_id,
+            email: principal.email.clone(),
+            role: principal.role.as_str().into(),
+            account_id: principal.account_id,
+        },
+        mfa_enabled: row.get(0),
+        mfa_setup_required: principal.mfa_setup_required,
+    }))
 }

@@ -19,12 +19,16 @@ use crate::field_crypto::FieldKeys;
 pub use crate::metrics::Metrics;
 
 pub mod access;
+pub mod account;
 pub mod api_keys;
 pub mod audit_routes;
 pub mod auth_routes;
 pub mod deployments;
 pub mod error;
 pub mod extract;
+pub mod members;
+pub mod mfa;
+pub mod password_reset;
 pub mod projects;
 pub mod rollouts;
 pub mod servers;
@@ -69,6 +73,11 @@ pub struct StateInner {
     pub agent_endpoint: String,
     /// How long a queued deployment waits for its agent.
     pub dispatch_timeout: std::time::Duration,
+    /// Password-reset and invitation emails.
+    pub mailer: Arc<crate::mailer::Mailer>,
+    /// The API's address as users reach it (`https://…`, no trailing slash), for links in
+    /// emails.
+    pub public_url: String,
 }
 
 impl AppState {
@@ -91,6 +100,8 @@ impl Deref for AppState {
         (name = "system", description = "health, metrics, this document"),
         (name = "auth", description = "accounts, sign-in and sessions"),
         (name = "api-keys", description = "API keys for automation"),
+        (name = "members", description = "members, roles and invitations"),
+        (name = "account", description = "account settings, ownership, deletion"),
         (name = "audit", description = "the audit log"),
         (name = "servers", description = "deploy targets and their agents"),
         (name = "projects", description = "what to deploy and how"),
@@ -111,6 +122,19 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(auth_routes::list_sessions))
         .routes(routes!(auth_routes::revoke_session))
         .routes(routes!(auth_routes::sign_out_everywhere))
+        .routes(routes!(auth_routes::me))
+        .routes(routes!(mfa::enroll))
+        .routes(routes!(mfa::confirm))
+        .routes(routes!(mfa::disable))
+        .routes(routes!(password_reset::request))
+        .routes(routes!(password_reset::confirm))
+        .routes(routes!(members::list))
+        .routes(routes!(members::change_role, members::remove))
+        .routes(routes!(members::invite, members::list_invitations))
+        .routes(routes!(members::revoke_invitation))
+        .routes(routes!(members::accept))
+        .routes(routes!(account::show, account::update, account::delete))
+        .routes(routes!(account::transfer_ownership))
         .routes(routes!(api_keys::create, api_keys::list))
         .routes(routes!(api_keys::revoke))
         .routes(routes!(audit_routes::list))

@@ -47,6 +47,8 @@ async fn start_with(conninfo: &str, keys: FieldKeys) -> Result<ControlPlane, Sta
         agent_endpoint: None,
         agent_heartbeat: std::time::Duration::from_secs(30),
         dispatch_timeout: std::time::Duration::from_secs(60),
+        mail: Default::default(),
+        public_url: None,
     })
     .await
 }

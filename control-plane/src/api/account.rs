@@ -1,0 +1,281 @@
+//! The account itself: settings (MFA requirement, audit retention), ownership, deletion.
+
+use axum::extract::State;
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ClientMeta, JsonBody};
+use super::{actor_event, AppState};
+use crate::agents::cert_events;
+use crate::audit;
+use crate::auth::Principal;
+use sensei_certs::Fingerprint;
+
+/// Audit retention bounds, in days (the database checks them too).
+pub const MIN_RETENTION_DAYS: i32 = 30;
+pub const MAX_RETENTION_DAYS: i32 = 2557;
+
+#[derive(Serialize, ToSchema)]
+pub struct AccountSettings {
+    pub id: Uuid,
+    pub name: String,
+    /// Every member must sign in with a second factor.
+    pub require_mfa: bool,
+    /// Audit rows older than this many days are expired.
+    pub audit_retention_days: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccountChange {
+    pub name: Option<String>,
+    pub require_mfa: Option<bool>,
+    /// 30 to 2557 days (seven years).
+    pub audit_retention_days: Option<i32>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteAccount {
+    /// The account's name, typed out, as a guard against accidents.
+    pub confirm_name: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferOwnership {
+    /// The member who becomes an owner; the caller becomes an admin.
+    pub user_id: Uuid,
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+const COLUMNS: &str = "id, name, require_mfa, audit_retention_days, created_at";
+
+fn settings(r: &tokio_postgres::Row) -> AccountSettings {
+    AccountSettings {
+        id: r.get(0),
+        name: r.get(1),
+        require_mfa: r.get(2),
+        audit_retention_days: r.get(3),
+        created_at: r.get(4),
+    }
+}
+
+/// The caller's account and its settings.
+#[utoipa::path(get, path = "/v1/account", tag = "account",
+    responses((status = 200, body = AccountSettings), (status = 403, body = ErrorBody)))]
+pub async fn show(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<AccountSettings>, ApiError> {
+    let client = state.pool.get().await?;
+    let row = client
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM accounts WHERE id = $1"),
+            &[&principal.account_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("account"))?;
+    Ok(Json(settings(&row)))
+}
+
+/// Changes the account's name or settings.
+#[utoipa::path(patch, path = "/v1/account", tag = "account", request_body = AccountChange,
+    responses((status = 200, body = AccountSettings), (status = 403, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+pub async fn update(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    JsonBody(req): JsonBody<AccountChange>,
+) -> Result<Json<AccountSettings>, ApiError> {
+    let name = match &req.name {
+        Some(n) => {
+            let n = n.trim();
+            if n.is_empty() || n.chars().count() > 200 {
+                return Err(invalid(
+                    "invalid_account_name",
+                    "name must be 1 to 200 characters",
+                ));
+            }
+            Some(n.to_owned())
+        }
+        None => None,
+    };
+    if let Some(days) = req.audit_retention_days {
+        if !(MIN_RETENTION_DAYS..=MAX_RETENTION_DAYS).contains(&days) {
+            return Err(invalid(
+                "invalid_retention",
+                format!("audit_retention_days must be {MIN_RETENTION_DAYS} to {MAX_RETENTION_DAYS} (seven years)"),
+            ));
+        }
+    }
+    if name.is_none() && req.require_mfa.is_none() && req.audit_retention_days.is_none() {
+        return Err(invalid(
+            "nothing_to_change",
+            "give name, require_mfa or audit_retention_days",
+        ));
+    }
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_one(
+            &format!(
+                "UPDATE accounts SET name = COALESCE($2, name), \
+                 require_mfa = COALESCE($3, require_mfa), \
+                 audit_retention_days = COALESCE($4, audit_retention_days) \
+                 WHERE id = $1 RETURNING {COLUMNS}"
+            ),
+            &[
+                &principal.account_id,
+                &name,
+                &req.require_mfa,
+                &req.audit_retention_days,
+            ],
+        )
+        .await?;
+    let mut changed = serde_json::Map::new();
+    if let Some(n) = &name {
+        changed.insert("name".into(), json!(n));
+    }
+    if let Some(v) = req.require_mfa {
+        changed.insert("require_mfa".into(), json!(v));
+    }
+    if let Some(v) = req.audit_retention_days {
+        changed.insert("audit_retention_days".into(), json!(v));
+    }
+    audit::append(
+        &tx,
+        &actor_event(
+            &principal,
+            &meta,
+            "account.updated",
+            ("account", principal.account_id),
+            serde_json::Value::Object(changed),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(settings(&row)))
+}
+
+/// Makes another member an owner and the caller an admin.
+#[utoipa::path(post, path = "/v1/account/transfer-ownership", tag = "account", request_body = TransferOwnership,
+    responses((status = 204, description = "transferred"), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn transfer_ownership(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    JsonBody(req): JsonBody<TransferOwnership>,
+) -> Result<StatusCode, ApiError> {
+    if req.user_id == principal.user_id {
+        return Err(invalid("invalid_target", "you already own this account"));
+    }
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+        &[&principal.account_id],
+    )
+    .await?;
+    let promoted = tx
+        .execute(
+            "UPDATE users SET role = 'owner' WHERE id = $1 AND account_id = $2",
+            &[&req.user_id, &principal.account_id],
+        )
+        .await?;
+    if promoted == 0 {
+        return Err(ApiError::not_found("member"));
+    }
+    tx.execute(
+        "UPDATE users SET role = 'admin' WHERE id = $1",
+        &[&principal.user_id],
+    )
+    .await?;
+    audit::append(
+        &tx,
+        &actor_event(
+            &principal,
+            &meta,
+            "account.ownership_transferred",
+            ("user", req.user_id),
+            json!({"from": principal.user_id.to_string()}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes the account and everything in it: members, servers (agent certificates revoked
+/// at once), projects, deployments. The audit log stays, as the record that it happened.
+#[utoipa::path(delete, path = "/v1/account", tag = "account", request_body = DeleteAccount,
+    responses((status = 204, description = "deleted"), (status = 403, body = ErrorBody),
+              (status = 422, body = ErrorBody, description = "confirm_name does not match")))]
+pub async fn delete(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    JsonBody(req): JsonBody<DeleteAccount>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let name: String = tx
+        .query_opt(
+            "SELECT name FROM accounts WHERE id = $1 FOR UPDATE",
+            &[&principal.account_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("account"))?
+        .get(0);
+    if req.confirm_name.trim() != name {
+        return Err(invalid(
+            "confirmation_mismatch",
+            "confirm_name must be the account's name exactly",
+        ));
+    }
+    let revoked: Vec<Fingerprint> = tx
+        .query(
+            "UPDATE agent_certificates c SET revoked_at = now() FROM servers s \
+             WHERE c.server_id = s.id AND s.account_id = $1 AND c.revoked_at IS NULL \
+             RETURNING c.fingerprint",
+            &[&principal.account_id],
+        )
+        .await?
+        .iter()
+        .filter_map(|r| Fingerprint::from_raw(r.get::<_, &[u8]>(0)))
+        .collect();
+    for fp in &revoked {
+        cert_events::notify_revoked(&tx, fp).await?;
+    }
+    audit::append(
+        &tx,
+        &actor_event(
+            &principal,
+            &meta,
+            "account.deleted",
+            ("account", principal.account_id),
+            json!({"name": name, "certificates_revoked": revoked.len()}),
+        ),
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM accounts WHERE id = $1",
+        &[&principal.account_id],
+    )
+    .await?;
+    tx.commit().await?;
+    state.agents.revoke(&revoked);
+    Ok(StatusCode::NO_CONTENT)
+}

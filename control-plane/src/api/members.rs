@@ -1,0 +1,541 @@
+//! The people in an account: members and their roles, and invitations.
+//!
+//! Admins manage members; only owners grant, take away or remove the owner role, and the
+//! account always keeps at least one owner (checked under a lock on the account row, so two
+//! admins demoting the last two owners at once cannot both succeed).
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::auth_routes::{
+    create_session, new_password_hash, normalise_email, session_cookie, with_cookie, UserView,
+};
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ClientMeta, JsonBody};
+use super::{actor_event, AppState};
+use crate::audit::{self, Actor, AuditEvent, Outcome};
+use crate::auth::{Principal, Role, SESSION_IDLE_DAYS};
+use crate::tokens::{Token, TokenKind};
+
+/// How long an invitation link stays valid.
+pub const INVITATION_DAYS: i64 = 7;
+/// Open invitations an account may have at once.
+const MAX_OPEN_INVITATIONS: i64 = 100;
+
+#[derive(Serialize, ToSchema)]
+pub struct MemberView {
+    pub id: Uuid,
+    pub email: String,
+    pub role: String,
+    pub mfa_enabled: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MemberList {
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleChange {
+    /// `viewer`, `operator`, `developer`, `admin` or `owner`.
+    pub role: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InvitationRequest {
+    pub email: String,
+    pub role: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InvitationView {
+    pub id: Uuid,
+    pub email: String,
+    pub role: String,
+    pub invited_by: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreatedInvitation {
+    pub invitation: InvitationView,
+    /// The single-use token, shown once (it is also emailed when SMTP is configured).
+    pub token: String,
+    /// Whether the invitation email was handed to SMTP.
+    pub emailed: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InvitationList {
+    pub invitations: Vec<InvitationView>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptInvitation {
+    pub token: String,
+    /// The new member's password (10 to 1024 characters).
+    pub password: String,
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+fn parse_role(text: &str) -> Result<Role, ApiError> {
+    Role::parse(text.trim()).ok_or_else(|| {
+        invalid(
+            "invalid_role",
+            "role must be viewer, operator, developer, admin or owner",
+        )
+    })
+}
+
+/// Only owners hand out or take away the owner role.
+fn check_may_assign(principal: &Principal, role: Role) -> Result<(), ApiError> {
+    if role == Role::Owner && principal.role != Role::Owner {
+        return Err(ApiError::forbidden(
+            "owner_required",
+            "only an owner can make someone an owner",
+        ));
+    }
+    Ok(())
+}
+
+/// Locks the account row (serialising member changes) and counts its owners.
+async fn lock_and_count_owners(
+    tx: &tokio_postgres::Transaction<'_>,
+    account_id: Uuid,
+) -> Result<i64, ApiError> {
+    tx.execute(
+        "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+        &[&account_id],
+    )
+    .await?;
+    Ok(tx
+        .query_one(
+            "SELECT count(*) FROM users WHERE account_id = $1 AND role = 'owner'",
+            &[&account_id],
+        )
+        .await?
+        .get(0))
+}
+
+async fn member_role(
+    tx: &tokio_postgres::Transaction<'_>,
+    account_id: Uuid,
+    user_id: Uuid,
+) -> Result<(Role, String), ApiError> {
+    let row = tx
+        .query_opt(
+            "SELECT role, email FROM users WHERE id = $1 AND account_id = $2 FOR UPDATE",
+            &[&user_id, &account_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("member"))?;
+    let role: String = row.get(0);
+    Ok((
+        Role::parse(&role).ok_or_else(|| ApiError::internal("unknown role in database"))?,
+        row.get(1),
+    ))
+}
+
+fn last_owner() -> ApiError {
+    ApiError::conflict(
+        "last_owner",
+        "an account keeps at least one owner: make someone else an owner first",
+    )
+}
+
+/// The account's members.
+#[utoipa::path(get, path = "/v1/members", tag = "members",
+    responses((status = 200, body = MemberList), (status = 403, body = ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<MemberList>, ApiError> {
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, email, role, totp_enabled_at IS NOT NULL, created_at FROM users \
+             WHERE account_id = $1 ORDER BY created_at, id",
+            &[&principal.account_id],
+        )
+        .await?;
+    Ok(Json(MemberList {
+        members: rows
+            .iter()
+            .map(|r| MemberView {
+                id: r.get(0),
+                email: r.get(1),
+                role: r.get(2),
+                mfa_enabled: r.get(3),
+                created_at: r.get(4),
+            })
+            .collect(),
+    }))
+}
+
+/// Changes a member's role. Takes effect on their next request, API keys included.
+#[utoipa::path(patch, path = "/v1/members/{id}", tag = "members", request_body = RoleChange,
+    params(("id" = Uuid, Path, description = "user id")),
+    responses((status = 200, body = MemberView),
+              (status = 403, body = ErrorBody, description = "only owners manage the owner role"),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "last owner")))]
+pub async fn change_role(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+    JsonBody(req): JsonBody<RoleChange>,
+) -> Result<Json<MemberView>, ApiError> {
+    let role = parse_role(&req.role)?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let owners = lock_and_count_owners(&tx, principal.account_id).await?;
+    let (current, _) = member_role(&tx, principal.account_id, id).await?;
+    check_may_assign(&principal, role)?;
+    check_may_assign(&principal, current)?;
+    if current == Role::Owner && role != Role::Owner && owners <= 1 {
+        return Err(last_owner());
+    }
+    let row = tx
+        .query_one(
+            "UPDATE users SET role = $3 WHERE id = $1 AND account_id = $2 \
+             RETURNING id, email, role, totp_enabled_at IS NOT NULL, created_at",
+            &[&id, &principal.account_id, &role.as_str()],
+        )
+        .await?;
+    audit::append(
+        &tx,
+        &actor_event(
+            &principal,
+            &meta,
+            "member.role_changed",
+            ("user", id),
+            json!({"from": current.as_str(), "to": role.as_str()}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(MemberView {
+        id: row.get(0),
+        email: row.get(1),
+        role: row.get(2),
+        mfa_enabled: row.get(3),
+        created_at: row.get(4),
+    }))
+}
+
+/// Removes a member: their sessions end and their API keys stop working at once.
+#[utoipa::path(delete, path = "/v1/members/{id}", tag = "members",
+    params(("id" = Uuid, Path, description = "user id")),
+    responses((status = 204, description = "removed"), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "last owner")))]
+pub async fn remove(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let owners = lock_and_count_owners(&tx, principal.account_id).await?;
+    let (current, email) = member_role(&tx, principal.account_id, id).await?;
+    check_may_assign(&principal, current)?;
+    if current == Role::Owner && owners <= 1 {
+        return Err(last_owner());
+    }
+    // Keys stop at once: authentication joins the key to its creator, and the creator is gone.
+    tx.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE created_by = $1 AND revoked_at IS NULL",
+        &[&id],
+    )
+    .await?;
+    tx.execute("DELETE FROM users WHERE id = $1", &[&id])
+        .await?;
+    audit::append(
+        &tx,
+        &actor_event(
+            &principal,
+            &meta,
+            "member.removed",
+            ("user", id),
+            json!({"email": email, "role": current.as_str()}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn invitation_view(r: &tokio_postgres::Row) -> InvitationView {
+    InvitationView {
+        id: r.get(0),
+        email: r.get(1),
+        role: r.get(2),
+        invited_by: r.get(3),
+        created_at: r.get(4),
+        expires_at: r.get(5),
+    }
+}
+
+const INVITATION_COLUMNS: &str = "id, email, role, invited_by, created_at, expires_at";
+
+/// Invites an email address with a role. The token is answered once and emailed.
+#[utoipa::path(post, path = "/v1/invitations", tag = "members", request_body = InvitationRequest,
+    responses((status = 201, body = CreatedInvitation),
+              (status = 403, body = ErrorBody, description = "only owners invite owners"),
+              (status = 409, body = ErrorBody, description = "already a user"),
+              (status = 422, body = ErrorBody)))]
+pub async fn invite(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    JsonBody(req): JsonBody<InvitationRequest>,
+) -> Result<Response, ApiError> {
+    let email = normalise_email(&req.email)?;
+    let role = parse_role(&req.role)?;
+    check_may_assign(&principal, role)?;
+    let token = Token::generate();
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+        &[&principal.account_id],
+    )
+    .await?;
+    let taken = tx
+        .query_opt(
+            "SELECT 1 FROM users WHERE lower(email) = lower($1)",
+            &[&email],
+        )
+        .await?;
+    if taken.is_some() {
+        return Err(ApiError::conflict(
+            "email_taken",
+            "this email already belongs to a Sensei user",
+        ));
+    }
+    let open: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM invitations WHERE account_id = $1 AND accepted_at IS NULL \
+             AND revoked_at IS NULL AND expires_at > now()",
+            &[&principal.account_id],
+        )
+        .await?
+        .get(0);
+    if open >= MAX_OPEN_INVITATIONS {
+        return Err(ApiError::conflict(
+            "too_many_invitations",
+            format!("at most {MAX_OPEN_INVITATIONS} open invitations; revoke some first"),
+        ));
+    }
+    let row = tx
+        .query_one(
+            &format!(
+                "INSERT INTO invitations (id, account_id, email, role, secret_hash, invited_by, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(days => $7)) \
+                 RETURNING {INVITATION_COLUMNS}"
+            ),
+            &[&token.id, &principal.account_id, &email, &role.as_str(), &token.secret_hash(),
+              &principal.user_id, &(INVITATION_DAYS as i32)],
+        )
+        .await?;
+    audit::append(
+        &tx,
+        &actor_event(
+            &principal,
+            &meta,
+            "invitation.created",
+            ("invitation", token.id),
+            json!({"email": email, "role": role.as_str()}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    let secret = token.render(TokenKind::Invitation);
+    let body = format!(
+        "{} invited you to their Sensei account as {}.\n\n\
+         Choose a password to join (the link works once, for {INVITATION_DAYS} days):\n\n\
+         curl -X POST {}/v1/invitations/accept -H 'content-type: application/json' \\\n  \
+         -d '{{\"token\": \"{secret}\", \"password\": \"NEW PASSWORD\"}}'\n",
+        principal.email,
+        role.as_str(),
+        state.public_url
+    );
+    let mailer = state.mailer.clone();
+    let to = email.clone();
+    tokio::spawn(async move { mailer.send(&to, "You are invited to Sensei", &body).await });
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedInvitation {
+            invitation: invitation_view(&row),
+            token: secret,
+            emailed: state.mailer.delivers(),
+        }),
+    )
+        .into_response())
+}
+
+/// Open invitations.
+#[utoipa::path(get, path = "/v1/invitations", tag = "members",
+    responses((status = 200, body = InvitationList), (status = 403, body = ErrorBody)))]
+pub async fn list_invitations(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<InvitationList>, ApiError> {
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {INVITATION_COLUMNS} FROM invitations WHERE account_id = $1 \
+                 AND accepted_at IS NULL AND revoked_at IS NULL AND expires_at > now() \
+                 ORDER BY created_at"
+            ),
+            &[&principal.account_id],
+        )
+        .await?;
+    Ok(Json(InvitationList {
+        invitations: rows.iter().map(invitation_view).collect(),
+    }))
+}
+
+/// Withdraws an open invitation; its link stops working.
+#[utoipa::path(delete, path = "/v1/invitations/{id}", tag = "members",
+    params(("id" = Uuid, Path, description = "invitation id")),
+    responses((status = 204, description = "revoked"), (status = 404, body = ErrorBody)))]
+pub async fn revoke_invitation(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let done = tx
+        .execute(
+            "UPDATE invitations SET revoked_at = now() WHERE id = $1 AND account_id = $2 \
+             AND accepted_at IS NULL AND revoked_at IS NULL",
+            &[&id, &principal.account_id],
+        )
+        .await?;
+    if done == 0 {
+        return Err(ApiError::not_found("open invitation"));
+    }
+    audit::append(
+        &tx,
+        &actor_event(
+            &principal,
+            &meta,
+            "invitation.revoked",
+            ("invitation", id),
+            json!({}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Joins an account through an invitation: sets the password and signs in.
+#[utoipa::path(post, path = "/v1/invitations/accept", tag = "members", request_body = AcceptInvitation,
+    responses((status = 201, body = UserView, description = "joined; session cookie set"),
+              (status = 400, body = ErrorBody, description = "invalid, used, revoked or expired token"),
+              (status = 409, body = ErrorBody, description = "the email registered meanwhile"),
+              (status = 422, body = ErrorBody, description = "weak password")))]
+pub async fn accept(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    JsonBody(req): JsonBody<AcceptInvitation>,
+) -> Result<Response, ApiError> {
+    let invalid_token = || {
+        ApiError::bad_request(
+            "invalid_token",
+            "this invitation is not valid (unknown, used, withdrawn or expired)",
+        )
+    };
+    let token = Token::parse(TokenKind::Invitation, req.token.trim()).ok_or_else(invalid_token)?;
+    let hash = new_password_hash(req.password).await?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "SELECT secret_hash, account_id, email, role, \
+                    accepted_at IS NULL AND revoked_at IS NULL AND expires_at > now() \
+             FROM invitations WHERE id = $1 FOR UPDATE",
+            &[&token.id],
+        )
+        .await?
+        .ok_or_else(invalid_token)?;
+    let stored: Vec<u8> = row.get(0);
+    let open: bool = row.get(4);
+    if !token.matches(&stored) || !open {
+        return Err(invalid_token());
+    }
+    let account_id: Uuid = row.get(1);
+    let email: String = row.get(2);
+    let role: String = row.get(3);
+    let user_id = Uuid::new_v4();
+    let inserted = tx
+        .execute(
+            "INSERT INTO users (id, account_id, email, password_hash, role) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[&user_id, &account_id, &email, &hash, &role],
+        )
+        .await?;
+    if inserted == 0 {
+        return Err(ApiError::conflict(
+            "email_taken",
+            "this email already belongs to a Sensei user",
+        ));
+    }
+    tx.execute(
+        "UPDATE invitations SET accepted_at = now() WHERE id = $1",
+        &[&token.id],
+    )
+    .await?;
+    let (_, cookie) = create_session(&tx, user_id, &meta).await?;
+    audit::append(
+        &tx,
+        &AuditEvent {
+            account_id: Some(account_id),
+            actor: Actor::User {
+                id: user_id,
+                email: email.clone(),
+            },
+            client_ip: Some(meta.ip.to_string()),
+            user_agent: Some(meta.user_agent.clone()),
+            action: "invitation.accepted",
+            target: Some(("invitation", token.id)),
+            outcome: Outcome::Success,
+            metadata: json!({"role": role}),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(with_cookie(
+        (
+            StatusCode::CREATED,
+            Json(UserView {
+                id: user_id,
+                email,
+                role,
+                account_id,
+            }),
+        )
+            .into_response(),
+        session_cookie(&cookie, SESSION_IDLE_DAYS * 86_400),
+    ))
+}

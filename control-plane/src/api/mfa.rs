@@ -1,0 +1,320 @@
+//! TOTP multi-factor sign-in: enroll (secret sealed under the field key, shown once), confirm
+//! with a code (which hands out one-time recovery codes), disable with a code, and the check
+//! login runs for users who have it.
+
+use axum::extract::State;
+use axum::{Extension, Json};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ClientMeta, JsonBody};
+use super::{actor_event, AppState};
+use crate::audit;
+use crate::auth::Principal;
+use crate::field_crypto::FieldKeys;
+use crate::totp;
+
+/// The issuer name authenticator apps show.
+const ISSUER: &str = "Sensei";
+
+#[derive(Serialize, ToSchema)]
+pub struct TotpEnrollment {
+    /// Base32 secret, for typing in by hand. Shown once.
+    pub secret: String,
+    /// `otpauth://totp/…` for a QR code. Shown once.
+    pub otpauth_uri: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TotpCode {
+    /// The 6-digit code, or (to disable) a recovery code.
+    pub code: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RecoveryCodes {
+    /// One-time codes for when the authenticator is lost. Shown once; stored hashed.
+    pub recovery_codes: Vec<String>,
+}
+
+/// How a second factor was proven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecondFactor {
+    Totp,
+    RecoveryCode,
+}
+
+impl SecondFactor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecondFactor::Totp => "totp",
+            SecondFactor::RecoveryCode => "recovery_code",
+        }
+    }
+}
+
+fn recovery_hash(normalised: &str) -> Vec<u8> {
+    Sha256::digest(normalised.as_bytes()).to_vec()
+}
+
+/// Checks a TOTP code (or, when `allow_recovery`, a recovery code) for a user with MFA
+/// enabled, consuming it: the step is remembered and a recovery code is marked used, in the
+/// caller's transaction. `None` when the code is wrong, replayed or used.
+pub async fn consume_code(
+    tx: &tokio_postgres::Transaction<'_>,
+    keys: &FieldKeys,
+    user_id: Uuid,
+    code: &str,
+    allow_recovery: bool,
+) -> Result<Option<SecondFactor>, ApiError> {
+    let row = tx
+        .query_one(
+            "SELECT totp_secret_ciphertext, totp_last_step FROM users WHERE id = $1 FOR UPDATE",
+            &[&user_id],
+        )
+        .await?;
+    let Some(sealed) = row.get::<_, Option<String>>(0) else {
+        return Ok(None);
+    };
+    let secret = keys
+        .decrypt(&sealed)
+        .map_err(|_| ApiError::internal("TOTP secret cannot be decrypted with the field keys"))?;
+    let last_step: i64 = row.get(1);
+    if let Some(step) = totp::verify(&secret, code, chrono::Utc::now().timestamp(), last_step) {
+        tx.execute(
+            "UPDATE users SET totp_last_step = $2 WHERE id = $1",
+            &[&user_id, &step],
+        )
+        .await?;
+        return Ok(Some(SecondFactor::Totp));
+    }
+    if allow_recovery {
+        if let Some(normalised) = totp::normalise_recovery_code(code) {
+            let used = tx
+                .execute(
+                    "UPDATE mfa_recovery_codes SET used_at = now() \
+                     WHERE user_id = $1 AND code_hash = $2 AND used_at IS NULL",
+                    &[&user_id, &recovery_hash(&normalised)],
+                )
+                .await?;
+            if used == 1 {
+                return Ok(Some(SecondFactor::RecoveryCode));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn wrong_code() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_mfa_code",
+        "the code is wrong, expired or already used",
+    )
+}
+
+/// Starts TOTP enrollment: a new secret, pending until confirmed with a code from it.
+#[utoipa::path(post, path = "/v1/auth/mfa/totp", tag = "auth",
+    responses((status = 201, body = TotpEnrollment),
+              (status = 409, body = ErrorBody, description = "TOTP is already on; disable it first")))]
+pub async fn enroll(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+) -> Result<(StatusCode, Json<TotpEnrollment>), ApiError> {
+    let secret = totp::generate_secret();
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let updated = tx
+        .execute(
+            "UPDATE users SET totp_pending_ciphertext = $2 WHERE id = $1 AND totp_enabled_at IS NULL",
+            &[&principal.user_id, &state.keys.encrypt(&secret)],
+        )
+        .await?;
+    if updated == 0 {
+        return Err(ApiError::conflict(
+            "mfa_already_enabled",
+            "TOTP is already on for this user; disable it first to enroll a new authenticator",
+        ));
+    }
+    audit::append(
+        &tx,
+        &actor_event(
+            &principal,
+            &meta,
+            "user.mfa_enrollment_started",
+            ("user", principal.user_id),
+            json!({"method": "totp"}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(TotpEnrollment {
+            secret: totp::base32(&secret),
+            otpauth_uri: totp::otpauth_uri(&secret, ISSUER, &principal.email),
+        }),
+    ))
+}
+
+/// Confirms enrollment with a current code; TOTP is then required at sign-in. Answers the
+/// recovery codes, once.
+#[utoipa::path(post, path = "/v1/auth/mfa/totp/confirm", tag = "auth", request_body = TotpCode,
+    responses((status = 200, body = RecoveryCodes),
+              (status = 401, body = ErrorBody, description = "wrong code"),
+              (status = 409, body = ErrorBody, description = "no enrollment in progress")))]
+pub async fn confirm(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    JsonBody(req): JsonBody<TotpCode>,
+) -> Result<Json<RecoveryCodes>, ApiError> {
+    let mut client = state.pool.get().await?;
+    crate::login_throttle::check_account(&**client, principal.account_id).await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_one(
+            "SELECT totp_pending_ciphertext, totp_last_step FROM users WHERE id = $1 FOR UPDATE",
+            &[&principal.user_id],
+        )
+        .await?;
+    let Some(sealed) = row.get::<_, Option<String>>(0) else {
+        return Err(ApiError::conflict(
+            "no_mfa_enrollment",
+            "start with POST /v1/auth/mfa/totp",
+        ));
+    };
+    let secret = state
+        .keys
+        .decrypt(&sealed)
+        .map_err(|_| ApiError::internal("TOTP secret cannot be decrypted with the field keys"))?;
+    let Some(step) = totp::verify(
+        &secret,
+        &req.code,
+        chrono::Utc::now().timestamp(),
+        row.get(1),
+    ) else {
+        drop(tx);
+        let hash = state
+            .keys
+            .keyed_input_hash(principal.email.to_lowercase().as_bytes());
+        crate::login_throttle::record(&**client, meta.ip, Some(principal.account_id), &hash)
+            .await?;
+        return Err(wrong_code());
+    };
+    tx.execute(
+        "UPDATE users SET totp_secret_ciphertext = totp_pending_ciphertext, \
+         totp_pending_ciphertext = NULL, totp_enabled_at = now(), totp_last_step = $2 WHERE id = $1",
+        &[&principal.user_id, &step],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM mfa_recovery_codes WHERE user_id = $1",
+        &[&principal.user_id],
+    )
+    .await?;
+    let codes: Vec<String> = (0..totp::RECOVERY_CODES)
+        .map(|_| totp::generate_recovery_code())
+        .collect();
+    for code in &codes {
+        let normalised = totp::normalise_recovery_code(code)
+            .ok_or_else(|| ApiError::internal("generated recovery code is malformed"))?;
+        tx.execute(
+            "INSERT INTO mfa_recovery_codes (user_id, code_hash) VALUES ($1, $2)",
+            &[&principal.user_id, &recovery_hash(&normalised)],
+        )
+        .await?;
+    }
+    audit::append(
+        &tx,
+        &actor_event(
+            &principal,
+            &meta,
+            "user.mfa_enabled",
+            ("user", principal.user_id),
+            json!({"method": "totp", "recovery_codes": codes.len()}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(RecoveryCodes {
+        recovery_codes: codes,
+    }))
+}
+
+/// Turns TOTP off, given a current code or a recovery code. Refused while the account
+/// requires MFA.
+#[utoipa::path(post, path = "/v1/auth/mfa/totp/disable", tag = "auth", request_body = TotpCode,
+    responses((status = 204, description = "TOTP off; recovery codes deleted"),
+              (status = 401, body = ErrorBody, description = "wrong code"),
+              (status = 409, body = ErrorBody, description = "not enabled, or the account requires MFA")))]
+pub async fn disable(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    JsonBody(req): JsonBody<TotpCode>,
+) -> Result<StatusCode, ApiError> {
+    let mut client = state.pool.get().await?;
+    crate::login_throttle::check_account(&**client, principal.account_id).await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_one(
+            "SELECT u.totp_enabled_at IS NOT NULL, a.require_mfa FROM users u \
+             JOIN accounts a ON a.id = u.account_id WHERE u.id = $1",
+            &[&principal.user_id],
+        )
+        .await?;
+    let (enabled, required): (bool, bool) = (row.get(0), row.get(1));
+    if !enabled {
+        return Err(ApiError::conflict("mfa_not_enabled", "TOTP is not on"));
+    }
+    if required {
+        return Err(ApiError::conflict(
+            "mfa_required_by_account",
+            "this account requires MFA of every member; it cannot be turned off",
+        ));
+    }
+    if consume_code(&tx, &state.keys, principal.user_id, &req.code, true)
+        .await?
+        .is_none()
+    {
+        drop(tx);
+        let hash = state
+            .keys
+            .keyed_input_hash(principal.email.to_lowercase().as_bytes());
+        crate::login_throttle::record(&**client, meta.ip, Some(principal.account_id), &hash)
+            .await?;
+        return Err(wrong_code());
+    }
+    tx.execute(
+        "UPDATE users SET totp_secret_ciphertext = NULL, totp_pending_ciphertext = NULL, \
+         totp_enabled_at = NULL WHERE id = $1",
+        &[&principal.user_id],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM mfa_recovery_codes WHERE user_id = $1",
+        &[&principal.user_id],
+    )
+    .await?;
+    audit::append(
+        &tx,
+        &actor_event(
+            &principal,
+            &meta,
+            "user.mfa_disabled",
+            ("user", principal.user_id),
+            json!({"method": "totp"}),
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,1265 @@
+//! Access control: the route × role matrix, invitations and member management, TOTP sign-in,
+//! password reset through a real SMTP server, audit retention and who sees which audit rows.
+
+use sensei_control_plane::audit::{self, Actor, AuditEvent, Outcome};
+use sensei_control_plane::totp;
+use sensei_e2e::{error_code, eventually, session_cookie, SmtpSink, TestPlane};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const PW: &str = "correct horse battery";
+const ROLES: [&str; 5] = ["viewer", "operator", "developer", "admin", "owner"];
+
+/// What a route demands, written out here by hand: the test must not derive its expectations
+/// from the code it checks.
+#[derive(Clone, Copy, Debug)]
+enum Need {
+    Public,
+    /// Any signed-in member, not an API key.
+    Session,
+    /// A signed-in member with at least this role (index into ROLES), not an API key.
+    SessionRole(usize),
+    /// A member with at least this role, or an API key carrying the scope.
+    Scoped(usize, &'static str),
+}
+
+fn need(method: &str, path: &str) -> Option<Need> {
+    use Need::*;
+    let (viewer, operator, developer, admin, owner) = (0, 1, 2, 3, 4);
+    Some(match (method, path) {
+        ("GET", "/healthz" | "/metrics" | "/openapi.json") => Public,
+        (
+            "POST",
+            "/v1/auth/signup"
+            | "/v1/auth/login"
+            | "/v1/auth/password-reset"
+            | "/v1/auth/password-reset/confirm"
+            | "/v1/invitations/accept",
+        ) => Public,
+        ("POST", "/v1/auth/logout" | "/v1/auth/sessions/sign-out-everywhere") => Session,
+        ("GET", "/v1/auth/me" | "/v1/auth/sessions") => Session,
+        ("DELETE", "/v1/auth/sessions/{id}") => Session,
+        (
+            "POST",
+            "/v1/auth/mfa/totp" | "/v1/auth/mfa/totp/confirm" | "/v1/auth/mfa/totp/disable",
+        ) => Session,
+        ("GET" | "POST", "/v1/api-keys") | ("DELETE", "/v1/api-keys/{id}") => SessionRole(admin),
+        ("GET", "/v1/audit" | "/v1/audit/export") => Scoped(viewer, "audit:read"),
+        ("GET", "/v1/members") => Scoped(viewer, "members:read"),
+        ("PATCH" | "DELETE", "/v1/members/{id}") => SessionRole(admin),
+        ("GET" | "POST", "/v1/invitations") | ("DELETE", "/v1/invitations/{id}") => {
+            SessionRole(admin)
+        }
+        ("GET", "/v1/account") => Scoped(viewer, "account:read"),
+        ("PATCH", "/v1/account") => SessionRole(admin),
+        ("DELETE", "/v1/account") | ("POST", "/v1/account/transfer-ownership") => {
+            SessionRole(owner)
+        }
+        ("GET", "/v1/servers" | "/v1/servers/{id}") => Scoped(viewer, "servers:read"),
+        ("POST", "/v1/servers" | "/v1/servers/{id}/enrollment-token")
+        | ("DELETE", "/v1/servers/{id}" | "/v1/servers/{id}/agent-certificate") => {
+            Scoped(developer, "servers:write")
+        }
+        ("GET", "/v1/projects" | "/v1/projects/{id}") => Scoped(viewer, "projects:read"),
+        ("POST", "/v1/projects") | ("PATCH" | "DELETE", "/v1/projects/{id}") => {
+            Scoped(developer, "projects:write")
+        }
+        ("GET", "/v1/deployments/{id}" | "/v1/deployments/{id}/logs") => {
+            Scoped(viewer, "deployments:read")
+        }
+        ("POST", "/v1/deployments" | "/v1/deployments/{id}/rollback") => {
+            Scoped(operator, "deployments:write")
+        }
+        ("GET", "/v1/rollouts" | "/v1/rollouts/{id}" | "/v1/rollouts/{id}/events") => {
+            Scoped(viewer, "rollouts:read")
+        }
+        (
+            "POST",
+            "/v1/rollouts"
+            | "/v1/rollouts/{id}/pause"
+            | "/v1/rollouts/{id}/resume"
+            | "/v1/rollouts/{id}/abort"
+            | "/v1/rollouts/{id}/approve",
+        ) => Scoped(operator, "rollouts:write"),
+        _ => return None,
+    })
+}
+
+#[derive(Clone)]
+enum Caller {
+    Nobody,
+    Cookie(String),
+    Key(String),
+}
+
+/// Sends one request and answers the status and error code. The body is only read for
+/// errors (a successful event stream would never end).
+async fn call(t: &TestPlane, method: &str, path: &str, caller: &Caller) -> (u16, String) {
+    call_with(t, method, path, caller, json!({})).await
+}
+
+async fn call_with(
+    t: &TestPlane,
+    method: &str,
+    path: &str,
+    caller: &Caller,
+    body: Value,
+) -> (u16, String) {
+    let m: reqwest::Method = method.parse().expect("method");
+    let mut req = t.http.request(m, t.url(path));
+    if method != "GET" {
+        req = req.json(&body);
+    }
+    req = match caller {
+        Caller::Nobody => req,
+        Caller::Cookie(c) => req.header("cookie", c),
+        Caller::Key(k) => req.bearer_auth(k),
+    };
+    let r = req.send().await.expect("request");
+    let status = r.status().as_u16();
+    if status < 400 {
+        return (status, String::new());
+    }
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    (status, error_code(&body).to_owned())
+}
+
+/// Every route of the OpenAPI document, logout and sign-out-everywhere last (they end the
+/// caller's session).
+async fn all_routes(t: &TestPlane) -> Vec<(String, String)> {
+    let doc: Value = t
+        .http
+        .get(t.url("/openapi.json"))
+        .send()
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("json");
+    let mut routes = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in item.as_object().expect("item").keys() {
+            routes.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    routes.sort_by_key(|(_, p)| p.contains("logout") || p.contains("sign-out-everywhere"));
+    assert!(routes.len() > 50, "only {} routes", routes.len());
+    routes
+}
+
+/// Invites `email` as `role` (by `admin_cookie`) and accepts; answers the new member's cookie
+/// and id.
+async fn join(t: &TestPlane, admin_cookie: &str, email: &str, role: &str) -> (String, Uuid) {
+    let (status, inv) = t
+        .post(
+            "/v1/invitations",
+            admin_cookie,
+            json!({"email": email, "role": role}),
+        )
+        .await;
+    assert_eq!(status, 201, "{inv}");
+    let r = t
+        .http
+        .post(t.url("/v1/invitations/accept"))
+        .json(&json!({"token": inv["token"], "password": PW}))
+        .send()
+        .await
+        .expect("accept");
+    assert_eq!(r.status(), 201);
+    let cookie = session_cookie(&r).expect("cookie");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["role"], role);
+    let id = body["id"].as_str().expect("id").parse().expect("uuid");
+    (cookie, id)
+}
+
+#[tokio::test]
+async fn every_route_obeys_the_role_matrix() {
+    let t = TestPlane::start().await;
+    let (owner, _) = t.signup("owner@a.example", PW).await;
+    let mut members = Vec::new();
+    for role in ROLES {
+        let email = format!("{role}.member@a.example");
+        let (cookie, id) = join(&t, &owner, &email, role).await;
+        members.push((role, email, cookie, id));
+    }
+    // Account A's resources, for the other account to aim at.
+    let (_, server) = t
+        .post(
+            "/v1/servers",
+            &owner,
+            json!({"name": "web-1", "host": "192.0.2.10", "transport": "ssh", "username": "deploy", "auth": "key"}),
+        )
+        .await;
+    let server_id = server["id"].as_str().expect("server").to_owned();
+    let (_, project) = t
+        .post(
+            "/v1/projects",
+            &owner,
+            json!({"name": "site", "repo_url": "https://example.com/site.git", "deploy_path": "/srv/site"}),
+        )
+        .await;
+    let project_id = project["id"].as_str().expect("project").to_owned();
+    let (status, deployment) = t
+        .post(
+            "/v1/deployments",
+            &owner,
+            json!({"project_id": project_id, "server_id": server_id, "ref": "main"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{deployment}");
+    let deployment_id = deployment["id"].as_str().expect("deployment").to_owned();
+    let (status, rollout) = t
+        .post(
+            "/v1/rollouts",
+            &owner,
+            json!({"project_id": project_id, "ref": "main", "server_ids": [server_id],
+                   "strategy": {"canary": 0, "manual_approval": true}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let rollout_id = rollout["id"].as_str().expect("rollout").to_owned();
+    let viewer_id = members[0].3.to_string();
+
+    let routes = all_routes(&t).await;
+    for (method, path) in &routes {
+        assert!(
+            need(method, path).is_some(),
+            "{method} {path} is not in this test's matrix: add what it demands"
+        );
+    }
+
+    // Another account's owner: everything of account A is "not found", and stays as it was.
+    let (stranger, _) = {
+        let r = t
+            .http
+            .post(t.url("/v1/auth/signup"))
+            .json(&json!({"email": "owner@b.example", "password": PW, "account_name": "B"}))
+            .send()
+            .await
+            .expect("signup");
+        (session_cookie(&r).expect("cookie"), ())
+    };
+    let a_path = |path: &str| {
+        let id = if path.starts_with("/v1/servers/") {
+            &server_id
+        } else if path.starts_with("/v1/projects/") {
+            &project_id
+        } else if path.starts_with("/v1/deployments/") {
+            &deployment_id
+        } else if path.starts_with("/v1/rollouts/") {
+            &rollout_id
+        } else {
+            &viewer_id
+        };
+        path.replace("{id}", id)
+    };
+    let before = t.get(&format!("/v1/rollouts/{rollout_id}"), &owner).await.1;
+    for (method, path) in &routes {
+        if path.contains("logout") || path.contains("sign-out-everywhere") {
+            continue;
+        }
+        // Valid bodies where a route takes one, so that only the ownership check can stop it.
+        let body = match path.as_str() {
+            "/v1/members/{id}" => json!({"role": "admin"}),
+            "/v1/projects/{id}" => json!({"name": "hijacked"}),
+            _ => json!({}),
+        };
+        let (status, code) = call_with(
+            &t,
+            method,
+            &a_path(path),
+            &Caller::Cookie(stranger.clone()),
+            body,
+        )
+        .await;
+        if path.contains("{id}") {
+            assert_eq!(
+                status, 404,
+                "stranger: {method} {path} answered {status} {code}"
+            );
+        } else {
+            assert_ne!(status, 401, "stranger: {method} {path}");
+            assert_ne!(status, 403, "stranger: {method} {path}: {code}");
+        }
+    }
+    let db = t.db().await;
+    let untouched: bool = db
+        .query_one(
+            "SELECT (SELECT deleted_at IS NULL FROM servers WHERE id = $1::text::uuid) \
+               AND (SELECT deleted_at IS NULL AND name = 'site' FROM projects WHERE id = $2::text::uuid) \
+               AND (SELECT role = 'viewer' FROM users WHERE id = $3::text::uuid)",
+            &[&server_id, &project_id, &viewer_id],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert!(untouched, "another account changed account A's data");
+    let after = t.get(&format!("/v1/rollouts/{rollout_id}"), &owner).await.1;
+    assert_eq!(before["state"], after["state"]);
+
+    // Each role of account A, on random ids: allowed means "not 401/403".
+    let random = |path: &str| path.replace("{id}", &Uuid::new_v4().to_string());
+    for (rank, (role, email, cookie, _)) in members.iter().enumerate() {
+        let caller = Caller::Cookie(cookie.clone());
+        for (method, path) in &routes {
+            let caller = if path.contains("logout") {
+                // sign-out-everywhere ran just before: sign in again.
+                Caller::Cookie(t.login(email, PW).await)
+            } else {
+                caller.clone()
+            };
+            let (status, code) = call(&t, method, &random(path), &caller).await;
+            let allowed = match need(method, path).expect("matrix") {
+                Need::Public | Need::Session => true,
+                Need::SessionRole(min) | Need::Scoped(min, _) => rank >= min,
+            };
+            if allowed {
+                assert!(
+                    status != 401 && status != 403,
+                    "{role}: {method} {path} refused: {status} {code}"
+                );
+            } else {
+                assert_eq!(
+                    (status, code.as_str()),
+                    (403, "insufficient_scope"),
+                    "{role}: {method} {path} allowed"
+                );
+            }
+        }
+    }
+
+    // An API key carries two scopes: it gets those and nothing else, never session routes.
+    // (Every member signed out everywhere at the end of their pass.)
+    let admin_cookie = t.login("admin.member@a.example", PW).await;
+    let (status, key) = t
+        .post(
+            "/v1/api-keys",
+            &admin_cookie,
+            json!({"name": "ci", "scopes": ["servers:read", "deployments:write"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{key}");
+    let key = Caller::Key(key["secret"].as_str().expect("secret").to_owned());
+    for (method, path) in &routes {
+        let (status, code) = call(&t, method, &random(path), &key).await;
+        match need(method, path).expect("matrix") {
+            Need::Public => assert!(status != 401 && status != 403, "key: {method} {path}"),
+            Need::Session | Need::SessionRole(_) => assert_eq!(
+                (status, code.as_str()),
+                (403, "session_required"),
+                "key: {method} {path}"
+            ),
+            Need::Scoped(_, scope) if ["servers:read", "deployments:write"].contains(&scope) => {
+                assert!(
+                    status != 401 && status != 403,
+                    "key: {method} {path}: {code}"
+                )
+            }
+            Need::Scoped(..) => assert_eq!(
+                (status, code.as_str()),
+                (403, "insufficient_scope"),
+                "key: {method} {path}"
+            ),
+        }
+    }
+
+    // Nobody signed in: only the public routes answer.
+    for (method, path) in &routes {
+        let (status, _) = call(&t, method, &random(path), &Caller::Nobody).await;
+        match need(method, path).expect("matrix") {
+            Need::Public => assert_ne!(status, 401, "{method} {path}"),
+            _ => assert_eq!(status, 401, "anonymous: {method} {path}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn invitations_are_single_use_and_the_owner_role_is_guarded() {
+    let t = TestPlane::start().await;
+    let (owner, signup) = t.signup("boss@c.example", PW).await;
+    let owner_id = signup["user"]["id"].as_str().expect("id").to_owned();
+    let (admin, _) = join(&t, &owner, "admin@c.example", "admin").await;
+
+    // An admin cannot hand out the owner role, nor touch an owner.
+    let (status, v) = t
+        .post(
+            "/v1/invitations",
+            &admin,
+            json!({"email": "x@c.example", "role": "owner"}),
+        )
+        .await;
+    assert_eq!((status, error_code(&v)), (403, "owner_required"));
+    let r = t
+        .http
+        .patch(t.url(&format!("/v1/members/{owner_id}")))
+        .header("cookie", &admin)
+        .json(&json!({"role": "viewer"}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 403);
+    // The last owner cannot step down.
+    let r = t
+        .http
+        .patch(t.url(&format!("/v1/members/{owner_id}")))
+        .header("cookie", &owner)
+        .json(&json!({"role": "admin"}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(error_code(&v), "last_owner");
+
+    // Bad invitations.
+    for (body, code) in [
+        (
+            json!({"email": "not-an-email", "role": "viewer"}),
+            "invalid_email",
+        ),
+        (
+            json!({"email": "y@c.example", "role": "root"}),
+            "invalid_role",
+        ),
+        (
+            json!({"email": "boss@c.example", "role": "viewer"}),
+            "email_taken",
+        ),
+    ] {
+        let (status, v) = t.post("/v1/invitations", &admin, body.clone()).await;
+        assert!(status == 422 || status == 409, "{body}: {status}");
+        assert_eq!(error_code(&v), code, "{body}");
+    }
+
+    // A token works once.
+    let (_, inv) = t
+        .post(
+            "/v1/invitations",
+            &admin,
+            json!({"email": "dev@c.example", "role": "developer"}),
+        )
+        .await;
+    let token = inv["token"].as_str().expect("token").to_owned();
+    assert!(token.starts_with("iv_"));
+    let accept = |token: String, password: &'static str| {
+        let t = &t;
+        async move {
+            let r = t
+                .http
+                .post(t.url("/v1/invitations/accept"))
+                .json(&json!({"token": token, "password": password}))
+                .send()
+                .await
+                .expect("accept");
+            let status = r.status().as_u16();
+            let cookie = session_cookie(&r);
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (status, error_code(&v).to_owned(), cookie)
+        }
+    };
+    // A weak password is refused and the token still works afterwards.
+    assert_eq!(accept(token.clone(), "short").await.0, 422);
+    let (status, _, dev) = accept(token.clone(), PW).await;
+    assert_eq!(status, 201);
+    let dev = dev.expect("cookie");
+    assert_eq!(
+        accept(token.clone(), PW).await.1,
+        "invalid_token",
+        "second use"
+    );
+    // A tampered secret, a revoked and an expired invitation are all refused.
+    let mut tampered = token.clone();
+    tampered.pop();
+    tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+    assert_eq!(accept(tampered, PW).await.1, "invalid_token");
+    let (_, revoked) = t
+        .post(
+            "/v1/invitations",
+            &admin,
+            json!({"email": "gone@c.example", "role": "viewer"}),
+        )
+        .await;
+    let r = t
+        .http
+        .delete(t.url(&format!(
+            "/v1/invitations/{}",
+            revoked["invitation"]["id"].as_str().expect("id")
+        )))
+        .header("cookie", &admin)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        accept(revoked["token"].as_str().expect("t").into(), PW)
+            .await
+            .1,
+        "invalid_token"
+    );
+    let (_, late) = t
+        .post(
+            "/v1/invitations",
+            &admin,
+            json!({"email": "late@c.example", "role": "viewer"}),
+        )
+        .await;
+    t.db()
+        .await
+        .execute(
+            "UPDATE invitations SET expires_at = now() - interval '1 second' WHERE email = 'late@c.example'",
+            &[],
+        )
+        .await
+        .expect("expire");
+    assert_eq!(
+        accept(late["token"].as_str().expect("t").into(), PW)
+            .await
+            .1,
+        "invalid_token"
+    );
+    let users: i64 = t
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(users, 3, "only the accepted invitation made a user");
+
+    // Role changes apply to the next request; removal ends sessions and API keys at once.
+    let (_, me) = t.get("/v1/auth/me", &dev).await;
+    let dev_id = me["user"]["id"].as_str().expect("id").to_owned();
+    let (status, key) = t
+        .post(
+            "/v1/api-keys",
+            &owner,
+            json!({"name": "k", "scopes": ["servers:read"]}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, _) = t
+        .post(
+            "/v1/servers",
+            &dev,
+            json!({"name": "w", "host": "192.0.2.1", "transport": "ssh", "username": "d", "auth": "key"}),
+        )
+        .await;
+    assert_eq!(status, 201, "a developer creates servers");
+    let r = t
+        .http
+        .patch(t.url(&format!("/v1/members/{dev_id}")))
+        .header("cookie", &admin)
+        .json(&json!({"role": "viewer"}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 200);
+    let (status, v) = t
+        .post(
+            "/v1/servers",
+            &dev,
+            json!({"name": "w2", "host": "192.0.2.2", "transport": "ssh", "username": "d", "auth": "key"}),
+        )
+        .await;
+    assert_eq!((status, error_code(&v)), (403, "insufficient_scope"));
+    let r = t
+        .http
+        .delete(t.url(&format!("/v1/members/{dev_id}")))
+        .header("cookie", &admin)
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(r.status(), 204);
+    assert_eq!(t.get("/v1/auth/me", &dev).await.0, 401);
+    // The owner's key is unaffected by someone else's removal.
+    let secret = key["secret"].as_str().expect("s");
+    assert_eq!(t.get_with_key("/v1/servers", secret).await.0, 200);
+
+    // Ownership moves; the old owner becomes an admin.
+    let (status, members) = t.get("/v1/members", &owner).await;
+    assert_eq!(status, 200);
+    let admin_id = members["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["email"] == "admin@c.example")
+        .and_then(|m| m["id"].as_str())
+        .expect("admin")
+        .to_owned();
+    let (status, _) = t
+        .post(
+            "/v1/account/transfer-ownership",
+            &owner,
+            json!({"user_id": admin_id}),
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        t.get("/v1/auth/me", &owner).await.1["user"]["role"],
+        "admin"
+    );
+    assert_eq!(
+        t.get("/v1/auth/me", &admin).await.1["user"]["role"],
+        "owner"
+    );
+    let actions = t.audit_actions().await;
+    for a in [
+        "invitation.created",
+        "invitation.accepted",
+        "invitation.revoked",
+        "member.role_changed",
+        "member.removed",
+        "account.ownership_transferred",
+    ] {
+        assert!(actions.iter().any(|x| x == a), "{a} not audited");
+    }
+}
+
+/// RFC 4648 base32, as an authenticator app reads the secret.
+fn base32_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut out, mut buffer, mut bits) = (Vec::new(), 0u32, 0u32);
+    for c in text.bytes() {
+        let v = ALPHABET.iter().position(|a| *a == c).expect("base32") as u32;
+        buffer = (buffer << 5) | v;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// The code an authenticator shows `offset` steps from now.
+fn code(secret: &[u8], offset: i64) -> String {
+    let step = totp::step_at(chrono::Utc::now().timestamp()) + offset;
+    format!("{:06}", totp::hotp(secret, step as u64))
+}
+
+async fn login_with(t: &TestPlane, body: Value) -> (u16, String) {
+    let r = t
+        .http
+        .post(t.url("/v1/auth/login"))
+        .json(&body)
+        .send()
+        .await
+        .expect("login");
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    (status, error_code(&v).to_owned())
+}
+
+#[tokio::test]
+async fn totp_sign_in_needs_a_fresh_code_and_recovery_codes_work_once() {
+    let t = TestPlane::start().await;
+    let email = "mfa@d.example";
+    let (cookie, _) = t.signup(email, PW).await;
+    let (status, enrolled) = t.post("/v1/auth/mfa/totp", &cookie, json!({})).await;
+    assert_eq!(status, 201);
+    let uri = enrolled["otpauth_uri"].as_str().expect("uri");
+    assert!(
+        uri.starts_with("otpauth://totp/Sensei:mfa%40d.example?secret="),
+        "{uri}"
+    );
+    let secret = base32_decode(enrolled["secret"].as_str().expect("secret"));
+    assert_eq!(secret.len(), 20);
+    // The secret is sealed under the field key in the database.
+    let stored: String = t
+        .db()
+        .await
+        .query_one("SELECT totp_pending_ciphertext FROM users", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert!(stored.starts_with("gAAAAA"));
+    assert_eq!(t.keys.decrypt(&stored).expect("decrypt"), secret);
+
+    // Not on until confirmed, and a wrong code does not confirm.
+    assert_eq!(
+        login_with(&t, json!({"email": email, "password": PW}))
+            .await
+            .0,
+        200
+    );
+    let wrong = format!(
+        "{:06}",
+        (code(&secret, 0).parse::<u32>().expect("n") + 1) % 1_000_000
+    );
+    let (status, v) = t
+        .post("/v1/auth/mfa/totp/confirm", &cookie, json!({"code": wrong}))
+        .await;
+    assert_eq!((status, error_code(&v)), (401, "invalid_mfa_code"));
+    let first = code(&secret, 0);
+    let (status, recovery) = t
+        .post("/v1/auth/mfa/totp/confirm", &cookie, json!({"code": first}))
+        .await;
+    assert_eq!(status, 200, "{recovery}");
+    let recovery: Vec<String> = recovery["recovery_codes"]
+        .as_array()
+        .expect("codes")
+        .iter()
+        .map(|c| c.as_str().expect("code").to_owned())
+        .collect();
+    assert_eq!(recovery.len(), 10);
+
+    // Password alone no longer signs in; the confirming code cannot be replayed.
+    assert_eq!(
+        login_with(&t, json!({"email": email, "password": PW})).await,
+        (401, "mfa_required".into())
+    );
+    assert_eq!(
+        login_with(
+            &t,
+            json!({"email": email, "password": PW, "totp_code": first})
+        )
+        .await,
+        (401, "invalid_mfa_code".into()),
+        "replayed code"
+    );
+    // The next step's code (one step of drift allowed) works once.
+    let next = code(&secret, 1);
+    assert_eq!(
+        login_with(
+            &t,
+            json!({"email": email, "password": PW, "totp_code": next})
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        login_with(
+            &t,
+            json!({"email": email, "password": PW, "totp_code": next})
+        )
+        .await
+        .0,
+        401
+    );
+    // A wrong password with a right code is still a wrong password.
+    assert_eq!(
+        login_with(
+            &t,
+            json!({"email": email, "password": "not the password", "totp_code": code(&secret, 1)})
+        )
+        .await,
+        (401, "invalid_credentials".into())
+    );
+    // Recovery codes: any case or spacing, once each.
+    let messy = recovery[0].to_lowercase().replace('-', " ");
+    assert_eq!(
+        login_with(
+            &t,
+            json!({"email": email, "password": PW, "recovery_code": messy})
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        login_with(
+            &t,
+            json!({"email": email, "password": PW, "recovery_code": recovery[0]})
+        )
+        .await,
+        (401, "invalid_mfa_code".into())
+    );
+    let hashes: Vec<Vec<u8>> = t
+        .db()
+        .await
+        .query("SELECT code_hash FROM mfa_recovery_codes", &[])
+        .await
+        .expect("codes")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(hashes.len(), 10);
+    assert!(hashes.iter().all(|h| h.len() == 32), "stored hashed");
+    // The audit log says MFA was used, and how.
+    let methods: Vec<Value> = t
+        .db()
+        .await
+        .query(
+            "SELECT metadata FROM audit_log WHERE action = 'user.logged_in' ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get::<_, Value>(0))
+        .collect();
+    assert_eq!(
+        methods.first().map(|m| m["mfaUsed"].clone()),
+        Some(json!(false))
+    );
+    assert!(methods
+        .iter()
+        .any(|m| m["mfaUsed"] == true && m["mfa_method"] == "totp"));
+    assert!(methods
+        .iter()
+        .any(|m| m["mfaUsed"] == true && m["mfa_method"] == "recovery_code"));
+
+    // Disabling needs a code; then the password alone works again.
+    let (status, _) = t
+        .post(
+            "/v1/auth/mfa/totp/disable",
+            &cookie,
+            json!({"code": "000000"}),
+        )
+        .await;
+    assert_eq!(status, 401);
+    let (status, _) = t
+        .post(
+            "/v1/auth/mfa/totp/disable",
+            &cookie,
+            json!({"code": recovery[1]}),
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        login_with(&t, json!({"email": email, "password": PW}))
+            .await
+            .0,
+        200
+    );
+}
+
+#[tokio::test]
+async fn wrong_codes_are_throttled() {
+    let t = TestPlane::start().await;
+    let email = "guess@e.example";
+    let (cookie, _) = t.signup(email, PW).await;
+    let (_, enrolled) = t.post("/v1/auth/mfa/totp", &cookie, json!({})).await;
+    let secret = base32_decode(enrolled["secret"].as_str().expect("secret"));
+    let (status, _) = t
+        .post(
+            "/v1/auth/mfa/totp/confirm",
+            &cookie,
+            json!({"code": code(&secret, 0)}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let right = code(&secret, 1);
+    let mut refused = None;
+    for attempt in 0..12 {
+        let guess = format!("{:06}", 100_000 + attempt);
+        let (status, _) = login_with(
+            &t,
+            json!({"email": email, "password": PW, "totp_code": guess}),
+        )
+        .await;
+        if status == 429 {
+            refused = Some(attempt);
+            break;
+        }
+        assert_eq!(status, 401);
+    }
+    assert_eq!(refused, Some(10), "throttled after ten wrong codes");
+    // Even the right code waits out the window.
+    assert_eq!(
+        login_with(
+            &t,
+            json!({"email": email, "password": PW, "totp_code": right})
+        )
+        .await
+        .0,
+        429
+    );
+}
+
+#[tokio::test]
+async fn an_account_can_require_mfa_of_every_member() {
+    let t = TestPlane::start().await;
+    let (owner, _) = t.signup("lead@f.example", PW).await;
+    let (member, _) = join(&t, &owner, "dev@f.example", "developer").await;
+    let (_, key) = t
+        .post(
+            "/v1/api-keys",
+            &owner,
+            json!({"name": "k", "scopes": ["servers:read"]}),
+        )
+        .await;
+    let secret = key["secret"].as_str().expect("secret").to_owned();
+    // Bad settings are refused and change nothing.
+    for body in [
+        json!({"audit_retention_days": 10}),
+        json!({"audit_retention_days": 3000}),
+        json!({}),
+        json!({"require_mfa": "yes"}),
+    ] {
+        let r = t
+            .http
+            .patch(t.url("/v1/account"))
+            .header("cookie", &owner)
+            .json(&body)
+            .send()
+            .await
+            .expect("patch");
+        assert!(r.status().is_client_error(), "{body}: {}", r.status());
+    }
+    let (_, account) = t.get("/v1/account", &owner).await;
+    assert_eq!(account["require_mfa"], false);
+    assert_eq!(account["audit_retention_days"], 365);
+    let r = t
+        .http
+        .patch(t.url("/v1/account"))
+        .header("cookie", &member)
+        .json(&json!({"require_mfa": true}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 403, "a developer cannot change settings");
+    let r = t
+        .http
+        .patch(t.url("/v1/account"))
+        .header("cookie", &owner)
+        .json(&json!({"require_mfa": true, "audit_retention_days": 730}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 200);
+    // Members without MFA (and their keys) can only set it up.
+    let (status, v) = t.get("/v1/servers", &member).await;
+    assert_eq!((status, error_code(&v)), (403, "mfa_setup_required"));
+    let (status, v) = t.get_with_key("/v1/servers", &secret).await;
+    assert_eq!((status, error_code(&v)), (403, "mfa_setup_required"));
+    let (status, me) = t.get("/v1/auth/me", &member).await;
+    assert_eq!(status, 200);
+    assert_eq!(me["mfa_setup_required"], true);
+    let (_, enrolled) = t.post("/v1/auth/mfa/totp", &member, json!({})).await;
+    let totp_secret = base32_decode(enrolled["secret"].as_str().expect("secret"));
+    let (status, recovery) = t
+        .post(
+            "/v1/auth/mfa/totp/confirm",
+            &member,
+            json!({"code": code(&totp_secret, 0)}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(t.get("/v1/servers", &member).await.0, 200);
+    // While required, it cannot be switched off.
+    let (status, v) = t
+        .post(
+            "/v1/auth/mfa/totp/disable",
+            &member,
+            json!({"code": recovery["recovery_codes"][0]}),
+        )
+        .await;
+    assert_eq!((status, error_code(&v)), (409, "mfa_required_by_account"));
+    assert_eq!(t.get("/v1/servers", &owner).await.0, 403, "the owner too");
+}
+
+/// Undoes quoted-printable soft line breaks, as a mail client would (the token's line is
+/// longer than the 76 characters a 7-bit body allows).
+fn unfold(raw: &str) -> String {
+    raw.replace("=\r\n", "")
+        .replace("=\n", "")
+        .replace("=3D", "=")
+}
+
+#[tokio::test]
+async fn password_reset_arrives_by_real_smtp_and_ends_every_session() {
+    let smtp = SmtpSink::start();
+    let url = smtp.url();
+    let t = TestPlane::start_configured(
+        sensei_e2e::fresh_database().await,
+        sensei_e2e::test_keys(),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        move |o| {
+            o.mail.smtp_url = Some(url);
+            o.mail.from = Some("Sensei <noreply@sensei.example>".into());
+            o.public_url = Some("https://sensei.example".into());
+        },
+    )
+    .await;
+    let email = "forgetful@g.example";
+    let (cookie, _) = t.signup(email, PW).await;
+    let other_session = t.login(email, PW).await;
+    let request = |address: &'static str| {
+        let t = &t;
+        async move {
+            let r = t
+                .http
+                .post(t.url("/v1/auth/password-reset"))
+                .json(&json!({"email": address}))
+                .send()
+                .await
+                .expect("reset");
+            (r.status().as_u16(), r.text().await.expect("body"))
+        }
+    };
+    // The same answer whether or not the address has an account.
+    let known = request("forgetful@g.example").await;
+    let unknown = request("nobody@g.example").await;
+    assert_eq!(known.0, 202);
+    assert_eq!(known, unknown);
+    assert!(
+        eventually(std::time::Duration::from_secs(15), || async {
+            !smtp.messages().is_empty()
+        })
+        .await,
+        "no email arrived"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let messages: Vec<String> = smtp.messages().iter().map(|m| unfold(m)).collect();
+    assert_eq!(messages.len(), 1, "only the known address gets mail");
+    let message = &messages[0];
+    assert!(message.contains("To: forgetful@g.example"), "{message}");
+    assert!(message.contains("noreply@sensei.example"), "{message}");
+    assert!(message.contains("https://sensei.example/v1/auth/password-reset/confirm"));
+    let token = message
+        .split_whitespace()
+        .find(|w| w.starts_with("pr_"))
+        .expect("token in the email")
+        .to_owned();
+    // Nothing secret went to the database in clear.
+    let stored: Vec<u8> = t
+        .db()
+        .await
+        .query_one("SELECT secret_hash FROM password_resets", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(stored.len(), 32);
+
+    let confirm = |token: String, password: &'static str| {
+        let t = &t;
+        async move {
+            let r = t
+                .http
+                .post(t.url("/v1/auth/password-reset/confirm"))
+                .json(&json!({"token": token, "password": password}))
+                .send()
+                .await
+                .expect("confirm");
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (status, error_code(&v).to_owned())
+        }
+    };
+    // A weak password is refused and changes nothing.
+    assert_eq!(confirm(token.clone(), "short").await.0, 422);
+    assert_eq!(t.get("/v1/auth/me", &cookie).await.0, 200);
+    let new_pw = "a much better passphrase";
+    assert_eq!(confirm(token.clone(), new_pw).await.0, 204);
+    assert_eq!(
+        confirm(token.clone(), new_pw).await,
+        (400, "invalid_token".into()),
+        "single use"
+    );
+    for session in [&cookie, &other_session] {
+        assert_eq!(
+            t.get("/v1/auth/me", session).await.0,
+            401,
+            "session survived"
+        );
+    }
+    assert_eq!(
+        login_with(&t, json!({"email": email, "password": PW}))
+            .await
+            .0,
+        401
+    );
+    t.login(email, new_pw).await;
+
+    // An expired link is refused.
+    request("forgetful@g.example").await;
+    assert!(
+        eventually(std::time::Duration::from_secs(15), || async {
+            smtp.messages().len() == 2
+        })
+        .await
+    );
+    let second = smtp
+        .messages()
+        .into_iter()
+        .flat_map(|m| {
+            unfold(&m)
+                .split_whitespace()
+                .filter(|w| w.starts_with("pr_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .find(|w| *w != token)
+        .expect("second token");
+    t.db()
+        .await
+        .execute(
+            "UPDATE password_resets SET expires_at = now() - interval '1 second' WHERE used_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("expire");
+    assert_eq!(confirm(second, PW).await, (400, "invalid_token".into()));
+    t.login(email, new_pw).await;
+    let actions = t.audit_actions().await;
+    assert!(actions.iter().any(|a| a == "user.password_reset"));
+}
+
+#[tokio::test]
+async fn audit_retention_expires_old_rows_behind_a_checkpoint() {
+    let t = TestPlane::start().await;
+    let pool = t.plane.pool();
+    let account = Uuid::new_v4();
+    let db = t.db().await;
+    db.execute(
+        "INSERT INTO accounts (id, name) VALUES ($1, 'Old')",
+        &[&account],
+    )
+    .await
+    .expect("account");
+    let event = |action: &'static str| AuditEvent {
+        account_id: Some(account),
+        actor: Actor::System,
+        client_ip: None,
+        user_agent: None,
+        action,
+        target: None,
+        outcome: Outcome::Success,
+        metadata: json!({}),
+    };
+    {
+        let mut client = pool.get().await.expect("pool");
+        let tx = client.transaction().await.expect("tx");
+        let long_ago = chrono::Utc::now() - chrono::Duration::days(400);
+        for i in 0..5 {
+            audit::append_at(
+                &tx,
+                &event("old.event"),
+                long_ago + chrono::Duration::minutes(i),
+            )
+            .await
+            .expect("append");
+        }
+        audit::append(&tx, &event("recent.event"))
+            .await
+            .expect("append");
+        audit::append(&tx, &event("recent.event"))
+            .await
+            .expect("append");
+        tx.commit().await.expect("commit");
+    }
+    // Before expiry, nothing can be deleted: not old rows, not new ones.
+    let client = pool.get().await.expect("pool");
+    let err = client
+        .execute(
+            "DELETE FROM audit_log WHERE chain_id = $1 AND seq = 1",
+            &[&account],
+        )
+        .await
+        .expect_err("no checkpoint yet");
+    assert!(err.to_string().contains("append-only") || format!("{err:?}").contains("append-only"));
+    // A checkpoint that names a recent row is refused by the database.
+    let recent: (i64, Vec<u8>, chrono::DateTime<chrono::Utc>) = {
+        let r = client
+            .query_one(
+                "SELECT seq, hash, at FROM audit_log WHERE chain_id = $1 AND seq = 6",
+                &[&account],
+            )
+            .await
+            .expect("row");
+        (r.get(0), r.get(1), r.get(2))
+    };
+    client
+        .execute(
+            "INSERT INTO audit_checkpoints (chain_id, through_seq, through_hash, through_at, rows_expired) \
+             VALUES ($1, $2, $3, $4, 6)",
+            &[&account, &recent.0, &recent.1, &recent.2],
+        )
+        .await
+        .expect_err("a checkpoint over rows within retention");
+
+    let report = audit::expire(pool).await.expect("expire");
+    assert_eq!((report.chains, report.rows), (1, 5));
+    let remaining: Vec<(i64, String)> = client
+        .query(
+            "SELECT seq, action FROM audit_log WHERE chain_id = $1 ORDER BY seq",
+            &[&account],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        remaining,
+        vec![
+            (6, "recent.event".to_owned()),
+            (7, "recent.event".to_owned()),
+            (8, "audit.expired".to_owned())
+        ]
+    );
+    let checkpoint: (i64, i64) = {
+        let r = client
+            .query_one(
+                "SELECT through_seq, rows_expired FROM audit_checkpoints WHERE chain_id = $1",
+                &[&account],
+            )
+            .await
+            .expect("checkpoint");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(checkpoint, (5, 5));
+    // The chain still verifies from the checkpoint; a second pass has nothing to do.
+    let report = audit::verify(&**client).await.expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(audit::expire(pool).await.expect("expire").rows, 0);
+    // Rows within retention still cannot be deleted, checkpoints cannot be changed.
+    for sql in [
+        "DELETE FROM audit_log WHERE seq = 6",
+        "UPDATE audit_checkpoints SET through_seq = 7",
+        "DELETE FROM audit_checkpoints",
+    ] {
+        client.batch_execute(sql).await.expect_err(sql);
+    }
+    // Deleting the first remaining row behind the guard's back is still detected.
+    t.db()
+        .await
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL session_replication_role = replica; \
+             DELETE FROM audit_log WHERE chain_id = '{account}' AND seq = 6; COMMIT;"
+        ))
+        .await
+        .expect("tamper");
+    let report = audit::verify(&**client).await.expect("verify");
+    assert!(!report.problems.is_empty(), "tampering went unnoticed");
+}
+
+#[tokio::test]
+async fn a_viewer_sees_only_their_own_audit_rows() {
+    let t = TestPlane::start().await;
+    let (owner, signup) = t.signup("own@h.example", PW).await;
+    let owner_id = signup["user"]["id"].as_str().expect("id").to_owned();
+    let (viewer, viewer_id) = join(&t, &owner, "look@h.example", "viewer").await;
+    t.post(
+        "/v1/auth/logout",
+        &t.login("look@h.example", PW).await,
+        json!({}),
+    )
+    .await;
+    let (status, page) = t.get("/v1/audit", &viewer).await;
+    assert_eq!(status, 200);
+    let events = page["events"].as_array().expect("events");
+    assert!(!events.is_empty());
+    assert!(
+        events
+            .iter()
+            .all(|e| e["actor"]["id"] == viewer_id.to_string().as_str()),
+        "{events:?}"
+    );
+    // Asking for someone else's actions gives nothing, not an error that reveals them.
+    let (status, page) = t.get(&format!("/v1/audit?actor={owner_id}"), &viewer).await;
+    assert_eq!(status, 200);
+    assert!(page["events"].as_array().expect("events").is_empty());
+    // The owner sees everyone's.
+    let (_, page) = t.get("/v1/audit", &owner).await;
+    let actors: std::collections::HashSet<String> = page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["actor"]["id"].as_str().map(str::to_owned))
+        .collect();
+    assert!(actors.contains(&owner_id) && actors.contains(&viewer_id.to_string()));
+}
