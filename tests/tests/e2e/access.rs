@@ -1263,3 +1263,89 @@ async fn a_viewer_sees_only_their_own_audit_rows() {
         .collect();
     assert!(actors.contains(&owner_id) && actors.contains(&viewer_id.to_string()));
 }
+
+#[tokio::test]
+async fn deleting_an_account_takes_everything_but_its_audit_trail() {
+    let t = TestPlane::start().await;
+    let (owner, signup) = t.signup("last@i.example", PW).await;
+    let account_id = signup["account"]["id"].as_str().expect("id").to_owned();
+    let (admin, _) = join(&t, &owner, "second@i.example", "admin").await;
+    let (_, server) = t
+        .post(
+            "/v1/servers",
+            &owner,
+            json!({"name": "s", "host": "192.0.2.3", "transport": "ssh", "username": "d", "auth": "key"}),
+        )
+        .await;
+    let (_, project) = t
+        .post(
+            "/v1/projects",
+            &owner,
+            json!({"name": "p", "repo_url": "https://example.com/p.git", "deploy_path": "/srv/p"}),
+        )
+        .await;
+    let (status, _) = t
+        .post(
+            "/v1/deployments",
+            &owner,
+            json!({"project_id": project["id"], "server_id": server["id"], "ref": "main"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let delete = |cookie: String, body: Value| {
+        let t = &t;
+        async move {
+            let r = t
+                .http
+                .delete(t.url("/v1/account"))
+                .header("cookie", cookie)
+                .json(&body)
+                .send()
+                .await
+                .expect("delete");
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (status, error_code(&v).to_owned())
+        }
+    };
+    // An admin may not; a wrong confirmation deletes nothing.
+    assert_eq!(
+        delete(admin.clone(), json!({"confirm_name": "Acme"})).await,
+        (403, "insufficient_scope".into())
+    );
+    assert_eq!(
+        delete(owner.clone(), json!({"confirm_name": "Acme Corp"})).await,
+        (422, "confirmation_mismatch".into())
+    );
+    assert_eq!(t.get("/v1/servers", &owner).await.0, 200);
+    assert_eq!(
+        delete(owner.clone(), json!({"confirm_name": "Acme"}))
+            .await
+            .0,
+        204
+    );
+    for cookie in [&owner, &admin] {
+        assert_eq!(t.get("/v1/auth/me", cookie).await.0, 401);
+    }
+    let db = t.db().await;
+    for table in ["users", "servers", "projects", "deployments", "accounts"] {
+        let n: i64 = db
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(n, 0, "{table} not emptied");
+    }
+    let kept: i64 = db
+        .query_one(
+            "SELECT count(*) FROM audit_log WHERE chain_id = $1::text::uuid AND action = 'account.deleted'",
+            &[&account_id],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(kept, 1, "the deletion is on the record");
+    let client = t.plane.pool().get().await.expect("pool");
+    let report = audit::verify(&**client).await.expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
