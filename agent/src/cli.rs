@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use sensei_certs::Fingerprint;
 use uuid::Uuid;
 
+use crate::config::{AgentConfig, DEFAULT_CONFIG};
 use crate::enroll::{enroll, EnrollOptions};
 use crate::identity::{StateDir, DEFAULT_STATE_DIR};
 use crate::session::{run, RunOutcome};
@@ -18,6 +19,9 @@ pub const EXIT_REVOKED: i32 = 3;
 #[derive(Parser)]
 #[command(name = "sensei-agent", version, about = "The Sensei agent")]
 pub struct Cli {
+    /// The configuration file; flags override it.
+    #[arg(long, env = "SENSEI_AGENT_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -26,27 +30,30 @@ pub struct Cli {
 pub enum Command {
     /// Enroll this server: make a key pair here and obtain a certificate from the control plane.
     Enroll {
-        /// The control plane's agent gateway, HOST:PORT.
+        /// The control plane's agent gateway, HOST:PORT [default: from the config file].
         #[arg(long)]
-        control_plane: String,
+        control_plane: Option<String>,
         /// The enrollment token from `POST /v1/servers`.
         #[arg(long, env = "SENSEI_ENROLLMENT_TOKEN", hide_env_values = true)]
         token: String,
-        /// The control plane's CA fingerprint, `SHA256:…`, from the API or its start-up log.
+        /// The control plane's CA fingerprint, `SHA256:…`, from the API or its start-up log
+        /// [default: from the config file].
         #[arg(long)]
-        ca_fingerprint: Fingerprint,
+        ca_fingerprint: Option<Fingerprint>,
         /// The server id the token was issued for (refuses a token meant for another server).
         #[arg(long)]
         server_id: Option<Uuid>,
-        #[arg(long, env = "SENSEI_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        /// Where the identity lives [default: the config file's, or /var/lib/sensei-agent].
+        #[arg(long, env = "SENSEI_AGENT_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Connect to the control plane and wait for work.
     Run {
-        #[arg(long, env = "SENSEI_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
-        /// Only deploy below this directory (repeatable). Without it, anywhere the agent's
-        /// user can write.
+        /// Where the identity lives [default: the config file's, or /var/lib/sensei-agent].
+        #[arg(long, env = "SENSEI_AGENT_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Only deploy below this directory (repeatable) [default: the config file's
+        /// allowed_deploy_roots]. Without either, anywhere the agent's user can write.
         #[arg(
             long = "allow-deploy-root",
             env = "SENSEI_AGENT_DEPLOY_ROOTS",
@@ -59,8 +66,9 @@ pub enum Command {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
-        #[arg(long, env = "SENSEI_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        /// Where the identity lives [default: the config file's, or /var/lib/sensei-agent].
+        #[arg(long, env = "SENSEI_AGENT_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
 }
 
@@ -75,6 +83,21 @@ pub fn init_logging() {
 
 /// Runs a command; returns the exit code.
 pub async fn execute(cli: Cli) -> i32 {
+    let config = match &cli.config {
+        Some(path) => AgentConfig::load(path, true),
+        None => AgentConfig::load(std::path::Path::new(DEFAULT_CONFIG), false),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sensei-agent: {e}");
+            return 2;
+        }
+    };
+    let state_dir_of = |flag: Option<PathBuf>| {
+        flag.or_else(|| config.state_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+    };
     match cli.command {
         Command::Enroll {
             control_plane,
@@ -83,7 +106,29 @@ pub async fn execute(cli: Cli) -> i32 {
             server_id,
             state_dir,
         } => {
-            let state_dir = StateDir::new(state_dir);
+            let Some(control_plane) = control_plane.or_else(|| config.control_plane.clone()) else {
+                eprintln!(
+                    "sensei-agent: give --control-plane, or control_plane in the config file"
+                );
+                return 2;
+            };
+            let ca_fingerprint = match (ca_fingerprint, &config.ca_fingerprint) {
+                (Some(fp), _) => fp,
+                (None, Some(text)) => match text.parse::<Fingerprint>() {
+                    Ok(fp) => fp,
+                    Err(e) => {
+                        eprintln!("sensei-agent: ca_fingerprint in the config file: {e}");
+                        return 2;
+                    }
+                },
+                (None, None) => {
+                    eprintln!(
+                        "sensei-agent: give --ca-fingerprint, or ca_fingerprint in the config file"
+                    );
+                    return 2;
+                }
+            };
+            let state_dir = StateDir::new(state_dir_of(state_dir));
             if let Ok(existing) = state_dir.load() {
                 eprintln!(
                     "sensei-agent: replacing the identity of server {}",
@@ -116,9 +161,13 @@ pub async fn execute(cli: Cli) -> i32 {
             state_dir,
             allow_deploy_roots,
         } => {
-            let policy = crate::jobs::JobPolicy {
-                allowed_roots: allow_deploy_roots,
+            let allowed_roots = if allow_deploy_roots.is_empty() {
+                config.allowed_deploy_roots.clone()
+            } else {
+                allow_deploy_roots
             };
+            let policy = crate::jobs::JobPolicy { allowed_roots };
+            let state_dir = state_dir_of(state_dir);
             let (stop, stopped) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 wait_for_signal().await;
@@ -138,7 +187,7 @@ pub async fn execute(cli: Cli) -> i32 {
                 }
             }
         }
-        Command::Revoke { yes, state_dir } => revoke(&StateDir::new(state_dir), yes),
+        Command::Revoke { yes, state_dir } => revoke(&StateDir::new(state_dir_of(state_dir)), yes),
     }
 }
 

@@ -153,9 +153,24 @@ impl StateDir {
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| self.io(e))?;
+        self.give_to_dir_owner(&file)?;
         file.write_all(content.as_bytes()).map_err(|e| self.io(e))?;
         file.sync_all().map_err(|e| self.io(e))?;
         fs::rename(&tmp, self.dir.join(name)).map_err(|e| self.io(e))
+    }
+
+    /// Root writing into a directory that belongs to the service user (`sudo sensei-agent
+    /// enroll` after the package made `/var/lib/sensei-agent` for `sensei-agent`) hands the
+    /// file to that user, so the service, which runs as that user, can read its own key.
+    fn give_to_dir_owner(&self, file: &fs::File) -> Result<(), IdentityError> {
+        use std::os::unix::fs::MetadataExt;
+        // A file just created belongs to our effective user.
+        let ours = file.metadata().map_err(|e| self.io(e))?;
+        let dir = fs::metadata(&self.dir).map_err(|e| self.io(e))?;
+        if ours.uid() != 0 || dir.uid() == 0 {
+            return Ok(());
+        }
+        std::os::unix::fs::fchown(file, Some(dir.uid()), Some(dir.gid())).map_err(|e| self.io(e))
     }
 
     /// The highest job sequence number this agent has started (0: none).
@@ -214,6 +229,29 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn root_writing_into_the_service_users_directory_hands_files_to_that_user() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let state = dir.path().join("state");
+        fs::create_dir(&state).expect("mkdir");
+        let me = fs::metadata(&state).expect("meta").uid();
+        if me != 0 {
+            // Only root can give files away; as anyone else the files stay ours.
+            StateDir::new(&state).save(&sample()).expect("save");
+            assert_eq!(fs::metadata(state.join(KEY)).expect("key").uid(), me);
+            return;
+        }
+        // 65534: `nobody` on Debian, standing in for the package's sensei-agent user.
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).expect("chown");
+        StateDir::new(&state).save(&sample()).expect("save");
+        for name in [KEY, CERT, CA, META] {
+            let meta = fs::metadata(state.join(name)).expect("file");
+            assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{name}");
+            assert_eq!(meta.mode() & 0o777, 0o600, "{name}");
+        }
+    }
 
     fn sample() -> Identity {
         Identity {

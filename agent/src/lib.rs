@@ -3,6 +3,7 @@
 //! [`cli`] is the command line.
 
 pub mod cli;
+pub mod config;
 pub mod enroll;
 pub mod execute;
 pub mod identity;
