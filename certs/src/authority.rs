@@ -215,8 +215,8 @@ impl AgentKeyRequest {
 
 /// The first certificate of a PEM document, as DER.
 pub(crate) fn pem_to_der(pem: &str) -> Result<Vec<u8>, CertError> {
-    let mut reader = pem.as_bytes();
-    let first = rustls_pemfile::certs(&mut reader).next();
+    use rustls::pki_types::pem::PemObject;
+    let first = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).next();
     match first {
         Some(Ok(der)) => Ok(der.to_vec()),
         Some(Err(e)) => Err(CertError::BadPem(e.to_string())),

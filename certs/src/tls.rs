@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -34,8 +35,7 @@ pub enum TlsConfigError {
 
 /// Parses a PEM certificate chain.
 pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let mut reader = pem.as_bytes();
-    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut reader).collect();
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
     let certs = certs.map_err(|e| CertError::BadPem(e.to_string()))?;
     if certs.is_empty() {
         return Err(CertError::BadPem("no certificate in PEM".into()));
@@ -45,10 +45,12 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertErr
 
 /// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1).
 pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, CertError> {
-    let mut reader = pem.as_bytes();
-    rustls_pemfile::private_key(&mut reader)
-        .map_err(|e| CertError::BadPem(e.to_string()))?
-        .ok_or_else(|| CertError::BadPem("no private key in PEM".into()))
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            CertError::BadPem("no private key in PEM".into())
+        }
+        e => CertError::BadPem(e.to_string()),
+    })
 }
 
 /// Server side of the HTTPS API: TLS 1.3 only, no client certificate, HTTP/1.1.
