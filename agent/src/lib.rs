@@ -9,7 +9,7 @@ pub mod execute;
 pub mod identity;
 pub mod jobs;
 pub mod session;
-mod transport;
+pub mod transport;
 
 /// This agent's version, as reported to the control plane.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

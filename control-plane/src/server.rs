@@ -210,6 +210,12 @@ impl ControlPlane {
             agent_cert_days: AGENT_CERT_DAYS,
             job_key: job_key.clone(),
             keys: keys.clone(),
+            batches: crate::agents::batch::Batches::spawn(
+                pool.clone(),
+                keys.clone(),
+                job_key.clone(),
+                hub.replica_id,
+            ),
         });
         let endpoint = gateway::bind(
             options.agent_addr,
@@ -365,14 +371,15 @@ impl ControlPlane {
     /// Stops accepting connections, closes the pool and stops the embedded database.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        // Tell connected agents to come back later, spread over a few seconds, so that a
-        // restart does not turn into a reconnect storm.
-        let spread = std::time::Duration::from_millis(
-            (self.agents.connected_count() as u64).clamp(1_000, 30_000),
-        );
-        self.agents.close_all_for_restart(spread);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
-            .await;
+        // Tell connected agents when to come back, spread so that a restart does not turn
+        // into a reconnect storm.
+        let connected = self.agents.connected_count();
+        self.agents.close_all_for_restart();
+        // Long enough for every close frame to leave (an agent that misses its close only
+        // notices after its 60 s idle timeout), without waiting for each peer's
+        // acknowledgement (wait_idle), which holds a restart for the full timeout.
+        let drain = sensei_shared::backoff::restart_drain(connected);
+        let _ = tokio::time::timeout(drain, self.endpoint.wait_idle()).await;
         self.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
         let _ = self.server.await;
         for task in self.tasks {

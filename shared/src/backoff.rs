@@ -53,9 +53,45 @@ impl Backoff {
     }
 }
 
+/// How long a stopping control plane lets its close frames leave before it exits: an agent
+/// that misses its close only notices after its idle timeout.
+pub fn restart_drain(connected: usize) -> Duration {
+    Duration::from_millis(300 + connected as u64 / 5).min(Duration::from_secs(3))
+}
+
+/// What a control plane that is restarting tells each connected agent to wait before coming
+/// back: until the new process is listening (the drain, then a start), then spread so that
+/// the fleet returns at a rate the gateway can take without dropping handshakes. An agent
+/// that comes back too early loses its first packets and waits out QUIC's retransmission
+/// timer (a second, then two, then four…).
+pub fn restart_delay(connected: usize, random: f64) -> Duration {
+    /// Starting a new process and listening takes well under this.
+    const START: Duration = Duration::from_millis(1000);
+    /// Full mutual-TLS handshakes per second a gateway absorbs without dropping packets on
+    /// a 2-core machine (measured: docs/benchmarks.md). Faster than that, dropped Initial
+    /// packets cost each agent a retransmission timeout of a second or more.
+    const RATE: f64 = 1500.0;
+    let window = (connected as f64 / RATE).clamp(0.5, 60.0);
+    restart_drain(connected) + START + Duration::from_secs_f64(window * random.clamp(0.0, 1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restart_delays_leave_time_to_restart_and_grow_with_the_fleet() {
+        assert_eq!(restart_drain(10), Duration::from_millis(302));
+        assert_eq!(restart_drain(1_000_000), Duration::from_secs(3));
+        assert_eq!(restart_delay(10, 0.0), Duration::from_millis(1302));
+        assert_eq!(restart_delay(10, 1.0), Duration::from_millis(1802));
+        assert_eq!(
+            restart_delay(15_000, 1.0),
+            Duration::from_millis(3000 + 1000 + 10_000)
+        );
+        assert_eq!(restart_delay(10_000_000, 1.0), Duration::from_secs(64));
+        assert_eq!(restart_delay(10_000, 7.0), restart_delay(10_000, 1.0));
+    }
 
     #[test]
     fn ceiling_doubles_up_to_the_cap() {

@@ -17,6 +17,10 @@ use super::AgentHub;
 pub const CHANNEL: &str = "sensei_agent_certs";
 /// The PostgreSQL channel of queued jobs; the payload is the server id.
 pub const JOB_CHANNEL: &str = "sensei_jobs";
+/// The payload on [`JOB_CHANNEL`] that wakes every poll (sent for large batches of jobs).
+pub const WAKE_ALL: &str = "*";
+/// Batches of more jobs than this are announced with [`WAKE_ALL`].
+pub const WAKE_ALL_ABOVE: usize = 64;
 
 /// Loads every valid and revoked certificate into the hub (at start, and after the
 /// notification connection was lost, since notifications may have been missed).
@@ -111,12 +115,16 @@ pub async fn listen(
                 if let Err(e) = load_all(&pool, &hub).await {
                     tracing::warn!(error = %e, "reloading agent certificates failed");
                 }
+                // Jobs queued while nobody was listening were announced to no one.
+                hub.wake_all();
                 loop {
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         message = messages.next() => match message {
                             Some((channel, payload)) if channel == JOB_CHANNEL => {
-                                if let Ok(server_id) = payload.parse::<Uuid>() {
+                                if payload == WAKE_ALL {
+                                    hub.wake_all();
+                                } else if let Ok(server_id) = payload.parse::<Uuid>() {
                                     hub.wake(server_id);
                                 }
                             }

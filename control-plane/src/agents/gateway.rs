@@ -36,6 +36,8 @@ pub struct GatewayContext {
     pub job_key: ed25519_dalek::SigningKey,
     /// Opens projects' environments at dispatch.
     pub keys: std::sync::Arc<crate::field_crypto::FieldKeys>,
+    /// Claims, results and connection marks, written in batches.
+    pub batches: super::batch::Batches,
 }
 
 /// Why the gateway could not start.
@@ -72,10 +74,51 @@ pub fn bind(
         .max_concurrent_bidi_streams(VarInt::from_u32(8))
         .max_concurrent_uni_streams(VarInt::from_u32(0));
     config.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(config, addr).map_err(|e| GatewayError::Bind {
+    let bind_error = |e: std::io::Error| GatewayError::Bind {
         addr,
         message: e.to_string(),
-    })
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(bind_error)?;
+    if addr.is_ipv6() {
+        // Dual-stack where the address allows it, as quinn's own bind does.
+        let _ = socket.set_only_v6(false);
+    }
+    set_buffers(&socket);
+    socket.bind(&addr.into()).map_err(bind_error)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| GatewayError::Quic("no async runtime for the gateway".into()))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket.into(),
+        runtime,
+    )
+    .map_err(bind_error)
+}
+
+/// Socket buffer size asked for. A reconnecting fleet sends thousands of handshakes a second;
+/// with the kernel's default (about 200 KiB) the excess is dropped and each drop costs the
+/// agent a retransmission timeout of a second or more (docs/benchmarks.md).
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+fn set_buffers(socket: &socket2::Socket) {
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    // Linux reports twice what it granted, capped by net.core.rmem_max.
+    let granted = socket.recv_buffer_size().unwrap_or(0);
+    if granted < SOCKET_BUFFER {
+        tracing::warn!(
+            granted,
+            wanted = SOCKET_BUFFER,
+            "the agent gateway's UDP receive buffer is small; raise net.core.rmem_max \
+             (sysctl) so that a reconnecting fleet's handshakes are not dropped"
+        );
+    }
 }
 
 /// Accepts connections until `shutdown`.
@@ -114,9 +157,11 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<GatewayContext>) {
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().cloned());
+    // Boxed: this task lives as long as the session, and an unboxed enrollment future would
+    // make every session's task as large as an enrollment (memory per agent: benchmarks.md).
     match leaf {
-        None => enrollment(connection, &ctx, peer).await,
-        Some(leaf) => session::run(connection, Fingerprint::of_der(&leaf), &ctx).await,
+        None => Box::pin(enrollment(connection, &ctx, peer)).await,
+        Some(leaf) => Box::pin(session::run(connection, Fingerprint::of_der(&leaf), &ctx)).await,
     }
 }
 

@@ -58,6 +58,17 @@ impl AgentHub {
         }
     }
 
+    /// Wakes every waiting poll: after job notifications may have been missed (the LISTEN
+    /// connection was lost and came back), each poll looks at the queue once.
+    pub fn wake_all(&self) {
+        self.any_job.notify_one();
+        if let Ok(m) = self.job_signals.lock() {
+            for signal in m.values() {
+                signal.notify_one();
+            }
+        }
+    }
+
     /// Records a new session; an older connection of the same server is closed.
     pub fn register(
         &self,
@@ -129,12 +140,14 @@ impl AgentHub {
 
     /// Closes every session, suggesting each agent a reconnect delay spread over `spread`
     /// so that they do not all return in the same instant.
-    pub fn close_all_for_restart(&self, spread: std::time::Duration) {
+    pub fn close_all_for_restart(&self) {
         let Ok(mut live) = self.live.lock() else {
             return;
         };
+        let connected = live.len();
         for (_, l) in live.drain() {
-            let delay_ms = 200 + (spread.as_millis() as f64 * rand::random::<f64>()) as u64;
+            let delay_ms =
+                sensei_shared::backoff::restart_delay(connected, rand::random()).as_millis();
             l.connection.close(
                 VarInt::from_u32(close::RETRY_LATER),
                 delay_ms.to_string().as_bytes(),

@@ -3,8 +3,10 @@
 //! a token and a CSR into a certificate; [`session`] keeps a connected agent's control stream;
 //! [`hub`] is the live state (valid certificates, open connections) shared with the API;
 //! [`cert_events`] keeps every replica's hub in step through PostgreSQL NOTIFY;
-//! [`last_seen`] batches heartbeat writes.
+//! [`last_seen`] batches heartbeat writes; [`batch`] batches claims, results and connection
+//! marks.
 
+pub mod batch;
 pub mod cert_events;
 pub mod dispatch;
 pub mod enroll;

@@ -6,7 +6,6 @@ use quinn::VarInt;
 use sensei_certs::{AgentCertStatus, Fingerprint};
 use sensei_shared::codec::io::{read_frame, write_frame};
 use sensei_shared::protocol::{close, AgentMessage, ControlMessage};
-use uuid::Uuid;
 
 use super::gateway::{GatewayContext, STEP_TIMEOUT};
 
@@ -57,7 +56,7 @@ pub async fn run(
             }
         };
     ctx.hub.register(server_id, connection.clone(), fingerprint);
-    mark_connected(ctx, server_id, Some(&agent_version)).await;
+    ctx.batches.connected(server_id, &agent_version);
     tracing::info!(%server_id, %agent_version, peer = %connection.remote_address(), "agent connected");
     let welcome = ControlMessage::Welcome {
         heartbeat_secs: ctx.heartbeat.as_secs().max(1) as u32,
@@ -99,40 +98,10 @@ pub async fn run(
     }
     polls.abort_all();
     while polls.join_next().await.is_some() {}
-    super::dispatch::fail_interrupted(ctx, server_id).await;
+    // Boxed so that the database future does not size the whole (long-lived) session task.
+    Box::pin(super::dispatch::fail_interrupted(ctx, server_id)).await;
     if ctx.hub.unregister(server_id, &connection) {
-        mark_connected(ctx, server_id, None).await;
+        ctx.batches.disconnected(server_id);
     }
     tracing::info!(%server_id, reason = ?connection.close_reason(), "agent disconnected");
-}
-
-/// Records in PostgreSQL that the agent is connected to this replica (`Some(version)`) or no
-/// longer is (`None`; only if no other replica took it over meanwhile).
-async fn mark_connected(ctx: &GatewayContext, server_id: Uuid, version: Option<&str>) {
-    let Ok(client) = ctx.pool.get().await else {
-        return;
-    };
-    let result = match version {
-        Some(version) => {
-            client
-                .execute(
-                    "UPDATE servers SET connected_replica = $2, last_seen_at = now(), agent_version = $3 \
-                     WHERE id = $1",
-                    &[&server_id, &ctx.hub.replica_id, &version],
-                )
-                .await
-        }
-        None => {
-            client
-                .execute(
-                    "UPDATE servers SET connected_replica = NULL, last_seen_at = now() \
-                     WHERE id = $1 AND connected_replica = $2",
-                    &[&server_id, &ctx.hub.replica_id],
-                )
-                .await
-        }
-    };
-    if let Err(e) = result {
-        tracing::warn!(%server_id, error = %crate::db::describe(&e), "recording agent connection");
-    }
 }

@@ -158,12 +158,33 @@ pub async fn enqueue_many(
                    || '-' || lpad(seq::text, 10, '0') || '-' || substr(job::text, 1, 6) END, \
                  'queued', $7, now() + make_interval(secs => $8) \
                FROM jobs RETURNING server_id, id) \
-             SELECT server_id, id, pg_notify($9, server_id::text)::text FROM queued",
+             SELECT server_id, id FROM queued",
             &[&servers, &account_id, &project_id, &kind, &git_ref, &rollback_of, &created_by,
-              &timeout.as_secs_f64(), &crate::agents::cert_events::JOB_CHANNEL],
+              &timeout.as_secs_f64()],
         )
         .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    let queued: Vec<(Uuid, Uuid)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // Wake the servers' polls on every replica. A large batch sends one "everyone" notice
+    // instead of one per server: each replica then has all its polls look at the queue, in
+    // batched statements (10,000 notifications cost more than the rollout they announce).
+    if queued.len() > crate::agents::cert_events::WAKE_ALL_ABOVE {
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[
+                &crate::agents::cert_events::JOB_CHANNEL,
+                &crate::agents::cert_events::WAKE_ALL,
+            ],
+        )
+        .await?;
+    } else if !queued.is_empty() {
+        let servers: Vec<Uuid> = queued.iter().map(|(s, _)| *s).collect();
+        tx.execute(
+            "SELECT pg_notify($1, s::text) FROM unnest($2::uuid[]) AS s",
+            &[&crate::agents::cert_events::JOB_CHANNEL, &servers],
+        )
+        .await?;
+    }
+    Ok(queued)
 }
 
 /// Queues one job, saying clearly why a server cannot take it.

@@ -1,0 +1,404 @@
+//! Simulated agents: real certificates from the control plane's CA, real mTLS QUIC
+//! connections configured as the real agent's are, the real protocol, and jobs verified with
+//! the same function the agent uses. Only the release engine is left out: a verified job is
+//! answered "succeeded" at once.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::VerifyingKey;
+use sensei_certs::{AgentKeyRequest, CertificateAuthority, Fingerprint};
+use sensei_shared::backoff::Backoff;
+use sensei_shared::codec::io::{read_frame, write_frame};
+use sensei_shared::job::{verify, Expectations, JobTask};
+use sensei_shared::protocol::{AgentMessage, CloseVerdict, ControlMessage, JobResult};
+use tokio::sync::{watch, Notify, Semaphore};
+use uuid::Uuid;
+
+/// One simulated server's identity.
+pub struct SimIdentity {
+    pub server_id: Uuid,
+    pub fingerprint: [u8; 32],
+    pub serial_hex: String,
+    pub not_after: time::OffsetDateTime,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Issues `count` identities with the CA itself (the enrollment path costs one QUIC handshake
+/// and one database transaction per agent; at fleet scale that is measured separately).
+pub fn issue(ca: &CertificateAuthority, count: usize) -> anyhow::Result<Vec<SimIdentity>> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per = count.div_ceil(threads).max(1);
+    let now = time::OffsetDateTime::now_utc();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..count)
+            .collect::<Vec<_>>()
+            .chunks(per)
+            .map(|chunk| {
+                let n = chunk.len();
+                scope.spawn(move || -> anyhow::Result<Vec<SimIdentity>> {
+                    let mut out = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let server_id = Uuid::new_v4();
+                        let request = AgentKeyRequest::generate(&server_id.to_string())?;
+                        let issued = ca.sign_agent_csr(
+                            &request.csr_der,
+                            server_id,
+                            now - time::Duration::hours(1),
+                            now + time::Duration::days(2),
+                        )?;
+                        out.push(SimIdentity {
+                            server_id,
+                            fingerprint: *Fingerprint::of_der(&issued.cert_der).as_bytes(),
+                            serial_hex: issued.serial_hex,
+                            not_after: issued.not_after,
+                            cert_pem: issued.cert_pem,
+                            key_pem: request.key_pem,
+                        });
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(count);
+        for h in handles {
+            all.extend(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("issuing thread panicked"))??,
+            );
+        }
+        Ok(all)
+    })
+}
+
+/// What the simulated agents report to the scenarios.
+#[derive(Default)]
+pub struct Shared {
+    pub connected: AtomicUsize,
+    /// Sessions established so far (each handshake that reached the welcome).
+    pub sessions: AtomicU64,
+    pub failed_attempts: AtomicU64,
+    pub handshakes: Mutex<Vec<Duration>>,
+    /// Job id → when its agent had verified it.
+    pub verified: Mutex<HashMap<Uuid, Instant>>,
+    pub verified_signal: Notify,
+    pub refused: AtomicU64,
+}
+
+impl Shared {
+    pub fn take_handshakes(&self) -> Vec<Duration> {
+        self.handshakes
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default()
+    }
+
+    pub fn verified_at(&self, job: Uuid) -> Option<Instant> {
+        self.verified.lock().ok().and_then(|v| v.get(&job).copied())
+    }
+}
+
+/// The fleet: its connections share a few client endpoints (UDP sockets).
+pub struct Fleet {
+    pub shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A client endpoint with large socket buffers: at thousands of handshakes a second the
+/// default receive buffer overflows and the dropped packets come back as retransmission
+/// timeouts.
+fn client_endpoint(buffer: usize) -> anyhow::Result<quinn::Endpoint> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime"))?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.into(),
+        runtime,
+    )?)
+}
+
+impl Fleet {
+    /// Starts one task per identity. At most `ramp` handshakes are in flight at once while the
+    /// fleet first connects.
+    pub fn start(
+        identities: Vec<SimIdentity>,
+        ca_pem: &str,
+        job_key: VerifyingKey,
+        gateway: SocketAddr,
+        endpoints: usize,
+        ramp: usize,
+    ) -> anyhow::Result<Self> {
+        let verifier = sensei_certs::tls::verifier_trusting(ca_pem)?;
+        let endpoints: Vec<quinn::Endpoint> = (0..endpoints.max(1))
+            .map(|_| client_endpoint(8 << 20))
+            .collect::<Result<_, _>>()?;
+        let shared = Arc::new(Shared::default());
+        let (stop, stopped) = watch::channel(false);
+        let gate = Arc::new(Semaphore::new(ramp.max(1)));
+        let mut tasks = Vec::with_capacity(identities.len());
+        for (i, id) in identities.into_iter().enumerate() {
+            let config = sensei_agent::transport::client_config(
+                verifier.clone(),
+                Some((id.cert_pem.as_str(), id.key_pem.as_str())),
+            )?;
+            let agent = SimAgent {
+                server_id: id.server_id,
+                fingerprint: id.fingerprint,
+                config,
+                endpoint: endpoints[i % endpoints.len()].clone(),
+                gateway,
+                job_key,
+                shared: shared.clone(),
+                gate: gate.clone(),
+            };
+            let stopped = stopped.clone();
+            tasks.push(tokio::spawn(agent.run(stopped)));
+        }
+        Ok(Self {
+            shared,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Waits until `count` agents are connected, or `within` passes. Returns the time taken.
+    pub async fn wait_connected(&self, count: usize, within: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if self.shared.connected.load(Ordering::Relaxed) >= count {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+
+    /// Waits until `count` more sessions than `since` were established, or `within` passes.
+    pub async fn wait_sessions(
+        &self,
+        since: u64,
+        count: usize,
+        within: Duration,
+    ) -> Option<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if self.shared.sessions.load(Ordering::Relaxed) >= since + count as u64 {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+struct SimAgent {
+    server_id: Uuid,
+    fingerprint: [u8; 32],
+    config: quinn::ClientConfig,
+    endpoint: quinn::Endpoint,
+    gateway: SocketAddr,
+    job_key: VerifyingKey,
+    shared: Arc<Shared>,
+    gate: Arc<Semaphore>,
+}
+
+impl SimAgent {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Backoff::agent_default();
+        let mut highest_sequence = 0u64;
+        let mut first = true;
+        loop {
+            let delay = tokio::select! {
+                d = self.session(&mut backoff, &mut highest_sequence, &mut first) => d,
+                _ = stop.changed() => return,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// One connection; answers how long to wait before the next.
+    async fn session(
+        &self,
+        backoff: &mut Backoff,
+        highest_sequence: &mut u64,
+        first: &mut bool,
+    ) -> Duration {
+        let permit = if *first {
+            self.gate.clone().acquire_owned().await.ok()
+        } else {
+            None
+        };
+        let started = Instant::now();
+        let connecting =
+            match self
+                .endpoint
+                .connect_with(self.config.clone(), self.gateway, "localhost")
+            {
+                Ok(c) => c,
+                Err(_) => return self.failed(backoff),
+            };
+        let connection = match tokio::time::timeout(Duration::from_secs(15), connecting).await {
+            Ok(Ok(c)) => c,
+            _ => return self.failed(backoff),
+        };
+        let Ok((mut send, mut recv)) = connection.open_bi().await else {
+            return self.failed(backoff);
+        };
+        let hello = AgentMessage::Hello {
+            server_id: self.server_id,
+            agent_version: "loadgen".into(),
+        };
+        if write_frame(&mut send, &hello).await.is_err() {
+            return self.failed(backoff);
+        }
+        let heartbeat = match read_frame::<ControlMessage, _>(&mut recv).await {
+            Ok(Some(ControlMessage::Welcome { heartbeat_secs })) => {
+                Duration::from_secs(u64::from(heartbeat_secs.clamp(1, 300)))
+            }
+            _ => return self.after_close(&connection, backoff),
+        };
+        if let Ok(mut h) = self.shared.handshakes.lock() {
+            h.push(started.elapsed());
+        }
+        drop(permit);
+        *first = false;
+        backoff.reset();
+        self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+        self.shared.connected.fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            _ = heartbeats(&mut send, &mut recv, heartbeat) => {}
+            _ = self.jobs(&connection, highest_sequence) => {}
+        }
+        self.shared.connected.fetch_sub(1, Ordering::Relaxed);
+        self.after_close(&connection, backoff)
+    }
+
+    fn failed(&self, backoff: &mut Backoff) -> Duration {
+        self.shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        backoff.next_delay(rand::random())
+    }
+
+    /// The delay the control plane asked for when it closed, as the real agent computes it.
+    fn after_close(&self, connection: &quinn::Connection, backoff: &mut Backoff) -> Duration {
+        match connection.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+                match CloseVerdict::from_application_close(
+                    close.error_code.into_inner(),
+                    &close.reason,
+                ) {
+                    CloseVerdict::RetryAfter(d) => Backoff::suggested(d, rand::random()),
+                    _ => backoff.next_delay(rand::random()),
+                }
+            }
+            _ => backoff.next_delay(rand::random()),
+        }
+    }
+
+    async fn jobs(&self, connection: &quinn::Connection, highest_sequence: &mut u64) {
+        loop {
+            let Ok((mut send, mut recv)) = connection.open_bi().await else {
+                return;
+            };
+            let poll = AgentMessage::Poll {
+                highest_sequence: *highest_sequence,
+            };
+            if write_frame(&mut send, &poll).await.is_err() {
+                return;
+            }
+            let job = match read_frame::<ControlMessage, _>(&mut recv).await {
+                Ok(Some(ControlMessage::Job(job))) => job,
+                _ => return,
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let expectations = Expectations {
+                key: &self.job_key,
+                server_id: self.server_id,
+                certificate_fingerprint: self.fingerprint,
+                highest_sequence: *highest_sequence,
+                now,
+            };
+            let answer = match verify(&job, &expectations) {
+                Ok(payload) => {
+                    *highest_sequence = payload.sequence;
+                    if let Ok(mut v) = self.shared.verified.lock() {
+                        v.insert(payload.job_id, Instant::now());
+                    }
+                    self.shared.verified_signal.notify_waiters();
+                    let release_id = match &payload.task {
+                        JobTask::Deploy(spec) => Some(spec.release_id.clone()),
+                        JobTask::Rollback(_) => None,
+                    };
+                    AgentMessage::JobFinished {
+                        job_id: payload.job_id,
+                        result: JobResult {
+                            succeeded: true,
+                            release_id,
+                            commit: Some("0".repeat(40)),
+                            error: None,
+                        },
+                    }
+                }
+                Err(rejection) => {
+                    self.shared.refused.fetch_add(1, Ordering::Relaxed);
+                    AgentMessage::JobRefused {
+                        job_id: None,
+                        reason: rejection.to_string(),
+                    }
+                }
+            };
+            if write_frame(&mut send, &answer).await.is_err() {
+                return;
+            }
+            if !matches!(
+                read_frame::<ControlMessage, _>(&mut recv).await,
+                Ok(Some(ControlMessage::JobRecorded))
+            ) {
+                return;
+            }
+            let _ = send.finish();
+        }
+    }
+}
+
+async fn heartbeats(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if write_frame(send, &AgentMessage::Heartbeat).await.is_err() {
+                    return;
+                }
+            }
+            message = read_frame::<ControlMessage, _>(recv) => match message {
+                Ok(Some(ControlMessage::HeartbeatAck)) => {}
+                _ => return,
+            },
+        }
+    }
+}

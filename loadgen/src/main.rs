@@ -1,0 +1,594 @@
+//! `sensei-loadgen`: holds a simulated fleet against a real control plane and prints figures.
+//!
+//! ```text
+//! cargo build --release -p sensei-control-plane -p sensei-agent -p sensei-loadgen
+//! target/release/sensei-loadgen fleet --agents 10000 --json fleet-10k.json
+//! target/release/sensei-loadgen footprint --secs 300
+//! ```
+//!
+//! `fleet` runs, in order: idle density, dispatch latency, an all-at-once and a batched
+//! rollout, and a reconnect storm (it restarts the control plane, so it comes last).
+//! `footprint` enrolls and runs the real `sensei-agent` binary and reads its memory.
+
+mod fleet;
+mod plane;
+mod stats;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::fleet::{Fleet, SimIdentity};
+use crate::plane::{Plane, PlaneConfig};
+use crate::stats::{Report, Spread};
+
+#[derive(Parser)]
+#[command(
+    name = "sensei-loadgen",
+    about = "Simulate a fleet of agents against a real control plane"
+)]
+struct Cli {
+    /// Write the figures as JSON here too.
+    #[arg(long, global = true)]
+    json: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Idle density, dispatch latency, rollouts and a reconnect storm with N simulated agents.
+    Fleet(FleetOptions),
+    /// The real agent binary: idle memory after SECS connected, and its size.
+    Footprint {
+        #[arg(long, default_value_t = 300)]
+        secs: u64,
+    },
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct FleetOptions {
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Seconds of idle CPU measurement.
+    #[arg(long, default_value_t = 60)]
+    idle_secs: u64,
+    /// Deployments queued one after another for the dispatch latency.
+    #[arg(long, default_value_t = 200)]
+    dispatches: usize,
+    /// Client UDP sockets the simulated agents share.
+    #[arg(long, default_value_t = 8)]
+    endpoints: usize,
+    /// Handshakes in flight at most while the fleet first connects.
+    #[arg(long, default_value_t = 256)]
+    ramp: usize,
+    /// Agent heartbeat interval the control plane asks for (production default 30).
+    #[arg(long, default_value_t = 30)]
+    heartbeat_secs: u64,
+    /// Stop after the idle density figures (for the largest fleets).
+    #[arg(long)]
+    idle_only: bool,
+}
+
+/// What every scenario runs against.
+struct Setup {
+    _cluster: sensei_control_plane::postgres_cluster::PostgresCluster,
+    _dirs: Vec<tempfile::TempDir>,
+    config: PlaneConfig,
+    plane: Option<Plane>,
+    http: reqwest::Client,
+    db: tokio_postgres::Client,
+    cookie: String,
+    account: Uuid,
+    project: String,
+}
+
+impl Setup {
+    async fn new(heartbeat_secs: u64) -> anyhow::Result<Self> {
+        let pg_dir = plane::open_tempdir("sensei-loadgen-pg-")?;
+        // A durable cluster (fsync on), as in production: acknowledgements are real commits.
+        let cluster = sensei_control_plane::postgres_cluster::PostgresCluster::start(
+            &pg_dir.path().join("pg"),
+            &sensei_control_plane::postgres_cluster::ClusterOptions::default(),
+        )?;
+        let (admin, conn) =
+            tokio_postgres::connect(&cluster.conninfo("postgres"), tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        admin.batch_execute("CREATE DATABASE sensei").await?;
+        let database_url = cluster.conninfo("sensei");
+        let data_dir = plane::open_tempdir("sensei-loadgen-data-")?;
+        let config = PlaneConfig {
+            binary: plane::sibling_binary("sensei-control-plane")?,
+            database_url: database_url.clone(),
+            field_key: sensei_control_plane::field_crypto::FieldKeys::generate_key(),
+            data_dir: data_dir.path().to_owned(),
+            api_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(false)?)),
+            agent_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(true)?)),
+            heartbeat_secs,
+            log: data_dir.path().join("control-plane.log"),
+        };
+        let plane = Plane::start(&config)?;
+        let http = plane::client_for(&config.data_dir).await?;
+        plane::wait_healthy(&http, config.api_addr, Duration::from_secs(60)).await?;
+        let (db, conn) = tokio_postgres::connect(&database_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let base = format!("https://localhost:{}", config.api_addr.port());
+        let signup = http
+            .post(format!("{base}/v1/auth/signup"))
+            .json(&json!({"email": "load@sensei.test", "password": "load generator password", "account_name": "Load"}))
+            .send()
+            .await?;
+        if signup.status() != 201 {
+            bail!("signup failed: {}", signup.status());
+        }
+        let cookie = signup
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with("sensei_session="))
+            .and_then(|v| v.split(';').next())
+            .context("no session cookie")?
+            .to_owned();
+        let body: Value = signup.json().await?;
+        let account: Uuid = body["account"]["id"]
+            .as_str()
+            .context("account id")?
+            .parse()?;
+        let project: Value = http
+            .post(format!("{base}/v1/projects"))
+            .header("cookie", &cookie)
+            .json(&json!({"name": "load", "repo_url": "https://example.com/load.git", "deploy_path": "/srv/load"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let project = project["id"].as_str().context("project id")?.to_owned();
+        Ok(Self {
+            _cluster: cluster,
+            _dirs: vec![pg_dir, data_dir],
+            config,
+            plane: Some(plane),
+            http,
+            db,
+            cookie,
+            account,
+            project,
+        })
+    }
+
+    fn base(&self) -> String {
+        format!("https://localhost:{}", self.config.api_addr.port())
+    }
+
+    fn plane(&self) -> anyhow::Result<&Plane> {
+        self.plane
+            .as_ref()
+            .context("the control plane is not running")
+    }
+
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base()))
+            .header("cookie", &self.cookie)
+            .json(&body)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Creates the servers and their certificate rows, and tells the running control plane
+    /// (the same notification enrollment sends).
+    async fn register(&self, identities: &[SimIdentity]) -> anyhow::Result<()> {
+        for chunk in identities.chunks(5000) {
+            let ids: Vec<Uuid> = chunk.iter().map(|i| i.server_id).collect();
+            let names: Vec<String> = chunk
+                .iter()
+                .map(|i| format!("load-{}", i.server_id.simple()))
+                .collect();
+            let fps: Vec<Vec<u8>> = chunk.iter().map(|i| i.fingerprint.to_vec()).collect();
+            let serials: Vec<String> = chunk.iter().map(|i| i.serial_hex.clone()).collect();
+            let not_after: Vec<f64> = chunk
+                .iter()
+                .map(|i| i.not_after.unix_timestamp() as f64)
+                .collect();
+            self.db
+                .execute(
+                    "INSERT INTO servers (id, account_id, name, host, transport, labels) \
+                     SELECT id, $2, name, '127.0.0.1', 'agent', '{\"fleet\":\"load\"}' \
+                     FROM unnest($1::uuid[], $3::text[]) AS t(id, name)",
+                    &[&ids, &self.account, &names],
+                )
+                .await?;
+            self.db
+                .execute(
+                    "INSERT INTO agent_certificates (fingerprint, server_id, serial, not_after) \
+                     SELECT fp, id, serial, to_timestamp(na) \
+                     FROM unnest($1::bytea[], $2::uuid[], $3::text[], $4::float8[]) AS t(fp, id, serial, na)",
+                    &[&fps, &ids, &serials, &not_after],
+                )
+                .await?;
+            self.db
+                .execute(
+                    "SELECT pg_notify('sensei_agent_certs', 'allow:' || encode(fingerprint, 'hex') || ':' || server_id) \
+                     FROM agent_certificates WHERE server_id = ANY($1)",
+                    &[&ids],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::Result<Value> {
+    let FleetOptions {
+        agents,
+        idle_secs,
+        dispatches,
+        endpoints,
+        ramp,
+        heartbeat_secs,
+        idle_only,
+    } = options;
+    let mut setup = Setup::new(heartbeat_secs).await?;
+    let started = Instant::now();
+    let ca = sensei_control_plane::pki::certificate_authority(
+        &sensei_control_plane::db::connect(&setup.config.database_url, 2).await?,
+        &sensei_control_plane::field_crypto::FieldKeys::parse(&setup.config.field_key)?,
+    )
+    .await?;
+    let job_key = sensei_control_plane::job_signing::load_or_create(
+        &sensei_control_plane::db::connect(&setup.config.database_url, 2).await?,
+        &sensei_control_plane::field_crypto::FieldKeys::parse(&setup.config.field_key)?,
+    )
+    .await?
+    .verifying_key();
+    let ca_pem = ca.cert_pem().to_owned();
+    let identities = tokio::task::spawn_blocking(move || fleet::issue(&ca, agents)).await??;
+    let server_ids: Vec<Uuid> = identities.iter().map(|i| i.server_id).collect();
+    report.add(
+        "setup",
+        "identities",
+        format!(
+            "{agents} certificates issued by the CA library (not the enrollment path) in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ),
+        json!({"agents": agents, "issued_by": "ca_library", "secs": started.elapsed().as_secs_f64()}),
+    );
+    setup.register(&identities).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // 1. Idle density.
+    let baseline = setup.plane()?.rss_kib();
+    let fleet = Fleet::start(
+        identities,
+        &ca_pem,
+        job_key,
+        setup.config.agent_addr,
+        endpoints,
+        ramp,
+    )?;
+    let Some(took) = fleet.wait_connected(agents, Duration::from_secs(600)).await else {
+        bail!(
+            "only {} of {agents} agents connected within 600 s",
+            fleet.shared.connected.load(Ordering::Relaxed)
+        );
+    };
+    let first = fleet.shared.take_handshakes();
+    report.add(
+        "idle",
+        "connect all (ramp)",
+        format!(
+            "{agents} agents in {:.2} s ({:.0}/s), handshake {}",
+            took.as_secs_f64(),
+            agents as f64 / took.as_secs_f64(),
+            Spread::of(&first).map(|s| s.text()).unwrap_or_default()
+        ),
+        json!({"secs": took.as_secs_f64(), "handshake": Spread::of(&first).map(|s| s.json()),
+               "failed_attempts": fleet.shared.failed_attempts.load(Ordering::Relaxed)}),
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cpu_before = setup.plane()?.cpu();
+    let measured = Instant::now();
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let idle_cpu =
+        (setup.plane()?.cpu() - cpu_before).as_secs_f64() / measured.elapsed().as_secs_f64();
+    let rss = setup.plane()?.rss_kib();
+    let per_agent = (rss.saturating_sub(baseline)) as f64 / agents as f64;
+    report.add(
+        "idle",
+        "control-plane RSS",
+        format!(
+            "{:.1} MiB with {agents} agents (baseline {:.1} MiB): {per_agent:.1} KiB per agent",
+            mib(rss),
+            mib(baseline)
+        ),
+        json!({"rss_kib": rss, "baseline_kib": baseline, "per_agent_kib": per_agent}),
+    );
+    report.add(
+        "idle",
+        "control-plane idle CPU",
+        format!("{:.1}% of one core over {idle_secs} s", idle_cpu * 100.0),
+        json!({"core_fraction": idle_cpu, "secs": idle_secs}),
+    );
+    if idle_only {
+        fleet.stop().await;
+        return Ok(json!({"agents": agents, "idle_secs": idle_secs, "idle_only": true}));
+    }
+
+    // 2. Dispatch latency: one deployment at a time to a random agent.
+    let mut latencies = Vec::with_capacity(dispatches);
+    let mut api = Vec::with_capacity(dispatches);
+    for i in 0..dispatches {
+        let server = server_ids[(i * 7919) % server_ids.len()];
+        let sent = Instant::now();
+        let (status, body) = setup
+            .post(
+                "/v1/deployments",
+                json!({"project_id": setup.project, "server_id": server, "ref": "main"}),
+            )
+            .await?;
+        api.push(sent.elapsed());
+        if status != 201 {
+            bail!("queueing a deployment failed: {status} {body}");
+        }
+        let job: Uuid = body["id"].as_str().context("deployment id")?.parse()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let at = loop {
+            let notified = fleet.shared.verified_signal.notified();
+            if let Some(at) = fleet.shared.verified_at(job) {
+                break at;
+            }
+            if Instant::now() > deadline {
+                bail!("deployment {job} was never verified by its agent");
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        };
+        latencies.push(at.saturating_duration_since(sent));
+    }
+    let spread = Spread::of(&latencies).context("no dispatches")?;
+    report.add(
+        "dispatch",
+        "API call → agent verified job",
+        spread.text(),
+        json!({"latency": spread.json(), "api": Spread::of(&api).map(|s| s.json()), "connected": agents}),
+    );
+    report.add(
+        "dispatch",
+        "of which the API call",
+        Spread::of(&api).map(|s| s.text()).unwrap_or_default(),
+        Value::Null,
+    );
+
+    // 3. Rollouts: all at once, then in four batches.
+    for (label, strategy) in [
+        ("all at once", json!({"canary": 0, "batch_percent": 100})),
+        ("4 batches", json!({"canary": 0, "batch_percent": 25})),
+    ] {
+        let cpu_before = setup.plane()?.cpu();
+        let sent = Instant::now();
+        let (status, body) = setup
+            .post(
+                "/v1/rollouts",
+                json!({"project_id": setup.project, "ref": "main", "selector": {"labels": {"fleet": "load"}},
+                       "strategy": strategy}),
+            )
+            .await?;
+        if status != 201 {
+            bail!("starting a rollout failed: {status} {body}");
+        }
+        let rollout: Uuid = body["id"].as_str().context("rollout id")?.parse()?;
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            let row = setup
+                .db
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE d.status = 'succeeded'), count(*) \
+                     FROM rollout_targets t LEFT JOIN deployments d ON d.id = t.deployment_id \
+                     WHERE t.rollout_id = $1",
+                    &[&rollout],
+                )
+                .await?;
+            let (done, total): (i64, i64) = (row.get(0), row.get(1));
+            if total as usize == agents && done == total {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("rollout {label}: {done} of {total} acknowledged after 900 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let wall = sent.elapsed();
+        let cpu = setup.plane()?.cpu() - cpu_before;
+        let jobs: Vec<Uuid> = setup
+            .db
+            .query(
+                "SELECT deployment_id FROM rollout_targets WHERE rollout_id = $1",
+                &[&rollout],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let per_agent: Vec<Duration> = jobs
+            .iter()
+            .filter_map(|j| fleet.shared.verified_at(*j))
+            .map(|at| at.saturating_duration_since(sent))
+            .collect();
+        let spread = Spread::of(&per_agent).context("no verified jobs")?;
+        report.add(
+            "rollout",
+            &format!("{label}: every ack committed"),
+            format!(
+                "{agents} agents in {:.2} s; per agent {}; control-plane CPU {:.1} s",
+                wall.as_secs_f64(),
+                spread.text(),
+                cpu.as_secs_f64()
+            ),
+            json!({"wall_secs": wall.as_secs_f64(), "per_agent": spread.json(), "cpu_secs": cpu.as_secs_f64()}),
+        );
+    }
+
+    // 4. Reconnect storm: restart the control plane with every agent connected.
+    let _ = fleet.shared.take_handshakes();
+    let failed_before = fleet.shared.failed_attempts.load(Ordering::Relaxed);
+    let sessions_before = fleet.shared.sessions.load(Ordering::Relaxed);
+    let old = setup.plane.take().context("plane")?;
+    let stopping = Instant::now();
+    tokio::task::spawn_blocking(move || old.terminate()).await??;
+    let stopped = stopping.elapsed();
+    let restarted = Plane::start(&setup.config)?;
+    plane::wait_healthy(&setup.http, setup.config.api_addr, Duration::from_secs(60)).await?;
+    let ready = restarted.started.elapsed();
+    setup.plane = Some(restarted);
+    // Every agent must make a new session: one that missed its close would still count as
+    // connected until its idle timeout.
+    if fleet
+        .wait_sessions(sessions_before, agents, Duration::from_secs(180))
+        .await
+        .is_none()
+    {
+        bail!(
+            "after the restart only {} of {agents} agents made a new session within 180 s",
+            fleet.shared.sessions.load(Ordering::Relaxed) - sessions_before
+        );
+    };
+    let since_start = setup.plane()?.started.elapsed();
+    let handshakes = fleet.shared.take_handshakes();
+    let failed = fleet.shared.failed_attempts.load(Ordering::Relaxed) - failed_before;
+    report.add(
+        "reconnect",
+        "restart → all agents back",
+        format!(
+            "{agents} agents back {:.2} s after the new process started (stop took {:.2} s, ready after {:.2} s); \
+             handshake {}; failed attempts {failed}",
+            since_start.as_secs_f64(),
+            stopped.as_secs_f64(),
+            ready.as_secs_f64(),
+            Spread::of(&handshakes).map(|s| s.text()).unwrap_or_default()
+        ),
+        json!({"back_after_start_secs": since_start.as_secs_f64(), "stop_secs": stopped.as_secs_f64(),
+               "ready_secs": ready.as_secs_f64(), "handshake": Spread::of(&handshakes).map(|s| s.json()),
+               "failed_attempts": failed}),
+    );
+    let refused = fleet.shared.refused.load(Ordering::Relaxed);
+    if refused > 0 {
+        bail!("{refused} jobs failed verification");
+    }
+    fleet.stop().await;
+    Ok(
+        json!({"agents": agents, "idle_secs": idle_secs, "dispatches": dispatches,
+              "endpoints": endpoints, "heartbeat_secs": heartbeat_secs}),
+    )
+}
+
+/// The real agent binary, enrolled and connected: its memory after `secs`, and its size.
+async fn footprint(report: &mut Report, secs: u64) -> anyhow::Result<Value> {
+    let setup = Setup::new(30).await?;
+    let agent_bin = plane::sibling_binary("sensei-agent")?;
+    let (status, server) = setup
+        .post(
+            "/v1/servers",
+            json!({"name": "footprint", "host": "127.0.0.1", "transport": "agent"}),
+        )
+        .await?;
+    if status != 201 {
+        bail!("creating the server failed: {status} {server}");
+    }
+    let state = plane::open_tempdir("sensei-loadgen-agent-")?;
+    let enroll = std::process::Command::new(&agent_bin)
+        .args(["enroll", "--control-plane"])
+        .arg(server["agent_endpoint"].as_str().context("endpoint")?)
+        .arg("--token")
+        .arg(server["enrollment_token"].as_str().context("token")?)
+        .arg("--ca-fingerprint")
+        .arg(server["ca_fingerprint"].as_str().context("fingerprint")?)
+        .arg("--state-dir")
+        .arg(state.path())
+        .output()?;
+    if !enroll.status.success() {
+        bail!("enroll failed: {}", String::from_utf8_lossy(&enroll.stderr));
+    }
+    let mut agent = std::process::Command::new(&agent_bin)
+        .arg("run")
+        .arg("--state-dir")
+        .arg(state.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let started = Instant::now();
+    let mut peak = 0;
+    while started.elapsed() < Duration::from_secs(secs) {
+        peak = peak.max(plane::proc_rss_kib(agent.id()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let rss = plane::proc_rss_kib(agent.id());
+    let connected: Value = setup
+        .http
+        .get(format!(
+            "{}/v1/servers/{}",
+            setup.base(),
+            server["id"].as_str().unwrap_or_default()
+        ))
+        .header("cookie", &setup.cookie)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    if connected["agent"]["connected"] != true {
+        bail!("the agent was not connected at the end: {connected}");
+    }
+    let size = std::fs::metadata(&agent_bin)?.len();
+    report.add(
+        "footprint",
+        "agent idle RSS",
+        format!(
+            "{:.1} MiB after {secs} s connected (peak {:.1} MiB)",
+            mib(rss),
+            mib(peak)
+        ),
+        json!({"rss_kib": rss, "peak_kib": peak, "secs": secs}),
+    );
+    report.add(
+        "footprint",
+        "agent binary (stripped release)",
+        format!("{:.1} MiB", size as f64 / (1024.0 * 1024.0)),
+        json!({"bytes": size}),
+    );
+    Ok(json!({"secs": secs}))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    sensei_certs::tls::install_default_provider();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut report = Report::default();
+    let meta = runtime.block_on(async {
+        match cli.command {
+            Scenario::Fleet(options) => fleet_scenarios(&mut report, options).await,
+            Scenario::Footprint { secs } => footprint(&mut report, secs).await,
+        }
+    })?;
+    if let Some(path) = cli.json {
+        let meta = json!({
+            "run": meta,
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        });
+        std::fs::write(&path, serde_json::to_vec_pretty(&report.json(meta))?)?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! The control plane under test: the real `sensei-control-plane serve` binary as a child
+//! process (so that its memory and CPU are its own), on a PostgreSQL cluster of ours.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Where to find the binaries built next to this one.
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .map(|dir| dir.join(name))
+        .context("no directory around this executable")?;
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p sensei-control-plane -p sensei-agent -p sensei-loadgen`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A free loopback port (TCP or UDP).
+pub fn free_port(udp: bool) -> anyhow::Result<u16> {
+    Ok(if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    })
+}
+
+/// How to start (and restart) the control plane.
+#[derive(Clone)]
+pub struct PlaneConfig {
+    pub binary: PathBuf,
+    pub database_url: String,
+    pub field_key: String,
+    pub data_dir: PathBuf,
+    pub api_addr: SocketAddr,
+    pub agent_addr: SocketAddr,
+    pub heartbeat_secs: u64,
+    pub log: PathBuf,
+}
+
+pub struct Plane {
+    child: Child,
+    pub started: Instant,
+}
+
+impl Plane {
+    pub fn start(config: &PlaneConfig) -> anyhow::Result<Self> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&config.log)?;
+        let child = Command::new(&config.binary)
+            .arg("serve")
+            .arg("--api-addr")
+            .arg(config.api_addr.to_string())
+            .arg("--agent-addr")
+            .arg(config.agent_addr.to_string())
+            .arg("--agent-heartbeat-secs")
+            .arg(config.heartbeat_secs.to_string())
+            .env("DATABASE_URL", &config.database_url)
+            .env("CODESENSEI_FIELD_KEY", &config.field_key)
+            .env("SENSEI_DATA_DIR", &config.data_dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", config.binary.display()))?;
+        Ok(Self {
+            child,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_rss_kib(self.pid())
+    }
+
+    /// CPU time used so far (user + system).
+    pub fn cpu(&self) -> Duration {
+        proc_cpu(self.pid())
+    }
+
+    /// SIGTERM (the graceful path: agents are told when to come back), then wait.
+    pub fn terminate(mut self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        bail!("the control plane did not stop within 30 s of SIGTERM")
+    }
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// VmRSS of a process, KiB (0 if it is gone).
+pub fn proc_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of a process.
+pub fn proc_cpu(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may contain spaces, so split after the ')').
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the ')'.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // Linux reports CPU times in USER_HZ, 100 on every mainstream architecture.
+    100.0
+}
+
+/// A temporary directory the `postgres` user can enter when we run as root.
+pub fn open_tempdir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    Ok(dir)
+}
+
+/// Waits for `/healthz` to answer.
+pub async fn wait_healthy(
+    http: &reqwest::Client,
+    api: SocketAddr,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let ok = http
+            .get(format!("https://localhost:{}/healthz", api.port()))
+            .send()
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the control plane did not become healthy within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// An HTTPS client trusting the control plane's CA, once the CA file exists.
+pub async fn client_for(data_dir: &Path) -> anyhow::Result<reqwest::Client> {
+    let ca = data_dir.join("ca.pem");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ca.exists() {
+        if Instant::now() > deadline {
+            bail!("{} never appeared", ca.display());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let pem = std::fs::read_to_string(&ca)?;
+    let tls = sensei_certs::tls::client_config_trusting(&pem)?;
+    Ok(reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()?)
+}
