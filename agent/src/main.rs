@@ -5,7 +5,12 @@ fn main() {
     sensei_certs::tls::install_default_provider();
     let cli = Cli::parse();
     cli::init_logging();
-    let code = match tokio::runtime::Runtime::new() {
+    // One thread: the agent holds one connection and runs one job at a time, and every extra
+    // worker thread costs memory (its stack, its malloc arena) on every server of the fleet.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let code = match runtime {
         Ok(runtime) => runtime.block_on(cli::execute(cli)),
         Err(e) => {
             eprintln!("sensei-agent: cannot start the async runtime: {e}");

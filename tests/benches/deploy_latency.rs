@@ -41,10 +41,20 @@ async fn deploy(t: &TestPlane, cookie: &str, project: &str, server: &str, app: &
         )
         .await;
     assert_eq!(status, 201, "{d}");
+    let id = d["id"].as_str().expect("id");
+    let mut polls = 0u32;
     let switched = loop {
         let now = std::fs::read_link(&current).ok();
         if now.is_some() && now != before {
             break started.elapsed();
+        }
+        polls += 1;
+        if polls.is_multiple_of(500) {
+            let (_, state) = t.get(&format!("/v1/deployments/{id}"), cookie).await;
+            assert!(
+                state["status"] == "queued" || state["status"] == "running",
+                "the deploy ended without switching: {state}"
+            );
         }
         assert!(started.elapsed() < Duration::from_secs(120), "no switch");
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -66,8 +76,13 @@ fn main() {
         let t = TestPlane::start().await;
         let (cookie, _) = t.signup("latency@example.com", "correct horse battery").await;
         let dir = open_tempdir();
-        let repo = git_repo(dir.path(), &["v1"]);
-        give_to_deploy_user(&repo);
+        // The same content twice: one copy owned by root (the agent here runs as root), one
+        // by the SSH login user (git refuses repositories owned by someone else).
+        std::fs::create_dir_all(dir.path().join("a")).expect("dir");
+        std::fs::create_dir_all(dir.path().join("s")).expect("dir");
+        let agent_repo = git_repo(&dir.path().join("a"), &["v1"]);
+        let ssh_repo = git_repo(&dir.path().join("s"), &["v1"]);
+        give_to_deploy_user(&dir.path().join("s"));
         let agent_app: PathBuf = dir.path().join("agent-app");
         let ssh_app: PathBuf = dir.path().join("ssh-app");
         for app in [&agent_app, &ssh_app] {
@@ -87,8 +102,8 @@ fn main() {
         assert_eq!(status, 201, "{server}");
         sshd.set_authorized_keys(&format!("{}\n", server["public_key"].as_str().expect("key")));
         let ssh_server = server["id"].as_str().expect("id").to_owned();
-        let agent_project = project(&t, &cookie, "via-agent", &repo, &agent_app).await;
-        let ssh_project = project(&t, &cookie, "via-ssh", &repo, &ssh_app).await;
+        let agent_project = project(&t, &cookie, "via-agent", &agent_repo, &agent_app).await;
+        let ssh_project = project(&t, &cookie, "via-ssh", &ssh_repo, &ssh_app).await;
         let agent_server = agent.server_id.to_string();
         assert!(
             sensei_e2e::eventually(Duration::from_secs(15), || t.agent_connected(&cookie, agent.server_id)).await,
