@@ -55,10 +55,6 @@ pub struct TransferOwnership {
     pub user_id: Uuid,
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
-}
-
 const COLUMNS: &str = "id, name, require_mfa, audit_retention_days, created_at";
 
 fn settings(r: &tokio_postgres::Row) -> AccountSettings {
@@ -103,7 +99,7 @@ pub async fn update(
         Some(n) => {
             let n = n.trim();
             if n.is_empty() || n.chars().count() > 200 {
-                return Err(invalid(
+                return Err(ApiError::unprocessable(
                     "invalid_account_name",
                     "name must be 1 to 200 characters",
                 ));
@@ -114,14 +110,14 @@ pub async fn update(
     };
     if let Some(days) = req.audit_retention_days {
         if !(MIN_RETENTION_DAYS..=MAX_RETENTION_DAYS).contains(&days) {
-            return Err(invalid(
+            return Err(ApiError::unprocessable(
                 "invalid_retention",
                 format!("audit_retention_days must be {MIN_RETENTION_DAYS} to {MAX_RETENTION_DAYS} (seven years)"),
             ));
         }
     }
     if name.is_none() && req.require_mfa.is_none() && req.audit_retention_days.is_none() {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "nothing_to_change",
             "give name, require_mfa or audit_retention_days",
         ));
@@ -180,7 +176,10 @@ pub async fn transfer_ownership(
     JsonBody(req): JsonBody<TransferOwnership>,
 ) -> Result<StatusCode, ApiError> {
     if req.user_id == principal.user_id {
-        return Err(invalid("invalid_target", "you already own this account"));
+        return Err(ApiError::unprocessable(
+            "invalid_target",
+            "you already own this account",
+        ));
     }
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
@@ -240,7 +239,7 @@ pub async fn delete(
         .ok_or_else(|| ApiError::not_found("account"))?
         .get(0);
     if req.confirm_name.trim() != name {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "confirmation_mismatch",
             "confirm_name must be the account's name exactly",
         ));

@@ -56,17 +56,13 @@ pub struct ApiKeyList {
     pub api_keys: Vec<ApiKeyView>,
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
-}
-
 fn parse_network(text: &str) -> Result<ipnet::IpNet, ApiError> {
     let text = text.trim();
     text.parse::<ipnet::IpNet>()
         .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
         .map(|net| net.trunc())
         .map_err(|_| {
-            invalid(
+            ApiError::unprocessable(
                 "invalid_ip_allowlist",
                 format!("{text:?} is not an address or CIDR network"),
             )
@@ -86,16 +82,22 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<CreatedApiKey>), ApiError> {
     let name = req.name.trim().to_owned();
     if name.is_empty() || name.chars().count() > 200 {
-        return Err(invalid("invalid_name", "name must be 1 to 200 characters"));
+        return Err(ApiError::unprocessable(
+            "invalid_name",
+            "name must be 1 to 200 characters",
+        ));
     }
     if req.scopes.is_empty() {
-        return Err(invalid("invalid_scopes", "give at least one scope"));
+        return Err(ApiError::unprocessable(
+            "invalid_scopes",
+            "give at least one scope",
+        ));
     }
     let mut scopes = Vec::new();
     for text in &req.scopes {
         let scope = Scope::parse(text).ok_or_else(|| {
             let known: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
-            invalid(
+            ApiError::unprocessable(
                 "invalid_scopes",
                 format!("unknown scope {text:?}; known scopes: {}", known.join(", ")),
             )
@@ -115,7 +117,7 @@ pub async fn create(
         }
     }
     if req.ip_allowlist.len() > MAX_ALLOWLIST {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "invalid_ip_allowlist",
             format!("at most {MAX_ALLOWLIST} networks"),
         ));
@@ -126,7 +128,7 @@ pub async fn create(
         .map(|t| parse_network(t).map(|n| n.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(at) = req.expires_at.filter(|at| *at <= Utc::now()) {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "invalid_expiry",
             format!("expires_at {} is in the past", at.to_rfc3339()),
         ));

@@ -94,8 +94,7 @@ pub(super) fn normalise_email(email: &str) -> Result<String, ApiError> {
     if valid {
         Ok(email.to_owned())
     } else {
-        Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
+        Err(ApiError::unprocessable(
             "invalid_email",
             "email must look like name@example.com (at most 254 characters)",
         ))
@@ -104,13 +103,8 @@ pub(super) fn normalise_email(email: &str) -> Result<String, ApiError> {
 
 /// Refuses a password the policy does not allow.
 pub(super) fn check_password(password: &str) -> Result<(), ApiError> {
-    passwords::check_policy(password).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "weak_password",
-            e.to_string(),
-        )
-    })
+    passwords::check_policy(password)
+        .map_err(|e| ApiError::unprocessable("weak_password", e.to_string()))
 }
 
 /// Checks a new password against the policy and hashes it (off the async threads: Argon2id
@@ -172,8 +166,7 @@ pub async fn signup(
     check_password(&req.password)?;
     let account_name = req.account_name.trim().to_owned();
     if account_name.is_empty() || account_name.chars().count() > 200 {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
+        return Err(ApiError::unprocessable(
             "invalid_account_name",
             "account_name must be 1 to 200 characters",
         ));

@@ -249,7 +249,7 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
     let git_ref = req.git_ref.trim();
     sensei_shared::release::check_git_ref(git_ref)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_ref", e.0))?;
+        .map_err(|e| ApiError::unprocessable("invalid_ref", e.0))?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     tx.query_opt(

@@ -72,11 +72,7 @@ where
 
 fn json_error(rejection: JsonRejection) -> ApiError {
     match rejection {
-        JsonRejection::JsonDataError(e) => ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            e.body_text(),
-        ),
+        JsonRejection::JsonDataError(e) => ApiError::unprocessable("invalid_field", e.body_text()),
         JsonRejection::JsonSyntaxError(_) => {
             ApiError::bad_request("malformed_json", "request body is not valid JSON")
         }

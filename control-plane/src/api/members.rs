@@ -89,13 +89,9 @@ pub struct AcceptInvitation {
     pub password: String,
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
-}
-
 fn parse_role(text: &str) -> Result<Role, ApiError> {
     Role::parse(text.trim()).ok_or_else(|| {
-        invalid(
+        ApiError::unprocessable(
             "invalid_role",
             "role must be viewer, operator, developer, admin or owner",
         )

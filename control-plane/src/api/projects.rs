@@ -94,10 +94,6 @@ pub struct ProjectList {
     pub projects: Vec<ProjectView>,
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
-}
-
 /// The project as it will be stored, validated with the release engine's own rules.
 struct Checked {
     name: String,
@@ -112,18 +108,24 @@ struct Checked {
 
 fn check(c: &Checked) -> Result<(), ApiError> {
     if c.name.trim().is_empty() || c.name.chars().count() > 200 {
-        return Err(invalid("invalid_name", "name must be 1 to 200 characters"));
+        return Err(ApiError::unprocessable(
+            "invalid_name",
+            "name must be 1 to 200 characters",
+        ));
     }
-    release::check_repo_url(&c.repo_url).map_err(|e| invalid("invalid_repo_url", e.0))?;
-    release::check_deploy_path(&c.deploy_path).map_err(|e| invalid("invalid_deploy_path", e.0))?;
+    release::check_repo_url(&c.repo_url)
+        .map_err(|e| ApiError::unprocessable("invalid_repo_url", e.0))?;
+    release::check_deploy_path(&c.deploy_path)
+        .map_err(|e| ApiError::unprocessable("invalid_deploy_path", e.0))?;
     if !(1..=100).contains(&c.keep_releases) {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "invalid_keep_releases",
             "keep_releases must be between 1 and 100",
         ));
     }
     for p in &c.shared_paths {
-        release::check_shared_path(p).map_err(|e| invalid("invalid_shared_path", e.0))?;
+        release::check_shared_path(p)
+            .map_err(|e| ApiError::unprocessable("invalid_shared_path", e.0))?;
     }
     let hooks = c
         .hooks
@@ -132,21 +134,21 @@ fn check(c: &Checked) -> Result<(), ApiError> {
         .chain(&c.hooks.pre_switch)
         .chain(&c.hooks.post_switch);
     if hooks.clone().count() > MAX_HOOKS {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "invalid_hooks",
             format!("at most {MAX_HOOKS} hook commands"),
         ));
     }
     for h in hooks.chain(c.health_check.iter()) {
         if h.trim().is_empty() || h.len() > 4096 || h.contains('\0') {
-            return Err(invalid(
+            return Err(ApiError::unprocessable(
                 "invalid_hooks",
                 "hook commands are non-empty text of at most 4096 bytes",
             ));
         }
     }
     if !(1..=86_400).contains(&c.hook_timeout_secs) {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "invalid_hook_timeout",
             "hook_timeout_secs must be between 1 and 86400",
         ));
@@ -156,15 +158,15 @@ fn check(c: &Checked) -> Result<(), ApiError> {
 
 fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if env.len() > MAX_ENV_VARS {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "invalid_env",
             format!("at most {MAX_ENV_VARS} variables"),
         ));
     }
     for (k, v) in env {
-        release::check_env_name(k).map_err(|e| invalid("invalid_env", e.0))?;
+        release::check_env_name(k).map_err(|e| ApiError::unprocessable("invalid_env", e.0))?;
         if v.contains('\0') || v.len() > 65_536 {
-            return Err(invalid(
+            return Err(ApiError::unprocessable(
                 "invalid_env",
                 format!("value of {k} is not storable text"),
             ));

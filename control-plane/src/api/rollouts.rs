@@ -80,10 +80,6 @@ pub struct RolloutList {
     pub rollouts: Vec<RolloutView>,
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
-}
-
 async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<RolloutView, ApiError> {
     let client = state.pool.get().await?;
     let r = client
@@ -138,11 +134,12 @@ pub async fn create(
     JsonBody(req): JsonBody<CreateRollout>,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     let git_ref = req.git_ref.trim().to_owned();
-    sensei_shared::release::check_git_ref(&git_ref).map_err(|e| invalid("invalid_ref", e.0))?;
+    sensei_shared::release::check_git_ref(&git_ref)
+        .map_err(|e| ApiError::unprocessable("invalid_ref", e.0))?;
     let strategy = req.strategy.unwrap_or_default();
     strategy
         .validate()
-        .map_err(|e| invalid("invalid_strategy", e))?;
+        .map_err(|e| ApiError::unprocessable("invalid_strategy", e))?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     tx.query_opt(
@@ -186,13 +183,16 @@ pub async fn create(
             }
             ordered
         }
-        _ => return Err(invalid("invalid_targets", "give either selector or server_ids")),
+        _ => return Err(ApiError::unprocessable("invalid_targets", "give either selector or server_ids")),
     };
     if servers.is_empty() {
-        return Err(invalid("no_targets", "no server matches the selector"));
+        return Err(ApiError::unprocessable(
+            "no_targets",
+            "no server matches the selector",
+        ));
     }
     if servers.len() > MAX_TARGETS {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "invalid_targets",
             format!("at most {MAX_TARGETS} servers per rollout"),
         ));

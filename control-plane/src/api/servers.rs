@@ -119,13 +119,9 @@ pub struct NewToken {
     pub enrollment_ttl_seconds: Option<i64>,
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
-}
-
 fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if labels.len() > MAX_LABELS {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "invalid_labels",
             format!("at most {MAX_LABELS} labels"),
         ));
@@ -137,13 +133,13 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     };
     for (k, v) in labels {
         if !key_ok(k) {
-            return Err(invalid(
+            return Err(ApiError::unprocessable(
                 "invalid_labels",
                 format!("label key {k:?}: 1 to 63 letters, digits, '-', '_', '.', '/'"),
             ));
         }
         if v.len() > 63 || v.chars().any(|c| c.is_control()) {
-            return Err(invalid(
+            return Err(ApiError::unprocessable(
                 "invalid_labels",
                 format!("label {k:?}: values are at most 63 printable characters"),
             ));
@@ -155,7 +151,7 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
 fn ttl(requested: Option<i64>) -> Result<i64, ApiError> {
     let secs = requested.unwrap_or(ENROLLMENT_TTL_SECS);
     if !(60..=MAX_ENROLLMENT_TTL_SECS).contains(&secs) {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "invalid_ttl",
             format!("enrollment_ttl_seconds must be between 60 and {MAX_ENROLLMENT_TTL_SECS}"),
         ));
@@ -258,14 +254,17 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<CreatedServer>), ApiError> {
     let name = req.name.trim().to_owned();
     if name.is_empty() || name.chars().count() > 200 {
-        return Err(invalid("invalid_name", "name must be 1 to 200 characters"));
+        return Err(ApiError::unprocessable(
+            "invalid_name",
+            "name must be 1 to 200 characters",
+        ));
     }
     let host = req.host.trim().to_owned();
     if host.is_empty()
         || host.len() > 255
         || host.chars().any(|c| c.is_whitespace() || c.is_control())
     {
-        return Err(invalid(
+        return Err(ApiError::unprocessable(
             "invalid_host",
             "host must be a host name or address",
         ));
@@ -278,7 +277,7 @@ pub async fn create(
     let (enrollment, public_key) = match req.transport.as_str() {
         "agent" => {
             if req.auth.is_some() || req.password.is_some() || req.host_key.is_some() {
-                return Err(invalid(
+                return Err(ApiError::unprocessable(
                     "invalid_field",
                     "auth, password and host_key apply to SSH servers only",
                 ));
@@ -305,7 +304,7 @@ pub async fn create(
             (None, ssh.public_line)
         }
         other => {
-            return Err(invalid(
+            return Err(ApiError::unprocessable(
                 "invalid_transport",
                 format!("transport {other:?}: use \"agent\" or \"ssh\""),
             ))
@@ -353,13 +352,13 @@ impl SshCredentials {
                 && !u.starts_with('-')
         });
         if !user_ok {
-            return Err(invalid(
+            return Err(ApiError::unprocessable(
                 "invalid_username",
                 "SSH servers need the login username (letters, digits, . _ -)",
             ));
         }
         if req.enrollment_ttl_seconds.is_some() {
-            return Err(invalid(
+            return Err(ApiError::unprocessable(
                 "invalid_field",
                 "enrollment_ttl_seconds applies to agent servers only",
             ));
@@ -367,10 +366,10 @@ impl SshCredentials {
         let host_key = match &req.host_key {
             Some(line) => {
                 let key = crate::ssh_keys::public_key(line)
-                    .map_err(|e| invalid("invalid_host_key", e.0))?;
+                    .map_err(|e| ApiError::unprocessable("invalid_host_key", e.0))?;
                 Some(
                     key.to_openssh()
-                        .map_err(|e| invalid("invalid_host_key", e.to_string()))?,
+                        .map_err(|e| ApiError::unprocessable("invalid_host_key", e.to_string()))?,
                 )
             }
             None => None,
@@ -378,7 +377,7 @@ impl SshCredentials {
         match req.auth.as_deref().unwrap_or("key") {
             "key" => {
                 if req.password.is_some() {
-                    return Err(invalid(
+                    return Err(ApiError::unprocessable(
                         "invalid_field",
                         "password applies to auth \"password\" only",
                     ));
@@ -400,7 +399,7 @@ impl SshCredentials {
                     .as_deref()
                     .filter(|p| !p.is_empty() && p.len() <= 1024)
                     .ok_or_else(|| {
-                        invalid(
+                        ApiError::unprocessable(
                             "invalid_password",
                             "auth \"password\" needs the login password",
                         )
@@ -414,7 +413,7 @@ impl SshCredentials {
                     public_line: None,
                 })
             }
-            other => Err(invalid(
+            other => Err(ApiError::unprocessable(
                 "invalid_auth",
                 format!("auth {other:?}: use \"key\" or \"password\""),
             )),
@@ -560,13 +559,8 @@ pub async fn new_enrollment_token(
     let request: NewToken = if body.iter().all(u8::is_ascii_whitespace) {
         NewToken::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
-                e.to_string(),
-            )
-        })?
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::unprocessable("invalid_field", e.to_string()))?
     };
     let ttl_secs = ttl(request.enrollment_ttl_seconds)?;
     let mut client = state.pool.get().await?;
