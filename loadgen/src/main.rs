@@ -243,17 +243,13 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
     } = options;
     let mut setup = Setup::new(heartbeat_secs).await?;
     let started = Instant::now();
-    let ca = sensei_control_plane::pki::certificate_authority(
-        &sensei_control_plane::db::connect(&setup.config.database_url, 2).await?,
-        &sensei_control_plane::field_crypto::FieldKeys::parse(&setup.config.field_key)?,
-    )
-    .await?;
-    let job_key = sensei_control_plane::job_signing::load_or_create(
-        &sensei_control_plane::db::connect(&setup.config.database_url, 2).await?,
-        &sensei_control_plane::field_crypto::FieldKeys::parse(&setup.config.field_key)?,
-    )
-    .await?
-    .verifying_key();
+    let pool = sensei_control_plane::db::connect(&setup.config.database_url, 2).await?;
+    let keys = sensei_control_plane::field_crypto::FieldKeys::parse(&setup.config.field_key)?;
+    let ca = sensei_control_plane::pki::certificate_authority(&pool, &keys).await?;
+    let job_key = sensei_control_plane::job_signing::load_or_create(&pool, &keys)
+        .await?
+        .verifying_key();
+    pool.close();
     let ca_pem = ca.cert_pem().to_owned();
     let identities = tokio::task::spawn_blocking(move || fleet::issue(&ca, agents)).await??;
     let server_ids: Vec<Uuid> = identities.iter().map(|i| i.server_id).collect();

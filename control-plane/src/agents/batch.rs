@@ -17,7 +17,7 @@ use sensei_shared::protocol::JobResult;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::dispatch::{sign_with, Claimed, PROJECT_COLUMNS};
+use super::dispatch::{record_ends, sign_with, Claimed, PROJECT_COLUMNS};
 use crate::field_crypto::FieldKeys;
 
 /// Requests served by one statement at most.
@@ -211,48 +211,15 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
 }
 
 async fn finish_batch(ctx: &Context, batch: Vec<FinishRequest>) {
-    let ids: Vec<Uuid> = batch.iter().map(|r| r.id).collect();
-    let statuses: Vec<&str> = batch
-        .iter()
-        .map(|r| {
-            if r.result.succeeded {
-                "succeeded"
-            } else {
-                "failed"
-            }
-        })
-        .collect();
-    let commits: Vec<Option<&str>> = batch.iter().map(|r| r.result.commit.as_deref()).collect();
-    let releases: Vec<Option<&str>> = batch
-        .iter()
-        .map(|r| r.result.release_id.as_deref())
-        .collect();
-    let steps: Vec<Option<&str>> = batch
-        .iter()
-        .map(|r| r.result.error.as_ref().map(|(s, _)| s.as_str()))
-        .collect();
-    let messages: Vec<Option<&str>> = batch
-        .iter()
-        .map(|r| r.result.error.as_ref().map(|(_, m)| m.as_str()))
-        .collect();
-    let written = async {
-        let client = ctx.pool.get().await.map_err(|e| e.to_string())?;
-        client
-            .execute(
-                "UPDATE deployments d SET status = f.status, commit = COALESCE(f.commit, d.commit), \
-                 release_id = COALESCE(f.release_id, d.release_id), error_step = f.step, \
-                 error_message = f.message, finished_at = now() \
-                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
-                   AS f(id, status, commit, release_id, step, message) \
-                 WHERE d.id = f.id AND d.status = 'running'",
-                &[&ids, &statuses, &commits, &releases, &steps, &messages],
-            )
-            .await
-            .map_err(|e| crate::db::describe(&e))
+    let ends: Vec<(Uuid, &JobResult)> = batch.iter().map(|r| (r.id, &r.result)).collect();
+    let written = match ctx.pool.get().await {
+        Ok(client) => record_ends(&client, &ends).await,
+        Err(e) => Err(e.to_string()),
     };
-    if let Err(error) = written.await {
-        tracing::error!(%error, jobs = ids.len(), "recording the end of deployments");
+    if let Err(error) = written {
+        tracing::error!(%error, jobs = ends.len(), "recording the end of deployments");
     }
+    drop(ends);
     for r in batch {
         let _ = r.reply.send(());
     }

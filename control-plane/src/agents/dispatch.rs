@@ -132,36 +132,48 @@ pub fn sign_with(
 
 /// Records the end of a deployment (only if it is still running: an end is final).
 pub async fn finish(pool: &deadpool_postgres::Pool, id: Uuid, result: &JobResult) {
-    let Ok(client) = pool.get().await else {
-        return;
+    let written = match pool.get().await {
+        Ok(client) => record_ends(&client, &[(id, result)]).await,
+        Err(e) => Err(e.to_string()),
     };
-    let (step, message) = match &result.error {
-        Some((s, m)) => (Some(s.as_str()), Some(m.as_str())),
-        None => (None, None),
-    };
-    let status = if result.succeeded {
-        "succeeded"
-    } else {
-        "failed"
-    };
-    if let Err(e) = client
+    if let Err(error) = written {
+        tracing::error!(deployment = %id, %error, "recording a deployment's end");
+    }
+}
+
+/// Records how deployments ended, in one statement; a deployment no longer running is left
+/// as it is (an end is final).
+pub async fn record_ends(
+    client: &deadpool_postgres::Client,
+    ends: &[(Uuid, &JobResult)],
+) -> Result<u64, String> {
+    let ids: Vec<Uuid> = ends.iter().map(|(id, _)| *id).collect();
+    let statuses: Vec<&str> = ends
+        .iter()
+        .map(|(_, r)| if r.succeeded { "succeeded" } else { "failed" })
+        .collect();
+    let commits: Vec<Option<&str>> = ends.iter().map(|(_, r)| r.commit.as_deref()).collect();
+    let releases: Vec<Option<&str>> = ends.iter().map(|(_, r)| r.release_id.as_deref()).collect();
+    let steps: Vec<Option<&str>> = ends
+        .iter()
+        .map(|(_, r)| r.error.as_ref().map(|(s, _)| s.as_str()))
+        .collect();
+    let messages: Vec<Option<&str>> = ends
+        .iter()
+        .map(|(_, r)| r.error.as_ref().map(|(_, m)| m.as_str()))
+        .collect();
+    client
         .execute(
-            "UPDATE deployments SET status = $2, commit = COALESCE($3, commit), \
-             release_id = COALESCE($4, release_id), error_step = $5, error_message = $6, \
-             finished_at = now() WHERE id = $1 AND status = 'running'",
-            &[
-                &id,
-                &status,
-                &result.commit,
-                &result.release_id,
-                &step,
-                &message,
-            ],
+            "UPDATE deployments d SET status = f.status, commit = COALESCE(f.commit, d.commit), \
+             release_id = COALESCE(f.release_id, d.release_id), error_step = f.step, \
+             error_message = f.message, finished_at = now() \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+               AS f(id, status, commit, release_id, step, message) \
+             WHERE d.id = f.id AND d.status = 'running'",
+            &[&ids, &statuses, &commits, &releases, &steps, &messages],
         )
         .await
-    {
-        tracing::error!(deployment = %id, error = %crate::db::describe(&e), "recording a deployment's end");
-    }
+        .map_err(|e| crate::db::describe(&e))
 }
 
 /// Appends log lines to a deployment (up to [`MAX_LOG_LINES`]).

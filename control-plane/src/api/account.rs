@@ -12,10 +12,8 @@ use uuid::Uuid;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ClientMeta, JsonBody};
 use super::{actor_event, AppState};
-use crate::agents::cert_events;
 use crate::audit;
 use crate::auth::Principal;
-use sensei_certs::Fingerprint;
 
 /// Audit retention bounds, in days (the database checks them too).
 pub const MIN_RETENTION_DAYS: i32 = 30;
@@ -244,20 +242,16 @@ pub async fn delete(
             "confirm_name must be the account's name exactly",
         ));
     }
-    let revoked: Vec<Fingerprint> = tx
+    let servers: Vec<Uuid> = tx
         .query(
-            "UPDATE agent_certificates c SET revoked_at = now() FROM servers s \
-             WHERE c.server_id = s.id AND s.account_id = $1 AND c.revoked_at IS NULL \
-             RETURNING c.fingerprint",
+            "SELECT id FROM servers WHERE account_id = $1",
             &[&principal.account_id],
         )
         .await?
         .iter()
-        .filter_map(|r| Fingerprint::from_raw(r.get::<_, &[u8]>(0)))
+        .map(|r| r.get(0))
         .collect();
-    for fp in &revoked {
-        cert_events::notify_revoked(&tx, fp).await?;
-    }
+    let revoked = super::servers::revoke_certificates(&tx, &servers).await?;
     audit::append(
         &tx,
         &actor_event(

@@ -468,16 +468,17 @@ pub async fn show(
     Ok(Json(load(&state, principal.account_id, id).await?))
 }
 
-/// Revokes every valid certificate of `server_id` inside `tx`; returns their fingerprints.
-async fn revoke_certificates(
+/// Revokes every valid certificate of these servers inside `tx` (telling every replica);
+/// returns their fingerprints.
+pub(super) async fn revoke_certificates(
     tx: &tokio_postgres::Transaction<'_>,
-    server_id: Uuid,
+    servers: &[Uuid],
 ) -> Result<Vec<Fingerprint>, ApiError> {
     let revoked: Vec<Fingerprint> = tx
         .query(
             "UPDATE agent_certificates SET revoked_at = now() \
-             WHERE server_id = $1 AND revoked_at IS NULL RETURNING fingerprint",
-            &[&server_id],
+             WHERE server_id = ANY($1) AND revoked_at IS NULL RETURNING fingerprint",
+            &[&servers],
         )
         .await?
         .iter()
@@ -487,8 +488,8 @@ async fn revoke_certificates(
         cert_events::notify_revoked(tx, fp).await?;
     }
     tx.execute(
-        "UPDATE servers SET connected_replica = NULL WHERE id = $1",
-        &[&server_id],
+        "UPDATE servers SET connected_replica = NULL WHERE id = ANY($1)",
+        &[&servers],
     )
     .await?;
     Ok(revoked)
@@ -523,7 +524,7 @@ pub async fn revoke_certificate(
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     lock_server(&tx, principal.account_id, id).await?;
-    let revoked = revoke_certificates(&tx, id).await?;
+    let revoked = revoke_certificates(&tx, &[id]).await?;
     if revoked.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -596,7 +597,7 @@ pub async fn delete(
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     lock_server(&tx, principal.account_id, id).await?;
-    let revoked = revoke_certificates(&tx, id).await?;
+    let revoked = revoke_certificates(&tx, &[id]).await?;
     tx.execute("DELETE FROM enrollment_tokens WHERE server_id = $1", &[&id])
         .await?;
     // Soft revoke: the row stays for the audit trail, the credentials are erased.
