@@ -136,6 +136,19 @@ impl StateDir {
             dir: self.dir.display().to_string(),
             message: e.to_string(),
         })?;
+        // Another server's identity replaces this one (a re-used state directory): that
+        // server's job sequence and unreported result mean nothing for this one, and its
+        // sequence floor would refuse the new server's first jobs as replays. (Re-enrolling
+        // the same server keeps both: its sequence numbers keep rising.)
+        let previous = self.load().ok().map(|old| old.meta.server_id);
+        if previous.is_some_and(|id| id != identity.meta.server_id) {
+            for stale in [SEQUENCE, PENDING] {
+                match fs::remove_file(self.dir.join(stale)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(self.io(e)),
+                    _ => {}
+                }
+            }
+        }
         // The key first: an identity with a certificate but no key would be useless.
         self.write(KEY, &identity.key_pem)?;
         self.write(CERT, &identity.cert_pem)?;
@@ -229,6 +242,21 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_servers_identity_starts_from_sequence_zero_the_same_server_keeps_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = StateDir::new(dir.path().join("state"));
+        let first = sample();
+        state.save(&first).expect("save");
+        state.store_sequence(7).expect("sequence");
+        state.save(&first).expect("re-enroll the same server");
+        assert_eq!(state.highest_sequence(), 7);
+        let mut other = sample();
+        other.meta.server_id = Uuid::new_v4();
+        state.save(&other).expect("enroll another server");
+        assert_eq!(state.highest_sequence(), 0);
+    }
 
     #[test]
     fn root_writing_into_the_service_users_directory_hands_files_to_that_user() {

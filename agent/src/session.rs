@@ -177,7 +177,11 @@ async fn session(
         Err(_) => return SessionEnd::Lost("handshake timed out".into()),
     };
     // The control stream and the job loop share the connection; when it ends, both end.
+    // Biased: the control stream must be opened (and carry the hello) before the job loop
+    // opens its first poll stream, or the control plane reads a poll where it expects the
+    // hello and closes the connection (seen as a spurious first reconnect in the quickstart).
     let end = tokio::select! {
+        biased;
         end = control_stream(&connection, identity, backoff) => end,
         () = job_loop(&connection, jobs) => None,
     };

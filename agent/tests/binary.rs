@@ -133,3 +133,64 @@ fn bad_fingerprint_and_address_are_usage_or_clear_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("HOST:PORT"));
 }
+
+#[test]
+fn config_file_mistakes_are_usage_errors_naming_the_fix() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "state_dir = \"/tmp/x\"\n").expect("write");
+    // Neither a flag nor the file names the control plane.
+    let out = bin()
+        .arg("--config")
+        .arg(&config)
+        .args(["enroll", "--token", "t"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--control-plane"), "{stderr}");
+    // The file names it, but not the CA fingerprint.
+    std::fs::write(&config, "control_plane = \"127.0.0.1:9\"\n").expect("write");
+    let out = bin()
+        .arg("--config")
+        .arg(&config)
+        .args(["enroll", "--token", "t"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca-fingerprint"));
+    // A fingerprint in the file that is not one.
+    std::fs::write(
+        &config,
+        "control_plane = \"127.0.0.1:9\"\nca_fingerprint = \"MD5:ab\"\n",
+    )
+    .expect("write");
+    let out = bin()
+        .arg("--config")
+        .arg(&config)
+        .args(["enroll", "--token", "t"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ca_fingerprint in the config file"));
+    // An unknown key, and a file that is not there.
+    std::fs::write(&config, "control_plan = \"x:1\"\n").expect("write");
+    let out = bin()
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("agent.toml"));
+    let out = bin()
+        .arg("--config")
+        .arg(dir.path().join("missing.toml"))
+        .arg("run")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+    // Nothing was written anywhere.
+    assert!(!std::path::Path::new("/tmp/x/identity.key").exists());
+}

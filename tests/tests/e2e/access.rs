@@ -1349,3 +1349,68 @@ async fn deleting_an_account_takes_everything_but_its_audit_trail() {
     let report = audit::verify(&**client).await.expect("verify");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+#[tokio::test]
+async fn mfa_and_ownership_mistakes_are_refused_and_change_nothing() {
+    let t = TestPlane::start().await;
+    let (owner, signup) = t.signup("solo@j.example", PW).await;
+    let owner_id = signup["user"]["id"].as_str().expect("id").to_owned();
+    // MFA steps out of order.
+    let (status, v) = t
+        .post(
+            "/v1/auth/mfa/totp/confirm",
+            &owner,
+            json!({"code": "123456"}),
+        )
+        .await;
+    assert_eq!((status, error_code(&v)), (409, "no_mfa_enrollment"));
+    let (status, v) = t
+        .post(
+            "/v1/auth/mfa/totp/disable",
+            &owner,
+            json!({"code": "123456"}),
+        )
+        .await;
+    assert_eq!((status, error_code(&v)), (409, "mfa_not_enabled"));
+    let (_, enrolled) = t.post("/v1/auth/mfa/totp", &owner, json!({})).await;
+    let secret = base32_decode(enrolled["secret"].as_str().expect("secret"));
+    let (status, _) = t
+        .post(
+            "/v1/auth/mfa/totp/confirm",
+            &owner,
+            json!({"code": code(&secret, 0)}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, v) = t.post("/v1/auth/mfa/totp", &owner, json!({})).await;
+    assert_eq!((status, error_code(&v)), (409, "mfa_already_enabled"));
+    // Ownership to oneself, or to nobody.
+    let (status, v) = t
+        .post(
+            "/v1/account/transfer-ownership",
+            &owner,
+            json!({"user_id": owner_id}),
+        )
+        .await;
+    assert_eq!((status, error_code(&v)), (422, "invalid_target"));
+    let (status, _) = t
+        .post(
+            "/v1/account/transfer-ownership",
+            &owner,
+            json!({"user_id": Uuid::new_v4()}),
+        )
+        .await;
+    assert_eq!(status, 404);
+    // The last owner cannot remove themselves either.
+    let r = t
+        .http
+        .delete(t.url(&format!("/v1/members/{owner_id}")))
+        .header("cookie", &owner)
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(r.status(), 409);
+    let (_, me) = t.get("/v1/auth/me", &owner).await;
+    assert_eq!(me["user"]["role"], "owner");
+    assert_eq!(me["mfa_enabled"], true);
+}

@@ -114,6 +114,25 @@ fn quickstart_once_runs_the_whole_thing_and_exits_zero() {
     );
     // The embedded cluster was stopped on exit.
     assert!(!data.join("postgres/pgdata/postmaster.pid").exists());
+    // Running it again on the same data directory works too (the README's first command is
+    // run more than once): the re-used agent state must not refuse the new demo's jobs.
+    let again = command()
+        .args([
+            "--data-dir",
+            &data.display().to_string(),
+            "quickstart",
+            "--once",
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        again.status.success(),
+        "second run:\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&again.stdout),
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let second = std::fs::read_link(&current).expect("current is a link");
+    assert_ne!(second, target, "the second run deployed a new release");
 }
 
 #[tokio::test]
