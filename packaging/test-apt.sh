@@ -56,9 +56,16 @@ for deb in "$work"/repo/pool/main/s/*/*.deb; do
   lintian --fail-on error --suppress-tags no-manual-page,non-standard-file-perm "$deb"
 done
 
-step "apt-get install from the signed repository"
+step "apt-get install from the signed repository (over a data directory another user left)"
 apt_only update
-DEBIAN_FRONTEND=noninteractive apt_only install -y sensei-agent sensei-control-plane
+# What a quickstart run as root used to leave in the packaged control plane's directory.
+mkdir -p /var/lib/sensei/postgres
+echo 15 > /var/lib/sensei/postgres/PG_VERSION
+DEBIAN_FRONTEND=noninteractive apt_only install -y sensei-agent sensei-control-plane 2>&1 | tee "$work/install.log"
+grep -q "/var/lib/sensei holds files the sensei user does not own" "$work/install.log" \
+  || fail "postinst did not explain the foreign data directory"
+grep -q "/var/lib/sensei/postgres, owned by root" "$work/install.log" || fail "postinst did not name the file"
+rm -rf /var/lib/sensei/postgres
 sensei-agent --version | grep -q "^sensei-agent 0.1.0" || fail "sensei-agent --version"
 sensei-control-plane --version | grep -q "^sensei-control-plane 0.1.0" || fail "control plane --version"
 getent passwd sensei-agent >/dev/null || fail "no sensei-agent user"

@@ -482,24 +482,3 @@ pub async fn expire(pool: &deadpool_postgres::Pool) -> anyhow::Result<ExpiryRepo
     }
     Ok(report)
 }
-
-/// How often the control plane expires audit rows.
-pub const EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// Expires audit rows a minute after start and then hourly, until shutdown.
-pub async fn run_expiry(
-    pool: deadpool_postgres::Pool,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut wait = std::time::Duration::from_secs(60);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
-        }
-        if let Err(error) = expire(&pool).await {
-            tracing::warn!(%error, "audit expiry failed; retrying next hour");
-        }
-        wait = EXPIRY_INTERVAL;
-    }
-}

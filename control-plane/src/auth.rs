@@ -8,7 +8,7 @@ use deadpool_postgres::Pool;
 use http::HeaderMap;
 use uuid::Uuid;
 
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, ErrorCode};
 use crate::tokens::{Token, TokenKind};
 
 /// The session cookie's name.
@@ -292,7 +292,7 @@ async fn authenticate_api_key(
     if let Some(at) = expires_at.filter(|at| *at <= Utc::now()) {
         return Err(ApiError::new(
             http::StatusCode::UNAUTHORIZED,
-            "api_key_expired",
+            ErrorCode::ApiKeyExpired,
             format!("API key expired at {}", at.to_rfc3339()),
         ));
     }
@@ -305,7 +305,7 @@ async fn authenticate_api_key(
         if !allowed {
             return Err(ApiError::new(
                 http::StatusCode::FORBIDDEN,
-                "ip_not_allowed",
+                ErrorCode::IpNotAllowed,
                 format!("this API key may not be used from {client_ip}"),
             ));
         }

@@ -23,7 +23,9 @@ pub const DEFAULT_AGENT_ADDR: &str = "127.0.0.1:7443";
 )]
 pub struct Cli {
     /// Where the control plane keeps its files (and the embedded database when DATABASE_URL
-    /// is unset). Default: /var/lib/sensei as root, ~/.local/share/sensei otherwise.
+    /// is unset). Default: /var/lib/sensei as root, ~/.local/share/sensei otherwise; the
+    /// quickstart uses sensei-quickstart in the same places, so that trying it never touches
+    /// the directory of the packaged control plane.
     #[arg(long, env = "SENSEI_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
     /// Log format on standard error.
@@ -87,6 +89,22 @@ pub struct ServeArgs {
     /// The API's URL as users reach it, for links in emails [default: https://<api addr>].
     #[arg(long, env = "SENSEI_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Load balancers in front of the API (CIDRs, comma-separated): only from these peers are
+    /// `Forwarded`/`X-Forwarded-For` (the client's address, for throttles and API-key
+    /// allowlists) and `x-request-id` believed.
+    #[arg(long, env = "SENSEI_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Password hashes run at once (each takes 19 MiB and a core) [default: one per core,
+    /// fewer if a quarter of the available memory would not hold them].
+    #[arg(long, env = "SENSEI_MAX_CONCURRENT_HASHES",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_concurrent_hashes: Option<u16>,
+    /// Serve /metrics on this address (HTTPS, the API's certificate) instead of the API's.
+    #[arg(long, env = "SENSEI_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Require `Authorization: Bearer <token>` on /metrics. Never logged.
+    #[arg(long, env = "SENSEI_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -110,6 +128,15 @@ pub enum Command {
     },
     /// Print a new random field key (for CODESENSEI_FIELD_KEY).
     GenerateFieldKey,
+    /// Upgrade the embedded database to the PostgreSQL major version installed now, with
+    /// pg_upgrade (the control plane must be stopped; docs/operations.md).
+    UpgradeEmbeddedDb {
+        /// The binaries of the version the database was made with [default:
+        /// /usr/lib/postgresql/<its version>/bin]. Naming them runs pg_upgrade even when the
+        /// versions match.
+        #[arg(long)]
+        old_bindir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -121,19 +148,22 @@ pub enum AuditCommand {
     Expire,
 }
 
-/// The data directory when none is given.
-pub fn default_data_dir() -> PathBuf {
+/// The data directory when none is given, named `name` (`sensei`, or `sensei-quickstart`).
+pub fn default_data_dir(name: &str) -> PathBuf {
     if crate::postgres_cluster::running_as_root() {
-        return PathBuf::from("/var/lib/sensei");
+        return PathBuf::from("/var/lib").join(name);
     }
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(xdg).join("sensei");
+        return PathBuf::from(xdg).join(name);
     }
     match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        Some(home) => PathBuf::from(home).join(".local/share/sensei"),
-        None => PathBuf::from("sensei-data"),
+        Some(home) => PathBuf::from(home).join(".local/share").join(name),
+        None => PathBuf::from(format!("{name}-data")),
     }
 }
+
+/// The quickstart's own data directory, apart from the packaged control plane's.
+pub const QUICKSTART_DIR_NAME: &str = "sensei-quickstart";
 
 /// `DATABASE_URL`, or the embedded cluster when it is unset or empty.
 pub fn database_source() -> DatabaseSource {
@@ -151,8 +181,12 @@ pub fn init_logging(format: LogFormat) {
     if let Ok(cap) = "tokio_postgres=warn".parse() {
         filter = filter.add_directive(cap);
     }
+    // Colours only for a person at a terminal: escape codes in a log file or a journal get
+    // in the way of every grep.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -162,10 +196,40 @@ pub fn init_logging(format: LogFormat) {
 
 /// Runs the parsed command; the error is what the user sees.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    let dir_name = match cli.command {
+        Command::Quickstart { .. } => QUICKSTART_DIR_NAME,
+        _ => "sensei",
+    };
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| default_data_dir(dir_name));
     match cli.command {
         Command::GenerateFieldKey => {
             println!("{}", FieldKeys::generate_key());
+            Ok(0)
+        }
+        Command::UpgradeEmbeddedDb { old_bindir } => {
+            anyhow::ensure!(
+                matches!(database_source(), DatabaseSource::Embedded),
+                "upgrade-embedded-db upgrades the embedded database; DATABASE_URL names an \
+                 external server, which is upgraded with that server's own tools"
+            );
+            let root = data_dir.join("postgres");
+            match crate::postgres_cluster::upgrade(&root, old_bindir.as_deref())? {
+                None => println!(
+                    "upgrade-embedded-db: the embedded database in {} already matches the \
+                     installed PostgreSQL; nothing to do",
+                    root.display()
+                ),
+                Some(report) => println!(
+                    "upgrade-embedded-db: upgraded PostgreSQL {} -> {}; the previous data \
+                     directory is kept at {} (remove it once the control plane runs well)",
+                    report.from,
+                    report.to,
+                    report.previous.display()
+                ),
+            }
             Ok(0)
         }
         Command::Serve(args) => {
@@ -254,9 +318,6 @@ pub fn serve_options(
         agent_endpoint: args.agent_endpoint.clone(),
         agent_heartbeat: std::time::Duration::from_secs(args.agent_heartbeat_secs),
         dispatch_timeout: std::time::Duration::from_secs(args.dispatch_timeout_secs),
-        data_dir,
-        database: database_source(),
-        field_keys: Arc::new(keys),
         api_names: args
             .api_names
             .iter()
@@ -270,6 +331,11 @@ pub fn serve_options(
             log_when_unset: false,
         },
         public_url: args.public_url.clone(),
+        trusted_proxies: args.trusted_proxies.clone(),
+        max_concurrent_hashes: args.max_concurrent_hashes.map(usize::from),
+        metrics_addr: args.metrics_addr,
+        metrics_token: args.metrics_token.clone().filter(|t| !t.is_empty()),
+        ..ServeOptions::new(data_dir, database_source(), Arc::new(keys))
     }
 }
 

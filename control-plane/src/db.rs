@@ -268,6 +268,69 @@ pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
     Ok(())
 }
 
+/// The result of asking the database to answer a query now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// A query ran.
+    Answered,
+    /// No connection could run one within the probe's deadline.
+    Unreachable,
+}
+
+/// Runs `SELECT 1` on a pooled connection, within `deadline`.
+///
+/// The pool recycles connections without checking them (`RecyclingMethod::Fast`), so it may
+/// hand out one that PostgreSQL has already closed. Such a connection says nothing about the
+/// database: it is detached from the pool (so no request gets it later) and the next one is
+/// tried, at most once per pool slot plus one fresh connection.
+pub async fn probe(pool: &Pool, deadline: std::time::Duration) -> Probe {
+    let attempts = pool.status().max_size + 1;
+    let run = async {
+        for _ in 0..attempts {
+            let Ok(client) = pool.get().await else {
+                return Probe::Unreachable;
+            };
+            match client.simple_query("SELECT 1").await {
+                Ok(_) => return Probe::Answered,
+                Err(e) if e.is_closed() || client.is_closed() => {
+                    drop(deadpool_postgres::Object::take(client));
+                }
+                Err(_) => return Probe::Unreachable,
+            }
+        }
+        Probe::Unreachable
+    };
+    tokio::time::timeout(deadline, run)
+        .await
+        .unwrap_or(Probe::Unreachable)
+}
+
+/// The newest migration this binary carries.
+pub fn latest_migration() -> i32 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i32::try_from(m.version()).expect("migration versions are small"))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The newest migration applied to the database (0 before the first).
+pub async fn applied_migration(pool: &Pool) -> Result<i32, DbError> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| DbError::Connect(e.to_string()))?;
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) AS version FROM refinery_schema_history",
+            &[],
+        )
+        .await
+        .map_err(|e| DbError::Connect(describe(&e)))?;
+    Ok(row.get("version"))
+}
+
 /// Maps any database error into a short message for logs (never with parameters).
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {

@@ -191,11 +191,14 @@ mod tests {
     #[test]
     fn python_decrypts_what_we_encrypt() {
         // The other direction of the fixed vector above: Python's `cryptography` (installed
-        // by .ci/run) must open a token we make, under the same key, with the same plaintext.
+        // by ./test from Debian's python3-cryptography) must open a token we make, under the
+        // same key, with the same plaintext. SENSEI_TEST_PYTHON names the interpreter that has
+        // it (./test sets Debian's own), since a pyenv python3 on PATH would not.
         let token = FieldKeys::parse(KEY).expect("key").encrypt(PLAINTEXT);
         let script = "import sys\nfrom cryptography.fernet import Fernet\n\
                       sys.stdout.write(Fernet(sys.argv[1].encode()).decrypt(sys.argv[2].encode()).decode())";
-        let out = std::process::Command::new("python3")
+        let python = std::env::var_os("SENSEI_TEST_PYTHON").unwrap_or_else(|| "python3".into());
+        let out = std::process::Command::new(python)
             .args(["-c", script, KEY, &token])
             .output()
             .expect("python3 must be installed for the Fernet interoperability test");

@@ -15,6 +15,7 @@ pub mod https;
 pub mod job_signing;
 pub mod login_throttle;
 pub mod mailer;
+pub mod maintenance;
 pub mod metrics;
 pub mod passwords;
 pub mod pki;

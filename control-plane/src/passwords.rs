@@ -80,6 +80,91 @@ pub fn verify_dummy(password: &str) {
     let _ = verify(password, stored);
 }
 
+/// Memory one Argon2id hash or verification takes with the parameters above.
+pub const HASH_MEMORY_BYTES: u64 = 19 * 1024 * 1024;
+
+/// Runs password hashing off the async threads, at most `max` at a time. Each Argon2id run
+/// holds 19 MiB and a core for tens of milliseconds, so without a cap a burst of logins
+/// takes the machine's memory and every thread of the blocking pool; with it, the burst
+/// waits its turn here (the queue is measured: `sensei_password_hash_queue`).
+pub struct HashGate {
+    permits: tokio::sync::Semaphore,
+    max: usize,
+    waiting: std::sync::atomic::AtomicUsize,
+    done: std::sync::atomic::AtomicU64,
+}
+
+impl HashGate {
+    pub fn new(max: usize) -> Self {
+        let max = max.max(1);
+        Self {
+            permits: tokio::sync::Semaphore::new(max),
+            max,
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            done: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// How many hashes may run at once when the operator does not say: one per core, fewer
+    /// when a quarter of the available memory would not hold them.
+    pub fn default_concurrency() -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let available = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("MemAvailable:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kib| kib * 1024);
+        let by_memory = available.map_or(cores, |bytes| {
+            usize::try_from(bytes / 4 / HASH_MEMORY_BYTES).unwrap_or(usize::MAX)
+        });
+        cores.min(by_memory).max(1)
+    }
+
+    /// Runs `work` (a hash or a verification) when a slot is free.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HashTaskFailed> {
+        use std::sync::atomic::Ordering;
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = self.permits.acquire().await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let _permit = permit.map_err(|_| HashTaskFailed)?;
+        let result = tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|_| HashTaskFailed);
+        self.done.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    /// Requests waiting for a slot.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Hashes running now.
+    pub fn running(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+
+    /// Hashes and verifications run since start.
+    pub fn completed(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// A hashing task panicked or the gate was closed.
+#[derive(Debug, thiserror::Error)]
+#[error("password hashing task failed")]
+pub struct HashTaskFailed;
+
 /// `<iterations>$<salt>$<base64 sha256 digest>`
 fn verify_django(password: &str, rest: &str) -> bool {
     let mut parts = rest.splitn(3, '$');

@@ -5,6 +5,10 @@
 //! small git repository, and deploys it into `<data-dir>/deploy/demo` through the agent, over
 //! the real API and the real QUIC connection.
 //!
+//! Every run on the same data directory reuses what the first one made: the demo sign-in is
+//! kept in `quickstart-login.json` (mode 0600), and the server, its agent identity and the
+//! project are found again by name instead of being added anew.
+//!
 //! With `--once` it exits 0 once that deploy has succeeded, printing the path of the `current`
 //! link as its last line; otherwise it keeps serving so that you can try the API.
 
@@ -20,6 +24,7 @@ use crate::server::{prepare_data_dir, ControlPlane};
 
 pub async fn run(args: &ServeArgs, data_dir: PathBuf, once: bool) -> anyhow::Result<i32> {
     prepare_data_dir(&data_dir)?;
+    println!("Quickstart data directory: {}", data_dir.display());
     let keys = match FieldKeys::from_env() {
         Ok(keys) => keys,
         Err(crate::field_crypto::FieldKeyError::Missing) => {
@@ -69,6 +74,44 @@ pub async fn run(args: &ServeArgs, data_dir: PathBuf, once: bool) -> anyhow::Res
     // The last line: where the deployed application is.
     println!("{}", current.display());
     Ok(0)
+}
+
+/// The demo server's and project's names, by which later runs find them.
+const DEMO_SERVER: &str = "this-machine";
+const DEMO_PROJECT: &str = "demo";
+/// The demo account's sign-in, kept for the next run.
+const DEMO_LOGIN_FILE: &str = "quickstart-login.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptLogin {
+    email: String,
+    password: String,
+}
+
+struct DemoLogin {
+    email: String,
+    password: String,
+    cookie: String,
+}
+
+/// `SHA256:…` of the identity's certificate, as the API shows it.
+fn identity_fingerprint(identity: &sensei_agent::identity::Identity) -> Option<String> {
+    let certs = sensei_certs::tls::certs_from_pem(&identity.cert_pem).ok()?;
+    Some(sensei_certs::Fingerprint::of_der(certs.first()?.as_ref()).to_string())
+}
+
+/// Writes a file only its owner can read (created 0600, never widened in between).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 struct Demo {
@@ -128,53 +171,17 @@ impl Demo {
             .await?;
         anyhow::ensure!(health["database"] == "ok", "health check: {health}");
 
-        let email = format!(
-            "demo-{}@example.com",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        let login = self.sign_in().await?;
+        let cookie = login.cookie.clone();
+        println!(
+            "API: {}  (sign in: {} / {})",
+            self.base, login.email, login.password
         );
-        let password = uuid::Uuid::new_v4().simple().to_string();
-        let (_, cookie) = self
-            .call(
-                reqwest::Method::POST,
-                "/v1/auth/signup",
-                None,
-                Some(json!({"email": email, "password": password, "account_name": "Quickstart"})),
-            )
-            .await?;
-        let cookie = cookie.context("signup set no session cookie")?;
-        println!("API: {}  (sign in: {email} / {password})", self.base);
 
-        let (server, _) = self
-            .call(
-                reqwest::Method::POST,
-                "/v1/servers",
-                Some(&cookie),
-                Some(json!({"name": "this-machine", "host": "localhost", "transport": "agent", "labels": {"env": "demo"}})),
-            )
-            .await?;
-        let server_id = server["id"].as_str().context("server id")?.to_owned();
-        let token = server["enrollment_token"]
-            .as_str()
-            .context("token")?
-            .to_owned();
-
-        // The local agent: its own state directory, allowed to deploy under deploy/ only.
+        let server_id = self.enrolled_server(plane, &cookie).await?;
         let state = sensei_agent::identity::StateDir::new(self.data_dir.join("agent"));
         let deploy_root = self.data_dir.join("deploy");
         std::fs::create_dir_all(&deploy_root)?;
-        sensei_agent::enroll::enroll(&sensei_agent::enroll::EnrollOptions {
-            control_plane: plane.agent_addr().to_string(),
-            token,
-            ca_fingerprint: plane.ca_fingerprint(),
-            expected_server_id: server_id.parse().ok(),
-            state_dir: state.clone(),
-        })
-        .await
-        .context("enrolling the local agent")?;
-        println!(
-            "agent enrolled as server {server_id} (state in {})",
-            state.path().display()
-        );
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let policy = sensei_agent::jobs::JobPolicy {
             allowed_roots: vec![deploy_root.clone()],
@@ -187,28 +194,13 @@ impl Demo {
 
         let repo = self.demo_repository()?;
         let deploy_path = deploy_root.join("demo");
-        let (project, _) = self
-            .call(
-                reqwest::Method::POST,
-                "/v1/projects",
-                Some(&cookie),
-                Some(json!({
-                    "name": "demo",
-                    "repo_url": repo.display().to_string(),
-                    "deploy_path": deploy_path.display().to_string(),
-                    "shared_paths": ["storage/"],
-                    "hooks": {"build": ["echo \"building $(cat VERSION)\""]},
-                    "health_check": "test -s index.html",
-                    "env": {"GREETING": "hello from Sensei"},
-                })),
-            )
-            .await?;
+        let project_id = self.demo_project(&cookie, &repo, &deploy_path).await?;
         let (deployment, _) = self
             .call(
                 reqwest::Method::POST,
                 "/v1/deployments",
                 Some(&cookie),
-                Some(json!({"project_id": project["id"], "server_id": server_id, "ref": "main"})),
+                Some(json!({"project_id": project_id, "server_id": server_id, "ref": "main"})),
             )
             .await?;
         let id = deployment["id"]
@@ -246,12 +238,209 @@ impl Demo {
             done["status"] == "succeeded",
             "the demo deploy did not succeed: {done}"
         );
+        let current = deploy_path.join("current");
         println!(
             "deployed commit {} as release {}",
             done["commit"].as_str().unwrap_or("?"),
             done["release_id"].as_str().unwrap_or("?")
         );
-        Ok((stop, agent_task, deploy_path.join("current")))
+        println!("The demo application is live at {}", current.display());
+        self.print_next_steps(&login);
+        Ok((stop, agent_task, current))
+    }
+
+    /// Signs in with the kept demo login, or signs up the demo account on the first run (or
+    /// when the kept login no longer works, e.g. after the database was removed).
+    async fn sign_in(&self) -> anyhow::Result<DemoLogin> {
+        let path = self.data_dir.join(DEMO_LOGIN_FILE);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(kept) = serde_json::from_str::<KeptLogin>(&text) {
+                let attempt = self
+                    .call(
+                        reqwest::Method::POST,
+                        "/v1/auth/login",
+                        None,
+                        Some(json!({"email": kept.email, "password": kept.password})),
+                    )
+                    .await;
+                if let Ok((_, Some(cookie))) = attempt {
+                    return Ok(DemoLogin {
+                        email: kept.email,
+                        password: kept.password,
+                        cookie,
+                    });
+                }
+                eprintln!(
+                    "quickstart: the kept demo login in {} no longer works; signing up a new \
+                     demo account",
+                    path.display()
+                );
+            }
+        }
+        let email = format!(
+            "demo-{}@example.com",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        let (_, cookie) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/auth/signup",
+                None,
+                Some(json!({"email": email, "password": password, "account_name": "Quickstart"})),
+            )
+            .await?;
+        let cookie = cookie.context("signup set no session cookie")?;
+        let kept = serde_json::to_vec_pretty(&KeptLogin {
+            email: email.clone(),
+            password: password.clone(),
+        })?;
+        write_private(&path, &kept)
+            .with_context(|| format!("keeping the demo login in {}", path.display()))?;
+        Ok(DemoLogin {
+            email,
+            password,
+            cookie,
+        })
+    }
+
+    /// The demo server, with the local agent enrolled for it. An identity from an earlier
+    /// run is kept while the control plane still holds its certificate as valid; otherwise
+    /// the server gets a new enrollment token and the agent enrolls again.
+    async fn enrolled_server(&self, plane: &ControlPlane, cookie: &str) -> anyhow::Result<String> {
+        let state = sensei_agent::identity::StateDir::new(self.data_dir.join("agent"));
+        let (servers, _) = self
+            .call(reqwest::Method::GET, "/v1/servers", Some(cookie), None)
+            .await?;
+        let existing = servers["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == DEMO_SERVER && s["transport"] == "agent")
+            .cloned();
+        let token = match existing {
+            None => {
+                let (server, _) = self
+                    .call(
+                        reqwest::Method::POST,
+                        "/v1/servers",
+                        Some(cookie),
+                        Some(json!({"name": DEMO_SERVER, "host": "localhost", "transport": "agent", "labels": {"env": "demo"}})),
+                    )
+                    .await?;
+                let id = server["id"].as_str().context("server id")?.to_owned();
+                let token = server["enrollment_token"].as_str().context("token")?;
+                (id, token.to_owned())
+            }
+            Some(server) => {
+                let id = server["id"].as_str().context("server id")?.to_owned();
+                let valid = server["agent"]["certificate_fingerprint"].as_str();
+                if let Some(mut identity) = state.load().ok().filter(|i| {
+                    i.meta.server_id.to_string() == id
+                        && valid.is_some_and(|v| identity_fingerprint(i).as_deref() == Some(v))
+                }) {
+                    // The same server and certificate: only the gateway's port may differ
+                    // (--once listens on a free one).
+                    identity.meta.control_plane = plane.agent_addr().to_string();
+                    state.save(&identity)?;
+                    println!(
+                        "agent of server {id} reused (state in {})",
+                        state.path().display()
+                    );
+                    return Ok(id);
+                }
+                let (enrollment, _) = self
+                    .call(
+                        reqwest::Method::POST,
+                        &format!("/v1/servers/{id}/enrollment-token"),
+                        Some(cookie),
+                        None,
+                    )
+                    .await?;
+                let token = enrollment["enrollment_token"].as_str().context("token")?;
+                (id, token.to_owned())
+            }
+        };
+        let (server_id, token) = token;
+        sensei_agent::enroll::enroll(&sensei_agent::enroll::EnrollOptions {
+            control_plane: plane.agent_addr().to_string(),
+            token,
+            ca_fingerprint: plane.ca_fingerprint(),
+            expected_server_id: server_id.parse().ok(),
+            state_dir: state.clone(),
+        })
+        .await
+        .context("enrolling the local agent")?;
+        println!(
+            "agent enrolled as server {server_id} (state in {})",
+            state.path().display()
+        );
+        Ok(server_id)
+    }
+
+    /// The demo project, created on the first run.
+    async fn demo_project(
+        &self,
+        cookie: &str,
+        repo: &Path,
+        deploy_path: &Path,
+    ) -> anyhow::Result<String> {
+        let (projects, _) = self
+            .call(reqwest::Method::GET, "/v1/projects", Some(cookie), None)
+            .await?;
+        if let Some(id) = projects["projects"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == DEMO_PROJECT)
+            .and_then(|p| p["id"].as_str())
+        {
+            return Ok(id.to_owned());
+        }
+        let (project, _) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/projects",
+                Some(cookie),
+                Some(json!({
+                    "name": DEMO_PROJECT,
+                    "repo_url": repo.display().to_string(),
+                    "deploy_path": deploy_path.display().to_string(),
+                    "shared_paths": ["storage/"],
+                    "hooks": {"build": ["echo \"building $(cat VERSION)\""]},
+                    "health_check": "test -s index.html",
+                    "env": {"GREETING": "hello from Sensei"},
+                })),
+            )
+            .await?;
+        Ok(project["id"].as_str().context("project id")?.to_owned())
+    }
+
+    fn print_next_steps(&self, login: &DemoLogin) {
+        let ca = self.data_dir.join("ca.pem");
+        let jar = self.data_dir.join("cookies.txt");
+        println!();
+        println!("Next steps:");
+        println!("  # sign in, then list the servers:");
+        println!(
+            "  curl --cacert {} -c {} -H 'content-type: application/json' \\\n       \
+             -d '{{\"email\":\"{}\",\"password\":\"{}\"}}' {}/v1/auth/login",
+            ca.display(),
+            jar.display(),
+            login.email,
+            login.password,
+            self.base
+        );
+        println!(
+            "  curl --cacert {} -b {} {}/v1/servers",
+            ca.display(),
+            jar.display(),
+            self.base
+        );
+        println!(
+            "  # every route: {}/openapi.json; the guides: README.md and docs/ in the source",
+            self.base
+        );
     }
 
     /// A small repository to deploy, made on first use.

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::agents::AgentHub;
-use crate::api::deployments::{enqueue, enqueue_many};
+use crate::api::deployments::{enqueue, enqueue_many, NewJob};
 use crate::audit::{self, Actor, AuditEvent, Outcome};
 
 const TICK: Duration = Duration::from_millis(250);
@@ -200,14 +200,17 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
                 .collect();
             let queued = enqueue_many(
                 &tx,
-                account,
-                created_by,
-                project,
+                &NewJob {
+                    account_id: account,
+                    created_by,
+                    project_id: project,
+                    kind: "deploy",
+                    git_ref: Some(&git_ref),
+                    rollback_of: None,
+                    rollout_id: Some(id),
+                    timeout,
+                },
                 &members,
-                "deploy",
-                Some(&git_ref),
-                None,
-                timeout,
             )
             .await
             .map_err(db)?;
@@ -273,11 +276,17 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
                     let of: Option<Uuid> = t.get(1);
                     let timeout =
                         Duration::from_secs(u64::from(strategy.unreachable_after_seconds));
-                    if let Ok(rb) = enqueue(
-                        &tx, account, created_by, project, server, "rollback", None, of, timeout,
-                    )
-                    .await
-                    {
+                    let rollback = NewJob {
+                        account_id: account,
+                        created_by,
+                        project_id: project,
+                        kind: "rollback",
+                        git_ref: None,
+                        rollback_of: of,
+                        rollout_id: Some(id),
+                        timeout,
+                    };
+                    if let Ok(rb) = enqueue(&tx, &rollback, server).await {
                         tx.execute(
                             "UPDATE rollout_targets SET rollback_deployment_id = $3 WHERE rollout_id = $1 AND server_id = $2",
                             &[&id, &server, &rb],

@@ -53,6 +53,40 @@ pub struct ServeOptions {
     pub mail: crate::mailer::MailSettings,
     /// The API's URL as users reach it, for links in emails; default `https://<api addr>`.
     pub public_url: Option<String>,
+    /// Peers whose `Forwarded`/`X-Forwarded-For` and `x-request-id` are believed: the load
+    /// balancers in front of the API. Empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Password hashes run at once; default from the cores and memory.
+    pub max_concurrent_hashes: Option<usize>,
+    /// Serve `/metrics` on this address instead of the API's.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Require `Authorization: Bearer <token>` on `/metrics`.
+    pub metrics_token: Option<String>,
+}
+
+impl ServeOptions {
+    /// The options for `data_dir`, `database` and `field_keys` with every other setting at its
+    /// default (the API and the gateway on free loopback ports).
+    pub fn new(data_dir: PathBuf, database: DatabaseSource, field_keys: Arc<FieldKeys>) -> Self {
+        Self {
+            api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            database,
+            field_keys,
+            api_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            pool_size: 16,
+            agent_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            agent_endpoint: None,
+            agent_heartbeat: std::time::Duration::from_secs(30),
+            dispatch_timeout: std::time::Duration::from_secs(600),
+            mail: Default::default(),
+            public_url: None,
+            trusted_proxies: Vec::new(),
+            max_concurrent_hashes: None,
+            metrics_addr: None,
+            metrics_token: None,
+        }
+    }
 }
 
 /// Lifetime of agent certificates; agents re-enroll before it ends.
@@ -83,6 +117,7 @@ pub enum StartError {
 /// A running control plane.
 pub struct ControlPlane {
     api_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     agent_addr: SocketAddr,
     agents: Arc<AgentHub>,
     endpoint: quinn::Endpoint,
@@ -239,6 +274,25 @@ impl ControlPlane {
             .trim_end_matches('/')
             .to_owned();
         let state_keys = keys.clone();
+        let ssh_permits = Arc::new(tokio::sync::Semaphore::new(
+            crate::ssh_runner::DEFAULT_CONCURRENCY,
+        ));
+        let hashing = Arc::new(crate::passwords::HashGate::new(
+            options
+                .max_concurrent_hashes
+                .unwrap_or_else(crate::passwords::HashGate::default_concurrency),
+        ));
+        let metrics_listener = match options.metrics_addr {
+            None => None,
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| StartError::Listen {
+                        addr,
+                        message: e.to_string(),
+                    })?,
+            ),
+        };
         let state = AppState::new(StateInner {
             pool: pool.clone(),
             keys,
@@ -250,6 +304,11 @@ impl ControlPlane {
             agent_endpoint,
             mailer,
             public_url,
+            trusted_proxies: options.trusted_proxies.clone(),
+            hashing,
+            ssh_permits: ssh_permits.clone(),
+            metrics_token: options.metrics_token.clone(),
+            metrics_on_api: metrics_listener.is_none(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let database_url = match &options.database {
@@ -276,7 +335,7 @@ impl ControlPlane {
                 let rx = shutdown_rx.clone();
                 tokio::spawn(async move { last_seen.run(pool, rx).await })
             },
-            tokio::spawn(crate::audit::run_expiry(pool.clone(), shutdown_rx.clone())),
+            tokio::spawn(crate::maintenance::run(pool.clone(), shutdown_rx.clone())),
             tokio::spawn(crate::rollouts::run(
                 pool.clone(),
                 hub.clone(),
@@ -288,9 +347,7 @@ impl ControlPlane {
                     keys: state_keys.clone(),
                     job_key: job_key.clone(),
                     hub: hub.clone(),
-                    permits: Arc::new(tokio::sync::Semaphore::new(
-                        crate::ssh_runner::DEFAULT_CONCURRENCY,
-                    )),
+                    permits: ssh_permits,
                 })
                 .run(shutdown_rx.clone()),
             ),
@@ -319,6 +376,20 @@ impl ControlPlane {
                 })
             },
         ];
+        let mut tasks = tasks;
+        let metrics_addr = match metrics_listener {
+            None => None,
+            Some(listener) => {
+                let addr = listener.local_addr().ok();
+                tasks.push(tokio::spawn(crate::https::serve(
+                    listener,
+                    tls.clone(),
+                    api::metrics_router(state.clone()),
+                    shutdown_rx.clone(),
+                )));
+                addr
+            }
+        };
         let server = tokio::spawn(crate::https::serve(
             listener,
             tls,
@@ -328,6 +399,7 @@ impl ControlPlane {
         tracing::info!(%api_addr, %agent_addr, ca_fingerprint = %ca.fingerprint(), "control plane listening");
         Ok(Self {
             api_addr,
+            metrics_addr,
             agent_addr,
             agents: hub,
             endpoint,
@@ -353,6 +425,11 @@ impl ControlPlane {
 
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// Where `/metrics` is served when it has a listener of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn ca_fingerprint(&self) -> Fingerprint {

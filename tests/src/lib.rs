@@ -138,18 +138,15 @@ impl TestPlane {
         sensei_certs::tls::install_default_provider();
         let data_dir = open_tempdir();
         let mut options = ServeOptions {
-            api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            data_dir: data_dir.path().to_owned(),
-            database: DatabaseSource::Url(conninfo.clone()),
-            field_keys: keys.clone(),
-            api_names: vec!["localhost".into(), "127.0.0.1".into()],
             pool_size: 8,
             agent_addr,
-            agent_endpoint: None,
             agent_heartbeat: std::time::Duration::from_secs(1),
             dispatch_timeout: std::time::Duration::from_secs(60),
-            mail: Default::default(),
-            public_url: None,
+            ..ServeOptions::new(
+                data_dir.path().to_owned(),
+                DatabaseSource::Url(conninfo.clone()),
+                keys.clone(),
+            )
         };
         adjust(&mut options);
         let plane = ControlPlane::start(options)
@@ -589,7 +586,7 @@ impl SshServer {
             .arg(&config)
             .stderr(log)
             .spawn()
-            .expect("sshd (openssh-server; .ci/run installs it)");
+            .expect("sshd (openssh-server; ./test installs it)");
         let started = std::time::Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -641,7 +638,9 @@ impl SmtpSink {
             .map(|a| a.port())
             .expect("free port");
         let log = std::fs::File::create(dir.path().join("smtpd.log")).expect("log");
-        let child = std::process::Command::new("python3")
+        // SENSEI_TEST_PYTHON: the interpreter with Debian's python3-aiosmtpd (./test sets it).
+        let python = std::env::var_os("SENSEI_TEST_PYTHON").unwrap_or_else(|| "python3".into());
+        let child = std::process::Command::new(python)
             .args(["-m", "aiosmtpd", "-n", "-l"])
             .arg(format!("127.0.0.1:{port}"))
             .args(["-c", "aiosmtpd.handlers.Mailbox"])
@@ -649,7 +648,7 @@ impl SmtpSink {
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .expect("python3 -m aiosmtpd (.ci/run installs aiosmtpd)");
+            .expect("python3 -m aiosmtpd (./test installs python3-aiosmtpd)");
         let started = std::time::Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(

@@ -8,7 +8,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use http::Method;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::extract::ClientMeta;
 use super::AppState;
 use crate::auth::{self, Scope};
@@ -31,7 +31,7 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
     use Rule::*;
     let m = method.as_str();
     Some(match (m, path) {
-        ("GET", "/healthz" | "/metrics" | "/openapi.json") => Public,
+        ("GET", "/healthz" | "/livez" | "/readyz" | "/metrics" | "/openapi.json") => Public,
         (
             "POST",
             "/v1/auth/signup"
@@ -72,15 +72,19 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
         ("GET", "/v1/projects" | "/v1/projects/{id}") => Scoped(Scope::ProjectsRead),
         ("POST", "/v1/projects") => Scoped(Scope::ProjectsWrite),
         ("PATCH" | "DELETE", "/v1/projects/{id}") => Scoped(Scope::ProjectsWrite),
-        ("GET", "/v1/deployments/{id}" | "/v1/deployments/{id}/logs") => {
+        ("GET", "/v1/deployments" | "/v1/deployments/{id}" | "/v1/deployments/{id}/logs") => {
             Scoped(Scope::DeploymentsRead)
         }
         ("POST", "/v1/deployments" | "/v1/deployments/{id}/rollback") => {
             Scoped(Scope::DeploymentsWrite)
         }
-        ("GET", "/v1/rollouts" | "/v1/rollouts/{id}" | "/v1/rollouts/{id}/events") => {
-            Scoped(Scope::RolloutsRead)
-        }
+        (
+            "GET",
+            "/v1/rollouts"
+            | "/v1/rollouts/{id}"
+            | "/v1/rollouts/{id}/events"
+            | "/v1/rollouts/{id}/targets",
+        ) => Scoped(Scope::RolloutsRead),
         (
             "POST",
             "/v1/rollouts"
@@ -112,7 +116,7 @@ pub async fn authorize(
     let Some(rule) = rule_for(req.method(), &path) else {
         return Err(ApiError::new(
             http::StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            ErrorCode::MethodNotAllowed,
             format!(
                 "{} is not allowed on {path}; see /openapi.json",
                 req.method()
@@ -125,11 +129,12 @@ pub async fn authorize(
     let (mut parts, body) = req.into_parts();
     let meta = ClientMeta::from_parts(&parts);
     let principal = auth::authenticate(&state.pool, &parts.headers, meta.ip).await?;
+    tracing::Span::current().record("account_id", tracing::field::display(principal.account_id));
     let is_session = principal.session_id().is_some();
     // An account that requires MFA lets a member without it do one thing: set it up.
     if principal.mfa_setup_required && rule != Rule::Session {
         return Err(ApiError::forbidden(
-            "mfa_setup_required",
+            ErrorCode::MfaSetupRequired,
             "this account requires multi-factor sign-in: set up TOTP at /v1/auth/mfa/totp first",
         ));
     }
@@ -137,14 +142,14 @@ pub async fn authorize(
         Rule::Public => {}
         Rule::Session if !is_session => {
             return Err(ApiError::forbidden(
-                "session_required",
+                ErrorCode::SessionRequired,
                 "this route is for signed-in users, not API keys",
             ))
         }
         Rule::Session => {}
         Rule::SessionWith(_) if !is_session => {
             return Err(ApiError::forbidden(
-                "session_required",
+                ErrorCode::SessionRequired,
                 "only a signed-in user may do this, not an API key",
             ))
         }
@@ -156,7 +161,7 @@ pub async fn authorize(
                     "this API key".to_owned()
                 };
                 return Err(ApiError::forbidden(
-                    "insufficient_scope",
+                    ErrorCode::InsufficientScope,
                     format!("{who} does not allow {}", scope.as_str()),
                 ));
             }

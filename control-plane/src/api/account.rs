@@ -9,7 +9,7 @@ use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody};
 use super::{actor_event, AppState};
 use crate::audit;
@@ -27,6 +27,8 @@ pub struct AccountSettings {
     pub require_mfa: bool,
     /// Audit rows older than this many days are expired.
     pub audit_retention_days: i32,
+    /// Deployment log lines older than this many days are deleted (the deployments stay).
+    pub deploy_log_retention_days: i32,
     pub created_at: DateTime<Utc>,
 }
 
@@ -37,6 +39,8 @@ pub struct AccountChange {
     pub require_mfa: Option<bool>,
     /// 30 to 2557 days (seven years).
     pub audit_retention_days: Option<i32>,
+    /// 1 to 2557 days.
+    pub deploy_log_retention_days: Option<i32>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -53,15 +57,17 @@ pub struct TransferOwnership {
     pub user_id: Uuid,
 }
 
-const COLUMNS: &str = "id, name, require_mfa, audit_retention_days, created_at";
+const COLUMNS: &str =
+    "id, name, require_mfa, audit_retention_days, deploy_log_retention_days, created_at";
 
 fn settings(r: &tokio_postgres::Row) -> AccountSettings {
     AccountSettings {
-        id: r.get(0),
-        name: r.get(1),
-        require_mfa: r.get(2),
-        audit_retention_days: r.get(3),
-        created_at: r.get(4),
+        id: r.get("id"),
+        name: r.get("name"),
+        require_mfa: r.get("require_mfa"),
+        audit_retention_days: r.get("audit_retention_days"),
+        deploy_log_retention_days: r.get("deploy_log_retention_days"),
+        created_at: r.get("created_at"),
     }
 }
 
@@ -98,7 +104,7 @@ pub async fn update(
             let n = n.trim();
             if n.is_empty() || n.chars().count() > 200 {
                 return Err(ApiError::unprocessable(
-                    "invalid_account_name",
+                    ErrorCode::InvalidAccountName,
                     "name must be 1 to 200 characters",
                 ));
             }
@@ -108,16 +114,27 @@ pub async fn update(
     };
     if let Some(days) = req.audit_retention_days {
         if !(MIN_RETENTION_DAYS..=MAX_RETENTION_DAYS).contains(&days) {
-            return Err(ApiError::unprocessable(
-                "invalid_retention",
+            return Err(ApiError::unprocessable(ErrorCode::InvalidRetention,
                 format!("audit_retention_days must be {MIN_RETENTION_DAYS} to {MAX_RETENTION_DAYS} (seven years)"),
             ));
         }
     }
-    if name.is_none() && req.require_mfa.is_none() && req.audit_retention_days.is_none() {
+    if let Some(days) = req.deploy_log_retention_days {
+        if !(1..=MAX_RETENTION_DAYS).contains(&days) {
+            return Err(ApiError::unprocessable(
+                ErrorCode::InvalidLogRetention,
+                format!("deploy_log_retention_days must be 1 to {MAX_RETENTION_DAYS}"),
+            ));
+        }
+    }
+    if name.is_none()
+        && req.require_mfa.is_none()
+        && req.audit_retention_days.is_none()
+        && req.deploy_log_retention_days.is_none()
+    {
         return Err(ApiError::unprocessable(
-            "nothing_to_change",
-            "give name, require_mfa or audit_retention_days",
+            ErrorCode::NothingToChange,
+            "give name, require_mfa, audit_retention_days or deploy_log_retention_days",
         ));
     }
     let mut client = state.pool.get().await?;
@@ -127,7 +144,8 @@ pub async fn update(
             &format!(
                 "UPDATE accounts SET name = COALESCE($2, name), \
                  require_mfa = COALESCE($3, require_mfa), \
-                 audit_retention_days = COALESCE($4, audit_retention_days) \
+                 audit_retention_days = COALESCE($4, audit_retention_days), \
+                 deploy_log_retention_days = COALESCE($5, deploy_log_retention_days) \
                  WHERE id = $1 RETURNING {COLUMNS}"
             ),
             &[
@@ -135,6 +153,7 @@ pub async fn update(
                 &name,
                 &req.require_mfa,
                 &req.audit_retention_days,
+                &req.deploy_log_retention_days,
             ],
         )
         .await?;
@@ -147,6 +166,9 @@ pub async fn update(
     }
     if let Some(v) = req.audit_retention_days {
         changed.insert("audit_retention_days".into(), json!(v));
+    }
+    if let Some(v) = req.deploy_log_retention_days {
+        changed.insert("deploy_log_retention_days".into(), json!(v));
     }
     audit::append(
         &tx,
@@ -175,7 +197,7 @@ pub async fn transfer_ownership(
 ) -> Result<StatusCode, ApiError> {
     if req.user_id == principal.user_id {
         return Err(ApiError::unprocessable(
-            "invalid_target",
+            ErrorCode::InvalidTarget,
             "you already own this account",
         ));
     }
@@ -238,7 +260,7 @@ pub async fn delete(
         .get(0);
     if req.confirm_name.trim() != name {
         return Err(ApiError::unprocessable(
-            "confirmation_mismatch",
+            ErrorCode::ConfirmationMismatch,
             "confirm_name must be the account's name exactly",
         ));
     }

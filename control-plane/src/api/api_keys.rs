@@ -10,8 +10,9 @@ use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{ApiError, ErrorBody};
-use super::extract::{ClientMeta, JsonBody};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::extract::{ClientMeta, JsonBody, QueryParams};
+use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit::{self, AuditEvent, Outcome};
 use crate::auth::{Principal, Scope};
@@ -54,6 +55,8 @@ pub struct CreatedApiKey {
 #[derive(Serialize, ToSchema)]
 pub struct ApiKeyList {
     pub api_keys: Vec<ApiKeyView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }
 
 fn parse_network(text: &str) -> Result<ipnet::IpNet, ApiError> {
@@ -63,7 +66,7 @@ fn parse_network(text: &str) -> Result<ipnet::IpNet, ApiError> {
         .map(|net| net.trunc())
         .map_err(|_| {
             ApiError::unprocessable(
-                "invalid_ip_allowlist",
+                ErrorCode::InvalidIpAllowlist,
                 format!("{text:?} is not an address or CIDR network"),
             )
         })
@@ -83,13 +86,13 @@ pub async fn create(
     let name = req.name.trim().to_owned();
     if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::unprocessable(
-            "invalid_name",
+            ErrorCode::InvalidName,
             "name must be 1 to 200 characters",
         ));
     }
     if req.scopes.is_empty() {
         return Err(ApiError::unprocessable(
-            "invalid_scopes",
+            ErrorCode::InvalidScopes,
             "give at least one scope",
         ));
     }
@@ -98,13 +101,13 @@ pub async fn create(
         let scope = Scope::parse(text).ok_or_else(|| {
             let known: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
             ApiError::unprocessable(
-                "invalid_scopes",
+                ErrorCode::InvalidScopes,
                 format!("unknown scope {text:?}; known scopes: {}", known.join(", ")),
             )
         })?;
         if !principal.role.grants(scope) {
             return Err(ApiError::forbidden(
-                "scope_exceeds_role",
+                ErrorCode::ScopeExceedsRole,
                 format!(
                     "your role ({}) does not allow {}, so no key you create can",
                     principal.role.as_str(),
@@ -118,7 +121,7 @@ pub async fn create(
     }
     if req.ip_allowlist.len() > MAX_ALLOWLIST {
         return Err(ApiError::unprocessable(
-            "invalid_ip_allowlist",
+            ErrorCode::InvalidIpAllowlist,
             format!("at most {MAX_ALLOWLIST} networks"),
         ));
     }
@@ -129,7 +132,7 @@ pub async fn create(
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(at) = req.expires_at.filter(|at| *at <= Utc::now()) {
         return Err(ApiError::unprocessable(
-            "invalid_expiry",
+            ErrorCode::InvalidExpiry,
             format!("expires_at {} is in the past", at.to_rfc3339()),
         ));
     }
@@ -187,34 +190,48 @@ pub async fn create(
 }
 
 /// Lists the account's active API keys (never their secrets).
-#[utoipa::path(get, path = "/v1/api-keys", tag = "api-keys",
-    responses((status = 200, body = ApiKeyList)))]
+#[utoipa::path(get, path = "/v1/api-keys", tag = "api-keys", params(PageQuery),
+    responses((status = 200, body = ApiKeyList), (status = 400, body = ErrorBody, description = "invalid limit or cursor")))]
 pub async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    QueryParams(query): QueryParams<PageQuery>,
 ) -> Result<Json<ApiKeyList>, ApiError> {
+    let page = query.page()?;
     let client = state.pool.get().await?;
     let rows = client
         .query(
-            "SELECT id, name, scopes, ip_allowlist, expires_at, created_at, last_used_at, created_by \
-             FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL ORDER BY created_at",
-            &[&principal.account_id],
+            &format!(
+                "SELECT id, name, scopes, ip_allowlist, expires_at, created_at, last_used_at, \
+                 created_by FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL{}",
+                Page::keyset_sql("created_at", "id", Order::OldestFirst, 2)
+            ),
+            &[
+                &principal.account_id,
+                &page.after_time(),
+                &page.after_id(),
+                &page.fetch(),
+            ],
         )
         .await?;
+    let keys = rows
+        .iter()
+        .map(|r| ApiKeyView {
+            id: r.get("id"),
+            name: r.get("name"),
+            scopes: r.get("scopes"),
+            ip_allowlist: r.get("ip_allowlist"),
+            expires_at: r.get("expires_at"),
+            created_at: r.get("created_at"),
+            last_used_at: r.get("last_used_at"),
+            created_by: r.get("created_by"),
+        })
+        .collect();
+    let (api_keys, next_cursor) =
+        page.finish(keys, |k: &ApiKeyView| Cursor::at(k.created_at, k.id));
     Ok(Json(ApiKeyList {
-        api_keys: rows
-            .iter()
-            .map(|r| ApiKeyView {
-                id: r.get(0),
-                name: r.get(1),
-                scopes: r.get(2),
-                ip_allowlist: r.get(3),
-                expires_at: r.get(4),
-                created_at: r.get(5),
-                last_used_at: r.get(6),
-                created_by: r.get(7),
-            })
-            .collect(),
+        api_keys,
+        next_cursor,
     }))
 }
 

@@ -2,7 +2,7 @@
 //! Admins and owners see the whole account; other roles see their own actions.
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::Response;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::extract::QueryParams;
 use super::AppState;
 use crate::audit::{AuditRecord, COLUMNS};
 use crate::auth::{Principal, Role};
@@ -117,12 +118,12 @@ async fn page(
 pub async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Query(filter): Query<AuditFilter>,
+    QueryParams(filter): QueryParams<AuditFilter>,
 ) -> Result<Json<AuditPage>, ApiError> {
     let limit = filter.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::bad_request(
-            "invalid_limit",
+            ErrorCode::InvalidLimit,
             format!("limit must be between 1 and {MAX_LIMIT}"),
         ));
     }
@@ -150,7 +151,7 @@ pub async fn list(
 pub async fn export(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    Query(filter): Query<AuditFilter>,
+    QueryParams(filter): QueryParams<AuditFilter>,
 ) -> Result<Response, ApiError> {
     // Fetch the first page before answering, so that a database failure is a clean error
     // rather than a truncated 200.

@@ -10,7 +10,7 @@ use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody};
 use super::mfa;
 use super::AppState;
@@ -95,7 +95,7 @@ pub(super) fn normalise_email(email: &str) -> Result<String, ApiError> {
         Ok(email.to_owned())
     } else {
         Err(ApiError::unprocessable(
-            "invalid_email",
+            ErrorCode::InvalidEmail,
             "email must look like name@example.com (at most 254 characters)",
         ))
     }
@@ -104,16 +104,19 @@ pub(super) fn normalise_email(email: &str) -> Result<String, ApiError> {
 /// Refuses a password the policy does not allow.
 pub(super) fn check_password(password: &str) -> Result<(), ApiError> {
     passwords::check_policy(password)
-        .map_err(|e| ApiError::unprocessable("weak_password", e.to_string()))
+        .map_err(|e| ApiError::unprocessable(ErrorCode::WeakPassword, e.to_string()))
 }
 
 /// Checks a new password against the policy and hashes it (off the async threads: Argon2id
 /// takes tens of milliseconds by design).
-pub(super) async fn new_password_hash(password: String) -> Result<String, ApiError> {
+pub(super) async fn new_password_hash(
+    gate: &passwords::HashGate,
+    password: String,
+) -> Result<String, ApiError> {
     check_password(&password)?;
-    tokio::task::spawn_blocking(move || passwords::hash(&password))
+    gate.run(move || passwords::hash(&password))
         .await
-        .map_err(|_| ApiError::internal("password hashing task failed"))
+        .map_err(|e| ApiError::internal(&e.to_string()))
 }
 
 pub(super) fn session_cookie(token: &str, max_age_secs: i64) -> HeaderValue {
@@ -167,11 +170,11 @@ pub async fn signup(
     let account_name = req.account_name.trim().to_owned();
     if account_name.is_empty() || account_name.chars().count() > 200 {
         return Err(ApiError::unprocessable(
-            "invalid_account_name",
+            ErrorCode::InvalidAccountName,
             "account_name must be 1 to 200 characters",
         ));
     }
-    let hash = new_password_hash(req.password).await?;
+    let hash = new_password_hash(&state.hashing, req.password).await?;
 
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
@@ -191,7 +194,7 @@ pub async fn signup(
         .await?;
     if inserted == 0 {
         return Err(ApiError::conflict(
-            "email_taken",
+            ErrorCode::EmailTaken,
             "an account with this email already exists; sign in instead",
         ));
     }
@@ -257,15 +260,17 @@ pub async fn login(
     }
     let stored: Option<String> = user.as_ref().map(|row| row.get(3));
     let password = req.password.clone();
-    let verdict = tokio::task::spawn_blocking(move || match stored {
-        Some(stored) => passwords::verify(&password, &stored),
-        None => {
-            passwords::verify_dummy(&password);
-            Verdict::Mismatch
-        }
-    })
-    .await
-    .map_err(|_| ApiError::internal("password verification task failed"))?;
+    let verdict = state
+        .hashing
+        .run(move || match stored {
+            Some(stored) => passwords::verify(&password, &stored),
+            None => {
+                passwords::verify_dummy(&password);
+                Verdict::Mismatch
+            }
+        })
+        .await
+        .map_err(|e| ApiError::internal(&e.to_string()))?;
 
     let tx = client.transaction().await?;
     let (user, rehash) = match (user, verdict) {
@@ -281,7 +286,7 @@ pub async fn login(
             tx.commit().await?;
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "invalid_credentials",
+                ErrorCode::InvalidCredentials,
                 "email or password is incorrect",
             ));
         }
@@ -298,7 +303,7 @@ pub async fn login(
                 (Some(totp), None) => (totp.as_str(), false),
                 (None, None) => return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
-                    "mfa_required",
+                    ErrorCode::MfaRequired,
                     "this user signs in with a second factor: send totp_code (or recovery_code)",
                 )),
             };
@@ -319,16 +324,18 @@ pub async fn login(
             tx.commit().await?;
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "invalid_mfa_code",
+                ErrorCode::InvalidMfaCode,
                 "the code is wrong, expired or already used",
             ));
         }
     }
     if rehash {
         let password = req.password;
-        let new_hash = tokio::task::spawn_blocking(move || passwords::hash(&password))
+        let new_hash = state
+            .hashing
+            .run(move || passwords::hash(&password))
             .await
-            .map_err(|_| ApiError::internal("password hashing task failed"))?;
+            .map_err(|e| ApiError::internal(&e.to_string()))?;
         tx.execute(
             "UPDATE users SET password_hash = $2 WHERE id = $1",
             &[&user_id, &new_hash],

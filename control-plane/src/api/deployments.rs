@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
-use axum::response::Response;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use http::StatusCode;
@@ -16,8 +16,10 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::error::{ApiError, ErrorBody};
-use super::extract::{ClientMeta, JsonBody};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::extract::{ClientMeta, JsonBody, QueryParams};
+use super::idempotency::{replayed, Claim, IdempotencyKey};
+use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit;
 use crate::auth::Principal;
@@ -54,9 +56,117 @@ pub struct DeploymentView {
     pub sequence: i64,
     pub error: Option<DeploymentError>,
     pub rollback_of: Option<Uuid>,
+    /// The rollout this job is part of.
+    pub rollout_id: Option<Uuid>,
+    /// Who queued it; absent for jobs the platform queued itself.
+    pub queued_by: Option<QueuedBy>,
+    /// When it was queued.
     pub created_at: DateTime<Utc>,
+    /// When its server picked it up.
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// From pick-up to the end, once finished.
+    pub duration_secs: Option<f64>,
+}
+
+#[derive(Deserialize, IntoParams, Default)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentFilter {
+    /// Only this project's deployments.
+    pub project_id: Option<Uuid>,
+    /// Only this server's.
+    pub server_id: Option<Uuid>,
+    /// Only in this status: `queued`, `running`, `succeeded` or `failed`.
+    pub status: Option<String>,
+    /// Only `deploy` or only `rollback` jobs.
+    pub kind: Option<String>,
+    /// Only the jobs of this rollout.
+    pub rollout_id: Option<Uuid>,
+    /// Only queued at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only queued before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// Page size (1–500, default 100).
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeploymentList {
+    /// Newest first.
+    pub deployments: Vec<DeploymentView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The deployment history, newest first, filtered.
+#[utoipa::path(get, path = "/v1/deployments", tag = "deployments", params(DeploymentFilter),
+    responses((status = 200, body = DeploymentList),
+              (status = 400, body = ErrorBody, description = "invalid filter, limit or cursor")))]
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    QueryParams(filter): QueryParams<DeploymentFilter>,
+) -> Result<Json<DeploymentList>, ApiError> {
+    let page = PageQuery {
+        limit: filter.limit,
+        cursor: filter.cursor.clone(),
+    }
+    .page()?;
+    let one_of = |value: &Option<String>, name: &str, allowed: &[&str]| match value {
+        Some(v) if !allowed.contains(&v.as_str()) => Err(ApiError::bad_request(
+            ErrorCode::InvalidFilter,
+            format!("{name} must be one of {}", allowed.join(", ")),
+        )),
+        _ => Ok(()),
+    };
+    one_of(
+        &filter.status,
+        "status",
+        &["queued", "running", "succeeded", "failed"],
+    )?;
+    one_of(&filter.kind, "kind", &["deploy", "rollback"])?;
+    // Absent filters are NULL parameters, so one statement (and one plan) serves them all.
+    let rows = state
+        .pool
+        .get()
+        .await?
+        .query(
+            &format!(
+                "{SELECT} AND ($2::uuid IS NULL OR d.project_id = $2) \
+                 AND ($3::uuid IS NULL OR d.server_id = $3) \
+                 AND ($4::text IS NULL OR d.status = $4) \
+                 AND ($5::text IS NULL OR d.kind = $5) \
+                 AND ($6::uuid IS NULL OR d.rollout_id = $6) \
+                 AND ($7::timestamptz IS NULL OR d.created_at >= $7) \
+                 AND ($8::timestamptz IS NULL OR d.created_at < $8){}",
+                Page::keyset_sql("d.created_at", "d.id", Order::NewestFirst, 9)
+            ),
+            &[
+                &principal.account_id,
+                &filter.project_id,
+                &filter.server_id,
+                &filter.status,
+                &filter.kind,
+                &filter.rollout_id,
+                &filter.since,
+                &filter.until,
+                &page.after_time(),
+                &page.after_id(),
+                &page.fetch(),
+            ],
+        )
+        .await?;
+    let (deployments, next_cursor) = page
+        .finish(rows.iter().map(view).collect(), |d: &DeploymentView| {
+            Cursor::at(d.created_at, d.id)
+        });
+    Ok(Json(DeploymentList {
+        deployments,
+        next_cursor,
+    }))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -84,58 +194,93 @@ pub struct LogQuery {
     pub after: Option<i64>,
 }
 
+/// The routes' names for their idempotency keys.
+const CREATE_ROUTE: &str = "POST /v1/deployments";
+const ROLLBACK_ROUTE: &str = "POST /v1/deployments/{id}/rollback";
+
+#[derive(Serialize, ToSchema)]
+pub struct QueuedBy {
+    pub user_id: Uuid,
+    /// Absent once the user has been removed from the account.
+    pub email: Option<String>,
+}
+
 const SELECT: &str =
-    "SELECT id, project_id, server_id, kind, git_ref, status, commit, release_id, \
-     sequence, error_step, error_message, rollback_of, created_at, started_at, finished_at \
-     FROM deployments WHERE account_id = $1";
+    "SELECT d.id, d.project_id, d.server_id, d.kind, d.git_ref, d.status, d.commit, \
+     d.release_id, d.sequence, d.error_step, d.error_message, d.rollback_of, d.rollout_id, \
+     d.created_by, u.email AS created_by_email, d.created_at, d.started_at, d.finished_at \
+     FROM deployments d LEFT JOIN users u ON u.id = d.created_by WHERE d.account_id = $1";
 
 fn view(r: &tokio_postgres::Row) -> DeploymentView {
-    let step: Option<String> = r.get(9);
-    let message: Option<String> = r.get(10);
+    let step: Option<String> = r.get("error_step");
+    let message: Option<String> = r.get("error_message");
+    let created_by: Option<Uuid> = r.get("created_by");
+    let started_at: Option<DateTime<Utc>> = r.get("started_at");
+    let finished_at: Option<DateTime<Utc>> = r.get("finished_at");
     DeploymentView {
-        id: r.get(0),
-        project_id: r.get(1),
-        server_id: r.get(2),
-        kind: r.get(3),
-        git_ref: r.get(4),
-        status: r.get(5),
-        commit: r.get(6),
-        release_id: r.get(7),
-        sequence: r.get(8),
+        id: r.get("id"),
+        project_id: r.get("project_id"),
+        server_id: r.get("server_id"),
+        kind: r.get("kind"),
+        git_ref: r.get("git_ref"),
+        status: r.get("status"),
+        commit: r.get("commit"),
+        release_id: r.get("release_id"),
+        sequence: r.get("sequence"),
         error: step.map(|step| DeploymentError {
             step,
             message: message.unwrap_or_default(),
         }),
-        rollback_of: r.get(11),
-        created_at: r.get(12),
-        started_at: r.get(13),
-        finished_at: r.get(14),
+        rollback_of: r.get("rollback_of"),
+        rollout_id: r.get("rollout_id"),
+        queued_by: created_by.map(|user_id| QueuedBy {
+            user_id,
+            email: r.get("created_by_email"),
+        }),
+        created_at: r.get("created_at"),
+        started_at,
+        finished_at,
+        duration_secs: started_at
+            .zip(finished_at)
+            .map(|(s, f)| (f - s).num_milliseconds() as f64 / 1000.0),
     }
 }
 
 async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<DeploymentView, ApiError> {
     let client = state.pool.get().await?;
     let row = client
-        .query_opt(&format!("{SELECT} AND id = $2"), &[&account, &id])
+        .query_opt(&format!("{SELECT} AND d.id = $2"), &[&account, &id])
         .await?
         .ok_or_else(|| ApiError::not_found("deployment"))?;
     Ok(view(&row))
 }
 
+/// What to queue: the same for every server of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct NewJob<'a> {
+    pub account_id: Uuid,
+    /// The user who asked (none for jobs the platform queues itself).
+    pub created_by: Option<Uuid>,
+    pub project_id: Uuid,
+    /// `deploy` or `rollback`.
+    pub kind: &'a str,
+    pub git_ref: Option<&'a str>,
+    pub rollback_of: Option<Uuid>,
+    /// The rollout the job is part of.
+    pub rollout_id: Option<Uuid>,
+    /// How long it waits for its server before it fails as unreachable.
+    pub timeout: Duration,
+}
+
+/// Queues `job` on each of `servers` that can take it, answering (server, job id) for those.
+///
 /// Release ids (computed in `enqueue_many`) sort by time: `YYYYMMDDHHMMSS-`, the server's job
 /// sequence number zero-padded (orders releases made within the same second), and six hex
 /// digits of the job id (unique even where several servers share one deploy path, e.g. NFS).
-#[allow(clippy::too_many_arguments)]
 pub async fn enqueue_many(
     tx: &tokio_postgres::Transaction<'_>,
-    account_id: Uuid,
-    created_by: Option<Uuid>,
-    project_id: Uuid,
+    job: &NewJob<'_>,
     servers: &[Uuid],
-    kind: &str,
-    git_ref: Option<&str>,
-    rollback_of: Option<Uuid>,
-    timeout: Duration,
 ) -> Result<Vec<(Uuid, Uuid)>, tokio_postgres::Error> {
     let rows = tx
         .query(
@@ -152,15 +297,15 @@ pub async fn enqueue_many(
              jobs AS (SELECT gen_random_uuid() AS job, server, seq FROM numbered), \
              queued AS ( \
                INSERT INTO deployments (id, account_id, project_id, server_id, kind, git_ref, rollback_of, \
-                 sequence, release_id, status, created_by, expires_at) \
+                 sequence, release_id, status, created_by, expires_at, rollout_id) \
                SELECT job, $2, $3, server, $4, $5, $6, seq, \
                  CASE WHEN $4 = 'deploy' THEN to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISS') \
                    || '-' || lpad(seq::text, 10, '0') || '-' || substr(job::text, 1, 6) END, \
-                 'queued', $7, now() + make_interval(secs => $8) \
+                 'queued', $7, now() + make_interval(secs => $8), $9 \
                FROM jobs RETURNING server_id, id) \
              SELECT server_id, id FROM queued",
-            &[&servers, &account_id, &project_id, &kind, &git_ref, &rollback_of, &created_by,
-              &timeout.as_secs_f64()],
+            &[&servers, &job.account_id, &job.project_id, &job.kind, &job.git_ref,
+              &job.rollback_of, &job.created_by, &job.timeout.as_secs_f64(), &job.rollout_id],
         )
         .await?;
     let queued: Vec<(Uuid, Uuid)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -188,48 +333,28 @@ pub async fn enqueue_many(
 }
 
 /// Queues one job, saying clearly why a server cannot take it.
-#[allow(clippy::too_many_arguments)]
 pub async fn enqueue(
     tx: &tokio_postgres::Transaction<'_>,
-    account_id: Uuid,
-    created_by: Option<Uuid>,
-    project_id: Uuid,
+    job: &NewJob<'_>,
     server_id: Uuid,
-    kind: &str,
-    git_ref: Option<&str>,
-    rollback_of: Option<Uuid>,
-    timeout: Duration,
 ) -> Result<Uuid, ApiError> {
-    let queued = enqueue_many(
-        tx,
-        account_id,
-        created_by,
-        project_id,
-        &[server_id],
-        kind,
-        git_ref,
-        rollback_of,
-        timeout,
-    )
-    .await?;
+    let queued = enqueue_many(tx, job, &[server_id]).await?;
     if let Some((_, id)) = queued.first() {
         return Ok(*id);
     }
     let transport: Option<String> = tx
         .query_opt(
             "SELECT transport FROM servers WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
-            &[&server_id, &account_id],
+            &[&server_id, &job.account_id],
         )
         .await?
         .map(|r| r.get(0));
     match transport.as_deref() {
         None => Err(ApiError::not_found("server")),
-        Some("ssh") => Err(ApiError::conflict(
-            "server_not_enrolled",
+        Some("ssh") => Err(ApiError::conflict(ErrorCode::ServerNotEnrolled,
             "this SSH server has no stored credentials",
         )),
-        Some(_) => Err(ApiError::conflict(
-            "server_not_enrolled",
+        Some(_) => Err(ApiError::conflict(ErrorCode::ServerNotEnrolled,
             "this server has no valid agent certificate: enroll its agent first (a revoked agent is never reached by any other way)",
         )),
     }
@@ -245,13 +370,23 @@ pub async fn create(
     State(state): State<AppState>,
     meta: ClientMeta,
     Extension(principal): Extension<Principal>,
+    idempotency: IdempotencyKey,
     JsonBody(req): JsonBody<CreateDeployment>,
-) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
+) -> Result<Response, ApiError> {
     let git_ref = req.git_ref.trim();
     sensei_shared::release::check_git_ref(git_ref)
-        .map_err(|e| ApiError::unprocessable("invalid_ref", e.0))?;
+        .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidRef, e.0))?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
+    let request = json!({"project_id": req.project_id, "server_id": req.server_id, "ref": git_ref});
+    if let Claim::Replay { status, resource } = idempotency
+        .claim(&tx, principal.account_id, CREATE_ROUTE, &request)
+        .await?
+    {
+        drop(tx);
+        let view = load(&state, principal.account_id, resource).await?;
+        return Ok(replayed((status, Json(view))));
+    }
     tx.query_opt(
         "SELECT 1 FROM projects WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
         &[&req.project_id, &principal.account_id],
@@ -260,14 +395,17 @@ pub async fn create(
     .ok_or_else(|| ApiError::not_found("project"))?;
     let id = enqueue(
         &tx,
-        principal.account_id,
-        Some(principal.user_id),
-        req.project_id,
+        &NewJob {
+            account_id: principal.account_id,
+            created_by: Some(principal.user_id),
+            project_id: req.project_id,
+            kind: "deploy",
+            git_ref: Some(git_ref),
+            rollback_of: None,
+            rollout_id: None,
+            timeout: state.dispatch_timeout,
+        },
         req.server_id,
-        "deploy",
-        Some(git_ref),
-        None,
-        state.dispatch_timeout,
     )
     .await?;
     audit::append(
@@ -275,12 +413,22 @@ pub async fn create(
         &actor_event(&principal, &meta, "deployment.queued", ("deployment", id), json!({"project_id": req.project_id.to_string(), "server_id": req.server_id.to_string(), "ref": git_ref})),
     )
     .await?;
+    idempotency
+        .record(
+            &tx,
+            principal.account_id,
+            CREATE_ROUTE,
+            StatusCode::CREATED,
+            id,
+        )
+        .await?;
     tx.commit().await?;
     state.agents.wake(req.server_id);
     Ok((
         StatusCode::CREATED,
         Json(load(&state, principal.account_id, id).await?),
-    ))
+    )
+        .into_response())
 }
 
 /// One deployment: status, commit, release, timings, and on failure the step and reason.
@@ -338,7 +486,7 @@ pub async fn logs(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
-    Query(q): Query<LogQuery>,
+    QueryParams(q): QueryParams<LogQuery>,
 ) -> Result<Response, ApiError> {
     load(&state, principal.account_id, id).await?;
     let after = q.after.unwrap_or(0);
@@ -407,21 +555,38 @@ pub async fn rollback(
     State(state): State<AppState>,
     meta: ClientMeta,
     Extension(principal): Extension<Principal>,
+    idempotency: IdempotencyKey,
     Path(id): Path<Uuid>,
-) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
+) -> Result<Response, ApiError> {
     let original = load(&state, principal.account_id, id).await?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
+    if let Claim::Replay { status, resource } = idempotency
+        .claim(
+            &tx,
+            principal.account_id,
+            ROLLBACK_ROUTE,
+            &json!({"rollback_of": id}),
+        )
+        .await?
+    {
+        drop(tx);
+        let view = load(&state, principal.account_id, resource).await?;
+        return Ok(replayed((status, Json(view))));
+    }
     let new_id = enqueue(
         &tx,
-        principal.account_id,
-        Some(principal.user_id),
-        original.project_id,
+        &NewJob {
+            account_id: principal.account_id,
+            created_by: Some(principal.user_id),
+            project_id: original.project_id,
+            kind: "rollback",
+            git_ref: None,
+            rollback_of: Some(id),
+            rollout_id: None,
+            timeout: state.dispatch_timeout,
+        },
         original.server_id,
-        "rollback",
-        None,
-        Some(id),
-        state.dispatch_timeout,
     )
     .await?;
     audit::append(
@@ -435,10 +600,20 @@ pub async fn rollback(
         ),
     )
     .await?;
+    idempotency
+        .record(
+            &tx,
+            principal.account_id,
+            ROLLBACK_ROUTE,
+            StatusCode::CREATED,
+            new_id,
+        )
+        .await?;
     tx.commit().await?;
     state.agents.wake(original.server_id);
     Ok((
         StatusCode::CREATED,
         Json(load(&state, principal.account_id, new_id).await?),
-    ))
+    )
+        .into_response())
 }

@@ -7,10 +7,111 @@ use http::StatusCode;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+/// Declares [`ErrorCode`] from one list, so that the variants, their text and `ALL` (which
+/// the documentation test walks) cannot drift apart.
+macro_rules! error_codes {
+    ($($variant:ident => $text:literal,)*) => {
+        /// Every error code the API answers with: the `code` of
+        /// `{"error": {"code", "message"}}`. Clients may match on these; `docs/api.md` lists
+        /// each one (a test checks that it does).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ErrorCode {
+            $($variant,)*
+        }
+
+        impl ErrorCode {
+            /// Every code.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The code as clients see it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $text,)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    ApiKeyExpired => "api_key_expired",
+    BodyTooLarge => "body_too_large",
+    ConfirmationMismatch => "confirmation_mismatch",
+    DatabaseUnavailable => "database_unavailable",
+    EmailTaken => "email_taken",
+    IdempotencyKeyReused => "idempotency_key_reused",
+    InsufficientScope => "insufficient_scope",
+    Internal => "internal",
+    InvalidAccountName => "invalid_account_name",
+    InvalidAuth => "invalid_auth",
+    InvalidCredentials => "invalid_credentials",
+    InvalidCursor => "invalid_cursor",
+    InvalidDeployPath => "invalid_deploy_path",
+    InvalidEmail => "invalid_email",
+    InvalidEnv => "invalid_env",
+    InvalidExpiry => "invalid_expiry",
+    InvalidField => "invalid_field",
+    InvalidFilter => "invalid_filter",
+    InvalidHookTimeout => "invalid_hook_timeout",
+    InvalidHooks => "invalid_hooks",
+    InvalidHost => "invalid_host",
+    InvalidHostKey => "invalid_host_key",
+    InvalidIdempotencyKey => "invalid_idempotency_key",
+    InvalidIpAllowlist => "invalid_ip_allowlist",
+    InvalidKeepReleases => "invalid_keep_releases",
+    InvalidLabelFilter => "invalid_label_filter",
+    InvalidLabels => "invalid_labels",
+    InvalidLimit => "invalid_limit",
+    InvalidLogRetention => "invalid_log_retention",
+    InvalidMfaCode => "invalid_mfa_code",
+    InvalidName => "invalid_name",
+    InvalidPassword => "invalid_password",
+    InvalidRef => "invalid_ref",
+    InvalidRepoUrl => "invalid_repo_url",
+    InvalidRetention => "invalid_retention",
+    InvalidRole => "invalid_role",
+    InvalidScopes => "invalid_scopes",
+    InvalidSharedPath => "invalid_shared_path",
+    InvalidState => "invalid_state",
+    InvalidStrategy => "invalid_strategy",
+    InvalidTarget => "invalid_target",
+    InvalidTargets => "invalid_targets",
+    InvalidToken => "invalid_token",
+    InvalidTransport => "invalid_transport",
+    InvalidTtl => "invalid_ttl",
+    InvalidUsername => "invalid_username",
+    IpNotAllowed => "ip_not_allowed",
+    LastOwner => "last_owner",
+    MalformedJson => "malformed_json",
+    MethodNotAllowed => "method_not_allowed",
+    MfaAlreadyEnabled => "mfa_already_enabled",
+    MfaNotEnabled => "mfa_not_enabled",
+    MfaRequired => "mfa_required",
+    MfaRequiredByAccount => "mfa_required_by_account",
+    MfaSetupRequired => "mfa_setup_required",
+    NoCertificate => "no_certificate",
+    NoMfaEnrollment => "no_mfa_enrollment",
+    NoSuchRoute => "no_such_route",
+    NoTargets => "no_targets",
+    NotFound => "not_found",
+    NothingToChange => "nothing_to_change",
+    OwnerRequired => "owner_required",
+    ScopeExceedsRole => "scope_exceeds_role",
+    ServerNotEnrolled => "server_not_enrolled",
+    SessionRequired => "session_required",
+    TooManyAttempts => "too_many_attempts",
+    TooManyInvitations => "too_many_invitations",
+    Unauthenticated => "unauthenticated",
+    UnreadableBody => "unreadable_body",
+    UnsupportedMediaType => "unsupported_media_type",
+    WeakPassword => "weak_password",
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
     retry_after_secs: Option<u64>,
 }
@@ -27,10 +128,14 @@ pub struct ErrorDetail {
     pub code: String,
     /// What went wrong, for a person.
     pub message: String,
+    /// The request's id (also in the `x-request-id` header): quote it when asking an operator,
+    /// who finds the request's log line by it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -40,38 +145,46 @@ impl ApiError {
     }
 
     /// 422: the request is well-formed but a value is not acceptable.
-    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn unprocessable(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
     pub fn unauthenticated(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthenticated,
+            message,
+        )
     }
 
-    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn forbidden(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, code, message)
     }
 
     pub fn not_found(what: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
-            "not_found",
+            ErrorCode::NotFound,
             format!("{what} not found"),
         )
     }
 
-    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn conflict(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, code, message)
     }
 
     pub fn too_many(message: impl Into<String>, retry_after_secs: u64) -> Self {
         Self {
             retry_after_secs: Some(retry_after_secs),
-            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts", message)
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyAttempts,
+                message,
+            )
         }
     }
 
@@ -80,7 +193,7 @@ impl ApiError {
         tracing::error!(detail, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             "internal error; the control plane log has the details",
         )
     }
@@ -90,13 +203,13 @@ impl ApiError {
     }
 
     pub fn code(&self) -> &'static str {
-        self.code
+        self.code.as_str()
     }
 }
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
+        write!(f, "{}: {}", self.code.as_str(), self.message)
     }
 }
 
@@ -104,8 +217,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code.to_owned(),
+                code: self.code.as_str().to_owned(),
                 message: self.message,
+                request_id: super::edge::current_request_id(),
             },
         };
         let mut response = (self.status, Json(body)).into_response();
@@ -129,8 +243,61 @@ impl From<deadpool_postgres::PoolError> for ApiError {
         tracing::error!(error = %e, "database pool");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
+            ErrorCode::DatabaseUnavailable,
             "the database is unavailable; try again shortly",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The codes in the first column of `docs/api.md`'s error-code tables.
+    fn documented_codes() -> std::collections::BTreeSet<String> {
+        let doc = include_str!("../../../docs/api.md");
+        let section = doc
+            .split("\n#")
+            .filter(|s| s.to_lowercase().contains("error codes"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        section
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn docs_api_md_lists_every_error_code_and_no_other() {
+        let documented = documented_codes();
+        let known: std::collections::BTreeSet<String> = ErrorCode::ALL
+            .iter()
+            .map(|c| c.as_str().to_owned())
+            .collect();
+        let undocumented: Vec<_> = known.difference(&documented).collect();
+        let stale: Vec<_> = documented.difference(&known).collect();
+        assert!(
+            undocumented.is_empty(),
+            "error codes missing from docs/api.md: {undocumented:?}"
+        );
+        assert!(
+            stale.is_empty(),
+            "docs/api.md lists codes the API never returns: {stale:?}"
+        );
+    }
+
+    #[test]
+    fn every_code_is_listed_once_and_spelled_in_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            let text = code.as_str();
+            assert!(seen.insert(text), "{text} twice");
+            assert!(
+                text.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{text}"
+            );
+        }
     }
 }

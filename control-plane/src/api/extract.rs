@@ -9,7 +9,7 @@ use http::request::Parts;
 use http::StatusCode;
 use serde::de::DeserializeOwned;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 
 /// The TCP peer of the connection, inserted by the HTTPS accept loop.
 #[derive(Debug, Clone, Copy)]
@@ -27,10 +27,13 @@ pub struct ClientMeta {
 
 impl ClientMeta {
     pub fn from_parts(parts: &Parts) -> Self {
+        // The client address as `edge::request_context` found it (through trusted proxies
+        // only); the TCP peer where that middleware did not run.
         let ip = parts
             .extensions
-            .get::<PeerAddr>()
-            .map(|p| p.0.ip())
+            .get::<super::edge::ClientAddr>()
+            .map(|c| c.0)
+            .or_else(|| parts.extensions.get::<PeerAddr>().map(|p| p.0.ip()))
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
         let user_agent = parts
             .headers
@@ -72,20 +75,44 @@ where
 
 fn json_error(rejection: JsonRejection) -> ApiError {
     match rejection {
-        JsonRejection::JsonDataError(e) => ApiError::unprocessable("invalid_field", e.body_text()),
+        JsonRejection::JsonDataError(e) => {
+            ApiError::unprocessable(ErrorCode::InvalidField, e.body_text())
+        }
         JsonRejection::JsonSyntaxError(_) => {
-            ApiError::bad_request("malformed_json", "request body is not valid JSON")
+            ApiError::bad_request(ErrorCode::MalformedJson, "request body is not valid JSON")
         }
         JsonRejection::MissingJsonContentType(_) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             "send the body as application/json",
         ),
         other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
+            ErrorCode::BodyTooLarge,
             format!("request body exceeds {} bytes", super::MAX_BODY_BYTES),
         ),
-        other => ApiError::bad_request("unreadable_body", other.body_text()),
+        other => ApiError::bad_request(ErrorCode::UnreadableBody, other.body_text()),
+    }
+}
+
+/// Query-string parameters, with errors in the API's format (400 `invalid_filter`, naming
+/// the parameter) instead of axum's plain-text answer.
+pub struct QueryParams<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for QueryParams<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::bad_request(
+                ErrorCode::InvalidFilter,
+                rejection.body_text(),
+            )),
+        }
     }
 }

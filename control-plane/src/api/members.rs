@@ -17,8 +17,9 @@ use uuid::Uuid;
 use super::auth_routes::{
     create_session, new_password_hash, normalise_email, session_cookie, with_cookie, UserView,
 };
-use super::error::{ApiError, ErrorBody};
-use super::extract::{ClientMeta, JsonBody};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::extract::{ClientMeta, JsonBody, QueryParams};
+use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit::{self, Actor, AuditEvent, Outcome};
 use crate::auth::{Principal, Role, SESSION_IDLE_DAYS};
@@ -41,6 +42,8 @@ pub struct MemberView {
 #[derive(Serialize, ToSchema)]
 pub struct MemberList {
     pub members: Vec<MemberView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -79,6 +82,8 @@ pub struct CreatedInvitation {
 #[derive(Serialize, ToSchema)]
 pub struct InvitationList {
     pub invitations: Vec<InvitationView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -92,7 +97,7 @@ pub struct AcceptInvitation {
 fn parse_role(text: &str) -> Result<Role, ApiError> {
     Role::parse(text.trim()).ok_or_else(|| {
         ApiError::unprocessable(
-            "invalid_role",
+            ErrorCode::InvalidRole,
             "role must be viewer, operator, developer, admin or owner",
         )
     })
@@ -102,7 +107,7 @@ fn parse_role(text: &str) -> Result<Role, ApiError> {
 fn check_may_assign(principal: &Principal, role: Role) -> Result<(), ApiError> {
     if role == Role::Owner && principal.role != Role::Owner {
         return Err(ApiError::forbidden(
-            "owner_required",
+            ErrorCode::OwnerRequired,
             "only an owner can make someone an owner",
         ));
     }
@@ -149,37 +154,52 @@ async fn member_role(
 
 fn last_owner() -> ApiError {
     ApiError::conflict(
-        "last_owner",
+        ErrorCode::LastOwner,
         "an account keeps at least one owner: make someone else an owner first",
     )
 }
 
 /// The account's members.
-#[utoipa::path(get, path = "/v1/members", tag = "members",
-    responses((status = 200, body = MemberList), (status = 403, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/members", tag = "members", params(PageQuery),
+    responses((status = 200, body = MemberList), (status = 403, body = ErrorBody),
+              (status = 400, body = ErrorBody, description = "invalid limit or cursor")))]
 pub async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    QueryParams(query): QueryParams<PageQuery>,
 ) -> Result<Json<MemberList>, ApiError> {
+    let page = query.page()?;
     let client = state.pool.get().await?;
     let rows = client
         .query(
-            "SELECT id, email, role, totp_enabled_at IS NOT NULL, created_at FROM users \
-             WHERE account_id = $1 ORDER BY created_at, id",
-            &[&principal.account_id],
+            &format!(
+                "SELECT id, email, role, totp_enabled_at IS NOT NULL AS mfa_enabled, created_at \
+                 FROM users WHERE account_id = $1{}",
+                Page::keyset_sql("created_at", "id", Order::OldestFirst, 2)
+            ),
+            &[
+                &principal.account_id,
+                &page.after_time(),
+                &page.after_id(),
+                &page.fetch(),
+            ],
         )
         .await?;
+    let members = rows
+        .iter()
+        .map(|r| MemberView {
+            id: r.get("id"),
+            email: r.get("email"),
+            role: r.get("role"),
+            mfa_enabled: r.get("mfa_enabled"),
+            created_at: r.get("created_at"),
+        })
+        .collect();
+    let (members, next_cursor) =
+        page.finish(members, |m: &MemberView| Cursor::at(m.created_at, m.id));
     Ok(Json(MemberList {
-        members: rows
-            .iter()
-            .map(|r| MemberView {
-                id: r.get(0),
-                email: r.get(1),
-                role: r.get(2),
-                mfa_enabled: r.get(3),
-                created_at: r.get(4),
-            })
-            .collect(),
+        members,
+        next_cursor,
     }))
 }
 
@@ -320,7 +340,7 @@ pub async fn invite(
         .await?;
     if taken.is_some() {
         return Err(ApiError::conflict(
-            "email_taken",
+            ErrorCode::EmailTaken,
             "this email already belongs to a Sensei user",
         ));
     }
@@ -334,7 +354,7 @@ pub async fn invite(
         .get(0);
     if open >= MAX_OPEN_INVITATIONS {
         return Err(ApiError::conflict(
-            "too_many_invitations",
+            ErrorCode::TooManyInvitations,
             format!("at most {MAX_OPEN_INVITATIONS} open invitations; revoke some first"),
         ));
     }
@@ -386,25 +406,38 @@ pub async fn invite(
 }
 
 /// Open invitations.
-#[utoipa::path(get, path = "/v1/invitations", tag = "members",
-    responses((status = 200, body = InvitationList), (status = 403, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/invitations", tag = "members", params(PageQuery),
+    responses((status = 200, body = InvitationList), (status = 403, body = ErrorBody),
+              (status = 400, body = ErrorBody, description = "invalid limit or cursor")))]
 pub async fn list_invitations(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    QueryParams(query): QueryParams<PageQuery>,
 ) -> Result<Json<InvitationList>, ApiError> {
+    let page = query.page()?;
     let client = state.pool.get().await?;
     let rows = client
         .query(
             &format!(
                 "SELECT {INVITATION_COLUMNS} FROM invitations WHERE account_id = $1 \
-                 AND accepted_at IS NULL AND revoked_at IS NULL AND expires_at > now() \
-                 ORDER BY created_at"
+                 AND accepted_at IS NULL AND revoked_at IS NULL AND expires_at > now(){}",
+                Page::keyset_sql("created_at", "id", Order::OldestFirst, 2)
             ),
-            &[&principal.account_id],
+            &[
+                &principal.account_id,
+                &page.after_time(),
+                &page.after_id(),
+                &page.fetch(),
+            ],
         )
         .await?;
+    let (invitations, next_cursor) = page.finish(
+        rows.iter().map(invitation_view).collect(),
+        |i: &InvitationView| Cursor::at(i.created_at, i.id),
+    );
     Ok(Json(InvitationList {
-        invitations: rows.iter().map(invitation_view).collect(),
+        invitations,
+        next_cursor,
     }))
 }
 
@@ -458,12 +491,12 @@ pub async fn accept(
 ) -> Result<Response, ApiError> {
     let invalid_token = || {
         ApiError::bad_request(
-            "invalid_token",
+            ErrorCode::InvalidToken,
             "this invitation is not valid (unknown, used, withdrawn or expired)",
         )
     };
     let token = Token::parse(TokenKind::Invitation, req.token.trim()).ok_or_else(invalid_token)?;
-    let hash = new_password_hash(req.password).await?;
+    let hash = new_password_hash(&state.hashing, req.password).await?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let row = tx
@@ -493,7 +526,7 @@ pub async fn accept(
         .await?;
     if inserted == 0 {
         return Err(ApiError::conflict(
-            "email_taken",
+            ErrorCode::EmailTaken,
             "this email already belongs to a Sensei user",
         ));
     }

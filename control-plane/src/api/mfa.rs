@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody};
 use super::{actor_event, AppState};
 use crate::audit;
@@ -114,7 +114,7 @@ pub async fn consume_code(
 fn wrong_code() -> ApiError {
     ApiError::new(
         StatusCode::UNAUTHORIZED,
-        "invalid_mfa_code",
+        ErrorCode::InvalidMfaCode,
         "the code is wrong, expired or already used",
     )
 }
@@ -139,7 +139,7 @@ pub async fn enroll(
         .await?;
     if updated == 0 {
         return Err(ApiError::conflict(
-            "mfa_already_enabled",
+            ErrorCode::MfaAlreadyEnabled,
             "TOTP is already on for this user; disable it first to enroll a new authenticator",
         ));
     }
@@ -187,7 +187,7 @@ pub async fn confirm(
         .await?;
     let Some(sealed) = row.get::<_, Option<String>>(0) else {
         return Err(ApiError::conflict(
-            "no_mfa_enrollment",
+            ErrorCode::NoMfaEnrollment,
             "start with POST /v1/auth/mfa/totp",
         ));
     };
@@ -273,11 +273,14 @@ pub async fn disable(
         .await?;
     let (enabled, required): (bool, bool) = (row.get(0), row.get(1));
     if !enabled {
-        return Err(ApiError::conflict("mfa_not_enabled", "TOTP is not on"));
+        return Err(ApiError::conflict(
+            ErrorCode::MfaNotEnabled,
+            "TOTP is not on",
+        ));
     }
     if required {
         return Err(ApiError::conflict(
-            "mfa_required_by_account",
+            ErrorCode::MfaRequiredByAccount,
             "this account requires MFA of every member; it cannot be turned off",
         ));
     }

@@ -24,10 +24,13 @@ pub mod api_keys;
 pub mod audit_routes;
 pub mod auth_routes;
 pub mod deployments;
+pub mod edge;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 pub mod members;
 pub mod mfa;
+pub mod page;
 pub mod password_reset;
 pub mod projects;
 pub mod rollouts;
@@ -78,6 +81,16 @@ pub struct StateInner {
     /// The API's address as users reach it (`https://…`, no trailing slash), for links in
     /// emails.
     pub public_url: String,
+    /// Load balancers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Password hashing, a bounded number at a time.
+    pub hashing: Arc<crate::passwords::HashGate>,
+    /// The SSH runner's slots on this replica (for the in-flight gauge).
+    pub ssh_permits: Arc<tokio::sync::Semaphore>,
+    /// Bearer token `/metrics` requires, when set.
+    pub metrics_token: Option<String>,
+    /// Whether the API listener serves `/metrics` (not when it has a listener of its own).
+    pub metrics_on_api: bool,
 }
 
 impl AppState {
@@ -114,6 +127,8 @@ struct ApiDoc;
 fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(system::healthz))
+        .routes(routes!(system::livez))
+        .routes(routes!(system::readyz))
         .routes(routes!(system::metrics))
         .routes(routes!(system::openapi_json))
         .routes(routes!(auth_routes::signup))
@@ -145,12 +160,13 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(servers::new_enrollment_token))
         .routes(routes!(projects::create, projects::list))
         .routes(routes!(projects::show, projects::update, projects::delete))
-        .routes(routes!(deployments::create))
+        .routes(routes!(deployments::create, deployments::list))
         .routes(routes!(deployments::show))
         .routes(routes!(deployments::logs))
         .routes(routes!(deployments::rollback))
         .routes(routes!(rollouts::create, rollouts::list))
         .routes(routes!(rollouts::show))
+        .routes(routes!(rollouts::targets))
         .routes(routes!(rollouts::events))
         .routes(routes!(rollouts::pause))
         .routes(routes!(rollouts::resume))
@@ -170,18 +186,50 @@ pub fn openapi_document() -> &'static str {
 async fn not_found() -> error::ApiError {
     error::ApiError::new(
         http::StatusCode::NOT_FOUND,
-        "no_such_route",
+        error::ErrorCode::NoSuchRoute,
         "no such route; see /openapi.json",
+    )
+}
+
+/// The access log: one line per request, at its end, in the span `edge::request_span` opens
+/// (method, route template, status, latency, request id, client, account; never the path's
+/// values, the query, a header or a body).
+fn access_log<S>(router: Router<S>) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    router.layer(
+        tower_http::trace::TraceLayer::new_for_http()
+            .make_span_with(edge::request_span)
+            .on_request(())
+            .on_response(
+                tower_http::trace::DefaultOnResponse::new()
+                    .level(tracing::Level::INFO)
+                    .latency_unit(tower_http::LatencyUnit::Millis),
+            )
+            .on_failure(()),
     )
 }
 
 /// The complete API router.
 pub fn router(state: AppState) -> Router {
     let (router, _) = routes().split_for_parts();
-    router
+    let router = router
         .route_layer(from_fn_with_state(state.clone(), access::authorize))
         .route_layer(from_fn_with_state(state.clone(), system::track))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    access_log(router)
+        .layer(from_fn_with_state(state.clone(), edge::request_context))
+        .with_state(state)
+}
+
+/// The router of the separate metrics listener (`--metrics-addr`): `/metrics` only.
+pub fn metrics_router(state: AppState) -> Router {
+    let router = Router::new()
+        .route("/metrics", axum::routing::get(system::metrics_endpoint))
+        .fallback(not_found);
+    access_log(router)
+        .layer(from_fn_with_state(state.clone(), edge::request_context))
         .with_state(state)
 }

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::auth_routes::new_password_hash;
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody};
 use super::AppState;
 use crate::audit::{self, Actor, AuditEvent, Outcome};
@@ -146,12 +146,12 @@ pub async fn confirm(
 ) -> Result<StatusCode, ApiError> {
     let invalid = || {
         ApiError::bad_request(
-            "invalid_token",
+            ErrorCode::InvalidToken,
             "this reset link is not valid (unknown, used or expired); ask for a new one",
         )
     };
     let token = Token::parse(TokenKind::PasswordReset, req.token.trim()).ok_or_else(invalid)?;
-    let hash = new_password_hash(req.password).await?;
+    let hash = new_password_hash(&state.hashing, req.password).await?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let row = tx

@@ -13,8 +13,9 @@ use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{ApiError, ErrorBody};
-use super::extract::{ClientMeta, JsonBody};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::extract::{ClientMeta, JsonBody, QueryParams};
+use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit;
 use crate::auth::Principal;
@@ -92,6 +93,8 @@ pub struct ProjectView {
 #[derive(Serialize, ToSchema)]
 pub struct ProjectList {
     pub projects: Vec<ProjectView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }
 
 /// The project as it will be stored, validated with the release engine's own rules.
@@ -109,23 +112,23 @@ struct Checked {
 fn check(c: &Checked) -> Result<(), ApiError> {
     if c.name.trim().is_empty() || c.name.chars().count() > 200 {
         return Err(ApiError::unprocessable(
-            "invalid_name",
+            ErrorCode::InvalidName,
             "name must be 1 to 200 characters",
         ));
     }
     release::check_repo_url(&c.repo_url)
-        .map_err(|e| ApiError::unprocessable("invalid_repo_url", e.0))?;
+        .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidRepoUrl, e.0))?;
     release::check_deploy_path(&c.deploy_path)
-        .map_err(|e| ApiError::unprocessable("invalid_deploy_path", e.0))?;
+        .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidDeployPath, e.0))?;
     if !(1..=100).contains(&c.keep_releases) {
         return Err(ApiError::unprocessable(
-            "invalid_keep_releases",
+            ErrorCode::InvalidKeepReleases,
             "keep_releases must be between 1 and 100",
         ));
     }
     for p in &c.shared_paths {
         release::check_shared_path(p)
-            .map_err(|e| ApiError::unprocessable("invalid_shared_path", e.0))?;
+            .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidSharedPath, e.0))?;
     }
     let hooks = c
         .hooks
@@ -135,21 +138,21 @@ fn check(c: &Checked) -> Result<(), ApiError> {
         .chain(&c.hooks.post_switch);
     if hooks.clone().count() > MAX_HOOKS {
         return Err(ApiError::unprocessable(
-            "invalid_hooks",
+            ErrorCode::InvalidHooks,
             format!("at most {MAX_HOOKS} hook commands"),
         ));
     }
     for h in hooks.chain(c.health_check.iter()) {
         if h.trim().is_empty() || h.len() > 4096 || h.contains('\0') {
             return Err(ApiError::unprocessable(
-                "invalid_hooks",
+                ErrorCode::InvalidHooks,
                 "hook commands are non-empty text of at most 4096 bytes",
             ));
         }
     }
     if !(1..=86_400).contains(&c.hook_timeout_secs) {
         return Err(ApiError::unprocessable(
-            "invalid_hook_timeout",
+            ErrorCode::InvalidHookTimeout,
             "hook_timeout_secs must be between 1 and 86400",
         ));
     }
@@ -159,15 +162,16 @@ fn check(c: &Checked) -> Result<(), ApiError> {
 fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if env.len() > MAX_ENV_VARS {
         return Err(ApiError::unprocessable(
-            "invalid_env",
+            ErrorCode::InvalidEnv,
             format!("at most {MAX_ENV_VARS} variables"),
         ));
     }
     for (k, v) in env {
-        release::check_env_name(k).map_err(|e| ApiError::unprocessable("invalid_env", e.0))?;
+        release::check_env_name(k)
+            .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidEnv, e.0))?;
         if v.contains('\0') || v.len() > 65_536 {
             return Err(ApiError::unprocessable(
-                "invalid_env",
+                ErrorCode::InvalidEnv,
                 format!("value of {k} is not storable text"),
             ));
         }
@@ -271,20 +275,36 @@ pub async fn create(
 }
 
 /// Lists the account's projects.
-#[utoipa::path(get, path = "/v1/projects", tag = "projects", responses((status = 200, body = ProjectList)))]
+#[utoipa::path(get, path = "/v1/projects", tag = "projects", params(PageQuery),
+    responses((status = 200, body = ProjectList), (status = 400, body = ErrorBody, description = "invalid limit or cursor")))]
 pub async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    QueryParams(query): QueryParams<PageQuery>,
 ) -> Result<Json<ProjectList>, ApiError> {
+    let page = query.page()?;
     let client = state.pool.get().await?;
     let rows = client
         .query(
-            &format!("{SELECT} ORDER BY created_at"),
-            &[&principal.account_id],
+            &format!(
+                "{SELECT}{}",
+                Page::keyset_sql("created_at", "id", Order::OldestFirst, 2)
+            ),
+            &[
+                &principal.account_id,
+                &page.after_time(),
+                &page.after_id(),
+                &page.fetch(),
+            ],
         )
         .await?;
+    let (projects, next_cursor) = page
+        .finish(rows.iter().map(view).collect(), |p: &ProjectView| {
+            Cursor::at(p.created_at, p.id)
+        });
     Ok(Json(ProjectList {
-        projects: rows.iter().map(view).collect(),
+        projects,
+        next_cursor,
     }))
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use http::StatusCode;
@@ -17,13 +17,17 @@ use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{ApiError, ErrorBody};
-use super::extract::{ClientMeta, JsonBody};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::extract::{ClientMeta, JsonBody, QueryParams};
+use super::idempotency::{replayed, Claim, IdempotencyKey};
+use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit;
 use crate::auth::Principal;
 
 const MAX_TARGETS: usize = 100_000;
+/// The route's name for its idempotency keys.
+const CREATE_ROUTE: &str = "POST /v1/rollouts";
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -72,55 +76,84 @@ pub struct RolloutView {
     pub strategy: serde_json::Value,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub targets: Vec<TargetView>,
+    /// How many targets are in each status, e.g. `{"succeeded": 40, "pending": 60}`.
+    pub target_counts: BTreeMap<String, i64>,
+    /// Every target, on `GET /v1/rollouts/{id}` and its event stream; lists leave them out
+    /// (page through `GET /v1/rollouts/{id}/targets` instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Vec<TargetView>>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct RolloutList {
     pub rollouts: Vec<RolloutView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TargetList {
+    /// In rollout order: by batch, then position.
+    pub targets: Vec<TargetView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The rollout columns and the per-status target counts, for one rollout or a list.
+const ROLLOUT_SQL: &str = "SELECT r.id, r.project_id, r.git_ref, r.state, r.paused_reason, \
+       r.halted_reason, r.current_batch, r.batch_count, r.strategy, r.created_at, r.finished_at, \
+       coalesce(c.counts, '{}'::jsonb) AS target_counts \
+     FROM rollouts r LEFT JOIN LATERAL ( \
+       SELECT jsonb_object_agg(status, n) AS counts FROM ( \
+         SELECT status, count(*) AS n FROM rollout_targets WHERE rollout_id = r.id GROUP BY status \
+       ) per_status) c ON true \
+     WHERE r.account_id = $1";
+
+const TARGET_SQL: &str = "SELECT server_id, batch, position, status, deployment_id, \
+       rollback_deployment_id, error FROM rollout_targets WHERE rollout_id = $1";
+
+fn rollout_view(r: &tokio_postgres::Row) -> RolloutView {
+    let counts: serde_json::Value = r.get("target_counts");
+    RolloutView {
+        id: r.get("id"),
+        project_id: r.get("project_id"),
+        git_ref: r.get("git_ref"),
+        state: r.get("state"),
+        paused_reason: r.get("paused_reason"),
+        halted_reason: r.get("halted_reason"),
+        current_batch: r.get("current_batch"),
+        batch_count: r.get("batch_count"),
+        strategy: r.get("strategy"),
+        created_at: r.get("created_at"),
+        finished_at: r.get("finished_at"),
+        target_counts: serde_json::from_value(counts).unwrap_or_default(),
+        targets: None,
+    }
+}
+
+fn target_view(t: &tokio_postgres::Row) -> TargetView {
+    TargetView {
+        server_id: t.get("server_id"),
+        batch: t.get("batch"),
+        status: t.get("status"),
+        deployment_id: t.get("deployment_id"),
+        rollback_deployment_id: t.get("rollback_deployment_id"),
+        error: t.get("error"),
+    }
 }
 
 async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<RolloutView, ApiError> {
     let client = state.pool.get().await?;
     let r = client
-        .query_opt(
-            "SELECT id, project_id, git_ref, state, paused_reason, halted_reason, current_batch, \
-                    batch_count, strategy, created_at, finished_at \
-             FROM rollouts WHERE account_id = $1 AND id = $2",
-            &[&account, &id],
-        )
+        .query_opt(&format!("{ROLLOUT_SQL} AND r.id = $2"), &[&account, &id])
         .await?
         .ok_or_else(|| ApiError::not_found("rollout"))?;
     let targets = client
-        .query(
-            "SELECT server_id, batch, status, deployment_id, rollback_deployment_id, error \
-             FROM rollout_targets WHERE rollout_id = $1 ORDER BY batch, position",
-            &[&id],
-        )
+        .query(&format!("{TARGET_SQL} ORDER BY batch, position"), &[&id])
         .await?;
     Ok(RolloutView {
-        id: r.get(0),
-        project_id: r.get(1),
-        git_ref: r.get(2),
-        state: r.get(3),
-        paused_reason: r.get(4),
-        halted_reason: r.get(5),
-        current_batch: r.get(6),
-        batch_count: r.get(7),
-        strategy: r.get(8),
-        created_at: r.get(9),
-        finished_at: r.get(10),
-        targets: targets
-            .iter()
-            .map(|t| TargetView {
-                server_id: t.get(0),
-                batch: t.get(1),
-                status: t.get(2),
-                deployment_id: t.get(3),
-                rollback_deployment_id: t.get(4),
-                error: t.get(5),
-            })
-            .collect(),
+        targets: Some(targets.iter().map(target_view).collect()),
+        ..rollout_view(&r)
     })
 }
 
@@ -131,17 +164,33 @@ pub async fn create(
     State(state): State<AppState>,
     meta: ClientMeta,
     Extension(principal): Extension<Principal>,
+    idempotency: IdempotencyKey,
     JsonBody(req): JsonBody<CreateRollout>,
-) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
+) -> Result<Response, ApiError> {
     let git_ref = req.git_ref.trim().to_owned();
     sensei_shared::release::check_git_ref(&git_ref)
-        .map_err(|e| ApiError::unprocessable("invalid_ref", e.0))?;
+        .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidRef, e.0))?;
     let strategy = req.strategy.unwrap_or_default();
     strategy
         .validate()
-        .map_err(|e| ApiError::unprocessable("invalid_strategy", e))?;
+        .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidStrategy, e))?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
+    let request = json!({
+        "project_id": req.project_id,
+        "ref": git_ref,
+        "selector": req.selector.as_ref().map(|s| &s.labels),
+        "server_ids": req.server_ids,
+        "strategy": strategy,
+    });
+    if let Claim::Replay { status, resource } = idempotency
+        .claim(&tx, principal.account_id, CREATE_ROUTE, &request)
+        .await?
+    {
+        drop(tx);
+        let view = load(&state, principal.account_id, resource).await?;
+        return Ok(replayed((status, Json(view))));
+    }
     tx.query_opt(
         "SELECT 1 FROM projects WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
         &[&req.project_id, &principal.account_id],
@@ -175,25 +224,21 @@ pub async fn create(
             if found.len() != unique.len() {
                 return Err(ApiError::not_found("one of the servers"));
             }
-            let mut ordered = Vec::new();
-            for id in ids {
-                if !ordered.contains(&id) {
-                    ordered.push(id);
-                }
-            }
-            ordered
+            // The order given, each server once.
+            let mut seen = std::collections::HashSet::with_capacity(ids.len());
+            ids.into_iter().filter(|id| seen.insert(*id)).collect()
         }
-        _ => return Err(ApiError::unprocessable("invalid_targets", "give either selector or server_ids")),
+        _ => return Err(ApiError::unprocessable(ErrorCode::InvalidTargets, "give either selector or server_ids")),
     };
     if servers.is_empty() {
         return Err(ApiError::unprocessable(
-            "no_targets",
+            ErrorCode::NoTargets,
             "no server matches the selector",
         ));
     }
     if servers.len() > MAX_TARGETS {
         return Err(ApiError::unprocessable(
-            "invalid_targets",
+            ErrorCode::InvalidTargets,
             format!("at most {MAX_TARGETS} servers per rollout"),
         ));
     }
@@ -228,36 +273,104 @@ pub async fn create(
         ),
     )
     .await?;
+    idempotency
+        .record(
+            &tx,
+            principal.account_id,
+            CREATE_ROUTE,
+            StatusCode::CREATED,
+            id,
+        )
+        .await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
         Json(load(&state, principal.account_id, id).await?),
-    ))
+    )
+        .into_response())
 }
 
-/// Lists the account's rollouts, newest first.
-#[utoipa::path(get, path = "/v1/rollouts", tag = "rollouts", responses((status = 200, body = RolloutList)))]
+/// Lists the account's rollouts, newest first, each with its target counts.
+#[utoipa::path(get, path = "/v1/rollouts", tag = "rollouts", params(PageQuery),
+    responses((status = 200, body = RolloutList), (status = 400, body = ErrorBody, description = "invalid limit or cursor")))]
 pub async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
+    QueryParams(query): QueryParams<PageQuery>,
 ) -> Result<Json<RolloutList>, ApiError> {
-    let ids: Vec<Uuid> = state
+    let page = query.page()?;
+    let rows = state
         .pool
         .get()
         .await?
         .query(
-            "SELECT id FROM rollouts WHERE account_id = $1 ORDER BY created_at DESC LIMIT 100",
-            &[&principal.account_id],
+            &format!(
+                "{ROLLOUT_SQL}{}",
+                Page::keyset_sql("r.created_at", "r.id", Order::NewestFirst, 2)
+            ),
+            &[
+                &principal.account_id,
+                &page.after_time(),
+                &page.after_id(),
+                &page.fetch(),
+            ],
+        )
+        .await?;
+    let (rollouts, next_cursor) = page.finish(
+        rows.iter().map(rollout_view).collect(),
+        |r: &RolloutView| Cursor::at(r.created_at, r.id),
+    );
+    Ok(Json(RolloutList {
+        rollouts,
+        next_cursor,
+    }))
+}
+
+/// A rollout's targets in rollout order, a page at a time.
+#[utoipa::path(get, path = "/v1/rollouts/{id}/targets", tag = "rollouts",
+    params(("id" = Uuid, Path, description = "rollout id"), PageQuery),
+    responses((status = 200, body = TargetList), (status = 404, body = ErrorBody),
+              (status = 400, body = ErrorBody, description = "invalid limit or cursor")))]
+pub async fn targets(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<Uuid>,
+    QueryParams(query): QueryParams<PageQuery>,
+) -> Result<Json<TargetList>, ApiError> {
+    let page = query.page()?;
+    let client = state.pool.get().await?;
+    client
+        .query_opt(
+            "SELECT 1 FROM rollouts WHERE id = $1 AND account_id = $2",
+            &[&id, &principal.account_id],
         )
         .await?
+        .ok_or_else(|| ApiError::not_found("rollout"))?;
+    // Positions are unique within a rollout and follow batch order, so the position alone
+    // is the cursor's key.
+    let after = page.after.map(|c| c.key).unwrap_or(-1);
+    let rows = client
+        .query(
+            &format!("{TARGET_SQL} AND position > $2 ORDER BY position LIMIT $3"),
+            &[
+                &id,
+                &i32::try_from(after).unwrap_or(i32::MAX),
+                &page.fetch(),
+            ],
+        )
+        .await?;
+    let positioned: Vec<(i32, TargetView)> = rows
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get("position"), target_view(r)))
         .collect();
-    let mut rollouts = Vec::new();
-    for id in ids {
-        rollouts.push(load(&state, principal.account_id, id).await?);
-    }
-    Ok(Json(RolloutList { rollouts }))
+    let (positioned, next_cursor) = page.finish(positioned, |(position, t)| Cursor {
+        key: i64::from(*position),
+        id: t.server_id,
+    });
+    Ok(Json(TargetList {
+        targets: positioned.into_iter().map(|(_, t)| t).collect(),
+        next_cursor,
+    }))
 }
 
 /// One rollout with every target.
@@ -338,7 +451,7 @@ async fn command(
         .is_some_and(|r| r.contains("approval"));
     let refuse = |what: &str| {
         Err(ApiError::conflict(
-            "invalid_state",
+            ErrorCode::InvalidState,
             format!(
                 "cannot {what} a rollout that is {current}{}",
                 if awaiting { " (awaiting approval)" } else { "" }

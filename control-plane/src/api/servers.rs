@@ -14,8 +14,9 @@ use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody};
+use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::agents::cert_events;
 use crate::audit;
@@ -111,6 +112,8 @@ pub struct CreatedServer {
 #[derive(Serialize, ToSchema)]
 pub struct ServerList {
     pub servers: Vec<ServerView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema, Default)]
@@ -122,7 +125,7 @@ pub struct NewToken {
 fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if labels.len() > MAX_LABELS {
         return Err(ApiError::unprocessable(
-            "invalid_labels",
+            ErrorCode::InvalidLabels,
             format!("at most {MAX_LABELS} labels"),
         ));
     }
@@ -134,13 +137,13 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     for (k, v) in labels {
         if !key_ok(k) {
             return Err(ApiError::unprocessable(
-                "invalid_labels",
+                ErrorCode::InvalidLabels,
                 format!("label key {k:?}: 1 to 63 letters, digits, '-', '_', '.', '/'"),
             ));
         }
         if v.len() > 63 || v.chars().any(|c| c.is_control()) {
             return Err(ApiError::unprocessable(
-                "invalid_labels",
+                ErrorCode::InvalidLabels,
                 format!("label {k:?}: values are at most 63 printable characters"),
             ));
         }
@@ -152,7 +155,7 @@ fn ttl(requested: Option<i64>) -> Result<i64, ApiError> {
     let secs = requested.unwrap_or(ENROLLMENT_TTL_SECS);
     if !(60..=MAX_ENROLLMENT_TTL_SECS).contains(&secs) {
         return Err(ApiError::unprocessable(
-            "invalid_ttl",
+            ErrorCode::InvalidTtl,
             format!("enrollment_ttl_seconds must be between 60 and {MAX_ENROLLMENT_TTL_SECS}"),
         ));
     }
@@ -255,7 +258,7 @@ pub async fn create(
     let name = req.name.trim().to_owned();
     if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::unprocessable(
-            "invalid_name",
+            ErrorCode::InvalidName,
             "name must be 1 to 200 characters",
         ));
     }
@@ -265,7 +268,7 @@ pub async fn create(
         || host.chars().any(|c| c.is_whitespace() || c.is_control())
     {
         return Err(ApiError::unprocessable(
-            "invalid_host",
+            ErrorCode::InvalidHost,
             "host must be a host name or address",
         ));
     }
@@ -278,7 +281,7 @@ pub async fn create(
         "agent" => {
             if req.auth.is_some() || req.password.is_some() || req.host_key.is_some() {
                 return Err(ApiError::unprocessable(
-                    "invalid_field",
+                    ErrorCode::InvalidField,
                     "auth, password and host_key apply to SSH servers only",
                 ));
             }
@@ -305,7 +308,7 @@ pub async fn create(
         }
         other => {
             return Err(ApiError::unprocessable(
-                "invalid_transport",
+                ErrorCode::InvalidTransport,
                 format!("transport {other:?}: use \"agent\" or \"ssh\""),
             ))
         }
@@ -353,24 +356,23 @@ impl SshCredentials {
         });
         if !user_ok {
             return Err(ApiError::unprocessable(
-                "invalid_username",
+                ErrorCode::InvalidUsername,
                 "SSH servers need the login username (letters, digits, . _ -)",
             ));
         }
         if req.enrollment_ttl_seconds.is_some() {
             return Err(ApiError::unprocessable(
-                "invalid_field",
+                ErrorCode::InvalidField,
                 "enrollment_ttl_seconds applies to agent servers only",
             ));
         }
         let host_key = match &req.host_key {
             Some(line) => {
                 let key = crate::ssh_keys::public_key(line)
-                    .map_err(|e| ApiError::unprocessable("invalid_host_key", e.0))?;
-                Some(
-                    key.to_openssh()
-                        .map_err(|e| ApiError::unprocessable("invalid_host_key", e.to_string()))?,
-                )
+                    .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidHostKey, e.0))?;
+                Some(key.to_openssh().map_err(|e| {
+                    ApiError::unprocessable(ErrorCode::InvalidHostKey, e.to_string())
+                })?)
             }
             None => None,
         };
@@ -378,7 +380,7 @@ impl SshCredentials {
             "key" => {
                 if req.password.is_some() {
                     return Err(ApiError::unprocessable(
-                        "invalid_field",
+                        ErrorCode::InvalidField,
                         "password applies to auth \"password\" only",
                     ));
                 }
@@ -400,7 +402,7 @@ impl SshCredentials {
                     .filter(|p| !p.is_empty() && p.len() <= 1024)
                     .ok_or_else(|| {
                         ApiError::unprocessable(
-                            "invalid_password",
+                            ErrorCode::InvalidPassword,
                             "auth \"password\" needs the login password",
                         )
                     })?;
@@ -414,7 +416,7 @@ impl SshCredentials {
                 })
             }
             other => Err(ApiError::unprocessable(
-                "invalid_auth",
+                ErrorCode::InvalidAuth,
                 format!("auth {other:?}: use \"key\" or \"password\""),
             )),
         }
@@ -424,8 +426,9 @@ impl SshCredentials {
 /// Lists the account's servers.
 #[utoipa::path(get, path = "/v1/servers", tag = "servers",
     params(("label" = Option<String>, Query,
-            description = "only servers with this label, written `key=value`; repeat to require several")),
-    responses((status = 200, body = ServerList)))]
+            description = "only servers with this label, written `key=value`; repeat to require several"),
+           PageQuery),
+    responses((status = 200, body = ServerList), (status = 400, body = ErrorBody, description = "invalid limit or cursor")))]
 pub async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -438,21 +441,36 @@ pub async fn list(
     for pair in labels {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
             ApiError::bad_request(
-                "invalid_label_filter",
+                ErrorCode::InvalidLabelFilter,
                 format!("label {pair:?}: write key=value"),
             )
         })?;
         selector.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
     }
+    let page = PageQuery::from_raw(query.as_deref())?.page()?;
     let client = state.pool.get().await?;
     let rows = client
         .query(
-            &format!("{VIEW_SQL} AND s.labels @> $2 ORDER BY s.created_at"),
-            &[&principal.account_id, &serde_json::Value::Object(selector)],
+            &format!(
+                "{VIEW_SQL} AND s.labels @> $2{}",
+                Page::keyset_sql("s.created_at", "s.id", Order::OldestFirst, 3)
+            ),
+            &[
+                &principal.account_id,
+                &serde_json::Value::Object(selector),
+                &page.after_time(),
+                &page.after_id(),
+                &page.fetch(),
+            ],
         )
         .await?;
+    let (servers, next_cursor) = page.finish(
+        rows.iter().map(|r| view(&state, r)).collect(),
+        |s: &ServerView| Cursor::at(s.created_at, s.id),
+    );
     Ok(Json(ServerList {
-        servers: rows.iter().map(|r| view(&state, r)).collect(),
+        servers,
+        next_cursor,
     }))
 }
 
@@ -528,7 +546,7 @@ pub async fn revoke_certificate(
     if revoked.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "no_certificate",
+            ErrorCode::NoCertificate,
             "this server has no valid agent certificate to revoke",
         ));
     }
@@ -561,7 +579,7 @@ pub async fn new_enrollment_token(
         NewToken::default()
     } else {
         serde_json::from_slice(&body)
-            .map_err(|e| ApiError::unprocessable("invalid_field", e.to_string()))?
+            .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidField, e.to_string()))?
     };
     let ttl_secs = ttl(request.enrollment_ttl_seconds)?;
     let mut client = state.pool.get().await?;

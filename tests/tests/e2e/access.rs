@@ -27,7 +27,7 @@ fn need(method: &str, path: &str) -> Option<Need> {
     use Need::*;
     let (viewer, operator, developer, admin, owner) = (0, 1, 2, 3, 4);
     Some(match (method, path) {
-        ("GET", "/healthz" | "/metrics" | "/openapi.json") => Public,
+        ("GET", "/healthz" | "/livez" | "/readyz" | "/metrics" | "/openapi.json") => Public,
         (
             "POST",
             "/v1/auth/signup"
@@ -64,15 +64,19 @@ fn need(method: &str, path: &str) -> Option<Need> {
         ("POST", "/v1/projects") | ("PATCH" | "DELETE", "/v1/projects/{id}") => {
             Scoped(developer, "projects:write")
         }
-        ("GET", "/v1/deployments/{id}" | "/v1/deployments/{id}/logs") => {
+        ("GET", "/v1/deployments" | "/v1/deployments/{id}" | "/v1/deployments/{id}/logs") => {
             Scoped(viewer, "deployments:read")
         }
         ("POST", "/v1/deployments" | "/v1/deployments/{id}/rollback") => {
             Scoped(operator, "deployments:write")
         }
-        ("GET", "/v1/rollouts" | "/v1/rollouts/{id}" | "/v1/rollouts/{id}/events") => {
-            Scoped(viewer, "rollouts:read")
-        }
+        (
+            "GET",
+            "/v1/rollouts"
+            | "/v1/rollouts/{id}"
+            | "/v1/rollouts/{id}/events"
+            | "/v1/rollouts/{id}/targets",
+        ) => Scoped(viewer, "rollouts:read"),
         (
             "POST",
             "/v1/rollouts"

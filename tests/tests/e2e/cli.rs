@@ -133,6 +133,93 @@ fn quickstart_once_runs_the_whole_thing_and_exits_zero() {
     );
     let second = std::fs::read_link(&current).expect("current is a link");
     assert_ne!(second, target, "the second run deployed a new release");
+    let again_out = String::from_utf8_lossy(&again.stdout);
+    // The second run signs in to the same demo account and reuses server and agent.
+    let sign_in = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("API: "))
+            .and_then(|l| l.split("(sign in: ").nth(1))
+            .map(str::to_owned)
+            .expect("sign-in line")
+    };
+    assert_eq!(
+        sign_in(&stdout),
+        sign_in(&again_out),
+        "a new demo account was made"
+    );
+    assert!(again_out.contains("reused"), "{again_out}");
+    let login = std::fs::metadata(data.join("quickstart-login.json")).expect("kept login");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(login.permissions().mode() & 0o777, 0o600);
+    for out in [&stdout, &again_out] {
+        assert!(out.contains(&format!("Quickstart data directory: {}", data.display())));
+        // Where the application is, said as soon as it is deployed, and what to do next.
+        let live = out
+            .lines()
+            .position(|l| l.starts_with("The demo application is live at "))
+            .expect("live line");
+        let next = out
+            .lines()
+            .position(|l| l == "Next steps:")
+            .expect("next steps");
+        assert!(live < next, "{out}");
+        assert!(out.contains("/v1/auth/login"), "{out}");
+        assert!(out.contains("/openapi.json"), "{out}");
+    }
+    let db = String::from_utf8_lossy(&again.stderr);
+    assert!(!db.contains("a new demo account"), "{db}");
+    // The cluster's own log was appended to, not truncated, by the second run.
+    let log = std::fs::read_to_string(data.join("postgres/postgres.log")).unwrap_or_default();
+    let collector: String = std::fs::read_dir(data.join("postgres/log"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let starts = format!("{log}{collector}")
+        .matches("database system is ready to accept connections")
+        .count();
+    assert!(
+        starts >= 2,
+        "the server log kept {starts} start(s):\n{log}\n{collector}"
+    );
+}
+
+#[test]
+fn quickstart_explains_a_data_directory_postgres_cannot_reach() {
+    if !sensei_control_plane::postgres_cluster::running_as_root() {
+        // Without root the cluster runs as this very user, which can reach its own files:
+        // there is nothing to refuse.
+        return;
+    }
+    let dir = open_tempdir();
+    let closed = dir.path().join("private");
+    std::fs::create_dir(&closed).expect("mkdir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let data = closed.join("data");
+    let out = command()
+        .args([
+            "--data-dir",
+            &data.display().to_string(),
+            "quickstart",
+            "--once",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach"), "{stderr}");
+    assert!(
+        stderr.contains(&closed.display().to_string()),
+        "names the directory: {stderr}"
+    );
+    assert!(stderr.contains("--data-dir"), "says what to do: {stderr}");
+    assert!(
+        !data.join("postgres/pgdata").exists(),
+        "nothing was initialised"
+    );
 }
 
 #[tokio::test]
@@ -287,15 +374,154 @@ async fn secrets_never_reach_the_log_even_at_trace_level() {
         log.len() > 1000,
         "trace logging produced almost nothing:\n{log}"
     );
-    let cookie_secret = cookie.rsplit('_').next().expect("cookie secret");
-    let key_secret = secret.rsplit('_').next().expect("key secret");
+    // A token reads `<kind>_<id>_<secret>` and the base64url secret may itself contain `_`:
+    // the needle is everything after the id, never a fragment that could match by chance.
+    let token_secret = |token: &str| {
+        token
+            .splitn(3, '_')
+            .nth(2)
+            .expect("token secret")
+            .to_owned()
+    };
+    let cookie_token = cookie
+        .strip_prefix("sensei_session=")
+        .expect("cookie value");
+    let cookie_secret = token_secret(cookie_token);
+    let key_secret = token_secret(&secret);
+    assert!(cookie_secret.len() >= 43 && key_secret.len() >= 43);
+    // One access-log line per request, with its route template, status, latency and id.
+    let access = log
+        .lines()
+        .find(|l| l.contains("finished processing request") && l.contains("route=/v1/auth/login"))
+        .unwrap_or_else(|| panic!("no access-log line for the login:\n{log}"));
+    assert!(access.contains("request_id="), "{access}");
+    assert!(access.contains("status=401"), "{access}");
+    assert!(access.contains("latency="), "{access}");
     for (what, needle) in [
         ("password", password),
         ("failed password", wrong),
-        ("session secret", cookie_secret),
-        ("API key secret", key_secret),
+        ("session secret", cookie_secret.as_str()),
+        ("API key secret", key_secret.as_str()),
         ("field key", field_key.as_str()),
     ] {
         assert!(!log.contains(needle), "the {what} appears in the log");
     }
+}
+
+#[test]
+fn an_embedded_database_of_another_major_version_is_refused_and_upgraded_with_pg_upgrade() {
+    use sensei_control_plane::postgres_cluster::{ClusterOptions, PostgresCluster};
+    let dir = open_tempdir();
+    let data = dir.path().join("data");
+    let root = data.join("postgres");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let options = ClusterOptions::default();
+    {
+        let cluster = PostgresCluster::start(&root, &options).expect("first start");
+        let out = std::process::Command::new("psql")
+            .args(["-X", "-q", "-d", &cluster.conninfo("postgres")])
+            .args([
+                "-c",
+                "CREATE TABLE kept (v text); INSERT INTO kept VALUES ('survives')",
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let version_file = root.join("pgdata/PG_VERSION");
+    let installed = std::fs::read_to_string(&version_file)
+        .expect("PG_VERSION")
+        .trim()
+        .to_owned();
+    let older = (installed.parse::<u32>().expect("major") - 1).to_string();
+    // As if the data were made by the previous major version.
+    std::fs::write(&version_file, format!("{older}\n")).expect("pretend");
+    let err = PostgresCluster::start(&root, &options)
+        .err()
+        .expect("another major version is refused")
+        .to_string();
+    assert!(err.contains(&format!("PostgreSQL {older}")), "{err}");
+    assert!(err.contains(&installed), "{err}");
+    assert!(
+        err.contains("sensei-control-plane upgrade-embedded-db"),
+        "{err}"
+    );
+    // The upgrade needs the old binaries and says which package has them.
+    let out = command()
+        .args([
+            "--data-dir",
+            &data.display().to_string(),
+            "upgrade-embedded-db",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("postgresql-{older}")), "{stderr}");
+    std::fs::write(&version_file, format!("{installed}\n")).expect("restore");
+    // Same version: nothing to do.
+    let out = command()
+        .args([
+            "--data-dir",
+            &data.display().to_string(),
+            "upgrade-embedded-db",
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to do"));
+    // Naming the old binaries runs the real pg_upgrade (here from the installed version to
+    // itself, the only one this machine has): the data survive in the new directory.
+    let bindir = PostgresCluster::find_binaries().expect("binaries");
+    let out = command()
+        .args([
+            "--data-dir",
+            &data.display().to_string(),
+            "upgrade-embedded-db",
+            "--old-bindir",
+        ])
+        .arg(&bindir)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("upgraded PostgreSQL {installed} -> {installed}")),
+        "{stdout}"
+    );
+    let previous = std::fs::read_dir(&root)
+        .expect("root")
+        .filter_map(Result::ok)
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("pgdata.pg{installed}."))
+        })
+        .expect("the old data directory is kept");
+    assert!(previous.path().join("PG_VERSION").exists());
+    let cluster = PostgresCluster::start(&root, &options).expect("starts after the upgrade");
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-At",
+            "-d",
+            &cluster.conninfo("postgres"),
+            "-c",
+            "SELECT v FROM kept",
+        ])
+        .output()
+        .expect("psql");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "survives");
 }

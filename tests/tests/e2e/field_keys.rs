@@ -37,18 +37,14 @@ async fn ca_key_is_stored_encrypted_and_reused_after_restart() {
 async fn start_with(conninfo: &str, keys: FieldKeys) -> Result<ControlPlane, StartError> {
     let dir = open_tempdir();
     ControlPlane::start(ServeOptions {
-        api_addr: "127.0.0.1:0".parse().expect("addr"),
-        data_dir: dir.path().to_owned(),
-        database: DatabaseSource::Url(conninfo.to_owned()),
-        field_keys: Arc::new(keys),
         api_names: vec!["localhost".into()],
         pool_size: 2,
-        agent_addr: "127.0.0.1:0".parse().expect("addr"),
-        agent_endpoint: None,
-        agent_heartbeat: std::time::Duration::from_secs(30),
         dispatch_timeout: std::time::Duration::from_secs(60),
-        mail: Default::default(),
-        public_url: None,
+        ..ServeOptions::new(
+            dir.path().to_owned(),
+            DatabaseSource::Url(conninfo.to_owned()),
+            Arc::new(keys),
+        )
     })
     .await
 }

@@ -57,33 +57,136 @@ async fn healthz_reports_version_binary_and_database() {
     assert_eq!(sha, hex::encode(sha2::Sha256::digest(&exe)));
 }
 
-#[tokio::test]
-async fn healthz_says_degraded_when_the_database_is_gone() {
-    let t = TestPlane::start().await;
-    // Terminate the control plane's connections and refuse new ones to its database.
-    let dbname = t
-        .conninfo
+/// The database `t` uses, taken from its connection string.
+fn database_name(t: &TestPlane) -> String {
+    t.conninfo
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix("dbname="))
         .expect("dbname")
-        .to_owned();
-    let admin = sensei_e2e::connect(&sensei_e2e::cluster().conninfo("postgres")).await;
+        .to_owned()
+}
+
+/// Refuses new connections to `dbname` and ends every existing one. `pg_terminate_backend`
+/// with a timeout returns only once each backend has exited, so nothing here depends on how
+/// soon a terminated backend notices its signal.
+async fn cut_off(admin: &tokio_postgres::Client, dbname: &str) {
     admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {dbname} ALLOW_CONNECTIONS false; \
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{dbname}';"
-        ))
+        .batch_execute(&format!("ALTER DATABASE {dbname} ALLOW_CONNECTIONS false"))
         .await
-        .expect("cut the database off");
-    let r = t.http.get(t.url("/healthz")).send().await.expect("healthz");
-    assert_eq!(r.status(), 503);
-    let v: serde_json::Value = r.json().await.expect("json");
-    assert_eq!(v["database"], "unreachable");
+        .expect("refuse new connections");
+    for row in admin
+        .query(
+            "SELECT pg_terminate_backend(pid, 10000) AS gone FROM pg_stat_activity \
+             WHERE datname = $1",
+            &[&dbname],
+        )
+        .await
+        .expect("terminate")
+    {
+        assert!(
+            row.get::<_, bool>("gone"),
+            "a backend outlived its termination"
+        );
+    }
+}
+
+#[tokio::test]
+async fn healthz_says_degraded_when_the_database_is_gone_and_recovers_after() {
+    let t = TestPlane::start().await;
+    // Fill the pool with connections first, so that the stale ones are really there.
+    for _ in 0..4 {
+        assert_eq!(
+            t.http
+                .get(t.url("/healthz"))
+                .send()
+                .await
+                .expect("healthz")
+                .status(),
+            200
+        );
+    }
+    let dbname = database_name(&t);
+    let admin = sensei_e2e::connect(&sensei_e2e::cluster().conninfo("postgres")).await;
+    cut_off(&admin, &dbname).await;
+    for path in ["/healthz", "/readyz"] {
+        let r = t.http.get(t.url(path)).send().await.expect("probe");
+        assert_eq!(r.status(), 503, "{path}");
+        let v: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(v["database"], "unreachable", "{path}");
+    }
+    let v: serde_json::Value = t
+        .http
+        .get(t.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(v["status"], "degraded");
+    // The process itself is fine: liveness does not depend on the database.
+    assert_eq!(
+        t.http
+            .get(t.url("/livez"))
+            .send()
+            .await
+            .expect("livez")
+            .status(),
+        200
+    );
     admin
         .batch_execute(&format!("ALTER DATABASE {dbname} ALLOW_CONNECTIONS true"))
         .await
         .expect("restore");
+    // Every pooled connection is now a dead one; the probe must discard them and answer from
+    // a fresh connection on its first try.
+    let r = t.http.get(t.url("/healthz")).send().await.expect("healthz");
+    assert_eq!(r.status(), 200);
+    let r = t.http.get(t.url("/readyz")).send().await.expect("readyz");
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn readyz_reports_a_schema_this_binary_does_not_match() {
+    let t = TestPlane::start().await;
+    let v: serde_json::Value = t
+        .http
+        .get(t.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["status"], "ready");
+    assert_eq!(v["migrations"], "current");
+    let expected = v["migrations_expected"].as_i64().expect("expected");
+    assert_eq!(v["migrations_applied"].as_i64(), Some(expected));
+    // A newer binary migrated this database: this one is not ready for it.
+    let db = sensei_e2e::connect(&t.conninfo).await;
+    db.execute(
+        "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+         VALUES ($1, 'from_the_future', '2099-01-01T00:00:00Z', '0')",
+        &[&(expected as i32 + 1)],
+    )
+    .await
+    .expect("pretend a newer migration");
+    let r = t.http.get(t.url("/readyz")).send().await.expect("readyz");
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["status"], "not_ready");
+    assert_eq!(v["migrations"], "ahead");
+    assert_eq!(v["database"], "ok");
+    // /healthz is unchanged by it: the database answers.
+    assert_eq!(
+        t.http
+            .get(t.url("/healthz"))
+            .send()
+            .await
+            .expect("healthz")
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
