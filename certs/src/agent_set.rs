@@ -14,10 +14,12 @@ use crate::Fingerprint;
 /// What the control plane knows of an agent certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentCertStatus {
-    /// Issued to this server and not revoked.
+    /// Issued to this server, not revoked, not expired.
     Valid(Uuid),
     /// Revoked: refused with the `certificate_revoked` alert.
     Revoked,
+    /// Past its `not_after`: refused like a revoked one (the agent must enroll again).
+    Expired,
     /// Not known here (yet): refused, the agent retries.
     Unknown,
 }
@@ -32,8 +34,16 @@ pub struct AgentCertificateSet {
 
 #[derive(Debug, Default)]
 struct Sets {
-    valid: HashMap<Fingerprint, Uuid>,
+    /// Server and `not_after` (Unix seconds) of each valid certificate.
+    valid: HashMap<Fingerprint, (Uuid, i64)>,
     revoked: HashSet<Fingerprint>,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 impl AgentCertificateSet {
@@ -41,11 +51,11 @@ impl AgentCertificateSet {
         Self::default()
     }
 
-    /// Marks a certificate valid for `server_id`.
-    pub fn allow(&self, fingerprint: Fingerprint, server_id: Uuid) {
+    /// Marks a certificate valid for `server_id` until `not_after` (Unix seconds).
+    pub fn allow(&self, fingerprint: Fingerprint, server_id: Uuid, not_after: i64) {
         if let Ok(mut sets) = self.inner.write() {
             sets.revoked.remove(&fingerprint);
-            sets.valid.insert(fingerprint, server_id);
+            sets.valid.insert(fingerprint, (server_id, not_after));
         }
     }
 
@@ -53,19 +63,24 @@ impl AgentCertificateSet {
     pub fn revoke(&self, fingerprint: Fingerprint) -> Option<Uuid> {
         let mut sets = self.inner.write().ok()?;
         sets.revoked.insert(fingerprint);
-        sets.valid.remove(&fingerprint)
+        sets.valid.remove(&fingerprint).map(|(id, _)| id)
     }
 
+    /// The certificate's status now.
     pub fn status(&self, fingerprint: &Fingerprint) -> AgentCertStatus {
+        self.status_at(fingerprint, unix_now())
+    }
+
+    /// The certificate's status at `now` (Unix seconds).
+    pub fn status_at(&self, fingerprint: &Fingerprint, now: i64) -> AgentCertStatus {
         let Ok(sets) = self.inner.read() else {
             return AgentCertStatus::Unknown;
         };
-        if let Some(id) = sets.valid.get(fingerprint) {
-            AgentCertStatus::Valid(*id)
-        } else if sets.revoked.contains(fingerprint) {
-            AgentCertStatus::Revoked
-        } else {
-            AgentCertStatus::Unknown
+        match sets.valid.get(fingerprint) {
+            Some((id, not_after)) if now < *not_after => AgentCertStatus::Valid(*id),
+            Some(_) => AgentCertStatus::Expired,
+            None if sets.revoked.contains(fingerprint) => AgentCertStatus::Revoked,
+            None => AgentCertStatus::Unknown,
         }
     }
 
@@ -124,6 +139,9 @@ impl ClientCertVerifier for AgentClientVerifier {
             AgentCertStatus::Revoked => {
                 Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
             }
+            AgentCertStatus::Expired => {
+                Err(rustls::Error::InvalidCertificate(CertificateError::Expired))
+            }
             AgentCertStatus::Unknown => Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             )),
@@ -163,11 +181,22 @@ mod tests {
         let fp = Fingerprint::of_der(b"cert");
         let id = Uuid::new_v4();
         assert_eq!(set.status(&fp), AgentCertStatus::Unknown);
-        set.allow(fp, id);
+        set.allow(fp, id, unix_now() + 60);
         assert_eq!(set.status(&fp), AgentCertStatus::Valid(id));
         assert_eq!(set.revoke(fp), Some(id));
         assert_eq!(set.status(&fp), AgentCertStatus::Revoked);
         assert_eq!(set.revoke(fp), None);
         assert_eq!(set.valid_count(), 0);
+    }
+
+    #[test]
+    fn a_certificate_expires_at_its_not_after_without_any_event() {
+        let set = AgentCertificateSet::new();
+        let fp = Fingerprint::of_der(b"cert");
+        let id = Uuid::new_v4();
+        set.allow(fp, id, 1_000);
+        assert_eq!(set.status_at(&fp, 999), AgentCertStatus::Valid(id));
+        assert_eq!(set.status_at(&fp, 1_000), AgentCertStatus::Expired);
+        assert_eq!(set.status_at(&fp, 5_000), AgentCertStatus::Expired);
     }
 }

@@ -92,6 +92,11 @@ pub fn agent_gateway_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs_from_pem(chain_pem)?, key_from_pem(key_pem)?)?;
     config.alpn_protocols = vec![alpn.to_vec()];
+    // No resumption on the gateway: a resumed TLS 1.3 session does not present the client
+    // certificate again, so the verifier (chain, validity period, the live valid set) would
+    // not run. Every connection is a full handshake.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 

@@ -452,9 +452,10 @@ impl ControlPlane {
         // into a reconnect storm.
         let connected = self.agents.connected_count();
         self.agents.close_all_for_restart();
-        // Long enough for every close frame to leave (an agent that misses its close only
-        // notices after its 60 s idle timeout), without waiting for each peer's
-        // acknowledgement (wait_idle), which holds a restart for the full timeout.
+        // Wait for the peers to acknowledge their close (wait_idle), but only for the drain:
+        // long enough for every close frame to leave (an agent that misses its close only
+        // notices after its 60 s idle timeout), where waiting for every acknowledgement could
+        // hold a restart for the full idle timeout.
         let drain = sensei_shared::backoff::restart_drain(connected);
         let _ = tokio::time::timeout(drain, self.endpoint.wait_idle()).await;
         self.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");

@@ -35,17 +35,19 @@ pub async fn load_all(pool: &Pool, hub: &AgentHub) -> Result<(), tokio_postgres:
     let rows = client
         .query(
             "SELECT c.fingerprint, c.server_id, \
-                    c.revoked_at IS NULL AND c.not_after > now() AND s.deleted_at IS NULL \
+                    c.revoked_at IS NULL AND c.not_after > now() AND s.deleted_at IS NULL AS valid, \
+                    extract(epoch FROM c.not_after)::bigint AS not_after \
              FROM agent_certificates c JOIN servers s ON s.id = c.server_id",
             &[],
         )
         .await?;
     for row in rows {
-        let Some(fp) = fingerprint(row.get::<_, &[u8]>(0)) else {
+        let Some(fp) = fingerprint(row.get::<_, &[u8]>("fingerprint")) else {
             continue;
         };
-        if row.get::<_, bool>(2) {
-            hub.certificates.allow(fp, row.get(1));
+        if row.get::<_, bool>("valid") {
+            hub.certificates
+                .allow(fp, row.get("server_id"), row.get("not_after"));
         } else {
             hub.revoke(&[fp]);
         }
@@ -57,13 +59,18 @@ fn fingerprint(bytes: &[u8]) -> Option<Fingerprint> {
     Fingerprint::from_raw(bytes)
 }
 
-/// Queues, inside the caller's transaction, the notification that a certificate is valid.
+/// Queues, inside the caller's transaction, the notification that a certificate is valid
+/// until `not_after` (Unix seconds).
 pub async fn notify_allowed(
     tx: &tokio_postgres::Transaction<'_>,
     fp: &Fingerprint,
     server_id: Uuid,
+    not_after: i64,
 ) -> Result<(), tokio_postgres::Error> {
-    let payload = format!("allow:{}:{server_id}", hex::encode(fp.as_bytes()));
+    let payload = format!(
+        "allow:{}:{server_id}:{not_after}",
+        hex::encode(fp.as_bytes())
+    );
     tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
         .await?;
     Ok(())
@@ -83,14 +90,15 @@ pub async fn notify_revoked(
 /// Applies one notification payload to the hub.
 pub fn apply(hub: &AgentHub, payload: &str) {
     let mut parts = payload.split(':');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some("allow"), Some(fp), Some(id)) => {
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("allow"), Some(fp), Some(id), Some(not_after)) => {
             let fp = hex::decode(fp).ok().and_then(|b| fingerprint(&b));
-            if let (Some(fp), Ok(id)) = (fp, id.parse::<Uuid>()) {
-                hub.certificates.allow(fp, id);
+            match (fp, id.parse::<Uuid>(), not_after.parse::<i64>()) {
+                (Some(fp), Ok(id), Ok(not_after)) => hub.certificates.allow(fp, id, not_after),
+                _ => tracing::warn!(payload, "malformed agent certificate notification"),
             }
         }
-        (Some("revoke"), Some(fp), None) => {
+        (Some("revoke"), Some(fp), None, None) => {
             if let Some(fp) = hex::decode(fp).ok().and_then(|b| fingerprint(&b)) {
                 hub.revoke(&[fp]);
             }

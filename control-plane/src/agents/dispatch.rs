@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use ed25519_dalek::SigningKey;
-use sensei_certs::Fingerprint;
+use sensei_certs::{AgentCertStatus, Fingerprint};
 use sensei_shared::codec::io::{read_frame, write_frame};
 use sensei_shared::job::{DeploySpec, Hooks, JobPayload, JobTask, RollbackSpec, SignedJob};
 use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult, LogLine};
@@ -217,8 +217,20 @@ pub async fn serve_poll(
         _ => return,
     }
     let signal = ctx.hub.job_signal(server_id);
+    // A job is only ever claimed for, and handed to, a connection whose certificate is valid
+    // at that moment (the in-memory set: no database round trip).
+    let still_valid =
+        || ctx.hub.certificates.status(&fingerprint) == AgentCertStatus::Valid(server_id);
     let (job, signed) = loop {
+        if !still_valid() {
+            return;
+        }
         match ctx.batches.claim(server_id, *fingerprint.as_bytes()).await {
+            Ok(Some((job, Ok(_)))) if !still_valid() => {
+                // Revoked while the claim was in flight: the job never leaves.
+                ctx.batches.finish(job.id, certificate_revoked()).await;
+                return;
+            }
             Ok(Some((job, Ok(signed)))) => break (job, signed),
             Ok(Some((job, Err(reason)))) => {
                 let failed = JobResult {
@@ -337,6 +349,19 @@ pub async fn retire(pool: &deadpool_postgres::Pool, replica: Uuid) {
             .await;
     }
 }
+
+/// The result of a job whose server's certificate was revoked before it ran.
+pub fn certificate_revoked() -> JobResult {
+    JobResult {
+        succeeded: false,
+        release_id: None,
+        commit: None,
+        error: Some(("dispatch".into(), CERTIFICATE_REVOKED.into())),
+    }
+}
+
+/// The reason a revocation gives the jobs it fails.
+pub const CERTIFICATE_REVOKED: &str = "certificate revoked";
 
 /// Fails queued deployments nobody collected in time: the server's agent is offline.
 pub async fn expire_queued(pool: &deadpool_postgres::Pool) {

@@ -195,7 +195,7 @@ async fn enroll(
     for old in &replaced {
         cert_events::notify_revoked(&tx, old).await.map_err(db)?;
     }
-    cert_events::notify_allowed(&tx, &fingerprint, server_id)
+    cert_events::notify_allowed(&tx, &fingerprint, server_id, not_after.timestamp())
         .await
         .map_err(db)?;
     audit::append(
@@ -220,7 +220,9 @@ async fn enroll(
     .map_err(db)?;
     tx.commit().await.map_err(db)?;
     // Apply here at once; other replicas hear the NOTIFY.
-    ctx.hub.certificates.allow(fingerprint, server_id);
+    ctx.hub
+        .certificates
+        .allow(fingerprint, server_id, not_after.timestamp());
     ctx.hub.revoke(&replaced);
     Ok(EnrollResponse::Enrolled {
         server_id,

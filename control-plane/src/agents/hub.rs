@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 use quinn::VarInt;
-use sensei_certs::{AgentCertificateSet, Fingerprint};
+use sensei_certs::{AgentCertStatus, AgentCertificateSet, Fingerprint};
 use sensei_shared::protocol::close;
 use uuid::Uuid;
 
@@ -69,14 +69,23 @@ impl AgentHub {
         }
     }
 
-    /// Records a new session; an older connection of the same server is closed.
+    /// Records a new session; an older connection of the same server is closed. Refused when
+    /// the certificate is no longer valid for `server_id`: the check and the insert happen
+    /// under the lock [`AgentHub::revoke`] holds while it revokes, so a connection that passed
+    /// its handshake before a revocation and registers after it is never served.
     pub fn register(
         &self,
         server_id: Uuid,
         connection: quinn::Connection,
         fingerprint: Fingerprint,
-    ) {
-        let old = self.live.lock().ok().and_then(|mut live| {
+    ) -> Result<(), AgentCertStatus> {
+        let old = {
+            let mut live = self.live.lock().expect("agent hub lock poisoned");
+            match self.certificates.status(&fingerprint) {
+                AgentCertStatus::Valid(id) if id == server_id => {}
+                AgentCertStatus::Valid(_) => return Err(AgentCertStatus::Unknown),
+                other => return Err(other),
+            }
             live.insert(
                 server_id,
                 Live {
@@ -84,13 +93,14 @@ impl AgentHub {
                     fingerprint,
                 },
             )
-        });
+        };
         if let Some(old) = old {
             old.connection.close(
                 VarInt::from_u32(close::REPLACED),
                 b"replaced by a newer connection",
             );
         }
+        Ok(())
     }
 
     /// Forgets a session that ended. Returns whether it was still the registered one (a newer
@@ -117,14 +127,13 @@ impl AgentHub {
     }
 
     /// Revokes certificates: they leave the valid set (the next handshake is refused) and any
-    /// session using one is closed at once with the "revoked" code.
+    /// session using one is closed at once with the "revoked" code. The set changes under the
+    /// sessions' lock, so no registration can slip between the two.
     pub fn revoke(&self, fingerprints: &[Fingerprint]) {
+        let mut live = self.live.lock().expect("agent hub lock poisoned");
         for fp in fingerprints {
             self.certificates.revoke(*fp);
         }
-        let Ok(mut live) = self.live.lock() else {
-            return;
-        };
         let doomed: Vec<Uuid> = live
             .iter()
             .filter(|(_, l)| fingerprints.contains(&l.fingerprint))
@@ -138,8 +147,9 @@ impl AgentHub {
         }
     }
 
-    /// Closes every session, suggesting each agent a reconnect delay spread over `spread`
-    /// so that they do not all return in the same instant.
+    /// Closes every session, suggesting each agent a reconnect delay drawn over a window
+    /// sized to the fleet (`backoff::restart_delay`), so that they do not all return in the
+    /// same instant.
     pub fn close_all_for_restart(&self) {
         let Ok(mut live) = self.live.lock() else {
             return;

@@ -16,9 +16,13 @@ pub async fn run(
 ) {
     let server_id = match ctx.hub.certificates.status(&fingerprint) {
         AgentCertStatus::Valid(id) => id,
-        // Revoked between the handshake and now.
+        // Revoked (or expired) between the handshake and now.
         AgentCertStatus::Revoked => {
             connection.close(VarInt::from_u32(close::REVOKED), b"certificate revoked");
+            return;
+        }
+        AgentCertStatus::Expired => {
+            connection.close(VarInt::from_u32(close::REVOKED), b"certificate expired");
             return;
         }
         AgentCertStatus::Unknown => {
@@ -55,7 +59,18 @@ pub async fn run(
                 return;
             }
         };
-    ctx.hub.register(server_id, connection.clone(), fingerprint);
+    // The certificate is checked again as the session registers: it may have been revoked
+    // while the agent took its time to say hello.
+    if let Err(status) = ctx.hub.register(server_id, connection.clone(), fingerprint) {
+        tracing::info!(%server_id, ?status, "agent refused at registration: certificate no longer valid");
+        let (code, why): (u32, &[u8]) = match status {
+            AgentCertStatus::Expired => (close::REVOKED, b"certificate expired"),
+            AgentCertStatus::Unknown => (close::RETRY_LATER, b"1000"),
+            _ => (close::REVOKED, b"certificate revoked"),
+        };
+        connection.close(VarInt::from_u32(code), why);
+        return;
+    }
     ctx.batches.connected(server_id, &agent_version);
     tracing::info!(%server_id, %agent_version, peer = %connection.remote_address(), "agent connected");
     let welcome = ControlMessage::Welcome {

@@ -1,7 +1,7 @@
 //! API keys: created by a signed-in user, scoped no wider than that user's role, optionally
 //! bound to source networks and an expiry. The secret is shown once; only its hash is kept.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use http::StatusCode;
@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::extract::{ClientMeta, JsonBody, QueryParams};
+use super::extract::{ClientMeta, JsonBody, Path, QueryParams};
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit::{self, AuditEvent, Outcome};

@@ -1,6 +1,6 @@
 //! Signup, login, logout and the user's sessions.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::extract::{ClientMeta, JsonBody};
+use super::extract::{ClientMeta, JsonBody, Path};
 use super::mfa;
 use super::AppState;
 use crate::audit::{self, Actor, AuditEvent, Outcome};

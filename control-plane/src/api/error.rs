@@ -57,6 +57,7 @@ error_codes! {
     InvalidHooks => "invalid_hooks",
     InvalidHost => "invalid_host",
     InvalidHostKey => "invalid_host_key",
+    InvalidId => "invalid_id",
     InvalidIdempotencyKey => "invalid_idempotency_key",
     InvalidIpAllowlist => "invalid_ip_allowlist",
     InvalidKeepReleases => "invalid_keep_releases",

@@ -116,3 +116,25 @@ where
         }
     }
 }
+
+/// Path parameters (ids), with errors in the API's format (400 `invalid_id`) instead of
+/// axum's plain-text answer.
+pub struct Path<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::bad_request(
+                ErrorCode::InvalidId,
+                format!("{}: ids are UUIDs", rejection.body_text()),
+            )),
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! account always keeps at least one owner (checked under a lock on the account row, so two
 //! admins demoting the last two owners at once cannot both succeed).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
@@ -18,7 +18,7 @@ use super::auth_routes::{
     create_session, new_password_hash, normalise_email, session_cookie, with_cookie, UserView,
 };
 use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::extract::{ClientMeta, JsonBody, QueryParams};
+use super::extract::{ClientMeta, JsonBody, Path, QueryParams};
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit::{self, Actor, AuditEvent, Outcome};

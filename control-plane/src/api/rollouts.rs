@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::extract::{ClientMeta, JsonBody, QueryParams};
+use super::extract::{ClientMeta, JsonBody, Path, QueryParams};
 use super::idempotency::{replayed, Claim, IdempotencyKey};
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};

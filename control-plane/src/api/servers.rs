@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use http::StatusCode;
@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::extract::{ClientMeta, JsonBody};
+use super::extract::{ClientMeta, JsonBody, Path};
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::agents::cert_events;
@@ -507,6 +507,22 @@ pub(super) async fn revoke_certificates(
     }
     tx.execute(
         "UPDATE servers SET connected_replica = NULL WHERE id = ANY($1)",
+        &[&servers],
+    )
+    .await?;
+    // Nothing queued for these agents may still reach them, and nobody may enroll with a
+    // token issued before the revocation: their jobs fail now (not after the dispatch
+    // timeout), and their unused tokens go.
+    tx.execute(
+        "UPDATE deployments d SET status = 'failed', error_step = 'dispatch', \
+         error_message = $2, finished_at = now() \
+         FROM servers s WHERE s.id = d.server_id AND s.transport = 'agent' \
+         AND d.server_id = ANY($1) AND d.status IN ('queued', 'running')",
+        &[&servers, &crate::agents::dispatch::CERTIFICATE_REVOKED],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM enrollment_tokens WHERE server_id = ANY($1) AND used_at IS NULL",
         &[&servers],
     )
     .await?;

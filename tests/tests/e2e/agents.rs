@@ -220,10 +220,11 @@ async fn clients_without_a_valid_certificate_never_get_a_session() {
             now - time::Duration::days(1),
         )
         .expect("sign");
-    t.plane
-        .agents()
-        .certificates
-        .allow(Fingerprint::of_der(&expired.cert_der), id);
+    t.plane.agents().certificates.allow(
+        Fingerprint::of_der(&expired.cert_der),
+        id,
+        expired.not_after.unix_timestamp(),
+    );
     let err = try_session(&t, Some((&expired.cert_pem, &request.key_pem)), id)
         .await
         .expect_err("expired certificate admitted");

@@ -16,3 +16,4 @@ mod replicas;
 mod rollouts;
 mod ssh;
 mod system;
+mod trust;

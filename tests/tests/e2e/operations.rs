@@ -126,6 +126,19 @@ async fn every_list_pages_with_a_cursor_without_repeats_or_gaps() {
     let (members, _) = walk(&t, &cookie, "/v1/members", "members", 1).await;
     assert_eq!(members.len(), 1);
 
+    // An id that is not one is named in the API's own error format.
+    for path in [
+        "/v1/servers/not-a-uuid",
+        "/v1/deployments/42",
+        "/v1/rollouts/x/targets",
+    ] {
+        let (status, body) = t.get(path, &cookie).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "invalid_id"),
+            "{path}: {body}"
+        );
+    }
     // Bad limits and forged cursors get a clear error, and nothing else.
     for bad in [
         "limit=0",
