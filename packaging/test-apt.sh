@@ -69,6 +69,8 @@ rm -rf /var/lib/sensei/postgres
 sensei-agent --version | grep -q "^sensei-agent 0.1.0" || fail "sensei-agent --version"
 sensei-control-plane --version | grep -q "^sensei-control-plane 0.1.0" || fail "control plane --version"
 getent passwd sensei-agent >/dev/null || fail "no sensei-agent user"
+getent passwd sensei-deploy >/dev/null || fail "no sensei-deploy user"
+grep -q '^deploy_user = "sensei-deploy"' /etc/sensei/agent.toml || fail "agent.toml names no deploy user"
 getent passwd sensei >/dev/null || fail "no sensei user"
 [ "$(stat -c '%U %a' /var/lib/sensei-agent)" = "sensei-agent 700" ] || fail "state dir owner/mode"
 [ "$(stat -c '%U:%G %a' /etc/sensei/control-plane.env)" = "root:sensei 640" ] || fail "env file mode"
@@ -126,7 +128,10 @@ if [ -d /run/systemd/system ]; then
   pids+=(0)
 else
   # No running systemd (a container): run what sensei-agent.service runs, as its user.
-  setpriv --reuid sensei-agent --regid sensei-agent --init-groups /usr/bin/sensei-agent run > "$work/agent.log" 2>&1 &
+  # The unit's two ambient capabilities come along: the agent switches to the deploy user.
+  setpriv --reuid sensei-agent --regid sensei-agent --init-groups \
+    --inh-caps +setuid,+setgid --ambient-caps +setuid,+setgid \
+    /usr/bin/sensei-agent run > "$work/agent.log" 2>&1 &
   pids+=($!)
 fi
 connected=false

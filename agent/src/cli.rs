@@ -60,6 +60,13 @@ pub enum Command {
             value_delimiter = ','
         )]
         allow_deploy_roots: Vec<PathBuf>,
+        /// Run deploys and their hooks as this user [default: the config file's
+        /// deploy_user]. It must not be able to read the agent's state directory.
+        #[arg(long, env = "SENSEI_AGENT_DEPLOY_USER")]
+        deploy_user: Option<String>,
+        /// Run even as root (hooks then run as root unless a deploy user is set).
+        #[arg(long)]
+        allow_root: bool,
     },
     /// Delete this server's agent identity: the agent can no longer connect.
     Revoke {
@@ -160,13 +167,58 @@ pub async fn execute(cli: Cli) -> i32 {
         Command::Run {
             state_dir,
             allow_deploy_roots,
+            deploy_user,
+            allow_root,
         } => {
             let allowed_roots = if allow_deploy_roots.is_empty() {
                 config.allowed_deploy_roots.clone()
             } else {
                 allow_deploy_roots
             };
-            let policy = crate::jobs::JobPolicy { allowed_roots };
+            let deploy_user = match deploy_user.or_else(|| config.deploy_user.clone()) {
+                None => None,
+                Some(name) => match crate::policy::DeployUser::lookup(&name)
+                    .and_then(|u| u.check_switchable().map(|()| u))
+                {
+                    Ok(user) => Some(user),
+                    Err(e) => {
+                        eprintln!("sensei-agent: {e}");
+                        return 2;
+                    }
+                },
+            };
+            // SAFETY: geteuid cannot fail.
+            #[allow(unsafe_code)]
+            let root = unsafe { libc::geteuid() } == 0;
+            if root && !allow_root {
+                eprintln!(
+                    "sensei-agent: refusing to run as root: deploy hooks would run with every \
+                     privilege. Run it as its own user (the package's sensei-agent service), \
+                     or pass --allow-root{}",
+                    if deploy_user.is_none() {
+                        " (and set deploy_user so that hooks do not run as root)"
+                    } else {
+                        ""
+                    }
+                );
+                return 2;
+            }
+            if root {
+                tracing::warn!(
+                    deploy_user = deploy_user.as_ref().map(|u| u.name.as_str()),
+                    "running as root (--allow-root); {}",
+                    if deploy_user.is_some() {
+                        "deploys run as the deploy user"
+                    } else {
+                        "deploys and hooks run as root"
+                    }
+                );
+            }
+            let policy = crate::jobs::JobPolicy {
+                allowed_roots,
+                allowed_repositories: config.allowed_repositories.clone(),
+                deploy_user,
+            };
             let state_dir = state_dir_of(state_dir);
             let (stop, stopped) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {

@@ -21,9 +21,14 @@ pub struct AgentConfig {
     pub ca_fingerprint: Option<String>,
     /// Where the identity lives.
     pub state_dir: Option<PathBuf>,
-    /// Directories deploys may target; empty: anywhere the agent's user can write.
+    /// Directories deploys may target; empty: anywhere the deploy user can write.
     #[serde(default)]
     pub allowed_deploy_roots: Vec<PathBuf>,
+    /// Repository URL patterns this server deploys from (`*` matches anything); empty: any.
+    #[serde(default)]
+    pub allowed_repositories: Vec<String>,
+    /// The unprivileged user deploys and hooks run as (the package: `sensei-deploy`).
+    pub deploy_user: Option<String>,
 }
 
 /// Why the configuration file cannot be used.

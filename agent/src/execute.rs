@@ -1,18 +1,17 @@
 //! Runs a release-engine script on this machine: `sh` reads the script from its standard
 //! input, in a process group of its own (a cancel kills every hook it started), and dies with
 //! the agent (a parent-death signal), so that an agent killed mid-deploy leaves no deploy
-//! running behind it. Output is read line by line and handed to the caller.
+//! running behind it. Output is read as bytes and cut into bounded lines by the line
+//! assembler the SSH runner uses too (`sensei_shared::lines`).
 
 #![allow(unsafe_code)]
 
 use std::process::Stdio;
 
+use sensei_shared::lines::LineAssembler;
 use sensei_shared::release::{Outcome, OutputParser, ScriptEvent};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
-
-/// Longest log line kept; longer lines are cut (hooks can print anything).
-pub const MAX_LINE: usize = 4096;
 
 /// One line of output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,18 +38,6 @@ impl Report {
         }
         self.outcome.verdict(self.status)
     }
-}
-
-fn cut(mut line: String) -> String {
-    if line.len() > MAX_LINE {
-        let mut end = MAX_LINE;
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        line.truncate(end);
-        line.push_str(" …[cut]");
-    }
-    line
 }
 
 struct KillOnDrop(Option<libc::pid_t>);
@@ -94,10 +81,70 @@ fn kill_session(sid: libc::pid_t) {
     }
 }
 
-/// Runs `script`, sending every event to `events`, until it exits or `cancel` turns true.
+/// The kernel's capability header and data (`capset(2)`, version 3: two 32-bit words).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// In the child, before exec: become `uid`/`gid` (and only its primary group) and hold no
+/// capability at all, so that nothing the script runs can switch back to the agent's user.
+/// Only async-signal-safe calls.
+fn drop_to(uid: u32, gid: u32) -> std::io::Result<()> {
+    let groups = [gid];
+    // SAFETY: plain system calls on values owned by this frame.
+    unsafe {
+        if libc::setgroups(1, groups.as_ptr()) != 0
+            || libc::setresgid(gid, gid, gid) != 0
+            || libc::setresuid(uid, uid, uid) != 0
+            || libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let none = [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capset, &header as *const CapHeader, none.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Nothing exec'd later may gain privileges (setuid binaries, file capabilities).
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `script` (as `deploy_user` when given), sending every event to `events`, until it
+/// exits or `cancel` turns true. The script gets a clean environment: nothing of the
+/// agent's (an enrollment token, a proxy password) is passed on.
 pub async fn run_script(
     script: &str,
     nonce: &str,
+    deploy_user: Option<&crate::policy::DeployUser>,
     events: mpsc::UnboundedSender<(OutputLine, ScriptEvent)>,
     mut cancel: watch::Receiver<bool>,
 ) -> std::io::Result<Report> {
@@ -107,14 +154,54 @@ pub async fn run_script(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
+        )
         .env("LC_ALL", "C")
         .kill_on_drop(true);
-    // SAFETY: setsid and prctl are async-signal-safe and touch no memory of the parent.
-    // A session of its own: `timeout` moves hooks into process groups of their own, but
-    // never out of the session, so the session is what a cancel kills.
+    // Proxy settings are the one part of the agent's environment a fetch may need.
+    for name in [
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+    ] {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    match deploy_user {
+        Some(user) => {
+            command
+                .env("HOME", &user.home)
+                .env("USER", &user.name)
+                .env("LOGNAME", &user.name)
+                .current_dir("/");
+        }
+        None => {
+            if let Some(home) = std::env::var_os("HOME") {
+                command.env("HOME", home);
+            }
+        }
+    }
+    let switch = deploy_user.map(|u| (u.uid, u.gid));
+    // SAFETY: setsid, prctl and the calls in drop_to are async-signal-safe and touch no
+    // memory of the parent. A session of its own: `timeout` moves hooks into process groups
+    // of their own, but never out of the session, so the session is what a cancel kills.
+    // The death signal is set after the user switch, which would clear it.
     unsafe {
-        command.pre_exec(|| {
-            if libc::setsid() < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+        command.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some((uid, gid)) = switch {
+                drop_to(uid, gid)?;
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -132,20 +219,22 @@ pub async fn run_script(
     }
     let parser = OutputParser::new(nonce);
     let mut outcome = Outcome::default();
-    let mut stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
-    let mut stderr = child.stderr.take().map(|s| BufReader::new(s).lines());
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut assemblers = [LineAssembler::new(), LineAssembler::new()];
+    let (mut out_buf, mut err_buf) = (vec![0u8; 8192], vec![0u8; 8192]);
     let mut cancelled = false;
     // Listening for a cancel makes sense while someone can still send one.
     let mut cancellable = true;
     while stdout.is_some() || stderr.is_some() {
-        let (stream, line) = tokio::select! {
-            line = async { stdout.as_mut()?.next_line().await.ok().flatten() }, if stdout.is_some() => match line {
-                Some(l) => (1, l),
-                None => { stdout = None; continue; }
+        let (stream, lines) = tokio::select! {
+            read = async { stdout.as_mut()?.read(&mut out_buf).await.ok() }, if stdout.is_some() => match read {
+                Some(n) if n > 0 => (1u8, assemblers[0].push(&out_buf[..n])),
+                _ => { stdout = None; (1, assemblers[0].finish().into_iter().collect()) }
             },
-            line = async { stderr.as_mut()?.next_line().await.ok().flatten() }, if stderr.is_some() => match line {
-                Some(l) => (2, l),
-                None => { stderr = None; continue; }
+            read = async { stderr.as_mut()?.read(&mut err_buf).await.ok() }, if stderr.is_some() => match read {
+                Some(n) if n > 0 => (2u8, assemblers[1].push(&err_buf[..n])),
+                _ => { stderr = None; (2, assemblers[1].finish().into_iter().collect()) }
             },
             changed = cancel.changed(), if cancellable && !cancelled => {
                 match changed {
@@ -161,15 +250,11 @@ pub async fn run_script(
                 continue;
             }
         };
-        let event = parser.parse(&line);
-        outcome.feed(&event);
-        let _ = events.send((
-            OutputLine {
-                stream,
-                text: cut(line),
-            },
-            event,
-        ));
+        for line in lines {
+            let event = parser.parse(&line);
+            outcome.feed(&event);
+            let _ = events.send((OutputLine { stream, text: line }, event));
+        }
     }
     let status = child.wait().await?;
     guard.0 = None;
@@ -241,7 +326,7 @@ mod tests {
     async fn run(script: &str) -> (Report, Vec<OutputLine>) {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (_cancel, cancelled) = watch::channel(false);
-        let report = run_script(script, "t3st", tx, cancelled)
+        let report = run_script(script, "t3st", None, tx, cancelled)
             .await
             .expect("spawn");
         let mut lines = Vec::new();
@@ -474,7 +559,8 @@ mod tests {
         let script = deploy_script(&slow, "job", "t3st").expect("script");
         let (tx, _rx) = mpsc::unbounded_channel();
         let (cancel, cancelled) = watch::channel(false);
-        let running = tokio::spawn(async move { run_script(&script, "t3st", tx, cancelled).await });
+        let running =
+            tokio::spawn(async move { run_script(&script, "t3st", None, tx, cancelled).await });
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
         cancel.send(true).expect("cancel");
         let report = tokio::time::timeout(std::time::Duration::from_secs(5), running)
@@ -495,5 +581,84 @@ mod tests {
             .verdict()
             .expect("next deploy");
         assert_eq!(current(&d), "releases/20270101000002-cccccc");
+    }
+
+    /// A repository that commits a symlink out of the release, under a shared path's parent.
+    #[tokio::test]
+    async fn a_committed_symlink_cannot_redirect_a_shared_path_outside_the_release() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let outside = tmp.path().join("other-app/shared");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::fs::write(outside.join("local.ini"), "precious").expect("victim");
+        let (repo, _) = repo(tmp.path(), &["v1"]);
+        std::os::unix::fs::symlink(&outside, repo.join("config")).expect("symlink");
+        git(&repo, &["add", "config"]);
+        git(&repo, &["commit", "-q", "-m", "config -> elsewhere"]);
+        let d = tmp.path().join("app");
+        let mut hostile = spec(&repo, &d, "20270101000000-aaaaaa");
+        hostile.shared_paths = vec!["config/local.ini".into()];
+        let (report, _) = deploy(&hostile).await;
+        let (step, message) = report.verdict().expect_err("refused");
+        assert_eq!(step, "link");
+        assert!(message.contains("config is a symbolic link"), "{message}");
+        assert!(
+            message.contains("config/local.ini"),
+            "names the path: {message}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(outside.join("local.ini")).expect("victim"),
+            "precious",
+            "a file outside the release was replaced"
+        );
+        assert!(!d.join("current").exists());
+    }
+
+    /// A hook that reads standard input would swallow the rest of the script (health check,
+    /// switch, prune) and the deploy would look finished without having switched.
+    #[tokio::test]
+    async fn a_hook_reading_stdin_cannot_swallow_the_rest_of_the_script() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (repo, _) = repo(tmp.path(), &["v1"]);
+        let d = tmp.path().join("app");
+        let mut greedy = spec(&repo, &d, "20270101000000-aaaaaa");
+        greedy.hooks.build =
+            vec!["cat > swallowed.txt; echo read $(wc -c < swallowed.txt) bytes".into()];
+        let (report, lines) = deploy(&greedy).await;
+        report.verdict().expect("the deploy ran to its end");
+        assert!(lines.iter().any(|l| l.text == "read 0 bytes"), "{lines:?}");
+        assert_eq!(current(&d), "releases/20270101000000-aaaaaa");
+    }
+
+    #[tokio::test]
+    async fn a_script_that_stops_before_its_final_marker_is_a_failure() {
+        let (report, _) = run("echo '@@sensei:t3st step build'\nexit 0\n").await;
+        let (_, message) = report.verdict().expect_err("not a success");
+        assert!(message.contains("without finishing"), "{message}");
+    }
+
+    /// Endless output without a newline, and bytes that are not UTF-8: memory stays bounded,
+    /// the stream goes on, the line is kept lossily.
+    #[tokio::test]
+    async fn endless_lines_and_invalid_utf8_are_bounded_and_kept() {
+        let script = "head -c 50000000 /dev/zero | tr '\\0' 'x'; echo\n\
+                      printf 'bad \\377\\376 bytes\\n'\n\
+                      echo after\n";
+        let (report, lines) = run(script).await;
+        assert_eq!(report.status, Some(0));
+        let long = &lines[0].text;
+        assert!(long.starts_with(&"x".repeat(sensei_shared::lines::MAX_LINE)));
+        assert!(
+            long.ends_with(&format!(
+                " …[{} bytes cut]",
+                50_000_000 - sensei_shared::lines::MAX_LINE
+            )),
+            "{}",
+            &long[long.len() - 40..]
+        );
+        assert_eq!(lines[1].text, "bad \u{fffd}\u{fffd} bytes");
+        assert_eq!(
+            lines[2].text, "after",
+            "the stream went on after invalid UTF-8"
+        );
     }
 }

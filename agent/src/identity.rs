@@ -8,8 +8,11 @@
 //! | `ca.crt` | the control plane's CA certificate |
 //! | `agent.json` | server id, control plane address, pinned CA fingerprint and job-signing key |
 //!
-//! Files are written to a temporary name and renamed into place, so a crash never leaves a
-//! half-written identity.
+//! Files are written to a new temporary file with an unpredictable name (created with
+//! `O_EXCL | O_NOFOLLOW`, so nothing planted in the directory is ever opened or followed),
+//! synced, and renamed into place, so a crash never leaves a half-written identity and a
+//! symlink planted under any name cannot turn `sudo sensei-agent enroll` into a write
+//! elsewhere.
 
 use std::fs;
 use std::io::Write;
@@ -158,18 +161,35 @@ impl StateDir {
     }
 
     fn write(&self, name: &str, content: &str) -> Result<(), IdentityError> {
-        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let tmp = self.dir.join(format!(
+            ".{name}.{}.tmp",
+            hex::encode(rand::random::<[u8; 12]>())
+        ));
+        let result = self.write_new(&tmp, content).and_then(|()| {
+            fs::rename(&tmp, self.dir.join(name)).map_err(|e| self.io(e))?;
+            // The rename itself must survive a crash too.
+            fs::File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| self.io(e))
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Creates `path`, which must not exist (not even as a dangling symlink), and writes it.
+    fn write_new(&self, path: &Path, content: &str) -> Result<(), IdentityError> {
         let mut file = fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .mode(0o600)
-            .open(&tmp)
+            .open(path)
             .map_err(|e| self.io(e))?;
         self.give_to_dir_owner(&file)?;
         file.write_all(content.as_bytes()).map_err(|e| self.io(e))?;
-        file.sync_all().map_err(|e| self.io(e))?;
-        fs::rename(&tmp, self.dir.join(name)).map_err(|e| self.io(e))
+        file.sync_all().map_err(|e| self.io(e))
     }
 
     /// Root writing into a directory that belongs to the service user (`sudo sensei-agent
@@ -186,12 +206,25 @@ impl StateDir {
         std::os::unix::fs::fchown(file, Some(dir.uid()), Some(dir.gid())).map_err(|e| self.io(e))
     }
 
-    /// The highest job sequence number this agent has started (0: none).
-    pub fn highest_sequence(&self) -> u64 {
-        fs::read_to_string(self.dir.join(SEQUENCE))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+    /// The highest job sequence number this agent has started (0: none yet). The replay
+    /// floor fails closed: a file that exists but cannot be read or parsed is an error, never
+    /// a 0 that would let every old job run again.
+    pub fn highest_sequence(&self) -> Result<u64, IdentityError> {
+        let path = self.dir.join(SEQUENCE);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => {
+                return Err(IdentityError::Corrupt {
+                    dir: self.dir.display().to_string(),
+                    detail: format!("{SEQUENCE}: {e}"),
+                })
+            }
+        };
+        text.trim().parse().map_err(|_| IdentityError::Corrupt {
+            dir: self.dir.display().to_string(),
+            detail: format!("{SEQUENCE} does not hold a sequence number"),
+        })
     }
 
     /// Records that job `sequence` is starting. Written (and synced) before the job runs, so
@@ -251,11 +284,91 @@ mod tests {
         state.save(&first).expect("save");
         state.store_sequence(7).expect("sequence");
         state.save(&first).expect("re-enroll the same server");
-        assert_eq!(state.highest_sequence(), 7);
+        assert_eq!(state.highest_sequence().expect("floor"), 7);
         let mut other = sample();
         other.meta.server_id = Uuid::new_v4();
         state.save(&other).expect("enroll another server");
-        assert_eq!(state.highest_sequence(), 0);
+        assert_eq!(state.highest_sequence().expect("floor"), 0);
+    }
+
+    #[test]
+    fn a_garbled_or_unreadable_replay_floor_is_an_error_not_zero() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = StateDir::new(dir.path());
+        state.save(&sample()).expect("save");
+        assert_eq!(state.highest_sequence().expect("no file yet"), 0);
+        fs::write(dir.path().join(SEQUENCE), "12x").expect("garble");
+        assert!(matches!(
+            state.highest_sequence(),
+            Err(IdentityError::Corrupt { .. })
+        ));
+        fs::remove_file(dir.path().join(SEQUENCE)).expect("rm");
+        fs::create_dir(dir.path().join(SEQUENCE)).expect("a directory cannot be read");
+        assert!(matches!(
+            state.highest_sequence(),
+            Err(IdentityError::Corrupt { .. })
+        ));
+    }
+
+    /// An attacker who can write into the state directory plants symlinks at every name the
+    /// old code wrote through (the predictable temporary names) and at the final names, each
+    /// pointing at a file root owns. Enrolling (here: saving) must leave the targets alone.
+    #[test]
+    fn symlinks_planted_in_the_state_directory_are_never_followed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state_dir = dir.path().join("state");
+        fs::create_dir(&state_dir).expect("mkdir");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "root's file").expect("victim");
+        for name in [KEY, CERT, CA, META, SEQUENCE, PENDING] {
+            for planted in [format!(".{name}.tmp"), name.to_owned()] {
+                std::os::unix::fs::symlink(&victim, state_dir.join(&planted)).expect("plant");
+            }
+        }
+        let state = StateDir::new(&state_dir);
+        state.save(&sample()).expect("save");
+        state.store_sequence(3).expect("sequence");
+        state
+            .store_pending_result(
+                Uuid::new_v4(),
+                &JobResult {
+                    succeeded: true,
+                    release_id: None,
+                    commit: None,
+                    error: None,
+                },
+            )
+            .expect("pending");
+        assert_eq!(fs::read_to_string(&victim).expect("victim"), "root's file");
+        for name in [KEY, CERT, CA, META, SEQUENCE, PENDING] {
+            let meta = fs::symlink_metadata(state_dir.join(name)).expect("file");
+            assert!(meta.file_type().is_file(), "{name} is still a link");
+        }
+        // No temporary file is left behind.
+        let leftovers: Vec<_> = fs::read_dir(&state_dir)
+            .expect("dir")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                n.ends_with(".tmp")
+                    && !fs::symlink_metadata(state_dir.join(n))
+                        .expect("m")
+                        .is_symlink()
+            })
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn an_occupied_temporary_name_is_refused_not_followed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "untouched").expect("victim");
+        let planted = dir.path().join("planted");
+        std::os::unix::fs::symlink(&victim, &planted).expect("plant");
+        let state = StateDir::new(dir.path());
+        assert!(state.write_new(&planted, "overwrite").is_err());
+        assert_eq!(fs::read_to_string(&victim).expect("victim"), "untouched");
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! The agent's job loop, on an established session: long-poll for the next job, verify it,
 //! run it with the release engine, stream its log, report how it ended, poll again.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
@@ -20,23 +19,7 @@ use crate::identity::StateDir;
 const BATCH_LINES: usize = 200;
 const BATCH_INTERVAL: Duration = Duration::from_millis(200);
 
-/// What this agent accepts to do.
-#[derive(Debug, Clone, Default)]
-pub struct JobPolicy {
-    /// Deploy paths must lie below one of these; empty: anywhere the agent's user may write.
-    pub allowed_roots: Vec<PathBuf>,
-}
-
-impl JobPolicy {
-    fn permits(&self, deploy_path: &str) -> bool {
-        self.allowed_roots.is_empty()
-            || self.allowed_roots.iter().any(|root| {
-                let root = root.display().to_string();
-                let root = root.trim_end_matches('/');
-                deploy_path == root || deploy_path.starts_with(&format!("{root}/"))
-            })
-    }
-}
+pub use crate::policy::JobPolicy;
 
 /// What the agent checks jobs against.
 pub struct JobContext {
@@ -95,12 +78,20 @@ pub async fn job_loop(connection: &quinn::Connection, ctx: &JobContext) {
         return;
     }
     loop {
+        // Without a trustworthy replay floor no job can be checked: stop taking jobs (the
+        // session stays up, so the server shows as connected) until someone repairs it.
+        let highest_sequence = match ctx.state.highest_sequence() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "the job sequence file is unusable; refusing every job until it is repaired (remove it only if no old job could be replayed)");
+                connection.closed().await;
+                return;
+            }
+        };
         let Ok((mut send, mut recv)) = connection.open_bi().await else {
             return;
         };
-        let poll = AgentMessage::Poll {
-            highest_sequence: ctx.state.highest_sequence(),
-        };
+        let poll = AgentMessage::Poll { highest_sequence };
         if write_frame(&mut send, &poll).await.is_err() {
             return;
         }
@@ -134,11 +125,20 @@ async fn handle(
     job: &SignedJob,
     send: &mut quinn::SendStream,
 ) -> AgentMessage {
+    let highest_sequence = match ctx.state.highest_sequence() {
+        Ok(n) => n,
+        Err(e) => {
+            return AgentMessage::JobRefused {
+                job_id: None,
+                reason: format!("the agent's replay floor is unusable: {e}"),
+            }
+        }
+    };
     let expectations = Expectations {
         key: &ctx.key,
         server_id: ctx.server_id,
         certificate_fingerprint: ctx.fingerprint,
-        highest_sequence: ctx.state.highest_sequence(),
+        highest_sequence,
         now: now(),
     };
     let payload = match verify(job, &expectations) {
@@ -163,17 +163,20 @@ async fn handle(
             ),
         };
     }
-    let deploy_path = match &payload.task {
-        JobTask::Deploy(spec) => spec.deploy_path.clone(),
-        JobTask::Rollback(spec) => spec.deploy_path.clone(),
+    let (deploy_path, repo_url) = match &payload.task {
+        JobTask::Deploy(spec) => (spec.deploy_path.clone(), Some(spec.repo_url.as_str())),
+        JobTask::Rollback(spec) => (spec.deploy_path.clone(), None),
     };
-    if !ctx.policy.permits(&deploy_path) {
+    // This server's own policy, whatever the signature says.
+    let allowed = ctx
+        .policy
+        .permits_path(&deploy_path)
+        .and_then(|()| repo_url.map_or(Ok(()), |url| ctx.policy.permits_repository(url)));
+    if let Err(reason) = allowed {
+        tracing::warn!(%job_id, %reason, "refused a job this server's policy does not allow");
         return AgentMessage::JobFinished {
             job_id,
-            result: failed(
-                "verify",
-                format!("deploy path {deploy_path} is outside the deploy roots this agent allows"),
-            ),
+            result: failed("verify", reason),
         };
     }
     let nonce = hex::encode(rand::random::<[u8; 12]>());
@@ -195,8 +198,9 @@ async fn handle(
     let (cancel, cancelled) = watch::channel(false);
     // If this job is abandoned (the session ends, the agent stops), the script must not run
     // on: aborting the task drops it, and dropping it kills every process it started.
+    let deploy_user = ctx.policy.deploy_user.clone();
     let mut run = AbortOnDrop(tokio::spawn(async move {
-        run_script(&script, &nonce, events_tx, cancelled).await
+        run_script(&script, &nonce, deploy_user.as_ref(), events_tx, cancelled).await
     }));
     let mut batch: Vec<LogLine> = Vec::new();
     let mut tick = tokio::time::interval(BATCH_INTERVAL);
@@ -250,22 +254,4 @@ async fn flush(send: &mut quinn::SendStream, job_id: Uuid, batch: &mut Vec<LogLi
     }
     let lines = std::mem::take(batch);
     let _ = write_frame(send, &AgentMessage::JobLog { job_id, lines }).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deploy_roots_are_prefixes_on_component_boundaries() {
-        let open = JobPolicy::default();
-        assert!(open.permits("/anywhere"));
-        let policy = JobPolicy {
-            allowed_roots: vec!["/srv".into(), "/opt/apps/".into()],
-        };
-        assert!(policy.permits("/srv/app"));
-        assert!(policy.permits("/opt/apps/x"));
-        assert!(!policy.permits("/srvx/app"));
-        assert!(!policy.permits("/etc"));
-    }
 }

@@ -8,6 +8,7 @@ pub mod enroll;
 pub mod execute;
 pub mod identity;
 pub mod jobs;
+pub mod policy;
 pub mod session;
 pub mod transport;
 

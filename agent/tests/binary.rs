@@ -45,7 +45,7 @@ fn version_names_the_release() {
 fn run_without_identity_says_how_to_enroll() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = bin()
-        .args(["run", "--state-dir"])
+        .args(["run", "--allow-root", "--state-dir"])
         .arg(dir.path())
         .output()
         .expect("run");
@@ -55,6 +55,44 @@ fn run_without_identity_says_how_to_enroll() {
         stderr.contains("no agent identity") && stderr.contains("sensei-agent enroll"),
         "{stderr}"
     );
+}
+
+#[test]
+fn run_as_root_is_refused_without_allow_root() {
+    // SAFETY: geteuid cannot fail.
+    #[allow(unsafe_code)]
+    if unsafe { libc::geteuid() } != 0 {
+        // Only root can be refused for being root.
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = bin()
+        .args(["run", "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refusing to run as root"), "{stderr}");
+    assert!(stderr.contains("--allow-root"), "{stderr}");
+}
+
+#[test]
+fn an_unknown_or_root_deploy_user_is_refused_before_connecting() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (user, says) in [
+        ("no-such-deploy-user", "does not exist"),
+        ("root", "never run as root"),
+    ] {
+        let out = bin()
+            .args(["run", "--allow-root", "--deploy-user", user, "--state-dir"])
+            .arg(dir.path())
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{user}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{user}: {stderr}");
+    }
 }
 
 #[test]

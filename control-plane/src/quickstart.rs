@@ -94,6 +94,50 @@ struct DemoLogin {
     cookie: String,
 }
 
+/// The quickstart's deploy user, created (as a system user without a login) on first use.
+const QUICKSTART_DEPLOY_USER: &str = "sensei-quickstart";
+
+fn quickstart_deploy_user(data_dir: &Path) -> anyhow::Result<sensei_agent::policy::DeployUser> {
+    if let Ok(user) = sensei_agent::policy::DeployUser::lookup(QUICKSTART_DEPLOY_USER) {
+        return Ok(user);
+    }
+    let home = data_dir.join("deploy-home");
+    let out = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+        ])
+        .arg("--home-dir")
+        .arg(&home)
+        .arg(QUICKSTART_DEPLOY_USER)
+        .output()
+        .context("useradd (creating the quickstart's unprivileged deploy user)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cannot create the deploy user {QUICKSTART_DEPLOY_USER}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let user = sensei_agent::policy::DeployUser::lookup(QUICKSTART_DEPLOY_USER)?;
+    std::fs::create_dir_all(&home)?;
+    chown_tree(&home, &user)?;
+    Ok(user)
+}
+
+/// Gives `path` and everything below it to `user` (without following symlinks).
+fn chown_tree(path: &Path, user: &sensei_agent::policy::DeployUser) -> anyhow::Result<()> {
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
+        .with_context(|| format!("chown {}", path.display()))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), user)?;
+        }
+    }
+    Ok(())
+}
+
 /// `SHA256:…` of the identity's certificate, as the API shows it.
 fn identity_fingerprint(identity: &sensei_agent::identity::Identity) -> Option<String> {
     let certs = sensei_certs::tls::certs_from_pem(&identity.cert_pem).ok()?;
@@ -182,9 +226,24 @@ impl Demo {
         let state = sensei_agent::identity::StateDir::new(self.data_dir.join("agent"));
         let deploy_root = self.data_dir.join("deploy");
         std::fs::create_dir_all(&deploy_root)?;
+        let repo = self.demo_repository()?;
+        // As root, the demo deploys as an unprivileged user of its own, never as root, like
+        // the packaged agent does with sensei-deploy.
+        let deploy_user = if crate::postgres_cluster::running_as_root() {
+            let user = quickstart_deploy_user(&self.data_dir)?;
+            for path in [&deploy_root, &repo] {
+                chown_tree(path, &user)?;
+            }
+            println!("deploys run as the unprivileged user {}", user.name);
+            Some(user)
+        } else {
+            None
+        };
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let policy = sensei_agent::jobs::JobPolicy {
             allowed_roots: vec![deploy_root.clone()],
+            deploy_user,
+            ..Default::default()
         };
         let agent_task = tokio::spawn(async move {
             if let Err(e) = sensei_agent::session::run(&state, policy, stopped).await {
@@ -192,7 +251,6 @@ impl Demo {
             }
         });
 
-        let repo = self.demo_repository()?;
         let deploy_path = deploy_root.join("demo");
         let project_id = self.demo_project(&cookie, &repo, &deploy_path).await?;
         let (deployment, _) = self

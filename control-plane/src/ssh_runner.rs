@@ -16,6 +16,7 @@ use ed25519_dalek::SigningKey;
 use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
 use russh::{client, ChannelMsg};
 use sensei_shared::job::{verify, Expectations, JobTask};
+use sensei_shared::lines::LineAssembler;
 use sensei_shared::protocol::{JobResult, LogLine};
 use sensei_shared::release::{deploy_script, rollback_script, Outcome, OutputParser};
 use sha2::{Digest, Sha256};
@@ -29,7 +30,6 @@ use crate::field_crypto::FieldKeys;
 /// SSH deploys running at once on one replica.
 pub const DEFAULT_CONCURRENCY: usize = 32;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-const MAX_LINE: usize = 4096;
 
 /// What the runner needs.
 pub struct SshRunner {
@@ -405,25 +405,23 @@ impl SshRunner {
             .map_err(|e| fail("connect", format!("cannot send the deploy script: {e}")))?;
         let parser = OutputParser::new(nonce);
         let mut outcome = Outcome::default();
-        let mut buffers = [Vec::new(), Vec::new()];
+        let mut assemblers = [LineAssembler::new(), LineAssembler::new()];
         let mut status = None;
         let mut batch = Vec::new();
         let mut take_lines = |stream: usize,
                               data: &[u8],
                               outcome: &mut Outcome,
                               batch: &mut Vec<LogLine>,
-                              flush_all: bool| {
-            buffers[stream].extend_from_slice(data);
-            loop {
-                let Some(pos) = buffers[stream].iter().position(|b| *b == b'\n') else {
-                    if flush_all && !buffers[stream].is_empty() {
-                        let rest = std::mem::take(&mut buffers[stream]);
-                        push_line(&parser, stream, &rest, outcome, batch);
-                    }
-                    break;
-                };
-                let line: Vec<u8> = buffers[stream].drain(..=pos).collect();
-                push_line(&parser, stream, &line[..line.len() - 1], outcome, batch);
+                              end: bool| {
+            let mut lines = assemblers[stream].push(data);
+            if end {
+                lines.extend(assemblers[stream].finish());
+            }
+            for line in lines {
+                let event = parser.parse(&line);
+                outcome.feed(&event);
+                let (stream, text) = event.log_entry(if stream == 0 { 1 } else { 2 });
+                batch.push(LogLine { stream, text });
             }
         };
         loop {
@@ -452,28 +450,6 @@ impl SshRunner {
         self.log(job_id, batch).await;
         Ok((outcome, status))
     }
-}
-
-fn push_line(
-    parser: &OutputParser,
-    stream: usize,
-    raw: &[u8],
-    outcome: &mut Outcome,
-    batch: &mut Vec<LogLine>,
-) {
-    let mut text = String::from_utf8_lossy(raw).into_owned();
-    if text.len() > MAX_LINE {
-        let mut end = MAX_LINE;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push_str(" …[cut]");
-    }
-    let event = parser.parse(&text);
-    outcome.feed(&event);
-    let (stream, text) = event.log_entry(if stream == 0 { 1 } else { 2 });
-    batch.push(LogLine { stream, text });
 }
 
 enum Credential {

@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod codec;
 pub mod job;
+pub mod lines;
 pub mod protocol;
 pub mod release;
 pub mod rollout;

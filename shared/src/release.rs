@@ -235,7 +235,9 @@ run_hook() {
   # run_hook <step> <command>: in the release directory, with a timeout, output streamed.
   say hook "$1"
   # 9>&-: hooks do not inherit the lock, so a hook orphaned by a dead runner cannot hold it.
-  (cd "$R" && exec timeout --kill-after=10 "$HOOK_TIMEOUT" sh -c "$2") 2>&1 9>&-
+  # </dev/null: the script itself arrives on standard input; a hook that reads it (cat,
+  # read, ssh without -n) must not swallow the rest of the script.
+  (cd "$R" && exec timeout --kill-after=10 "$HOOK_TIMEOUT" sh -c "$2") </dev/null 2>&1 9>&-
   rc=$?
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then fail "$1 hook timed out after ${HOOK_TIMEOUT}s"; fi
   [ "$rc" = 0 ] || fail "$1 hook exited with status $rc"
@@ -254,6 +256,16 @@ switch_to() {
   rm -f "$D/.current.tmp" &&
   ln -s "releases/$1" "$D/.current.tmp" &&
   mv -Tf "$D/.current.tmp" "$D/current"
+}
+inside_release() {
+  # inside_release <relative path>: no directory between $R and the path may be a symlink
+  # (the repository could commit one pointing anywhere, and linking the shared path would
+  # then replace a file outside the release).
+  p="$R"; rest="$1"
+  while case "$rest" in */*) true;; *) false;; esac; do
+    p="$p/${rest%%/*}"; rest="${rest#*/}"
+    if [ -L "$p" ]; then fail "shared path $1: ${p#"$R"/} is a symbolic link in the repository (to $(readlink "$p")); refusing to follow it"; fi
+  done
 }
 take_lock() {
   step lock
@@ -325,6 +337,7 @@ say release "$ID"
         let dir = path.ends_with('/');
         let rel = path.trim_end_matches('/');
         let q = sh_quote(rel);
+        s.push_str(&format!("inside_release {q}\n"));
         if dir {
             s.push_str(&format!(
                 "mkdir -p \"$D/shared/\"{q} && rm -rf \"$R/\"{q} && mkdir -p \"$(dirname \"$R/\"{q})\" && ln -s \"$D/shared/\"{q} \"$R/\"{q} || fail \"cannot link shared directory \"{q}\n"
@@ -360,7 +373,7 @@ say release "$ID"
     s.push_str("\nstep health_check\n");
     if let Some(check) = &spec.health_check {
         s.push_str(&format!(
-            "say hook health_check\n(cd \"$R\" && exec timeout --kill-after=10 \"$HOOK_TIMEOUT\" sh -c {}) 2>&1 9>&- || fail \"health check failed (exit status $?)\"\n",
+            "say hook health_check\n(cd \"$R\" && exec timeout --kill-after=10 \"$HOOK_TIMEOUT\" sh -c {}) </dev/null 2>&1 9>&- || fail \"health check failed (exit status $?)\"\n",
             sh_quote(check)
         ));
     }
@@ -378,7 +391,7 @@ say switched "$ID" "${PREVIOUS:-none}"
     s.push_str(&format!("\nstep {}\n", step::POST_SWITCH));
     for cmd in &spec.hooks.post_switch {
         s.push_str(&format!(
-            "say hook post_switch\n(cd \"$R\" && exec timeout --kill-after=10 \"$HOOK_TIMEOUT\" sh -c {}) 2>&1 9>&- || fail \"post_switch hook exited with status $? (the new release is live)\"\n",
+            "say hook post_switch\n(cd \"$R\" && exec timeout --kill-after=10 \"$HOOK_TIMEOUT\" sh -c {}) </dev/null 2>&1 9>&- || fail \"post_switch hook exited with status $? (the new release is live)\"\n",
             sh_quote(cmd)
         ));
     }

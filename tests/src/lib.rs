@@ -367,6 +367,17 @@ impl TestPlane {
 
     /// Creates a server, enrolls an agent for it and starts the agent's loop.
     pub async fn start_agent(&self, cookie: &str, name: &str) -> TestAgent {
+        self.start_agent_with(cookie, name, sensei_agent::jobs::JobPolicy::default())
+            .await
+    }
+
+    /// Like [`TestPlane::start_agent`], with this server's own job policy.
+    pub async fn start_agent_with(
+        &self,
+        cookie: &str,
+        name: &str,
+        policy: sensei_agent::jobs::JobPolicy,
+    ) -> TestAgent {
         let (server_id, token) = self
             .create_agent_server(cookie, name, serde_json::json!({}))
             .await;
@@ -378,14 +389,10 @@ impl TestPlane {
         let state = options.state_dir.clone();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let run_state = state.clone();
-        let task = tokio::spawn(async move {
-            sensei_agent::session::run(
-                &run_state,
-                sensei_agent::jobs::JobPolicy::default(),
-                stopped,
-            )
-            .await
-        });
+        let task =
+            tokio::spawn(
+                async move { sensei_agent::session::run(&run_state, policy, stopped).await },
+            );
         TestAgent {
             state,
             server_id,

@@ -108,6 +108,21 @@ fn quickstart_once_runs_the_whole_thing_and_exits_zero() {
     assert!(target.starts_with("releases/"), "{target:?}");
     let page = std::fs::read_to_string(current.join("index.html")).expect("deployed page");
     assert!(page.contains("Hello from Sensei"));
+    if sensei_control_plane::postgres_cluster::running_as_root() {
+        // As root the demo never deploys as root.
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            stdout.contains("deploys run as the unprivileged user sensei-quickstart"),
+            "{stdout}"
+        );
+        let owner = std::fs::metadata(current.join("index.html"))
+            .expect("meta")
+            .uid();
+        assert_ne!(owner, 0, "the release was written by root");
+        let identity = std::fs::metadata(data.join("agent/identity.key")).expect("key");
+        assert_eq!(identity.uid(), 0, "the agent's key stays root's");
+        assert_eq!(identity.mode() & 0o077, 0, "and nobody else's");
+    }
     assert!(
         stdout.contains("==> switch"),
         "the deploy log is shown: {stdout}"

@@ -251,3 +251,209 @@ async fn the_race_is_lost_on_another_replica_too() {
         .await;
     assert_eq!(d["error"]["message"], "certificate revoked", "{d}");
 }
+
+/// The hooks of a deploy run as the deploy user. Each tries to take or rewrite part of the
+/// agent's identity: the key, the pinned CA, the job-signing key and control-plane address
+/// (`agent.json`), the replay floor.
+#[tokio::test]
+async fn a_hook_cannot_read_or_rewrite_the_agents_identity() {
+    if !sensei_control_plane::postgres_cluster::running_as_root() {
+        // Switching to the deploy user needs root (or the packaged unit's capabilities).
+        return;
+    }
+    sensei_e2e::deploy_user();
+    let deploy_user =
+        sensei_agent::policy::DeployUser::lookup(sensei_e2e::DEPLOY_USER).expect("deploy user");
+    let t = TestPlane::start().await;
+    let (cookie, _) = t
+        .signup(
+            &format!("h{}@example.com", uuid::Uuid::new_v4().simple()),
+            PW,
+        )
+        .await;
+    let agent = t
+        .start_agent_with(
+            &cookie,
+            "web-1",
+            sensei_agent::jobs::JobPolicy {
+                deploy_user: Some(deploy_user),
+                ..Default::default()
+            },
+        )
+        .await;
+    let state = agent.state.path().to_owned();
+    let dir = open_tempdir();
+    let repo = git_repo(dir.path(), &["v1"]);
+    let app = dir.path().join("app");
+    std::fs::create_dir(&app).expect("mkdir");
+    sensei_e2e::give_to_deploy_user(&app);
+    // A first deploy that succeeds, so that the sequence floor exists.
+    let (status, project) = t
+        .post(
+            "/v1/projects",
+            &cookie,
+            json!({"name": "site", "repo_url": repo.display().to_string(),
+                   "deploy_path": app.display().to_string(),
+                   "hooks": {"build": ["id -un > deployed-by.txt"]}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+    let project = project["id"].as_str().expect("id").to_owned();
+    let deploy = |hook: String| {
+        let (t, cookie, project, server) = (&t, &cookie, &project, agent.server_id);
+        async move {
+            let r = t
+                .http
+                .patch(t.url(&format!("/v1/projects/{project}")))
+                .header("cookie", cookie)
+                .json(&json!({"hooks": {"build": [hook]}}))
+                .send()
+                .await
+                .expect("patch");
+            assert_eq!(r.status(), 200);
+            let (status, d) = t
+                .post(
+                    "/v1/deployments",
+                    cookie,
+                    json!({"project_id": project, "server_id": server.to_string(), "ref": "main"}),
+                )
+                .await;
+            assert_eq!(status, 201, "{d}");
+            let id = d["id"].as_str().expect("id").to_owned();
+            let done = t.wait_deployment(cookie, &id).await;
+            let (_, log) = t.get(&format!("/v1/deployments/{id}/logs"), cookie).await;
+            (done, log.to_string())
+        }
+    };
+    let (first, _) = deploy("id -un > deployed-by.txt".into()).await;
+    assert_eq!(first["status"], "succeeded", "{first}");
+    assert_eq!(
+        std::fs::read_to_string(app.join("current/deployed-by.txt"))
+            .expect("who")
+            .trim(),
+        sensei_e2e::DEPLOY_USER,
+        "hooks run as the deploy user, never as the agent's user"
+    );
+    // The trust material, by digest (never printed): key, certificate, CA, agent.json.
+    let snapshot = |dir: &std::path::Path| -> Vec<(String, String)> {
+        use sha2::Digest;
+        ["identity.key", "identity.crt", "ca.crt", "agent.json"]
+            .iter()
+            .map(|name| {
+                let bytes = std::fs::read(dir.join(name)).unwrap_or_default();
+                (name.to_string(), hex::encode(sha2::Sha256::digest(&bytes)))
+            })
+            .collect()
+    };
+    let floor = |dir: &std::path::Path| -> u64 {
+        std::fs::read_to_string(dir.join("sequence"))
+            .expect("the sequence file is still there")
+            .trim()
+            .parse()
+            .expect("a number")
+    };
+    let before = snapshot(&state);
+    let mut last_floor = floor(&state);
+    let key = std::fs::read_to_string(state.join("identity.key")).expect("key");
+    let key_line = key.lines().nth(1).expect("key body").to_owned();
+    let s = state.display();
+    for attack in [
+        format!("cat {s}/identity.key"),
+        format!(
+            "cp {s}/identity.key /tmp/stolen-{}.key",
+            uuid::Uuid::new_v4().simple()
+        ),
+        format!("echo evil > {s}/ca.crt"),
+        format!("echo '{{}}' > {s}/agent.json"),
+        format!("echo 0 > {s}/sequence"),
+        format!("rm -f {s}/sequence"),
+        format!("ls {s}"),
+    ] {
+        let (done, log) = deploy(attack.clone()).await;
+        assert_eq!(done["status"], "failed", "{attack}: {done}");
+        assert_eq!(done["error"]["step"], "build", "{attack}: {done}");
+        assert!(
+            done["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("build hook exited")),
+            "{attack}: {done}"
+        );
+        assert!(
+            !log.contains(&key_line),
+            "{attack}: the key reached the log"
+        );
+        assert_eq!(snapshot(&state), before, "{attack}: the identity changed");
+        // The floor only ever rises, with each job the agent itself started.
+        let now = floor(&state);
+        assert!(
+            now > last_floor,
+            "{attack}: the replay floor went from {last_floor} to {now}"
+        );
+        last_floor = now;
+    }
+    // The agent still works with the identity it has.
+    let (last, _) = deploy("true".into()).await;
+    assert_eq!(last["status"], "succeeded", "{last}");
+}
+
+/// A deploy path that leaves the allowed root through a symlink is refused before anything
+/// runs there.
+#[tokio::test]
+async fn a_deploy_path_escaping_its_root_through_a_symlink_is_refused() {
+    let t = TestPlane::start().await;
+    let (cookie, _) = t
+        .signup(
+            &format!("s{}@example.com", uuid::Uuid::new_v4().simple()),
+            PW,
+        )
+        .await;
+    let dir = open_tempdir();
+    let root = dir.path().join("srv");
+    let elsewhere = dir.path().join("etc");
+    std::fs::create_dir_all(&root).expect("mkdir");
+    std::fs::create_dir_all(&elsewhere).expect("mkdir");
+    std::os::unix::fs::symlink(&elsewhere, root.join("escape")).expect("link");
+    let agent = t
+        .start_agent_with(
+            &cookie,
+            "web-1",
+            sensei_agent::jobs::JobPolicy {
+                allowed_roots: vec![root.clone()],
+                ..Default::default()
+            },
+        )
+        .await;
+    let repo = git_repo(dir.path(), &["v1"]);
+    let (status, project) = t
+        .post(
+            "/v1/projects",
+            &cookie,
+            json!({"name": "site", "repo_url": repo.display().to_string(),
+                   "deploy_path": root.join("escape/app").display().to_string()}),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+    let (status, d) = t
+        .post(
+            "/v1/deployments",
+            &cookie,
+            json!({"project_id": project["id"], "server_id": agent.server_id.to_string(), "ref": "main"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{d}");
+    let done = t
+        .wait_deployment(&cookie, d["id"].as_str().expect("id"))
+        .await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["error"]["step"], "verify", "{done}");
+    assert!(
+        done["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("outside the deploy roots")),
+        "{done}"
+    );
+    assert!(
+        !elsewhere.join("app").exists(),
+        "something ran outside the root"
+    );
+}
