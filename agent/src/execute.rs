@@ -320,6 +320,7 @@ mod tests {
             health_check: Some("test -s index.html".into()),
             env: vec![("SECRET".into(), "hunter2".into())],
             hook_timeout_secs: 30,
+            expected_commit: None,
         }
     }
 
@@ -659,6 +660,38 @@ mod tests {
         assert_eq!(
             lines[2].text, "after",
             "the stream went on after invalid UTF-8"
+        );
+    }
+
+    /// The control plane pinned a commit; the branch has moved on since. The server must
+    /// refuse to deploy anything else.
+    #[tokio::test]
+    async fn a_fetched_commit_other_than_the_pinned_one_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (repo, commits) = repo(tmp.path(), &["approved", "pushed later"]);
+        let d = tmp.path().join("app");
+        let mut pinned = spec(&repo, &d, "20270101000000-aaaaaa");
+        pinned.expected_commit = Some(commits[0].clone());
+        let (report, _) = deploy(&pinned).await;
+        let (step, message) = report.verdict().expect_err("refused");
+        assert_eq!(step, "fetch");
+        assert!(message.contains("commit mismatch"), "{message}");
+        assert!(
+            message.contains(&commits[0]) && message.contains(&commits[1]),
+            "{message}"
+        );
+        assert!(!d.join("current").exists());
+        // Asked for the pinned commit itself, it deploys it.
+        pinned.git_ref = commits[0].clone();
+        pinned.release_id = "20270101000001-bbbbbb".into();
+        deploy(&pinned)
+            .await
+            .0
+            .verdict()
+            .expect("the pinned commit deploys");
+        assert_eq!(
+            std::fs::read_to_string(d.join("current/index.html")).expect("page"),
+            "approved"
         );
     }
 }

@@ -105,6 +105,15 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <token>` on /metrics. Never logged.
     #[arg(long, env = "SENSEI_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// The longest an SSH deploy may run, whatever its hook timeouts add up to (seconds).
+    #[arg(long, env = "SENSEI_SSH_JOB_TIMEOUT_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub ssh_job_timeout_secs: u64,
+    /// Networks SSH targets may not resolve to (CIDRs, comma-separated), besides the control
+    /// plane's own listening addresses [default: 169.254.0.0/16,fe80::/10, link-local, where
+    /// cloud metadata services live].
+    #[arg(long, env = "SENSEI_SSH_DENY_NETWORKS", value_delimiter = ',')]
+    pub ssh_deny_networks: Vec<ipnet::IpNet>,
 }
 
 #[derive(Subcommand)]
@@ -335,6 +344,12 @@ pub fn serve_options(
         max_concurrent_hashes: args.max_concurrent_hashes.map(usize::from),
         metrics_addr: args.metrics_addr,
         metrics_token: args.metrics_token.clone().filter(|t| !t.is_empty()),
+        ssh_job_timeout: std::time::Duration::from_secs(args.ssh_job_timeout_secs),
+        ssh_deny_networks: if args.ssh_deny_networks.is_empty() {
+            crate::ssh_runner::default_denied_networks()
+        } else {
+            args.ssh_deny_networks.clone()
+        },
         ..ServeOptions::new(data_dir, database_source(), Arc::new(keys))
     }
 }

@@ -119,6 +119,9 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// How long a request waits for a pooled connection (or for a new one to open).
+pub const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Opens a pool for `url` (at most `max_size` connections) and checks one connection works.
 pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
     let ParsedUrl {
@@ -151,8 +154,13 @@ pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
             )
         }
     };
+    // A request waits at most POOL_WAIT for a connection and then answers 503
+    // `database_unavailable`, instead of queueing without end behind slow work.
     let pool = Pool::builder(manager)
         .max_size(max_size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT))
+        .create_timeout(Some(POOL_WAIT))
         .build()
         .map_err(|e| DbError::Connect(e.to_string()))?;
     let client = pool

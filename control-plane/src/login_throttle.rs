@@ -1,5 +1,12 @@
 //! Throttling of failed logins, per client address and per account, kept in PostgreSQL so
 //! that every replica counts the same attempts.
+//!
+//! An attempt **reserves** its place before the password is checked: under an advisory lock
+//! per address and per account, the window's count (failures and attempts still in flight) is
+//! checked and the attempt inserted in one transaction. A burst of parallel guesses therefore
+//! gets at most the limit through, not the whole burst. A successful sign-in releases its
+//! reservation; a failed one keeps it as the failure. IPv6 clients are counted by their /64,
+//! which one host can fill with addresses.
 
 use std::net::IpAddr;
 
@@ -14,6 +21,90 @@ pub const WINDOW_SECS: i64 = 15 * 60;
 pub const MAX_PER_IP: i64 = 20;
 /// Failures against one account within the window before its logins are refused.
 pub const MAX_PER_ACCOUNT: i64 = 10;
+
+/// The key an address is counted under: an IPv4 address itself, an IPv6 address's /64.
+pub fn throttle_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+            format!("{net}/64")
+        }
+    }
+}
+
+/// A reserved attempt: released on success, kept as the failure otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation(i64);
+
+/// Reserves a sign-in attempt from `ip` against `account`, or refuses it (429) when the
+/// address or the account is at its limit.
+pub async fn reserve(
+    client: &mut tokio_postgres::Client,
+    ip: IpAddr,
+    account: Option<Uuid>,
+    email_hash: &str,
+) -> Result<Reservation, ApiError> {
+    let key = throttle_key(ip);
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('sensei-login-ip:' || $1, 0))",
+        &[&key],
+    )
+    .await?;
+    if let Some(account) = account {
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('sensei-login-account:' || $1, 0))",
+            &[&account.to_string()],
+        )
+        .await?;
+    }
+    check(&tx, "ip", &key, MAX_PER_IP, "from this address").await?;
+    if let Some(account) = &account {
+        check(
+            &tx,
+            "account_id",
+            account,
+            MAX_PER_ACCOUNT,
+            "for this account",
+        )
+        .await?;
+    }
+    let id: i64 = tx
+        .query_one(
+            "INSERT INTO login_failures (ip, account_id, email_hash) VALUES ($1, $2, $3) RETURNING id",
+            &[&key, &account, &email_hash],
+        )
+        .await?
+        .get(0);
+    tx.commit().await?;
+    Ok(Reservation(id))
+}
+
+/// The attempt succeeded: it does not count as a failure.
+pub async fn release(
+    client: &impl GenericClient,
+    reservation: Reservation,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM login_failures WHERE id = $1",
+            &[&reservation.0],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Forgets failures older than the window; the maintenance job calls it.
+pub async fn prune(client: &impl GenericClient) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM login_failures WHERE at < now() - make_interval(secs => $1)",
+            &[&(WINDOW_SECS as f64)],
+        )
+        .await
+}
 
 async fn check(
     client: &impl GenericClient,
@@ -47,7 +138,7 @@ pub async fn check_ip(client: &impl GenericClient, ip: IpAddr) -> Result<(), Api
     check(
         client,
         "ip",
-        &ip.to_string(),
+        &throttle_key(ip),
         MAX_PER_IP,
         "from this address",
     )
@@ -76,8 +167,25 @@ pub async fn record(
     client
         .execute(
             "INSERT INTO login_failures (ip, account_id, email_hash) VALUES ($1, $2, $3)",
-            &[&ip.to_string(), &account, &email_hash],
+            &[&throttle_key(ip), &account, &email_hash],
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_and_mapped_v4_as_v4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().expect("ip");
+        let c: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(throttle_key(a), throttle_key(b));
+        assert_eq!(throttle_key(a), "2001:db8:1:2::/64");
+        assert_ne!(throttle_key(a), throttle_key(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().expect("ip");
+        assert_eq!(throttle_key(mapped), "192.0.2.7");
+    }
 }

@@ -14,6 +14,9 @@ pub struct Report {
     pub audit_rows: u64,
     pub log_lines: u64,
     pub idempotency_keys: u64,
+    pub login_failures: u64,
+    /// Sessions, enrollment tokens, invitations and password resets past their use.
+    pub spent_credentials: u64,
 }
 
 /// One round of housekeeping now.
@@ -22,10 +25,14 @@ pub async fn run_once(pool: &Pool) -> anyhow::Result<Report> {
     let client = pool.get().await?;
     let log_lines = expire_deploy_logs(&client).await?;
     let idempotency_keys = crate::api::idempotency::prune(&client).await?;
+    let login_failures = crate::login_throttle::prune(&**client).await?;
+    let spent_credentials = prune_spent_credentials(&client).await?;
     Ok(Report {
         audit_rows: audit.rows,
         log_lines,
         idempotency_keys,
+        login_failures,
+        spent_credentials,
     })
 }
 
@@ -42,6 +49,34 @@ pub async fn expire_deploy_logs(
             &[],
         )
         .await
+}
+
+/// Spent credentials kept this long after they stopped working (for the sessions list and
+/// investigations), then deleted.
+const SPENT_KEPT_DAYS: i32 = 30;
+
+/// Deletes sessions, enrollment tokens, invitations and password resets that expired, were
+/// used or were revoked more than [`SPENT_KEPT_DAYS`] ago. Only their hashes were stored.
+async fn prune_spent_credentials(
+    client: &tokio_postgres::Client,
+) -> Result<u64, tokio_postgres::Error> {
+    // A session ends when revoked or after its idle limit without use.
+    let idle = i32::try_from(crate::auth::SESSION_IDLE_DAYS).unwrap_or(i32::MAX);
+    let mut removed = client
+        .execute(
+            "DELETE FROM sessions WHERE coalesce(revoked_at, last_seen_at + make_interval(days => $2)) \
+             < now() - make_interval(days => $1)",
+            &[&SPENT_KEPT_DAYS, &idle],
+        )
+        .await?;
+    for sql in [
+        "DELETE FROM enrollment_tokens WHERE coalesce(used_at, expires_at) < now() - make_interval(days => $1)",
+        "DELETE FROM invitations WHERE coalesce(accepted_at, revoked_at, expires_at) < now() - make_interval(days => $1)",
+        "DELETE FROM password_resets WHERE coalesce(used_at, expires_at) < now() - make_interval(days => $1)",
+    ] {
+        removed += client.execute(sql, &[&SPENT_KEPT_DAYS]).await?;
+    }
+    Ok(removed)
 }
 
 /// Runs housekeeping a minute after start and then every [`INTERVAL`], until shutdown.

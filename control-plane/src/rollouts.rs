@@ -90,7 +90,7 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
     let Some(r) = tx
         .query_opt(
             "SELECT account_id, project_id, git_ref, strategy, state, current_batch, batch_done_at, \
-                    approved, rolling_back, created_by FROM rollouts WHERE id = $1 FOR UPDATE SKIP LOCKED",
+                    approved, rolling_back, created_by, commit FROM rollouts WHERE id = $1 FOR UPDATE SKIP LOCKED",
             &[&id],
         )
         .await
@@ -108,6 +108,7 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
     let approved: bool = r.get(7);
     let rolling_back: bool = r.get(8);
     let created_by: Option<Uuid> = r.get(9);
+    let mut commit: Option<String> = r.get(10);
 
     // Fold finished deployments into the targets. A job nobody collected is "unreachable".
     tx.execute(
@@ -121,6 +122,22 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
     )
     .await
     .map_err(db)?;
+    // The first success fixes the commit the rest of the rollout deploys: a push to the
+    // branch after the canary was approved does not reach the fleet.
+    if commit.is_none() {
+        commit = tx
+            .query_opt(
+                "UPDATE rollouts SET commit = first.commit FROM ( \
+                   SELECT d.commit FROM rollout_targets t JOIN deployments d ON d.id = t.deployment_id \
+                   WHERE t.rollout_id = $1 AND t.status = 'succeeded' AND d.commit ~ '^[0-9a-f]{40}$' \
+                   ORDER BY d.finished_at, d.id LIMIT 1) first \
+                 WHERE rollouts.id = $1 RETURNING rollouts.commit",
+                &[&id],
+            )
+            .await
+            .map_err(db)?
+            .map(|row| row.get(0));
+    }
 
     if rolling_back {
         let open: i64 = tx
@@ -205,9 +222,10 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
                     created_by,
                     project_id: project,
                     kind: "deploy",
-                    git_ref: Some(&git_ref),
+                    git_ref: Some(commit.as_deref().unwrap_or(&git_ref)),
                     rollback_of: None,
                     rollout_id: Some(id),
+                    expected_commit: commit.as_deref(),
                     timeout,
                 },
                 &members,
@@ -284,6 +302,7 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
                         git_ref: None,
                         rollback_of: of,
                         rollout_id: Some(id),
+                        expected_commit: None,
                         timeout,
                     };
                     if let Ok(rb) = enqueue(&tx, &rollback, server).await {

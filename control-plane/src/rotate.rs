@@ -18,6 +18,12 @@ pub struct EncryptedColumn {
 
 /// Every encrypted column in the schema. A migration that adds one adds it here too.
 pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[
+    // A rollout's copy of its project's environment (V9).
+    EncryptedColumn {
+        table: "rollouts",
+        key: "id",
+        column: "env_ciphertext",
+    },
     EncryptedColumn {
         table: "users",
         key: "id",

@@ -62,6 +62,10 @@ pub struct ServeOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// Require `Authorization: Bearer <token>` on `/metrics`.
     pub metrics_token: Option<String>,
+    /// The longest an SSH deploy may run.
+    pub ssh_job_timeout: std::time::Duration,
+    /// Networks SSH targets may not resolve to (besides the control plane's own addresses).
+    pub ssh_deny_networks: Vec<ipnet::IpNet>,
 }
 
 impl ServeOptions {
@@ -85,6 +89,8 @@ impl ServeOptions {
             max_concurrent_hashes: None,
             metrics_addr: None,
             metrics_token: None,
+            ssh_job_timeout: crate::ssh_runner::DEFAULT_JOB_TIMEOUT,
+            ssh_deny_networks: crate::ssh_runner::default_denied_networks(),
         }
     }
 }
@@ -348,6 +354,12 @@ impl ControlPlane {
                     job_key: job_key.clone(),
                     hub: hub.clone(),
                     permits: ssh_permits,
+                    max_job: options.ssh_job_timeout,
+                    running: Default::default(),
+                    targets: crate::ssh_runner::TargetPolicy {
+                        denied_networks: options.ssh_deny_networks.clone(),
+                        own: vec![api_addr, agent_addr],
+                    },
                 })
                 .run(shutdown_rx.clone()),
             ),

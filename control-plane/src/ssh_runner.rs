@@ -29,6 +29,10 @@ use crate::field_crypto::FieldKeys;
 
 /// SSH deploys running at once on one replica.
 pub const DEFAULT_CONCURRENCY: usize = 32;
+/// SSH deploys one account may run at once on one replica: no tenant can hold every slot.
+pub const PER_ACCOUNT_CONCURRENCY: usize = 8;
+/// The longest an SSH deploy may run when the operator does not say (`--ssh-job-timeout-secs`).
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the runner needs.
@@ -38,6 +42,46 @@ pub struct SshRunner {
     pub job_key: SigningKey,
     pub hub: Arc<AgentHub>,
     pub permits: Arc<Semaphore>,
+    /// The longest any SSH deploy may run, whatever its hook timeouts add up to.
+    pub max_job: Duration,
+    /// SSH deploys running here, per account.
+    pub running: Mutex<std::collections::HashMap<Uuid, usize>>,
+    /// Where SSH targets may not be: the networks denied and the control plane's own
+    /// listening addresses.
+    pub targets: TargetPolicy,
+}
+
+/// Which addresses a tenant's SSH server may not resolve to: a tenant must not be able to
+/// point the runner at the cloud metadata service, or at the control plane itself.
+#[derive(Debug, Clone, Default)]
+pub struct TargetPolicy {
+    pub denied_networks: Vec<ipnet::IpNet>,
+    /// The control plane's own listening addresses (an unspecified address stands for every
+    /// local one on that port).
+    pub own: Vec<std::net::SocketAddr>,
+}
+
+/// The networks denied by default: IPv4 and IPv6 link-local (cloud metadata lives there).
+pub fn default_denied_networks() -> Vec<ipnet::IpNet> {
+    ["169.254.0.0/16", "fe80::/10"]
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+impl TargetPolicy {
+    /// Whether connecting to `addr` is allowed.
+    pub fn allows(&self, addr: std::net::SocketAddr) -> bool {
+        let ip = addr.ip().to_canonical();
+        if self.denied_networks.iter().any(|n| n.contains(&ip)) {
+            return false;
+        }
+        !self.own.iter().any(|own| {
+            own.port() == addr.port()
+                && (own.ip().to_canonical() == ip
+                    || (own.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())))
+        })
+    }
 }
 
 /// Why an SSH deploy could not run; the message is the deployment's error.
@@ -62,10 +106,11 @@ impl SshRunner {
                     break;
                 };
                 match self.claim().await {
-                    Ok(Some((server_id, job))) => {
+                    Ok(Some((server_id, account, job))) => {
                         let runner = self.clone();
                         tokio::spawn(async move {
                             runner.execute(server_id, job).await;
+                            runner.finished(account);
                             drop(permit);
                         });
                     }
@@ -84,21 +129,48 @@ impl SshRunner {
         }
     }
 
-    /// Claims the oldest queued job of an SSH server that has no job running.
-    async fn claim(&self) -> Result<Option<(Uuid, Claimed)>, String> {
+    /// Counts an account's SSH deploy in, if it has a slot left here.
+    fn admit(&self, account: Uuid) -> bool {
+        let mut running = self.running.lock().expect("SSH runner lock poisoned");
+        let n = running.entry(account).or_default();
+        if *n >= PER_ACCOUNT_CONCURRENCY {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn finished(&self, account: Uuid) {
+        let mut running = self.running.lock().expect("SSH runner lock poisoned");
+        if let Some(n) = running.get_mut(&account) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running.remove(&account);
+            }
+        }
+    }
+
+    /// Claims the oldest queued job of an SSH server that has no job running, for an account
+    /// with a slot left on this replica.
+    async fn claim(&self) -> Result<Option<(Uuid, Uuid, Claimed)>, String> {
         let mut client = self.pool.get().await.map_err(|e| e.to_string())?;
-        let candidates: Vec<Uuid> = client
+        let candidates: Vec<(Uuid, Uuid)> = client
             .query(
-                "SELECT DISTINCT d.server_id FROM deployments d JOIN servers s ON s.id = d.server_id \
-                 WHERE s.transport = 'ssh' AND d.status = 'queued' AND d.expires_at > now() LIMIT 50",
+                "SELECT DISTINCT d.server_id, s.account_id FROM deployments d JOIN servers s ON s.id = d.server_id \
+                 WHERE s.transport = 'ssh' AND d.status = 'queued' AND d.expires_at > now() LIMIT 200",
                 &[],
             )
             .await
             .map_err(|e| crate::db::describe(&e))?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
-        for server_id in candidates {
+        for (server_id, account) in candidates {
+            if !self.admit(account) {
+                continue;
+            }
+            // Given back unless this server's job is claimed below.
+            let mut admitted = Some(account);
             let tx = client
                 .transaction()
                 .await
@@ -119,6 +191,9 @@ impl SshRunner {
                 .await
                 .map_err(|e| crate::db::describe(&e))?;
             if locked.is_none() || busy.is_some() {
+                if let Some(account) = admitted.take() {
+                    self.finished(account);
+                }
                 continue;
             }
             let row = tx
@@ -135,7 +210,10 @@ impl SshRunner {
                 .map_err(|e| crate::db::describe(&e))?;
             tx.commit().await.map_err(|e| crate::db::describe(&e))?;
             if let Some(row) = row {
-                return Ok(Some((server_id, Claimed::from_row(&row))));
+                return Ok(Some((server_id, account, Claimed::from_row(&row))));
+            }
+            if let Some(account) = admitted.take() {
+                self.finished(account);
             }
         }
         Ok(None)
@@ -275,10 +353,41 @@ impl SshRunner {
         }
         .map_err(|e| fail("verify", e.to_string()))?;
 
+        // The whole deploy has a deadline: every hook's timeout, the fetch's share and a
+        // margin, and never more than the control plane's maximum. A server that never answers
+        // or never closes its channel cannot hold a slot for ever.
+        let deadline = match &payload.task {
+            JobTask::Deploy(spec) => {
+                let hooks = spec.hooks.build.len()
+                    + spec.hooks.pre_switch.len()
+                    + spec.hooks.post_switch.len()
+                    + usize::from(spec.health_check.is_some());
+                let steps = u32::try_from(hooks + 2).unwrap_or(u32::MAX);
+                Duration::from_secs(u64::from(spec.hook_timeout_secs))
+                    .saturating_mul(steps)
+                    .saturating_add(Duration::from_secs(60))
+            }
+            JobTask::Rollback(_) => Duration::from_secs(120),
+        }
+        .min(self.max_job);
         let session = self
             .connect(server_id, &host, port, &user, credential, pinned)
             .await?;
-        let outcome = self.run_script(&session, job.id, &script, &nonce).await;
+        let outcome = match tokio::time::timeout(
+            deadline,
+            self.run_script(&session, job.id, &script, &nonce),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Err(fail(
+                "run",
+                format!(
+                    "deadline exceeded: the deploy ran longer than {}s and was stopped",
+                    deadline.as_secs()
+                ),
+            )),
+        };
         let _ = session
             .disconnect(russh::Disconnect::ByApplication, "deploy finished", "en")
             .await;
@@ -317,7 +426,28 @@ impl SshRunner {
             keepalive_max: 4,
             ..Default::default()
         });
-        let connecting = client::connect(config, (host, port), handler);
+        // Resolved here and checked address by address; the connection goes to the checked
+        // addresses only (no second lookup that could answer differently).
+        let resolved: Vec<std::net::SocketAddr> = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::lookup_host((host, port)),
+        )
+        .await
+        {
+            Ok(Ok(addrs)) => addrs.collect(),
+            _ => return Err(fail("connect", format!("cannot resolve {host}"))),
+        };
+        let allowed: Vec<std::net::SocketAddr> = resolved
+            .iter()
+            .copied()
+            .filter(|a| self.targets.allows(*a))
+            .collect();
+        if allowed.is_empty() {
+            // Said no more precisely: the tenant learns nothing about what is denied or why.
+            tracing::info!(%server_id, %host, port, "SSH target denied by the network policy");
+            return Err(fail("connect", format!("{host}:{port} is unreachable")));
+        }
+        let connecting = client::connect(config, allowed.as_slice(), handler);
         let mut session = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(session)) => session,
             Ok(Err(e)) => {
@@ -485,5 +615,35 @@ impl client::Handler for HostKeyCheck {
             Some(pinned) => pinned.key_data() == key.key_data(),
             None => true,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_and_the_control_planes_own_listeners_are_not_targets() {
+        let policy = TargetPolicy {
+            denied_networks: default_denied_networks(),
+            own: vec![
+                "127.0.0.1:8443".parse().expect("addr"),
+                "0.0.0.0:7443".parse().expect("addr"),
+            ],
+        };
+        let allows = |a: &str| policy.allows(a.parse().expect("addr"));
+        assert!(!allows("169.254.169.254:22"));
+        assert!(!allows("[fe80::1]:22"));
+        assert!(
+            !allows("[::ffff:169.254.169.254]:22"),
+            "mapped IPv4 is IPv4"
+        );
+        assert!(!allows("127.0.0.1:8443"));
+        assert!(
+            !allows("127.0.0.1:7443"),
+            "an unspecified listener covers loopback"
+        );
+        assert!(allows("127.0.0.1:22"));
+        assert!(allows("192.0.2.10:22"));
     }
 }

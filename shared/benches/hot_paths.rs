@@ -32,6 +32,7 @@ fn spec() -> DeploySpec {
             .map(|i| (format!("VAR_{i}"), format!("value number {i}")))
             .collect(),
         hook_timeout_secs: 600,
+        expected_commit: None,
     }
 }
 

@@ -45,6 +45,9 @@ pub struct DeploySpec {
     pub env: Vec<(String, String)>,
     /// Longest a single hook or the health check may run.
     pub hook_timeout_secs: u32,
+    /// The exact commit the ref must resolve to (a rollout's approved commit): the deploy
+    /// fails with "commit mismatch" if the fetched commit is another.
+    pub expected_commit: Option<String>,
 }
 
 /// Switch back to an earlier release.
@@ -56,6 +59,9 @@ pub struct RollbackSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// One task per job, built once and moved a few times: boxing the deploy would cost an
+// allocation for nothing measurable.
+#[allow(clippy::large_enum_variant)]
 pub enum JobTask {
     Deploy(DeploySpec),
     Rollback(RollbackSpec),
@@ -207,6 +213,7 @@ mod tests {
                 health_check: Some("test -f index.html".into()),
                 env: vec![("SECRET".into(), "s3cr3t".into())],
                 hook_timeout_secs: 600,
+                expected_commit: None,
             }),
         }
     }

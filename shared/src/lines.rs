@@ -55,7 +55,9 @@ impl LineAssembler {
     }
 
     fn take(&mut self) -> String {
-        let mut line = String::from_utf8_lossy(&self.kept).into_owned();
+        // NUL is valid UTF-8 but no PostgreSQL text can hold it: replaced like invalid bytes,
+        // so that a hook printing it cannot make its log unstorable.
+        let mut line = String::from_utf8_lossy(&self.kept).replace('\0', "\u{fffd}");
         if self.dropped > 0 {
             line.push_str(&format!(" …[{} bytes cut]", self.dropped));
         }
@@ -93,6 +95,12 @@ mod tests {
         assert!(lines[0].starts_with(&"y".repeat(MAX_LINE)));
         assert!(lines[0].ends_with(&format!(" …[{} bytes cut]", 10_000_000 - MAX_LINE)));
         assert_eq!(lines[1], "next");
+    }
+
+    #[test]
+    fn nul_bytes_are_replaced() {
+        let mut a = LineAssembler::new();
+        assert_eq!(a.push(b"a\0b\n"), vec!["a\u{fffd}b"]);
     }
 
     #[test]

@@ -144,18 +144,62 @@ pub fn check_env_name(name: &str) -> Result<(), InvalidSpec> {
     Ok(())
 }
 
-/// A repository URL git will not mistake for an option.
+/// A repository URL git will not mistake for an option, over a transport that proves who the
+/// server is: `https://`, `ssh://`, `user@host:path` (scp-like ssh), or a local repository
+/// (`file://` or an absolute path). `http://` and `git://` carry the code unauthenticated, so
+/// anyone on the path could deploy their own; `transport::address` helpers (`ext::` runs a
+/// command) are refused outright.
 pub fn check_repo_url(url: &str) -> Result<(), InvalidSpec> {
     one_line("repo_url", url)?;
     if url.starts_with('-') {
         return Err(invalid("repo_url must not start with '-'"));
     }
-    Ok(())
+    if url.contains("::") {
+        return Err(invalid(
+            "repo_url must not name a git remote helper (transport::address)",
+        ));
+    }
+    if let Some((scheme, _)) = url.split_once("://") {
+        return match scheme.to_ascii_lowercase().as_str() {
+            "https" | "ssh" | "file" => Ok(()),
+            "http" | "git" => Err(invalid(format!(
+                "repo_url uses {scheme}://, which does not authenticate the server: use https:// or ssh://"
+            ))),
+            _ => Err(invalid(format!(
+                "repo_url scheme {scheme}:// is not supported: use https://, ssh://, user@host:path or a local path"
+            ))),
+        };
+    }
+    if url.starts_with('/') {
+        return Ok(());
+    }
+    // scp-like: [user@]host:path, with no slash before the colon.
+    match url.split_once(':') {
+        Some((host, path)) if !host.is_empty() && !host.contains('/') && !path.is_empty() => Ok(()),
+        _ => Err(invalid(
+            "repo_url must be https://…, ssh://…, user@host:path, file://… or an absolute path",
+        )),
+    }
+}
+
+/// A full commit id: 40 lowercase hexadecimal digits.
+pub fn is_commit_id(text: &str) -> bool {
+    text.len() == 40
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Validates every field of a deploy spec.
 pub fn validate(spec: &DeploySpec) -> Result<(), InvalidSpec> {
     check_repo_url(&spec.repo_url)?;
+    if let Some(commit) = &spec.expected_commit {
+        if !is_commit_id(commit) {
+            return Err(invalid(
+                "expected_commit must be 40 lowercase hexadecimal digits",
+            ));
+        }
+    }
     check_git_ref(&spec.git_ref)?;
     check_release_id(&spec.release_id)?;
     check_deploy_path(&spec.deploy_path)?;
@@ -293,6 +337,11 @@ pub fn deploy_script(spec: &DeploySpec, job: &str, nonce: &str) -> Result<String
     var(&mut s, "JOB", job);
     var(&mut s, "REPO", &spec.repo_url);
     var(&mut s, "REF", &spec.git_ref);
+    var(
+        &mut s,
+        "EXPECT",
+        spec.expected_commit.as_deref().unwrap_or(""),
+    );
     var(&mut s, "KEEP", &spec.keep_releases.to_string());
     var(&mut s, "HOOK_TIMEOUT", &spec.hook_timeout_secs.to_string());
     s.push_str(PRELUDE);
@@ -312,16 +361,18 @@ take_lock
 
 step fetch
 C="$D/.sensei/repo.git"
-if [ -d "$C" ]; then
-  git --git-dir="$C" remote set-url origin "$REPO" &&
-  git --git-dir="$C" fetch --quiet --prune --force origin '+refs/heads/*:refs/heads/*' '+refs/tags/*:refs/tags/*' 2>&1 || fail "cannot fetch $REPO"
-else
-  rm -rf "$C.tmp" && git clone --quiet --mirror -- "$REPO" "$C.tmp" 2>&1 && mv "$C.tmp" "$C" || fail "cannot clone $REPO"
+# Only branches and tags are fetched (never refs/pull/* and the like, which anyone who can
+# open a pull request controls).
+if [ ! -d "$C" ]; then
+  rm -rf "$C.tmp" && git init --quiet --bare "$C.tmp" && git --git-dir="$C.tmp" remote add origin "$REPO" && mv "$C.tmp" "$C" || fail "cannot create the fetch cache for $REPO"
 fi
+git --git-dir="$C" remote set-url origin "$REPO" &&
+git --git-dir="$C" fetch --quiet --prune --force origin '+refs/heads/*:refs/heads/*' '+refs/tags/*:refs/tags/*' 2>&1 || fail "cannot fetch $REPO"
 COMMIT=$(git --git-dir="$C" rev-parse --verify --quiet "refs/tags/$REF^{{commit}}" ||
          git --git-dir="$C" rev-parse --verify --quiet "refs/heads/$REF^{{commit}}" ||
          git --git-dir="$C" rev-parse --verify --quiet "$REF^{{commit}}") || fail "ref $REF does not exist in $REPO"
 say commit "$COMMIT"
+[ -z "$EXPECT" ] || [ "$COMMIT" = "$EXPECT" ] || fail "commit mismatch: $REF is $COMMIT here, but this deploy must be exactly $EXPECT"
 [ -e "$D/releases/$ID" ] && fail "release $ID already exists"
 R="$D/releases/$ID"
 mkdir "$R" || fail "cannot create $R"
@@ -636,6 +687,7 @@ mod tests {
             health_check: Some("test -f index.html".into()),
             env: vec![("API_KEY".into(), "it's \"quoted\" $HOME".into())],
             hook_timeout_secs: 60,
+            expected_commit: None,
         }
     }
 
@@ -716,6 +768,22 @@ mod tests {
             (
                 "option-like repo",
                 Box::new(|s| s.repo_url = "--config=x".into()),
+            ),
+            (
+                "unauthenticated http repo",
+                Box::new(|s| s.repo_url = "http://git.example.com/app.git".into()),
+            ),
+            (
+                "git protocol repo",
+                Box::new(|s| s.repo_url = "git://git.example.com/app.git".into()),
+            ),
+            (
+                "remote helper repo",
+                Box::new(|s| s.repo_url = "ext::sh -c touch% /tmp/pwned".into()),
+            ),
+            (
+                "relative repo",
+                Box::new(|s| s.repo_url = "../other".into()),
             ),
             (
                 "bad env name",

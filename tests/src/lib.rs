@@ -294,6 +294,7 @@ pub fn control_plane_binary() -> std::path::PathBuf {
 }
 
 /// Polls `check` every 20 ms until it holds or `within` passes; returns whether it held.
+#[must_use = "a condition that did not hold must fail the test"]
 pub async fn eventually<F, Fut>(within: std::time::Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -456,7 +457,8 @@ pub fn git_commit(repo: &std::path::Path, content: &str) -> String {
     git(repo, &["rev-parse", "HEAD"])
 }
 
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
+/// Runs git in `dir` (as the tests' author); returns its trimmed output.
+pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
         .args([
             "-c",
@@ -556,6 +558,12 @@ pub struct SshServer {
 
 impl SshServer {
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// An sshd with `extra` appended to its configuration (e.g. a `ForceCommand` that
+    /// misbehaves).
+    pub fn start_with(extra: &str) -> Self {
         deploy_user();
         let dir = open_tempdir();
         let host_key = dir.path().join("host_key");
@@ -579,7 +587,7 @@ impl SshServer {
             format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
                  PasswordAuthentication yes\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
-                 PermitRootLogin no\nAllowUsers {DEPLOY_USER}\nMaxStartups 100\nLogLevel VERBOSE\n",
+                 PermitRootLogin no\nAllowUsers {DEPLOY_USER}\nMaxStartups 100\nLogLevel VERBOSE\n{extra}\n",
                 host_key.display(),
                 dir.path().join("sshd.pid").display(),
                 authorized_keys.display()

@@ -17,7 +17,7 @@ use sensei_shared::protocol::JobResult;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::dispatch::{record_ends, sign_with, Claimed, PROJECT_COLUMNS};
+use super::dispatch::{deploy_configs, record_ends, sign_with, Claimed};
 use crate::field_crypto::FieldKeys;
 
 /// Requests served by one statement at most.
@@ -159,31 +159,24 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
                        ORDER BY sequence LIMIT 1 FOR UPDATE SKIP LOCKED) q) \
                  UPDATE deployments d SET status = 'running', started_at = now(), dispatched_replica = $2 \
                  FROM picked WHERE d.id = picked.id \
-                 RETURNING d.id, d.sequence, d.kind, d.git_ref, d.release_id, d.project_id, d.server_id",
+                 RETURNING d.id, d.sequence, d.kind, d.git_ref, d.release_id, d.project_id, \
+                   d.rollout_id, d.expected_commit, d.server_id",
                 &[&servers, &ctx.replica],
             )
             .await
             .map_err(|e| crate::db::describe(&e))?;
         let claimed: HashMap<Uuid, Claimed> = rows
             .iter()
-            .map(|r| (r.get::<_, Uuid>(6), Claimed::from_row(r)))
+            .map(|r| (r.get::<_, Uuid>("server_id"), Claimed::from_row(r)))
             .collect();
-        let mut project_ids: Vec<Uuid> = claimed.values().map(|c| c.project_id).collect();
-        project_ids.sort_unstable();
-        project_ids.dedup();
-        let projects: HashMap<Uuid, tokio_postgres::Row> = if project_ids.is_empty() {
+        let jobs: Vec<&Claimed> = claimed.values().collect();
+        let projects = if jobs.is_empty() {
             HashMap::new()
         } else {
-            client
-                .query(
-                    &format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = ANY($1)"),
-                    &[&project_ids],
-                )
+            let owned: Vec<Claimed> = jobs.iter().map(|j| (*j).clone()).collect();
+            deploy_configs(&client, &owned)
                 .await
                 .map_err(|e| crate::db::describe(&e))?
-                .into_iter()
-                .map(|r| (r.get::<_, Uuid>(8), r))
-                .collect()
         };
         Ok::<_, String>((claimed, projects))
     };
@@ -196,7 +189,7 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
         Ok((mut claimed, projects)) => {
             for r in batch {
                 let answer = claimed.remove(&r.server_id).map(|job| {
-                    let signed = match projects.get(&job.project_id) {
+                    let signed = match projects.get(&job.id) {
                         Some(p) => {
                             sign_with(p, &ctx.keys, &job, r.server_id, r.binding, &ctx.job_key)
                         }

@@ -151,3 +151,48 @@ pub async fn listen(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sensei_certs::AgentCertStatus;
+
+    #[test]
+    fn notifications_allow_and_revoke_and_garbage_changes_nothing() {
+        let hub = AgentHub::new();
+        let fp = Fingerprint::of_der(b"agent certificate");
+        let id = Uuid::new_v4();
+        let far = i64::MAX / 2;
+        apply(
+            &hub,
+            &format!("allow:{}:{id}:{far}", hex::encode(fp.as_bytes())),
+        );
+        assert_eq!(hub.certificates.status(&fp), AgentCertStatus::Valid(id));
+        for garbage in [
+            "",
+            "allow",
+            "allow:zz:not-a-uuid:1",
+            &format!("allow:{}:{id}", hex::encode(fp.as_bytes())),
+            &format!("allow:{}:{id}:soon", hex::encode(fp.as_bytes())),
+            "revoke:nothex",
+            &format!("revoke:{}:extra", hex::encode(fp.as_bytes())),
+            "something:else",
+        ] {
+            apply(&hub, garbage);
+            assert_eq!(
+                hub.certificates.status(&fp),
+                AgentCertStatus::Valid(id),
+                "{garbage}"
+            );
+        }
+        apply(&hub, &format!("revoke:{}", hex::encode(fp.as_bytes())));
+        assert_eq!(hub.certificates.status(&fp), AgentCertStatus::Revoked);
+        // An allow that is already past its expiry is not valid.
+        let other = Fingerprint::of_der(b"expired");
+        apply(
+            &hub,
+            &format!("allow:{}:{id}:1", hex::encode(other.as_bytes())),
+        );
+        assert_eq!(hub.certificates.status(&other), AgentCertStatus::Expired);
+    }
+}

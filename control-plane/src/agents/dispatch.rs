@@ -26,6 +26,7 @@ const JOB_VALIDITY_SECS: i64 = 300;
 pub const MAX_LOG_LINES: i64 = 20_000;
 
 /// A job claimed for dispatch.
+#[derive(Debug, Clone)]
 pub struct Claimed {
     pub id: Uuid,
     pub sequence: i64,
@@ -33,20 +34,27 @@ pub struct Claimed {
     pub git_ref: Option<String>,
     pub release_id: Option<String>,
     pub project_id: Uuid,
+    /// The rollout it belongs to: its deploy configuration is the rollout's copy.
+    pub rollout_id: Option<Uuid>,
+    /// The commit the ref must resolve to.
+    pub expected_commit: Option<String>,
 }
 
-/// The columns [`Claimed::from_row`] reads, in order.
-pub const CLAIMED_COLUMNS: &str = "id, sequence, kind, git_ref, release_id, project_id";
+/// The columns [`Claimed::from_row`] reads.
+pub const CLAIMED_COLUMNS: &str =
+    "id, sequence, kind, git_ref, release_id, project_id, rollout_id, expected_commit";
 
 impl Claimed {
     pub fn from_row(r: &tokio_postgres::Row) -> Self {
         Self {
-            id: r.get(0),
-            sequence: r.get(1),
-            kind: r.get(2),
-            git_ref: r.get(3),
-            release_id: r.get(4),
-            project_id: r.get(5),
+            id: r.get("id"),
+            sequence: r.get("sequence"),
+            kind: r.get("kind"),
+            git_ref: r.get("git_ref"),
+            release_id: r.get("release_id"),
+            project_id: r.get("project_id"),
+            rollout_id: r.get("rollout_id"),
+            expected_commit: r.get("expected_commit"),
         }
     }
 }
@@ -62,21 +70,46 @@ pub async fn sign(
     key: &SigningKey,
 ) -> Result<SignedJob, String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
-    let p = client
-        .query_one(
-            &format!("SELECT {PROJECT_COLUMNS} FROM projects WHERE id = $1"),
-            &[&job.project_id],
-        )
+    let mut configs = deploy_configs(&client, std::slice::from_ref(job))
         .await
         .map_err(|e| crate::db::describe(&e))?;
+    let p = configs
+        .remove(&job.id)
+        .ok_or_else(|| "the project no longer exists".to_owned())?;
     sign_with(&p, keys, job, server_id, binding, key)
 }
 
-/// What a job needs of its project, in the order [`sign_with`] reads it (id last).
-pub const PROJECT_COLUMNS: &str = "repo_url, deploy_path, keep_releases, shared_paths, hooks, \
-     health_check, hook_timeout_secs, env_ciphertext, id";
+/// The deploy configuration each job is built from, by
+/// job id: a rollout's job takes the copy made when the rollout started, any other job its
+/// project as it is now. Jobs of deleted projects get none (their claim fails).
+pub async fn deploy_configs(
+    client: &tokio_postgres::Client,
+    jobs: &[Claimed],
+) -> Result<std::collections::HashMap<Uuid, tokio_postgres::Row>, tokio_postgres::Error> {
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
+    let rows = client
+        .query(
+            "SELECT d.id AS job_id, \
+                    coalesce(r.repo_url, p.repo_url) AS repo_url, \
+                    coalesce(r.deploy_path, p.deploy_path) AS deploy_path, \
+                    coalesce(r.keep_releases, p.keep_releases) AS keep_releases, \
+                    coalesce(r.shared_paths, p.shared_paths) AS shared_paths, \
+                    coalesce(r.hooks, p.hooks) AS hooks, \
+                    CASE WHEN r.repo_url IS NOT NULL THEN r.health_check ELSE p.health_check END AS health_check, \
+                    coalesce(r.hook_timeout_secs, p.hook_timeout_secs) AS hook_timeout_secs, \
+                    CASE WHEN r.repo_url IS NOT NULL THEN r.env_ciphertext ELSE p.env_ciphertext END AS env_ciphertext, \
+                    p.id \
+             FROM deployments d JOIN projects p ON p.id = d.project_id \
+             LEFT JOIN rollouts r ON r.id = d.rollout_id \
+             WHERE d.id = ANY($1) AND p.deleted_at IS NULL",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.get("job_id"), r)).collect())
+}
 
-/// Builds and signs a claimed job from its project's row (selected with [`PROJECT_COLUMNS`]).
+/// Builds and signs a claimed job from its deploy configuration (a row of
+/// [`deploy_configs`]).
 pub fn sign_with(
     p: &tokio_postgres::Row,
     keys: &crate::field_crypto::FieldKeys,
@@ -85,14 +118,14 @@ pub fn sign_with(
     binding: [u8; 32],
     key: &SigningKey,
 ) -> Result<SignedJob, String> {
-    let deploy_path: String = p.get(1);
+    let deploy_path: String = p.get("deploy_path");
     let task = if job.kind == "rollback" {
         JobTask::Rollback(RollbackSpec {
             deploy_path,
             to_release: None,
         })
     } else {
-        let env: Vec<(String, String)> = match p.get::<_, Option<&str>>(7) {
+        let env: Vec<(String, String)> = match p.get::<_, Option<&str>>("env_ciphertext") {
             Some(sealed) => {
                 let plain = keys
                     .decrypt(sealed)
@@ -103,18 +136,25 @@ pub fn sign_with(
             }
             None => Vec::new(),
         };
-        let hooks: Hooks = serde_json::from_value(p.get(4)).unwrap_or_default();
+        // A project whose hooks do not decode fails its job: deploying without the hooks it
+        // asked for (a migration, a health step) would be worse than not deploying.
+        let hooks: Hooks = serde_json::from_value(p.get("hooks")).map_err(|e| {
+            format!(
+                "the project's hooks cannot be read ({e}); fix them with PATCH /v1/projects/{{id}}"
+            )
+        })?;
         JobTask::Deploy(DeploySpec {
-            repo_url: p.get(0),
+            repo_url: p.get("repo_url"),
             git_ref: job.git_ref.clone().unwrap_or_default(),
             release_id: job.release_id.clone().unwrap_or_default(),
             deploy_path,
-            keep_releases: u32::try_from(p.get::<_, i32>(2)).unwrap_or(5),
-            shared_paths: p.get(3),
+            keep_releases: u32::try_from(p.get::<_, i32>("keep_releases")).unwrap_or(5),
+            shared_paths: p.get("shared_paths"),
             hooks,
-            health_check: p.get(5),
+            health_check: p.get("health_check"),
             env,
-            hook_timeout_secs: u32::try_from(p.get::<_, i32>(6)).unwrap_or(600),
+            hook_timeout_secs: u32::try_from(p.get::<_, i32>("hook_timeout_secs")).unwrap_or(600),
+            expected_commit: job.expected_commit.clone(),
         })
     };
     let now = Utc::now().timestamp();

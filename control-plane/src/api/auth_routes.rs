@@ -255,9 +255,18 @@ pub async fn login(
             &[&email],
         )
         .await?;
-    if let Some(row) = &user {
-        login_throttle::check_account(&**client, row.get(1)).await?;
-    }
+    let email_hash = state.keys.keyed_input_hash(email.to_lowercase().as_bytes());
+    // Reserved before the password is checked, atomically per address and account.
+    let reservation = login_throttle::reserve(
+        &mut client,
+        meta.ip,
+        user.as_ref().map(|row| row.get(1)),
+        &email_hash,
+    )
+    .await?;
+    // The connection goes back to the pool while Argon2 runs: slow hashes must not hold
+    // the connections every other route and the agent gateway need.
+    drop(client);
     let stored: Option<String> = user.as_ref().map(|row| row.get(3));
     let password = req.password.clone();
     let verdict = state
@@ -272,6 +281,7 @@ pub async fn login(
         .await
         .map_err(|e| ApiError::internal(&e.to_string()))?;
 
+    let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let (user, rehash) = match (user, verdict) {
         (Some(user), Verdict::Match { rehash }) => (user, rehash),
@@ -279,8 +289,15 @@ pub async fn login(
             let account_id: Option<Uuid> = user.as_ref().map(|u| u.get(1));
             let target = user.as_ref().map(|u| u.get::<_, Uuid>(0));
             let input = format!("{email}\u{0}{}", req.password);
-            record_failure(
-                &state, &tx, &meta, &email, account_id, target, &input, "password",
+            audit_failure(
+                &state,
+                &tx,
+                &meta,
+                &email_hash,
+                account_id,
+                target,
+                &input,
+                "password",
             )
             .await?;
             tx.commit().await?;
@@ -296,6 +313,16 @@ pub async fn login(
     let email: String = user.get(2);
     let role: String = user.get(4);
     let mut factor = None;
+    if user.get::<_, bool>(5) && req.totp_code.is_none() && req.recovery_code.is_none() {
+        // The first step of a two-step sign-in, not a wrong guess: it does not count.
+        login_throttle::release(&*tx, reservation).await?;
+        tx.commit().await?;
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::MfaRequired,
+            "this user signs in with a second factor: send totp_code (or recovery_code)",
+        ));
+    }
     if user.get::<_, bool>(5) {
         let (code, allow_recovery) =
             match (&req.totp_code, &req.recovery_code) {
@@ -310,11 +337,11 @@ pub async fn login(
         factor = mfa::consume_code(&tx, &state.keys, user_id, code, allow_recovery).await?;
         if factor.is_none() {
             let input = format!("{email}\u{0}{code}");
-            record_failure(
+            audit_failure(
                 &state,
                 &tx,
                 &meta,
-                &email,
+                &email_hash,
                 Some(account_id),
                 Some(user_id),
                 &input,
@@ -343,6 +370,7 @@ pub async fn login(
         .await?;
     }
     let (session_id, cookie) = create_session(&tx, user_id, &meta).await?;
+    login_throttle::release(&*tx, reservation).await?;
     audit::append(
         &tx,
         &AuditEvent {
@@ -380,21 +408,19 @@ pub async fn login(
     ))
 }
 
-/// Counts a failed sign-in for throttling and audits it, keeping only keyed hashes of what
-/// was typed.
+/// Audits a failed sign-in (its throttle reservation stays as the failure), keeping only
+/// keyed hashes of what was typed.
 #[allow(clippy::too_many_arguments)]
-async fn record_failure(
+async fn audit_failure(
     state: &AppState,
     tx: &tokio_postgres::Transaction<'_>,
     meta: &ClientMeta,
-    email: &str,
+    email_hash: &str,
     account_id: Option<Uuid>,
     user: Option<Uuid>,
     input: &str,
     factor: &str,
 ) -> Result<(), ApiError> {
-    let email_hash = state.keys.keyed_input_hash(email.to_lowercase().as_bytes());
-    login_throttle::record(tx, meta.ip, account_id, &email_hash).await?;
     audit::append(
         tx,
         &AuditEvent {

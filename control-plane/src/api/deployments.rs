@@ -268,6 +268,8 @@ pub struct NewJob<'a> {
     pub rollback_of: Option<Uuid>,
     /// The rollout the job is part of.
     pub rollout_id: Option<Uuid>,
+    /// The commit the ref must resolve to on the server (signed into the job).
+    pub expected_commit: Option<&'a str>,
     /// How long it waits for its server before it fails as unreachable.
     pub timeout: Duration,
 }
@@ -297,15 +299,16 @@ pub async fn enqueue_many(
              jobs AS (SELECT gen_random_uuid() AS job, server, seq FROM numbered), \
              queued AS ( \
                INSERT INTO deployments (id, account_id, project_id, server_id, kind, git_ref, rollback_of, \
-                 sequence, release_id, status, created_by, expires_at, rollout_id) \
+                 sequence, release_id, status, created_by, expires_at, rollout_id, expected_commit) \
                SELECT job, $2, $3, server, $4, $5, $6, seq, \
                  CASE WHEN $4 = 'deploy' THEN to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISS') \
                    || '-' || lpad(seq::text, 10, '0') || '-' || substr(job::text, 1, 6) END, \
-                 'queued', $7, now() + make_interval(secs => $8), $9 \
+                 'queued', $7, now() + make_interval(secs => $8), $9, $10 \
                FROM jobs RETURNING server_id, id) \
              SELECT server_id, id FROM queued",
             &[&servers, &job.account_id, &job.project_id, &job.kind, &job.git_ref,
-              &job.rollback_of, &job.created_by, &job.timeout.as_secs_f64(), &job.rollout_id],
+              &job.rollback_of, &job.created_by, &job.timeout.as_secs_f64(), &job.rollout_id,
+              &job.expected_commit],
         )
         .await?;
     let queued: Vec<(Uuid, Uuid)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -403,6 +406,7 @@ pub async fn create(
             git_ref: Some(git_ref),
             rollback_of: None,
             rollout_id: None,
+            expected_commit: None,
             timeout: state.dispatch_timeout,
         },
         req.server_id,
@@ -584,6 +588,7 @@ pub async fn rollback(
             git_ref: None,
             rollback_of: Some(id),
             rollout_id: None,
+            expected_commit: None,
             timeout: state.dispatch_timeout,
         },
         original.server_id,

@@ -496,23 +496,32 @@ pub async fn accept(
         )
     };
     let token = Token::parse(TokenKind::Invitation, req.token.trim()).ok_or_else(invalid_token)?;
+    // The token first, without hashing anything: a flood of forged tokens costs a lookup
+    // each, not an Argon2 run. (Checked again under the row lock below.)
+    let lookup = |lock: bool| {
+        format!(
+            "SELECT secret_hash, account_id, email, role, \
+                    accepted_at IS NULL AND revoked_at IS NULL AND expires_at > now() \
+             FROM invitations WHERE id = $1{}",
+            if lock { " FOR UPDATE" } else { "" }
+        )
+    };
+    let valid = |row: Option<tokio_postgres::Row>| {
+        row.filter(|r| token.matches(&r.get::<_, Vec<u8>>(0)) && r.get::<_, bool>(4))
+            .ok_or_else(invalid_token)
+    };
+    valid(
+        state
+            .pool
+            .get()
+            .await?
+            .query_opt(&lookup(false), &[&token.id])
+            .await?,
+    )?;
     let hash = new_password_hash(&state.hashing, req.password).await?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    let row = tx
-        .query_opt(
-            "SELECT secret_hash, account_id, email, role, \
-                    accepted_at IS NULL AND revoked_at IS NULL AND expires_at > now() \
-             FROM invitations WHERE id = $1 FOR UPDATE",
-            &[&token.id],
-        )
-        .await?
-        .ok_or_else(invalid_token)?;
-    let stored: Vec<u8> = row.get(0);
-    let open: bool = row.get(4);
-    if !token.matches(&stored) || !open {
-        return Err(invalid_token());
-    }
+    let row = valid(tx.query_opt(&lookup(true), &[&token.id]).await?)?;
     let account_id: Uuid = row.get(1);
     let email: String = row.get(2);
     let role: String = row.get(3);

@@ -151,22 +151,31 @@ pub async fn confirm(
         )
     };
     let token = Token::parse(TokenKind::PasswordReset, req.token.trim()).ok_or_else(invalid)?;
+    // The token first, without hashing anything: a flood of forged links costs a lookup
+    // each, not an Argon2 run. (Checked again under the row lock below.)
+    let lookup = |lock: bool| {
+        format!(
+            "SELECT r.secret_hash, r.used_at IS NULL AND r.expires_at > now(), u.id, u.account_id, u.email \
+             FROM password_resets r JOIN users u ON u.id = r.user_id WHERE r.id = $1{}",
+            if lock { " FOR UPDATE OF r" } else { "" }
+        )
+    };
+    let valid = |row: Option<tokio_postgres::Row>| {
+        row.filter(|r| token.matches(&r.get::<_, Vec<u8>>(0)) && r.get::<_, bool>(1))
+            .ok_or_else(invalid)
+    };
+    valid(
+        state
+            .pool
+            .get()
+            .await?
+            .query_opt(&lookup(false), &[&token.id])
+            .await?,
+    )?;
     let hash = new_password_hash(&state.hashing, req.password).await?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    let row = tx
-        .query_opt(
-            "SELECT r.secret_hash, r.used_at IS NULL AND r.expires_at > now(), u.id, u.account_id, u.email \
-             FROM password_resets r JOIN users u ON u.id = r.user_id WHERE r.id = $1 FOR UPDATE OF r",
-            &[&token.id],
-        )
-        .await?
-        .ok_or_else(invalid)?;
-    let stored: Vec<u8> = row.get(0);
-    let usable: bool = row.get(1);
-    if !token.matches(&stored) || !usable {
-        return Err(invalid());
-    }
+    let row = valid(tx.query_opt(&lookup(true), &[&token.id]).await?)?;
     let user_id: Uuid = row.get(2);
     let account_id: Uuid = row.get(3);
     let email: String = row.get(4);

@@ -88,6 +88,10 @@ pub struct ProjectView {
     pub env_names: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// On `PATCH` only: unfinished rollouts of this project, which keep deploying the
+    /// configuration they started with (abort and start them again to use the new one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rollouts_keeping_their_configuration: Vec<Uuid>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -197,6 +201,7 @@ fn view(r: &tokio_postgres::Row) -> ProjectView {
         env_names: r.get(9),
         created_at: r.get(10),
         updated_at: r.get(11),
+        rollouts_keeping_their_configuration: Vec::new(),
     }
 }
 
@@ -399,7 +404,21 @@ pub async fn update(
         .await?;
     }
     tx.commit().await?;
-    Ok(Json(load(&state, principal.account_id, id).await?))
+    let mut view = load(&state, principal.account_id, id).await?;
+    view.rollouts_keeping_their_configuration = state
+        .pool
+        .get()
+        .await?
+        .query(
+            "SELECT id FROM rollouts WHERE project_id = $1 AND finished_at IS NULL \
+             AND repo_url IS NOT NULL ORDER BY created_at",
+            &[&id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get("id"))
+        .collect();
+    Ok(Json(view))
 }
 
 /// Deletes a project (its deployment history stays).
@@ -424,6 +443,23 @@ pub async fn delete(
     if n == 0 {
         return Err(ApiError::not_found("project"));
     }
+    // Nothing of a deleted project runs any more: its queued jobs fail now, and its
+    // unfinished rollouts stop (they queue no further batch).
+    let failed = tx
+        .execute(
+            "UPDATE deployments SET status = 'failed', error_step = 'dispatch', \
+             error_message = 'the project was deleted', finished_at = now() \
+             WHERE project_id = $1 AND status = 'queued'",
+            &[&id],
+        )
+        .await?;
+    let stopped = tx
+        .execute(
+            "UPDATE rollouts SET state = 'aborted', finished_at = now(), updated_at = now() \
+             WHERE project_id = $1 AND finished_at IS NULL",
+            &[&id],
+        )
+        .await?;
     audit::append(
         &tx,
         &actor_event(
@@ -431,7 +467,7 @@ pub async fn delete(
             &meta,
             "project.deleted",
             ("project", id),
-            json!({}),
+            json!({"queued_jobs_failed": failed, "rollouts_aborted": stopped}),
         ),
     )
     .await?;

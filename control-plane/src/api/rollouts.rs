@@ -76,6 +76,11 @@ pub struct RolloutView {
     pub strategy: serde_json::Value,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The commit every job of the rollout deploys: the `ref` itself when it is a full commit,
+    /// otherwise the one the first successful target reported (until then absent). The
+    /// deploy configuration (hooks, shared paths, health check, keep_releases, environment) is
+    /// the project's as it was when the rollout started.
+    pub commit: Option<String>,
     /// How many targets are in each status, e.g. `{"succeeded": 40, "pending": 60}`.
     pub target_counts: BTreeMap<String, i64>,
     /// Every target, on `GET /v1/rollouts/{id}` and its event stream; lists leave them out
@@ -101,7 +106,7 @@ pub struct TargetList {
 
 /// The rollout columns and the per-status target counts, for one rollout or a list.
 const ROLLOUT_SQL: &str = "SELECT r.id, r.project_id, r.git_ref, r.state, r.paused_reason, \
-       r.halted_reason, r.current_batch, r.batch_count, r.strategy, r.created_at, r.finished_at, \
+       r.halted_reason, r.current_batch, r.batch_count, r.strategy, r.created_at, r.finished_at, r.commit, \
        coalesce(c.counts, '{}'::jsonb) AS target_counts \
      FROM rollouts r LEFT JOIN LATERAL ( \
        SELECT jsonb_object_agg(status, n) AS counts FROM ( \
@@ -126,6 +131,7 @@ fn rollout_view(r: &tokio_postgres::Row) -> RolloutView {
         strategy: r.get("strategy"),
         created_at: r.get("created_at"),
         finished_at: r.get("finished_at"),
+        commit: r.get("commit"),
         target_counts: serde_json::from_value(counts).unwrap_or_default(),
         targets: None,
     }
@@ -244,11 +250,19 @@ pub async fn create(
     }
     let batches = strategy.batches(servers.len());
     let id = Uuid::new_v4();
+    // The project's deploy configuration as it is now is what every job of the rollout will
+    // use (a later PATCH does not reach it); a ref that is already a full commit pins it at
+    // once, any other is pinned by the first success.
+    let pinned = sensei_shared::release::is_commit_id(&git_ref).then_some(git_ref.as_str());
     tx.execute(
-        "INSERT INTO rollouts (id, account_id, project_id, git_ref, strategy, state, batch_count, created_by) \
-         VALUES ($1, $2, $3, $4, $5, 'running', $6, $7)",
+        "INSERT INTO rollouts (id, account_id, project_id, git_ref, strategy, state, batch_count, created_by, \
+           commit, repo_url, deploy_path, keep_releases, shared_paths, hooks, health_check, \
+           hook_timeout_secs, env_ciphertext) \
+         SELECT $1, $2, $3, $4, $5, 'running', $6, $7, $8, repo_url, deploy_path, keep_releases, \
+           shared_paths, hooks, health_check, hook_timeout_secs, env_ciphertext \
+         FROM projects WHERE id = $3",
         &[&id, &principal.account_id, &req.project_id, &git_ref, &json!(strategy),
-          &(batches.len() as i32), &principal.user_id],
+          &(batches.len() as i32), &principal.user_id, &pinned],
     )
     .await?;
     let mut batch_of = Vec::with_capacity(servers.len());

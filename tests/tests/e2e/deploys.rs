@@ -430,20 +430,38 @@ async fn bad_deployment_and_project_requests_are_refused() {
     }
     for (body, code) in [
         (
-            json!({"name": "p", "repo_url": "r", "deploy_path": "relative"}),
+            json!({"name": "p", "repo_url": "/srv/git/r.git", "deploy_path": "relative"}),
             "invalid_deploy_path",
         ),
         (
-            json!({"name": "p", "repo_url": "r", "deploy_path": "/srv/a", "shared_paths": ["../up"]}),
+            json!({"name": "p", "repo_url": "/srv/git/r.git", "deploy_path": "/srv/a", "shared_paths": ["../up"]}),
             "invalid_shared_path",
         ),
         (
-            json!({"name": "p", "repo_url": "r", "deploy_path": "/srv/a", "env": {"BAD-NAME": "x"}}),
+            json!({"name": "p", "repo_url": "/srv/git/r.git", "deploy_path": "/srv/a", "env": {"BAD-NAME": "x"}}),
             "invalid_env",
         ),
         (
-            json!({"name": "p", "repo_url": "r", "deploy_path": "/srv/a", "keep_releases": 0}),
+            json!({"name": "p", "repo_url": "/srv/git/r.git", "deploy_path": "/srv/a", "keep_releases": 0}),
             "invalid_keep_releases",
+        ),
+        // Repositories over transports that do not authenticate the server, a remote helper
+        // (ext:: runs a command), a relative path.
+        (
+            json!({"name": "p", "repo_url": "http://git.example.com/app.git", "deploy_path": "/srv/a"}),
+            "invalid_repo_url",
+        ),
+        (
+            json!({"name": "p", "repo_url": "git://git.example.com/app.git", "deploy_path": "/srv/a"}),
+            "invalid_repo_url",
+        ),
+        (
+            json!({"name": "p", "repo_url": "ext::sh -c id", "deploy_path": "/srv/a"}),
+            "invalid_repo_url",
+        ),
+        (
+            json!({"name": "p", "repo_url": "r", "deploy_path": "/srv/a"}),
+            "invalid_repo_url",
         ),
     ] {
         let (st, v) = s.t.post("/v1/projects", &s.cookie, body.clone()).await;

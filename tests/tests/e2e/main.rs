@@ -1,6 +1,7 @@
 //! One test binary for every end-to-end test (one link, one shared PostgreSQL cluster).
 //! One module per feature.
 
+mod abuse;
 mod access;
 mod accounts;
 mod agents;

@@ -362,3 +362,90 @@ impl Ssh {
             .get(0)
     }
 }
+
+/// The release script's defences hold over SSH exactly as on an agent: one engine, one line
+/// assembler. A hostile repository commits a symlink under a shared path; a hook reads
+/// standard input; a hook prints an endless line and bytes that are not UTF-8.
+#[tokio::test]
+async fn the_release_scripts_defences_hold_over_ssh_too() {
+    let s = setup(json!({})).await;
+    let patch = |body: Value| {
+        let (t, cookie, project) = (&s.t, &s.cookie, &s.project);
+        async move {
+            let r = t
+                .http
+                .patch(t.url(&format!("/v1/projects/{project}")))
+                .header("cookie", cookie)
+                .json(&body)
+                .send()
+                .await
+                .expect("patch");
+            assert_eq!(r.status(), 200);
+        }
+    };
+    // A hook that reads stdin cannot swallow the rest of the script.
+    patch(json!({"hooks": {"build": ["cat > swallowed.txt; echo read $(wc -c < swallowed.txt) bytes"]}})).await;
+    let d = s.deploy().await;
+    assert_eq!(d["status"], "succeeded", "{d}");
+    assert!(s.log(&d).await.contains("read 0 bytes"));
+    // Output bounded and kept lossily.
+    patch(json!({"hooks": {"build": [
+        "head -c 3000000 /dev/zero | tr '\\0' 'x'; echo; printf 'bad \\377 bytes\\n'; echo after"
+    ]}}))
+    .await;
+    let d = s.deploy().await;
+    assert_eq!(d["status"], "succeeded", "{d}");
+    let (_, log) =
+        s.t.get(
+            &format!("/v1/deployments/{}/logs", d["id"].as_str().expect("id")),
+            &s.cookie,
+        )
+        .await;
+    let lines: Vec<&str> = log["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .filter_map(|l| l["line"].as_str())
+        .collect();
+    let long = lines
+        .iter()
+        .find(|l| l.starts_with("xxxx"))
+        .expect("the long line");
+    assert!(
+        long.len() < sensei_shared::lines::MAX_LINE + 64,
+        "{} bytes kept",
+        long.len()
+    );
+    assert!(long.ends_with(&format!(
+        " …[{} bytes cut]",
+        3_000_000 - sensei_shared::lines::MAX_LINE
+    )));
+    assert!(lines.contains(&"bad \u{fffd} bytes"), "{lines:?}");
+    assert!(lines.contains(&"after"));
+    // A committed symlink under a shared path's parent is refused, and nothing outside the
+    // release is touched.
+    let outside = s.app.parent().expect("dir").join("victim");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    std::fs::write(outside.join("local.ini"), "precious").expect("victim");
+    give_to_deploy_user(&outside);
+    std::os::unix::fs::symlink(&outside, s.repo.join("config")).expect("link");
+    sensei_e2e::git(&s.repo, &["add", "config"]);
+    git_commit(&s.repo, "v2 with a hostile link");
+    give_to_deploy_user(&s.repo);
+    patch(json!({"hooks": {"build": []}, "shared_paths": ["config/local.ini"]})).await;
+    let before = s.current();
+    let d = s.deploy().await;
+    assert_eq!(d["status"], "failed", "{d}");
+    assert_eq!(d["error"]["step"], "link", "{d}");
+    assert!(
+        d["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("config is a symbolic link")),
+        "{d}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.join("local.ini")).expect("victim"),
+        "precious"
+    );
+    assert_eq!(s.current(), before, "the running release is untouched");
+}

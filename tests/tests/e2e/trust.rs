@@ -457,3 +457,129 @@ async fn a_deploy_path_escaping_its_root_through_a_symlink_is_refused() {
         "something ran outside the root"
     );
 }
+
+/// After the canary is approved, someone pushes to the branch and changes the project's
+/// hooks: the rest of the fleet still gets exactly the approved commit with the approved
+/// hooks.
+#[tokio::test]
+async fn a_rollout_deploys_exactly_what_was_approved() {
+    let t = TestPlane::start().await;
+    let (cookie, _) = t
+        .signup(
+            &format!("p{}@example.com", uuid::Uuid::new_v4().simple()),
+            PW,
+        )
+        .await;
+    let canary = t.start_agent(&cookie, "canary").await;
+    let rest = t.start_agent(&cookie, "rest").await;
+    let dir = open_tempdir();
+    let repo = git_repo(dir.path(), &["approved"]);
+    let approved = sensei_e2e::git(&repo, &["rev-parse", "HEAD"]);
+    let app = |n: &str| dir.path().join(n);
+    // Both servers share one deploy path (as on NFS): `current` ends at the last release.
+    let (status, project) = t
+        .post(
+            "/v1/projects",
+            &cookie,
+            json!({"name": "site", "repo_url": repo.display().to_string(),
+                   "deploy_path": app("app").display().to_string(),
+                   "hooks": {"build": ["echo approved-hook > hook.txt"]}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+    let project = project["id"].as_str().expect("id").to_owned();
+    for a in [&canary, &rest] {
+        assert!(
+            eventually(Duration::from_secs(30), || t
+                .agent_connected(&cookie, a.server_id))
+            .await
+        );
+    }
+    let (status, rollout) = t
+        .post(
+            "/v1/rollouts",
+            &cookie,
+            json!({"project_id": project, "ref": "main",
+                   "server_ids": [canary.server_id, rest.server_id],
+                   "strategy": {"canary": 1, "batch_size": 1, "manual_approval": true}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let id = rollout["id"].as_str().expect("id").to_owned();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            let (_, r) = t.get(&format!("/v1/rollouts/{id}"), &cookie).await;
+            r["state"] == "paused"
+        })
+        .await,
+        "the canary never finished"
+    );
+    let (_, r) = t.get(&format!("/v1/rollouts/{id}"), &cookie).await;
+    assert_eq!(
+        r["commit"],
+        approved.as_str(),
+        "the canary's commit is pinned: {r}"
+    );
+    // The attacks: a new commit on the branch, and a new hook.
+    let pushed = sensei_e2e::git_commit(&repo, "pushed after approval");
+    assert_ne!(pushed, approved);
+    let patch = t
+        .http
+        .patch(t.url(&format!("/v1/projects/{project}")))
+        .header("cookie", &cookie)
+        .json(&json!({"hooks": {"build": ["echo changed-hook > hook.txt"]}}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(patch.status(), 200);
+    let patched: serde_json::Value = patch.json().await.expect("json");
+    assert_eq!(
+        patched["rollouts_keeping_their_configuration"],
+        json!([id]),
+        "the answer says the running rollout keeps its configuration"
+    );
+    let (status, _) = t
+        .post(&format!("/v1/rollouts/{id}/approve"), &cookie, json!({}))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            let (_, r) = t.get(&format!("/v1/rollouts/{id}"), &cookie).await;
+            r["state"] == "succeeded"
+        })
+        .await,
+        "the rollout did not finish"
+    );
+    let (_, list) = t
+        .get(&format!("/v1/deployments?rollout_id={id}"), &cookie)
+        .await;
+    let deployments = list["deployments"].as_array().expect("list");
+    assert_eq!(deployments.len(), 2);
+    for d in deployments {
+        assert_eq!(d["commit"], approved.as_str(), "{d}");
+    }
+    let current = app("app").join("current");
+    assert_eq!(
+        std::fs::read_to_string(current.join("hook.txt"))
+            .expect("hook output")
+            .trim(),
+        "approved-hook",
+        "the approved hook ran, not the one patched in later"
+    );
+    assert_eq!(
+        std::fs::read_to_string(current.join("index.html")).expect("page"),
+        "approved"
+    );
+    // A plain deploy afterwards uses the project as it is now.
+    let (_, d) = t
+        .post(
+            "/v1/deployments",
+            &cookie,
+            json!({"project_id": project, "server_id": rest.server_id.to_string(), "ref": "main"}),
+        )
+        .await;
+    let done = t
+        .wait_deployment(&cookie, d["id"].as_str().expect("id"))
+        .await;
+    assert_eq!(done["commit"], pushed.as_str(), "{done}");
+}

@@ -1,0 +1,387 @@
+//! A hostile client against the control plane: parallel password guesses, forged tokens.
+
+use sensei_e2e::{error_code, TestPlane};
+use serde_json::{json, Value};
+
+const PW: &str = "correct horse battery";
+
+/// The counter of password hashes run, from /metrics.
+async fn hashes(t: &TestPlane) -> u64 {
+    let text = t
+        .http
+        .get(t.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("sensei_password_hashes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the hash counter")
+}
+
+#[tokio::test]
+async fn a_parallel_burst_of_guesses_gets_no_more_through_than_the_limit() {
+    let t = TestPlane::start().await;
+    let email = format!("b{}@example.com", uuid::Uuid::new_v4().simple());
+    t.signup(&email, PW).await;
+    let guesses = (0..64).map(|i| {
+        let (http, url, email) = (t.http.clone(), t.url("/v1/auth/login"), email.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({"email": email, "password": format!("wrong guess {i}")}))
+                .send()
+                .await
+                .expect("login");
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (status, error_code(&body).to_owned())
+        })
+    });
+    let mut checked: i64 = 0;
+    let mut throttled: i64 = 0;
+    for g in guesses {
+        match g.await.expect("task") {
+            (401, code) if code == "invalid_credentials" => checked += 1,
+            (429, code) if code == "too_many_attempts" => throttled += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    println!("64 parallel guesses: {checked} checked, {throttled} throttled");
+    assert_eq!(
+        checked,
+        sensei_control_plane::login_throttle::MAX_PER_ACCOUNT,
+        "exactly the account's limit of guesses was checked"
+    );
+    assert_eq!(checked + throttled, 64);
+    // The right password is refused too now: the account is throttled, not the guesser.
+    let r = t
+        .http
+        .post(t.url("/v1/auth/login"))
+        .json(&json!({"email": email, "password": PW}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 429);
+}
+
+#[tokio::test]
+async fn forged_reset_and_invitation_tokens_cost_no_password_hash() {
+    let t = TestPlane::start().await;
+    let before = hashes(&t).await;
+    for i in 0..20 {
+        let forged = format!("pr_{}_{}", uuid::Uuid::new_v4().simple(), "A".repeat(43));
+        let r = t
+            .http
+            .post(t.url("/v1/auth/password-reset/confirm"))
+            .json(&json!({"token": forged, "password": format!("a brand new password {i}")}))
+            .send()
+            .await
+            .expect("confirm");
+        assert_eq!(r.status(), 400);
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(error_code(&body), "invalid_token");
+        let forged = format!("iv_{}_{}", uuid::Uuid::new_v4().simple(), "A".repeat(43));
+        let r = t
+            .http
+            .post(t.url("/v1/invitations/accept"))
+            .json(&json!({"token": forged, "password": format!("a brand new password {i}")}))
+            .send()
+            .await
+            .expect("accept");
+        assert_eq!(r.status(), 400);
+    }
+    assert_eq!(
+        hashes(&t).await,
+        before,
+        "a forged token made the control plane hash"
+    );
+}
+
+/// The control plane as a process of its own, so that its memory can be read alone.
+struct PlaneProcess {
+    child: tokio::process::Child,
+    base: String,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl PlaneProcess {
+    async fn start(extra: &[&str]) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let dir = sensei_e2e::open_tempdir();
+        let mut child = tokio::process::Command::new(sensei_e2e::control_plane_binary())
+            .env(
+                "CODESENSEI_FIELD_KEY",
+                sensei_control_plane::field_crypto::FieldKeys::generate_key(),
+            )
+            .env("DATABASE_URL", sensei_e2e::fresh_database().await)
+            .env("SENSEI_LOG", "warn")
+            .args(["--data-dir", &dir.path().display().to_string(), "serve"])
+            .args(["--api-addr", "127.0.0.1:0", "--agent-addr", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn serve");
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut base = None;
+        while let Ok(Some(line)) = stdout.next_line().await {
+            if let Some(url) = line.strip_prefix("Sensei control plane listening on ") {
+                base = Some(url.trim().replace("127.0.0.1", "localhost"));
+                break;
+            }
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+        let ca = std::fs::read_to_string(dir.path().join("ca.pem")).expect("ca.pem");
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(sensei_certs::tls::client_config_trusting(&ca).expect("tls"))
+            .build()
+            .expect("client");
+        Self {
+            child,
+            base: base.expect("the control plane started"),
+            http,
+            _dir: dir,
+        }
+    }
+
+    /// VmRSS and VmHWM (peak) of the process, in KiB.
+    fn memory(&self) -> (u64, u64) {
+        let pid = self.child.id().expect("pid");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .expect("memory field")
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    async fn post(&self, path: &str, cookie: Option<&str>, body: Value) -> Value {
+        let mut r = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(c) = cookie {
+            r = r.header("cookie", c);
+        }
+        let r = r.send().await.expect("request");
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        let cookie = sensei_e2e::session_cookie(&r);
+        let mut v: Value = r.json().await.expect("json");
+        if let Some(c) = cookie {
+            v["_cookie"] = json!(c);
+        }
+        v
+    }
+
+    /// Signs up, adds an SSH server behind `sshd` and a project; returns the cookie, the
+    /// server and the project.
+    async fn ssh_target(&self, sshd: &sensei_e2e::SshServer) -> (String, String, String) {
+        let signup = self
+            .post(
+                "/v1/auth/signup",
+                None,
+                json!({"email": format!("f{}@example.com", uuid::Uuid::new_v4().simple()),
+                       "password": PW, "account_name": "F"}),
+            )
+            .await;
+        let cookie = signup["_cookie"].as_str().expect("cookie").to_owned();
+        let server = self
+            .post(
+                "/v1/servers",
+                Some(&cookie),
+                json!({"name": "hostile", "host": "127.0.0.1", "port": sshd.port,
+                       "username": sensei_e2e::DEPLOY_USER, "transport": "ssh"}),
+            )
+            .await;
+        sshd.set_authorized_keys(&format!(
+            "{}\n",
+            server["public_key"].as_str().expect("key")
+        ));
+        let project = self
+            .post(
+                "/v1/projects",
+                Some(&cookie),
+                json!({"name": "p", "repo_url": "/srv/git/none.git", "deploy_path": "/srv/none"}),
+            )
+            .await;
+        (
+            cookie,
+            server["id"].as_str().expect("id").to_owned(),
+            project["id"].as_str().expect("id").to_owned(),
+        )
+    }
+
+    async fn deploy_and_wait(
+        &self,
+        cookie: &str,
+        server: &str,
+        project: &str,
+    ) -> (Value, std::time::Duration) {
+        let started = std::time::Instant::now();
+        let d = self
+            .post(
+                "/v1/deployments",
+                Some(cookie),
+                json!({"project_id": project, "server_id": server, "ref": "main"}),
+            )
+            .await;
+        let id = d["id"].as_str().expect("id").to_owned();
+        for _ in 0..1200 {
+            let v: Value = self
+                .http
+                .get(format!("{}/v1/deployments/{id}", self.base))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .expect("get")
+                .json()
+                .await
+                .expect("json");
+            if v["status"] == "succeeded" || v["status"] == "failed" {
+                return (v, started.elapsed());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the deployment never ended");
+    }
+}
+
+/// A tenant's SSH server answers with endless bytes and no newline: the control plane keeps
+/// one bounded line of it, not the stream. A first, smaller flood warms everything an SSH
+/// deploy allocates anyway (connections, buffers, the allocator's arenas); ten times more
+/// output must then cost (almost) nothing more.
+#[tokio::test]
+async fn an_ssh_server_flooding_output_cannot_grow_the_control_planes_memory() {
+    if !sensei_control_plane::postgres_cluster::running_as_root() {
+        return; // the SSH tests create their login user and run sshd as root
+    }
+    let small = sensei_e2e::SshServer::start_with("ForceCommand head -c 40000000 /dev/zero");
+    let big = sensei_e2e::SshServer::start_with("ForceCommand head -c 400000000 /dev/zero");
+    let plane = PlaneProcess::start(&[]).await;
+    let (cookie, warm, project) = plane.ssh_target(&small).await;
+    let (done, _) = plane.deploy_and_wait(&cookie, &warm, &project).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let (_, warmed_peak) = plane.memory();
+    let (cookie, server, project) = plane.ssh_target(&big).await;
+    let (done, _) = plane.deploy_and_wait(&cookie, &server, &project).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(
+        done["error"]["message"], "the deploy script ended without finishing",
+        "{done}"
+    );
+    let (_, peak) = plane.memory();
+    let grown_mib = peak.saturating_sub(warmed_peak) / 1024;
+    println!("400 MB without a newline after 40 MB: peak RSS grew by {grown_mib} MiB more");
+    assert!(
+        grown_mib < 64,
+        "the control plane's memory grew by {grown_mib} MiB"
+    );
+    // What was kept of the line is bounded, and storable (NUL bytes replaced).
+    let log: Value = plane
+        .http
+        .get(format!(
+            "{}/v1/deployments/{}/logs",
+            plane.base,
+            done["id"].as_str().expect("id")
+        ))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("logs")
+        .json()
+        .await
+        .expect("json");
+    let longest = log["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .filter_map(|l| l["line"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        longest > 1000 && longest < sensei_shared::lines::MAX_LINE * 3 + 64,
+        "{longest}"
+    );
+}
+
+/// A tenant's SSH server that never ends the session is stopped at the deploy's deadline.
+#[tokio::test]
+async fn an_ssh_server_that_never_finishes_is_stopped_at_the_deadline() {
+    if !sensei_control_plane::postgres_cluster::running_as_root() {
+        return;
+    }
+    let sshd = sensei_e2e::SshServer::start_with("ForceCommand sleep 3600");
+    let plane = PlaneProcess::start(&["--ssh-job-timeout-secs", "10"]).await;
+    let (cookie, server, project) = plane.ssh_target(&sshd).await;
+    let (done, took) = plane.deploy_and_wait(&cookie, &server, &project).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["step"], "run", "{done}");
+    assert!(
+        done["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("deadline exceeded")),
+        "{done}"
+    );
+    assert!(took < std::time::Duration::from_secs(100), "took {took:?}");
+}
+
+/// A tenant points an SSH server at the cloud metadata address, or at the control plane's own
+/// API: the runner refuses to connect and says only "unreachable".
+#[tokio::test]
+async fn ssh_targets_cannot_be_metadata_or_the_control_plane_itself() {
+    let t = TestPlane::start().await;
+    let (cookie, _) = t
+        .signup(
+            &format!("n{}@example.com", uuid::Uuid::new_v4().simple()),
+            PW,
+        )
+        .await;
+    let (status, project) = t
+        .post(
+            "/v1/projects",
+            &cookie,
+            json!({"name": "p", "repo_url": "/srv/git/none.git", "deploy_path": "/srv/none"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+    let api_port = t.plane.api_addr().port();
+    for (i, (host, port)) in [("169.254.169.254", 22), ("127.0.0.1", api_port)]
+        .into_iter()
+        .enumerate()
+    {
+        let (status, server) = t
+            .post(
+                "/v1/servers",
+                &cookie,
+                json!({"name": format!("probe-{i}"), "host": host, "port": port,
+                       "username": "deploy", "transport": "ssh"}),
+            )
+            .await;
+        assert_eq!(status, 201, "{server}");
+        let (status, d) = t
+            .post(
+                "/v1/deployments",
+                &cookie,
+                json!({"project_id": project["id"], "server_id": server["id"], "ref": "main"}),
+            )
+            .await;
+        assert_eq!(status, 201, "{d}");
+        let done = t
+            .wait_deployment(&cookie, d["id"].as_str().expect("id"))
+            .await;
+        assert_eq!(done["status"], "failed", "{done}");
+        assert_eq!(done["error"]["step"], "connect", "{done}");
+        assert_eq!(
+            done["error"]["message"],
+            format!("{host}:{port} is unreachable"),
+            "nothing more is said about why"
+        );
+    }
+}
