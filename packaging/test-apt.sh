@@ -130,7 +130,7 @@ else
   # No running systemd (a container): run what sensei-agent.service runs, as its user.
   # The unit's two ambient capabilities come along: the agent switches to the deploy user.
   setpriv --reuid sensei-agent --regid sensei-agent --init-groups \
-    --inh-caps +setuid,+setgid --ambient-caps +setuid,+setgid \
+    --inh-caps +setuid,+setgid,+kill --ambient-caps +setuid,+setgid,+kill \
     /usr/bin/sensei-agent run > "$work/agent.log" 2>&1 &
   pids+=($!)
 fi

@@ -98,23 +98,37 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// In the child, before exec: become `uid`/`gid` (and only its primary group) and hold no
-/// capability at all, so that nothing the script runs can switch back to the agent's user.
-/// Only async-signal-safe calls.
-fn drop_to(uid: u32, gid: u32) -> std::io::Result<()> {
+/// In the child, before exec: become `uid`/`gid` (and only its primary group). Only
+/// async-signal-safe calls.
+fn switch_user(uid: u32, gid: u32) -> std::io::Result<()> {
     let groups = [gid];
     // SAFETY: plain system calls on values owned by this frame.
     unsafe {
         if libc::setgroups(1, groups.as_ptr()) != 0
             || libc::setresgid(gid, gid, gid) != 0
             || libc::setresuid(uid, uid, uid) != 0
-            || libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// In the child, before exec: hold no capability at all, ambient ones included, and let
+/// nothing exec'd later gain one. Done for every deploy except the one case where the
+/// operator chose root all the way (an agent run as root with `--allow-root` and no deploy
+/// user). The packaged agent has CAP_SETUID, CAP_SETGID and CAP_KILL to run and stop deploys;
+/// a hook must never have them, with a deploy user or without.
+fn drop_capabilities() -> std::io::Result<()> {
+    // SAFETY: plain system calls on values owned by this frame.
+    unsafe {
+        if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        ) != 0
         {
             return Err(std::io::Error::last_os_error());
         }
@@ -130,7 +144,6 @@ fn drop_to(uid: u32, gid: u32) -> std::io::Result<()> {
         if libc::syscall(libc::SYS_capset, &header as *const CapHeader, none.as_ptr()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // Nothing exec'd later may gain privileges (setuid binaries, file capabilities).
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -189,7 +202,11 @@ pub async fn run_script(
         }
     }
     let switch = deploy_user.map(|u| (u.uid, u.gid));
-    // SAFETY: setsid, prctl and the calls in drop_to are async-signal-safe and touch no
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let drop_caps = switch.is_some() || !root;
+    // SAFETY: setsid, prctl and the calls in switch_user and drop_capabilities are
+    // async-signal-safe and touch no
     // memory of the parent. A session of its own: `timeout` moves hooks into process groups
     // of their own, but never out of the session, so the session is what a cancel kills.
     // The death signal is set after the user switch, which would clear it.
@@ -199,7 +216,10 @@ pub async fn run_script(
                 return Err(std::io::Error::last_os_error());
             }
             if let Some((uid, gid)) = switch {
-                drop_to(uid, gid)?;
+                switch_user(uid, gid)?;
+            }
+            if drop_caps {
+                drop_capabilities()?;
             }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -669,20 +689,26 @@ mod tests {
     async fn a_fetched_commit_other_than_the_pinned_one_is_refused() {
         let tmp = tempfile::tempdir().expect("tmp");
         let (repo, commits) = repo(tmp.path(), &["approved", "pushed later"]);
+        // A commit on another branch: never in main's history.
+        git(&repo, &["checkout", "-q", "-b", "unreviewed", &commits[0]]);
+        std::fs::write(repo.join("index.html"), "unreviewed").expect("write");
+        git(&repo, &["commit", "-q", "-am", "unreviewed"]);
+        let unreviewed = git(&repo, &["rev-parse", "HEAD"]);
+        git(&repo, &["checkout", "-q", "main"]);
         let d = tmp.path().join("app");
         let mut pinned = spec(&repo, &d, "20270101000000-aaaaaa");
-        pinned.expected_commit = Some(commits[0].clone());
+        pinned.expected_commit = Some(unreviewed.clone());
         let (report, _) = deploy(&pinned).await;
         let (step, message) = report.verdict().expect_err("refused");
         assert_eq!(step, "fetch");
         assert!(message.contains("commit mismatch"), "{message}");
         assert!(
-            message.contains(&commits[0]) && message.contains(&commits[1]),
+            message.contains(&unreviewed) && message.contains(&commits[1]),
             "{message}"
         );
         assert!(!d.join("current").exists());
-        // Asked for the pinned commit itself, it deploys it.
-        pinned.git_ref = commits[0].clone();
+        // The approved commit, though the branch has moved on: exactly that one deploys.
+        pinned.expected_commit = Some(commits[0].clone());
         pinned.release_id = "20270101000001-bbbbbb".into();
         deploy(&pinned)
             .await
@@ -693,5 +719,49 @@ mod tests {
             std::fs::read_to_string(d.join("current/index.html")).expect("page"),
             "approved"
         );
+    }
+
+    /// Whatever the agent may hold (the packaged unit gives it CAP_SETUID, CAP_SETGID and
+    /// CAP_KILL; a root agent holds everything), the script holds no capability: as root with
+    /// a deploy user (here `nobody`), and as any other user without one.
+    #[tokio::test]
+    async fn a_script_holds_no_capability_and_cannot_gain_one() {
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let user = root.then(|| crate::policy::DeployUser::lookup("nobody").expect("nobody"));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_cancel, cancelled) = watch::channel(false);
+        let script = "grep -E '^(Uid|CapEff|CapPrm|CapAmb|NoNewPrivs)' /proc/self/status\n";
+        let report = run_script(script, "t3st", user.as_ref(), tx, cancelled)
+            .await
+            .expect("spawn");
+        let mut lines = Vec::new();
+        while let Ok((line, _)) = rx.try_recv() {
+            lines.push(line);
+        }
+        assert_eq!(report.status, Some(0));
+        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        for cap in ["CapEff", "CapPrm", "CapAmb"] {
+            assert!(
+                texts
+                    .iter()
+                    .any(|l| l.starts_with(cap) && l.ends_with("0000000000000000")),
+                "{cap}: {texts:?}"
+            );
+        }
+        assert!(
+            texts
+                .iter()
+                .any(|l| l.starts_with("NoNewPrivs") && l.ends_with('1')),
+            "{texts:?}"
+        );
+        if let Some(user) = &user {
+            assert!(
+                texts
+                    .iter()
+                    .any(|l| l.starts_with("Uid:") && l.contains(&user.uid.to_string())),
+                "{texts:?}"
+            );
+        }
     }
 }

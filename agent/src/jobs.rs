@@ -217,7 +217,8 @@ async fn handle(
                 None => break,
             },
             _ = tick.tick() => flush(send, job_id, &mut batch).await,
-            _ = connection.closed() => {
+            // Once: a closed connection stays ready, and the kill it asked for is under way.
+            _ = connection.closed(), if !*cancel.borrow() => {
                 let _ = cancel.send(true);
             }
         }

@@ -20,8 +20,10 @@ pub struct DeployUser {
 pub enum DeployUserError {
     #[error("deploy user {0:?} does not exist on this server (the sensei-agent package creates sensei-deploy)")]
     Unknown(String),
-    #[error("deploy user {0:?} is root: deploys never run as root")]
+    #[error("deploy user {0:?} is root (or in group root): deploys never run as root")]
     Root(String),
+    #[error("deploy user {0:?} is the agent's own user, which can read its key: choose another (the package's sensei-deploy)")]
+    SameAsAgent(String),
     #[error(
         "the agent cannot switch to deploy user {0:?}: it needs CAP_SETUID and CAP_SETGID \
          (the packaged unit grants them) or to run as root"
@@ -45,8 +47,14 @@ impl DeployUser {
         ) else {
             return Err(DeployUserError::Unknown(name.to_owned()));
         };
-        if uid == 0 {
+        if uid == 0 || gid == 0 {
             return Err(DeployUserError::Root(name.to_owned()));
+        }
+        // SAFETY: geteuid cannot fail.
+        #[allow(unsafe_code)]
+        let me = unsafe { libc::geteuid() };
+        if uid == me && me != 0 {
+            return Err(DeployUserError::SameAsAgent(name.to_owned()));
         }
         Ok(Self {
             name: name.to_owned(),
@@ -128,8 +136,20 @@ impl JobPolicy {
         }
     }
 
-    /// Whether this server accepts to fetch `repo_url`.
+    /// Whether this server accepts to fetch `repo_url`. With patterns, a URL with `.` or
+    /// `..` path segments (or their percent-encodings) is refused outright: the server would
+    /// resolve them after the pattern matched (`…/acme/../evil/x` is `…/evil/x`).
     pub fn permits_repository(&self, repo_url: &str) -> Result<(), String> {
+        let lowered = repo_url.to_ascii_lowercase();
+        let dotted = lowered.contains("%2e")
+            || lowered
+                .split(['/', ':'])
+                .any(|segment| segment == "." || segment == "..");
+        if !self.allowed_repositories.is_empty() && dotted {
+            return Err(format!(
+                "repository {repo_url} has . or .. in its path, which this agent's allowed_repositories cannot vouch for"
+            ));
+        }
         if self.allowed_repositories.is_empty()
             || self
                 .allowed_repositories

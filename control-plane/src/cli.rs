@@ -90,7 +90,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSEI_PUBLIC_URL")]
     pub public_url: Option<String>,
     /// Load balancers in front of the API (CIDRs, comma-separated): only from these peers are
-    /// `Forwarded`/`X-Forwarded-For` (the client's address, for throttles and API-key
+    /// `X-Forwarded-For` (the client's address, for throttles and API-key
     /// allowlists) and `x-request-id` believed.
     #[arg(long, env = "SENSEI_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -110,8 +110,9 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(10..=86_400))]
     pub ssh_job_timeout_secs: u64,
     /// Networks SSH targets may not resolve to (CIDRs, comma-separated), besides the control
-    /// plane's own listening addresses [default: 169.254.0.0/16,fe80::/10, link-local, where
-    /// cloud metadata services live].
+    /// plane's own listening addresses [default: the cloud metadata addresses (link-local
+    /// 169.254.0.0/16 and fe80::/10, fd00:ec2::254, 100.100.100.200) and "this host"
+    /// (0.0.0.0/8, ::)].
     #[arg(long, env = "SENSEI_SSH_DENY_NETWORKS", value_delimiter = ',')]
     pub ssh_deny_networks: Vec<ipnet::IpNet>,
 }

@@ -222,7 +222,7 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
                     created_by,
                     project_id: project,
                     kind: "deploy",
-                    git_ref: Some(commit.as_deref().unwrap_or(&git_ref)),
+                    git_ref: Some(&git_ref),
                     rollback_of: None,
                     rollout_id: Some(id),
                     expected_commit: commit.as_deref(),

@@ -53,7 +53,7 @@ pub struct ServeOptions {
     pub mail: crate::mailer::MailSettings,
     /// The API's URL as users reach it, for links in emails; default `https://<api addr>`.
     pub public_url: Option<String>,
-    /// Peers whose `Forwarded`/`X-Forwarded-For` and `x-request-id` are believed: the load
+    /// Peers whose `X-Forwarded-For` and `x-request-id` are believed: the load
     /// balancers in front of the API. Empty: the TCP peer is the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Password hashes run at once; default from the cores and memory.

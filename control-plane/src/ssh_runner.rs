@@ -61,12 +61,20 @@ pub struct TargetPolicy {
     pub own: Vec<std::net::SocketAddr>,
 }
 
-/// The networks denied by default: IPv4 and IPv6 link-local (cloud metadata lives there).
+/// The networks denied by default: IPv4 and IPv6 link-local and the other addresses cloud
+/// metadata services answer on, and "this host" (0.0.0.0/8, ::), which reaches localhost.
 pub fn default_denied_networks() -> Vec<ipnet::IpNet> {
-    ["169.254.0.0/16", "fe80::/10"]
-        .iter()
-        .filter_map(|n| n.parse().ok())
-        .collect()
+    [
+        "169.254.0.0/16",
+        "fe80::/10",
+        "fd00:ec2::254/128",
+        "100.100.100.200/32",
+        "0.0.0.0/8",
+        "::/128",
+    ]
+    .iter()
+    .filter_map(|n| n.parse().ok())
+    .collect()
 }
 
 impl TargetPolicy {
@@ -81,6 +89,18 @@ impl TargetPolicy {
                 && (own.ip().to_canonical() == ip
                     || (own.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())))
         })
+    }
+}
+
+/// An account's SSH slot on this replica, held while its deploy runs.
+struct AccountSlot {
+    runner: Arc<SshRunner>,
+    account: Uuid,
+}
+
+impl Drop for AccountSlot {
+    fn drop(&mut self) {
+        self.runner.finished(self.account);
     }
 }
 
@@ -106,11 +126,11 @@ impl SshRunner {
                     break;
                 };
                 match self.claim().await {
-                    Ok(Some((server_id, account, job))) => {
+                    Ok(Some((server_id, slot, job))) => {
                         let runner = self.clone();
                         tokio::spawn(async move {
                             runner.execute(server_id, job).await;
-                            runner.finished(account);
+                            drop(slot);
                             drop(permit);
                         });
                     }
@@ -129,15 +149,19 @@ impl SshRunner {
         }
     }
 
-    /// Counts an account's SSH deploy in, if it has a slot left here.
-    fn admit(&self, account: Uuid) -> bool {
+    /// Counts an account's SSH deploy in, if it has a slot left here; the slot is given back
+    /// when the returned guard is dropped, however the deploy ends (errors and panics too).
+    fn admit(self: &Arc<Self>, account: Uuid) -> Option<AccountSlot> {
         let mut running = self.running.lock().expect("SSH runner lock poisoned");
         let n = running.entry(account).or_default();
         if *n >= PER_ACCOUNT_CONCURRENCY {
-            return false;
+            return None;
         }
         *n += 1;
-        true
+        Some(AccountSlot {
+            runner: self.clone(),
+            account,
+        })
     }
 
     fn finished(&self, account: Uuid) {
@@ -152,7 +176,7 @@ impl SshRunner {
 
     /// Claims the oldest queued job of an SSH server that has no job running, for an account
     /// with a slot left on this replica.
-    async fn claim(&self) -> Result<Option<(Uuid, Uuid, Claimed)>, String> {
+    async fn claim(self: &Arc<Self>) -> Result<Option<(Uuid, AccountSlot, Claimed)>, String> {
         let mut client = self.pool.get().await.map_err(|e| e.to_string())?;
         let candidates: Vec<(Uuid, Uuid)> = client
             .query(
@@ -166,11 +190,10 @@ impl SshRunner {
             .map(|r| (r.get(0), r.get(1)))
             .collect();
         for (server_id, account) in candidates {
-            if !self.admit(account) {
+            // Given back (dropped) unless this server's job is claimed below.
+            let Some(slot) = self.admit(account) else {
                 continue;
-            }
-            // Given back unless this server's job is claimed below.
-            let mut admitted = Some(account);
+            };
             let tx = client
                 .transaction()
                 .await
@@ -191,9 +214,6 @@ impl SshRunner {
                 .await
                 .map_err(|e| crate::db::describe(&e))?;
             if locked.is_none() || busy.is_some() {
-                if let Some(account) = admitted.take() {
-                    self.finished(account);
-                }
                 continue;
             }
             let row = tx
@@ -210,10 +230,7 @@ impl SshRunner {
                 .map_err(|e| crate::db::describe(&e))?;
             tx.commit().await.map_err(|e| crate::db::describe(&e))?;
             if let Some(row) = row {
-                return Ok(Some((server_id, account, Claimed::from_row(&row))));
-            }
-            if let Some(account) = admitted.take() {
-                self.finished(account);
+                return Ok(Some((server_id, slot, Claimed::from_row(&row))));
             }
         }
         Ok(None)
@@ -370,28 +387,30 @@ impl SshRunner {
             JobTask::Rollback(_) => Duration::from_secs(120),
         }
         .min(self.max_job);
-        let session = self
-            .connect(server_id, &host, port, &user, credential, pinned)
-            .await?;
-        let outcome = match tokio::time::timeout(
-            deadline,
-            self.run_script(&session, job.id, &script, &nonce),
-        )
-        .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => Err(fail(
-                "run",
-                format!(
-                    "deadline exceeded: the deploy ran longer than {}s and was stopped",
-                    deadline.as_secs()
-                ),
-            )),
+        // The deadline covers connecting and authenticating too: a server that completes the
+        // key exchange and then stalls must not hold a slot either.
+        let work = async {
+            let session = self
+                .connect(server_id, &host, port, &user, credential, pinned)
+                .await?;
+            let outcome = self.run_script(&session, job.id, &script, &nonce).await;
+            let _ = session
+                .disconnect(russh::Disconnect::ByApplication, "deploy finished", "en")
+                .await;
+            outcome
         };
-        let _ = session
-            .disconnect(russh::Disconnect::ByApplication, "deploy finished", "en")
-            .await;
-        let (outcome, status) = outcome?;
+        let (outcome, status) = match tokio::time::timeout(deadline, work).await {
+            Ok(outcome) => outcome?,
+            Err(_) => {
+                return Err(fail(
+                    "run",
+                    format!(
+                        "deadline exceeded: the deploy ran longer than {}s and was stopped",
+                        deadline.as_secs()
+                    ),
+                ))
+            }
+        };
         let verdict = outcome.verdict(status);
         Ok(JobResult {
             succeeded: verdict.is_ok(),
@@ -638,6 +657,8 @@ mod tests {
             !allows("[::ffff:169.254.169.254]:22"),
             "mapped IPv4 is IPv4"
         );
+        assert!(!allows("0.0.0.0:8443"), "0.0.0.0 reaches this host");
+        assert!(!allows("[fd00:ec2::254]:80"));
         assert!(!allows("127.0.0.1:8443"));
         assert!(
             !allows("127.0.0.1:7443"),

@@ -45,8 +45,9 @@ pub struct DeploySpec {
     pub env: Vec<(String, String)>,
     /// Longest a single hook or the health check may run.
     pub hook_timeout_secs: u32,
-    /// The exact commit the ref must resolve to (a rollout's approved commit): the deploy
-    /// fails with "commit mismatch" if the fetched commit is another.
+    /// The exact commit to deploy (a rollout's approved commit). It must be the ref's commit
+    /// or in its history as fetched on the server; otherwise the deploy fails with "commit
+    /// mismatch".
     pub expected_commit: Option<String>,
 }
 

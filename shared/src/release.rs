@@ -363,6 +363,11 @@ step fetch
 C="$D/.sensei/repo.git"
 # Only branches and tags are fetched (never refs/pull/* and the like, which anyone who can
 # open a pull request controls).
+# A cache made by older versions as a full mirror (every ref, refs/pull/* included) is made
+# again from scratch.
+if [ -d "$C" ] && [ "$(git --git-dir="$C" config --get remote.origin.mirror 2>/dev/null)" = true ]; then
+  rm -rf "$C" || fail "cannot replace the old fetch cache $C"
+fi
 if [ ! -d "$C" ]; then
   rm -rf "$C.tmp" && git init --quiet --bare "$C.tmp" && git --git-dir="$C.tmp" remote add origin "$REPO" && mv "$C.tmp" "$C" || fail "cannot create the fetch cache for $REPO"
 fi
@@ -371,12 +376,19 @@ git --git-dir="$C" fetch --quiet --prune --force origin '+refs/heads/*:refs/head
 COMMIT=$(git --git-dir="$C" rev-parse --verify --quiet "refs/tags/$REF^{{commit}}" ||
          git --git-dir="$C" rev-parse --verify --quiet "refs/heads/$REF^{{commit}}" ||
          git --git-dir="$C" rev-parse --verify --quiet "$REF^{{commit}}") || fail "ref $REF does not exist in $REPO"
+# A pinned deploy (a rollout's approved commit) deploys exactly that commit, and only if it
+# is in the history of the ref as fetched here: a pushed branch still leads to it, while a
+# commit that never was on the branch (another branch's, an unreviewed one) is refused.
+if [ -n "$EXPECT" ] && [ "$COMMIT" != "$EXPECT" ]; then
+  git --git-dir="$C" --no-replace-objects merge-base --is-ancestor "$EXPECT" "$COMMIT" 2>/dev/null ||
+    fail "commit mismatch: $EXPECT (the commit this deploy must be) is not in the history of $REF ($COMMIT here)"
+  COMMIT="$EXPECT"
+fi
 say commit "$COMMIT"
-[ -z "$EXPECT" ] || [ "$COMMIT" = "$EXPECT" ] || fail "commit mismatch: $REF is $COMMIT here, but this deploy must be exactly $EXPECT"
 [ -e "$D/releases/$ID" ] && fail "release $ID already exists"
 R="$D/releases/$ID"
 mkdir "$R" || fail "cannot create $R"
-git --git-dir="$C" archive --format=tar -o "$D/.sensei/export.tar" "$COMMIT" && tar -xf "$D/.sensei/export.tar" -C "$R" || {{ rm -f "$D/.sensei/export.tar"; fail "cannot export $COMMIT"; }}
+git --git-dir="$C" --no-replace-objects archive --format=tar -o "$D/.sensei/export.tar" "$COMMIT" && tar -xf "$D/.sensei/export.tar" -C "$R" || {{ rm -f "$D/.sensei/export.tar"; fail "cannot export $COMMIT"; }}
 rm -f "$D/.sensei/export.tar"
 say release "$ID"
 "#,

@@ -144,24 +144,34 @@ impl Batches {
 }
 
 async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
-    let mut servers: Vec<Uuid> = batch.iter().map(|r| r.server_id).collect();
-    servers.sort_unstable();
-    servers.dedup();
+    // One (server, certificate) pair per server: a job is only claimed for a connection
+    // whose certificate the database still holds valid, so a revocation committed on any
+    // replica stops claims at once, before its notification arrives.
+    let mut pairs: Vec<(Uuid, Vec<u8>)> = batch
+        .iter()
+        .map(|r| (r.server_id, r.binding.to_vec()))
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup_by(|a, b| a.0 == b.0);
+    let (servers, bindings): (Vec<Uuid>, Vec<Vec<u8>>) = pairs.into_iter().unzip();
     let looked_up = async {
         let client = ctx.pool.get().await.map_err(|e| e.to_string())?;
         // Per server, its oldest queued job that no one else holds; all claimed at once.
         let rows = client
             .query(
                 "WITH picked AS ( \
-                   SELECT q.id FROM unnest($1::uuid[]) AS s(server_id) \
+                   SELECT q.id FROM unnest($1::uuid[], $3::bytea[]) AS s(server_id, fingerprint) \
                    CROSS JOIN LATERAL (SELECT id FROM deployments \
                        WHERE server_id = s.server_id AND status = 'queued' AND expires_at > now() \
+                         AND EXISTS (SELECT 1 FROM agent_certificates c \
+                           WHERE c.server_id = s.server_id AND c.fingerprint = s.fingerprint \
+                             AND c.revoked_at IS NULL AND c.not_after > now()) \
                        ORDER BY sequence LIMIT 1 FOR UPDATE SKIP LOCKED) q) \
                  UPDATE deployments d SET status = 'running', started_at = now(), dispatched_replica = $2 \
                  FROM picked WHERE d.id = picked.id \
                  RETURNING d.id, d.sequence, d.kind, d.git_ref, d.release_id, d.project_id, \
                    d.rollout_id, d.expected_commit, d.server_id",
-                &[&servers, &ctx.replica],
+                &[&servers, &ctx.replica, &bindings],
             )
             .await
             .map_err(|e| crate::db::describe(&e))?;

@@ -63,34 +63,19 @@ pub fn client_address(peer: IpAddr, headers: &http::HeaderMap, trusted: &[IpNet]
     client
 }
 
-/// The addresses a request passed through, client first, from `Forwarded` (RFC 7239) or,
-/// without it, `X-Forwarded-For`. An entry that is not an address (`unknown`, an obfuscated
-/// name) ends the chain there: nothing before it can be attributed.
+/// The addresses a request passed through, client first, from `X-Forwarded-For`. The
+/// standard `Forwarded` header is not read: the common load balancers (nginx, HAProxy, cloud
+/// ones) set only `X-Forwarded-For` and pass a client's own `Forwarded` through untouched, so
+/// believing it would let any client name its address. An entry that is not an address
+/// (`unknown`, an obfuscated name) ends the chain there: nothing before it can be attributed.
 fn forwarded_hops(headers: &http::HeaderMap) -> Vec<IpAddr> {
-    let values = |name: &str| -> Vec<String> {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_owned())
-            .collect()
-    };
-    let forwarded: Vec<String> = values("forwarded")
-        .into_iter()
-        .filter_map(|element| {
-            element.split(';').find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                k.eq_ignore_ascii_case("for")
-                    .then(|| v.trim_matches('"').to_owned())
-            })
-        })
+    let entries: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_owned())
         .collect();
-    let entries = if forwarded.is_empty() {
-        values("x-forwarded-for")
-    } else {
-        forwarded
-    };
     let start = entries.len().saturating_sub(MAX_FORWARDED_HOPS);
     let mut hops = Vec::new();
     for entry in &entries[start..] {
@@ -224,11 +209,20 @@ mod tests {
             client_address(peer, &h, &trusted),
             "203.0.113.9".parse::<IpAddr>().expect("ip")
         );
-        // Forwarded wins over X-Forwarded-For, with ports and IPv6 brackets.
+        // A client's own Forwarded header, passed through by a proxy that sets only
+        // X-Forwarded-For, is not believed.
         let h = headers(&[
-            ("forwarded", "for=\"[2001:db8::7]:4711\";proto=https"),
-            ("x-forwarded-for", "1.2.3.4"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-forwarded-for", "203.0.113.9"),
         ]);
+        assert_eq!(
+            client_address(peer, &h, &trusted),
+            "203.0.113.9".parse::<IpAddr>().expect("ip")
+        );
+        let h = headers(&[("forwarded", "for=1.2.3.4")]);
+        assert_eq!(client_address(peer, &h, &trusted), peer);
+        // Ports and IPv6 brackets.
+        let h = headers(&[("x-forwarded-for", "[2001:db8::7]:4711")]);
         assert_eq!(
             client_address(peer, &h, &trusted),
             "2001:db8::7".parse::<IpAddr>().expect("ip")
