@@ -37,15 +37,6 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-fn failed(step: &str, message: String) -> JobResult {
-    JobResult {
-        succeeded: false,
-        release_id: None,
-        commit: None,
-        error: Some((step.into(), message)),
-    }
-}
-
 /// Reports a result left over from a connection that was lost before the control plane
 /// acknowledged it. Returns false if the connection failed meanwhile.
 async fn report_pending(connection: &quinn::Connection, ctx: &JobContext) -> bool {
@@ -157,7 +148,7 @@ async fn handle(
     if let Err(e) = ctx.state.store_sequence(payload.sequence) {
         return AgentMessage::JobFinished {
             job_id,
-            result: failed(
+            result: JobResult::failed(
                 "verify",
                 format!("cannot record the job's sequence number: {e}"),
             ),
@@ -176,7 +167,7 @@ async fn handle(
         tracing::warn!(%job_id, %reason, "refused a job this server's policy does not allow");
         return AgentMessage::JobFinished {
             job_id,
-            result: failed("verify", reason),
+            result: JobResult::failed("verify", reason),
         };
     }
     let nonce = hex::encode(rand::random::<[u8; 12]>());
@@ -189,7 +180,7 @@ async fn handle(
         Err(e) => {
             return AgentMessage::JobFinished {
                 job_id,
-                result: failed("verify", e.to_string()),
+                result: JobResult::failed("verify", e.to_string()),
             }
         }
     };
@@ -234,8 +225,8 @@ async fn handle(
                 error: verdict.err(),
             }
         }
-        Ok(Err(e)) => failed("preflight", format!("cannot start sh: {e}")),
-        Err(e) => failed("preflight", format!("the job's task failed: {e}")),
+        Ok(Err(e)) => JobResult::failed("preflight", format!("cannot start sh: {e}")),
+        Err(e) => JobResult::failed("preflight", format!("the job's task failed: {e}")),
     };
     tracing::info!(%job_id, succeeded = result.succeeded, "job finished");
     AgentMessage::JobFinished { job_id, result }

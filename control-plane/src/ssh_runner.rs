@@ -249,12 +249,7 @@ impl SshRunner {
                     }],
                 )
                 .await;
-                JobResult {
-                    succeeded: false,
-                    release_id: None,
-                    commit: None,
-                    error: Some((f.step.into(), f.message)),
-                }
+                JobResult::failed(f.step, f.message)
             }
         };
         tracing::info!(%server_id, deployment = %job.id, succeeded = result.succeeded, "SSH deploy finished");

@@ -63,6 +63,18 @@ pub struct JobResult {
     pub error: Option<(String, String)>,
 }
 
+impl JobResult {
+    /// A job that failed at `step` before producing a release.
+    pub fn failed(step: &str, message: impl Into<String>) -> Self {
+        Self {
+            succeeded: false,
+            release_id: None,
+            commit: None,
+            error: Some((step.into(), message.into())),
+        }
+    }
+}
+
 /// Agent → control plane.
 ///
 /// On the control stream: `Hello`, then `Heartbeat`s. On each job stream (a bidirectional

@@ -273,13 +273,9 @@ pub async fn serve_poll(
             }
             Ok(Some((job, Ok(signed)))) => break (job, signed),
             Ok(Some((job, Err(reason)))) => {
-                let failed = JobResult {
-                    succeeded: false,
-                    release_id: None,
-                    commit: None,
-                    error: Some(("dispatch".into(), reason)),
-                };
-                ctx.batches.finish(job.id, failed).await;
+                ctx.batches
+                    .finish(job.id, JobResult::failed("dispatch", reason))
+                    .await;
                 continue;
             }
             Ok(None) => {}
@@ -309,12 +305,8 @@ pub async fn serve_poll(
             }
             Ok(Some(AgentMessage::JobRefused { reason, .. })) => {
                 tracing::warn!(%server_id, deployment = %job.id, %reason, "the agent refused a job");
-                let refused = JobResult {
-                    succeeded: false,
-                    release_id: None,
-                    commit: None,
-                    error: Some(("verify".into(), format!("refused by the agent: {reason}"))),
-                };
+                let refused =
+                    JobResult::failed("verify", format!("refused by the agent: {reason}"));
                 ctx.batches.finish(job.id, refused).await;
                 let _ = write_frame(&mut send, &ControlMessage::JobRecorded).await;
                 return;
@@ -392,12 +384,7 @@ pub async fn retire(pool: &deadpool_postgres::Pool, replica: Uuid) {
 
 /// The result of a job whose server's certificate was revoked before it ran.
 pub fn certificate_revoked() -> JobResult {
-    JobResult {
-        succeeded: false,
-        release_id: None,
-        commit: None,
-        error: Some(("dispatch".into(), CERTIFICATE_REVOKED.into())),
-    }
+    JobResult::failed("dispatch", CERTIFICATE_REVOKED)
 }
 
 /// The reason a revocation gives the jobs it fails.
