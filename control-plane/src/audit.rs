@@ -1,8 +1,12 @@
 //! The audit log: the one writer, the hash chain, and its verification.
 //!
 //! Each account has its own chain (events outside any account share the nil-UUID chain).
-//! A row's hash is SHA-256 over the previous row's hash and a canonical JSON rendering of the
-//! row, so changing or deleting a row breaks every later link. Writers of one chain serialise
+//! A row's hash is an HMAC-SHA-256, under a key held outside the database
+//! ([`crate::audit_keys`]), of the previous row's hash and a canonical JSON rendering of the
+//! row, so changing or deleting a row breaks every later link, and someone who can write the
+//! table still cannot recompute the links. Rows written before the chain was keyed (key id
+//! NULL) carry plain SHA-256 links; they may only form a chain's prefix, sealed by a keyed
+//! `audit.keyed` row (see [`seal_unkeyed_chains`]). Writers of one chain serialise
 //! on a transaction-scoped advisory lock; the row is written in the caller's transaction, so
 //! an action and its audit row commit or vanish together.
 
@@ -12,6 +16,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
+
+use crate::audit_keys::AuditKeyring;
 
 /// Who did it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,12 +118,17 @@ struct Canonical<'a> {
     metadata: &'a Value,
 }
 
-fn link_hash(prev: &[u8], row: &Canonical<'_>) -> Vec<u8> {
+/// The bytes a link covers besides the previous hash. serde_json renders object keys sorted
+/// (no preserve_order feature), so the bytes depend only on the values.
+fn canonical_bytes(row: &Canonical<'_>) -> Vec<u8> {
+    serde_json::to_vec(row).unwrap_or_default()
+}
+
+/// The unkeyed link of rows written before the chain was keyed.
+fn legacy_link(prev: &[u8], row: &Canonical<'_>) -> Vec<u8> {
     let mut hasher = Sha256::new();
     hasher.update(prev);
-    // serde_json renders object keys sorted (no preserve_order feature), so the bytes depend
-    // only on the values.
-    hasher.update(serde_json::to_vec(row).unwrap_or_default());
+    hasher.update(canonical_bytes(row));
     hasher.finalize().to_vec()
 }
 
@@ -128,15 +139,17 @@ fn render_time(at: DateTime<Utc>) -> String {
 /// Appends `event` to its account's chain inside the caller's transaction.
 pub async fn append(
     tx: &tokio_postgres::Transaction<'_>,
+    keys: &AuditKeyring,
     event: &AuditEvent,
 ) -> Result<(), tokio_postgres::Error> {
-    append_at(tx, event, Utc::now()).await
+    append_at(tx, keys, event, Utc::now()).await
 }
 
 /// [`append`] with the event's time given: for importing history from another system (and
 /// for testing retention, which needs rows from long ago).
 pub async fn append_at(
     tx: &tokio_postgres::Transaction<'_>,
+    keys: &AuditKeyring,
     event: &AuditEvent,
     now: DateTime<Utc>,
 ) -> Result<(), tokio_postgres::Error> {
@@ -183,11 +196,12 @@ pub async fn append_at(
         result: event.outcome.as_str(),
         metadata: &metadata,
     };
-    let hash = link_hash(&prev, &canonical);
+    let hash = keys.sign(&prev, &canonical_bytes(&canonical));
+    let key_id = keys.current_id();
     tx.execute(
         "INSERT INTO audit_log (chain_id, seq, account_id, at, actor_type, actor_id, actor_email, \
-         client_ip, user_agent, action, target_type, target_id, result, metadata, prev_hash, hash) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
+         client_ip, user_agent, action, target_type, target_id, result, metadata, prev_hash, hash, \
+         key_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)",
         &[
             &chain_id,
             &seq,
@@ -205,6 +219,7 @@ pub async fn append_at(
             &metadata,
             &prev,
             &hash,
+            &key_id,
         ],
     )
     .await?;
@@ -231,11 +246,14 @@ pub struct AuditRecord {
     pub metadata: Value,
     pub prev_hash: Vec<u8>,
     pub hash: Vec<u8>,
+    /// The audit key that signed the link; `None` for rows from before the chain was keyed.
+    pub key_id: Option<String>,
 }
 
 /// Column list matching [`AuditRecord::from_row`].
 pub const COLUMNS: &str = "id, chain_id, seq, account_id, at, actor_type, actor_id, actor_email, \
-     client_ip, user_agent, action, target_type, target_id, result, metadata, prev_hash, hash";
+     client_ip, user_agent, action, target_type, target_id, result, metadata, prev_hash, hash, \
+     key_id";
 
 impl AuditRecord {
     pub fn from_row(row: &Row) -> Self {
@@ -257,6 +275,7 @@ impl AuditRecord {
             metadata: row.get(14),
             prev_hash: row.get(15),
             hash: row.get(16),
+            key_id: row.get(17),
         }
     }
 
@@ -318,12 +337,22 @@ impl AuditRecord {
 pub struct VerifyReport {
     pub chains: u64,
     pub rows: u64,
-    /// Human-readable descriptions of every broken link, in chain order.
+    /// Rows whose links are plain SHA-256 (written before the chain was keyed).
+    pub unkeyed_rows: u64,
+    /// Human-readable descriptions of every broken link, in chain order; each names the row.
     pub problems: Vec<String>,
 }
 
-/// Walks every chain and checks sequence numbers, links and hashes.
-pub async fn verify<C: GenericClient>(client: &C) -> Result<VerifyReport, tokio_postgres::Error> {
+/// Walks every chain and checks sequence numbers, links and their keyed hashes.
+///
+/// The rules: each row links to the one before it (or to the chain's latest expiry
+/// checkpoint); a keyed row's HMAC matches under the key it names; unkeyed rows only appear
+/// before the chain's first keyed row, and a chain never ends on one (startup seals every
+/// chain with a keyed row, so an all-unkeyed chain is a rewrite that dropped the keys).
+pub async fn verify<C: GenericClient>(
+    client: &C,
+    keys: &AuditKeyring,
+) -> Result<VerifyReport, tokio_postgres::Error> {
     const PAGE: i64 = 1000;
     let mut report = VerifyReport::default();
     let chains = client
@@ -348,6 +377,8 @@ pub async fn verify<C: GenericClient>(client: &C) -> Result<VerifyReport, tokio_
             Some(c) => (c.get::<_, i64>(0) + 1, c.get::<_, Vec<u8>>(1)),
             None => (1i64, GENESIS.to_vec()),
         };
+        let mut seen_keyed = false;
+        let mut last: Option<(i64, i64, bool)> = None;
         loop {
             let rows = client
                 .query(
@@ -362,25 +393,48 @@ pub async fn verify<C: GenericClient>(client: &C) -> Result<VerifyReport, tokio_
             for row in rows {
                 let record = AuditRecord::from_row(&row);
                 report.rows += 1;
+                let name = format!("chain {chain_id}: row {} (seq {})", record.id, record.seq);
                 if record.seq != expected_seq {
                     report.problems.push(format!(
-                        "chain {chain_id}: row {} has sequence {} where {} was expected \
-                         (rows missing)",
-                        record.id, record.seq, expected_seq
+                        "{name} follows seq {} (rows missing)",
+                        expected_seq - 1
                     ));
                 }
                 if record.prev_hash != prev {
-                    report.problems.push(format!(
-                        "chain {chain_id}: row {} (seq {}) does not link to the row before it",
-                        record.id, record.seq
-                    ));
+                    report
+                        .problems
+                        .push(format!("{name} does not link to the row before it"));
                 }
-                if link_hash(&record.prev_hash, &record.canonical()) != record.hash {
-                    report.problems.push(format!(
-                        "chain {chain_id}: row {} (seq {}) was changed after it was written",
-                        record.id, record.seq
-                    ));
+                let bytes = canonical_bytes(&record.canonical());
+                match record.key_id.as_deref() {
+                    Some(id) => {
+                        seen_keyed = true;
+                        match keys.link_under(id, &record.prev_hash, &bytes) {
+                            Some(link) if link == record.hash => {}
+                            Some(_) => report
+                                .problems
+                                .push(format!("{name} was changed after it was written")),
+                            None => report.problems.push(format!(
+                                "{name} is signed with audit key {id}, which is not configured \
+                                 (keep retired keys in the list while their rows are retained)"
+                            )),
+                        }
+                    }
+                    None => {
+                        report.unkeyed_rows += 1;
+                        if seen_keyed {
+                            report.problems.push(format!(
+                                "{name} is unkeyed after keyed rows: it was rewritten"
+                            ));
+                        } else if legacy_link(&record.prev_hash, &record.canonical()) != record.hash
+                        {
+                            report
+                                .problems
+                                .push(format!("{name} was changed after it was written"));
+                        }
+                    }
                 }
+                last = Some((record.id, record.seq, record.key_id.is_some()));
                 prev = record.hash;
                 expected_seq = record.seq + 1;
             }
@@ -388,8 +442,62 @@ pub async fn verify<C: GenericClient>(client: &C) -> Result<VerifyReport, tokio_
                 break;
             }
         }
+        if let Some((id, seq, false)) = last {
+            report.problems.push(format!(
+                "chain {chain_id}: row {id} (seq {seq}) ends the chain unkeyed: the chain was \
+                 rewritten without the audit key"
+            ));
+        }
     }
     Ok(report)
+}
+
+/// Appends a keyed `audit.keyed` row to every chain whose newest row is unkeyed, so that the
+/// rows written before the chain was keyed are sealed by a link no one without the key can
+/// forge. Runs at every start; a no-op once every chain ends keyed.
+pub async fn seal_unkeyed_chains(
+    pool: &deadpool_postgres::Pool,
+    keys: &AuditKeyring,
+) -> anyhow::Result<u64> {
+    let chains: Vec<Uuid> = pool
+        .get()
+        .await?
+        .query(
+            "SELECT DISTINCT ON (chain_id) chain_id, key_id FROM audit_log \
+             ORDER BY chain_id, seq DESC",
+            &[],
+        )
+        .await?
+        .iter()
+        .filter(|r| r.get::<_, Option<String>>(1).is_none())
+        .map(|r| r.get(0))
+        .collect();
+    let mut sealed = 0;
+    for chain_id in chains {
+        let mut client = pool.get().await?;
+        let tx = client.transaction().await?;
+        append(
+            &tx,
+            keys,
+            &AuditEvent {
+                account_id: (chain_id != GLOBAL_CHAIN).then_some(chain_id),
+                actor: Actor::System,
+                client_ip: None,
+                user_agent: None,
+                action: "audit.keyed",
+                target: None,
+                outcome: Outcome::Success,
+                metadata: json!({"key_id": keys.current_id()}),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        sealed += 1;
+    }
+    if sealed > 0 {
+        tracing::info!(chains = sealed, "audit chains sealed under the audit key");
+    }
+    Ok(sealed)
 }
 
 /// What an expiry pass removed.
@@ -403,9 +511,13 @@ pub struct ExpiryReport {
 /// `audit_retention_days`; a year for the global chain and deleted accounts).
 ///
 /// Per chain, in one transaction: an `audit.expired` event is appended (so the chain never
-/// ends at an expired row), a checkpoint records the hash of the last expired row, and the
-/// rows up to it are deleted. The database refuses any other deletion (see migration V7).
-pub async fn expire(pool: &deadpool_postgres::Pool) -> anyhow::Result<ExpiryReport> {
+/// ends at an expired row), then `audit_expire_through` (owned by the database owner, the one
+/// way the application role can remove audit rows) records a checkpoint with the hash of the
+/// last expired row and deletes the rows up to it. The database refuses any other deletion.
+pub async fn expire(
+    pool: &deadpool_postgres::Pool,
+    keys: &AuditKeyring,
+) -> anyhow::Result<ExpiryReport> {
     let mut report = ExpiryReport::default();
     let chains: Vec<Uuid> = pool
         .get()
@@ -430,7 +542,8 @@ pub async fn expire(pool: &deadpool_postgres::Pool) -> anyhow::Result<ExpiryRepo
         // The last row of the expired prefix: older than retention, and no newer row before it.
         let Some(last) = tx
             .query_opt(
-                "SELECT seq FROM audit_log WHERE chain_id = $1 AND at < now() - audit_retention($1) \
+                "SELECT seq, (SELECT count(*) FROM audit_log WHERE chain_id = $1 AND seq <= a.seq) \
+                 FROM audit_log a WHERE chain_id = $1 AND at < now() - audit_retention($1) \
                  AND seq < COALESCE((SELECT min(seq) FROM audit_log WHERE chain_id = $1 \
                                      AND at >= now() - audit_retention($1)), 9223372036854775807) \
                  ORDER BY seq DESC LIMIT 1",
@@ -440,17 +553,10 @@ pub async fn expire(pool: &deadpool_postgres::Pool) -> anyhow::Result<ExpiryRepo
         else {
             continue;
         };
-        let through: i64 = last.get(0);
-        let row = tx
-            .query_one(
-                "SELECT hash, at, (SELECT count(*) FROM audit_log WHERE chain_id = $1 AND seq <= $2) \
-                 FROM audit_log WHERE chain_id = $1 AND seq = $2",
-                &[&chain_id, &through],
-            )
-            .await?;
-        let (hash, at, count): (Vec<u8>, DateTime<Utc>, i64) = (row.get(0), row.get(1), row.get(2));
+        let (through, count): (i64, i64) = (last.get(0), last.get(1));
         append(
             &tx,
+            keys,
             &AuditEvent {
                 account_id: (chain_id != GLOBAL_CHAIN).then_some(chain_id),
                 actor: Actor::System,
@@ -463,22 +569,154 @@ pub async fn expire(pool: &deadpool_postgres::Pool) -> anyhow::Result<ExpiryRepo
             },
         )
         .await?;
-        tx.execute(
-            "INSERT INTO audit_checkpoints (chain_id, through_seq, through_hash, through_at, rows_expired) \
-             VALUES ($1, $2, $3, $4, $5)",
-            &[&chain_id, &through, &hash, &at, &count],
-        )
-        .await?;
-        let deleted = tx
-            .execute(
-                "DELETE FROM audit_log WHERE chain_id = $1 AND seq <= $2",
+        let deleted: i64 = tx
+            .query_one(
+                "SELECT audit_expire_through($1, $2)",
                 &[&chain_id, &through],
             )
-            .await?;
+            .await?
+            .get(0);
         tx.commit().await?;
         report.chains += 1;
-        report.rows += deleted;
+        report.rows += u64::try_from(deleted).unwrap_or(0);
         tracing::info!(chain = %chain_id, rows = deleted, through_seq = through, "audit rows expired");
     }
     Ok(report)
+}
+
+/// The format name of a signed export.
+pub const EXPORT_FORMAT: &str = "sensei-audit-export/v1";
+
+/// A chain as retained, signed with an Ed25519 key held outside the database, so that an
+/// auditor holding only the public key can check a stored export without the database: that
+/// it was made by the key's holder, that no row was changed since, and that its rows link
+/// without a gap from the checkpoint it starts at.
+pub async fn signed_export<C: GenericClient>(
+    client: &C,
+    chain_id: Uuid,
+    signing: &ed25519_dalek::SigningKey,
+) -> anyhow::Result<Value> {
+    use ed25519_dalek::Signer;
+    let checkpoint = client
+        .query_opt(
+            "SELECT through_seq, through_hash, through_at, rows_expired FROM audit_checkpoints \
+             WHERE chain_id = $1 ORDER BY through_seq DESC LIMIT 1",
+            &[&chain_id],
+        )
+        .await?
+        .map(|c| {
+            json!({
+                "through_seq": c.get::<_, i64>(0),
+                "through_hash": hex::encode(c.get::<_, Vec<u8>>(1)),
+                "through_at": render_time(c.get(2)),
+                "rows_expired": c.get::<_, i64>(3),
+            })
+        });
+    let rows: Vec<Value> = client
+        .query(
+            &format!("SELECT {COLUMNS} FROM audit_log WHERE chain_id = $1 ORDER BY seq"),
+            &[&chain_id],
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            let r = AuditRecord::from_row(row);
+            let mut v = serde_json::to_value(r.canonical()).unwrap_or(Value::Null);
+            v["prev_hash"] = json!(hex::encode(&r.prev_hash));
+            v["hash"] = json!(hex::encode(&r.hash));
+            v["key_id"] = json!(r.key_id);
+            v
+        })
+        .collect();
+    anyhow::ensure!(
+        !rows.is_empty() || checkpoint.is_some(),
+        "chain {chain_id} has no audit rows"
+    );
+    let body = json!({
+        "format": EXPORT_FORMAT,
+        "chain_id": chain_id,
+        "exported_at": render_time(Utc::now()),
+        "checkpoint": checkpoint,
+        "rows": rows,
+    });
+    let signature = signing.sign(&serde_json::to_vec(&body)?);
+    Ok(json!({
+        "body": body,
+        "public_key": hex::encode(signing.verifying_key().to_bytes()),
+        "signature": hex::encode(signature.to_bytes()),
+    }))
+}
+
+/// What checking a signed export found.
+#[derive(Debug)]
+pub struct ExportCheck {
+    pub chain_id: String,
+    pub rows: usize,
+    pub first_seq: Option<i64>,
+    pub last_seq: Option<i64>,
+}
+
+/// Checks a signed export against the public key the auditor pinned: the signature over the
+/// body, then that the rows link to each other and to the checkpoint without a gap. The first
+/// failure is the error.
+pub fn check_export(
+    document: &Value,
+    public_key: &ed25519_dalek::VerifyingKey,
+) -> anyhow::Result<ExportCheck> {
+    use anyhow::Context;
+    let body = document
+        .get("body")
+        .context("not a signed export: no body")?;
+    let signature = document
+        .get("signature")
+        .and_then(Value::as_str)
+        .and_then(|s| hex::decode(s).ok())
+        .and_then(|b| <[u8; 64]>::try_from(b).ok())
+        .context("not a signed export: no 64-byte signature")?;
+    public_key
+        .verify_strict(
+            &serde_json::to_vec(body)?,
+            &ed25519_dalek::Signature::from_bytes(&signature),
+        )
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the signature does not match: the export was changed, or another key signed it"
+            )
+        })?;
+    anyhow::ensure!(
+        body.get("format").and_then(Value::as_str) == Some(EXPORT_FORMAT),
+        "unknown export format"
+    );
+    let chain_id = body["chain_id"].as_str().unwrap_or_default().to_owned();
+    let (mut expected_seq, mut prev) = match body.get("checkpoint").filter(|c| !c.is_null()) {
+        Some(c) => (
+            c["through_seq"]
+                .as_i64()
+                .context("checkpoint without through_seq")?
+                + 1,
+            c["through_hash"].as_str().unwrap_or_default().to_owned(),
+        ),
+        None => (1, hex::encode(GENESIS)),
+    };
+    let rows = body["rows"].as_array().context("export without rows")?;
+    for row in rows {
+        let seq = row["seq"].as_i64().context("row without seq")?;
+        anyhow::ensure!(
+            seq == expected_seq,
+            "row seq {seq} follows seq {}: rows missing",
+            expected_seq - 1
+        );
+        anyhow::ensure!(
+            row["prev_hash"].as_str() == Some(prev.as_str()),
+            "row seq {seq} does not link to the row before it"
+        );
+        prev = row["hash"].as_str().unwrap_or_default().to_owned();
+        expected_seq += 1;
+    }
+    Ok(ExportCheck {
+        chain_id,
+        rows: rows.len(),
+        first_seq: rows.first().and_then(|r| r["seq"].as_i64()),
+        last_seq: rows.last().and_then(|r| r["seq"].as_i64()),
+    })
 }

@@ -136,8 +136,21 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Print a new random field key (for CODESENSEI_FIELD_KEY).
+    /// Print a new random field key (for CODESENSEI_FIELD_KEY, or SENSEI_AUDIT_KEY).
     GenerateFieldKey,
+    /// Apply database migrations as the owner role (DATABASE_OWNER_URL) and grant the
+    /// application role (the user of DATABASE_URL, or --app-role) what it needs.
+    Migrate {
+        /// The role the control plane serves as [default: the user of DATABASE_URL].
+        #[arg(long)]
+        app_role: Option<String>,
+    },
+    /// Write a new Ed25519 key for signing audit exports to FILE (0600) and print its public
+    /// half, which auditors pin.
+    GenerateAuditSigningKey {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Upgrade the embedded database to the PostgreSQL major version installed now, with
     /// pg_upgrade (the control plane must be stopped; docs/operations.md).
     UpgradeEmbeddedDb {
@@ -151,8 +164,25 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Check every audit chain; exit 1 if a row was changed or removed.
+    /// Check every audit chain; exit 1 if a row was changed or removed (needs
+    /// CODESENSEI_FIELD_KEY: the chain is keyed).
     Verify,
+    /// Print one chain as retained, signed with the key in --signing-key (made by
+    /// `generate-audit-signing-key`), for an auditor to check without the database.
+    Export {
+        /// The account whose chain to export (the nil UUID: events outside any account).
+        #[arg(long)]
+        chain: uuid::Uuid,
+        #[arg(long)]
+        signing_key: PathBuf,
+    },
+    /// Check a signed export: its signature under --public-key (hex) and that its rows link
+    /// without a gap. Needs no database. Exit 1 when it does not hold.
+    CheckExport {
+        file: PathBuf,
+        #[arg(long)]
+        public_key: String,
+    },
     /// Expire rows past each account's retention now (the control plane also does this
     /// hourly), leaving a checkpoint so that the chains still verify.
     Expire,
@@ -255,33 +285,92 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Quickstart { once, serve } => crate::quickstart::run(&serve, data_dir, once).await,
         Command::RotateFieldKey => {
             let keys = FieldKeys::from_env()?;
-            let (pool, cluster) = open_database(&database_source(), &data_dir, 2).await?;
-            crate::db::migrate(&pool).await?;
-            let report = crate::rotate::rotate(&pool, &keys).await?;
+            let db = open_database(
+                &database_source(),
+                owner_url().as_deref(),
+                &keys,
+                &data_dir,
+                2,
+            )
+            .await?;
+            let report = crate::rotate::rotate(&db.pool, &keys).await?;
             println!(
                 "rotate-field-key: rewrote {} field(s) under the first key; {} already were",
                 report.rewritten, report.already_current
             );
+            close(db);
+            Ok(0)
+        }
+        Command::Migrate { app_role } => {
+            let owner = owner_url().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "migrate runs as the database owner: set DATABASE_OWNER_URL to the owner \
+                     role's connection string"
+                )
+            })?;
+            let app_role = match app_role {
+                Some(role) => role,
+                None => match database_source() {
+                    DatabaseSource::Url(url) => crate::db::role_of(&url)?,
+                    DatabaseSource::Embedded => anyhow::bail!(
+                        "name the application role with --app-role, or set DATABASE_URL to \
+                         its connection string"
+                    ),
+                },
+            };
+            let pool = crate::db::connect(&owner, 1).await?;
+            crate::db::migrate(&pool, Some(&app_role)).await?;
+            println!(
+                "migrate: schema at migration {}; {app_role} granted the application's rights",
+                crate::db::applied_migration(&pool).await?
+            );
             pool.close();
-            drop(cluster);
+            Ok(0)
+        }
+        Command::GenerateAuditSigningKey { out } => {
+            use base64::Engine;
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+            writeln!(
+                file,
+                "{}",
+                base64::engine::general_purpose::STANDARD.encode(key.to_bytes())
+            )?;
+            println!("{}", hex::encode(key.verifying_key().to_bytes()));
             Ok(0)
         }
         Command::Audit {
             command: AuditCommand::Verify,
         } => {
-            let (pool, cluster) = open_database(&database_source(), &data_dir, 2).await?;
-            let client = pool.get().await?;
-            let report = crate::audit::verify(&**client).await?;
+            let keys = FieldKeys::from_env()?;
+            let db = open_database(
+                &database_source(),
+                owner_url().as_deref(),
+                &keys,
+                &data_dir,
+                2,
+            )
+            .await?;
+            let client = db.pool.get().await?;
+            let report = crate::audit::verify(&**client, keys.audit_keys()).await?;
             drop(client);
-            pool.close();
-            drop(cluster);
+            close(db);
             for problem in &report.problems {
                 println!("TAMPERED: {problem}");
             }
             println!(
-                "audit verify: {} chain(s), {} row(s), {} problem(s)",
+                "audit verify: {} chain(s), {} row(s) ({} from before the chain was keyed), {} \
+                 problem(s)",
                 report.chains,
                 report.rows,
+                report.unkeyed_rows,
                 report.problems.len()
             );
             Ok(if report.problems.is_empty() { 0 } else { 1 })
@@ -289,18 +378,105 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Audit {
             command: AuditCommand::Expire,
         } => {
-            let (pool, cluster) = open_database(&database_source(), &data_dir, 2).await?;
-            crate::db::migrate(&pool).await?;
-            let report = crate::audit::expire(&pool).await?;
-            pool.close();
-            drop(cluster);
+            let keys = FieldKeys::from_env()?;
+            let db = open_database(
+                &database_source(),
+                owner_url().as_deref(),
+                &keys,
+                &data_dir,
+                2,
+            )
+            .await?;
+            let report = crate::audit::expire(&db.pool, keys.audit_keys()).await?;
+            close(db);
             println!(
                 "audit expire: {} row(s) expired from {} chain(s)",
                 report.rows, report.chains
             );
             Ok(0)
         }
+        Command::Audit {
+            command: AuditCommand::Export { chain, signing_key },
+        } => {
+            let signing = read_signing_key(&signing_key)?;
+            let keys = FieldKeys::from_env()?;
+            let db = open_database(
+                &database_source(),
+                owner_url().as_deref(),
+                &keys,
+                &data_dir,
+                2,
+            )
+            .await?;
+            let client = db.pool.get().await?;
+            let export = crate::audit::signed_export(&**client, chain, &signing).await;
+            drop(client);
+            close(db);
+            println!("{}", serde_json::to_string_pretty(&export?)?);
+            Ok(0)
+        }
+        Command::Audit {
+            command: AuditCommand::CheckExport { file, public_key },
+        } => {
+            let key: [u8; 32] = hex::decode(public_key.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| anyhow::anyhow!("--public-key must be 64 hex digits"))?;
+            let key = ed25519_dalek::VerifyingKey::from_bytes(&key)
+                .map_err(|_| anyhow::anyhow!("--public-key is not an Ed25519 public key"))?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let document: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", file.display()))?;
+            match crate::audit::check_export(&document, &key) {
+                Ok(check) => {
+                    println!(
+                        "audit check-export: chain {}, {} row(s) (seq {}..{}), signature good, \
+                         links unbroken",
+                        check.chain_id,
+                        check.rows,
+                        check.first_seq.unwrap_or(0),
+                        check.last_seq.unwrap_or(0)
+                    );
+                    Ok(0)
+                }
+                Err(e) => {
+                    println!("TAMPERED: {e}");
+                    Ok(1)
+                }
+            }
+        }
     }
+}
+
+/// `DATABASE_OWNER_URL`, when set and not empty.
+pub fn owner_url() -> Option<String> {
+    std::env::var("DATABASE_OWNER_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+}
+
+fn close(db: crate::server::OpenedDatabase) {
+    db.pool.close();
+    drop(db.cluster);
+}
+
+/// Reads an audit signing key written by `generate-audit-signing-key`.
+fn read_signing_key(path: &std::path::Path) -> anyhow::Result<ed25519_dalek::SigningKey> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let seed: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is not an audit signing key (generate-audit-signing-key makes one)",
+                path.display()
+            )
+        })?;
+    Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
 }
 
 /// Options for `serve` and `quickstart` from the flags.
@@ -351,6 +527,7 @@ pub fn serve_options(
         } else {
             args.ssh_deny_networks.clone()
         },
+        database_owner_url: owner_url(),
         ..ServeOptions::new(data_dir, database_source(), Arc::new(keys))
     }
 }

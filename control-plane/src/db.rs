@@ -33,6 +33,19 @@ pub enum DbError {
     Connect(String),
     #[error("database migration failed: {0}")]
     Migrate(String),
+    #[error(
+        "refusing to serve: {0}, so the application could rewrite the audit log. Run with two \
+         roles: an owner that runs migrations (DATABASE_OWNER_URL, or `sensei-control-plane \
+         migrate`) and an application role for DATABASE_URL that owns nothing \
+         (docs/operations.md, \"Two database roles\")"
+    )]
+    AuditOwner(String),
+    #[error(
+        "the database schema is at migration {applied}, this binary needs {latest}: run \
+         `sensei-control-plane migrate` with DATABASE_OWNER_URL (the owner role), or set \
+         DATABASE_OWNER_URL for serve"
+    )]
+    SchemaBehind { applied: i32, latest: i32 },
 }
 
 /// Connection settings split into what tokio-postgres understands and the TLS choice.
@@ -253,10 +266,15 @@ pub async fn listen(
     Ok((client, stream))
 }
 
-/// Applies pending migrations. Replicas starting together serialise on an advisory lock.
-pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
+/// The role the embedded cluster's application connects as (its owner is `postgres`).
+pub const EMBEDDED_APP_ROLE: &str = "sensei_app";
+
+/// Applies pending migrations as the owner role, then grants `app_role` what the application
+/// needs (when given). Replicas starting together serialise on an advisory lock, which also
+/// keeps their GRANTs from colliding.
+pub async fn migrate(owner: &Pool, app_role: Option<&str>) -> Result<(), DbError> {
     const MIGRATION_LOCK: i64 = 0x5e45_e100;
-    let mut client = pool
+    let mut client = owner
         .get()
         .await
         .map_err(|e| DbError::Connect(e.to_string()))?;
@@ -264,16 +282,106 @@ pub async fn migrate(pool: &Pool) -> Result<(), DbError> {
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(|e| DbError::Migrate(e.to_string()))?;
-    let result = embedded::migrations::runner()
+    let mut result = embedded::migrations::runner()
         .run_async(&mut **client)
         .await
+        .map(|_| ())
         .map_err(|e| DbError::Migrate(e.to_string()));
+    if let (Ok(()), Some(role)) = (&result, app_role) {
+        result = grant_application(&client, role).await;
+    }
     let unlock = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await;
     result?;
     unlock.map_err(|e| DbError::Migrate(e.to_string()))?;
     Ok(())
+}
+
+/// Quotes an SQL identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// What the application role may do: read and write the product's tables, but on the audit
+/// tables only read and append; expiry only through `audit_expire_through`; the migration
+/// history only read. Idempotent: it runs after every migration.
+async fn grant_application(owner: &tokio_postgres::Client, role: &str) -> Result<(), DbError> {
+    let exists = owner
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await
+        .map_err(|e| DbError::Migrate(describe(&e)))?;
+    if exists.is_none() {
+        return Err(DbError::Migrate(format!(
+            "the application role {role} (the user of DATABASE_URL) does not exist; create it \
+             with CREATE ROLE {role} LOGIN PASSWORD '…' (docs/operations.md, \"Two database \
+             roles\")"
+        )));
+    }
+    let r = ident(role);
+    let statements = format!(
+        "GRANT USAGE ON SCHEMA public TO {r};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {r};
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {r};
+         REVOKE ALL ON audit_log, audit_checkpoints, refinery_schema_history FROM {r};
+         GRANT SELECT, INSERT ON audit_log TO {r};
+         GRANT SELECT ON audit_checkpoints, refinery_schema_history TO {r};
+         GRANT EXECUTE ON FUNCTION audit_expire_through(uuid, bigint) TO {r};"
+    );
+    owner
+        .batch_execute(&statements)
+        .await
+        .map_err(|e| DbError::Migrate(format!("granting the application role: {}", describe(&e))))
+}
+
+/// Refuses to serve as a role that could rewrite the audit log: a superuser, the owner of the
+/// audit table or a member of the owner's role.
+pub async fn check_application_role(pool: &Pool) -> Result<(), DbError> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| DbError::Connect(e.to_string()))?;
+    let row = client
+        .query_one(
+            "SELECT current_user::text, r.rolsuper, \
+                    pg_has_role(current_user, c.relowner, 'USAGE'), pg_get_userbyid(c.relowner)::text \
+             FROM pg_roles r, pg_class c \
+             WHERE r.rolname = current_user AND c.oid = 'public.audit_log'::regclass",
+            &[],
+        )
+        .await
+        .map_err(|e| DbError::Connect(describe(&e)))?;
+    let (me, superuser, owns, owner): (String, bool, bool, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if superuser || owns {
+        let why = if superuser {
+            format!("{me} is a superuser")
+        } else {
+            format!("{me} owns the audit log (or acts as its owner {owner})")
+        };
+        return Err(DbError::AuditOwner(why));
+    }
+    Ok(())
+}
+
+/// Refuses a schema older than this binary when there is no owner to migrate it.
+pub async fn ensure_current(pool: &Pool) -> Result<(), DbError> {
+    let applied = applied_migration(pool).await.unwrap_or(0);
+    let latest = latest_migration();
+    if applied < latest {
+        return Err(DbError::SchemaBehind { applied, latest });
+    }
+    Ok(())
+}
+
+/// The role a connection string connects as.
+pub fn role_of(url: &str) -> Result<String, DbError> {
+    let parsed = parse_url(url)?;
+    parsed
+        .config
+        .get_user()
+        .map(str::to_owned)
+        .ok_or_else(|| DbError::BadUrl("no user in the connection string".into()))
 }
 
 /// The result of asking the database to answer a query now.

@@ -38,6 +38,9 @@ pub enum FieldKeyError {
     /// The development key file could not be read or written.
     #[error("field key file {path}: {message}")]
     File { path: String, message: String },
+    /// `SENSEI_AUDIT_KEY` is malformed.
+    #[error(transparent)]
+    AuditKey(crate::audit_keys::AuditKeyError),
 }
 
 /// A ciphertext that no configured key opens (wrong key, or the value was tampered with).
@@ -51,6 +54,10 @@ pub struct FieldKeys {
     all: MultiFernet,
     input_hash_key: [u8; 32],
     count: usize,
+    /// `SENSEI_AUDIT_KEY`, when set.
+    dedicated_audit: Option<crate::audit_keys::AuditKeyring>,
+    /// The full audit ring, installed once the database is open ([`crate::audit_keys::load`]).
+    audit: std::sync::OnceLock<crate::audit_keys::AuditKeyring>,
 }
 
 impl FieldKeys {
@@ -85,14 +92,57 @@ impl FieldKeys {
             count: fernets.len(),
             all: MultiFernet::new(fernets),
             input_hash_key: mac.finalize().into_bytes().into(),
+            dedicated_audit: None,
+            audit: std::sync::OnceLock::new(),
         })
     }
 
+    /// Dedicated audit keys (`SENSEI_AUDIT_KEY`), which sign before the stored chain key.
+    pub fn with_audit_keys(mut self, ring: crate::audit_keys::AuditKeyring) -> Self {
+        self.dedicated_audit = Some(ring);
+        self
+    }
+
+    pub fn dedicated_audit_keys(&self) -> Option<&crate::audit_keys::AuditKeyring> {
+        self.dedicated_audit.as_ref()
+    }
+
+    /// Installs the audit ring once. False when a ring with another signing key is already
+    /// installed (the same keys opened a second database).
+    #[must_use]
+    pub fn install_audit_keys(&self, ring: crate::audit_keys::AuditKeyring) -> bool {
+        let installed = self.audit.get_or_init(|| ring.clone());
+        installed.current_id() == ring.current_id()
+    }
+
+    /// The keys of the audit chain (see [`crate::audit_keys`]).
+    ///
+    /// # Panics
+    /// Before the database was opened: every path that writes or checks audit rows opens the
+    /// database first, which installs them.
+    pub fn audit_keys(&self) -> &crate::audit_keys::AuditKeyring {
+        self.audit
+            .get()
+            .expect("audit keys are installed when the database is opened")
+    }
+
     /// Reads `CODESENSEI_FIELD_KEY`.
+    /// Reads `CODESENSEI_FIELD_KEY`, and `SENSEI_AUDIT_KEY` when it is set.
     pub fn from_env() -> Result<Self, FieldKeyError> {
-        match std::env::var(FIELD_KEY_ENV) {
-            Ok(spec) => Self::parse(&spec),
-            Err(_) => Err(FieldKeyError::Missing),
+        let keys = match std::env::var(FIELD_KEY_ENV) {
+            Ok(spec) => Self::parse(&spec)?,
+            Err(_) => return Err(FieldKeyError::Missing),
+        };
+        keys.with_audit_keys_from_env()
+    }
+
+    /// Applies `SENSEI_AUDIT_KEY` when it is set and not empty.
+    pub fn with_audit_keys_from_env(self) -> Result<Self, FieldKeyError> {
+        let spec = std::env::var(crate::audit_keys::AUDIT_KEY_ENV).unwrap_or_default();
+        match crate::audit_keys::AuditKeyring::parse(&spec) {
+            Ok(Some(ring)) => Ok(self.with_audit_keys(ring)),
+            Ok(None) => Ok(self),
+            Err(e) => Err(FieldKeyError::AuditKey(e)),
         }
     }
 

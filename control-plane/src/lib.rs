@@ -7,6 +7,7 @@
 pub mod agents;
 pub mod api;
 pub mod audit;
+pub mod audit_keys;
 pub mod auth;
 pub mod cli;
 pub mod db;

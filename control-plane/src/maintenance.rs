@@ -20,8 +20,11 @@ pub struct Report {
 }
 
 /// One round of housekeeping now.
-pub async fn run_once(pool: &Pool) -> anyhow::Result<Report> {
-    let audit = crate::audit::expire(pool).await?;
+pub async fn run_once(
+    pool: &Pool,
+    keys: &crate::field_crypto::FieldKeys,
+) -> anyhow::Result<Report> {
+    let audit = crate::audit::expire(pool, keys.audit_keys()).await?;
     let client = pool.get().await?;
     let log_lines = expire_deploy_logs(&client).await?;
     let idempotency_keys = crate::api::idempotency::prune(&client).await?;
@@ -80,14 +83,18 @@ async fn prune_spent_credentials(
 }
 
 /// Runs housekeeping a minute after start and then every [`INTERVAL`], until shutdown.
-pub async fn run(pool: Pool, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    pool: Pool,
+    keys: std::sync::Arc<crate::field_crypto::FieldKeys>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut wait = std::time::Duration::from_secs(60);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
-        match run_once(&pool).await {
+        match run_once(&pool, &keys).await {
             Ok(report) if report != Report::default() => {
                 tracing::info!(?report, "housekeeping removed expired rows");
             }

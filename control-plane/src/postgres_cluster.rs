@@ -348,6 +348,15 @@ impl PostgresCluster {
         )
     }
 
+    /// [`Self::conninfo`] connecting as `user` instead of the superuser.
+    pub fn conninfo_as(&self, dbname: &str, user: &str) -> String {
+        format!(
+            "host={} port={} user={user} dbname={dbname}",
+            self.socket_dir.display(),
+            self.port
+        )
+    }
+
     /// The TCP port, when the cluster listens on one.
     pub fn port(&self) -> u16 {
         self.port

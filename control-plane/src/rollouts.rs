@@ -31,9 +31,14 @@ pub fn parse_status(s: &str) -> TargetStatus {
 }
 
 /// Advances rollouts until `shutdown`.
-pub async fn run(pool: Pool, hub: std::sync::Arc<AgentHub>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    pool: Pool,
+    hub: std::sync::Arc<AgentHub>,
+    keys: std::sync::Arc<crate::field_crypto::FieldKeys>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
-        if let Err(e) = tick(&pool, &hub).await {
+        if let Err(e) = tick(&pool, &hub, &keys).await {
             tracing::warn!(error = %e, "rollout scheduler");
         }
         tokio::select! {
@@ -43,7 +48,11 @@ pub async fn run(pool: Pool, hub: std::sync::Arc<AgentHub>, mut shutdown: watch:
     }
 }
 
-async fn tick(pool: &Pool, hub: &AgentHub) -> Result<(), String> {
+async fn tick(
+    pool: &Pool,
+    hub: &AgentHub,
+    keys: &crate::field_crypto::FieldKeys,
+) -> Result<(), String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let ids: Vec<Uuid> = client
         .query(
@@ -58,7 +67,7 @@ async fn tick(pool: &Pool, hub: &AgentHub) -> Result<(), String> {
         .collect();
     drop(client);
     for id in ids {
-        if let Err(e) = step(pool, hub, id).await {
+        if let Err(e) = step(pool, hub, keys, id).await {
             tracing::warn!(rollout = %id, error = %e, "advancing a rollout");
         }
     }
@@ -83,7 +92,12 @@ fn system_event(
     }
 }
 
-async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
+async fn step(
+    pool: &Pool,
+    hub: &AgentHub,
+    keys: &crate::field_crypto::FieldKeys,
+    id: Uuid,
+) -> Result<(), String> {
     let db = |e: tokio_postgres::Error| crate::db::describe(&e);
     let mut client = pool.get().await.map_err(|e| e.to_string())?;
     let tx = client.transaction().await.map_err(db)?;
@@ -159,6 +173,7 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
             .map_err(db)?;
             audit::append(
                 &tx,
+                keys.audit_keys(),
                 &system_event(account, "rollout.rolled_back", id, json!({})),
             )
             .await
@@ -267,6 +282,7 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
             .map_err(db)?;
             audit::append(
                 &tx,
+                keys.audit_keys(),
                 &system_event(account, "rollout.awaiting_approval", id, json!({})),
             )
             .await
@@ -326,6 +342,7 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
             .map_err(db)?;
             audit::append(
                 &tx,
+                keys.audit_keys(),
                 &system_event(
                     account,
                     "rollout.halted",
@@ -345,6 +362,7 @@ async fn step(pool: &Pool, hub: &AgentHub, id: Uuid) -> Result<(), String> {
             .map_err(db)?;
             audit::append(
                 &tx,
+                keys.audit_keys(),
                 &system_event(account, "rollout.succeeded", id, json!({})),
             )
             .await

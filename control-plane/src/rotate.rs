@@ -104,6 +104,10 @@ pub struct RotationReport {
 
 /// Rotates every encrypted column.
 pub async fn rotate(pool: &Pool, keys: &FieldKeys) -> Result<RotationReport, RotateError> {
+    // The rotation is audited, under the chain key these field keys open.
+    crate::audit_keys::load(pool, keys)
+        .await
+        .map_err(|e| RotateError::Db(e.to_string()))?;
     let mut report = RotationReport::default();
     for col in ENCRYPTED_COLUMNS {
         let mut after = String::new();
@@ -160,6 +164,7 @@ pub async fn rotate(pool: &Pool, keys: &FieldKeys) -> Result<RotationReport, Rot
     let tx = client.transaction().await?;
     audit::append(
         &tx,
+        keys.audit_keys(),
         &AuditEvent {
             account_id: None,
             actor: Actor::System,

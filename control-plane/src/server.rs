@@ -36,6 +36,9 @@ pub struct ServeOptions {
     pub api_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub database: DatabaseSource,
+    /// The owner role's connection string (`DATABASE_OWNER_URL`): migrations run as it.
+    /// Without it an external database must already be migrated.
+    pub database_owner_url: Option<String>,
     pub field_keys: Arc<FieldKeys>,
     /// Names (DNS or IP) the API certificate is issued for.
     pub api_names: Vec<String>,
@@ -76,6 +79,7 @@ impl ServeOptions {
             api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             database,
+            database_owner_url: None,
             field_keys,
             api_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             pool_size: 16,
@@ -118,6 +122,8 @@ pub enum StartError {
     Gateway(#[from] crate::agents::gateway::GatewayError),
     #[error(transparent)]
     Mail(#[from] crate::mailer::MailConfigError),
+    #[error("audit log: {0}")]
+    Audit(String),
 }
 
 /// A running control plane.
@@ -151,15 +157,49 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Opens the database: the URL, or the embedded cluster (created and started on demand) with
-/// a `sensei` database in it.
+/// The opened database: the application's pool and connection string, and the embedded
+/// cluster when there is one.
+pub struct OpenedDatabase {
+    pub pool: Pool,
+    /// The application role's connection string (for LISTEN connections).
+    pub url: String,
+    pub cluster: Option<PostgresCluster>,
+}
+
+/// Opens the database as the application role, migrated to this binary's schema, and loads
+/// the audit keys into `keys`.
+///
+/// With `DATABASE_URL`: migrations run as `owner_url`'s role when it is given (and the
+/// application role is granted what it needs); without it the schema must already be current
+/// (`sensei-control-plane migrate`). The embedded cluster (created and started on demand, with
+/// a `sensei` database) migrates as its superuser and serves as [`db::EMBEDDED_APP_ROLE`].
+/// `serve` then checks that the role cannot rewrite the audit log
+/// ([`db::check_application_role`]); commands that only read may run as the owner.
 pub async fn open_database(
     source: &DatabaseSource,
+    owner_url: Option<&str>,
+    keys: &FieldKeys,
     data_dir: &Path,
     pool_size: usize,
-) -> Result<(Pool, Option<PostgresCluster>), StartError> {
-    match source {
-        DatabaseSource::Url(url) => Ok((db::connect(url, pool_size).await?, None)),
+) -> Result<OpenedDatabase, StartError> {
+    let (url, cluster) = match source {
+        DatabaseSource::Url(url) => {
+            match owner_url {
+                Some(owner_url) => {
+                    let owner = db::connect(owner_url, 1).await?;
+                    let migrated = db::migrate(&owner, Some(&db::role_of(url)?)).await;
+                    owner.close();
+                    migrated?;
+                }
+                None => {
+                    let pool = db::connect(url, 1).await?;
+                    let current = db::ensure_current(&pool).await;
+                    pool.close();
+                    current?;
+                }
+            }
+            (url.clone(), None)
+        }
         DatabaseSource::Embedded => {
             prepare_data_dir(data_dir)?;
             let root = data_dir.join("postgres");
@@ -186,11 +226,36 @@ pub async fn open_database(
                     .await
                     .map_err(|e| db::DbError::Connect(db::describe(&e)))?;
             }
+            let role = client
+                .query_opt(
+                    "SELECT 1 FROM pg_roles WHERE rolname = $1",
+                    &[&db::EMBEDDED_APP_ROLE],
+                )
+                .await
+                .map_err(|e| db::DbError::Connect(db::describe(&e)))?;
+            if role.is_none() {
+                client
+                    .batch_execute(&format!("CREATE ROLE {} LOGIN", db::EMBEDDED_APP_ROLE))
+                    .await
+                    .map_err(|e| db::DbError::Connect(db::describe(&e)))?;
+            }
             drop(client);
-            let pool = db::connect(&cluster.conninfo("sensei"), pool_size).await?;
-            Ok((pool, Some(cluster)))
+            admin.close();
+            let owner = db::connect(&cluster.conninfo("sensei"), 1).await?;
+            let migrated = db::migrate(&owner, Some(db::EMBEDDED_APP_ROLE)).await;
+            owner.close();
+            migrated?;
+            (
+                cluster.conninfo_as("sensei", db::EMBEDDED_APP_ROLE),
+                Some(cluster),
+            )
         }
-    }
+    };
+    let pool = db::connect(&url, pool_size).await?;
+    crate::audit_keys::load(&pool, keys)
+        .await
+        .map_err(|e| StartError::Audit(e.to_string()))?;
+    Ok(OpenedDatabase { pool, url, cluster })
 }
 
 fn binary_sha256() -> String {
@@ -204,10 +269,23 @@ impl ControlPlane {
     /// Starts everything and returns once the API is listening.
     pub async fn start(options: ServeOptions) -> Result<Self, StartError> {
         let mailer = Arc::new(crate::mailer::Mailer::new(&options.mail)?);
-        let (pool, cluster) =
-            open_database(&options.database, &options.data_dir, options.pool_size).await?;
-        db::migrate(&pool).await?;
+        let OpenedDatabase {
+            pool,
+            url: database_url,
+            cluster,
+        } = open_database(
+            &options.database,
+            options.database_owner_url.as_deref(),
+            &options.field_keys,
+            &options.data_dir,
+            options.pool_size,
+        )
+        .await?;
+        db::check_application_role(&pool).await?;
         let keys = options.field_keys;
+        crate::audit::seal_unkeyed_chains(&pool, keys.audit_keys())
+            .await
+            .map_err(|e| StartError::Audit(e.to_string()))?;
         let ca = pki::certificate_authority(&pool, &keys).await?;
         // Clients (curl, the quickstart, agents' operators) need the CA to trust the API.
         prepare_data_dir(&options.data_dir)?;
@@ -317,13 +395,6 @@ impl ControlPlane {
             metrics_on_api: metrics_listener.is_none(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let database_url = match &options.database {
-            DatabaseSource::Url(url) => url.clone(),
-            DatabaseSource::Embedded => cluster
-                .as_ref()
-                .map(|c| c.conninfo("sensei"))
-                .unwrap_or_default(),
-        };
         let tasks = vec![
             tokio::spawn(gateway::run(
                 endpoint.clone(),
@@ -341,10 +412,15 @@ impl ControlPlane {
                 let rx = shutdown_rx.clone();
                 tokio::spawn(async move { last_seen.run(pool, rx).await })
             },
-            tokio::spawn(crate::maintenance::run(pool.clone(), shutdown_rx.clone())),
+            tokio::spawn(crate::maintenance::run(
+                pool.clone(),
+                state_keys.clone(),
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(crate::rollouts::run(
                 pool.clone(),
                 hub.clone(),
+                state_keys.clone(),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(

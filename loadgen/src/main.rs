@@ -100,11 +100,15 @@ impl Setup {
             tokio_postgres::connect(&cluster.conninfo("postgres"), tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         admin.batch_execute("CREATE DATABASE sensei").await?;
-        let database_url = cluster.conninfo("sensei");
+        admin.batch_execute("CREATE ROLE sensei_app LOGIN").await?;
+        // Two roles, as in production: the plane migrates as the owner, serves as sensei_app.
+        let owner_url = cluster.conninfo("sensei");
+        let database_url = cluster.conninfo_as("sensei", "sensei_app");
         let data_dir = plane::open_tempdir("sensei-loadgen-data-")?;
         let config = PlaneConfig {
             binary: plane::sibling_binary("sensei-control-plane")?,
             database_url: database_url.clone(),
+            owner_url: owner_url.clone(),
             field_key: sensei_control_plane::field_crypto::FieldKeys::generate_key(),
             data_dir: data_dir.path().to_owned(),
             api_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(false)?)),
@@ -115,7 +119,7 @@ impl Setup {
         let plane = Plane::start(&config)?;
         let http = plane::client_for(&config.data_dir).await?;
         plane::wait_healthy(&http, config.api_addr, Duration::from_secs(60)).await?;
-        let (db, conn) = tokio_postgres::connect(&database_url, tokio_postgres::NoTls).await?;
+        let (db, conn) = tokio_postgres::connect(&owner_url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         let base = format!("https://localhost:{}", config.api_addr.port());
         let signup = http

@@ -42,6 +42,8 @@ pub fn free_port(udp: bool) -> anyhow::Result<u16> {
 pub struct PlaneConfig {
     pub binary: PathBuf,
     pub database_url: String,
+    /// The owner role's connection string (migrations).
+    pub owner_url: String,
     pub field_key: String,
     pub data_dir: PathBuf,
     pub api_addr: SocketAddr,
@@ -70,6 +72,7 @@ impl Plane {
             .arg("--agent-heartbeat-secs")
             .arg(config.heartbeat_secs.to_string())
             .env("DATABASE_URL", &config.database_url)
+            .env("DATABASE_OWNER_URL", &config.owner_url)
             .env("CODESENSEI_FIELD_KEY", &config.field_key)
             .env("SENSEI_DATA_DIR", &config.data_dir)
             .stdout(Stdio::null())

@@ -71,7 +71,12 @@ pub fn cluster() -> &'static PostgresCluster {
         .cluster
 }
 
-/// Creates an empty database on the shared cluster and returns its connection string.
+/// The role test control planes serve as (cluster-wide; its rights are granted per database).
+pub const APP_ROLE: &str = "sensei_app";
+
+/// Creates an empty database on the shared cluster and returns its connection string, as the
+/// cluster's superuser: the owner role that runs migrations (and, in tests, tampers).
+/// [`app_conninfo`] gives the application role's string for the same database.
 pub async fn fresh_database() -> String {
     let cluster = cluster();
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
@@ -80,11 +85,25 @@ pub async fn fresh_database() -> String {
             .await
             .expect("connect to the test cluster");
     tokio::spawn(conn);
+    // Tests create databases in parallel: a concurrent CREATE ROLE may fail either way.
+    client
+        .batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        ))
+        .await
+        .expect("create the application role");
     client
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
         .expect("create test database");
     cluster.conninfo(&name)
+}
+
+/// The application role's connection string for the database `owner_conninfo` names.
+pub fn app_conninfo(owner_conninfo: &str) -> String {
+    assert!(owner_conninfo.contains("user=postgres"), "{owner_conninfo}");
+    owner_conninfo.replace("user=postgres", &format!("user={APP_ROLE}"))
 }
 
 /// Connects straight to a test database, bypassing the control plane (to inspect rows, or
@@ -97,9 +116,15 @@ pub async fn connect(conninfo: &str) -> tokio_postgres::Client {
     client
 }
 
-/// A field key for tests.
+/// The field key of this test process (the text, for commands run as a child process).
+pub fn test_field_key() -> &'static str {
+    static KEY: OnceLock<String> = OnceLock::new();
+    KEY.get_or_init(FieldKeys::generate_key)
+}
+
+/// Field keys for one control plane (each instance holds its own audit ring).
 pub fn test_keys() -> Arc<FieldKeys> {
-    Arc::new(FieldKeys::parse(&FieldKeys::generate_key()).expect("generated key parses"))
+    Arc::new(FieldKeys::parse(test_field_key()).expect("generated key parses"))
 }
 
 /// A control plane on a random port, on its own database.
@@ -144,10 +169,11 @@ impl TestPlane {
             dispatch_timeout: std::time::Duration::from_secs(60),
             ..ServeOptions::new(
                 data_dir.path().to_owned(),
-                DatabaseSource::Url(conninfo.clone()),
+                DatabaseSource::Url(app_conninfo(&conninfo)),
                 keys.clone(),
             )
         };
+        options.database_owner_url = Some(conninfo.clone());
         adjust(&mut options);
         let plane = ControlPlane::start(options)
             .await

@@ -57,6 +57,7 @@ async fn audit_refusal(
     let tx = client.transaction().await.map_err(|e| e.to_string())?;
     audit::append(
         &tx,
+        ctx.keys.audit_keys(),
         &AuditEvent {
             account_id: refusal.account_id,
             actor: Actor::Anonymous,
@@ -200,6 +201,7 @@ async fn enroll(
         .map_err(db)?;
     audit::append(
         &tx,
+        ctx.keys.audit_keys(),
         &AuditEvent {
             account_id: Some(account_id),
             actor: Actor::Anonymous,

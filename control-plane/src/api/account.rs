@@ -172,6 +172,7 @@ pub async fn update(
     }
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -224,6 +225,7 @@ pub async fn transfer_ownership(
     .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -276,6 +278,7 @@ pub async fn delete(
     let revoked = super::servers::revoke_certificates(&tx, &servers).await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,

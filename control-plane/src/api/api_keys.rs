@@ -158,6 +158,7 @@ pub async fn create(
         .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &AuditEvent {
             account_id: Some(principal.account_id),
             actor: principal.actor(),
@@ -258,6 +259,7 @@ pub async fn revoke(
     }
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,

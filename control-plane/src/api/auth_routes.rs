@@ -201,6 +201,7 @@ pub async fn signup(
     let (_, cookie) = create_session(&tx, user_id, &meta).await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &AuditEvent {
             account_id: Some(account_id),
             actor: Actor::User {
@@ -373,6 +374,7 @@ pub async fn login(
     login_throttle::release(&*tx, reservation).await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &AuditEvent {
             account_id: Some(account_id),
             actor: Actor::User {
@@ -423,6 +425,7 @@ async fn audit_failure(
 ) -> Result<(), ApiError> {
     audit::append(
         tx,
+        state.keys.audit_keys(),
         &AuditEvent {
             account_id,
             actor: Actor::Anonymous,
@@ -463,6 +466,7 @@ async fn revoke_sessions(
     }
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &AuditEvent {
             account_id: Some(principal.account_id),
             actor: principal.actor(),

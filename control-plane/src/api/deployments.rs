@@ -414,6 +414,7 @@ pub async fn create(
     .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(&principal, &meta, "deployment.queued", ("deployment", id), json!({"project_id": req.project_id.to_string(), "server_id": req.server_id.to_string(), "ref": git_ref})),
     )
     .await?;
@@ -596,6 +597,7 @@ pub async fn rollback(
     .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,

@@ -235,6 +235,7 @@ pub async fn change_role(
         .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -283,6 +284,7 @@ pub async fn remove(
         .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -371,6 +373,7 @@ pub async fn invite(
         .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -465,6 +468,7 @@ pub async fn revoke_invitation(
     }
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -547,6 +551,7 @@ pub async fn accept(
     let (_, cookie) = create_session(&tx, user_id, &meta).await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &AuditEvent {
             account_id: Some(account_id),
             actor: Actor::User {

@@ -145,6 +145,7 @@ pub async fn enroll(
     }
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -234,6 +235,7 @@ pub async fn confirm(
     }
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -309,6 +311,7 @@ pub async fn disable(
     .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,

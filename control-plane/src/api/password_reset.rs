@@ -101,6 +101,7 @@ pub async fn request(
     .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &AuditEvent {
             account_id: Some(account_id),
             actor: Actor::Anonymous,
@@ -198,6 +199,7 @@ pub async fn confirm(
         .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &AuditEvent {
             account_id: Some(account_id),
             actor: Actor::User { id: user_id, email },

@@ -263,6 +263,7 @@ pub async fn create(
     .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -374,6 +375,7 @@ pub async fn update(
     .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -393,6 +395,7 @@ pub async fn update(
         .await?;
         audit::append(
             &tx,
+            state.keys.audit_keys(),
             &actor_event(
                 &principal,
                 &meta,
@@ -462,6 +465,7 @@ pub async fn delete(
         .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,

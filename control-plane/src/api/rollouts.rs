@@ -278,6 +278,7 @@ pub async fn create(
     .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -503,6 +504,7 @@ async fn command(
     .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             principal,
             meta,

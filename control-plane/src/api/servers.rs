@@ -315,6 +315,7 @@ pub async fn create(
     };
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -568,6 +569,7 @@ pub async fn revoke_certificate(
     }
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(&principal, &meta, "agent.certificate_revoked", ("server", id),
             json!({"certificates": revoked.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(" ")}),
         ),
@@ -604,6 +606,7 @@ pub async fn new_enrollment_token(
     let enrollment = issue_token(&state, &tx, id, ttl_secs).await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,
@@ -643,6 +646,7 @@ pub async fn delete(
     .await?;
     audit::append(
         &tx,
+        state.keys.audit_keys(),
         &actor_event(
             &principal,
             &meta,

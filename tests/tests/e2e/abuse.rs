@@ -113,12 +113,14 @@ impl PlaneProcess {
     async fn start(extra: &[&str]) -> Self {
         use tokio::io::AsyncBufReadExt;
         let dir = sensei_e2e::open_tempdir();
+        let owner = sensei_e2e::fresh_database().await;
         let mut child = tokio::process::Command::new(sensei_e2e::control_plane_binary())
             .env(
                 "CODESENSEI_FIELD_KEY",
                 sensei_control_plane::field_crypto::FieldKeys::generate_key(),
             )
-            .env("DATABASE_URL", sensei_e2e::fresh_database().await)
+            .env("DATABASE_URL", sensei_e2e::app_conninfo(&owner))
+            .env("DATABASE_OWNER_URL", &owner)
             .env("SENSEI_LOG", "warn")
             .args(["--data-dir", &dir.path().display().to_string(), "serve"])
             .args(["--api-addr", "127.0.0.1:0", "--agent-addr", "127.0.0.1:0"])

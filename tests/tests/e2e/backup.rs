@@ -68,6 +68,7 @@ async fn a_dump_and_the_field_key_restore_a_working_control_plane_on_a_new_clust
         &[
             "--format=custom",
             "--no-owner",
+            "--no-acl",
             "-f",
             &dump.display().to_string(),
             "-d",
@@ -95,15 +96,20 @@ async fn a_dump_and_the_field_key_restore_a_working_control_plane_on_a_new_clust
         },
     )
     .expect("new cluster");
-    sensei_e2e::connect(&cluster.conninfo("postgres"))
-        .await
+    let admin = sensei_e2e::connect(&cluster.conninfo("postgres")).await;
+    admin
         .batch_execute("CREATE DATABASE sensei")
         .await
         .expect("create the database");
+    admin
+        .batch_execute(&format!("CREATE ROLE {} LOGIN", sensei_e2e::APP_ROLE))
+        .await
+        .expect("create the application role");
     run(
         &bin.join("pg_restore"),
         &[
             "--no-owner",
+            "--no-acl",
             "--exit-on-error",
             "-d",
             &cluster.conninfo("sensei"),
@@ -134,7 +140,7 @@ async fn a_dump_and_the_field_key_restore_a_working_control_plane_on_a_new_clust
     );
     // The audit chain is whole.
     let db = restored.db().await;
-    let report = sensei_control_plane::audit::verify(&db)
+    let report = sensei_control_plane::audit::verify(&db, restored.keys.audit_keys())
         .await
         .expect("verify");
     assert!(report.problems.is_empty(), "{:?}", report.problems);

@@ -12,6 +12,8 @@ fn command() -> std::process::Command {
     let mut cmd = std::process::Command::new(control_plane_binary());
     cmd.env_remove("CODESENSEI_FIELD_KEY")
         .env_remove("DATABASE_URL")
+        .env_remove("DATABASE_OWNER_URL")
+        .env_remove("SENSEI_AUDIT_KEY")
         .env_remove("SENSEI_API_ADDR")
         .env_remove("SENSEI_DATA_DIR")
         .stdin(Stdio::null());
@@ -246,6 +248,7 @@ async fn audit_verify_exit_code_tells_clean_from_tampered() {
         tokio::task::spawn_blocking(move || {
             command()
                 .env("DATABASE_URL", url)
+                .env("CODESENSEI_FIELD_KEY", sensei_e2e::test_field_key())
                 .args(["audit", "verify"])
                 .output()
                 .expect("run")
@@ -260,7 +263,11 @@ async fn audit_verify_exit_code_tells_clean_from_tampered() {
         "{}",
         String::from_utf8_lossy(&clean.stderr)
     );
-    assert!(String::from_utf8_lossy(&clean.stdout).contains("2 row(s), 0 problem(s)"));
+    let stdout = String::from_utf8_lossy(&clean.stdout);
+    assert!(
+        stdout.contains("2 row(s) (0 from before the chain was keyed), 0 problem(s)"),
+        "{stdout}"
+    );
 
     t.db()
         .await
@@ -305,16 +312,19 @@ async fn rotate_field_key_command_reports_what_it_rewrote() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("rewrote 3 field(s)"), "{stdout}");
+    // The CA, the API certificate, the job-signing key and the audit chain key.
+    assert!(stdout.contains("rewrote 4 field(s)"), "{stdout}");
 }
 
 #[tokio::test]
 async fn secrets_never_reach_the_log_even_at_trace_level() {
     let field_key = FieldKeys::generate_key();
     let dir = open_tempdir();
+    let owner = fresh_database().await;
     let mut child = tokio::process::Command::new(control_plane_binary())
         .env("CODESENSEI_FIELD_KEY", &field_key)
-        .env("DATABASE_URL", fresh_database().await)
+        .env("DATABASE_URL", sensei_e2e::app_conninfo(&owner))
+        .env("DATABASE_OWNER_URL", &owner)
         .env("SENSEI_LOG", "trace")
         .args([
             "--data-dir",
@@ -539,4 +549,156 @@ fn an_embedded_database_of_another_major_version_is_refused_and_upgraded_with_pg
         .output()
         .expect("psql");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "survives");
+}
+
+#[tokio::test]
+async fn serve_refuses_a_role_that_could_rewrite_the_audit_log() {
+    let owner = fresh_database().await;
+    let dir = open_tempdir();
+    // One role for everything, as before the two-role setup: the superuser owns the tables.
+    let out = tokio::task::spawn_blocking(move || {
+        command()
+            .env("CODESENSEI_FIELD_KEY", FieldKeys::generate_key())
+            .env("DATABASE_URL", &owner)
+            .env("DATABASE_OWNER_URL", &owner)
+            .args(["--data-dir", &dir.path().display().to_string(), "serve"])
+            .args(["--api-addr", "127.0.0.1:0", "--agent-addr", "127.0.0.1:0"])
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to serve: postgres is a superuser")
+            && stderr.contains("Two database roles"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn serve_without_the_owner_needs_a_migrated_schema_and_migrate_provides_it() {
+    let owner = fresh_database().await;
+    let app = sensei_e2e::app_conninfo(&owner);
+    let dir = open_tempdir();
+    let data_dir = dir.path().display().to_string();
+    let run = move |args: &'static [&'static str], with_owner: bool| {
+        let (owner, app, data_dir) = (owner.clone(), app.clone(), data_dir.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let mut cmd = command();
+                cmd.env("CODESENSEI_FIELD_KEY", sensei_e2e::test_field_key())
+                    .env("DATABASE_URL", &app)
+                    .args(["--data-dir", &data_dir])
+                    .args(args);
+                if with_owner {
+                    cmd.env("DATABASE_OWNER_URL", &owner);
+                }
+                cmd.output().expect("run")
+            })
+            .await
+            .expect("join")
+        }
+    };
+    let out = run(&["audit", "verify"], false).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("schema is at migration 0") && stderr.contains("migrate"),
+        "{stderr}"
+    );
+    let out = run(&["migrate"], true).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("sensei_app granted"), "{stdout}");
+    let out = run(&["audit", "verify"], false).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_signed_export_checks_without_the_database_and_shows_any_change() {
+    let t = sensei_e2e::TestPlane::start().await;
+    let (_, signup) = t.signup("x@example.com", "correct horse battery").await;
+    t.login("x@example.com", "correct horse battery").await;
+    let account = signup["account"]["id"]
+        .as_str()
+        .expect("account")
+        .to_owned();
+    let dir = open_tempdir();
+    let key_file = dir.path().join("audit-signing.key");
+    let export_file = dir.path().join("export.json");
+    let keygen = command()
+        .args(["generate-audit-signing-key", "--out"])
+        .arg(&key_file)
+        .output()
+        .expect("keygen");
+    assert!(keygen.status.success());
+    let public_key = String::from_utf8_lossy(&keygen.stdout).trim().to_owned();
+    assert_eq!(public_key.len(), 64);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).expect("key").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let url = t.conninfo.clone();
+    let key_arg = key_file.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        command()
+            .env("DATABASE_URL", url)
+            .env("CODESENSEI_FIELD_KEY", sensei_e2e::test_field_key())
+            .args(["audit", "export", "--chain", &account, "--signing-key"])
+            .arg(key_arg)
+            .output()
+            .expect("export")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&export_file, &out.stdout).expect("write export");
+    let check = |file: &std::path::Path, key: &str| {
+        command()
+            .args(["audit", "check-export"])
+            .arg(file)
+            .args(["--public-key", key])
+            .output()
+            .expect("check")
+    };
+    let good = check(&export_file, &public_key);
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert_eq!(good.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("2 row(s)") && stdout.contains("signature good"),
+        "{stdout}"
+    );
+
+    // One changed character in a row: the signature no longer holds.
+    let text = std::fs::read_to_string(&export_file).expect("read");
+    let changed = text.replacen("user.logged_in", "user.logged_ot", 1);
+    assert_ne!(changed, text);
+    let tampered = dir.path().join("tampered.json");
+    std::fs::write(&tampered, changed).expect("write");
+    let bad = check(&tampered, &public_key);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("signature does not match"));
+    // Another key's holder cannot vouch for it either.
+    let other = dir.path().join("other.key");
+    let other_key = command()
+        .args(["generate-audit-signing-key", "--out"])
+        .arg(&other)
+        .output()
+        .expect("keygen");
+    let other_public = String::from_utf8_lossy(&other_key.stdout).trim().to_owned();
+    assert_eq!(check(&export_file, &other_public).status.code(), Some(1));
 }

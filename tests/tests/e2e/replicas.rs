@@ -33,7 +33,8 @@ fn free_udp() -> u16 {
 async fn replica(db: &str, key: &str, api: u16, agent: u16) -> Replica {
     let dir = open_tempdir();
     let mut child = tokio::process::Command::new(control_plane_binary())
-        .env("DATABASE_URL", db)
+        .env("DATABASE_URL", sensei_e2e::app_conninfo(db))
+        .env("DATABASE_OWNER_URL", db)
         .env("CODESENSEI_FIELD_KEY", key)
         .env_remove("SENSEI_DATA_DIR")
         .args(["--data-dir", &dir.path().display().to_string(), "serve"])

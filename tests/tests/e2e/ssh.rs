@@ -312,8 +312,8 @@ async fn rotated_ssh_credentials_still_deploy() {
     let report = sensei_control_plane::rotate::rotate(s.t.plane.pool(), &both)
         .await
         .expect("rotate");
-    // CA, API certificate, job-signing key, project env, SSH key.
-    assert_eq!(report.rewritten, 5, "{report:?}");
+    // CA, API certificate, job-signing key, audit chain key, project env, SSH key.
+    assert_eq!(report.rewritten, 6, "{report:?}");
     // A control plane holding only the new key deploys over SSH.
     let Ssh {
         t,
