@@ -125,10 +125,10 @@ fn canonical_bytes(row: &Canonical<'_>) -> Vec<u8> {
 }
 
 /// The unkeyed link of rows written before the chain was keyed.
-fn legacy_link(prev: &[u8], row: &Canonical<'_>) -> Vec<u8> {
+fn legacy_link(prev: &[u8], row_bytes: &[u8]) -> Vec<u8> {
     let mut hasher = Sha256::new();
     hasher.update(prev);
-    hasher.update(canonical_bytes(row));
+    hasher.update(row_bytes);
     hasher.finalize().to_vec()
 }
 
@@ -426,8 +426,7 @@ pub async fn verify<C: GenericClient>(
                             report.problems.push(format!(
                                 "{name} is unkeyed after keyed rows: it was rewritten"
                             ));
-                        } else if legacy_link(&record.prev_hash, &record.canonical()) != record.hash
-                        {
+                        } else if legacy_link(&record.prev_hash, &bytes) != record.hash {
                             report
                                 .problems
                                 .push(format!("{name} was changed after it was written"));
@@ -450,6 +449,20 @@ pub async fn verify<C: GenericClient>(
         }
     }
     Ok(report)
+}
+
+/// An event the control plane itself records on `chain_id`.
+fn system_event(chain_id: Uuid, action: &'static str, metadata: Value) -> AuditEvent {
+    AuditEvent {
+        account_id: (chain_id != GLOBAL_CHAIN).then_some(chain_id),
+        actor: Actor::System,
+        client_ip: None,
+        user_agent: None,
+        action,
+        target: None,
+        outcome: Outcome::Success,
+        metadata,
+    }
 }
 
 /// Appends a keyed `audit.keyed` row to every chain whose newest row is unkeyed, so that the
@@ -479,16 +492,11 @@ pub async fn seal_unkeyed_chains(
         append(
             &tx,
             keys,
-            &AuditEvent {
-                account_id: (chain_id != GLOBAL_CHAIN).then_some(chain_id),
-                actor: Actor::System,
-                client_ip: None,
-                user_agent: None,
-                action: "audit.keyed",
-                target: None,
-                outcome: Outcome::Success,
-                metadata: json!({"key_id": keys.current_id()}),
-            },
+            &system_event(
+                chain_id,
+                "audit.keyed",
+                json!({"key_id": keys.current_id()}),
+            ),
         )
         .await?;
         tx.commit().await?;
@@ -557,16 +565,11 @@ pub async fn expire(
         append(
             &tx,
             keys,
-            &AuditEvent {
-                account_id: (chain_id != GLOBAL_CHAIN).then_some(chain_id),
-                actor: Actor::System,
-                client_ip: None,
-                user_agent: None,
-                action: "audit.expired",
-                target: None,
-                outcome: Outcome::Success,
-                metadata: json!({"through_seq": through, "rows": count}),
-            },
+            &system_event(
+                chain_id,
+                "audit.expired",
+                json!({"through_seq": through, "rows": count}),
+            ),
         )
         .await?;
         let deleted: i64 = tx

@@ -285,14 +285,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Quickstart { once, serve } => crate::quickstart::run(&serve, data_dir, once).await,
         Command::RotateFieldKey => {
             let keys = FieldKeys::from_env()?;
-            let db = open_database(
-                &database_source(),
-                owner_url().as_deref(),
-                &keys,
-                &data_dir,
-                2,
-            )
-            .await?;
+            let db = open_for_command(&keys, &data_dir).await?;
             let report = crate::rotate::rotate(&db.pool, &keys).await?;
             println!(
                 "rotate-field-key: rewrote {} field(s) under the first key; {} already were",
@@ -350,14 +343,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             command: AuditCommand::Verify,
         } => {
             let keys = FieldKeys::from_env()?;
-            let db = open_database(
-                &database_source(),
-                owner_url().as_deref(),
-                &keys,
-                &data_dir,
-                2,
-            )
-            .await?;
+            let db = open_for_command(&keys, &data_dir).await?;
             let client = db.pool.get().await?;
             let report = crate::audit::verify(&**client, keys.audit_keys()).await?;
             drop(client);
@@ -379,14 +365,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             command: AuditCommand::Expire,
         } => {
             let keys = FieldKeys::from_env()?;
-            let db = open_database(
-                &database_source(),
-                owner_url().as_deref(),
-                &keys,
-                &data_dir,
-                2,
-            )
-            .await?;
+            let db = open_for_command(&keys, &data_dir).await?;
             let report = crate::audit::expire(&db.pool, keys.audit_keys()).await?;
             close(db);
             println!(
@@ -400,14 +379,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             let signing = read_signing_key(&signing_key)?;
             let keys = FieldKeys::from_env()?;
-            let db = open_database(
-                &database_source(),
-                owner_url().as_deref(),
-                &keys,
-                &data_dir,
-                2,
-            )
-            .await?;
+            let db = open_for_command(&keys, &data_dir).await?;
             let client = db.pool.get().await?;
             let export = crate::audit::signed_export(&**client, chain, &signing).await;
             drop(client);
@@ -454,6 +426,22 @@ pub fn owner_url() -> Option<String> {
     std::env::var("DATABASE_OWNER_URL")
         .ok()
         .filter(|u| !u.trim().is_empty())
+}
+
+/// The database as a maintenance command opens it: `DATABASE_URL` (migrated as the owner
+/// when `DATABASE_OWNER_URL` is set) with a small pool.
+async fn open_for_command(
+    keys: &FieldKeys,
+    data_dir: &std::path::Path,
+) -> Result<crate::server::OpenedDatabase, crate::server::StartError> {
+    open_database(
+        &database_source(),
+        owner_url().as_deref(),
+        keys,
+        data_dir,
+        2,
+    )
+    .await
 }
 
 fn close(db: crate::server::OpenedDatabase) {
