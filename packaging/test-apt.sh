@@ -91,6 +91,12 @@ step "the installed control plane, run as its user"
 api_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 agent_port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 field_key=$(sensei-control-plane generate-field-key)
+# Signup is closed by default: the operator makes the first owner, before the service runs.
+echo "packaging test password" | setpriv --reuid sensei --regid sensei --init-groups \
+  env -u DATABASE_URL HOME=/var/lib/sensei CODESENSEI_FIELD_KEY="$field_key" SENSEI_DATA_DIR=/var/lib/sensei \
+  sensei-control-plane create-owner \
+  --email ops@sensei.test --account Ops --password-stdin > "$work/create-owner.log" 2>&1 \
+  || { cat "$work/create-owner.log"; fail "create-owner failed"; }
 # setpriv executes in place (no forking wrapper), so $! is the control plane itself.
 setpriv --reuid sensei --regid sensei --init-groups env -u DATABASE_URL HOME=/var/lib/sensei CODESENSEI_FIELD_KEY="$field_key" SENSEI_DATA_DIR=/var/lib/sensei \
   sensei-control-plane serve --api-addr "127.0.0.1:$api_port" --agent-addr "127.0.0.1:$agent_port" \
@@ -108,10 +114,14 @@ packaged=$(sha256sum /usr/bin/sensei-control-plane | cut -d' ' -f1)
 echo "binary_sha256 $served matches the packaged binary"
 
 step "enroll as root, run as the service would"
+signup=$(curl -s -o /dev/null -w '%{http_code}' --cacert /var/lib/sensei/ca.pem -H 'content-type: application/json' \
+  -d '{"email":"stranger@sensei.test","password":"a stranger password","account_name":"X"}' "$api/v1/auth/signup")
+[ "$signup" = 403 ] || fail "a stranger's signup answered $signup, not 403"
 curl -sf --cacert /var/lib/sensei/ca.pem -c "$work/cookies" -H 'content-type: application/json' \
-  -d '{"email":"ops@sensei.test","password":"packaging test password","account_name":"Ops"}' \
-  "$api/v1/auth/signup" >/dev/null
-server=$(curl -sf --cacert /var/lib/sensei/ca.pem -b "$work/cookies" -H 'content-type: application/json' \
+  -d '{"email":"ops@sensei.test","password":"packaging test password"}' \
+  "$api/v1/auth/login" >/dev/null || fail "the owner create-owner made cannot sign in"
+# A cookie request must come from the API's own origin (as the dashboard's would).
+server=$(curl -sf --cacert /var/lib/sensei/ca.pem -b "$work/cookies" -H "Origin: $api" -H 'content-type: application/json' \
   -d '{"name":"this-host","host":"127.0.0.1","transport":"agent"}' "$api/v1/servers")
 server_id=$(echo "$server" | json 'd["id"]')
 token=$(echo "$server" | json 'd["enrollment_token"]')

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::field_crypto::FieldKeys;
 use crate::server::{open_database, ControlPlane, DatabaseSource, ServeOptions};
+use crate::signup::SignupPolicy;
 
 /// Default API address.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8443";
@@ -115,6 +116,12 @@ pub struct ServeArgs {
     /// (0.0.0.0/8, ::)].
     #[arg(long, env = "SENSEI_SSH_DENY_NETWORKS", value_delimiter = ',')]
     pub ssh_deny_networks: Vec<ipnet::IpNet>,
+    /// Who may create an account through the API: `closed` (accounts come from
+    /// `create-owner`), `invite-only` (with a signup invitation from `invite-signup`) or
+    /// `open` (anyone, throttled per address). Members join accounts by invitation in every
+    /// mode.
+    #[arg(long, env = "SENSEI_SIGNUP", value_enum, default_value_t = SignupPolicy::Closed)]
+    pub signup: SignupPolicy,
 }
 
 #[derive(Subcommand)]
@@ -144,6 +151,32 @@ pub enum Command {
         /// The role the control plane serves as [default: the user of DATABASE_URL].
         #[arg(long)]
         app_role: Option<String>,
+    },
+    /// Create an account and its first owner (signup is closed by default). Prints a
+    /// single-use token that sets the owner's password, valid 24 hours, or reads the password
+    /// from standard input with --password-stdin. With the embedded database, run it before
+    /// `serve` or while the service is stopped.
+    CreateOwner {
+        #[arg(long)]
+        email: String,
+        /// The account's name.
+        #[arg(long)]
+        account: String,
+        /// Read the owner's password (one line) from standard input instead.
+        #[arg(long)]
+        password_stdin: bool,
+        /// The API's URL as users reach it, for the printed instructions.
+        #[arg(long, env = "SENSEI_PUBLIC_URL")]
+        public_url: Option<String>,
+    },
+    /// Issue a single-use signup invitation (for `--signup invite-only`) and print it.
+    InviteSignup {
+        /// Hours it stays valid (at most 720).
+        #[arg(long, default_value_t = 72, value_parser = clap::value_parser!(u64).range(1..=720))]
+        valid_hours: u64,
+        /// Who it is for, kept with it in the audit log.
+        #[arg(long, default_value = "")]
+        note: String,
     },
     /// Write a new Ed25519 key for signing audit exports to FILE (0600) and print its public
     /// half, which auditors pin.
@@ -318,6 +351,57 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 crate::db::applied_migration(&pool).await?
             );
             pool.close();
+            Ok(0)
+        }
+        Command::CreateOwner {
+            email,
+            account,
+            password_stdin,
+            public_url,
+        } => {
+            let password = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                Some(line.trim_end_matches(['\n', '\r']).to_owned())
+            } else {
+                None
+            };
+            let keys = FieldKeys::from_env()?;
+            let db = open_for_command(&keys, &data_dir).await?;
+            let created =
+                crate::signup::create_owner(&db.pool, &keys, &email, &account, password).await;
+            close(db);
+            let created = created?;
+            println!(
+                "create-owner: account {} with owner {email} ({})",
+                created.account.account_id, created.account.user_id
+            );
+            if let Some(token) = created.password_link {
+                let url = public_url
+                    .as_deref()
+                    .unwrap_or("https://<control plane>")
+                    .trim_end_matches('/');
+                println!(
+                    "The owner sets a password within {} hours with this single-use token:\n\n\
+                     {}",
+                    crate::signup::OWNER_LINK_HOURS,
+                    crate::api::password_reset::confirm_instructions(url, &token)
+                );
+            }
+            Ok(0)
+        }
+        Command::InviteSignup { valid_hours, note } => {
+            let keys = FieldKeys::from_env()?;
+            let db = open_for_command(&keys, &data_dir).await?;
+            let issued = crate::signup::issue_invitation(
+                &db.pool,
+                &keys,
+                std::time::Duration::from_secs(valid_hours * 3600),
+                note.trim(),
+            )
+            .await;
+            close(db);
+            println!("{}", issued?);
             Ok(0)
         }
         Command::GenerateAuditSigningKey { out } => {
@@ -516,6 +600,7 @@ pub fn serve_options(
             args.ssh_deny_networks.clone()
         },
         database_owner_url: owner_url(),
+        signup: args.signup,
         ..ServeOptions::new(data_dir, database_source(), Arc::new(keys))
     }
 }

@@ -4,6 +4,7 @@
 //! [`pki`] and the [`api`]; secrets go through [`field_crypto`], credentials through
 //! [`tokens`] and [`passwords`], and every state change through the [`audit`] writer.
 
+pub mod admission;
 pub mod agents;
 pub mod api;
 pub mod audit;
@@ -25,6 +26,7 @@ pub mod quickstart;
 pub mod rollouts;
 pub mod rotate;
 pub mod server;
+pub mod signup;
 pub mod ssh_keys;
 pub mod ssh_runner;
 pub mod tokens;

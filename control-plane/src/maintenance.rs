@@ -14,6 +14,7 @@ pub struct Report {
     pub audit_rows: u64,
     pub log_lines: u64,
     pub idempotency_keys: u64,
+    /// Sign-in failures, and signup and enrollment attempts, past their windows.
     pub login_failures: u64,
     /// Sessions, enrollment tokens, invitations and password resets past their use.
     pub spent_credentials: u64,
@@ -28,7 +29,8 @@ pub async fn run_once(
     let client = pool.get().await?;
     let log_lines = expire_deploy_logs(&client).await?;
     let idempotency_keys = crate::api::idempotency::prune(&client).await?;
-    let login_failures = crate::login_throttle::prune(&**client).await?;
+    let login_failures =
+        crate::login_throttle::prune(&**client).await? + crate::admission::prune(&**client).await?;
     let spent_credentials = prune_spent_credentials(&client).await?;
     Ok(Report {
         audit_rows: audit.rows,

@@ -44,9 +44,10 @@ pub async fn run(args: &ServeArgs, data_dir: PathBuf, once: bool) -> anyhow::Res
     // Development mode: without SMTP, reset and invitation emails go to the log.
     options.mail.log_when_unset = true;
     let smtp = options.mail.smtp_url.is_some();
+    let keys = options.field_keys.clone();
     let plane = ControlPlane::start(options).await?;
     announce(&plane, &data_dir);
-    let demo = Demo::new(&plane, &data_dir)?;
+    let demo = Demo::new(&plane, &data_dir, keys)?;
     let result = demo.run(&plane).await;
     let (agent_stop, agent_task, current) = match result {
         Ok(parts) => parts,
@@ -162,6 +163,9 @@ struct Demo {
     http: reqwest::Client,
     base: String,
     data_dir: PathBuf,
+    /// The demo account is made as the operator would (signup stays closed).
+    pool: deadpool_postgres::Pool,
+    keys: std::sync::Arc<FieldKeys>,
 }
 
 type AgentHandle = (
@@ -171,14 +175,25 @@ type AgentHandle = (
 );
 
 impl Demo {
-    fn new(plane: &ControlPlane, data_dir: &Path) -> anyhow::Result<Self> {
+    fn new(
+        plane: &ControlPlane,
+        data_dir: &Path,
+        keys: std::sync::Arc<FieldKeys>,
+    ) -> anyhow::Result<Self> {
         let tls = sensei_certs::tls::client_config_trusting(plane.ca_pem())?;
         Ok(Self {
+            // Cookie requests must come from the plane's origin, as its pages' would.
             http: reqwest::Client::builder()
                 .use_preconfigured_tls(tls)
+                .default_headers(reqwest::header::HeaderMap::from_iter([(
+                    reqwest::header::ORIGIN,
+                    plane.public_url().parse()?,
+                )]))
                 .build()?,
             base: format!("https://{}", plane.api_addr()),
             data_dir: data_dir.to_owned(),
+            pool: plane.pool().clone(),
+            keys,
         })
     }
 
@@ -307,7 +322,7 @@ impl Demo {
         Ok((stop, agent_task, current))
     }
 
-    /// Signs in with the kept demo login, or signs up the demo account on the first run (or
+    /// Signs in with the kept demo login, or creates the demo account on the first run (or
     /// when the kept login no longer works, e.g. after the database was removed).
     async fn sign_in(&self) -> anyhow::Result<DemoLogin> {
         let path = self.data_dir.join(DEMO_LOGIN_FILE);
@@ -329,7 +344,7 @@ impl Demo {
                     });
                 }
                 eprintln!(
-                    "quickstart: the kept demo login in {} no longer works; signing up a new \
+                    "quickstart: the kept demo login in {} no longer works; creating a new \
                      demo account",
                     path.display()
                 );
@@ -340,15 +355,23 @@ impl Demo {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
         let password = uuid::Uuid::new_v4().simple().to_string();
+        crate::signup::create_owner(
+            &self.pool,
+            &self.keys,
+            &email,
+            "Quickstart",
+            Some(password.clone()),
+        )
+        .await?;
         let (_, cookie) = self
             .call(
                 reqwest::Method::POST,
-                "/v1/auth/signup",
+                "/v1/auth/login",
                 None,
-                Some(json!({"email": email, "password": password, "account_name": "Quickstart"})),
+                Some(json!({"email": email, "password": password})),
             )
             .await?;
-        let cookie = cookie.context("signup set no session cookie")?;
+        let cookie = cookie.context("the demo login set no session cookie")?;
         let kept = serde_json::to_vec_pretty(&KeptLogin {
             email: email.clone(),
             password: password.clone(),

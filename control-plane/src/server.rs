@@ -69,6 +69,8 @@ pub struct ServeOptions {
     pub ssh_job_timeout: std::time::Duration,
     /// Networks SSH targets may not resolve to (besides the control plane's own addresses).
     pub ssh_deny_networks: Vec<ipnet::IpNet>,
+    /// Who may create an account through the API.
+    pub signup: crate::signup::SignupPolicy,
 }
 
 impl ServeOptions {
@@ -95,6 +97,7 @@ impl ServeOptions {
             metrics_token: None,
             ssh_job_timeout: crate::ssh_runner::DEFAULT_JOB_TIMEOUT,
             ssh_deny_networks: crate::ssh_runner::default_denied_networks(),
+            signup: crate::signup::SignupPolicy::Closed,
         }
     }
 }
@@ -124,11 +127,14 @@ pub enum StartError {
     Mail(#[from] crate::mailer::MailConfigError),
     #[error("audit log: {0}")]
     Audit(String),
+    #[error("public URL {0:?} is not an https:// (or http://) URL with a host")]
+    PublicUrl(String),
 }
 
 /// A running control plane.
 pub struct ControlPlane {
     api_addr: SocketAddr,
+    public_url: String,
     metrics_addr: Option<SocketAddr>,
     agent_addr: SocketAddr,
     agents: Arc<AgentHub>,
@@ -357,6 +363,8 @@ impl ControlPlane {
             .unwrap_or_else(|| format!("https://{api_addr}"))
             .trim_end_matches('/')
             .to_owned();
+        let public_origin = crate::api::cross_site::WebOrigin::of_url(&public_url)
+            .ok_or_else(|| StartError::PublicUrl(public_url.clone()))?;
         let state_keys = keys.clone();
         let ssh_permits = Arc::new(tokio::sync::Semaphore::new(
             crate::ssh_runner::DEFAULT_CONCURRENCY,
@@ -387,7 +395,9 @@ impl ControlPlane {
             ca_fingerprint: ca.fingerprint().to_string(),
             agent_endpoint,
             mailer,
-            public_url,
+            public_url: public_url.clone(),
+            public_origin,
+            signup: options.signup,
             trusted_proxies: options.trusted_proxies.clone(),
             hashing,
             ssh_permits: ssh_permits.clone(),
@@ -487,6 +497,7 @@ impl ControlPlane {
         tracing::info!(%api_addr, %agent_addr, ca_fingerprint = %ca.fingerprint(), "control plane listening");
         Ok(Self {
             api_addr,
+            public_url,
             metrics_addr,
             agent_addr,
             agents: hub,
@@ -513,6 +524,12 @@ impl ControlPlane {
 
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The API's address as users reach it (`--public-url`, else `https://<api address>`):
+    /// browsers' cookie requests must come from its origin.
+    pub fn public_url(&self) -> &str {
+        &self.public_url
     }
 
     /// Where `/metrics` is served when it has a listener of its own.

@@ -26,6 +26,8 @@ pub enum TokenKind {
     Invitation,
     /// A single-use password-reset link.
     PasswordReset,
+    /// A single-use invitation to create an account (signup policy `invite-only`).
+    SignupInvitation,
 }
 
 impl TokenKind {
@@ -36,6 +38,7 @@ impl TokenKind {
             TokenKind::Enrollment => "et",
             TokenKind::Invitation => "iv",
             TokenKind::PasswordReset => "pr",
+            TokenKind::SignupInvitation => "su",
         }
     }
 }

@@ -117,11 +117,11 @@ impl Setup {
             log: data_dir.path().join("control-plane.log"),
         };
         let plane = Plane::start(&config)?;
-        let http = plane::client_for(&config.data_dir).await?;
+        let http = plane::client_for(&config.data_dir, &config.public_url()).await?;
         plane::wait_healthy(&http, config.api_addr, Duration::from_secs(60)).await?;
         let (db, conn) = tokio_postgres::connect(&owner_url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
-        let base = format!("https://localhost:{}", config.api_addr.port());
+        let base = config.public_url();
         let signup = http
             .post(format!("{base}/v1/auth/signup"))
             .json(&json!({"email": "load@sensei.test", "password": "load generator password", "account_name": "Load"}))
@@ -167,7 +167,7 @@ impl Setup {
     }
 
     fn base(&self) -> String {
-        format!("https://localhost:{}", self.config.api_addr.port())
+        self.config.public_url()
     }
 
     fn plane(&self) -> anyhow::Result<&Plane> {

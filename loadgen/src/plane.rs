@@ -52,6 +52,13 @@ pub struct PlaneConfig {
     pub log: PathBuf,
 }
 
+impl PlaneConfig {
+    /// The URL the load generator calls the API at (the certificate names `localhost`).
+    pub fn public_url(&self) -> String {
+        format!("https://localhost:{}", self.api_addr.port())
+    }
+}
+
 pub struct Plane {
     child: Child,
     pub started: Instant,
@@ -71,8 +78,11 @@ impl Plane {
             .arg(config.agent_addr.to_string())
             .arg("--agent-heartbeat-secs")
             .arg(config.heartbeat_secs.to_string())
+            .arg("--public-url")
+            .arg(config.public_url())
             .env("DATABASE_URL", &config.database_url)
             .env("DATABASE_OWNER_URL", &config.owner_url)
+            .env("SENSEI_SIGNUP", "open")
             .env("CODESENSEI_FIELD_KEY", &config.field_key)
             .env("SENSEI_DATA_DIR", &config.data_dir)
             .stdout(Stdio::null())
@@ -198,8 +208,10 @@ pub async fn wait_healthy(
     }
 }
 
-/// An HTTPS client trusting the control plane's CA, once the CA file exists.
-pub async fn client_for(data_dir: &Path) -> anyhow::Result<reqwest::Client> {
+/// An HTTPS client trusting the control plane's CA, once the CA file exists, that says it
+/// comes from the plane's own origin (as the plane's own pages would: cookie requests from
+/// anywhere else are refused).
+pub async fn client_for(data_dir: &Path, origin: &str) -> anyhow::Result<reqwest::Client> {
     let ca = data_dir.join("ca.pem");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !ca.exists() {
@@ -210,7 +222,10 @@ pub async fn client_for(data_dir: &Path) -> anyhow::Result<reqwest::Client> {
     }
     let pem = std::fs::read_to_string(&ca)?;
     let tls = sensei_certs::tls::client_config_trusting(&pem)?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::ORIGIN, origin.parse()?);
     Ok(reqwest::Client::builder()
         .use_preconfigured_tls(tls)
+        .default_headers(headers)
         .build()?)
 }

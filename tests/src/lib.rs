@@ -174,15 +174,13 @@ impl TestPlane {
             )
         };
         options.database_owner_url = Some(conninfo.clone());
+        // Tests make their tenants by signing up; the closed default has tests of its own.
+        options.signup = sensei_control_plane::signup::SignupPolicy::Open;
         adjust(&mut options);
         let plane = ControlPlane::start(options)
             .await
             .expect("control plane starts");
-        let tls = sensei_certs::tls::client_config_trusting(plane.ca_pem()).expect("client tls");
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .build()
-            .expect("http client");
+        let http = api_client(plane.ca_pem(), plane.public_url());
         let base = format!("https://localhost:{}", plane.api_addr().port());
         Self {
             plane,
@@ -283,6 +281,30 @@ impl TestPlane {
             .map(|r| r.get(0))
             .collect()
     }
+}
+
+/// An HTTPS client trusting the plane's CA that sends `Origin: <public_url>` as the plane's
+/// own pages would (a cookie request from any other origin is refused).
+pub fn api_client(ca_pem: &str, public_url: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::ORIGIN,
+        public_url.parse().expect("origin header"),
+    );
+    client_builder(ca_pem)
+        .default_headers(headers)
+        .build()
+        .expect("http client")
+}
+
+/// An HTTPS client trusting the plane's CA that sends no `Origin` (curl, scripts).
+pub fn client_without_origin(ca_pem: &str) -> reqwest::Client {
+    client_builder(ca_pem).build().expect("http client")
+}
+
+fn client_builder(ca_pem: &str) -> reqwest::ClientBuilder {
+    let tls = sensei_certs::tls::client_config_trusting(ca_pem).expect("client tls");
+    reqwest::Client::builder().use_preconfigured_tls(tls)
 }
 
 /// The `name=value` of the session cookie a response sets.

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::cert_events;
 use super::gateway::GatewayContext;
+use crate::admission;
 use crate::audit::{self, Actor, AuditEvent, Outcome};
 use crate::tokens::{Token, TokenKind};
 
@@ -21,6 +22,8 @@ struct Refusal {
     reason: String,
     account_id: Option<Uuid>,
     server_id: Option<Uuid>,
+    /// Refused by a throttle: audited once per window under this key, not every time.
+    throttled: Option<String>,
 }
 
 fn refuse(reason: impl Into<String>) -> Refusal {
@@ -28,12 +31,38 @@ fn refuse(reason: impl Into<String>) -> Refusal {
         reason: reason.into(),
         account_id: None,
         server_id: None,
+        throttled: None,
     }
 }
 
-/// Handles one enrollment request.
+fn database_unavailable() -> Refusal {
+    refuse("the control plane's database is unavailable; try again")
+}
+
+/// Handles one enrollment request. Failures count against the client's address and, once
+/// the token names one, the server; past either limit the request is refused before its
+/// token is looked at, and the refusal is audited once per window.
 pub async fn process(ctx: &GatewayContext, request: EnrollRequest, peer: IpAddr) -> EnrollResponse {
-    match enroll(ctx, &request, peer).await {
+    let address = admission::address_key(peer);
+    let outcome = match reserve(ctx, admission::ENROLL_PER_ADDRESS, &address).await {
+        Err(refusal) => Err(refusal),
+        Ok(Err(refused)) => Err(Refusal {
+            throttled: Some(format!("ip:{address}")),
+            ..refuse(format!(
+                "too many failed enrollments from this address; try again in {} seconds",
+                refused.retry_after_secs
+            ))
+        }),
+        Ok(Ok(attempt)) => match enroll(ctx, &request, peer).await {
+            Ok((response, server_attempt)) => {
+                // A success is not a failure to count.
+                release(ctx, [Some(attempt), server_attempt]).await;
+                Ok(response)
+            }
+            Err(refusal) => Err(refusal),
+        },
+    };
+    match outcome {
         Ok(response) => response,
         Err(refusal) => {
             tracing::info!(%peer, reason = %refusal.reason, "enrollment refused");
@@ -47,6 +76,31 @@ pub async fn process(ctx: &GatewayContext, request: EnrollRequest, peer: IpAddr)
     }
 }
 
+async fn reserve(
+    ctx: &GatewayContext,
+    limit: admission::Limit,
+    key: &str,
+) -> Result<Result<admission::Reservation, admission::Refused>, Refusal> {
+    let mut client = ctx.pool.get().await.map_err(|_| database_unavailable())?;
+    admission::reserve(&mut client, limit, key)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %crate::db::describe(&e), "enrollment throttle");
+            database_unavailable()
+        })
+}
+
+async fn release(ctx: &GatewayContext, attempts: [Option<admission::Reservation>; 2]) {
+    let Ok(client) = ctx.pool.get().await else {
+        return;
+    };
+    for attempt in attempts.into_iter().flatten() {
+        if let Err(e) = admission::release(&**client, attempt).await {
+            tracing::warn!(error = %crate::db::describe(&e), "could not release an enrollment attempt");
+        }
+    }
+}
+
 async fn audit_refusal(
     ctx: &GatewayContext,
     refusal: &Refusal,
@@ -54,6 +108,15 @@ async fn audit_refusal(
     peer: IpAddr,
 ) -> Result<(), String> {
     let mut client = ctx.pool.get().await.map_err(|e| e.to_string())?;
+    if let Some(key) = &refusal.throttled {
+        // One row per window for a throttled key: a flood must not flood the audit log.
+        let first = admission::reserve(&mut client, admission::ENROLL_THROTTLED_AUDIT, key)
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
+        if first.is_err() {
+            return Ok(());
+        }
+    }
     let tx = client.transaction().await.map_err(|e| e.to_string())?;
     audit::append(
         &tx,
@@ -69,6 +132,7 @@ async fn audit_refusal(
             metadata: json!({
                 "reason": refusal.reason,
                 "hostname": truncate(&request.hostname),
+                "throttled": refusal.throttled.is_some(),
             }),
         },
     )
@@ -82,44 +146,74 @@ fn truncate(s: &str) -> String {
     s.chars().take(128).collect()
 }
 
+/// Enrolls, or says why not; on success also the server's counted attempt, to release.
 async fn enroll(
     ctx: &GatewayContext,
     request: &EnrollRequest,
     peer: IpAddr,
-) -> Result<EnrollResponse, Refusal> {
+) -> Result<(EnrollResponse, Option<admission::Reservation>), Refusal> {
     let db = |e: tokio_postgres::Error| {
         tracing::error!(error = %crate::db::describe(&e), "enrollment");
         refuse("the control plane could not complete enrollment; try again")
     };
     let token = Token::parse(TokenKind::Enrollment, request.token.trim())
         .ok_or_else(|| refuse("the enrollment token is malformed; copy it again from the API"))?;
-    let mut client = ctx
-        .pool
-        .get()
-        .await
-        .map_err(|_| refuse("the control plane's database is unavailable; try again"))?;
-    let tx = client.transaction().await.map_err(db)?;
-    let row = tx
+    let mut client = ctx.pool.get().await.map_err(|_| database_unavailable())?;
+    // Which server the token names, unlocked: its row is locked first below, in the order
+    // server deletion locks (server, then its tokens), so the two cannot interleave.
+    let server_id: Uuid = client
         .query_opt(
-            "SELECT t.secret_hash, t.expires_at, t.used_at, s.id, s.account_id, \
-                    s.deleted_at IS NOT NULL, s.transport \
-             FROM enrollment_tokens t JOIN servers s ON s.id = t.server_id \
-             WHERE t.id = $1 FOR UPDATE OF t",
+            "SELECT server_id FROM enrollment_tokens WHERE id = $1",
             &[&token.id],
         )
         .await
         .map_err(db)?
+        .ok_or_else(|| refuse("unknown enrollment token"))?
+        .get(0);
+    let tx = client.transaction().await.map_err(db)?;
+    let server = tx
+        .query_opt(
+            "SELECT account_id, deleted_at IS NOT NULL, transport FROM servers WHERE id = $1 FOR UPDATE",
+            &[&server_id],
+        )
+        .await
+        .map_err(db)?
+        .ok_or_else(|| refuse("unknown enrollment token"))?;
+    let row = tx
+        .query_opt(
+            "SELECT secret_hash, expires_at, used_at FROM enrollment_tokens \
+             WHERE id = $1 AND server_id = $2 FOR UPDATE",
+            &[&token.id, &server_id],
+        )
+        .await
+        .map_err(db)?
+        // Deleted with its server while this waited for the server's lock.
         .ok_or_else(|| refuse("unknown enrollment token"))?;
     if !token.matches(row.get::<_, &[u8]>(0)) {
         return Err(refuse("unknown enrollment token"));
     }
-    let server_id: Uuid = row.get(3);
-    let account_id: Uuid = row.get(4);
+    let account_id: Uuid = server.get(0);
     let scoped = |reason: String| Refusal {
         reason,
         account_id: Some(account_id),
         server_id: Some(server_id),
+        throttled: None,
     };
+    // The token is genuine: from here failures count against its server too (a spent or
+    // expired token replayed, from wherever).
+    let server_attempt =
+        match reserve(ctx, admission::ENROLL_PER_SERVER, &server_id.to_string()).await? {
+            Ok(attempt) => attempt,
+            Err(refused) => {
+                return Err(Refusal {
+                    throttled: Some(format!("server:{server_id}")),
+                    ..scoped(format!(
+                        "too many failed enrollments for this server; try again in {} seconds",
+                        refused.retry_after_secs
+                    ))
+                })
+            }
+        };
     let expires_at: DateTime<Utc> = row.get(1);
     let used_at: Option<DateTime<Utc>> = row.get(2);
     if let Some(at) = used_at {
@@ -136,12 +230,12 @@ async fn enroll(
             expires_at.to_rfc3339()
         )));
     }
-    if row.get::<_, bool>(5) {
+    if server.get::<_, bool>(1) {
         return Err(scoped(
             "the server this token belongs to was deleted".into(),
         ));
     }
-    if row.get::<_, &str>(6) != "agent" {
+    if server.get::<_, &str>(2) != "agent" {
         return Err(scoped("this server uses SSH, not an agent".into()));
     }
     if let Some(expected) = request.expected_server_id.filter(|e| *e != server_id) {
@@ -226,10 +320,13 @@ async fn enroll(
         .certificates
         .allow(fingerprint, server_id, not_after.timestamp());
     ctx.hub.revoke(&replaced);
-    Ok(EnrollResponse::Enrolled {
-        server_id,
-        certificate_pem: issued.cert_pem,
-        ca_pem: ctx.ca.cert_pem().to_owned(),
-        job_signing_public_key: ctx.job_public_key,
-    })
+    Ok((
+        EnrollResponse::Enrolled {
+            server_id,
+            certificate_pem: issued.cert_pem,
+            ca_pem: ctx.ca.cert_pem().to_owned(),
+            job_signing_public_key: ctx.job_public_key,
+        },
+        Some(server_attempt),
+    ))
 }

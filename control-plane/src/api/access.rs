@@ -8,6 +8,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use http::Method;
 
+use super::cross_site;
 use super::error::{ApiError, ErrorCode};
 use super::extract::ClientMeta;
 use super::AppState;
@@ -123,6 +124,13 @@ pub async fn authorize(
             ),
         ));
     };
+    let credential = cross_site::Credential::of(req.headers(), rule == Rule::Public);
+    cross_site::check(
+        req.method(),
+        req.headers(),
+        credential,
+        &state.public_origin,
+    )?;
     if rule == Rule::Public {
         return Ok(next.run(req).await);
     }

@@ -99,19 +99,11 @@ pub async fn update(
     Extension(principal): Extension<Principal>,
     JsonBody(req): JsonBody<AccountChange>,
 ) -> Result<Json<AccountSettings>, ApiError> {
-    let name = match &req.name {
-        Some(n) => {
-            let n = n.trim();
-            if n.is_empty() || n.chars().count() > 200 {
-                return Err(ApiError::unprocessable(
-                    ErrorCode::InvalidAccountName,
-                    "name must be 1 to 200 characters",
-                ));
-            }
-            Some(n.to_owned())
-        }
-        None => None,
-    };
+    let name = req
+        .name
+        .as_deref()
+        .map(super::auth_routes::account_name)
+        .transpose()?;
     if let Some(days) = req.audit_retention_days {
         if !(MIN_RETENTION_DAYS..=MAX_RETENTION_DAYS).contains(&days) {
             return Err(ApiError::unprocessable(ErrorCode::InvalidRetention,

@@ -16,9 +16,10 @@ use super::mfa;
 use super::AppState;
 use crate::audit::{self, Actor, AuditEvent, Outcome};
 use crate::auth::{Principal, Role, SESSION_COOKIE, SESSION_IDLE_DAYS};
-use crate::login_throttle;
 use crate::passwords::{self, Verdict};
+use crate::signup::{self, NewAccount, SignupPolicy};
 use crate::tokens::{Token, TokenKind};
+use crate::{admission, login_throttle};
 
 const MAX_EMAIL: usize = 254;
 
@@ -29,6 +30,8 @@ pub struct SignupRequest {
     /// 10 to 1024 characters.
     pub password: String,
     pub account_name: String,
+    /// The operator's signup invitation (`su_…`), when signup is invite-only.
+    pub signup_invitation: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -84,7 +87,7 @@ pub struct SessionList {
     pub sessions: Vec<SessionView>,
 }
 
-pub(super) fn normalise_email(email: &str) -> Result<String, ApiError> {
+pub fn normalise_email(email: &str) -> Result<String, ApiError> {
     let email = email.trim();
     let valid = email.len() <= MAX_EMAIL
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -155,48 +158,99 @@ pub(super) async fn create_session(
     Ok((token.id, token.render(TokenKind::Session)))
 }
 
-/// Creates an account and its owner, and signs the owner in.
+/// An account name as stored: trimmed, 1 to 200 characters.
+pub fn account_name(name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::unprocessable(
+            ErrorCode::InvalidAccountName,
+            "an account name must be 1 to 200 characters",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// Creates an account and its owner, and signs the owner in, when the signup policy lets
+/// the caller (`--signup`): throttled per client address before any password is hashed.
 #[utoipa::path(post, path = "/v1/auth/signup", tag = "auth", request_body = SignupRequest,
     responses((status = 201, body = SignupResponse, description = "account created; session cookie set"),
+              (status = 400, body = ErrorBody, description = "the signup invitation is unknown, used or expired"),
+              (status = 403, body = ErrorBody, description = "signup is closed, or needs an invitation"),
               (status = 409, body = ErrorBody, description = "email already registered"),
-              (status = 422, body = ErrorBody, description = "invalid email, password or account name")))]
+              (status = 422, body = ErrorBody, description = "invalid email, password or account name"),
+              (status = 429, body = ErrorBody, description = "too many signups from this address")))]
 pub async fn signup(
     State(state): State<AppState>,
     meta: ClientMeta,
     JsonBody(req): JsonBody<SignupRequest>,
 ) -> Result<Response, ApiError> {
+    let invitation = match (state.signup, req.signup_invitation.as_deref()) {
+        (SignupPolicy::Closed, _) => {
+            return Err(ApiError::forbidden(
+                ErrorCode::SignupClosed,
+                "this control plane does not take signups: its operator creates accounts \
+                 (sensei-control-plane create-owner), and members join by invitation",
+            ))
+        }
+        (SignupPolicy::InviteOnly, None) => {
+            return Err(ApiError::forbidden(
+                ErrorCode::SignupInvitationRequired,
+                "signup on this control plane needs a signup invitation from its operator \
+                 (send it as signup_invitation)",
+            ))
+        }
+        (SignupPolicy::InviteOnly, Some(text)) => Some(text),
+        (SignupPolicy::Open, _) => None,
+    };
     let email = normalise_email(&req.email)?;
     check_password(&req.password)?;
-    let account_name = req.account_name.trim().to_owned();
-    if account_name.is_empty() || account_name.chars().count() > 200 {
-        return Err(ApiError::unprocessable(
-            ErrorCode::InvalidAccountName,
-            "account_name must be 1 to 200 characters",
-        ));
+    let account_name = account_name(&req.account_name)?;
+    let invalid_invitation = |_| {
+        ApiError::bad_request(
+            ErrorCode::InvalidToken,
+            "this signup invitation is not valid (unknown, used or expired); ask the operator \
+             for a new one",
+        )
+    };
+    {
+        let mut client = state.pool.get().await?;
+        if let Some(text) = invitation {
+            signup::check_invitation(&**client, text)
+                .await
+                .map_err(invalid_invitation)?;
+        }
+        if let Err(refused) = admission::reserve(
+            &mut client,
+            admission::SIGNUP_PER_ADDRESS,
+            &admission::address_key(meta.ip),
+        )
+        .await?
+        {
+            return Err(ApiError::too_many_of(
+                ErrorCode::TooManySignups,
+                "too many signups from this address; try again later",
+                refused.retry_after_secs,
+            ));
+        }
     }
     let hash = new_password_hash(&state.hashing, req.password).await?;
 
     let mut client = state.pool.get().await?;
-    let tx = client.transaction().await?;
-    let account_id = Uuid::new_v4();
-    let user_id = Uuid::new_v4();
-    tx.execute(
-        "INSERT INTO accounts (id, name) VALUES ($1, $2)",
-        &[&account_id, &account_name],
-    )
-    .await?;
-    let inserted = tx
-        .execute(
-            "INSERT INTO users (id, account_id, email, password_hash, role) \
-             VALUES ($1, $2, $3, $4, 'owner') ON CONFLICT DO NOTHING",
-            &[&user_id, &account_id, &email, &hash],
-        )
-        .await?;
-    if inserted == 0 {
+    let mut tx = client.transaction().await?;
+    let Some(NewAccount {
+        account_id,
+        user_id,
+    }) = signup::insert_account_with_owner(&mut tx, &email, &account_name, &hash).await?
+    else {
         return Err(ApiError::conflict(
             ErrorCode::EmailTaken,
             "an account with this email already exists; sign in instead",
         ));
+    };
+    if let Some(text) = invitation {
+        signup::redeem_invitation(&tx, text, account_id)
+            .await
+            .map_err(invalid_invitation)?;
     }
     let (_, cookie) = create_session(&tx, user_id, &meta).await?;
     audit::append(
@@ -213,7 +267,10 @@ pub async fn signup(
             action: "account.created",
             target: Some(("account", account_id)),
             outcome: Outcome::Success,
-            metadata: json!({ "owner_id": user_id.to_string() }),
+            metadata: json!({
+                "owner_id": user_id.to_string(),
+                "signup": state.signup.as_str(),
+            }),
         },
     )
     .await?;

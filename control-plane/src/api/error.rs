@@ -38,6 +38,7 @@ error_codes! {
     ApiKeyExpired => "api_key_expired",
     BodyTooLarge => "body_too_large",
     ConfirmationMismatch => "confirmation_mismatch",
+    CrossSiteRequest => "cross_site_request",
     DatabaseUnavailable => "database_unavailable",
     EmailTaken => "email_taken",
     IdempotencyKeyReused => "idempotency_key_reused",
@@ -101,8 +102,11 @@ error_codes! {
     ScopeExceedsRole => "scope_exceeds_role",
     ServerNotEnrolled => "server_not_enrolled",
     SessionRequired => "session_required",
+    SignupClosed => "signup_closed",
+    SignupInvitationRequired => "signup_invitation_required",
     TooManyAttempts => "too_many_attempts",
     TooManyInvitations => "too_many_invitations",
+    TooManySignups => "too_many_signups",
     Unauthenticated => "unauthenticated",
     UnreadableBody => "unreadable_body",
     UnsupportedMediaType => "unsupported_media_type",
@@ -179,13 +183,14 @@ impl ApiError {
     }
 
     pub fn too_many(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        Self::too_many_of(ErrorCode::TooManyAttempts, message, retry_after_secs)
+    }
+
+    /// 429 with `code` and a `Retry-After`.
+    pub fn too_many_of(code: ErrorCode, message: impl Into<String>, retry_after_secs: u64) -> Self {
         Self {
             retry_after_secs: Some(retry_after_secs),
-            ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::TooManyAttempts,
-                message,
-            )
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
         }
     }
 
@@ -205,6 +210,11 @@ impl ApiError {
 
     pub fn code(&self) -> &'static str {
         self.code.as_str()
+    }
+
+    /// The message for people.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 

@@ -23,6 +23,7 @@ pub mod account;
 pub mod api_keys;
 pub mod audit_routes;
 pub mod auth_routes;
+pub mod cross_site;
 pub mod deployments;
 pub mod edge;
 pub mod error;
@@ -81,6 +82,10 @@ pub struct StateInner {
     /// The API's address as users reach it (`https://…`, no trailing slash), for links in
     /// emails.
     pub public_url: String,
+    /// The public URL's origin: what a browser's `Origin` must say on a cookie request.
+    pub public_origin: cross_site::WebOrigin,
+    /// Who may create an account (`--signup`).
+    pub signup: crate::signup::SignupPolicy,
     /// Load balancers whose forwarding headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Password hashing, a bounded number at a time.

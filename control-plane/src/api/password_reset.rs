@@ -118,13 +118,10 @@ pub async fn request(
     let secret = token.render(TokenKind::PasswordReset);
     let body = format!(
         "Someone (hopefully you) asked to reset the Sensei password for {address}.\n\n\
-         This token works once, for {RESET_MINUTES} minutes:\n\n{secret}\n\n\
-         Set a new password with:\n\n\
-         curl -X POST {}/v1/auth/password-reset/confirm -H 'content-type: application/json' \\\n  \
-         -d '{{\"token\": \"{secret}\", \"password\": \"NEW PASSWORD\"}}'\n\n\
+         This token works once, for {RESET_MINUTES} minutes:\n\n{}\n\
          Every session of yours is signed out when it is used. If you did not ask for this, \
          ignore this email: your password stays as it is.\n",
-        state.public_url
+        confirm_instructions(&state.public_url, &secret)
     );
     let mailer = state.mailer.clone();
     tokio::spawn(async move {
@@ -133,6 +130,16 @@ pub async fn request(
             .await
     });
     Ok(accepted)
+}
+
+/// The token and the request that sets a password with it (a reset email, `create-owner`).
+pub fn confirm_instructions(public_url: &str, token: &str) -> String {
+    format!(
+        "{token}\n\n\
+         Set the password with:\n\n\
+         curl -X POST {public_url}/v1/auth/password-reset/confirm -H 'content-type: application/json' \\\n  \
+         -d '{{\"token\": \"{token}\", \"password\": \"NEW PASSWORD\"}}'\n"
+    )
 }
 
 /// Sets a new password with a reset token; every session of the user ends.

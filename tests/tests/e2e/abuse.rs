@@ -121,6 +121,7 @@ impl PlaneProcess {
             )
             .env("DATABASE_URL", sensei_e2e::app_conninfo(&owner))
             .env("DATABASE_OWNER_URL", &owner)
+            .env("SENSEI_SIGNUP", "open")
             .env("SENSEI_LOG", "warn")
             .args(["--data-dir", &dir.path().display().to_string(), "serve"])
             .args(["--api-addr", "127.0.0.1:0", "--agent-addr", "127.0.0.1:0"])
@@ -131,22 +132,20 @@ impl PlaneProcess {
             .spawn()
             .expect("spawn serve");
         let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut base = None;
+        let mut public_url = None;
         while let Ok(Some(line)) = stdout.next_line().await {
             if let Some(url) = line.strip_prefix("Sensei control plane listening on ") {
-                base = Some(url.trim().replace("127.0.0.1", "localhost"));
+                public_url = Some(url.trim().to_owned());
                 break;
             }
         }
         tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+        let public_url = public_url.expect("the control plane started");
         let ca = std::fs::read_to_string(dir.path().join("ca.pem")).expect("ca.pem");
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(sensei_certs::tls::client_config_trusting(&ca).expect("tls"))
-            .build()
-            .expect("client");
+        let http = sensei_e2e::api_client(&ca, &public_url);
         Self {
             child,
-            base: base.expect("the control plane started"),
+            base: public_url.replace("127.0.0.1", "localhost"),
             http,
             _dir: dir,
         }

@@ -16,6 +16,8 @@ fn command() -> std::process::Command {
         .env_remove("SENSEI_AUDIT_KEY")
         .env_remove("SENSEI_API_ADDR")
         .env_remove("SENSEI_DATA_DIR")
+        .env_remove("SENSEI_SIGNUP")
+        .env_remove("SENSEI_PUBLIC_URL")
         .stdin(Stdio::null());
     cmd
 }
@@ -325,6 +327,7 @@ async fn secrets_never_reach_the_log_even_at_trace_level() {
         .env("CODESENSEI_FIELD_KEY", &field_key)
         .env("DATABASE_URL", sensei_e2e::app_conninfo(&owner))
         .env("DATABASE_OWNER_URL", &owner)
+        .env("SENSEI_SIGNUP", "open")
         .env("SENSEI_LOG", "trace")
         .args([
             "--data-dir",
@@ -362,10 +365,7 @@ async fn secrets_never_reach_the_log_even_at_trace_level() {
     assert!(ca_fp.is_some_and(|f| f.starts_with("SHA256:")));
     let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem"))
         .expect("serve writes the CA certificate to the data directory");
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls(sensei_certs::tls::client_config_trusting(&ca_pem).expect("tls"))
-        .build()
-        .expect("client");
+    let http = sensei_e2e::api_client(&ca_pem, &base);
     let password = "pa55word-that-must-not-leak";
     let wrong = "wr0ng-guess-that-must-not-leak";
     let r = http

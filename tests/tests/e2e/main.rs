@@ -4,11 +4,13 @@
 mod abuse;
 mod access;
 mod accounts;
+mod admission;
 mod agents;
 mod api_keys;
 mod audit_log;
 mod backup;
 mod cli;
+mod cross_site;
 mod database_tls;
 mod deploys;
 mod field_keys;

@@ -35,6 +35,7 @@ async fn replica(db: &str, key: &str, api: u16, agent: u16) -> Replica {
     let mut child = tokio::process::Command::new(control_plane_binary())
         .env("DATABASE_URL", sensei_e2e::app_conninfo(db))
         .env("DATABASE_OWNER_URL", db)
+        .env("SENSEI_SIGNUP", "open")
         .env("CODESENSEI_FIELD_KEY", key)
         .env_remove("SENSEI_DATA_DIR")
         .args(["--data-dir", &dir.path().display().to_string(), "serve"])
@@ -109,10 +110,7 @@ async fn a_replica_killed_mid_rollout_does_not_stop_the_rollout() {
             .expect("ca")
             .get::<_, String>(0)
     };
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls(sensei_certs::tls::client_config_trusting(&ca_pem).expect("tls"))
-        .build()
-        .expect("client");
+    let http = sensei_e2e::api_client(&ca_pem, &format!("https://127.0.0.1:{api_b}"));
     let signup = http
         .post(format!("https://localhost:{api_b}/v1/auth/signup"))
         .json(&json!({"email": "ha@example.com", "password": "correct horse battery", "account_name": "HA"}))
