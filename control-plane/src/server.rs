@@ -71,6 +71,10 @@ pub struct ServeOptions {
     pub ssh_deny_networks: Vec<ipnet::IpNet>,
     /// Who may create an account through the API.
     pub signup: crate::signup::SignupPolicy,
+    /// Live-follow streams (logs, rollout events) this replica holds open at most.
+    pub max_live_streams: usize,
+    /// How long a quiet live-follow stream waits before its keep-alive comment.
+    pub live_keep_alive: std::time::Duration,
 }
 
 impl ServeOptions {
@@ -98,6 +102,8 @@ impl ServeOptions {
             ssh_job_timeout: crate::ssh_runner::DEFAULT_JOB_TIMEOUT,
             ssh_deny_networks: crate::ssh_runner::default_denied_networks(),
             signup: crate::signup::SignupPolicy::Closed,
+            max_live_streams: crate::api::live::DEFAULT_PER_REPLICA,
+            live_keep_alive: crate::api::live::DEFAULT_KEEP_ALIVE,
         }
     }
 }
@@ -135,6 +141,7 @@ pub enum StartError {
 pub struct ControlPlane {
     api_addr: SocketAddr,
     public_url: String,
+    live: Arc<crate::api::live::LiveStreams>,
     metrics_addr: Option<SocketAddr>,
     agent_addr: SocketAddr,
     agents: Arc<AgentHub>,
@@ -385,6 +392,9 @@ impl ControlPlane {
                     })?,
             ),
         };
+        let live =
+            crate::api::live::LiveStreams::new(options.max_live_streams, options.live_keep_alive);
+        let live_streams = live.clone();
         let state = AppState::new(StateInner {
             pool: pool.clone(),
             keys,
@@ -398,6 +408,7 @@ impl ControlPlane {
             public_url: public_url.clone(),
             public_origin,
             signup: options.signup,
+            live: live.clone(),
             trusted_proxies: options.trusted_proxies.clone(),
             hashing,
             ssh_permits: ssh_permits.clone(),
@@ -409,6 +420,11 @@ impl ControlPlane {
             tokio::spawn(gateway::run(
                 endpoint.clone(),
                 gateway_ctx,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(crate::api::live::listen(
+                database_url.clone(),
+                live,
                 shutdown_rx.clone(),
             )),
             tokio::spawn(cert_events::listen(
@@ -498,6 +514,7 @@ impl ControlPlane {
         Ok(Self {
             api_addr,
             public_url,
+            live: live_streams,
             metrics_addr,
             agent_addr,
             agents: hub,
@@ -524,6 +541,11 @@ impl ControlPlane {
 
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// Live-follow streams this replica holds open now.
+    pub fn live_streams_open(&self) -> usize {
+        self.live.open_count()
     }
 
     /// The API's address as users reach it (`--public-url`, else `https://<api address>`):

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody, Path, QueryParams};
 use super::idempotency::{replayed, Claim, IdempotencyKey};
+use super::live;
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit;
@@ -483,18 +484,21 @@ async fn lines_after(
 }
 
 /// The deployment's log. With `follow=true`: server-sent events, one `line` event per log line
-/// and a final `status` event when the deployment has ended.
+/// (its `id` is the line's), keep-alive comments while quiet, and a final `status` event when
+/// the deployment has ended. A reconnecting client's `Last-Event-ID` resumes after that line.
 #[utoipa::path(get, path = "/v1/deployments/{id}/logs", tag = "deployments", params(("id" = Uuid, Path, description = "deployment id"), LogQuery),
     responses((status = 200, body = DeploymentLog, description = "JSON, or text/event-stream with follow=true"),
-              (status = 404, body = ErrorBody)))]
+              (status = 404, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "too many live streams open")))]
 pub async fn logs(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
     QueryParams(q): QueryParams<LogQuery>,
+    headers: http::HeaderMap,
 ) -> Result<Response, ApiError> {
     load(&state, principal.account_id, id).await?;
-    let after = q.after.unwrap_or(0);
+    let mut after = q.after.unwrap_or(0);
     if !q.follow {
         let (lines, status) = lines_after(&state, id, after).await?;
         let body = serde_json::to_vec(&DeploymentLog { status, lines })
@@ -504,26 +508,37 @@ pub async fn logs(
             .body(Body::from(body))
             .map_err(|_| ApiError::internal("building response"));
     }
+    if let Some(seen) = live::last_event_id(&headers).and_then(|v| v.parse::<i64>().ok()) {
+        after = after.max(seen);
+    }
+    let slot = state.live.open(principal.user_id)?;
+    let changes = state.live.subscribe(live::Followed::Deployment(id));
+    let keep_alive = state.live.keep_alive();
     let stream = futures_util::stream::unfold(
-        (state, after, false),
-        move |(state, after, ended)| async move {
+        (state, after, false, changes, slot),
+        move |(state, after, ended, mut changes, slot)| async move {
             if ended {
                 return None;
             }
             loop {
+                // Seen before reading: a change during the read wakes the next wait.
+                changes.borrow_and_update();
                 let (lines, status) = match lines_after(&state, id, after).await {
                     Ok(x) => x,
                     Err(_) => {
                         return Some((
                             Err(std::io::Error::other("log stream interrupted")),
-                            (state, after, true),
+                            (state, after, true, changes, slot),
                         ))
                     }
                 };
                 let finished = status == "succeeded" || status == "failed";
                 if lines.is_empty() && !finished {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    continue;
+                    if live::wait_for_change(&mut changes, keep_alive).await {
+                        continue;
+                    }
+                    let chunk = live::KEEP_ALIVE_COMMENT.to_owned();
+                    return Some((Ok(chunk), (state, after, false, changes, slot)));
                 }
                 let mut chunk = String::new();
                 let mut last = after;
@@ -540,7 +555,10 @@ pub async fn logs(
                         json!({"status": status})
                     ));
                 }
-                return Some((Ok::<_, std::io::Error>(chunk), (state, last, done)));
+                return Some((
+                    Ok::<_, std::io::Error>(chunk),
+                    (state, last, done, changes, slot),
+                ));
             }
         },
     );

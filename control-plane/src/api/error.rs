@@ -107,6 +107,7 @@ error_codes! {
     TooManyAttempts => "too_many_attempts",
     TooManyInvitations => "too_many_invitations",
     TooManySignups => "too_many_signups",
+    TooManyStreams => "too_many_streams",
     Unauthenticated => "unauthenticated",
     UnreadableBody => "unreadable_body",
     UnsupportedMediaType => "unsupported_media_type",

@@ -29,6 +29,7 @@ pub mod edge;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
+pub mod live;
 pub mod members;
 pub mod mfa;
 pub mod page;
@@ -86,6 +87,8 @@ pub struct StateInner {
     pub public_origin: cross_site::WebOrigin,
     /// Who may create an account (`--signup`).
     pub signup: crate::signup::SignupPolicy,
+    /// Open live-follow streams and the changes they wait for.
+    pub live: Arc<live::LiveStreams>,
     /// Load balancers whose forwarding headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Password hashing, a bounded number at a time.

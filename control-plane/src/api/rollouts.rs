@@ -3,7 +3,6 @@
 //! scheduler (`crate::rollouts`) advances them; these routes start, watch and steer them.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -14,12 +13,14 @@ use http::StatusCode;
 use sensei_shared::rollout::Strategy;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody, Path, QueryParams};
 use super::idempotency::{replayed, Claim, IdempotencyKey};
+use super::live;
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit;
@@ -401,38 +402,54 @@ pub async fn show(
 }
 
 /// Progress as server-sent events: the rollout (`event: rollout`) each time it changes, until
-/// it reaches a final state.
+/// it reaches a final state, with keep-alive comments while quiet. Each event's `id` names the
+/// state it shows; a client reconnecting with `Last-Event-ID` gets the next change, not the
+/// state it already has.
 #[utoipa::path(get, path = "/v1/rollouts/{id}/events", tag = "rollouts",
     params(("id" = Uuid, Path, description = "rollout id")),
-    responses((status = 200, content_type = "text/event-stream"), (status = 404, body = ErrorBody)))]
+    responses((status = 200, content_type = "text/event-stream"), (status = 404, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "too many live streams open")))]
 pub async fn events(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
+    headers: http::HeaderMap,
 ) -> Result<Response, ApiError> {
     load(&state, principal.account_id, id).await?;
     let account = principal.account_id;
+    let seen = live::last_event_id(&headers).unwrap_or_default().to_owned();
+    let slot = state.live.open(principal.user_id)?;
+    let changes = state.live.subscribe(live::Followed::Rollout(id));
+    let keep_alive = state.live.keep_alive();
     let stream = futures_util::stream::unfold(
-        (state, String::new(), false),
-        move |(state, last, ended)| async move {
+        (state, seen, false, changes, slot),
+        move |(state, seen, ended, mut changes, slot)| async move {
             if ended {
                 return None;
             }
             loop {
+                changes.borrow_and_update();
                 let Ok(view) = load(&state, account, id).await else {
                     return Some((
                         Err(std::io::Error::other("rollout stream interrupted")),
-                        (state, last, true),
+                        (state, seen, true, changes, slot),
                     ));
                 };
                 let text = serde_json::to_string(&view).unwrap_or_default();
+                let event_id = hex::encode(&Sha256::digest(text.as_bytes())[..12]);
                 let done = matches!(view.state.as_str(), "succeeded" | "aborted" | "rolled_back")
                     || (view.state == "halted" && view.finished_at.is_some());
-                if text != last || done {
-                    let chunk = format!("event: rollout\ndata: {text}\n\n");
-                    return Some((Ok::<_, std::io::Error>(chunk), (state, text, done)));
+                if event_id != seen || done {
+                    let chunk = format!("id: {event_id}\nevent: rollout\ndata: {text}\n\n");
+                    return Some((
+                        Ok::<_, std::io::Error>(chunk),
+                        (state, event_id, done, changes, slot),
+                    ));
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                if !live::wait_for_change(&mut changes, keep_alive).await {
+                    let chunk = live::KEEP_ALIVE_COMMENT.to_owned();
+                    return Some((Ok(chunk), (state, seen, false, changes, slot)));
+                }
             }
         },
     );

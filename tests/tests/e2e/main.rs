@@ -14,6 +14,7 @@ mod cross_site;
 mod database_tls;
 mod deploys;
 mod field_keys;
+mod live_follow;
 mod operations;
 mod replicas;
 mod rollouts;

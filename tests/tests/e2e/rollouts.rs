@@ -225,7 +225,9 @@ async fn a_mixed_fleet_rolls_out_in_batches_after_an_approved_canary() {
         .expect("the stream of a finished rollout must end")
         .expect("body");
     assert!(
-        text.starts_with("event: rollout\ndata: ") && text.contains("\"state\":\"succeeded\""),
+        text.starts_with("id: ")
+            && text.contains("\nevent: rollout\ndata: ")
+            && text.contains("\"state\":\"succeeded\""),
         "{text}"
     );
     let actions = f.t.audit_actions().await;

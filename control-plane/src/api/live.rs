@@ -1,0 +1,275 @@
+//! Live-follow streams (a deployment's log, a rollout's progress) as server-sent events.
+//!
+//! Each open stream holds a slot: at most [`PER_USER`] per user (API keys count against the
+//! user who made them) and `--max-live-streams` per replica, so one tenant cannot hold every
+//! connection of a replica. A stream sleeps until PostgreSQL says its deployment or rollout
+//! changed (triggers `NOTIFY sensei_live`, whichever replica wrote the row), and sends a
+//! keep-alive comment when it has been quiet for a while, which also re-reads the row in
+//! case a notification was missed while the listening connection was being re-opened.
+//! Every event carries an `id`; a client that reconnects with `Last-Event-ID` gets only what
+//! it has not seen.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorCode};
+
+/// Streams one user may hold open at once.
+pub const PER_USER: usize = 8;
+/// Streams one replica holds open at most, when the operator does not say.
+pub const DEFAULT_PER_REPLICA: usize = 512;
+/// Quiet this long, a stream sends a keep-alive comment (proxies close idle connections).
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// The PostgreSQL channel the triggers of migration V12 notify: `d<deployment id>` or
+/// `r<rollout id>`.
+pub const CHANNEL: &str = "sensei_live";
+
+/// What a stream follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Followed {
+    Deployment(Uuid),
+    Rollout(Uuid),
+}
+
+impl Followed {
+    /// The subject a `NOTIFY` payload names.
+    pub fn parse(payload: &str) -> Option<Self> {
+        let (kind, id) = payload.split_at_checked(1)?;
+        let id = id.parse().ok()?;
+        match kind {
+            "d" => Some(Self::Deployment(id)),
+            "r" => Some(Self::Rollout(id)),
+            _ => None,
+        }
+    }
+}
+
+/// This replica's open streams and who waits for which change.
+pub struct LiveStreams {
+    per_user: usize,
+    per_replica: usize,
+    keep_alive: Duration,
+    open: Mutex<Open>,
+    changes: Mutex<HashMap<Followed, watch::Sender<u64>>>,
+}
+
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_user: HashMap<Uuid, usize>,
+}
+
+/// An open stream's place; given back when the stream ends (or its client goes away).
+pub struct StreamSlot {
+    streams: Arc<LiveStreams>,
+    user: Uuid,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.streams.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.by_user.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                open.by_user.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl LiveStreams {
+    pub fn new(per_replica: usize, keep_alive: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            per_user: PER_USER,
+            per_replica: per_replica.max(1),
+            keep_alive,
+            open: Mutex::default(),
+            changes: Mutex::default(),
+        })
+    }
+
+    /// How long a stream stays quiet before its keep-alive.
+    pub fn keep_alive(&self) -> Duration {
+        self.keep_alive
+    }
+
+    /// Takes a slot for `user`, or refuses when they or this replica hold the most allowed.
+    pub fn open(self: &Arc<Self>, user: Uuid) -> Result<StreamSlot, ApiError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = open.by_user.get(&user).copied().unwrap_or(0);
+        if mine >= self.per_user {
+            return Err(ApiError::too_many_of(
+                ErrorCode::TooManyStreams,
+                format!("you have {mine} live streams open, the most allowed; close one first"),
+                5,
+            ));
+        }
+        if open.total >= self.per_replica {
+            return Err(ApiError::too_many_of(
+                ErrorCode::TooManyStreams,
+                "this replica is serving as many live streams as it may; try again shortly",
+                5,
+            ));
+        }
+        open.total += 1;
+        *open.by_user.entry(user).or_default() += 1;
+        Ok(StreamSlot {
+            streams: self.clone(),
+            user,
+        })
+    }
+
+    /// Streams open on this replica.
+    pub fn open_count(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).total
+    }
+
+    /// A receiver that sees every change of `subject` from now on.
+    pub fn subscribe(&self, subject: Followed) -> watch::Receiver<u64> {
+        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget subjects nobody follows any more, now and then rather than on every drop.
+        if changes.len() > 64 && changes.len() > 2 * self.open_count() {
+            changes.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        changes
+            .entry(subject)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// `subject` changed: wake its streams.
+    pub fn changed(&self, subject: Followed) {
+        let changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = changes.get(&subject) {
+            tx.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Everything may have changed (notifications were missed): wake every stream.
+    pub fn changed_all(&self) {
+        let changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        for tx in changes.values() {
+            tx.send_modify(|v| *v += 1);
+        }
+    }
+}
+
+/// Waits until the subject changes or the keep-alive is due; `true` when it changed.
+pub async fn wait_for_change(changes: &mut watch::Receiver<u64>, keep_alive: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(keep_alive, changes.changed()).await,
+        Ok(Ok(()))
+    )
+}
+
+/// The comment a quiet stream sends.
+pub const KEEP_ALIVE_COMMENT: &str = ": keep-alive\n\n";
+
+/// The `Last-Event-ID` a reconnecting client sent.
+pub fn last_event_id(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+}
+
+/// Listens on [`CHANNEL`] until `shutdown`, reconnecting when the connection drops (and
+/// waking every stream then, since changes may have gone unannounced).
+pub async fn listen(
+    database_url: String,
+    streams: Arc<LiveStreams>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        match crate::db::listen(&database_url, &[CHANNEL]).await {
+            Ok((_client, mut messages)) => {
+                streams.changed_all();
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        message = messages.next() => match message {
+                            Some((_, payload)) => match Followed::parse(&payload) {
+                                Some(subject) => streams.changed(subject),
+                                None => tracing::warn!(payload, "unknown live notification"),
+                            },
+                            None => break,
+                        },
+                    }
+                }
+                tracing::warn!("live-follow notifications interrupted; reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the live-follow notification connection")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_capped_per_user_and_per_replica_and_given_back() {
+        let streams = LiveStreams::new(10, DEFAULT_KEEP_ALIVE);
+        let (ada, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let held: Vec<_> = (0..PER_USER)
+            .map(|_| streams.open(ada).expect("slot"))
+            .collect();
+        assert_eq!(
+            streams.open(ada).err().map(|e| e.code()),
+            Some("too_many_streams")
+        );
+        let bobs: Vec<_> = (0..2).map(|_| streams.open(bob).expect("slot")).collect();
+        assert_eq!(
+            streams.open(Uuid::new_v4()).err().map(|e| e.code()),
+            Some("too_many_streams"),
+            "the replica is full"
+        );
+        drop(held);
+        assert_eq!(streams.open_count(), 2);
+        streams.open(ada).expect("a slot given back is free again");
+        drop(bobs);
+    }
+
+    #[tokio::test]
+    async fn a_change_wakes_its_followers_and_no_other() {
+        let streams = LiveStreams::new(10, Duration::from_millis(20));
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut on_a = streams.subscribe(Followed::Deployment(a));
+        let mut on_b = streams.subscribe(Followed::Rollout(b));
+        // A change before the wait is not lost.
+        streams.changed(Followed::Deployment(a));
+        assert!(wait_for_change(&mut on_a, Duration::from_secs(5)).await);
+        assert!(!wait_for_change(&mut on_b, Duration::from_millis(20)).await);
+        streams.changed_all();
+        assert!(wait_for_change(&mut on_b, Duration::from_secs(5)).await);
+    }
+
+    #[test]
+    fn notification_payloads_parse() {
+        let id = Uuid::new_v4();
+        assert_eq!(
+            Followed::parse(&format!("d{id}")),
+            Some(Followed::Deployment(id))
+        );
+        assert_eq!(
+            Followed::parse(&format!("r{id}")),
+            Some(Followed::Rollout(id))
+        );
+        for garbage in ["", "d", "x", &format!("x{id}"), "dnot-a-uuid", "é"] {
+            assert_eq!(Followed::parse(garbage), None, "{garbage}");
+        }
+    }
+}
