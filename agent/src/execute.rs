@@ -405,6 +405,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_emptied_environment_removes_the_old_env_file_once_the_new_release_is_live() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (repo, _) = repo(tmp.path(), &["v1"]);
+        let d = tmp.path().join("app");
+        let env = d.join("shared/.env");
+        deploy(&spec(&repo, &d, "20270101000000-aaaaaa"))
+            .await
+            .0
+            .verdict()
+            .expect("with env");
+        assert!(env.exists());
+        // Emptied, but the deploy fails: the running release keeps what it reads.
+        let mut emptied = spec(&repo, &d, "20270101000001-bbbbbb");
+        emptied.env.clear();
+        emptied.hooks.build = vec!["exit 3".into()];
+        deploy(&emptied).await.0.verdict().expect_err("must fail");
+        assert_eq!(
+            std::fs::read_to_string(&env).expect("kept"),
+            "SECRET=\"hunter2\"\n"
+        );
+        // Emptied, and the deploy succeeds: the secrets are gone from the server.
+        emptied.release_id = "20270101000002-cccccc".into();
+        emptied.hooks.build.clear();
+        let (report, lines) = deploy(&emptied).await;
+        assert_eq!(report.verdict(), Ok(()), "{lines:?}");
+        assert!(!env.exists() && !env.is_symlink(), "the old .env stayed");
+        assert!(!d.join("current/.env").exists());
+        assert!(lines
+            .iter()
+            .any(|l| l.text.contains("removed") && l.text.contains(".env")));
+        // A `.env` the operator keeps as a shared path is theirs: never removed.
+        std::fs::write(&env, "BY_HAND=1\n").expect("write");
+        let mut by_hand = spec(&repo, &d, "20270101000003-dddddd");
+        by_hand.env.clear();
+        by_hand.shared_paths.push(".env".into());
+        deploy(&by_hand).await.0.verdict().expect("deploy");
+        assert_eq!(std::fs::read_to_string(&env).expect("kept"), "BY_HAND=1\n");
+        assert_eq!(
+            std::fs::read_to_string(d.join("current/.env")).expect("linked"),
+            "BY_HAND=1\n"
+        );
+    }
+
+    #[tokio::test]
     async fn failing_build_leaves_current_untouched() {
         let tmp = tempfile::tempdir().expect("tmp");
         let (repo, _) = repo(tmp.path(), &["v1"]);

@@ -8,7 +8,7 @@ use sensei_shared::codec::decode;
 use sensei_shared::codec::io::{read_frame, write_frame};
 use sensei_shared::job::{verify, Expectations, JobPayload, JobTask, SignedJob};
 use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult, LogLine};
-use sensei_shared::release::{deploy_script, rollback_script};
+use sensei_shared::release::{deploy_script, forget_env_script, rollback_script};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
@@ -154,9 +154,10 @@ async fn handle(
             ),
         };
     }
-    let (deploy_path, repo_url) = match &payload.task {
-        JobTask::Deploy(spec) => (spec.deploy_path.clone(), Some(spec.repo_url.as_str())),
-        JobTask::Rollback(spec) => (spec.deploy_path.clone(), None),
+    let deploy_path = payload.task.deploy_path().to_owned();
+    let repo_url = match &payload.task {
+        JobTask::Deploy(spec) => Some(spec.repo_url.as_str()),
+        JobTask::Rollback(_) | JobTask::ForgetEnv(_) => None,
     };
     // This server's own policy, whatever the signature says.
     let allowed = ctx
@@ -174,6 +175,7 @@ async fn handle(
     let script = match &payload.task {
         JobTask::Deploy(spec) => deploy_script(spec, &job_id.to_string(), &nonce),
         JobTask::Rollback(spec) => rollback_script(spec, &job_id.to_string(), &nonce),
+        JobTask::ForgetEnv(spec) => forget_env_script(spec, &job_id.to_string(), &nonce),
     };
     let script = match script {
         Ok(s) => s,

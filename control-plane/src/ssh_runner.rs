@@ -18,7 +18,9 @@ use russh::{client, ChannelMsg};
 use sensei_shared::job::{verify, Expectations, JobTask};
 use sensei_shared::lines::LineAssembler;
 use sensei_shared::protocol::{JobResult, LogLine};
-use sensei_shared::release::{deploy_script, rollback_script, Outcome, OutputParser};
+use sensei_shared::release::{
+    deploy_script, forget_env_script, rollback_script, Outcome, OutputParser,
+};
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
 use uuid::Uuid;
@@ -362,6 +364,7 @@ impl SshRunner {
         let script = match &payload.task {
             JobTask::Deploy(spec) => deploy_script(spec, &job.id.to_string(), &nonce),
             JobTask::Rollback(spec) => rollback_script(spec, &job.id.to_string(), &nonce),
+            JobTask::ForgetEnv(spec) => forget_env_script(spec, &job.id.to_string(), &nonce),
         }
         .map_err(|e| fail("verify", e.to_string()))?;
 
@@ -379,7 +382,7 @@ impl SshRunner {
                     .saturating_mul(steps)
                     .saturating_add(Duration::from_secs(60))
             }
-            JobTask::Rollback(_) => Duration::from_secs(120),
+            JobTask::Rollback(_) | JobTask::ForgetEnv(_) => Duration::from_secs(120),
         }
         .min(self.max_job);
         // The deadline covers connecting and authenticating too: a server that completes the

@@ -351,7 +351,7 @@ impl SimAgent {
                     self.shared.verified_signal.notify_waiters();
                     let release_id = match &payload.task {
                         JobTask::Deploy(spec) => Some(spec.release_id.clone()),
-                        JobTask::Rollback(_) => None,
+                        JobTask::Rollback(_) | JobTask::ForgetEnv(_) => None,
                     };
                     AgentMessage::JobFinished {
                         job_id: payload.job_id,

@@ -4,6 +4,7 @@
 //! cargo build --release -p sensei-control-plane -p sensei-agent -p sensei-loadgen
 //! target/release/sensei-loadgen fleet --agents 10000 --json fleet-10k.json
 //! target/release/sensei-loadgen footprint --secs 300
+//! target/release/sensei-loadgen logins --clients 64 --secs 30
 //! ```
 //!
 //! `fleet` runs, in order: idle density, dispatch latency, an all-at-once and a batched
@@ -11,6 +12,7 @@
 //! `footprint` enrolls and runs the real `sensei-agent` binary and reads its memory.
 
 mod fleet;
+mod logins;
 mod plane;
 mod stats;
 
@@ -49,6 +51,8 @@ enum Scenario {
         #[arg(long, default_value_t = 300)]
         secs: u64,
     },
+    /// Sign-ins per second the control plane sustains, and /healthz latency meanwhile.
+    Logins(logins::LoginOptions),
 }
 
 #[derive(clap::Args, Clone, Copy)]
@@ -76,7 +80,7 @@ struct FleetOptions {
 }
 
 /// What every scenario runs against.
-struct Setup {
+pub(crate) struct Setup {
     _cluster: sensei_control_plane::postgres_cluster::PostgresCluster,
     _dirs: Vec<tempfile::TempDir>,
     config: PlaneConfig,
@@ -89,7 +93,7 @@ struct Setup {
 }
 
 impl Setup {
-    async fn new(heartbeat_secs: u64) -> anyhow::Result<Self> {
+    pub(crate) async fn new(heartbeat_secs: u64) -> anyhow::Result<Self> {
         let pg_dir = plane::open_tempdir("sensei-loadgen-pg-")?;
         // A durable cluster (fsync on), as in production: acknowledgements are real commits.
         let cluster = sensei_control_plane::postgres_cluster::PostgresCluster::start(
@@ -166,7 +170,7 @@ impl Setup {
         })
     }
 
-    fn base(&self) -> String {
+    pub(crate) fn base(&self) -> String {
         self.config.public_url()
     }
 
@@ -579,6 +583,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Scenario::Fleet(options) => fleet_scenarios(&mut report, options).await,
             Scenario::Footprint { secs } => footprint(&mut report, secs).await,
+            Scenario::Logins(options) => logins::run(&mut report, options).await,
         }
     })?;
     if let Some(path) = cli.json {

@@ -80,6 +80,10 @@ impl Plane {
             .arg(config.heartbeat_secs.to_string())
             .arg("--public-url")
             .arg(config.public_url())
+            // The load generator speaks for many clients (the logins scenario) through
+            // X-Forwarded-For, as a load balancer would.
+            .arg("--trusted-proxies")
+            .arg("127.0.0.0/8")
             .env("DATABASE_URL", &config.database_url)
             .env("DATABASE_OWNER_URL", &config.owner_url)
             .env("SENSEI_SIGNUP", "open")

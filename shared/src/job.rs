@@ -66,6 +66,25 @@ pub struct RollbackSpec {
 pub enum JobTask {
     Deploy(DeploySpec),
     Rollback(RollbackSpec),
+    /// Remove the environment file a deleted project left (`shared/.env`); the releases and
+    /// the running application stay.
+    ForgetEnv(ForgetEnvSpec),
+}
+
+impl JobTask {
+    /// The deploy directory the task works in.
+    pub fn deploy_path(&self) -> &str {
+        match self {
+            Self::Deploy(spec) => &spec.deploy_path,
+            Self::Rollback(spec) => &spec.deploy_path,
+            Self::ForgetEnv(spec) => &spec.deploy_path,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetEnvSpec {
+    pub deploy_path: String,
 }
 
 /// What is signed.

@@ -21,7 +21,7 @@
 //! The script speaks to its runner through lines `@@sensei:<nonce> <event> …`. The nonce
 //! changes per run, so a hook cannot forge a step result by printing one.
 
-use crate::job::{DeploySpec, RollbackSpec};
+use crate::job::{DeploySpec, ForgetEnvSpec, RollbackSpec};
 
 /// Free space required on the deploy path's filesystem before fetching, in KiB.
 pub const MIN_FREE_KIB: u64 = 100 * 1024;
@@ -413,8 +413,13 @@ say release "$ID"
     }
 
     s.push_str("\nstep env\n");
-    if spec.env.is_empty() {
-        s.push_str("[ -e \"$D/shared/.env\" ] && { rm -f \"$R/.env\"; ln -s \"$D/shared/.env\" \"$R/.env\"; }\n");
+    if spec.env.is_empty() && spec.shared_paths.iter().any(|p| p == ".env") {
+        // The operator keeps `.env` on the server by hand (a shared path, linked above).
+    } else if spec.env.is_empty() {
+        // The project has no environment any more: the file an earlier deploy wrote holds
+        // secrets nobody asked for now. The running release may still read it, so it goes
+        // once this release is live (step prune), not before: a failed deploy changes nothing.
+        s.push_str("STALE_ENV=0\n[ -e \"$D/shared/.env\" ] && STALE_ENV=1\n");
     } else {
         use base64::Engine;
         let encoded =
@@ -461,6 +466,10 @@ say switched "$ID" "${PREVIOUS:-none}"
     s.push_str(
         r#"
 step prune
+if [ "${STALE_ENV:-0}" = 1 ]; then
+  rm -f "$D/shared/.env" || fail "cannot remove the old $D/shared/.env"
+  echo "removed $D/shared/.env: the project has no environment any more"
+fi
 # Keep the newest $KEEP successful releases, and always current and the previous good one.
 KEEPERS=$( { good_releases | tail -n "$KEEP"; echo "$ID"; echo "${PREVIOUS:-}"; } | sort -u)
 for dir in "$D/releases/"*; do
@@ -524,6 +533,47 @@ record "$FROM" rolled_back "$(sed -n 's/^commit=//p' "$D/.sensei/records/$FROM" 
 say commit "$COMMIT"
 say switched "$TO" "$FROM"
 say done "$TO" "$COMMIT"
+"#,
+    );
+    Ok(s)
+}
+
+/// The script that removes a deleted project's `shared/.env` under the deploy lock; nothing
+/// else in the deploy directory changes.
+pub fn forget_env_script(
+    spec: &ForgetEnvSpec,
+    job: &str,
+    nonce: &str,
+) -> Result<String, InvalidSpec> {
+    check_deploy_path(&spec.deploy_path)?;
+    if nonce.is_empty() || !nonce.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(invalid("nonce must be alphanumeric"));
+    }
+    let mut s = String::new();
+    s.push_str(&format!("M={}\n", sh_quote(&format!("@@sensei:{nonce}"))));
+    s.push_str(&format!(
+        "D={}\n",
+        sh_quote(spec.deploy_path.trim_end_matches('/'))
+    ));
+    s.push_str(&format!("JOB={}\n", sh_quote(job)));
+    s.push_str("CUR_STEP=preflight\nID=''\n");
+    s.push_str(PRELUDE);
+    s.push_str(
+        r#"
+if [ ! -d "$D/.sensei" ]; then
+  echo "$D holds no Sensei releases: nothing to remove"
+  say done - -
+  exit 0
+fi
+take_lock
+step forget_env
+if [ -e "$D/shared/.env" ] || [ -L "$D/shared/.env" ]; then
+  rm -f "$D/shared/.env" || fail "cannot remove $D/shared/.env"
+  echo "removed $D/shared/.env: the project was deleted"
+else
+  echo "no $D/shared/.env to remove"
+fi
+say done - -
 "#,
     );
     Ok(s)
@@ -655,8 +705,9 @@ impl Outcome {
             }
             ScriptEvent::Done { release, commit } => {
                 self.done = true;
-                self.release = Some(release.clone());
-                self.commit = Some(commit.clone());
+                // `-`: a job that makes no release (forget_env) says so.
+                self.release = Some(release.clone()).filter(|r| r != "-");
+                self.commit = Some(commit.clone()).filter(|c| c != "-");
             }
             ScriptEvent::Log(_) | ScriptEvent::Hook(_) | ScriptEvent::Pruned(_) => {}
         }

@@ -9,7 +9,9 @@ use chrono::Utc;
 use ed25519_dalek::SigningKey;
 use sensei_certs::{AgentCertStatus, Fingerprint};
 use sensei_shared::codec::io::{read_frame, write_frame};
-use sensei_shared::job::{DeploySpec, Hooks, JobPayload, JobTask, RollbackSpec, SignedJob};
+use sensei_shared::job::{
+    DeploySpec, ForgetEnvSpec, Hooks, JobPayload, JobTask, RollbackSpec, SignedJob,
+};
 use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult, LogLine};
 use uuid::Uuid;
 
@@ -81,7 +83,8 @@ pub async fn sign(
 
 /// The deploy configuration each job is built from, by
 /// job id: a rollout's job takes the copy made when the rollout started, any other job its
-/// project as it is now. Jobs of deleted projects get none (their claim fails).
+/// project as it is now. Jobs of deleted projects get none (their claim fails), but for the
+/// `forget_env` job their deletion queued.
 pub async fn deploy_configs(
     client: &tokio_postgres::Client,
     jobs: &[Claimed],
@@ -101,7 +104,7 @@ pub async fn deploy_configs(
                     p.id \
              FROM deployments d JOIN projects p ON p.id = d.project_id \
              LEFT JOIN rollouts r ON r.id = d.rollout_id \
-             WHERE d.id = ANY($1) AND p.deleted_at IS NULL",
+             WHERE d.id = ANY($1) AND (p.deleted_at IS NULL OR d.kind = 'forget_env')",
             &[&ids],
         )
         .await?;
@@ -124,6 +127,8 @@ pub fn sign_with(
             deploy_path,
             to_release: None,
         })
+    } else if job.kind == "forget_env" {
+        JobTask::ForgetEnv(ForgetEnvSpec { deploy_path })
     } else {
         let env: Vec<(String, String)> = match p.get::<_, Option<&str>>("env_ciphertext") {
             Some(sealed) => {

@@ -128,7 +128,7 @@ pub async fn list(
         "status",
         &["queued", "running", "succeeded", "failed"],
     )?;
-    one_of(&filter.kind, "kind", &["deploy", "rollback"])?;
+    one_of(&filter.kind, "kind", &["deploy", "rollback", "forget_env"])?;
     // Absent filters are NULL parameters, so one statement (and one plan) serves them all.
     let rows = state
         .pool
@@ -263,7 +263,7 @@ pub struct NewJob<'a> {
     /// The user who asked (none for jobs the platform queues itself).
     pub created_by: Option<Uuid>,
     pub project_id: Uuid,
-    /// `deploy` or `rollback`.
+    /// `deploy`, `rollback` or `forget_env`.
     pub kind: &'a str,
     pub git_ref: Option<&'a str>,
     pub rollback_of: Option<Uuid>,

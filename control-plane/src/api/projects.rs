@@ -463,6 +463,35 @@ pub async fn delete(
             &[&id],
         )
         .await?;
+    // Its environment is erased here; the servers it was deployed to get one job that erases
+    // theirs (`shared/.env`). A server that cannot take a job now (revoked, deleted) is
+    // skipped: nothing reaches it any more.
+    let deployed_to: Vec<Uuid> = tx
+        .query(
+            "SELECT DISTINCT server_id FROM deployments \
+             WHERE project_id = $1 AND kind = 'deploy' AND status = 'succeeded'",
+            &[&id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let forgets = super::deployments::enqueue_many(
+        &tx,
+        &super::deployments::NewJob {
+            account_id: principal.account_id,
+            created_by: Some(principal.user_id),
+            project_id: id,
+            kind: "forget_env",
+            git_ref: None,
+            rollback_of: None,
+            rollout_id: None,
+            expected_commit: None,
+            timeout: state.dispatch_timeout,
+        },
+        &deployed_to,
+    )
+    .await?;
     audit::append(
         &tx,
         state.keys.audit_keys(),
@@ -471,10 +500,17 @@ pub async fn delete(
             &meta,
             "project.deleted",
             ("project", id),
-            json!({"queued_jobs_failed": failed, "rollouts_aborted": stopped}),
+            json!({
+                "queued_jobs_failed": failed,
+                "rollouts_aborted": stopped,
+                "env_removal_jobs": forgets.len(),
+            }),
         ),
     )
     .await?;
     tx.commit().await?;
+    for (server, _) in &forgets {
+        state.agents.wake(*server);
+    }
     Ok(StatusCode::NO_CONTENT)
 }

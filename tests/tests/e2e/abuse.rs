@@ -1,5 +1,7 @@
 //! A hostile client against the control plane: parallel password guesses, forged tokens.
 
+use std::time::Duration;
+
 use sensei_e2e::{error_code, TestPlane};
 use serde_json::{json, Value};
 
@@ -383,6 +385,89 @@ async fn ssh_targets_cannot_be_metadata_or_the_control_plane_itself() {
             done["error"]["message"],
             format!("{host}:{port} is unreachable"),
             "nothing more is said about why"
+        );
+    }
+}
+
+/// A gauge or counter from /metrics.
+async fn metric(t: &TestPlane, name: &str) -> f64 {
+    let text = t
+        .http
+        .get(t.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not in /metrics"))
+}
+
+#[tokio::test]
+async fn while_200_logins_are_in_flight_health_and_an_agent_deploy_still_answer() {
+    // Behind a trusted proxy (loopback), so that 200 clients each make one attempt and no
+    // address reaches its throttle: every login costs a real Argon2 run.
+    let t = TestPlane::start_configured(
+        sensei_e2e::fresh_database().await,
+        sensei_e2e::test_keys(),
+        "127.0.0.1:0".parse().expect("addr"),
+        |o| o.trusted_proxies = vec!["127.0.0.0/8".parse().expect("net")],
+    )
+    .await;
+    let s = crate::deploys::setup_on(t, json!({})).await;
+    let t = &s.t;
+    let logins: Vec<_> = (0..200u32)
+        .map(|i| {
+            let (http, url) = (t.http.clone(), t.url("/v1/auth/login"));
+            tokio::spawn(async move {
+                http.post(url)
+                    .header("x-forwarded-for", format!("198.18.{}.{}", i / 250, i % 250 + 1))
+                    .json(&json!({"email": format!("nobody{i}@example.com"), "password": "a wrong password"}))
+                    .send()
+                    .await
+                    .expect("login")
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let queued = sensei_e2e::eventually(Duration::from_secs(30), || async {
+        metric(t, "sensei_password_hash_queue").await > 0.0
+    })
+    .await;
+    assert!(queued, "the logins never queued for hashing");
+
+    let mut health = Vec::new();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let r = t.http.get(t.url("/healthz")).send().await.expect("healthz");
+        health.push(started.elapsed());
+        assert_eq!(r.status(), 200, "/healthz during the login flood");
+    }
+    let started = std::time::Instant::now();
+    let deployment = s.deploy("main").await;
+    let queue_time = started.elapsed();
+    let still_queued = metric(t, "sensei_password_hash_queue").await;
+    println!(
+        "during 200 logins in flight: /healthz {health:?}, deployment queued in {queue_time:?}, \
+         {still_queued} hashes still waiting"
+    );
+    assert!(
+        still_queued > 0.0,
+        "the flood was over before health and the deploy were tried; nothing was shown"
+    );
+    let done = t
+        .wait_deployment(&s.cookie, deployment["id"].as_str().expect("id"))
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    for login in logins {
+        assert_eq!(
+            login.await.expect("task"),
+            401,
+            "every login got its answer"
         );
     }
 }

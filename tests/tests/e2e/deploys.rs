@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 
 const PW: &str = "correct horse battery";
 
-struct Setup {
-    t: TestPlane,
-    cookie: String,
+pub(crate) struct Setup {
+    pub(crate) t: TestPlane,
+    pub(crate) cookie: String,
     agent: sensei_e2e::TestAgent,
     project: String,
     repo: std::path::PathBuf,
@@ -23,7 +23,7 @@ async fn setup(extra: Value) -> Setup {
     setup_on(t, extra).await
 }
 
-async fn setup_on(t: TestPlane, extra: Value) -> Setup {
+pub(crate) async fn setup_on(t: TestPlane, extra: Value) -> Setup {
     let (cookie, _) = t
         .signup(
             &format!("d{}@example.com", uuid::Uuid::new_v4().simple()),
@@ -62,7 +62,7 @@ async fn setup_on(t: TestPlane, extra: Value) -> Setup {
 }
 
 impl Setup {
-    async fn deploy(&self, git_ref: &str) -> Value {
+    pub(crate) async fn deploy(&self, git_ref: &str) -> Value {
         let (status, d) = self
             .t
             .post(
@@ -526,4 +526,75 @@ async fn env_updates_are_audited_without_values() {
         text.contains("NEW_SECRET") && !text.contains("brand-new-value"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn an_emptied_environment_leaves_the_server_with_the_next_deploy() {
+    let s = setup(json!({})).await;
+    assert_eq!(s.deploy_and_wait("main").await["status"], "succeeded");
+    let env = s.app.join("shared/.env");
+    assert!(env.exists());
+    let r =
+        s.t.http
+            .patch(s.t.url(&format!("/v1/projects/{}", s.project)))
+            .header("cookie", &s.cookie)
+            .json(&json!({"env": {}}))
+            .send()
+            .await
+            .expect("patch");
+    assert_eq!(r.status(), 200);
+    let d = s.deploy_and_wait("main").await;
+    assert_eq!(d["status"], "succeeded", "{d}");
+    assert!(!env.exists(), "the old secrets stayed on the server");
+    assert!(!s.app.join("current/.env").exists());
+    let (_, log) =
+        s.t.get(
+            &format!("/v1/deployments/{}/logs", d["id"].as_str().expect("id")),
+            &s.cookie,
+        )
+        .await;
+    assert!(log.to_string().contains("removed"), "{log}");
+}
+
+#[tokio::test]
+async fn deleting_a_project_removes_its_env_from_its_servers_and_leaves_the_app_running() {
+    let s = setup(json!({})).await;
+    assert_eq!(s.deploy_and_wait("main").await["status"], "succeeded");
+    let env = s.app.join("shared/.env");
+    assert!(env.exists());
+    let live = s.current();
+    let r =
+        s.t.http
+            .delete(s.t.url(&format!("/v1/projects/{}", s.project)))
+            .header("cookie", &s.cookie)
+            .send()
+            .await
+            .expect("delete");
+    assert_eq!(r.status(), 204);
+    let (status, list) = s.t.get("/v1/deployments?kind=forget_env", &s.cookie).await;
+    assert_eq!(status, 200, "{list}");
+    let jobs = list["deployments"].as_array().expect("deployments");
+    assert_eq!(jobs.len(), 1, "{list}");
+    let done =
+        s.t.wait_deployment(&s.cookie, jobs[0]["id"].as_str().expect("id"))
+            .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(
+        !env.exists(),
+        "the deleted project's secrets stayed on the server"
+    );
+    assert_eq!(s.current(), live, "the application was left as it was");
+    assert_eq!(s.served(), "v1");
+    let removals: i64 =
+        s.t.db()
+            .await
+            .query_one(
+                "SELECT (metadata->>'env_removal_jobs')::bigint FROM audit_log \
+             WHERE action = 'project.deleted'",
+                &[],
+            )
+            .await
+            .expect("audit")
+            .get(0);
+    assert_eq!(removals, 1);
 }
