@@ -435,9 +435,18 @@ mod tests {
         assert!(lines
             .iter()
             .any(|l| l.text.contains("removed") && l.text.contains(".env")));
-        // A `.env` the operator keeps as a shared path is theirs: never removed.
+        // A `.env` the operator put there by hand (Sensei did not write it) is theirs: linked
+        // into the release as before, never removed.
         std::fs::write(&env, "BY_HAND=1\n").expect("write");
-        let mut by_hand = spec(&repo, &d, "20270101000003-dddddd");
+        let mut kept = spec(&repo, &d, "20270101000004-eeeeee");
+        kept.env.clear();
+        deploy(&kept).await.0.verdict().expect("deploy");
+        assert_eq!(
+            std::fs::read_to_string(d.join("current/.env")).expect("linked"),
+            "BY_HAND=1\n"
+        );
+        // And so is one listed as a shared path.
+        let mut by_hand = spec(&repo, &d, "20270101000005-dddddd");
         by_hand.env.clear();
         by_hand.shared_paths.push(".env".into());
         deploy(&by_hand).await.0.verdict().expect("deploy");

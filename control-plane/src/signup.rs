@@ -107,12 +107,19 @@ pub async fn redeem_invitation(
 ) -> Result<(), InvalidInvitation> {
     let id = find_invitation(tx, text, true).await?;
     tx.execute(
-        "UPDATE signup_invitations SET used_at = now(), account_id = $2 WHERE id = $1",
+        "UPDATE signup_invitations SET used_at = now(), account_id = $2 \
+         WHERE id = $1 AND used_at IS NULL",
         &[&id, &account_id],
     )
     .await
-    .map_err(|_| InvalidInvitation)?;
-    Ok(())
+    .map_err(|_| InvalidInvitation)
+    .and_then(|n| {
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(InvalidInvitation)
+        }
+    })
 }
 
 async fn find_invitation(

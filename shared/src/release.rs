@@ -234,6 +234,10 @@ pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// Present while `shared/.env` is the file Sensei wrote from the project's environment (and
+/// not one an operator put there by hand): only that file is ever removed.
+pub const ENV_MARKER: &str = ".sensei/env-written";
+
 /// The `.env` file: `NAME="value"`, with `\`, `"`, `$`, backquote and newlines escaped, the
 /// form dotenv readers and `sh` agree on.
 pub fn env_file(env: &[(String, String)]) -> String {
@@ -416,17 +420,23 @@ say release "$ID"
     if spec.env.is_empty() && spec.shared_paths.iter().any(|p| p == ".env") {
         // The operator keeps `.env` on the server by hand (a shared path, linked above).
     } else if spec.env.is_empty() {
-        // The project has no environment any more: the file an earlier deploy wrote holds
-        // secrets nobody asked for now. The running release may still read it, so it goes
-        // once this release is live (step prune), not before: a failed deploy changes nothing.
-        s.push_str("STALE_ENV=0\n[ -e \"$D/shared/.env\" ] && STALE_ENV=1\n");
+        // The project has no environment any more. A file Sensei wrote (the marker says so)
+        // holds secrets nobody asked for now; the running release may still read it, so it
+        // goes once this release is live (step prune), not before: a failed deploy changes
+        // nothing. A file without the marker was put there by hand: linked, as it always was.
+        s.push_str(&format!(
+            "STALE_ENV=0\n\
+             if [ -e \"$D/shared/.env\" ] && [ -e \"$D/{ENV_MARKER}\" ]; then STALE_ENV=1\n\
+             elif [ -e \"$D/shared/.env\" ]; then rm -f \"$R/.env\"; ln -s \"$D/shared/.env\" \"$R/.env\"; fi\n"
+        ));
     } else {
         use base64::Engine;
         let encoded =
             base64::engine::general_purpose::STANDARD.encode(env_file(&spec.env).as_bytes());
         s.push_str(&format!(
             "( umask 077; printf '%s' {b64} | base64 -d > \"$D/shared/.env.tmp\" ) && chmod 600 \"$D/shared/.env.tmp\" && mv -f \"$D/shared/.env.tmp\" \"$D/shared/.env\" || fail \"cannot write $D/shared/.env\"\n\
-             rm -f \"$R/.env\" && ln -s \"$D/shared/.env\" \"$R/.env\" || fail \"cannot link .env\"\n",
+             rm -f \"$R/.env\" && ln -s \"$D/shared/.env\" \"$R/.env\" || fail \"cannot link .env\"\n\
+             : > \"$D/{ENV_MARKER}\" || fail \"cannot mark $D/shared/.env as written by Sensei\"\n",
             b64 = sh_quote(&encoded)
         ));
     }
@@ -467,7 +477,7 @@ say switched "$ID" "${PREVIOUS:-none}"
         r#"
 step prune
 if [ "${STALE_ENV:-0}" = 1 ]; then
-  rm -f "$D/shared/.env" || fail "cannot remove the old $D/shared/.env"
+  rm -f "$D/shared/.env" "$D/.sensei/env-written" || fail "cannot remove the old $D/shared/.env"
   echo "removed $D/shared/.env: the project has no environment any more"
 fi
 # Keep the newest $KEEP successful releases, and always current and the previous good one.
@@ -567,11 +577,12 @@ if [ ! -d "$D/.sensei" ]; then
 fi
 take_lock
 step forget_env
-if [ -e "$D/shared/.env" ] || [ -L "$D/shared/.env" ]; then
-  rm -f "$D/shared/.env" || fail "cannot remove $D/shared/.env"
+[ -L "$D/shared" ] && fail "$D/shared is a symbolic link; not following it"
+if [ -e "$D/.sensei/env-written" ]; then
+  rm -f "$D/shared/.env" "$D/.sensei/env-written" || fail "cannot remove $D/shared/.env"
   echo "removed $D/shared/.env: the project was deleted"
 else
-  echo "no $D/shared/.env to remove"
+  echo "no $D/shared/.env written by Sensei to remove"
 fi
 say done - -
 "#,

@@ -159,40 +159,22 @@ async fn enroll(
     let token = Token::parse(TokenKind::Enrollment, request.token.trim())
         .ok_or_else(|| refuse("the enrollment token is malformed; copy it again from the API"))?;
     let mut client = ctx.pool.get().await.map_err(|_| database_unavailable())?;
-    // Which server the token names, unlocked: its row is locked first below, in the order
-    // server deletion locks (server, then its tokens), so the two cannot interleave.
-    let server_id: Uuid = client
+    // Everything that needs no lock first, on this one connection: which server the token
+    // names, whether its secret is right, and that server's throttle. Only then is the
+    // server's row locked (in the order server deletion locks: server, then its tokens), and
+    // never while waiting for a second connection: a burst of replays cannot hold the pool.
+    let known = client
         .query_opt(
-            "SELECT server_id FROM enrollment_tokens WHERE id = $1",
+            "SELECT t.server_id, t.secret_hash, s.account_id FROM enrollment_tokens t \
+             JOIN servers s ON s.id = t.server_id WHERE t.id = $1",
             &[&token.id],
         )
         .await
         .map_err(db)?
-        .ok_or_else(|| refuse("unknown enrollment token"))?
-        .get(0);
-    let tx = client.transaction().await.map_err(db)?;
-    let server = tx
-        .query_opt(
-            "SELECT account_id, deleted_at IS NOT NULL, transport FROM servers WHERE id = $1 FOR UPDATE",
-            &[&server_id],
-        )
-        .await
-        .map_err(db)?
+        .filter(|r| token.matches(r.get::<_, &[u8]>(1)))
         .ok_or_else(|| refuse("unknown enrollment token"))?;
-    let row = tx
-        .query_opt(
-            "SELECT secret_hash, expires_at, used_at FROM enrollment_tokens \
-             WHERE id = $1 AND server_id = $2 FOR UPDATE",
-            &[&token.id, &server_id],
-        )
-        .await
-        .map_err(db)?
-        // Deleted with its server while this waited for the server's lock.
-        .ok_or_else(|| refuse("unknown enrollment token"))?;
-    if !token.matches(row.get::<_, &[u8]>(0)) {
-        return Err(refuse("unknown enrollment token"));
-    }
-    let account_id: Uuid = server.get(0);
+    let server_id: Uuid = known.get(0);
+    let account_id: Uuid = known.get(2);
     let scoped = |reason: String| Refusal {
         reason,
         account_id: Some(account_id),
@@ -201,21 +183,50 @@ async fn enroll(
     };
     // The token is genuine: from here failures count against its server too (a spent or
     // expired token replayed, from wherever).
-    let server_attempt =
-        match reserve(ctx, admission::ENROLL_PER_SERVER, &server_id.to_string()).await? {
-            Ok(attempt) => attempt,
-            Err(refused) => {
-                return Err(Refusal {
-                    throttled: Some(format!("server:{server_id}")),
-                    ..scoped(format!(
-                        "too many failed enrollments for this server; try again in {} seconds",
-                        refused.retry_after_secs
-                    ))
-                })
-            }
-        };
-    let expires_at: DateTime<Utc> = row.get(1);
-    let used_at: Option<DateTime<Utc>> = row.get(2);
+    let server_attempt = match admission::reserve(
+        &mut client,
+        admission::ENROLL_PER_SERVER,
+        &server_id.to_string(),
+    )
+    .await
+    .map_err(db)?
+    {
+        Ok(attempt) => attempt,
+        Err(refused) => {
+            return Err(Refusal {
+                throttled: Some(format!("server:{server_id}")),
+                ..scoped(format!(
+                    "too many failed enrollments for this server; try again in {} seconds",
+                    refused.retry_after_secs
+                ))
+            })
+        }
+    };
+    let tx = client.transaction().await.map_err(db)?;
+    // A server row held by a long deletion makes this wait a bounded time, then refuse.
+    tx.batch_execute("SET LOCAL lock_timeout = '5s'")
+        .await
+        .map_err(db)?;
+    let server = tx
+        .query_opt(
+            "SELECT deleted_at IS NOT NULL, transport FROM servers WHERE id = $1 FOR UPDATE",
+            &[&server_id],
+        )
+        .await
+        .map_err(db)?
+        .ok_or_else(|| refuse("unknown enrollment token"))?;
+    let row = tx
+        .query_opt(
+            "SELECT expires_at, used_at FROM enrollment_tokens \
+             WHERE id = $1 AND server_id = $2 FOR UPDATE",
+            &[&token.id, &server_id],
+        )
+        .await
+        .map_err(db)?
+        // Deleted with its server while this waited for the server's lock.
+        .ok_or_else(|| refuse("unknown enrollment token"))?;
+    let expires_at: DateTime<Utc> = row.get(0);
+    let used_at: Option<DateTime<Utc>> = row.get(1);
     if let Some(at) = used_at {
         return Err(scoped(format!(
             "this enrollment token was already used at {}; create a new one with \
@@ -230,12 +241,12 @@ async fn enroll(
             expires_at.to_rfc3339()
         )));
     }
-    if server.get::<_, bool>(1) {
+    if server.get::<_, bool>(0) {
         return Err(scoped(
             "the server this token belongs to was deleted".into(),
         ));
     }
-    if server.get::<_, &str>(2) != "agent" {
+    if server.get::<_, &str>(1) != "agent" {
         return Err(scoped("this server uses SSH, not an agent".into()));
     }
     if let Some(expected) = request.expected_server_id.filter(|e| *e != server_id) {

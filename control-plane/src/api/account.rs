@@ -260,7 +260,10 @@ pub async fn delete(
     }
     let servers: Vec<Uuid> = tx
         .query(
-            "SELECT id FROM servers WHERE account_id = $1",
+            // Locked, in id order, before their certificates: as server deletion and
+            // enrollment lock (server, then certificates), so an enrollment in flight either
+            // finishes first (and its certificate is revoked here) or finds no server.
+            "SELECT id FROM servers WHERE account_id = $1 ORDER BY id FOR UPDATE",
             &[&principal.account_id],
         )
         .await?

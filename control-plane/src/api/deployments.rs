@@ -492,6 +492,7 @@ async fn lines_after(
               (status = 429, body = ErrorBody, description = "too many live streams open")))]
 pub async fn logs(
     State(state): State<AppState>,
+    meta: ClientMeta,
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
     QueryParams(q): QueryParams<LogQuery>,
@@ -511,11 +512,17 @@ pub async fn logs(
     if let Some(seen) = live::last_event_id(&headers).and_then(|v| v.parse::<i64>().ok()) {
         after = after.max(seen);
     }
-    let slot = state.live.open(principal.user_id)?;
+    let slot = state.live.open(principal.account_id, principal.user_id)?;
+    let follower = live::Follower::new(
+        &headers,
+        meta.ip,
+        &principal,
+        crate::auth::Scope::DeploymentsRead,
+    );
     let changes = state.live.subscribe(live::Followed::Deployment(id));
     let keep_alive = state.live.keep_alive();
     let stream = futures_util::stream::unfold(
-        (state, after, false, changes, slot),
+        (state, after, false, changes, (slot, follower)),
         move |(state, after, ended, mut changes, slot)| async move {
             if ended {
                 return None;
@@ -536,6 +543,9 @@ pub async fn logs(
                 if lines.is_empty() && !finished {
                     if live::wait_for_change(&mut changes, keep_alive).await {
                         continue;
+                    }
+                    if !slot.1.still_allowed(&state.pool).await {
+                        return None;
                     }
                     let chunk = live::KEEP_ALIVE_COMMENT.to_owned();
                     return Some((Ok(chunk), (state, after, false, changes, slot)));

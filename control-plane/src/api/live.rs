@@ -21,6 +21,9 @@ use super::error::{ApiError, ErrorCode};
 
 /// Streams one user may hold open at once.
 pub const PER_USER: usize = 8;
+/// Streams one account's users may hold open together (so that an account with many
+/// members cannot take a replica's every slot).
+pub const PER_ACCOUNT: usize = 64;
 /// Streams one replica holds open at most, when the operator does not say.
 pub const DEFAULT_PER_REPLICA: usize = 512;
 /// Quiet this long, a stream sends a keep-alive comment (proxies close idle connections).
@@ -62,24 +65,31 @@ pub struct LiveStreams {
 struct Open {
     total: usize,
     by_user: HashMap<Uuid, usize>,
+    by_account: HashMap<Uuid, usize>,
+}
+
+fn give_back(counts: &mut HashMap<Uuid, usize>, key: Uuid) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&key);
+        }
+    }
 }
 
 /// An open stream's place; given back when the stream ends (or its client goes away).
 pub struct StreamSlot {
     streams: Arc<LiveStreams>,
     user: Uuid,
+    account: Uuid,
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         let mut open = self.streams.open.lock().unwrap_or_else(|e| e.into_inner());
         open.total = open.total.saturating_sub(1);
-        if let Some(n) = open.by_user.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                open.by_user.remove(&self.user);
-            }
-        }
+        give_back(&mut open.by_user, self.user);
+        give_back(&mut open.by_account, self.account);
     }
 }
 
@@ -99,14 +109,22 @@ impl LiveStreams {
         self.keep_alive
     }
 
-    /// Takes a slot for `user`, or refuses when they or this replica hold the most allowed.
-    pub fn open(self: &Arc<Self>, user: Uuid) -> Result<StreamSlot, ApiError> {
+    /// Takes a slot for `user` of `account`, or refuses when they, their account or this
+    /// replica hold the most allowed.
+    pub fn open(self: &Arc<Self>, account: Uuid, user: Uuid) -> Result<StreamSlot, ApiError> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mine = open.by_user.get(&user).copied().unwrap_or(0);
         if mine >= self.per_user {
             return Err(ApiError::too_many_of(
                 ErrorCode::TooManyStreams,
                 format!("you have {mine} live streams open, the most allowed; close one first"),
+                5,
+            ));
+        }
+        if open.by_account.get(&account).copied().unwrap_or(0) >= PER_ACCOUNT {
+            return Err(ApiError::too_many_of(
+                ErrorCode::TooManyStreams,
+                format!("your account has {PER_ACCOUNT} live streams open, the most allowed"),
                 5,
             ));
         }
@@ -119,9 +137,11 @@ impl LiveStreams {
         }
         open.total += 1;
         *open.by_user.entry(user).or_default() += 1;
+        *open.by_account.entry(account).or_default() += 1;
         Ok(StreamSlot {
             streams: self.clone(),
             user,
+            account,
         })
     }
 
@@ -166,6 +186,45 @@ pub async fn wait_for_change(changes: &mut watch::Receiver<u64>, keep_alive: Dur
         tokio::time::timeout(keep_alive, changes.changed()).await,
         Ok(Ok(()))
     )
+}
+
+/// Who opened a stream, kept to ask again at each keep-alive: a member removed, a session
+/// signed out or a key revoked stops following at once, not when the deployment ends.
+pub struct Follower {
+    headers: http::HeaderMap,
+    ip: std::net::IpAddr,
+    account: Uuid,
+    scope: crate::auth::Scope,
+}
+
+impl Follower {
+    pub fn new(
+        request: &http::HeaderMap,
+        ip: std::net::IpAddr,
+        principal: &crate::auth::Principal,
+        scope: crate::auth::Scope,
+    ) -> Self {
+        let mut headers = http::HeaderMap::new();
+        for name in [http::header::COOKIE, http::header::AUTHORIZATION] {
+            for value in request.get_all(&name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        Self {
+            headers,
+            ip,
+            account: principal.account_id,
+            scope,
+        }
+    }
+
+    /// Whether the credentials that opened the stream would still open it.
+    pub async fn still_allowed(&self, pool: &deadpool_postgres::Pool) -> bool {
+        match crate::auth::authenticate(pool, &self.headers, self.ip).await {
+            Ok(p) => p.account_id == self.account && p.allows(self.scope) && !p.mfa_setup_required,
+            Err(_) => false,
+        }
+    }
 }
 
 /// The comment a quiet stream sends.
@@ -223,24 +282,51 @@ mod tests {
     #[test]
     fn slots_are_capped_per_user_and_per_replica_and_given_back() {
         let streams = LiveStreams::new(10, DEFAULT_KEEP_ALIVE);
+        let (acme, other) = (Uuid::new_v4(), Uuid::new_v4());
         let (ada, bob) = (Uuid::new_v4(), Uuid::new_v4());
         let held: Vec<_> = (0..PER_USER)
-            .map(|_| streams.open(ada).expect("slot"))
+            .map(|_| streams.open(acme, ada).expect("slot"))
             .collect();
         assert_eq!(
-            streams.open(ada).err().map(|e| e.code()),
+            streams.open(acme, ada).err().map(|e| e.code()),
             Some("too_many_streams")
         );
-        let bobs: Vec<_> = (0..2).map(|_| streams.open(bob).expect("slot")).collect();
+        let bobs: Vec<_> = (0..2)
+            .map(|_| streams.open(other, bob).expect("slot"))
+            .collect();
         assert_eq!(
-            streams.open(Uuid::new_v4()).err().map(|e| e.code()),
+            streams.open(other, Uuid::new_v4()).err().map(|e| e.code()),
             Some("too_many_streams"),
             "the replica is full"
         );
         drop(held);
         assert_eq!(streams.open_count(), 2);
-        streams.open(ada).expect("a slot given back is free again");
+        streams
+            .open(acme, ada)
+            .expect("a slot given back is free again");
         drop(bobs);
+    }
+
+    #[test]
+    fn one_account_cannot_take_more_than_its_share() {
+        let streams = LiveStreams::new(1000, DEFAULT_KEEP_ALIVE);
+        let acme = Uuid::new_v4();
+        let held: Vec<_> = (0..PER_ACCOUNT)
+            .map(|i| {
+                streams
+                    .open(acme, Uuid::from_u128(i as u128 / PER_USER as u128))
+                    .expect("slot")
+            })
+            .collect();
+        assert_eq!(
+            streams.open(acme, Uuid::new_v4()).err().map(|e| e.code()),
+            Some("too_many_streams"),
+            "a fresh member of the same account"
+        );
+        streams
+            .open(Uuid::new_v4(), Uuid::new_v4())
+            .expect("another account still gets a slot");
+        drop(held);
     }
 
     #[tokio::test]

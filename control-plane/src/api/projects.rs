@@ -446,30 +446,14 @@ pub async fn delete(
     if n == 0 {
         return Err(ApiError::not_found("project"));
     }
-    // Nothing of a deleted project runs any more: its queued jobs fail now, and its
-    // unfinished rollouts stop (they queue no further batch).
-    let failed = tx
-        .execute(
-            "UPDATE deployments SET status = 'failed', error_step = 'dispatch', \
-             error_message = 'the project was deleted', finished_at = now() \
-             WHERE project_id = $1 AND status = 'queued'",
-            &[&id],
-        )
-        .await?;
-    let stopped = tx
-        .execute(
-            "UPDATE rollouts SET state = 'aborted', finished_at = now(), updated_at = now() \
-             WHERE project_id = $1 AND finished_at IS NULL",
-            &[&id],
-        )
-        .await?;
-    // Its environment is erased here; the servers it was deployed to get one job that erases
-    // theirs (`shared/.env`). A server that cannot take a job now (revoked, deleted) is
-    // skipped: nothing reaches it any more.
+    // Its environment is erased here; the servers a deploy of it reached get one job that
+    // erases theirs (`shared/.env`). Queued first: that locks the servers before any
+    // deployment row, in the order server deletion locks them. A server that cannot take a
+    // job now (revoked, deleted) is skipped: nothing reaches it any more.
     let deployed_to: Vec<Uuid> = tx
         .query(
             "SELECT DISTINCT server_id FROM deployments \
-             WHERE project_id = $1 AND kind = 'deploy' AND status = 'succeeded'",
+             WHERE project_id = $1 AND kind = 'deploy' AND started_at IS NOT NULL",
             &[&id],
         )
         .await?
@@ -492,6 +476,23 @@ pub async fn delete(
         &deployed_to,
     )
     .await?;
+    // Nothing of a deleted project runs any more: its queued jobs fail now, and its
+    // unfinished rollouts stop (they queue no further batch).
+    let failed = tx
+        .execute(
+            "UPDATE deployments SET status = 'failed', error_step = 'dispatch', \
+             error_message = 'the project was deleted', finished_at = now() \
+             WHERE project_id = $1 AND status = 'queued' AND kind <> 'forget_env'",
+            &[&id],
+        )
+        .await?;
+    let stopped = tx
+        .execute(
+            "UPDATE rollouts SET state = 'aborted', finished_at = now(), updated_at = now() \
+             WHERE project_id = $1 AND finished_at IS NULL",
+            &[&id],
+        )
+        .await?;
     audit::append(
         &tx,
         state.keys.audit_keys(),

@@ -411,6 +411,7 @@ pub async fn show(
               (status = 429, body = ErrorBody, description = "too many live streams open")))]
 pub async fn events(
     State(state): State<AppState>,
+    meta: ClientMeta,
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
     headers: http::HeaderMap,
@@ -418,11 +419,17 @@ pub async fn events(
     load(&state, principal.account_id, id).await?;
     let account = principal.account_id;
     let seen = live::last_event_id(&headers).unwrap_or_default().to_owned();
-    let slot = state.live.open(principal.user_id)?;
+    let slot = state.live.open(principal.account_id, principal.user_id)?;
+    let follower = live::Follower::new(
+        &headers,
+        meta.ip,
+        &principal,
+        crate::auth::Scope::RolloutsRead,
+    );
     let changes = state.live.subscribe(live::Followed::Rollout(id));
     let keep_alive = state.live.keep_alive();
     let stream = futures_util::stream::unfold(
-        (state, seen, false, changes, slot),
+        (state, seen, false, changes, (slot, follower)),
         move |(state, seen, ended, mut changes, slot)| async move {
             if ended {
                 return None;
@@ -447,6 +454,9 @@ pub async fn events(
                     ));
                 }
                 if !live::wait_for_change(&mut changes, keep_alive).await {
+                    if !slot.1.still_allowed(&state.pool).await {
+                        return None;
+                    }
                     let chunk = live::KEEP_ALIVE_COMMENT.to_owned();
                     return Some((Ok(chunk), (state, seen, false, changes, slot)));
                 }

@@ -414,7 +414,12 @@ async fn while_200_logins_are_in_flight_health_and_an_agent_deploy_still_answer(
         sensei_e2e::fresh_database().await,
         sensei_e2e::test_keys(),
         "127.0.0.1:0".parse().expect("addr"),
-        |o| o.trusted_proxies = vec!["127.0.0.0/8".parse().expect("net")],
+        |o| {
+            o.trusted_proxies = vec!["127.0.0.0/8".parse().expect("net")];
+            // One hash at a time, on any machine: 200 of them take seconds to drain, so the
+            // flood is still in flight while health and the deploy are tried.
+            o.max_concurrent_hashes = Some(1);
+        },
     )
     .await;
     let s = crate::deploys::setup_on(t, json!({})).await;

@@ -448,6 +448,7 @@ async fn an_enrollment_racing_its_servers_deletion_leaves_no_valid_certificate()
             .await
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND datname = current_database() \
                  AND query LIKE '%FROM servers WHERE id = $1 FOR UPDATE%'",
                 &[],
             )
@@ -486,4 +487,40 @@ async fn an_enrollment_racing_its_servers_deletion_leaves_no_valid_certificate()
         .expect("count")
         .get(0);
     assert_eq!(certs, 0, "a deleted server has no certificate");
+}
+
+#[tokio::test]
+async fn one_signup_invitation_spent_by_parallel_signups_makes_one_account() {
+    let t = plane_with(|o| o.signup = SignupPolicy::InviteOnly).await;
+    let invitation = sensei_control_plane::signup::issue_invitation(
+        t.plane.pool(),
+        &t.keys,
+        Duration::from_secs(3600),
+        "raced",
+    )
+    .await
+    .expect("invitation");
+    let racers = (0..8).map(|i| {
+        let (http, url, invitation) =
+            (t.http.clone(), t.url("/v1/auth/signup"), invitation.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(
+                    &json!({"email": format!("racer{i}@example.com"), "password": PW,
+                              "account_name": "R", "signup_invitation": invitation}),
+                )
+                .send()
+                .await
+                .expect("signup");
+            r.status().as_u16()
+        })
+    });
+    let mut statuses = Vec::new();
+    for r in racers {
+        statuses.push(r.await.expect("task"));
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 400, 400, 400, 400, 400, 400, 400]);
+    assert_eq!(count(&t, "SELECT count(*) FROM accounts").await, 1);
 }
