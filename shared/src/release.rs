@@ -498,6 +498,22 @@ say done "$ID" "$COMMIT"
     Ok(s)
 }
 
+/// The variables every maintenance script (rollback, forget_env) starts with: the output
+/// marker, the deploy directory and the job.
+fn script_head(deploy_path: &str, job: &str, nonce: &str) -> Result<String, InvalidSpec> {
+    if nonce.is_empty() || !nonce.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(invalid("nonce must be alphanumeric"));
+    }
+    let mut s = String::new();
+    s.push_str(&format!("M={}\n", sh_quote(&format!("@@sensei:{nonce}"))));
+    s.push_str(&format!(
+        "D={}\n",
+        sh_quote(deploy_path.trim_end_matches('/'))
+    ));
+    s.push_str(&format!("JOB={}\n", sh_quote(job)));
+    Ok(s)
+}
+
 /// The rollback script: switch `current` back to the given release, or to the newest good
 /// release older than the current one. The release rolled away from is marked `rolled_back`,
 /// so a second rollback goes one further back.
@@ -506,16 +522,7 @@ pub fn rollback_script(spec: &RollbackSpec, job: &str, nonce: &str) -> Result<St
     if let Some(to) = &spec.to_release {
         check_release_id(to)?;
     }
-    if nonce.is_empty() || !nonce.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return Err(invalid("nonce must be alphanumeric"));
-    }
-    let mut s = String::new();
-    s.push_str(&format!("M={}\n", sh_quote(&format!("@@sensei:{nonce}"))));
-    s.push_str(&format!(
-        "D={}\n",
-        sh_quote(spec.deploy_path.trim_end_matches('/'))
-    ));
-    s.push_str(&format!("JOB={}\n", sh_quote(job)));
+    let mut s = script_head(&spec.deploy_path, job, nonce)?;
     s.push_str(&format!(
         "TO={}\n",
         sh_quote(spec.to_release.as_deref().unwrap_or(""))
@@ -556,16 +563,7 @@ pub fn forget_env_script(
     nonce: &str,
 ) -> Result<String, InvalidSpec> {
     check_deploy_path(&spec.deploy_path)?;
-    if nonce.is_empty() || !nonce.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return Err(invalid("nonce must be alphanumeric"));
-    }
-    let mut s = String::new();
-    s.push_str(&format!("M={}\n", sh_quote(&format!("@@sensei:{nonce}"))));
-    s.push_str(&format!(
-        "D={}\n",
-        sh_quote(spec.deploy_path.trim_end_matches('/'))
-    ));
-    s.push_str(&format!("JOB={}\n", sh_quote(job)));
+    let mut s = script_head(&spec.deploy_path, job, nonce)?;
     s.push_str("CUR_STEP=preflight\nID=''\n");
     s.push_str(PRELUDE);
     s.push_str(

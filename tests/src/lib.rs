@@ -270,6 +270,23 @@ impl TestPlane {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// A gauge or counter from /metrics (without labels).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} is not in /metrics"))
+    }
+
     /// Audit actions of the whole database, oldest first.
     pub async fn audit_actions(&self) -> Vec<String> {
         self.db()

@@ -572,11 +572,7 @@ pub async fn logs(
             }
         },
     );
-    Response::builder()
-        .header(http::header::CONTENT_TYPE, "text/event-stream")
-        .header(http::header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(stream))
-        .map_err(|_| ApiError::internal("building response"))
+    live::event_stream(stream)
 }
 
 /// Switches the deployment's server back to the release before the current one (the

@@ -227,6 +227,18 @@ impl Follower {
     }
 }
 
+/// The response that carries a stream of events.
+pub fn event_stream<S>(events: S) -> Result<axum::response::Response, ApiError>
+where
+    S: futures_util::Stream<Item = Result<String, std::io::Error>> + Send + 'static,
+{
+    axum::response::Response::builder()
+        .header(http::header::CONTENT_TYPE, "text/event-stream")
+        .header(http::header::CACHE_CONTROL, "no-cache")
+        .body(axum::body::Body::from_stream(events))
+        .map_err(|_| ApiError::internal("building response"))
+}
+
 /// The comment a quiet stream sends.
 pub const KEEP_ALIVE_COMMENT: &str = ": keep-alive\n\n";
 

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -463,11 +462,7 @@ pub async fn events(
             }
         },
     );
-    Response::builder()
-        .header(http::header::CONTENT_TYPE, "text/event-stream")
-        .header(http::header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(stream))
-        .map_err(|_| ApiError::internal("building response"))
+    live::event_stream(stream)
 }
 
 /// Applies an operator's command if the rollout is in a state that allows it.

@@ -9,19 +9,7 @@ const PW: &str = "correct horse battery";
 
 /// The counter of password hashes run, from /metrics.
 async fn hashes(t: &TestPlane) -> u64 {
-    let text = t
-        .http
-        .get(t.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix("sensei_password_hashes_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the hash counter")
+    t.metric("sensei_password_hashes_total").await as u64
 }
 
 #[tokio::test]
@@ -389,23 +377,6 @@ async fn ssh_targets_cannot_be_metadata_or_the_control_plane_itself() {
     }
 }
 
-/// A gauge or counter from /metrics.
-async fn metric(t: &TestPlane, name: &str) -> f64 {
-    let text = t
-        .http
-        .get(t.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} is not in /metrics"))
-}
-
 #[tokio::test]
 async fn while_200_logins_are_in_flight_health_and_an_agent_deploy_still_answer() {
     // Behind a trusted proxy (loopback), so that 200 clients each make one attempt and no
@@ -440,7 +411,7 @@ async fn while_200_logins_are_in_flight_health_and_an_agent_deploy_still_answer(
         })
         .collect();
     let queued = sensei_e2e::eventually(Duration::from_secs(30), || async {
-        metric(t, "sensei_password_hash_queue").await > 0.0
+        t.metric("sensei_password_hash_queue").await > 0.0
     })
     .await;
     assert!(queued, "the logins never queued for hashing");
@@ -455,7 +426,7 @@ async fn while_200_logins_are_in_flight_health_and_an_agent_deploy_still_answer(
     let started = std::time::Instant::now();
     let deployment = s.deploy("main").await;
     let queue_time = started.elapsed();
-    let still_queued = metric(t, "sensei_password_hash_queue").await;
+    let still_queued = t.metric("sensei_password_hash_queue").await;
     println!(
         "during 200 logins in flight: /healthz {health:?}, deployment queued in {queue_time:?}, \
          {still_queued} hashes still waiting"

@@ -274,28 +274,11 @@ async fn invite_only_signup_takes_one_account_per_invitation() {
     assert_eq!((status, error_code(&answer)), (400, "invalid_token"));
 }
 
-/// The counter of password hashes run, from /metrics.
-async fn hashes(t: &TestPlane) -> u64 {
-    let text = t
-        .http
-        .get(t.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix("sensei_password_hashes_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the hash counter")
-}
-
 #[tokio::test]
 async fn a_burst_of_signups_from_one_address_gets_the_limit_through_and_hashes_no_more() {
     // Behind a trusted proxy (loopback), so that the test can speak for several addresses.
     let t = plane_with(|o| o.trusted_proxies = vec!["127.0.0.0/8".parse().expect("net")]).await;
-    let before = hashes(&t).await;
+    let before = t.metric("sensei_password_hashes_total").await as u64;
     let burst = (0..16).map(|i| {
         let (http, url) = (t.http.clone(), t.url("/v1/auth/signup"));
         tokio::spawn(async move {
@@ -324,7 +307,7 @@ async fn a_burst_of_signups_from_one_address_gets_the_limit_through_and_hashes_n
     assert_eq!(created, admission::SIGNUP_PER_ADDRESS.max);
     assert_eq!(created + refused, 16);
     assert_eq!(
-        hashes(&t).await - before,
+        (t.metric("sensei_password_hashes_total").await as u64) - before,
         created as u64,
         "a refused signup hashes nothing"
     );
