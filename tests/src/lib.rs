@@ -270,21 +270,46 @@ impl TestPlane {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
-    /// A gauge or counter from /metrics (without labels).
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
+    /// The /metrics page.
+    pub async fn metrics_text(&self) -> String {
+        self.http
             .get(self.url("/metrics"))
             .send()
             .await
             .expect("metrics")
             .text()
             .await
-            .expect("text");
-        text.lines()
+            .expect("text")
+    }
+
+    /// A gauge or counter from /metrics (without labels).
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("{name} is not in /metrics"))
+    }
+
+    /// Every (METHOD, path template) of the plane's OpenAPI document.
+    pub async fn documented_routes(&self) -> Vec<(String, String)> {
+        let doc: Value = self
+            .http
+            .get(self.url("/openapi.json"))
+            .send()
+            .await
+            .expect("openapi")
+            .json()
+            .await
+            .expect("json");
+        let mut routes = Vec::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("item").keys() {
+                routes.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        routes
     }
 
     /// Audit actions of the whole database, oldest first.

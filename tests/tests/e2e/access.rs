@@ -131,21 +131,7 @@ async fn call_with(
 /// Every route of the OpenAPI document, logout and sign-out-everywhere last (they end the
 /// caller's session).
 async fn all_routes(t: &TestPlane) -> Vec<(String, String)> {
-    let doc: Value = t
-        .http
-        .get(t.url("/openapi.json"))
-        .send()
-        .await
-        .expect("openapi")
-        .json()
-        .await
-        .expect("json");
-    let mut routes = Vec::new();
-    for (path, item) in doc["paths"].as_object().expect("paths") {
-        for method in item.as_object().expect("item").keys() {
-            routes.push((method.to_uppercase(), path.clone()));
-        }
-    }
+    let mut routes = t.documented_routes().await;
     routes.sort_by_key(|(_, p)| p.contains("logout") || p.contains("sign-out-everywhere"));
     assert!(routes.len() > 50, "only {} routes", routes.len());
     routes

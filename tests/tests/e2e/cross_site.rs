@@ -11,28 +11,18 @@ const EVIL: &str = "https://evil.example";
 /// Every documented (method, path) that a cookie may call and that is not a read, with its
 /// path parameters filled in by a random id (the check runs before any handler).
 async fn unsafe_cookie_routes(t: &TestPlane) -> Vec<(reqwest::Method, String)> {
-    let doc: Value = t
-        .http
-        .get(t.url("/openapi.json"))
-        .send()
-        .await
-        .expect("openapi")
-        .json()
-        .await
-        .expect("json");
     let mut routes = Vec::new();
-    for (path, item) in doc["paths"].as_object().expect("paths") {
-        for method in item.as_object().expect("item").keys() {
-            let method: reqwest::Method = method.to_uppercase().parse().expect("method");
-            let rule = sensei_control_plane::api::access::rule_for(&method, path).expect("rule");
-            if method == reqwest::Method::GET
-                || rule == sensei_control_plane::api::access::Rule::Public
-            {
-                continue;
-            }
-            let filled = path.replace("{id}", &uuid::Uuid::new_v4().to_string());
-            routes.push((method, filled));
+    for (method, path) in t.documented_routes().await {
+        let method: reqwest::Method = method.parse().expect("method");
+        let rule = sensei_control_plane::api::access::rule_for(&method, &path).expect("rule");
+        if method == reqwest::Method::GET || rule == sensei_control_plane::api::access::Rule::Public
+        {
+            continue;
         }
+        routes.push((
+            method,
+            path.replace("{id}", &uuid::Uuid::new_v4().to_string()),
+        ));
     }
     routes
 }

@@ -200,15 +200,7 @@ async fn metrics_count_requests_by_route() {
         .send()
         .await
         .expect("unauthenticated");
-    let text = t
-        .http
-        .get(t.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = t.metrics_text().await;
     assert!(
         text.contains(
             "sensei_http_requests_total{method=\"GET\",route=\"/healthz\",status=\"200\"} 3"
