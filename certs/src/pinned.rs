@@ -18,6 +18,7 @@ pub struct PinnedCaVerifier {
     pin: Fingerprint,
     provider: Arc<CryptoProvider>,
     failure: Mutex<Option<String>>,
+    presented: Mutex<Vec<Fingerprint>>,
 }
 
 impl PinnedCaVerifier {
@@ -26,7 +27,15 @@ impl PinnedCaVerifier {
             pin,
             provider: provider(),
             failure: Mutex::new(None),
+            presented: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The fingerprints of the certificates the server presented after its own, in the order
+    /// sent (its CA among them), from the last handshake: what a client shows a person
+    /// before they decide to pin one.
+    pub fn presented(&self) -> Vec<Fingerprint> {
+        self.presented.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
     /// Why the last verification failed, in words for the operator.
@@ -51,6 +60,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Ok(mut presented) = self.presented.lock() {
+            *presented = intermediates
+                .iter()
+                .map(|c| Fingerprint::of_der(c))
+                .collect();
+        }
         let Some(ca) = intermediates
             .iter()
             .find(|c| Fingerprint::of_der(c) == self.pin)

@@ -241,6 +241,7 @@ async fn step(
                     rollback_of: None,
                     rollout_id: Some(id),
                     expected_commit: commit.as_deref(),
+                    rollback_to: None,
                     timeout,
                 },
                 &members,
@@ -319,6 +320,7 @@ async fn step(
                         rollback_of: of,
                         rollout_id: Some(id),
                         expected_commit: None,
+                        rollback_to: None,
                         timeout,
                     };
                     if let Ok(rb) = enqueue(&tx, &rollback, server).await {

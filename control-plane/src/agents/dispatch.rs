@@ -125,7 +125,8 @@ pub fn sign_with(
     let task = if job.kind == "rollback" {
         JobTask::Rollback(RollbackSpec {
             deploy_path,
-            to_release: None,
+            // A rollback's release id is the one chosen when it was queued, if any.
+            to_release: job.release_id.clone(),
         })
     } else if job.kind == "forget_env" {
         JobTask::ForgetEnv(ForgetEnvSpec { deploy_path })

@@ -21,6 +21,8 @@ pub enum Rule {
     Public,
     /// A signed-in user (cookie session), not an API key: managing one's own sessions.
     Session,
+    /// Any caller that authenticated, session or API key, whatever its scopes: who am I.
+    Authenticated,
     /// A signed-in user whose role grants the scope: API keys cannot manage API keys.
     SessionWith(Scope),
     /// A session or API key allowed the scope.
@@ -42,7 +44,7 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
             | "/v1/invitations/accept",
         ) => Public,
         ("POST", "/v1/auth/logout") => Session,
-        ("GET", "/v1/auth/me") => Session,
+        ("GET", "/v1/auth/me") => Authenticated,
         (
             "POST",
             "/v1/auth/mfa/totp" | "/v1/auth/mfa/totp/confirm" | "/v1/auth/mfa/totp/disable",
@@ -140,7 +142,7 @@ pub async fn authorize(
     tracing::Span::current().record("account_id", tracing::field::display(principal.account_id));
     let is_session = principal.session_id().is_some();
     // An account that requires MFA lets a member without it do one thing: set it up.
-    if principal.mfa_setup_required && rule != Rule::Session {
+    if principal.mfa_setup_required && !matches!(rule, Rule::Session | Rule::Authenticated) {
         return Err(ApiError::forbidden(
             ErrorCode::MfaSetupRequired,
             "this account requires multi-factor sign-in: set up TOTP at /v1/auth/mfa/totp first",
@@ -154,7 +156,7 @@ pub async fn authorize(
                 "this route is for signed-in users, not API keys",
             ))
         }
-        Rule::Session => {}
+        Rule::Session | Rule::Authenticated => {}
         Rule::SessionWith(_) if !is_session => {
             return Err(ApiError::forbidden(
                 ErrorCode::SessionRequired,

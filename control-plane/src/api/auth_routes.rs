@@ -635,9 +635,17 @@ pub struct Me {
     pub mfa_enabled: bool,
     /// The account requires MFA and this user has not set it up yet.
     pub mfa_setup_required: bool,
+    /// Set when the caller is an API key (`user` is then the key's creator).
+    pub api_key: Option<MeApiKey>,
 }
 
-/// Who the caller is.
+#[derive(Serialize, ToSchema)]
+pub struct MeApiKey {
+    pub id: Uuid,
+    pub scopes: Vec<String>,
+}
+
+/// Who the caller is: the signed-in user, or an API key and the user who created it.
 #[utoipa::path(get, path = "/v1/auth/me", tag = "auth",
     responses((status = 200, body = Me), (status = 401, body = ErrorBody)))]
 pub async fn me(
@@ -660,5 +668,12 @@ pub async fn me(
         },
         mfa_enabled: row.get(0),
         mfa_setup_required: principal.mfa_setup_required,
+        api_key: match &principal.credential {
+            crate::auth::Credential::ApiKey { key_id, scopes } => Some(MeApiKey {
+                id: *key_id,
+                scopes: scopes.iter().map(|s| s.as_str().to_owned()).collect(),
+            }),
+            crate::auth::Credential::Session { .. } => None,
+        },
     }))
 }

@@ -17,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody, ErrorCode};
-use super::extract::{ClientMeta, JsonBody, Path, QueryParams};
+use super::extract::{ClientMeta, JsonBody, OptionalJsonBody, Path, QueryParams};
 use super::idempotency::{replayed, Claim, IdempotencyKey};
 use super::live;
 use super::page::{Cursor, Order, Page, PageQuery};
@@ -271,6 +271,8 @@ pub struct NewJob<'a> {
     pub rollout_id: Option<Uuid>,
     /// The commit the ref must resolve to on the server (signed into the job).
     pub expected_commit: Option<&'a str>,
+    /// A rollback's chosen release; `None`: the newest good one before `current`.
+    pub rollback_to: Option<&'a str>,
     /// How long it waits for its server before it fails as unreachable.
     pub timeout: Duration,
 }
@@ -303,13 +305,14 @@ pub async fn enqueue_many(
                  sequence, release_id, status, created_by, expires_at, rollout_id, expected_commit) \
                SELECT job, $2, $3, server, $4, $5, $6, seq, \
                  CASE WHEN $4 = 'deploy' THEN to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISS') \
-                   || '-' || lpad(seq::text, 10, '0') || '-' || substr(job::text, 1, 6) END, \
+                   || '-' || lpad(seq::text, 10, '0') || '-' || substr(job::text, 1, 6) \
+                   ELSE $11 END, \
                  'queued', $7, now() + make_interval(secs => $8), $9, $10 \
                FROM jobs RETURNING server_id, id) \
              SELECT server_id, id FROM queued",
             &[&servers, &job.account_id, &job.project_id, &job.kind, &job.git_ref,
               &job.rollback_of, &job.created_by, &job.timeout.as_secs_f64(), &job.rollout_id,
-              &job.expected_commit],
+              &job.expected_commit, &job.rollback_to],
         )
         .await?;
     let queued: Vec<(Uuid, Uuid)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -408,6 +411,7 @@ pub async fn create(
             rollback_of: None,
             rollout_id: None,
             expected_commit: None,
+            rollback_to: None,
             timeout: state.dispatch_timeout,
         },
         req.server_id,
@@ -575,18 +579,37 @@ pub async fn logs(
     live::event_stream(stream)
 }
 
-/// Switches the deployment's server back to the release before the current one (the
-/// previous good release). Queued like a deploy; answers the new rollback job.
+/// Where a rollback goes. Without a body (or without `to_release`) it goes to the newest
+/// good release older than the current one.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// A release a successful deploy of this project made on this server (its
+    /// `release_id`); it must still be on the server.
+    pub to_release: Option<String>,
+}
+
+/// Switches the deployment's server back to an earlier release: the one named in
+/// `to_release`, or the previous good release. Queued like a deploy; answers the new
+/// rollback job.
 #[utoipa::path(post, path = "/v1/deployments/{id}/rollback", tag = "deployments",
     params(("id" = Uuid, Path, description = "deployment id")),
-    responses((status = 201, body = DeploymentView), (status = 404, body = ErrorBody)))]
+    request_body(content = Option<RollbackRequest>, description = "optional: the release to return to"),
+    responses((status = 201, body = DeploymentView), (status = 404, body = ErrorBody),
+              (status = 422, body = ErrorBody, description = "`to_release` is not a release this project made on this server")))]
 pub async fn rollback(
     State(state): State<AppState>,
     meta: ClientMeta,
     Extension(principal): Extension<Principal>,
     idempotency: IdempotencyKey,
     Path(id): Path<Uuid>,
+    OptionalJsonBody(req): OptionalJsonBody<RollbackRequest>,
 ) -> Result<Response, ApiError> {
+    let to_release = req.unwrap_or_default().to_release;
+    if let Some(to) = &to_release {
+        sensei_shared::release::check_release_id(to)
+            .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidRelease, e.0))?;
+    }
     let original = load(&state, principal.account_id, id).await?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
@@ -595,13 +618,31 @@ pub async fn rollback(
             &tx,
             principal.account_id,
             ROLLBACK_ROUTE,
-            &json!({"rollback_of": id}),
+            &json!({"rollback_of": id, "to_release": to_release}),
         )
         .await?
     {
         drop(tx);
         let view = load(&state, principal.account_id, resource).await?;
         return Ok(replayed((status, Json(view))));
+    }
+    if let Some(to) = &to_release {
+        // Only a release this project's deploys made on this server: the picker's list, and
+        // never a directory some other project (or a hand) put there.
+        let made_here = tx
+            .query_opt(
+                "SELECT 1 FROM deployments WHERE account_id = $1 AND server_id = $2 \
+                 AND project_id = $3 AND kind = 'deploy' AND status = 'succeeded' AND release_id = $4",
+                &[&principal.account_id, &original.server_id, &original.project_id, to],
+            )
+            .await?
+            .is_some();
+        if !made_here {
+            return Err(ApiError::unprocessable(
+                ErrorCode::InvalidRelease,
+                format!("no successful deploy of this project on this server made release {to}"),
+            ));
+        }
     }
     let new_id = enqueue(
         &tx,
@@ -614,6 +655,7 @@ pub async fn rollback(
             rollback_of: Some(id),
             rollout_id: None,
             expected_commit: None,
+            rollback_to: to_release.as_deref(),
             timeout: state.dispatch_timeout,
         },
         original.server_id,
@@ -627,7 +669,7 @@ pub async fn rollback(
             &meta,
             "deployment.rollback_queued",
             ("deployment", new_id),
-            json!({"rollback_of": id.to_string()}),
+            json!({"rollback_of": id.to_string(), "to_release": to_release}),
         ),
     )
     .await?;

@@ -70,6 +70,7 @@ error_codes! {
     InvalidName => "invalid_name",
     InvalidPassword => "invalid_password",
     InvalidRef => "invalid_ref",
+    InvalidRelease => "invalid_release",
     InvalidRepoUrl => "invalid_repo_url",
     InvalidRetention => "invalid_retention",
     InvalidRole => "invalid_role",

@@ -73,6 +73,44 @@ where
     }
 }
 
+/// A JSON body that may be left out: an empty body is `None`; anything else must be JSON
+/// like [`JsonBody`]'s.
+pub struct OptionalJsonBody<T>(pub Option<T>);
+
+impl<S, T> FromRequest<S> for OptionalJsonBody<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        // The router's body limit still applies: this reads at most MAX_BODY_BYTES.
+        let bytes =
+            axum::body::Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+                .await
+                .map_err(|r| {
+                    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        ApiError::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            ErrorCode::BodyTooLarge,
+                            format!("request body exceeds {} bytes", super::MAX_BODY_BYTES),
+                        )
+                    } else {
+                        ApiError::bad_request(ErrorCode::UnreadableBody, r.body_text())
+                    }
+                })?;
+        if bytes.is_empty() {
+            return Ok(Self(None));
+        }
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+        JsonBody::<T>::from_request(req, state)
+            .await
+            .map(|JsonBody(v)| Self(Some(v)))
+    }
+}
+
 fn json_error(rejection: JsonRejection) -> ApiError {
     match rejection {
         JsonRejection::JsonDataError(e) => {

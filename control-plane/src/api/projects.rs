@@ -71,6 +71,12 @@ pub struct UpdateProject {
     pub hook_timeout_secs: Option<i32>,
     /// Replaces the whole environment.
     pub env: Option<BTreeMap<String, String>>,
+    /// Variables to add or replace, keeping the others (values write-only, as `env`).
+    #[serde(default)]
+    pub env_set: BTreeMap<String, String>,
+    /// Variable names to remove, keeping the others.
+    #[serde(default)]
+    pub env_unset: Vec<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -385,7 +391,43 @@ pub async fn update(
         ),
     )
     .await?;
-    if let Some(env) = &req.env {
+    let env = if let Some(env) = req.env {
+        if !req.env_set.is_empty() || !req.env_unset.is_empty() {
+            return Err(ApiError::unprocessable(
+                ErrorCode::InvalidField,
+                "send either env (the whole environment) or env_set/env_unset (changes to it)",
+            ));
+        }
+        Some(env)
+    } else if !req.env_set.is_empty() || !req.env_unset.is_empty() {
+        // A change to some variables: the rest are only known sealed, so it is merged here,
+        // on the row locked against a concurrent change.
+        let sealed: Option<String> = tx
+            .query_one(
+                "SELECT env_ciphertext FROM projects WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await?
+            .get(0);
+        let mut env: BTreeMap<String, String> = match sealed {
+            Some(sealed) => {
+                let plain = state.keys.decrypt(&sealed).map_err(|_| {
+                    ApiError::internal("the project's environment cannot be decrypted with the configured field keys")
+                })?;
+                serde_json::from_slice(&plain)
+                    .map_err(|_| ApiError::internal("the stored environment is not readable"))?
+            }
+            None => BTreeMap::new(),
+        };
+        for name in &req.env_unset {
+            env.remove(name);
+        }
+        env.extend(req.env_set);
+        Some(env)
+    } else {
+        None
+    };
+    if let Some(env) = &env {
         check_env(env)?;
         let (sealed, names) = seal_env(&state, env)?;
         tx.execute(
@@ -471,6 +513,7 @@ pub async fn delete(
             rollback_of: None,
             rollout_id: None,
             expected_commit: None,
+            rollback_to: None,
             timeout: state.dispatch_timeout,
         },
         &deployed_to,

@@ -17,6 +17,8 @@ enum Need {
     Public,
     /// Any signed-in member, not an API key.
     Session,
+    /// Any member or API key, whatever its role or scopes.
+    Anyone,
     /// A signed-in member with at least this role (index into ROLES), not an API key.
     SessionRole(usize),
     /// A member with at least this role, or an API key carrying the scope.
@@ -37,7 +39,8 @@ fn need(method: &str, path: &str) -> Option<Need> {
             | "/v1/invitations/accept",
         ) => Public,
         ("POST", "/v1/auth/logout" | "/v1/auth/sessions/sign-out-everywhere") => Session,
-        ("GET", "/v1/auth/me" | "/v1/auth/sessions") => Session,
+        ("GET", "/v1/auth/me") => Anyone,
+        ("GET", "/v1/auth/sessions") => Session,
         ("DELETE", "/v1/auth/sessions/{id}") => Session,
         (
             "POST",
@@ -301,7 +304,7 @@ async fn every_route_obeys_the_role_matrix() {
             };
             let (status, code) = call(&t, method, &random(path), &caller).await;
             let allowed = match need(method, path).expect("matrix") {
-                Need::Public | Need::Session => true,
+                Need::Public | Need::Session | Need::Anyone => true,
                 Need::SessionRole(min) | Need::Scoped(min, _) => rank >= min,
             };
             if allowed {
@@ -334,7 +337,9 @@ async fn every_route_obeys_the_role_matrix() {
     for (method, path) in &routes {
         let (status, code) = call(&t, method, &random(path), &key).await;
         match need(method, path).expect("matrix") {
-            Need::Public => assert!(status != 401 && status != 403, "key: {method} {path}"),
+            Need::Public | Need::Anyone => {
+                assert!(status != 401 && status != 403, "key: {method} {path}")
+            }
             Need::Session | Need::SessionRole(_) => assert_eq!(
                 (status, code.as_str()),
                 (403, "session_required"),
