@@ -143,14 +143,14 @@ pub enum ServersCommand {
 }
 
 #[derive(Args)]
-#[group(id = "transport", required = true, multiple = false)]
+#[command(group = clap::ArgGroup::new("transport").required(true).args(["agent", "ssh"]))]
 pub struct AddServerArgs {
     pub name: String,
     /// A server that runs sensei-agent.
-    #[arg(long, group = "transport")]
+    #[arg(long)]
     pub agent: bool,
     /// A server reached over SSH at this host (name or address).
-    #[arg(long, group = "transport", value_name = "HOST")]
+    #[arg(long, value_name = "HOST")]
     pub ssh: Option<String>,
     /// The agent server's host name, for display [default: the name].
     #[arg(long, requires = "agent")]
@@ -257,9 +257,9 @@ pub enum EnvCommand {
 
 #[derive(Args)]
 pub struct DeployArgs {
-    /// The project's name or id.
+    /// The project's name or id (an id needs no projects:read scope).
     pub project: String,
-    /// A server to deploy to (name or id; repeatable).
+    /// A server to deploy to (name or id; repeatable; an id needs no servers:read scope).
     #[arg(long, required_unless_present = "label")]
     pub server: Vec<String>,
     /// Deploy to every server with this label (repeatable: all must match).

@@ -369,12 +369,18 @@ pub fn error_code(body: &Value) -> &str {
 /// The `sensei-control-plane` executable built alongside this test binary
 /// (`cargo test --workspace` builds it).
 pub fn control_plane_binary() -> std::path::PathBuf {
+    workspace_binary("sensei-control-plane")
+}
+
+/// An executable of the workspace (`sensei-control-plane`, `sensei-agent`, `sensei`), built
+/// alongside this test binary by `cargo test --workspace`.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target directory");
-    let bin = dir.join("sensei-control-plane");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: run the tests with `cargo test --workspace`, which builds it",
@@ -469,9 +475,19 @@ impl TestPlane {
         name: &str,
         policy: sensei_agent::jobs::JobPolicy,
     ) -> TestAgent {
-        let (server_id, token) = self
-            .create_agent_server(cookie, name, serde_json::json!({}))
-            .await;
+        self.start_labelled_agent(cookie, name, serde_json::json!({}), policy)
+            .await
+    }
+
+    /// Like [`TestPlane::start_agent_with`], for a server with these labels.
+    pub async fn start_labelled_agent(
+        &self,
+        cookie: &str,
+        name: &str,
+        labels: Value,
+        policy: sensei_agent::jobs::JobPolicy,
+    ) -> TestAgent {
+        let (server_id, token) = self.create_agent_server(cookie, name, labels).await;
         let dir = open_tempdir();
         let options = self.enroll_options(&token, dir.path());
         sensei_agent::enroll::enroll(&options)
@@ -793,4 +809,29 @@ impl Drop for SmtpSink {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// RFC 4648 base32, as an authenticator app reads the secret.
+pub fn base32_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut out, mut buffer, mut bits) = (Vec::new(), 0u32, 0u32);
+    for c in text.bytes() {
+        let v = ALPHABET.iter().position(|a| *a == c).expect("base32") as u32;
+        buffer = (buffer << 5) | v;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// The code an authenticator shows `offset` steps from now.
+pub fn totp_code(secret: &[u8], offset: i64) -> String {
+    let step = sensei_control_plane::totp::step_at(chrono::Utc::now().timestamp()) + offset;
+    format!(
+        "{:06}",
+        sensei_control_plane::totp::hotp(secret, step as u64)
+    )
 }

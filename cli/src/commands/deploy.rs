@@ -7,7 +7,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use super::{id_of, Ctx};
+use super::{id_of, Ctx, Kind};
 use crate::args::{DeployArgs, RollbackArgs};
 use crate::client::Api;
 use crate::error::{CliError, Result};
@@ -26,11 +26,11 @@ struct Followed {
 }
 
 pub async fn deploy(ctx: &Ctx, args: DeployArgs) -> Result<()> {
-    let project = ctx.project(&args.project).await?;
+    let project = ctx.reference(&args.project, Kind::Project).await?;
     let servers = if args.label.is_empty() {
         let mut v = Vec::new();
         for s in &args.server {
-            v.push(ctx.server(s).await?);
+            v.push(ctx.reference(s, Kind::Server).await?);
         }
         v
     } else {

@@ -18,6 +18,12 @@ pub struct Ctx {
     pub json: bool,
 }
 
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Project,
+    Server,
+}
+
 /// Whether `s` is a UUID (an id given instead of a name).
 fn is_id(s: &str) -> bool {
     uuid::Uuid::parse_str(s).is_ok()
@@ -40,6 +46,18 @@ impl Ctx {
         }
         let all = self.api.list_all("/v1/servers", "", "servers").await?;
         one_named(all, name_or_id, "server", "sensei servers list")
+    }
+
+    /// `{"id", "name"}` of a project or server: an id is taken as it is (a CI key need not
+    /// be allowed to read projects and servers), a name is looked up.
+    pub async fn reference(&self, name_or_id: &str, kind: Kind) -> Result<Value> {
+        if is_id(name_or_id) {
+            return Ok(serde_json::json!({"id": name_or_id, "name": name_or_id}));
+        }
+        match kind {
+            Kind::Project => self.project(name_or_id).await,
+            Kind::Server => self.server(name_or_id).await,
+        }
     }
 
     /// Every server carrying all of `labels` (`key=value`).

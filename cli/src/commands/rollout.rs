@@ -291,7 +291,11 @@ async fn show(ctx: &Ctx, r: &Value) -> Result<()> {
         .map(|t| {
             let id = output::text(&t["server_id"]);
             vec![
-                output::text(&t["batch"]),
+                // Counted from 1, as the summary line counts batches.
+                t["batch"]
+                    .as_i64()
+                    .map(|b| (b + 1).to_string())
+                    .unwrap_or_else(|| "-".into()),
                 names.get(&id).cloned().unwrap_or(id),
                 output::text(&t["status"]),
                 output::text(&t["deployment_id"]),

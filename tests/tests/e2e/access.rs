@@ -2,8 +2,9 @@
 //! password reset through a real SMTP server, audit retention and who sees which audit rows.
 
 use sensei_control_plane::audit::{self, Actor, AuditEvent, Outcome};
-use sensei_control_plane::totp;
-use sensei_e2e::{error_code, eventually, session_cookie, SmtpSink, TestPlane};
+use sensei_e2e::{
+    base32_decode, error_code, eventually, session_cookie, totp_code as code, SmtpSink, TestPlane,
+};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -609,28 +610,6 @@ async fn invitations_are_single_use_and_the_owner_role_is_guarded() {
     ] {
         assert!(actions.iter().any(|x| x == a), "{a} not audited");
     }
-}
-
-/// RFC 4648 base32, as an authenticator app reads the secret.
-fn base32_decode(text: &str) -> Vec<u8> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let (mut out, mut buffer, mut bits) = (Vec::new(), 0u32, 0u32);
-    for c in text.bytes() {
-        let v = ALPHABET.iter().position(|a| *a == c).expect("base32") as u32;
-        buffer = (buffer << 5) | v;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    out
-}
-
-/// The code an authenticator shows `offset` steps from now.
-fn code(secret: &[u8], offset: i64) -> String {
-    let step = totp::step_at(chrono::Utc::now().timestamp()) + offset;
-    format!("{:06}", totp::hotp(secret, step as u64))
 }
 
 async fn login_with(t: &TestPlane, body: Value) -> (u16, String) {
