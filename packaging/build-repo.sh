@@ -28,15 +28,29 @@ while [ $# -gt 0 ]; do
 done
 
 deb_args=()
-[ "$build" = 1 ] || deb_args+=(--no-build)
 [ -z "$version" ] || deb_args+=(--deb-version "$version")
 # Reproducible enough to compare: no build paths in the binaries, fixed archive times.
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 export RUSTFLAGS="${RUSTFLAGS:-} --remap-path-prefix=$PWD=/build/sensei --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo"
 
+if [ "$build" = 1 ]; then
+  cargo build --release --locked -p sensei-agent -p sensei-control-plane -p sensei-cli
+fi
+# The man pages and shell completions, made by each binary from its own command definitions
+# (clap_mangen, clap_complete), so they cannot drift from the options it accepts.
+rm -rf target/man target/completions
+for bin in sensei-agent sensei-control-plane sensei; do
+  "target/release/$bin" man "target/man/$bin"
+  gzip -9n "target/man/$bin"/*.1
+done
+mkdir -p target/completions
+target/release/sensei completions bash > target/completions/sensei.bash
+target/release/sensei completions zsh > target/completions/_sensei
+target/release/sensei completions fish > target/completions/sensei.fish
+
 debs=()
-for pkg in sensei-agent sensei-control-plane; do
-  path=$(cargo deb -p "$pkg" "${deb_args[@]}" | tail -n 1)
+for pkg in sensei-agent sensei-control-plane sensei-cli; do
+  path=$(cargo deb -p "$pkg" --no-build "${deb_args[@]}" | tail -n 1)
   [ -f "$path" ] || { echo "build-repo: cargo deb did not produce $pkg" >&2; exit 1; }
   debs+=("$path")
 done

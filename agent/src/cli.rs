@@ -68,6 +68,9 @@ pub enum Command {
         #[arg(long)]
         allow_root: bool,
     },
+    /// Write the man pages into a directory (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// Delete this server's agent identity: the agent can no longer connect.
     Revoke {
         /// Do not ask for confirmation.
@@ -90,6 +93,15 @@ pub fn init_logging() {
 
 /// Runs a command; returns the exit code.
 pub async fn execute(cli: Cli) -> i32 {
+    if let Command::Man { dir } = &cli.command {
+        return match write_man_pages(dir) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("sensei-agent: writing man pages to {}: {e}", dir.display());
+                1
+            }
+        };
+    }
     let config = match &cli.config {
         Some(path) => AgentConfig::load(path, true),
         None => AgentConfig::load(std::path::Path::new(DEFAULT_CONFIG), false),
@@ -240,6 +252,7 @@ pub async fn execute(cli: Cli) -> i32 {
             }
         }
         Command::Revoke { yes, state_dir } => revoke(&StateDir::new(state_dir_of(state_dir)), yes),
+        Command::Man { .. } => 0,
     }
 }
 
@@ -301,4 +314,11 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// One page for `sensei-agent` and one per subcommand, generated from these definitions.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    clap_mangen::generate_to(Cli::command(), dir)
 }

@@ -133,6 +133,38 @@ impl Api {
         }
     }
 
+    /// [`Api::send`] for a request that carries an `Idempotency-Key`: a transport failure or
+    /// an unavailable database is retried (three tries in all, 1 s and 2 s apart), which the
+    /// key makes safe: a request that did land is answered, not done again.
+    pub async fn send_idempotent(
+        &self,
+        method: Method,
+        path: &str,
+        body: &Value,
+        key: &str,
+    ) -> Result<(StatusCode, reqwest::header::HeaderMap, Value)> {
+        let mut pause = Duration::from_secs(1);
+        for _ in 0..2 {
+            match self
+                .send(
+                    method.clone(),
+                    path,
+                    Some(body),
+                    &[("idempotency-key", key)],
+                )
+                .await
+            {
+                Err(CliError::Unreachable(_)) if self.verifier.last_failure().is_none() => {}
+                Err(CliError::Api { status: 503, .. }) => {}
+                other => return other,
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+        self.send(method, path, Some(body), &[("idempotency-key", key)])
+            .await
+    }
+
     pub async fn get(&self, path: &str) -> Result<Value> {
         Ok(self.send(Method::GET, path, None, &[]).await?.2)
     }

@@ -131,6 +131,9 @@ pub struct ServeArgs {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Write the man pages into a directory (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// Serve the API (needs CODESENSEI_FIELD_KEY).
     Serve(ServeArgs),
     /// Everything on one machine with nothing configured: embedded database, a development
@@ -283,6 +286,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         .clone()
         .unwrap_or_else(|| default_data_dir(dir_name));
     match cli.command {
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(Cli::command(), &dir)?;
+            Ok(0)
+        }
         Command::GenerateFieldKey => {
             println!("{}", FieldKeys::generate_key());
             Ok(0)

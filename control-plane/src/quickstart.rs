@@ -518,6 +518,21 @@ impl Demo {
             jar.display(),
             self.base
         );
+        // The CLI pins the CA by fingerprint (docs/cli.md); this one is the quickstart's own.
+        let fingerprint = std::fs::read_to_string(&ca)
+            .ok()
+            .and_then(|pem| sensei_certs::tls::first_cert_der(&pem).ok())
+            .map(|der| sensei_certs::Fingerprint::of_der(&der).to_string());
+        if let Some(fingerprint) = fingerprint {
+            println!(
+                "  # or with the command-line client (`cargo run -p sensei-cli --` in the source):"
+            );
+            println!(
+                "  echo '{}' | sensei login {} --email {} --password-stdin --ca-fingerprint {fingerprint}",
+                login.password, self.base, login.email
+            );
+            println!("  sensei servers list && sensei history {DEMO_PROJECT}");
+        }
         println!(
             "  # every route: {}/openapi.json; the guides: README.md and docs/ in the source",
             self.base

@@ -51,12 +51,7 @@ pub async fn deploy(ctx: &Ctx, args: DeployArgs) -> Result<()> {
         let header = format!("{key}.{}", output::text(&s["id"]));
         match ctx
             .api
-            .send(
-                Method::POST,
-                "/v1/deployments",
-                Some(&body),
-                &[("idempotency-key", &header)],
-            )
+            .send_idempotent(Method::POST, "/v1/deployments", &body, &header)
             .await
         {
             Ok((_, headers, deployment)) => {
@@ -492,11 +487,11 @@ pub async fn rollback(ctx: &Ctx, args: RollbackArgs) -> Result<()> {
     let key = run_key(None)?;
     let (_, _, queued) = ctx
         .api
-        .send(
+        .send_idempotent(
             Method::POST,
             &format!("/v1/deployments/{}/rollback", id_of(anchor)?),
-            Some(&body),
-            &[("idempotency-key", &key)],
+            &body,
+            &key,
         )
         .await?;
     if !ctx.json {

@@ -125,12 +125,7 @@ async fn start(ctx: &Ctx, args: RolloutStartArgs) -> Result<()> {
         .unwrap_or_else(|| format!("sensei-cli-{}", uuid::Uuid::new_v4()));
     let (_, _, r) = ctx
         .api
-        .send(
-            Method::POST,
-            "/v1/rollouts",
-            Some(&body),
-            &[("idempotency-key", &key)],
-        )
+        .send_idempotent(Method::POST, "/v1/rollouts", &body, &key)
         .await?;
     let id = output::text(&r["id"]);
     if !args.watch {
