@@ -49,17 +49,21 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let store = config::Store::default_location()?;
     let json = cli.json;
-    // The commands that need no credentials.
+    // What needs no configuration at all (packaging runs these).
     let command = match cli.command {
-        Command::Login(args) => return commands::auth::login(args, &store, json).await,
-        Command::Logout => return commands::auth::logout(&store).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "sensei", &mut std::io::stdout());
             return Ok(());
         }
         Command::Man { dir } => return write_man_pages(&dir),
+        other => other,
+    };
+    let store = config::Store::default_location()?;
+    // What needs no credentials.
+    let command = match command {
+        Command::Login(args) => return commands::auth::login(args, &store, json).await,
+        Command::Logout => return commands::auth::logout(&store).await,
         other => other,
     };
     let credentials = config::current(&store)?;
