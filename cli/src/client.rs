@@ -17,6 +17,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest answer read into memory (the API's pages are far smaller).
 const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+/// Longest a live stream may stay silent (the control plane sends a keep-alive every 15 s).
+const STREAM_SILENCE: Duration = Duration::from_secs(60);
 /// Longest single server-sent event accepted: a log line is a few KiB, but a rollout's event
 /// carries every target inline (about 150 bytes each, 100,000 at most).
 const MAX_EVENT_BYTES: usize = 64 * 1024 * 1024;
@@ -40,6 +42,8 @@ impl Api {
         })?;
         let verifier = PinnedCaVerifier::new(pin);
         let build = |timeout: Option<Duration>| -> Result<reqwest::Client> {
+            // A live stream sends at least a keep-alive every 15 s; one silent for a minute is
+            // dead, and a CI job must not hang on it (the caller reconnects).
             let tls = sensei_certs::tls::agent_client_config(verifier.clone(), None, b"http/1.1")
                 .map_err(|e| CliError::local(format!("TLS setup: {e}")))?;
             let mut builder = reqwest::Client::builder()
@@ -47,9 +51,10 @@ impl Api {
                 .connect_timeout(CONNECT_TIMEOUT)
                 .user_agent(concat!("sensei-cli/", env!("CARGO_PKG_VERSION")))
                 .redirect(reqwest::redirect::Policy::none());
-            if let Some(t) = timeout {
-                builder = builder.timeout(t);
-            }
+            builder = match timeout {
+                Some(t) => builder.timeout(t),
+                None => builder.read_timeout(STREAM_SILENCE),
+            };
             builder
                 .build()
                 .map_err(|e| CliError::local(format!("HTTP client: {e}")))
@@ -226,6 +231,7 @@ impl Api {
         Ok(EventStream {
             response,
             buffer: Vec::new(),
+            scanned: 0,
         })
     }
 
@@ -327,6 +333,9 @@ pub struct Event {
 pub struct EventStream {
     response: reqwest::Response,
     buffer: Vec<u8>,
+    /// How much of `buffer` is known to hold no event end: a large event arriving in many
+    /// chunks is scanned once, not once per chunk.
+    scanned: usize,
 }
 
 impl EventStream {
@@ -334,7 +343,7 @@ impl EventStream {
     /// skipped.
     pub async fn next(&mut self) -> std::result::Result<Option<Event>, String> {
         loop {
-            if let Some(event) = take_event(&mut self.buffer) {
+            if let Some(event) = take_event(&mut self.buffer, &mut self.scanned) {
                 if event.event.is_empty() && event.data.is_empty() {
                     continue;
                 }
@@ -352,9 +361,19 @@ impl EventStream {
     }
 }
 
-/// Takes one complete event (up to a blank line) off the front of `buffer`.
-fn take_event(buffer: &mut Vec<u8>) -> Option<Event> {
-    let end = buffer.windows(2).position(|w| w == b"\n\n")?;
+/// Takes one complete event (up to a blank line) off the front of `buffer`; `scanned` is
+/// where the search for its end resumes (the bytes before hold none).
+fn take_event(buffer: &mut Vec<u8>, scanned: &mut usize) -> Option<Event> {
+    let from = scanned.saturating_sub(1);
+    let Some(end) = buffer[from..]
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|p| p + from)
+    else {
+        *scanned = buffer.len();
+        return None;
+    };
+    *scanned = 0;
     let block: Vec<u8> = buffer.drain(..end + 2).collect();
     let text = String::from_utf8_lossy(&block);
     let mut event = Event::default();
@@ -385,9 +404,13 @@ mod tests {
         let mut buffer =
             b": keep-alive\n\nid: 7\nevent: line\ndata: {\"a\":1}\n\nevent: status\ndata: x\ndata: y\n\npartial"
                 .to_vec();
-        assert_eq!(take_event(&mut buffer), Some(Event::default()));
+        let mut scanned = 0;
         assert_eq!(
-            take_event(&mut buffer),
+            take_event(&mut buffer, &mut scanned),
+            Some(Event::default())
+        );
+        assert_eq!(
+            take_event(&mut buffer, &mut scanned),
             Some(Event {
                 id: Some("7".into()),
                 event: "line".into(),
@@ -395,11 +418,31 @@ mod tests {
             })
         );
         assert_eq!(
-            take_event(&mut buffer).map(|e| (e.event, e.data)),
+            take_event(&mut buffer, &mut scanned).map(|e| (e.event, e.data)),
             Some(("status".into(), "x\ny".into()))
         );
-        assert_eq!(take_event(&mut buffer), None);
+        assert_eq!(take_event(&mut buffer, &mut scanned), None);
         assert_eq!(buffer, b"partial");
+    }
+
+    #[test]
+    fn an_event_split_across_chunks_and_at_its_blank_line_is_found_once_whole() {
+        let mut buffer = b"event: line\ndata: a".to_vec();
+        let mut scanned = 0;
+        assert_eq!(take_event(&mut buffer, &mut scanned), None);
+        buffer.extend_from_slice(b"bc\n");
+        assert_eq!(take_event(&mut buffer, &mut scanned), None);
+        // The blank line's two newlines straddle the chunk boundary.
+        buffer.extend_from_slice(b"\nevent: status\ndata: x\n\n");
+        assert_eq!(
+            take_event(&mut buffer, &mut scanned).map(|e| e.data),
+            Some("abc".into())
+        );
+        assert_eq!(
+            take_event(&mut buffer, &mut scanned).map(|e| e.event),
+            Some("status".into())
+        );
+        assert!(buffer.is_empty());
     }
 
     #[test]

@@ -159,7 +159,27 @@ pub fn current(store: &Store) -> Result<Credentials> {
             email: None,
         });
     }
-    stored.ok_or(CliError::NotSignedIn)
+    // Without a key, SENSEI_URL or a pin must not be silently ignored in favour of another
+    // control plane signed in to earlier (that one may be production).
+    let stored = stored.ok_or(CliError::NotSignedIn)?;
+    if let Some(url) = env("SENSEI_URL") {
+        if normalize_url(&url)? != stored.url {
+            return Err(CliError::usage(format!(
+                "SENSEI_URL is {url} but SENSEI_API_KEY is not set, and the stored login is for {}: \
+                 set the key, or `sensei login {url}`",
+                stored.url
+            )));
+        }
+    }
+    if let Some(pin) = env("SENSEI_CA_FINGERPRINT") {
+        if !pin.trim().eq_ignore_ascii_case(&stored.ca_fingerprint) {
+            return Err(CliError::usage(
+                "SENSEI_CA_FINGERPRINT differs from the CA pinned at login: set SENSEI_API_KEY \
+                 to use it, or `sensei login --ca-fingerprint …` again",
+            ));
+        }
+    }
+    Ok(stored)
 }
 
 /// `https://host[:port]`: the scheme is required to be https, a trailing slash is dropped,
@@ -176,7 +196,11 @@ pub fn normalize_url(raw: &str) -> Result<String> {
             "{raw}: the control plane is only spoken to over https"
         )));
     }
-    if url.host_str().is_none() || !matches!(url.path(), "" | "/") || url.query().is_some() {
+    if url.host_str().is_none()
+        || !matches!(url.path(), "" | "/")
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
         return Err(CliError::usage(format!(
             "{raw}: give the control plane's address only, e.g. https://sensei.example:8443"
         )));
@@ -251,6 +275,7 @@ mod tests {
             "https://cp.example/v1",
             "https://u:p@cp.example",
             "https://cp.example/?x=1",
+            "https://cp.example/#x",
         ] {
             assert!(normalize_url(bad).is_err(), "{bad} accepted");
         }

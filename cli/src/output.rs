@@ -37,13 +37,26 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-/// A field as text: strings as they are, null as `-`.
+/// A field as text: strings as they are (made safe for a terminal), null as `-`.
 pub fn text(value: &Value) -> String {
     match value {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => safe(s),
         other => other.to_string(),
     }
+}
+
+/// `s` with every control character but the tab replaced by `?`. Log lines come from hooks
+/// and their dependencies, names from other members: none of them may drive the terminal of
+/// whoever reads them (escape sequences that set the clipboard, fake links, move the cursor
+/// or retitle the window).
+pub fn safe(s: &str) -> String {
+    if !s.chars().any(|c| c.is_control() && c != '\t') {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+        .collect()
 }
 
 /// A timestamp of the API (RFC 3339) as `YYYY-MM-DD HH:MM:SS` UTC.
@@ -82,4 +95,17 @@ pub fn labels(value: &Value) -> String {
 /// Whether standard error is a terminal people watch (progress bars, prompts).
 pub fn interactive() -> bool {
     std::io::stderr().is_terminal() && std::io::stdin().is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequences_from_a_log_line_cannot_reach_the_terminal() {
+        // OSC 52 (set the clipboard), a C1 CSI, a carriage return that overwrites the line.
+        let hostile = "ok\u{1b}]52;c;cm0gLXJm\u{7}\u{9b}2J\rfake\tend";
+        assert_eq!(safe(hostile), "ok?]52;c;cm0gLXJm??2J?fake\tend");
+        assert_eq!(text(&Value::String("plain".into())), "plain");
+    }
 }

@@ -91,3 +91,33 @@ fn completions_and_man_pages_come_from_the_command_definitions() {
     let deploy = std::fs::read_to_string(man.join("sensei-deploy.1")).expect("sensei-deploy.1");
     assert!(deploy.contains("idempotency"), "{deploy}");
 }
+
+#[test]
+fn sensei_url_without_a_key_naming_another_plane_than_the_login_is_refused_not_ignored() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let stored = dir.path().join("sensei");
+    std::fs::create_dir_all(&stored).expect("mkdir");
+    std::fs::set_permissions(&stored, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let file = stored.join("credentials.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"url": "https://production.example:8443", "ca_fingerprint": "SHA256:{}", "secret": {{"kind": "session", "value": "x"}}}}"#,
+            "ab".repeat(32)
+        ),
+    )
+    .expect("write");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = sensei(dir.path())
+        .env("SENSEI_URL", "https://staging.example:8443")
+        .args(["servers", "list"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the stored login is for https://production.example:8443"),
+        "{stderr}"
+    );
+}

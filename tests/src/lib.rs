@@ -257,6 +257,20 @@ impl TestPlane {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// PATCH JSON with a session cookie.
+    pub async fn patch(&self, path: &str, cookie: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .patch(self.url(path))
+            .header("cookie", cookie)
+            .json(&body)
+            .send()
+            .await
+            .expect("patch");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// GET with an API key.
     pub async fn get_with_key(&self, path: &str, key: &str) -> (u16, Value) {
         let r = self
@@ -522,6 +536,25 @@ impl TestPlane {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         panic!("deployment {id} did not end: {last}");
+    }
+
+    /// Turns TOTP on for the signed-in user (enrolls and confirms it); returns the secret an
+    /// authenticator would hold.
+    pub async fn enable_totp(&self, cookie: &str) -> Vec<u8> {
+        let (status, enrolled) = self
+            .post("/v1/auth/mfa/totp", cookie, serde_json::json!({}))
+            .await;
+        assert_eq!(status, 201, "{enrolled}");
+        let secret = base32_decode(enrolled["secret"].as_str().expect("secret"));
+        let (status, body) = self
+            .post(
+                "/v1/auth/mfa/totp/confirm",
+                cookie,
+                serde_json::json!({"code": totp_code(&secret, 0)}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        secret
     }
 
     /// Whether the API shows the server's agent as connected.

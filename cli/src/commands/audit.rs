@@ -13,7 +13,9 @@ fn since(raw: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
         return Ok(t.with_timezone(&Utc));
     }
-    let (number, unit) = raw.split_at(raw.len().saturating_sub(1));
+    // The unit is the last character, whatever its width (`7д` must not split a character).
+    let cut = raw.char_indices().last().map(|(i, _)| i).unwrap_or(0);
+    let (number, unit) = raw.split_at(cut);
     let n: i64 = number
         .parse()
         .ok()
@@ -109,7 +111,7 @@ mod tests {
             since("2026-12-01T09:00:00Z", now).expect("ok").to_rfc3339(),
             "2026-12-01T09:00:00+00:00"
         );
-        for bad in ["", "h", "2w", "-1h", "yesterday"] {
+        for bad in ["", "h", "2w", "-1h", "yesterday", "7д"] {
             assert!(since(bad, now).is_err(), "{bad}");
         }
     }

@@ -31,7 +31,12 @@ pub async fn login(args: LoginArgs, store: &Store, json_out: bool) -> Result<()>
         },
     };
     let (secret, email) = if args.api_key {
-        (Secret::ApiKey(read_secret_line("API key")?), None)
+        let key = if output::interactive() {
+            ask_secret("API key")?
+        } else {
+            read_secret_line("API key")?
+        };
+        (Secret::ApiKey(key), None)
     } else {
         let email = match args.email {
             Some(e) => e,
@@ -222,8 +227,13 @@ fn ask_password() -> Result<String> {
             "not a terminal: pass --password-stdin and the password on standard input",
         ));
     }
+    ask_secret("Password")
+}
+
+/// Asks on the terminal without echo.
+fn ask_secret(prompt: &str) -> Result<String> {
     dialoguer::Password::new()
-        .with_prompt("Password")
+        .with_prompt(prompt)
         .interact()
         .map_err(|e| CliError::local(format!("prompt: {e}")))
 }

@@ -48,7 +48,12 @@ pub async fn deploy(ctx: &Ctx, args: DeployArgs) -> Result<()> {
     for s in &servers {
         let server = output::text(&s["name"]);
         let body = json!({"project_id": project["id"], "server_id": s["id"], "ref": args.git_ref});
-        let header = format!("{key}.{}", output::text(&s["id"]));
+        // One key per project and server: the same run key may deploy other projects too.
+        let header = format!(
+            "{key}.{}.{}",
+            output::text(&project["id"]),
+            output::text(&s["id"])
+        );
         match ctx
             .api
             .send_idempotent(Method::POST, "/v1/deployments", &body, &header)
@@ -68,10 +73,21 @@ pub async fn deploy(ctx: &Ctx, args: DeployArgs) -> Result<()> {
                 followed.push(Followed { server, deployment });
             }
             // One server refusing (not enrolled, say) must not hide what the others do.
-            Err(e @ CliError::Api { .. }) => refused.push(format!("{server}: {e}")),
+            Err(e @ CliError::Api { .. }) => refused.push((server, e)),
             Err(e) => return Err(e),
         }
     }
+    if followed.is_empty() {
+        // Nothing queued anywhere: the refusal itself is the answer (and its exit code).
+        if let Some((_, e)) = refused.into_iter().next() {
+            return Err(e);
+        }
+        return Err(CliError::local("nothing was queued"));
+    }
+    let refused: Vec<String> = refused
+        .iter()
+        .map(|(server, e)| format!("{server}: {e}"))
+        .collect();
     if args.no_wait {
         report_queued(ctx, &followed);
         return refused_error(&refused);
@@ -84,12 +100,14 @@ pub async fn deploy(ctx: &Ctx, args: DeployArgs) -> Result<()> {
 fn run_key(given: Option<&str>) -> Result<String> {
     match given {
         Some(k) => {
-            let ok = !k.is_empty() && k.len() <= 200 && k.bytes().all(|b| b.is_ascii_graphic());
+            // With the project's and a server's id appended it must stay within the API's
+            // 255 characters.
+            let ok = !k.is_empty() && k.len() <= 180 && k.bytes().all(|b| b.is_ascii_graphic());
             if ok {
                 Ok(k.to_owned())
             } else {
                 Err(CliError::usage(
-                    "--idempotency-key must be 1 to 200 printable ASCII characters without spaces",
+                    "--idempotency-key must be 1 to 180 printable ASCII characters without spaces",
                 ))
             }
         }
@@ -226,9 +244,10 @@ struct Printer {
 
 impl Printer {
     fn line(&self, text: &str) {
+        let text = output::safe(text);
         let line = match &self.prefix {
             Some(p) => format!("[{p}] {text}"),
-            None => text.to_owned(),
+            None => text,
         };
         self.bars.suspend(|| {
             if self.to_stderr {
@@ -251,6 +270,8 @@ async fn follow_log(api: &Api, id: &str, printer: &Printer, bar: &ProgressBar) -
             Ok(mut stream) => loop {
                 match stream.next().await {
                     Ok(Some(event)) if event.event == "line" => {
+                        // A stream that delivers is a working one: only drops in a row count.
+                        reconnects = 0;
                         last = event.id.clone().or(last);
                         let entry: Value = serde_json::from_str(&event.data).unwrap_or_default();
                         let text = output::text(&entry["line"]);
@@ -275,7 +296,7 @@ async fn follow_log(api: &Api, id: &str, printer: &Printer, bar: &ProgressBar) -
         reconnects += 1;
         if reconnects > MAX_RECONNECTS {
             return Err(CliError::Unreachable(format!(
-                "lost the log stream of {id} {MAX_RECONNECTS} times; `sensei logs {id} -f` resumes it"
+                "lost the log stream of {id} {MAX_RECONNECTS} times in a row; `sensei logs {id} -f` resumes it"
             )));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -481,7 +502,18 @@ pub async fn rollback(ctx: &Ctx, args: RollbackArgs) -> Result<()> {
         (None, false) => None,
     };
     let body = match &to {
-        Some(release) => json!({ "to_release": release }),
+        Some(release) => {
+            // A control plane older than this feature ignores the field and would go to the
+            // previous release instead: ask its API description first.
+            let doc = ctx.api.get("/openapi.json").await?;
+            if doc["components"]["schemas"]["RollbackRequest"].is_null() {
+                return Err(CliError::usage(
+                    "this control plane cannot roll back to a chosen release (upgrade it); \
+                     `--previous` goes to the previous good release",
+                ));
+            }
+            json!({ "to_release": release })
+        }
         None => json!({}),
     };
     let key = run_key(None)?;

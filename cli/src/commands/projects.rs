@@ -9,8 +9,12 @@ use crate::args::{EnvCommand, ProjectSettings, ProjectsCommand};
 use crate::error::{CliError, Result};
 use crate::output;
 
-/// The largest value `env set` reads (the API's own limit is 64 KiB).
+/// The largest value `env set` reads. The API takes 64 KiB per value but also 64 KiB per
+/// request body, which JSON escaping makes larger than the value: what fits is checked on the
+/// encoded request.
 const MAX_ENV_VALUE: u64 = 64 * 1024;
+/// Room the rest of the request (`{"env_set":{"NAME":…}}`) may take within the body limit.
+const MAX_ENCODED_BODY: usize = 64 * 1024 - 512;
 
 pub async fn run(ctx: &Ctx, command: ProjectsCommand) -> Result<()> {
     match command {
@@ -44,7 +48,7 @@ pub async fn run(ctx: &Ctx, command: ProjectsCommand) -> Result<()> {
         ProjectsCommand::Create(args) => {
             let mut body =
                 json!({"name": args.name, "repo_url": args.repo, "deploy_path": args.path});
-            apply(&mut body, &args.settings);
+            apply(&mut body, &args.settings, &Value::Null);
             let p = ctx.api.post("/v1/projects", &body).await?;
             if ctx.json {
                 output::json(&p);
@@ -68,7 +72,7 @@ pub async fn run(ctx: &Ctx, command: ProjectsCommand) -> Result<()> {
                     body[field] = json!(v);
                 }
             }
-            apply(&mut body, &args.settings);
+            apply(&mut body, &args.settings, &p["hooks"]);
             if body.as_object().is_some_and(|o| o.is_empty()) {
                 return Err(CliError::usage(
                     "nothing to change: give at least one option (`sensei projects edit --help`)",
@@ -88,8 +92,9 @@ pub async fn run(ctx: &Ctx, command: ProjectsCommand) -> Result<()> {
     Ok(())
 }
 
-/// Puts the options given into a create or update body. Hooks are replaced per kind.
-fn apply(body: &mut Value, s: &ProjectSettings) {
+/// Puts the options given into a create or update body. Hooks are replaced per kind: the
+/// kinds not given keep `current`'s commands (the API replaces the whole set).
+fn apply(body: &mut Value, s: &ProjectSettings, current: &Value) {
     if let Some(k) = s.keep_releases {
         body["keep_releases"] = json!(k);
     }
@@ -97,8 +102,21 @@ fn apply(body: &mut Value, s: &ProjectSettings) {
         body["shared_paths"] = json!(s.shared_paths);
     }
     if !(s.build.is_empty() && s.pre_switch.is_empty() && s.post_switch.is_empty()) {
-        body["hooks"] =
-            json!({"build": s.build, "pre_switch": s.pre_switch, "post_switch": s.post_switch});
+        let kind = |given: &Vec<String>, name: &str| {
+            if given.is_empty() {
+                match &current[name] {
+                    Value::Null => json!([]),
+                    kept => kept.clone(),
+                }
+            } else {
+                json!(given)
+            }
+        };
+        body["hooks"] = json!({
+            "build": kind(&s.build, "build"),
+            "pre_switch": kind(&s.pre_switch, "pre_switch"),
+            "post_switch": kind(&s.post_switch, "post_switch"),
+        });
     }
     if let Some(h) = &s.health_check {
         body["health_check"] = json!(h);
@@ -154,13 +172,16 @@ pub async fn env(ctx: &Ctx, command: EnvCommand) -> Result<()> {
             file,
         } => {
             let value = read_value(file.as_deref())?;
+            let body = json!({"env_set": {name.clone(): value}});
+            if body.to_string().len() > MAX_ENCODED_BODY {
+                return Err(CliError::usage(
+                    "the value is too large: encoded for the API it exceeds the 64 KiB request limit",
+                ));
+            }
             let p = ctx.project(&project).await?;
             let answer = ctx
                 .api
-                .patch(
-                    &format!("/v1/projects/{}", id_of(&p)?),
-                    &json!({"env_set": {name.clone(): value}}),
-                )
+                .patch(&format!("/v1/projects/{}", id_of(&p)?), &body)
                 .await?;
             if ctx.json {
                 output::json(&json!({"env_names": answer["env_names"]}));
@@ -202,15 +223,20 @@ fn read_value(file: Option<&std::path::Path>) -> Result<String> {
         Some(path) => std::fs::File::open(path)
             .and_then(|f| f.take(MAX_ENV_VALUE + 1).read_to_end(&mut raw))
             .map_err(|e| CliError::local(format!("{}: {e}", path.display()))),
-        None => {
-            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-                eprintln!("Type the value, then Ctrl-D (it is not shown back):");
-            }
-            std::io::stdin()
-                .take(MAX_ENV_VALUE + 1)
-                .read_to_end(&mut raw)
-                .map_err(|e| CliError::local(format!("reading standard input: {e}")))
+        // Typed at a terminal: asked without echo, like a password (one line).
+        None if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
+            raw = dialoguer::Password::new()
+                .with_prompt("Value (not shown)")
+                .allow_empty_password(true)
+                .interact()
+                .map_err(|e| CliError::local(format!("prompt: {e}")))?
+                .into_bytes();
+            Ok(raw.len())
         }
+        None => std::io::stdin()
+            .take(MAX_ENV_VALUE + 1)
+            .read_to_end(&mut raw)
+            .map_err(|e| CliError::local(format!("reading standard input: {e}"))),
     };
     read?;
     if raw.len() as u64 > MAX_ENV_VALUE {

@@ -208,6 +208,7 @@ async fn watch_to_end(ctx: &Ctx, id: &str) -> Result<()> {
             Ok(mut stream) => loop {
                 match stream.next().await {
                     Ok(Some(event)) if event.event == "rollout" => {
+                        reconnects = 0;
                         last_id = event.id.clone();
                         let r: Value = serde_json::from_str(&event.data).unwrap_or_default();
                         let total: i64 = r["target_counts"]
@@ -242,7 +243,7 @@ async fn watch_to_end(ctx: &Ctx, id: &str) -> Result<()> {
         reconnects += 1;
         if reconnects > MAX_RECONNECTS {
             return Err(CliError::Unreachable(format!(
-                "lost the rollout's event stream {MAX_RECONNECTS} times; `sensei rollout status {id} --watch` resumes"
+                "lost the rollout's event stream {MAX_RECONNECTS} times in a row; `sensei rollout status {id} --watch` resumes"
             )));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -344,53 +344,72 @@ pub async fn update(
     Path(id): Path<Uuid>,
     JsonBody(req): JsonBody<UpdateProject>,
 ) -> Result<Json<ProjectView>, ApiError> {
-    let current = load(&state, principal.account_id, id).await?;
-    let c = Checked {
-        name: req
-            .name
-            .map(|n| n.trim().to_owned())
-            .unwrap_or(current.name),
-        repo_url: req
-            .repo_url
-            .map(|n| n.trim().to_owned())
-            .unwrap_or(current.repo_url),
-        deploy_path: req
-            .deploy_path
-            .map(|p| p.trim().trim_end_matches('/').to_owned())
-            .unwrap_or(current.deploy_path),
-        keep_releases: req.keep_releases.unwrap_or(current.keep_releases),
-        shared_paths: req.shared_paths.unwrap_or(current.shared_paths),
-        hooks: req.hooks.unwrap_or(current.hooks),
-        health_check: match req.health_check {
-            Some(h) if h.trim().is_empty() => None,
-            Some(h) => Some(h),
-            None => current.health_check,
-        },
-        hook_timeout_secs: req.hook_timeout_secs.unwrap_or(current.hook_timeout_secs),
-    };
-    check(&c)?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    tx.execute(
-        "UPDATE projects SET name=$3, repo_url=$4, deploy_path=$5, keep_releases=$6, shared_paths=$7, \
-         hooks=$8, health_check=$9, hook_timeout_secs=$10, updated_at=now() \
-         WHERE id=$1 AND account_id=$2 AND deleted_at IS NULL",
-        &[&id, &principal.account_id, &c.name, &c.repo_url, &c.deploy_path, &c.keep_releases,
-          &c.shared_paths, &json!(c.hooks), &c.health_check, &c.hook_timeout_secs],
-    )
-    .await?;
-    audit::append(
-        &tx,
-        state.keys.audit_keys(),
-        &actor_event(
-            &principal,
-            &meta,
-            "project.updated",
-            ("project", id),
-            json!({}),
-        ),
-    )
-    .await?;
+    // Read under the row lock: a concurrent update (an `env set` while someone edits the
+    // hooks) waits here instead of writing back a stale copy of the other fields.
+    let current = view(
+        &tx.query_opt(
+            &format!("{SELECT} AND id = $2 FOR UPDATE"),
+            &[&principal.account_id, &id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("project"))?,
+    );
+    let settings_given = req.name.is_some()
+        || req.repo_url.is_some()
+        || req.deploy_path.is_some()
+        || req.keep_releases.is_some()
+        || req.shared_paths.is_some()
+        || req.hooks.is_some()
+        || req.health_check.is_some()
+        || req.hook_timeout_secs.is_some();
+    if settings_given {
+        let c = Checked {
+            name: req
+                .name
+                .map(|n| n.trim().to_owned())
+                .unwrap_or(current.name),
+            repo_url: req
+                .repo_url
+                .map(|n| n.trim().to_owned())
+                .unwrap_or(current.repo_url),
+            deploy_path: req
+                .deploy_path
+                .map(|p| p.trim().trim_end_matches('/').to_owned())
+                .unwrap_or(current.deploy_path),
+            keep_releases: req.keep_releases.unwrap_or(current.keep_releases),
+            shared_paths: req.shared_paths.unwrap_or(current.shared_paths),
+            hooks: req.hooks.unwrap_or(current.hooks),
+            health_check: match req.health_check {
+                Some(h) if h.trim().is_empty() => None,
+                Some(h) => Some(h),
+                None => current.health_check,
+            },
+            hook_timeout_secs: req.hook_timeout_secs.unwrap_or(current.hook_timeout_secs),
+        };
+        check(&c)?;
+        tx.execute(
+            "UPDATE projects SET name=$3, repo_url=$4, deploy_path=$5, keep_releases=$6, shared_paths=$7, \
+             hooks=$8, health_check=$9, hook_timeout_secs=$10, updated_at=now() \
+             WHERE id=$1 AND account_id=$2 AND deleted_at IS NULL",
+            &[&id, &principal.account_id, &c.name, &c.repo_url, &c.deploy_path, &c.keep_releases,
+              &c.shared_paths, &json!(c.hooks), &c.health_check, &c.hook_timeout_secs],
+        )
+        .await?;
+        audit::append(
+            &tx,
+            state.keys.audit_keys(),
+            &actor_event(
+                &principal,
+                &meta,
+                "project.updated",
+                ("project", id),
+                json!({}),
+            ),
+        )
+        .await?;
+    }
     let env = if let Some(env) = req.env {
         if !req.env_set.is_empty() || !req.env_unset.is_empty() {
             return Err(ApiError::unprocessable(
@@ -400,13 +419,16 @@ pub async fn update(
         }
         Some(env)
     } else if !req.env_set.is_empty() || !req.env_unset.is_empty() {
+        if let Some(both) = req.env_unset.iter().find(|n| req.env_set.contains_key(*n)) {
+            return Err(ApiError::unprocessable(
+                ErrorCode::InvalidEnv,
+                format!("{both} is both in env_set and in env_unset"),
+            ));
+        }
         // A change to some variables: the rest are only known sealed, so it is merged here,
-        // on the row locked against a concurrent change.
+        // on the row this transaction has locked.
         let sealed: Option<String> = tx
-            .query_one(
-                "SELECT env_ciphertext FROM projects WHERE id = $1 FOR UPDATE",
-                &[&id],
-            )
+            .query_one("SELECT env_ciphertext FROM projects WHERE id = $1", &[&id])
             .await?
             .get(0);
         let mut env: BTreeMap<String, String> = match sealed {

@@ -805,16 +805,7 @@ async fn wrong_codes_are_throttled() {
     let t = TestPlane::start().await;
     let email = "guess@e.example";
     let (cookie, _) = t.signup(email, PW).await;
-    let (_, enrolled) = t.post("/v1/auth/mfa/totp", &cookie, json!({})).await;
-    let secret = base32_decode(enrolled["secret"].as_str().expect("secret"));
-    let (status, _) = t
-        .post(
-            "/v1/auth/mfa/totp/confirm",
-            &cookie,
-            json!({"code": code(&secret, 0)}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let secret = t.enable_totp(&cookie).await;
     let right = code(&secret, 1);
     let mut refused = None;
     for attempt in 0..12 {
@@ -1372,16 +1363,7 @@ async fn mfa_and_ownership_mistakes_are_refused_and_change_nothing() {
         )
         .await;
     assert_eq!((status, error_code(&v)), (409, "mfa_not_enabled"));
-    let (_, enrolled) = t.post("/v1/auth/mfa/totp", &owner, json!({})).await;
-    let secret = base32_decode(enrolled["secret"].as_str().expect("secret"));
-    let (status, _) = t
-        .post(
-            "/v1/auth/mfa/totp/confirm",
-            &owner,
-            json!({"code": code(&secret, 0)}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    t.enable_totp(&owner).await;
     let (status, v) = t.post("/v1/auth/mfa/totp", &owner, json!({})).await;
     assert_eq!((status, error_code(&v)), (409, "mfa_already_enabled"));
     // Ownership to oneself, or to nobody.

@@ -598,3 +598,117 @@ async fn deleting_a_project_removes_its_env_from_its_servers_and_leaves_the_app_
             .get(0);
     assert_eq!(removals, 1);
 }
+
+#[tokio::test]
+async fn a_rollback_goes_only_to_a_good_release_of_its_own_project_and_server() {
+    let s = setup(json!({})).await;
+    let good = s.deploy_and_wait("main").await;
+    assert_eq!(good["status"], "succeeded");
+    let path = format!("/v1/projects/{}", s.project);
+    let patch = |body: Value| s.t.patch(&path, &s.cookie, body);
+    // A failed deploy of the same project on the same server.
+    let (status, _) = patch(json!({"hooks": {"build": ["exit 3"]}})).await;
+    assert_eq!(status, 200);
+    let failed = s.deploy_and_wait("main").await;
+    assert_eq!(failed["status"], "failed");
+    // Another project's good release on the same server.
+    let dir = open_tempdir();
+    let repo = git_repo(dir.path(), &["other"]);
+    let (status, other) =
+        s.t.post(
+            "/v1/projects",
+            &s.cookie,
+            json!({"name": "other", "repo_url": repo.display().to_string(),
+                   "deploy_path": dir.path().join("other").display().to_string()}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, d) =
+        s.t.post(
+            "/v1/deployments",
+            &s.cookie,
+            json!({"project_id": other["id"], "server_id": s.agent.server_id, "ref": "main"}),
+        )
+        .await;
+    let foreign =
+        s.t.wait_deployment(&s.cookie, d["id"].as_str().expect("id"))
+            .await;
+    assert_eq!(foreign["status"], "succeeded");
+
+    let rollback = format!(
+        "/v1/deployments/{}/rollback",
+        good["id"].as_str().expect("id")
+    );
+    let before: i64 =
+        s.t.db()
+            .await
+            .query_one("SELECT count(*) FROM deployments", &[])
+            .await
+            .expect("count")
+            .get(0);
+    for (body, status, code) in [
+        (
+            json!({"to_release": foreign["release_id"]}),
+            422,
+            "invalid_release",
+        ),
+        (
+            json!({"to_release": failed["release_id"]}),
+            422,
+            "invalid_release",
+        ),
+        (json!({"to_release": "../../etc"}), 422, "invalid_release"),
+        (
+            json!({"to_release": good["release_id"], "force": true}),
+            422,
+            "invalid_field",
+        ),
+    ] {
+        let (st, v) = s.t.post(&rollback, &s.cookie, body.clone()).await;
+        assert_eq!((st, error_code(&v)), (status, code), "{body}: {v}");
+    }
+    // A body that is not JSON is refused, not ignored.
+    let r =
+        s.t.http
+            .post(s.t.url(&rollback))
+            .header("cookie", &s.cookie)
+            .header("content-type", "text/plain")
+            .body("to_release=x")
+            .send()
+            .await
+            .expect("post");
+    assert_eq!(r.status().as_u16(), 415);
+    let after: i64 =
+        s.t.db()
+            .await
+            .query_one("SELECT count(*) FROM deployments", &[])
+            .await
+            .expect("count")
+            .get(0);
+    assert_eq!(after, before, "nothing was queued");
+
+    // Environment changes that cannot both apply are refused, and nothing changes.
+    for (body, code) in [
+        (
+            json!({"env": {"A": "1"}, "env_set": {"B": "2"}}),
+            "invalid_field",
+        ),
+        (
+            json!({"env_set": {"A": "1"}, "env_unset": ["A"]}),
+            "invalid_env",
+        ),
+        (json!({"env_set": {"1BAD": "x"}}), "invalid_env"),
+    ] {
+        let (st, v) = patch(body.clone()).await;
+        assert_eq!((st, error_code(&v)), (422, code), "{body}: {v}");
+    }
+    let (_, project) =
+        s.t.get(&format!("/v1/projects/{}", s.project), &s.cookie)
+            .await;
+    assert_eq!(project["env_names"], json!(["PLAIN", "SECRET_TOKEN"]));
+    // A change to one variable keeps the others and the rest of the project.
+    let (st, v) = patch(json!({"env_set": {"NEW": "n"}, "env_unset": ["PLAIN"]})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["env_names"], json!(["NEW", "SECRET_TOKEN"]));
+    assert_eq!(v["hooks"]["build"], json!(["exit 3"]));
+}

@@ -7,8 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Output, Stdio};
 
 use sensei_e2e::{
-    base32_decode, eventually, git_commit, git_repo, open_tempdir, totp_code, workspace_binary,
-    TestPlane,
+    eventually, git_commit, git_repo, open_tempdir, totp_code, workspace_binary, TestPlane,
 };
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
@@ -166,16 +165,7 @@ async fn login_with_totp_enroll_with_the_printed_command_deploy_and_fail_a_deplo
     let t = TestPlane::start().await;
     let email = "cli@example.com";
     let (cookie, _) = t.signup(email, PW).await;
-    let (_, enrolled) = t.post("/v1/auth/mfa/totp", &cookie, json!({})).await;
-    let secret = base32_decode(enrolled["secret"].as_str().expect("secret"));
-    let (status, _) = t
-        .post(
-            "/v1/auth/mfa/totp/confirm",
-            &cookie,
-            json!({"code": totp_code(&secret, 0)}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let secret = t.enable_totp(&cookie).await;
     let cli = Cli::new();
 
     // Off a terminal the second factor must be given; a CA that is not the plane's is refused
@@ -265,6 +255,8 @@ async fn login_with_totp_enroll_with_the_printed_command_deploy_and_fail_a_deplo
         &app,
         "--build",
         "echo building $(cat index.html)",
+        "--post-switch",
+        "echo switched",
     ])
     .await;
     let out = cli
@@ -311,6 +303,12 @@ async fn login_with_totp_enroll_with_the_printed_command_deploy_and_fail_a_deplo
         "echo about to fail; exit 3",
     ])
     .await;
+    let shown = cli.json(&["projects", "show", "site"]).await;
+    assert_eq!(
+        shown["hooks"]["post_switch"],
+        json!(["echo switched"]),
+        "editing the build hooks keeps the other kinds"
+    );
     let out = cli.run(&["deploy", "site", "--server", "web-1"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(
@@ -431,9 +429,45 @@ async fn a_rollout_watched_to_the_end_and_rollbacks_by_release_and_through_the_p
         "{}",
         show(&out)
     );
+    assert!(
+        !show(&out).contains('\x1b'),
+        "no bar or colour off a terminal: {}",
+        show(&out)
+    );
     let rollouts = cli.json(&["rollout", "list"]).await;
     assert_eq!(rollouts["rollouts"][0]["state"], "succeeded");
     assert_eq!(rollouts["rollouts"][0]["target_counts"]["succeeded"], 2);
+
+    // One that waits for approval after its canary: resume is refused (it is not a pause),
+    // approve lets it go on, and `status --watch` follows it to the end.
+    let started = cli
+        .ok(&[
+            "rollout",
+            "start",
+            "site",
+            "--label",
+            "role=web",
+            "--batch",
+            "1",
+            "--approve",
+        ])
+        .await;
+    let id = started.trim().to_owned();
+    let waiting = || async { cli.json(&["rollout", "status", &id]).await["state"] == "paused" };
+    assert!(eventually(std::time::Duration::from_secs(60), waiting).await);
+    let out = cli.run(&["rollout", "resume", &id]).await;
+    assert_eq!(out.status.code(), Some(4), "{}", show(&out));
+    assert!(stderr(&out).contains("awaiting approval"), "{}", show(&out));
+    cli.ok(&["rollout", "approve", &id]).await;
+    let out = cli.run(&["rollout", "status", &id, "--watch"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let out = cli.run(&["rollout", "abort", &id]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "an ended rollout cannot be aborted: {}",
+        show(&out)
+    );
 
     // A deploy to a label set: web-1 succeeds, web-3 refuses the path. The logs are
     // prefixed by server, the exit code is 1 and the failure is named.
