@@ -257,6 +257,16 @@ impl TestPlane {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The one number a `SELECT count(*) …` answers.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db()
+            .await
+            .query_one(sql, &[])
+            .await
+            .expect("count")
+            .get(0)
+    }
+
     /// PATCH JSON with a session cookie.
     pub async fn patch(&self, path: &str, cookie: &str, body: Value) -> (u16, Value) {
         let r = self

@@ -92,11 +92,7 @@ where
                 .await
                 .map_err(|r| {
                     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                        ApiError::new(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            ErrorCode::BodyTooLarge,
-                            format!("request body exceeds {} bytes", super::MAX_BODY_BYTES),
-                        )
+                        body_too_large()
                     } else {
                         ApiError::bad_request(ErrorCode::UnreadableBody, r.body_text())
                     }
@@ -109,6 +105,15 @@ where
             .await
             .map(|JsonBody(v)| Self(Some(v)))
     }
+}
+
+/// The answer to a body over the router's limit, whichever extractor met it.
+fn body_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::BodyTooLarge,
+        format!("request body exceeds {} bytes", super::MAX_BODY_BYTES),
+    )
 }
 
 fn json_error(rejection: JsonRejection) -> ApiError {
@@ -124,11 +129,7 @@ fn json_error(rejection: JsonRejection) -> ApiError {
             ErrorCode::UnsupportedMediaType,
             "send the body as application/json",
         ),
-        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::BodyTooLarge,
-            format!("request body exceeds {} bytes", super::MAX_BODY_BYTES),
-        ),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => body_too_large(),
         other => ApiError::bad_request(ErrorCode::UnreadableBody, other.body_text()),
     }
 }

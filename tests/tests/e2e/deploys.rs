@@ -487,13 +487,7 @@ async fn bad_deployment_and_project_requests_are_refused() {
         )
         .await;
     assert_eq!((st, error_code(&v)), (409, "server_not_enrolled"));
-    let n: i64 =
-        s.t.db()
-            .await
-            .query_one("SELECT count(*) FROM deployments", &[])
-            .await
-            .expect("q")
-            .get(0);
+    let n = s.t.count("SELECT count(*) FROM deployments").await;
     assert_eq!(n, 0, "refused requests queued nothing");
 }
 
@@ -639,13 +633,7 @@ async fn a_rollback_goes_only_to_a_good_release_of_its_own_project_and_server() 
         "/v1/deployments/{}/rollback",
         good["id"].as_str().expect("id")
     );
-    let before: i64 =
-        s.t.db()
-            .await
-            .query_one("SELECT count(*) FROM deployments", &[])
-            .await
-            .expect("count")
-            .get(0);
+    let before = s.t.count("SELECT count(*) FROM deployments").await;
     for (body, status, code) in [
         (
             json!({"to_release": foreign["release_id"]}),
@@ -678,13 +666,7 @@ async fn a_rollback_goes_only_to_a_good_release_of_its_own_project_and_server() 
             .await
             .expect("post");
     assert_eq!(r.status().as_u16(), 415);
-    let after: i64 =
-        s.t.db()
-            .await
-            .query_one("SELECT count(*) FROM deployments", &[])
-            .await
-            .expect("count")
-            .get(0);
+    let after = s.t.count("SELECT count(*) FROM deployments").await;
     assert_eq!(after, before, "nothing was queued");
 
     // Environment changes that cannot both apply are refused, and nothing changes.

@@ -225,16 +225,6 @@ impl Fleet {
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null), replayed)
     }
-
-    async fn count(&self, sql: &str) -> i64 {
-        self.t
-            .db()
-            .await
-            .query_one(sql, &[])
-            .await
-            .expect("count")
-            .get(0)
-    }
 }
 
 #[tokio::test]
@@ -254,7 +244,7 @@ async fn a_retried_deploy_rollback_or_rollout_with_its_key_queues_nothing_new() 
         again["id"], first["id"],
         "the retry answers the first deployment"
     );
-    assert_eq!(f.count("SELECT count(*) FROM deployments").await, 1);
+    assert_eq!(f.t.count("SELECT count(*) FROM deployments").await, 1);
     // The same key for another request is refused, and queues nothing.
     let (status, err, _) = f
         .post_with_key(
@@ -265,7 +255,7 @@ async fn a_retried_deploy_rollback_or_rollout_with_its_key_queues_nothing_new() 
         .await;
     assert_eq!(status, 422, "{err}");
     assert_eq!(error_code(&err), "idempotency_key_reused");
-    assert_eq!(f.count("SELECT count(*) FROM deployments").await, 1);
+    assert_eq!(f.t.count("SELECT count(*) FROM deployments").await, 1);
     // A malformed key is refused before anything happens.
     let (status, err, _) = f
         .post_with_key("/v1/deployments", "has space", body.clone())
@@ -282,7 +272,7 @@ async fn a_retried_deploy_rollback_or_rollout_with_its_key_queues_nothing_new() 
     assert_eq!((status, replayed), (201, true));
     assert_eq!(rb2["id"], rb["id"]);
     assert_eq!(
-        f.count("SELECT count(*) FROM deployments WHERE kind = 'rollback'")
+        f.t.count("SELECT count(*) FROM deployments WHERE kind = 'rollback'")
             .await,
         1
     );
@@ -295,7 +285,7 @@ async fn a_retried_deploy_rollback_or_rollout_with_its_key_queues_nothing_new() 
     let (status, r2, replayed) = f.post_with_key("/v1/rollouts", "ro-1", rollout).await;
     assert_eq!((status, replayed), (201, true));
     assert_eq!(r2["id"], r1["id"]);
-    assert_eq!(f.count("SELECT count(*) FROM rollouts").await, 1);
+    assert_eq!(f.t.count("SELECT count(*) FROM rollouts").await, 1);
     // Keys are per account: another account's identical key is its own.
     let (other, _) = f.t.signup(&email(), PW).await;
     let r =

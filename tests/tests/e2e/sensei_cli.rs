@@ -152,12 +152,7 @@ fn served(app: &std::path::Path) -> String {
 }
 
 async fn deployments(t: &TestPlane) -> i64 {
-    t.db()
-        .await
-        .query_one("SELECT count(*) FROM deployments", &[])
-        .await
-        .expect("count")
-        .get(0)
+    t.count("SELECT count(*) FROM deployments").await
 }
 
 #[tokio::test]
