@@ -15,6 +15,7 @@ pub mod db;
 pub mod field_crypto;
 pub mod https;
 pub mod job_signing;
+pub mod jobs;
 pub mod login_throttle;
 pub mod mailer;
 pub mod maintenance;

@@ -14,8 +14,9 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::agents::AgentHub;
-use crate::api::deployments::{enqueue, enqueue_many, NewJob};
 use crate::audit::{self, Actor, AuditEvent, Outcome};
+use crate::jobs::queue::{enqueue, enqueue_many, NewJob};
+use crate::jobs::JobKind;
 
 const TICK: Duration = Duration::from_millis(250);
 
@@ -236,7 +237,7 @@ async fn step(
                     account_id: account,
                     created_by,
                     project_id: project,
-                    kind: "deploy",
+                    kind: JobKind::Deploy,
                     git_ref: Some(&git_ref),
                     rollback_of: None,
                     rollout_id: Some(id),
@@ -315,7 +316,7 @@ async fn step(
                         account_id: account,
                         created_by,
                         project_id: project,
-                        kind: "rollback",
+                        kind: JobKind::Rollback,
                         git_ref: None,
                         rollback_of: of,
                         rollout_id: Some(id),
@@ -373,7 +374,7 @@ async fn step(
     }
     tx.commit().await.map_err(db)?;
     for server in woken {
-        hub.wake(server);
+        hub.wakes.wake(server);
     }
     Ok(())
 }

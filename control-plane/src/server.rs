@@ -342,12 +342,13 @@ impl ControlPlane {
             agent_cert_days: AGENT_CERT_DAYS,
             job_key: job_key.clone(),
             keys: keys.clone(),
-            batches: crate::agents::batch::Batches::spawn(
+            jobs: crate::jobs::batch::JobBatches::spawn(
                 pool.clone(),
                 keys.clone(),
                 job_key.clone(),
                 hub.replica_id,
             ),
+            presence: crate::agents::presence::Presence::spawn(pool.clone(), hub.replica_id),
         });
         let endpoint = gateway::bind(
             options.agent_addr,
@@ -465,30 +466,11 @@ impl ControlPlane {
                 })
                 .run(shutdown_rx.clone()),
             ),
-            {
-                // Every replica expires queued jobs whose agent never came; the UPDATE is
-                // idempotent, so running it everywhere is harmless.
-                let pool = pool.clone();
-                let mut rx = shutdown_rx.clone();
-                let replica = hub.replica_id;
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-                    let mut beats = 0u64;
-                    loop {
-                        tokio::select! {
-                            _ = tick.tick() => {
-                                if beats.is_multiple_of(2) {
-                                    crate::agents::dispatch::heartbeat(&pool, replica).await;
-                                }
-                                beats += 1;
-                                crate::agents::dispatch::expire_queued(&pool).await;
-                            }
-                            _ = rx.changed() => break,
-                        }
-                    }
-                    crate::agents::dispatch::retire(&pool, replica).await;
-                })
-            },
+            tokio::spawn(crate::jobs::sweep::run(
+                pool.clone(),
+                hub.replica_id,
+                shutdown_rx.clone(),
+            )),
         ];
         let mut tasks = tasks;
         let metrics_addr = match metrics_listener {

@@ -25,9 +25,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
 use uuid::Uuid;
 
-use crate::agents::dispatch::{self, Claimed, CLAIMED_COLUMNS};
 use crate::agents::AgentHub;
 use crate::field_crypto::FieldKeys;
+use crate::jobs::claim::{self, Claimed};
+use crate::jobs::{record, sign};
 
 /// SSH deploys running at once on one replica.
 pub const DEFAULT_CONCURRENCY: usize = 32;
@@ -144,7 +145,7 @@ impl SshRunner {
                 }
             }
             tokio::select! {
-                _ = self.hub.any_job.notified() => {}
+                _ = self.hub.wakes.any.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => return,
             }
@@ -179,60 +180,19 @@ impl SshRunner {
     /// Claims the oldest queued job of an SSH server that has no job running, for an account
     /// with a slot left on this replica.
     async fn claim(self: &Arc<Self>) -> Result<Option<(Uuid, AccountSlot, Claimed)>, String> {
+        let db = |e: tokio_postgres::Error| crate::db::describe(&e);
         let mut client = self.pool.get().await.map_err(|e| e.to_string())?;
-        let candidates: Vec<(Uuid, Uuid)> = client
-            .query(
-                "SELECT DISTINCT d.server_id, s.account_id FROM deployments d JOIN servers s ON s.id = d.server_id \
-                 WHERE s.transport = 'ssh' AND d.status = 'queued' AND d.expires_at > now() LIMIT 200",
-                &[],
-            )
-            .await
-            .map_err(|e| crate::db::describe(&e))?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let candidates = claim::ssh_candidates(&client, 200).await.map_err(db)?;
         for (server_id, account) in candidates {
             // Given back (dropped) unless this server's job is claimed below.
             let Some(slot) = self.admit(account) else {
                 continue;
             };
-            let tx = client
-                .transaction()
+            if let Some(job) = claim::for_ssh(&mut client, self.hub.replica_id, server_id)
                 .await
-                .map_err(|e| crate::db::describe(&e))?;
-            // The server row's lock serialises claims for it across replicas.
-            let locked = tx
-                .query_opt(
-                    "SELECT 1 FROM servers WHERE id = $1 FOR UPDATE SKIP LOCKED",
-                    &[&server_id],
-                )
-                .await
-                .map_err(|e| crate::db::describe(&e))?;
-            let busy = tx
-                .query_opt(
-                    "SELECT 1 FROM deployments WHERE server_id = $1 AND status = 'running'",
-                    &[&server_id],
-                )
-                .await
-                .map_err(|e| crate::db::describe(&e))?;
-            if locked.is_none() || busy.is_some() {
-                continue;
-            }
-            let row = tx
-                .query_opt(
-                    &format!(
-                        "UPDATE deployments SET status = 'running', started_at = now(), dispatched_replica = $2 \
-                         WHERE id = (SELECT id FROM deployments WHERE server_id = $1 AND status = 'queued' \
-                                     AND expires_at > now() ORDER BY sequence LIMIT 1) \
-                         RETURNING {CLAIMED_COLUMNS}"
-                    ),
-                    &[&server_id, &self.hub.replica_id],
-                )
-                .await
-                .map_err(|e| crate::db::describe(&e))?;
-            tx.commit().await.map_err(|e| crate::db::describe(&e))?;
-            if let Some(row) = row {
-                return Ok(Some((server_id, slot, Claimed::from_row(&row))));
+                .map_err(db)?
+            {
+                return Ok(Some((server_id, slot, job)));
             }
         }
         Ok(None)
@@ -255,11 +215,11 @@ impl SshRunner {
             }
         };
         tracing::info!(%server_id, deployment = %job.id, succeeded = result.succeeded, "SSH deploy finished");
-        dispatch::finish(&self.pool, job.id, &result).await;
+        record::finish(&self.pool, job.id, &result).await;
     }
 
     async fn log(&self, id: Uuid, lines: Vec<LogLine>) {
-        dispatch::store_lines(&self.pool, id, &lines).await;
+        record::store_lines(&self.pool, id, &lines).await;
     }
 
     async fn deploy(&self, server_id: Uuid, job: &Claimed) -> Result<JobResult, Failure> {
@@ -320,16 +280,15 @@ impl SshRunner {
 
         // The same signed job an agent would get, checked the same way.
         let binding = credential.binding();
-        let signed = dispatch::sign(
-            &self.pool,
-            &self.keys,
-            job,
-            server_id,
-            binding,
-            &self.job_key,
-        )
-        .await
-        .map_err(|e| fail("dispatch", e))?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| fail("dispatch", e.to_string()))?;
+        let signed = sign::sign(&client, &self.keys, job, binding, &self.job_key)
+            .await
+            .map_err(|e| fail("dispatch", e.to_string()))?;
+        drop(client);
         let verifying = self.job_key.verifying_key();
         let payload = verify(
             &signed,

@@ -12,15 +12,10 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::AgentHub;
+use crate::jobs::wake::JOB_CHANNEL;
 
 /// The PostgreSQL channel of certificate changes.
 pub const CHANNEL: &str = "sensei_agent_certs";
-/// The PostgreSQL channel of queued jobs; the payload is the server id.
-pub const JOB_CHANNEL: &str = "sensei_jobs";
-/// The payload on [`JOB_CHANNEL`] that wakes every poll (sent for large batches of jobs).
-pub const WAKE_ALL: &str = "*";
-/// Batches of more jobs than this are announced with [`WAKE_ALL`].
-pub const WAKE_ALL_ABOVE: usize = 64;
 
 /// Loads every valid and revoked certificate into the hub (at start, and after the
 /// notification connection was lost, since notifications may have been missed).
@@ -107,7 +102,7 @@ pub fn apply(hub: &AgentHub, payload: &str) {
     }
 }
 
-/// Listens on [`CHANNEL`] and [`JOB_CHANNEL`] until `shutdown`, reconnecting (and reloading
+/// Listens on [`CHANNEL`] and on the jobs' [`JOB_CHANNEL`] until `shutdown`, reconnecting (and reloading
 /// the certificates) when the connection drops. Job polls re-check the table on their own
 /// every few seconds, so a wake-up missed during a reconnect only delays a job.
 pub async fn listen(
@@ -124,17 +119,13 @@ pub async fn listen(
                     tracing::warn!(error = %e, "reloading agent certificates failed");
                 }
                 // Jobs queued while nobody was listening were announced to no one.
-                hub.wake_all();
+                hub.wakes.wake_all();
                 loop {
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         message = messages.next() => match message {
                             Some((channel, payload)) if channel == JOB_CHANNEL => {
-                                if payload == WAKE_ALL {
-                                    hub.wake_all();
-                                } else if let Ok(server_id) = payload.parse::<Uuid>() {
-                                    hub.wake(server_id);
-                                }
+                                hub.wakes.apply(&payload);
                             }
                             Some((_, payload)) => apply(&hub, &payload),
                             None => break,

@@ -36,8 +36,10 @@ pub struct GatewayContext {
     pub job_key: ed25519_dalek::SigningKey,
     /// Opens projects' environments at dispatch.
     pub keys: std::sync::Arc<crate::field_crypto::FieldKeys>,
-    /// Claims, results and connection marks, written in batches.
-    pub batches: super::batch::Batches,
+    /// Claims and results of jobs, in batches.
+    pub jobs: crate::jobs::batch::JobBatches,
+    /// Which agents are connected here, written in batches.
+    pub presence: super::presence::Presence,
 }
 
 /// Why the gateway could not start.

@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
-
 use quinn::VarInt;
 use sensei_certs::{AgentCertStatus, AgentCertificateSet, Fingerprint};
 use sensei_shared::protocol::close;
 use uuid::Uuid;
+
+use crate::jobs::wake::JobWakes;
 
 /// One open agent connection.
 struct Live {
@@ -23,9 +23,8 @@ pub struct AgentHub {
     pub replica_id: Uuid,
     pub certificates: Arc<AgentCertificateSet>,
     live: Mutex<HashMap<Uuid, Live>>,
-    job_signals: Mutex<HashMap<Uuid, Arc<Notify>>>,
-    /// Any job was queued (the SSH runner waits on this).
-    pub any_job: Notify,
+    /// Who waits for jobs on this replica: agents' polls and the SSH runner.
+    pub wakes: JobWakes,
 }
 
 impl AgentHub {
@@ -34,39 +33,14 @@ impl AgentHub {
             replica_id: Uuid::new_v4(),
             certificates: Arc::new(AgentCertificateSet::new()),
             live: Mutex::new(HashMap::new()),
-            job_signals: Mutex::new(HashMap::new()),
-            any_job: Notify::new(),
+            wakes: JobWakes::default(),
         }
     }
 
-    /// The signal a server's job poll waits on.
-    pub fn job_signal(&self, server_id: Uuid) -> Arc<Notify> {
-        self.job_signals
-            .lock()
-            .map(|mut m| m.entry(server_id).or_default().clone())
-            .unwrap_or_default()
-    }
-
-    /// A job was queued for `server_id`: wake its poll if this replica holds it. A wake-up
-    /// with nobody waiting is kept for the next wait, so none is lost between check and wait.
-    pub fn wake(&self, server_id: Uuid) {
-        self.any_job.notify_one();
-        if let Ok(m) = self.job_signals.lock() {
-            if let Some(signal) = m.get(&server_id) {
-                signal.notify_one();
-            }
-        }
-    }
-
-    /// Wakes every waiting poll: after job notifications may have been missed (the LISTEN
-    /// connection was lost and came back), each poll looks at the queue once.
-    pub fn wake_all(&self) {
-        self.any_job.notify_one();
-        if let Ok(m) = self.job_signals.lock() {
-            for signal in m.values() {
-                signal.notify_one();
-            }
-        }
+    /// The sessions' lock. Nothing under it can panic but a bug, and a revocation must never
+    /// be skipped because of one: a poisoned lock stops the caller loudly.
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Live>> {
+        self.live.lock().expect("agent hub lock poisoned")
     }
 
     /// Records a new session; an older connection of the same server is closed. Refused when
@@ -80,7 +54,7 @@ impl AgentHub {
         fingerprint: Fingerprint,
     ) -> Result<(), AgentCertStatus> {
         let old = {
-            let mut live = self.live.lock().expect("agent hub lock poisoned");
+            let mut live = self.live();
             match self.certificates.status(&fingerprint) {
                 AgentCertStatus::Valid(id) if id == server_id => {}
                 AgentCertStatus::Valid(_) => return Err(AgentCertStatus::Unknown),
@@ -106,9 +80,7 @@ impl AgentHub {
     /// Forgets a session that ended. Returns whether it was still the registered one (a newer
     /// connection may have replaced it).
     pub fn unregister(&self, server_id: Uuid, connection: &quinn::Connection) -> bool {
-        let Ok(mut live) = self.live.lock() else {
-            return false;
-        };
+        let mut live = self.live();
         match live.get(&server_id) {
             Some(l) if l.connection.stable_id() == connection.stable_id() => {
                 live.remove(&server_id);
@@ -120,17 +92,14 @@ impl AgentHub {
 
     /// Whether `server_id` has a session on this replica.
     pub fn is_connected_here(&self, server_id: Uuid) -> bool {
-        self.live
-            .lock()
-            .map(|live| live.contains_key(&server_id))
-            .unwrap_or(false)
+        self.live().contains_key(&server_id)
     }
 
     /// Revokes certificates: they leave the valid set (the next handshake is refused) and any
     /// session using one is closed at once with the "revoked" code. The set changes under the
     /// sessions' lock, so no registration can slip between the two.
     pub fn revoke(&self, fingerprints: &[Fingerprint]) {
-        let mut live = self.live.lock().expect("agent hub lock poisoned");
+        let mut live = self.live();
         for fp in fingerprints {
             self.certificates.revoke(*fp);
         }
@@ -151,9 +120,7 @@ impl AgentHub {
     /// sized to the fleet (`backoff::restart_delay`), so that they do not all return in the
     /// same instant.
     pub fn close_all_for_restart(&self) {
-        let Ok(mut live) = self.live.lock() else {
-            return;
-        };
+        let mut live = self.live();
         let connected = live.len();
         for (_, l) in live.drain() {
             let delay_ms =
@@ -166,7 +133,7 @@ impl AgentHub {
     }
 
     pub fn connected_count(&self) -> usize {
-        self.live.lock().map(|l| l.len()).unwrap_or(0)
+        self.live().len()
     }
 }
 

@@ -3,16 +3,17 @@
 //! a token and a CSR into a certificate; [`session`] keeps a connected agent's control stream;
 //! [`hub`] is the live state (valid certificates, open connections) shared with the API;
 //! [`cert_events`] keeps every replica's hub in step through PostgreSQL NOTIFY;
-//! [`last_seen`] batches heartbeat writes; [`batch`] batches claims, results and connection
-//! marks.
+//! [`last_seen`] batches heartbeat writes; [`presence`] batches connection marks;
+//! [`dispatch`] serves an agent's job polls over the life of a job kept in
+//! [`crate::jobs`].
 
-pub mod batch;
 pub mod cert_events;
 pub mod dispatch;
 pub mod enroll;
 pub mod gateway;
 pub mod hub;
 pub mod last_seen;
+pub mod presence;
 pub mod session;
 
 pub use hub::AgentHub;

@@ -71,7 +71,7 @@ pub async fn run(
         connection.close(VarInt::from_u32(code), why);
         return;
     }
-    ctx.batches.connected(server_id, &agent_version);
+    ctx.presence.connected(server_id, &agent_version);
     tracing::info!(%server_id, %agent_version, peer = %connection.remote_address(), "agent connected");
     let welcome = ControlMessage::Welcome {
         heartbeat_secs: ctx.heartbeat.as_secs().max(1) as u32,
@@ -116,7 +116,7 @@ pub async fn run(
     // Boxed so that the database future does not size the whole (long-lived) session task.
     Box::pin(super::dispatch::fail_interrupted(ctx, server_id)).await;
     if ctx.hub.unregister(server_id, &connection) {
-        ctx.batches.disconnected(server_id);
+        ctx.presence.disconnected(server_id);
     }
     tracing::info!(%server_id, reason = ?connection.close_reason(), "agent disconnected");
 }

@@ -3,8 +3,6 @@
 //! is connected. Jobs for one server run one at a time, in the order they were queued: a
 //! second deploy waits in the queue behind the first.
 
-use std::time::Duration;
-
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -24,6 +22,8 @@ use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit;
 use crate::auth::Principal;
+use crate::jobs::queue::{enqueue, NewJob};
+use crate::jobs::{history, JobKind, JobStatus};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -116,54 +116,37 @@ pub async fn list(
         cursor: filter.cursor.clone(),
     }
     .page()?;
-    let one_of = |value: &Option<String>, name: &str, allowed: &[&str]| match value {
-        Some(v) if !allowed.contains(&v.as_str()) => Err(ApiError::bad_request(
-            ErrorCode::InvalidFilter,
-            format!("{name} must be one of {}", allowed.join(", ")),
-        )),
-        _ => Ok(()),
+    let filter = history::Filter {
+        project_id: filter.project_id,
+        server_id: filter.server_id,
+        status: one_of(
+            filter.status.as_deref(),
+            "status",
+            JobStatus::parse,
+            JobStatus::ALL,
+        )?,
+        kind: one_of(filter.kind.as_deref(), "kind", JobKind::parse, JobKind::ALL)?,
+        rollout_id: filter.rollout_id,
+        since: filter.since,
+        until: filter.until,
     };
-    one_of(
-        &filter.status,
-        "status",
-        &["queued", "running", "succeeded", "failed"],
-    )?;
-    one_of(&filter.kind, "kind", &["deploy", "rollback", "forget_env"])?;
-    // Absent filters are NULL parameters, so one statement (and one plan) serves them all.
-    let rows = state
-        .pool
-        .get()
-        .await?
-        .query(
-            &format!(
-                "{SELECT} AND ($2::uuid IS NULL OR d.project_id = $2) \
-                 AND ($3::uuid IS NULL OR d.server_id = $3) \
-                 AND ($4::text IS NULL OR d.status = $4) \
-                 AND ($5::text IS NULL OR d.kind = $5) \
-                 AND ($6::uuid IS NULL OR d.rollout_id = $6) \
-                 AND ($7::timestamptz IS NULL OR d.created_at >= $7) \
-                 AND ($8::timestamptz IS NULL OR d.created_at < $8){}",
-                Page::keyset_sql("d.created_at", "d.id", Order::NewestFirst, 9)
-            ),
-            &[
-                &principal.account_id,
-                &filter.project_id,
-                &filter.server_id,
-                &filter.status,
-                &filter.kind,
-                &filter.rollout_id,
-                &filter.since,
-                &filter.until,
-                &page.after_time(),
-                &page.after_id(),
-                &page.fetch(),
-            ],
-        )
-        .await?;
-    let (deployments, next_cursor) = page
-        .finish(rows.iter().map(view).collect(), |d: &DeploymentView| {
-            Cursor::at(d.created_at, d.id)
-        });
+    let keyset = Page::keyset_sql("d.created_at", "d.id", Order::NewestFirst, 9);
+    let client = state.pool.get().await?;
+    let rows = history::list(
+        &client,
+        principal.account_id,
+        &filter,
+        &history::Keyset {
+            sql: &keyset,
+            after: page.after_time().zip(page.after_id()),
+            fetch: page.fetch(),
+        },
+    )
+    .await?;
+    let (deployments, next_cursor) = page.finish(
+        rows.into_iter().map(view).collect(),
+        |d: &DeploymentView| Cursor::at(d.created_at, d.id),
+    );
     Ok(Json(DeploymentList {
         deployments,
         next_cursor,
@@ -206,165 +189,57 @@ pub struct QueuedBy {
     pub email: Option<String>,
 }
 
-const SELECT: &str =
-    "SELECT d.id, d.project_id, d.server_id, d.kind, d.git_ref, d.status, d.commit, \
-     d.release_id, d.sequence, d.error_step, d.error_message, d.rollback_of, d.rollout_id, \
-     d.created_by, u.email AS created_by_email, d.created_at, d.started_at, d.finished_at \
-     FROM deployments d LEFT JOIN users u ON u.id = d.created_by WHERE d.account_id = $1";
+/// A filter value that must be one of a stored enum's words.
+fn one_of<T: Copy + std::fmt::Display>(
+    value: Option<&str>,
+    name: &str,
+    parse: impl Fn(&str) -> Result<T, crate::jobs::UnknownValue>,
+    allowed: &[T],
+) -> Result<Option<T>, ApiError> {
+    value.map(parse).transpose().map_err(|_| {
+        let allowed: Vec<String> = allowed.iter().map(T::to_string).collect();
+        ApiError::bad_request(
+            ErrorCode::InvalidFilter,
+            format!("{name} must be one of {}", allowed.join(", ")),
+        )
+    })
+}
 
-fn view(r: &tokio_postgres::Row) -> DeploymentView {
-    let step: Option<String> = r.get("error_step");
-    let message: Option<String> = r.get("error_message");
-    let created_by: Option<Uuid> = r.get("created_by");
-    let started_at: Option<DateTime<Utc>> = r.get("started_at");
-    let finished_at: Option<DateTime<Utc>> = r.get("finished_at");
+fn view(d: history::Deployment) -> DeploymentView {
     DeploymentView {
-        id: r.get("id"),
-        project_id: r.get("project_id"),
-        server_id: r.get("server_id"),
-        kind: r.get("kind"),
-        git_ref: r.get("git_ref"),
-        status: r.get("status"),
-        commit: r.get("commit"),
-        release_id: r.get("release_id"),
-        sequence: r.get("sequence"),
-        error: step.map(|step| DeploymentError {
-            step,
-            message: message.unwrap_or_default(),
-        }),
-        rollback_of: r.get("rollback_of"),
-        rollout_id: r.get("rollout_id"),
-        queued_by: created_by.map(|user_id| QueuedBy {
-            user_id,
-            email: r.get("created_by_email"),
-        }),
-        created_at: r.get("created_at"),
-        started_at,
-        finished_at,
-        duration_secs: started_at
-            .zip(finished_at)
+        id: d.id,
+        project_id: d.project_id,
+        server_id: d.server_id,
+        kind: d.kind.as_str().to_owned(),
+        git_ref: d.git_ref,
+        status: d.status.as_str().to_owned(),
+        commit: d.commit,
+        release_id: d.release_id,
+        sequence: d.sequence,
+        error: d
+            .error
+            .map(|(step, message)| DeploymentError { step, message }),
+        rollback_of: d.rollback_of,
+        rollout_id: d.rollout_id,
+        queued_by: d
+            .created_by
+            .map(|(user_id, email)| QueuedBy { user_id, email }),
+        created_at: d.created_at,
+        started_at: d.started_at,
+        finished_at: d.finished_at,
+        duration_secs: d
+            .started_at
+            .zip(d.finished_at)
             .map(|(s, f)| (f - s).num_milliseconds() as f64 / 1000.0),
     }
 }
 
 async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<DeploymentView, ApiError> {
     let client = state.pool.get().await?;
-    let row = client
-        .query_opt(&format!("{SELECT} AND d.id = $2"), &[&account, &id])
-        .await?
-        .ok_or_else(|| ApiError::not_found("deployment"))?;
-    Ok(view(&row))
-}
-
-/// What to queue: the same for every server of one request.
-#[derive(Debug, Clone, Copy)]
-pub struct NewJob<'a> {
-    pub account_id: Uuid,
-    /// The user who asked (none for jobs the platform queues itself).
-    pub created_by: Option<Uuid>,
-    pub project_id: Uuid,
-    /// `deploy`, `rollback` or `forget_env`.
-    pub kind: &'a str,
-    pub git_ref: Option<&'a str>,
-    pub rollback_of: Option<Uuid>,
-    /// The rollout the job is part of.
-    pub rollout_id: Option<Uuid>,
-    /// The commit the ref must resolve to on the server (signed into the job).
-    pub expected_commit: Option<&'a str>,
-    /// A rollback's chosen release; `None`: the newest good one before `current`.
-    pub rollback_to: Option<&'a str>,
-    /// How long it waits for its server before it fails as unreachable.
-    pub timeout: Duration,
-}
-
-/// Queues `job` on each of `servers` that can take it, answering (server, job id) for those.
-///
-/// Release ids (computed in `enqueue_many`) sort by time: `YYYYMMDDHHMMSS-`, the server's job
-/// sequence number zero-padded (orders releases made within the same second), and six hex
-/// digits of the job id (unique even where several servers share one deploy path, e.g. NFS).
-pub async fn enqueue_many(
-    tx: &tokio_postgres::Transaction<'_>,
-    job: &NewJob<'_>,
-    servers: &[Uuid],
-) -> Result<Vec<(Uuid, Uuid)>, tokio_postgres::Error> {
-    let rows = tx
-        .query(
-            "WITH locked AS ( \
-               SELECT id FROM servers s WHERE id = ANY($1) AND account_id = $2 AND deleted_at IS NULL \
-                 AND ((transport = 'agent' AND EXISTS (SELECT 1 FROM agent_certificates c \
-                        WHERE c.server_id = s.id AND c.revoked_at IS NULL AND c.not_after > now())) \
-                   OR (transport = 'ssh' AND (ssh_private_key_ciphertext IS NOT NULL \
-                        OR ssh_password_ciphertext IS NOT NULL))) \
-               ORDER BY id FOR UPDATE), \
-             numbered AS ( \
-               UPDATE servers SET job_sequence = job_sequence + 1 FROM locked \
-               WHERE servers.id = locked.id RETURNING servers.id AS server, servers.job_sequence AS seq), \
-             jobs AS (SELECT gen_random_uuid() AS job, server, seq FROM numbered), \
-             queued AS ( \
-               INSERT INTO deployments (id, account_id, project_id, server_id, kind, git_ref, rollback_of, \
-                 sequence, release_id, status, created_by, expires_at, rollout_id, expected_commit) \
-               SELECT job, $2, $3, server, $4, $5, $6, seq, \
-                 CASE WHEN $4 = 'deploy' THEN to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISS') \
-                   || '-' || lpad(seq::text, 10, '0') || '-' || substr(job::text, 1, 6) \
-                   ELSE $11 END, \
-                 'queued', $7, now() + make_interval(secs => $8), $9, $10 \
-               FROM jobs RETURNING server_id, id) \
-             SELECT server_id, id FROM queued",
-            &[&servers, &job.account_id, &job.project_id, &job.kind, &job.git_ref,
-              &job.rollback_of, &job.created_by, &job.timeout.as_secs_f64(), &job.rollout_id,
-              &job.expected_commit, &job.rollback_to],
-        )
-        .await?;
-    let queued: Vec<(Uuid, Uuid)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    // Wake the servers' polls on every replica. A large batch sends one "everyone" notice
-    // instead of one per server: each replica then has all its polls look at the queue, in
-    // batched statements (10,000 notifications cost more than the rollout they announce).
-    if queued.len() > crate::agents::cert_events::WAKE_ALL_ABOVE {
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[
-                &crate::agents::cert_events::JOB_CHANNEL,
-                &crate::agents::cert_events::WAKE_ALL,
-            ],
-        )
-        .await?;
-    } else if !queued.is_empty() {
-        let servers: Vec<Uuid> = queued.iter().map(|(s, _)| *s).collect();
-        tx.execute(
-            "SELECT pg_notify($1, s::text) FROM unnest($2::uuid[]) AS s",
-            &[&crate::agents::cert_events::JOB_CHANNEL, &servers],
-        )
-        .await?;
-    }
-    Ok(queued)
-}
-
-/// Queues one job, saying clearly why a server cannot take it.
-pub async fn enqueue(
-    tx: &tokio_postgres::Transaction<'_>,
-    job: &NewJob<'_>,
-    server_id: Uuid,
-) -> Result<Uuid, ApiError> {
-    let queued = enqueue_many(tx, job, &[server_id]).await?;
-    if let Some((_, id)) = queued.first() {
-        return Ok(*id);
-    }
-    let transport: Option<String> = tx
-        .query_opt(
-            "SELECT transport FROM servers WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
-            &[&server_id, &job.account_id],
-        )
-        .await?
-        .map(|r| r.get(0));
-    match transport.as_deref() {
-        None => Err(ApiError::not_found("server")),
-        Some("ssh") => Err(ApiError::conflict(ErrorCode::ServerNotEnrolled,
-            "this SSH server has no stored credentials",
-        )),
-        Some(_) => Err(ApiError::conflict(ErrorCode::ServerNotEnrolled,
-            "this server has no valid agent certificate: enroll its agent first (a revoked agent is never reached by any other way)",
-        )),
-    }
+    let found = history::one(&client, account, id).await?;
+    Ok(view(
+        found.ok_or_else(|| ApiError::not_found("deployment"))?,
+    ))
 }
 
 /// Queues a deploy.
@@ -406,7 +281,7 @@ pub async fn create(
             account_id: principal.account_id,
             created_by: Some(principal.user_id),
             project_id: req.project_id,
-            kind: "deploy",
+            kind: JobKind::Deploy,
             git_ref: Some(git_ref),
             rollback_of: None,
             rollout_id: None,
@@ -433,7 +308,7 @@ pub async fn create(
         )
         .await?;
     tx.commit().await?;
-    state.agents.wake(req.server_id);
+    state.agents.wakes.wake(req.server_id);
     Ok((
         StatusCode::CREATED,
         Json(load(&state, principal.account_id, id).await?),
@@ -453,35 +328,28 @@ pub async fn show(
     Ok(Json(load(&state, principal.account_id, id).await?))
 }
 
+/// Lines sent per read (and per event-stream chunk).
+const LINES_PER_READ: i64 = 1000;
+
 async fn lines_after(
     state: &AppState,
     id: Uuid,
     after: i64,
-) -> Result<(Vec<LogEntry>, String), ApiError> {
+) -> Result<(Vec<LogEntry>, JobStatus), ApiError> {
     let client = state.pool.get().await?;
-    let rows = client
-        .query(
-            "SELECT id, at, stream, line FROM deployment_logs WHERE deployment_id = $1 AND id > $2 \
-             ORDER BY id LIMIT 1000",
-            &[&id, &after],
-        )
-        .await?;
-    let status: String = client
-        .query_one("SELECT status FROM deployments WHERE id = $1", &[&id])
-        .await?
-        .get(0);
-    let lines = rows
-        .iter()
-        .map(|r| LogEntry {
-            id: r.get(0),
-            at: r.get(1),
-            stream: match r.get::<_, i16>(2) {
+    let (stored, status) = history::lines_after(&client, id, after, LINES_PER_READ).await?;
+    let lines = stored
+        .into_iter()
+        .map(|l| LogEntry {
+            id: l.id,
+            at: l.at,
+            stream: match l.stream {
                 0 => "sensei",
                 1 => "stdout",
                 _ => "stderr",
             }
             .into(),
-            line: r.get(3),
+            line: l.line,
         })
         .collect();
     Ok((lines, status))
@@ -506,6 +374,7 @@ pub async fn logs(
     let mut after = q.after.unwrap_or(0);
     if !q.follow {
         let (lines, status) = lines_after(&state, id, after).await?;
+        let status = status.as_str().to_owned();
         let body = serde_json::to_vec(&DeploymentLog { status, lines })
             .map_err(|_| ApiError::internal("encoding log"))?;
         return Response::builder()
@@ -543,7 +412,7 @@ pub async fn logs(
                         ))
                     }
                 };
-                let finished = status == "succeeded" || status == "failed";
+                let finished = status.is_final();
                 if lines.is_empty() && !finished {
                     if live::wait_for_change(&mut changes, keep_alive).await {
                         continue;
@@ -562,11 +431,11 @@ pub async fn logs(
                     chunk.push_str(&format!("id: {}\nevent: line\ndata: {data}\n\n", l.id));
                 }
                 // The end is announced once every line has been sent.
-                let done = finished && lines.len() < 1000;
+                let done = finished && (lines.len() as i64) < LINES_PER_READ;
                 if done {
                     chunk.push_str(&format!(
                         "event: status\ndata: {}\n\n",
-                        json!({"status": status})
+                        json!({"status": status.as_str()})
                     ));
                 }
                 return Some((
@@ -629,14 +498,14 @@ pub async fn rollback(
     if let Some(to) = &to_release {
         // Only a release this project's deploys made on this server: the picker's list, and
         // never a directory some other project (or a hand) put there.
-        let made_here = tx
-            .query_opt(
-                "SELECT 1 FROM deployments WHERE account_id = $1 AND server_id = $2 \
-                 AND project_id = $3 AND kind = 'deploy' AND status = 'succeeded' AND release_id = $4",
-                &[&principal.account_id, &original.server_id, &original.project_id, to],
-            )
-            .await?
-            .is_some();
+        let made_here = history::made_release(
+            &*tx,
+            principal.account_id,
+            original.project_id,
+            original.server_id,
+            to,
+        )
+        .await?;
         if !made_here {
             return Err(ApiError::unprocessable(
                 ErrorCode::InvalidRelease,
@@ -650,7 +519,7 @@ pub async fn rollback(
             account_id: principal.account_id,
             created_by: Some(principal.user_id),
             project_id: original.project_id,
-            kind: "rollback",
+            kind: JobKind::Rollback,
             git_ref: None,
             rollback_of: Some(id),
             rollout_id: None,
@@ -683,7 +552,7 @@ pub async fn rollback(
         )
         .await?;
     tx.commit().await?;
-    state.agents.wake(original.server_id);
+    state.agents.wakes.wake(original.server_id);
     Ok((
         StatusCode::CREATED,
         Json(load(&state, principal.account_id, new_id).await?),

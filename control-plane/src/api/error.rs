@@ -251,6 +251,19 @@ impl From<tokio_postgres::Error> for ApiError {
     }
 }
 
+impl From<crate::jobs::queue::QueueError> for ApiError {
+    fn from(e: crate::jobs::queue::QueueError) -> Self {
+        use crate::jobs::queue::QueueError;
+        match e {
+            QueueError::NoSuchServer => ApiError::not_found("server"),
+            QueueError::NoSshCredentials | QueueError::AgentNotEnrolled => {
+                ApiError::conflict(ErrorCode::ServerNotEnrolled, e.to_string())
+            }
+            QueueError::Database(e) => e.into(),
+        }
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         tracing::error!(error = %e, "database pool");

@@ -19,6 +19,7 @@ use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit;
 use crate::auth::Principal;
+use crate::jobs;
 
 const MAX_ENV_VARS: usize = 500;
 const MAX_HOOKS: usize = 50;
@@ -514,23 +515,14 @@ pub async fn delete(
     // erases theirs (`shared/.env`). Queued first: that locks the servers before any
     // deployment row, in the order server deletion locks them. A server that cannot take a
     // job now (revoked, deleted) is skipped: nothing reaches it any more.
-    let deployed_to: Vec<Uuid> = tx
-        .query(
-            "SELECT DISTINCT server_id FROM deployments \
-             WHERE project_id = $1 AND kind = 'deploy' AND started_at IS NOT NULL",
-            &[&id],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let forgets = super::deployments::enqueue_many(
+    let deployed_to = jobs::queue::servers_deployed_to(&tx, id).await?;
+    let forgets = jobs::queue::enqueue_many(
         &tx,
-        &super::deployments::NewJob {
+        &jobs::queue::NewJob {
             account_id: principal.account_id,
             created_by: Some(principal.user_id),
             project_id: id,
-            kind: "forget_env",
+            kind: jobs::JobKind::ForgetEnv,
             git_ref: None,
             rollback_of: None,
             rollout_id: None,
@@ -543,14 +535,7 @@ pub async fn delete(
     .await?;
     // Nothing of a deleted project runs any more: its queued jobs fail now, and its
     // unfinished rollouts stop (they queue no further batch).
-    let failed = tx
-        .execute(
-            "UPDATE deployments SET status = 'failed', error_step = 'dispatch', \
-             error_message = 'the project was deleted', finished_at = now() \
-             WHERE project_id = $1 AND status = 'queued' AND kind <> 'forget_env'",
-            &[&id],
-        )
-        .await?;
+    let failed = jobs::record::fail_for_deleted_project(&tx, id).await?;
     let stopped = tx
         .execute(
             "UPDATE rollouts SET state = 'aborted', finished_at = now(), updated_at = now() \
@@ -576,7 +561,7 @@ pub async fn delete(
     .await?;
     tx.commit().await?;
     for (server, _) in &forgets {
-        state.agents.wake(*server);
+        state.agents.wakes.wake(*server);
     }
     Ok(StatusCode::NO_CONTENT)
 }

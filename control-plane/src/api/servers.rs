@@ -514,14 +514,7 @@ pub(super) async fn revoke_certificates(
     // Nothing queued for these agents may still reach them, and nobody may enroll with a
     // token issued before the revocation: their jobs fail now (not after the dispatch
     // timeout), and their unused tokens go.
-    tx.execute(
-        "UPDATE deployments d SET status = 'failed', error_step = 'dispatch', \
-         error_message = $2, finished_at = now() \
-         FROM servers s WHERE s.id = d.server_id AND s.transport = 'agent' \
-         AND d.server_id = ANY($1) AND d.status IN ('queued', 'running')",
-        &[&servers, &crate::agents::dispatch::CERTIFICATE_REVOKED],
-    )
-    .await?;
+    crate::jobs::record::fail_revoked(tx, servers).await?;
     tx.execute(
         "DELETE FROM enrollment_tokens WHERE server_id = ANY($1) AND used_at IS NULL",
         &[&servers],

@@ -191,8 +191,12 @@ async fn fleet_figures(state: &AppState) -> crate::metrics::FleetFigures {
                 })
             }
         };
-        let deployments =
-            by("SELECT status AS k, count(*) AS n FROM deployments GROUP BY status").await?;
+        let deployments = crate::jobs::history::count_by_status(&client)
+            .await
+            .ok()?
+            .into_iter()
+            .map(|(status, n)| (status.as_str().to_owned(), n))
+            .collect();
         let rollouts = by("SELECT state AS k, count(*) AS n FROM rollouts \
                            WHERE finished_at IS NULL GROUP BY state")
         .await?;

@@ -304,7 +304,7 @@ async fn a_replayed_job_is_refused_by_the_agent() {
         )
         .await
         .expect("requeue");
-    s.t.plane.agents().wake(s.agent.server_id);
+    s.t.plane.agents().wakes.wake(s.agent.server_id);
     let again =
         s.t.wait_deployment(&s.cookie, d["id"].as_str().expect("id"))
             .await;

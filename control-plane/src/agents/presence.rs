@@ -1,0 +1,96 @@
+//! Which replica holds which agent, and its version: `servers.connected_replica`,
+//! `last_seen_at` and `agent_version`, written in batches. Ten thousand agents reconnecting
+//! after a restart would otherwise be ten thousand statements; here one worker takes every
+//! mark waiting and writes them with two.
+
+use std::collections::HashMap;
+
+use deadpool_postgres::Pool;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::jobs::batch::worker;
+
+enum Mark {
+    Connected { server_id: Uuid, version: String },
+    Disconnected { server_id: Uuid },
+}
+
+/// The handle of the presence worker.
+pub struct Presence {
+    marks: mpsc::UnboundedSender<Mark>,
+}
+
+impl Presence {
+    /// Starts the worker; it stops when the handle is dropped.
+    pub fn spawn(pool: Pool, replica: Uuid) -> Self {
+        Self {
+            marks: worker(move |batch| {
+                let pool = pool.clone();
+                async move { mark_batch(&pool, replica, batch).await }
+            }),
+        }
+    }
+
+    /// Records, soon, that an agent connected to this replica.
+    pub fn connected(&self, server_id: Uuid, version: &str) {
+        let _ = self.marks.send(Mark::Connected {
+            server_id,
+            version: version.to_owned(),
+        });
+    }
+
+    /// Records, soon, that an agent left this replica (unless another replica has it).
+    pub fn disconnected(&self, server_id: Uuid) {
+        let _ = self.marks.send(Mark::Disconnected { server_id });
+    }
+}
+
+async fn mark_batch(pool: &Pool, replica: Uuid, batch: Vec<Mark>) {
+    // The last word per server wins: a quick disconnect and reconnect ends connected.
+    let mut last: HashMap<Uuid, Option<String>> = HashMap::new();
+    for mark in batch {
+        match mark {
+            Mark::Connected { server_id, version } => last.insert(server_id, Some(version)),
+            Mark::Disconnected { server_id } => last.insert(server_id, None),
+        };
+    }
+    let (mut up, mut versions, mut down) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, version) in last {
+        match version {
+            Some(v) => {
+                up.push(id);
+                versions.push(v);
+            }
+            None => down.push(id),
+        }
+    }
+    let Ok(client) = pool.get().await else {
+        tracing::warn!("cannot record agent connections: no database connection");
+        return;
+    };
+    if !up.is_empty() {
+        if let Err(e) = client
+            .execute(
+                "UPDATE servers s SET connected_replica = $2, last_seen_at = now(), agent_version = v.version \
+                 FROM unnest($1::uuid[], $3::text[]) AS v(id, version) WHERE s.id = v.id",
+                &[&up, &replica, &versions],
+            )
+            .await
+        {
+            tracing::warn!(error = %crate::db::describe(&e), "recording agent connections");
+        }
+    }
+    if !down.is_empty() {
+        if let Err(e) = client
+            .execute(
+                "UPDATE servers SET connected_replica = NULL, last_seen_at = now() \
+                 WHERE id = ANY($1) AND connected_replica = $2",
+                &[&down, &replica],
+            )
+            .await
+        {
+            tracing::warn!(error = %crate::db::describe(&e), "recording agent disconnections");
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Claims and results of agents' jobs, in batches. A fleet does the same thing at once: ten
+//! thousand agents reconnecting after a restart each look for a queued job; a rollout to ten
+//! thousand agents claims, signs and records ten thousand jobs. One statement per agent made
+//! PostgreSQL the bottleneck (docs/benchmarks.md). Here each kind of work has one worker that
+//! takes whatever requests are waiting (up to a limit) and serves them with one statement. An
+//! idle control plane sees batches of one, so nothing waits for a batch to fill.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use ed25519_dalek::SigningKey;
+use sensei_shared::job::SignedJob;
+use sensei_shared::protocol::JobResult;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::claim::{self, Claimed};
+use super::record::record_ends;
+use super::sign::{deploy_configs, sign_with, SignError};
+use crate::field_crypto::FieldKeys;
+
+/// Requests served by one statement at most.
+const MAX_BATCH: usize = 1000;
+
+/// What a poll's claim found.
+#[derive(Debug)]
+pub enum Dispatch {
+    /// Nothing to run now: no job queued, or the server's previous job is still running.
+    Idle,
+    /// A job claimed and signed for the asking connection.
+    Ready(Claimed, SignedJob),
+    /// A job claimed that could not be signed: it must be failed with this reason.
+    Unsignable(Claimed, SignError),
+}
+
+/// Why a claim could not be looked at.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClaimError {
+    #[error("the control plane is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Database(String),
+}
+
+struct ClaimRequest {
+    server_id: Uuid,
+    binding: [u8; 32],
+    reply: oneshot::Sender<Result<Dispatch, ClaimError>>,
+}
+
+struct FinishRequest {
+    id: Uuid,
+    result: JobResult,
+    reply: oneshot::Sender<()>,
+}
+
+/// What the workers need.
+struct Context {
+    pool: Pool,
+    keys: Arc<FieldKeys>,
+    job_key: SigningKey,
+    replica: Uuid,
+}
+
+/// Handles to the claim and finish workers.
+pub struct JobBatches {
+    claims: mpsc::UnboundedSender<ClaimRequest>,
+    finishes: mpsc::UnboundedSender<FinishRequest>,
+}
+
+/// One worker: waits for a request, takes every other one already waiting, serves them all.
+/// It stops when the last sender is dropped.
+pub fn worker<T, F, Fut>(work: F) -> mpsc::UnboundedSender<T>
+where
+    T: Send + 'static,
+    F: Fn(Vec<T>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel::<T>();
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            work(std::mem::take(&mut batch)).await;
+        }
+    });
+    tx
+}
+
+impl JobBatches {
+    /// Starts the workers; they stop when the last handle is dropped.
+    pub fn spawn(pool: Pool, keys: Arc<FieldKeys>, job_key: SigningKey, replica: Uuid) -> Self {
+        let ctx = Arc::new(Context {
+            pool,
+            keys,
+            job_key,
+            replica,
+        });
+        let (c1, c2) = (ctx.clone(), ctx);
+        Self {
+            claims: worker(move |batch| {
+                let ctx = c1.clone();
+                async move { claim_batch(&ctx, batch).await }
+            }),
+            finishes: worker(move |batch| {
+                let ctx = c2.clone();
+                async move { finish_batch(&ctx, batch).await }
+            }),
+        }
+    }
+
+    /// Claims the next job of `server_id` (if it may run one now) and signs it for
+    /// `binding`, the fingerprint of the certificate its connection presented.
+    pub async fn claim(&self, server_id: Uuid, binding: [u8; 32]) -> Result<Dispatch, ClaimError> {
+        let (reply, answer) = oneshot::channel();
+        self.claims
+            .send(ClaimRequest {
+                server_id,
+                binding,
+                reply,
+            })
+            .map_err(|_| ClaimError::ShuttingDown)?;
+        answer.await.map_err(|_| ClaimError::ShuttingDown)?
+    }
+
+    /// Records how a job ended (only if it is still running: an end is final); returns once
+    /// it is committed.
+    pub async fn finish(&self, id: Uuid, result: JobResult) {
+        let (reply, done) = oneshot::channel();
+        if self
+            .finishes
+            .send(FinishRequest { id, result, reply })
+            .is_ok()
+        {
+            let _ = done.await;
+        }
+    }
+}
+
+async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
+    // One (server, certificate) pair per server.
+    let mut sessions: Vec<(Uuid, Vec<u8>)> = batch
+        .iter()
+        .map(|r| (r.server_id, r.binding.to_vec()))
+        .collect();
+    sessions.sort_unstable();
+    sessions.dedup_by(|a, b| a.0 == b.0);
+    let looked_up = async {
+        let client = ctx
+            .pool
+            .get()
+            .await
+            .map_err(|e| ClaimError::Database(e.to_string()))?;
+        let db = |e: tokio_postgres::Error| ClaimError::Database(crate::db::describe(&e));
+        let claimed = claim::for_agents(&client, ctx.replica, &sessions)
+            .await
+            .map_err(db)?;
+        let jobs: Vec<&Claimed> = claimed.values().collect();
+        let configs = deploy_configs(&client, &jobs).await.map_err(db)?;
+        Ok::<_, ClaimError>((claimed, configs))
+    };
+    match looked_up.await {
+        Err(e) => {
+            for r in batch {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+        }
+        Ok((mut claimed, configs)) => {
+            for r in batch {
+                let answer = match claimed.remove(&r.server_id) {
+                    None => Dispatch::Idle,
+                    Some(job) => {
+                        let signed = match configs.get(&job.id) {
+                            Some(config) => {
+                                sign_with(config, &ctx.keys, &job, r.binding, &ctx.job_key)
+                            }
+                            None => Err(SignError::ProjectGone),
+                        };
+                        match signed {
+                            Ok(signed) => Dispatch::Ready(job, signed),
+                            Err(e) => Dispatch::Unsignable(job, e),
+                        }
+                    }
+                };
+                let _ = r.reply.send(Ok(answer));
+            }
+        }
+    }
+}
+
+async fn finish_batch(ctx: &Context, batch: Vec<FinishRequest>) {
+    let ends: Vec<(Uuid, &JobResult)> = batch.iter().map(|r| (r.id, &r.result)).collect();
+    let written = match ctx.pool.get().await {
+        Ok(client) => record_ends(&client, &ends)
+            .await
+            .map_err(|e| crate::db::describe(&e)),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(error) = written {
+        tracing::error!(%error, jobs = ends.len(), "recording the end of deployments");
+    }
+    drop(ends);
+    for r in batch {
+        let _ = r.reply.send(());
+    }
+}

@@ -1,0 +1,220 @@
+//! Jobs read back, for the API: the history of an account's deployments, one deployment, its
+//! status and its log. Rows become [`Deployment`]s read by column name, with the stored words
+//! parsed into their enums (a value this version does not know is an error, not a guess).
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{JobKind, JobStatus};
+
+/// One job as stored.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub server_id: Uuid,
+    pub kind: JobKind,
+    pub git_ref: Option<String>,
+    pub status: JobStatus,
+    pub commit: Option<String>,
+    pub release_id: Option<String>,
+    pub sequence: i64,
+    /// On failure: the step and why.
+    pub error: Option<(String, String)>,
+    pub rollback_of: Option<Uuid>,
+    pub rollout_id: Option<Uuid>,
+    /// Who queued it (none for jobs the platform queued), and their email while they are
+    /// still a member.
+    pub created_by: Option<(Uuid, Option<String>)>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const SELECT: &str =
+    "SELECT d.id, d.project_id, d.server_id, d.kind, d.git_ref, d.status, d.commit, \
+     d.release_id, d.sequence, d.error_step, d.error_message, d.rollback_of, d.rollout_id, \
+     d.created_by, u.email AS created_by_email, d.created_at, d.started_at, d.finished_at \
+     FROM deployments d LEFT JOIN users u ON u.id = d.created_by WHERE d.account_id = $1";
+
+impl Deployment {
+    fn from_row(r: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
+        let step: Option<String> = r.try_get("error_step")?;
+        let message: Option<String> = r.try_get("error_message")?;
+        let created_by: Option<Uuid> = r.try_get("created_by")?;
+        Ok(Self {
+            id: r.try_get("id")?,
+            project_id: r.try_get("project_id")?,
+            server_id: r.try_get("server_id")?,
+            kind: r.try_get("kind")?,
+            git_ref: r.try_get("git_ref")?,
+            status: r.try_get("status")?,
+            commit: r.try_get("commit")?,
+            release_id: r.try_get("release_id")?,
+            sequence: r.try_get("sequence")?,
+            error: step.map(|step| (step, message.unwrap_or_default())),
+            rollback_of: r.try_get("rollback_of")?,
+            rollout_id: r.try_get("rollout_id")?,
+            created_by: match created_by {
+                Some(id) => Some((id, r.try_get("created_by_email")?)),
+                None => None,
+            },
+            created_at: r.try_get("created_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+        })
+    }
+}
+
+/// Which deployments of an account to list; `None` is "any".
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub project_id: Option<Uuid>,
+    pub server_id: Option<Uuid>,
+    pub status: Option<JobStatus>,
+    pub kind: Option<JobKind>,
+    pub rollout_id: Option<Uuid>,
+    /// Queued at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Queued before.
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Where a page of the history starts, and how many rows to fetch.
+#[derive(Debug, Clone)]
+pub struct Keyset<'a> {
+    /// The ordering and limit clause over `d.created_at, d.id`, with placeholders `$9`
+    /// (time), `$10` (id) and `$11` (count).
+    pub sql: &'a str,
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub fetch: i64,
+}
+
+/// One page of an account's deployments.
+pub async fn list(
+    client: &tokio_postgres::Client,
+    account: Uuid,
+    filter: &Filter,
+    page: &Keyset<'_>,
+) -> Result<Vec<Deployment>, tokio_postgres::Error> {
+    // Absent filters are NULL parameters, so one statement (and one plan) serves them all.
+    let rows = client
+        .query(
+            &format!(
+                "{SELECT} AND ($2::uuid IS NULL OR d.project_id = $2) \
+                 AND ($3::uuid IS NULL OR d.server_id = $3) \
+                 AND ($4::text IS NULL OR d.status = $4) \
+                 AND ($5::text IS NULL OR d.kind = $5) \
+                 AND ($6::uuid IS NULL OR d.rollout_id = $6) \
+                 AND ($7::timestamptz IS NULL OR d.created_at >= $7) \
+                 AND ($8::timestamptz IS NULL OR d.created_at < $8){}",
+                page.sql
+            ),
+            &[
+                &account,
+                &filter.project_id,
+                &filter.server_id,
+                &filter.status,
+                &filter.kind,
+                &filter.rollout_id,
+                &filter.since,
+                &filter.until,
+                &page.after.map(|(t, _)| t),
+                &page.after.map(|(_, id)| id),
+                &page.fetch,
+            ],
+        )
+        .await?;
+    rows.iter().map(Deployment::from_row).collect()
+}
+
+/// One deployment of an account.
+pub async fn one(
+    client: &tokio_postgres::Client,
+    account: Uuid,
+    id: Uuid,
+) -> Result<Option<Deployment>, tokio_postgres::Error> {
+    client
+        .query_opt(&format!("{SELECT} AND d.id = $2"), &[&account, &id])
+        .await?
+        .as_ref()
+        .map(Deployment::from_row)
+        .transpose()
+}
+
+/// A deployment's log line as stored: its id, when, which stream (0 Sensei, 1 stdout,
+/// 2 stderr) and the text.
+#[derive(Debug, Clone)]
+pub struct StoredLine {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub stream: i16,
+    pub line: String,
+}
+
+/// Up to `limit` log lines after line `after`, and the deployment's status when they were
+/// read (so a follower knows whether more can come).
+pub async fn lines_after(
+    client: &tokio_postgres::Client,
+    id: Uuid,
+    after: i64,
+    limit: i64,
+) -> Result<(Vec<StoredLine>, JobStatus), tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT id, at, stream, line FROM deployment_logs WHERE deployment_id = $1 AND id > $2 \
+             ORDER BY id LIMIT $3",
+            &[&id, &after, &limit],
+        )
+        .await?;
+    let status: JobStatus = client
+        .query_one("SELECT status FROM deployments WHERE id = $1", &[&id])
+        .await?
+        .try_get("status")?;
+    let lines = rows
+        .iter()
+        .map(|r| {
+            Ok(StoredLine {
+                id: r.try_get("id")?,
+                at: r.try_get("at")?,
+                stream: r.try_get("stream")?,
+                line: r.try_get("line")?,
+            })
+        })
+        .collect::<Result<_, tokio_postgres::Error>>()?;
+    Ok((lines, status))
+}
+
+/// Whether a successful deploy of `project` on `server` made `release`: the only releases a
+/// rollback may be sent to.
+pub async fn made_release(
+    client: &impl tokio_postgres::GenericClient,
+    account: Uuid,
+    project: Uuid,
+    server: Uuid,
+    release: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM deployments WHERE account_id = $1 AND server_id = $2 \
+             AND project_id = $3 AND kind = 'deploy' AND status = 'succeeded' AND release_id = $4",
+            &[&account, &server, &project, &release],
+        )
+        .await?
+        .is_some())
+}
+
+/// How many deployments are in each status, for the metrics page.
+pub async fn count_by_status(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<(JobStatus, i64)>, tokio_postgres::Error> {
+    client
+        .query(
+            "SELECT status, count(*) AS n FROM deployments GROUP BY status",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("status")?, r.try_get("n")?)))
+        .collect()
+}

@@ -1,0 +1,116 @@
+//! Jobs that nobody will end are ended here, by every replica once a second (the updates
+//! are idempotent, so running them everywhere is harmless):
+//! - a queued job nobody collected before its deadline fails as "agent offline";
+//! - a running job whose replica is gone (no heartbeat for [`REPLICA_SILENCE_SECS`]) and
+//!   whose server did not report a result within [`ORPHAN_GRACE_SECS`] fails.
+//!
+//! Replicas say they are alive in the `replicas` table for the second rule.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::wake::JOB_CHANNEL;
+use super::Step;
+
+/// How long a replica may miss heartbeats before it counts as gone.
+pub const REPLICA_SILENCE_SECS: i64 = 15;
+/// How long a job handed out by a gone replica waits for its server to report, before it
+/// fails. (An agent notices a dead replica within its 60 s idle timeout, then reconnects and
+/// reports.)
+pub const ORPHAN_GRACE_SECS: i64 = 180;
+/// How often the sweep runs; a replica's heartbeat is written every other sweep.
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// Sweeps until `shutdown`, then says this replica is leaving.
+pub async fn run(pool: Pool, replica: Uuid, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SWEEP);
+    let mut sweeps = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if sweeps.is_multiple_of(2) {
+                    heartbeat(&pool, replica).await;
+                }
+                sweeps += 1;
+                sweep(&pool).await;
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    retire(&pool, replica).await;
+}
+
+/// Records `replica` as alive.
+pub async fn heartbeat(pool: &Pool, replica: Uuid) {
+    let written = match pool.get().await {
+        Ok(client) => client
+            .execute(
+                "INSERT INTO replicas (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+                &[&replica],
+            )
+            .await
+            .map(drop)
+            .map_err(|e| crate::db::describe(&e)),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(error) = written {
+        tracing::warn!(%error, "recording this replica's heartbeat");
+    }
+}
+
+/// A replica stopping cleanly says so: its jobs need not wait for the silence to be noticed.
+pub async fn retire(pool: &Pool, replica: Uuid) {
+    if let Ok(client) = pool.get().await {
+        if let Err(e) = client
+            .execute("DELETE FROM replicas WHERE id = $1", &[&replica])
+            .await
+        {
+            tracing::warn!(error = %crate::db::describe(&e), "retiring this replica");
+        }
+    }
+}
+
+/// One pass of both rules.
+pub async fn sweep(pool: &Pool) {
+    let Ok(client) = pool.get().await else {
+        return;
+    };
+    if let Err(e) = client
+        .execute(
+            "UPDATE deployments SET status = 'failed', error_step = $1, \
+             error_message = 'agent offline: the server''s agent did not collect the job in time; the application keeps running', \
+             finished_at = now() WHERE status = 'queued' AND expires_at <= now()",
+            &[&Step::Dispatch],
+        )
+        .await
+    {
+        tracing::warn!(error = %crate::db::describe(&e), "expiring queued deployments");
+    }
+    // A server runs one job at a time, so each orphan failed here may free its server's next
+    // job: its poll, on whichever replica, is told to look.
+    if let Err(e) = client
+        .execute(
+            "WITH orphans AS ( \
+               UPDATE deployments d SET status = 'failed', error_step = $3, \
+               error_message = 'the control plane replica running this deploy stopped and the server did not report a result', \
+               finished_at = now() \
+               WHERE d.status = 'running' AND d.started_at < now() - make_interval(secs => $1) \
+               AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = d.dispatched_replica \
+                               AND r.heartbeat_at > now() - make_interval(secs => $2)) \
+               RETURNING d.server_id) \
+             SELECT pg_notify($4, server_id::text) FROM orphans",
+            &[
+                &(ORPHAN_GRACE_SECS as f64),
+                &(REPLICA_SILENCE_SECS as f64),
+                &Step::Run,
+                &JOB_CHANNEL,
+            ],
+        )
+        .await
+    {
+        tracing::warn!(error = %crate::db::describe(&e), "failing orphaned deployments");
+    }
+}

@@ -1,0 +1,104 @@
+//! Waking whoever waits for a job: an agent's poll on the replica that holds its connection,
+//! and the SSH runner. A queued job is announced on [`JOB_CHANNEL`] in the transaction that
+//! queues it; every replica LISTENs (`runners`' certificate-event listener also carries this
+//! channel) and wakes its own waiters here. The table stays the truth: a wake-up only says
+//! "look now", and a missed one only delays a job until the next re-check.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+/// The PostgreSQL channel of queued jobs; the payload is the server id.
+pub const JOB_CHANNEL: &str = "sensei_jobs";
+/// The payload on [`JOB_CHANNEL`] that wakes every poll (sent for large batches of jobs).
+pub const WAKE_ALL: &str = "*";
+/// Batches of more jobs than this are announced with [`WAKE_ALL`].
+pub const WAKE_ALL_ABOVE: usize = 64;
+
+/// One replica's job waiters.
+#[derive(Default)]
+pub struct JobWakes {
+    /// Per server, the signal its poll waits on.
+    servers: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    /// Any job was queued (the SSH runner waits on this).
+    pub any: Notify,
+}
+
+impl JobWakes {
+    /// The signal a server's job poll waits on.
+    pub fn signal(&self, server_id: Uuid) -> Arc<Notify> {
+        self.lock().entry(server_id).or_default().clone()
+    }
+
+    /// A job was queued for `server_id`: wake its poll if this replica holds it. A wake-up
+    /// with nobody waiting is kept for the next wait, so none is lost between check and wait.
+    pub fn wake(&self, server_id: Uuid) {
+        self.any.notify_one();
+        if let Some(signal) = self.lock().get(&server_id) {
+            signal.notify_one();
+        }
+    }
+
+    /// Wakes every waiting poll: after job notifications may have been missed (the LISTEN
+    /// connection was lost and came back), each poll looks at the queue once.
+    pub fn wake_all(&self) {
+        self.any.notify_one();
+        for signal in self.lock().values() {
+            signal.notify_one();
+        }
+    }
+
+    /// Applies one notification from [`JOB_CHANNEL`]; anything unreadable is ignored, since
+    /// the periodic re-check finds the job anyway.
+    pub fn apply(&self, payload: &str) {
+        if payload == WAKE_ALL {
+            self.wake_all();
+        } else if let Ok(server_id) = payload.parse::<Uuid>() {
+            self.wake(server_id);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Notify>>> {
+        // Nothing runs under this lock that can panic (map lookups and `notify_one`), so a
+        // poisoned lock is a bug worth stopping on rather than a wake-up to skip quietly.
+        self.servers.lock().expect("job wake-up lock poisoned")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_wake_before_the_wait_is_kept_and_others_are_not_woken() {
+        let wakes = JobWakes::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let (sa, sb) = (wakes.signal(a), wakes.signal(b));
+        wakes.apply(&a.to_string());
+        // Kept for the next wait: `notified()` completes at once.
+        tokio::time::timeout(std::time::Duration::from_secs(1), sa.notified())
+            .await
+            .expect("a was woken");
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), sb.notified())
+                .await
+                .is_err(),
+            "b was not woken"
+        );
+        wakes.apply("not a server id");
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), sb.notified())
+                .await
+                .is_err(),
+            "garbage wakes nobody"
+        );
+        wakes.apply(WAKE_ALL);
+        for s in [&sa, &sb] {
+            tokio::time::timeout(std::time::Duration::from_secs(1), s.notified())
+                .await
+                .expect("everyone woken");
+        }
+    }
+}
