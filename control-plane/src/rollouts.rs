@@ -39,8 +39,8 @@ enum StepError {
     /// The stored strategy does not parse.
     #[error("stored strategy: {0}")]
     Strategy(#[from] serde_json::Error),
-    /// A target's batch number is negative.
-    #[error("target batch {0} out of range")]
+    /// A stored batch number (a target's, or the rollout's current one) is negative.
+    #[error("batch {0} out of range")]
     Batch(i32),
 }
 
