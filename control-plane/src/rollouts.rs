@@ -8,27 +8,41 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use sensei_shared::rollout::{decide, Decision, OnHalt, Progress, Strategy, TargetStatus};
+use sensei_shared::rollout::{
+    self, decide, statuses_by_batch, to_roll_back, Decision, PauseReason, Progress, RolloutState,
+    Strategy, Target, TargetStatus,
+};
 use serde_json::json;
 use tokio::sync::watch;
+use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::agents::AgentHub;
 use crate::audit::{self, Actor, AuditEvent, Outcome};
+use crate::field_crypto::FieldKeys;
 use crate::jobs::queue::{enqueue, enqueue_many, NewJob};
-use crate::jobs::JobKind;
+use crate::jobs::{history, JobKind};
 
 const TICK: Duration = Duration::from_millis(250);
 
-pub fn parse_status(s: &str) -> TargetStatus {
-    match s {
-        "running" => TargetStatus::Running,
-        "succeeded" => TargetStatus::Succeeded,
-        "failed" => TargetStatus::Failed,
-        "unreachable" => TargetStatus::Unreachable,
-        "skipped" => TargetStatus::Skipped,
-        _ => TargetStatus::Pending,
-    }
+/// Why a rollout could not be advanced this tick. The next tick tries again.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    /// No database connection was available.
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A statement failed; the transaction is rolled back.
+    #[error("database: {}", crate::db::describe(.0))]
+    Db(#[from] tokio_postgres::Error),
+    /// The row holds a value this version cannot read, so nothing is done to it.
+    #[error("stored rollout: {0}")]
+    Stored(#[from] rollout::Error),
+    /// The stored strategy does not parse.
+    #[error("stored strategy: {0}")]
+    Strategy(#[from] serde_json::Error),
+    /// A stored batch number (a target's, or the rollout's current one) is negative.
+    #[error("batch {0} out of range")]
+    Batch(i32),
 }
 
 /// Advances rollouts until `shutdown`.
@@ -49,22 +63,17 @@ pub async fn run(
     }
 }
 
-async fn tick(
-    pool: &Pool,
-    hub: &AgentHub,
-    keys: &crate::field_crypto::FieldKeys,
-) -> Result<(), String> {
-    let client = pool.get().await.map_err(|e| e.to_string())?;
+async fn tick(pool: &Pool, hub: &AgentHub, keys: &FieldKeys) -> Result<(), StepError> {
+    let client = pool.get().await?;
     let ids: Vec<Uuid> = client
         .query(
             "SELECT id FROM rollouts WHERE state = 'running' OR (state = 'halted' AND rolling_back) \
              ORDER BY created_at LIMIT 200",
             &[],
         )
-        .await
-        .map_err(|e| crate::db::describe(&e))?
+        .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| r.get("id"))
         .collect();
     drop(client);
     for id in ids {
@@ -93,124 +102,170 @@ fn system_event(
     }
 }
 
-async fn step(
-    pool: &Pool,
-    hub: &AgentHub,
-    keys: &crate::field_crypto::FieldKeys,
+/// A rollout row as the scheduler needs it.
+struct Rollout {
     id: Uuid,
-) -> Result<(), String> {
-    let db = |e: tokio_postgres::Error| crate::db::describe(&e);
-    let mut client = pool.get().await.map_err(|e| e.to_string())?;
-    let tx = client.transaction().await.map_err(db)?;
-    let Some(r) = tx
-        .query_opt(
-            "SELECT account_id, project_id, git_ref, strategy, state, current_batch, batch_done_at, \
-                    approved, rolling_back, created_by, commit FROM rollouts WHERE id = $1 FOR UPDATE SKIP LOCKED",
-            &[&id],
-        )
-        .await
-        .map_err(db)?
-    else {
-        return Ok(());
-    };
-    let account: Uuid = r.get(0);
-    let project: Uuid = r.get(1);
-    let git_ref: String = r.get(2);
-    let strategy: Strategy = serde_json::from_value(r.get(3)).map_err(|e| e.to_string())?;
-    let state: String = r.get(4);
-    let current_batch: Option<i32> = r.get(5);
-    let batch_done_at: Option<DateTime<Utc>> = r.get(6);
-    let approved: bool = r.get(7);
-    let rolling_back: bool = r.get(8);
-    let created_by: Option<Uuid> = r.get(9);
-    let mut commit: Option<String> = r.get(10);
+    account: Uuid,
+    project: Uuid,
+    git_ref: String,
+    strategy: Strategy,
+    state: RolloutState,
+    current_batch: Option<usize>,
+    batch_done_at: Option<DateTime<Utc>>,
+    approved: bool,
+    created_by: Option<Uuid>,
+    /// The commit every job deploys, once known.
+    commit: Option<String>,
+}
 
-    // Fold finished deployments into the targets. A job nobody collected is "unreachable".
-    tx.execute(
-        "UPDATE rollout_targets t SET \
-           status = CASE WHEN d.status = 'succeeded' THEN 'succeeded' \
-                         WHEN d.error_step = 'dispatch' THEN 'unreachable' ELSE 'failed' END, \
-           error = d.error_message \
-         FROM deployments d WHERE d.id = t.deployment_id AND t.rollout_id = $1 \
-           AND t.status = 'running' AND d.status IN ('succeeded', 'failed')",
+impl Rollout {
+    /// Locks and reads the rollout; `None` when another replica holds it, or it is gone.
+    async fn lock(tx: &Transaction<'_>, id: Uuid) -> Result<Option<Self>, StepError> {
+        let Some(r) = tx
+            .query_opt(
+                "SELECT account_id, project_id, git_ref, strategy, state, paused_reason, current_batch, \
+                        batch_done_at, approved, rolling_back, created_by, commit \
+                 FROM rollouts WHERE id = $1 FOR UPDATE SKIP LOCKED",
+                &[&id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let current_batch = match r.get::<_, Option<i32>>("current_batch") {
+            Some(b) => Some(usize::try_from(b).map_err(|_| StepError::Batch(b))?),
+            None => None,
+        };
+        Ok(Some(Self {
+            id,
+            account: r.get("account_id"),
+            project: r.get("project_id"),
+            git_ref: r.get("git_ref"),
+            strategy: serde_json::from_value(r.get("strategy"))?,
+            state: RolloutState::from_stored(
+                r.get("state"),
+                r.get("paused_reason"),
+                r.get("rolling_back"),
+            )?,
+            current_batch,
+            batch_done_at: r.get("batch_done_at"),
+            approved: r.get("approved"),
+            created_by: r.get("created_by"),
+            commit: r.get("commit"),
+        }))
+    }
+
+    /// How long a server has to collect a job of this rollout.
+    fn job_timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.strategy.unreachable_after_seconds))
+    }
+}
+
+/// The rollout's targets in rollout order: by batch, then position.
+async fn load_targets(tx: &Transaction<'_>, id: Uuid) -> Result<Vec<Target>, StepError> {
+    tx.query(
+        "SELECT server_id, batch, status, deployment_id FROM rollout_targets \
+         WHERE rollout_id = $1 ORDER BY batch, position",
         &[&id],
     )
-    .await
-    .map_err(db)?;
+    .await?
+    .iter()
+    .map(|t| {
+        let batch: i32 = t.get("batch");
+        Ok(Target {
+            server: t.get("server_id"),
+            batch: usize::try_from(batch).map_err(|_| StepError::Batch(batch))?,
+            status: t.get::<_, &str>("status").parse()?,
+            deployment: t.get("deployment_id"),
+        })
+    })
+    .collect()
+}
+
+/// Advances one rollout: load it, fold in what its jobs did, decide, apply, all in one
+/// transaction holding the row.
+async fn step(pool: &Pool, hub: &AgentHub, keys: &FieldKeys, id: Uuid) -> Result<(), StepError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let Some(mut rollout) = Rollout::lock(&tx, id).await? else {
+        return Ok(());
+    };
+
+    // Fold finished jobs into the targets. A job nobody collected is "unreachable".
+    let ends = history::rollout_job_ends(&tx, id).await?;
+    if !ends.is_empty() {
+        let deployments: Vec<Uuid> = ends.iter().map(|e| e.deployment).collect();
+        let statuses: Vec<&str> = ends
+            .iter()
+            .map(|e| TargetStatus::from_job_end(e.succeeded, e.undelivered).as_str())
+            .collect();
+        let errors: Vec<Option<&str>> = ends.iter().map(|e| e.message.as_deref()).collect();
+        tx.execute(
+            "UPDATE rollout_targets t SET status = e.status, error = e.error \
+             FROM unnest($2::uuid[], $3::text[], $4::text[]) AS e(deployment, status, error) \
+             WHERE t.rollout_id = $1 AND t.deployment_id = e.deployment",
+            &[&id, &deployments, &statuses, &errors],
+        )
+        .await?;
+    }
     // The first success fixes the commit the rest of the rollout deploys: a push to the
     // branch after the canary was approved does not reach the fleet.
-    if commit.is_none() {
-        commit = tx
-            .query_opt(
-                "UPDATE rollouts SET commit = first.commit FROM ( \
-                   SELECT d.commit FROM rollout_targets t JOIN deployments d ON d.id = t.deployment_id \
-                   WHERE t.rollout_id = $1 AND t.status = 'succeeded' AND d.commit ~ '^[0-9a-f]{40}$' \
-                   ORDER BY d.finished_at, d.id LIMIT 1) first \
-                 WHERE rollouts.id = $1 RETURNING rollouts.commit",
-                &[&id],
-            )
-            .await
-            .map_err(db)?
-            .map(|row| row.get(0));
-    }
-
-    if rolling_back {
-        let open: i64 = tx
-            .query_one(
-                "SELECT count(*) FROM rollout_targets t JOIN deployments d ON d.id = t.rollback_deployment_id \
-                 WHERE t.rollout_id = $1 AND d.status IN ('queued', 'running')",
-                &[&id],
-            )
-            .await
-            .map_err(db)?
-            .get(0);
-        if open == 0 {
+    if rollout.commit.is_none() {
+        rollout.commit = history::first_deployed_commit(&tx, id).await?;
+        if let Some(commit) = &rollout.commit {
             tx.execute(
-                "UPDATE rollouts SET state = 'rolled_back', rolling_back = false, finished_at = now(), \
-                 updated_at = now() WHERE id = $1",
-                &[&id],
+                "UPDATE rollouts SET commit = $2 WHERE id = $1",
+                &[&id, commit],
             )
-            .await
-            .map_err(db)?;
-            audit::append(
-                &tx,
-                keys.audit_keys(),
-                &system_event(account, "rollout.rolled_back", id, json!({})),
-            )
-            .await
-            .map_err(db)?;
+            .await?;
         }
-        return tx.commit().await.map_err(db);
-    }
-    if state != "running" {
-        return tx.commit().await.map_err(db);
     }
 
-    let targets = tx
-        .query(
-            "SELECT server_id, batch, status, deployment_id FROM rollout_targets \
-             WHERE rollout_id = $1 ORDER BY batch, position",
-            &[&id],
-        )
-        .await
-        .map_err(db)?;
-    let mut statuses: Vec<Vec<TargetStatus>> = Vec::new();
-    for t in &targets {
-        let batch = usize::try_from(t.get::<_, i32>(1)).unwrap_or(0);
-        while statuses.len() <= batch {
-            statuses.push(Vec::new());
+    let woken = match rollout.state {
+        RolloutState::Running => {
+            let targets = load_targets(&tx, id).await?;
+            let statuses = statuses_by_batch(&targets);
+            let decision = decide(&Progress {
+                strategy: &rollout.strategy,
+                statuses: &statuses,
+                current_batch: rollout.current_batch,
+                batch_done_at: rollout.batch_done_at.map(|t| t.timestamp()),
+                approved: rollout.approved,
+                now: Utc::now().timestamp(),
+            });
+            apply(&tx, keys, &rollout, &targets, decision).await?
         }
-        statuses[batch].push(parse_status(t.get(2)));
+        RolloutState::Halted { rolling_back: true } => {
+            finish_rollback(&tx, keys, &rollout).await?;
+            Vec::new()
+        }
+        // Paused or ended since the tick listed it: only an operator's command moves it on.
+        RolloutState::Paused(_)
+        | RolloutState::Halted {
+            rolling_back: false,
+        }
+        | RolloutState::Succeeded
+        | RolloutState::Aborted { .. }
+        | RolloutState::RolledBack => Vec::new(),
+    };
+    tx.commit().await?;
+    // Only once committed: a woken agent must find its job.
+    for server in woken {
+        hub.wakes.wake(server);
     }
-    let decision = decide(&Progress {
-        strategy: &strategy,
-        statuses: &statuses,
-        current_batch: current_batch.and_then(|b| usize::try_from(b).ok()),
-        batch_done_at: batch_done_at.map(|t| t.timestamp()),
-        approved,
-        now: Utc::now().timestamp(),
-    });
-    let mut woken = Vec::new();
+    Ok(())
+}
+
+/// Carries out the scheduler's decision for a running rollout. Returns the servers that got
+/// a job, to wake once the transaction is committed.
+async fn apply(
+    tx: &Transaction<'_>,
+    keys: &FieldKeys,
+    rollout: &Rollout,
+    targets: &[Target],
+    decision: Decision,
+) -> Result<Vec<Uuid>, StepError> {
+    let id = rollout.id;
     match decision {
         Decision::Wait | Decision::WaitUntil(_) => {}
         Decision::BatchDone => {
@@ -218,163 +273,182 @@ async fn step(
                 "UPDATE rollouts SET batch_done_at = now(), updated_at = now() WHERE id = $1",
                 &[&id],
             )
-            .await
-            .map_err(db)?;
+            .await?;
         }
-        Decision::StartBatch(batch) => {
-            let timeout = Duration::from_secs(u64::from(strategy.unreachable_after_seconds));
-            let batch_no = i32::try_from(batch).unwrap_or(i32::MAX);
-            // One job per target, each signed later for its own server; the whole batch is
-            // queued in one statement and every agent is woken at once.
-            let members: Vec<Uuid> = targets
-                .iter()
-                .filter(|t| t.get::<_, i32>(1) == batch_no)
-                .map(|t| t.get(0))
-                .collect();
-            let queued = enqueue_many(
-                &tx,
-                &NewJob {
-                    account_id: account,
-                    created_by,
-                    project_id: project,
-                    kind: JobKind::Deploy,
-                    git_ref: Some(&git_ref),
-                    rollback_of: None,
-                    rollout_id: Some(id),
-                    expected_commit: commit.as_deref(),
-                    rollback_to: None,
-                    timeout,
-                },
-                &members,
-            )
-            .await
-            .map_err(db)?;
-            let (servers, jobs): (Vec<Uuid>, Vec<Uuid>) = queued.into_iter().unzip();
-            tx.execute(
-                "UPDATE rollout_targets t SET status = 'running', deployment_id = q.job \
-                 FROM unnest($2::uuid[], $3::uuid[]) AS q(server, job) \
-                 WHERE t.rollout_id = $1 AND t.server_id = q.server",
-                &[&id, &servers, &jobs],
-            )
-            .await
-            .map_err(db)?;
-            tx.execute(
-                "UPDATE rollout_targets SET status = 'unreachable', \
-                 error = 'the server has no valid agent certificate or SSH credentials' \
-                 WHERE rollout_id = $1 AND batch = $2 AND status = 'pending'",
-                &[&id, &batch_no],
-            )
-            .await
-            .map_err(db)?;
-            woken.extend(servers);
-            tx.execute(
-                "UPDATE rollouts SET current_batch = $2, batch_done_at = NULL, updated_at = now() WHERE id = $1",
-                &[&id, &batch_no],
-            )
-            .await
-            .map_err(db)?;
-        }
+        Decision::StartBatch(batch) => return start_batch(tx, rollout, targets, batch).await,
         Decision::AwaitApproval => {
             tx.execute(
-                "UPDATE rollouts SET state = 'paused', paused_reason = 'awaiting approval after the canary', \
-                 updated_at = now() WHERE id = $1",
-                &[&id],
+                "UPDATE rollouts SET state = 'paused', paused_reason = $2, updated_at = now() \
+                 WHERE id = $1",
+                &[&id, &PauseReason::AwaitingApproval.as_str()],
             )
-            .await
-            .map_err(db)?;
+            .await?;
             audit::append(
-                &tx,
+                tx,
                 keys.audit_keys(),
-                &system_event(account, "rollout.awaiting_approval", id, json!({})),
+                &system_event(rollout.account, "rollout.awaiting_approval", id, json!({})),
             )
-            .await
-            .map_err(db)?;
+            .await?;
         }
-        Decision::Halt(reason) => {
-            tx.execute(
-                "UPDATE rollout_targets SET status = 'skipped' WHERE rollout_id = $1 AND status = 'pending'",
-                &[&id],
-            )
-            .await
-            .map_err(db)?;
-            let mut rolling = false;
-            if strategy.on_halt == OnHalt::Rollback {
-                let switched = tx
-                    .query(
-                        "SELECT server_id, deployment_id FROM rollout_targets \
-                         WHERE rollout_id = $1 AND status = 'succeeded'",
-                        &[&id],
-                    )
-                    .await
-                    .map_err(db)?;
-                for t in switched {
-                    let server: Uuid = t.get(0);
-                    let of: Option<Uuid> = t.get(1);
-                    let timeout =
-                        Duration::from_secs(u64::from(strategy.unreachable_after_seconds));
-                    let rollback = NewJob {
-                        account_id: account,
-                        created_by,
-                        project_id: project,
-                        kind: JobKind::Rollback,
-                        git_ref: None,
-                        rollback_of: of,
-                        rollout_id: Some(id),
-                        expected_commit: None,
-                        rollback_to: None,
-                        timeout,
-                    };
-                    if let Ok(rb) = enqueue(&tx, &rollback, server).await {
-                        tx.execute(
-                            "UPDATE rollout_targets SET rollback_deployment_id = $3 WHERE rollout_id = $1 AND server_id = $2",
-                            &[&id, &server, &rb],
-                        )
-                        .await
-                        .map_err(db)?;
-                        woken.push(server);
-                        rolling = true;
-                    }
-                }
-            }
-            tx.execute(
-                "UPDATE rollouts SET state = 'halted', halted_reason = $2, rolling_back = $3, updated_at = now(), \
-                 finished_at = CASE WHEN $3 THEN NULL ELSE now() END WHERE id = $1",
-                &[&id, &reason, &rolling],
-            )
-            .await
-            .map_err(db)?;
-            audit::append(
-                &tx,
-                keys.audit_keys(),
-                &system_event(
-                    account,
-                    "rollout.halted",
-                    id,
-                    json!({"reason": reason, "rolling_back": rolling}),
-                ),
-            )
-            .await
-            .map_err(db)?;
-        }
+        Decision::Halt(reason) => return halt(tx, keys, rollout, targets, &reason).await,
         Decision::Complete => {
             tx.execute(
                 "UPDATE rollouts SET state = 'succeeded', finished_at = now(), updated_at = now() WHERE id = $1",
                 &[&id],
             )
-            .await
-            .map_err(db)?;
+            .await?;
             audit::append(
-                &tx,
+                tx,
                 keys.audit_keys(),
-                &system_event(account, "rollout.succeeded", id, json!({})),
+                &system_event(rollout.account, "rollout.succeeded", id, json!({})),
             )
-            .await
-            .map_err(db)?;
+            .await?;
         }
     }
-    tx.commit().await.map_err(db)?;
-    for server in woken {
-        hub.wakes.wake(server);
+    Ok(Vec::new())
+}
+
+/// Queues one deploy job per target of `batch`, each signed later for its own server.
+async fn start_batch(
+    tx: &Transaction<'_>,
+    rollout: &Rollout,
+    targets: &[Target],
+    batch: usize,
+) -> Result<Vec<Uuid>, StepError> {
+    let id = rollout.id;
+    // `batch` indexes batches read from an i32 column, so it fits.
+    let batch_no = i32::try_from(batch).unwrap_or(i32::MAX);
+    let members: Vec<Uuid> = targets
+        .iter()
+        .filter(|t| t.batch == batch)
+        .map(|t| t.server)
+        .collect();
+    // The whole batch is queued in one statement and every agent is woken at once.
+    let queued = enqueue_many(
+        tx,
+        &NewJob {
+            account_id: rollout.account,
+            created_by: rollout.created_by,
+            project_id: rollout.project,
+            kind: JobKind::Deploy,
+            git_ref: Some(&rollout.git_ref),
+            rollback_of: None,
+            rollout_id: Some(id),
+            expected_commit: rollout.commit.as_deref(),
+            rollback_to: None,
+            timeout: rollout.job_timeout(),
+        },
+        &members,
+    )
+    .await?;
+    let (servers, jobs): (Vec<Uuid>, Vec<Uuid>) = queued.into_iter().unzip();
+    tx.execute(
+        "UPDATE rollout_targets t SET status = 'running', deployment_id = q.job \
+         FROM unnest($2::uuid[], $3::uuid[]) AS q(server, job) \
+         WHERE t.rollout_id = $1 AND t.server_id = q.server",
+        &[&id, &servers, &jobs],
+    )
+    .await?;
+    // A member that got no job has nothing to collect it with.
+    tx.execute(
+        "UPDATE rollout_targets SET status = 'unreachable', \
+         error = 'the server has no valid agent certificate or SSH credentials' \
+         WHERE rollout_id = $1 AND batch = $2 AND status = 'pending'",
+        &[&id, &batch_no],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE rollouts SET current_batch = $2, batch_done_at = NULL, updated_at = now() WHERE id = $1",
+        &[&id, &batch_no],
+    )
+    .await?;
+    Ok(servers)
+}
+
+/// Halts the rollout: targets not started are skipped and, when the strategy says so, every
+/// switched server gets a rollback job. Returns the servers that got one.
+async fn halt(
+    tx: &Transaction<'_>,
+    keys: &FieldKeys,
+    rollout: &Rollout,
+    targets: &[Target],
+    reason: &str,
+) -> Result<Vec<Uuid>, StepError> {
+    let id = rollout.id;
+    tx.execute(
+        "UPDATE rollout_targets SET status = 'skipped' WHERE rollout_id = $1 AND status = 'pending'",
+        &[&id],
+    )
+    .await?;
+    let mut woken = Vec::new();
+    for target in to_roll_back(&rollout.strategy, targets) {
+        let rollback = NewJob {
+            account_id: rollout.account,
+            created_by: rollout.created_by,
+            project_id: rollout.project,
+            kind: JobKind::Rollback,
+            git_ref: None,
+            rollback_of: target.deployment,
+            rollout_id: Some(id),
+            expected_commit: None,
+            rollback_to: None,
+            timeout: rollout.job_timeout(),
+        };
+        // A server that can take no job any more (deleted, no credentials) stays on the new
+        // release; that must not keep the others from rolling back.
+        if let Ok(job) = enqueue(tx, &rollback, target.server).await {
+            tx.execute(
+                "UPDATE rollout_targets SET rollback_deployment_id = $3 WHERE rollout_id = $1 AND server_id = $2",
+                &[&id, &target.server, &job],
+            )
+            .await?;
+            woken.push(target.server);
+        }
     }
+    // With no rollback job under way the halt is final at once.
+    let rolling_back = !woken.is_empty();
+    tx.execute(
+        "UPDATE rollouts SET state = 'halted', halted_reason = $2, rolling_back = $3, updated_at = now(), \
+         finished_at = CASE WHEN $3 THEN NULL ELSE now() END WHERE id = $1",
+        &[&id, &reason, &rolling_back],
+    )
+    .await?;
+    audit::append(
+        tx,
+        keys.audit_keys(),
+        &system_event(
+            rollout.account,
+            "rollout.halted",
+            id,
+            json!({"reason": reason, "rolling_back": rolling_back}),
+        ),
+    )
+    .await?;
+    Ok(woken)
+}
+
+/// Ends a halted rollout as `rolled_back` once none of its rollback jobs is queued or running.
+async fn finish_rollback(
+    tx: &Transaction<'_>,
+    keys: &FieldKeys,
+    rollout: &Rollout,
+) -> Result<(), StepError> {
+    let id = rollout.id;
+    let open = history::open_rollbacks(tx, id).await?;
+    if open > 0 {
+        return Ok(());
+    }
+    tx.execute(
+        "UPDATE rollouts SET state = 'rolled_back', rolling_back = false, finished_at = now(), \
+         updated_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    audit::append(
+        tx,
+        keys.audit_keys(),
+        &system_event(rollout.account, "rollout.rolled_back", id, json!({})),
+    )
+    .await?;
     Ok(())
 }

@@ -1,8 +1,13 @@
-//! Fleet-wide rollouts as a pure state machine: how targets are cut into batches, and what to
-//! do next given where every target stands. The control plane's scheduler persists the state
-//! in PostgreSQL and applies the decisions; nothing here reads a clock or a database.
+//! Fleet-wide rollouts as a pure state machine: how targets are cut into batches, what to do
+//! next given where every target stands, and which operator commands each state allows. The
+//! control plane's scheduler and API persist the state in PostgreSQL and apply the decisions;
+//! nothing here reads a clock or a database.
+
+use std::fmt;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// What to do when the failure budget is exceeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -109,12 +114,89 @@ pub enum TargetStatus {
 }
 
 impl TargetStatus {
+    /// The text stored in `rollout_targets.status` and shown by the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetStatus::Pending => "pending",
+            TargetStatus::Running => "running",
+            TargetStatus::Succeeded => "succeeded",
+            TargetStatus::Failed => "failed",
+            TargetStatus::Unreachable => "unreachable",
+            TargetStatus::Skipped => "skipped",
+        }
+    }
+
     pub fn is_final(self) -> bool {
         !matches!(self, TargetStatus::Pending | TargetStatus::Running)
     }
 
+    /// What a target becomes when its job ends: succeeded, or failed, or unreachable when the
+    /// job never reached its server.
+    pub fn from_job_end(succeeded: bool, undelivered: bool) -> Self {
+        match (succeeded, undelivered) {
+            (true, _) => TargetStatus::Succeeded,
+            (false, true) => TargetStatus::Unreachable,
+            (false, false) => TargetStatus::Failed,
+        }
+    }
+
     pub fn is_failure(self) -> bool {
         matches!(self, TargetStatus::Failed | TargetStatus::Unreachable)
+    }
+}
+
+impl FromStr for TargetStatus {
+    type Err = Error;
+
+    /// Reads a stored status. A text this version does not know is refused rather than taken
+    /// for `pending`: that would start a deploy the row never asked for.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "pending" => TargetStatus::Pending,
+            "running" => TargetStatus::Running,
+            "succeeded" => TargetStatus::Succeeded,
+            "failed" => TargetStatus::Failed,
+            "unreachable" => TargetStatus::Unreachable,
+            "skipped" => TargetStatus::Skipped,
+            _ => return Err(Error::UnknownTargetStatus(s.to_owned())),
+        })
+    }
+}
+
+/// One server of a rollout, as the scheduler sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub server: Uuid,
+    /// The batch it belongs to, 0 being the first (the canary's when there is one).
+    pub batch: usize,
+    pub status: TargetStatus,
+    /// Its deploy job, once its batch started.
+    pub deployment: Option<Uuid>,
+}
+
+/// The statuses of `targets` grouped by batch, as [`Progress::statuses`] wants them. A batch
+/// with no target (none is ever created so) is an empty group, so indices stay batch numbers.
+pub fn statuses_by_batch(targets: &[Target]) -> Vec<Vec<TargetStatus>> {
+    let mut batches: Vec<Vec<TargetStatus>> = Vec::new();
+    for t in targets {
+        if batches.len() <= t.batch {
+            batches.resize_with(t.batch + 1, Vec::new);
+        }
+        batches[t.batch].push(t.status);
+    }
+    batches
+}
+
+/// The targets to roll back when the rollout halts: with [`OnHalt::Rollback`], every target
+/// whose deploy succeeded (its server switched to the new release); with [`OnHalt::Stop`],
+/// none. Targets still running are left alone: their outcome is not known yet.
+pub fn to_roll_back<'t>(strategy: &Strategy, targets: &'t [Target]) -> Vec<&'t Target> {
+    match strategy.on_halt {
+        OnHalt::Stop => Vec::new(),
+        OnHalt::Rollback => targets
+            .iter()
+            .filter(|t| t.status == TargetStatus::Succeeded)
+            .collect(),
     }
 }
 
@@ -188,6 +270,227 @@ pub fn decide(p: &Progress<'_>) -> Decision {
         return Decision::WaitUntil(resume_at);
     }
     Decision::StartBatch(current + 1)
+}
+
+/// Why a rollout is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseReason {
+    /// `POST /v1/rollouts/{id}/pause`; `resume` lets it go on.
+    Operator,
+    /// The canary batch ended and the strategy wants `approve` before the next batch.
+    AwaitingApproval,
+}
+
+impl PauseReason {
+    /// The text stored in `rollouts.paused_reason` and shown by the API. Stored rows carry
+    /// these exact texts, so they never change.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::Operator => "paused by an operator",
+            PauseReason::AwaitingApproval => "awaiting approval after the canary",
+        }
+    }
+}
+
+impl FromStr for PauseReason {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        [PauseReason::Operator, PauseReason::AwaitingApproval]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| Error::UnknownPauseReason(s.to_owned()))
+    }
+}
+
+/// Where a rollout stands: the `state` column with the columns that qualify it
+/// (`paused_reason`, `rolling_back`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutState {
+    /// Batches start as the strategy allows.
+    Running,
+    /// No batch starts; deploys already running finish.
+    Paused(PauseReason),
+    /// The failure budget was exceeded. While `rolling_back`, the rollback jobs of the
+    /// switched servers are still queued or running; the rollout then ends `RolledBack`.
+    Halted { rolling_back: bool },
+    /// Every batch ran within the failure budget.
+    Succeeded,
+    /// Ended by an operator, or by the deletion of its project. `paused` is why it was paused
+    /// when that happened: the row keeps `paused_reason`, and a refused command mentions it.
+    Aborted { paused: Option<PauseReason> },
+    /// Halted, then every rollback job ended.
+    RolledBack,
+}
+
+impl RolloutState {
+    /// Reads the stored columns. Texts this version does not know are refused, never guessed:
+    /// acting on a misread state would start or stop deploys nobody asked for.
+    ///
+    /// `paused_reason` is kept only where it qualifies the state (paused, aborted) and
+    /// `rolling_back` only for a halted rollout; a project's deletion, for one, aborts a
+    /// rollout mid-rollback without clearing `rolling_back`.
+    pub fn from_stored(
+        state: &str,
+        paused_reason: Option<&str>,
+        rolling_back: bool,
+    ) -> Result<Self, Error> {
+        let paused = paused_reason.map(str::parse).transpose()?;
+        Ok(match state {
+            "running" => RolloutState::Running,
+            "paused" => RolloutState::Paused(paused.ok_or(Error::PausedWithoutReason)?),
+            "halted" => RolloutState::Halted { rolling_back },
+            "succeeded" => RolloutState::Succeeded,
+            "aborted" => RolloutState::Aborted { paused },
+            "rolled_back" => RolloutState::RolledBack,
+            _ => return Err(Error::UnknownState(state.to_owned())),
+        })
+    }
+
+    /// The text stored in `rollouts.state` and shown by the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Paused(_) => "paused",
+            RolloutState::Halted { .. } => "halted",
+            RolloutState::Succeeded => "succeeded",
+            RolloutState::Aborted { .. } => "aborted",
+            RolloutState::RolledBack => "rolled_back",
+        }
+    }
+
+    /// The value of `rollouts.paused_reason` in this state.
+    pub fn paused_reason(self) -> Option<PauseReason> {
+        match self {
+            RolloutState::Paused(reason) => Some(reason),
+            RolloutState::Aborted { paused } => paused,
+            _ => None,
+        }
+    }
+
+    /// Whether nothing will change the rollout any more (`finished_at` is set).
+    pub fn is_final(self) -> bool {
+        match self {
+            RolloutState::Running | RolloutState::Paused(_) => false,
+            RolloutState::Halted { rolling_back } => !rolling_back,
+            RolloutState::Succeeded | RolloutState::Aborted { .. } | RolloutState::RolledBack => {
+                true
+            }
+        }
+    }
+}
+
+/// What an operator asks of a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Resume,
+    Approve,
+    Abort,
+}
+
+impl Command {
+    /// The audit action recorded when the command is applied.
+    pub fn audit_action(self) -> &'static str {
+        match self {
+            Command::Pause => "rollout.paused",
+            Command::Resume => "rollout.resumed",
+            Command::Approve => "rollout.approved",
+            Command::Abort => "rollout.aborted",
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Command::Pause => "pause",
+            Command::Resume => "resume",
+            Command::Approve => "approve",
+            Command::Abort => "abort",
+        }
+    }
+}
+
+/// An allowed command, and the state it leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub command: Command,
+    pub from: RolloutState,
+    pub to: RolloutState,
+}
+
+impl Transition {
+    /// Whether the canary's approval is recorded, letting the scheduler go past it.
+    pub fn approves(&self) -> bool {
+        self.command == Command::Approve
+    }
+}
+
+/// A command the rollout's state does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub command: Command,
+    pub state: RolloutState,
+}
+
+/// The API's answer, e.g. "cannot resume a rollout that is paused (awaiting approval)":
+/// awaiting approval is named because it is the one pause `resume` does not end.
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot {} a rollout that is {}",
+            self.command.verb(),
+            self.state.as_str()
+        )?;
+        if self.state.paused_reason() == Some(PauseReason::AwaitingApproval) {
+            f.write_str(" (awaiting approval)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Applies an operator's command to a rollout in `state`.
+///
+/// Pause only while running; resume only what an operator paused, and approve only what
+/// awaits approval, so that `resume` never lets a rollout past its canary unapproved; abort
+/// while running or paused. Everything else has ended or is ending on its own.
+pub fn transition(state: RolloutState, command: Command) -> Result<Transition, Refused> {
+    use RolloutState::{Aborted, Paused, Running};
+    let to = match (state, command) {
+        (Running, Command::Pause) => Paused(PauseReason::Operator),
+        (Paused(PauseReason::Operator), Command::Resume)
+        | (Paused(PauseReason::AwaitingApproval), Command::Approve) => Running,
+        // The row keeps why it was paused, as it always has.
+        (Running | Paused(_), Command::Abort) => Aborted {
+            paused: state.paused_reason(),
+        },
+        _ => return Err(Refused { command, state }),
+    };
+    Ok(Transition {
+        command,
+        from: state,
+        to,
+    })
+}
+
+/// A stored rollout value this version cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// `rollouts.state` holds a text that names no [`RolloutState`].
+    #[error("unknown rollout state {0:?}")]
+    UnknownState(String),
+    /// `rollouts.paused_reason` holds a text that names no [`PauseReason`].
+    #[error("unknown pause reason {0:?}")]
+    UnknownPauseReason(String),
+    /// A paused rollout has no `paused_reason`, so neither resume nor approve would apply.
+    #[error("paused rollout without a pause reason")]
+    PausedWithoutReason,
+    /// `rollout_targets.status` holds a text that names no [`TargetStatus`].
+    #[error("unknown target status {0:?}")]
+    UnknownTargetStatus(String),
 }
 
 #[cfg(test)]
@@ -311,5 +614,398 @@ mod tests {
         .validate()
         .is_err());
         assert!(Strategy::default().validate().is_ok());
+    }
+
+    /// Every state the table can hold, each once.
+    fn every_state() -> Vec<RolloutState> {
+        use PauseReason::{AwaitingApproval, Operator};
+        let all = vec![
+            RolloutState::Running,
+            RolloutState::Paused(Operator),
+            RolloutState::Paused(AwaitingApproval),
+            RolloutState::Halted {
+                rolling_back: false,
+            },
+            RolloutState::Halted { rolling_back: true },
+            RolloutState::Succeeded,
+            RolloutState::Aborted { paused: None },
+            RolloutState::Aborted {
+                paused: Some(Operator),
+            },
+            RolloutState::Aborted {
+                paused: Some(AwaitingApproval),
+            },
+            RolloutState::RolledBack,
+        ];
+        // A new state stops this match from compiling, as a reminder to list it above.
+        for s in &all {
+            match s {
+                RolloutState::Running
+                | RolloutState::Paused(_)
+                | RolloutState::Halted { .. }
+                | RolloutState::Succeeded
+                | RolloutState::Aborted { .. }
+                | RolloutState::RolledBack => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_command_in_every_state() {
+        use Command::{Abort, Approve, Pause, Resume};
+        use PauseReason::{AwaitingApproval, Operator};
+        use RolloutState as S;
+        let halted = S::Halted {
+            rolling_back: false,
+        };
+        let rolling_back = S::Halted { rolling_back: true };
+        let aborted = |paused| S::Aborted { paused };
+        let table: Vec<(RolloutState, Command, Result<RolloutState, &str>)> = vec![
+            (S::Running, Pause, Ok(S::Paused(Operator))),
+            (
+                S::Running,
+                Resume,
+                Err("cannot resume a rollout that is running"),
+            ),
+            (
+                S::Running,
+                Approve,
+                Err("cannot approve a rollout that is running"),
+            ),
+            (S::Running, Abort, Ok(aborted(None))),
+            (
+                S::Paused(Operator),
+                Pause,
+                Err("cannot pause a rollout that is paused"),
+            ),
+            (S::Paused(Operator), Resume, Ok(S::Running)),
+            (
+                S::Paused(Operator),
+                Approve,
+                Err("cannot approve a rollout that is paused"),
+            ),
+            (S::Paused(Operator), Abort, Ok(aborted(Some(Operator)))),
+            (
+                S::Paused(AwaitingApproval),
+                Pause,
+                Err("cannot pause a rollout that is paused (awaiting approval)"),
+            ),
+            (
+                S::Paused(AwaitingApproval),
+                Resume,
+                Err("cannot resume a rollout that is paused (awaiting approval)"),
+            ),
+            (S::Paused(AwaitingApproval), Approve, Ok(S::Running)),
+            (
+                S::Paused(AwaitingApproval),
+                Abort,
+                Ok(aborted(Some(AwaitingApproval))),
+            ),
+            (halted, Pause, Err("cannot pause a rollout that is halted")),
+            (
+                halted,
+                Resume,
+                Err("cannot resume a rollout that is halted"),
+            ),
+            (
+                halted,
+                Approve,
+                Err("cannot approve a rollout that is halted"),
+            ),
+            (halted, Abort, Err("cannot abort a rollout that is halted")),
+            (
+                rolling_back,
+                Pause,
+                Err("cannot pause a rollout that is halted"),
+            ),
+            (
+                rolling_back,
+                Resume,
+                Err("cannot resume a rollout that is halted"),
+            ),
+            (
+                rolling_back,
+                Approve,
+                Err("cannot approve a rollout that is halted"),
+            ),
+            (
+                rolling_back,
+                Abort,
+                Err("cannot abort a rollout that is halted"),
+            ),
+            (
+                S::Succeeded,
+                Pause,
+                Err("cannot pause a rollout that is succeeded"),
+            ),
+            (
+                S::Succeeded,
+                Resume,
+                Err("cannot resume a rollout that is succeeded"),
+            ),
+            (
+                S::Succeeded,
+                Approve,
+                Err("cannot approve a rollout that is succeeded"),
+            ),
+            (
+                S::Succeeded,
+                Abort,
+                Err("cannot abort a rollout that is succeeded"),
+            ),
+            (
+                aborted(None),
+                Pause,
+                Err("cannot pause a rollout that is aborted"),
+            ),
+            (
+                aborted(None),
+                Resume,
+                Err("cannot resume a rollout that is aborted"),
+            ),
+            (
+                aborted(None),
+                Approve,
+                Err("cannot approve a rollout that is aborted"),
+            ),
+            (
+                aborted(None),
+                Abort,
+                Err("cannot abort a rollout that is aborted"),
+            ),
+            (
+                aborted(Some(Operator)),
+                Pause,
+                Err("cannot pause a rollout that is aborted"),
+            ),
+            (
+                aborted(Some(Operator)),
+                Resume,
+                Err("cannot resume a rollout that is aborted"),
+            ),
+            (
+                aborted(Some(Operator)),
+                Approve,
+                Err("cannot approve a rollout that is aborted"),
+            ),
+            (
+                aborted(Some(Operator)),
+                Abort,
+                Err("cannot abort a rollout that is aborted"),
+            ),
+            // The row of a rollout aborted while awaiting approval still says so.
+            (
+                aborted(Some(AwaitingApproval)),
+                Pause,
+                Err("cannot pause a rollout that is aborted (awaiting approval)"),
+            ),
+            (
+                aborted(Some(AwaitingApproval)),
+                Resume,
+                Err("cannot resume a rollout that is aborted (awaiting approval)"),
+            ),
+            (
+                aborted(Some(AwaitingApproval)),
+                Approve,
+                Err("cannot approve a rollout that is aborted (awaiting approval)"),
+            ),
+            (
+                aborted(Some(AwaitingApproval)),
+                Abort,
+                Err("cannot abort a rollout that is aborted (awaiting approval)"),
+            ),
+            (
+                S::RolledBack,
+                Pause,
+                Err("cannot pause a rollout that is rolled_back"),
+            ),
+            (
+                S::RolledBack,
+                Resume,
+                Err("cannot resume a rollout that is rolled_back"),
+            ),
+            (
+                S::RolledBack,
+                Approve,
+                Err("cannot approve a rollout that is rolled_back"),
+            ),
+            (
+                S::RolledBack,
+                Abort,
+                Err("cannot abort a rollout that is rolled_back"),
+            ),
+        ];
+        let states = every_state();
+        let commands = [Pause, Resume, Approve, Abort];
+        assert_eq!(table.len(), states.len() * commands.len());
+        for state in &states {
+            for command in commands {
+                let rows = table
+                    .iter()
+                    .filter(|(s, c, _)| s == state && *c == command)
+                    .count();
+                assert_eq!(
+                    rows, 1,
+                    "{command:?} in {state:?} must be in the table once"
+                );
+            }
+        }
+        for (state, command, expected) in table {
+            let answer = match transition(state, command) {
+                Ok(t) => {
+                    assert_eq!((t.command, t.from), (command, state));
+                    assert_eq!(t.approves(), command == Approve);
+                    Ok(t.to)
+                }
+                Err(refused) => {
+                    assert_eq!(refused, Refused { command, state });
+                    Err(refused.to_string())
+                }
+            };
+            assert_eq!(
+                answer,
+                expected.map_err(str::to_owned),
+                "{command:?} in {state:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn audit_actions_are_stable() {
+        assert_eq!(Command::Pause.audit_action(), "rollout.paused");
+        assert_eq!(Command::Resume.audit_action(), "rollout.resumed");
+        assert_eq!(Command::Approve.audit_action(), "rollout.approved");
+        assert_eq!(Command::Abort.audit_action(), "rollout.aborted");
+    }
+
+    #[test]
+    fn stored_states_read_back_and_garbage_is_refused() {
+        // Rows written by earlier versions carry these texts.
+        assert_eq!(PauseReason::Operator.as_str(), "paused by an operator");
+        assert_eq!(
+            PauseReason::AwaitingApproval.as_str(),
+            "awaiting approval after the canary"
+        );
+        for state in every_state() {
+            let rolling_back = state == RolloutState::Halted { rolling_back: true };
+            assert_eq!(
+                RolloutState::from_stored(
+                    state.as_str(),
+                    state.paused_reason().map(PauseReason::as_str),
+                    rolling_back
+                ),
+                Ok(state)
+            );
+        }
+        assert_eq!(
+            RolloutState::from_stored("finished", None, false),
+            Err(Error::UnknownState("finished".into()))
+        );
+        assert_eq!(
+            RolloutState::from_stored("paused", Some("awaiting approval"), false),
+            Err(Error::UnknownPauseReason("awaiting approval".into()))
+        );
+        assert_eq!(
+            RolloutState::from_stored("paused", None, false),
+            Err(Error::PausedWithoutReason)
+        );
+        // A deleted project aborts a rollout mid-rollback and leaves `rolling_back` set.
+        assert_eq!(
+            RolloutState::from_stored("aborted", None, true),
+            Ok(RolloutState::Aborted { paused: None })
+        );
+        for status in [Pending, Running, Succeeded, Failed, Unreachable, Skipped] {
+            assert_eq!(status.as_str().parse(), Ok(status));
+        }
+        assert_eq!(
+            "Pending".parse::<TargetStatus>(),
+            Err(Error::UnknownTargetStatus("Pending".into()))
+        );
+    }
+
+    #[test]
+    fn final_states_are_those_with_nothing_left_to_do() {
+        let finals: Vec<&str> = every_state()
+            .into_iter()
+            .filter(|s| s.is_final())
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(
+            finals,
+            [
+                "halted",
+                "succeeded",
+                "aborted",
+                "aborted",
+                "aborted",
+                "rolled_back"
+            ]
+        );
+        assert!(!RolloutState::Halted { rolling_back: true }.is_final());
+    }
+
+    fn target(n: u128, batch: usize, status: TargetStatus) -> Target {
+        Target {
+            server: Uuid::from_u128(n),
+            batch,
+            status,
+            deployment: (status != Pending).then(|| Uuid::from_u128(1000 + n)),
+        }
+    }
+
+    #[test]
+    fn halting_rolls_back_exactly_the_switched_targets() {
+        let targets = [
+            target(1, 0, Succeeded),
+            target(2, 1, Failed),
+            target(3, 1, Succeeded),
+            target(4, 1, Running),
+            target(5, 2, Unreachable),
+            target(6, 2, Pending),
+            target(7, 2, Skipped),
+        ];
+        let rollback = Strategy {
+            on_halt: OnHalt::Rollback,
+            ..Strategy::default()
+        };
+        assert_eq!(
+            to_roll_back(&rollback, &targets),
+            vec![&targets[0], &targets[2]]
+        );
+        assert_eq!(
+            to_roll_back(&Strategy::default(), &targets),
+            Vec::<&Target>::new()
+        );
+        assert_eq!(to_roll_back(&rollback, &[]), Vec::<&Target>::new());
+    }
+
+    #[test]
+    fn a_job_end_makes_its_target_succeeded_failed_or_unreachable() {
+        assert_eq!(TargetStatus::from_job_end(true, false), TargetStatus::Succeeded);
+        assert_eq!(TargetStatus::from_job_end(false, false), TargetStatus::Failed);
+        assert_eq!(TargetStatus::from_job_end(false, true), TargetStatus::Unreachable);
+        // A success cannot have been undelivered; it counts as a success whatever the flag.
+        assert_eq!(TargetStatus::from_job_end(true, true), TargetStatus::Succeeded);
+    }
+
+    #[test]
+    fn statuses_are_grouped_by_batch() {
+        let targets = [
+            target(1, 0, Succeeded),
+            target(2, 1, Running),
+            target(3, 1, Pending),
+            target(4, 3, Pending),
+        ];
+        assert_eq!(
+            statuses_by_batch(&targets),
+            vec![
+                vec![Succeeded],
+                vec![Running, Pending],
+                vec![],
+                vec![Pending]
+            ]
+        );
+        assert!(statuses_by_batch(&[]).is_empty());
     }
 }

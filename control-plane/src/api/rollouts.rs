@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use http::StatusCode;
-use sensei_shared::rollout::Strategy;
+use sensei_shared::rollout::{transition, Command, PauseReason, RolloutState, Strategy};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -465,63 +465,51 @@ pub async fn events(
     live::event_stream(stream)
 }
 
-/// Applies an operator's command if the rollout is in a state that allows it.
+/// Applies an operator's command if the rollout's state allows it.
 async fn command(
     state: &AppState,
     principal: &Principal,
     meta: &ClientMeta,
     id: Uuid,
-    action: &'static str,
+    command: Command,
 ) -> Result<Json<RolloutView>, ApiError> {
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let row = tx
         .query_opt(
-            "SELECT state, paused_reason FROM rollouts WHERE id = $1 AND account_id = $2 FOR UPDATE",
+            "SELECT state, paused_reason, rolling_back FROM rollouts \
+             WHERE id = $1 AND account_id = $2 FOR UPDATE",
             &[&id, &principal.account_id],
         )
         .await?
         .ok_or_else(|| ApiError::not_found("rollout"))?;
-    let current: String = row.get(0);
-    let awaiting = row
-        .get::<_, Option<String>>(1)
-        .is_some_and(|r| r.contains("approval"));
-    let refuse = |what: &str| {
-        Err(ApiError::conflict(
-            ErrorCode::InvalidState,
-            format!(
-                "cannot {what} a rollout that is {current}{}",
-                if awaiting { " (awaiting approval)" } else { "" }
-            ),
-        ))
-    };
-    let sql = match action {
-        "rollout.paused" if current == "running" => {
-            "UPDATE rollouts SET state = 'paused', paused_reason = 'paused by an operator' WHERE id = $1"
-        }
-        "rollout.resumed" if current == "paused" && !awaiting => {
-            "UPDATE rollouts SET state = 'running', paused_reason = NULL WHERE id = $1"
-        }
-        "rollout.approved" if current == "paused" && awaiting => {
-            "UPDATE rollouts SET state = 'running', paused_reason = NULL, approved = true WHERE id = $1"
-        }
-        "rollout.aborted" if current == "running" || current == "paused" => {
-            tx.execute(
-                "UPDATE rollout_targets SET status = 'skipped' WHERE rollout_id = $1 AND status = 'pending'",
-                &[&id],
-            )
-            .await?;
-            "UPDATE rollouts SET state = 'aborted', finished_at = now() WHERE id = $1"
-        }
-        "rollout.paused" => return refuse("pause"),
-        "rollout.resumed" => return refuse("resume"),
-        "rollout.approved" => return refuse("approve"),
-        _ => return refuse("abort"),
-    };
-    tx.execute(sql, &[&id]).await?;
+    let current = RolloutState::from_stored(
+        row.get("state"),
+        row.get("paused_reason"),
+        row.get("rolling_back"),
+    )
+    .map_err(|e| ApiError::internal(&format!("rollout {id}: {e}")))?;
+    let transition = transition(current, command)
+        .map_err(|refused| ApiError::conflict(ErrorCode::InvalidState, refused.to_string()))?;
+    if transition.to.is_final() {
+        // Targets not started never will be; running deploys finish.
+        tx.execute(
+            "UPDATE rollout_targets SET status = 'skipped' WHERE rollout_id = $1 AND status = 'pending'",
+            &[&id],
+        )
+        .await?;
+    }
     tx.execute(
-        "UPDATE rollouts SET updated_at = now() WHERE id = $1",
-        &[&id],
+        "UPDATE rollouts SET state = $2, paused_reason = $3, approved = approved OR $4, \
+           finished_at = CASE WHEN $5 THEN now() ELSE finished_at END, updated_at = now() \
+         WHERE id = $1",
+        &[
+            &id,
+            &transition.to.as_str(),
+            &transition.to.paused_reason().map(PauseReason::as_str),
+            &transition.approves(),
+            &transition.to.is_final(),
+        ],
     )
     .await?;
     audit::append(
@@ -530,9 +518,9 @@ async fn command(
         &actor_event(
             principal,
             meta,
-            action,
+            command.audit_action(),
             ("rollout", id),
-            json!({"from": current}),
+            json!({"from": transition.from.as_str()}),
         ),
     )
     .await?;
@@ -541,7 +529,7 @@ async fn command(
 }
 
 macro_rules! steering_route {
-    ($name:ident, $path:literal, $action:literal, $doc:literal) => {
+    ($name:ident, $path:literal, $command:expr, $doc:literal) => {
         #[doc = $doc]
         #[utoipa::path(post, path = $path, tag = "rollouts",
             params(("id" = Uuid, Path, description = "rollout id")),
@@ -553,7 +541,7 @@ macro_rules! steering_route {
             Extension(principal): Extension<Principal>,
             Path(id): Path<Uuid>,
         ) -> Result<Json<RolloutView>, ApiError> {
-            command(&state, &principal, &meta, id, $action).await
+            command(&state, &principal, &meta, id, $command).await
         }
     };
 }
@@ -561,24 +549,24 @@ macro_rules! steering_route {
 steering_route!(
     pause,
     "/v1/rollouts/{id}/pause",
-    "rollout.paused",
+    Command::Pause,
     "Stops starting new batches; running deploys finish."
 );
 steering_route!(
     resume,
     "/v1/rollouts/{id}/resume",
-    "rollout.resumed",
+    Command::Resume,
     "Resumes a paused rollout."
 );
 steering_route!(
     abort,
     "/v1/rollouts/{id}/abort",
-    "rollout.aborted",
+    Command::Abort,
     "Ends the rollout; targets not started are skipped."
 );
 steering_route!(
     approve,
     "/v1/rollouts/{id}/approve",
-    "rollout.approved",
+    Command::Approve,
     "Lets a rollout waiting after its canary continue."
 );

@@ -218,3 +218,70 @@ pub async fn count_by_status(
         .map(|r| Ok((r.try_get("status")?, r.try_get("n")?)))
         .collect()
 }
+
+/// A job of a rollout that ended while its target still shows it running.
+#[derive(Debug, Clone)]
+pub struct RolloutJobEnd {
+    pub deployment: Uuid,
+    pub succeeded: bool,
+    /// It never reached its server (the step the control plane failed it at was
+    /// [`Step::Dispatch`](super::Step::Dispatch)): the target was unreachable.
+    pub undelivered: bool,
+    pub message: Option<String>,
+}
+
+/// The jobs of `rollout` that ended since the scheduler last folded them into its targets.
+pub async fn rollout_job_ends(
+    tx: &tokio_postgres::Transaction<'_>,
+    rollout: Uuid,
+) -> Result<Vec<RolloutJobEnd>, tokio_postgres::Error> {
+    tx.query(
+        "SELECT d.id, d.status, d.error_step, d.error_message \
+         FROM rollout_targets t JOIN deployments d ON d.id = t.deployment_id \
+         WHERE t.rollout_id = $1 AND t.status = 'running' AND d.status IN ('succeeded', 'failed')",
+        &[&rollout],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        let status: JobStatus = r.try_get("status")?;
+        let step: Option<&str> = r.try_get("error_step")?;
+        Ok(RolloutJobEnd {
+            deployment: r.try_get("id")?,
+            succeeded: status == JobStatus::Succeeded,
+            undelivered: step == Some(super::Step::Dispatch.as_str()),
+            message: r.try_get("error_message")?,
+        })
+    })
+    .collect()
+}
+
+/// The commit the first successful job of `rollout` deployed (a full hex commit id only).
+pub async fn first_deployed_commit(
+    tx: &tokio_postgres::Transaction<'_>,
+    rollout: Uuid,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    tx.query_opt(
+        "SELECT d.commit FROM rollout_targets t JOIN deployments d ON d.id = t.deployment_id \
+         WHERE t.rollout_id = $1 AND t.status = 'succeeded' AND d.commit ~ '^[0-9a-f]{40}$' \
+         ORDER BY d.finished_at, d.id LIMIT 1",
+        &[&rollout],
+    )
+    .await?
+    .map(|r| r.try_get("commit"))
+    .transpose()
+}
+
+/// How many of `rollout`'s rollback jobs are still queued or running.
+pub async fn open_rollbacks(
+    tx: &tokio_postgres::Transaction<'_>,
+    rollout: Uuid,
+) -> Result<i64, tokio_postgres::Error> {
+    tx.query_one(
+        "SELECT count(*) AS n FROM rollout_targets t JOIN deployments d ON d.id = t.rollback_deployment_id \
+         WHERE t.rollout_id = $1 AND d.status IN ('queued', 'running')",
+        &[&rollout],
+    )
+    .await?
+    .try_get("n")
+}
