@@ -84,7 +84,9 @@ pub struct HelloSent(());
 
 impl<I: Instant> AgentSession<I> {
     /// A session on a connection just established at `now`, with the agent's step timeout
-    /// (how long the welcome may take).
+    /// (how long the welcome may take). Once welcomed, a control plane that acks no heartbeat
+    /// for [`super::SILENT_INTERVALS`] × the heartbeat interval + `step` is given up on: 105 s
+    /// with the defaults (30 s heartbeat, the agent's 15 s step).
     pub fn new(server_id: Uuid, agent_version: String, step: Duration, now: I) -> Self {
         Self {
             server_id,

@@ -90,7 +90,9 @@ impl ControlSessionError {
 impl<I: Instant> ControlSession<I> {
     /// A session for a connection whose certificate was issued to `server_id`, accepted at
     /// `now`. `heartbeat` is announced in the welcome (whole seconds, at least one); `step`
-    /// bounds the wait for the control stream and then for the hello.
+    /// bounds the wait for the control stream and then for the hello. Once welcomed, an agent
+    /// silent for [`super::SILENT_INTERVALS`] × `heartbeat` + `step` is closed: 100 s with the
+    /// control plane's defaults (30 s, 10 s), 13 s with the tests' 1 s heartbeat.
     pub fn new(server_id: Uuid, heartbeat: Duration, step: Duration, now: I) -> Self {
         let heartbeat_secs = u32::try_from(heartbeat.as_secs().max(1)).unwrap_or(u32::MAX);
         Self {
