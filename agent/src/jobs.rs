@@ -1,19 +1,22 @@
 //! The agent's job loop, on an established session: long-poll for the next job, verify it,
-//! run it with the release engine, stream its log, report how it ended, poll again.
+//! run it with the release engine, stream its log, report how it ended, poll again. The order
+//! of messages is `sensei_shared::session::AgentJob`'s; this drives it.
 
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
 use sensei_shared::codec::decode;
-use sensei_shared::codec::io::{read_frame, write_frame};
+use sensei_shared::codec::io::{write_frame, FrameReader};
 use sensei_shared::job::{verify, Expectations, JobPayload, JobTask, SignedJob};
-use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult, LogLine};
+use sensei_shared::protocol::{close, ControlMessage, JobResult, LogLine};
 use sensei_shared::release::{deploy_script, forget_env_script, rollback_script};
+use sensei_shared::session::{AgentJob, AgentJobAction, HelloSent};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::execute::run_script;
 use crate::identity::StateDir;
+use crate::session::StreamEnd;
 
 /// Log lines are sent in batches of at most this many, or every [`BATCH_INTERVAL`].
 const BATCH_LINES: usize = 200;
@@ -37,89 +40,124 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Reports a result left over from a connection that was lost before the control plane
-/// acknowledged it. Returns false if the connection failed meanwhile.
-async fn report_pending(connection: &quinn::Connection, ctx: &JobContext) -> bool {
-    let Some((job_id, result)) = ctx.state.pending_result() else {
-        return true;
-    };
-    let Ok((mut send, mut recv)) = connection.open_bi().await else {
-        return false;
-    };
-    if write_frame(&mut send, &AgentMessage::JobReport { job_id, result })
-        .await
-        .is_err()
-    {
-        return false;
-    }
-    match read_frame::<ControlMessage, _>(&mut recv).await {
-        Ok(Some(ControlMessage::JobRecorded)) => {
-            tracing::info!(%job_id, "reported the result of a job finished while disconnected");
-            ctx.state.clear_pending_result();
-            let _ = send.finish();
-            true
-        }
-        _ => false,
-    }
-}
-
-/// Polls and runs jobs until the connection ends.
-pub async fn job_loop(connection: &quinn::Connection, ctx: &JobContext) {
-    if !report_pending(connection, ctx).await {
-        return;
-    }
+/// Polls and runs jobs until the connection ends, or the control plane breaks the protocol on
+/// a job stream. Each stream is one exchange of [`AgentJob`]: a result kept from a lost
+/// connection is reported first, then each stream polls for the next job.
+pub async fn job_loop(
+    connection: &quinn::Connection,
+    ctx: &JobContext,
+    hello: HelloSent,
+) -> StreamEnd {
+    // A result reported once on this connection is not reported again if its copy on disk
+    // could not be removed: the control plane recorded it already.
+    let mut reported = None;
     loop {
+        let unreported = ctx
+            .state
+            .pending_result()
+            .filter(|(job_id, _)| reported != Some(*job_id));
         // Without a trustworthy replay floor no job can be checked: stop taking jobs (the
-        // session stays up, so the server shows as connected) until someone repairs it.
+        // session stays up, so the server shows as connected) until someone repairs it. A
+        // report needs no floor.
         let highest_sequence = match ctx.state.highest_sequence() {
             Ok(n) => n,
+            Err(_) if unreported.is_some() => 0,
             Err(e) => {
                 tracing::error!(error = %e, "the job sequence file is unusable; refusing every job until it is repaired (remove it only if no old job could be replayed)");
                 connection.closed().await;
-                return;
+                return StreamEnd::Connection;
             }
         };
-        let Ok((mut send, mut recv)) = connection.open_bi().await else {
-            return;
+        let reporting = unreported.as_ref().map(|(job_id, _)| *job_id);
+        let mut job = AgentJob::next(hello, unreported, highest_sequence);
+        let Ok((mut send, recv)) = connection.open_bi().await else {
+            return StreamEnd::Connection;
         };
-        let poll = AgentMessage::Poll { highest_sequence };
-        if write_frame(&mut send, &poll).await.is_err() {
-            return;
-        }
-        let job = match read_frame::<ControlMessage, _>(&mut recv).await {
-            Ok(Some(ControlMessage::Job(job))) => job,
-            _ => return,
-        };
-        let answer = handle(connection, ctx, &job, &mut send).await;
-        // Kept on disk until acknowledged: if the connection (or the control plane replica)
-        // dies now, the result is reported again after reconnecting.
-        if let AgentMessage::JobFinished { job_id, result } = &answer {
-            if let Err(e) = ctx.state.store_pending_result(*job_id, result) {
-                tracing::warn!(error = %e, "cannot keep the job's result on disk");
+        let mut recv = FrameReader::new(recv);
+        loop {
+            while let Some(action) = job.poll() {
+                match action {
+                    AgentJobAction::Send(message) => {
+                        if write_frame(&mut send, &message).await.is_err() {
+                            return StreamEnd::Connection;
+                        }
+                    }
+                    AgentJobAction::Run(signed) => {
+                        let answered =
+                            match run(connection, ctx, &signed, &mut job, &mut send).await {
+                                Answer::Finished { job_id, result } => job.finish(job_id, result),
+                                Answer::Refused { job_id, reason } => job.refuse(job_id, reason),
+                            };
+                        // Cannot fail: the machine asked to run the job, so one is running.
+                        if let Err(e) = answered {
+                            return StreamEnd::GiveUp {
+                                code: close::LEAVING,
+                                reason: e.to_string(),
+                            };
+                        }
+                    }
+                    // Kept on disk until acknowledged: if the connection (or the control plane
+                    // replica) dies now, the result is reported again after reconnecting.
+                    AgentJobAction::Keep { job_id, result } => {
+                        if let Err(e) = ctx.state.store_pending_result(job_id, &result) {
+                            tracing::warn!(error = %e, "cannot keep the job's result on disk");
+                        }
+                    }
+                    AgentJobAction::Forget { job_id } => {
+                        if reporting == Some(job_id) {
+                            tracing::info!(%job_id, "reported the result of a job finished while disconnected");
+                            reported = Some(job_id);
+                        }
+                        ctx.state.clear_pending_result();
+                    }
+                    AgentJobAction::Finish => {
+                        let _ = send.finish();
+                    }
+                }
+            }
+            if job.is_done() {
+                break;
+            }
+            match recv.next::<ControlMessage>().await {
+                Ok(Some(message)) => {
+                    if let Err(e) = job.handle(message) {
+                        return StreamEnd::GiveUp {
+                            code: e.close_code(),
+                            reason: e.to_string(),
+                        };
+                    }
+                }
+                Ok(None) | Err(_) => return StreamEnd::Connection,
             }
         }
-        if write_frame(&mut send, &answer).await.is_err() {
-            return;
-        }
-        match read_frame::<ControlMessage, _>(&mut recv).await {
-            Ok(Some(ControlMessage::JobRecorded)) => ctx.state.clear_pending_result(),
-            _ => return,
-        }
-        let _ = send.finish();
     }
 }
 
-/// Verifies and runs one job; returns the message that ends it.
-async fn handle(
+/// How a job ended on this server.
+enum Answer {
+    Finished {
+        job_id: Uuid,
+        result: JobResult,
+    },
+    /// Failed verification, not run.
+    Refused {
+        job_id: Option<Uuid>,
+        reason: String,
+    },
+}
+
+/// Verifies and runs one job, sending its log on `stream`; returns how it ended.
+async fn run(
     connection: &quinn::Connection,
     ctx: &JobContext,
     job: &SignedJob,
+    exchange: &mut AgentJob,
     send: &mut quinn::SendStream,
-) -> AgentMessage {
+) -> Answer {
     let highest_sequence = match ctx.state.highest_sequence() {
         Ok(n) => n,
         Err(e) => {
-            return AgentMessage::JobRefused {
+            return Answer::Refused {
                 job_id: None,
                 reason: format!("the agent's replay floor is unusable: {e}"),
             }
@@ -138,7 +176,7 @@ async fn handle(
             // The id of a job that failed verification is only a hint for the report.
             let job_id = decode::<JobPayload>(&job.payload).ok().map(|p| p.job_id);
             tracing::warn!(?job_id, reason = %rejection, "refused a job");
-            return AgentMessage::JobRefused {
+            return Answer::Refused {
                 job_id,
                 reason: rejection.to_string(),
             };
@@ -146,7 +184,7 @@ async fn handle(
     };
     let job_id = payload.job_id;
     if let Err(e) = ctx.state.store_sequence(payload.sequence) {
-        return AgentMessage::JobFinished {
+        return Answer::Finished {
             job_id,
             result: JobResult::failed(
                 "verify",
@@ -166,7 +204,7 @@ async fn handle(
         .and_then(|()| repo_url.map_or(Ok(()), |url| ctx.policy.permits_repository(url)));
     if let Err(reason) = allowed {
         tracing::warn!(%job_id, %reason, "refused a job this server's policy does not allow");
-        return AgentMessage::JobFinished {
+        return Answer::Finished {
             job_id,
             result: JobResult::failed("verify", reason),
         };
@@ -180,7 +218,7 @@ async fn handle(
     let script = match script {
         Ok(s) => s,
         Err(e) => {
-            return AgentMessage::JobFinished {
+            return Answer::Finished {
                 job_id,
                 result: JobResult::failed("verify", e.to_string()),
             }
@@ -204,19 +242,19 @@ async fn handle(
                     let (stream, text) = event.log_entry(line.stream);
                     batch.push(LogLine { stream, text });
                     if batch.len() >= BATCH_LINES {
-                        flush(send, job_id, &mut batch).await;
+                        flush(send, exchange, job_id, &mut batch).await;
                     }
                 }
                 None => break,
             },
-            _ = tick.tick() => flush(send, job_id, &mut batch).await,
+            _ = tick.tick() => flush(send, exchange, job_id, &mut batch).await,
             // Once: a closed connection stays ready, and the kill it asked for is under way.
             _ = connection.closed(), if !*cancel.borrow() => {
                 let _ = cancel.send(true);
             }
         }
     }
-    flush(send, job_id, &mut batch).await;
+    flush(send, exchange, job_id, &mut batch).await;
     let result = match (&mut run.0).await {
         Ok(Ok(report)) => {
             let verdict = report.verdict();
@@ -231,7 +269,7 @@ async fn handle(
         Err(e) => JobResult::failed("preflight", format!("the job's task failed: {e}")),
     };
     tracing::info!(%job_id, succeeded = result.succeeded, "job finished");
-    AgentMessage::JobFinished { job_id, result }
+    Answer::Finished { job_id, result }
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -242,10 +280,24 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-async fn flush(send: &mut quinn::SendStream, job_id: Uuid, batch: &mut Vec<LogLine>) {
+async fn flush(
+    send: &mut quinn::SendStream,
+    exchange: &mut AgentJob,
+    job_id: Uuid,
+    batch: &mut Vec<LogLine>,
+) {
     if batch.is_empty() {
         return;
     }
-    let lines = std::mem::take(batch);
-    let _ = write_frame(send, &AgentMessage::JobLog { job_id, lines }).await;
+    // While the job runs the machine queues nothing but its log.
+    if exchange.log(job_id, std::mem::take(batch)).is_err() {
+        return;
+    }
+    while let Some(action) = exchange.poll() {
+        if let AgentJobAction::Send(message) = action {
+            // A lost log line is not worth ending the job for; a lost connection shows
+            // itself to the loop above.
+            let _ = write_frame(send, &message).await;
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! `sensei-agent run`: keep one mTLS QUIC connection to the control plane, say hello, send
-//! heartbeats, and come back after any failure with jittered exponential backoff (or after the
+//! heartbeats (the protocol is `sensei_shared::session`; this is its driver), and come back after any failure with jittered exponential backoff (or after the
 //! delay the control plane suggested). A "revoked" close, or a handshake refused with the TLS
 //! alert `certificate_revoked`, ends the loop for good.
 
@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use quinn::{ConnectionError, TransportErrorCode, VarInt};
 use sensei_shared::backoff::Backoff;
-use sensei_shared::codec::io::{read_frame, write_frame};
-use sensei_shared::protocol::{
-    AgentMessage, CloseVerdict, ControlMessage, TLS_ALERT_CERTIFICATE_REVOKED,
-};
+use sensei_shared::codec::io::{write_frame, FrameReader};
+use sensei_shared::protocol::{close, CloseVerdict, ControlMessage, TLS_ALERT_CERTIFICATE_REVOKED};
+use sensei_shared::session::{AgentAction, AgentSession, HelloSent};
 use tokio::sync::watch;
+use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::identity::{Identity, IdentityError, StateDir};
 use crate::jobs::{job_loop, JobContext, JobPolicy};
@@ -176,65 +177,128 @@ async fn session(
         Ok(Err(e)) => return verdict(&e),
         Err(_) => return SessionEnd::Lost("handshake timed out".into()),
     };
-    // The control stream and the job loop share the connection; when it ends, both end.
-    // Biased: the control stream must be opened (and carry the hello) before the job loop
-    // opens its first poll stream, or the control plane reads a poll where it expects the
-    // hello and closes the connection (seen as a spurious first reconnect in the quickstart).
-    let end = tokio::select! {
-        biased;
-        end = control_stream(&connection, identity, backoff) => end,
-        () = job_loop(&connection, jobs) => None,
+    let server_id = identity.meta.server_id;
+    // The hello goes out on the control stream (the connection's first) before the job loop
+    // may open its first poll stream: the control plane reads a poll where it expects the
+    // hello as a protocol error. `HelloSent` is the proof the job loop needs.
+    let end = match ControlStream::open(&connection, server_id, crate::VERSION.into()).await {
+        Ok((control, hello)) => {
+            // The control stream and the job loop share the connection; when either ends,
+            // both end.
+            let welcomed = |_heartbeat| {
+                tracing::info!(%server_id, "connected to the control plane");
+                backoff.reset();
+            };
+            tokio::select! {
+                end = control.run(welcomed) => end,
+                end = job_loop(&connection, jobs, hello) => end,
+            }
+        }
+        Err(end) => end,
     };
     let end = match end {
-        Some(end) => end,
-        None => verdict(&connection.closed().await),
+        StreamEnd::Connection => verdict(&connection.closed().await),
+        StreamEnd::GiveUp { code, reason } => {
+            connection.close(VarInt::from_u32(code), reason.as_bytes());
+            SessionEnd::Lost(reason)
+        }
     };
-    connection.close(VarInt::from_u32(0), b"agent leaving");
-    endpoint.close(VarInt::from_u32(0), b"agent leaving");
+    connection.close(VarInt::from_u32(close::LEAVING), b"agent leaving");
+    endpoint.close(VarInt::from_u32(close::LEAVING), b"agent leaving");
     end
 }
 
-/// Hello, welcome, then heartbeats until the connection ends. `None`: the connection ended,
-/// and its close reason says why.
-async fn control_stream(
-    connection: &quinn::Connection,
-    identity: &Identity,
-    backoff: &mut Backoff,
-) -> Option<SessionEnd> {
-    let (mut send, mut recv) = connection.open_bi().await.ok()?;
-    let hello = AgentMessage::Hello {
-        server_id: identity.meta.server_id,
-        agent_version: crate::VERSION.into(),
-    };
-    write_frame(&mut send, &hello).await.ok()?;
-    let heartbeat =
-        match tokio::time::timeout(CONNECT_TIMEOUT, read_frame::<ControlMessage, _>(&mut recv))
-            .await
-        {
-            Ok(Ok(Some(ControlMessage::Welcome { heartbeat_secs }))) => {
-                Duration::from_secs(u64::from(heartbeat_secs.clamp(1, 300)))
-            }
-            Ok(Ok(Some(other))) => {
-                return Some(SessionEnd::Lost(format!("expected welcome, got {other:?}")))
-            }
-            _ => return None,
-        };
-    tracing::info!(server_id = %identity.meta.server_id, "connected to the control plane");
-    backoff.reset();
-    let mut tick = tokio::time::interval(heartbeat);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                write_frame(&mut send, &AgentMessage::Heartbeat).await.ok()?;
-            }
-            message = read_frame::<ControlMessage, _>(&mut recv) => match message {
-                Ok(Some(ControlMessage::HeartbeatAck)) => {}
-                Ok(Some(other)) => {
-                    return Some(SessionEnd::Lost(format!("unexpected message {other:?}")))
-                }
-                Ok(None) | Err(_) => return None,
-            },
+/// Why a stream's driver stopped.
+#[derive(Debug)]
+pub enum StreamEnd {
+    /// The stream or the connection failed or ended: the connection's close reason says why.
+    Connection,
+    /// The agent gives up on the session (the control plane broke the protocol or went
+    /// silent): close the connection with `code`; `reason` says why.
+    GiveUp { code: u32, reason: String },
+}
+
+impl StreamEnd {
+    fn give_up(code: u32, reason: impl ToString) -> Self {
+        StreamEnd::GiveUp {
+            code,
+            reason: reason.to_string(),
         }
+    }
+}
+
+/// The agent's control stream, driven by [`AgentSession`]: hello, welcome, heartbeats.
+pub struct ControlStream {
+    machine: AgentSession<Instant>,
+    send: quinn::SendStream,
+    recv: FrameReader<quinn::RecvStream>,
+}
+
+impl ControlStream {
+    /// Opens the control stream, the connection's first stream, and sends the hello on it.
+    /// The [`HelloSent`] returned lets job streams open.
+    pub async fn open(
+        connection: &quinn::Connection,
+        server_id: Uuid,
+        agent_version: String,
+    ) -> Result<(Self, HelloSent), StreamEnd> {
+        let machine = AgentSession::new(server_id, agent_version, CONNECT_TIMEOUT, Instant::now());
+        let (send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|_| StreamEnd::Connection)?;
+        let mut control = Self {
+            machine,
+            send,
+            recv: FrameReader::new(recv),
+        };
+        control.perform(&mut |_| {}).await?;
+        // The machine's first action is the hello, performed just above.
+        let hello = control
+            .machine
+            .hello_sent()
+            .ok_or_else(|| StreamEnd::give_up(close::LEAVING, "the hello was not sent"))?;
+        Ok((control, hello))
+    }
+
+    /// Waits for the welcome, then sends heartbeats until the session ends. `welcomed` is
+    /// called once, with the heartbeat interval, when the control plane welcomes the session.
+    pub async fn run(mut self, mut welcomed: impl FnMut(Duration)) -> StreamEnd {
+        loop {
+            if let Err(end) = self.perform(&mut welcomed).await {
+                return end;
+            }
+            let deadline = self.machine.poll_timeout();
+            let handled = tokio::select! {
+                message = self.recv.next::<ControlMessage>() => match message {
+                    Ok(Some(message)) => self.machine.handle(message, Instant::now()),
+                    Ok(None) | Err(_) => return StreamEnd::Connection,
+                },
+                () = sleep_until(deadline) => self.machine.handle_timeout(Instant::now()),
+            };
+            if let Err(e) = handled {
+                return StreamEnd::give_up(e.close_code(), e);
+            }
+        }
+    }
+
+    async fn perform(&mut self, welcomed: &mut impl FnMut(Duration)) -> Result<(), StreamEnd> {
+        while let Some(action) = self.machine.poll() {
+            match action {
+                AgentAction::Send(message) => write_frame(&mut self.send, &message)
+                    .await
+                    .map_err(|_| StreamEnd::Connection)?,
+                AgentAction::Established { heartbeat } => welcomed(heartbeat),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+pub async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }

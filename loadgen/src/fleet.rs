@@ -1,6 +1,7 @@
 //! Simulated agents: real certificates from the control plane's CA, real mTLS QUIC
-//! connections configured as the real agent's are, the real protocol, and jobs verified with
-//! the same function the agent uses. Only the release engine is left out: a verified job is
+//! connections configured as the real agent's are, the real protocol (the agent's own
+//! control-stream driver and the shared session machines), and jobs verified with the same
+//! function the agent uses. Only the release engine is left out: a verified job is
 //! answered "succeeded" at once.
 
 use std::collections::HashMap;
@@ -10,11 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
+use sensei_agent::session::{ControlStream, StreamEnd};
 use sensei_certs::{AgentKeyRequest, CertificateAuthority, Fingerprint};
 use sensei_shared::backoff::Backoff;
-use sensei_shared::codec::io::{read_frame, write_frame};
-use sensei_shared::job::{verify, Expectations, JobTask};
-use sensei_shared::protocol::{AgentMessage, CloseVerdict, ControlMessage, JobResult};
+use sensei_shared::codec::io::{write_frame, FrameReader};
+use sensei_shared::job::{verify, Expectations, JobTask, SignedJob};
+use sensei_shared::protocol::{CloseVerdict, ControlMessage, JobResult};
+use sensei_shared::session::{AgentJob, AgentJobAction, HelloSent, OutOfOrder};
 use tokio::sync::{watch, Notify, Semaphore};
 use uuid::Uuid;
 
@@ -264,35 +267,35 @@ impl SimAgent {
             Ok(Ok(c)) => c,
             _ => return self.failed(backoff),
         };
-        let Ok((mut send, mut recv)) = connection.open_bi().await else {
+        // The real agent's control-stream driver over the shared session machine.
+        let Ok((control, hello)) =
+            ControlStream::open(&connection, self.server_id, "loadgen".into()).await
+        else {
             return self.failed(backoff);
         };
-        let hello = AgentMessage::Hello {
-            server_id: self.server_id,
-            agent_version: "loadgen".into(),
-        };
-        if write_frame(&mut send, &hello).await.is_err() {
-            return self.failed(backoff);
-        }
-        let heartbeat = match read_frame::<ControlMessage, _>(&mut recv).await {
-            Ok(Some(ControlMessage::Welcome { heartbeat_secs })) => {
-                Duration::from_secs(u64::from(heartbeat_secs.clamp(1, 300)))
+        let mut permit = permit;
+        let mut welcomed = false;
+        let on_welcome = |_heartbeat| {
+            if let Ok(mut h) = self.shared.handshakes.lock() {
+                h.push(started.elapsed());
             }
-            _ => return self.after_close(&connection, backoff),
+            drop(permit.take());
+            *first = false;
+            backoff.reset();
+            welcomed = true;
+            self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+            self.shared.connected.fetch_add(1, Ordering::Relaxed);
         };
-        if let Ok(mut h) = self.shared.handshakes.lock() {
-            h.push(started.elapsed());
+        let end = tokio::select! {
+            end = control.run(on_welcome) => end,
+            () = self.jobs(&connection, highest_sequence, hello) => StreamEnd::Connection,
+        };
+        if welcomed {
+            self.shared.connected.fetch_sub(1, Ordering::Relaxed);
         }
-        drop(permit);
-        *first = false;
-        backoff.reset();
-        self.shared.sessions.fetch_add(1, Ordering::Relaxed);
-        self.shared.connected.fetch_add(1, Ordering::Relaxed);
-        tokio::select! {
-            _ = heartbeats(&mut send, &mut recv, heartbeat) => {}
-            _ = self.jobs(&connection, highest_sequence) => {}
+        if let StreamEnd::GiveUp { code, reason } = end {
+            connection.close(quinn::VarInt::from_u32(code), reason.as_bytes());
         }
-        self.shared.connected.fetch_sub(1, Ordering::Relaxed);
         self.after_close(&connection, backoff)
     }
 
@@ -317,88 +320,97 @@ impl SimAgent {
         }
     }
 
-    async fn jobs(&self, connection: &quinn::Connection, highest_sequence: &mut u64) {
+    /// Polls for jobs and answers each at once: verified ones "succeeded", the others
+    /// refused. Ends when the connection does or the control plane breaks the protocol.
+    async fn jobs(
+        &self,
+        connection: &quinn::Connection,
+        highest_sequence: &mut u64,
+        hello: HelloSent,
+    ) {
         loop {
-            let Ok((mut send, mut recv)) = connection.open_bi().await else {
+            // The simulated agent keeps no result across connections: nothing to report.
+            let mut exchange = AgentJob::next(hello, None, *highest_sequence);
+            let Ok((mut send, recv)) = connection.open_bi().await else {
                 return;
             };
-            let poll = AgentMessage::Poll {
-                highest_sequence: *highest_sequence,
-            };
-            if write_frame(&mut send, &poll).await.is_err() {
-                return;
-            }
-            let job = match read_frame::<ControlMessage, _>(&mut recv).await {
-                Ok(Some(ControlMessage::Job(job))) => job,
-                _ => return,
-            };
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            let expectations = Expectations {
-                key: &self.job_key,
-                server_id: self.server_id,
-                certificate_fingerprint: self.fingerprint,
-                highest_sequence: *highest_sequence,
-                now,
-            };
-            let answer = match verify(&job, &expectations) {
-                Ok(payload) => {
-                    *highest_sequence = payload.sequence;
-                    if let Ok(mut v) = self.shared.verified.lock() {
-                        v.insert(payload.job_id, Instant::now());
-                    }
-                    self.shared.verified_signal.notify_waiters();
-                    let release_id = match &payload.task {
-                        JobTask::Deploy(spec) => Some(spec.release_id.clone()),
-                        JobTask::Rollback(_) | JobTask::ForgetEnv(_) => None,
-                    };
-                    AgentMessage::JobFinished {
-                        job_id: payload.job_id,
-                        result: JobResult {
-                            succeeded: true,
-                            release_id,
-                            commit: Some("0".repeat(40)),
-                            error: None,
-                        },
+            let mut recv = FrameReader::new(recv);
+            loop {
+                while let Some(action) = exchange.poll() {
+                    match action {
+                        AgentJobAction::Send(message) => {
+                            if write_frame(&mut send, &message).await.is_err() {
+                                return;
+                            }
+                        }
+                        AgentJobAction::Run(job) => {
+                            if self.answer(&job, highest_sequence, &mut exchange).is_err() {
+                                return;
+                            }
+                        }
+                        AgentJobAction::Keep { .. } | AgentJobAction::Forget { .. } => {}
+                        AgentJobAction::Finish => {
+                            let _ = send.finish();
+                        }
                     }
                 }
-                Err(rejection) => {
-                    self.shared.refused.fetch_add(1, Ordering::Relaxed);
-                    AgentMessage::JobRefused {
-                        job_id: None,
-                        reason: rejection.to_string(),
-                    }
+                if exchange.is_done() {
+                    break;
                 }
-            };
-            if write_frame(&mut send, &answer).await.is_err() {
-                return;
+                match recv.next::<ControlMessage>().await {
+                    Ok(Some(message)) => {
+                        if exchange.handle(message).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => return,
+                }
             }
-            if !matches!(
-                read_frame::<ControlMessage, _>(&mut recv).await,
-                Ok(Some(ControlMessage::JobRecorded))
-            ) {
-                return;
-            }
-            let _ = send.finish();
         }
     }
-}
 
-async fn heartbeats(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                if write_frame(send, &AgentMessage::Heartbeat).await.is_err() {
-                    return;
+    /// Verifies a job as the agent does and answers it without running anything.
+    fn answer(
+        &self,
+        job: &SignedJob,
+        highest_sequence: &mut u64,
+        exchange: &mut AgentJob,
+    ) -> Result<(), OutOfOrder> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let expectations = Expectations {
+            key: &self.job_key,
+            server_id: self.server_id,
+            certificate_fingerprint: self.fingerprint,
+            highest_sequence: *highest_sequence,
+            now,
+        };
+        match verify(job, &expectations) {
+            Ok(payload) => {
+                *highest_sequence = payload.sequence;
+                if let Ok(mut v) = self.shared.verified.lock() {
+                    v.insert(payload.job_id, Instant::now());
                 }
+                self.shared.verified_signal.notify_waiters();
+                let release_id = match &payload.task {
+                    JobTask::Deploy(spec) => Some(spec.release_id.clone()),
+                    JobTask::Rollback(_) | JobTask::ForgetEnv(_) => None,
+                };
+                exchange.finish(
+                    payload.job_id,
+                    JobResult {
+                        succeeded: true,
+                        release_id,
+                        commit: Some("0".repeat(40)),
+                        error: None,
+                    },
+                )
             }
-            message = read_frame::<ControlMessage, _>(recv) => match message {
-                Ok(Some(ControlMessage::HeartbeatAck)) => {}
-                _ => return,
-            },
+            Err(rejection) => {
+                self.shared.refused.fetch_add(1, Ordering::Relaxed);
+                exchange.refuse(None, rejection.to_string())
+            }
         }
     }
 }

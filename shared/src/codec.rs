@@ -215,9 +215,105 @@ pub mod io {
         Ok(())
     }
 
+    /// Reads frames from a stream, keeping what has arrived of a frame between calls: unlike
+    /// [`read_frame`], [`FrameReader::next`] may be cancelled (a `select!` with a timer) and
+    /// called again without losing bytes.
+    #[derive(Debug)]
+    pub struct FrameReader<R> {
+        reader: R,
+        buffer: Vec<u8>,
+    }
+
+    impl<R: AsyncRead + Unpin> FrameReader<R> {
+        pub fn new(reader: R) -> Self {
+            Self {
+                reader,
+                buffer: Vec::new(),
+            }
+        }
+
+        /// The next frame. `Ok(None)` when the stream ended cleanly between frames. Cancel
+        /// safe: its only await is a `read_buf`, which either read bytes into the buffer or
+        /// did nothing.
+        pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+            loop {
+                if let Some(header) = self.buffer.first_chunk::<FRAME_HEADER_LEN>() {
+                    let len = frame_len(*header)?;
+                    let end = FRAME_HEADER_LEN + len;
+                    if self.buffer.len() >= end {
+                        let message = decode(&self.buffer[FRAME_HEADER_LEN..end]);
+                        self.buffer.drain(..end);
+                        return Ok(Some(message?));
+                    }
+                    // The length is bounded, so this is at most one frame's worth.
+                    self.buffer.reserve(end - self.buffer.len());
+                }
+                if self.reader.read_buf(&mut self.buffer).await? == 0 {
+                    if self.buffer.is_empty() {
+                        return Ok(None);
+                    }
+                    return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+        }
+
+        /// The stream read from.
+        pub fn get_mut(&mut self) -> &mut R {
+            &mut self.reader
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[tokio::test]
+        async fn a_frame_reader_survives_cancellation_mid_frame() {
+            let (mut a, b) = tokio::io::duplex(1024);
+            let mut frames = FrameReader::new(b);
+            let frame = super::super::encode_frame(&("split".to_string(), 9u32)).expect("enc");
+            a.write_all(&frame[..3]).await.expect("write");
+            // Cancelled while only part of the header has arrived.
+            let waited = tokio::time::timeout(
+                std::time::Duration::from_millis(20),
+                frames.next::<(String, u32)>(),
+            )
+            .await;
+            assert!(waited.is_err());
+            a.write_all(&frame[3..7]).await.expect("write");
+            let waited = tokio::time::timeout(
+                std::time::Duration::from_millis(20),
+                frames.next::<(String, u32)>(),
+            )
+            .await;
+            assert!(waited.is_err());
+            a.write_all(&frame[7..]).await.expect("write");
+            a.write_all(&frame).await.expect("write");
+            drop(a);
+            for _ in 0..2 {
+                let got: Option<(String, u32)> = frames.next().await.expect("read");
+                assert_eq!(got, Some(("split".into(), 9)));
+            }
+            let end: Option<(String, u32)> = frames.next().await.expect("eof");
+            assert_eq!(end, None);
+        }
+
+        #[tokio::test]
+        async fn a_frame_reader_refuses_oversize_and_truncated_frames() {
+            let (mut a, b) = tokio::io::duplex(64);
+            a.write_all(&u32::MAX.to_be_bytes()).await.expect("write");
+            let got: Result<Option<String>, _> = FrameReader::new(b).next().await;
+            assert!(matches!(
+                got,
+                Err(FrameError::Codec(CodecError::TooLong(_)))
+            ));
+            let (mut a, b) = tokio::io::duplex(64);
+            a.write_all(&10u32.to_be_bytes()).await.expect("write");
+            a.write_all(b"abc").await.expect("write");
+            drop(a);
+            let got: Result<Option<String>, _> = FrameReader::new(b).next().await;
+            assert!(matches!(got, Err(FrameError::Io(_))));
+        }
 
         #[tokio::test]
         async fn frames_cross_a_pipe_and_eof_is_clean() {

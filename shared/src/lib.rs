@@ -10,5 +10,6 @@ pub mod lines;
 pub mod protocol;
 pub mod release;
 pub mod rollout;
+pub mod session;
 
 pub use codec::{decode, encode, CodecError, MAX_MESSAGE_LEN};

@@ -5,8 +5,10 @@
 //! - **enrollment**: the agent has no certificate yet. It opens one bidirectional stream,
 //!   sends [`EnrollRequest`], reads [`EnrollResponse`], and the connection ends.
 //! - **session**: the agent presents its certificate. Its first bidirectional stream is the
-//!   control stream: [`AgentMessage::Hello`], then heartbeats; the control plane answers on it.
-//!   Jobs travel on further streams the agent opens to long-poll (added with deploys).
+//!   control stream: [`AgentMessage::Hello`], answered with [`ControlMessage::Welcome`], then
+//!   heartbeats, each answered with [`ControlMessage::HeartbeatAck`]. Jobs travel on further
+//!   streams the agent opens to long-poll, after the hello. The order of messages, the timers
+//!   and what breaks the protocol are the state machines of [`crate::session`].
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -114,6 +116,21 @@ pub enum AgentMessage {
     },
 }
 
+impl AgentMessage {
+    /// The message's name, for errors and logs (its content can be large or secret).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "Hello",
+            Self::Heartbeat => "Heartbeat",
+            Self::Poll { .. } => "Poll",
+            Self::JobLog { .. } => "JobLog",
+            Self::JobFinished { .. } => "JobFinished",
+            Self::JobRefused { .. } => "JobRefused",
+            Self::JobReport { .. } => "JobReport",
+        }
+    }
+}
+
 /// Control plane → agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlMessage {
@@ -128,14 +145,31 @@ pub enum ControlMessage {
     JobRecorded,
 }
 
+impl ControlMessage {
+    /// The message's name, for errors and logs (a job is large).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Welcome { .. } => "Welcome",
+            Self::HeartbeatAck => "HeartbeatAck",
+            Self::Job(_) => "Job",
+            Self::JobRecorded => "JobRecorded",
+        }
+    }
+}
+
 /// Application close codes on agent connections.
 pub mod close {
+    /// The agent ends the connection: it is stopping, or it gave up on a control plane that
+    /// stopped answering (no welcome, no heartbeat acks). Carries no advice.
+    pub const LEAVING: u32 = 0;
     /// The agent's certificate was revoked: do not reconnect.
     pub const REVOKED: u32 = 0x5e01;
     /// The control plane is shutting down or shedding load; the reason holds the suggested
     /// delay before reconnecting, in milliseconds, as decimal text.
     pub const RETRY_LATER: u32 = 0x5e02;
-    /// The agent broke the protocol (bad message, wrong server id).
+    /// A peer broke the protocol (a message out of place, a wrong server id, a log for another
+    /// job, a silent control stream). Also the error code of a job stream reset for such a
+    /// message.
     pub const PROTOCOL_ERROR: u32 = 0x5e03;
     /// A newer connection for the same server replaced this one.
     pub const REPLACED: u32 = 0x5e04;

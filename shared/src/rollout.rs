@@ -982,11 +982,23 @@ mod tests {
 
     #[test]
     fn a_job_end_makes_its_target_succeeded_failed_or_unreachable() {
-        assert_eq!(TargetStatus::from_job_end(true, false), TargetStatus::Succeeded);
-        assert_eq!(TargetStatus::from_job_end(false, false), TargetStatus::Failed);
-        assert_eq!(TargetStatus::from_job_end(false, true), TargetStatus::Unreachable);
+        assert_eq!(
+            TargetStatus::from_job_end(true, false),
+            TargetStatus::Succeeded
+        );
+        assert_eq!(
+            TargetStatus::from_job_end(false, false),
+            TargetStatus::Failed
+        );
+        assert_eq!(
+            TargetStatus::from_job_end(false, true),
+            TargetStatus::Unreachable
+        );
         // A success cannot have been undelivered; it counts as a success whatever the flag.
-        assert_eq!(TargetStatus::from_job_end(true, true), TargetStatus::Succeeded);
+        assert_eq!(
+            TargetStatus::from_job_end(true, true),
+            TargetStatus::Succeeded
+        );
     }
 
     #[test]

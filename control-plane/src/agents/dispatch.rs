@@ -6,13 +6,16 @@
 
 use std::time::Duration;
 
+use quinn::VarInt;
 use sensei_certs::{AgentCertStatus, Fingerprint};
-use sensei_shared::codec::io::{read_frame, write_frame};
+use sensei_shared::codec::io::{write_frame, FrameReader};
 use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult};
+use sensei_shared::session::{ControlJob, ControlJobAction};
 use uuid::Uuid;
 
 use super::gateway::GatewayContext;
 use crate::jobs::batch::Dispatch;
+use crate::jobs::claim::Claimed;
 use crate::jobs::{record, Step};
 
 /// How often a waiting poll looks at the table even without a wake-up. Wake-ups come from
@@ -21,90 +24,110 @@ use crate::jobs::{record, Step};
 /// 5 s and 10,000 agents was 2,000 queries a second (see docs/benchmarks.md).
 const RECHECK: Duration = Duration::from_secs(60);
 
-/// Serves one poll stream: waits for a job, sends it, records what comes back.
+/// Serves one job stream: a poll waits for a job, sends it and records what comes back; a
+/// report is recorded. The order of messages is `sensei_shared::session::ControlJob`'s; a
+/// message out of place resets the stream with the protocol-error code.
 pub async fn serve_poll(
     ctx: &GatewayContext,
     server_id: Uuid,
     fingerprint: Fingerprint,
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
 ) {
-    match read_frame::<AgentMessage, _>(&mut recv).await {
-        Ok(Some(AgentMessage::Poll { .. })) => {}
-        Ok(Some(AgentMessage::JobReport { job_id, result })) => {
-            // A result from before a lost connection; whichever replica handed the job out,
-            // it is recorded if the job belongs to this server and is still open.
-            // Boxed, like the other database futures here: a waiting poll task stays small.
-            if Box::pin(record::report(&ctx.pool, server_id, job_id, &result)).await {
-                tracing::info!(%server_id, deployment = %job_id, "recorded a result reported after reconnecting");
-            }
-            let _ = write_frame(&mut send, &ControlMessage::JobRecorded).await;
-            return;
-        }
-        _ => return,
-    }
-    let signal = ctx.hub.wakes.signal(server_id);
-    // A job is only ever claimed for, and handed to, a connection whose certificate is valid
-    // at that moment (the in-memory set: no database round trip).
-    let still_valid =
-        || ctx.hub.certificates.status(&fingerprint) == AgentCertStatus::Valid(server_id);
-    let (job, signed) = loop {
-        if !still_valid() {
-            return;
-        }
-        match ctx.jobs.claim(server_id, *fingerprint.as_bytes()).await {
-            Ok(Dispatch::Ready(job, _)) if !still_valid() => {
-                // Revoked while the claim was in flight: the job never leaves.
-                ctx.jobs.finish(job.id, record::certificate_revoked()).await;
-                return;
-            }
-            Ok(Dispatch::Ready(job, signed)) => break (job, signed),
-            Ok(Dispatch::Unsignable(job, reason)) => {
-                ctx.jobs
-                    .finish(
-                        job.id,
-                        JobResult::failed(Step::Dispatch.as_str(), reason.to_string()),
-                    )
-                    .await;
-                continue;
-            }
-            Ok(Dispatch::Idle) => {}
-            Err(e) => tracing::warn!(%server_id, error = %e, "looking for queued jobs"),
-        }
-        tokio::select! {
-            _ = signal.notified() => {}
-            _ = tokio::time::sleep(RECHECK) => {}
-        }
-    };
-    if write_frame(&mut send, &ControlMessage::Job(signed))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    tracing::info!(%server_id, deployment = %job.id, sequence = job.sequence, "job sent to the agent");
+    let mut recv = FrameReader::new(recv);
+    let mut exchange = ControlJob::new();
+    // The job sent on this stream, for the log.
+    let mut sent: Option<Claimed> = None;
     loop {
-        match read_frame::<AgentMessage, _>(&mut recv).await {
-            Ok(Some(AgentMessage::JobLog { job_id, lines })) if job_id == job.id => {
-                Box::pin(record::store_lines(&ctx.pool, job.id, &lines)).await;
+        while let Some(action) = exchange.poll() {
+            match action {
+                ControlJobAction::Claim { .. } => {
+                    let signal = ctx.hub.wakes.signal(server_id);
+                    // A job is only ever claimed for, and handed to, a connection whose
+                    // certificate is valid at that moment (the in-memory set: no database
+                    // round trip).
+                    let still_valid = || {
+                        ctx.hub.certificates.status(&fingerprint)
+                            == AgentCertStatus::Valid(server_id)
+                    };
+                    let (job, signed) = loop {
+                        if !still_valid() {
+                            return;
+                        }
+                        match ctx.jobs.claim(server_id, *fingerprint.as_bytes()).await {
+                            Ok(Dispatch::Ready(job, _)) if !still_valid() => {
+                                // Revoked while the claim was in flight: the job never leaves.
+                                ctx.jobs.finish(job.id, record::certificate_revoked()).await;
+                                return;
+                            }
+                            Ok(Dispatch::Ready(job, signed)) => break (job, signed),
+                            Ok(Dispatch::Unsignable(job, reason)) => {
+                                let failed =
+                                    JobResult::failed(Step::Dispatch.as_str(), reason.to_string());
+                                ctx.jobs.finish(job.id, failed).await;
+                                continue;
+                            }
+                            Ok(Dispatch::Idle) => {}
+                            Err(e) => {
+                                tracing::warn!(%server_id, error = %e, "looking for queued jobs")
+                            }
+                        }
+                        tokio::select! {
+                            _ = signal.notified() => {}
+                            _ = tokio::time::sleep(RECHECK) => {}
+                        }
+                    };
+                    // Cannot be out of order: the machine asked for this claim.
+                    let _ = exchange.claimed(job.id, signed);
+                    sent = Some(job);
+                }
+                ControlJobAction::Send(message) => {
+                    if write_frame(&mut send, &message).await.is_err() {
+                        return;
+                    }
+                    if let (ControlMessage::Job(_), Some(job)) = (&message, &sent) {
+                        tracing::info!(%server_id, deployment = %job.id, sequence = job.sequence, "job sent to the agent");
+                    }
+                }
+                ControlJobAction::StoreLines { job_id, lines } => {
+                    Box::pin(record::store_lines(&ctx.pool, job_id, &lines)).await;
+                }
+                ControlJobAction::Refused { job_id, reason } => {
+                    tracing::warn!(%server_id, deployment = %job_id, %reason, "the agent refused a job");
+                }
+                ControlJobAction::Record { job_id, result } => {
+                    ctx.jobs.finish(job_id, result).await;
+                    // Cannot be out of order: the machine asked for this record.
+                    let _ = exchange.recorded();
+                }
+                ControlJobAction::RecordReport { job_id, result } => {
+                    // A result from before a lost connection; whichever replica handed the
+                    // job out, it is recorded if the job belongs to this server and is still
+                    // open. Boxed, like the other database futures here: a waiting poll task
+                    // stays small.
+                    if Box::pin(record::report(&ctx.pool, server_id, job_id, &result)).await {
+                        tracing::info!(%server_id, deployment = %job_id, "recorded a result reported after reconnecting");
+                    }
+                    let _ = exchange.recorded();
+                }
+                ControlJobAction::Finish => {
+                    let _ = send.finish();
+                    return;
+                }
             }
-            Ok(Some(AgentMessage::JobFinished { job_id, result })) if job_id == job.id => {
-                ctx.jobs.finish(job.id, result).await;
-                let _ = write_frame(&mut send, &ControlMessage::JobRecorded).await;
-                return;
+        }
+        match recv.next::<AgentMessage>().await {
+            Ok(Some(message)) => {
+                if let Err(e) = exchange.handle(message) {
+                    tracing::info!(%server_id, reason = %e, "agent protocol error on a job stream");
+                    let code = VarInt::from_u32(e.close_code());
+                    let _ = send.reset(code);
+                    let _ = recv.get_mut().stop(code);
+                    return;
+                }
             }
-            Ok(Some(AgentMessage::JobRefused { reason, .. })) => {
-                tracing::warn!(%server_id, deployment = %job.id, %reason, "the agent refused a job");
-                let refused = JobResult::failed(
-                    Step::Verify.as_str(),
-                    format!("refused by the agent: {reason}"),
-                );
-                ctx.jobs.finish(job.id, refused).await;
-                let _ = write_frame(&mut send, &ControlMessage::JobRecorded).await;
-                return;
-            }
-            // Anything else, or the stream ending: the session's end marks the job failed.
-            _ => return,
+            // The stream ending or failing: the session's end marks a running job failed.
+            Ok(None) | Err(_) => return,
         }
     }
 }

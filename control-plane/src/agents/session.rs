@@ -1,11 +1,15 @@
 //! A connected agent's session: the agent says hello on its control stream (naming the server
 //! its certificate was issued to), then sends heartbeats. The session ends when the agent
-//! leaves, the connection dies, or the certificate is revoked (the hub closes it).
+//! leaves, the connection dies, the certificate is revoked (the hub closes it), or the agent
+//! breaks the protocol or stops sending heartbeats. The protocol's decisions are
+//! `sensei_shared::session::ControlSession`'s; this drives it.
 
 use quinn::VarInt;
 use sensei_certs::{AgentCertStatus, Fingerprint};
-use sensei_shared::codec::io::{read_frame, write_frame};
-use sensei_shared::protocol::{close, AgentMessage, ControlMessage};
+use sensei_shared::codec::io::{write_frame, FrameReader};
+use sensei_shared::protocol::{close, AgentMessage};
+use sensei_shared::session::{ControlAction, ControlSession, ControlSessionError};
+use tokio::time::Instant;
 
 use super::gateway::{GatewayContext, STEP_TIMEOUT};
 
@@ -30,35 +34,52 @@ pub async fn run(
             return;
         }
     };
-    let protocol_error = |why: String| {
-        tracing::info!(%server_id, reason = %why, "agent protocol error");
-        connection.close(VarInt::from_u32(close::PROTOCOL_ERROR), why.as_bytes());
+    let protocol_error = |error: ControlSessionError| {
+        tracing::info!(%server_id, reason = %error, "agent protocol error");
+        connection.close(
+            VarInt::from_u32(error.close_code()),
+            error.to_string().as_bytes(),
+        );
     };
-    let Ok(Ok((mut send, mut recv))) =
-        tokio::time::timeout(STEP_TIMEOUT, connection.accept_bi()).await
-    else {
-        protocol_error("expected the control stream".into());
-        return;
-    };
-    let agent_version =
-        match tokio::time::timeout(STEP_TIMEOUT, read_frame::<AgentMessage, _>(&mut recv)).await {
-            Ok(Ok(Some(AgentMessage::Hello {
-                server_id: claimed,
-                agent_version,
-            }))) => {
-                if claimed != server_id {
-                    protocol_error(format!(
-                        "this certificate was issued to server {server_id}, not {claimed}"
-                    ));
+    let mut session = ControlSession::new(server_id, ctx.heartbeat, STEP_TIMEOUT, Instant::now());
+    // The control stream is the agent's first stream.
+    let (mut send, recv) = loop {
+        tokio::select! {
+            stream = connection.accept_bi() => match stream {
+                Ok(stream) => break stream,
+                Err(_) => {
+                    protocol_error(ControlSessionError::NoControlStream);
                     return;
                 }
-                agent_version.chars().take(64).collect::<String>()
+            },
+            () = sleep_until(session.poll_timeout()) => {
+                if let Err(e) = session.handle_timeout(Instant::now()) {
+                    protocol_error(e);
+                    return;
+                }
             }
-            _ => {
-                protocol_error("expected hello".into());
-                return;
-            }
+        }
+    };
+    // Cannot be out of order: nothing else happened to the session yet.
+    let _ = session.stream_opened(Instant::now());
+    let mut recv = FrameReader::new(recv);
+    let agent_version = loop {
+        let handled = tokio::select! {
+            message = recv.next::<AgentMessage>() => match message {
+                Ok(Some(message)) => session.handle(message, Instant::now()),
+                Ok(None) => session.handle_end(),
+                Err(e) => Err(session.handle_unreadable(e.to_string())),
+            },
+            () = sleep_until(session.poll_timeout()) => session.handle_timeout(Instant::now()),
         };
+        if let Err(e) = handled {
+            protocol_error(e);
+            return;
+        }
+        if let Some(ControlAction::Register { agent_version }) = session.poll() {
+            break agent_version;
+        }
+    };
     // The certificate is checked again as the session registers: it may have been revoked
     // while the agent took its time to say hello.
     if let Err(status) = ctx.hub.register(server_id, connection.clone(), fingerprint) {
@@ -73,41 +94,55 @@ pub async fn run(
     }
     ctx.presence.connected(server_id, &agent_version);
     tracing::info!(%server_id, %agent_version, peer = %connection.remote_address(), "agent connected");
-    let welcome = ControlMessage::Welcome {
-        heartbeat_secs: ctx.heartbeat.as_secs().max(1) as u32,
-    };
+    // Cannot be out of order: the machine asked for the registration just above.
+    let _ = session.registered(Instant::now());
     let mut polls = tokio::task::JoinSet::new();
-    if write_frame(&mut send, &welcome).await.is_ok() {
-        loop {
-            tokio::select! {
-                message = read_frame::<AgentMessage, _>(&mut recv) => match message {
-                    Ok(Some(AgentMessage::Heartbeat)) => {
-                        ctx.last_seen.touch(server_id);
-                        if write_frame(&mut send, &ControlMessage::HeartbeatAck).await.is_err() {
-                            break;
-                        }
+    'session: loop {
+        // The welcome first, then an ack for each heartbeat.
+        while let Some(action) = session.poll() {
+            match action {
+                ControlAction::Send(message) => {
+                    if write_frame(&mut send, &message).await.is_err() {
+                        break 'session;
                     }
-                    Ok(Some(_)) => {
-                        protocol_error("only hello and heartbeats belong on the control stream".into());
-                        break;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        protocol_error(format!("unreadable message: {e}"));
-                        break;
-                    }
-                },
-                // Every further stream is a job poll.
-                stream = connection.accept_bi() => match stream {
-                    Ok((send, recv)) => {
-                        let ctx = ctx.clone();
-                        polls.spawn(async move {
-                            super::dispatch::serve_poll(&ctx, server_id, fingerprint, send, recv).await
-                        });
-                    }
-                    Err(_) => break,
-                },
-                _ = connection.closed() => break,
+                }
+                ControlAction::Seen => ctx.last_seen.touch(server_id),
+                // Asked for once, before the welcome (above).
+                ControlAction::Register { .. } => {}
+            }
+        }
+        tokio::select! {
+            message = recv.next::<AgentMessage>() => {
+                let handled = match message {
+                    Ok(Some(message)) => session.handle(message, Instant::now()),
+                    Ok(None) => match session.handle_end() {
+                        Ok(()) => break,
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(session.handle_unreadable(e.to_string())),
+                };
+                if let Err(e) = handled {
+                    protocol_error(e);
+                    break;
+                }
+            },
+            // Every further stream is a job stream.
+            stream = connection.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    let ctx = ctx.clone();
+                    polls.spawn(async move {
+                        super::dispatch::serve_poll(&ctx, server_id, fingerprint, send, recv).await
+                    });
+                }
+                Err(_) => break,
+            },
+            _ = connection.closed() => break,
+            // The agent stopped sending heartbeats while its connection stayed up.
+            () = sleep_until(session.poll_timeout()) => {
+                if let Err(e) = session.handle_timeout(Instant::now()) {
+                    protocol_error(e);
+                    break;
+                }
             }
         }
     }
@@ -119,4 +154,12 @@ pub async fn run(
         ctx.presence.disconnected(server_id);
     }
     tracing::info!(%server_id, reason = ?connection.close_reason(), "agent disconnected");
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }

@@ -1,0 +1,821 @@
+//! The session machines on simulated time: `Duration` since an arbitrary start is the clock,
+//! advanced by hand.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::*;
+use crate::job::SignedJob;
+use crate::protocol::{close, AgentMessage, CloseVerdict, ControlMessage, JobResult, LogLine};
+
+const AGENT_STEP: Duration = Duration::from_secs(15);
+const CONTROL_STEP: Duration = Duration::from_secs(10);
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn job() -> SignedJob {
+    SignedJob {
+        payload: vec![1, 2, 3],
+        signature: vec![4; 64],
+    }
+}
+
+fn succeeded() -> JobResult {
+    JobResult {
+        succeeded: true,
+        release_id: Some("20260101T000000Z".into()),
+        commit: Some("0".repeat(40)),
+        error: None,
+    }
+}
+
+fn drain_agent(session: &mut AgentSession<Duration>) -> Vec<AgentAction> {
+    std::iter::from_fn(|| session.poll()).collect()
+}
+
+fn drain_control(session: &mut ControlSession<Duration>) -> Vec<ControlAction> {
+    std::iter::from_fn(|| session.poll()).collect()
+}
+
+fn drain_agent_job(job: &mut AgentJob) -> Vec<AgentJobAction> {
+    std::iter::from_fn(|| job.poll()).collect()
+}
+
+fn drain_control_job(job: &mut ControlJob) -> Vec<ControlJobAction> {
+    std::iter::from_fn(|| job.poll()).collect()
+}
+
+/// An agent session welcomed at `at` with a heartbeat of `heartbeat_secs`.
+fn welcomed_agent(server_id: Uuid, heartbeat_secs: u32, at: Duration) -> AgentSession<Duration> {
+    let mut agent = AgentSession::new(server_id, "1.0.0".into(), AGENT_STEP, Duration::ZERO);
+    drain_agent(&mut agent);
+    agent
+        .handle(ControlMessage::Welcome { heartbeat_secs }, at)
+        .expect("welcome");
+    drain_agent(&mut agent);
+    agent
+}
+
+/// A control session registered at `at`, its welcome drained.
+fn established_control(
+    server_id: Uuid,
+    heartbeat: Duration,
+    at: Duration,
+) -> ControlSession<Duration> {
+    let mut control = ControlSession::new(server_id, heartbeat, CONTROL_STEP, Duration::ZERO);
+    control.stream_opened(Duration::ZERO).expect("stream");
+    control
+        .handle(
+            AgentMessage::Hello {
+                server_id,
+                agent_version: "1.0.0".into(),
+            },
+            Duration::ZERO,
+        )
+        .expect("hello");
+    drain_control(&mut control);
+    control.registered(at).expect("registered");
+    drain_control(&mut control);
+    control
+}
+
+#[test]
+fn the_agent_says_hello_before_it_may_open_a_job_stream() {
+    let server_id = Uuid::new_v4();
+    let mut agent = AgentSession::new(server_id, "1.0.0".into(), AGENT_STEP, Duration::ZERO);
+    // No proof of a hello, so no job stream can be built yet.
+    assert_eq!(agent.hello_sent(), None);
+    assert_eq!(
+        agent.poll(),
+        Some(AgentAction::Send(AgentMessage::Hello {
+            server_id,
+            agent_version: "1.0.0".into(),
+        }))
+    );
+    let hello = agent.hello_sent().expect("the hello went out");
+    let mut poll = AgentJob::next(hello, None, 4);
+    assert_eq!(
+        drain_agent_job(&mut poll),
+        [AgentJobAction::Send(AgentMessage::Poll {
+            highest_sequence: 4
+        })]
+    );
+}
+
+/// Regression test for b1612cc: a poll stream that overtook the control stream's hello got
+/// the connection closed.
+#[test]
+fn the_control_plane_refuses_a_poll_where_the_hello_belongs() {
+    let mut control = ControlSession::new(Uuid::new_v4(), secs(30), CONTROL_STEP, Duration::ZERO);
+    control.stream_opened(secs(1)).expect("stream");
+    let error = control
+        .handle(
+            AgentMessage::Poll {
+                highest_sequence: 0,
+            },
+            secs(1),
+        )
+        .expect_err("a poll is no hello");
+    assert_eq!(error, ControlSessionError::ExpectedHello);
+    assert_eq!(error.close_code(), close::PROTOCOL_ERROR);
+    assert_eq!(error.to_string(), "expected hello");
+    assert_eq!(control.poll(), None, "nothing registered, nothing welcomed");
+    assert_eq!(control.poll_timeout(), None);
+}
+
+#[test]
+fn hello_register_welcome_on_the_control_plane() {
+    let server_id = Uuid::new_v4();
+    let mut control = ControlSession::new(server_id, secs(30), CONTROL_STEP, Duration::ZERO);
+    control.stream_opened(secs(1)).expect("stream");
+    control
+        .handle(
+            AgentMessage::Hello {
+                server_id,
+                agent_version: "v".repeat(100),
+            },
+            secs(2),
+        )
+        .expect("hello");
+    assert_eq!(
+        drain_control(&mut control),
+        [ControlAction::Register {
+            agent_version: "v".repeat(64)
+        }]
+    );
+    assert!(!control.is_established());
+    control.registered(secs(2)).expect("registered");
+    assert_eq!(
+        drain_control(&mut control),
+        [ControlAction::Send(ControlMessage::Welcome {
+            heartbeat_secs: 30
+        })]
+    );
+    assert!(control.is_established());
+    assert_eq!(control.registered(secs(3)), Err(OutOfOrder("registered")));
+}
+
+#[test]
+fn a_hello_naming_another_server_is_a_protocol_error() {
+    let certified = Uuid::new_v4();
+    let claimed = Uuid::new_v4();
+    let mut control = ControlSession::new(certified, secs(30), CONTROL_STEP, Duration::ZERO);
+    control.stream_opened(Duration::ZERO).expect("stream");
+    let error = control
+        .handle(
+            AgentMessage::Hello {
+                server_id: claimed,
+                agent_version: "1".into(),
+            },
+            secs(1),
+        )
+        .expect_err("wrong server");
+    assert_eq!(
+        error,
+        ControlSessionError::WrongServer { certified, claimed }
+    );
+    assert_eq!(error.close_code(), close::PROTOCOL_ERROR);
+    assert_eq!(drain_control(&mut control), []);
+}
+
+#[test]
+fn the_control_plane_times_out_each_step() {
+    // No stream at all.
+    let mut control = ControlSession::new(Uuid::new_v4(), secs(30), CONTROL_STEP, secs(100));
+    assert_eq!(control.poll_timeout(), Some(secs(110)));
+    assert_eq!(control.handle_timeout(secs(109)), Ok(()));
+    assert_eq!(
+        control.handle_timeout(secs(110)),
+        Err(ControlSessionError::NoControlStream)
+    );
+    assert_eq!(control.poll_timeout(), None);
+
+    // A stream, but no hello: the hello's step starts when the stream opens.
+    let mut control = ControlSession::new(Uuid::new_v4(), secs(30), CONTROL_STEP, secs(100));
+    control.stream_opened(secs(104)).expect("stream");
+    assert_eq!(control.poll_timeout(), Some(secs(114)));
+    assert_eq!(control.handle_timeout(secs(110)), Ok(()));
+    let error = control.handle_timeout(secs(114)).expect_err("no hello");
+    assert_eq!(error, ControlSessionError::ExpectedHello);
+    assert_eq!(error.close_code(), close::PROTOCOL_ERROR);
+
+    // The stream ending or carrying garbage before the hello is the same error.
+    let mut control = ControlSession::new(Uuid::new_v4(), secs(30), CONTROL_STEP, secs(0));
+    control.stream_opened(secs(0)).expect("stream");
+    assert_eq!(
+        control.handle_end(),
+        Err(ControlSessionError::ExpectedHello)
+    );
+    let mut control = ControlSession::new(Uuid::new_v4(), secs(30), CONTROL_STEP, secs(0));
+    control.stream_opened(secs(0)).expect("stream");
+    assert_eq!(
+        control.handle_unreadable("bad".into()),
+        ControlSessionError::ExpectedHello
+    );
+}
+
+#[test]
+fn the_agent_gives_up_without_a_welcome() {
+    let mut agent = AgentSession::new(Uuid::new_v4(), "1".into(), AGENT_STEP, secs(50));
+    drain_agent(&mut agent);
+    assert_eq!(agent.poll_timeout(), Some(secs(65)));
+    assert_eq!(agent.handle_timeout(secs(64)), Ok(()));
+    let error = agent.handle_timeout(secs(65)).expect_err("no welcome");
+    assert_eq!(error, AgentSessionError::NoWelcome(AGENT_STEP));
+    assert_eq!(error.close_code(), close::LEAVING);
+    assert_eq!(agent.poll_timeout(), None);
+}
+
+#[test]
+fn the_agent_wants_a_welcome_first() {
+    let mut agent = AgentSession::new(Uuid::new_v4(), "1".into(), AGENT_STEP, secs(0));
+    drain_agent(&mut agent);
+    let error = agent
+        .handle(ControlMessage::HeartbeatAck, secs(1))
+        .expect_err("an ack is no welcome");
+    assert_eq!(error, AgentSessionError::ExpectedWelcome("HeartbeatAck"));
+    assert_eq!(error.close_code(), close::PROTOCOL_ERROR);
+}
+
+#[test]
+fn heartbeats_go_out_on_schedule_and_acks_keep_the_session() {
+    let mut agent = welcomed_agent(Uuid::new_v4(), 30, secs(1));
+    assert!(agent.is_established());
+    // The first heartbeat one interval after the welcome, not at once.
+    assert_eq!(agent.poll_timeout(), Some(secs(31)));
+    agent.handle_timeout(secs(30)).expect("early");
+    assert_eq!(drain_agent(&mut agent), []);
+    for beat in 1..=10u64 {
+        let at = secs(1 + 30 * beat);
+        assert_eq!(agent.poll_timeout(), Some(at));
+        agent.handle_timeout(at).expect("on time");
+        assert_eq!(
+            drain_agent(&mut agent),
+            [AgentAction::Send(AgentMessage::Heartbeat)]
+        );
+        agent
+            .handle(ControlMessage::HeartbeatAck, at + Duration::from_millis(20))
+            .expect("ack");
+    }
+    // A late timer sends one heartbeat, not a burst, and the schedule moves on from now.
+    agent.handle_timeout(secs(400)).expect("late");
+    assert_eq!(
+        drain_agent(&mut agent),
+        [AgentAction::Send(AgentMessage::Heartbeat)]
+    );
+    agent
+        .handle(ControlMessage::HeartbeatAck, secs(400))
+        .expect("ack");
+    assert_eq!(agent.poll_timeout(), Some(secs(430)));
+}
+
+#[test]
+fn the_welcome_announces_the_interval_within_bounds() {
+    let mut agent = AgentSession::new(Uuid::new_v4(), "1".into(), AGENT_STEP, secs(0));
+    drain_agent(&mut agent);
+    agent
+        .handle(ControlMessage::Welcome { heartbeat_secs: 0 }, secs(0))
+        .expect("welcome");
+    assert_eq!(
+        drain_agent(&mut agent),
+        [AgentAction::Established { heartbeat: secs(1) }]
+    );
+    let mut agent = AgentSession::new(Uuid::new_v4(), "1".into(), AGENT_STEP, secs(0));
+    drain_agent(&mut agent);
+    agent
+        .handle(
+            ControlMessage::Welcome {
+                heartbeat_secs: u32::MAX,
+            },
+            secs(0),
+        )
+        .expect("welcome");
+    assert_eq!(
+        drain_agent(&mut agent),
+        [AgentAction::Established {
+            heartbeat: secs(300)
+        }]
+    );
+}
+
+#[test]
+fn the_agent_notices_a_control_plane_that_stopped_acking() {
+    // Welcomed at 0 with 30 s: silent after 3 × 30 s + 15 s.
+    let mut agent = welcomed_agent(Uuid::new_v4(), 30, secs(0));
+    agent
+        .handle(ControlMessage::HeartbeatAck, secs(10))
+        .expect("ack");
+    // From the last ack at 10 s: 115 s.
+    for at in [30, 60, 90] {
+        agent.handle_timeout(secs(at)).expect("still alive");
+        assert_eq!(
+            drain_agent(&mut agent),
+            [AgentAction::Send(AgentMessage::Heartbeat)]
+        );
+    }
+    assert_eq!(agent.poll_timeout(), Some(secs(115)));
+    agent.handle_timeout(secs(114)).expect("not yet");
+    let error = agent.handle_timeout(secs(115)).expect_err("silent");
+    assert_eq!(error, AgentSessionError::Silent(secs(105)));
+    assert_eq!(error.close_code(), close::LEAVING);
+    assert_eq!(agent.poll_timeout(), None);
+}
+
+#[test]
+fn the_control_plane_notices_an_agent_that_stopped_heartbeating() {
+    let server_id = Uuid::new_v4();
+    // The tests' 1 s heartbeat: silent after 3 × 1 s + 10 s.
+    let mut control = established_control(server_id, secs(1), secs(2));
+    assert_eq!(control.poll_timeout(), Some(secs(15)));
+    control
+        .handle(AgentMessage::Heartbeat, secs(5))
+        .expect("heartbeat");
+    assert_eq!(
+        drain_control(&mut control),
+        [
+            ControlAction::Seen,
+            ControlAction::Send(ControlMessage::HeartbeatAck)
+        ]
+    );
+    assert_eq!(control.poll_timeout(), Some(secs(18)));
+    control.handle_timeout(secs(17)).expect("not yet");
+    let error = control.handle_timeout(secs(18)).expect_err("silent");
+    assert_eq!(error, ControlSessionError::Silent(secs(13)));
+    assert_eq!(error.close_code(), close::PROTOCOL_ERROR);
+    // At the default 30 s heartbeat: 100 s.
+    let control = established_control(server_id, secs(30), secs(0));
+    assert_eq!(control.poll_timeout(), Some(secs(100)));
+}
+
+#[test]
+fn only_heartbeats_follow_the_hello_on_the_control_stream() {
+    let server_id = Uuid::new_v4();
+    let mut control = established_control(server_id, secs(30), secs(0));
+    let error = control
+        .handle(
+            AgentMessage::Poll {
+                highest_sequence: 0,
+            },
+            secs(1),
+        )
+        .expect_err("a poll on the control stream");
+    assert_eq!(error, ControlSessionError::Unexpected("Poll"));
+    assert_eq!(error.close_code(), close::PROTOCOL_ERROR);
+    assert_eq!(
+        error.to_string(),
+        "only hello and heartbeats belong on the control stream"
+    );
+    // A second hello as well.
+    let mut control = established_control(server_id, secs(30), secs(0));
+    assert!(control
+        .handle(
+            AgentMessage::Hello {
+                server_id,
+                agent_version: "1".into()
+            },
+            secs(1)
+        )
+        .is_err());
+    // Garbage after the hello says what it was; the stream ending is the agent leaving.
+    let mut control = established_control(server_id, secs(30), secs(0));
+    assert_eq!(
+        control.handle_unreadable("truncated".into()),
+        ControlSessionError::Unreadable("truncated".into())
+    );
+    let mut control = established_control(server_id, secs(30), secs(0));
+    assert_eq!(control.handle_end(), Ok(()));
+    assert_eq!(control.poll_timeout(), None);
+}
+
+#[test]
+fn the_agent_refuses_anything_but_acks_once_welcomed() {
+    let mut agent = welcomed_agent(Uuid::new_v4(), 30, secs(0));
+    let error = agent
+        .handle(ControlMessage::JobRecorded, secs(1))
+        .expect_err("not on the control stream");
+    assert_eq!(error, AgentSessionError::Unexpected("JobRecorded"));
+    assert_eq!(error.close_code(), close::PROTOCOL_ERROR);
+}
+
+#[test]
+fn a_job_runs_logs_and_is_recorded_on_both_sides() {
+    let job_id = Uuid::new_v4();
+    let mut agent = AgentSession::new(Uuid::new_v4(), "1".into(), AGENT_STEP, secs(0));
+    drain_agent(&mut agent);
+    let hello = agent.hello_sent().expect("hello");
+    let mut agent_job = AgentJob::next(hello, None, 3);
+    let mut control_job = ControlJob::new();
+
+    let [AgentJobAction::Send(poll)] = &drain_agent_job(&mut agent_job)[..] else {
+        panic!("a poll first");
+    };
+    control_job.handle(poll.clone()).expect("poll");
+    assert_eq!(
+        drain_control_job(&mut control_job),
+        [ControlJobAction::Claim {
+            highest_sequence: 3
+        }]
+    );
+    control_job.claimed(job_id, job()).expect("claimed");
+    assert_eq!(control_job.running(), Some(job_id));
+    let [ControlJobAction::Send(sent)] = &drain_control_job(&mut control_job)[..] else {
+        panic!("the job");
+    };
+    agent_job.handle(sent.clone()).expect("job");
+    assert_eq!(
+        drain_agent_job(&mut agent_job),
+        [AgentJobAction::Run(job())]
+    );
+
+    let lines = vec![LogLine {
+        stream: 1,
+        text: "building".into(),
+    }];
+    agent_job.log(job_id, lines.clone()).expect("log");
+    agent_job.log(job_id, Vec::new()).expect("nothing to log");
+    agent_job.finish(job_id, succeeded()).expect("finish");
+    let actions = drain_agent_job(&mut agent_job);
+    assert_eq!(
+        actions,
+        [
+            AgentJobAction::Send(AgentMessage::JobLog {
+                job_id,
+                lines: lines.clone()
+            }),
+            AgentJobAction::Keep {
+                job_id,
+                result: succeeded()
+            },
+            AgentJobAction::Send(AgentMessage::JobFinished {
+                job_id,
+                result: succeeded()
+            }),
+        ]
+    );
+    for action in actions {
+        if let AgentJobAction::Send(message) = action {
+            control_job.handle(message).expect("log and end");
+        }
+    }
+    assert_eq!(
+        drain_control_job(&mut control_job),
+        [
+            ControlJobAction::StoreLines { job_id, lines },
+            ControlJobAction::Record {
+                job_id,
+                result: succeeded()
+            },
+        ]
+    );
+    control_job.recorded().expect("recorded");
+    assert_eq!(
+        drain_control_job(&mut control_job),
+        [
+            ControlJobAction::Send(ControlMessage::JobRecorded),
+            ControlJobAction::Finish
+        ]
+    );
+    assert!(control_job.is_done());
+    agent_job
+        .handle(ControlMessage::JobRecorded)
+        .expect("recorded");
+    assert_eq!(
+        drain_agent_job(&mut agent_job),
+        [AgentJobAction::Forget { job_id }, AgentJobAction::Finish]
+    );
+    assert!(agent_job.is_done());
+}
+
+#[test]
+fn a_refused_job_is_recorded_as_failed_verification() {
+    let job_id = Uuid::new_v4();
+    let mut agent = AgentSession::new(Uuid::new_v4(), "1".into(), AGENT_STEP, secs(0));
+    drain_agent(&mut agent);
+    let mut agent_job = AgentJob::next(agent.hello_sent().expect("hello"), None, 0);
+    drain_agent_job(&mut agent_job);
+    agent_job.handle(ControlMessage::Job(job())).expect("job");
+    drain_agent_job(&mut agent_job);
+    agent_job
+        .refuse(None, "bad signature".into())
+        .expect("refuse");
+    // Nothing to keep: a refused job has no result to report later.
+    let refusal = AgentMessage::JobRefused {
+        job_id: None,
+        reason: "bad signature".into(),
+    };
+    assert_eq!(
+        drain_agent_job(&mut agent_job),
+        [AgentJobAction::Send(refusal.clone())]
+    );
+    assert_eq!(
+        agent_job.finish(job_id, succeeded()),
+        Err(OutOfOrder("finish"))
+    );
+
+    let mut control_job = ControlJob::new();
+    control_job
+        .handle(AgentMessage::Poll {
+            highest_sequence: 0,
+        })
+        .expect("poll");
+    control_job.claimed(job_id, job()).expect("claimed");
+    drain_control_job(&mut control_job);
+    control_job.handle(refusal).expect("refusal");
+    assert_eq!(
+        drain_control_job(&mut control_job),
+        [
+            ControlJobAction::Refused {
+                job_id,
+                reason: "bad signature".into()
+            },
+            ControlJobAction::Record {
+                job_id,
+                result: JobResult::failed("verify", "refused by the agent: bad signature")
+            },
+        ]
+    );
+    control_job.recorded().expect("recorded");
+    agent_job.handle(ControlMessage::JobRecorded).expect("ack");
+    assert_eq!(drain_agent_job(&mut agent_job), [AgentJobAction::Finish]);
+}
+
+#[test]
+fn a_result_from_a_lost_connection_is_reported_first_on_the_next() {
+    let job_id = Uuid::new_v4();
+    let mut agent = AgentSession::new(Uuid::new_v4(), "1".into(), AGENT_STEP, secs(0));
+    drain_agent(&mut agent);
+    let mut agent_job = AgentJob::next(agent.hello_sent().expect("hello"), None, 0);
+    drain_agent_job(&mut agent_job);
+    agent_job.handle(ControlMessage::Job(job())).expect("job");
+    drain_agent_job(&mut agent_job);
+    agent_job.finish(job_id, succeeded()).expect("finish");
+    // The result is kept before it is sent; then the connection dies before the ack.
+    let kept = match drain_agent_job(&mut agent_job).first() {
+        Some(AgentJobAction::Keep { job_id, result }) => (*job_id, result.clone()),
+        other => panic!("expected the result kept first, got {other:?}"),
+    };
+    drop(agent_job);
+    drop(agent);
+
+    // The next connection: hello, then the report before any poll.
+    let mut agent = AgentSession::new(Uuid::new_v4(), "1".into(), AGENT_STEP, secs(60));
+    drain_agent(&mut agent);
+    let hello = agent.hello_sent().expect("hello");
+    let mut report = AgentJob::next(hello, Some(kept), 9);
+    let [AgentJobAction::Send(first)] = &drain_agent_job(&mut report)[..] else {
+        panic!("one message first");
+    };
+    assert_eq!(
+        first,
+        &AgentMessage::JobReport {
+            job_id,
+            result: succeeded()
+        }
+    );
+    let mut control_job = ControlJob::new();
+    control_job.handle(first.clone()).expect("report");
+    assert_eq!(
+        drain_control_job(&mut control_job),
+        [ControlJobAction::RecordReport {
+            job_id,
+            result: succeeded()
+        }]
+    );
+    control_job.recorded().expect("recorded");
+    assert_eq!(
+        drain_control_job(&mut control_job),
+        [
+            ControlJobAction::Send(ControlMessage::JobRecorded),
+            ControlJobAction::Finish
+        ]
+    );
+    report.handle(ControlMessage::JobRecorded).expect("ack");
+    assert_eq!(
+        drain_agent_job(&mut report),
+        [AgentJobAction::Forget { job_id }, AgentJobAction::Finish]
+    );
+    // Nothing left to report: the next stream polls.
+    let mut poll = AgentJob::next(hello, None, 9);
+    assert_eq!(
+        drain_agent_job(&mut poll),
+        [AgentJobAction::Send(AgentMessage::Poll {
+            highest_sequence: 9
+        })]
+    );
+}
+
+#[test]
+fn a_log_for_another_job_is_a_protocol_error() {
+    let job_id = Uuid::new_v4();
+    let other = Uuid::new_v4();
+    let running = || {
+        let mut control_job = ControlJob::new();
+        control_job
+            .handle(AgentMessage::Poll {
+                highest_sequence: 0,
+            })
+            .expect("poll");
+        control_job.claimed(job_id, job()).expect("claimed");
+        drain_control_job(&mut control_job);
+        control_job
+    };
+    let mut control_job = running();
+    let error = control_job
+        .handle(AgentMessage::JobLog {
+            job_id: other,
+            lines: Vec::new(),
+        })
+        .expect_err("foreign log");
+    assert_eq!(
+        error,
+        ControlJobError::ForeignJob {
+            expected: job_id,
+            got: other
+        }
+    );
+    assert_eq!(error.close_code(), close::PROTOCOL_ERROR);
+    assert_eq!(drain_control_job(&mut control_job), [], "nothing stored");
+    assert!(control_job.is_done());
+
+    let mut control_job = running();
+    assert!(matches!(
+        control_job.handle(AgentMessage::JobFinished {
+            job_id: other,
+            result: succeeded()
+        }),
+        Err(ControlJobError::ForeignJob { .. })
+    ));
+    assert_eq!(drain_control_job(&mut control_job), [], "nothing recorded");
+}
+
+#[test]
+fn a_job_stream_starts_with_a_poll_or_a_report() {
+    let mut control_job = ControlJob::new();
+    let error = control_job
+        .handle(AgentMessage::Heartbeat)
+        .expect_err("heartbeat on a job stream");
+    assert_eq!(error, ControlJobError::ExpectedPollOrReport("Heartbeat"));
+    assert_eq!(error.close_code(), close::PROTOCOL_ERROR);
+    // And the agent waits for its job before it says anything more.
+    let mut control_job = ControlJob::new();
+    control_job
+        .handle(AgentMessage::Poll {
+            highest_sequence: 0,
+        })
+        .expect("poll");
+    drain_control_job(&mut control_job);
+    assert_eq!(
+        control_job.handle(AgentMessage::Poll {
+            highest_sequence: 0
+        }),
+        Err(ControlJobError::Unexpected("Poll"))
+    );
+}
+
+#[test]
+fn the_agent_refuses_what_does_not_answer_its_poll() {
+    let mut agent = AgentSession::new(Uuid::new_v4(), "1".into(), AGENT_STEP, secs(0));
+    drain_agent(&mut agent);
+    let hello = agent.hello_sent().expect("hello");
+    let mut agent_job = AgentJob::next(hello, None, 0);
+    drain_agent_job(&mut agent_job);
+    let error = agent_job
+        .handle(ControlMessage::JobRecorded)
+        .expect_err("no job");
+    assert_eq!(error, AgentJobError::ExpectedJob("JobRecorded"));
+    assert_eq!(error.close_code(), close::PROTOCOL_ERROR);
+    let mut agent_job = AgentJob::next(hello, None, 0);
+    agent_job.handle(ControlMessage::Job(job())).expect("job");
+    assert_eq!(
+        agent_job.handle(ControlMessage::Job(job())),
+        Err(AgentJobError::WhileRunning("Job"))
+    );
+    assert_eq!(agent_job.log(Uuid::nil(), Vec::new()), Ok(()));
+}
+
+#[test]
+fn a_revoked_close_stops_the_agent() {
+    assert_eq!(
+        CloseVerdict::from_application_close(close::REVOKED.into(), b"certificate revoked"),
+        CloseVerdict::Stop
+    );
+    assert_eq!(
+        CloseVerdict::from_application_close(close::REVOKED.into(), b""),
+        CloseVerdict::Stop
+    );
+    // A protocol error or the agent's own leaving is never a reason to stop.
+    assert_eq!(
+        CloseVerdict::from_application_close(close::PROTOCOL_ERROR.into(), b"expected hello"),
+        CloseVerdict::Retry
+    );
+    assert_eq!(
+        CloseVerdict::from_application_close(close::LEAVING.into(), b""),
+        CloseVerdict::Retry
+    );
+}
+
+#[test]
+fn retry_later_carries_a_delay_in_milliseconds() {
+    let code = u64::from(close::RETRY_LATER);
+    assert_eq!(
+        CloseVerdict::from_application_close(code, b"1000"),
+        CloseVerdict::RetryAfter(secs(1))
+    );
+    assert_eq!(
+        CloseVerdict::from_application_close(code, b"0"),
+        CloseVerdict::RetryAfter(Duration::ZERO)
+    );
+    // Capped at ten minutes; garbage falls back to the usual backoff.
+    assert_eq!(
+        CloseVerdict::from_application_close(code, b"3600000"),
+        CloseVerdict::RetryAfter(secs(600))
+    );
+    for garbage in [&b""[..], b"-5", b"1.5", b" 100", b"\xff"] {
+        assert_eq!(
+            CloseVerdict::from_application_close(code, garbage),
+            CloseVerdict::Retry,
+            "{garbage:?}"
+        );
+    }
+}
+
+/// Every message in every state: the machines answer with errors, never panics.
+#[test]
+fn no_message_in_any_state_panics() {
+    let id = Uuid::new_v4();
+    let agent_messages = || {
+        vec![
+            AgentMessage::Hello {
+                server_id: id,
+                agent_version: String::new(),
+            },
+            AgentMessage::Heartbeat,
+            AgentMessage::Poll {
+                highest_sequence: u64::MAX,
+            },
+            AgentMessage::JobLog {
+                job_id: id,
+                lines: Vec::new(),
+            },
+            AgentMessage::JobFinished {
+                job_id: id,
+                result: succeeded(),
+            },
+            AgentMessage::JobRefused {
+                job_id: None,
+                reason: String::new(),
+            },
+            AgentMessage::JobReport {
+                job_id: id,
+                result: succeeded(),
+            },
+        ]
+    };
+    let control_messages = || {
+        vec![
+            ControlMessage::Welcome { heartbeat_secs: 0 },
+            ControlMessage::HeartbeatAck,
+            ControlMessage::Job(job()),
+            ControlMessage::JobRecorded,
+        ]
+    };
+    for first in agent_messages() {
+        for second in agent_messages() {
+            let mut control = ControlSession::new(id, secs(1), CONTROL_STEP, Duration::ZERO);
+            let _ = control.stream_opened(Duration::ZERO);
+            let _ = control.handle(first.clone(), secs(1));
+            let _ = control.registered(secs(1));
+            let _ = control.handle(second.clone(), secs(2));
+            let _ = control.handle_timeout(secs(1000));
+            drain_control(&mut control);
+
+            let mut job_stream = ControlJob::new();
+            let _ = job_stream.handle(first.clone());
+            let _ = job_stream.claimed(id, job());
+            let _ = job_stream.handle(second.clone());
+            let _ = job_stream.recorded();
+            let _ = job_stream.handle(second.clone());
+            drain_control_job(&mut job_stream);
+        }
+    }
+    for first in control_messages() {
+        for second in control_messages() {
+            let mut agent = AgentSession::new(id, String::new(), AGENT_STEP, Duration::ZERO);
+            drain_agent(&mut agent);
+            let _ = agent.handle(first.clone(), secs(1));
+            let _ = agent.handle(second.clone(), secs(2));
+            let _ = agent.handle_timeout(secs(1000));
+            drain_agent(&mut agent);
+            let hello = agent.hello_sent().expect("hello");
+            let mut job_stream = AgentJob::next(hello, None, 0);
+            let _ = job_stream.handle(first.clone());
+            let _ = job_stream.finish(id, succeeded());
+            let _ = job_stream.handle(second.clone());
+            let _ = job_stream.handle(first.clone());
+            drain_agent_job(&mut job_stream);
+        }
+    }
+}
