@@ -8,7 +8,6 @@ use deadpool_postgres::Pool;
 use http::HeaderMap;
 use uuid::Uuid;
 
-use crate::api::error::{ApiError, ErrorCode};
 use crate::tokens::{Token, TokenKind};
 
 /// The session cookie's name.
@@ -202,44 +201,74 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// Why a request's credentials were not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Neither a session cookie nor an API key.
+    #[error("sign in first, or send an API key as `Authorization: Bearer …`")]
+    NotSignedIn,
+    /// Unknown, revoked, idle too long, or not ours.
+    #[error("session expired or signed out; sign in again")]
+    SessionInvalid,
+    /// Unknown, revoked, or not ours.
+    #[error("API key is not valid (unknown or revoked)")]
+    ApiKeyInvalid,
+    #[error("API key expired at {}", .at.to_rfc3339())]
+    ApiKeyExpired { at: DateTime<Utc> },
+    /// The key's allowlist does not hold the caller's address.
+    #[error("this API key may not be used from {ip}")]
+    IpNotAllowed { ip: IpAddr },
+    /// The database holds a value this version cannot read (logged, never shown).
+    #[error("{0}")]
+    Stored(String),
+    #[error(transparent)]
+    Database(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Pool(#[from] deadpool_postgres::PoolError),
+}
+
+/// A role the database holds, read strictly.
+fn stored_role(text: &str) -> Result<Role, AuthError> {
+    Role::parse(text).ok_or_else(|| AuthError::Stored("unknown role in database".into()))
+}
+
 /// Authenticates a request by its API key (preferred when present) or session cookie.
 pub async fn authenticate(
     pool: &Pool,
     headers: &HeaderMap,
     client_ip: IpAddr,
-) -> Result<Principal, ApiError> {
+) -> Result<Principal, AuthError> {
     if let Some(text) = bearer(headers) {
         return authenticate_api_key(pool, text, client_ip).await;
     }
     match session_cookie(headers) {
         Some(text) => authenticate_session(pool, text).await,
-        None => Err(ApiError::unauthenticated(
-            "sign in first, or send an API key as `Authorization: Bearer …`",
-        )),
+        None => Err(AuthError::NotSignedIn),
     }
 }
 
-async fn authenticate_session(pool: &Pool, text: &str) -> Result<Principal, ApiError> {
-    let invalid = || ApiError::unauthenticated("session expired or signed out; sign in again");
-    let token = Token::parse(TokenKind::Session, text).ok_or_else(invalid)?;
+async fn authenticate_session(pool: &Pool, text: &str) -> Result<Principal, AuthError> {
+    let token = Token::parse(TokenKind::Session, text).ok_or(AuthError::SessionInvalid)?;
     let client = pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT s.secret_hash, s.revoked_at IS NOT NULL, \
-                    s.last_seen_at < now() - make_interval(days => $2), \
-                    s.last_seen_at < now() - interval '1 minute', \
-                    u.id, u.account_id, u.email, u.role, \
-                    a.require_mfa AND u.totp_enabled_at IS NULL \
+            "SELECT s.secret_hash, s.revoked_at IS NOT NULL AS revoked, \
+                    s.last_seen_at < now() - make_interval(days => $2) AS idle, \
+                    s.last_seen_at < now() - interval '1 minute' AS stale, \
+                    u.id AS user_id, u.account_id, u.email, u.role, \
+                    a.require_mfa AND u.totp_enabled_at IS NULL AS mfa_setup_required \
              FROM sessions s JOIN users u ON u.id = s.user_id \
              JOIN accounts a ON a.id = u.account_id WHERE s.id = $1",
             &[&token.id, &(SESSION_IDLE_DAYS as i32)],
         )
         .await?
-        .ok_or_else(invalid)?;
-    let hash: Vec<u8> = row.get(0);
-    let (revoked, idle, stale): (bool, bool, bool) = (row.get(1), row.get(2), row.get(3));
+        .ok_or(AuthError::SessionInvalid)?;
+    let hash: Vec<u8> = row.try_get("secret_hash")?;
+    let revoked: bool = row.try_get("revoked")?;
+    let idle: bool = row.try_get("idle")?;
+    let stale: bool = row.try_get("stale")?;
     if !token.matches(&hash) || revoked || idle {
-        return Err(invalid());
+        return Err(AuthError::SessionInvalid);
     }
     if stale {
         // Touch at most once a minute: a write per request would cost more than the
@@ -251,16 +280,15 @@ async fn authenticate_session(pool: &Pool, text: &str) -> Result<Principal, ApiE
             )
             .await?;
     }
-    let role: String = row.get(7);
     Ok(Principal {
-        account_id: row.get(5),
-        user_id: row.get(4),
-        email: row.get(6),
-        role: Role::parse(&role).ok_or_else(|| ApiError::internal("unknown role in database"))?,
+        account_id: row.try_get("account_id")?,
+        user_id: row.try_get("user_id")?,
+        email: row.try_get("email")?,
+        role: stored_role(row.try_get("role")?)?,
         credential: Credential::Session {
             session_id: token.id,
         },
-        mfa_setup_required: row.get(8),
+        mfa_setup_required: row.try_get("mfa_setup_required")?,
     })
 }
 
@@ -268,46 +296,37 @@ async fn authenticate_api_key(
     pool: &Pool,
     text: &str,
     client_ip: IpAddr,
-) -> Result<Principal, ApiError> {
-    let invalid = || ApiError::unauthenticated("API key is not valid (unknown or revoked)");
-    let token = Token::parse(TokenKind::ApiKey, text).ok_or_else(invalid)?;
+) -> Result<Principal, AuthError> {
+    let token = Token::parse(TokenKind::ApiKey, text).ok_or(AuthError::ApiKeyInvalid)?;
     let client = pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT k.secret_hash, k.revoked_at IS NOT NULL, k.expires_at, k.scopes, \
-                    k.ip_allowlist, k.account_id, u.id, u.email, u.role, \
-                    a.require_mfa AND u.totp_enabled_at IS NULL \
+            "SELECT k.secret_hash, k.revoked_at IS NOT NULL AS revoked, k.expires_at, k.scopes, \
+                    k.ip_allowlist, k.account_id, u.id AS user_id, u.email, u.role, \
+                    a.require_mfa AND u.totp_enabled_at IS NULL AS mfa_setup_required \
              FROM api_keys k JOIN users u ON u.id = k.created_by AND u.account_id = k.account_id \
              JOIN accounts a ON a.id = k.account_id WHERE k.id = $1",
             &[&token.id],
         )
         .await?
-        .ok_or_else(invalid)?;
-    let hash: Vec<u8> = row.get(0);
-    let revoked: bool = row.get(1);
+        .ok_or(AuthError::ApiKeyInvalid)?;
+    let hash: Vec<u8> = row.try_get("secret_hash")?;
+    let revoked: bool = row.try_get("revoked")?;
     if !token.matches(&hash) || revoked {
-        return Err(invalid());
+        return Err(AuthError::ApiKeyInvalid);
     }
-    let expires_at: Option<DateTime<Utc>> = row.get(2);
+    let expires_at: Option<DateTime<Utc>> = row.try_get("expires_at")?;
     if let Some(at) = expires_at.filter(|at| *at <= Utc::now()) {
-        return Err(ApiError::new(
-            http::StatusCode::UNAUTHORIZED,
-            ErrorCode::ApiKeyExpired,
-            format!("API key expired at {}", at.to_rfc3339()),
-        ));
+        return Err(AuthError::ApiKeyExpired { at });
     }
-    let allowlist: Vec<String> = row.get(4);
+    let allowlist: Vec<String> = row.try_get("ip_allowlist")?;
     if !allowlist.is_empty() {
         let allowed = allowlist
             .iter()
             .filter_map(|net| net.parse::<ipnet::IpNet>().ok())
             .any(|net| net.contains(&client_ip));
         if !allowed {
-            return Err(ApiError::new(
-                http::StatusCode::FORBIDDEN,
-                ErrorCode::IpNotAllowed,
-                format!("this API key may not be used from {client_ip}"),
-            ));
+            return Err(AuthError::IpNotAllowed { ip: client_ip });
         }
     }
     client
@@ -317,18 +336,17 @@ async fn authenticate_api_key(
             &[&token.id],
         )
         .await?;
-    let scopes: Vec<String> = row.get(3);
-    let role: String = row.get(8);
+    let scopes: Vec<String> = row.try_get("scopes")?;
     Ok(Principal {
-        account_id: row.get(5),
-        user_id: row.get(6),
-        email: row.get(7),
-        role: Role::parse(&role).ok_or_else(|| ApiError::internal("unknown role in database"))?,
+        account_id: row.try_get("account_id")?,
+        user_id: row.try_get("user_id")?,
+        email: row.try_get("email")?,
+        role: stored_role(row.try_get("role")?)?,
         credential: Credential::ApiKey {
             key_id: token.id,
             scopes: scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
         },
-        mfa_setup_required: row.get(9),
+        mfa_setup_required: row.try_get("mfa_setup_required")?,
     })
 }
 

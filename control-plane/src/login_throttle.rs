@@ -13,8 +13,6 @@ use std::net::IpAddr;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use crate::api::error::ApiError;
-
 /// The window failures are counted over.
 pub const WINDOW_SECS: i64 = 15 * 60;
 /// Failures from one address within the window before its attempts are refused.
@@ -34,6 +32,31 @@ pub fn throttle_key(ip: IpAddr) -> String {
     }
 }
 
+/// What a throttle counts failures of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// The client's address (its /64 for IPv6).
+    Address,
+    /// The account signed in to.
+    Account,
+}
+
+/// Why a sign-in attempt was not let through.
+#[derive(Debug, thiserror::Error)]
+pub enum ThrottleError {
+    /// Too many failures within the window; the next attempt may come in `retry_after_secs`.
+    #[error("too many failed sign-in attempts {}; try again later", match .subject {
+        Subject::Address => "from this address",
+        Subject::Account => "for this account",
+    })]
+    Throttled {
+        subject: Subject,
+        retry_after_secs: u64,
+    },
+    #[error(transparent)]
+    Database(#[from] tokio_postgres::Error),
+}
+
 /// A reserved attempt: released on success, kept as the failure otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation(i64);
@@ -45,7 +68,7 @@ pub async fn reserve(
     ip: IpAddr,
     account: Option<Uuid>,
     email_hash: &str,
-) -> Result<Reservation, ApiError> {
+) -> Result<Reservation, ThrottleError> {
     let key = throttle_key(ip);
     let tx = client.transaction().await?;
     tx.execute(
@@ -60,16 +83,9 @@ pub async fn reserve(
         )
         .await?;
     }
-    check(&tx, "ip", &key, MAX_PER_IP, "from this address").await?;
+    check(&tx, Subject::Address, &key).await?;
     if let Some(account) = &account {
-        check(
-            &tx,
-            "account_id",
-            account,
-            MAX_PER_ACCOUNT,
-            "for this account",
-        )
-        .await?;
+        check(&tx, Subject::Account, account).await?;
     }
     let id: i64 = tx
         .query_one(
@@ -77,7 +93,7 @@ pub async fn reserve(
             &[&key, &account, &email_hash],
         )
         .await?
-        .get(0);
+        .try_get("id")?;
     tx.commit().await?;
     Ok(Reservation(id))
 }
@@ -108,53 +124,44 @@ pub async fn prune(client: &impl GenericClient) -> Result<u64, tokio_postgres::E
 
 async fn check(
     client: &impl GenericClient,
-    column: &str,
+    subject: Subject,
     value: &(dyn tokio_postgres::types::ToSql + Sync),
-    max: i64,
-    what: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), ThrottleError> {
+    let (column, max) = match subject {
+        Subject::Address => ("ip", MAX_PER_IP),
+        Subject::Account => ("account_id", MAX_PER_ACCOUNT),
+    };
     let row = client
         .query_one(
             &format!(
-                "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM min(at) + make_interval(secs => $2) - now()), 0)::bigint \
+                "SELECT count(*) AS n, COALESCE(EXTRACT(EPOCH FROM min(at) + make_interval(secs => $2) - now()), 0)::bigint AS wait \
                  FROM login_failures WHERE {column} = $1 AND at > now() - make_interval(secs => $2)"
             ),
             &[value, &(WINDOW_SECS as f64)],
         )
         .await?;
-    let count: i64 = row.get(0);
+    let count: i64 = row.try_get("n")?;
     if count >= max {
-        let wait: i64 = row.get(1);
-        return Err(ApiError::too_many(
-            format!("too many failed sign-in attempts {what}; try again later"),
-            wait.max(1) as u64,
-        ));
+        let wait: i64 = row.try_get("wait")?;
+        return Err(ThrottleError::Throttled {
+            subject,
+            retry_after_secs: u64::try_from(wait.max(1)).unwrap_or(1),
+        });
     }
     Ok(())
 }
 
 /// Refuses when the client address has failed too often.
-pub async fn check_ip(client: &impl GenericClient, ip: IpAddr) -> Result<(), ApiError> {
-    check(
-        client,
-        "ip",
-        &throttle_key(ip),
-        MAX_PER_IP,
-        "from this address",
-    )
-    .await
+pub async fn check_ip(client: &impl GenericClient, ip: IpAddr) -> Result<(), ThrottleError> {
+    check(client, Subject::Address, &throttle_key(ip)).await
 }
 
 /// Refuses when the account has seen too many failures.
-pub async fn check_account(client: &impl GenericClient, account: Uuid) -> Result<(), ApiError> {
-    check(
-        client,
-        "account_id",
-        &account,
-        MAX_PER_ACCOUNT,
-        "for this account",
-    )
-    .await
+pub async fn check_account(
+    client: &impl GenericClient,
+    account: Uuid,
+) -> Result<(), ThrottleError> {
+    check(client, Subject::Account, &account).await
 }
 
 /// Counts one failure.
@@ -187,5 +194,17 @@ mod tests {
         assert_ne!(throttle_key(a), throttle_key(c));
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().expect("ip");
         assert_eq!(throttle_key(mapped), "192.0.2.7");
+    }
+
+    #[test]
+    fn a_throttled_attempt_says_what_was_counted() {
+        let e = ThrottleError::Throttled {
+            subject: Subject::Account,
+            retry_after_secs: 3,
+        };
+        assert_eq!(
+            e.to_string(),
+            "too many failed sign-in attempts for this account; try again later"
+        );
     }
 }

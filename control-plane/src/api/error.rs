@@ -264,6 +264,40 @@ impl From<crate::jobs::queue::QueueError> for ApiError {
     }
 }
 
+impl From<crate::login_throttle::ThrottleError> for ApiError {
+    fn from(e: crate::login_throttle::ThrottleError) -> Self {
+        use crate::login_throttle::ThrottleError;
+        match e {
+            ThrottleError::Throttled {
+                retry_after_secs, ..
+            } => ApiError::too_many(e.to_string(), retry_after_secs),
+            ThrottleError::Database(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError;
+        match e {
+            AuthError::NotSignedIn | AuthError::SessionInvalid | AuthError::ApiKeyInvalid => {
+                ApiError::unauthenticated(e.to_string())
+            }
+            AuthError::ApiKeyExpired { .. } => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::ApiKeyExpired,
+                e.to_string(),
+            ),
+            AuthError::IpNotAllowed { .. } => {
+                ApiError::forbidden(ErrorCode::IpNotAllowed, e.to_string())
+            }
+            AuthError::Stored(detail) => ApiError::internal(&detail),
+            AuthError::Database(e) => e.into(),
+            AuthError::Pool(e) => e.into(),
+        }
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         tracing::error!(error = %e, "database pool");

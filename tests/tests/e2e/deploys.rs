@@ -694,3 +694,83 @@ async fn a_rollback_goes_only_to_a_good_release_of_its_own_project_and_server() 
     assert_eq!(v["env_names"], json!(["NEW", "SECRET_TOKEN"]));
     assert_eq!(v["hooks"]["build"], json!(["exit 3"]));
 }
+
+/// A job left running by a replica that died holds its server (one job at a time) until the
+/// orphan sweep fails it after the grace; then the next job runs at once. A job whose replica
+/// is alive is never swept, however long it runs.
+#[tokio::test]
+async fn an_orphaned_job_holds_its_server_until_the_sweep_fails_it() {
+    let s = setup(json!({})).await;
+    let first = s.deploy_and_wait("main").await;
+    assert_eq!(first["status"], "succeeded");
+    let first_id: uuid::Uuid = first["id"].as_str().expect("id").parse().expect("uuid");
+    let db = s.t.db().await;
+    // Put the finished job back as running, handed out long ago by a replica nobody knows.
+    db.execute(
+        "UPDATE deployments SET status = 'running', finished_at = NULL, error_step = NULL, \
+         started_at = now() - interval '1 hour', dispatched_replica = gen_random_uuid() WHERE id = $1",
+        &[&first_id],
+    )
+    .await
+    .expect("orphan");
+    // And one of a live replica (the plane's own), just as old: it must be left alone.
+    let live_replica: uuid::Uuid = s.t.plane.agents().replica_id;
+    let second = s.deploy("main").await;
+    let second_id = second["id"].as_str().expect("id").to_owned();
+    // The orphan holds the server: the new job is not claimed while it is running. (The
+    // sweep runs every second; the orphan is an hour old, so it is failed on the next pass:
+    // what must never happen is the second job running before that.)
+    let settled = sensei_e2e::eventually(Duration::from_secs(30), || async {
+        db.query_one("SELECT status FROM deployments WHERE id = $1", &[&first_id])
+            .await
+            .expect("orphan row")
+            .get::<_, String>("status")
+            == "failed"
+    })
+    .await;
+    assert!(settled, "the orphan sweep failed the job");
+    let orphan = db
+        .query_one(
+            "SELECT error_step, error_message, finished_at FROM deployments WHERE id = $1",
+            &[&first_id],
+        )
+        .await
+        .expect("orphan row");
+    assert_eq!(orphan.get::<_, Option<&str>>("error_step"), Some("run"));
+    assert!(orphan
+        .get::<_, Option<&str>>("error_message")
+        .unwrap_or_default()
+        .contains("replica running this deploy stopped"));
+    let orphan_end: chrono::DateTime<chrono::Utc> = orphan.get("finished_at");
+    let second = s.t.wait_deployment(&s.cookie, &second_id).await;
+    assert_eq!(second["status"], "succeeded", "{second}");
+    let second_start: chrono::DateTime<chrono::Utc> = second["started_at"]
+        .as_str()
+        .expect("start")
+        .parse()
+        .expect("time");
+    assert!(
+        second_start >= orphan_end,
+        "the next job ran while the orphan still held its server"
+    );
+    // A job of a live replica is not an orphan, however old.
+    let third = s.deploy_and_wait("main").await;
+    let third_id: uuid::Uuid = third["id"].as_str().expect("id").parse().expect("uuid");
+    db.execute(
+        "UPDATE deployments SET status = 'running', finished_at = NULL, \
+         started_at = now() - interval '1 hour', dispatched_replica = $2 WHERE id = $1",
+        &[&third_id, &live_replica],
+    )
+    .await
+    .expect("old but alive");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status: String = db
+        .query_one("SELECT status FROM deployments WHERE id = $1", &[&third_id])
+        .await
+        .expect("row")
+        .get("status");
+    assert_eq!(
+        status, "running",
+        "a live replica's job is left to its agent"
+    );
+}
