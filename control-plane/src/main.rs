@@ -1,5 +1,5 @@
 use clap::Parser;
-use sensei_control_plane::cli::{self, Cli};
+use sensei_control_plane::app::cli::{self, Cli};
 
 fn main() {
     sensei_certs::tls::install_default_provider();

@@ -17,11 +17,11 @@ use tokio::sync::watch;
 use tokio_postgres::Transaction;
 use uuid::Uuid;
 
-use crate::agents::AgentHub;
 use crate::audit::{self, Actor, AuditEvent, Outcome};
-use crate::field_crypto::FieldKeys;
 use crate::jobs::queue::{enqueue, enqueue_many, NewJob};
 use crate::jobs::{history, JobKind};
+use crate::runners::agent::AgentHub;
+use crate::secrets::field_crypto::FieldKeys;
 
 const TICK: Duration = Duration::from_millis(250);
 
@@ -32,7 +32,7 @@ enum StepError {
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     /// A statement failed; the transaction is rolled back.
-    #[error("database: {}", crate::db::describe(.0))]
+    #[error("database: {}", crate::store::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     /// The row holds a value this version cannot read, so nothing is done to it.
     #[error("stored rollout: {0}")]
@@ -49,7 +49,7 @@ enum StepError {
 pub async fn run(
     pool: Pool,
     hub: std::sync::Arc<AgentHub>,
-    keys: std::sync::Arc<crate::field_crypto::FieldKeys>,
+    keys: std::sync::Arc<crate::secrets::field_crypto::FieldKeys>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {

@@ -40,7 +40,7 @@ fn generated_field_key_is_a_fernet_key() {
     assert!(out.status.success());
     let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert_eq!(key.len(), 44);
-    assert!(sensei_control_plane::field_crypto::FieldKeys::parse(&key).is_ok());
+    assert!(sensei_control_plane::secrets::field_crypto::FieldKeys::parse(&key).is_ok());
 }
 
 #[test]

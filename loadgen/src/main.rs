@@ -81,7 +81,7 @@ struct FleetOptions {
 
 /// What every scenario runs against.
 pub(crate) struct Setup {
-    _cluster: sensei_control_plane::postgres_cluster::PostgresCluster,
+    _cluster: sensei_control_plane::store::postgres_cluster::PostgresCluster,
     _dirs: Vec<tempfile::TempDir>,
     config: PlaneConfig,
     plane: Option<Plane>,
@@ -96,9 +96,9 @@ impl Setup {
     pub(crate) async fn new(heartbeat_secs: u64) -> anyhow::Result<Self> {
         let pg_dir = plane::open_tempdir("sensei-loadgen-pg-")?;
         // A durable cluster (fsync on), as in production: acknowledgements are real commits.
-        let cluster = sensei_control_plane::postgres_cluster::PostgresCluster::start(
+        let cluster = sensei_control_plane::store::postgres_cluster::PostgresCluster::start(
             &pg_dir.path().join("pg"),
-            &sensei_control_plane::postgres_cluster::ClusterOptions::default(),
+            &sensei_control_plane::store::postgres_cluster::ClusterOptions::default(),
         )?;
         let (admin, conn) =
             tokio_postgres::connect(&cluster.conninfo("postgres"), tokio_postgres::NoTls).await?;
@@ -113,7 +113,7 @@ impl Setup {
             binary: plane::sibling_binary("sensei-control-plane")?,
             database_url: database_url.clone(),
             owner_url: owner_url.clone(),
-            field_key: sensei_control_plane::field_crypto::FieldKeys::generate_key(),
+            field_key: sensei_control_plane::secrets::field_crypto::FieldKeys::generate_key(),
             data_dir: data_dir.path().to_owned(),
             api_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(false)?)),
             agent_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(true)?)),
@@ -251,10 +251,11 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
     } = options;
     let mut setup = Setup::new(heartbeat_secs).await?;
     let started = Instant::now();
-    let pool = sensei_control_plane::db::connect(&setup.config.database_url, 2).await?;
-    let keys = sensei_control_plane::field_crypto::FieldKeys::parse(&setup.config.field_key)?;
-    let ca = sensei_control_plane::pki::certificate_authority(&pool, &keys).await?;
-    let job_key = sensei_control_plane::job_signing::load_or_create(&pool, &keys)
+    let pool = sensei_control_plane::store::db::connect(&setup.config.database_url, 2).await?;
+    let keys =
+        sensei_control_plane::secrets::field_crypto::FieldKeys::parse(&setup.config.field_key)?;
+    let ca = sensei_control_plane::secrets::pki::certificate_authority(&pool, &keys).await?;
+    let job_key = sensei_control_plane::secrets::job_signing::load_or_create(&pool, &keys)
         .await?
         .verifying_key();
     pool.close();

@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, OnceLock};
 
-use sensei_control_plane::field_crypto::FieldKeys;
-use sensei_control_plane::postgres_cluster::{ClusterOptions, PostgresCluster};
+use sensei_control_plane::secrets::field_crypto::FieldKeys;
+use sensei_control_plane::store::postgres_cluster::{ClusterOptions, PostgresCluster};
 use sensei_control_plane::{ControlPlane, DatabaseSource, ServeOptions};
 use serde_json::Value;
 
@@ -175,7 +175,7 @@ impl TestPlane {
         };
         options.database_owner_url = Some(conninfo.clone());
         // Tests make their tenants by signing up; the closed default has tests of its own.
-        options.signup = sensei_control_plane::signup::SignupPolicy::Open;
+        options.signup = sensei_control_plane::identity::signup::SignupPolicy::Open;
         adjust(&mut options);
         let plane = ControlPlane::start(options)
             .await
@@ -872,9 +872,10 @@ pub fn base32_decode(text: &str) -> Vec<u8> {
 
 /// The code an authenticator shows `offset` steps from now.
 pub fn totp_code(secret: &[u8], offset: i64) -> String {
-    let step = sensei_control_plane::totp::step_at(chrono::Utc::now().timestamp()) + offset;
+    let step =
+        sensei_control_plane::identity::totp::step_at(chrono::Utc::now().timestamp()) + offset;
     format!(
         "{:06}",
-        sensei_control_plane::totp::hotp(secret, step as u64)
+        sensei_control_plane::identity::totp::hotp(secret, step as u64)
     )
 }

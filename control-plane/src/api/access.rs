@@ -12,7 +12,7 @@ use super::cross_site;
 use super::error::{ApiError, ErrorCode};
 use super::extract::ClientMeta;
 use super::AppState;
-use crate::auth::{self, Scope};
+use crate::identity::auth::{self, Scope};
 
 /// What a route demands of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody};
 use super::{actor_event, AppState};
 use crate::audit;
-use crate::auth::Principal;
+use crate::identity::auth::Principal;
 
 /// Audit retention bounds, in days (the database checks them too).
 pub const MIN_RETENTION_DAYS: i32 = 30;
@@ -102,7 +102,7 @@ pub async fn update(
     let name = req
         .name
         .as_deref()
-        .map(super::auth_routes::account_name)
+        .map(crate::identity::names::account_name)
         .transpose()?;
     if let Some(days) = req.audit_retention_days {
         if !(MIN_RETENTION_DAYS..=MAX_RETENTION_DAYS).contains(&days) {

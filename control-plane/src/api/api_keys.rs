@@ -15,8 +15,8 @@ use super::extract::{ClientMeta, JsonBody, Path, QueryParams};
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit::{self, AuditEvent, Outcome};
-use crate::auth::{Principal, Scope};
-use crate::tokens::{Token, TokenKind};
+use crate::identity::auth::{Principal, Scope};
+use crate::identity::tokens::{Token, TokenKind};
 
 const MAX_ALLOWLIST: usize = 64;
 

@@ -15,7 +15,7 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::QueryParams;
 use super::AppState;
 use crate::audit::{AuditRecord, COLUMNS};
-use crate::auth::{Principal, Role};
+use crate::identity::auth::{Principal, Role};
 
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 500;

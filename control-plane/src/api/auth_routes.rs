@@ -15,13 +15,12 @@ use super::extract::{ClientMeta, JsonBody, Path};
 use super::mfa;
 use super::AppState;
 use crate::audit::{self, Actor, AuditEvent, Outcome};
-use crate::auth::{Principal, Role, SESSION_COOKIE, SESSION_IDLE_DAYS};
-use crate::passwords::{self, Verdict};
-use crate::signup::{self, NewAccount, SignupPolicy};
-use crate::tokens::{Token, TokenKind};
-use crate::{admission, login_throttle};
-
-const MAX_EMAIL: usize = 254;
+use crate::identity::auth::{Principal, Role, SESSION_COOKIE, SESSION_IDLE_DAYS};
+use crate::identity::names::{account_name, normalise_email};
+use crate::identity::passwords::{self, Verdict};
+use crate::identity::signup::{self, NewAccount, SignupPolicy};
+use crate::identity::tokens::{Token, TokenKind};
+use crate::identity::{admission, login_throttle};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -87,23 +86,6 @@ pub struct SessionList {
     pub sessions: Vec<SessionView>,
 }
 
-pub fn normalise_email(email: &str) -> Result<String, ApiError> {
-    let email = email.trim();
-    let valid = email.len() <= MAX_EMAIL
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
-        && email
-            .split_once('@')
-            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'));
-    if valid {
-        Ok(email.to_owned())
-    } else {
-        Err(ApiError::unprocessable(
-            ErrorCode::InvalidEmail,
-            "email must look like name@example.com (at most 254 characters)",
-        ))
-    }
-}
-
 /// Refuses a password the policy does not allow.
 pub(super) fn check_password(password: &str) -> Result<(), ApiError> {
     passwords::check_policy(password)
@@ -156,18 +138,6 @@ pub(super) async fn create_session(
     )
     .await?;
     Ok((token.id, token.render(TokenKind::Session)))
-}
-
-/// An account name as stored: trimmed, 1 to 200 characters.
-pub fn account_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::unprocessable(
-            ErrorCode::InvalidAccountName,
-            "an account name must be 1 to 200 characters",
-        ));
-    }
-    Ok(name.to_owned())
 }
 
 /// Creates an account and its owner, and signs the owner in, when the signup policy lets
@@ -669,11 +639,11 @@ pub async fn me(
         mfa_enabled: row.get(0),
         mfa_setup_required: principal.mfa_setup_required,
         api_key: match &principal.credential {
-            crate::auth::Credential::ApiKey { key_id, scopes } => Some(MeApiKey {
+            crate::identity::auth::Credential::ApiKey { key_id, scopes } => Some(MeApiKey {
                 id: *key_id,
                 scopes: scopes.iter().map(|s| s.as_str().to_owned()).collect(),
             }),
-            crate::auth::Credential::Session { .. } => None,
+            crate::identity::auth::Credential::Session { .. } => None,
         },
     }))
 }

@@ -72,9 +72,9 @@ impl Credential {
     pub fn of(headers: &HeaderMap, public_route: bool) -> Self {
         if public_route {
             Self::Public
-        } else if crate::auth::bearer(headers).is_some() {
+        } else if crate::identity::auth::bearer(headers).is_some() {
             Self::Bearer
-        } else if crate::auth::session_cookie(headers).is_some() {
+        } else if crate::identity::auth::session_cookie(headers).is_some() {
             Self::Cookie
         } else {
             // Will be refused as unauthenticated: nothing for this check to protect.

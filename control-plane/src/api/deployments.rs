@@ -21,7 +21,7 @@ use super::live;
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit;
-use crate::auth::Principal;
+use crate::identity::auth::Principal;
 use crate::jobs::queue::{enqueue, NewJob};
 use crate::jobs::{history, JobKind, JobStatus};
 
@@ -390,7 +390,7 @@ pub async fn logs(
         &headers,
         meta.ip,
         &principal,
-        crate::auth::Scope::DeploymentsRead,
+        crate::identity::auth::Scope::DeploymentsRead,
     );
     let changes = state.live.subscribe(live::Followed::Deployment(id));
     let keep_alive = state.live.keep_alive();

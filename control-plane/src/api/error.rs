@@ -247,7 +247,7 @@ impl IntoResponse for ApiError {
 
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
-        Self::internal(&crate::db::describe(&e))
+        Self::internal(&crate::store::db::describe(&e))
     }
 }
 
@@ -264,9 +264,9 @@ impl From<crate::jobs::queue::QueueError> for ApiError {
     }
 }
 
-impl From<crate::login_throttle::ThrottleError> for ApiError {
-    fn from(e: crate::login_throttle::ThrottleError) -> Self {
-        use crate::login_throttle::ThrottleError;
+impl From<crate::identity::login_throttle::ThrottleError> for ApiError {
+    fn from(e: crate::identity::login_throttle::ThrottleError) -> Self {
+        use crate::identity::login_throttle::ThrottleError;
         match e {
             ThrottleError::Throttled {
                 retry_after_secs, ..
@@ -276,9 +276,9 @@ impl From<crate::login_throttle::ThrottleError> for ApiError {
     }
 }
 
-impl From<crate::auth::AuthError> for ApiError {
-    fn from(e: crate::auth::AuthError) -> Self {
-        use crate::auth::AuthError;
+impl From<crate::identity::auth::AuthError> for ApiError {
+    fn from(e: crate::identity::auth::AuthError) -> Self {
+        use crate::identity::auth::AuthError;
         match e {
             AuthError::NotSignedIn | AuthError::SessionInvalid | AuthError::ApiKeyInvalid => {
                 ApiError::unauthenticated(e.to_string())
@@ -295,6 +295,18 @@ impl From<crate::auth::AuthError> for ApiError {
             AuthError::Database(e) => e.into(),
             AuthError::Pool(e) => e.into(),
         }
+    }
+}
+
+impl From<crate::identity::names::InvalidEmail> for ApiError {
+    fn from(e: crate::identity::names::InvalidEmail) -> Self {
+        ApiError::unprocessable(ErrorCode::InvalidEmail, e.to_string())
+    }
+}
+
+impl From<crate::identity::names::InvalidAccountName> for ApiError {
+    fn from(e: crate::identity::names::InvalidAccountName) -> Self {
+        ApiError::unprocessable(ErrorCode::InvalidAccountName, e.to_string())
     }
 }
 

@@ -194,15 +194,15 @@ pub struct Follower {
     headers: http::HeaderMap,
     ip: std::net::IpAddr,
     account: Uuid,
-    scope: crate::auth::Scope,
+    scope: crate::identity::auth::Scope,
 }
 
 impl Follower {
     pub fn new(
         request: &http::HeaderMap,
         ip: std::net::IpAddr,
-        principal: &crate::auth::Principal,
-        scope: crate::auth::Scope,
+        principal: &crate::identity::auth::Principal,
+        scope: crate::identity::auth::Scope,
     ) -> Self {
         let mut headers = http::HeaderMap::new();
         for name in [http::header::COOKIE, http::header::AUTHORIZATION] {
@@ -220,7 +220,7 @@ impl Follower {
 
     /// Whether the credentials that opened the stream would still open it.
     pub async fn still_allowed(&self, pool: &deadpool_postgres::Pool) -> bool {
-        match crate::auth::authenticate(pool, &self.headers, self.ip).await {
+        match crate::identity::auth::authenticate(pool, &self.headers, self.ip).await {
             Ok(p) => p.account_id == self.account && p.allows(self.scope) && !p.mfa_setup_required,
             Err(_) => false,
         }
@@ -259,7 +259,7 @@ pub async fn listen(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        match crate::db::listen(&database_url, &[CHANNEL]).await {
+        match crate::store::db::listen(&database_url, &[CHANNEL]).await {
             Ok((_client, mut messages)) => {
                 streams.changed_all();
                 loop {

@@ -15,15 +15,16 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::auth_routes::{
-    create_session, new_password_hash, normalise_email, session_cookie, with_cookie, UserView,
+    create_session, new_password_hash, session_cookie, with_cookie, UserView,
 };
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody, Path, QueryParams};
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit::{self, Actor, AuditEvent, Outcome};
-use crate::auth::{Principal, Role, SESSION_IDLE_DAYS};
-use crate::tokens::{Token, TokenKind};
+use crate::identity::auth::{Principal, Role, SESSION_IDLE_DAYS};
+use crate::identity::names::normalise_email;
+use crate::identity::tokens::{Token, TokenKind};
 
 /// How long an invitation link stays valid.
 pub const INVITATION_DAYS: i64 = 7;

@@ -15,9 +15,9 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody};
 use super::{actor_event, AppState};
 use crate::audit;
-use crate::auth::Principal;
-use crate::field_crypto::FieldKeys;
-use crate::totp;
+use crate::identity::auth::Principal;
+use crate::identity::totp;
+use crate::secrets::field_crypto::FieldKeys;
 
 /// The issuer name authenticator apps show.
 const ISSUER: &str = "Sensei";
@@ -178,7 +178,7 @@ pub async fn confirm(
     JsonBody(req): JsonBody<TotpCode>,
 ) -> Result<Json<RecoveryCodes>, ApiError> {
     let mut client = state.pool.get().await?;
-    crate::login_throttle::check_account(&**client, principal.account_id).await?;
+    crate::identity::login_throttle::check_account(&**client, principal.account_id).await?;
     let tx = client.transaction().await?;
     let row = tx
         .query_one(
@@ -206,8 +206,13 @@ pub async fn confirm(
         let hash = state
             .keys
             .keyed_input_hash(principal.email.to_lowercase().as_bytes());
-        crate::login_throttle::record(&**client, meta.ip, Some(principal.account_id), &hash)
-            .await?;
+        crate::identity::login_throttle::record(
+            &**client,
+            meta.ip,
+            Some(principal.account_id),
+            &hash,
+        )
+        .await?;
         return Err(wrong_code());
     };
     tx.execute(
@@ -264,7 +269,7 @@ pub async fn disable(
     JsonBody(req): JsonBody<TotpCode>,
 ) -> Result<StatusCode, ApiError> {
     let mut client = state.pool.get().await?;
-    crate::login_throttle::check_account(&**client, principal.account_id).await?;
+    crate::identity::login_throttle::check_account(&**client, principal.account_id).await?;
     let tx = client.transaction().await?;
     let row = tx
         .query_one(
@@ -294,8 +299,13 @@ pub async fn disable(
         let hash = state
             .keys
             .keyed_input_hash(principal.email.to_lowercase().as_bytes());
-        crate::login_throttle::record(&**client, meta.ip, Some(principal.account_id), &hash)
-            .await?;
+        crate::identity::login_throttle::record(
+            &**client,
+            meta.ip,
+            Some(principal.account_id),
+            &hash,
+        )
+        .await?;
         return Err(wrong_code());
     }
     tx.execute(

@@ -14,9 +14,9 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::agents::AgentHub;
-use crate::field_crypto::FieldKeys;
-pub use crate::metrics::Metrics;
+pub use crate::app::metrics::Metrics;
+use crate::runners::agent::AgentHub;
+use crate::secrets::field_crypto::FieldKeys;
 
 pub mod access;
 pub mod account;
@@ -41,7 +41,7 @@ pub mod system;
 
 /// The audit event for an action a signed-in caller took on `target` (type and id).
 pub fn actor_event(
-    principal: &crate::auth::Principal,
+    principal: &crate::identity::auth::Principal,
     meta: &extract::ClientMeta,
     action: &'static str,
     target: (&'static str, uuid::Uuid),
@@ -79,20 +79,20 @@ pub struct StateInner {
     /// How long a queued deployment waits for its agent.
     pub dispatch_timeout: std::time::Duration,
     /// Password-reset and invitation emails.
-    pub mailer: Arc<crate::mailer::Mailer>,
+    pub mailer: Arc<crate::identity::mailer::Mailer>,
     /// The API's address as users reach it (`https://…`, no trailing slash), for links in
     /// emails.
     pub public_url: String,
     /// The public URL's origin: what a browser's `Origin` must say on a cookie request.
     pub public_origin: cross_site::WebOrigin,
     /// Who may create an account (`--signup`).
-    pub signup: crate::signup::SignupPolicy,
+    pub signup: crate::identity::signup::SignupPolicy,
     /// Open live-follow streams and the changes they wait for.
     pub live: Arc<live::LiveStreams>,
     /// Load balancers whose forwarding headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Password hashing, a bounded number at a time.
-    pub hashing: Arc<crate::passwords::HashGate>,
+    pub hashing: Arc<crate::identity::passwords::HashGate>,
     /// The SSH runner's slots on this replica (for the in-flight gauge).
     pub ssh_permits: Arc<tokio::sync::Semaphore>,
     /// Bearer token `/metrics` requires, when set.

@@ -15,8 +15,8 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody};
 use super::AppState;
 use crate::audit::{self, Actor, AuditEvent, Outcome};
-use crate::login_throttle;
-use crate::tokens::{Token, TokenKind};
+use crate::identity::login_throttle;
+use crate::identity::tokens::{Token, TokenKind};
 
 /// How long a reset link works.
 pub const RESET_MINUTES: i64 = 15;

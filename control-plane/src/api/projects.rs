@@ -18,7 +18,7 @@ use super::extract::{ClientMeta, JsonBody, Path, QueryParams};
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit;
-use crate::auth::Principal;
+use crate::identity::auth::Principal;
 use crate::jobs;
 
 const MAX_ENV_VARS: usize = 500;

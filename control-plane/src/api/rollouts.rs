@@ -23,7 +23,7 @@ use super::live;
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit;
-use crate::auth::Principal;
+use crate::identity::auth::Principal;
 
 const MAX_TARGETS: usize = 100_000;
 /// The route's name for its idempotency keys.
@@ -423,7 +423,7 @@ pub async fn events(
         &headers,
         meta.ip,
         &principal,
-        crate::auth::Scope::RolloutsRead,
+        crate::identity::auth::Scope::RolloutsRead,
     );
     let changes = state.live.subscribe(live::Followed::Rollout(id));
     let keep_alive = state.live.keep_alive();

@@ -18,10 +18,10 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody, Path};
 use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
-use crate::agents::cert_events;
 use crate::audit;
-use crate::auth::Principal;
-use crate::tokens::{Token, TokenKind};
+use crate::identity::auth::Principal;
+use crate::identity::tokens::{Token, TokenKind};
+use crate::runners::agent::cert_events;
 
 /// Default lifetime of an enrollment token.
 pub const ENROLLMENT_TTL_SECS: i64 = 3600;
@@ -369,7 +369,7 @@ impl SshCredentials {
         }
         let host_key = match &req.host_key {
             Some(line) => {
-                let key = crate::ssh_keys::public_key(line)
+                let key = crate::secrets::ssh_keys::public_key(line)
                     .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidHostKey, e.0))?;
                 Some(key.to_openssh().map_err(|e| {
                     ApiError::unprocessable(ErrorCode::InvalidHostKey, e.to_string())
@@ -385,7 +385,7 @@ impl SshCredentials {
                         "password applies to auth \"password\" only",
                     ));
                 }
-                let key = crate::ssh_keys::LoginKey::generate(id)
+                let key = crate::secrets::ssh_keys::LoginKey::generate(id)
                     .map_err(|e| ApiError::internal(&e.0))?;
                 Ok(Self {
                     auth: "key".into(),

@@ -30,7 +30,8 @@ const PROBE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 #[utoipa::path(get, path = "/healthz", tag = "system",
     responses((status = 200, body = Health), (status = 503, body = Health, description = "database unreachable")))]
 pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    let db_ok = crate::db::probe(&state.pool, PROBE_DEADLINE).await == crate::db::Probe::Answered;
+    let db_ok = crate::store::db::probe(&state.pool, PROBE_DEADLINE).await
+        == crate::store::db::Probe::Answered;
     let status = if db_ok {
         StatusCode::OK
     } else {
@@ -82,14 +83,17 @@ pub struct Readiness {
 #[utoipa::path(get, path = "/readyz", tag = "system",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness, description = "database unreachable or schema not current")))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let expected = crate::db::latest_migration();
-    let reachable =
-        crate::db::probe(&state.pool, PROBE_DEADLINE).await == crate::db::Probe::Answered;
+    let expected = crate::store::db::latest_migration();
+    let reachable = crate::store::db::probe(&state.pool, PROBE_DEADLINE).await
+        == crate::store::db::Probe::Answered;
     let applied = if reachable {
-        tokio::time::timeout(PROBE_DEADLINE, crate::db::applied_migration(&state.pool))
-            .await
-            .ok()
-            .and_then(Result::ok)
+        tokio::time::timeout(
+            PROBE_DEADLINE,
+            crate::store::db::applied_migration(&state.pool),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
     } else {
         None
     };
@@ -167,8 +171,8 @@ pub async fn metrics_endpoint(State(state): State<AppState>, headers: http::Head
 
 /// Gathers the fleet figures for one scrape; the database's share within a deadline, so that
 /// a slow database makes the scrape say so (`sensei_metrics_database_up 0`), not hang.
-async fn fleet_figures(state: &AppState) -> crate::metrics::FleetFigures {
-    use crate::metrics::{DatabaseFigures, FleetFigures, ProcessFigures};
+async fn fleet_figures(state: &AppState) -> crate::app::metrics::FleetFigures {
+    use crate::app::metrics::{DatabaseFigures, FleetFigures, ProcessFigures};
     let database = async {
         let client = state.pool.get().await.ok()?;
         let expiring: i64 = client
@@ -214,7 +218,7 @@ async fn fleet_figures(state: &AppState) -> crate::metrics::FleetFigures {
         version: env!("CARGO_PKG_VERSION").into(),
         binary_sha256: state.binary_sha256.clone(),
         connected_agents: state.agents.connected_count(),
-        ssh_jobs_in_flight: crate::ssh_runner::DEFAULT_CONCURRENCY
+        ssh_jobs_in_flight: crate::runners::ssh::DEFAULT_CONCURRENCY
             .saturating_sub(state.ssh_permits.available_permits()),
         hash_queue: state.hashing.waiting(),
         hashes_running: state.hashing.running(),

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::claim::{self, Claimed};
 use super::record::record_ends;
 use super::sign::{deploy_configs, sign_with, SignError};
-use crate::field_crypto::FieldKeys;
+use crate::secrets::field_crypto::FieldKeys;
 
 /// Requests served by one statement at most.
 const MAX_BATCH: usize = 1000;
@@ -151,7 +151,7 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
             .get()
             .await
             .map_err(|e| ClaimError::Database(e.to_string()))?;
-        let db = |e: tokio_postgres::Error| ClaimError::Database(crate::db::describe(&e));
+        let db = |e: tokio_postgres::Error| ClaimError::Database(crate::store::db::describe(&e));
         let claimed = claim::for_agents(&client, ctx.replica, &sessions)
             .await
             .map_err(db)?;
@@ -193,7 +193,7 @@ async fn finish_batch(ctx: &Context, batch: Vec<FinishRequest>) {
     let written = match ctx.pool.get().await {
         Ok(client) => record_ends(&client, &ends)
             .await
-            .map_err(|e| crate::db::describe(&e)),
+            .map_err(|e| crate::store::db::describe(&e)),
         Err(e) => Err(e.to_string()),
     };
     if let Err(error) = written {

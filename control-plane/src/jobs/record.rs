@@ -64,7 +64,7 @@ pub async fn finish(pool: &deadpool_postgres::Pool, id: Uuid, result: &JobResult
     let written = match pool.get().await {
         Ok(client) => record_ends(&client, &[(id, result)])
             .await
-            .map_err(|e| crate::db::describe(&e)),
+            .map_err(|e| crate::store::db::describe(&e)),
         Err(e) => Err(e.to_string()),
     };
     if let Err(error) = written {
@@ -106,7 +106,7 @@ async fn record_ends_of_server(
             &[&ends.iter().map(|(id, _)| *id).collect::<Vec<_>>(), &server_id],
         )
         .await
-        .map_err(|e| crate::db::describe(&e))?
+        .map_err(|e| crate::store::db::describe(&e))?
         .iter()
         .map(|r| r.get("id"))
         .collect();
@@ -120,7 +120,7 @@ async fn record_ends_of_server(
     }
     record_ends(client, &ends)
         .await
-        .map_err(|e| crate::db::describe(&e))
+        .map_err(|e| crate::store::db::describe(&e))
 }
 
 /// Appends log lines to a deployment (up to [`MAX_LOG_LINES`]). NUL bytes, which PostgreSQL
@@ -141,8 +141,21 @@ pub async fn store_lines(pool: &deadpool_postgres::Pool, id: Uuid, lines: &[LogL
         )
         .await;
     if let Err(e) = result {
-        tracing::warn!(deployment = %id, error = %crate::db::describe(&e), "storing deploy log lines");
+        tracing::warn!(deployment = %id, error = %crate::store::db::describe(&e), "storing deploy log lines");
     }
+}
+
+/// Deletes log lines older than their account's `deploy_log_retention_days`. The jobs
+/// themselves (status, commit, release, timings) are kept.
+pub async fn expire_logs(client: &tokio_postgres::Client) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM deployment_logs l USING deployments d, accounts a \
+             WHERE l.deployment_id = d.id AND d.account_id = a.id \
+             AND l.at < now() - make_interval(days => a.deploy_log_retention_days)",
+            &[],
+        )
+        .await
 }
 
 /// Fails the jobs `replica` handed to `server_id` that are still running: their agent went
@@ -167,7 +180,7 @@ pub async fn fail_interrupted(
     {
         Ok(n) => n,
         Err(e) => {
-            tracing::warn!(%server_id, error = %crate::db::describe(&e), "failing interrupted deployments");
+            tracing::warn!(%server_id, error = %crate::store::db::describe(&e), "failing interrupted deployments");
             0
         }
     }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::claim::Claimed;
 use super::JobKind;
-use crate::field_crypto::FieldKeys;
+use crate::secrets::field_crypto::FieldKeys;
 
 /// How long a signed job stays valid for its server after it is sent.
 const JOB_VALIDITY_SECS: i64 = 300;
@@ -114,7 +114,7 @@ pub async fn sign(
 ) -> Result<SignedJob, SignError> {
     let mut configs = deploy_configs(client, &[job])
         .await
-        .map_err(|e| SignError::Database(crate::db::describe(&e)))?;
+        .map_err(|e| SignError::Database(crate::store::db::describe(&e)))?;
     let config = configs.remove(&job.id).ok_or(SignError::ProjectGone)?;
     sign_with(&config, keys, job, binding, key)
 }

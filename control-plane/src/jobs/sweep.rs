@@ -53,7 +53,7 @@ pub async fn heartbeat(pool: &Pool, replica: Uuid) {
             )
             .await
             .map(drop)
-            .map_err(|e| crate::db::describe(&e)),
+            .map_err(|e| crate::store::db::describe(&e)),
         Err(e) => Err(e.to_string()),
     };
     if let Err(error) = written {
@@ -68,7 +68,7 @@ pub async fn retire(pool: &Pool, replica: Uuid) {
             .execute("DELETE FROM replicas WHERE id = $1", &[&replica])
             .await
         {
-            tracing::warn!(error = %crate::db::describe(&e), "retiring this replica");
+            tracing::warn!(error = %crate::store::db::describe(&e), "retiring this replica");
         }
     }
 }
@@ -87,7 +87,7 @@ pub async fn sweep(pool: &Pool) {
         )
         .await
     {
-        tracing::warn!(error = %crate::db::describe(&e), "expiring queued deployments");
+        tracing::warn!(error = %crate::store::db::describe(&e), "expiring queued deployments");
     }
     // A server runs one job at a time, so each orphan failed here may free its server's next
     // job: its poll, on whichever replica, is told to look.
@@ -111,6 +111,6 @@ pub async fn sweep(pool: &Pool) {
         )
         .await
     {
-        tracing::warn!(error = %crate::db::describe(&e), "failing orphaned deployments");
+        tracing::warn!(error = %crate::store::db::describe(&e), "failing orphaned deployments");
     }
 }

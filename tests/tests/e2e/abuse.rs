@@ -43,7 +43,7 @@ async fn a_parallel_burst_of_guesses_gets_no_more_through_than_the_limit() {
     println!("64 parallel guesses: {checked} checked, {throttled} throttled");
     assert_eq!(
         checked,
-        sensei_control_plane::login_throttle::MAX_PER_ACCOUNT,
+        sensei_control_plane::identity::login_throttle::MAX_PER_ACCOUNT,
         "exactly the account's limit of guesses was checked"
     );
     assert_eq!(checked + throttled, 64);
@@ -107,7 +107,7 @@ impl PlaneProcess {
         let mut child = tokio::process::Command::new(sensei_e2e::control_plane_binary())
             .env(
                 "CODESENSEI_FIELD_KEY",
-                sensei_control_plane::field_crypto::FieldKeys::generate_key(),
+                sensei_control_plane::secrets::field_crypto::FieldKeys::generate_key(),
             )
             .env("DATABASE_URL", sensei_e2e::app_conninfo(&owner))
             .env("DATABASE_OWNER_URL", &owner)
@@ -249,7 +249,7 @@ impl PlaneProcess {
 /// output must then cost (almost) nothing more.
 #[tokio::test]
 async fn an_ssh_server_flooding_output_cannot_grow_the_control_planes_memory() {
-    if !sensei_control_plane::postgres_cluster::running_as_root() {
+    if !sensei_control_plane::store::postgres_cluster::running_as_root() {
         return; // the SSH tests create their login user and run sshd as root
     }
     let small = sensei_e2e::SshServer::start_with("ForceCommand head -c 40000000 /dev/zero");
@@ -305,7 +305,7 @@ async fn an_ssh_server_flooding_output_cannot_grow_the_control_planes_memory() {
 /// A tenant's SSH server that never ends the session is stopped at the deploy's deadline.
 #[tokio::test]
 async fn an_ssh_server_that_never_finishes_is_stopped_at_the_deadline() {
-    if !sensei_control_plane::postgres_cluster::running_as_root() {
+    if !sensei_control_plane::store::postgres_cluster::running_as_root() {
         return;
     }
     let sshd = sensei_e2e::SshServer::start_with("ForceCommand sleep 3600");

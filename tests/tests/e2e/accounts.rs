@@ -188,7 +188,7 @@ async fn wrong_password_is_refused_and_audited_without_the_input() {
 async fn repeated_failures_throttle_the_account() {
     let t = TestPlane::start().await;
     t.signup("target@example.com", PW).await;
-    for _ in 0..sensei_control_plane::login_throttle::MAX_PER_ACCOUNT {
+    for _ in 0..sensei_control_plane::identity::login_throttle::MAX_PER_ACCOUNT {
         let r = t
             .http
             .post(t.url("/v1/auth/login"))
@@ -221,7 +221,7 @@ async fn repeated_failures_throttle_the_account() {
 #[tokio::test]
 async fn repeated_failures_throttle_the_client_address() {
     let t = TestPlane::start().await;
-    for i in 0..sensei_control_plane::login_throttle::MAX_PER_IP {
+    for i in 0..sensei_control_plane::identity::login_throttle::MAX_PER_IP {
         let r = t
             .http
             .post(t.url("/v1/auth/login"))

@@ -6,8 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use sensei_agent::enroll::{enroll, EnrollError};
-use sensei_control_plane::admission;
-use sensei_control_plane::signup::SignupPolicy;
+use sensei_control_plane::identity::admission;
+use sensei_control_plane::identity::signup::SignupPolicy;
 use sensei_e2e::{control_plane_binary, error_code, open_tempdir, TestPlane};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -475,7 +475,7 @@ async fn an_enrollment_racing_its_servers_deletion_leaves_no_valid_certificate()
 #[tokio::test]
 async fn one_signup_invitation_spent_by_parallel_signups_makes_one_account() {
     let t = plane_with(|o| o.signup = SignupPolicy::InviteOnly).await;
-    let invitation = sensei_control_plane::signup::issue_invitation(
+    let invitation = sensei_control_plane::identity::signup::issue_invitation(
         t.plane.pool(),
         &t.keys,
         Duration::from_secs(3600),

@@ -209,7 +209,7 @@ async fn clients_without_a_valid_certificate_never_get_a_session() {
     assert!(err.contains("handshake"), "{err}");
 
     // Issued by our CA but expired, even though it is in the valid set.
-    let ca = sensei_control_plane::pki::certificate_authority(t.plane.pool(), &t.keys)
+    let ca = sensei_control_plane::secrets::pki::certificate_authority(t.plane.pool(), &t.keys)
         .await
         .expect("ca");
     let expired = ca

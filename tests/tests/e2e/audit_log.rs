@@ -318,7 +318,7 @@ async fn concurrent_writers_keep_one_unbroken_chain() {
     let mut tasks = Vec::new();
     // As many parallel sign-ins as the account's throttle lets be in flight at once (each
     // reserves its place before its password is checked).
-    let writers = sensei_control_plane::login_throttle::MAX_PER_ACCOUNT;
+    let writers = sensei_control_plane::identity::login_throttle::MAX_PER_ACCOUNT;
     for _ in 0..writers {
         let http = t.http.clone();
         let url = t.url("/v1/auth/login");

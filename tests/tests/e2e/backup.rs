@@ -2,7 +2,7 @@
 //! key (never in the dump). Restored into a new cluster with the same key, a new control
 //! plane holds everything, and its agents reconnect with the certificates they have.
 
-use sensei_control_plane::postgres_cluster::{ClusterOptions, PostgresCluster};
+use sensei_control_plane::store::postgres_cluster::{ClusterOptions, PostgresCluster};
 use sensei_e2e::{git_repo, open_tempdir, TestPlane};
 use serde_json::json;
 

@@ -3,7 +3,7 @@
 
 use std::process::Stdio;
 
-use sensei_control_plane::field_crypto::FieldKeys;
+use sensei_control_plane::secrets::field_crypto::FieldKeys;
 use sensei_e2e::{control_plane_binary, fresh_database, open_tempdir};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -112,7 +112,7 @@ fn quickstart_once_runs_the_whole_thing_and_exits_zero() {
     assert!(target.starts_with("releases/"), "{target:?}");
     let page = std::fs::read_to_string(current.join("index.html")).expect("deployed page");
     assert!(page.contains("Hello from Sensei"));
-    if sensei_control_plane::postgres_cluster::running_as_root() {
+    if sensei_control_plane::store::postgres_cluster::running_as_root() {
         // As root the demo never deploys as root.
         use std::os::unix::fs::MetadataExt;
         assert!(
@@ -207,7 +207,7 @@ fn quickstart_once_runs_the_whole_thing_and_exits_zero() {
 
 #[test]
 fn quickstart_explains_a_data_directory_postgres_cannot_reach() {
-    if !sensei_control_plane::postgres_cluster::running_as_root() {
+    if !sensei_control_plane::store::postgres_cluster::running_as_root() {
         // Without root the cluster runs as this very user, which can reach its own files:
         // there is nothing to refuse.
         return;
@@ -435,7 +435,7 @@ async fn secrets_never_reach_the_log_even_at_trace_level() {
 
 #[test]
 fn an_embedded_database_of_another_major_version_is_refused_and_upgraded_with_pg_upgrade() {
-    use sensei_control_plane::postgres_cluster::{ClusterOptions, PostgresCluster};
+    use sensei_control_plane::store::postgres_cluster::{ClusterOptions, PostgresCluster};
     let dir = open_tempdir();
     let data = dir.path().join("data");
     let root = data.join("postgres");

@@ -1,8 +1,8 @@
 //! DATABASE_URL with `sslmode=verify-full`: TLS to PostgreSQL with the server verified.
 
 use sensei_certs::CertificateAuthority;
-use sensei_control_plane::db;
-use sensei_control_plane::postgres_cluster::{ClusterOptions, PostgresCluster};
+use sensei_control_plane::store::db;
+use sensei_control_plane::store::postgres_cluster::{ClusterOptions, PostgresCluster};
 use sensei_e2e::open_tempdir;
 
 fn free_port() -> u16 {

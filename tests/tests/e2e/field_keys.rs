@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use sensei_control_plane::field_crypto::FieldKeys;
-use sensei_control_plane::rotate::{rotate, RotationReport};
+use sensei_control_plane::secrets::field_crypto::FieldKeys;
+use sensei_control_plane::secrets::rotate::{rotate, RotationReport};
 use sensei_control_plane::{ControlPlane, DatabaseSource, ServeOptions, StartError};
 use sensei_e2e::{fresh_database, open_tempdir, TestPlane};
 

@@ -699,7 +699,7 @@ async fn deployment_logs_expire_by_the_accounts_retention_and_nothing_else_does(
     let old =
         count("SELECT count(*) FROM deployment_logs WHERE at < now() - interval '7 days'").await;
     assert!(old > 0);
-    let report = sensei_control_plane::maintenance::run_once(f.t.plane.pool(), &f.t.keys)
+    let report = sensei_control_plane::app::maintenance::run_once(f.t.plane.pool(), &f.t.keys)
         .await
         .expect("housekeeping");
     assert_eq!(report.log_lines, u64::try_from(old).expect("count"));

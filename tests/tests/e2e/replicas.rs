@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use sensei_control_plane::field_crypto::FieldKeys;
+use sensei_control_plane::secrets::field_crypto::FieldKeys;
 use sensei_e2e::{control_plane_binary, fresh_database, git_repo, open_tempdir};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};

@@ -300,16 +300,17 @@ async fn deleting_an_ssh_server_erases_its_credentials() {
 #[tokio::test]
 async fn rotated_ssh_credentials_still_deploy() {
     let conninfo = sensei_e2e::fresh_database().await;
-    let old = sensei_control_plane::field_crypto::FieldKeys::generate_key();
+    let old = sensei_control_plane::secrets::field_crypto::FieldKeys::generate_key();
     let keys = std::sync::Arc::new(
-        sensei_control_plane::field_crypto::FieldKeys::parse(&old).expect("key"),
+        sensei_control_plane::secrets::field_crypto::FieldKeys::parse(&old).expect("key"),
     );
     let t = TestPlane::start_on(conninfo.clone(), keys).await;
     let s = setup_on(t, json!({})).await;
-    let new = sensei_control_plane::field_crypto::FieldKeys::generate_key();
-    let both = sensei_control_plane::field_crypto::FieldKeys::parse(&format!("{new},{old}"))
-        .expect("keys");
-    let report = sensei_control_plane::rotate::rotate(s.t.plane.pool(), &both)
+    let new = sensei_control_plane::secrets::field_crypto::FieldKeys::generate_key();
+    let both =
+        sensei_control_plane::secrets::field_crypto::FieldKeys::parse(&format!("{new},{old}"))
+            .expect("keys");
+    let report = sensei_control_plane::secrets::rotate::rotate(s.t.plane.pool(), &both)
         .await
         .expect("rotate");
     // CA, API certificate, job-signing key, audit chain key, project env, SSH key.
@@ -330,7 +331,7 @@ async fn rotated_ssh_credentials_still_deploy() {
     let t = TestPlane::start_at(
         conninfo,
         std::sync::Arc::new(
-            sensei_control_plane::field_crypto::FieldKeys::parse(&new).expect("new"),
+            sensei_control_plane::secrets::field_crypto::FieldKeys::parse(&new).expect("new"),
         ),
         agent_addr,
     )

@@ -257,7 +257,7 @@ async fn the_race_is_lost_on_another_replica_too() {
 /// (`agent.json`), the replay floor.
 #[tokio::test]
 async fn a_hook_cannot_read_or_rewrite_the_agents_identity() {
-    if !sensei_control_plane::postgres_cluster::running_as_root() {
+    if !sensei_control_plane::store::postgres_cluster::running_as_root() {
         // Switching to the deploy user needs root (or the packaged unit's capabilities).
         return;
     }

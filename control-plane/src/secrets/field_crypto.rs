@@ -40,7 +40,7 @@ pub enum FieldKeyError {
     File { path: String, message: String },
     /// `SENSEI_AUDIT_KEY` is malformed.
     #[error(transparent)]
-    AuditKey(crate::audit_keys::AuditKeyError),
+    AuditKey(crate::audit::keys::AuditKeyError),
 }
 
 /// A ciphertext that no configured key opens (wrong key, or the value was tampered with).
@@ -55,9 +55,9 @@ pub struct FieldKeys {
     input_hash_key: [u8; 32],
     count: usize,
     /// `SENSEI_AUDIT_KEY`, when set.
-    dedicated_audit: Option<crate::audit_keys::AuditKeyring>,
-    /// The full audit ring, installed once the database is open ([`crate::audit_keys::load`]).
-    audit: std::sync::OnceLock<crate::audit_keys::AuditKeyring>,
+    dedicated_audit: Option<crate::audit::keys::AuditKeyring>,
+    /// The full audit ring, installed once the database is open ([`crate::audit::keys::load`]).
+    audit: std::sync::OnceLock<crate::audit::keys::AuditKeyring>,
 }
 
 impl FieldKeys {
@@ -98,29 +98,29 @@ impl FieldKeys {
     }
 
     /// Dedicated audit keys (`SENSEI_AUDIT_KEY`), which sign before the stored chain key.
-    pub fn with_audit_keys(mut self, ring: crate::audit_keys::AuditKeyring) -> Self {
+    pub fn with_audit_keys(mut self, ring: crate::audit::keys::AuditKeyring) -> Self {
         self.dedicated_audit = Some(ring);
         self
     }
 
-    pub fn dedicated_audit_keys(&self) -> Option<&crate::audit_keys::AuditKeyring> {
+    pub fn dedicated_audit_keys(&self) -> Option<&crate::audit::keys::AuditKeyring> {
         self.dedicated_audit.as_ref()
     }
 
     /// Installs the audit ring once. False when a ring with another signing key is already
     /// installed (the same keys opened a second database).
     #[must_use]
-    pub fn install_audit_keys(&self, ring: crate::audit_keys::AuditKeyring) -> bool {
+    pub fn install_audit_keys(&self, ring: crate::audit::keys::AuditKeyring) -> bool {
         let installed = self.audit.get_or_init(|| ring.clone());
         installed.current_id() == ring.current_id()
     }
 
-    /// The keys of the audit chain (see [`crate::audit_keys`]).
+    /// The keys of the audit chain (see [`crate::audit::keys`]).
     ///
     /// # Panics
     /// Before the database was opened: every path that writes or checks audit rows opens the
     /// database first, which installs them.
-    pub fn audit_keys(&self) -> &crate::audit_keys::AuditKeyring {
+    pub fn audit_keys(&self) -> &crate::audit::keys::AuditKeyring {
         self.audit
             .get()
             .expect("audit keys are installed when the database is opened")
@@ -138,8 +138,8 @@ impl FieldKeys {
 
     /// Applies `SENSEI_AUDIT_KEY` when it is set and not empty.
     pub fn with_audit_keys_from_env(self) -> Result<Self, FieldKeyError> {
-        let spec = std::env::var(crate::audit_keys::AUDIT_KEY_ENV).unwrap_or_default();
-        match crate::audit_keys::AuditKeyring::parse(&spec) {
+        let spec = std::env::var(crate::audit::keys::AUDIT_KEY_ENV).unwrap_or_default();
+        match crate::audit::keys::AuditKeyring::parse(&spec) {
             Ok(Some(ring)) => Ok(self.with_audit_keys(ring)),
             Ok(None) => Ok(self),
             Err(e) => Err(FieldKeyError::AuditKey(e)),
@@ -227,7 +227,7 @@ mod tests {
     //   Fernet(KEY)._encrypt_from_parts(b"sensei field vector", 1700000000, bytes(range(16)))
     const KEY: &str = "cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=";
     const PLAINTEXT: &[u8] = b"sensei field vector";
-    const PYTHON_TOKEN: &str = include_str!("../tests-data/fernet_python_token.txt");
+    const PYTHON_TOKEN: &str = include_str!("../../tests-data/fernet_python_token.txt");
 
     #[test]
     fn decrypts_a_token_made_by_python() {

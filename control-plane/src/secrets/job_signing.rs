@@ -4,8 +4,8 @@
 use deadpool_postgres::Pool;
 use ed25519_dalek::SigningKey;
 
-use crate::field_crypto::FieldKeys;
-use crate::pki::PkiError;
+use crate::secrets::field_crypto::FieldKeys;
+use crate::secrets::pki::PkiError;
 
 const NAME: &str = "job-signing";
 

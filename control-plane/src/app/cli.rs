@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::field_crypto::FieldKeys;
-use crate::server::{open_database, ControlPlane, DatabaseSource, ServeOptions};
-use crate::signup::SignupPolicy;
+use crate::app::server::{open_database, ControlPlane, DatabaseSource, ServeOptions};
+use crate::identity::signup::SignupPolicy;
+use crate::secrets::field_crypto::FieldKeys;
 
 /// Default API address.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8443";
@@ -231,7 +231,7 @@ pub enum AuditCommand {
 
 /// The data directory when none is given, named `name` (`sensei`, or `sensei-quickstart`).
 pub fn default_data_dir(name: &str) -> PathBuf {
-    if crate::postgres_cluster::running_as_root() {
+    if crate::store::postgres_cluster::running_as_root() {
         return PathBuf::from("/var/lib").join(name);
     }
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
@@ -303,7 +303,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                  external server, which is upgraded with that server's own tools"
             );
             let root = data_dir.join("postgres");
-            match crate::postgres_cluster::upgrade(&root, old_bindir.as_deref())? {
+            match crate::store::postgres_cluster::upgrade(&root, old_bindir.as_deref())? {
                 None => println!(
                     "upgrade-embedded-db: the embedded database in {} already matches the \
                      installed PostgreSQL; nothing to do",
@@ -329,11 +329,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             plane.shutdown().await;
             Ok(0)
         }
-        Command::Quickstart { once, serve } => crate::quickstart::run(&serve, data_dir, once).await,
+        Command::Quickstart { once, serve } => {
+            crate::app::quickstart::run(&serve, data_dir, once).await
+        }
         Command::RotateFieldKey => {
             let keys = FieldKeys::from_env()?;
             let db = open_for_command(&keys, &data_dir).await?;
-            let report = crate::rotate::rotate(&db.pool, &keys).await?;
+            let report = crate::secrets::rotate::rotate(&db.pool, &keys).await?;
             println!(
                 "rotate-field-key: rewrote {} field(s) under the first key; {} already were",
                 report.rewritten, report.already_current
@@ -351,18 +353,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let app_role = match app_role {
                 Some(role) => role,
                 None => match database_source() {
-                    DatabaseSource::Url(url) => crate::db::role_of(&url)?,
+                    DatabaseSource::Url(url) => crate::store::db::role_of(&url)?,
                     DatabaseSource::Embedded => anyhow::bail!(
                         "name the application role with --app-role, or set DATABASE_URL to \
                          its connection string"
                     ),
                 },
             };
-            let pool = crate::db::connect(&owner, 1).await?;
-            crate::db::migrate(&pool, Some(&app_role)).await?;
+            let pool = crate::store::db::connect(&owner, 1).await?;
+            crate::store::db::migrate(&pool, Some(&app_role)).await?;
             println!(
                 "migrate: schema at migration {}; {app_role} granted the application's rights",
-                crate::db::applied_migration(&pool).await?
+                crate::store::db::applied_migration(&pool).await?
             );
             pool.close();
             Ok(0)
@@ -383,7 +385,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let keys = FieldKeys::from_env()?;
             let db = open_for_command(&keys, &data_dir).await?;
             let created =
-                crate::signup::create_owner(&db.pool, &keys, &email, &account, password).await;
+                crate::identity::signup::create_owner(&db.pool, &keys, &email, &account, password)
+                    .await;
             close(db);
             let created = created?;
             println!(
@@ -398,7 +401,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!(
                     "The owner sets a password within {} hours with this single-use token:\n\n\
                      {}",
-                    crate::signup::OWNER_LINK_HOURS,
+                    crate::identity::signup::OWNER_LINK_HOURS,
                     crate::api::password_reset::confirm_instructions(url, &token)
                 );
             }
@@ -407,7 +410,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::InviteSignup { valid_hours, note } => {
             let keys = FieldKeys::from_env()?;
             let db = open_for_command(&keys, &data_dir).await?;
-            let issued = crate::signup::issue_invitation(
+            let issued = crate::identity::signup::issue_invitation(
                 &db.pool,
                 &keys,
                 std::time::Duration::from_secs(valid_hours * 3600),
@@ -531,7 +534,7 @@ pub fn owner_url() -> Option<String> {
 async fn open_for_command(
     keys: &FieldKeys,
     data_dir: &std::path::Path,
-) -> Result<crate::server::OpenedDatabase, crate::server::StartError> {
+) -> Result<crate::app::server::OpenedDatabase, crate::app::server::StartError> {
     open_database(
         &database_source(),
         owner_url().as_deref(),
@@ -542,7 +545,7 @@ async fn open_for_command(
     .await
 }
 
-fn close(db: crate::server::OpenedDatabase) {
+fn close(db: crate::app::server::OpenedDatabase) {
     db.pool.close();
     drop(db.cluster);
 }
@@ -597,7 +600,7 @@ pub fn serve_options(
             .filter(|n| !n.is_empty())
             .collect(),
         pool_size: usize::from(args.db_pool_size),
-        mail: crate::mailer::MailSettings {
+        mail: crate::identity::mailer::MailSettings {
             smtp_url: args.smtp_url.clone(),
             from: args.smtp_from.clone(),
             log_when_unset: false,
@@ -609,7 +612,7 @@ pub fn serve_options(
         metrics_token: args.metrics_token.clone().filter(|t| !t.is_empty()),
         ssh_job_timeout: std::time::Duration::from_secs(args.ssh_job_timeout_secs),
         ssh_deny_networks: if args.ssh_deny_networks.is_empty() {
-            crate::ssh_runner::default_denied_networks()
+            crate::runners::ssh::default_denied_networks()
         } else {
             args.ssh_deny_networks.clone()
         },

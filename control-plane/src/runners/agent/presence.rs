@@ -78,7 +78,7 @@ async fn mark_batch(pool: &Pool, replica: Uuid, batch: Vec<Mark>) {
             )
             .await
         {
-            tracing::warn!(error = %crate::db::describe(&e), "recording agent connections");
+            tracing::warn!(error = %crate::store::db::describe(&e), "recording agent connections");
         }
     }
     if !down.is_empty() {
@@ -90,7 +90,7 @@ async fn mark_batch(pool: &Pool, replica: Uuid, batch: Vec<Mark>) {
             )
             .await
         {
-            tracing::warn!(error = %crate::db::describe(&e), "recording agent disconnections");
+            tracing::warn!(error = %crate::store::db::describe(&e), "recording agent disconnections");
         }
     }
 }

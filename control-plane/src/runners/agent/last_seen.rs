@@ -42,7 +42,7 @@ impl LastSeen {
                 )
                 .await
                 .map(|_| ())
-                .map_err(|e| crate::db::describe(&e)),
+                .map_err(|e| crate::store::db::describe(&e)),
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = result {

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use sensei_certs::CertificateAuthority;
 
-use crate::field_crypto::FieldKeys;
+use crate::secrets::field_crypto::FieldKeys;
 
 /// Why the certificate material could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +25,7 @@ pub enum PkiError {
 
 impl From<tokio_postgres::Error> for PkiError {
     fn from(e: tokio_postgres::Error) -> Self {
-        Self::Db(crate::db::describe(&e))
+        Self::Db(crate::store::db::describe(&e))
     }
 }
 

@@ -23,14 +23,14 @@ pub struct Report {
 /// One round of housekeeping now.
 pub async fn run_once(
     pool: &Pool,
-    keys: &crate::field_crypto::FieldKeys,
+    keys: &crate::secrets::field_crypto::FieldKeys,
 ) -> anyhow::Result<Report> {
     let audit = crate::audit::expire(pool, keys.audit_keys()).await?;
     let client = pool.get().await?;
-    let log_lines = expire_deploy_logs(&client).await?;
+    let log_lines = crate::jobs::record::expire_logs(&client).await?;
     let idempotency_keys = crate::api::idempotency::prune(&client).await?;
-    let login_failures =
-        crate::login_throttle::prune(&**client).await? + crate::admission::prune(&**client).await?;
+    let login_failures = crate::identity::login_throttle::prune(&**client).await?
+        + crate::identity::admission::prune(&**client).await?;
     let spent_credentials = prune_spent_credentials(&client).await?;
     Ok(Report {
         audit_rows: audit.rows,
@@ -39,21 +39,6 @@ pub async fn run_once(
         login_failures,
         spent_credentials,
     })
-}
-
-/// Deletes deployment log lines older than their account's `deploy_log_retention_days`.
-/// The deployments themselves (status, commit, release, timings) are kept.
-pub async fn expire_deploy_logs(
-    client: &tokio_postgres::Client,
-) -> Result<u64, tokio_postgres::Error> {
-    client
-        .execute(
-            "DELETE FROM deployment_logs l USING deployments d, accounts a \
-             WHERE l.deployment_id = d.id AND d.account_id = a.id \
-             AND l.at < now() - make_interval(days => a.deploy_log_retention_days)",
-            &[],
-        )
-        .await
 }
 
 /// Spent credentials kept this long after they stopped working (for the sessions list and
@@ -66,7 +51,7 @@ async fn prune_spent_credentials(
     client: &tokio_postgres::Client,
 ) -> Result<u64, tokio_postgres::Error> {
     // A session ends when revoked or after its idle limit without use.
-    let idle = i32::try_from(crate::auth::SESSION_IDLE_DAYS).unwrap_or(i32::MAX);
+    let idle = i32::try_from(crate::identity::auth::SESSION_IDLE_DAYS).unwrap_or(i32::MAX);
     let mut removed = client
         .execute(
             "DELETE FROM sessions WHERE coalesce(revoked_at, last_seen_at + make_interval(days => $2)) \
@@ -87,7 +72,7 @@ async fn prune_spent_credentials(
 /// Runs housekeeping a minute after start and then every [`INTERVAL`], until shutdown.
 pub async fn run(
     pool: Pool,
-    keys: std::sync::Arc<crate::field_crypto::FieldKeys>,
+    keys: std::sync::Arc<crate::secrets::field_crypto::FieldKeys>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut wait = std::time::Duration::from_secs(60);

@@ -210,7 +210,7 @@ mod tests {
     fn django_hash_verifies_and_asks_for_rehash() {
         // Django's format, computed with Python's hashlib.pbkdf2_hmac("sha256",
         // b"django-imported-pw", b"saltsaltsalt", 600000) and base64: what Django 4.2 stores.
-        let stored = include_str!("../tests-data/django_pbkdf2.txt").trim();
+        let stored = include_str!("../../tests-data/django_pbkdf2.txt").trim();
         assert_eq!(
             verify("django-imported-pw", stored),
             Verdict::Match { rehash: true }

@@ -52,7 +52,7 @@ const LONGEST_WINDOW_SECS: i64 = 3600;
 
 /// The key an address is counted under: an IPv4 address itself, an IPv6 address's /64.
 pub fn address_key(ip: IpAddr) -> String {
-    crate::login_throttle::throttle_key(ip)
+    crate::identity::login_throttle::throttle_key(ip)
 }
 
 /// A counted attempt.

@@ -8,7 +8,7 @@ use deadpool_postgres::Pool;
 use http::HeaderMap;
 use uuid::Uuid;
 
-use crate::tokens::{Token, TokenKind};
+use crate::identity::tokens::{Token, TokenKind};
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "sensei_session";

@@ -13,14 +13,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::agents::gateway::{self, GatewayContext};
-use crate::agents::last_seen::LastSeen;
-use crate::agents::{cert_events, AgentHub};
 use crate::api::{self, AppState, Metrics, StateInner};
-use crate::db;
-use crate::field_crypto::FieldKeys;
-use crate::pki;
-use crate::postgres_cluster::{ClusterError, ClusterOptions, PostgresCluster};
+use crate::runners::agent::gateway::{self, GatewayContext};
+use crate::runners::agent::last_seen::LastSeen;
+use crate::runners::agent::{cert_events, AgentHub};
+use crate::secrets::field_crypto::FieldKeys;
+use crate::secrets::pki;
+use crate::store::db;
+use crate::store::postgres_cluster::{ClusterError, ClusterOptions, PostgresCluster};
 
 /// Where the database is.
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ pub struct ServeOptions {
     /// "agent offline".
     pub dispatch_timeout: std::time::Duration,
     /// Outgoing email.
-    pub mail: crate::mailer::MailSettings,
+    pub mail: crate::identity::mailer::MailSettings,
     /// The API's URL as users reach it, for links in emails; default `https://<api addr>`.
     pub public_url: Option<String>,
     /// Peers whose `X-Forwarded-For` and `x-request-id` are believed: the load
@@ -70,7 +70,7 @@ pub struct ServeOptions {
     /// Networks SSH targets may not resolve to (besides the control plane's own addresses).
     pub ssh_deny_networks: Vec<ipnet::IpNet>,
     /// Who may create an account through the API.
-    pub signup: crate::signup::SignupPolicy,
+    pub signup: crate::identity::signup::SignupPolicy,
     /// Live-follow streams (logs, rollout events) this replica holds open at most.
     pub max_live_streams: usize,
     /// How long a quiet live-follow stream waits before its keep-alive comment.
@@ -99,9 +99,9 @@ impl ServeOptions {
             max_concurrent_hashes: None,
             metrics_addr: None,
             metrics_token: None,
-            ssh_job_timeout: crate::ssh_runner::DEFAULT_JOB_TIMEOUT,
-            ssh_deny_networks: crate::ssh_runner::default_denied_networks(),
-            signup: crate::signup::SignupPolicy::Closed,
+            ssh_job_timeout: crate::runners::ssh::DEFAULT_JOB_TIMEOUT,
+            ssh_deny_networks: crate::runners::ssh::default_denied_networks(),
+            signup: crate::identity::signup::SignupPolicy::Closed,
             max_live_streams: crate::api::live::DEFAULT_PER_REPLICA,
             live_keep_alive: crate::api::live::DEFAULT_KEEP_ALIVE,
         }
@@ -128,9 +128,9 @@ pub enum StartError {
     #[error("cannot listen for the API on {addr}: {message}")]
     Listen { addr: SocketAddr, message: String },
     #[error(transparent)]
-    Gateway(#[from] crate::agents::gateway::GatewayError),
+    Gateway(#[from] crate::runners::agent::gateway::GatewayError),
     #[error(transparent)]
-    Mail(#[from] crate::mailer::MailConfigError),
+    Mail(#[from] crate::identity::mailer::MailConfigError),
     #[error("audit log: {0}")]
     Audit(String),
     #[error("public URL {0:?} is not an https:// (or http://) URL with a host")]
@@ -265,7 +265,7 @@ pub async fn open_database(
         }
     };
     let pool = db::connect(&url, pool_size).await?;
-    crate::audit_keys::load(&pool, keys)
+    crate::audit::keys::load(&pool, keys)
         .await
         .map_err(|e| StartError::Audit(e.to_string()))?;
     Ok(OpenedDatabase { pool, url, cluster })
@@ -281,7 +281,7 @@ fn binary_sha256() -> String {
 impl ControlPlane {
     /// Starts everything and returns once the API is listening.
     pub async fn start(options: ServeOptions) -> Result<Self, StartError> {
-        let mailer = Arc::new(crate::mailer::Mailer::new(&options.mail)?);
+        let mailer = Arc::new(crate::identity::mailer::Mailer::new(&options.mail)?);
         let OpenedDatabase {
             pool,
             url: database_url,
@@ -325,7 +325,7 @@ impl ControlPlane {
             .unwrap_or_else(|_| "unknown".into());
 
         // Agents: the job-signing key they pin, the live certificate set, the QUIC gateway.
-        let job_key = crate::job_signing::load_or_create(&pool, &keys).await?;
+        let job_key = crate::secrets::job_signing::load_or_create(&pool, &keys).await?;
         let hub = Arc::new(AgentHub::new());
         cert_events::load_all(&pool, &hub)
             .await
@@ -348,7 +348,10 @@ impl ControlPlane {
                 job_key.clone(),
                 hub.replica_id,
             ),
-            presence: crate::agents::presence::Presence::spawn(pool.clone(), hub.replica_id),
+            presence: crate::runners::agent::presence::Presence::spawn(
+                pool.clone(),
+                hub.replica_id,
+            ),
         });
         let endpoint = gateway::bind(
             options.agent_addr,
@@ -375,12 +378,12 @@ impl ControlPlane {
             .ok_or_else(|| StartError::PublicUrl(public_url.clone()))?;
         let state_keys = keys.clone();
         let ssh_permits = Arc::new(tokio::sync::Semaphore::new(
-            crate::ssh_runner::DEFAULT_CONCURRENCY,
+            crate::runners::ssh::DEFAULT_CONCURRENCY,
         ));
-        let hashing = Arc::new(crate::passwords::HashGate::new(
+        let hashing = Arc::new(crate::identity::passwords::HashGate::new(
             options
                 .max_concurrent_hashes
-                .unwrap_or_else(crate::passwords::HashGate::default_concurrency),
+                .unwrap_or_else(crate::identity::passwords::HashGate::default_concurrency),
         ));
         let metrics_listener = match options.metrics_addr {
             None => None,
@@ -439,7 +442,7 @@ impl ControlPlane {
                 let rx = shutdown_rx.clone();
                 tokio::spawn(async move { last_seen.run(pool, rx).await })
             },
-            tokio::spawn(crate::maintenance::run(
+            tokio::spawn(crate::app::maintenance::run(
                 pool.clone(),
                 state_keys.clone(),
                 shutdown_rx.clone(),
@@ -451,7 +454,7 @@ impl ControlPlane {
                 shutdown_rx.clone(),
             )),
             tokio::spawn(
-                Arc::new(crate::ssh_runner::SshRunner {
+                Arc::new(crate::runners::ssh::SshRunner {
                     pool: pool.clone(),
                     keys: state_keys.clone(),
                     job_key: job_key.clone(),
@@ -459,7 +462,7 @@ impl ControlPlane {
                     permits: ssh_permits,
                     max_job: options.ssh_job_timeout,
                     running: Default::default(),
-                    targets: crate::ssh_runner::TargetPolicy {
+                    targets: crate::runners::ssh::TargetPolicy {
                         denied_networks: options.ssh_deny_networks.clone(),
                         own: vec![api_addr, agent_addr],
                     },
@@ -477,7 +480,7 @@ impl ControlPlane {
             None => None,
             Some(listener) => {
                 let addr = listener.local_addr().ok();
-                tasks.push(tokio::spawn(crate::https::serve(
+                tasks.push(tokio::spawn(crate::app::https::serve(
                     listener,
                     tls.clone(),
                     api::metrics_router(state.clone()),
@@ -486,7 +489,7 @@ impl ControlPlane {
                 addr
             }
         };
-        let server = tokio::spawn(crate::https::serve(
+        let server = tokio::spawn(crate::app::https::serve(
             listener,
             tls,
             api::router(state),

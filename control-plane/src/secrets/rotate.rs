@@ -6,7 +6,7 @@ use deadpool_postgres::Pool;
 use serde_json::json;
 
 use crate::audit::{self, Actor, AuditEvent, Outcome};
-use crate::field_crypto::FieldKeys;
+use crate::secrets::field_crypto::FieldKeys;
 
 /// One column holding Fernet tokens, with the primary key that finds its row.
 #[derive(Debug, Clone, Copy)]
@@ -83,7 +83,7 @@ pub enum RotateError {
 
 impl From<tokio_postgres::Error> for RotateError {
     fn from(e: tokio_postgres::Error) -> Self {
-        Self::Db(crate::db::describe(&e))
+        Self::Db(crate::store::db::describe(&e))
     }
 }
 
@@ -105,7 +105,7 @@ pub struct RotationReport {
 /// Rotates every encrypted column.
 pub async fn rotate(pool: &Pool, keys: &FieldKeys) -> Result<RotationReport, RotateError> {
     // The rotation is audited, under the chain key these field keys open.
-    crate::audit_keys::load(pool, keys)
+    crate::audit::keys::load(pool, keys)
         .await
         .map_err(|e| RotateError::Db(e.to_string()))?;
     let mut report = RotationReport::default();

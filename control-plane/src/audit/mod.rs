@@ -2,13 +2,15 @@
 //!
 //! Each account has its own chain (events outside any account share the nil-UUID chain).
 //! A row's hash is an HMAC-SHA-256, under a key held outside the database
-//! ([`crate::audit_keys`]), of the previous row's hash and a canonical JSON rendering of the
+//! ([`crate::audit::keys`]), of the previous row's hash and a canonical JSON rendering of the
 //! row, so changing or deleting a row breaks every later link, and someone who can write the
 //! table still cannot recompute the links. Rows written before the chain was keyed (key id
 //! NULL) carry plain SHA-256 links; they may only form a chain's prefix, sealed by a keyed
 //! `audit.keyed` row (see [`seal_unkeyed_chains`]). Writers of one chain serialise
 //! on a transaction-scoped advisory lock; the row is written in the caller's transaction, so
 //! an action and its audit row commit or vanish together.
+
+pub mod keys;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -17,7 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
-use crate::audit_keys::AuditKeyring;
+use crate::audit::keys::AuditKeyring;
 
 /// Who did it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,9 +13,9 @@ use uuid::Uuid;
 
 use super::cert_events;
 use super::gateway::GatewayContext;
-use crate::admission;
 use crate::audit::{self, Actor, AuditEvent, Outcome};
-use crate::tokens::{Token, TokenKind};
+use crate::identity::admission;
+use crate::identity::tokens::{Token, TokenKind};
 
 /// A refusal: what the agent is told, and the account to audit it under (when known).
 struct Refusal {
@@ -85,7 +85,7 @@ async fn reserve(
     admission::reserve(&mut client, limit, key)
         .await
         .map_err(|e| {
-            tracing::error!(error = %crate::db::describe(&e), "enrollment throttle");
+            tracing::error!(error = %crate::store::db::describe(&e), "enrollment throttle");
             database_unavailable()
         })
 }
@@ -96,7 +96,7 @@ async fn release(ctx: &GatewayContext, attempts: [Option<admission::Reservation>
     };
     for attempt in attempts.into_iter().flatten() {
         if let Err(e) = admission::release(&**client, attempt).await {
-            tracing::warn!(error = %crate::db::describe(&e), "could not release an enrollment attempt");
+            tracing::warn!(error = %crate::store::db::describe(&e), "could not release an enrollment attempt");
         }
     }
 }
@@ -112,7 +112,7 @@ async fn audit_refusal(
         // One row per window for a throttled key: a flood must not flood the audit log.
         let first = admission::reserve(&mut client, admission::ENROLL_THROTTLED_AUDIT, key)
             .await
-            .map_err(|e| crate::db::describe(&e))?;
+            .map_err(|e| crate::store::db::describe(&e))?;
         if first.is_err() {
             return Ok(());
         }
@@ -137,8 +137,10 @@ async fn audit_refusal(
         },
     )
     .await
-    .map_err(|e| crate::db::describe(&e))?;
-    tx.commit().await.map_err(|e| crate::db::describe(&e))
+    .map_err(|e| crate::store::db::describe(&e))?;
+    tx.commit()
+        .await
+        .map_err(|e| crate::store::db::describe(&e))
 }
 
 /// Untrusted strings from the agent are cut short before they are stored.
@@ -153,7 +155,7 @@ async fn enroll(
     peer: IpAddr,
 ) -> Result<(EnrollResponse, Option<admission::Reservation>), Refusal> {
     let db = |e: tokio_postgres::Error| {
-        tracing::error!(error = %crate::db::describe(&e), "enrollment");
+        tracing::error!(error = %crate::store::db::describe(&e), "enrollment");
         refuse("the control plane could not complete enrollment; try again")
     };
     let token = Token::parse(TokenKind::Enrollment, request.token.trim())

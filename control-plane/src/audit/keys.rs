@@ -201,10 +201,10 @@ pub enum AuditKeyLoadError {
 /// `keys`, after any dedicated `SENSEI_AUDIT_KEY` keys.
 pub async fn load(
     pool: &deadpool_postgres::Pool,
-    keys: &crate::field_crypto::FieldKeys,
+    keys: &crate::secrets::field_crypto::FieldKeys,
 ) -> Result<(), AuditKeyLoadError> {
     use rand::RngCore;
-    let db = |e: tokio_postgres::Error| AuditKeyLoadError::Db(crate::db::describe(&e));
+    let db = |e: tokio_postgres::Error| AuditKeyLoadError::Db(crate::store::db::describe(&e));
     let client = pool
         .get()
         .await

@@ -18,16 +18,16 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::cli::{announce, serve_options, ServeArgs};
-use crate::field_crypto::{FieldKeys, FIELD_KEY_ENV};
-use crate::server::{prepare_data_dir, ControlPlane};
+use crate::app::cli::{announce, serve_options, ServeArgs};
+use crate::app::server::{prepare_data_dir, ControlPlane};
+use crate::secrets::field_crypto::{FieldKeys, FIELD_KEY_ENV};
 
 pub async fn run(args: &ServeArgs, data_dir: PathBuf, once: bool) -> anyhow::Result<i32> {
     prepare_data_dir(&data_dir)?;
     println!("Quickstart data directory: {}", data_dir.display());
     let keys = match FieldKeys::from_env() {
         Ok(keys) => keys,
-        Err(crate::field_crypto::FieldKeyError::Missing) => {
+        Err(crate::secrets::field_crypto::FieldKeyError::Missing) => {
             let (keys, path, created) = FieldKeys::load_or_create_dev_key(&data_dir)?;
             eprintln!(
                 "WARNING: {FIELD_KEY_ENV} is not set; quickstart {} a DEVELOPMENT field key at {} \
@@ -244,7 +244,7 @@ impl Demo {
         let repo = self.demo_repository()?;
         // As root, the demo deploys as an unprivileged user of its own, never as root, like
         // the packaged agent does with sensei-deploy.
-        let deploy_user = if crate::postgres_cluster::running_as_root() {
+        let deploy_user = if crate::store::postgres_cluster::running_as_root() {
             let user = quickstart_deploy_user(&self.data_dir)?;
             for path in [&deploy_root, &repo] {
                 chown_tree(path, &user)?;
@@ -355,7 +355,7 @@ impl Demo {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
         let password = uuid::Uuid::new_v4().simple().to_string();
-        crate::signup::create_owner(
+        crate::identity::signup::create_owner(
             &self.pool,
             &self.keys,
             &email,

@@ -35,7 +35,7 @@ pub struct GatewayContext {
     /// Signs jobs.
     pub job_key: ed25519_dalek::SigningKey,
     /// Opens projects' environments at dispatch.
-    pub keys: std::sync::Arc<crate::field_crypto::FieldKeys>,
+    pub keys: std::sync::Arc<crate::secrets::field_crypto::FieldKeys>,
     /// Claims and results of jobs, in batches.
     pub jobs: crate::jobs::batch::JobBatches,
     /// Which agents are connected here, written in batches.

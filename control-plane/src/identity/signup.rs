@@ -16,8 +16,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::audit::{self, Actor, AuditEvent, Outcome};
-use crate::field_crypto::FieldKeys;
-use crate::tokens::{Token, TokenKind};
+use crate::identity::tokens::{Token, TokenKind};
+use crate::secrets::field_crypto::FieldKeys;
 
 /// Who may create an account through the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -215,21 +215,21 @@ pub async fn create_owner(
     account_name: &str,
     password: Option<String>,
 ) -> Result<CreatedOwner, CreateOwnerError> {
-    let email = crate::api::auth_routes::normalise_email(email)
-        .map_err(|e| CreateOwnerError::Invalid(e.message().to_owned()))?;
-    let account_name = crate::api::auth_routes::account_name(account_name)
-        .map_err(|e| CreateOwnerError::Invalid(e.message().to_owned()))?;
+    let email = super::names::normalise_email(email)
+        .map_err(|e| CreateOwnerError::Invalid(e.to_string()))?;
+    let account_name = super::names::account_name(account_name)
+        .map_err(|e| CreateOwnerError::Invalid(e.to_string()))?;
     let chosen = password.is_some();
     let password = match password {
         Some(p) => {
-            crate::passwords::check_policy(&p)
+            crate::identity::passwords::check_policy(&p)
                 .map_err(|e| CreateOwnerError::Invalid(e.to_string()))?;
             p
         }
         // Nobody knows this one: the owner sets a password with the link.
         None => Token::generate().render(TokenKind::PasswordReset),
     };
-    let hash = tokio::task::spawn_blocking(move || crate::passwords::hash(&password))
+    let hash = tokio::task::spawn_blocking(move || crate::identity::passwords::hash(&password))
         .await
         .map_err(|e| CreateOwnerError::Database(e.into()))?;
     let db = |e: tokio_postgres::Error| CreateOwnerError::Database(e.into());

@@ -112,7 +112,7 @@ pub async fn listen(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        match crate::db::listen(&database_url, &[CHANNEL, JOB_CHANNEL]).await {
+        match crate::store::db::listen(&database_url, &[CHANNEL, JOB_CHANNEL]).await {
             Ok((_client, mut messages)) => {
                 // Anything committed while we were not listening is in the tables.
                 if let Err(e) = load_all(&pool, &hub).await {

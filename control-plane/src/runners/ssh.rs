@@ -25,10 +25,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
 use uuid::Uuid;
 
-use crate::agents::AgentHub;
-use crate::field_crypto::FieldKeys;
 use crate::jobs::claim::{self, Claimed};
 use crate::jobs::{record, sign};
+use crate::runners::agent::AgentHub;
+use crate::secrets::field_crypto::FieldKeys;
 
 /// SSH deploys running at once on one replica.
 pub const DEFAULT_CONCURRENCY: usize = 32;
@@ -180,7 +180,7 @@ impl SshRunner {
     /// Claims the oldest queued job of an SSH server that has no job running, for an account
     /// with a slot left on this replica.
     async fn claim(self: &Arc<Self>) -> Result<Option<(Uuid, AccountSlot, Claimed)>, String> {
-        let db = |e: tokio_postgres::Error| crate::db::describe(&e);
+        let db = |e: tokio_postgres::Error| crate::store::db::describe(&e);
         let mut client = self.pool.get().await.map_err(|e| e.to_string())?;
         let candidates = claim::ssh_candidates(&client, 200).await.map_err(db)?;
         for (server_id, account) in candidates {
@@ -223,7 +223,7 @@ impl SshRunner {
     }
 
     async fn deploy(&self, server_id: Uuid, job: &Claimed) -> Result<JobResult, Failure> {
-        let db = |e: tokio_postgres::Error| fail("dispatch", crate::db::describe(&e));
+        let db = |e: tokio_postgres::Error| fail("dispatch", crate::store::db::describe(&e));
         let client = self
             .pool
             .get()
@@ -257,7 +257,8 @@ impl SshRunner {
                 let text = String::from_utf8(plain)
                     .map_err(|_| fail("dispatch", "stored SSH key is not text"))?;
                 Credential::Key(Box::new(
-                    crate::ssh_keys::private_key(&text).map_err(|e| fail("dispatch", e.0))?,
+                    crate::secrets::ssh_keys::private_key(&text)
+                        .map_err(|e| fail("dispatch", e.0))?,
                 ))
             }
             (Some("password"), _, Some(sealed)) => {
@@ -388,7 +389,7 @@ impl SshRunner {
     ) -> Result<client::Handle<HostKeyCheck>, Failure> {
         let pinned_key = match &pinned {
             Some(line) => {
-                Some(crate::ssh_keys::public_key(line).map_err(|e| fail("connect", e.0))?)
+                Some(crate::secrets::ssh_keys::public_key(line).map_err(|e| fail("connect", e.0))?)
             }
             None => None,
         };
@@ -434,8 +435,8 @@ impl SshRunner {
                         format!(
                             "host key changed: {host}:{port} presented {} but {} is pinned; refusing to \
                              connect (if the server was reinstalled, delete and re-add it)",
-                            crate::ssh_keys::fingerprint(&got),
-                            crate::ssh_keys::fingerprint(&expected)
+                            crate::secrets::ssh_keys::fingerprint(&got),
+                            crate::secrets::ssh_keys::fingerprint(&expected)
                         ),
                     ),
                     _ => fail("connect", format!("cannot reach {host}:{port} over SSH: {e}")),
@@ -568,7 +569,7 @@ impl Credential {
     /// password logins a fixed marker.
     fn binding(&self) -> [u8; 32] {
         match self {
-            Credential::Key(key) => crate::ssh_keys::binding(key.public_key()),
+            Credential::Key(key) => crate::secrets::ssh_keys::binding(key.public_key()),
             Credential::Password(_) => Sha256::digest(b"sensei ssh password login").into(),
         }
     }
