@@ -9,7 +9,7 @@ use sensei_shared::codec::decode;
 use sensei_shared::codec::io::{write_frame, FrameReader};
 use sensei_shared::job::{verify, Expectations, JobPayload, JobTask, SignedJob};
 use sensei_shared::protocol::{close, ControlMessage, JobResult, LogLine};
-use sensei_shared::release::{nonce, script_for};
+use sensei_shared::release::{run_nonce, script_for};
 use sensei_shared::session::{AgentJob, AgentJobAction, HelloSent};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
@@ -209,7 +209,7 @@ async fn run(
             result: JobResult::failed("verify", reason),
         };
     }
-    let nonce = nonce(rand::random());
+    let nonce = run_nonce(rand::random());
     let script = match script_for(&payload.task, job_id, &nonce) {
         Ok(s) => s,
         Err(e) => {

@@ -17,7 +17,9 @@ use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
 use russh::{client, ChannelMsg};
 use sensei_shared::job::{verify, Expectations, JobTask};
 use sensei_shared::protocol::{JobResult, LogLine};
-use sensei_shared::release::{nonce, script_for, Outcome, OutputStream, ScriptExit, ScriptOutput};
+use sensei_shared::release::{
+    run_nonce, script_for, Outcome, OutputStream, ScriptExit, ScriptOutput,
+};
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
 use uuid::Uuid;
@@ -316,7 +318,7 @@ impl SshRunner {
                 format!("replayed job: sequence {sequence} already ran on this server"),
             ));
         }
-        let nonce = nonce(rand::random());
+        let nonce = run_nonce(rand::random());
         let script =
             script_for(&payload.task, job.id, &nonce).map_err(|e| fail("verify", e.to_string()))?;
 

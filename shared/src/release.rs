@@ -2,7 +2,11 @@
 //! deploy. It is pure. It turns a validated [`DeploySpec`] (or [`RollbackSpec`]) into one POSIX
 //! `sh` script, and it turns the script's output back into log lines and an outcome. The agent
 //! runs the script with its local `sh`; the SSH runner runs the very same script over an SSH
-//! channel. That is how both report the same steps, statuses and log lines.
+//! channel. That is how both report the same steps, statuses and log lines. So that they
+//! cannot drift apart, all the runner's half that does not depend on where `sh` runs is here
+//! too: the script a task gets ([`script_for`]), the run's nonce ([`run_nonce`]), reading its
+//! output ([`ScriptOutput`]), and the job's result
+//! ([`JobResult::from_run`](crate::protocol::JobResult::from_run)).
 //!
 //! ```text
 //! <deploy_path>/releases/<release-id>/   one directory per release, ids sort by time
@@ -597,7 +601,7 @@ pub const NONCE_BYTES: usize = 12;
 
 /// The nonce of one run (lowercase hex), from random bytes its runner drew: this crate draws
 /// none, so that every rule here stays testable with plain values.
-pub fn nonce(random: [u8; NONCE_BYTES]) -> String {
+pub fn run_nonce(random: [u8; NONCE_BYTES]) -> String {
     random.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -1104,9 +1108,9 @@ mod tests {
 
     #[test]
     fn nonces_are_lowercase_hex_of_the_random_bytes() {
-        let n = nonce([0x00, 0x01, 0xab, 0xff, 0x10, 0, 0, 0, 0, 0, 0, 0x7e]);
+        let n = run_nonce([0x00, 0x01, 0xab, 0xff, 0x10, 0, 0, 0, 0, 0, 0, 0x7e]);
         assert_eq!(n, "0001abff100000000000007e");
-        assert_eq!(nonce([0xc3; NONCE_BYTES]).len(), 2 * NONCE_BYTES);
+        assert_eq!(run_nonce([0xc3; NONCE_BYTES]).len(), 2 * NONCE_BYTES);
         // Every nonce is one the scripts accept.
         assert!(deploy_script(&spec(), "j", &n).is_ok());
     }
