@@ -1,25 +1,17 @@
 //! Runs a release-engine script on this machine: `sh` reads the script from its standard
 //! input, in a process group of its own (a cancel kills every hook it started), and dies with
 //! the agent (a parent-death signal), so that an agent killed mid-deploy leaves no deploy
-//! running behind it. Output is read as bytes and cut into bounded lines by the line
-//! assembler the SSH runner uses too (`sensei_shared::lines`).
+//! running behind it. Output is read as bytes and turned into log lines and an outcome the way
+//! the SSH runner turns it too (`sensei_shared::release::ScriptOutput`).
 
 #![allow(unsafe_code)]
 
 use std::process::Stdio;
 
-use sensei_shared::lines::LineAssembler;
-use sensei_shared::release::{Outcome, OutputParser, ScriptEvent};
+use sensei_shared::protocol::LogLine;
+use sensei_shared::release::{Outcome, OutputStream, ScriptExit, ScriptOutput};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
-
-/// One line of output.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutputLine {
-    /// 1: standard output, 2: standard error.
-    pub stream: u8,
-    pub text: String,
-}
 
 /// How a script run ended.
 #[derive(Debug, Clone)]
@@ -31,12 +23,17 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn verdict(&self) -> Result<(), (String, String)> {
-        if self.cancelled && self.outcome.failure.is_none() {
-            let step = self.outcome.step.clone().unwrap_or_default();
-            return Err((step, "cancelled".into()));
+    /// How the script's process ended, for the release engine's verdict.
+    pub fn exit(&self) -> ScriptExit {
+        if self.cancelled {
+            ScriptExit::Cancelled
+        } else {
+            ScriptExit::from_status(self.status)
         }
-        self.outcome.verdict(self.status)
+    }
+
+    pub fn verdict(&self) -> Result<(), (String, String)> {
+        self.outcome.verdict(self.exit())
     }
 }
 
@@ -151,14 +148,14 @@ fn drop_capabilities() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs `script` (as `deploy_user` when given), sending every event to `events`, until it
+/// Runs `script` (as `deploy_user` when given), sending every log line to `log`, until it
 /// exits or `cancel` turns true. The script gets a clean environment: nothing of the
 /// agent's (an enrollment token, a proxy password) is passed on.
 pub async fn run_script(
     script: &str,
     nonce: &str,
     deploy_user: Option<&crate::policy::DeployUser>,
-    events: mpsc::UnboundedSender<(OutputLine, ScriptEvent)>,
+    log: mpsc::UnboundedSender<LogLine>,
     mut cancel: watch::Receiver<bool>,
 ) -> std::io::Result<Report> {
     let mut command = tokio::process::Command::new("sh");
@@ -237,24 +234,22 @@ pub async fn run_script(
         // Closing stdin tells sh the script is complete.
         drop(stdin);
     }
-    let parser = OutputParser::new(nonce);
-    let mut outcome = Outcome::default();
+    let mut output = ScriptOutput::new(nonce);
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
-    let mut assemblers = [LineAssembler::new(), LineAssembler::new()];
     let (mut out_buf, mut err_buf) = (vec![0u8; 8192], vec![0u8; 8192]);
     let mut cancelled = false;
     // Listening for a cancel makes sense while someone can still send one.
     let mut cancellable = true;
     while stdout.is_some() || stderr.is_some() {
-        let (stream, lines) = tokio::select! {
+        let lines = tokio::select! {
             read = async { stdout.as_mut()?.read(&mut out_buf).await.ok() }, if stdout.is_some() => match read {
-                Some(n) if n > 0 => (1u8, assemblers[0].push(&out_buf[..n])),
-                _ => { stdout = None; (1, assemblers[0].finish().into_iter().collect()) }
+                Some(n) if n > 0 => output.read(OutputStream::Stdout, &out_buf[..n]),
+                _ => { stdout = None; output.end(OutputStream::Stdout) }
             },
             read = async { stderr.as_mut()?.read(&mut err_buf).await.ok() }, if stderr.is_some() => match read {
-                Some(n) if n > 0 => (2u8, assemblers[1].push(&err_buf[..n])),
-                _ => { stderr = None; (2, assemblers[1].finish().into_iter().collect()) }
+                Some(n) if n > 0 => output.read(OutputStream::Stderr, &err_buf[..n]),
+                _ => { stderr = None; output.end(OutputStream::Stderr) }
             },
             changed = cancel.changed(), if cancellable && !cancelled => {
                 match changed {
@@ -271,15 +266,13 @@ pub async fn run_script(
             }
         };
         for line in lines {
-            let event = parser.parse(&line);
-            outcome.feed(&event);
-            let _ = events.send((OutputLine { stream, text: line }, event));
+            let _ = log.send(line);
         }
     }
     let status = child.wait().await?;
     guard.0 = None;
     Ok(Report {
-        outcome,
+        outcome: output.into_outcome(),
         status: status.code(),
         cancelled,
     })
@@ -344,20 +337,20 @@ mod tests {
         }
     }
 
-    async fn run(script: &str) -> (Report, Vec<OutputLine>) {
+    async fn run(script: &str) -> (Report, Vec<LogLine>) {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (_cancel, cancelled) = watch::channel(false);
         let report = run_script(script, "t3st", None, tx, cancelled)
             .await
             .expect("spawn");
         let mut lines = Vec::new();
-        while let Ok((line, _)) = rx.try_recv() {
+        while let Ok(line) = rx.try_recv() {
             lines.push(line);
         }
         (report, lines)
     }
 
-    async fn deploy(spec: &DeploySpec) -> (Report, Vec<OutputLine>) {
+    async fn deploy(spec: &DeploySpec) -> (Report, Vec<LogLine>) {
         run(&deploy_script(spec, "job", "t3st").expect("script")).await
     }
 
@@ -789,7 +782,7 @@ mod tests {
             .await
             .expect("spawn");
         let mut lines = Vec::new();
-        while let Ok((line, _)) = rx.try_recv() {
+        while let Ok(line) = rx.try_recv() {
             lines.push(line);
         }
         assert_eq!(report.status, Some(0));

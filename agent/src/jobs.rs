@@ -9,7 +9,7 @@ use sensei_shared::codec::decode;
 use sensei_shared::codec::io::{write_frame, FrameReader};
 use sensei_shared::job::{verify, Expectations, JobPayload, JobTask, SignedJob};
 use sensei_shared::protocol::{close, ControlMessage, JobResult, LogLine};
-use sensei_shared::release::{deploy_script, forget_env_script, rollback_script};
+use sensei_shared::release::{run_nonce, script_for};
 use sensei_shared::session::{AgentJob, AgentJobAction, HelloSent};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
@@ -209,13 +209,8 @@ async fn run(
             result: JobResult::failed("verify", reason),
         };
     }
-    let nonce = hex::encode(rand::random::<[u8; 12]>());
-    let script = match &payload.task {
-        JobTask::Deploy(spec) => deploy_script(spec, &job_id.to_string(), &nonce),
-        JobTask::Rollback(spec) => rollback_script(spec, &job_id.to_string(), &nonce),
-        JobTask::ForgetEnv(spec) => forget_env_script(spec, &job_id.to_string(), &nonce),
-    };
-    let script = match script {
+    let nonce = run_nonce(rand::random());
+    let script = match script_for(&payload.task, job_id, &nonce) {
         Ok(s) => s,
         Err(e) => {
             return Answer::Finished {
@@ -225,22 +220,21 @@ async fn run(
         }
     };
     tracing::info!(%job_id, sequence = payload.sequence, %deploy_path, "running a job");
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (log_tx, mut log) = mpsc::unbounded_channel();
     let (cancel, cancelled) = watch::channel(false);
     // If this job is abandoned (the session ends, the agent stops), the script must not run
     // on: aborting the task drops it, and dropping it kills every process it started.
     let deploy_user = ctx.policy.deploy_user.clone();
     let mut run = AbortOnDrop(tokio::spawn(async move {
-        run_script(&script, &nonce, deploy_user.as_ref(), events_tx, cancelled).await
+        run_script(&script, &nonce, deploy_user.as_ref(), log_tx, cancelled).await
     }));
     let mut batch: Vec<LogLine> = Vec::new();
     let mut tick = tokio::time::interval(BATCH_INTERVAL);
     loop {
         tokio::select! {
-            event = events.recv() => match event {
-                Some((line, event)) => {
-                    let (stream, text) = event.log_entry(line.stream);
-                    batch.push(LogLine { stream, text });
+            line = log.recv() => match line {
+                Some(line) => {
+                    batch.push(line);
                     if batch.len() >= BATCH_LINES {
                         flush(send, exchange, job_id, &mut batch).await;
                     }
@@ -256,15 +250,7 @@ async fn run(
     }
     flush(send, exchange, job_id, &mut batch).await;
     let result = match (&mut run.0).await {
-        Ok(Ok(report)) => {
-            let verdict = report.verdict();
-            JobResult {
-                succeeded: verdict.is_ok(),
-                release_id: report.outcome.release.clone(),
-                commit: report.outcome.commit.clone(),
-                error: verdict.err(),
-            }
-        }
+        Ok(Ok(report)) => JobResult::from_run(&report.outcome, report.exit()),
         Ok(Err(e)) => JobResult::failed("preflight", format!("cannot start sh: {e}")),
         Err(e) => JobResult::failed("preflight", format!("the job's task failed: {e}")),
     };

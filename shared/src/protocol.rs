@@ -13,6 +13,8 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::release::{Outcome, ScriptExit};
+
 /// ALPN of every Sensei agent connection.
 pub const ALPN: &[u8] = b"sensei/1";
 
@@ -73,6 +75,18 @@ impl JobResult {
             release_id: None,
             commit: None,
             error: Some((step.into(), message.into())),
+        }
+    }
+
+    /// How a run of the release engine's script ended: what its output said (`outcome`) and
+    /// how its process ended (`exit`). Both runners report exactly this.
+    pub fn from_run(outcome: &Outcome, exit: ScriptExit) -> Self {
+        let verdict = outcome.verdict(exit);
+        Self {
+            succeeded: verdict.is_ok(),
+            release_id: outcome.release.clone(),
+            commit: outcome.commit.clone(),
+            error: verdict.err(),
         }
     }
 }

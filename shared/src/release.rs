@@ -2,7 +2,11 @@
 //! deploy. It is pure. It turns a validated [`DeploySpec`] (or [`RollbackSpec`]) into one POSIX
 //! `sh` script, and it turns the script's output back into log lines and an outcome. The agent
 //! runs the script with its local `sh`; the SSH runner runs the very same script over an SSH
-//! channel. That is how both report the same steps, statuses and log lines.
+//! channel. That is how both report the same steps, statuses and log lines. So that they
+//! cannot drift apart, all the runner's half that does not depend on where `sh` runs is here
+//! too: the script a task gets ([`script_for`]), the run's nonce ([`run_nonce`]), reading its
+//! output ([`ScriptOutput`]), and the job's result
+//! ([`JobResult::from_run`](crate::protocol::JobResult::from_run)).
 //!
 //! ```text
 //! <deploy_path>/releases/<release-id>/   one directory per release, ids sort by time
@@ -21,7 +25,11 @@
 //! The script speaks to its runner through lines `@@sensei:<nonce> <event> …`. The nonce
 //! changes per run, so a hook cannot forge a step result by printing one.
 
-use crate::job::{DeploySpec, ForgetEnvSpec, RollbackSpec};
+use uuid::Uuid;
+
+use crate::job::{DeploySpec, ForgetEnvSpec, JobTask, RollbackSpec};
+use crate::lines::LineAssembler;
+use crate::protocol::LogLine;
 
 /// Free space required on the deploy path's filesystem before fetching, in KiB.
 pub const MIN_FREE_KIB: u64 = 100 * 1024;
@@ -588,6 +596,25 @@ say done - -
     Ok(s)
 }
 
+/// Random bytes in a run's nonce: too many for a hook to guess this run's marker.
+pub const NONCE_BYTES: usize = 12;
+
+/// The nonce of one run (lowercase hex), from random bytes its runner drew: this crate draws
+/// none, so that every rule here stays testable with plain values.
+pub fn run_nonce(random: [u8; NONCE_BYTES]) -> String {
+    random.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The script that carries out a job's task; `job_id` names the job in the lock file.
+pub fn script_for(task: &JobTask, job_id: Uuid, nonce: &str) -> Result<String, InvalidSpec> {
+    let job = job_id.to_string();
+    match task {
+        JobTask::Deploy(spec) => deploy_script(spec, &job, nonce),
+        JobTask::Rollback(spec) => rollback_script(spec, &job, nonce),
+        JobTask::ForgetEnv(spec) => forget_env_script(spec, &job, nonce),
+    }
+}
+
 /// What one line of script output means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScriptEvent {
@@ -722,19 +749,124 @@ impl Outcome {
         }
     }
 
-    /// The final verdict once the script exited with `status` (`None`: killed by a signal).
-    /// `Ok(())` only for a clean exit that reported done.
-    pub fn verdict(&self, status: Option<i32>) -> Result<(), (String, String)> {
+    /// The final verdict once the script ended with `exit`: the step and why it failed, or
+    /// `Ok(())` only for a clean exit that reported done. A failure the script reported
+    /// outranks how it ended.
+    pub fn verdict(&self, exit: ScriptExit) -> Result<(), (String, String)> {
         if let Some(failure) = &self.failure {
             return Err(failure.clone());
         }
-        let step = self.step.clone().unwrap_or_else(|| step::PREFLIGHT.into());
-        match status {
-            Some(0) if self.done => Ok(()),
-            Some(0) => Err((step, "the deploy script ended without finishing".into())),
-            Some(code) => Err((step, format!("the deploy script exited with status {code}"))),
-            None => Err((step, "the deploy script was killed".into())),
+        let step = || self.step.clone().unwrap_or_else(|| step::PREFLIGHT.into());
+        match exit {
+            ScriptExit::Status(0) if self.done => Ok(()),
+            ScriptExit::Status(0) => {
+                Err((step(), "the deploy script ended without finishing".into()))
+            }
+            ScriptExit::Status(code) => Err((
+                step(),
+                format!("the deploy script exited with status {code}"),
+            )),
+            ScriptExit::Killed => Err((step(), "the deploy script was killed".into())),
+            // A run stopped before its first step failed at none: nothing was tried.
+            ScriptExit::Cancelled => {
+                Err((self.step.clone().unwrap_or_default(), "cancelled".into()))
+            }
         }
+    }
+}
+
+/// How the script's process ended, as its runner saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScriptExit {
+    /// It exited with this status.
+    Status(i32),
+    /// No exit status came back: killed by a signal (or the channel closed without one).
+    Killed,
+    /// The runner stopped it (its session ended, it is shutting down).
+    Cancelled,
+}
+
+impl ScriptExit {
+    /// From an exit status, `None` when there was none.
+    pub fn from_status(status: Option<i32>) -> Self {
+        status.map_or(Self::Killed, Self::Status)
+    }
+}
+
+/// Which output stream bytes were read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+impl OutputStream {
+    /// The stream's number in a [`LogLine`].
+    pub fn log_stream(self) -> u8 {
+        match self {
+            Self::Stdout => 1,
+            Self::Stderr => 2,
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::Stdout => 0,
+            Self::Stderr => 1,
+        }
+    }
+}
+
+/// One run's output as it arrives, read the same way by both runners: each stream's bytes cut
+/// into bounded lines ([`LineAssembler`]), each line read with this run's nonce, folded into
+/// the run's [`Outcome`] and turned into the log line it is recorded as.
+#[derive(Debug)]
+pub struct ScriptOutput {
+    parser: OutputParser,
+    outcome: Outcome,
+    assemblers: [LineAssembler; 2],
+}
+
+impl ScriptOutput {
+    pub fn new(nonce: &str) -> Self {
+        Self {
+            parser: OutputParser::new(nonce),
+            outcome: Outcome::default(),
+            assemblers: [LineAssembler::new(), LineAssembler::new()],
+        }
+    }
+
+    /// Feeds bytes read from `stream`; returns the log lines they completed.
+    pub fn read(&mut self, stream: OutputStream, data: &[u8]) -> Vec<LogLine> {
+        let lines = self.assemblers[stream.index()].push(data);
+        self.take(stream, lines)
+    }
+
+    /// `stream` ended; returns its last line if it had no newline after it.
+    pub fn end(&mut self, stream: OutputStream) -> Vec<LogLine> {
+        let last = self.assemblers[stream.index()].finish();
+        self.take(stream, last.into_iter().collect())
+    }
+
+    fn take(&mut self, stream: OutputStream, lines: Vec<String>) -> Vec<LogLine> {
+        lines
+            .into_iter()
+            .map(|line| {
+                let event = self.parser.parse(&line);
+                self.outcome.feed(&event);
+                let (stream, text) = event.log_entry(stream.log_stream());
+                LogLine { stream, text }
+            })
+            .collect()
+    }
+
+    /// What the output said so far.
+    pub fn outcome(&self) -> &Outcome {
+        &self.outcome
+    }
+
+    pub fn into_outcome(self) -> Outcome {
+        self.outcome
     }
 }
 
@@ -911,17 +1043,218 @@ mod tests {
     fn verdicts() {
         let mut o = Outcome::default();
         o.feed(&ScriptEvent::Step("build".into()));
-        assert_eq!(o.verdict(Some(0)).expect_err("not done").0, "build");
-        assert!(o.verdict(None).expect_err("killed").1.contains("killed"));
+        assert_eq!(
+            o.verdict(ScriptExit::Status(0)).expect_err("not done").0,
+            "build"
+        );
+        assert!(o
+            .verdict(ScriptExit::Killed)
+            .expect_err("killed")
+            .1
+            .contains("killed"));
         o.feed(&ScriptEvent::Done {
             release: "r".into(),
             commit: "c".into(),
         });
-        assert_eq!(o.verdict(Some(0)), Ok(()));
+        assert_eq!(o.verdict(ScriptExit::Status(0)), Ok(()));
         o.feed(&ScriptEvent::Fail {
             step: "post_switch".into(),
             message: "m".into(),
         });
-        assert_eq!(o.verdict(Some(1)), Err(("post_switch".into(), "m".into())));
+        assert_eq!(
+            o.verdict(ScriptExit::Status(1)),
+            Err(("post_switch".into(), "m".into()))
+        );
+    }
+
+    #[test]
+    fn verdicts_of_odd_endings() {
+        let mut o = Outcome::default();
+        assert_eq!(
+            o.verdict(ScriptExit::Status(3)),
+            Err((
+                "preflight".into(),
+                "the deploy script exited with status 3".into()
+            )),
+            "a script that failed before its first step failed at preflight"
+        );
+        assert_eq!(
+            o.verdict(ScriptExit::Cancelled),
+            Err((String::new(), "cancelled".into()))
+        );
+        o.feed(&ScriptEvent::Step("build".into()));
+        assert_eq!(
+            o.verdict(ScriptExit::Cancelled),
+            Err(("build".into(), "cancelled".into()))
+        );
+        // Cancelled after it said done: the runner stopped it, so it did not succeed.
+        o.feed(&ScriptEvent::Done {
+            release: "r".into(),
+            commit: "c".into(),
+        });
+        assert!(o.verdict(ScriptExit::Cancelled).is_err());
+        // A failure the script reported outranks a cancel.
+        o.feed(&ScriptEvent::Fail {
+            step: "build".into(),
+            message: "build hook exited with status 2".into(),
+        });
+        assert_eq!(
+            o.verdict(ScriptExit::Cancelled),
+            Err(("build".into(), "build hook exited with status 2".into()))
+        );
+        assert_eq!(ScriptExit::from_status(Some(0)), ScriptExit::Status(0));
+        assert_eq!(ScriptExit::from_status(None), ScriptExit::Killed);
+    }
+
+    #[test]
+    fn nonces_are_lowercase_hex_of_the_random_bytes() {
+        let n = run_nonce([0x00, 0x01, 0xab, 0xff, 0x10, 0, 0, 0, 0, 0, 0, 0x7e]);
+        assert_eq!(n, "0001abff100000000000007e");
+        assert_eq!(run_nonce([0xc3; NONCE_BYTES]).len(), 2 * NONCE_BYTES);
+        // Every nonce is one the scripts accept.
+        assert!(deploy_script(&spec(), "j", &n).is_ok());
+    }
+
+    #[test]
+    fn script_for_picks_the_tasks_script() {
+        let job_id = Uuid::from_u128(0x1234);
+        let job = job_id.to_string();
+        let deploy = JobTask::Deploy(spec());
+        assert_eq!(
+            script_for(&deploy, job_id, "n0nce"),
+            deploy_script(&spec(), &job, "n0nce")
+        );
+        let back = RollbackSpec {
+            deploy_path: "/srv/app".into(),
+            to_release: Some("20270115080000-abc123".into()),
+        };
+        let rollback = script_for(&JobTask::Rollback(back.clone()), job_id, "n0nce");
+        assert_eq!(rollback, rollback_script(&back, &job, "n0nce"));
+        assert!(rollback.expect("script").contains("step rollback"));
+        let forget = ForgetEnvSpec {
+            deploy_path: "/srv/app".into(),
+        };
+        let script = script_for(&JobTask::ForgetEnv(forget.clone()), job_id, "n0nce");
+        assert_eq!(script, forget_env_script(&forget, &job, "n0nce"));
+        assert!(script.expect("script").contains(&format!("JOB='{job}'")));
+        // Refusals are the task's script's own.
+        let mut bad = spec();
+        bad.deploy_path = "relative".into();
+        assert_eq!(
+            script_for(&JobTask::Deploy(bad.clone()), job_id, "n0nce"),
+            deploy_script(&bad, &job, "n0nce")
+        );
+        assert!(script_for(&deploy, job_id, "not a nonce").is_err());
+    }
+
+    #[test]
+    fn script_output_turns_bytes_into_log_lines_and_an_outcome() {
+        let mut out = ScriptOutput::new("n0nce");
+        // A marker split across reads, output on both streams, a forged marker.
+        assert_eq!(out.read(OutputStream::Stdout, b"@@sensei:n0nce st"), vec![]);
+        assert_eq!(
+            out.read(
+                OutputStream::Stdout,
+                b"ep build\ncompiling\n@@sensei:guess done r9 c\n"
+            ),
+            vec![
+                LogLine {
+                    stream: 0,
+                    text: "==> build".into()
+                },
+                LogLine {
+                    stream: 1,
+                    text: "compiling".into()
+                },
+                LogLine {
+                    stream: 1,
+                    text: "@@sensei:guess done r9 c".into()
+                },
+            ]
+        );
+        assert_eq!(
+            out.read(OutputStream::Stderr, b"warning: old\n"),
+            vec![LogLine {
+                stream: 2,
+                text: "warning: old".into()
+            }]
+        );
+        assert_eq!(out.outcome().step.as_deref(), Some("build"));
+        assert!(!out.outcome().done, "a forged marker is not an event");
+        // A marker on standard error is an event too, and a last line without a newline is
+        // kept when its stream ends.
+        assert_eq!(
+            out.read(
+                OutputStream::Stderr,
+                b"@@sensei:n0nce fail build build hook exited with status 2"
+            ),
+            vec![]
+        );
+        assert_eq!(out.end(OutputStream::Stdout), vec![]);
+        assert_eq!(
+            out.end(OutputStream::Stderr),
+            vec![LogLine {
+                stream: 0,
+                text: "FAILED at build: build hook exited with status 2".into()
+            }]
+        );
+        assert_eq!(
+            out.into_outcome().failure,
+            Some(("build".into(), "build hook exited with status 2".into()))
+        );
+    }
+
+    #[test]
+    fn job_results_from_runs() {
+        use crate::protocol::JobResult;
+        let mut out = ScriptOutput::new("n0nce");
+        out.read(
+            OutputStream::Stdout,
+            concat!(
+                "@@sensei:n0nce step switch\n",
+                "@@sensei:n0nce switched 20270115080000-abc123 none\n",
+                "@@sensei:n0nce done 20270115080000-abc123 0123abcd\n",
+            )
+            .as_bytes(),
+        );
+        let done = out.into_outcome();
+        assert_eq!(
+            JobResult::from_run(&done, ScriptExit::Status(0)),
+            JobResult {
+                succeeded: true,
+                release_id: Some("20270115080000-abc123".into()),
+                commit: Some("0123abcd".into()),
+                error: None,
+            }
+        );
+        // The release and commit a run got to are kept, whatever ended it.
+        assert_eq!(
+            JobResult::from_run(&done, ScriptExit::Status(1)),
+            JobResult {
+                succeeded: false,
+                release_id: Some("20270115080000-abc123".into()),
+                commit: Some("0123abcd".into()),
+                error: Some((
+                    "switch".into(),
+                    "the deploy script exited with status 1".into()
+                )),
+            }
+        );
+        // A job that makes no release says `-`: no release, no commit.
+        let mut out = ScriptOutput::new("n0nce");
+        out.read(OutputStream::Stdout, b"@@sensei:n0nce done - -\n");
+        assert_eq!(
+            JobResult::from_run(out.outcome(), ScriptExit::Status(0)),
+            JobResult {
+                succeeded: true,
+                release_id: None,
+                commit: None,
+                error: None,
+            }
+        );
+        assert_eq!(
+            JobResult::from_run(&Outcome::default(), ScriptExit::Cancelled),
+            JobResult::failed("", "cancelled")
+        );
     }
 }

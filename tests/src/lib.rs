@@ -533,6 +533,70 @@ impl TestPlane {
         }
     }
 
+    /// Creates an SSH server reached through `sshd` as [`DEPLOY_USER`], with `extra` fields
+    /// (auth, password, host_key) in the request; installs the key it was given, if any, in
+    /// `sshd`'s authorized_keys. Returns the API's answer.
+    pub async fn create_ssh_server(
+        &self,
+        cookie: &str,
+        name: &str,
+        sshd: &SshServer,
+        extra: Value,
+    ) -> Value {
+        let mut body = serde_json::json!({"name": name, "host": "127.0.0.1", "port": sshd.port, "username": DEPLOY_USER, "transport": "ssh"});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let (status, server) = self.post("/v1/servers", cookie, body).await;
+        assert_eq!(status, 201, "{server}");
+        if let Some(line) = server["public_key"].as_str() {
+            sshd.set_authorized_keys(&format!("{line}\n"));
+        }
+        server
+    }
+
+    /// Queues a deploy of `project` at `git_ref` to `server` and waits until it has ended;
+    /// returns its JSON.
+    pub async fn deploy_and_wait(
+        &self,
+        cookie: &str,
+        project: &str,
+        server: &str,
+        git_ref: &str,
+    ) -> Value {
+        let (status, d) = self
+            .post(
+                "/v1/deployments",
+                cookie,
+                serde_json::json!({"project_id": project, "server_id": server, "ref": git_ref}),
+            )
+            .await;
+        assert_eq!(status, 201, "{d}");
+        self.wait_deployment(cookie, d["id"].as_str().expect("id"))
+            .await
+    }
+
+    /// The deployment's log as (stream, line) pairs, the stream as the API names it
+    /// (`sensei`, `stdout`, `stderr`).
+    pub async fn log_lines(&self, cookie: &str, deployment: &Value) -> Vec<(String, String)> {
+        let id = deployment["id"].as_str().expect("id");
+        let (status, log) = self
+            .get(&format!("/v1/deployments/{id}/logs"), cookie)
+            .await;
+        assert_eq!(status, 200, "{log}");
+        log["lines"]
+            .as_array()
+            .expect("lines")
+            .iter()
+            .map(|l| {
+                let text = |key: &str| l[key].as_str().unwrap_or("").to_owned();
+                (text("stream"), text("line"))
+            })
+            .collect()
+    }
+
     /// Waits until the deployment has ended; returns its JSON.
     pub async fn wait_deployment(&self, cookie: &str, id: &str) -> Value {
         let mut last = Value::Null;
@@ -585,6 +649,13 @@ impl TestAgent {
                 .await
         });
     }
+}
+
+/// Where `<app>/current` points (`releases/<id>`), or nothing when it does not exist.
+pub fn current_link(app: &std::path::Path) -> String {
+    std::fs::read_link(app.join("current"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
 }
 
 /// A git repository with `index.html` committed once per version; returns its path.

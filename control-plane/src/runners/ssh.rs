@@ -16,10 +16,9 @@ use ed25519_dalek::SigningKey;
 use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
 use russh::{client, ChannelMsg};
 use sensei_shared::job::{verify, Expectations, JobTask};
-use sensei_shared::lines::LineAssembler;
 use sensei_shared::protocol::{JobResult, LogLine};
 use sensei_shared::release::{
-    deploy_script, forget_env_script, rollback_script, Outcome, OutputParser,
+    run_nonce, script_for, Outcome, OutputStream, ScriptExit, ScriptOutput,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
@@ -320,13 +319,9 @@ impl SshRunner {
                 format!("replayed job: sequence {sequence} already ran on this server"),
             ));
         }
-        let nonce = hex::encode(rand::random::<[u8; 12]>());
-        let script = match &payload.task {
-            JobTask::Deploy(spec) => deploy_script(spec, &job.id.to_string(), &nonce),
-            JobTask::Rollback(spec) => rollback_script(spec, &job.id.to_string(), &nonce),
-            JobTask::ForgetEnv(spec) => forget_env_script(spec, &job.id.to_string(), &nonce),
-        }
-        .map_err(|e| fail("verify", e.to_string()))?;
+        let nonce = run_nonce(rand::random());
+        let script =
+            script_for(&payload.task, job.id, &nonce).map_err(|e| fail("verify", e.to_string()))?;
 
         // The whole deploy has a deadline: every hook's timeout, the fetch's share and a
         // margin, and never more than the control plane's maximum. A server that never answers
@@ -357,7 +352,7 @@ impl SshRunner {
                 .await;
             outcome
         };
-        let (outcome, status) = match tokio::time::timeout(deadline, work).await {
+        let (outcome, exit) = match tokio::time::timeout(deadline, work).await {
             Ok(outcome) => outcome?,
             Err(_) => {
                 return Err(fail(
@@ -369,13 +364,7 @@ impl SshRunner {
                 ))
             }
         };
-        let verdict = outcome.verdict(status);
-        Ok(JobResult {
-            succeeded: verdict.is_ok(),
-            release_id: outcome.release.clone(),
-            commit: outcome.commit.clone(),
-            error: verdict.err(),
-        })
+        Ok(JobResult::from_run(&outcome, exit))
     }
 
     async fn connect(
@@ -493,7 +482,7 @@ impl SshRunner {
         job_id: Uuid,
         script: &str,
         nonce: &str,
-    ) -> Result<(Outcome, Option<i32>), Failure> {
+    ) -> Result<(Outcome, ScriptExit), Failure> {
         let mut channel = session
             .channel_open_session()
             .await
@@ -510,37 +499,19 @@ impl SshRunner {
             .eof()
             .await
             .map_err(|e| fail("connect", format!("cannot send the deploy script: {e}")))?;
-        let parser = OutputParser::new(nonce);
-        let mut outcome = Outcome::default();
-        let mut assemblers = [LineAssembler::new(), LineAssembler::new()];
+        let mut output = ScriptOutput::new(nonce);
         let mut status = None;
-        let mut batch = Vec::new();
-        let mut take_lines = |stream: usize,
-                              data: &[u8],
-                              outcome: &mut Outcome,
-                              batch: &mut Vec<LogLine>,
-                              end: bool| {
-            let mut lines = assemblers[stream].push(data);
-            if end {
-                lines.extend(assemblers[stream].finish());
-            }
-            for line in lines {
-                let event = parser.parse(&line);
-                outcome.feed(&event);
-                let (stream, text) = event.log_entry(if stream == 0 { 1 } else { 2 });
-                batch.push(LogLine { stream, text });
-            }
-        };
+        let mut batch: Vec<LogLine> = Vec::new();
         loop {
             let Some(message) = channel.wait().await else {
                 break;
             };
             match message {
                 ChannelMsg::Data { ref data } => {
-                    take_lines(0, data, &mut outcome, &mut batch, false)
+                    batch.extend(output.read(OutputStream::Stdout, data))
                 }
                 ChannelMsg::ExtendedData { ref data, .. } => {
-                    take_lines(1, data, &mut outcome, &mut batch, false)
+                    batch.extend(output.read(OutputStream::Stderr, data))
                 }
                 ChannelMsg::ExitStatus { exit_status } => {
                     status = Some(i32::try_from(exit_status).unwrap_or(i32::MAX))
@@ -552,10 +523,10 @@ impl SshRunner {
                 self.log(job_id, std::mem::take(&mut batch)).await;
             }
         }
-        take_lines(0, &[], &mut outcome, &mut batch, true);
-        take_lines(1, &[], &mut outcome, &mut batch, true);
+        batch.extend(output.end(OutputStream::Stdout));
+        batch.extend(output.end(OutputStream::Stderr));
         self.log(job_id, batch).await;
-        Ok((outcome, status))
+        Ok((output.into_outcome(), ScriptExit::from_status(status)))
     }
 }
 

@@ -83,9 +83,7 @@ impl Setup {
     }
 
     fn current(&self) -> String {
-        std::fs::read_link(self.app.join("current"))
-            .map(|p| p.display().to_string())
-            .unwrap_or_default()
+        sensei_e2e::current_link(&self.app)
     }
 
     fn served(&self) -> String {

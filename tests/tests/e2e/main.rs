@@ -18,6 +18,7 @@ mod live_follow;
 mod operations;
 mod replicas;
 mod rollouts;
+mod runners;
 mod sensei_cli;
 mod ssh;
 mod system;

@@ -33,17 +33,9 @@ async fn setup_on(t: TestPlane, server_extra: Value) -> Ssh {
         )
         .await;
     let sshd = SshServer::start();
-    let mut body = json!({"name": "legacy-1", "host": "127.0.0.1", "port": sshd.port, "username": DEPLOY_USER, "transport": "ssh"});
-    if let (Some(b), Some(e)) = (body.as_object_mut(), server_extra.as_object()) {
-        for (k, v) in e {
-            b.insert(k.clone(), v.clone());
-        }
-    }
-    let (status, server) = t.post("/v1/servers", &cookie, body).await;
-    assert_eq!(status, 201, "{server}");
-    if let Some(line) = server["public_key"].as_str() {
-        sshd.set_authorized_keys(&format!("{line}\n"));
-    }
+    let server = t
+        .create_ssh_server(&cookie, "legacy-1", &sshd, server_extra)
+        .await;
     let dir = open_tempdir();
     let repo = git_repo(dir.path(), &["v1"]);
     give_to_deploy_user(&repo);
@@ -84,24 +76,13 @@ impl Ssh {
     }
 
     async fn deploy(&self) -> Value {
-        let (status, d) = self
-            .t
-            .post(
-                "/v1/deployments",
-                &self.cookie,
-                json!({"project_id": self.project, "server_id": self.server_id(), "ref": "main"}),
-            )
-            .await;
-        assert_eq!(status, 201, "{d}");
         self.t
-            .wait_deployment(&self.cookie, d["id"].as_str().expect("id"))
+            .deploy_and_wait(&self.cookie, &self.project, self.server_id(), "main")
             .await
     }
 
     fn current(&self) -> String {
-        std::fs::read_link(self.app.join("current"))
-            .map(|p| p.display().to_string())
-            .unwrap_or_default()
+        sensei_e2e::current_link(&self.app)
     }
 
     async fn log(&self, d: &Value) -> String {
