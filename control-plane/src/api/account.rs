@@ -13,7 +13,8 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody};
 use super::{actor_event, AppState};
 use crate::audit;
-use crate::identity::auth::Principal;
+use crate::identity::allowlist;
+use crate::identity::auth::{Principal, Role};
 
 /// Audit retention bounds, in days (the database checks them too).
 pub const MIN_RETENTION_DAYS: i32 = 30;
@@ -29,6 +30,9 @@ pub struct AccountSettings {
     pub audit_retention_days: i32,
     /// Deployment log lines older than this many days are deleted (the deployments stay).
     pub deploy_log_retention_days: i32,
+    /// Networks (CIDR) the account may be used from: sign-in, sessions and API keys. Empty:
+    /// anywhere.
+    pub ip_allowlist: Vec<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -41,6 +45,9 @@ pub struct AccountChange {
     pub audit_retention_days: Option<i32>,
     /// 1 to 2557 days.
     pub deploy_log_retention_days: Option<i32>,
+    /// Owners only. Addresses or CIDR networks (at most 64); `[]` lifts the restriction. A
+    /// list that would exclude the caller's own address is refused.
+    pub ip_allowlist: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -57,8 +64,8 @@ pub struct TransferOwnership {
     pub user_id: Uuid,
 }
 
-const COLUMNS: &str =
-    "id, name, require_mfa, audit_retention_days, deploy_log_retention_days, created_at";
+const COLUMNS: &str = "id, name, require_mfa, audit_retention_days, deploy_log_retention_days, \
+                       ip_allowlist, created_at";
 
 fn settings(r: &tokio_postgres::Row) -> AccountSettings {
     AccountSettings {
@@ -67,6 +74,7 @@ fn settings(r: &tokio_postgres::Row) -> AccountSettings {
         require_mfa: r.get("require_mfa"),
         audit_retention_days: r.get("audit_retention_days"),
         deploy_log_retention_days: r.get("deploy_log_retention_days"),
+        ip_allowlist: r.get("ip_allowlist"),
         created_at: r.get("created_at"),
     }
 }
@@ -119,14 +127,39 @@ pub async fn update(
             ));
         }
     }
+    let allowlist = match &req.ip_allowlist {
+        None => None,
+        Some(entries) => {
+            // Who may reach the account at all is the owners' decision.
+            if principal.role != Role::Owner {
+                return Err(ApiError::forbidden(
+                    ErrorCode::OwnerRequired,
+                    "only an owner can change the account's network allowlist",
+                ));
+            }
+            let networks = allowlist::parse(entries)?;
+            let as_stored: Vec<Option<ipnet::IpNet>> = networks.iter().copied().map(Some).collect();
+            if !allowlist::permits(&as_stored, meta.ip) {
+                return Err(ApiError::unprocessable(
+                    ErrorCode::AllowlistLocksYouOut,
+                    format!(
+                        "this list does not include your own address ({}): you would be locked out; add it first",
+                        meta.ip
+                    ),
+                ));
+            }
+            Some(networks.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+        }
+    };
     if name.is_none()
         && req.require_mfa.is_none()
         && req.audit_retention_days.is_none()
         && req.deploy_log_retention_days.is_none()
+        && allowlist.is_none()
     {
         return Err(ApiError::unprocessable(
             ErrorCode::NothingToChange,
-            "give name, require_mfa, audit_retention_days or deploy_log_retention_days",
+            "give name, require_mfa, audit_retention_days, deploy_log_retention_days or ip_allowlist",
         ));
     }
     let mut client = state.pool.get().await?;
@@ -137,7 +170,8 @@ pub async fn update(
                 "UPDATE accounts SET name = COALESCE($2, name), \
                  require_mfa = COALESCE($3, require_mfa), \
                  audit_retention_days = COALESCE($4, audit_retention_days), \
-                 deploy_log_retention_days = COALESCE($5, deploy_log_retention_days) \
+                 deploy_log_retention_days = COALESCE($5, deploy_log_retention_days), \
+                 ip_allowlist = COALESCE($6, ip_allowlist) \
                  WHERE id = $1 RETURNING {COLUMNS}"
             ),
             &[
@@ -146,6 +180,7 @@ pub async fn update(
                 &req.require_mfa,
                 &req.audit_retention_days,
                 &req.deploy_log_retention_days,
+                &allowlist,
             ],
         )
         .await?;
@@ -161,6 +196,9 @@ pub async fn update(
     }
     if let Some(v) = req.deploy_log_retention_days {
         changed.insert("deploy_log_retention_days".into(), json!(v));
+    }
+    if let Some(v) = &allowlist {
+        changed.insert("ip_allowlist".into(), json!(v));
     }
     audit::append(
         &tx,

@@ -18,8 +18,6 @@ use crate::audit::{self, AuditEvent, Outcome};
 use crate::identity::auth::{Principal, Scope};
 use crate::identity::tokens::{Token, TokenKind};
 
-const MAX_ALLOWLIST: usize = 64;
-
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKey {
@@ -57,19 +55,6 @@ pub struct ApiKeyList {
     pub api_keys: Vec<ApiKeyView>,
     /// Pass as `cursor` for the next page; absent on the last page.
     pub next_cursor: Option<String>,
-}
-
-fn parse_network(text: &str) -> Result<ipnet::IpNet, ApiError> {
-    let text = text.trim();
-    text.parse::<ipnet::IpNet>()
-        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        .map(|net| net.trunc())
-        .map_err(|_| {
-            ApiError::unprocessable(
-                ErrorCode::InvalidIpAllowlist,
-                format!("{text:?} is not an address or CIDR network"),
-            )
-        })
 }
 
 /// Creates an API key; the answer holds the secret, once.
@@ -119,17 +104,10 @@ pub async fn create(
             scopes.push(scope);
         }
     }
-    if req.ip_allowlist.len() > MAX_ALLOWLIST {
-        return Err(ApiError::unprocessable(
-            ErrorCode::InvalidIpAllowlist,
-            format!("at most {MAX_ALLOWLIST} networks"),
-        ));
-    }
-    let allowlist = req
-        .ip_allowlist
+    let allowlist: Vec<String> = crate::identity::allowlist::parse(&req.ip_allowlist)?
         .iter()
-        .map(|t| parse_network(t).map(|n| n.to_string()))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|n| n.to_string())
+        .collect();
     if let Some(at) = req.expires_at.filter(|at| *at <= Utc::now()) {
         return Err(ApiError::unprocessable(
             ErrorCode::InvalidExpiry,

@@ -20,7 +20,7 @@ use crate::identity::names::{account_name, normalise_email};
 use crate::identity::passwords::{self, Verdict};
 use crate::identity::signup::{self, NewAccount, SignupPolicy};
 use crate::identity::tokens::{Token, TokenKind};
-use crate::identity::{admission, login_throttle};
+use crate::identity::{admission, allowlist, login_throttle};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -267,6 +267,7 @@ pub async fn signup(
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = LoginResponse, description = "signed in; session cookie set"),
               (status = 401, body = ErrorBody, description = "email or password is incorrect"),
+              (status = 403, body = ErrorBody, description = "the account may not be used from this address"),
               (status = 429, body = ErrorBody, description = "too many failed attempts")))]
 pub async fn login(
     State(state): State<AppState>,
@@ -278,8 +279,9 @@ pub async fn login(
     let email = req.email.trim().to_owned();
     let user = client
         .query_opt(
-            "SELECT id, account_id, email, password_hash, role, totp_enabled_at IS NOT NULL \
-             FROM users WHERE lower(email) = lower($1)",
+            "SELECT u.id, u.account_id, u.email, u.password_hash, u.role, \
+                    u.totp_enabled_at IS NOT NULL, a.ip_allowlist \
+             FROM users u JOIN accounts a ON a.id = u.account_id WHERE lower(u.email) = lower($1)",
             &[&email],
         )
         .await?;
@@ -340,6 +342,28 @@ pub async fn login(
     let account_id: Uuid = user.get(1);
     let email: String = user.get(2);
     let role: String = user.get(4);
+    // The account's networks: checked once the password is known good, so that nobody learns
+    // more than a correct password would have told them anyway; the attempt still counts.
+    let networks: Vec<String> = user.get("ip_allowlist");
+    if !allowlist::permits(&allowlist::stored(&networks), meta.ip) {
+        let input = format!("{email}\u{0}{}", req.password);
+        audit_failure(
+            &state,
+            &tx,
+            &meta,
+            &email_hash,
+            Some(account_id),
+            Some(user_id),
+            &input,
+            "network",
+        )
+        .await?;
+        tx.commit().await?;
+        return Err(ApiError::forbidden(
+            ErrorCode::IpNotAllowed,
+            format!("this account may not be used from {}", meta.ip),
+        ));
+    }
     let mut factor = None;
     if user.get::<_, bool>(5) && req.totp_code.is_none() && req.recovery_code.is_none() {
         // The first step of a two-step sign-in, not a wrong guess: it does not count.

@@ -100,6 +100,7 @@ error_codes! {
     NotFound => "not_found",
     NothingToChange => "nothing_to_change",
     OwnerRequired => "owner_required",
+    AllowlistLocksYouOut => "allowlist_locks_you_out",
     ScopeExceedsRole => "scope_exceeds_role",
     ServerNotEnrolled => "server_not_enrolled",
     SessionRequired => "session_required",
@@ -288,7 +289,7 @@ impl From<crate::identity::auth::AuthError> for ApiError {
                 ErrorCode::ApiKeyExpired,
                 e.to_string(),
             ),
-            AuthError::IpNotAllowed { .. } => {
+            AuthError::IpNotAllowed { .. } | AuthError::AccountIpNotAllowed { .. } => {
                 ApiError::forbidden(ErrorCode::IpNotAllowed, e.to_string())
             }
             AuthError::Stored(detail) => ApiError::internal(&detail),
@@ -307,6 +308,12 @@ impl From<crate::identity::names::InvalidEmail> for ApiError {
 impl From<crate::identity::names::InvalidAccountName> for ApiError {
     fn from(e: crate::identity::names::InvalidAccountName) -> Self {
         ApiError::unprocessable(ErrorCode::InvalidAccountName, e.to_string())
+    }
+}
+
+impl From<crate::identity::allowlist::InvalidAllowlist> for ApiError {
+    fn from(e: crate::identity::allowlist::InvalidAllowlist) -> Self {
+        ApiError::unprocessable(ErrorCode::InvalidIpAllowlist, e.to_string())
     }
 }
 

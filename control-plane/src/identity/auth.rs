@@ -8,6 +8,7 @@ use deadpool_postgres::Pool;
 use http::HeaderMap;
 use uuid::Uuid;
 
+use crate::identity::allowlist;
 use crate::identity::tokens::{Token, TokenKind};
 
 /// The session cookie's name.
@@ -218,6 +219,9 @@ pub enum AuthError {
     /// The key's allowlist does not hold the caller's address.
     #[error("this API key may not be used from {ip}")]
     IpNotAllowed { ip: IpAddr },
+    /// The account's allowlist does not hold the caller's address.
+    #[error("this account may not be used from {ip}")]
+    AccountIpNotAllowed { ip: IpAddr },
     /// The database holds a value this version cannot read (logged, never shown).
     #[error("{0}")]
     Stored(String),
@@ -225,6 +229,17 @@ pub enum AuthError {
     Database(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Pool(#[from] deadpool_postgres::PoolError),
+}
+
+/// Refuses a caller outside the account's own allowlist (the row carries
+/// `account_allowlist`).
+fn account_admits(row: &tokio_postgres::Row, client_ip: IpAddr) -> Result<(), AuthError> {
+    let networks: Vec<String> = row.try_get("account_allowlist")?;
+    if allowlist::permits(&allowlist::stored(&networks), client_ip) {
+        Ok(())
+    } else {
+        Err(AuthError::AccountIpNotAllowed { ip: client_ip })
+    }
 }
 
 /// A role the database holds, read strictly.
@@ -242,12 +257,16 @@ pub async fn authenticate(
         return authenticate_api_key(pool, text, client_ip).await;
     }
     match session_cookie(headers) {
-        Some(text) => authenticate_session(pool, text).await,
+        Some(text) => authenticate_session(pool, text, client_ip).await,
         None => Err(AuthError::NotSignedIn),
     }
 }
 
-async fn authenticate_session(pool: &Pool, text: &str) -> Result<Principal, AuthError> {
+async fn authenticate_session(
+    pool: &Pool,
+    text: &str,
+    client_ip: IpAddr,
+) -> Result<Principal, AuthError> {
     let token = Token::parse(TokenKind::Session, text).ok_or(AuthError::SessionInvalid)?;
     let client = pool.get().await?;
     let row = client
@@ -256,7 +275,8 @@ async fn authenticate_session(pool: &Pool, text: &str) -> Result<Principal, Auth
                     s.last_seen_at < now() - make_interval(days => $2) AS idle, \
                     s.last_seen_at < now() - interval '1 minute' AS stale, \
                     u.id AS user_id, u.account_id, u.email, u.role, \
-                    a.require_mfa AND u.totp_enabled_at IS NULL AS mfa_setup_required \
+                    a.require_mfa AND u.totp_enabled_at IS NULL AS mfa_setup_required, \
+                    a.ip_allowlist AS account_allowlist \
              FROM sessions s JOIN users u ON u.id = s.user_id \
              JOIN accounts a ON a.id = u.account_id WHERE s.id = $1",
             &[&token.id, &(SESSION_IDLE_DAYS as i32)],
@@ -270,6 +290,7 @@ async fn authenticate_session(pool: &Pool, text: &str) -> Result<Principal, Auth
     if !token.matches(&hash) || revoked || idle {
         return Err(AuthError::SessionInvalid);
     }
+    account_admits(&row, client_ip)?;
     if stale {
         // Touch at most once a minute: a write per request would cost more than the
         // precision is worth.
@@ -303,7 +324,8 @@ async fn authenticate_api_key(
         .query_opt(
             "SELECT k.secret_hash, k.revoked_at IS NOT NULL AS revoked, k.expires_at, k.scopes, \
                     k.ip_allowlist, k.account_id, u.id AS user_id, u.email, u.role, \
-                    a.require_mfa AND u.totp_enabled_at IS NULL AS mfa_setup_required \
+                    a.require_mfa AND u.totp_enabled_at IS NULL AS mfa_setup_required, \
+                    a.ip_allowlist AS account_allowlist \
              FROM api_keys k JOIN users u ON u.id = k.created_by AND u.account_id = k.account_id \
              JOIN accounts a ON a.id = k.account_id WHERE k.id = $1",
             &[&token.id],
@@ -319,16 +341,11 @@ async fn authenticate_api_key(
     if let Some(at) = expires_at.filter(|at| *at <= Utc::now()) {
         return Err(AuthError::ApiKeyExpired { at });
     }
-    let allowlist: Vec<String> = row.try_get("ip_allowlist")?;
-    if !allowlist.is_empty() {
-        let allowed = allowlist
-            .iter()
-            .filter_map(|net| net.parse::<ipnet::IpNet>().ok())
-            .any(|net| net.contains(&client_ip));
-        if !allowed {
-            return Err(AuthError::IpNotAllowed { ip: client_ip });
-        }
+    let own: Vec<String> = row.try_get("ip_allowlist")?;
+    if !allowlist::permits(&allowlist::stored(&own), client_ip) {
+        return Err(AuthError::IpNotAllowed { ip: client_ip });
     }
+    account_admits(&row, client_ip)?;
     client
         .execute(
             "UPDATE api_keys SET last_used_at = now() WHERE id = $1 \

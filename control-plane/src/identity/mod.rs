@@ -6,6 +6,7 @@
 //! create an account; [`mailer`] sends the emails.
 
 pub mod admission;
+pub mod allowlist;
 pub mod auth;
 pub mod login_throttle;
 pub mod mailer;

@@ -1396,3 +1396,178 @@ async fn mfa_and_ownership_mistakes_are_refused_and_change_nothing() {
     assert_eq!(me["user"]["role"], "owner");
     assert_eq!(me["mfa_enabled"], true);
 }
+
+/// A request as if from `ip` (the plane trusts loopback as its proxy), with a session cookie
+/// or an API key.
+async fn from(
+    t: &TestPlane,
+    ip: &str,
+    method: reqwest::Method,
+    path: &str,
+    credential: Result<&str, &str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = t
+        .http
+        .request(method, t.url(path))
+        .header("x-forwarded-for", ip);
+    r = match credential {
+        Ok(cookie) => r.header("cookie", cookie),
+        Err(key) => r.bearer_auth(key),
+    };
+    if let Some(body) = body {
+        r = r.json(&body);
+    }
+    let r = r.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn an_account_allowlist_keeps_sign_in_sessions_and_keys_to_its_networks() {
+    use reqwest::Method;
+    let t = TestPlane::start_configured(
+        sensei_e2e::fresh_database().await,
+        sensei_e2e::test_keys(),
+        "127.0.0.1:0".parse().expect("addr"),
+        |o| o.trusted_proxies = vec!["127.0.0.0/8".parse().expect("net")],
+    )
+    .await;
+    let (office, home) = ("203.0.113.10", "198.51.100.7");
+    let owner_email = format!("o{}@example.com", Uuid::new_v4().simple());
+    let (owner, _) = t.signup(&owner_email, PW).await;
+    let (admin, _) = join(
+        &t,
+        &owner,
+        &format!("a{}@example.com", Uuid::new_v4().simple()),
+        "admin",
+    )
+    .await;
+    let (status, key) = from(
+        &t,
+        home,
+        Method::POST,
+        "/v1/api-keys",
+        Ok(&owner),
+        Some(json!({"name": "ci", "scopes": ["servers:read"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{key}");
+    let key = key["secret"].as_str().expect("secret").to_owned();
+    let audit_rows = || t.count("SELECT count(*) FROM audit_log WHERE action = 'account.updated'");
+    let before = audit_rows().await;
+
+    // A list that leaves the caller out is refused, and nothing changes.
+    let (status, err) = from(
+        &t,
+        home,
+        Method::PATCH,
+        "/v1/account",
+        Ok(&owner),
+        Some(json!({"ip_allowlist": ["203.0.113.0/24"]})),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&err)),
+        (422, "allowlist_locks_you_out"),
+        "{err}"
+    );
+    // Garbage and admins are refused too.
+    let (status, err) = from(
+        &t,
+        office,
+        Method::PATCH,
+        "/v1/account",
+        Ok(&owner),
+        Some(json!({"ip_allowlist": ["203.0.113.0/33"]})),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&err)),
+        (422, "invalid_ip_allowlist"),
+        "{err}"
+    );
+    let (status, err) = from(
+        &t,
+        office,
+        Method::PATCH,
+        "/v1/account",
+        Ok(&admin),
+        Some(json!({"ip_allowlist": ["203.0.113.0/24"]})),
+    )
+    .await;
+    assert_eq!((status, error_code(&err)), (403, "owner_required"), "{err}");
+    assert_eq!(audit_rows().await, before, "refused changes change nothing");
+    let (_, account) = from(&t, home, Method::GET, "/v1/account", Ok(&owner), None).await;
+    assert_eq!(account["ip_allowlist"], json!([]));
+
+    // From the office, the office's network: stored in canonical form and audited.
+    let (status, account) = from(
+        &t,
+        office,
+        Method::PATCH,
+        "/v1/account",
+        Ok(&owner),
+        Some(json!({"ip_allowlist": ["203.0.113.77/24", "2001:db8::1/48"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{account}");
+    assert_eq!(
+        account["ip_allowlist"],
+        json!(["203.0.113.0/24", "2001:db8::/48"])
+    );
+    assert_eq!(audit_rows().await, before + 1);
+
+    // Sessions, keys and sign-in from home are refused; from the office they work.
+    for credential in [Ok(owner.as_str()), Ok(admin.as_str()), Err(key.as_str())] {
+        let (status, err) = from(&t, home, Method::GET, "/v1/servers", credential, None).await;
+        assert_eq!((status, error_code(&err)), (403, "ip_not_allowed"), "{err}");
+        let (status, _) = from(&t, office, Method::GET, "/v1/servers", credential, None).await;
+        assert_eq!(status, 200);
+    }
+    let login = |ip: &'static str, password: &'static str| {
+        let (http, url, email) = (t.http.clone(), t.url("/v1/auth/login"), owner_email.clone());
+        async move {
+            let r = http
+                .post(url)
+                .header("x-forwarded-for", ip)
+                .json(&json!({"email": email, "password": password}))
+                .send()
+                .await
+                .expect("login");
+            let status = r.status().as_u16();
+            let cookie = sensei_e2e::session_cookie(&r);
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (status, error_code(&body).to_owned(), cookie)
+        }
+    };
+    let (status, code, cookie) = login(home, PW).await;
+    assert_eq!(
+        (status, code.as_str(), cookie),
+        (403, "ip_not_allowed", None)
+    );
+    // A wrong password from home still says only that.
+    let (status, code, _) = login(home, "wrong password entirely").await;
+    assert_eq!((status, code.as_str()), (401, "invalid_credentials"));
+    let refused: i64 = t
+        .count("SELECT count(*) FROM audit_log WHERE action = 'user.login_failed' AND metadata->>'failed_factor' = 'network'")
+        .await;
+    assert_eq!(refused, 1, "the refused sign-in is audited");
+    let (status, _, cookie) = login(office, PW).await;
+    assert_eq!(status, 200);
+    assert!(cookie.is_some());
+
+    // Lifting the list opens the account again.
+    let (status, account) = from(
+        &t,
+        office,
+        Method::PATCH,
+        "/v1/account",
+        Ok(&owner),
+        Some(json!({"ip_allowlist": []})),
+    )
+    .await;
+    assert_eq!((status, &account["ip_allowlist"]), (200, &json!([])));
+    let (status, _) = from(&t, home, Method::GET, "/v1/servers", Err(&key), None).await;
+    assert_eq!(status, 200);
+}
