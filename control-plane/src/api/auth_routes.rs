@@ -316,26 +316,19 @@ pub async fn login(
     let (user, rehash) = match (user, verdict) {
         (Some(user), Verdict::Match { rehash }) => (user, rehash),
         (user, _) => {
-            let account_id: Option<Uuid> = user.as_ref().map(|u| u.get(1));
-            let target = user.as_ref().map(|u| u.get::<_, Uuid>(0));
-            let input = format!("{email}\u{0}{}", req.password);
-            audit_failure(
-                &state,
-                &tx,
-                &meta,
-                &email_hash,
-                account_id,
-                target,
-                &input,
-                "password",
-            )
-            .await?;
-            tx.commit().await?;
-            return Err(ApiError::new(
+            let failed = FailedLogin {
+                email_hash: &email_hash,
+                account_id: user.as_ref().map(|u| u.get(1)),
+                user: user.as_ref().map(|u| u.get::<_, Uuid>(0)),
+                input: format!("{email}\u{0}{}", req.password),
+                factor: "password",
+            };
+            let answer = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::InvalidCredentials,
                 "email or password is incorrect",
-            ));
+            );
+            return Err(refuse_login(&state, tx, &meta, failed, answer).await);
         }
     };
     let user_id: Uuid = user.get(0);
@@ -346,23 +339,18 @@ pub async fn login(
     // more than a correct password would have told them anyway; the attempt still counts.
     let networks: Vec<String> = user.get("ip_allowlist");
     if !allowlist::permits(&allowlist::stored(&networks), meta.ip) {
-        let input = format!("{email}\u{0}{}", req.password);
-        audit_failure(
-            &state,
-            &tx,
-            &meta,
-            &email_hash,
-            Some(account_id),
-            Some(user_id),
-            &input,
-            "network",
-        )
-        .await?;
-        tx.commit().await?;
-        return Err(ApiError::forbidden(
+        let failed = FailedLogin {
+            email_hash: &email_hash,
+            account_id: Some(account_id),
+            user: Some(user_id),
+            input: format!("{email}\u{0}{}", req.password),
+            factor: "network",
+        };
+        let answer = ApiError::forbidden(
             ErrorCode::IpNotAllowed,
             format!("this account may not be used from {}", meta.ip),
-        ));
+        );
+        return Err(refuse_login(&state, tx, &meta, failed, answer).await);
     }
     let mut factor = None;
     if user.get::<_, bool>(5) && req.totp_code.is_none() && req.recovery_code.is_none() {
@@ -388,24 +376,19 @@ pub async fn login(
             };
         factor = mfa::consume_code(&tx, &state.keys, user_id, code, allow_recovery).await?;
         if factor.is_none() {
-            let input = format!("{email}\u{0}{code}");
-            audit_failure(
-                &state,
-                &tx,
-                &meta,
-                &email_hash,
-                Some(account_id),
-                Some(user_id),
-                &input,
-                "mfa",
-            )
-            .await?;
-            tx.commit().await?;
-            return Err(ApiError::new(
+            let failed = FailedLogin {
+                email_hash: &email_hash,
+                account_id: Some(account_id),
+                user: Some(user_id),
+                input: format!("{email}\u{0}{code}"),
+                factor: "mfa",
+            };
+            let answer = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::InvalidMfaCode,
                 "the code is wrong, expired or already used",
-            ));
+            );
+            return Err(refuse_login(&state, tx, &meta, failed, answer).await);
         }
     }
     if rehash {
@@ -461,39 +444,52 @@ pub async fn login(
     ))
 }
 
-/// Audits a failed sign-in (its throttle reservation stays as the failure), keeping only
-/// keyed hashes of what was typed.
-#[allow(clippy::too_many_arguments)]
-async fn audit_failure(
-    state: &AppState,
-    tx: &tokio_postgres::Transaction<'_>,
-    meta: &ClientMeta,
-    email_hash: &str,
+/// Who failed to sign in, and with what: only keyed hashes of what was typed are kept.
+struct FailedLogin<'a> {
+    email_hash: &'a str,
     account_id: Option<Uuid>,
     user: Option<Uuid>,
-    input: &str,
-    factor: &str,
-) -> Result<(), ApiError> {
-    audit::append(
-        tx,
+    /// What was typed (email and password, or email and code); hashed before it is stored.
+    input: String,
+    /// `password`, `mfa` or `network`.
+    factor: &'static str,
+}
+
+/// Audits a failed sign-in (its throttle reservation stays as the failure), commits, and
+/// gives back the answer to send.
+async fn refuse_login(
+    state: &AppState,
+    tx: deadpool_postgres::Transaction<'_>,
+    meta: &ClientMeta,
+    failed: FailedLogin<'_>,
+    answer: ApiError,
+) -> ApiError {
+    let recorded = audit::append(
+        &tx,
         state.keys.audit_keys(),
         &AuditEvent {
-            account_id,
+            account_id: failed.account_id,
             actor: Actor::Anonymous,
             client_ip: Some(meta.ip.to_string()),
             user_agent: Some(meta.user_agent.clone()),
             action: "user.login_failed",
-            target: user.map(|u| ("user", u)),
+            target: failed.user.map(|u| ("user", u)),
             outcome: Outcome::Failure,
             metadata: json!({
-                "email_hash": email_hash,
-                "input_hash": state.keys.keyed_input_hash(input.as_bytes()),
-                "failed_factor": factor,
+                "email_hash": failed.email_hash,
+                "input_hash": state.keys.keyed_input_hash(failed.input.as_bytes()),
+                "failed_factor": failed.factor,
             }),
         },
     )
-    .await?;
-    Ok(())
+    .await;
+    match recorded {
+        Ok(()) => match tx.commit().await {
+            Ok(()) => answer,
+            Err(e) => e.into(),
+        },
+        Err(e) => e.into(),
+    }
 }
 
 async fn revoke_sessions(
