@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::app::server::{open_database, ControlPlane, DatabaseSource, ServeOptions};
 use crate::identity::signup::SignupPolicy;
 use crate::secrets::field_crypto::FieldKeys;
+use crate::secrets::key_provider::{Hsm, KeyProvider};
 
 /// Default API address.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8443";
@@ -151,8 +152,16 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Print a new random field key (for CODESENSEI_FIELD_KEY, or SENSEI_AUDIT_KEY).
-    GenerateFieldKey,
+    /// Print a new random field key for CODESENSEI_FIELD_KEY: plain, or wrapped by the HSM
+    /// when SENSEI_FIELD_KEY_PROVIDER names one.
+    GenerateFieldKey {
+        /// A plain key even when an HSM is configured (for SENSEI_AUDIT_KEY).
+        #[arg(long)]
+        plain: bool,
+    },
+    /// Create the key that wraps the field keys inside the HSM named by
+    /// SENSEI_FIELD_KEY_PROVIDER (AES-256, never extractable); does nothing if it exists.
+    HsmCreateKey,
     /// Apply database migrations as the owner role (DATABASE_OWNER_URL) and grant the
     /// application role (the user of DATABASE_URL, or --app-role) what it needs.
     Migrate {
@@ -292,8 +301,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             clap_mangen::generate_to(Cli::command(), &dir)?;
             Ok(0)
         }
-        Command::GenerateFieldKey => {
-            println!("{}", FieldKeys::generate_key());
+        Command::GenerateFieldKey { plain } => {
+            let provider = if plain {
+                KeyProvider::Environment
+            } else {
+                KeyProvider::from_env()?
+            };
+            println!("{}", provider.generate_key()?);
+            Ok(0)
+        }
+        Command::HsmCreateKey => {
+            let provider = KeyProvider::from_env()?;
+            anyhow::ensure!(
+                matches!(provider, KeyProvider::Pkcs11 { .. }),
+                "hsm-create-key needs SENSEI_FIELD_KEY_PROVIDER=pkcs11:token=LABEL;key=LABEL"
+            );
+            let created = Hsm::open(&provider)?.create_wrapping_key()?;
+            println!(
+                "{}",
+                if created {
+                    "created the wrapping key in the HSM"
+                } else {
+                    "the wrapping key already exists in the HSM"
+                }
+            );
             Ok(0)
         }
         Command::UpgradeEmbeddedDb { old_bindir } => {

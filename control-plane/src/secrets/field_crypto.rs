@@ -1,7 +1,7 @@
 //! Field encryption: every secret column goes through here, sealed with Fernet.
 //!
-//! Keys come from `CODESENSEI_FIELD_KEY`, a comma-separated list of Fernet keys. The first key
-//! encrypts; every key decrypts, so an operator rotates by prepending a new key, running
+//! Keys come from `CODESENSEI_FIELD_KEY`, a comma-separated list of Fernet keys (or of keys
+//! wrapped by an HSM: [`super::key_provider`]). The first key encrypts; every key decrypts, so an operator rotates by prepending a new key, running
 //! `rotate-field-key`, then dropping the old one (docs/notes.md). Keys are never written to
 //! the database and never appear in logs or error messages.
 
@@ -41,6 +41,9 @@ pub enum FieldKeyError {
     /// `SENSEI_AUDIT_KEY` is malformed.
     #[error(transparent)]
     AuditKey(crate::audit::keys::AuditKeyError),
+    /// The key provider (an HSM) could not give the keys.
+    #[error(transparent)]
+    Provider(#[from] super::key_provider::KeyProviderError),
 }
 
 /// A ciphertext that no configured key opens (wrong key, or the value was tampered with).
@@ -126,14 +129,15 @@ impl FieldKeys {
             .expect("audit keys are installed when the database is opened")
     }
 
-    /// Reads `CODESENSEI_FIELD_KEY`.
-    /// Reads `CODESENSEI_FIELD_KEY`, and `SENSEI_AUDIT_KEY` when it is set.
+    /// Reads `CODESENSEI_FIELD_KEY` through the configured key provider
+    /// (`SENSEI_FIELD_KEY_PROVIDER`), and `SENSEI_AUDIT_KEY` when it is set.
     pub fn from_env() -> Result<Self, FieldKeyError> {
-        let keys = match std::env::var(FIELD_KEY_ENV) {
-            Ok(spec) => Self::parse(&spec)?,
-            Err(_) => return Err(FieldKeyError::Missing),
-        };
-        keys.with_audit_keys_from_env()
+        let provider = super::key_provider::KeyProvider::from_env()?;
+        let spec = std::env::var(FIELD_KEY_ENV).map_err(|_| FieldKeyError::Missing)?;
+        if spec.trim().is_empty() {
+            return Err(FieldKeyError::Missing);
+        }
+        Self::parse(&provider.keys(&spec)?)?.with_audit_keys_from_env()
     }
 
     /// Applies `SENSEI_AUDIT_KEY` when it is set and not empty.

@@ -702,3 +702,168 @@ async fn a_signed_export_checks_without_the_database_and_shows_any_change() {
     let other_public = String::from_utf8_lossy(&other_key.stdout).trim().to_owned();
     assert_eq!(check(&export_file, &other_public).status.code(), Some(1));
 }
+
+/// A SoftHSM2 token of its own: a configuration and a token directory under `dir`.
+struct SoftHsm {
+    conf: std::path::PathBuf,
+}
+
+impl SoftHsm {
+    const MODULE: &'static str = "/usr/lib/softhsm/libsofthsm2.so";
+    const PIN: &'static str = "1234";
+
+    fn new(dir: &std::path::Path) -> Self {
+        let tokens = dir.join("tokens");
+        std::fs::create_dir_all(&tokens).expect("token directory");
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .expect("softhsm2.conf");
+        Self { conf }
+    }
+
+    /// Initialises a token labelled `label` in the next free slot.
+    fn init_token(&self, label: &str) {
+        let out = std::process::Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &self.conf)
+            .args(["--init-token", "--free", "--label", label])
+            .args(["--pin", Self::PIN, "--so-pin", "5678"])
+            .output()
+            .expect("softhsm2-util (Debian package softhsm2)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The control plane's command with this HSM as its key provider.
+    fn command(&self, token: &str, pin: &str) -> std::process::Command {
+        let mut cmd = command();
+        cmd.env("SOFTHSM2_CONF", &self.conf)
+            .env(
+                "SENSEI_FIELD_KEY_PROVIDER",
+                format!("pkcs11:token={token};key=field"),
+            )
+            .env("SENSEI_PKCS11_MODULE", Self::MODULE)
+            .env("SENSEI_PKCS11_PIN", pin);
+        cmd
+    }
+}
+
+fn succeeded(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn field_keys_wrapped_by_an_hsm_work_and_open_nothing_without_it() {
+    let owner = fresh_database().await;
+    let app = sensei_e2e::app_conninfo(&owner);
+    let dir = open_tempdir();
+    let data_dir = dir.path().join("data").display().to_string();
+    tokio::task::spawn_blocking(move || {
+        let hsm = SoftHsm::new(dir.path());
+        hsm.init_token("sensei");
+        let with = |token: &str, pin: &str, keys: &str, args: &[&str]| {
+            hsm.command(token, pin)
+                .env("CODESENSEI_FIELD_KEY", keys)
+                .env("DATABASE_URL", &app)
+                .env("DATABASE_OWNER_URL", &owner)
+                .args(["--data-dir", &data_dir])
+                .args(args)
+                .output()
+                .expect("run")
+        };
+        let pin = SoftHsm::PIN;
+        // A key is needed before anything can be wrapped; it is made inside the token.
+        let out = with("sensei", pin, "", &["generate-field-key"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("hsm-create-key"));
+        let created = succeeded(&with("sensei", pin, "", &["hsm-create-key"]));
+        assert!(created.contains("created"), "{created}");
+        let again = succeeded(&with("sensei", pin, "", &["hsm-create-key"]));
+        assert!(again.contains("already exists"), "{again}");
+        let first = succeeded(&with("sensei", pin, "", &["generate-field-key"]));
+        assert!(first.starts_with("p11:"), "{first}");
+        let plain = succeeded(&with("sensei", pin, "", &["generate-field-key", "--plain"]));
+        assert!(
+            FieldKeys::parse(&plain).is_ok(),
+            "--plain prints a Fernet key"
+        );
+
+        // Sealing and opening through the HSM: create-owner seals the audit chain's key and
+        // writes rows; audit verify opens the key and checks them.
+        succeeded(&with("sensei", pin, &first, &["migrate"]));
+        succeeded(&with(
+            "sensei",
+            pin,
+            &first,
+            &[
+                "create-owner",
+                "--email",
+                "hsm@example.com",
+                "--account",
+                "Vault",
+            ],
+        ));
+        let verified = succeeded(&with("sensei", pin, &first, &["audit", "verify"]));
+        assert!(verified.contains("0 problem(s)"), "{verified}");
+
+        // Rotation: a second wrapped key first, everything rewritten under it, the old dropped.
+        let second = succeeded(&with("sensei", pin, "", &["generate-field-key"]));
+        let both = format!("{second},{first}");
+        let rotated = succeeded(&with("sensei", pin, &both, &["rotate-field-key"]));
+        assert!(rotated.contains("rewrote 1 field(s)"), "{rotated}");
+        let verified = succeeded(&with("sensei", pin, &second, &["audit", "verify"]));
+        assert!(verified.contains("0 problem(s)"), "{verified}");
+
+        // The environment without the HSM opens nothing: the wrapped keys are not keys.
+        let out = command()
+            .env("CODESENSEI_FIELD_KEY", &second)
+            .env("DATABASE_URL", &app)
+            .args(["--data-dir", &data_dir, "audit", "verify"])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("entry 1 of CODESENSEI_FIELD_KEY is not a Fernet key"),
+            "{stderr}"
+        );
+        assert!(FieldKeys::parse(&second).is_err());
+        // A wrong PIN is refused and not echoed.
+        let out = with("sensei", "987654", &second, &["audit", "verify"]);
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("refused the PIN") && !stderr.contains("987654"),
+            "{stderr}"
+        );
+        // Another token's key (same labels) does not unwrap these keys.
+        hsm.init_token("other");
+        succeeded(&with("other", pin, "", &["hsm-create-key"]));
+        let out = with("other", pin, &second, &["audit", "verify"]);
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("does not unwrap with the HSM's key"),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains(&second[4..20]),
+            "the wrapped key is not echoed"
+        );
+    })
+    .await
+    .expect("join");
+}
