@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -256,35 +255,23 @@ pub fn last_event_id(headers: &http::HeaderMap) -> Option<&str> {
 pub async fn listen(
     database_url: String,
     streams: Arc<LiveStreams>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
-        match crate::store::db::listen(&database_url, &[CHANNEL]).await {
-            Ok((_client, mut messages)) => {
-                streams.changed_all();
-                loop {
-                    tokio::select! {
-                        _ = shutdown.changed() => return,
-                        message = messages.next() => match message {
-                            Some((_, payload)) => match Followed::parse(&payload) {
-                                Some(subject) => streams.changed(subject),
-                                None => tracing::warn!(payload, "unknown live notification"),
-                            },
-                            None => break,
-                        },
-                    }
-                }
-                tracing::warn!("live-follow notifications interrupted; reconnecting");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot open the live-follow notification connection")
-            }
-        }
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+    crate::store::db::listen_until_shutdown(
+        &database_url,
+        &[CHANNEL],
+        "live follow",
+        shutdown,
+        || {
+            streams.changed_all();
+            std::future::ready(())
+        },
+        |_, payload| match Followed::parse(payload) {
+            Some(subject) => streams.changed(subject),
+            None => tracing::warn!(payload, "unknown live notification"),
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]

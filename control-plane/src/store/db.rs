@@ -191,6 +191,48 @@ pub async fn connect(url: &str, max_size: usize) -> Result<Pool, DbError> {
 /// ends.
 pub type Notifications = futures_util::stream::BoxStream<'static, (String, String)>;
 
+/// Listens on `channels` until `shutdown`, reconnecting a second after the connection fails
+/// or drops. `connected` runs each time the listener is (re)established: notifications sent
+/// while it was down were lost, so that is where a caller re-reads the truth from the tables.
+/// `notified` gets each (channel, payload). `what` names the listener in the log.
+pub async fn listen_until_shutdown<C, F>(
+    url: &str,
+    channels: &[&str],
+    what: &str,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut connected: C,
+    mut notified: impl FnMut(&str, &str),
+) where
+    C: FnMut() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    use futures_util::StreamExt;
+    loop {
+        match listen(url, channels).await {
+            Ok((_client, mut messages)) => {
+                connected().await;
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        message = messages.next() => match message {
+                            Some((channel, payload)) => notified(&channel, &payload),
+                            None => break,
+                        },
+                    }
+                }
+                tracing::warn!(listener = what, "notifications interrupted; reconnecting");
+            }
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "cannot open the notification connection")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// Opens a dedicated (unpooled) connection that LISTENs on `channels`. The client must be kept
 /// alive as long as the stream is read.
 pub async fn listen(

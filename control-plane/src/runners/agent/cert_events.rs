@@ -3,10 +3,8 @@
 //! and certificate rows stay the truth; the notifications only say "look now".
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use futures_util::StreamExt;
 use sensei_certs::Fingerprint;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -109,38 +107,34 @@ pub async fn listen(
     pool: Pool,
     database_url: String,
     hub: Arc<AgentHub>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        match crate::store::db::listen(&database_url, &[CHANNEL, JOB_CHANNEL]).await {
-            Ok((_client, mut messages)) => {
-                // Anything committed while we were not listening is in the tables.
-                if let Err(e) = load_all(&pool, &hub).await {
-                    tracing::warn!(error = %e, "reloading agent certificates failed");
-                }
-                // Jobs queued while nobody was listening were announced to no one.
-                hub.wakes.wake_all();
-                loop {
-                    tokio::select! {
-                        _ = shutdown.changed() => return,
-                        message = messages.next() => match message {
-                            Some((channel, payload)) if channel == JOB_CHANNEL => {
-                                hub.wakes.apply(&payload);
-                            }
-                            Some((_, payload)) => apply(&hub, &payload),
-                            None => break,
-                        },
-                    }
-                }
-                tracing::warn!("agent certificate notifications interrupted; reconnecting");
+    let reload = || {
+        let (pool, hub) = (pool.clone(), hub.clone());
+        async move {
+            // Anything committed while we were not listening is in the tables.
+            if let Err(e) = load_all(&pool, &hub).await {
+                tracing::warn!(error = %e, "reloading agent certificates failed");
             }
-            Err(e) => tracing::warn!(error = %e, "cannot open the notification connection"),
+            // Jobs queued while nobody was listening were announced to no one.
+            hub.wakes.wake_all();
         }
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+    };
+    crate::store::db::listen_until_shutdown(
+        &database_url,
+        &[CHANNEL, JOB_CHANNEL],
+        "agent certificates and jobs",
+        shutdown,
+        reload,
+        |channel, payload| {
+            if channel == JOB_CHANNEL {
+                hub.wakes.apply(payload);
+            } else {
+                apply(&hub, payload);
+            }
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]
