@@ -9,6 +9,7 @@
 //! - [`runners`]: what carries jobs to servers: the agent gateway ([`runners::agent`]) and the
 //!   SSH fallback runner ([`runners::ssh`]).
 //! - [`rollouts`]: the scheduler applying `sensei_shared::rollout`'s decisions.
+//! - [`dns`]: the per-deploy DNS records written to a project's zone (RFC 2136 with TSIG).
 //! - [`identity`]: who is calling: passwords, tokens, sessions, TOTP, throttles, signup, mail.
 //! - [`secrets`]: field encryption and its rotation, the CA store, the job-signing key, SSH
 //!   keys.
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod dns;
 pub mod identity;
 pub mod jobs;
 pub mod rollouts;

@@ -72,7 +72,10 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
         ("DELETE", "/v1/servers/{id}" | "/v1/servers/{id}/agent-certificate") => {
             Scoped(Scope::ServersWrite)
         }
-        ("GET", "/v1/projects" | "/v1/projects/{id}") => Scoped(Scope::ProjectsRead),
+        ("GET", "/v1/projects" | "/v1/projects/{id}" | "/v1/projects/{id}/dns") => {
+            Scoped(Scope::ProjectsRead)
+        }
+        ("PUT" | "DELETE", "/v1/projects/{id}/dns") => Scoped(Scope::ProjectsWrite),
         ("POST", "/v1/projects") => Scoped(Scope::ProjectsWrite),
         ("PATCH" | "DELETE", "/v1/projects/{id}") => Scoped(Scope::ProjectsWrite),
         ("GET", "/v1/deployments" | "/v1/deployments/{id}" | "/v1/deployments/{id}/logs") => {

@@ -101,6 +101,8 @@ error_codes! {
     NothingToChange => "nothing_to_change",
     OwnerRequired => "owner_required",
     AllowlistLocksYouOut => "allowlist_locks_you_out",
+    InvalidDns => "invalid_dns",
+    ZoneTaken => "zone_taken",
     ScopeExceedsRole => "scope_exceeds_role",
     ServerNotEnrolled => "server_not_enrolled",
     SessionRequired => "session_required",

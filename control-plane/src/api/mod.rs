@@ -25,6 +25,7 @@ pub mod audit_routes;
 pub mod auth_routes;
 pub mod cross_site;
 pub mod deployments;
+pub mod dns;
 pub mod edge;
 pub mod error;
 pub mod extract;
@@ -99,6 +100,8 @@ pub struct StateInner {
     pub metrics_token: Option<String>,
     /// Whether the API listener serves `/metrics` (not when it has a listener of its own).
     pub metrics_on_api: bool,
+    /// Where the control plane may connect on a tenant's behalf (SSH servers, DNS servers).
+    pub outbound: crate::runners::ssh::TargetPolicy,
 }
 
 impl AppState {
@@ -168,6 +171,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(servers::new_enrollment_token))
         .routes(routes!(projects::create, projects::list))
         .routes(routes!(projects::show, projects::update, projects::delete))
+        .routes(routes!(dns::show, dns::set, dns::remove))
         .routes(routes!(deployments::create, deployments::list))
         .routes(routes!(deployments::show))
         .routes(routes!(deployments::logs))

@@ -363,6 +363,12 @@ impl ControlPlane {
             addr: options.agent_addr,
             message: e.to_string(),
         })?;
+        // Where a tenant's SSH and DNS servers may not be: the denied networks and our own
+        // listeners.
+        let outbound = crate::runners::ssh::TargetPolicy {
+            denied_networks: options.ssh_deny_networks.clone(),
+            own: vec![api_addr, agent_addr],
+        };
         let agent_endpoint = options
             .agent_endpoint
             .clone()
@@ -418,6 +424,7 @@ impl ControlPlane {
             ssh_permits: ssh_permits.clone(),
             metrics_token: options.metrics_token.clone(),
             metrics_on_api: metrics_listener.is_none(),
+            outbound: outbound.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tasks = vec![
@@ -462,13 +469,16 @@ impl ControlPlane {
                     permits: ssh_permits,
                     max_job: options.ssh_job_timeout,
                     running: Default::default(),
-                    targets: crate::runners::ssh::TargetPolicy {
-                        denied_networks: options.ssh_deny_networks.clone(),
-                        own: vec![api_addr, agent_addr],
-                    },
+                    targets: outbound.clone(),
                 })
                 .run(shutdown_rx.clone()),
             ),
+            tokio::spawn(crate::dns::run(
+                pool.clone(),
+                state_keys.clone(),
+                outbound,
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(crate::jobs::sweep::run(
                 pool.clone(),
                 hub.replica_id,

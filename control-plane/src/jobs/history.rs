@@ -285,3 +285,22 @@ pub async fn open_rollbacks(
     .await?
     .try_get("n")
 }
+
+/// The (project, server) pairs where a deploy of a project with DNS settings succeeded: the
+/// servers that get the project's DNS record.
+pub async fn deployed_pairs(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<(Uuid, Uuid)>, tokio_postgres::Error> {
+    client
+        .query(
+            "SELECT DISTINCT d.project_id, d.server_id FROM deployments d \
+             JOIN projects p ON p.id = d.project_id \
+             WHERE p.dns IS NOT NULL AND p.deleted_at IS NULL \
+               AND d.kind = 'deploy' AND d.status = 'succeeded'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("project_id")?, r.try_get("server_id")?)))
+        .collect()
+}

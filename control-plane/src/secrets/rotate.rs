@@ -59,6 +59,17 @@ pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[
         key: "id",
         column: "ssh_password_ciphertext",
     },
+    // A project's TSIG secret for its DNS zone, and each written record's copy (V17).
+    EncryptedColumn {
+        table: "projects",
+        key: "id",
+        column: "dns_secret_ciphertext",
+    },
+    EncryptedColumn {
+        table: "dns_records",
+        key: "id",
+        column: "secret_ciphertext",
+    },
 ];
 
 const BATCH: i64 = 200;

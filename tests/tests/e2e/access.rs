@@ -64,10 +64,12 @@ fn need(method: &str, path: &str) -> Option<Need> {
         | ("DELETE", "/v1/servers/{id}" | "/v1/servers/{id}/agent-certificate") => {
             Scoped(developer, "servers:write")
         }
-        ("GET", "/v1/projects" | "/v1/projects/{id}") => Scoped(viewer, "projects:read"),
-        ("POST", "/v1/projects") | ("PATCH" | "DELETE", "/v1/projects/{id}") => {
-            Scoped(developer, "projects:write")
+        ("GET", "/v1/projects" | "/v1/projects/{id}" | "/v1/projects/{id}/dns") => {
+            Scoped(viewer, "projects:read")
         }
+        ("POST", "/v1/projects")
+        | ("PATCH" | "DELETE", "/v1/projects/{id}")
+        | ("PUT" | "DELETE", "/v1/projects/{id}/dns") => Scoped(developer, "projects:write"),
         ("GET", "/v1/deployments" | "/v1/deployments/{id}" | "/v1/deployments/{id}/logs") => {
             Scoped(viewer, "deployments:read")
         }
@@ -257,6 +259,8 @@ async fn every_route_obeys_the_role_matrix() {
         let body = match path.as_str() {
             "/v1/members/{id}" => json!({"role": "admin"}),
             "/v1/projects/{id}" => json!({"name": "hijacked"}),
+            "/v1/projects/{id}/dns" => json!({"zone": "hijacked.test", "server": "192.0.2.53:53",
+                "key_name": "k", "secret": "c2Vuc2VpLXRlc3Qtc2VjcmV0LTMyLWJ5dGVzLWxvbmc="}),
             _ => json!({}),
         };
         let (status, code) = call_with(

@@ -13,6 +13,7 @@ mod cli;
 mod cross_site;
 mod database_tls;
 mod deploys;
+mod dns;
 mod field_keys;
 mod live_follow;
 mod operations;

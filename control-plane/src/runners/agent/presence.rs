@@ -4,6 +4,7 @@
 //! mark waiting and writes them with two.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
@@ -12,8 +13,15 @@ use uuid::Uuid;
 use crate::jobs::batch::worker;
 
 enum Mark {
-    Connected { server_id: Uuid, version: String },
-    Disconnected { server_id: Uuid },
+    Connected {
+        server_id: Uuid,
+        version: String,
+        /// Where the agent connects from: what a DNS record of the server points at.
+        address: IpAddr,
+    },
+    Disconnected {
+        server_id: Uuid,
+    },
 }
 
 /// The handle of the presence worker.
@@ -32,11 +40,12 @@ impl Presence {
         }
     }
 
-    /// Records, soon, that an agent connected to this replica.
-    pub fn connected(&self, server_id: Uuid, version: &str) {
+    /// Records, soon, that an agent connected to this replica from `address`.
+    pub fn connected(&self, server_id: Uuid, version: &str, address: IpAddr) {
         let _ = self.marks.send(Mark::Connected {
             server_id,
             version: version.to_owned(),
+            address: address.to_canonical(),
         });
     }
 
@@ -48,19 +57,25 @@ impl Presence {
 
 async fn mark_batch(pool: &Pool, replica: Uuid, batch: Vec<Mark>) {
     // The last word per server wins: a quick disconnect and reconnect ends connected.
-    let mut last: HashMap<Uuid, Option<String>> = HashMap::new();
+    let mut last: HashMap<Uuid, Option<(String, IpAddr)>> = HashMap::new();
     for mark in batch {
         match mark {
-            Mark::Connected { server_id, version } => last.insert(server_id, Some(version)),
+            Mark::Connected {
+                server_id,
+                version,
+                address,
+            } => last.insert(server_id, Some((version, address))),
             Mark::Disconnected { server_id } => last.insert(server_id, None),
         };
     }
-    let (mut up, mut versions, mut down) = (Vec::new(), Vec::new(), Vec::new());
-    for (id, version) in last {
-        match version {
-            Some(v) => {
+    let (mut up, mut versions, mut addresses, mut down) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (id, seen) in last {
+        match seen {
+            Some((version, address)) => {
                 up.push(id);
-                versions.push(v);
+                versions.push(version);
+                addresses.push(address.to_string());
             }
             None => down.push(id),
         }
@@ -72,9 +87,11 @@ async fn mark_batch(pool: &Pool, replica: Uuid, batch: Vec<Mark>) {
     if !up.is_empty() {
         if let Err(e) = client
             .execute(
-                "UPDATE servers s SET connected_replica = $2, last_seen_at = now(), agent_version = v.version \
-                 FROM unnest($1::uuid[], $3::text[]) AS v(id, version) WHERE s.id = v.id",
-                &[&up, &replica, &versions],
+                "UPDATE servers s SET connected_replica = $2, last_seen_at = now(), \
+                   agent_version = v.version, agent_address = v.address \
+                 FROM unnest($1::uuid[], $3::text[], $4::text[]) AS v(id, version, address) \
+                 WHERE s.id = v.id",
+                &[&up, &replica, &versions, &addresses],
             )
             .await
         {

@@ -92,7 +92,8 @@ pub async fn run(
         connection.close(VarInt::from_u32(code), why);
         return;
     }
-    ctx.presence.connected(server_id, &agent_version);
+    ctx.presence
+        .connected(server_id, &agent_version, connection.remote_address().ip());
     tracing::info!(%server_id, %agent_version, peer = %connection.remote_address(), "agent connected");
     // Cannot be out of order: the machine asked for the registration just above.
     let _ = session.registered(Instant::now());
