@@ -168,7 +168,8 @@ const VIEW_SQL: &str = "SELECT s.id, s.name, s.host, s.port, s.username, s.trans
      c.serial, c.fingerprint, c.not_after, s.ssh_auth, s.ssh_key_fingerprint, s.host_key \
      FROM servers s LEFT JOIN LATERAL ( \
        SELECT serial, fingerprint, not_after FROM agent_certificates \
-       WHERE server_id = s.id AND revoked_at IS NULL ORDER BY issued_at DESC LIMIT 1) c ON true \
+       WHERE server_id = s.id AND revoked_at IS NULL AND retired_at IS NULL \
+       ORDER BY issued_at DESC LIMIT 1) c ON true \
      WHERE s.account_id = $1 AND s.deleted_at IS NULL";
 
 fn view(state: &AppState, row: &tokio_postgres::Row) -> ServerView {
@@ -496,7 +497,8 @@ pub(super) async fn revoke_certificates(
     let revoked: Vec<Fingerprint> = tx
         .query(
             "UPDATE agent_certificates SET revoked_at = now() \
-             WHERE server_id = ANY($1) AND revoked_at IS NULL RETURNING fingerprint",
+             WHERE server_id = ANY($1) AND revoked_at IS NULL AND retired_at IS NULL \
+             RETURNING fingerprint",
             &[&servers],
         )
         .await?

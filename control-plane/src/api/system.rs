@@ -178,7 +178,7 @@ async fn fleet_figures(state: &AppState) -> crate::app::metrics::FleetFigures {
         let expiring: i64 = client
             .query_one(
                 "SELECT count(*) AS n FROM agent_certificates \
-                 WHERE revoked_at IS NULL AND not_after > now() \
+                 WHERE revoked_at IS NULL AND retired_at IS NULL AND not_after > now() \
                  AND not_after < now() + interval '30 days'",
                 &[],
             )

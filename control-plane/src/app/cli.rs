@@ -72,6 +72,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSEI_AGENT_HEARTBEAT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub agent_heartbeat_secs: u64,
+    /// Days the agent certificates issued are valid; agents renew them at about two thirds
+    /// of that, over their connection.
+    #[arg(long, env = "SENSEI_AGENT_CERT_DAYS", default_value_t = crate::app::server::AGENT_CERT_DAYS,
+          value_parser = clap::value_parser!(u64).range(1..=825))]
+    pub agent_cert_days: u64,
     /// Seconds a queued deployment waits for its server's agent before failing as offline.
     #[arg(long, env = "SENSEI_DISPATCH_TIMEOUT_SECS", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -592,6 +597,7 @@ pub fn serve_options(
         agent_addr: pick(args.agent_addr, DEFAULT_AGENT_ADDR),
         agent_endpoint: args.agent_endpoint.clone(),
         agent_heartbeat: std::time::Duration::from_secs(args.agent_heartbeat_secs),
+        agent_cert_lifetime: std::time::Duration::from_secs(args.agent_cert_days * 86_400),
         dispatch_timeout: std::time::Duration::from_secs(args.dispatch_timeout_secs),
         api_names: args
             .api_names
