@@ -16,6 +16,7 @@ mod deploys;
 mod field_keys;
 mod live_follow;
 mod operations;
+mod renewal;
 mod replicas;
 mod rollouts;
 mod sensei_cli;
