@@ -288,6 +288,12 @@ async fn an_agent_renews_again_and_again_without_missing_a_job() {
         .filter(|a| *a == "agent.certificate_renewed")
         .count();
     assert_eq!(renewed, rows.len() - 1);
+    // The API shows when the certificate in use was renewed.
+    let (_, view) = t.get(&format!("/v1/servers/{server}"), &cookie).await;
+    assert!(
+        view["agent"]["certificate_renewed_at"].is_string(),
+        "{view}"
+    );
     let _ = agent.stop.send(true);
 }
 
@@ -326,6 +332,8 @@ async fn renewals_that_must_fail_are_refused_and_change_nothing() {
         refused(RenewalRefusal::MalformedCsr)
     );
     assert_eq!(certificate_rows(&t, server).await, 1, "nothing was issued");
+    let (_, view) = t.get(&format!("/v1/servers/{server}"), &cookie).await;
+    assert!(view["agent"]["certificate_renewed_at"].is_null(), "{view}");
     assert_eq!(
         t.plane.agents().certificates.status(&current),
         AgentCertStatus::Valid(server)
