@@ -375,6 +375,33 @@ async fn renewals_that_must_fail_are_refused_and_change_nothing() {
     assert!(actions
         .iter()
         .any(|a| a == "agent.certificate_renewal_refused"));
+    // Revoking the server revokes the pending renewal with the current certificate.
+    let r = t
+        .http
+        .delete(t.url(&format!("/v1/servers/{server}/agent-certificate")))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 204);
+    let pending = fingerprint(&certificate_pem);
+    for fp in [current, pending] {
+        assert_eq!(
+            t.plane.agents().certificates.status(&fp),
+            AgentCertStatus::Revoked
+        );
+    }
+    let still_valid: i64 = t
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM agent_certificates WHERE server_id = $1 AND revoked_at IS NULL",
+            &[&server],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(still_valid, 0);
 
     // Revoked in PostgreSQL, behind this replica's back (as if the notification were late):
     // the renewal checks the database and refuses.
