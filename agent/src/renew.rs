@@ -195,3 +195,62 @@ async fn attempt(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityMeta;
+
+    fn identity(ca: &sensei_certs::CertificateAuthority, server_id: Uuid, days: i64) -> Identity {
+        let request = AgentKeyRequest::generate(&server_id.to_string()).expect("key");
+        let now = time::OffsetDateTime::now_utc();
+        let issued = ca
+            .sign_agent_csr(
+                &request.csr_der,
+                server_id,
+                now,
+                now + time::Duration::days(days),
+            )
+            .expect("sign");
+        Identity {
+            meta: IdentityMeta {
+                server_id,
+                control_plane: "cp.example:7443".into(),
+                ca_fingerprint: ca.fingerprint().to_string(),
+                job_signing_public_key: "ab".repeat(32),
+                agent_version: crate::VERSION.into(),
+            },
+            key_pem: request.key_pem,
+            cert_pem: issued.cert_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+        }
+    }
+
+    /// A lost connection does not move the jittered first attempt nor reset the backoff; a
+    /// renewed certificate starts a plan of its own.
+    #[test]
+    fn the_plan_survives_reconnections_and_follows_the_certificate() {
+        let ca = sensei_certs::CertificateAuthority::generate("ca").expect("ca");
+        let server_id = Uuid::new_v4();
+        let current = identity(&ca, server_id, 90);
+        let mut plan = RenewalPlan::for_identity(&current, None).expect("plan");
+        let due = plan.schedule.next_attempt();
+        let lifetime = plan.schedule.lifetime();
+        assert_eq!(lifetime, Duration::from_secs(90 * 86_400));
+        let issued = wall_clock();
+        assert!(due >= issued + lifetime.mul_f64(7.0 / 12.0) - Duration::from_secs(2));
+        assert!(due <= issued + lifetime.mul_f64(9.0 / 12.0) + Duration::from_secs(2));
+        plan.schedule.failed(due, 0.5);
+        let retry = plan.schedule.next_attempt();
+        let again = RenewalPlan::for_identity(&current, Some(plan)).expect("same plan");
+        assert_eq!(again.schedule.next_attempt(), retry);
+        assert_eq!(again.schedule.failures(), 1);
+        let renewed = identity(&ca, server_id, 90);
+        let fresh = RenewalPlan::for_identity(&renewed, Some(again)).expect("new plan");
+        assert_eq!(fresh.schedule.failures(), 0);
+        assert!(!fresh.done);
+        let mut garbled = renewed.clone();
+        garbled.cert_pem = "not a certificate".into();
+        assert!(RenewalPlan::for_identity(&garbled, None).is_none());
+    }
+}

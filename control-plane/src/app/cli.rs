@@ -652,3 +652,31 @@ async fn wait_for_signal() {
         _ = term.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["sensei-control-plane", "serve"].iter().chain(extra))?;
+        match cli.command {
+            Command::Serve(args) => Ok(args),
+            _ => unreachable!("parsed as serve"),
+        }
+    }
+
+    #[test]
+    fn agent_certificates_last_90_days_unless_told_otherwise_within_bounds() {
+        let keys = || FieldKeys::parse(&FieldKeys::generate_key()).expect("a generated key parses");
+        let days = |args: &ServeArgs| {
+            serve_options(args, PathBuf::from("/tmp/unused"), keys(), true).agent_cert_lifetime
+        };
+        let default = serve(&[]).expect("defaults");
+        assert_eq!(days(&default), std::time::Duration::from_secs(90 * 86_400));
+        let week = serve(&["--agent-cert-days", "7"]).expect("7 days");
+        assert_eq!(days(&week), std::time::Duration::from_secs(7 * 86_400));
+        for refused in ["0", "826", "soon"] {
+            assert!(serve(&["--agent-cert-days", refused]).is_err(), "{refused}");
+        }
+    }
+}
