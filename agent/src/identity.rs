@@ -7,6 +7,12 @@
 //! | `identity.crt` | the certificate the control plane's CA issued for this server |
 //! | `ca.crt` | the control plane's CA certificate |
 //! | `agent.json` | server id, control plane address, pinned CA fingerprint and job-signing key |
+//! | `identity.next` | only during a renewal: the new key and certificate together |
+//!
+//! A renewed key and certificate are first written together to `identity.next`, then copied
+//! over `identity.key` and `identity.crt`, then `identity.next` goes. While it exists it is the
+//! identity, so a crash between the two copies never pairs a key with another key's
+//! certificate.
 //!
 //! Files are written to a new temporary file with an unpredictable name (created with
 //! `O_EXCL | O_NOFOLLOW`, so nothing planted in the directory is ever opened or followed),
@@ -30,6 +36,8 @@ const KEY: &str = "identity.key";
 const CERT: &str = "identity.crt";
 const CA: &str = "ca.crt";
 const META: &str = "agent.json";
+/// A renewed key and certificate, while they replace the current ones.
+const NEXT: &str = "identity.next";
 /// The highest job sequence number run; survives restarts so that a replayed job is refused.
 const SEQUENCE: &str = "sequence";
 /// A finished job's result not yet acknowledged by the control plane.
@@ -46,6 +54,13 @@ pub struct IdentityMeta {
     /// Hex of the Ed25519 key that signs deploy jobs.
     pub job_signing_public_key: String,
     pub agent_version: String,
+}
+
+/// What `identity.next` holds: a renewed key and its certificate, together.
+#[derive(Serialize, Deserialize)]
+struct RenewedPair {
+    key_pem: String,
+    cert_pem: String,
 }
 
 /// A complete identity.
@@ -122,12 +137,49 @@ impl StateDir {
         };
         let meta: IdentityMeta =
             serde_json::from_str(&read(META)?).map_err(|e| corrupt(format!("{META}: {e}")))?;
+        // A renewal interrupted half-way: the pair written whole is the identity.
+        let (key_pem, cert_pem) = match self.renewed_pair() {
+            Some(pair) => (pair.key_pem, pair.cert_pem),
+            None => (read(KEY)?, read(CERT)?),
+        };
         Ok(Identity {
             meta,
-            key_pem: read(KEY)?,
-            cert_pem: read(CERT)?,
+            key_pem,
+            cert_pem,
             ca_pem: read(CA)?,
         })
+    }
+
+    /// The pair a renewal is installing, if one is under way. Written whole by [`Self::write`]
+    /// (a rename), so it is either complete or absent; anything else there is ignored.
+    fn renewed_pair(&self) -> Option<RenewedPair> {
+        let text = fs::read_to_string(self.dir.join(NEXT)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Replaces the key and certificate with a renewed pair, so that no crash leaves a key
+    /// with a certificate for another key: the pair is written as one file first, then copied
+    /// into place, then that file goes. The pair is used from the next connection on.
+    pub fn store_renewed(&self, key_pem: &str, cert_pem: &str) -> Result<(), IdentityError> {
+        let pair = serde_json::to_string(&RenewedPair {
+            key_pem: key_pem.to_owned(),
+            cert_pem: cert_pem.to_owned(),
+        })
+        .map_err(|e| IdentityError::Io {
+            dir: self.dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        self.write(NEXT, &pair)?;
+        self.write(KEY, key_pem)?;
+        self.write(CERT, cert_pem)?;
+        self.remove(NEXT)
+    }
+
+    fn remove(&self, name: &str) -> Result<(), IdentityError> {
+        match fs::remove_file(self.dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.io(e)),
+            _ => Ok(()),
+        }
     }
 
     /// Writes an identity, replacing any earlier one.
@@ -152,6 +204,8 @@ impl StateDir {
                 }
             }
         }
+        // An enrollment replaces whatever a renewal was installing.
+        self.remove(NEXT)?;
         // The key first: an identity with a certificate but no key would be useless.
         self.write(KEY, &identity.key_pem)?;
         self.write(CERT, &identity.cert_pem)?;
@@ -260,6 +314,7 @@ impl StateDir {
     /// Deletes the identity. Returns whether there was one.
     pub fn delete(&self) -> Result<bool, IdentityError> {
         let _ = fs::remove_file(self.dir.join(SEQUENCE));
+        self.remove(NEXT)?;
         let mut found = false;
         for name in [KEY, CERT, CA, META] {
             match fs::remove_file(self.dir.join(name)) {
@@ -425,6 +480,52 @@ mod tests {
         assert!(state.delete().expect("delete"));
         assert!(!state.delete().expect("again"));
         assert!(matches!(state.load(), Err(IdentityError::Missing(_))));
+    }
+
+    #[test]
+    fn a_renewed_pair_replaces_key_and_certificate_together() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let state = StateDir::new(tmp.path());
+        state.save(&sample()).expect("save");
+        // Interrupted after the pair was written and the key copied, before the certificate:
+        // the pair is the identity, never the new key with the old certificate.
+        state
+            .write(
+                NEXT,
+                &serde_json::to_string(&RenewedPair {
+                    key_pem: "KEY2".into(),
+                    cert_pem: "CERT2".into(),
+                })
+                .expect("json"),
+            )
+            .expect("pair");
+        state.write(KEY, "KEY2").expect("key");
+        let loaded = state.load().expect("load");
+        assert_eq!(
+            (loaded.key_pem.as_str(), loaded.cert_pem.as_str()),
+            ("KEY2", "CERT2")
+        );
+        // Completed: the files hold the pair, and the pair file is gone.
+        state.store_renewed("KEY3", "CERT3").expect("renewed");
+        assert!(!tmp.path().join(NEXT).exists());
+        let loaded = state.load().expect("load");
+        assert_eq!(
+            (loaded.key_pem.as_str(), loaded.cert_pem.as_str()),
+            ("KEY3", "CERT3")
+        );
+        let mode = |p: &Path| fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&tmp.path().join(KEY)), 0o600);
+        // Garbage in the pair's place is not an identity; an enrollment clears it.
+        fs::write(tmp.path().join(NEXT), "{garbage").expect("garbage");
+        assert_eq!(state.load().expect("load").key_pem, "KEY3");
+        state.save(&sample()).expect("enroll again");
+        assert!(!tmp.path().join(NEXT).exists());
+        // A symlink planted at the pair's name is replaced, not followed.
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, "root's file").expect("victim");
+        std::os::unix::fs::symlink(&victim, tmp.path().join(NEXT)).expect("plant");
+        state.store_renewed("KEY4", "CERT4").expect("renewed");
+        assert_eq!(fs::read_to_string(&victim).expect("victim"), "root's file");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The Sensei agent, one module per step: [`identity`] is what it keeps on disk,
 //! [`enroll`] obtains that identity, [`session`] keeps the connection to the control plane,
-//! [`cli`] is the command line.
+//! [`renew`] renews the certificate over it, [`cli`] is the command line.
 
 pub mod cli;
 pub mod config;
@@ -9,6 +9,7 @@ pub mod execute;
 pub mod identity;
 pub mod jobs;
 pub mod policy;
+pub mod renew;
 pub mod session;
 pub mod transport;
 

@@ -1,7 +1,10 @@
 //! `sensei-agent run`: keep one mTLS QUIC connection to the control plane, say hello, send
-//! heartbeats (the protocol is `sensei_shared::session`; this is its driver), and come back after any failure with jittered exponential backoff (or after the
-//! delay the control plane suggested). A "revoked" close, or a handshake refused with the TLS
-//! alert `certificate_revoked`, ends the loop for good.
+//! heartbeats (the protocol is `sensei_shared::session`; this is its driver), renew the
+//! certificate when it is due ([`crate::renew`]), and come back after any failure with
+//! jittered exponential backoff (or after the delay the control plane suggested; at once after
+//! a renewal). The identity is read again before every connection, so a renewed certificate
+//! is used from the next one. A "revoked" close, or a handshake refused with the TLS alert
+//! `certificate_revoked`, ends the loop for good.
 
 use std::time::Duration;
 
@@ -16,6 +19,7 @@ use uuid::Uuid;
 
 use crate::identity::{Identity, IdentityError, StateDir};
 use crate::jobs::{job_loop, JobContext, JobPolicy};
+use crate::renew::{renewal_loop, RenewalPlan};
 use crate::transport::{self, TransportError, CONNECT_TIMEOUT};
 
 /// How `run` ended.
@@ -71,6 +75,8 @@ pub enum RunError {
 enum SessionEnd {
     Revoked,
     RetryAfter(Duration),
+    /// The certificate was renewed: reconnect at once, with the new one.
+    Renewed,
     /// Lost or refused, with the reason for the log.
     Lost(String),
 }
@@ -81,19 +87,26 @@ pub async fn run(
     policy: JobPolicy,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<RunOutcome, RunError> {
-    let identity = state_dir.load()?;
-    let jobs = job_context(&identity, state_dir, policy)?;
-    let server_id = identity.meta.server_id;
-    let verifier = sensei_certs::tls::verifier_trusting(&identity.ca_pem)
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
-    let config = transport::client_config(
-        verifier,
-        Some((identity.cert_pem.as_str(), identity.key_pem.as_str())),
-    )?;
     let mut backoff = Backoff::agent_default();
+    let mut plan = None;
     loop {
+        // Read before every connection: a renewal stores a new key and certificate.
+        let identity = state_dir.load()?;
+        let jobs = job_context(&identity, state_dir, policy.clone())?;
+        let server_id = identity.meta.server_id;
+        let verifier = sensei_certs::tls::verifier_trusting(&identity.ca_pem)
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let config = transport::client_config(
+            verifier,
+            Some((identity.cert_pem.as_str(), identity.key_pem.as_str())),
+        )?;
+        plan = RenewalPlan::for_identity(&identity, plan.take());
+        let renewal = Renewal {
+            state: state_dir,
+            plan: plan.as_mut(),
+        };
         let end = tokio::select! {
-            end = session(&identity, config.clone(), &mut backoff, &jobs) => end,
+            end = session(&identity, config, &mut backoff, &jobs, renewal) => end,
             _ = shutdown.changed() => return Ok(RunOutcome::Shutdown),
         };
         let delay = match end {
@@ -105,6 +118,22 @@ pub async fn run(
                      `sensei-agent enroll`"
                 );
                 return Ok(RunOutcome::Revoked);
+            }
+            // At once only if there is a new certificate to reconnect with: a control plane
+            // that says "renewed" to an agent with nothing new gets the usual backoff, not a
+            // tight loop.
+            SessionEnd::Renewed
+                if state_dir
+                    .load()
+                    .is_ok_and(|renewed| renewed.cert_pem != identity.cert_pem) =>
+            {
+                tracing::info!(%server_id, "reconnecting with the renewed certificate");
+                continue;
+            }
+            SessionEnd::Renewed => {
+                let delay = backoff.next_delay(rand::random());
+                tracing::warn!(?delay, "the control plane asked to reconnect with a renewed certificate, but none is stored; retrying");
+                delay
             }
             SessionEnd::RetryAfter(delay) => {
                 let delay = Backoff::suggested(delay, rand::random());
@@ -134,15 +163,33 @@ fn refused_as_revoked(e: &ConnectionError) -> bool {
     }
 }
 
+/// Whether a handshake failure is the control plane refusing an expired (or retired)
+/// certificate.
+fn refused_as_expired(e: &ConnectionError) -> bool {
+    let expired = TransportErrorCode::crypto(TLS_ALERT_CERTIFICATE_EXPIRED);
+    match e {
+        ConnectionError::ConnectionClosed(close) => close.error_code == expired,
+        ConnectionError::TransportError(t) => t.code == expired,
+        _ => false,
+    }
+}
+
+/// TLS alert `certificate_expired` (RFC 8446).
+const TLS_ALERT_CERTIFICATE_EXPIRED: u8 = 45;
+
 fn verdict(e: &ConnectionError) -> SessionEnd {
     if refused_as_revoked(e) {
         return SessionEnd::Revoked;
+    }
+    if refused_as_expired(e) {
+        tracing::error!("the control plane refused this agent's certificate as expired or replaced by a renewal; if it has expired, enroll this server again");
     }
     match e {
         ConnectionError::ApplicationClosed(close) => {
             match CloseVerdict::from_application_close(close.error_code.into_inner(), &close.reason)
             {
                 CloseVerdict::Stop => SessionEnd::Revoked,
+                CloseVerdict::Reconnect => SessionEnd::Renewed,
                 CloseVerdict::RetryAfter(d) => SessionEnd::RetryAfter(d),
                 CloseVerdict::Retry => SessionEnd::Lost(format!(
                     "closed by the control plane: {}",
@@ -154,11 +201,19 @@ fn verdict(e: &ConnectionError) -> SessionEnd {
     }
 }
 
+/// What a session needs to renew its certificate: where to store it, and the plan (none when
+/// the certificate's validity is unreadable).
+struct Renewal<'a> {
+    state: &'a StateDir,
+    plan: Option<&'a mut RenewalPlan>,
+}
+
 async fn session(
     identity: &Identity,
     config: quinn::ClientConfig,
     backoff: &mut Backoff,
     jobs: &JobContext,
+    renewal: Renewal<'_>,
 ) -> SessionEnd {
     let (remote, server_name) = match transport::resolve(&identity.meta.control_plane).await {
         Ok(r) => r,
@@ -189,9 +244,18 @@ async fn session(
                 tracing::info!(%server_id, "connected to the control plane");
                 backoff.reset();
             };
+            let renewing = async {
+                match renewal.plan {
+                    Some(plan) => {
+                        renewal_loop(&connection, hello, server_id, renewal.state, plan).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 end = control.run(welcomed) => end,
                 end = job_loop(&connection, jobs, hello) => end,
+                end = renewing => end,
             }
         }
         Err(end) => end,

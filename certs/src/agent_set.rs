@@ -20,6 +20,10 @@ pub enum AgentCertStatus {
     Revoked,
     /// Past its `not_after`: refused like a revoked one (the agent must enroll again).
     Expired,
+    /// Replaced by a renewed certificate its agent has connected with: refused as no longer
+    /// valid (the `certificate_expired` alert), never as revoked, so an agent that still
+    /// presents it is not told to stop for good.
+    Retired,
     /// Not known here (yet): refused, the agent retries.
     Unknown,
 }
@@ -37,6 +41,7 @@ struct Sets {
     /// Server and `not_after` (Unix seconds) of each valid certificate.
     valid: HashMap<Fingerprint, (Uuid, i64)>,
     revoked: HashSet<Fingerprint>,
+    retired: HashSet<Fingerprint>,
 }
 
 fn unix_now() -> i64 {
@@ -55,6 +60,7 @@ impl AgentCertificateSet {
     pub fn allow(&self, fingerprint: Fingerprint, server_id: Uuid, not_after: i64) {
         if let Ok(mut sets) = self.inner.write() {
             sets.revoked.remove(&fingerprint);
+            sets.retired.remove(&fingerprint);
             sets.valid.insert(fingerprint, (server_id, not_after));
         }
     }
@@ -63,6 +69,16 @@ impl AgentCertificateSet {
     pub fn revoke(&self, fingerprint: Fingerprint) -> Option<Uuid> {
         let mut sets = self.inner.write().ok()?;
         sets.revoked.insert(fingerprint);
+        sets.valid.remove(&fingerprint).map(|(id, _)| id)
+    }
+
+    /// Retires a certificate (renewed, and its successor in use). Returns the server it
+    /// belonged to, if it was valid. A revoked certificate stays revoked.
+    pub fn retire(&self, fingerprint: Fingerprint) -> Option<Uuid> {
+        let mut sets = self.inner.write().ok()?;
+        if !sets.revoked.contains(&fingerprint) {
+            sets.retired.insert(fingerprint);
+        }
         sets.valid.remove(&fingerprint).map(|(id, _)| id)
     }
 
@@ -80,6 +96,7 @@ impl AgentCertificateSet {
             Some((id, not_after)) if now < *not_after => AgentCertStatus::Valid(*id),
             Some(_) => AgentCertStatus::Expired,
             None if sets.revoked.contains(fingerprint) => AgentCertStatus::Revoked,
+            None if sets.retired.contains(fingerprint) => AgentCertStatus::Retired,
             None => AgentCertStatus::Unknown,
         }
     }
@@ -139,7 +156,7 @@ impl ClientCertVerifier for AgentClientVerifier {
             AgentCertStatus::Revoked => {
                 Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
             }
-            AgentCertStatus::Expired => {
+            AgentCertStatus::Expired | AgentCertStatus::Retired => {
                 Err(rustls::Error::InvalidCertificate(CertificateError::Expired))
             }
             AgentCertStatus::Unknown => Err(rustls::Error::InvalidCertificate(
@@ -187,6 +204,24 @@ mod tests {
         assert_eq!(set.status(&fp), AgentCertStatus::Revoked);
         assert_eq!(set.revoke(fp), None);
         assert_eq!(set.valid_count(), 0);
+    }
+
+    #[test]
+    fn retired_is_not_revoked_and_revoked_stays_revoked() {
+        let set = AgentCertificateSet::new();
+        let (old, new) = (Fingerprint::of_der(b"old"), Fingerprint::of_der(b"new"));
+        let id = Uuid::new_v4();
+        set.allow(old, id, unix_now() + 60);
+        set.allow(new, id, unix_now() + 60);
+        assert_eq!(set.retire(old), Some(id));
+        assert_eq!(set.status(&old), AgentCertStatus::Retired);
+        assert_eq!(set.status(&new), AgentCertStatus::Valid(id));
+        assert_eq!(set.revoke(new), Some(id));
+        assert_eq!(set.retire(new), None);
+        assert_eq!(set.status(&new), AgentCertStatus::Revoked);
+        // Revoking a retired certificate (its server revoked) says revoked from then on.
+        set.revoke(old);
+        assert_eq!(set.status(&old), AgentCertStatus::Revoked);
     }
 
     #[test]

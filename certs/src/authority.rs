@@ -183,6 +183,63 @@ impl CertificateAuthority {
     }
 }
 
+/// Why a renewal CSR is refused. The checks add to [`CertificateAuthority::sign_agent_csr`]'s:
+/// a renewal comes from an agent that already holds a certificate, so its CSR must say exactly
+/// what that certificate says (nothing else is ever copied into the new one, but a CSR naming
+/// more is a sign of a confused or hostile client) and must certify a new key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RenewalCsrError {
+    #[error("the certificate signing request is malformed or its signature is invalid")]
+    Malformed,
+    #[error("the certificate signing request must name this server and nothing else")]
+    WrongSubject,
+    #[error("the certificate signing request reuses the current key")]
+    KeyReused,
+}
+
+/// Checks a renewal CSR against the certificate it renews: its signature is valid (the agent
+/// holds the new key), its subject is the server's UUID as the only attribute, it asks for no
+/// extension (no alternative names), and its public key is not the current certificate's.
+pub fn check_renewal_csr(
+    csr_der: &[u8],
+    server_id: uuid::Uuid,
+    current_cert_der: &[u8],
+) -> Result<(), RenewalCsrError> {
+    // rcgen verifies the CSR's signature while parsing it.
+    rcgen::CertificateSigningRequestParams::from_der(
+        &rustls::pki_types::CertificateSigningRequestDer::from(csr_der),
+    )
+    .map_err(|_| RenewalCsrError::Malformed)?;
+    use x509_parser::prelude::FromDer;
+    let (rest, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+            .map_err(|_| RenewalCsrError::Malformed)?;
+    if !rest.is_empty() {
+        return Err(RenewalCsrError::Malformed);
+    }
+    let info = &csr.certification_request_info;
+    let expected = server_id.to_string();
+    let attributes: Vec<_> = info.subject.iter_attributes().collect();
+    let names_server = matches!(
+        attributes.as_slice(),
+        [only] if *only.attr_type() == x509_parser::oid_registry::OID_X509_COMMON_NAME
+            && only.as_str().ok() == Some(expected.as_str())
+    );
+    let asks_for_more = csr
+        .requested_extensions()
+        .is_some_and(|mut extensions| extensions.next().is_some());
+    if !names_server || asks_for_more {
+        return Err(RenewalCsrError::WrongSubject);
+    }
+    let (_, current) = x509_parser::parse_x509_certificate(current_cert_der)
+        .map_err(|_| RenewalCsrError::Malformed)?;
+    if current.public_key().raw == info.subject_pki.raw {
+        return Err(RenewalCsrError::KeyReused);
+    }
+    Ok(())
+}
+
 /// A positive 128-bit serial number.
 fn random_serial() -> [u8; 16] {
     let mut serial: [u8; 16] = rand::random();
@@ -222,6 +279,27 @@ pub(crate) fn pem_to_der(pem: &str) -> Result<Vec<u8>, CertError> {
         Some(Err(e)) => Err(CertError::BadPem(e.to_string())),
         None => Err(CertError::BadPem("no certificate in PEM".into())),
     }
+}
+
+/// Whether the certificate in `cert_pem` certifies the private key in `key_pem`: an agent
+/// checks a renewed certificate before it replaces its identity with it.
+pub fn certifies(cert_pem: &str, key_pem: &str) -> bool {
+    let (Ok(der), Ok(key)) = (pem_to_der(cert_pem), KeyPair::from_pem(key_pem)) else {
+        return false;
+    };
+    x509_parser::parse_x509_certificate(&der)
+        .is_ok_and(|(_, cert)| cert.public_key().raw == key.public_key_der().as_slice())
+}
+
+/// When the certificate in `cert_pem` starts and stops being valid.
+pub fn validity(cert_pem: &str) -> Result<(OffsetDateTime, OffsetDateTime), CertError> {
+    let der = pem_to_der(cert_pem)?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::BadPem(e.to_string()))?;
+    Ok((
+        parsed.validity().not_before.to_datetime(),
+        parsed.validity().not_after.to_datetime(),
+    ))
 }
 
 /// When the certificate in `cert_pem` stops being valid.
@@ -284,6 +362,83 @@ mod tests {
         assert!(ca
             .sign_agent_csr(&csr, id, now, now + Duration::days(1))
             .is_err());
+    }
+
+    #[test]
+    fn a_renewal_csr_must_name_only_the_server_and_bring_a_new_key() {
+        let ca = CertificateAuthority::generate("ca").expect("ca");
+        let id = uuid::Uuid::new_v4();
+        let now = OffsetDateTime::now_utc();
+        let current_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let csr_for = |key: &KeyPair, names: Vec<String>, dn: &[(DnType, &str)]| {
+            let mut params = CertificateParams::new(names).expect("params");
+            let mut subject = DistinguishedName::new();
+            for (kind, value) in dn {
+                subject.push(kind.clone(), *value);
+            }
+            params.distinguished_name = subject;
+            params.serialize_request(key).expect("csr").der().to_vec()
+        };
+        let id_text = id.to_string();
+        let current = ca
+            .sign_agent_csr(
+                &csr_for(&current_key, vec![], &[(DnType::CommonName, "web-1")]),
+                id,
+                now,
+                now + Duration::days(1),
+            )
+            .expect("current");
+        let fresh = AgentKeyRequest::generate(&id_text).expect("fresh");
+        assert_eq!(
+            check_renewal_csr(&fresh.csr_der, id, &current.cert_der),
+            Ok(())
+        );
+        assert_eq!(
+            check_renewal_csr(
+                &csr_for(&current_key, vec![], &[(DnType::CommonName, &id_text)]),
+                id,
+                &current.cert_der
+            ),
+            Err(RenewalCsrError::KeyReused)
+        );
+        let other = uuid::Uuid::new_v4().to_string();
+        let new_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        for wrong in [
+            csr_for(&new_key, vec![], &[(DnType::CommonName, &other)]),
+            csr_for(
+                &new_key,
+                vec![],
+                &[
+                    (DnType::CommonName, &id_text),
+                    (DnType::OrganizationName, "Sensei agent"),
+                ],
+            ),
+            csr_for(
+                &new_key,
+                vec!["evil.example".into()],
+                &[(DnType::CommonName, &id_text)],
+            ),
+            csr_for(&new_key, vec![], &[]),
+        ] {
+            assert_eq!(
+                check_renewal_csr(&wrong, id, &current.cert_der),
+                Err(RenewalCsrError::WrongSubject)
+            );
+        }
+        let mut tampered = fresh.csr_der.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 0x01;
+        for malformed in [b"garbage".to_vec(), tampered, Vec::new()] {
+            assert_eq!(
+                check_renewal_csr(&malformed, id, &current.cert_der),
+                Err(RenewalCsrError::Malformed)
+            );
+        }
+        let (from, to) = validity(&current.cert_pem).expect("validity");
+        assert!(from < to);
+        assert!(certifies(&current.cert_pem, &current_key.serialize_pem()));
+        assert!(!certifies(&current.cert_pem, &fresh.key_pem));
+        assert!(!certifies("not a certificate", &fresh.key_pem));
     }
 
     #[test]

@@ -18,7 +18,8 @@ pub mod tls;
 
 pub use agent_set::{AgentCertStatus, AgentCertificateSet, AgentClientVerifier};
 pub use authority::{
-    not_after, AgentKeyRequest, CertError, CertificateAuthority, IssuedCertificate,
+    certifies, check_renewal_csr, not_after, validity, AgentKeyRequest, CertError,
+    CertificateAuthority, IssuedCertificate, RenewalCsrError,
 };
 pub use fingerprint::{Fingerprint, FingerprintParseError};
 pub use pinned::PinnedCaVerifier;

@@ -9,6 +9,7 @@ pub mod job;
 pub mod lines;
 pub mod protocol;
 pub mod release;
+pub mod renewal;
 pub mod rollout;
 pub mod session;
 

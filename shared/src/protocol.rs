@@ -7,8 +7,14 @@
 //! - **session**: the agent presents its certificate. Its first bidirectional stream is the
 //!   control stream: [`AgentMessage::Hello`], answered with [`ControlMessage::Welcome`], then
 //!   heartbeats, each answered with [`ControlMessage::HeartbeatAck`]. Jobs travel on further
-//!   streams the agent opens to long-poll, after the hello. The order of messages, the timers
-//!   and what breaks the protocol are the state machines of [`crate::session`].
+//!   streams the agent opens to long-poll, after the hello; a certificate renewal
+//!   ([`AgentMessage::Renew`]) is one more such stream. The order of messages, the timers and
+//!   what breaks the protocol are the state machines of [`crate::session`].
+//!
+//! Compatibility: variants are only ever appended at the end of [`AgentMessage`] and
+//! [`ControlMessage`] (the codec numbers them in order), so an older peer still reads every
+//! message it knows. A control plane older than renewal cannot decode `Renew`: it drops that
+//! one stream, and the agent backs off ([`crate::session::AgentRenewal`]).
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -128,6 +134,12 @@ pub enum AgentMessage {
         job_id: Uuid,
         result: JobResult,
     },
+    /// "Sign a new certificate for a key I just made": the first and only message of a
+    /// renewal stream. The CSR names this server (its UUID as the common name) and nothing
+    /// else; the key is new. At most [`MAX_CSR_LEN`] bytes.
+    Renew {
+        csr_der: Vec<u8>,
+    },
 }
 
 impl AgentMessage {
@@ -141,6 +153,7 @@ impl AgentMessage {
             Self::JobFinished { .. } => "JobFinished",
             Self::JobRefused { .. } => "JobRefused",
             Self::JobReport { .. } => "JobReport",
+            Self::Renew { .. } => "Renew",
         }
     }
 }
@@ -157,6 +170,56 @@ pub enum ControlMessage {
     Job(crate::job::SignedJob),
     /// The job's outcome is stored; poll again.
     JobRecorded,
+    /// The renewed certificate, PEM, in answer to `Renew`. The agent stores it with its new
+    /// key, then ends the stream; the control plane then closes the session with
+    /// [`close::RENEWED`] once no job is under way on it.
+    Renewed {
+        certificate_pem: String,
+    },
+    /// `Renew` was refused, and why.
+    RenewalRefused {
+        reason: RenewalRefusal,
+    },
+}
+
+/// The largest CSR a renewal may carry. A P-256 CSR naming one UUID is about 300 bytes.
+pub const MAX_CSR_LEN: usize = 4096;
+
+/// The largest certificate an agent accepts in `Renewed` (a P-256 certificate is under 1 KiB
+/// of PEM).
+pub const MAX_CERTIFICATE_PEM_LEN: usize = 16 * 1024;
+
+/// Why the control plane refused to renew a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RenewalRefusal {
+    /// The certificate the session uses is revoked: the agent is cut off.
+    #[error("the certificate is revoked")]
+    Revoked,
+    /// The certificate the session uses has expired (or was retired): enroll again.
+    #[error("the certificate has expired; enroll again")]
+    Expired,
+    /// The CSR does not parse, its signature is wrong, or it is too large.
+    #[error("the certificate signing request is malformed")]
+    MalformedCsr,
+    /// The CSR names something other than this server alone.
+    #[error("the certificate signing request must name this server and nothing else")]
+    WrongSubject,
+    /// The CSR's key is the one the current certificate certifies.
+    #[error("the certificate signing request reuses the current key")]
+    KeyReused,
+    /// Another renewal of this server is pending or was just made: try later.
+    #[error("a renewal is already pending; try later")]
+    TooSoon,
+    /// The control plane could not complete it (its database): try later.
+    #[error("the control plane could not renew the certificate; try later")]
+    Unavailable,
+}
+
+impl RenewalRefusal {
+    /// Whether trying again later can succeed: a revoked or expired certificate never renews.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Revoked | Self::Expired)
+    }
 }
 
 impl ControlMessage {
@@ -167,6 +230,8 @@ impl ControlMessage {
             Self::HeartbeatAck => "HeartbeatAck",
             Self::Job(_) => "Job",
             Self::JobRecorded => "JobRecorded",
+            Self::Renewed { .. } => "Renewed",
+            Self::RenewalRefused { .. } => "RenewalRefused",
         }
     }
 }
@@ -189,6 +254,10 @@ pub mod close {
     pub const REPLACED: u32 = 0x5e04;
     /// Enrollment finished (or was refused); the connection has no further use.
     pub const DONE: u32 = 0x5e05;
+    /// The agent's certificate was renewed on this connection and the agent stored it:
+    /// reconnect at once, with the new certificate. Only sent to agents that asked for a
+    /// renewal, so older agents never see it.
+    pub const RENEWED: u32 = 0x5e06;
 }
 
 /// TLS alert `certificate_revoked` (RFC 8446): what a handshake with a revoked certificate is
@@ -204,6 +273,8 @@ pub enum CloseVerdict {
     RetryAfter(std::time::Duration),
     /// Reconnect with the usual backoff.
     Retry,
+    /// Reconnect at once: the certificate was renewed.
+    Reconnect,
 }
 
 impl CloseVerdict {
@@ -211,6 +282,7 @@ impl CloseVerdict {
     pub fn from_application_close(code: u64, reason: &[u8]) -> Self {
         match u32::try_from(code) {
             Ok(close::REVOKED) => CloseVerdict::Stop,
+            Ok(close::RENEWED) => CloseVerdict::Reconnect,
             Ok(close::RETRY_LATER) => std::str::from_utf8(reason)
                 .ok()
                 .and_then(|s| s.parse::<u64>().ok())
@@ -248,6 +320,10 @@ mod tests {
             CloseVerdict::Retry
         );
         assert_eq!(
+            CloseVerdict::from_application_close(close::RENEWED.into(), b"renewed"),
+            CloseVerdict::Reconnect
+        );
+        assert_eq!(
             CloseVerdict::from_application_close(0, b""),
             CloseVerdict::Retry
         );
@@ -271,5 +347,30 @@ mod tests {
         let back: EnrollResponse =
             crate::decode(&crate::encode(&refused).expect("enc")).expect("dec");
         assert_eq!(back, refused);
+    }
+
+    /// The renewal variants are appended: every variant an older peer knows keeps its
+    /// encoding (its index comes first in the body, and these stay what they were).
+    #[test]
+    fn older_variants_keep_their_encoding() {
+        assert_eq!(crate::encode(&AgentMessage::Heartbeat).expect("enc"), [1]);
+        assert_eq!(
+            crate::encode(&ControlMessage::JobRecorded).expect("enc"),
+            [3]
+        );
+        let renew = crate::encode(&AgentMessage::Renew { csr_der: vec![7] }).expect("enc");
+        assert_eq!(renew[0], 7);
+        let refused = crate::encode(&ControlMessage::RenewalRefused {
+            reason: RenewalRefusal::KeyReused,
+        })
+        .expect("enc");
+        assert_eq!(refused[0], 5);
+        let back: ControlMessage = crate::decode(&refused).expect("dec");
+        assert_eq!(
+            back,
+            ControlMessage::RenewalRefused {
+                reason: RenewalRefusal::KeyReused
+            }
+        );
     }
 }

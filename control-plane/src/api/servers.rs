@@ -62,6 +62,9 @@ pub struct AgentStatus {
     pub certificate_serial: Option<String>,
     pub certificate_fingerprint: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// When the certificate shown was issued by a renewal over the agent's connection; null
+    /// for one issued at enrollment.
+    pub certificate_renewed_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -165,10 +168,14 @@ fn ttl(requested: Option<i64>) -> Result<i64, ApiError> {
 const VIEW_SQL: &str = "SELECT s.id, s.name, s.host, s.port, s.username, s.transport, s.labels, \
      s.created_at, s.last_seen_at, s.agent_version, \
      s.connected_replica IS NOT NULL AND s.last_seen_at > now() - interval '90 seconds', \
-     c.serial, c.fingerprint, c.not_after, s.ssh_auth, s.ssh_key_fingerprint, s.host_key \
+     c.serial, c.fingerprint, c.not_after, s.ssh_auth, s.ssh_key_fingerprint, s.host_key, \
+     c.renewed_at \
      FROM servers s LEFT JOIN LATERAL ( \
-       SELECT serial, fingerprint, not_after FROM agent_certificates \
-       WHERE server_id = s.id AND revoked_at IS NULL ORDER BY issued_at DESC LIMIT 1) c ON true \
+       SELECT serial, fingerprint, not_after, \
+         CASE WHEN renewed_from IS NOT NULL THEN issued_at END AS renewed_at \
+       FROM agent_certificates \
+       WHERE server_id = s.id AND revoked_at IS NULL AND retired_at IS NULL \
+       ORDER BY issued_at DESC LIMIT 1) c ON true \
      WHERE s.account_id = $1 AND s.deleted_at IS NULL";
 
 fn view(state: &AppState, row: &tokio_postgres::Row) -> ServerView {
@@ -193,6 +200,7 @@ fn view(state: &AppState, row: &tokio_postgres::Row) -> ServerView {
                 .and_then(Fingerprint::from_raw)
                 .map(|f| f.to_string()),
             expires_at: row.get(13),
+            certificate_renewed_at: row.get(17),
         },
         auth: row.get(14),
         fingerprint: row.get(15),
@@ -496,7 +504,8 @@ pub(super) async fn revoke_certificates(
     let revoked: Vec<Fingerprint> = tx
         .query(
             "UPDATE agent_certificates SET revoked_at = now() \
-             WHERE server_id = ANY($1) AND revoked_at IS NULL RETURNING fingerprint",
+             WHERE server_id = ANY($1) AND revoked_at IS NULL AND retired_at IS NULL \
+             RETURNING fingerprint",
             &[&servers],
         )
         .await?

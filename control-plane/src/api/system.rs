@@ -175,16 +175,17 @@ async fn fleet_figures(state: &AppState) -> crate::app::metrics::FleetFigures {
     use crate::app::metrics::{DatabaseFigures, FleetFigures, ProcessFigures};
     let database = async {
         let client = state.pool.get().await.ok()?;
-        let expiring: i64 = client
+        let expiring = client
             .query_one(
-                "SELECT count(*) AS n FROM agent_certificates \
-                 WHERE revoked_at IS NULL AND not_after > now() \
+                "SELECT count(*) AS n, \
+                        count(*) FILTER (WHERE not_after < now() + interval '7 days') AS soon \
+                 FROM agent_certificates \
+                 WHERE revoked_at IS NULL AND retired_at IS NULL AND not_after > now() \
                  AND not_after < now() + interval '30 days'",
                 &[],
             )
             .await
-            .ok()?
-            .get("n");
+            .ok()?;
         let by = |sql: &'static str| {
             let client = &client;
             async move {
@@ -205,7 +206,8 @@ async fn fleet_figures(state: &AppState) -> crate::app::metrics::FleetFigures {
                            WHERE finished_at IS NULL GROUP BY state")
         .await?;
         Some(DatabaseFigures {
-            certificates_expiring_30d: expiring,
+            certificates_expiring_30d: expiring.get("n"),
+            certificates_expiring_7d: expiring.get("soon"),
             deployments,
             rollouts,
         })

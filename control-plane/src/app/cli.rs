@@ -73,6 +73,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSEI_AGENT_HEARTBEAT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub agent_heartbeat_secs: u64,
+    /// Days the agent certificates issued are valid; agents renew them at about two thirds
+    /// of that, over their connection.
+    #[arg(long, env = "SENSEI_AGENT_CERT_DAYS", default_value_t = crate::app::server::AGENT_CERT_DAYS,
+          value_parser = clap::value_parser!(u64).range(1..=825))]
+    pub agent_cert_days: u64,
     /// Seconds a queued deployment waits for its server's agent before failing as offline.
     #[arg(long, env = "SENSEI_DISPATCH_TIMEOUT_SECS", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -623,6 +628,7 @@ pub fn serve_options(
         agent_addr: pick(args.agent_addr, DEFAULT_AGENT_ADDR),
         agent_endpoint: args.agent_endpoint.clone(),
         agent_heartbeat: std::time::Duration::from_secs(args.agent_heartbeat_secs),
+        agent_cert_lifetime: std::time::Duration::from_secs(args.agent_cert_days * 86_400),
         dispatch_timeout: std::time::Duration::from_secs(args.dispatch_timeout_secs),
         api_names: args
             .api_names
@@ -675,5 +681,33 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["sensei-control-plane", "serve"].iter().chain(extra))?;
+        match cli.command {
+            Command::Serve(args) => Ok(args),
+            _ => unreachable!("parsed as serve"),
+        }
+    }
+
+    #[test]
+    fn agent_certificates_last_90_days_unless_told_otherwise_within_bounds() {
+        let keys = || FieldKeys::parse(&FieldKeys::generate_key()).expect("a generated key parses");
+        let days = |args: &ServeArgs| {
+            serve_options(args, PathBuf::from("/tmp/unused"), keys(), true).agent_cert_lifetime
+        };
+        let default = serve(&[]).expect("defaults");
+        assert_eq!(days(&default), std::time::Duration::from_secs(90 * 86_400));
+        let week = serve(&["--agent-cert-days", "7"]).expect("7 days");
+        assert_eq!(days(&week), std::time::Duration::from_secs(7 * 86_400));
+        for refused in ["0", "826", "soon"] {
+            assert!(serve(&["--agent-cert-days", refused]).is_err(), "{refused}");
+        }
     }
 }

@@ -139,6 +139,10 @@ pub struct FleetFigures {
 pub struct DatabaseFigures {
     /// Valid agent certificates that expire within 30 days.
     pub certificates_expiring_30d: i64,
+    /// Valid agent certificates that expire within 7 days: with renewal at two thirds of the
+    /// lifetime, one of these is an agent whose renewal keeps failing (or a lifetime under
+    /// three weeks).
+    pub certificates_expiring_7d: i64,
     /// Deployments by status (`queued`, `running`, `succeeded`, `failed`).
     pub deployments: BTreeMap<String, i64>,
     /// Unfinished rollouts by state.
@@ -273,6 +277,13 @@ impl FleetFigures {
                 "Valid agent certificates that expire within 30 days.",
                 "gauge",
                 db.certificates_expiring_30d,
+            );
+            gauge(
+                out,
+                "sensei_agent_certificates_expiring_7d",
+                "Valid agent certificates that expire within 7 days.",
+                "gauge",
+                db.certificates_expiring_7d,
             );
             labelled(
                 out,

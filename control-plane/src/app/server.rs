@@ -49,6 +49,9 @@ pub struct ServeOptions {
     pub agent_endpoint: Option<String>,
     /// How often agents send heartbeats.
     pub agent_heartbeat: std::time::Duration,
+    /// How long the agent certificates this control plane issues are valid (enrolled or
+    /// renewed); agents renew at about two thirds of it. Tests set seconds.
+    pub agent_cert_lifetime: std::time::Duration,
     /// How long a queued deployment waits for its server's agent before it fails as
     /// "agent offline".
     pub dispatch_timeout: std::time::Duration,
@@ -92,6 +95,7 @@ impl ServeOptions {
             agent_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             agent_endpoint: None,
             agent_heartbeat: std::time::Duration::from_secs(30),
+            agent_cert_lifetime: AGENT_CERT_LIFETIME,
             dispatch_timeout: std::time::Duration::from_secs(600),
             mail: Default::default(),
             public_url: None,
@@ -108,8 +112,11 @@ impl ServeOptions {
     }
 }
 
-/// Lifetime of agent certificates; agents re-enroll before it ends.
-pub const AGENT_CERT_DAYS: i64 = 365;
+/// Default lifetime of agent certificates, in days: agents renew them over their connection
+/// at about two thirds of it (`--agent-cert-days`).
+pub const AGENT_CERT_DAYS: u64 = 90;
+const AGENT_CERT_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(AGENT_CERT_DAYS * 86_400);
 
 /// Why the control plane could not start.
 #[derive(Debug, thiserror::Error)]
@@ -339,7 +346,7 @@ impl ControlPlane {
             hub: hub.clone(),
             last_seen: last_seen.clone(),
             heartbeat: options.agent_heartbeat,
-            agent_cert_days: AGENT_CERT_DAYS,
+            agent_cert_lifetime: options.agent_cert_lifetime,
             job_key: job_key.clone(),
             keys: keys.clone(),
             jobs: crate::jobs::batch::JobBatches::spawn(

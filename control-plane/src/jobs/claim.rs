@@ -68,7 +68,8 @@ pub async fn for_agents(
                            WHERE r.server_id = s.server_id AND r.status = 'running') \
                          AND EXISTS (SELECT 1 FROM agent_certificates c \
                            WHERE c.server_id = s.server_id AND c.fingerprint = s.fingerprint \
-                             AND c.revoked_at IS NULL AND c.not_after > now()) \
+                             AND c.revoked_at IS NULL AND c.retired_at IS NULL \
+                             AND c.not_after > now()) \
                        ORDER BY sequence LIMIT 1 FOR UPDATE SKIP LOCKED) q) \
                  UPDATE deployments d SET status = 'running', started_at = now(), dispatched_replica = $2 \
                  FROM picked WHERE d.id = picked.id \

@@ -63,7 +63,8 @@ pub async fn enqueue_many(
             "WITH locked AS ( \
                SELECT id FROM servers s WHERE id = ANY($1) AND account_id = $2 AND deleted_at IS NULL \
                  AND ((transport = 'agent' AND EXISTS (SELECT 1 FROM agent_certificates c \
-                        WHERE c.server_id = s.id AND c.revoked_at IS NULL AND c.not_after > now())) \
+                        WHERE c.server_id = s.id AND c.revoked_at IS NULL AND c.retired_at IS NULL \
+                          AND c.not_after > now())) \
                    OR (transport = 'ssh' AND (ssh_private_key_ciphertext IS NOT NULL \
                         OR ssh_password_ciphertext IS NOT NULL))) \
                ORDER BY id FOR UPDATE), \

@@ -8,7 +8,9 @@ use uuid::Uuid;
 
 use super::{silence_limit, Instant, OutOfOrder};
 use crate::job::SignedJob;
-use crate::protocol::{close, AgentMessage, ControlMessage, JobResult, LogLine};
+use crate::protocol::{
+    close, AgentMessage, ControlMessage, JobResult, LogLine, RenewalRefusal, MAX_CSR_LEN,
+};
 
 /// The longest agent version kept (the rest is cut): it is shown, never interpreted.
 const MAX_AGENT_VERSION_CHARS: usize = 64;
@@ -269,8 +271,14 @@ pub struct ControlJob {
 enum ControlJobState {
     AwaitingFirst,
     Claiming,
-    Running { job_id: Uuid },
+    Running {
+        job_id: Uuid,
+    },
     Recording,
+    /// A renewal: the driver checks and signs the CSR.
+    Renewing,
+    /// The renewed certificate is sent; the agent ends the stream once it has stored it.
+    AwaitingStored,
     Done,
 }
 
@@ -292,6 +300,13 @@ pub enum ControlJobAction {
     /// Record a result the agent kept from an earlier connection, if the job belongs to the
     /// agent's server and is still running; then call [`ControlJob::recorded`].
     RecordReport { job_id: Uuid, result: JobResult },
+    /// The agent asks for its certificate to be renewed: check the CSR (at most
+    /// [`MAX_CSR_LEN`] bytes, already checked here) against the session's certificate, sign
+    /// it, record it, then call [`ControlJob::renewed`] or [`ControlJob::renewal_refused`].
+    Renew { csr_der: Vec<u8> },
+    /// The agent stored its renewed certificate (it ended the stream after `Renewed`): stop
+    /// handing jobs to this session and close it with [`close::RENEWED`] once none runs.
+    Drain,
     /// The exchange is over: finish the stream.
     Finish,
 }
@@ -352,6 +367,16 @@ impl ControlJob {
                 self.state = ControlJobState::Recording;
                 self.actions
                     .push_back(ControlJobAction::RecordReport { job_id, result });
+                Ok(())
+            }
+            (ControlJobState::AwaitingFirst, AgentMessage::Renew { csr_der }) => {
+                if csr_der.len() > MAX_CSR_LEN {
+                    // Refused unread: the limit bounds what the CA code ever parses.
+                    self.refuse_renewal(RenewalRefusal::MalformedCsr);
+                } else {
+                    self.state = ControlJobState::Renewing;
+                    self.actions.push_back(ControlJobAction::Renew { csr_der });
+                }
                 Ok(())
             }
             (ControlJobState::AwaitingFirst, other) => {
@@ -428,6 +453,49 @@ impl ControlJob {
             .push_back(ControlJobAction::Send(ControlMessage::JobRecorded));
         self.actions.push_back(ControlJobAction::Finish);
         Ok(())
+    }
+
+    /// The renewal asked for is signed and recorded: send the certificate, then wait for the
+    /// agent to end the stream.
+    pub fn renewed(&mut self, certificate_pem: String) -> Result<(), OutOfOrder> {
+        if self.state != ControlJobState::Renewing {
+            return Err(OutOfOrder("renewed"));
+        }
+        self.state = ControlJobState::AwaitingStored;
+        self.actions
+            .push_back(ControlJobAction::Send(ControlMessage::Renewed {
+                certificate_pem,
+            }));
+        Ok(())
+    }
+
+    /// The renewal asked for is refused.
+    pub fn renewal_refused(&mut self, reason: RenewalRefusal) -> Result<(), OutOfOrder> {
+        if self.state != ControlJobState::Renewing {
+            return Err(OutOfOrder("renewal_refused"));
+        }
+        self.refuse_renewal(reason);
+        Ok(())
+    }
+
+    fn refuse_renewal(&mut self, reason: RenewalRefusal) {
+        self.state = ControlJobState::Done;
+        self.actions
+            .push_back(ControlJobAction::Send(ControlMessage::RenewalRefused {
+                reason,
+            }));
+        self.actions.push_back(ControlJobAction::Finish);
+    }
+
+    /// The agent ended its side of the stream. After a renewed certificate that means it is
+    /// stored; anywhere else it means nothing more will come (a running job fails when the
+    /// session ends, as before).
+    pub fn handle_end(&mut self) {
+        if self.state == ControlJobState::AwaitingStored {
+            self.actions.push_back(ControlJobAction::Drain);
+            self.actions.push_back(ControlJobAction::Finish);
+        }
+        self.state = ControlJobState::Done;
     }
 
     /// The job this stream carries, once one was sent and until its end is recorded.

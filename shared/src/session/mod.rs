@@ -15,6 +15,9 @@
 //!                         ◀───────────── Job (signed)
 //!                         JobLog* then JobFinished | JobRefused ──▶ store lines, record
 //!                         ◀───────────── JobRecorded
+//! renewal stream   agent: Renew { csr } ─────▶ check, sign, record (a `ControlJob` too)
+//!                         ◀───────────── Renewed { certificate } | RenewalRefused { reason }
+//!                         end of stream (stored) ──▶ drain, then close with `RENEWED`
 //! ```
 //!
 //! The machines read no clock and touch no socket. A driver feeds them what arrived (a
@@ -44,6 +47,7 @@ use std::time::Duration;
 
 mod agent;
 mod control;
+mod renewal;
 #[cfg(test)]
 mod tests;
 
@@ -55,6 +59,7 @@ pub use control::{
     ControlAction, ControlJob, ControlJobAction, ControlJobError, ControlSession,
     ControlSessionError,
 };
+pub use renewal::{AgentRenewal, AgentRenewalAction, AgentRenewalError};
 
 /// A point in time on the driver's monotonic clock.
 ///

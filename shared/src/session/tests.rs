@@ -7,7 +7,9 @@ use uuid::Uuid;
 
 use super::*;
 use crate::job::SignedJob;
-use crate::protocol::{close, AgentMessage, CloseVerdict, ControlMessage, JobResult, LogLine};
+use crate::protocol::{
+    close, AgentMessage, CloseVerdict, ControlMessage, JobResult, LogLine, RenewalRefusal,
+};
 
 const AGENT_STEP: Duration = Duration::from_secs(15);
 const CONTROL_STEP: Duration = Duration::from_secs(10);
@@ -818,4 +820,226 @@ fn no_message_in_any_state_panics() {
             drain_agent_job(&mut job_stream);
         }
     }
+}
+
+fn drain_renewal(renewal: &mut AgentRenewal<Duration>) -> Vec<AgentRenewalAction> {
+    std::iter::from_fn(|| renewal.poll()).collect()
+}
+
+fn hello_sent() -> HelloSent {
+    let mut agent = AgentSession::new(Uuid::new_v4(), "1.0.0".into(), AGENT_STEP, Duration::ZERO);
+    drain_agent(&mut agent);
+    agent.hello_sent().expect("hello")
+}
+
+#[test]
+fn a_renewal_is_answered_stored_and_then_drains_the_session() {
+    let mut renewal = AgentRenewal::new(hello_sent(), vec![1, 2, 3], AGENT_STEP, secs(100));
+    assert_eq!(
+        drain_renewal(&mut renewal),
+        [AgentRenewalAction::Send(AgentMessage::Renew {
+            csr_der: vec![1, 2, 3]
+        })]
+    );
+    assert_eq!(renewal.poll_timeout(), Some(secs(115)));
+
+    let mut control = ControlJob::new();
+    control
+        .handle(AgentMessage::Renew {
+            csr_der: vec![1, 2, 3],
+        })
+        .expect("renew");
+    assert_eq!(
+        drain_control_job(&mut control),
+        [ControlJobAction::Renew {
+            csr_der: vec![1, 2, 3]
+        }]
+    );
+    assert_eq!(
+        control.claimed(Uuid::new_v4(), job()),
+        Err(OutOfOrder("claimed"))
+    );
+    control.renewed("CERT".into()).expect("renewed");
+    let sent = drain_control_job(&mut control);
+    assert_eq!(
+        sent,
+        [ControlJobAction::Send(ControlMessage::Renewed {
+            certificate_pem: "CERT".into()
+        })]
+    );
+    assert!(!control.is_done(), "the agent has not stored it yet");
+
+    renewal
+        .handle(ControlMessage::Renewed {
+            certificate_pem: "CERT".into(),
+        })
+        .expect("renewed");
+    assert_eq!(
+        drain_renewal(&mut renewal),
+        [AgentRenewalAction::Store {
+            certificate_pem: "CERT".into()
+        }]
+    );
+    assert_eq!(renewal.poll_timeout(), None, "storing takes what it takes");
+    renewal.stored().expect("stored");
+    assert_eq!(drain_renewal(&mut renewal), [AgentRenewalAction::Finish]);
+    assert!(renewal.is_done());
+    assert_eq!(renewal.handle_end(), Ok(()));
+
+    // The agent's end of stream is the sign that it stored the certificate.
+    control.handle_end();
+    assert_eq!(
+        drain_control_job(&mut control),
+        [ControlJobAction::Drain, ControlJobAction::Finish]
+    );
+    assert!(control.is_done());
+}
+
+#[test]
+fn a_renewal_whose_certificate_was_not_stored_does_not_drain() {
+    let mut control = ControlJob::new();
+    control
+        .handle(AgentMessage::Renew { csr_der: vec![1] })
+        .expect("renew");
+    drain_control_job(&mut control);
+    control.renewed("CERT".into()).expect("renewed");
+    drain_control_job(&mut control);
+    // The agent could not store it and reset the stream: the driver sees an error, not an
+    // end, and calls nothing. A message instead of the end is a protocol error.
+    assert_eq!(
+        control.handle(AgentMessage::Heartbeat),
+        Err(ControlJobError::Unexpected("Heartbeat"))
+    );
+    assert_eq!(drain_control_job(&mut control), []);
+}
+
+#[test]
+fn a_refused_renewal_says_why_and_ends_the_stream() {
+    let mut control = ControlJob::new();
+    control
+        .handle(AgentMessage::Renew { csr_der: vec![1] })
+        .expect("renew");
+    drain_control_job(&mut control);
+    control
+        .renewal_refused(RenewalRefusal::KeyReused)
+        .expect("refused");
+    assert_eq!(
+        drain_control_job(&mut control),
+        [
+            ControlJobAction::Send(ControlMessage::RenewalRefused {
+                reason: RenewalRefusal::KeyReused
+            }),
+            ControlJobAction::Finish
+        ]
+    );
+    assert!(control.is_done());
+    control.handle_end();
+    assert_eq!(
+        drain_control_job(&mut control),
+        [],
+        "no drain after a refusal"
+    );
+
+    let mut renewal = AgentRenewal::new(hello_sent(), vec![1], AGENT_STEP, Duration::ZERO);
+    drain_renewal(&mut renewal);
+    let error = renewal
+        .handle(ControlMessage::RenewalRefused {
+            reason: RenewalRefusal::KeyReused,
+        })
+        .expect_err("refused");
+    assert_eq!(error, AgentRenewalError::Refused(RenewalRefusal::KeyReused));
+    assert!(!error.is_final(), "a new key may do");
+    assert!(AgentRenewalError::Refused(RenewalRefusal::Revoked).is_final());
+    assert!(AgentRenewalError::Refused(RenewalRefusal::Expired).is_final());
+    assert!(renewal.is_done());
+    assert_eq!(renewal.stored(), Err(OutOfOrder("stored")));
+}
+
+#[test]
+fn an_oversized_csr_is_refused_unread() {
+    let mut control = ControlJob::new();
+    control
+        .handle(AgentMessage::Renew {
+            csr_der: vec![0; crate::protocol::MAX_CSR_LEN + 1],
+        })
+        .expect("refused, not a protocol error");
+    assert_eq!(
+        drain_control_job(&mut control),
+        [
+            ControlJobAction::Send(ControlMessage::RenewalRefused {
+                reason: RenewalRefusal::MalformedCsr
+            }),
+            ControlJobAction::Finish
+        ]
+    );
+}
+
+/// A control plane older than renewal cannot decode `Renew` and drops the stream: the agent
+/// sees its stream end without an answer, which is a failed attempt (backed off by the
+/// schedule), never a reason to close the session.
+#[test]
+fn an_older_control_plane_that_drops_the_stream_is_a_failed_attempt() {
+    let mut renewal = AgentRenewal::new(hello_sent(), vec![1], AGENT_STEP, Duration::ZERO);
+    drain_renewal(&mut renewal);
+    assert_eq!(renewal.handle_end(), Err(AgentRenewalError::Unanswered));
+    assert!(renewal.is_done());
+    assert_eq!(renewal.poll_timeout(), None);
+
+    // Silence instead: the step timeout.
+    let mut renewal = AgentRenewal::new(hello_sent(), vec![1], AGENT_STEP, secs(10));
+    drain_renewal(&mut renewal);
+    assert_eq!(renewal.handle_timeout(secs(24)), Ok(()));
+    assert_eq!(
+        renewal.handle_timeout(secs(25)),
+        Err(AgentRenewalError::NoAnswer(AGENT_STEP))
+    );
+
+    // A job where the answer belongs, or a certificate too large to be one.
+    let mut renewal = AgentRenewal::new(hello_sent(), vec![1], AGENT_STEP, Duration::ZERO);
+    assert_eq!(
+        renewal.handle(ControlMessage::Job(job())),
+        Err(AgentRenewalError::Unexpected("Job"))
+    );
+    let mut renewal = AgentRenewal::new(hello_sent(), vec![1], AGENT_STEP, Duration::ZERO);
+    assert_eq!(
+        renewal.handle(ControlMessage::Renewed {
+            certificate_pem: "x".repeat(crate::protocol::MAX_CERTIFICATE_PEM_LEN + 1)
+        }),
+        Err(AgentRenewalError::Unexpected("Renewed"))
+    );
+}
+
+#[test]
+fn renewal_messages_out_of_place_are_protocol_errors() {
+    // On the control stream, after the welcome.
+    let server_id = Uuid::new_v4();
+    let mut control = established_control(server_id, secs(30), Duration::ZERO);
+    assert_eq!(
+        control.handle(AgentMessage::Renew { csr_der: vec![1] }, secs(1)),
+        Err(ControlSessionError::Unexpected("Renew"))
+    );
+    // In the middle of a job.
+    let mut exchange = ControlJob::new();
+    exchange
+        .handle(AgentMessage::Poll {
+            highest_sequence: 0,
+        })
+        .expect("poll");
+    drain_control_job(&mut exchange);
+    exchange.claimed(Uuid::new_v4(), job()).expect("claimed");
+    assert_eq!(
+        exchange.handle(AgentMessage::Renew { csr_der: vec![1] }),
+        Err(ControlJobError::Unexpected("Renew"))
+    );
+    // On the agent's control stream.
+    let mut agent = welcomed_agent(server_id, 30, secs(1));
+    assert_eq!(
+        agent.handle(
+            ControlMessage::RenewalRefused {
+                reason: RenewalRefusal::TooSoon
+            },
+            secs(2)
+        ),
+        Err(AgentSessionError::Unexpected("RenewalRefused"))
+    );
 }

@@ -17,6 +17,7 @@ mod dns;
 mod field_keys;
 mod live_follow;
 mod operations;
+mod renewal;
 mod replicas;
 mod rollouts;
 mod runners;

@@ -558,6 +558,7 @@ async fn metrics_show_the_fleet_and_can_require_a_token_and_a_listener_of_their_
     for needle in [
         "sensei_agents_connected 1",
         "sensei_agent_certificates_expiring_30d 0",
+        "sensei_agent_certificates_expiring_7d 0",
         "sensei_ssh_jobs_in_flight 0",
         "sensei_password_hash_queue 0",
         "sensei_metrics_database_up 1",
@@ -587,6 +588,10 @@ async fn metrics_show_the_fleet_and_can_require_a_token_and_a_listener_of_their_
             .expect("t");
     assert!(
         text.contains("sensei_agent_certificates_expiring_30d 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sensei_agent_certificates_expiring_7d 0"),
         "{text}"
     );
 

@@ -28,7 +28,10 @@ pub async fn load_all(pool: &Pool, hub: &AgentHub) -> Result<(), tokio_postgres:
     let rows = client
         .query(
             "SELECT c.fingerprint, c.server_id, \
-                    c.revoked_at IS NULL AND c.not_after > now() AND s.deleted_at IS NULL AS valid, \
+                    c.revoked_at IS NULL AND c.retired_at IS NULL AND c.not_after > now() \
+                      AND s.deleted_at IS NULL AS valid, \
+                    c.retired_at IS NOT NULL AND s.deleted_at IS NULL AS retired, \
+                    c.renewed_from IS NOT NULL AND c.first_connected_at IS NULL AS pending, \
                     extract(epoch FROM c.not_after)::bigint AS not_after \
              FROM agent_certificates c JOIN servers s ON s.id = c.server_id",
             &[],
@@ -38,9 +41,13 @@ pub async fn load_all(pool: &Pool, hub: &AgentHub) -> Result<(), tokio_postgres:
         let Some(fp) = fingerprint(row.get::<_, &[u8]>("fingerprint")) else {
             continue;
         };
-        if row.get::<_, bool>("valid") {
+        if row.get::<_, bool>("valid") && row.get::<_, bool>("pending") {
+            hub.renewed(fp, row.get("server_id"), row.get("not_after"));
+        } else if row.get::<_, bool>("valid") {
             hub.certificates
                 .allow(fp, row.get("server_id"), row.get("not_after"));
+        } else if row.get::<_, bool>("retired") {
+            hub.retire(&[fp]);
         } else {
             hub.revoke(&[fp]);
         }
@@ -69,6 +76,34 @@ pub async fn notify_allowed(
     Ok(())
 }
 
+/// Queues, inside the caller's transaction, the notification that a renewed certificate is
+/// valid until `not_after` (Unix seconds) and pending until its agent connects with it.
+pub async fn notify_renewed(
+    tx: &tokio_postgres::Transaction<'_>,
+    fp: &Fingerprint,
+    server_id: Uuid,
+    not_after: i64,
+) -> Result<(), tokio_postgres::Error> {
+    let payload = format!(
+        "renewed:{}:{server_id}:{not_after}",
+        hex::encode(fp.as_bytes())
+    );
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+        .await?;
+    Ok(())
+}
+
+/// Queues, inside the caller's transaction, the notification that a certificate is retired.
+pub async fn notify_retired(
+    tx: &tokio_postgres::Transaction<'_>,
+    fp: &Fingerprint,
+) -> Result<(), tokio_postgres::Error> {
+    let payload = format!("retire:{}", hex::encode(fp.as_bytes()));
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+        .await?;
+    Ok(())
+}
+
 /// Queues, inside the caller's transaction, the notification that a certificate is revoked.
 pub async fn notify_revoked(
     tx: &tokio_postgres::Transaction<'_>,
@@ -91,9 +126,21 @@ pub fn apply(hub: &AgentHub, payload: &str) {
                 _ => tracing::warn!(payload, "malformed agent certificate notification"),
             }
         }
+        (Some("renewed"), Some(fp), Some(id), Some(not_after)) => {
+            let fp = hex::decode(fp).ok().and_then(|b| fingerprint(&b));
+            match (fp, id.parse::<Uuid>(), not_after.parse::<i64>()) {
+                (Some(fp), Ok(id), Ok(not_after)) => hub.renewed(fp, id, not_after),
+                _ => tracing::warn!(payload, "malformed agent certificate notification"),
+            }
+        }
         (Some("revoke"), Some(fp), None, None) => {
             if let Some(fp) = hex::decode(fp).ok().and_then(|b| fingerprint(&b)) {
                 hub.revoke(&[fp]);
+            }
+        }
+        (Some("retire"), Some(fp), None, None) => {
+            if let Some(fp) = hex::decode(fp).ok().and_then(|b| fingerprint(&b)) {
+                hub.retire(&[fp]);
             }
         }
         _ => tracing::warn!(payload, "unknown agent certificate notification"),
@@ -170,6 +217,21 @@ mod tests {
                 "{garbage}"
             );
         }
+        // A renewal: valid and pending; its predecessor retired, which is not revoked.
+        let renewed = Fingerprint::of_der(b"renewed");
+        apply(
+            &hub,
+            &format!("renewed:{}:{id}:{far}", hex::encode(renewed.as_bytes())),
+        );
+        assert_eq!(
+            hub.certificates.status(&renewed),
+            AgentCertStatus::Valid(id)
+        );
+        assert!(hub.take_pending(&renewed));
+        assert!(!hub.take_pending(&fp));
+        apply(&hub, &format!("retire:{}", hex::encode(fp.as_bytes())));
+        assert_eq!(hub.certificates.status(&fp), AgentCertStatus::Retired);
+        apply(&hub, "retire:nothex");
         apply(&hub, &format!("revoke:{}", hex::encode(fp.as_bytes())));
         assert_eq!(hub.certificates.status(&fp), AgentCertStatus::Revoked);
         // An allow that is already past its expiry is not valid.

@@ -7,13 +7,14 @@
 use std::time::Duration;
 
 use quinn::VarInt;
-use sensei_certs::{AgentCertStatus, Fingerprint};
+use sensei_certs::AgentCertStatus;
 use sensei_shared::codec::io::{write_frame, FrameReader};
 use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult};
 use sensei_shared::session::{ControlJob, ControlJobAction};
 use uuid::Uuid;
 
 use super::gateway::GatewayContext;
+use super::session::SessionLink;
 use crate::jobs::batch::Dispatch;
 use crate::jobs::claim::Claimed;
 use crate::jobs::{record, Step};
@@ -25,19 +26,26 @@ use crate::jobs::{record, Step};
 const RECHECK: Duration = Duration::from_secs(60);
 
 /// Serves one job stream: a poll waits for a job, sends it and records what comes back; a
-/// report is recorded. The order of messages is `sensei_shared::session::ControlJob`'s; a
-/// message out of place resets the stream with the protocol-error code.
+/// report is recorded; a renewal is answered ([`super::renew`]). The order of messages is
+/// `sensei_shared::session::ControlJob`'s; a message out of place resets the stream with the
+/// protocol-error code.
 pub async fn serve_poll(
     ctx: &GatewayContext,
     server_id: Uuid,
-    fingerprint: Fingerprint,
+    link: &SessionLink,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
+    let fingerprint = link.fingerprint;
     let mut recv = FrameReader::new(recv);
     let mut exchange = ControlJob::new();
     // The job sent on this stream, for the log.
     let mut sent: Option<Claimed> = None;
+    // Held while this stream claims or carries a job: a draining session is not closed
+    // under it.
+    let mut _busy = None;
+    // The agent ended its side of the stream.
+    let mut ended = false;
     loop {
         while let Some(action) = exchange.poll() {
             match action {
@@ -50,17 +58,23 @@ pub async fn serve_poll(
                         ctx.hub.certificates.status(&fingerprint)
                             == AgentCertStatus::Valid(server_id)
                     };
-                    let (job, signed) = loop {
+                    let (job, signed, busy) = loop {
                         if !still_valid() {
                             return;
                         }
+                        // A draining session claims nothing more: the poll ends, and the
+                        // job waits in the queue for the agent's next connection.
+                        let Some(busy) = link.drain.busy() else {
+                            let _ = send.finish();
+                            return;
+                        };
                         match ctx.jobs.claim(server_id, *fingerprint.as_bytes()).await {
                             Ok(Dispatch::Ready(job, _)) if !still_valid() => {
                                 // Revoked while the claim was in flight: the job never leaves.
                                 ctx.jobs.finish(job.id, record::certificate_revoked()).await;
                                 return;
                             }
-                            Ok(Dispatch::Ready(job, signed)) => break (job, signed),
+                            Ok(Dispatch::Ready(job, signed)) => break (job, signed, busy),
                             Ok(Dispatch::Unsignable(job, reason)) => {
                                 let failed =
                                     JobResult::failed(Step::Dispatch.as_str(), reason.to_string());
@@ -72,11 +86,14 @@ pub async fn serve_poll(
                                 tracing::warn!(%server_id, error = %e, "looking for queued jobs")
                             }
                         }
+                        drop(busy);
                         tokio::select! {
                             _ = signal.notified() => {}
                             _ = tokio::time::sleep(RECHECK) => {}
+                            () = link.drain.started() => {}
                         }
                     };
+                    _busy = Some(busy);
                     // Cannot be out of order: the machine asked for this claim.
                     let _ = exchange.claimed(job.id, signed);
                     sent = Some(job);
@@ -110,11 +127,27 @@ pub async fn serve_poll(
                     }
                     let _ = exchange.recorded();
                 }
+                ControlJobAction::Renew { csr_der } => {
+                    // Cannot be out of order: the machine asked for this renewal.
+                    let _ = match Box::pin(super::renew::process(ctx, server_id, link, &csr_der))
+                        .await
+                    {
+                        Ok(certificate_pem) => exchange.renewed(certificate_pem),
+                        Err(reason) => exchange.renewal_refused(reason),
+                    };
+                }
+                ControlJobAction::Drain => {
+                    tracing::info!(%server_id, "the agent stored its renewed certificate; draining its session");
+                    link.drain.start();
+                }
                 ControlJobAction::Finish => {
                     let _ = send.finish();
                     return;
                 }
             }
+        }
+        if ended {
+            return;
         }
         match recv.next::<AgentMessage>().await {
             Ok(Some(message)) => {
@@ -126,8 +159,13 @@ pub async fn serve_poll(
                     return;
                 }
             }
-            // The stream ending or failing: the session's end marks a running job failed.
-            Ok(None) | Err(_) => return,
+            // The stream ending: after a renewed certificate, the agent stored it. Otherwise
+            // (or failing) the session's end marks a running job failed.
+            Ok(None) => {
+                exchange.handle_end();
+                ended = true;
+            }
+            Err(_) => return,
         }
     }
 }

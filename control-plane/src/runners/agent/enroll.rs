@@ -256,15 +256,10 @@ async fn enroll(
             "this token belongs to another server ({server_id}), not {expected}"
         )));
     }
-    let now = time::OffsetDateTime::now_utc();
+    let (not_before, not_after) = super::renew::validity(ctx.agent_cert_lifetime);
     let issued = ctx
         .ca
-        .sign_agent_csr(
-            &request.csr_der,
-            server_id,
-            now - time::Duration::minutes(5),
-            now + time::Duration::days(ctx.agent_cert_days),
-        )
+        .sign_agent_csr(&request.csr_der, server_id, not_before, not_after)
         .map_err(|e| scoped(e.to_string()))?;
     let fingerprint = Fingerprint::of_der(&issued.cert_der);
     let not_after =
@@ -280,7 +275,8 @@ async fn enroll(
     let replaced: Vec<Fingerprint> = tx
         .query(
             "UPDATE agent_certificates SET revoked_at = now() \
-             WHERE server_id = $1 AND revoked_at IS NULL RETURNING fingerprint",
+             WHERE server_id = $1 AND revoked_at IS NULL AND retired_at IS NULL \
+             RETURNING fingerprint",
             &[&server_id],
         )
         .await

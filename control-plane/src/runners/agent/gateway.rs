@@ -10,7 +10,7 @@ use deadpool_postgres::Pool;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::VarInt;
 use rustls::pki_types::CertificateDer;
-use sensei_certs::{AgentClientVerifier, CertificateAuthority, Fingerprint};
+use sensei_certs::{AgentClientVerifier, CertificateAuthority};
 use sensei_shared::codec::io::{read_frame, write_frame};
 use sensei_shared::protocol::{close, EnrollRequest, ALPN};
 use tokio::sync::watch;
@@ -31,7 +31,8 @@ pub struct GatewayContext {
     pub hub: Arc<AgentHub>,
     pub last_seen: Arc<LastSeen>,
     pub heartbeat: Duration,
-    pub agent_cert_days: i64,
+    /// How long agent certificates are valid (enrolled or renewed).
+    pub agent_cert_lifetime: Duration,
     /// Signs jobs.
     pub job_key: ed25519_dalek::SigningKey,
     /// Opens projects' environments at dispatch.
@@ -163,7 +164,7 @@ async fn handle(incoming: quinn::Incoming, ctx: Arc<GatewayContext>) {
     // make every session's task as large as an enrollment (memory per agent: benchmarks.md).
     match leaf {
         None => Box::pin(enrollment(connection, &ctx, peer)).await,
-        Some(leaf) => Box::pin(session::run(connection, Fingerprint::of_der(&leaf), &ctx)).await,
+        Some(leaf) => Box::pin(session::run(connection, leaf, &ctx)).await,
     }
 }
 

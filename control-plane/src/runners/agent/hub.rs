@@ -1,8 +1,9 @@
 //! The live agent state of one replica: which certificates are valid (consulted during the
 //! handshake) and which agents are connected here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use quinn::VarInt;
 use sensei_certs::{AgentCertStatus, AgentCertificateSet, Fingerprint};
@@ -25,7 +26,18 @@ pub struct AgentHub {
     live: Mutex<HashMap<Uuid, Live>>,
     /// Who waits for jobs on this replica: agents' polls and the SSH runner.
     pub wakes: JobWakes,
+    /// Renewed certificates no agent has connected with yet (as far as this replica heard):
+    /// the first session with one retires its predecessor. Kept here so that an ordinary
+    /// registration costs no database round trip.
+    pending: Mutex<HashSet<Fingerprint>>,
+    /// Renewal attempts per server in the current window, for [`AgentHub::admit_renewal`].
+    renewals: Mutex<HashMap<Uuid, (Instant, u32)>>,
 }
+
+/// Renewal attempts a server may make per window before it is refused unread: an agent
+/// retries on its own schedule, so more is a broken or hostile client (each attempt costs a
+/// signature check, a transaction and an audit row).
+pub const RENEWAL_BURST: u32 = 4;
 
 impl AgentHub {
     pub fn new() -> Self {
@@ -34,6 +46,8 @@ impl AgentHub {
             certificates: Arc::new(AgentCertificateSet::new()),
             live: Mutex::new(HashMap::new()),
             wakes: JobWakes::default(),
+            pending: Mutex::new(HashSet::new()),
+            renewals: Mutex::new(HashMap::new()),
         }
     }
 
@@ -114,6 +128,62 @@ impl AgentHub {
                     .close(VarInt::from_u32(close::REVOKED), b"certificate revoked");
             }
         }
+    }
+
+    /// A renewed certificate is valid (from now to `not_after`) and pending: its agent has not
+    /// connected with it yet.
+    pub fn renewed(&self, fingerprint: Fingerprint, server_id: Uuid, not_after: i64) {
+        self.certificates.allow(fingerprint, server_id, not_after);
+        self.pending_set().insert(fingerprint);
+    }
+
+    /// Whether `fingerprint` was a pending renewal; it is not any more.
+    pub fn take_pending(&self, fingerprint: &Fingerprint) -> bool {
+        self.pending_set().remove(fingerprint)
+    }
+
+    fn pending_set(&self) -> std::sync::MutexGuard<'_, HashSet<Fingerprint>> {
+        // A set of hints: a poisoned lock still holds a usable one.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Retires certificates replaced by a renewal: they leave the valid set (a handshake with
+    /// one is refused as expired, not revoked), and a session still using one is told to
+    /// reconnect with the new certificate.
+    pub fn retire(&self, fingerprints: &[Fingerprint]) {
+        let mut live = self.live();
+        for fp in fingerprints {
+            self.certificates.retire(*fp);
+            self.pending_set().remove(fp);
+        }
+        let doomed: Vec<Uuid> = live
+            .iter()
+            .filter(|(_, l)| fingerprints.contains(&l.fingerprint))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in doomed {
+            if let Some(l) = live.remove(&id) {
+                l.connection
+                    .close(VarInt::from_u32(close::RENEWED), b"certificate renewed");
+            }
+        }
+    }
+
+    /// Counts a renewal attempt of `server_id`: false past [`RENEWAL_BURST`] attempts in one
+    /// `window`.
+    pub fn admit_renewal(&self, server_id: Uuid, window: Duration) -> bool {
+        let now = Instant::now();
+        let mut renewals = self.renewals.lock().unwrap_or_else(|p| p.into_inner());
+        if renewals.len() > 4096 {
+            renewals.retain(|_, (since, _)| now.duration_since(*since) < window);
+        }
+        let (since, count) = renewals.entry(server_id).or_insert((now, 0));
+        if now.duration_since(*since) >= window {
+            *since = now;
+            *count = 0;
+        }
+        *count += 1;
+        *count <= RENEWAL_BURST
     }
 
     /// Closes every session, suggesting each agent a reconnect delay drawn over a window

@@ -5,15 +5,18 @@
 //! [`cert_events`] keeps every replica's hub in step through PostgreSQL NOTIFY;
 //! [`last_seen`] batches heartbeat writes; [`presence`] batches connection marks;
 //! [`dispatch`] serves an agent's job polls over the life of a job kept in
-//! [`crate::jobs`].
+//! [`crate::jobs`]; [`renew`] renews a connected agent's certificate, and [`drain`] lets its
+//! session end between jobs so that the agent reconnects with the new one.
 
 pub mod cert_events;
 pub mod dispatch;
+pub mod drain;
 pub mod enroll;
 pub mod gateway;
 pub mod hub;
 pub mod last_seen;
 pub mod presence;
+pub mod renew;
 pub mod session;
 
 pub use hub::AgentHub;

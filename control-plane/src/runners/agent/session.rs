@@ -4,22 +4,46 @@
 //! breaks the protocol or stops sending heartbeats. The protocol's decisions are
 //! `sensei_shared::session::ControlSession`'s; this drives it.
 
+use std::net::IpAddr;
+use std::sync::Arc;
+
 use quinn::VarInt;
+use rustls::pki_types::CertificateDer;
 use sensei_certs::{AgentCertStatus, Fingerprint};
 use sensei_shared::codec::io::{write_frame, FrameReader};
 use sensei_shared::protocol::{close, AgentMessage};
 use sensei_shared::session::{ControlAction, ControlSession, ControlSessionError};
 use tokio::time::Instant;
 
+use super::drain::Drain;
 use super::gateway::{GatewayContext, STEP_TIMEOUT};
+
+/// What a session's job streams share with it once the agent is registered.
+#[derive(Debug)]
+pub struct SessionLink {
+    /// The certificate the connection was made with.
+    pub fingerprint: Fingerprint,
+    pub certificate_der: Vec<u8>,
+    pub peer: IpAddr,
+    /// As the hello gave it (already cut short).
+    pub agent_version: String,
+    /// Set once the agent stored a renewed certificate.
+    pub drain: Drain,
+}
 
 pub async fn run(
     connection: quinn::Connection,
-    fingerprint: Fingerprint,
-    ctx: &std::sync::Arc<GatewayContext>,
+    leaf: CertificateDer<'static>,
+    ctx: &Arc<GatewayContext>,
 ) {
+    let fingerprint = Fingerprint::of_der(&leaf);
     let server_id = match ctx.hub.certificates.status(&fingerprint) {
         AgentCertStatus::Valid(id) => id,
+        // Replaced by a renewal the agent already connected with: it should use that one.
+        AgentCertStatus::Retired => {
+            connection.close(VarInt::from_u32(close::RENEWED), b"certificate renewed");
+            return;
+        }
         // Revoked (or expired) between the handshake and now.
         AgentCertStatus::Revoked => {
             connection.close(VarInt::from_u32(close::REVOKED), b"certificate revoked");
@@ -87,6 +111,7 @@ pub async fn run(
         let (code, why): (u32, &[u8]) = match status {
             AgentCertStatus::Expired => (close::REVOKED, b"certificate expired"),
             AgentCertStatus::Unknown => (close::RETRY_LATER, b"1000"),
+            AgentCertStatus::Retired => (close::RENEWED, b"certificate renewed"),
             _ => (close::REVOKED, b"certificate revoked"),
         };
         connection.close(VarInt::from_u32(code), why);
@@ -94,6 +119,18 @@ pub async fn run(
     }
     ctx.presence
         .connected(server_id, &agent_version, connection.remote_address().ip());
+    // The first session with a renewed certificate retires the one it replaces.
+    if ctx.hub.take_pending(&fingerprint) {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { super::renew::activate(&ctx, server_id, fingerprint).await });
+    }
+    let link = Arc::new(SessionLink {
+        fingerprint,
+        certificate_der: leaf.to_vec(),
+        peer: connection.remote_address().ip(),
+        agent_version: agent_version.clone(),
+        drain: Drain::default(),
+    });
     tracing::info!(%server_id, %agent_version, peer = %connection.remote_address(), "agent connected");
     // Cannot be out of order: the machine asked for the registration just above.
     let _ = session.registered(Instant::now());
@@ -131,13 +168,21 @@ pub async fn run(
             stream = connection.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     let ctx = ctx.clone();
+                    let link = link.clone();
                     polls.spawn(async move {
-                        super::dispatch::serve_poll(&ctx, server_id, fingerprint, send, recv).await
+                        super::dispatch::serve_poll(&ctx, server_id, &link, send, recv).await
                     });
                 }
                 Err(_) => break,
             },
             _ = connection.closed() => break,
+            // The agent stored a renewed certificate and no job is under way: it reconnects
+            // with the new one at once.
+            () = link.drain.idle() => {
+                tracing::info!(%server_id, "closing the session so that the agent reconnects with its renewed certificate");
+                connection.close(VarInt::from_u32(close::RENEWED), b"certificate renewed");
+                break;
+            }
             // The agent stopped sending heartbeats while its connection stayed up.
             () = sleep_until(session.poll_timeout()) => {
                 if let Err(e) = session.handle_timeout(Instant::now()) {
