@@ -59,7 +59,11 @@ impl AgentCertificateSet {
     /// Marks a certificate valid for `server_id` until `not_after` (Unix seconds).
     pub fn allow(&self, fingerprint: Fingerprint, server_id: Uuid, not_after: i64) {
         if let Ok(mut sets) = self.inner.write() {
-            sets.revoked.remove(&fingerprint);
+            // A revocation is final: an allow that arrives after it (a renewal's local update
+            // racing the revocation's notification) must not bring the certificate back.
+            if sets.revoked.contains(&fingerprint) {
+                return;
+            }
             sets.retired.remove(&fingerprint);
             sets.valid.insert(fingerprint, (server_id, not_after));
         }
@@ -204,6 +208,9 @@ mod tests {
         assert_eq!(set.status(&fp), AgentCertStatus::Revoked);
         assert_eq!(set.revoke(fp), None);
         assert_eq!(set.valid_count(), 0);
+        // A late allow (a renewal's local update after the revocation) changes nothing.
+        set.allow(fp, id, unix_now() + 60);
+        assert_eq!(set.status(&fp), AgentCertStatus::Revoked);
     }
 
     #[test]

@@ -530,6 +530,13 @@ pub async fn accept(
     let account_id: Uuid = row.get(1);
     let email: String = row.get(2);
     let role: String = row.get(3);
+    // The account's networks hold for every way in, not only the sign-in page.
+    if !crate::identity::allowlist::account_permits(&*tx, account_id, meta.ip).await? {
+        return Err(ApiError::forbidden(
+            ErrorCode::IpNotAllowed,
+            format!("this account may not be used from {}", meta.ip),
+        ));
+    }
     let user_id = Uuid::new_v4();
     let inserted = tx
         .execute(

@@ -187,6 +187,13 @@ pub async fn confirm(
     let user_id: Uuid = row.get(2);
     let account_id: Uuid = row.get(3);
     let email: String = row.get(4);
+    // The account's networks hold for every way in, not only the sign-in page.
+    if !crate::identity::allowlist::account_permits(&*tx, account_id, meta.ip).await? {
+        return Err(ApiError::forbidden(
+            ErrorCode::IpNotAllowed,
+            format!("this account may not be used from {}", meta.ip),
+        ));
+    }
     tx.execute(
         "UPDATE users SET password_hash = $2 WHERE id = $1",
         &[&user_id, &hash],

@@ -33,6 +33,11 @@ use crate::secrets::field_crypto::FieldKeys;
 
 /// How often the records are reconciled.
 const PASS: Duration = Duration::from_secs(2);
+/// The longest one pass spends talking to DNS servers; what is left waits for the next pass,
+/// so a zone that never answers delays the others by this much at most.
+const BUDGET: Duration = Duration::from_secs(10);
+/// The longest a failing zone waits before it is tried again.
+const MAX_RETRY_SECS: f64 = 300.0;
 /// Error text kept on a project, at most.
 const MAX_ERROR: usize = 500;
 
@@ -182,14 +187,15 @@ pub async fn run(
     }
 }
 
-/// One pass.
+/// One pass, in one transaction: its lock keeps other replicas out and goes with it however
+/// the pass ends, and the pass lasts at most about [`BUDGET`].
 pub async fn reconcile(pool: &Pool, keys: &FieldKeys, policy: &TargetPolicy) -> Result<(), String> {
     let db = |e: tokio_postgres::Error| crate::store::db::describe(&e);
-    let client = pool.get().await.map_err(|e| e.to_string())?;
-    // Session-level: held across the network exchanges below, released at the end.
-    let locked: bool = client
+    let mut client = pool.get().await.map_err(|e| e.to_string())?;
+    let tx = client.transaction().await.map_err(db)?;
+    let locked: bool = tx
         .query_one(
-            "SELECT pg_try_advisory_lock(hashtextextended('sensei-dns-records', 0)) AS locked",
+            "SELECT pg_try_advisory_xact_lock(hashtextextended('sensei-dns-records', 0)) AS locked",
             &[],
         )
         .await
@@ -198,21 +204,24 @@ pub async fn reconcile(pool: &Pool, keys: &FieldKeys, policy: &TargetPolicy) -> 
     if !locked {
         return Ok(());
     }
-    let result = reconcile_locked(&client, keys, policy).await;
-    let _ = client
-        .execute(
-            "SELECT pg_advisory_unlock(hashtextextended('sensei-dns-records', 0))",
-            &[],
-        )
-        .await;
-    result
+    reconcile_locked(&tx, keys, policy).await?;
+    tx.commit().await.map_err(db)
 }
 
 async fn reconcile_locked(
-    client: &tokio_postgres::Client,
+    client: &tokio_postgres::Transaction<'_>,
     keys: &FieldKeys,
     policy: &TargetPolicy,
 ) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + BUDGET;
+    let out_of_time = || tokio::time::Instant::now() >= deadline;
+    let waiting: std::collections::HashSet<Uuid> = client
+        .query("SELECT id FROM projects WHERE dns_retry_at > now()", &[])
+        .await
+        .map_err(|e| crate::store::db::describe(&e))?
+        .iter()
+        .map(|r| r.get("id"))
+        .collect();
     let db = |e: tokio_postgres::Error| crate::store::db::describe(&e);
     let deployed = crate::jobs::history::deployed_pairs(client)
         .await
@@ -279,6 +288,10 @@ async fn reconcile_locked(
     let mut errors: HashMap<Uuid, Option<String>> = HashMap::new();
     // Records no longer wanted, or wanted differently: removed from the zone they are in.
     for w in &written {
+        if waiting.contains(&w.project) {
+            wanted.remove(&(w.project, w.server));
+            continue;
+        }
         let still = wanted.get(&(w.project, w.server)).is_some_and(|want| {
             want.settings == w.settings
                 && target_text(&want.target) == w.target
@@ -301,7 +314,14 @@ async fn reconcile_locked(
             errors.entry(w.project).or_insert(None);
             continue;
         }
+        if out_of_time() {
+            wanted.remove(&(w.project, w.server));
+            continue;
+        }
         let removed = async {
+            if !policy.allows(w.settings.server) {
+                return Err(InvalidDns::Denied(w.settings.server).to_string());
+            }
             let zone = w.settings.zone(keys, &w.sealed)?;
             let name = update::fqdn(&w.name).map_err(|e| e.to_string())?;
             zone.remove(&name).await.map_err(|e| e.to_string())
@@ -326,6 +346,9 @@ async fn reconcile_locked(
         }
     }
     for want in wanted.values() {
+        if waiting.contains(&want.project) || out_of_time() {
+            continue;
+        }
         if !policy.allows(want.settings.server) {
             errors.insert(
                 want.project,
@@ -365,11 +388,17 @@ async fn reconcile_locked(
     }
     for (project, error) in errors {
         let error = error.map(|e| e.chars().take(MAX_ERROR).collect::<String>());
+        // A failure doubles the wait before the zone is tried again (1 s, 2 s, … 5 min); a
+        // success clears it.
         client
             .execute(
-                "UPDATE projects SET dns_error = $2, dns_error_at = CASE WHEN $2::text IS NULL THEN NULL ELSE now() END \
+                "UPDATE projects SET dns_error = $2, \
+                   dns_error_at = CASE WHEN $2::text IS NULL THEN NULL ELSE now() END, \
+                   dns_failures = CASE WHEN $2::text IS NULL THEN 0 ELSE dns_failures + 1 END, \
+                   dns_retry_at = CASE WHEN $2::text IS NULL THEN NULL \
+                     ELSE now() + make_interval(secs => least(power(2, least(dns_failures, 16)), $3)) END \
                  WHERE id = $1",
-                &[&project, &error],
+                &[&project, &error, &MAX_RETRY_SECS],
             )
             .await
             .map_err(db)?;

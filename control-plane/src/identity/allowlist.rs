@@ -51,6 +51,24 @@ pub fn permits(list: &[Option<IpNet>], ip: IpAddr) -> bool {
     list.is_empty() || list.iter().flatten().any(|net| net.contains(&ip))
 }
 
+/// Whether `account`'s own allowlist lets `ip` in: for the routes that create a session or a
+/// credential without an existing one (accepting an invitation, resetting a password).
+pub async fn account_permits(
+    client: &impl tokio_postgres::GenericClient,
+    account: uuid::Uuid,
+    ip: IpAddr,
+) -> Result<bool, tokio_postgres::Error> {
+    let networks: Vec<String> = client
+        .query_opt(
+            "SELECT ip_allowlist FROM accounts WHERE id = $1",
+            &[&account],
+        )
+        .await?
+        .map(|r| r.get("ip_allowlist"))
+        .unwrap_or_default();
+    Ok(permits(&stored(&networks), ip))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

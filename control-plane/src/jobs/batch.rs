@@ -152,9 +152,15 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
             .await
             .map_err(|e| ClaimError::Database(e.to_string()))?;
         let db = |e: tokio_postgres::Error| ClaimError::Database(crate::store::db::describe(&e));
-        let claimed = claim::for_agents(&client, ctx.replica, &sessions)
-            .await
-            .map_err(db)?;
+        // Another replica claiming for one of these servers in the same instant trips the
+        // one-running-job index; once more, the statement's new snapshot sees that claim.
+        let claimed = match claim::for_agents(&client, ctx.replica, &sessions).await {
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                claim::for_agents(&client, ctx.replica, &sessions).await
+            }
+            other => other,
+        }
+        .map_err(db)?;
         let jobs: Vec<&Claimed> = claimed.values().collect();
         let configs = deploy_configs(&client, &jobs).await.map_err(db)?;
         Ok::<_, ClaimError>((claimed, configs))
@@ -167,7 +173,18 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
         }
         Ok((mut claimed, configs)) => {
             for r in batch {
-                let answer = match claimed.remove(&r.server_id) {
+                // Only the connection whose certificate the claim checked gets the job (a
+                // server with two connections in one batch had one of them checked).
+                let checked = sessions
+                    .binary_search_by(|(id, _)| id.cmp(&r.server_id))
+                    .ok()
+                    .is_some_and(|i| sessions[i].1 == r.binding);
+                let job = if checked {
+                    claimed.remove(&r.server_id)
+                } else {
+                    None
+                };
+                let answer = match job {
                     None => Dispatch::Idle,
                     Some(job) => {
                         let signed = match configs.get(&job.id) {

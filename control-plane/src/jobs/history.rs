@@ -289,7 +289,7 @@ pub async fn open_rollbacks(
 /// The (project, server) pairs where a deploy of a project with DNS settings succeeded: the
 /// servers that get the project's DNS record.
 pub async fn deployed_pairs(
-    client: &tokio_postgres::Client,
+    client: &impl tokio_postgres::GenericClient,
 ) -> Result<Vec<(Uuid, Uuid)>, tokio_postgres::Error> {
     client
         .query(

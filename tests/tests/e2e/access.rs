@@ -1401,8 +1401,8 @@ async fn mfa_and_ownership_mistakes_are_refused_and_change_nothing() {
     assert_eq!(me["mfa_enabled"], true);
 }
 
-/// A request as if from `ip` (the plane trusts loopback as its proxy), with a session cookie
-/// or an API key.
+/// A request as if from `ip` (the plane trusts loopback as its proxy), with a session cookie,
+/// an API key, or nothing (`Err("")`).
 async fn from(
     t: &TestPlane,
     ip: &str,
@@ -1417,6 +1417,8 @@ async fn from(
         .header("x-forwarded-for", ip);
     r = match credential {
         Ok(cookie) => r.header("cookie", cookie),
+        // No credential at all, for the public routes.
+        Err("") => r,
         Err(key) => r.bearer_auth(key),
     };
     if let Some(body) = body {
@@ -1542,6 +1544,44 @@ async fn an_account_allowlist_keeps_sign_in_sessions_and_keys_to_its_networks() 
     let (status, _, cookie) = login(office, PW).await;
     assert_eq!(status, 200);
     assert!(cookie.is_some());
+
+    // An invitation is no way around it: accepted from outside, it is refused and unspent.
+    let (status, inv) = from(
+        &t,
+        office,
+        Method::POST,
+        "/v1/invitations",
+        Ok(&owner),
+        Some(
+            json!({"email": format!("i{}@example.com", Uuid::new_v4().simple()), "role": "viewer"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{inv}");
+    let accept = json!({"token": inv["token"], "password": PW});
+    let (status, err) = from(
+        &t,
+        home,
+        Method::POST,
+        "/v1/invitations/accept",
+        Err(""),
+        Some(accept.clone()),
+    )
+    .await;
+    assert_eq!((status, error_code(&err)), (403, "ip_not_allowed"), "{err}");
+    let (status, _) = from(
+        &t,
+        office,
+        Method::POST,
+        "/v1/invitations/accept",
+        Err(""),
+        Some(accept),
+    )
+    .await;
+    assert_eq!(
+        status, 201,
+        "the invitation was not spent by the refused attempt"
+    );
 
     // Lifting the list opens the account again.
     let (status, account) = from(
