@@ -75,6 +75,8 @@ pub struct ServeOptions {
     pub max_live_streams: usize,
     /// How long a quiet live-follow stream waits before its keep-alive comment.
     pub live_keep_alive: std::time::Duration,
+    /// How audit sinks are delivered (poll, batch, timeout, backoff).
+    pub audit_sinks: crate::audit::sinks::delivery::DeliverySettings,
 }
 
 impl ServeOptions {
@@ -104,6 +106,7 @@ impl ServeOptions {
             signup: crate::identity::signup::SignupPolicy::Closed,
             max_live_streams: crate::api::live::DEFAULT_PER_REPLICA,
             live_keep_alive: crate::api::live::DEFAULT_KEEP_ALIVE,
+            audit_sinks: Default::default(),
         }
     }
 }
@@ -396,6 +399,32 @@ impl ControlPlane {
                     })?,
             ),
         };
+        // Where tenants' audit sinks may not point: the networks SSH targets may not reach
+        // either, and every listener of this control plane.
+        let sink_targets = crate::egress::TargetPolicy {
+            denied_networks: options.ssh_deny_networks.clone(),
+            own: [
+                Some(api_addr),
+                Some(agent_addr),
+                metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        };
+        let sink_counters = Arc::new(crate::audit::sinks::delivery::DeliveryCounters::default());
+        let sink_delivery = Arc::new(crate::audit::sinks::delivery::Delivery {
+            pool: pool.clone(),
+            keys: keys.clone(),
+            policy: sink_targets.clone(),
+            settings: options.audit_sinks.clone(),
+            replica: hub.replica_id,
+            origin: reqwest::Url::parse(&public_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_else(|| "-".into()),
+            counters: sink_counters.clone(),
+        });
         let live =
             crate::api::live::LiveStreams::new(options.max_live_streams, options.live_keep_alive);
         let live_streams = live.clone();
@@ -418,6 +447,8 @@ impl ControlPlane {
             ssh_permits: ssh_permits.clone(),
             metrics_token: options.metrics_token.clone(),
             metrics_on_api: metrics_listener.is_none(),
+            sink_targets,
+            sink_counters,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tasks = vec![
@@ -469,6 +500,7 @@ impl ControlPlane {
                 })
                 .run(shutdown_rx.clone()),
             ),
+            tokio::spawn(sink_delivery.run(shutdown_rx.clone())),
             tokio::spawn(crate::jobs::sweep::run(
                 pool.clone(),
                 hub.replica_id,
