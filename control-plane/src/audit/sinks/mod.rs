@@ -665,7 +665,7 @@ mod tests {
             "https://user:pw@splunk.example/",
             "https://splunk.example/?token=x",
             "not a url",
-            "https:///nohost",
+            "https://exa mple.com/",
         ] {
             assert!(
                 matches!(https(bad).validate(), Err(InvalidSink::Url(_))),
