@@ -15,7 +15,7 @@ CREATE TABLE audit_sinks (
     -- CA certificate (PEM), the authentication scheme.
     config            jsonb NOT NULL CHECK (length(config::text) <= 65536),
     -- The bearer token or HMAC key, sealed under the field key (Fernet); NULL for syslog.
-    secret_sealed     text,
+    secret_ciphertext     text,
     created_by        uuid,
     created_at        timestamptz NOT NULL DEFAULT now(),
     cursor_seq        bigint NOT NULL DEFAULT 0 CHECK (cursor_seq >= 0),

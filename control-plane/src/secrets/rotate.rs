@@ -59,6 +59,12 @@ pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[
         key: "id",
         column: "ssh_password_ciphertext",
     },
+    // An audit sink's bearer token or HMAC key (V16).
+    EncryptedColumn {
+        table: "audit_sinks",
+        key: "id",
+        column: "secret_ciphertext",
+    },
 ];
 
 const BATCH: i64 = 200;

@@ -22,22 +22,25 @@ const BATCH: i64 = 4;
 
 /// Delivery fast enough for tests: polled every 50 ms, retried within half a second.
 async fn plane() -> TestPlane {
-    TestPlane::start_configured(
-        sensei_e2e::fresh_database().await,
-        sensei_e2e::test_keys(),
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        |o| {
-            o.audit_sinks = DeliverySettings {
-                poll: Duration::from_millis(50),
-                batch: BATCH,
-                timeout: Duration::from_secs(2),
-                backoff_base: Duration::from_millis(100),
-                backoff_cap: Duration::from_millis(400),
-                concurrency: 4,
-                batches_per_lease: 3,
-            };
-        },
-    )
+    replica(sensei_e2e::fresh_database().await, sensei_e2e::test_keys()).await
+}
+
+/// A control plane on `conninfo` (another replica when one runs there already).
+async fn replica(
+    conninfo: String,
+    keys: Arc<sensei_control_plane::secrets::field_crypto::FieldKeys>,
+) -> TestPlane {
+    TestPlane::start_configured(conninfo, keys, SocketAddr::from(([127, 0, 0, 1], 0)), |o| {
+        o.audit_sinks = DeliverySettings {
+            poll: Duration::from_millis(50),
+            batch: BATCH,
+            timeout: Duration::from_secs(2),
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_millis(400),
+            concurrency: 4,
+            batches_per_lease: 3,
+        };
+    })
     .await
 }
 
@@ -217,6 +220,16 @@ input(type="imtcp" port="{port}" address="127.0.0.1" ruleset="audit")
         );
     }
 
+    /// SIGSTOP: the kernel still accepts connections, but nothing answers them.
+    fn freeze(&self) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .expect("kill -STOP");
+        assert!(status.success());
+    }
+
     /// SIGKILL: no chance to finish anything.
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -295,6 +308,22 @@ async fn a_real_rsyslog_over_tls_gets_every_event_in_order_across_its_death() {
         rsyslog.lines()
     );
 
+    // Frozen: a receiver that accepts the connection and never answers costs each attempt the
+    // delivery timeout, and nothing else.
+    rsyslog.freeze();
+    produce(&t, &owner, 3, "while-frozen").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let s = sink_status(&t, &owner).await;
+            s["status"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("no answer within"))
+        })
+        .await,
+        "{}",
+        sink_status(&t, &owner).await
+    );
+
     // Killed: events keep coming, delivery fails and backs off, the status says so.
     rsyslog.kill();
     produce(&t, &owner, 5, "while-dead").await;
@@ -324,7 +353,7 @@ async fn a_real_rsyslog_over_tls_gets_every_event_in_order_across_its_death() {
         sink_status(&t, &owner).await
     );
     let chain = chain(&t).await;
-    assert!(chain.len() >= 18, "{} events", chain.len());
+    assert!(chain.len() >= 21, "{} events", chain.len());
     check_arrivals(&rsyslog.arrivals(), &chain);
 
     // RFC 5424 framing as received: PRI for log audit (13) and notice, version 1, app sensei,
@@ -513,6 +542,9 @@ async fn an_https_receiver_gets_signed_json_lines_in_order_across_its_death() {
         !sink.to_string().contains(&key),
         "the secret came back: {sink}"
     );
+    // A second replica on the same database delivers too; the lease keeps them from sending
+    // the same sink at once, so order holds.
+    let other = replica(t.conninfo.clone(), t.keys.clone()).await;
 
     produce(&t, &owner, 6, "before").await;
     assert!(
@@ -532,7 +564,7 @@ async fn an_https_receiver_gets_signed_json_lines_in_order_across_its_death() {
         .await
     );
     receiver.start().await;
-    produce(&t, &owner, 5, "after").await;
+    produce(&other, &owner, 5, "after").await;
     assert!(
         eventually(Duration::from_secs(15), || all_arrived(&t, || receiver
             .arrivals()))
@@ -564,7 +596,10 @@ async fn an_https_receiver_gets_signed_json_lines_in_order_across_its_death() {
     // The secret is stored sealed only, and no configuration column holds it.
     let db = t.db().await;
     let row = db
-        .query_one("SELECT config::text, secret_sealed FROM audit_sinks", &[])
+        .query_one(
+            "SELECT config::text, secret_ciphertext FROM audit_sinks",
+            &[],
+        )
         .await
         .expect("sink row");
     let (config, sealed): (String, String) = (row.get(0), row.get(1));

@@ -140,7 +140,7 @@ struct Leased {
     account_id: Uuid,
     kind: SinkKind,
     config: Result<SinkConfig, String>,
-    secret_sealed: Option<String>,
+    secret_ciphertext: Option<String>,
     cursor: i64,
     failures: i32,
 }
@@ -220,7 +220,7 @@ impl Delivery {
                                    WHERE a.chain_id = c.account_id AND a.seq > c.cursor_seq) \
                      ORDER BY c.next_attempt_at LIMIT $3 \
                      FOR UPDATE SKIP LOCKED) \
-                 RETURNING s.id, s.account_id, s.kind, s.config, s.secret_sealed, s.cursor_seq, \
+                 RETURNING s.id, s.account_id, s.kind, s.config, s.secret_ciphertext, s.cursor_seq, \
                            s.failures",
                 &[
                     &self.replica,
@@ -238,7 +238,7 @@ impl Delivery {
                     account_id: r.get(1),
                     kind,
                     config: serde_json::from_value(r.get(3)).map_err(|e| e.to_string()),
-                    secret_sealed: r.get(4),
+                    secret_ciphertext: r.get(4),
                     cursor: r.get(5),
                     failures: r.get(6),
                 })
@@ -349,7 +349,10 @@ impl Delivery {
     }
 
     fn secret(&self, sink: &Leased) -> Result<Vec<u8>, DeliveryError> {
-        let sealed = sink.secret_sealed.as_deref().ok_or(DeliveryError::Secret)?;
+        let sealed = sink
+            .secret_ciphertext
+            .as_deref()
+            .ok_or(DeliveryError::Secret)?;
         self.keys.decrypt(sealed).map_err(|_| DeliveryError::Secret)
     }
 

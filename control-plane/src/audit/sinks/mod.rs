@@ -456,7 +456,7 @@ pub async fn insert(
     let row = tx
         .query_one(
             &format!(
-                "INSERT INTO audit_sinks (id, account_id, name, kind, config, secret_sealed, \
+                "INSERT INTO audit_sinks (id, account_id, name, kind, config, secret_ciphertext, \
                  created_by) VALUES ($1,$2,$3,$4,$5,$6,$7) RETURNING {VIEW_COLUMNS}"
             ),
             &[
