@@ -166,7 +166,8 @@ impl Rsyslog {
         std::fs::write(p("key.pem"), &certs.key_pem).expect("key");
         let port = free_port();
         // A direct main queue: each message is written before the next is read, so a batch
-        // rsyslog has read is a batch in the file.
+        // rsyslog has read is a batch in the file. GnuTLS's NORMAL priorities: without them
+        // rsyslog 8.2302 offers TLS 1.2 only; with them it negotiates 1.3.
         let conf = format!(
             r#"global(workDirectory="{dir}" maxMessageSize="64k"
   defaultNetstreamDriver="gtls"
@@ -179,7 +180,7 @@ template(name="raw" type="string" string="%rawmsg%\n")
 ruleset(name="audit") {{
   action(type="omfile" file="{out}" template="raw" flushOnTXEnd="on" asyncWriting="off")
 }}
-input(type="imtcp" port="{port}" address="127.0.0.1" ruleset="audit")
+input(type="imtcp" port="{port}" address="127.0.0.1" ruleset="audit" gnutlsPriorityString="NORMAL")
 "#,
             dir = dir.path().display(),
             ca = p("ca.pem"),
@@ -281,6 +282,24 @@ async fn a_real_rsyslog_over_tls_gets_every_event_in_order_across_its_death() {
     let certs = receiver_certs();
     let mut rsyslog = Rsyslog::new(&certs);
     rsyslog.start().await;
+    // The sinks' TLS client and this rsyslog agree on TLS 1.3.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", rsyslog.port))
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(
+        sensei_certs::tls::sink_client_config(&certs.ca_pem).expect("client config"),
+    ))
+    .connect(
+        rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+        tcp,
+    )
+    .await
+    .expect("handshake with rsyslog");
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    drop(tls);
     let t = plane().await;
     let (owner, _) = t.signup("owner@siem.example", PW).await;
     let (status, sink) = t
