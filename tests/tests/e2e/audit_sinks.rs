@@ -627,6 +627,33 @@ async fn an_https_receiver_gets_signed_json_lines_in_order_across_its_death() {
         t.keys.decrypt(&sealed).expect("sealed under the field key"),
         key.as_bytes()
     );
+
+    // A sink with the wrong key: refused by the receiver, which its status quotes (bounded,
+    // the secret blotted out), retried, and never counted as delivered.
+    let wrong = "w".repeat(40);
+    let (status, bad) = t
+        .post(
+            "/v1/audit/sinks",
+            &owner,
+            json!({"name": "wrong key", "kind": "https", "url": url, "auth": "hmac",
+                   "secret": wrong, "ca_pem": certs.ca_pem}),
+        )
+        .await;
+    assert_eq!(status, 201, "{bad}");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let (_, list) = t.get("/v1/audit/sinks", &owner).await;
+            list["sinks"][1]["status"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("401") && e.contains("Invalid signature"))
+        })
+        .await
+    );
+    let (_, list) = t.get("/v1/audit/sinks", &owner).await;
+    let bad = &list["sinks"][1];
+    assert_eq!(bad["status"]["cursor_seq"], 0, "{bad}");
+    assert!(bad["status"]["lag_events"].as_i64() > Some(0));
+    assert!(!list.to_string().contains(&wrong));
 }
 
 #[tokio::test]

@@ -121,10 +121,21 @@ pub async fn deliver(batch: &Batch<'_>, records: &[AuditRecord]) -> Result<(), H
     if status.is_success() {
         return Ok(());
     }
-    let text = response.text().await.unwrap_or_default();
+    // Only the start of the body: the receiver is the tenant's, and may answer without end.
+    let mut response = response;
+    let mut start = Vec::new();
+    while start.len() < BODY_EXCERPT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => start.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
     Err(HttpsError::Refused {
         status: status.as_u16(),
-        excerpt: text.chars().take(BODY_EXCERPT).collect(),
+        excerpt: String::from_utf8_lossy(&start)
+            .chars()
+            .take(BODY_EXCERPT)
+            .collect(),
     })
 }
 
