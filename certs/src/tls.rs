@@ -79,6 +79,21 @@ pub fn client_config_trusting(ca_pem: &str) -> Result<ClientConfig, TlsConfigErr
         .with_no_client_auth())
 }
 
+/// A client for a receiver a tenant runs (an audit sink): it trusts exactly the tenant's CA
+/// (given as PEM) and offers TLS 1.3 first, with TLS 1.2 (rustls' AEAD, forward-secret suites
+/// only) for receivers that have no 1.3 yet: the one configuration here that is not 1.3 only,
+/// because the peer is not ours to upgrade.
+pub fn sink_client_config(ca_pem: &str) -> Result<ClientConfig, TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs_from_pem(ca_pem)? {
+        roots.add(cert)?;
+    }
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Server side of the agent gateway (QUIC): TLS 1.3, ALPN `alpn`, client certificates
 /// checked by `verifier` (see [`crate::AgentClientVerifier`]).
 pub fn agent_gateway_config(

@@ -14,12 +14,16 @@
 //! - [`secrets`]: field encryption and its rotation, the CA store, the job-signing key, SSH
 //!   keys.
 //! - [`store`]: the database pool, migrations and the embedded PostgreSQL cluster.
-//! - [`audit`]: the append-only, keyed audit log every state change writes to.
+//! - [`audit`]: the append-only, keyed audit log every state change writes to, and its
+//!   delivery to each account's SIEM sinks ([`audit::sinks`]).
+//! - [`egress`]: where a tenant's configuration may make the control plane connect (SSH
+//!   targets, audit sinks).
 
 pub mod api;
 pub mod app;
 pub mod audit;
 pub mod dns;
+pub mod egress;
 pub mod identity;
 pub mod jobs;
 pub mod rollouts;

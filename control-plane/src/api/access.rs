@@ -56,6 +56,12 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
         ("POST", "/v1/api-keys") => SessionWith(Scope::ApiKeysWrite),
         ("DELETE", "/v1/api-keys/{id}") => SessionWith(Scope::ApiKeysWrite),
         ("GET", "/v1/audit" | "/v1/audit/export") => Scoped(Scope::AuditRead),
+        // A key may watch the sinks' status; changing where the audit log goes takes a
+        // signed-in admin, so a leaked key cannot send the account's log elsewhere.
+        ("GET", "/v1/audit/sinks") => Scoped(Scope::AuditSinks),
+        ("POST", "/v1/audit/sinks") | ("DELETE", "/v1/audit/sinks/{id}") => {
+            SessionWith(Scope::AuditSinks)
+        }
         ("GET", "/v1/members") => Scoped(Scope::MembersRead),
         ("PATCH" | "DELETE", "/v1/members/{id}") => SessionWith(Scope::MembersWrite),
         ("GET" | "POST", "/v1/invitations") => SessionWith(Scope::MembersWrite),

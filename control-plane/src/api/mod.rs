@@ -22,6 +22,7 @@ pub mod access;
 pub mod account;
 pub mod api_keys;
 pub mod audit_routes;
+pub mod audit_sinks;
 pub mod auth_routes;
 pub mod cross_site;
 pub mod deployments;
@@ -100,8 +101,11 @@ pub struct StateInner {
     pub metrics_token: Option<String>,
     /// Whether the API listener serves `/metrics` (not when it has a listener of its own).
     pub metrics_on_api: bool,
-    /// Where the control plane may connect on a tenant's behalf (SSH servers, DNS servers).
-    pub outbound: crate::runners::ssh::TargetPolicy,
+    /// Where the control plane may connect on a tenant's behalf (SSH servers, DNS servers,
+    /// audit sinks), checked when configured and again at every connection.
+    pub outbound: crate::egress::TargetPolicy,
+    /// What this replica's audit-sink deliveries did, for `/metrics`.
+    pub sink_counters: Arc<crate::audit::sinks::delivery::DeliveryCounters>,
 }
 
 impl AppState {
@@ -165,6 +169,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(api_keys::revoke))
         .routes(routes!(audit_routes::list))
         .routes(routes!(audit_routes::export))
+        .routes(routes!(audit_sinks::create, audit_sinks::list))
+        .routes(routes!(audit_sinks::delete))
         .routes(routes!(servers::create, servers::list))
         .routes(routes!(servers::show, servers::delete))
         .routes(routes!(servers::revoke_certificate))

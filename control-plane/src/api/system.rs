@@ -205,11 +205,13 @@ async fn fleet_figures(state: &AppState) -> crate::app::metrics::FleetFigures {
         let rollouts = by("SELECT state AS k, count(*) AS n FROM rollouts \
                            WHERE finished_at IS NULL GROUP BY state")
         .await?;
+        let audit_sinks = crate::audit::sinks::figures(&**client).await.ok()?;
         Some(DatabaseFigures {
             certificates_expiring_30d: expiring.get("n"),
             certificates_expiring_7d: expiring.get("soon"),
             deployments,
             rollouts,
+            audit_sinks,
         })
     };
     let database = tokio::time::timeout(PROBE_DEADLINE, database)
@@ -225,6 +227,7 @@ async fn fleet_figures(state: &AppState) -> crate::app::metrics::FleetFigures {
         hash_queue: state.hashing.waiting(),
         hashes_running: state.hashing.running(),
         hashes_total: state.hashing.completed(),
+        audit_sink_deliveries: state.sink_counters.snapshot(),
         database,
         process: ProcessFigures::read(),
     }

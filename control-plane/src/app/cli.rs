@@ -649,7 +649,7 @@ pub fn serve_options(
         metrics_token: args.metrics_token.clone().filter(|t| !t.is_empty()),
         ssh_job_timeout: std::time::Duration::from_secs(args.ssh_job_timeout_secs),
         ssh_deny_networks: if args.ssh_deny_networks.is_empty() {
-            crate::runners::ssh::default_denied_networks()
+            crate::egress::default_denied_networks()
         } else {
             args.ssh_deny_networks.clone()
         },

@@ -129,6 +129,8 @@ pub struct FleetFigures {
     pub hash_queue: usize,
     pub hashes_running: usize,
     pub hashes_total: u64,
+    /// Audit-sink batches this replica delivered or failed, by sink kind.
+    pub audit_sink_deliveries: Vec<crate::audit::sinks::delivery::CounterLine>,
     /// From the database; `None` when it did not answer within the scrape's deadline.
     pub database: Option<DatabaseFigures>,
     pub process: ProcessFigures,
@@ -147,6 +149,8 @@ pub struct DatabaseFigures {
     pub deployments: BTreeMap<String, i64>,
     /// Unfinished rollouts by state.
     pub rollouts: BTreeMap<String, i64>,
+    /// Every account's audit sinks together.
+    pub audit_sinks: crate::audit::sinks::SinkFigures,
 }
 
 /// This process, from /proc.
@@ -263,6 +267,37 @@ impl FleetFigures {
             "counter",
             self.hashes_total,
         );
+        let _ = writeln!(
+            out,
+            "# HELP sensei_audit_sink_batches_total Audit-sink batches this replica sent, by sink kind and result."
+        );
+        let _ = writeln!(out, "# TYPE sensei_audit_sink_batches_total counter");
+        for line in &self.audit_sink_deliveries {
+            let kind = line.kind.as_str();
+            let _ = writeln!(
+                out,
+                "sensei_audit_sink_batches_total{{kind=\"{kind}\",result=\"accepted\"}} {}",
+                line.accepted_batches
+            );
+            let _ = writeln!(
+                out,
+                "sensei_audit_sink_batches_total{{kind=\"{kind}\",result=\"failed\"}} {}",
+                line.failed_batches
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sensei_audit_sink_events_total Audit events receivers accepted from this replica, by sink kind."
+        );
+        let _ = writeln!(out, "# TYPE sensei_audit_sink_events_total counter");
+        for line in &self.audit_sink_deliveries {
+            let _ = writeln!(
+                out,
+                "sensei_audit_sink_events_total{{kind=\"{}\"}} {}",
+                line.kind.as_str(),
+                line.events
+            );
+        }
         gauge(
             out,
             "sensei_metrics_database_up",
@@ -298,6 +333,42 @@ impl FleetFigures {
                 "Unfinished rollouts by state.",
                 "state",
                 &db.rollouts,
+            );
+            let sinks = &db.audit_sinks;
+            gauge(
+                out,
+                "sensei_audit_sinks",
+                "Audit sinks configured, every account together.",
+                "gauge",
+                sinks.sinks,
+            );
+            gauge(
+                out,
+                "sensei_audit_sinks_failing",
+                "Audit sinks whose last attempt failed.",
+                "gauge",
+                sinks.failing,
+            );
+            gauge(
+                out,
+                "sensei_audit_sink_lag_events_max",
+                "Events not yet accepted by the sink furthest behind.",
+                "gauge",
+                sinks.max_lag_events,
+            );
+            gauge(
+                out,
+                "sensei_audit_sink_lag_events",
+                "Events not yet accepted, every sink added up.",
+                "gauge",
+                sinks.total_lag_events,
+            );
+            gauge(
+                out,
+                "sensei_audit_sink_oldest_undelivered_seconds",
+                "Seconds since the longest-waiting sink with events behind last had a batch accepted.",
+                "gauge",
+                sinks.oldest_undelivered_seconds,
             );
         }
         let p = &self.process;

@@ -78,6 +78,8 @@ pub struct ServeOptions {
     pub max_live_streams: usize,
     /// How long a quiet live-follow stream waits before its keep-alive comment.
     pub live_keep_alive: std::time::Duration,
+    /// How audit sinks are delivered (poll, batch, timeout, backoff).
+    pub audit_sinks: crate::audit::sinks::delivery::DeliverySettings,
 }
 
 impl ServeOptions {
@@ -104,10 +106,11 @@ impl ServeOptions {
             metrics_addr: None,
             metrics_token: None,
             ssh_job_timeout: crate::runners::ssh::DEFAULT_JOB_TIMEOUT,
-            ssh_deny_networks: crate::runners::ssh::default_denied_networks(),
+            ssh_deny_networks: crate::egress::default_denied_networks(),
             signup: crate::identity::signup::SignupPolicy::Closed,
             max_live_streams: crate::api::live::DEFAULT_PER_REPLICA,
             live_keep_alive: crate::api::live::DEFAULT_KEEP_ALIVE,
+            audit_sinks: Default::default(),
         }
     }
 }
@@ -370,12 +373,6 @@ impl ControlPlane {
             addr: options.agent_addr,
             message: e.to_string(),
         })?;
-        // Where a tenant's SSH and DNS servers may not be: the denied networks and our own
-        // listeners.
-        let outbound = crate::runners::ssh::TargetPolicy {
-            denied_networks: options.ssh_deny_networks.clone(),
-            own: vec![api_addr, agent_addr],
-        };
         let agent_endpoint = options
             .agent_endpoint
             .clone()
@@ -409,6 +406,32 @@ impl ControlPlane {
                     })?,
             ),
         };
+        // Where a tenant's SSH servers, DNS servers and audit sinks may not be: the denied
+        // networks, and every listener of this control plane.
+        let outbound = crate::egress::TargetPolicy {
+            denied_networks: options.ssh_deny_networks.clone(),
+            own: [
+                Some(api_addr),
+                Some(agent_addr),
+                metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        };
+        let sink_counters = Arc::new(crate::audit::sinks::delivery::DeliveryCounters::default());
+        let sink_delivery = Arc::new(crate::audit::sinks::delivery::Delivery {
+            pool: pool.clone(),
+            keys: keys.clone(),
+            policy: outbound.clone(),
+            settings: options.audit_sinks.clone(),
+            replica: hub.replica_id,
+            origin: reqwest::Url::parse(&public_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_else(|| "-".into()),
+            counters: sink_counters.clone(),
+        });
         let live =
             crate::api::live::LiveStreams::new(options.max_live_streams, options.live_keep_alive);
         let live_streams = live.clone();
@@ -432,6 +455,7 @@ impl ControlPlane {
             metrics_token: options.metrics_token.clone(),
             metrics_on_api: metrics_listener.is_none(),
             outbound: outbound.clone(),
+            sink_counters,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tasks = vec![
@@ -486,6 +510,7 @@ impl ControlPlane {
                 outbound,
                 shutdown_rx.clone(),
             )),
+            tokio::spawn(sink_delivery.run(shutdown_rx.clone())),
             tokio::spawn(crate::jobs::sweep::run(
                 pool.clone(),
                 hub.replica_id,

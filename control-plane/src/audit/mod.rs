@@ -11,6 +11,7 @@
 //! an action and its audit row commit or vanish together.
 
 pub mod keys;
+pub mod sinks;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;

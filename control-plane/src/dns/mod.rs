@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use self::update::{Target, UpdateError, Zone};
-use crate::runners::ssh::TargetPolicy;
+use crate::egress::TargetPolicy;
 use crate::secrets::field_crypto::FieldKeys;
 
 /// How often the records are reconciled.
@@ -447,7 +447,7 @@ mod tests {
     #[test]
     fn settings_are_checked_before_they_are_stored() {
         let policy = TargetPolicy {
-            denied_networks: crate::runners::ssh::default_denied_networks(),
+            denied_networks: crate::egress::default_denied_networks(),
             own: vec!["127.0.0.1:8443".parse().expect("addr")],
         };
         let good = DnsSettings {

@@ -56,7 +56,7 @@ impl Role {
             | MembersRead | AccountRead => Role::Viewer,
             DeploymentsWrite | RolloutsWrite => Role::Operator,
             ServersWrite | ProjectsWrite => Role::Developer,
-            ApiKeysRead | ApiKeysWrite | MembersWrite | AccountWrite => Role::Admin,
+            ApiKeysRead | ApiKeysWrite | MembersWrite | AccountWrite | AuditSinks => Role::Admin,
             AccountOwner => Role::Owner,
         };
         self >= needed
@@ -84,10 +84,12 @@ pub enum Scope {
     AccountWrite,
     /// Deleting the account, transferring ownership.
     AccountOwner,
+    /// The account's SIEM sinks: a key may read their status; only a session changes them.
+    AuditSinks,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 16] = [
+    pub const ALL: [Scope; 17] = [
         Scope::ServersRead,
         Scope::ServersWrite,
         Scope::ProjectsRead,
@@ -104,6 +106,7 @@ impl Scope {
         Scope::AccountRead,
         Scope::AccountWrite,
         Scope::AccountOwner,
+        Scope::AuditSinks,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -124,6 +127,7 @@ impl Scope {
             Scope::AccountRead => "account:read",
             Scope::AccountWrite => "account:write",
             Scope::AccountOwner => "account:owner",
+            Scope::AuditSinks => "audit:sinks",
         }
     }
 

@@ -53,46 +53,7 @@ pub struct SshRunner {
     pub targets: TargetPolicy,
 }
 
-/// Which addresses a tenant's SSH server may not resolve to: a tenant must not be able to
-/// point the runner at the cloud metadata service, or at the control plane itself.
-#[derive(Debug, Clone, Default)]
-pub struct TargetPolicy {
-    pub denied_networks: Vec<ipnet::IpNet>,
-    /// The control plane's own listening addresses (an unspecified address stands for every
-    /// local one on that port).
-    pub own: Vec<std::net::SocketAddr>,
-}
-
-/// The networks denied by default: IPv4 and IPv6 link-local and the other addresses cloud
-/// metadata services answer on, and "this host" (0.0.0.0/8, ::), which reaches localhost.
-pub fn default_denied_networks() -> Vec<ipnet::IpNet> {
-    [
-        "169.254.0.0/16",
-        "fe80::/10",
-        "fd00:ec2::254/128",
-        "100.100.100.200/32",
-        "0.0.0.0/8",
-        "::/128",
-    ]
-    .iter()
-    .filter_map(|n| n.parse().ok())
-    .collect()
-}
-
-impl TargetPolicy {
-    /// Whether connecting to `addr` is allowed.
-    pub fn allows(&self, addr: std::net::SocketAddr) -> bool {
-        let ip = addr.ip().to_canonical();
-        if self.denied_networks.iter().any(|n| n.contains(&ip)) {
-            return false;
-        }
-        !self.own.iter().any(|own| {
-            own.port() == addr.port()
-                && (own.ip().to_canonical() == ip
-                    || (own.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())))
-        })
-    }
-}
+use crate::egress::TargetPolicy;
 
 /// An account's SSH slot on this replica, held while its deploy runs.
 struct AccountSlot {
@@ -563,37 +524,5 @@ impl client::Handler for HostKeyCheck {
             Some(pinned) => pinned.key_data() == key.key_data(),
             None => true,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metadata_and_the_control_planes_own_listeners_are_not_targets() {
-        let policy = TargetPolicy {
-            denied_networks: default_denied_networks(),
-            own: vec![
-                "127.0.0.1:8443".parse().expect("addr"),
-                "0.0.0.0:7443".parse().expect("addr"),
-            ],
-        };
-        let allows = |a: &str| policy.allows(a.parse().expect("addr"));
-        assert!(!allows("169.254.169.254:22"));
-        assert!(!allows("[fe80::1]:22"));
-        assert!(
-            !allows("[::ffff:169.254.169.254]:22"),
-            "mapped IPv4 is IPv4"
-        );
-        assert!(!allows("0.0.0.0:8443"), "0.0.0.0 reaches this host");
-        assert!(!allows("[fd00:ec2::254]:80"));
-        assert!(!allows("127.0.0.1:8443"));
-        assert!(
-            !allows("127.0.0.1:7443"),
-            "an unspecified listener covers loopback"
-        );
-        assert!(allows("127.0.0.1:22"));
-        assert!(allows("192.0.2.10:22"));
     }
 }

@@ -59,6 +59,12 @@ pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[
         key: "id",
         column: "ssh_password_ciphertext",
     },
+    // An audit sink's bearer token or HMAC key (V16).
+    EncryptedColumn {
+        table: "audit_sinks",
+        key: "id",
+        column: "secret_ciphertext",
+    },
     // A project's TSIG secret for its DNS zone, and each written record's copy (V17).
     EncryptedColumn {
         table: "projects",

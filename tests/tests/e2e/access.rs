@@ -49,6 +49,8 @@ fn need(method: &str, path: &str) -> Option<Need> {
         ) => Session,
         ("GET" | "POST", "/v1/api-keys") | ("DELETE", "/v1/api-keys/{id}") => SessionRole(admin),
         ("GET", "/v1/audit" | "/v1/audit/export") => Scoped(viewer, "audit:read"),
+        ("GET", "/v1/audit/sinks") => Scoped(admin, "audit:sinks"),
+        ("POST", "/v1/audit/sinks") | ("DELETE", "/v1/audit/sinks/{id}") => SessionRole(admin),
         ("GET", "/v1/members") => Scoped(viewer, "members:read"),
         ("PATCH" | "DELETE", "/v1/members/{id}") => SessionRole(admin),
         ("GET" | "POST", "/v1/invitations") | ("DELETE", "/v1/invitations/{id}") => {

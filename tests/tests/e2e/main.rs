@@ -8,6 +8,7 @@ mod admission;
 mod agents;
 mod api_keys;
 mod audit_log;
+mod audit_sinks;
 mod backup;
 mod cli;
 mod cross_site;
