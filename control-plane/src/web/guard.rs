@@ -1,0 +1,143 @@
+//! Who is looking at a page, and whether a form may change anything.
+//!
+//! A page is for a signed-in person: the session cookie the API sets, nothing else (an
+//! `Authorization` header is not something a browser sends by itself, so the dashboard
+//! ignores API keys entirely). A form that changes something must pass two checks: the
+//! browser says it comes from the control plane's own origin (the API's rule, shared through
+//! [`cross_site::from_own_origin`]), and it carries the session's form token, which a page on
+//! another origin cannot read.
+
+use axum::extract::FromRequestParts;
+use axum::response::{IntoResponse, Redirect, Response};
+use http::request::Parts;
+use http::{HeaderMap, Method, StatusCode};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use super::WebError;
+use crate::api::access;
+use crate::api::cross_site;
+use crate::api::extract::ClientMeta;
+use crate::api::AppState;
+use crate::identity::auth::{self, AuthError, Principal};
+
+/// The name of the hidden field holding the form token.
+pub const CSRF_FIELD: &str = "csrf";
+
+/// A form that carries nothing but its token (a button).
+#[derive(serde::Deserialize)]
+pub struct TokenForm {
+    #[serde(default)]
+    pub csrf: String,
+}
+
+/// An id from a page's path; anything else is a page that does not exist.
+pub fn parse_id(text: &str) -> Result<Uuid, WebError> {
+    text.parse()
+        .map_err(|_| WebError::new(StatusCode::NOT_FOUND, "no such page"))
+}
+
+/// A signed-in person looking at a page.
+#[derive(Clone)]
+pub struct Signed {
+    pub principal: Principal,
+    pub meta: ClientMeta,
+    /// The token this session's forms carry.
+    pub csrf: String,
+}
+
+impl Signed {
+    /// Whether the API would let this person call `method path` (a template from the
+    /// access table): the dashboard shows a button only when this holds.
+    pub fn may(&self, method: Method, path: &str) -> bool {
+        access::permit(&self.principal, &method, path).is_ok()
+    }
+
+    /// Refuses, as the API would, a call this person may not make.
+    pub fn require(&self, method: Method, path: &str) -> Result<(), WebError> {
+        access::permit(&self.principal, &method, path).map_err(WebError::from)
+    }
+
+    /// The session this page is shown to (a [`Signed`] is only ever made from one).
+    pub fn session_id(&self) -> Uuid {
+        self.principal.session_id().unwrap_or_default()
+    }
+}
+
+/// The form token of a session: a keyed hash of its id under the field key, so it needs no
+/// storage, differs per session, ends with the session, and cannot be computed without the
+/// key. Domain-separated from the other keyed hashes made with the same key.
+pub fn csrf_token(state: &AppState, session_id: Uuid) -> String {
+    let mut input = b"sensei dashboard form token\0".to_vec();
+    input.extend_from_slice(session_id.as_bytes());
+    state.keys.keyed_input_hash(&input)
+}
+
+impl FromRequestParts<AppState> for Signed {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let meta = ClientMeta::from_parts(parts);
+        let Some(cookie) = auth::session_cookie(&parts.headers) else {
+            return Err(to_sign_in());
+        };
+        // Only the cookie is looked at, whatever else the request carries.
+        let mut only_cookie = HeaderMap::new();
+        if let Ok(value) = format!("{}={cookie}", auth::SESSION_COOKIE).parse() {
+            only_cookie.insert(http::header::COOKIE, value);
+        }
+        match auth::authenticate(&state.pool, &only_cookie, meta.ip).await {
+            Ok(principal) => {
+                let Some(session) = principal.session_id() else {
+                    return Err(to_sign_in());
+                };
+                tracing::Span::current()
+                    .record("account_id", tracing::field::display(principal.account_id));
+                Ok(Self {
+                    csrf: csrf_token(state, session),
+                    principal,
+                    meta,
+                })
+            }
+            Err(AuthError::NotSignedIn | AuthError::SessionInvalid) => Err(to_sign_in()),
+            Err(e) => Err(WebError::from(crate::api::error::ApiError::from(e)).into_response()),
+        }
+    }
+}
+
+fn to_sign_in() -> Response {
+    Redirect::to("/ui/sign-in").into_response()
+}
+
+/// The browser must say the form comes from this origin. Also the sign-in form's guard,
+/// before any session exists: another site cannot sign a visitor in to its own account.
+pub fn same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), WebError> {
+    if cross_site::from_own_origin(headers, &state.public_origin) {
+        Ok(())
+    } else {
+        Err(WebError::forbidden(format!(
+            "this form does not come from the dashboard: changes are accepted only from {}",
+            state.public_origin.render()
+        )))
+    }
+}
+
+/// Both checks for a signed-in person's form: the origin, and the session's form token
+/// (compared in constant time).
+pub fn check_form(
+    state: &AppState,
+    headers: &HeaderMap,
+    signed: &Signed,
+    token: Option<&str>,
+) -> Result<(), WebError> {
+    same_origin(state, headers)?;
+    let given = token.unwrap_or("").as_bytes();
+    if bool::from(given.ct_eq(signed.csrf.as_bytes())) {
+        Ok(())
+    } else {
+        Err(WebError::new(
+            StatusCode::FORBIDDEN,
+            "this form has expired or was not made by the dashboard; reload the page and try again",
+        ))
+    }
+}

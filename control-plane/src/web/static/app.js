@@ -1,0 +1,119 @@
+// The dashboard's only script. Pages work without it; with it, a running deployment's log
+// and a rollout's progress follow the API's server-sent events. It only ever sets text
+// (textContent), never markup, so nothing the server streams can become HTML.
+"use strict";
+
+(function () {
+  function followLog(log) {
+    var url = log.getAttribute("data-follow");
+    if (!url || typeof EventSource === "undefined") {
+      return;
+    }
+    var status = document.getElementById("deployment-status");
+    var source = new EventSource(url);
+    source.addEventListener("line", function (event) {
+      var entry;
+      try {
+        entry = JSON.parse(event.data);
+      } catch (e) {
+        return;
+      }
+      // A reconnect resumes after the last id the browser saw; never show a line twice.
+      if (log.querySelector('[data-id="' + Number(entry.id) + '"]')) {
+        return;
+      }
+      var span = document.createElement("span");
+      span.className = "line " + (entry.stream === "stderr" ? "stderr" : entry.stream === "stdout" ? "stdout" : "sensei");
+      span.setAttribute("data-id", String(Number(entry.id)));
+      span.textContent = entry.line + "\n";
+      log.appendChild(span);
+      log.scrollTop = log.scrollHeight;
+    });
+    source.addEventListener("status", function (event) {
+      source.close();
+      var word = "";
+      try {
+        word = JSON.parse(event.data).status;
+      } catch (e) {
+        return;
+      }
+      setStatus(status, word);
+      log.removeAttribute("data-follow");
+      log.setAttribute("data-ended", word);
+    });
+  }
+
+  function setStatus(holder, word) {
+    if (!holder) {
+      return;
+    }
+    var span = document.createElement("span");
+    var tone = { succeeded: " ok", failed: " bad", halted: " bad", aborted: " bad", rolled_back: " bad", running: " busy", paused: " busy" }[word] || "";
+    span.className = "status" + tone;
+    span.setAttribute("data-status", word);
+    span.textContent = word;
+    holder.replaceChildren(span);
+  }
+
+  function stateKey(view) {
+    if (view.state !== "paused") {
+      return view.state;
+    }
+    return view.paused_reason && view.paused_reason.indexOf("approval") >= 0 ? "paused:approval" : "paused:operator";
+  }
+
+  function followRollout(box) {
+    var url = box.getAttribute("data-follow");
+    if (!url || typeof EventSource === "undefined") {
+      return;
+    }
+    var source = new EventSource(url);
+    source.addEventListener("rollout", function (event) {
+      var view;
+      try {
+        view = JSON.parse(event.data);
+      } catch (e) {
+        return;
+      }
+      setStatus(document.getElementById("rollout-state"), view.state);
+      var reason = document.getElementById("rollout-reason");
+      if (reason) {
+        reason.textContent = view.paused_reason || view.halted_reason || "—";
+      }
+      var batch = document.getElementById("rollout-batch");
+      if (batch) {
+        batch.textContent = (view.current_batch === null ? 0 : view.current_batch + 1) + " of " + view.batch_count;
+      }
+      var counts = document.getElementById("target-counts");
+      if (counts && view.target_counts) {
+        var items = Object.keys(view.target_counts).map(function (name) {
+          var li = document.createElement("li");
+          li.setAttribute("data-count", name);
+          li.textContent = name + ": " + view.target_counts[name];
+          return li;
+        });
+        counts.replaceChildren.apply(counts, items);
+      }
+      var key = stateKey(view);
+      box.querySelectorAll("form[data-when]").forEach(function (form) {
+        form.hidden = form.getAttribute("data-when").split(" ").indexOf(key) < 0;
+      });
+      box.setAttribute("data-state", key);
+      if (["succeeded", "aborted", "rolled_back"].indexOf(view.state) >= 0 || (view.state === "halted" && view.finished_at)) {
+        source.close();
+      }
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var log = document.getElementById("log");
+    if (log) {
+      followLog(log);
+    }
+    var rollout = document.getElementById("rollout");
+    if (rollout) {
+      followRollout(rollout);
+    }
+    document.documentElement.setAttribute("data-script", "ready");
+  });
+})();
