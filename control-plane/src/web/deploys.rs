@@ -212,19 +212,22 @@ pub async fn show(
     let finished = matches!(d.status.as_str(), "succeeded" | "failed");
     let body = html! {
         h1 { (d.kind) " of " (names.of(d.project_id)) " to " (names.of(d.server_id)) }
-        dl.facts {
+        // The script refreshes the fields marked `data-field` from the API when the log
+        // stream announces the end (commit, release and timings are known only then).
+        dl.facts id="deployment" data-view=(format!("/v1/deployments/{id}")) {
             dt { "Status" } dd id="deployment-status" { (layout::status(&d.status)) }
             dt { "Ref" } dd { code { (d.git_ref.as_deref().unwrap_or("—")) } }
-            dt { "Commit" } dd { code id="commit" { (d.commit.as_deref().unwrap_or("—")) } }
-            dt { "Release" } dd { code { (d.release_id.as_deref().unwrap_or("—")) } }
+            dt { "Commit" } dd { code id="commit" data-field="commit" { (d.commit.as_deref().unwrap_or("—")) } }
+            dt { "Release" } dd { code id="release" data-field="release_id" { (d.release_id.as_deref().unwrap_or("—")) } }
             dt { "Server" } dd { a href=(format!("/ui/servers/{}", d.server_id)) { (names.of(d.server_id)) } }
             dt { "Queued by" } dd { (d.queued_by.as_ref().and_then(|q| q.email.as_deref()).unwrap_or("the platform")) }
             dt { "Queued" } dd { (layout::time(d.created_at)) }
-            dt { "Started" } dd { (layout::maybe_time(d.started_at)) }
-            dt { "Finished" } dd { (layout::maybe_time(d.finished_at)) }
-            dt { "Duration" } dd { @if let Some(s) = d.duration_secs { (format!("{s:.1} s")) } @else { "—" } }
-            @if let Some(e) = &d.error {
-                dt { "Failed at" } dd id="failed-step" { code { (e.step) } ": " (e.message) }
+            dt { "Started" } dd data-field="started_at" { (layout::maybe_time(d.started_at)) }
+            dt { "Finished" } dd data-field="finished_at" { (layout::maybe_time(d.finished_at)) }
+            dt { "Duration" } dd data-field="duration_secs" { @if let Some(s) = d.duration_secs { (format!("{s:.1} s")) } @else { "—" } }
+            dt { "Failed at" }
+            dd id="failed-step" data-field="error" {
+                @if let Some(e) = &d.error { (e.step) ": " (e.message) } @else { "—" }
             }
             @if let Some(r) = d.rollout_id {
                 dt { "Rollout" } dd { a href=(format!("/ui/rollouts/{r}")) { (layout::short(&r.to_string())) } }

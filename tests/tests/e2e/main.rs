@@ -11,6 +11,7 @@ mod audit_log;
 mod backup;
 mod cli;
 mod cross_site;
+mod dashboard;
 mod database_tls;
 mod deploys;
 mod field_keys;

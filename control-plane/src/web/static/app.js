@@ -38,9 +38,48 @@
         return;
       }
       setStatus(status, word);
-      log.removeAttribute("data-follow");
-      log.setAttribute("data-ended", word);
+      refreshFacts(function () {
+        log.removeAttribute("data-follow");
+        log.setAttribute("data-ended", word);
+      });
     });
+  }
+
+  function showTime(iso) {
+    return iso ? iso.replace("T", " ").slice(0, 19) + " UTC" : "—";
+  }
+
+  // Re-reads the deployment from the API once it has ended, for what is known only then.
+  function refreshFacts(done) {
+    var facts = document.getElementById("deployment");
+    var url = facts && facts.getAttribute("data-view");
+    if (!url || typeof fetch === "undefined") {
+      done();
+      return;
+    }
+    fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then(function (response) {
+        return response.ok ? response.json() : null;
+      })
+      .then(function (view) {
+        if (view) {
+          facts.querySelectorAll("[data-field]").forEach(function (field) {
+            var name = field.getAttribute("data-field");
+            var value = view[name];
+            if (name === "error") {
+              field.textContent = value ? value.step + ": " + value.message : "—";
+            } else if (name === "duration_secs") {
+              field.textContent = typeof value === "number" ? value.toFixed(1) + " s" : "—";
+            } else if (name.slice(-3) === "_at") {
+              field.textContent = showTime(value);
+            } else {
+              field.textContent = value || "—";
+            }
+          });
+        }
+      })
+      .catch(function () {})
+      .then(done);
   }
 
   function setStatus(holder, word) {

@@ -1,0 +1,509 @@
+//! The dashboard in a real browser (headless Chromium through chromedriver) against a real
+//! control plane and real agents, and the attacks on its forms as plain HTTP.
+
+use std::time::Duration;
+
+use sensei_agent::session::RunOutcome;
+use sensei_e2e::browser::Browser;
+use sensei_e2e::{eventually, git_repo, open_tempdir, session_cookie, totp_code, TestPlane};
+use serde_json::{json, Value};
+
+const PW: &str = "correct horse battery";
+
+fn fresh_email(prefix: &str) -> String {
+    format!("{prefix}{}@example.com", uuid::Uuid::new_v4().simple())
+}
+
+/// An HTTPS client trusting the plane's CA that sends only the headers a test gives it and
+/// does not follow redirects (a test reads the 303 itself).
+fn raw_client(t: &TestPlane) -> reqwest::Client {
+    let tls = sensei_certs::tls::client_config_trusting(t.plane.ca_pem()).expect("client tls");
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
+}
+
+/// The page's form token (`<input type="hidden" name="csrf" value="…">`).
+fn form_token(html: &str) -> String {
+    let at = html
+        .find("name=\"csrf\" value=\"")
+        .expect("the page has a form token");
+    let rest = &html[at + "name=\"csrf\" value=\"".len()..];
+    rest[..rest.find('"').expect("end of value")].to_owned()
+}
+
+async fn page(
+    t: &TestPlane,
+    path: &str,
+    cookie: &str,
+) -> (u16, String, reqwest::header::HeaderMap) {
+    let r = raw_client(t)
+        .get(t.url(path))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("page");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, r.text().await.expect("body"), headers)
+}
+
+/// Signs the browser in with a password only.
+async fn sign_in(b: &Browser, email: &str) {
+    b.open("/ui/sign-in").await;
+    b.fill("#email", email).await;
+    b.fill("#password", PW).await;
+    b.click("#sign-in").await;
+    b.wait_path("/ui/servers").await;
+}
+
+async fn session_valid(t: &TestPlane, cookie: &str) -> bool {
+    t.get("/v1/auth/me", cookie).await.0 == 200
+}
+
+#[tokio::test]
+async fn sign_in_with_totp_see_the_fleet_deploy_and_follow_the_live_log() {
+    let t = TestPlane::start().await;
+    // A database of its own: a plain address reads better in the screenshots.
+    let email = "ops@example.com".to_owned();
+    let (cookie, _) = t.signup(&email, PW).await;
+    let secret = t.enable_totp(&cookie).await;
+    let agent = t
+        .start_labelled_agent(
+            &cookie,
+            "web-1",
+            json!({"env": "prod"}),
+            sensei_agent::jobs::JobPolicy::default(),
+        )
+        .await;
+    assert!(
+        eventually(Duration::from_secs(30), || t
+            .agent_connected(&cookie, agent.server_id))
+        .await
+    );
+    let dir = open_tempdir();
+    let repo = git_repo(dir.path(), &["v1"]);
+    let gate = dir.path().join("gate");
+    // The build waits for the test to open a gate, so the log is followed while it runs.
+    let (status, project) = t
+        .post(
+            "/v1/projects",
+            &cookie,
+            json!({
+                "name": "site",
+                "repo_url": repo.display().to_string(),
+                "deploy_path": dir.path().join("app").display().to_string(),
+                "hooks": {"build": [
+                    "echo building $(cat index.html)",
+                    format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display()),
+                    "echo the gate is open",
+                ]},
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+
+    let b = Browser::start(&t.base).await;
+    // Signed out, the dashboard sends the browser to sign in.
+    b.open("/").await;
+    b.wait_path("/ui/sign-in").await;
+    b.screenshot("sign-in").await;
+    b.fill("#email", &email).await;
+    b.fill("#password", PW).await;
+    b.click("#sign-in").await;
+    // The second step: the password alone does not sign in.
+    b.wait_for("#code").await;
+    assert_eq!(b.path().await, "/ui/sign-in");
+    assert!(b.driver.get_named_cookie("sensei_session").await.is_err());
+    b.screenshot("second-factor").await;
+    b.fill("#code", &totp_code(&secret, 1)).await;
+    b.click("#verify").await;
+    b.wait_path("/ui/servers").await;
+
+    // The fleet: the agent's server, connected, with its label and version.
+    let row = b
+        .wait_text("#servers tbody", |text| {
+            text.contains("web-1") && text.contains("connected")
+        })
+        .await;
+    assert!(row.contains("env=prod"), "{row}");
+    assert!(row.contains(env!("CARGO_PKG_VERSION")), "{row}");
+    b.screenshot("fleet").await;
+    b.open("/ui/servers?label=env%3Dstaging").await;
+    b.wait_text("main", |text| text.contains("No servers match."))
+        .await;
+    b.open("/ui/servers?label=env%3Dprod&status=connected")
+        .await;
+    b.wait_text("#servers tbody", |text| text.contains("web-1"))
+        .await;
+
+    // The server's page names its certificate as the API does.
+    b.click("#servers a").await;
+    let (_, server) = t
+        .get(&format!("/v1/servers/{}", agent.server_id), &cookie)
+        .await;
+    let fingerprint = server["agent"]["certificate_fingerprint"]
+        .as_str()
+        .expect("fingerprint");
+    assert!(fingerprint.starts_with("SHA256:"), "{fingerprint}");
+    b.wait_text("#cert-fingerprint", |text| text == fingerprint)
+        .await;
+    b.wait_text("#cert-serial", |text| {
+        Some(text) == server["agent"]["certificate_serial"].as_str()
+    })
+    .await;
+    b.screenshot("server").await;
+
+    // Deploy from the page, and watch the log arrive while the deploy runs.
+    b.open("/ui/deployments").await;
+    b.fill("#ref", "main").await;
+    b.click("#deploy").await;
+    b.wait_text("#log", |text| text.contains("building v1"))
+        .await;
+    let path = b.path().await;
+    assert!(path.starts_with("/ui/deployments/"), "{path}");
+    let log = b.wait_for("#log").await.text().await.expect("log");
+    assert!(!log.contains("the gate is open"), "{log}");
+    std::fs::write(&gate, b"").expect("open the gate");
+    b.wait_text("#log", |text| text.contains("the gate is open"))
+        .await;
+    // Set by the script on the stream's final event: the page was not reloaded.
+    b.wait_for("#log[data-ended='succeeded']").await;
+    b.wait_for("#deployment-status [data-status='succeeded']")
+        .await;
+    let id = path.trim_start_matches("/ui/deployments/");
+    let (_, deployment) = t.get(&format!("/v1/deployments/{id}"), &cookie).await;
+    assert_eq!(deployment["status"], "succeeded", "{deployment}");
+    let commit = deployment["commit"].as_str().expect("commit");
+    b.wait_text("#commit", |text| text == commit).await;
+    b.screenshot("deployment").await;
+
+    b.open("/ui/deployments").await;
+    b.wait_text(".deployments tbody", |text| text.contains("succeeded"))
+        .await;
+    b.screenshot("deployments").await;
+    b.open("/ui/settings/sessions").await;
+    b.wait_text("#sessions", |text| text.contains("(this browser)"))
+        .await;
+    b.screenshot("sessions").await;
+    b.open("/ui/settings/audit?action=user.logged_in").await;
+    let audit = b.wait_text("#audit tbody", |text| !text.is_empty()).await;
+    assert!(audit.contains("user.logged_in"), "{audit}");
+    assert!(!audit.contains("deployment.created"), "{audit}");
+    b.screenshot("audit").await;
+    b.open("/ui/projects").await;
+    b.wait_text("#projects", |text| text.contains("site")).await;
+    b.open("/ui/servers/new").await;
+    b.wait_for("#create-server").await;
+    b.screenshot("add-server").await;
+
+    // Every page above ran under the policy without a violation.
+    let violations = b.csp_violations().await;
+    assert!(violations.is_empty(), "{violations:?}");
+    b.close().await;
+}
+
+#[tokio::test]
+async fn revoking_a_certificate_from_the_page_cuts_the_agent_off() {
+    let t = TestPlane::start().await;
+    let email = fresh_email("revoke");
+    let (cookie, _) = t.signup(&email, PW).await;
+    let agent = t.start_agent(&cookie, "edge-1").await;
+    assert!(
+        eventually(Duration::from_secs(30), || t
+            .agent_connected(&cookie, agent.server_id))
+        .await
+    );
+    let b = Browser::start(&t.base).await;
+    sign_in(&b, &email).await;
+    b.open(&format!("/ui/servers/{}", agent.server_id)).await;
+    b.click("#revoke").await;
+    // A confirmation step first: nothing is revoked by following the link.
+    b.wait_for("#confirm-revoke").await;
+    assert!(t.agent_connected(&cookie, agent.server_id).await);
+    b.click("#confirm-revoke").await;
+    b.wait_text(".notice", |text| text.contains("revoked"))
+        .await;
+    b.wait_text("#cert-fingerprint", |text| text.starts_with("none"))
+        .await;
+    assert!(!b.has("#revoke").await);
+    // The agent was cut off and told why; its certificate is refused from now on.
+    let outcome = tokio::time::timeout(Duration::from_secs(30), agent.task)
+        .await
+        .expect("the agent was not cut off")
+        .expect("join")
+        .expect("run");
+    assert_eq!(outcome, RunOutcome::Revoked);
+    assert!(!t.agent_connected(&cookie, agent.server_id).await);
+    let (_, server) = t
+        .get(&format!("/v1/servers/{}", agent.server_id), &cookie)
+        .await;
+    assert_eq!(server["agent"]["certificate_fingerprint"], Value::Null);
+    assert!(t
+        .audit_actions()
+        .await
+        .iter()
+        .any(|a| a == "agent.certificate_revoked"));
+    let violations = b.csp_violations().await;
+    assert!(violations.is_empty(), "{violations:?}");
+    b.close().await;
+}
+
+#[tokio::test]
+async fn signing_out_a_session_from_settings_ends_it_for_the_api() {
+    let t = TestPlane::start().await;
+    let email = fresh_email("sessions");
+    let (_signup_cookie, _) = t.signup(&email, PW).await;
+    // Another device: a session made through the API.
+    let r = t
+        .http
+        .post(t.url("/v1/auth/login"))
+        .json(&json!({"email": email, "password": PW}))
+        .send()
+        .await
+        .expect("login");
+    let other = session_cookie(&r).expect("cookie");
+    let other_id = r.json::<Value>().await.expect("json")["session_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert!(session_valid(&t, &other).await);
+
+    let b = Browser::start(&t.base).await;
+    sign_in(&b, &email).await;
+    let mine = b.session_cookie().await;
+    b.open("/ui/settings/sessions").await;
+    b.click(&format!("tr[data-session='{other_id}'] button"))
+        .await;
+    b.wait_text(".notice", |text| text.contains("signed out"))
+        .await;
+    assert!(!b.has(&format!("tr[data-session='{other_id}']")).await);
+    assert!(
+        !session_valid(&t, &other).await,
+        "the signed-out cookie still works"
+    );
+    assert!(session_valid(&t, &mine).await);
+
+    // Sign out everywhere ends this browser's session too.
+    b.click("#sign-out-everywhere").await;
+    b.wait_path("/ui/sign-in").await;
+    assert!(!session_valid(&t, &mine).await);
+    b.open("/ui/servers").await;
+    b.wait_path("/ui/sign-in").await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn forged_and_cross_origin_forms_are_refused_and_every_page_sends_the_headers() {
+    let t = TestPlane::start().await;
+    let email = fresh_email("csrf");
+    let (cookie, _) = t.signup(&email, PW).await;
+    let victim = t.login(&email, PW).await;
+    let victim_id = {
+        let (_, list) = t.get("/v1/auth/sessions", &cookie).await;
+        let sessions = list["sessions"].as_array().expect("sessions").clone();
+        let current_cookie_session = sessions
+            .iter()
+            .find(|s| s["current"] == false)
+            .expect("the second session")
+            .clone();
+        current_cookie_session["id"]
+            .as_str()
+            .expect("id")
+            .to_owned()
+    };
+    let (status, html, _) = page(&t, "/ui/settings/sessions", &cookie).await;
+    assert_eq!(status, 200);
+    let token = form_token(&html);
+    // Another account's page gives another token.
+    let (stranger, _) = t.signup(&fresh_email("stranger"), PW).await;
+    let (_, stranger_html, _) = page(&t, "/ui/servers", &stranger).await;
+    let stranger_token = form_token(&stranger_html);
+    assert_ne!(token, stranger_token);
+
+    let origin = t.plane.public_url().trim_end_matches('/').to_owned();
+    let action = t.url(&format!("/ui/settings/sessions/{victim_id}/sign-out"));
+    let post = |origin: Option<&str>, body: String| {
+        let mut r = raw_client(&t)
+            .post(&action)
+            .header("cookie", &cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some(origin) = origin {
+            r = r.header("origin", origin);
+        }
+        r.send()
+    };
+    // From another origin, with the right token: refused.
+    let r = post(Some("https://evil.example"), format!("csrf={token}"))
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403);
+    let text = r.text().await.expect("body");
+    assert!(text.contains("does not come from the dashboard"), "{text}");
+    // No Origin and no Sec-Fetch-Site at all: refused.
+    let r = post(None, format!("csrf={token}")).await.expect("post");
+    assert_eq!(r.status(), 403);
+    // The right origin without the token, with a wrong one, or with another session's.
+    for body in [
+        String::new(),
+        "csrf=".to_owned(),
+        "csrf=0000".to_owned(),
+        format!("csrf={stranger_token}"),
+    ] {
+        let r = post(Some(&origin), body.clone()).await.expect("post");
+        assert_eq!(r.status(), 403, "{body}");
+    }
+    assert!(
+        session_valid(&t, &victim).await,
+        "a refused form changed something"
+    );
+    // The real form works.
+    let r = post(Some(&origin), format!("csrf={token}"))
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 303);
+    assert!(!session_valid(&t, &victim).await);
+
+    // Another site cannot sign a visitor in either.
+    let r = raw_client(&t)
+        .post(t.url("/ui/sign-in"))
+        .header("origin", "https://evil.example")
+        .form(&[("email", email.as_str()), ("password", PW)])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403);
+    assert!(session_cookie(&r).is_none());
+
+    // The headers, on every kind of answer: pages, the sign-in page, errors, assets.
+    let (_, html, _) = page(&t, "/ui/servers", &cookie).await;
+    let script = html
+        .split("src=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a script")
+        .to_owned();
+    assert!(script.starts_with("/ui/static/app."), "{script}");
+    assert!(!html.contains("<script>"), "inline script");
+    for (path, with_cookie, status) in [
+        ("/ui/servers", true, 200),
+        ("/ui/deployments", true, 200),
+        ("/ui/projects", true, 200),
+        ("/ui/rollouts", true, 200),
+        ("/ui/settings/sessions", true, 200),
+        ("/ui/settings/audit", true, 200),
+        ("/ui/servers/new", true, 200),
+        ("/ui/sign-in", false, 200),
+        ("/ui/servers", false, 303),
+        (
+            "/ui/servers/00000000-0000-0000-0000-000000000000",
+            true,
+            404,
+        ),
+        (script.as_str(), false, 200),
+    ] {
+        let (got, _, headers) = page(&t, path, if with_cookie { &cookie } else { "" }).await;
+        assert_eq!(got, status, "{path}");
+        let csp = headers["content-security-policy"].to_str().expect("csp");
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+        assert!(csp.contains("script-src 'self'"), "{path}: {csp}");
+        assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
+        assert_eq!(headers["x-frame-options"], "DENY", "{path}");
+        assert!(headers.contains_key("referrer-policy"), "{path}");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+    }
+    let (_, _, headers) = page(&t, &script, "").await;
+    assert!(headers["cache-control"]
+        .to_str()
+        .expect("cache")
+        .contains("immutable"));
+    let (_, _, headers) = page(&t, "/ui/servers", &cookie).await;
+    assert_eq!(headers["cache-control"], "no-store");
+}
+
+#[tokio::test]
+async fn a_viewer_sees_no_destructive_buttons_and_a_forged_one_is_refused() {
+    let t = TestPlane::start().await;
+    let (owner, _) = t.signup(&fresh_email("owner"), PW).await;
+    let agent = t.start_agent(&owner, "db-1").await;
+    let viewer_email = fresh_email("viewer");
+    let (status, inv) = t
+        .post(
+            "/v1/invitations",
+            &owner,
+            json!({"email": viewer_email, "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{inv}");
+    let r = t
+        .http
+        .post(t.url("/v1/invitations/accept"))
+        .json(&json!({"token": inv["token"], "password": PW}))
+        .send()
+        .await
+        .expect("accept");
+    assert_eq!(r.status(), 201);
+    let viewer = session_cookie(&r).expect("cookie");
+    assert!(
+        eventually(Duration::from_secs(30), || t
+            .agent_connected(&owner, agent.server_id))
+        .await
+    );
+
+    let b = Browser::start(&t.base).await;
+    sign_in(&b, &viewer_email).await;
+    b.wait_text("#servers tbody", |text| text.contains("db-1"))
+        .await;
+    assert!(!b.has("#add-server").await);
+    b.click("#servers a").await;
+    b.wait_for("#cert-fingerprint").await;
+    assert!(!b.has("#revoke").await);
+    assert!(!b.has("button.danger").await);
+    b.open("/ui/deployments").await;
+    b.wait_for(".deployments, main p").await;
+    assert!(!b.has("#deploy-form").await);
+    b.open("/ui/projects").await;
+    b.wait_for("main h1").await;
+    assert!(!b.has("#create-project").await);
+    b.close().await;
+
+    // The viewer's own token, the right origin: the server still refuses.
+    let (_, html, _) = page(&t, "/ui/servers", &viewer).await;
+    let token = form_token(&html);
+    let origin = t.plane.public_url().trim_end_matches('/').to_owned();
+    let client = raw_client(&t);
+    for path in [
+        format!("/ui/servers/{}/revoke-certificate", agent.server_id),
+        "/ui/servers/new".to_owned(),
+        "/ui/projects".to_owned(),
+    ] {
+        let r = client
+            .post(t.url(&path))
+            .header("cookie", &viewer)
+            .header("origin", &origin)
+            .form(&[
+                ("csrf", token.as_str()),
+                ("name", "x"),
+                ("host", "x.example"),
+                ("repo_url", "/tmp/x"),
+                ("deploy_path", "/srv/x"),
+            ])
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 403, "{path}");
+    }
+    let (status, _, _) = page(
+        &t,
+        &format!("/ui/servers/{}/revoke-certificate", agent.server_id),
+        &viewer,
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(t.agent_connected(&owner, agent.server_id).await);
+    let (_, servers) = t.get("/v1/servers", &owner).await;
+    assert_eq!(servers["servers"].as_array().expect("servers").len(), 1);
+}
