@@ -10,11 +10,11 @@ use maud::{html, Markup};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::guard::{self, parse_id, Signed};
+use super::guard::{self, parse_id, Signed, TokenForm};
 use super::layout::{self, Section};
 use super::WebError;
 use crate::api::deployments::{self, CreateDeployment, DeploymentFilter, DeploymentView, LogQuery};
-use crate::api::extract::{JsonBody, QueryParams};
+use crate::api::extract::{JsonBody, OptionalJsonBody, QueryParams};
 use crate::api::idempotency::IdempotencyKey;
 use crate::api::page::PageQuery;
 use crate::api::{projects, servers, AppState};
@@ -233,6 +233,12 @@ pub async fn show(
                 dt { "Rollout" } dd { a href=(format!("/ui/rollouts/{r}")) { (layout::short(&r.to_string())) } }
             }
         }
+        @if d.status == "succeeded" && signed.may(Method::POST, "/v1/deployments/{id}/rollback") {
+            form method="post" action=(format!("/ui/deployments/{id}/rollback")) {
+                (layout::csrf(&signed))
+                button type="submit" id="rollback" { "Roll this server back to the release before" }
+            }
+        }
         h2 id="log-heading" { "Log" }
         @let follow = (!finished).then(|| format!("/v1/deployments/{id}/logs?follow=true&after={last}"));
         pre.log id="log" aria-labelledby="log-heading" aria-live="polite" tabindex="0"
@@ -301,4 +307,38 @@ pub async fn create(
             )
         })?;
     Ok(Redirect::to(&format!("/ui/deployments/{id}")))
+}
+
+/// `POST /ui/deployments/{id}/rollback`: queues a rollback of the deployment's server to the
+/// good release before the current one (the API's default), and shows it.
+pub async fn rollback(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<TokenForm>,
+) -> Result<Redirect, WebError> {
+    let id = parse_id(&id)?;
+    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
+    signed.require(Method::POST, "/v1/deployments/{id}/rollback")?;
+    let answer = deployments::rollback(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        IdempotencyKey(None),
+        crate::api::extract::Path(id),
+        OptionalJsonBody(None),
+    )
+    .await?;
+    let queued: serde_json::Value = super::json_body(answer).await?;
+    let new_id = queued["id"]
+        .as_str()
+        .and_then(|s| s.parse::<Uuid>().ok())
+        .ok_or_else(|| {
+            WebError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the rollback was queued but its answer was unreadable",
+            )
+        })?;
+    Ok(Redirect::to(&format!("/ui/deployments/{new_id}")))
 }

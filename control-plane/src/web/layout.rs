@@ -153,6 +153,8 @@ pub fn notice(done: Option<&str>) -> Markup {
     let text = match done {
         Some("revoked") => "The agent certificate is revoked; the agent was disconnected.",
         Some("signed-out") => "The session is signed out.",
+        Some("key-revoked") => "The API key is revoked.",
+        Some("rolled-back") => "A rollback is queued.",
         Some("created") => "Created.",
         Some("steered") => "Done.",
         _ => return html! {},

@@ -27,6 +27,7 @@ mod layout;
 mod projects;
 mod rollouts;
 mod settings;
+mod team;
 
 /// Largest form accepted, in bytes: the largest form (a project) is far below it.
 const MAX_FORM_BYTES: usize = 16 * 1024;
@@ -55,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/ui/deployments", get(deploys::list).post(deploys::create))
         .route("/ui/deployments/{id}", get(deploys::show))
+        .route("/ui/deployments/{id}/rollback", post(deploys::rollback))
         .route("/ui/projects", get(projects::list).post(projects::create))
         .route("/ui/rollouts", get(rollouts::list))
         .route("/ui/rollouts/{id}", get(rollouts::show))
@@ -69,6 +71,18 @@ pub fn router(state: AppState) -> Router {
             post(settings::sign_out_session),
         )
         .route("/ui/settings/audit", get(settings::audit))
+        .route(
+            "/ui/settings/members",
+            get(team::members).post(team::invite),
+        )
+        .route(
+            "/ui/settings/api-keys",
+            get(team::api_keys).post(team::create_api_key),
+        )
+        .route(
+            "/ui/settings/api-keys/{id}/revoke",
+            post(team::revoke_api_key),
+        )
         .route("/ui/static/{file}", get(assets::serve))
         .layer(map_response(security_headers))
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES));

@@ -144,7 +144,11 @@ pub async fn show(
                         form method="post" action=(format!("/ui/rollouts/{id}/{command}"))
                             data-when=(when) hidden[!when.split(' ').any(|w| w == key)] {
                             (layout::csrf(&signed))
-                            button type="submit" id=(format!("rollout-{command}")) { (label) }
+                            @if command == "abort" {
+                                button.danger type="submit" id=(format!("rollout-{command}")) { (label) }
+                            } @else {
+                                button type="submit" id=(format!("rollout-{command}")) { (label) }
+                            }
                         }
                     }
                 }
@@ -155,12 +159,13 @@ pub async fn show(
             thead { tr { th { "Server" } th { "Batch" } th { "Status" } th { "Deployment" } th { "Error" } } }
             tbody {
                 @for t in &targets.targets {
-                    tr {
+                    // The script updates the status and error cells from each event.
+                    tr data-target=(t.server_id) {
                         td { a href=(format!("/ui/servers/{}", t.server_id)) { (names.of(t.server_id)) } }
                         td { (t.batch + 1) }
-                        td { (layout::status(&t.status)) }
+                        td data-field="status" { (layout::status(&t.status)) }
                         td { @if let Some(d) = t.deployment_id { a href=(format!("/ui/deployments/{d}")) { (layout::short(&d.to_string())) } } @else { "—" } }
-                        td { (t.error.as_deref().unwrap_or("")) }
+                        td data-field="error" { (t.error.as_deref().unwrap_or("")) }
                     }
                 }
             }

@@ -19,9 +19,12 @@ use crate::api::AppState;
 /// Audit events per page.
 const AUDIT_PAGE: i64 = 50;
 
-fn tabs(signed: &Signed, current: &str) -> Markup {
+/// The settings' own navigation: the tabs this person may read.
+pub fn tabs(signed: &Signed, current: &str) -> Markup {
     let tabs = [
         ("/ui/settings/sessions", "Sessions", "/v1/auth/sessions"),
+        ("/ui/settings/members", "Members", "/v1/members"),
+        ("/ui/settings/api-keys", "API keys", "/v1/api-keys"),
         ("/ui/settings/audit", "Audit log", "/v1/audit"),
     ];
     html! {
@@ -43,7 +46,7 @@ fn tabs(signed: &Signed, current: &str) -> Markup {
 #[derive(Deserialize, Default)]
 pub struct Done {
     #[serde(default)]
-    done: Option<String>,
+    pub done: Option<String>,
 }
 
 /// `GET /ui/settings/sessions`

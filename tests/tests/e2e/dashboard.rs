@@ -507,3 +507,323 @@ async fn a_viewer_sees_no_destructive_buttons_and_a_forged_one_is_refused() {
     let (_, servers) = t.get("/v1/servers", &owner).await;
     assert_eq!(servers["servers"].as_array().expect("servers").len(), 1);
 }
+
+#[tokio::test]
+async fn a_rollout_page_follows_progress_live_and_approves_the_canary() {
+    let t = TestPlane::start().await;
+    let email = "ops@example.com";
+    let (cookie, _) = t.signup(email, PW).await;
+    let policy = sensei_agent::jobs::JobPolicy::default;
+    let first = t
+        .start_labelled_agent(&cookie, "web-1", json!({"env": "prod"}), policy())
+        .await;
+    let second = t
+        .start_labelled_agent(&cookie, "web-2", json!({"env": "prod"}), policy())
+        .await;
+    for agent in [&first, &second] {
+        assert!(
+            eventually(Duration::from_secs(30), || t
+                .agent_connected(&cookie, agent.server_id))
+            .await
+        );
+    }
+    let dir = open_tempdir();
+    let repo = git_repo(dir.path(), &["v1"]);
+    let (status, project) = t
+        .post(
+            "/v1/projects",
+            &cookie,
+            json!({"name": "site", "repo_url": repo.display().to_string(),
+                   "deploy_path": dir.path().join("app").display().to_string()}),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+    let (status, rollout) = t
+        .post(
+            "/v1/rollouts",
+            &cookie,
+            json!({"project_id": project["id"], "ref": "main",
+                   "server_ids": [first.server_id, second.server_id],
+                   "strategy": {"canary": 1, "batch_size": 1, "manual_approval": true}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let id = rollout["id"].as_str().expect("id");
+
+    let b = Browser::start(&t.base).await;
+    sign_in(&b, email).await;
+    b.open("/ui/rollouts").await;
+    b.click("#rollouts a").await;
+    b.wait_path(&format!("/ui/rollouts/{id}")).await;
+    // The script marks the state each event brings: the canary's end arrives on this page.
+    b.wait_for("#rollout[data-state='paused:approval']").await;
+    b.wait_text("#rollout-reason", |text| text.contains("approval"))
+        .await;
+    b.wait_text("#target-counts", |text| text.contains("succeeded: 1"))
+        .await;
+    let approve = b.wait_for("#rollout-approve").await;
+    assert!(approve.is_displayed().await.expect("displayed"));
+    assert!(!b
+        .wait_for("#rollout-resume")
+        .await
+        .is_displayed()
+        .await
+        .expect("displayed"));
+    b.screenshot("rollout").await;
+    approve.click().await.expect("approve");
+    b.wait_for("#rollout[data-state='succeeded']").await;
+    b.wait_text("#target-counts", |text| text.contains("succeeded: 2"))
+        .await;
+    // The targets table follows the events too.
+    b.wait_for(&format!(
+        "tr[data-target='{}'] [data-status='succeeded']",
+        second.server_id
+    ))
+    .await;
+    for button in ["#rollout-pause", "#rollout-approve", "#rollout-abort"] {
+        assert!(!b
+            .wait_for(button)
+            .await
+            .is_displayed()
+            .await
+            .expect("shown"));
+    }
+    let (_, done) = t.get(&format!("/v1/rollouts/{id}"), &cookie).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(t
+        .audit_actions()
+        .await
+        .iter()
+        .any(|a| a == "rollout.approved"));
+    let violations = b.csp_violations().await;
+    assert!(violations.is_empty(), "{violations:?}");
+    b.close().await;
+}
+
+#[tokio::test]
+async fn adding_servers_shows_the_enroll_command_and_the_public_key_once() {
+    let t = TestPlane::start().await;
+    let email = "ops@example.com";
+    let (cookie, _) = t.signup(email, PW).await;
+    let b = Browser::start(&t.base).await;
+    sign_in(&b, email).await;
+    b.click("#add-server").await;
+    b.fill("#name", "new-1").await;
+    b.fill("#host", "new-1.example").await;
+    b.fill("#labels", "env=staging\nrole=web").await;
+    b.click("#create-server").await;
+    let command = b
+        .wait_text("#enroll-command", |text| {
+            text.starts_with("sensei-agent enroll")
+        })
+        .await;
+    b.screenshot("server-added").await;
+    let word_after = |flag: &str| {
+        let mut words = command.split_whitespace();
+        words.find(|w| *w == flag);
+        words.next().expect("a value").to_owned()
+    };
+    assert_eq!(word_after("--control-plane"), t.agent_endpoint());
+    assert_eq!(
+        word_after("--ca-fingerprint"),
+        t.plane.ca_fingerprint().to_string()
+    );
+    let token = word_after("--token");
+    let server_id: uuid::Uuid = word_after("--server-id").parse().expect("server id");
+
+    // The command works: an agent enrolls with exactly these values and connects.
+    let dir = open_tempdir();
+    let mut options = t.enroll_options(&token, dir.path());
+    options.expected_server_id = Some(server_id);
+    sensei_agent::enroll::enroll(&options)
+        .await
+        .expect("enroll with the page's command");
+    // Shown once: the server's page does not have it.
+    b.open(&format!("/ui/servers/{server_id}")).await;
+    b.wait_text("main", |text| text.contains("env=staging"))
+        .await;
+    assert!(!b.driver.source().await.expect("source").contains(&token));
+    let (_, server) = t.get(&format!("/v1/servers/{server_id}"), &cookie).await;
+    assert!(server["agent"]["certificate_fingerprint"]
+        .as_str()
+        .is_some_and(|f| f.starts_with("SHA256:")));
+
+    // An SSH server: the public key to install, once; its fingerprint stays on the page.
+    b.open("/ui/servers/new").await;
+    b.fill("#name", "legacy").await;
+    b.fill("#host", "127.0.0.1").await;
+    b.click("input[name='transport'][value='ssh']").await;
+    b.fill("#username", "deploy").await;
+    b.click("#create-server").await;
+    let key = b
+        .wait_text("#public-key", |text| text.starts_with("ssh-ed25519 "))
+        .await;
+    b.click("main p a").await;
+    let fingerprint = b
+        .wait_text("#ssh-fingerprint", |text| text.starts_with("SHA256:"))
+        .await;
+    assert!(!b.driver.source().await.expect("source").contains(&key));
+    let (_, list) = t.get("/v1/servers", &cookie).await;
+    let legacy = list["servers"]
+        .as_array()
+        .expect("servers")
+        .iter()
+        .find(|s| s["name"] == "legacy")
+        .expect("the SSH server")
+        .clone();
+    assert_eq!(legacy["fingerprint"], fingerprint.as_str());
+    let violations = b.csp_violations().await;
+    assert!(violations.is_empty(), "{violations:?}");
+    b.close().await;
+}
+
+#[tokio::test]
+async fn the_audit_log_page_filters_by_action_and_pages_by_fifty() {
+    let t = TestPlane::start().await;
+    let (cookie, _) = t.signup(&fresh_email("audit"), PW).await;
+    for i in 0..51 {
+        t.create_agent_server(&cookie, &format!("s-{i}"), json!({}))
+            .await;
+    }
+    let rows = |html: &str| html.matches("<code>server.created</code>").count();
+    let (status, first, _) = page(&t, "/ui/settings/audit?action=server.created", &cookie).await;
+    assert_eq!(status, 200);
+    assert_eq!(rows(&first), 50);
+    assert!(!first.contains("<code>account.created</code>"));
+    let at = first
+        .find("id=\"older-events\"")
+        .expect("a link to older events");
+    let href = first[..at]
+        .rsplit("href=\"")
+        .next()
+        .and_then(|rest| rest.split('"').next())
+        .expect("href")
+        .replace("&amp;", "&");
+    let (_, second, _) = page(&t, &href, &cookie).await;
+    assert_eq!(rows(&second), 1, "{href}");
+    assert!(!second.contains("older-events"));
+    let (_, other, _) = page(&t, "/ui/settings/audit?action=account.created", &cookie).await;
+    assert_eq!(other.matches("<code>account.created</code>").count(), 1);
+    assert_eq!(rows(&other), 0);
+    // Markup in a filter comes back as text.
+    let (_, all, _) = page(&t, "/ui/settings/audit?action=%3Cscript%3E", &cookie).await;
+    assert!(
+        all.contains("value=\"&lt;script&gt;\""),
+        "the filter is escaped"
+    );
+    assert!(!all.contains("<script>"));
+}
+
+#[tokio::test]
+async fn api_keys_and_invitations_from_settings_work_against_the_api() {
+    let t = TestPlane::start().await;
+    let email = "ops@example.com";
+    let (owner, _) = t.signup(email, PW).await;
+    let b = Browser::start(&t.base).await;
+    sign_in(&b, email).await;
+
+    // An API key: created with one scope, its secret shown once, working, then revoked.
+    b.open("/ui/settings/api-keys").await;
+    b.fill("#name", "ci").await;
+    b.click("input[name='scope'][value='servers:read']").await;
+    b.click("#create-api-key").await;
+    let secret = b
+        .wait_text("#api-key-secret", |text| !text.trim().is_empty())
+        .await;
+    b.screenshot("api-key-created").await;
+    let (status, _) = t.get_with_key("/v1/servers", &secret).await;
+    assert_eq!(status, 200);
+    let (status, _) = t.get_with_key("/v1/projects", &secret).await;
+    assert_eq!(status, 403, "only the scope ticked");
+    b.open("/ui/settings/api-keys").await;
+    assert!(!b.driver.source().await.expect("source").contains(&secret));
+    b.click("#api-keys button").await;
+    b.wait_text(".notice", |text| text.contains("revoked"))
+        .await;
+    let (status, _) = t.get_with_key("/v1/servers", &secret).await;
+    assert_eq!(status, 401, "a revoked key still works");
+
+    // An invitation: the token shown once lets the new member in, with the role chosen.
+    b.open("/ui/settings/members").await;
+    b.fill("#email", "new@example.com").await;
+    b.click("#role option[value='operator']").await;
+    b.click("#invite").await;
+    let token = b
+        .wait_text("#invitation-token", |text| !text.trim().is_empty())
+        .await;
+    let r = t
+        .http
+        .post(t.url("/v1/invitations/accept"))
+        .json(&json!({"token": token, "password": PW}))
+        .send()
+        .await
+        .expect("accept");
+    assert_eq!(r.status(), 201);
+    b.open("/ui/settings/members").await;
+    let members = b
+        .wait_text("#members", |text| text.contains("new@example.com"))
+        .await;
+    assert!(members.contains("operator"), "{members}");
+    b.screenshot("members").await;
+    let (_, list) = t.get("/v1/members", &owner).await;
+    assert_eq!(list["members"].as_array().map(Vec::len), Some(2));
+    let violations = b.csp_violations().await;
+    assert!(violations.is_empty(), "{violations:?}");
+    b.close().await;
+}
+
+#[tokio::test]
+async fn a_rollback_from_the_deployment_page_returns_to_the_release_before() {
+    let t = TestPlane::start().await;
+    let email = "ops@example.com";
+    let (cookie, _) = t.signup(email, PW).await;
+    let agent = t.start_agent(&cookie, "web-1").await;
+    let dir = open_tempdir();
+    let repo = git_repo(dir.path(), &["v1"]);
+    let app = dir.path().join("app");
+    let (status, project) = t
+        .post(
+            "/v1/projects",
+            &cookie,
+            json!({"name": "site", "repo_url": repo.display().to_string(),
+                   "deploy_path": app.display().to_string()}),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+    let deploy = || async {
+        let (status, d) = t
+            .post(
+                "/v1/deployments",
+                &cookie,
+                json!({"project_id": project["id"], "server_id": agent.server_id, "ref": "main"}),
+            )
+            .await;
+        assert_eq!(status, 201, "{d}");
+        t.wait_deployment(&cookie, d["id"].as_str().expect("id"))
+            .await
+    };
+    let first = deploy().await;
+    sensei_e2e::git_commit(&repo, "v2");
+    let second = deploy().await;
+    assert_eq!(second["status"], "succeeded", "{second}");
+    let served = || std::fs::read_to_string(app.join("current/index.html")).unwrap_or_default();
+    assert_eq!(served(), "v2");
+
+    let b = Browser::start(&t.base).await;
+    sign_in(&b, email).await;
+    b.open(&format!(
+        "/ui/deployments/{}",
+        second["id"].as_str().expect("id")
+    ))
+    .await;
+    b.click("#rollback").await;
+    // The rollback's own page, then its end (the page of the deploy had ended already).
+    b.wait_text("main h1", |text| text.starts_with("rollback of site"))
+        .await;
+    b.wait_for("#deployment-status [data-status='succeeded']")
+        .await;
+    b.wait_text("#commit", |text| Some(text) == first["commit"].as_str())
+        .await;
+    assert_eq!(served(), "v1");
+    b.close().await;
+}

@@ -87,7 +87,7 @@
       return;
     }
     var span = document.createElement("span");
-    var tone = { succeeded: " ok", failed: " bad", halted: " bad", aborted: " bad", rolled_back: " bad", running: " busy", paused: " busy" }[word] || "";
+    var tone = { succeeded: " ok", connected: " ok", failed: " bad", halted: " bad", aborted: " bad", rolled_back: " bad", offline: " bad", running: " busy", queued: " busy", waiting_approval: " busy", paused: " busy" }[word] || "";
     span.className = "status" + tone;
     span.setAttribute("data-status", word);
     span.textContent = word;
@@ -133,6 +133,17 @@
         });
         counts.replaceChildren.apply(counts, items);
       }
+      (view.targets || []).forEach(function (target) {
+        var row = document.querySelector('tr[data-target="' + String(target.server_id).replace(/[^0-9a-f-]/g, "") + '"]');
+        if (!row) {
+          return;
+        }
+        setStatus(row.querySelector('[data-field="status"]'), target.status);
+        var error = row.querySelector('[data-field="error"]');
+        if (error) {
+          error.textContent = target.error || "";
+        }
+      });
       var key = stateKey(view);
       box.querySelectorAll("form[data-when]").forEach(function (form) {
         form.hidden = form.getAttribute("data-when").split(" ").indexOf(key) < 0;

@@ -1,0 +1,293 @@
+//! Settings → Members (the list, and inviting someone) and Settings → API keys (the list,
+//! creating one, shown once, and revoking).
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::{Extension, Form};
+use chrono::Utc;
+use http::{HeaderMap, Method, StatusCode};
+use maud::{html, Markup};
+use serde::Deserialize;
+
+use super::guard::{self, parse_id, Signed, TokenForm};
+use super::layout::{self, Section};
+use super::settings::{tabs, Done};
+use super::WebError;
+use crate::api::api_keys::{self, CreateApiKey};
+use crate::api::extract::{JsonBody, QueryParams};
+use crate::api::members::{self, InvitationRequest};
+use crate::api::page::PageQuery;
+use crate::api::AppState;
+use crate::identity::auth::{Role, Scope};
+
+const ROLES: [Role; 5] = [
+    Role::Viewer,
+    Role::Operator,
+    Role::Developer,
+    Role::Admin,
+    Role::Owner,
+];
+
+fn all_rows() -> QueryParams<PageQuery> {
+    QueryParams(PageQuery {
+        limit: Some(500),
+        cursor: None,
+    })
+}
+
+/// `GET /ui/settings/members`
+pub async fn members(State(state): State<AppState>, signed: Signed) -> Result<Markup, WebError> {
+    signed.require(Method::GET, "/v1/members")?;
+    let list = members::list(
+        State(state),
+        Extension(signed.principal.clone()),
+        all_rows(),
+    )
+    .await?
+    .0;
+    let body = html! {
+        h1 { "Settings" }
+        (tabs(&signed, "/ui/settings/members"))
+        h2 { "Members" }
+        table id="members" {
+            thead { tr { th { "Email" } th { "Role" } th { "Second factor" } th { "Member since" } } }
+            tbody {
+                @for m in &list.members {
+                    tr {
+                        td { (m.email) }
+                        td { (m.role) }
+                        td { @if m.mfa_enabled { "TOTP" } @else { "—" } }
+                        td { (layout::time(m.created_at)) }
+                    }
+                }
+            }
+        }
+        @if signed.may(Method::POST, "/v1/invitations") {
+            h2 { "Invite someone" }
+            form.stack method="post" action="/ui/settings/members" {
+                (layout::csrf(&signed))
+                label for="email" { "Email" }
+                input id="email" name="email" type="email" required maxlength="320";
+                label for="role" { "Role" }
+                select id="role" name="role" {
+                    @for role in ROLES {
+                        @if signed.principal.role >= role {
+                            option value=(role.as_str()) selected[role == Role::Viewer] { (role.as_str()) }
+                        }
+                    }
+                }
+                button type="submit" id="invite" { "Invite" }
+            }
+        }
+    };
+    Ok(layout::page("Members", &signed, Section::Settings, body))
+}
+
+#[derive(Deserialize)]
+pub struct Invite {
+    #[serde(default)]
+    csrf: String,
+    email: String,
+    role: String,
+}
+
+/// `POST /ui/settings/members`: the answer shows the invitation's token once.
+pub async fn invite(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Form(form): Form<Invite>,
+) -> Result<Response, WebError> {
+    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
+    signed.require(Method::POST, "/v1/invitations")?;
+    let answer = members::invite(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        JsonBody(InvitationRequest {
+            email: form.email,
+            role: form.role,
+        }),
+    )
+    .await?;
+    let created: serde_json::Value = super::json_body(answer).await?;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    let body = html! {
+        h1 { "Invitation for " (text(&created["invitation"]["email"])) }
+        @if created["emailed"] == true {
+            p { "It was emailed. " }
+        }
+        p { "The invitation token, shown only this once (single use, until "
+            (text(&created["invitation"]["expires_at"])) "):" }
+        pre.command id="invitation-token" { code { (text(&created["token"])) } }
+        p { "The new member accepts it with " code { "POST /v1/invitations/accept" } " or the link in the email." }
+        p { a href="/ui/settings/members" { "Back to the members" } }
+    };
+    Ok((
+        StatusCode::CREATED,
+        layout::page("Invitation", &signed, Section::Settings, body),
+    )
+        .into_response())
+}
+
+/// `GET /ui/settings/api-keys`
+pub async fn api_keys(
+    State(state): State<AppState>,
+    signed: Signed,
+    Query(done): Query<Done>,
+) -> Result<Markup, WebError> {
+    signed.require(Method::GET, "/v1/api-keys")?;
+    let list = api_keys::list(
+        State(state),
+        Extension(signed.principal.clone()),
+        all_rows(),
+    )
+    .await?
+    .0;
+    let may_write = signed.may(Method::POST, "/v1/api-keys");
+    let body = html! {
+        h1 { "Settings" }
+        (tabs(&signed, "/ui/settings/api-keys"))
+        (layout::notice(done.done.as_deref()))
+        h2 { "API keys" }
+        @if list.api_keys.is_empty() {
+            p { "No API keys." }
+        } @else {
+            table id="api-keys" {
+                thead { tr { th { "Name" } th { "Scopes" } th { "Allowed from" } th { "Created" } th { "Last used" } th { "Expires" } @if may_write { th { span.visually-hidden { "Action" } } } } }
+                tbody {
+                    @for k in &list.api_keys {
+                        tr data-key=(k.id) {
+                            td { (k.name) }
+                            td { (k.scopes.join(", ")) }
+                            td { @if k.ip_allowlist.is_empty() { "anywhere" } @else { (k.ip_allowlist.join(", ")) } }
+                            td { (layout::time(k.created_at)) }
+                            td { (layout::maybe_time(k.last_used_at)) }
+                            td { (layout::maybe_time(k.expires_at)) }
+                            @if may_write {
+                                td {
+                                    form method="post" action=(format!("/ui/settings/api-keys/{}/revoke", k.id)) {
+                                        (layout::csrf(&signed))
+                                        button.danger type="submit" aria-label=(format!("Revoke the API key {}", k.name)) { "Revoke" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if may_write {
+            h2 { "New API key" }
+            form.stack method="post" action="/ui/settings/api-keys" {
+                (layout::csrf(&signed))
+                label for="name" { "Name" }
+                input id="name" name="name" type="text" required maxlength="200";
+                fieldset {
+                    legend { "Scopes" }
+                    @for scope in Scope::ALL {
+                        @if signed.principal.role.grants(scope) {
+                            label { input type="checkbox" name="scope" value=(scope.as_str()); " " (scope.as_str()) }
+                        }
+                    }
+                }
+                label for="ip_allowlist" { "Allowed from (addresses or CIDR networks, one per line; empty: anywhere)" }
+                textarea id="ip_allowlist" name="ip_allowlist" rows="2" maxlength="4096" {}
+                label for="expires_in_days" { "Expires after (days; empty: never)" }
+                input id="expires_in_days" name="expires_in_days" type="number" min="1" max="3650";
+                button type="submit" id="create-api-key" { "Create API key" }
+            }
+        }
+    };
+    Ok(layout::page("API keys", &signed, Section::Settings, body))
+}
+
+/// `POST /ui/settings/api-keys`: the answer shows the secret once. Read from the raw form:
+/// the scopes are a repeated field.
+pub async fn create_api_key(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, WebError> {
+    let mut token = String::new();
+    let mut request = CreateApiKey {
+        name: String::new(),
+        scopes: Vec::new(),
+        ip_allowlist: Vec::new(),
+        expires_at: None,
+    };
+    for (name, value) in form_urlencoded::parse(&body) {
+        match &*name {
+            "csrf" => token = value.into_owned(),
+            "name" => request.name = value.into_owned(),
+            "scope" => request.scopes.push(value.into_owned()),
+            "ip_allowlist" => {
+                request.ip_allowlist = value
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }
+            "expires_in_days" if !value.trim().is_empty() => {
+                let days: i64 = value
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|d| (1..=3650).contains(d))
+                    .ok_or_else(|| {
+                        WebError::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "the expiry is a number of days from 1 to 3650",
+                        )
+                    })?;
+                request.expires_at = Some(Utc::now() + chrono::Duration::days(days));
+            }
+            _ => {}
+        }
+    }
+    guard::check_form(&state, &headers, &signed, Some(&token))?;
+    signed.require(Method::POST, "/v1/api-keys")?;
+    let (_, created) = api_keys::create(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        JsonBody(request),
+    )
+    .await?;
+    let created = created.0;
+    let body = html! {
+        h1 { "API key " (created.key.name) " created" }
+        p { "Copy it now: it is shown only this once. Send it as " code { "Authorization: Bearer …" } "." }
+        pre.command id="api-key-secret" { code { (created.secret) } }
+        p { "Scopes: " (created.key.scopes.join(", ")) }
+        p { a href="/ui/settings/api-keys" { "Back to the API keys" } }
+    };
+    Ok((
+        StatusCode::CREATED,
+        layout::page("API key created", &signed, Section::Settings, body),
+    )
+        .into_response())
+}
+
+/// `POST /ui/settings/api-keys/{id}/revoke`
+pub async fn revoke_api_key(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<TokenForm>,
+) -> Result<Redirect, WebError> {
+    let id = parse_id(&id)?;
+    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
+    signed.require(Method::DELETE, "/v1/api-keys/{id}")?;
+    api_keys::revoke(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        crate::api::extract::Path(id),
+    )
+    .await?;
+    Ok(Redirect::to("/ui/settings/api-keys?done=key-revoked"))
+}
