@@ -9,8 +9,10 @@
 
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Redirect, Response};
+use hmac::{Hmac, Mac};
 use http::request::Parts;
 use http::{HeaderMap, Method, StatusCode};
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -64,13 +66,24 @@ impl Signed {
     }
 }
 
-/// The form token of a session: a keyed hash of its id under the field key, so it needs no
-/// storage, differs per session, ends with the session, and cannot be computed without the
-/// key. Domain-separated from the other keyed hashes made with the same key.
+/// What the form-token key is derived from, with the field key's keyed hash. That hash also
+/// keys inputs people type (a lower-cased email; `email NUL password` and `email NUL code`
+/// of failed sign-ins, whose hashes admins see in the audit log), so this label is one none of
+/// those can be: it has upper-case letters and no NUL. Anyone who could make the keyed hash of
+/// this label appear could forge every form token.
+const FORM_TOKEN_KEY_LABEL: &[u8] = b"Sensei Dashboard Form-Token Key, v1";
+
+/// The form token of a session: HMAC-SHA256 of its id under a key derived from the field
+/// key, so it needs no storage, differs per session, ends with the session, and cannot be
+/// computed without the field key.
 pub fn csrf_token(state: &AppState, session_id: Uuid) -> String {
-    let mut input = b"sensei dashboard form token\0".to_vec();
-    input.extend_from_slice(session_id.as_bytes());
-    state.keys.keyed_input_hash(&input)
+    let key = state.keys.keyed_input_hash(FORM_TOKEN_KEY_LABEL);
+    // An HMAC takes a key of any length: this cannot fail.
+    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes()) else {
+        return String::new();
+    };
+    mac.update(session_id.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
 }
 
 impl FromRequestParts<AppState> for Signed {
@@ -132,12 +145,25 @@ pub fn check_form(
 ) -> Result<(), WebError> {
     same_origin(state, headers)?;
     let given = token.unwrap_or("").as_bytes();
-    if bool::from(given.ct_eq(signed.csrf.as_bytes())) {
+    // An empty expected token (which `csrf_token` never makes) must not match an empty field.
+    if !signed.csrf.is_empty() && bool::from(given.ct_eq(signed.csrf.as_bytes())) {
         Ok(())
     } else {
         Err(WebError::new(
             StatusCode::FORBIDDEN,
             "this form has expired or was not made by the dashboard; reload the page and try again",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_label_is_no_input_the_other_keyed_hashes_take() {
+        // Lower-cased emails have no upper-case ASCII; sign-in inputs are joined by NUL.
+        assert!(FORM_TOKEN_KEY_LABEL.iter().any(u8::is_ascii_uppercase));
+        assert!(!FORM_TOKEN_KEY_LABEL.contains(&0));
     }
 }
