@@ -161,10 +161,8 @@ pub async fn sign_in(
         recovery_code,
     };
     match auth_routes::login(State(state.clone()), meta, JsonBody(request)).await {
-        Ok(answer) => Ok(carry_cookies(
-            &answer,
-            Redirect::to("/ui/servers").into_response(),
-        )),
+        // Home decides where to go: the fleet, or setting up a required second factor.
+        Ok(answer) => Ok(carry_cookies(&answer, Redirect::to("/").into_response())),
         Err(e) if e.code() == "mfa_required" => Ok((
             StatusCode::OK,
             code_step(None, &seal(&state, &email, &password)),

@@ -57,7 +57,17 @@ impl Signed {
 
     /// Refuses, as the API would, a call this person may not make.
     pub fn require(&self, method: Method, path: &str) -> Result<(), WebError> {
-        access::permit(&self.principal, &method, path).map_err(WebError::from)
+        access::permit(&self.principal, &method, path).map_err(|e| {
+            if e.code() == "mfa_setup_required" {
+                // The API's message names its own route; this one names the page.
+                WebError::forbidden(
+                    "this account requires multi-factor sign-in: set up a second factor under \
+                     Settings → Security (/ui/settings/security) first",
+                )
+            } else {
+                WebError::from(e)
+            }
+        })
     }
 
     /// The session this page is shown to (a [`Signed`] is only ever made from one).

@@ -154,6 +154,7 @@ pub fn notice(done: Option<&str>) -> Markup {
         Some("revoked") => "The agent certificate is revoked; the agent was disconnected.",
         Some("signed-out") => "The session is signed out.",
         Some("key-revoked") => "The API key is revoked.",
+        Some("totp-off") => "The second factor is off.",
         Some("rolled-back") => "A rollback is queued.",
         Some("created") => "Created.",
         Some("steered") => "Done.",

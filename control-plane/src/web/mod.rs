@@ -26,6 +26,7 @@ mod guard;
 mod layout;
 mod projects;
 mod rollouts;
+mod security;
 mod settings;
 mod team;
 
@@ -71,6 +72,16 @@ pub fn router(state: AppState) -> Router {
             post(settings::sign_out_session),
         )
         .route("/ui/settings/audit", get(settings::audit))
+        .route("/ui/settings/security", get(security::page))
+        .route("/ui/settings/security/totp", post(security::enroll))
+        .route(
+            "/ui/settings/security/totp/confirm",
+            post(security::confirm),
+        )
+        .route(
+            "/ui/settings/security/totp/disable",
+            post(security::disable),
+        )
         .route(
             "/ui/settings/members",
             get(team::members).post(team::invite),
@@ -94,9 +105,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `/`: the fleet for a signed-in user; the guard sends anyone else to sign in.
-async fn home(_: guard::Signed) -> Redirect {
-    Redirect::to("/ui/servers")
+/// `/`: the fleet for a signed-in user (or, when their account requires a second factor
+/// they have not set up, the page that sets it up); the guard sends anyone else to sign in.
+async fn home(signed: guard::Signed) -> Redirect {
+    if signed.principal.mfa_setup_required {
+        Redirect::to("/ui/settings/security")
+    } else {
+        Redirect::to("/ui/servers")
+    }
 }
 
 /// Headers on every dashboard answer, pages, assets and errors alike.

@@ -23,6 +23,7 @@ const AUDIT_PAGE: i64 = 50;
 pub fn tabs(signed: &Signed, current: &str) -> Markup {
     let tabs = [
         ("/ui/settings/sessions", "Sessions", "/v1/auth/sessions"),
+        ("/ui/settings/security", "Security", "/v1/auth/me"),
         ("/ui/settings/members", "Members", "/v1/members"),
         ("/ui/settings/api-keys", "API keys", "/v1/api-keys"),
         ("/ui/settings/audit", "Audit log", "/v1/audit"),

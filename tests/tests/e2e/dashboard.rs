@@ -52,11 +52,16 @@ async fn page(
 
 /// Signs the browser in with a password only.
 async fn sign_in(b: &Browser, email: &str) {
+    sign_in_to(b, email, "/ui/servers").await;
+}
+
+/// Signs in with a password; the dashboard then shows `landing`.
+async fn sign_in_to(b: &Browser, email: &str, landing: &str) {
     b.open("/ui/sign-in").await;
     b.fill("#email", email).await;
     b.fill("#password", PW).await;
     b.click("#sign-in").await;
-    b.wait_path("/ui/servers").await;
+    b.wait_path(landing).await;
 }
 
 async fn session_valid(t: &TestPlane, cookie: &str) -> bool {
@@ -825,5 +830,97 @@ async fn a_rollback_from_the_deployment_page_returns_to_the_release_before() {
     b.wait_text("#commit", |text| Some(text) == first["commit"].as_str())
         .await;
     assert_eq!(served(), "v1");
+    b.close().await;
+}
+
+/// Sets TOTP up on the security page; returns the recovery codes shown.
+async fn set_up_totp(b: &Browser) -> Vec<String> {
+    b.open("/ui/settings/security").await;
+    b.click("#enroll-totp").await;
+    let secret = b
+        .wait_text("#totp-secret", |text| !text.trim().is_empty())
+        .await;
+    let secret = sensei_e2e::base32_decode(secret.trim());
+    b.fill("#code", &totp_code(&secret, 0)).await;
+    b.click("#confirm-totp").await;
+    b.wait_for("#recovery-codes li").await;
+    let mut codes = Vec::new();
+    for li in b
+        .driver
+        .find_all(thirtyfour::By::Css("#recovery-codes li"))
+        .await
+        .expect("codes")
+    {
+        codes.push(li.text().await.expect("code"));
+    }
+    codes
+}
+
+#[tokio::test]
+async fn totp_is_set_up_on_the_security_page_and_a_recovery_code_signs_in_once() {
+    let t = TestPlane::start().await;
+    let email = "ops@example.com";
+    let (owner, _) = t.signup(email, PW).await;
+    let b = Browser::start(&t.base).await;
+    sign_in(&b, email).await;
+    let codes = set_up_totp(&b).await;
+    assert_eq!(codes.len(), 10, "{codes:?}");
+    let (_, me) = t.get("/v1/auth/me", &owner).await;
+    assert_eq!(me["mfa_enabled"], true, "{me}");
+
+    // Signed out, the password alone is not enough; a recovery code is, once.
+    for attempt in 0..2 {
+        b.open("/ui/sign-in").await;
+        b.fill("#email", email).await;
+        b.fill("#password", PW).await;
+        b.click("#sign-in").await;
+        b.click("input[name='code_kind'][value='recovery']").await;
+        b.fill("#code", &codes[0]).await;
+        b.click("#verify").await;
+        if attempt == 0 {
+            b.wait_path("/ui/servers").await;
+            b.click("#sign-out").await;
+            b.wait_path("/ui/sign-in").await;
+        } else {
+            b.wait_text("#sign-in-error", |text| text.contains("already used"))
+                .await;
+            assert!(b.driver.get_named_cookie("sensei_session").await.is_err());
+        }
+    }
+
+    // An account that requires a second factor sends a member without one to set it up.
+    let (status, account) = t
+        .patch("/v1/account", &owner, json!({"require_mfa": true}))
+        .await;
+    assert_eq!(status, 200, "{account}");
+    let (status, inv) = t
+        .post(
+            "/v1/invitations",
+            &owner,
+            json!({"email": "new@example.com", "role": "operator"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{inv}");
+    let r = t
+        .http
+        .post(t.url("/v1/invitations/accept"))
+        .json(&json!({"token": inv["token"], "password": PW}))
+        .send()
+        .await
+        .expect("accept");
+    assert_eq!(r.status(), 201);
+    sign_in_to(&b, "new@example.com", "/ui/settings/security").await;
+    b.wait_text("main", |text| text.contains("requires a second factor"))
+        .await;
+    b.open("/ui/servers").await;
+    b.wait_text("main", |text| text.contains("multi-factor"))
+        .await;
+    assert!(!b.has("#servers").await);
+    set_up_totp(&b).await;
+    b.open("/ui/servers").await;
+    b.wait_for("main h1").await;
+    assert!(!b.has(".error").await);
+    let violations = b.csp_violations().await;
+    assert!(violations.is_empty(), "{violations:?}");
     b.close().await;
 }
