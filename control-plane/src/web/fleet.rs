@@ -67,6 +67,8 @@ pub async fn list(
     // Built before the call: the serializer is not `Send`, and must not live across it.
     let query = {
         let mut query = form_urlencoded::Serializer::new(String::new());
+        // The API's largest page: the status filter applies to what one page holds.
+        query.append_pair("limit", "500");
         if !label.is_empty() {
             query.append_pair("label", label);
         }

@@ -95,6 +95,8 @@ pub fn router(state: AppState) -> Router {
             post(team::revoke_api_key),
         )
         .route("/ui/static/{file}", get(assets::serve))
+        // Any other `/ui/…` path is a page that does not exist, answered as a page.
+        .route("/ui/{*rest}", get(no_such_page))
         .layer(map_response(security_headers))
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES));
     crate::api::access_log(router)
@@ -113,6 +115,10 @@ async fn home(signed: guard::Signed) -> Redirect {
     } else {
         Redirect::to("/ui/servers")
     }
+}
+
+async fn no_such_page() -> WebError {
+    WebError::new(StatusCode::NOT_FOUND, "there is no such page")
 }
 
 /// Headers on every dashboard answer, pages, assets and errors alike.

@@ -402,6 +402,7 @@ async fn forged_and_cross_origin_forms_are_refused_and_every_page_sends_the_head
         ("/ui/settings/audit", true, 200),
         ("/ui/servers/new", true, 200),
         ("/ui/sign-in", false, 200),
+        ("/ui/no-such-page", true, 404),
         ("/ui/servers", false, 303),
         (
             "/ui/servers/00000000-0000-0000-0000-000000000000",
@@ -865,6 +866,10 @@ async fn totp_is_set_up_on_the_security_page_and_a_recovery_code_signs_in_once()
     sign_in(&b, email).await;
     let codes = set_up_totp(&b).await;
     assert_eq!(codes.len(), 10, "{codes:?}");
+    b.open("/ui/settings/security").await;
+    b.wait_text("#totp-state", |text| text.contains("authenticator"))
+        .await;
+    b.screenshot("security").await;
     let (_, me) = t.get("/v1/auth/me", &owner).await;
     assert_eq!(me["mfa_enabled"], true, "{me}");
 
