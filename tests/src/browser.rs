@@ -12,7 +12,7 @@ use thirtyfour::LoggingPrefsLogLevel;
 
 /// How long a page condition may take to hold: an upper bound for a loaded CI machine, not a
 /// timing the tests depend on.
-pub const PATIENCE: Duration = Duration::from_secs(30);
+pub const PATIENCE: Duration = Duration::from_secs(90);
 
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";

@@ -240,7 +240,10 @@ pub async fn show(
             }
         }
         h2 id="log-heading" { "Log" }
-        @let follow = (!finished).then(|| format!("/v1/deployments/{id}/logs?follow=true&after={last}"));
+        // Followed while it runs, and also when the page holds only the first read of a long
+        // log: the stream sends the rest, then the end.
+        @let more = lines.len() as i64 >= deployments::LINES_PER_READ;
+        @let follow = (!finished || more).then(|| format!("/v1/deployments/{id}/logs?follow=true&after={last}"));
         pre.log id="log" aria-labelledby="log-heading" aria-live="polite" tabindex="0"
             data-follow=[follow] {
             @for l in &lines {

@@ -155,6 +155,8 @@ pub fn notice(done: Option<&str>) -> Markup {
         Some("signed-out") => "The session is signed out.",
         Some("key-revoked") => "The API key is revoked.",
         Some("totp-off") => "The second factor is off.",
+        Some("role-changed") => "The role is changed.",
+        Some("member-removed") => "The member is removed.",
         Some("rolled-back") => "A rollback is queued.",
         Some("created") => "Created.",
         Some("steered") => "Done.",

@@ -86,6 +86,11 @@ pub fn router(state: AppState) -> Router {
             "/ui/settings/members",
             get(team::members).post(team::invite),
         )
+        .route("/ui/settings/members/{id}/role", post(team::change_role))
+        .route(
+            "/ui/settings/members/{id}/remove",
+            get(team::confirm_remove).post(team::remove),
+        )
         .route(
             "/ui/settings/api-keys",
             get(team::api_keys).post(team::create_api_key),

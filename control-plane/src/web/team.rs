@@ -15,7 +15,7 @@ use super::settings::{tabs, Done};
 use super::WebError;
 use crate::api::api_keys::{self, CreateApiKey};
 use crate::api::extract::{JsonBody, QueryParams};
-use crate::api::members::{self, InvitationRequest};
+use crate::api::members::{self, InvitationRequest, RoleChange};
 use crate::api::page::PageQuery;
 use crate::api::AppState;
 use crate::identity::auth::{Role, Scope};
@@ -36,7 +36,11 @@ fn all_rows() -> QueryParams<PageQuery> {
 }
 
 /// `GET /ui/settings/members`
-pub async fn members(State(state): State<AppState>, signed: Signed) -> Result<Markup, WebError> {
+pub async fn members(
+    State(state): State<AppState>,
+    signed: Signed,
+    Query(done): Query<Done>,
+) -> Result<Markup, WebError> {
     signed.require(Method::GET, "/v1/members")?;
     let list = members::list(
         State(state),
@@ -45,19 +49,43 @@ pub async fn members(State(state): State<AppState>, signed: Signed) -> Result<Ma
     )
     .await?
     .0;
+    let may_manage = signed.may(Method::PATCH, "/v1/members/{id}")
+        && signed.may(Method::DELETE, "/v1/members/{id}");
     let body = html! {
         h1 { "Settings" }
         (tabs(&signed, "/ui/settings/members"))
+        (layout::notice(done.done.as_deref()))
         h2 { "Members" }
         table id="members" {
-            thead { tr { th { "Email" } th { "Role" } th { "Second factor" } th { "Member since" } } }
+            thead { tr { th { "Email" } th { "Role" } th { "Second factor" } th { "Member since" } @if may_manage { th { span.visually-hidden { "Actions" } } } } }
             tbody {
                 @for m in &list.members {
-                    tr {
+                    tr data-member=(m.id) {
                         td { (m.email) }
                         td { (m.role) }
                         td { @if m.mfa_enabled { "TOTP" } @else { "—" } }
                         td { (layout::time(m.created_at)) }
+                        @if may_manage {
+                            td {
+                                // Not on one's own row: the API refuses changing oneself.
+                                @if m.id != signed.principal.user_id {
+                                    form.inline method="post" action=(format!("/ui/settings/members/{}/role", m.id)) {
+                                        (layout::csrf(&signed))
+                                        label.visually-hidden for=(format!("role-{}", m.id)) { "New role for " (m.email) }
+                                        select id=(format!("role-{}", m.id)) name="role" {
+                                            @for role in ROLES {
+                                                @if signed.principal.role >= role {
+                                                    option value=(role.as_str()) selected[role.as_str() == m.role] { (role.as_str()) }
+                                                }
+                                            }
+                                        }
+                                        button type="submit" { "Change role" }
+                                        " "
+                                        a.button.danger href=(format!("/ui/settings/members/{}/remove", m.id)) { "Remove" }
+                                    }
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -290,4 +318,93 @@ pub async fn revoke_api_key(
     )
     .await?;
     Ok(Redirect::to("/ui/settings/api-keys?done=key-revoked"))
+}
+
+#[derive(Deserialize)]
+pub struct NewRole {
+    #[serde(default)]
+    csrf: String,
+    role: String,
+}
+
+/// `POST /ui/settings/members/{id}/role`
+pub async fn change_role(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<NewRole>,
+) -> Result<Redirect, WebError> {
+    let id = parse_id(&id)?;
+    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
+    signed.require(Method::PATCH, "/v1/members/{id}")?;
+    // The list shows the new role; the answer itself is not needed.
+    let _changed = members::change_role(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        crate::api::extract::Path(id),
+        JsonBody(RoleChange { role: form.role }),
+    )
+    .await?;
+    Ok(Redirect::to("/ui/settings/members?done=role-changed"))
+}
+
+/// `GET /ui/settings/members/{id}/remove`: the confirmation step.
+pub async fn confirm_remove(
+    State(state): State<AppState>,
+    signed: Signed,
+    Path(id): Path<String>,
+) -> Result<Markup, WebError> {
+    let id = parse_id(&id)?;
+    signed.require(Method::DELETE, "/v1/members/{id}")?;
+    let list = members::list(
+        State(state),
+        Extension(signed.principal.clone()),
+        all_rows(),
+    )
+    .await?
+    .0;
+    let member = list
+        .members
+        .iter()
+        .find(|m| m.id == id)
+        .ok_or_else(|| WebError::new(StatusCode::NOT_FOUND, "no such member"))?;
+    let body = html! {
+        h1 { "Remove " (member.email) " from the account?" }
+        p { "Their sessions and API keys end at once. Their past actions stay in the audit log." }
+        form method="post" action=(format!("/ui/settings/members/{id}/remove")) {
+            (layout::csrf(&signed))
+            button.danger type="submit" id="confirm-remove" { "Remove member" }
+            " "
+            a href="/ui/settings/members" { "Cancel" }
+        }
+    };
+    Ok(layout::page(
+        "Remove member",
+        &signed,
+        Section::Settings,
+        body,
+    ))
+}
+
+/// `POST /ui/settings/members/{id}/remove`
+pub async fn remove(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<TokenForm>,
+) -> Result<Redirect, WebError> {
+    let id = parse_id(&id)?;
+    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
+    signed.require(Method::DELETE, "/v1/members/{id}")?;
+    members::remove(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        crate::api::extract::Path(id),
+    )
+    .await?;
+    Ok(Redirect::to("/ui/settings/members?done=member-removed"))
 }

@@ -7,6 +7,7 @@ use sensei_agent::session::RunOutcome;
 use sensei_e2e::browser::Browser;
 use sensei_e2e::{eventually, git_repo, open_tempdir, session_cookie, totp_code, TestPlane};
 use serde_json::{json, Value};
+use thirtyfour::Key;
 
 const PW: &str = "correct horse battery";
 
@@ -102,6 +103,8 @@ async fn sign_in_with_totp_see_the_fleet_deploy_and_follow_the_live_log() {
                 "deploy_path": dir.path().join("app").display().to_string(),
                 "hooks": {"build": [
                     "echo building $(cat index.html)",
+                    // More lines than one read of the log: a reopened page streams the rest.
+                    "seq 1 1200",
                     format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display()),
                     "echo the gate is open",
                 ]},
@@ -183,6 +186,11 @@ async fn sign_in_with_totp_see_the_fleet_deploy_and_follow_the_live_log() {
     assert_eq!(deployment["status"], "succeeded", "{deployment}");
     let commit = deployment["commit"].as_str().expect("commit");
     b.wait_text("#commit", |text| text == commit).await;
+    // Reopened after the end, the page shows the first read and streams the remainder.
+    b.open(&path).await;
+    b.wait_text("#log", |text| text.contains("the gate is open"))
+        .await;
+    b.wait_for("#log[data-ended='succeeded']").await;
     b.screenshot("deployment").await;
 
     b.open("/ui/deployments").await;
@@ -277,7 +285,20 @@ async fn signing_out_a_session_from_settings_ends_it_for_the_api() {
     assert!(session_valid(&t, &other).await);
 
     let b = Browser::start(&t.base).await;
-    sign_in(&b, &email).await;
+    // By keyboard only: type, Tab to the next field, Enter submits.
+    b.open("/ui/sign-in").await;
+    b.wait_for("#email")
+        .await
+        .send_keys(email.as_str())
+        .await
+        .expect("type");
+    let focused = b.driver.active_element().await.expect("focus");
+    focused.send_keys(Key::Tab).await.expect("tab");
+    let focused = b.driver.active_element().await.expect("focus");
+    assert_eq!(focused.id().await.expect("id").as_deref(), Some("password"));
+    focused.send_keys(PW).await.expect("type");
+    focused.send_keys(Key::Enter).await.expect("enter");
+    b.wait_path("/ui/servers").await;
     let mine = b.session_cookie().await;
     b.open("/ui/settings/sessions").await;
     b.click(&format!("tr[data-session='{other_id}'] button"))
@@ -771,8 +792,37 @@ async fn api_keys_and_invitations_from_settings_work_against_the_api() {
         .await;
     assert!(members.contains("operator"), "{members}");
     b.screenshot("members").await;
+    let newcomer = session_cookie(&r).expect("the new member's cookie");
     let (_, list) = t.get("/v1/members", &owner).await;
     assert_eq!(list["members"].as_array().map(Vec::len), Some(2));
+    let member_id = list["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["email"] == "new@example.com")
+        .and_then(|m| m["id"].as_str())
+        .expect("the new member")
+        .to_owned();
+
+    // Their role changed on the page, then removed after a confirmation step.
+    let row = format!("tr[data-member='{member_id}']");
+    b.click(&format!("{row} option[value='developer']")).await;
+    b.click(&format!("{row} button")).await;
+    b.wait_text(".notice", |text| text.contains("role")).await;
+    let (_, me) = t.get("/v1/auth/me", &newcomer).await;
+    assert_eq!(me["user"]["role"], "developer", "{me}");
+    b.click(&format!("{row} a.danger")).await;
+    b.wait_for("#confirm-remove").await;
+    assert!(
+        session_valid(&t, &newcomer).await,
+        "removed before confirming"
+    );
+    b.click("#confirm-remove").await;
+    b.wait_text(".notice", |text| text.contains("removed"))
+        .await;
+    assert!(!session_valid(&t, &newcomer).await);
+    let (_, list) = t.get("/v1/members", &owner).await;
+    assert_eq!(list["members"].as_array().map(Vec::len), Some(1));
     let violations = b.csp_violations().await;
     assert!(violations.is_empty(), "{violations:?}");
     b.close().await;
