@@ -157,6 +157,8 @@ pub fn notice(done: Option<&str>) -> Markup {
         Some("totp-off") => "The second factor is off.",
         Some("role-changed") => "The role is changed.",
         Some("member-removed") => "The member is removed.",
+        Some("invitation-revoked") => "The invitation is revoked.",
+        Some("saved") => "Saved.",
         Some("rolled-back") => "A rollback is queued.",
         Some("created") => "Created.",
         Some("steered") => "Done.",

@@ -88,6 +88,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/ui/settings/members/{id}/role", post(team::change_role))
         .route(
+            "/ui/settings/invitations/{id}/revoke",
+            post(team::revoke_invitation),
+        )
+        .route(
+            "/ui/settings/account",
+            get(team::account).post(team::update_account),
+        )
+        .route(
             "/ui/settings/members/{id}/remove",
             get(team::confirm_remove).post(team::remove),
         )

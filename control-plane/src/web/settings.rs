@@ -26,6 +26,7 @@ pub fn tabs(signed: &Signed, current: &str) -> Markup {
         ("/ui/settings/security", "Security", "/v1/auth/me"),
         ("/ui/settings/members", "Members", "/v1/members"),
         ("/ui/settings/api-keys", "API keys", "/v1/api-keys"),
+        ("/ui/settings/account", "Account", "/v1/account"),
         ("/ui/settings/audit", "Audit log", "/v1/audit"),
     ];
     html! {

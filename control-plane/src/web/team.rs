@@ -43,7 +43,7 @@ pub async fn members(
 ) -> Result<Markup, WebError> {
     signed.require(Method::GET, "/v1/members")?;
     let list = members::list(
-        State(state),
+        State(state.clone()),
         Extension(signed.principal.clone()),
         all_rows(),
     )
@@ -51,6 +51,19 @@ pub async fn members(
     .0;
     let may_manage = signed.may(Method::PATCH, "/v1/members/{id}")
         && signed.may(Method::DELETE, "/v1/members/{id}");
+    let invitations = if signed.may(Method::GET, "/v1/invitations") {
+        members::list_invitations(
+            State(state.clone()),
+            Extension(signed.principal.clone()),
+            all_rows(),
+        )
+        .await?
+        .0
+        .invitations
+    } else {
+        Vec::new()
+    };
+    let may_revoke = signed.may(Method::DELETE, "/v1/invitations/{id}");
     let body = html! {
         h1 { "Settings" }
         (tabs(&signed, "/ui/settings/members"))
@@ -82,6 +95,29 @@ pub async fn members(
                                         button type="submit" { "Change role" }
                                         " "
                                         a.button.danger href=(format!("/ui/settings/members/{}/remove", m.id)) { "Remove" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if !invitations.is_empty() {
+            h2 { "Open invitations" }
+            table id="invitations" {
+                thead { tr { th { "Email" } th { "Role" } th { "Expires" } @if may_revoke { th { span.visually-hidden { "Action" } } } } }
+                tbody {
+                    @for i in &invitations {
+                        tr data-invitation=(i.id) {
+                            td { (i.email) }
+                            td { (i.role) }
+                            td { (layout::time(i.expires_at)) }
+                            @if may_revoke {
+                                td {
+                                    form method="post" action=(format!("/ui/settings/invitations/{}/revoke", i.id)) {
+                                        (layout::csrf(&signed))
+                                        button.danger type="submit" aria-label=(format!("Revoke the invitation of {}", i.email)) { "Revoke" }
                                     }
                                 }
                             }
@@ -407,4 +443,114 @@ pub async fn remove(
     )
     .await?;
     Ok(Redirect::to("/ui/settings/members?done=member-removed"))
+}
+
+/// `POST /ui/settings/invitations/{id}/revoke`
+pub async fn revoke_invitation(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<TokenForm>,
+) -> Result<Redirect, WebError> {
+    let id = parse_id(&id)?;
+    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
+    signed.require(Method::DELETE, "/v1/invitations/{id}")?;
+    members::revoke_invitation(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        crate::api::extract::Path(id),
+    )
+    .await?;
+    Ok(Redirect::to("/ui/settings/members?done=invitation-revoked"))
+}
+
+/// `GET /ui/settings/account`
+pub async fn account(
+    State(state): State<AppState>,
+    signed: Signed,
+    Query(done): Query<Done>,
+) -> Result<Markup, WebError> {
+    signed.require(Method::GET, "/v1/account")?;
+    let a = crate::api::account::show(State(state), Extension(signed.principal.clone()))
+        .await?
+        .0;
+    let may_change = signed.may(Method::PATCH, "/v1/account");
+    let body = html! {
+        h1 { "Settings" }
+        (tabs(&signed, "/ui/settings/account"))
+        (layout::notice(done.done.as_deref()))
+        h2 { "Account" }
+        @if may_change {
+            form.stack method="post" action="/ui/settings/account" {
+                (layout::csrf(&signed))
+                label for="name" { "Name" }
+                input id="name" name="name" type="text" required maxlength="200" value=(a.name);
+                label {
+                    input id="require_mfa" name="require_mfa" type="checkbox" value="on" checked[a.require_mfa];
+                    " Every member signs in with a second factor"
+                }
+                label for="audit_retention_days" { "Keep audit events for (days, 30 to 2557)" }
+                input id="audit_retention_days" name="audit_retention_days" type="number" min="30" max="2557" required value=(a.audit_retention_days);
+                label for="deploy_log_retention_days" { "Keep deployment logs for (days, 1 to 2557)" }
+                input id="deploy_log_retention_days" name="deploy_log_retention_days" type="number" min="1" max="2557" required value=(a.deploy_log_retention_days);
+                button type="submit" id="save-account" { "Save" }
+            }
+        } @else {
+            dl.facts {
+                dt { "Name" } dd { (a.name) }
+                dt { "Second factor required" } dd { @if a.require_mfa { "yes" } @else { "no" } }
+                dt { "Audit events kept" } dd { (a.audit_retention_days) " days" }
+                dt { "Deployment logs kept" } dd { (a.deploy_log_retention_days) " days" }
+            }
+        }
+    };
+    Ok(layout::page("Account", &signed, Section::Settings, body))
+}
+
+#[derive(Deserialize)]
+pub struct AccountForm {
+    #[serde(default)]
+    csrf: String,
+    name: String,
+    /// A checkbox: present (`on`) when ticked, absent otherwise.
+    #[serde(default)]
+    require_mfa: Option<String>,
+    audit_retention_days: String,
+    deploy_log_retention_days: String,
+}
+
+/// `POST /ui/settings/account`
+pub async fn update_account(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Form(form): Form<AccountForm>,
+) -> Result<Redirect, WebError> {
+    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
+    signed.require(Method::PATCH, "/v1/account")?;
+    let days = |text: &str| {
+        text.trim().parse::<i32>().map_err(|_| {
+            WebError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "retention is a number of days",
+            )
+        })
+    };
+    let change = crate::api::account::AccountChange {
+        name: Some(form.name),
+        require_mfa: Some(form.require_mfa.is_some()),
+        audit_retention_days: Some(days(&form.audit_retention_days)?),
+        deploy_log_retention_days: Some(days(&form.deploy_log_retention_days)?),
+    };
+    // The page shows the new settings; the answer itself is not needed.
+    let _saved = crate::api::account::update(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        JsonBody(change),
+    )
+    .await?;
+    Ok(Redirect::to("/ui/settings/account?done=saved"))
 }

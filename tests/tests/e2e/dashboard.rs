@@ -793,6 +793,27 @@ async fn api_keys_and_invitations_from_settings_work_against_the_api() {
     assert!(members.contains("operator"), "{members}");
     b.screenshot("members").await;
     let newcomer = session_cookie(&r).expect("the new member's cookie");
+
+    // An open invitation revoked from the page can no longer be accepted.
+    b.open("/ui/settings/members").await;
+    b.fill("#email", "late@example.com").await;
+    b.click("#invite").await;
+    let late = b
+        .wait_text("#invitation-token", |text| !text.trim().is_empty())
+        .await;
+    b.open("/ui/settings/members").await;
+    b.click("#invitations button").await;
+    b.wait_text(".notice", |text| text.contains("invitation is revoked"))
+        .await;
+    assert!(!b.has("#invitations").await);
+    let r = t
+        .http
+        .post(t.url("/v1/invitations/accept"))
+        .json(&json!({"token": late, "password": PW}))
+        .send()
+        .await
+        .expect("accept");
+    assert!(r.status().is_client_error(), "{}", r.status());
     let (_, list) = t.get("/v1/members", &owner).await;
     assert_eq!(list["members"].as_array().map(Vec::len), Some(2));
     let member_id = list["members"]
@@ -920,6 +941,13 @@ async fn totp_is_set_up_on_the_security_page_and_a_recovery_code_signs_in_once()
     b.wait_text("#totp-state", |text| text.contains("authenticator"))
         .await;
     b.screenshot("security").await;
+    // Required of every member from now on, from Settings → Account.
+    b.open("/ui/settings/account").await;
+    b.click("#require_mfa").await;
+    b.click("#save-account").await;
+    b.wait_text(".notice", |text| text.contains("Saved")).await;
+    let (_, account) = t.get("/v1/account", &owner).await;
+    assert_eq!(account["require_mfa"], true, "{account}");
     let (_, me) = t.get("/v1/auth/me", &owner).await;
     assert_eq!(me["mfa_enabled"], true, "{me}");
 
@@ -944,10 +972,6 @@ async fn totp_is_set_up_on_the_security_page_and_a_recovery_code_signs_in_once()
     }
 
     // An account that requires a second factor sends a member without one to set it up.
-    let (status, account) = t
-        .patch("/v1/account", &owner, json!({"require_mfa": true}))
-        .await;
-    assert_eq!(status, 200, "{account}");
     let (status, inv) = t
         .post(
             "/v1/invitations",
