@@ -17,6 +17,8 @@ use sensei_control_plane::store::postgres_cluster::{ClusterOptions, PostgresClus
 use sensei_control_plane::{ControlPlane, DatabaseSource, ServeOptions};
 use serde_json::Value;
 
+pub mod browser;
+
 struct SharedCluster {
     cluster: PostgresCluster,
     _dir: tempfile::TempDir,

@@ -149,6 +149,14 @@ pub async fn authorize(
     let meta = ClientMeta::from_parts(&parts);
     let principal = auth::authenticate(&state.pool, &parts.headers, meta.ip).await?;
     tracing::Span::current().record("account_id", tracing::field::display(principal.account_id));
+    check_rule(rule, &principal)?;
+    parts.extensions.insert(principal);
+    Ok(next.run(Request::from_parts(parts, body)).await)
+}
+
+/// Whether an authenticated caller passes `rule`: the check [`authorize`] makes before a
+/// handler runs.
+pub fn check_rule(rule: Rule, principal: &auth::Principal) -> Result<(), ApiError> {
     let is_session = principal.session_id().is_some();
     // An account that requires MFA lets a member without it do one thing: set it up.
     if principal.mfa_setup_required && !matches!(rule, Rule::Session | Rule::Authenticated) {
@@ -186,8 +194,22 @@ pub async fn authorize(
             }
         }
     }
-    parts.extensions.insert(principal);
-    Ok(next.run(Request::from_parts(parts, body)).await)
+    Ok(())
+}
+
+/// Whether `principal` may call the route `method path` (a path template as in the table):
+/// the dashboard asks this before it calls a handler on someone's behalf and before it shows
+/// a button, so a page offers exactly what the API would allow.
+pub fn permit(principal: &auth::Principal, method: &Method, path: &str) -> Result<(), ApiError> {
+    match rule_for(method, path) {
+        Some(Rule::Public) => Ok(()),
+        Some(rule) => check_rule(rule, principal),
+        // Not in the table: refused, as the middleware refuses it.
+        None => Err(ApiError::forbidden(
+            ErrorCode::InsufficientScope,
+            format!("{method} {path} has no access rule"),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ impl WebOrigin {
         })
     }
 
-    fn render(&self) -> String {
+    pub fn render(&self) -> String {
         let default = matches!(
             (self.scheme.as_str(), self.port),
             ("https", 443) | ("http", 80)
@@ -90,6 +90,18 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// Whether the browser says the request comes from the control plane's own origin:
+/// `Sec-Fetch-Site: same-origin` (which page scripts cannot set) or an `Origin` equal to the
+/// public URL's. The API and the dashboard's forms ask the same question.
+pub fn from_own_origin(headers: &HeaderMap, public: &WebOrigin) -> bool {
+    let fetch_site = header(headers, "sec-fetch-site").map(str::to_ascii_lowercase);
+    fetch_site.as_deref() == Some("same-origin")
+        || header(headers, "origin")
+            .and_then(WebOrigin::of_url)
+            .as_ref()
+            == Some(public)
+}
+
 /// Refuses a request a foreign page could have made a browser send.
 pub fn check(
     method: &Method,
@@ -102,8 +114,7 @@ pub fn check(
     }
     let fetch_site = header(headers, "sec-fetch-site").map(str::to_ascii_lowercase);
     let origin = header(headers, "origin");
-    let same_origin = fetch_site.as_deref() == Some("same-origin")
-        || origin.and_then(WebOrigin::of_url).as_ref() == Some(public);
+    let same_origin = from_own_origin(headers, public);
     let refused = |why: &str| {
         Err(ApiError::new(
             StatusCode::FORBIDDEN,

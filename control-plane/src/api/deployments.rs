@@ -329,7 +329,7 @@ pub async fn show(
 }
 
 /// Lines sent per read (and per event-stream chunk).
-const LINES_PER_READ: i64 = 1000;
+pub const LINES_PER_READ: i64 = 1000;
 
 async fn lines_after(
     state: &AppState,

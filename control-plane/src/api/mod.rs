@@ -212,7 +212,7 @@ async fn not_found() -> error::ApiError {
 /// The access log: one line per request, at its end, in the span `edge::request_span` opens
 /// (method, route template, status, latency, request id, client, account; never the path's
 /// values, the query, a header or a body).
-fn access_log<S>(router: Router<S>) -> Router<S>
+pub fn access_log<S>(router: Router<S>) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {

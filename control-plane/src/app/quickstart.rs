@@ -236,6 +236,13 @@ impl Demo {
             "API: {}  (sign in: {} / {})",
             self.base, login.email, login.password
         );
+        // The same listener serves the dashboard; the browser will not know the quickstart's
+        // own CA, so it says where that is.
+        println!(
+            "Dashboard: {}/  (same sign-in; the certificate is issued by the quickstart's CA, {})",
+            self.base,
+            self.data_dir.join("ca.pem").display()
+        );
 
         let server_id = self.enrolled_server(plane, &cookie).await?;
         let state = sensei_agent::identity::StateDir::new(self.data_dir.join("agent"));

@@ -534,7 +534,9 @@ impl ControlPlane {
         let server = tokio::spawn(crate::app::https::serve(
             listener,
             tls,
-            api::router(state),
+            // The dashboard and the API share the listener: `/` and `/ui/…` are the
+            // dashboard's, everything else the API's (which answers unknown paths).
+            crate::web::router(state.clone()).merge(api::router(state)),
             shutdown_rx,
         ));
         tracing::info!(%api_addr, %agent_addr, ca_fingerprint = %ca.fingerprint(), "control plane listening");

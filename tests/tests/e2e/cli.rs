@@ -184,6 +184,12 @@ fn quickstart_once_runs_the_whole_thing_and_exits_zero() {
         assert!(live < next, "{out}");
         assert!(out.contains("/v1/auth/login"), "{out}");
         assert!(out.contains("/openapi.json"), "{out}");
+        // The dashboard's address, on the API's listener.
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("Dashboard: https://") && l.contains("ca.pem")),
+            "{out}"
+        );
     }
     let db = String::from_utf8_lossy(&again.stderr);
     assert!(!db.contains("a new demo account"), "{db}");

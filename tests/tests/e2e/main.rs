@@ -12,6 +12,7 @@ mod audit_sinks;
 mod backup;
 mod cli;
 mod cross_site;
+mod dashboard;
 mod database_tls;
 mod deploys;
 mod dns;

@@ -1,0 +1,208 @@
+//! Signing in (the password, then the second factor when the user has one) and out. The
+//! API's login handler does the work, so the throttles, the audit rows and the cookie are
+//! the API's own.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::{Extension, Form};
+use http::{HeaderMap, StatusCode};
+use maud::{html, Markup};
+use serde::{Deserialize, Serialize};
+
+use super::guard::{self, Signed, TokenForm};
+use super::{layout, WebError};
+use crate::api::auth_routes::{self, LoginRequest};
+use crate::api::extract::{ClientMeta, JsonBody};
+use crate::api::AppState;
+
+/// How long the second step of a sign-in may wait for its code.
+const SECOND_STEP_SECS: i64 = 300;
+/// Bounds on what the form accepts (the password policy's own limit is 1024).
+const MAX_EMAIL: usize = 320;
+const MAX_PASSWORD: usize = 1024;
+const MAX_CODE: usize = 64;
+const MAX_TICKET: usize = 4096;
+
+#[derive(Deserialize)]
+pub struct SignInForm {
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    code: String,
+    /// `totp` (default) or `recovery`.
+    #[serde(default)]
+    code_kind: String,
+    /// The sealed first step, on the second step's form.
+    #[serde(default)]
+    ticket: String,
+}
+
+/// What the second step's form carries from the first: the email and password, sealed with
+/// the field key (Fernet: encrypted and authenticated), with an expiry, so the page never
+/// holds the password in the clear and a stale or forged ticket is refused. The password is
+/// checked again with the code, by the same login handler.
+#[derive(Serialize, Deserialize)]
+struct Ticket {
+    email: String,
+    password: String,
+    expires: i64,
+}
+
+fn seal(state: &AppState, email: &str, password: &str) -> String {
+    let ticket = Ticket {
+        email: email.to_owned(),
+        password: password.to_owned(),
+        expires: chrono::Utc::now().timestamp() + SECOND_STEP_SECS,
+    };
+    // Serializing two strings and a number cannot fail; an empty ticket would only be refused.
+    let plain = serde_json::to_vec(&ticket).unwrap_or_default();
+    state.keys.encrypt(&plain)
+}
+
+fn open(state: &AppState, text: &str) -> Option<Ticket> {
+    if text.len() > MAX_TICKET {
+        return None;
+    }
+    let plain = state.keys.decrypt(text).ok()?;
+    let ticket: Ticket = serde_json::from_slice(&plain).ok()?;
+    (ticket.expires >= chrono::Utc::now().timestamp()).then_some(ticket)
+}
+
+fn password_step(error: Option<&str>, email: &str) -> Markup {
+    layout::bare(
+        "Sign in",
+        html! {
+            h1 { "Sign in" }
+            @if let Some(error) = error { p.error role="alert" id="sign-in-error" { (error) } }
+            form.stack method="post" action="/ui/sign-in" {
+                label for="email" { "Email" }
+                input id="email" name="email" type="email" autocomplete="username" required
+                    maxlength=(MAX_EMAIL) value=(email) autofocus;
+                label for="password" { "Password" }
+                input id="password" name="password" type="password"
+                    autocomplete="current-password" required maxlength=(MAX_PASSWORD);
+                button type="submit" id="sign-in" { "Sign in" }
+            }
+        },
+    )
+}
+
+fn code_step(error: Option<&str>, ticket: &str) -> Markup {
+    layout::bare(
+        "Second factor",
+        html! {
+            h1 { "Second factor" }
+            p { "Enter the 6-digit code from your authenticator app, or one of your recovery codes." }
+            @if let Some(error) = error { p.error role="alert" id="sign-in-error" { (error) } }
+            form.stack method="post" action="/ui/sign-in" {
+                input type="hidden" name="ticket" value=(ticket);
+                fieldset {
+                    legend { "Kind of code" }
+                    label { input type="radio" name="code_kind" value="totp" checked; " Authenticator code" }
+                    label { input type="radio" name="code_kind" value="recovery"; " Recovery code" }
+                }
+                label for="code" { "Code" }
+                input id="code" name="code" type="text" inputmode="text" autocomplete="one-time-code"
+                    required maxlength=(MAX_CODE) autofocus;
+                button type="submit" id="verify" { "Verify" }
+            }
+            p { a href="/ui/sign-in" { "Start again" } }
+        },
+    )
+}
+
+/// `GET /ui/sign-in`
+pub async fn sign_in_page() -> Markup {
+    password_step(None, "")
+}
+
+/// `POST /ui/sign-in`: either step.
+pub async fn sign_in(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    headers: HeaderMap,
+    Form(form): Form<SignInForm>,
+) -> Result<Response, WebError> {
+    guard::same_origin(&state, &headers)?;
+    let second_step = !form.ticket.is_empty();
+    let (email, password) = if second_step {
+        match open(&state, &form.ticket) {
+            Some(t) => (t.email, t.password),
+            None => {
+                return Ok((
+                    StatusCode::UNAUTHORIZED,
+                    password_step(Some("That sign-in took too long; start again."), ""),
+                )
+                    .into_response())
+            }
+        }
+    } else {
+        (form.email, form.password)
+    };
+    if email.len() > MAX_EMAIL || password.len() > MAX_PASSWORD || form.code.len() > MAX_CODE {
+        return Ok((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            password_step(Some("That is longer than any email or password."), ""),
+        )
+            .into_response());
+    }
+    let code = form.code.trim().to_owned();
+    let (totp_code, recovery_code) = match (second_step, form.code_kind.as_str()) {
+        (false, _) => (None, None),
+        (true, "recovery") => (None, Some(code)),
+        (true, _) => (Some(code), None),
+    };
+    let request = LoginRequest {
+        email: email.clone(),
+        password: password.clone(),
+        totp_code,
+        recovery_code,
+    };
+    match auth_routes::login(State(state.clone()), meta, JsonBody(request)).await {
+        // Home decides where to go: the fleet, or setting up a required second factor.
+        Ok(answer) => Ok(carry_cookies(&answer, Redirect::to("/").into_response())),
+        Err(e) if e.code() == "mfa_required" => Ok((
+            StatusCode::OK,
+            code_step(None, &seal(&state, &email, &password)),
+        )
+            .into_response()),
+        Err(e) if second_step && e.code() == "invalid_mfa_code" => Ok((
+            e.status(),
+            code_step(Some(e.message()), &seal(&state, &email, &password)),
+        )
+            .into_response()),
+        Err(e) => Ok((e.status(), password_step(Some(e.message()), &email)).into_response()),
+    }
+}
+
+/// Copies the `Set-Cookie` headers of the API's answer onto the dashboard's.
+pub(super) fn carry_cookies(from: &Response, mut to: Response) -> Response {
+    for cookie in from.headers().get_all(http::header::SET_COOKIE) {
+        to.headers_mut()
+            .append(http::header::SET_COOKIE, cookie.clone());
+    }
+    to
+}
+
+/// `POST /ui/sign-out`
+pub async fn sign_out(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Form(form): Form<TokenForm>,
+) -> Result<Response, WebError> {
+    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
+    signed.require(http::Method::POST, "/v1/auth/logout")?;
+    let answer = auth_routes::logout(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+    )
+    .await?;
+    Ok(carry_cookies(
+        &answer,
+        Redirect::to("/ui/sign-in").into_response(),
+    ))
+}

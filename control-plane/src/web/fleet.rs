@@ -1,0 +1,413 @@
+//! The fleet: every server and its agent, one server's details and recent deployments,
+//! adding a server, and revoking an agent's certificate (after a confirmation page).
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::{Extension, Form};
+use http::{HeaderMap, Method, StatusCode};
+use maud::{html, Markup};
+use serde::Deserialize;
+
+use super::deploys::{deployment_table, Names};
+use super::guard::{self, parse_id, Signed, TokenForm};
+use super::layout::{self, Section};
+use super::WebError;
+use crate::api::deployments::{self, DeploymentFilter};
+use crate::api::extract::{JsonBody, QueryParams};
+use crate::api::servers::{self, CreateServer, ServerView};
+use crate::api::AppState;
+
+#[derive(Deserialize, Default)]
+pub struct FleetFilter {
+    /// `key=value`
+    #[serde(default)]
+    label: String,
+    /// `connected`, `offline` or empty for all.
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    cursor: String,
+}
+
+/// What the fleet page says about a server's connection.
+fn presence(s: &ServerView) -> &'static str {
+    if s.transport == "ssh" {
+        "ssh"
+    } else if s.agent.connected {
+        "connected"
+    } else if s.agent.certificate_fingerprint.is_none() {
+        "not enrolled"
+    } else {
+        "offline"
+    }
+}
+
+fn labels(value: &serde_json::Value) -> Markup {
+    html! {
+        @if let Some(map) = value.as_object() {
+            ul.labels {
+                @for (k, v) in map {
+                    li { code { (k) "=" (v.as_str().unwrap_or_default()) } }
+                }
+            }
+        }
+    }
+}
+
+/// `GET /ui/servers`
+pub async fn list(
+    State(state): State<AppState>,
+    signed: Signed,
+    Query(filter): Query<FleetFilter>,
+) -> Result<Markup, WebError> {
+    signed.require(Method::GET, "/v1/servers")?;
+    let label = filter.label.trim();
+    // Built before the call: the serializer is not `Send`, and must not live across it.
+    let query = {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        // The API's largest page: the status filter applies to what one page holds.
+        query.append_pair("limit", "500");
+        if !label.is_empty() {
+            query.append_pair("label", label);
+        }
+        if !filter.cursor.is_empty() {
+            query.append_pair("cursor", &filter.cursor);
+        }
+        query.finish()
+    };
+    let found = servers::list(
+        State(state.clone()),
+        Extension(signed.principal.clone()),
+        RawQuery(Some(query)),
+    )
+    .await?
+    .0;
+    let shown: Vec<&ServerView> = found
+        .servers
+        .iter()
+        .filter(|s| match filter.status.as_str() {
+            "connected" => s.agent.connected,
+            "offline" => !s.agent.connected,
+            _ => true,
+        })
+        .collect();
+    let next = found.next_cursor.as_ref().map(|cursor| {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair("label", label)
+            .append_pair("status", &filter.status)
+            .append_pair("cursor", cursor);
+        format!("/ui/servers?{}", q.finish())
+    });
+    let body = html! {
+        div.heading {
+            h1 { "Fleet" }
+            @if signed.may(Method::POST, "/v1/servers") {
+                a.button href="/ui/servers/new" id="add-server" { "Add a server" }
+            }
+        }
+        form.filters method="get" action="/ui/servers" role="search" {
+            label for="label" { "Label" }
+            input id="label" name="label" type="text" placeholder="env=prod" maxlength="127" value=(label);
+            label for="status" { "Status" }
+            select id="status" name="status" {
+                @for (value, text) in [("", "All"), ("connected", "Connected"), ("offline", "Not connected")] {
+                    option value=(value) selected[filter.status == value] { (text) }
+                }
+            }
+            button type="submit" { "Filter" }
+        }
+        @if shown.is_empty() {
+            p { "No servers match." }
+        } @else {
+            table id="servers" {
+                thead { tr { th { "Name" } th { "Labels" } th { "Transport" } th { "Status" } th { "Last seen" } th { "Agent version" } } }
+                tbody {
+                    @for s in &shown {
+                        tr data-server=(s.id) {
+                            td { a href=(format!("/ui/servers/{}", s.id)) { (s.name) } }
+                            td { (labels(&s.labels)) }
+                            td { (s.transport) }
+                            td { (layout::status(presence(s))) }
+                            td { (layout::maybe_time(s.agent.last_seen_at)) }
+                            td { (s.agent.version.as_deref().unwrap_or("—")) }
+                        }
+                    }
+                }
+            }
+        }
+        @if let Some(next) = next { p { a href=(next) rel="next" { "Next page" } } }
+    };
+    Ok(layout::page("Fleet", &signed, Section::Fleet, body))
+}
+
+#[derive(Deserialize, Default)]
+pub struct Done {
+    #[serde(default)]
+    done: Option<String>,
+}
+
+/// `GET /ui/servers/{id}`
+pub async fn show(
+    State(state): State<AppState>,
+    signed: Signed,
+    Path(id): Path<String>,
+    Query(done): Query<Done>,
+) -> Result<Markup, WebError> {
+    let id = parse_id(&id)?;
+    signed.require(Method::GET, "/v1/servers/{id}")?;
+    let server = servers::show(
+        State(state.clone()),
+        Extension(signed.principal.clone()),
+        crate::api::extract::Path(id),
+    )
+    .await?
+    .0;
+    let recent = if signed.may(Method::GET, "/v1/deployments") {
+        let filter = DeploymentFilter {
+            server_id: Some(id),
+            limit: Some(20),
+            ..Default::default()
+        };
+        Some(
+            deployments::list(
+                State(state.clone()),
+                Extension(signed.principal.clone()),
+                QueryParams(filter),
+            )
+            .await?
+            .0
+            .deployments,
+        )
+    } else {
+        None
+    };
+    let names = Names::load(&state, &signed).await?;
+    let a = &server.agent;
+    let can_revoke = server.transport == "agent"
+        && a.certificate_fingerprint.is_some()
+        && signed.may(Method::DELETE, "/v1/servers/{id}/agent-certificate");
+    let body = html! {
+        (layout::notice(done.done.as_deref()))
+        h1 { (server.name) }
+        dl.facts {
+            dt { "Host" } dd { (server.host) }
+            dt { "Transport" } dd { (server.transport) }
+            dt { "Labels" } dd { (labels(&server.labels)) }
+            dt { "Status" } dd id="presence" { (layout::status(presence(&server))) }
+            dt { "Last seen" } dd { (layout::maybe_time(a.last_seen_at)) }
+            @if server.transport == "agent" {
+                dt { "Agent version" } dd { (a.version.as_deref().unwrap_or("—")) }
+                dt { "Certificate fingerprint" } dd { code id="cert-fingerprint" { (a.certificate_fingerprint.as_deref().unwrap_or("none (not enrolled, or revoked)")) } }
+                dt { "Certificate serial" } dd { code id="cert-serial" { (a.certificate_serial.as_deref().unwrap_or("—")) } }
+                dt { "Certificate expires" } dd { (layout::maybe_time(a.expires_at)) }
+                dt { "CA fingerprint" } dd { code { (server.ca_fingerprint) } }
+            } @else {
+                dt { "SSH user" } dd { (server.username.as_deref().unwrap_or("—")) }
+                dt { "SSH port" } dd { (server.port) }
+                dt { "Authentication" } dd { (server.auth.as_deref().unwrap_or("—")) }
+                dt { "Platform key fingerprint" } dd { code id="ssh-fingerprint" { (server.fingerprint.as_deref().unwrap_or("—")) } }
+                dt { "Pinned host key" } dd { code.wrap { (server.host_key.as_deref().unwrap_or("—")) } }
+            }
+        }
+        @if can_revoke {
+            p { a.button.danger href=(format!("/ui/servers/{id}/revoke-certificate")) id="revoke" { "Revoke agent certificate" } }
+        }
+        @if let Some(recent) = recent {
+            h2 { "Recent deployments" }
+            (deployment_table(&recent, &names))
+        }
+    };
+    Ok(layout::page(&server.name, &signed, Section::Fleet, body))
+}
+
+/// `GET /ui/servers/{id}/revoke-certificate`: the confirmation step.
+pub async fn confirm_revoke(
+    State(state): State<AppState>,
+    signed: Signed,
+    Path(id): Path<String>,
+) -> Result<Markup, WebError> {
+    let id = parse_id(&id)?;
+    signed.require(Method::DELETE, "/v1/servers/{id}/agent-certificate")?;
+    let server = servers::show(
+        State(state),
+        Extension(signed.principal.clone()),
+        crate::api::extract::Path(id),
+    )
+    .await?
+    .0;
+    let body = html! {
+        h1 { "Revoke the agent certificate of " (server.name) "?" }
+        p { "The agent is disconnected at once and cannot connect again with this certificate. "
+            "Deployments to this server fail until an agent enrolls again with a new token." }
+        p { "Certificate: " code { (server.agent.certificate_fingerprint.as_deref().unwrap_or("—")) } }
+        form method="post" action=(format!("/ui/servers/{id}/revoke-certificate")) {
+            (layout::csrf(&signed))
+            button.danger type="submit" id="confirm-revoke" { "Revoke agent certificate" }
+            " "
+            a href=(format!("/ui/servers/{id}")) { "Cancel" }
+        }
+    };
+    Ok(layout::page(
+        "Revoke certificate",
+        &signed,
+        Section::Fleet,
+        body,
+    ))
+}
+
+/// `POST /ui/servers/{id}/revoke-certificate`
+pub async fn revoke(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<TokenForm>,
+) -> Result<Redirect, WebError> {
+    let id = parse_id(&id)?;
+    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
+    signed.require(Method::DELETE, "/v1/servers/{id}/agent-certificate")?;
+    servers::revoke_certificate(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        crate::api::extract::Path(id),
+    )
+    .await?;
+    Ok(Redirect::to(&format!("/ui/servers/{id}?done=revoked")))
+}
+
+/// `GET /ui/servers/new`
+pub async fn new_form(signed: Signed) -> Result<Markup, WebError> {
+    signed.require(Method::POST, "/v1/servers")?;
+    let body = html! {
+        h1 { "Add a server" }
+        form.stack method="post" action="/ui/servers/new" {
+            (layout::csrf(&signed))
+            label for="name" { "Name" }
+            input id="name" name="name" type="text" required maxlength="200";
+            label for="host" { "Host name or address" }
+            input id="host" name="host" type="text" required maxlength="255";
+            fieldset {
+                legend { "How Sensei reaches it" }
+                label { input type="radio" name="transport" value="agent" checked; " Agent (recommended)" }
+                label { input type="radio" name="transport" value="ssh"; " SSH" }
+            }
+            label for="labels" { "Labels, one key=value per line" }
+            textarea id="labels" name="labels" rows="3" maxlength="4096" {}
+            fieldset {
+                legend { "SSH only" }
+                label for="username" { "User" }
+                input id="username" name="username" type="text" maxlength="64";
+                label for="port" { "Port" }
+                input id="port" name="port" type="number" min="1" max="65535" value="22";
+                label for="host_key" { "Host key (optional: pinned at first connection otherwise)" }
+                input id="host_key" name="host_key" type="text" maxlength="8192";
+            }
+            button type="submit" id="create-server" { "Add server" }
+        }
+    };
+    Ok(layout::page("Add a server", &signed, Section::Fleet, body))
+}
+
+#[derive(Deserialize)]
+pub struct NewServer {
+    #[serde(default)]
+    csrf: String,
+    name: String,
+    host: String,
+    #[serde(default)]
+    transport: String,
+    #[serde(default)]
+    labels: String,
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    port: String,
+    #[serde(default)]
+    host_key: String,
+}
+
+fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, WebError> {
+    let mut labels = BTreeMap::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (k, v) = line.split_once('=').ok_or_else(|| {
+            WebError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("label {line:?}: write key=value"),
+            )
+        })?;
+        labels.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    Ok(labels)
+}
+
+fn non_empty(text: &str) -> Option<String> {
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+/// `POST /ui/servers/new`: the answer shows the enrollment command or the public key, once.
+pub async fn create(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Form(form): Form<NewServer>,
+) -> Result<Response, WebError> {
+    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
+    signed.require(Method::POST, "/v1/servers")?;
+    let ssh = form.transport == "ssh";
+    let port = if ssh {
+        Some(form.port.trim().parse::<u16>().map_err(|_| {
+            WebError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "the port is a number from 1 to 65535",
+            )
+        })?)
+    } else {
+        None
+    };
+    let request = CreateServer {
+        name: form.name,
+        host: form.host,
+        port,
+        username: if ssh { non_empty(&form.username) } else { None },
+        transport: if ssh { "ssh".into() } else { "agent".into() },
+        auth: None,
+        password: None,
+        host_key: if ssh { non_empty(&form.host_key) } else { None },
+        labels: parse_labels(&form.labels)?,
+        enrollment_ttl_seconds: None,
+    };
+    let (_, created) = servers::create(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        JsonBody(request),
+    )
+    .await?;
+    let created = created.0;
+    let id = created.server.id;
+    let body = html! {
+        h1 { "Server " (created.server.name) " added" }
+        @if let Some(e) = &created.enrollment {
+            p { "Run this on the server to enroll its agent. The token is single use, expires at "
+                (layout::time(e.enrollment_expires_at)) ", and is shown only this once." }
+            pre.command id="enroll-command" { code { (e.enroll_command) } }
+            p { "The command pins the control plane's CA by its fingerprint: "
+                code { (created.server.ca_fingerprint) } }
+        }
+        @if let Some(key) = &created.public_key {
+            p { "Add this line to the SSH user's " code { "~/.ssh/authorized_keys" }
+                " on the server. It is shown only this once; its fingerprint stays on the server's page." }
+            pre.command id="public-key" { code { (key) } }
+        }
+        p { a href=(format!("/ui/servers/{id}")) { "Go to the server" } }
+    };
+    Ok((
+        StatusCode::CREATED,
+        layout::page("Server added", &signed, Section::Fleet, body),
+    )
+        .into_response())
+}

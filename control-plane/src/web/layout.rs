@@ -1,0 +1,168 @@
+//! The frame every page shares, and the small pieces pages repeat. Everything here is maud:
+//! a value spliced into the markup is escaped; nothing builds HTML from strings.
+
+use chrono::{DateTime, Utc};
+use http::Method;
+use maud::{html, Markup, DOCTYPE};
+
+use super::assets;
+use super::guard::{Signed, CSRF_FIELD};
+
+/// Where the navigation points, to mark the current section.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Fleet,
+    Deployments,
+    Projects,
+    Rollouts,
+    Settings,
+}
+
+fn head(title: &str) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { (title) " · Sensei" }
+            link rel="stylesheet" href=(assets::css_url());
+            script src=(assets::js_url()) defer {}
+        }
+    }
+}
+
+/// A page for a signed-in person: navigation by what they may read, and their sign-out.
+pub fn page(title: &str, signed: &Signed, section: Section, body: Markup) -> Markup {
+    let nav: [(Section, &str, &str, &str); 5] = [
+        (Section::Fleet, "/ui/servers", "Fleet", "/v1/servers"),
+        (
+            Section::Deployments,
+            "/ui/deployments",
+            "Deployments",
+            "/v1/deployments",
+        ),
+        (
+            Section::Projects,
+            "/ui/projects",
+            "Projects",
+            "/v1/projects",
+        ),
+        (
+            Section::Rollouts,
+            "/ui/rollouts",
+            "Rollouts",
+            "/v1/rollouts",
+        ),
+        (
+            Section::Settings,
+            "/ui/settings/sessions",
+            "Settings",
+            "/v1/auth/sessions",
+        ),
+    ];
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            (head(title))
+            body {
+                a.skip href="#main" { "Skip to content" }
+                header.top {
+                    a.brand href="/ui/servers" { "Sensei" }
+                    nav aria-label="Main" {
+                        ul {
+                            @for (s, href, label, api) in nav {
+                                @if signed.may(Method::GET, api) {
+                                    li {
+                                        @if s == section {
+                                            a href=(href) aria-current="page" { (label) }
+                                        } @else {
+                                            a href=(href) { (label) }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    div.who {
+                        span { (signed.principal.email) " (" (signed.principal.role.as_str()) ")" }
+                        form method="post" action="/ui/sign-out" {
+                            (csrf(signed))
+                            button type="submit" id="sign-out" { "Sign out" }
+                        }
+                    }
+                }
+                main id="main" tabindex="-1" {
+                    (body)
+                }
+            }
+        }
+    }
+}
+
+/// A page without a signed-in person (sign-in, errors).
+pub fn bare(title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            (head(title))
+            body {
+                header.top { span.brand { "Sensei" } }
+                main id="main" tabindex="-1" { (body) }
+            }
+        }
+    }
+}
+
+/// The hidden form-token field every state-changing form carries.
+pub fn csrf(signed: &Signed) -> Markup {
+    html! { input type="hidden" name=(CSRF_FIELD) value=(signed.csrf); }
+}
+
+/// A time, machine-readable and as people read it (UTC).
+pub fn time(at: DateTime<Utc>) -> Markup {
+    html! {
+        time datetime=(at.to_rfc3339()) { (at.format("%Y-%m-%d %H:%M:%S UTC")) }
+    }
+}
+
+pub fn maybe_time(at: Option<DateTime<Utc>>) -> Markup {
+    match at {
+        Some(at) => time(at),
+        None => html! { "—" },
+    }
+}
+
+/// A status word with a class the style sheet colours.
+pub fn status(word: &str) -> Markup {
+    let class = match word {
+        "succeeded" | "connected" => "status ok",
+        "failed" | "halted" | "aborted" | "rolled_back" | "offline" => "status bad",
+        "running" | "queued" | "waiting_approval" | "paused" => "status busy",
+        _ => "status",
+    };
+    html! { span class=(class) data-status=(word) { (word) } }
+}
+
+/// A short prefix of an id or a commit, for tables.
+pub fn short(text: &str) -> &str {
+    text.get(..12).unwrap_or(text)
+}
+
+/// A one-line notice after an action, chosen from fixed texts (nothing from the URL is
+/// shown as is).
+pub fn notice(done: Option<&str>) -> Markup {
+    let text = match done {
+        Some("revoked") => "The agent certificate is revoked; the agent was disconnected.",
+        Some("signed-out") => "The session is signed out.",
+        Some("key-revoked") => "The API key is revoked.",
+        Some("totp-off") => "The second factor is off.",
+        Some("role-changed") => "The role is changed.",
+        Some("member-removed") => "The member is removed.",
+        Some("invitation-revoked") => "The invitation is revoked.",
+        Some("saved") => "Saved.",
+        Some("rolled-back") => "A rollback is queued.",
+        Some("created") => "Created.",
+        Some("steered") => "Done.",
+        _ => return html! {},
+    };
+    html! { p.notice role="status" { (text) } }
+}

@@ -1,0 +1,245 @@
+//! A real browser for the dashboard's tests: headless Chromium driven through chromedriver
+//! (WebDriver), each test with its own chromedriver on a free loopback port and its own
+//! profile directory, both gone when the [`Browser`] is dropped.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use thirtyfour::common::capabilities::chromium::ChromiumLikeCapabilities;
+use thirtyfour::prelude::*;
+use thirtyfour::LoggingPrefsLogLevel;
+
+/// How long a page condition may take to hold: an upper bound for a loaded CI machine, not a
+/// timing the tests depend on.
+pub const PATIENCE: Duration = Duration::from_secs(90);
+
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// chromedriver (and the Chromium it starts) in a process group of their own, killed as a
+/// group when dropped, so a failing test leaves no browser behind.
+struct DriverProcess {
+    child: Child,
+}
+
+impl Drop for DriverProcess {
+    fn drop(&mut self) {
+        let group = self.child.id() as i32;
+        // SAFETY: kill(2) with the negative id of the process group this guard created.
+        unsafe {
+            libc::kill(-group, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Browser {
+    pub driver: WebDriver,
+    /// Where the dashboard is (`https://localhost:PORT`).
+    pub base: String,
+    // Dropped after the session: the process group, then the profile directory.
+    _process: DriverProcess,
+    _profile: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("address").port()
+}
+
+impl Browser {
+    /// Starts chromedriver and a headless Chromium session against `base`.
+    pub async fn start(base: &str) -> Self {
+        let port = free_port();
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("chromedriver starts (apt-get install chromium chromium-driver)");
+        let process = DriverProcess { child };
+        let url = format!("http://127.0.0.1:{port}");
+        let status = reqwest::Client::new();
+        let ready = crate::eventually(PATIENCE, || async {
+            status
+                .get(format!("{url}/status"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        assert!(ready, "chromedriver did not answer on {url}");
+        let profile = crate::open_tempdir();
+        let mut caps = DesiredCapabilities::chrome();
+        caps.set_binary(CHROMIUM).expect("binary");
+        for arg in [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-quic",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,900",
+            // The test control plane's certificate is issued by its own throwaway CA.
+            "--ignore-certificate-errors",
+        ] {
+            caps.add_arg(arg).expect("arg");
+        }
+        caps.add_arg(&format!("--user-data-dir={}", profile.path().display()))
+            .expect("arg");
+        // Console messages and CSP violations land in the browser log the tests read.
+        caps.set_logging_prefs("browser", LoggingPrefsLogLevel::All)
+            .expect("logging");
+        let driver = WebDriver::new(url, caps).await.expect("a browser session");
+        Self {
+            driver,
+            base: base.to_owned(),
+            _process: process,
+            _profile: profile,
+        }
+    }
+
+    pub async fn open(&self, path: &str) {
+        self.driver
+            .goto(format!("{}{path}", self.base))
+            .await
+            .expect("navigate");
+    }
+
+    /// The path of the page the browser shows.
+    pub async fn path(&self) -> String {
+        self.driver
+            .current_url()
+            .await
+            .expect("url")
+            .path()
+            .to_owned()
+    }
+
+    /// The element `css` once it exists.
+    pub async fn wait_for(&self, css: &str) -> WebElement {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Ok(e) = self.driver.find(By::Css(css)).await {
+                return e;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{css} did not appear on {}",
+                self.path().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the text of `css` satisfies `check`; returns it.
+    pub async fn wait_text(&self, css: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let mut last = String::new();
+        loop {
+            if let Ok(e) = self.driver.find(By::Css(css)).await {
+                if let Ok(text) = e.text().await {
+                    if check(&text) {
+                        return text;
+                    }
+                    last = text;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{css} never held the expected text; last: {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the browser shows `path`.
+    pub async fn wait_path(&self, path: &str) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let now = self.path().await;
+            if now == path {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the browser stayed on {now}, not {path}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn fill(&self, css: &str, text: &str) {
+        let field = self.wait_for(css).await;
+        field.clear().await.expect("clear");
+        field.send_keys(text).await.expect("type");
+    }
+
+    pub async fn click(&self, css: &str) {
+        self.wait_for(css).await.click().await.expect("click");
+    }
+
+    /// Whether `css` is on the page now.
+    pub async fn has(&self, css: &str) -> bool {
+        !self
+            .driver
+            .find_all(By::Css(css))
+            .await
+            .expect("query")
+            .is_empty()
+    }
+
+    /// The session cookie's value as `name=value`, as the browser holds it.
+    pub async fn session_cookie(&self) -> String {
+        let c = self
+            .driver
+            .get_named_cookie("sensei_session")
+            .await
+            .expect("the browser holds a session cookie");
+        format!("{}={}", c.name, c.value)
+    }
+
+    /// Browser log messages about the Content-Security-Policy since the last call.
+    pub async fn csp_violations(&self) -> Vec<String> {
+        self.driver
+            .get_log("browser")
+            .await
+            .expect("browser log")
+            .into_iter()
+            .map(|e| e.message)
+            .filter(|m| {
+                m.contains("Content Security Policy") || m.contains("Content-Security-Policy")
+            })
+            .collect()
+    }
+
+    /// Saves a screenshot of the page as `docs/dashboard/{name}.png` when
+    /// `SENSEI_DASHBOARD_SCREENSHOTS=1` (so an ordinary test run leaves the tree alone).
+    pub async fn screenshot(&self, name: &str) {
+        if std::env::var_os("SENSEI_DASHBOARD_SCREENSHOTS").is_none() {
+            return;
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboard");
+        std::fs::create_dir_all(&dir).expect("screenshot directory");
+        let png = self.driver.screenshot_as_png().await.expect("screenshot");
+        std::fs::write(dir.join(format!("{name}.png")), png).expect("write screenshot");
+    }
+
+    /// Ends the browser session (the guard kills the processes either way).
+    pub async fn close(self) {
+        let Self {
+            driver,
+            _process,
+            _profile,
+            ..
+        } = self;
+        let _ = driver.quit().await;
+        drop(_process);
+    }
+}
