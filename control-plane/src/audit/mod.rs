@@ -103,7 +103,7 @@ pub const GLOBAL_CHAIN: Uuid = Uuid::nil();
 const GENESIS: [u8; 32] = [0u8; 32];
 
 /// The fields that are hashed, in one canonical shape.
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct Canonical<'a> {
     chain_id: Uuid,
     seq: i64,
@@ -121,10 +121,41 @@ struct Canonical<'a> {
     metadata: &'a Value,
 }
 
-/// The bytes a link covers besides the previous hash. serde_json renders object keys sorted
-/// (no preserve_order feature), so the bytes depend only on the values.
+/// The bytes a link covers besides the previous hash: the fields in their declared order and
+/// the metadata with its keys sorted at every depth, so the bytes depend only on the values —
+/// not on the order a JSON map was built in, nor on how PostgreSQL's `jsonb` hands it back,
+/// nor on whether some crate in the build turned on serde_json's `preserve_order`.
 fn canonical_bytes(row: &Canonical<'_>) -> Vec<u8> {
-    serde_json::to_vec(row).unwrap_or_default()
+    let metadata = sorted(row.metadata);
+    serde_json::to_vec(&Canonical {
+        metadata: &metadata,
+        ..row.clone()
+    })
+    .unwrap_or_default()
+}
+
+/// `value` with every object's keys in sorted order.
+fn sorted(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), sorted(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+        other => other.clone(),
+    }
+}
+
+/// A JSON document's canonical bytes (keys sorted at every depth): what an export's
+/// signature covers.
+fn canonical_json(value: &Value) -> Vec<u8> {
+    serde_json::to_vec(&sorted(value)).unwrap_or_default()
 }
 
 /// The unkeyed link of rows written before the chain was keyed.
@@ -645,7 +676,7 @@ pub async fn signed_export<C: GenericClient>(
         "checkpoint": checkpoint,
         "rows": rows,
     });
-    let signature = signing.sign(&serde_json::to_vec(&body)?);
+    let signature = signing.sign(&canonical_json(&body));
     Ok(json!({
         "body": body,
         "public_key": hex::encode(signing.verifying_key().to_bytes()),
@@ -681,7 +712,7 @@ pub fn check_export(
         .context("not a signed export: no 64-byte signature")?;
     public_key
         .verify_strict(
-            &serde_json::to_vec(body)?,
+            &canonical_json(body),
             &ed25519_dalek::Signature::from_bytes(&signature),
         )
         .map_err(|_| {
@@ -725,4 +756,45 @@ pub fn check_export(
         first_seq: rows.first().and_then(|r| r["seq"].as_i64()),
         last_seq: rows.last().and_then(|r| r["seq"].as_i64()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_bytes_do_not_depend_on_the_order_a_map_was_built_in() {
+        let mut forward = serde_json::Map::new();
+        forward.insert("b".into(), json!({"y": 1, "x": [{"q": 1, "p": 2}]}));
+        forward.insert("a".into(), json!(2));
+        let mut backward = serde_json::Map::new();
+        backward.insert("a".into(), json!(2));
+        backward.insert("b".into(), json!({"x": [{"p": 2, "q": 1}], "y": 1}));
+        let (forward, backward) = (Value::Object(forward), Value::Object(backward));
+        assert_eq!(canonical_json(&forward), canonical_json(&backward));
+        assert_eq!(
+            String::from_utf8(canonical_json(&forward)).expect("utf-8"),
+            r#"{"a":2,"b":{"x":[{"p":2,"q":1}],"y":1}}"#
+        );
+        let row = |metadata| Canonical {
+            chain_id: Uuid::nil(),
+            seq: 1,
+            account_id: None,
+            at: "2026-01-01T00:00:00.000000Z".into(),
+            actor_type: "system",
+            actor_id: None,
+            actor_email: None,
+            client_ip: None,
+            user_agent: None,
+            action: "test",
+            target_type: None,
+            target_id: None,
+            result: "success",
+            metadata,
+        };
+        assert_eq!(
+            canonical_bytes(&row(&forward)),
+            canonical_bytes(&row(&backward))
+        );
+    }
 }
