@@ -193,8 +193,13 @@ pub async fn sign_out(
     headers: HeaderMap,
     Form(form): Form<TokenForm>,
 ) -> Result<Response, WebError> {
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(http::Method::POST, "/v1/auth/logout")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        http::Method::POST,
+        "/v1/auth/logout",
+    )?;
     let answer = auth_routes::logout(
         State(state),
         signed.meta.clone(),

@@ -10,7 +10,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::guard::{self, parse_id, Signed, TokenForm};
+use super::guard::{parse_id, Signed, TokenForm};
 use super::layout::{self, Section};
 use super::WebError;
 use crate::api::deployments::{self, CreateDeployment, DeploymentFilter, DeploymentView, LogQuery};
@@ -278,8 +278,13 @@ pub async fn create(
     headers: HeaderMap,
     Form(form): Form<DeployForm>,
 ) -> Result<Redirect, WebError> {
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::POST, "/v1/deployments")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::POST,
+        "/v1/deployments",
+    )?;
     let unknown = |_| {
         WebError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -322,8 +327,13 @@ pub async fn rollback(
     Form(form): Form<TokenForm>,
 ) -> Result<Redirect, WebError> {
     let id = parse_id(&id)?;
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::POST, "/v1/deployments/{id}/rollback")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::POST,
+        "/v1/deployments/{id}/rollback",
+    )?;
     let answer = deployments::rollback(
         State(state),
         signed.meta.clone(),

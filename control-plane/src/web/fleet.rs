@@ -11,7 +11,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::deploys::{deployment_table, Names};
-use super::guard::{self, parse_id, Signed, TokenForm};
+use super::guard::{parse_id, Signed, TokenForm};
 use super::layout::{self, Section};
 use super::WebError;
 use crate::api::deployments::{self, DeploymentFilter};
@@ -266,8 +266,13 @@ pub async fn revoke(
     Form(form): Form<TokenForm>,
 ) -> Result<Redirect, WebError> {
     let id = parse_id(&id)?;
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::DELETE, "/v1/servers/{id}/agent-certificate")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::DELETE,
+        "/v1/servers/{id}/agent-certificate",
+    )?;
     servers::revoke_certificate(
         State(state),
         signed.meta.clone(),
@@ -355,8 +360,7 @@ pub async fn create(
     headers: HeaderMap,
     Form(form): Form<NewServer>,
 ) -> Result<Response, WebError> {
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::POST, "/v1/servers")?;
+    signed.submit(&state, &headers, &form.csrf, Method::POST, "/v1/servers")?;
     let ssh = form.transport == "ssh";
     let port = if ssh {
         Some(form.port.trim().parse::<u16>().map_err(|_| {

@@ -56,6 +56,21 @@ impl Signed {
     }
 
     /// Refuses, as the API would, a call this person may not make.
+    /// A form this person sent to change something: it must come from the dashboard with
+    /// the session's form token ([`check_form`]), and the access table must let them call
+    /// the API route the form stands for.
+    pub fn submit(
+        &self,
+        state: &AppState,
+        headers: &HeaderMap,
+        csrf: &str,
+        method: Method,
+        path: &str,
+    ) -> Result<(), WebError> {
+        check_form(state, headers, self, Some(csrf))?;
+        self.require(method, path)
+    }
+
     pub fn require(&self, method: Method, path: &str) -> Result<(), WebError> {
         access::permit(&self.principal, &method, path).map_err(|e| {
             if e.code() == "mfa_setup_required" {

@@ -8,7 +8,7 @@ use http::{HeaderMap, Method};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::guard::{self, Signed};
+use super::guard::Signed;
 use super::layout::{self, Section};
 use super::WebError;
 use crate::api::extract::{JsonBody, QueryParams};
@@ -87,8 +87,7 @@ pub async fn create(
     headers: HeaderMap,
     Form(form): Form<NewProject>,
 ) -> Result<Response, WebError> {
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::POST, "/v1/projects")?;
+    signed.submit(&state, &headers, &form.csrf, Method::POST, "/v1/projects")?;
     let health_check = form.health_check.trim();
     let request = CreateProject {
         name: form.name,

@@ -12,7 +12,7 @@ use http::{HeaderMap, Method, StatusCode};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::guard::{self, Signed, TokenForm};
+use super::guard::{Signed, TokenForm};
 use super::layout::{self, Section};
 use super::settings::{tabs, Done};
 use super::WebError;
@@ -81,8 +81,13 @@ pub async fn enroll(
     headers: HeaderMap,
     Form(form): Form<TokenForm>,
 ) -> Result<Response, WebError> {
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::POST, "/v1/auth/mfa/totp")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::POST,
+        "/v1/auth/mfa/totp",
+    )?;
     let (_, enrolled) = mfa::enroll(
         State(state),
         signed.meta.clone(),
@@ -123,8 +128,13 @@ pub async fn confirm(
     headers: HeaderMap,
     Form(form): Form<CodeForm>,
 ) -> Result<Response, WebError> {
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::POST, "/v1/auth/mfa/totp/confirm")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::POST,
+        "/v1/auth/mfa/totp/confirm",
+    )?;
     let code = form.code.trim().chars().take(MAX_CODE).collect();
     let answer = mfa::confirm(
         State(state),
@@ -168,8 +178,13 @@ pub async fn disable(
     headers: HeaderMap,
     Form(form): Form<CodeForm>,
 ) -> Result<Redirect, WebError> {
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::POST, "/v1/auth/mfa/totp/disable")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::POST,
+        "/v1/auth/mfa/totp/disable",
+    )?;
     let code = form.code.trim().chars().take(MAX_CODE).collect();
     mfa::disable(
         State(state),

@@ -8,7 +8,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::auth::carry_cookies;
-use super::guard::{self, parse_id, Signed, TokenForm};
+use super::guard::{parse_id, Signed, TokenForm};
 use super::layout::{self, Section};
 use super::WebError;
 use crate::api::audit_routes::{self, AuditFilter};
@@ -102,8 +102,13 @@ pub async fn sign_out_session(
     Form(form): Form<TokenForm>,
 ) -> Result<Response, WebError> {
     let id = parse_id(&id)?;
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::DELETE, "/v1/auth/sessions/{id}")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::DELETE,
+        "/v1/auth/sessions/{id}",
+    )?;
     let answer = auth_routes::revoke_session(
         State(state),
         signed.meta.clone(),
@@ -127,8 +132,13 @@ pub async fn sign_out_everywhere(
     headers: HeaderMap,
     Form(form): Form<TokenForm>,
 ) -> Result<Response, WebError> {
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::POST, "/v1/auth/sessions/sign-out-everywhere")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::POST,
+        "/v1/auth/sessions/sign-out-everywhere",
+    )?;
     let answer = auth_routes::sign_out_everywhere(
         State(state),
         signed.meta.clone(),

@@ -162,8 +162,13 @@ pub async fn invite(
     headers: HeaderMap,
     Form(form): Form<Invite>,
 ) -> Result<Response, WebError> {
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::POST, "/v1/invitations")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::POST,
+        "/v1/invitations",
+    )?;
     let answer = members::invite(
         State(state),
         signed.meta.clone(),
@@ -344,8 +349,13 @@ pub async fn revoke_api_key(
     Form(form): Form<TokenForm>,
 ) -> Result<Redirect, WebError> {
     let id = parse_id(&id)?;
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::DELETE, "/v1/api-keys/{id}")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::DELETE,
+        "/v1/api-keys/{id}",
+    )?;
     api_keys::revoke(
         State(state),
         signed.meta.clone(),
@@ -372,8 +382,13 @@ pub async fn change_role(
     Form(form): Form<NewRole>,
 ) -> Result<Redirect, WebError> {
     let id = parse_id(&id)?;
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::PATCH, "/v1/members/{id}")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::PATCH,
+        "/v1/members/{id}",
+    )?;
     // The list shows the new role; the answer itself is not needed.
     let _changed = members::change_role(
         State(state),
@@ -433,8 +448,13 @@ pub async fn remove(
     Form(form): Form<TokenForm>,
 ) -> Result<Redirect, WebError> {
     let id = parse_id(&id)?;
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::DELETE, "/v1/members/{id}")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::DELETE,
+        "/v1/members/{id}",
+    )?;
     members::remove(
         State(state),
         signed.meta.clone(),
@@ -454,8 +474,13 @@ pub async fn revoke_invitation(
     Form(form): Form<TokenForm>,
 ) -> Result<Redirect, WebError> {
     let id = parse_id(&id)?;
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::DELETE, "/v1/invitations/{id}")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::DELETE,
+        "/v1/invitations/{id}",
+    )?;
     members::revoke_invitation(
         State(state),
         signed.meta.clone(),
@@ -528,8 +553,7 @@ pub async fn update_account(
     headers: HeaderMap,
     Form(form): Form<AccountForm>,
 ) -> Result<Redirect, WebError> {
-    guard::check_form(&state, &headers, &signed, Some(&form.csrf))?;
-    signed.require(Method::PATCH, "/v1/account")?;
+    signed.submit(&state, &headers, &form.csrf, Method::PATCH, "/v1/account")?;
     let days = |text: &str| {
         text.trim().parse::<i32>().map_err(|_| {
             WebError::new(
