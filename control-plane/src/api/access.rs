@@ -63,6 +63,12 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
             SessionWith(Scope::AuditSinks)
         }
         ("GET", "/v1/members") => Scoped(Scope::MembersRead),
+        // Custom roles: anyone who may read the members may read what their roles mean;
+        // defining them is member management.
+        ("GET", "/v1/roles") => Scoped(Scope::MembersRead),
+        ("POST", "/v1/roles") | ("PATCH" | "DELETE", "/v1/roles/{id}") => {
+            SessionWith(Scope::MembersWrite)
+        }
         ("PATCH" | "DELETE", "/v1/members/{id}") => SessionWith(Scope::MembersWrite),
         ("GET" | "POST", "/v1/invitations") => SessionWith(Scope::MembersWrite),
         ("DELETE", "/v1/invitations/{id}") => SessionWith(Scope::MembersWrite),
@@ -102,9 +108,9 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
             "/v1/rollouts"
             | "/v1/rollouts/{id}/pause"
             | "/v1/rollouts/{id}/resume"
-            | "/v1/rollouts/{id}/abort"
-            | "/v1/rollouts/{id}/approve",
+            | "/v1/rollouts/{id}/abort",
         ) => Scoped(Scope::RolloutsWrite),
+        ("POST", "/v1/rollouts/{id}/approve") => Scoped(Scope::RolloutsApprove),
         _ => return None,
     })
 }
@@ -183,7 +189,7 @@ pub fn check_rule(rule: Rule, principal: &auth::Principal) -> Result<(), ApiErro
         Rule::SessionWith(scope) | Rule::Scoped(scope) => {
             if !principal.allows(scope) {
                 let who = if is_session {
-                    format!("your role ({})", principal.role.as_str())
+                    format!("your role ({})", principal.role_name())
                 } else {
                     "this API key".to_owned()
                 };

@@ -33,6 +33,9 @@ pub struct AccountSettings {
     /// Networks (CIDR) the account may be used from: sign-in, sessions and API keys. Empty:
     /// anywhere.
     pub ip_allowlist: Vec<String>,
+    /// A rollout's paused batch must be approved by someone other than the person who
+    /// started the rollout.
+    pub four_eyes_approval: bool,
     pub created_at: DateTime<Utc>,
 }
 
@@ -48,6 +51,8 @@ pub struct AccountChange {
     /// Owners only. Addresses or CIDR networks (at most 64); `[]` lifts the restriction. A
     /// list that would exclude the caller's own address is refused.
     pub ip_allowlist: Option<Vec<String>>,
+    /// Require that the person approving a rollout is not the one who started it.
+    pub four_eyes_approval: Option<bool>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -65,7 +70,7 @@ pub struct TransferOwnership {
 }
 
 const COLUMNS: &str = "id, name, require_mfa, audit_retention_days, deploy_log_retention_days, \
-                       ip_allowlist, created_at";
+                       ip_allowlist, four_eyes_approval, created_at";
 
 fn settings(r: &tokio_postgres::Row) -> AccountSettings {
     AccountSettings {
@@ -75,6 +80,7 @@ fn settings(r: &tokio_postgres::Row) -> AccountSettings {
         audit_retention_days: r.get("audit_retention_days"),
         deploy_log_retention_days: r.get("deploy_log_retention_days"),
         ip_allowlist: r.get("ip_allowlist"),
+        four_eyes_approval: r.get("four_eyes_approval"),
         created_at: r.get("created_at"),
     }
 }
@@ -156,10 +162,12 @@ pub async fn update(
         && req.audit_retention_days.is_none()
         && req.deploy_log_retention_days.is_none()
         && allowlist.is_none()
+        && req.four_eyes_approval.is_none()
     {
         return Err(ApiError::unprocessable(
             ErrorCode::NothingToChange,
-            "give name, require_mfa, audit_retention_days, deploy_log_retention_days or ip_allowlist",
+            "give name, require_mfa, audit_retention_days, deploy_log_retention_days, \
+             ip_allowlist or four_eyes_approval",
         ));
     }
     let mut client = state.pool.get().await?;
@@ -171,7 +179,8 @@ pub async fn update(
                  require_mfa = COALESCE($3, require_mfa), \
                  audit_retention_days = COALESCE($4, audit_retention_days), \
                  deploy_log_retention_days = COALESCE($5, deploy_log_retention_days), \
-                 ip_allowlist = COALESCE($6, ip_allowlist) \
+                 ip_allowlist = COALESCE($6, ip_allowlist), \
+                 four_eyes_approval = COALESCE($7, four_eyes_approval) \
                  WHERE id = $1 RETURNING {COLUMNS}"
             ),
             &[
@@ -181,6 +190,7 @@ pub async fn update(
                 &req.audit_retention_days,
                 &req.deploy_log_retention_days,
                 &allowlist,
+                &req.four_eyes_approval,
             ],
         )
         .await?;
@@ -199,6 +209,9 @@ pub async fn update(
     }
     if let Some(v) = &allowlist {
         changed.insert("ip_allowlist".into(), json!(v));
+    }
+    if let Some(v) = req.four_eyes_approval {
+        changed.insert("four_eyes_approval".into(), json!(v));
     }
     audit::append(
         &tx,

@@ -90,12 +90,12 @@ pub async fn create(
                 format!("unknown scope {text:?}; known scopes: {}", known.join(", ")),
             )
         })?;
-        if !principal.role.grants(scope) {
+        if !principal.grants(scope) {
             return Err(ApiError::forbidden(
                 ErrorCode::ScopeExceedsRole,
                 format!(
                     "your role ({}) does not allow {}, so no key you create can",
-                    principal.role.as_str(),
+                    principal.role_name(),
                     scope.as_str()
                 ),
             ));

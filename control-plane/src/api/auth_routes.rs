@@ -627,6 +627,10 @@ pub struct Me {
     pub mfa_setup_required: bool,
     /// Set when the caller is an API key (`user` is then the key's creator).
     pub api_key: Option<MeApiKey>,
+    /// Every permission the member's role (built-in or custom) grants.
+    pub permissions: Vec<String>,
+    /// The resources the member's routes reach; absent: the whole account.
+    pub resource_scope: Option<crate::identity::reach::ResourceScope>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -653,10 +657,16 @@ pub async fn me(
         user: UserView {
             id: principal.user_id,
             email: principal.email.clone(),
-            role: principal.role.as_str().into(),
+            role: principal.role_name().into(),
             account_id: principal.account_id,
         },
         mfa_enabled: row.get(0),
+        permissions: crate::identity::auth::Scope::ALL
+            .into_iter()
+            .filter(|s| principal.grants(*s))
+            .map(|s| s.as_str().to_owned())
+            .collect(),
+        resource_scope: principal.reach.0.clone(),
         mfa_setup_required: principal.mfa_setup_required,
         api_key: match &principal.credential {
             crate::identity::auth::Credential::ApiKey { key_id, scopes } => Some(MeApiKey {

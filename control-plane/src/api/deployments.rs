@@ -135,6 +135,7 @@ pub async fn list(
     let rows = history::list(
         &client,
         principal.account_id,
+        &principal.reach,
         &filter,
         &history::Keyset {
             sql: &keyset,
@@ -234,9 +235,14 @@ fn view(d: history::Deployment) -> DeploymentView {
     }
 }
 
-async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<DeploymentView, ApiError> {
+/// The deployment `id` if it is the caller's account's and within their reach.
+async fn load(
+    state: &AppState,
+    principal: &Principal,
+    id: Uuid,
+) -> Result<DeploymentView, ApiError> {
     let client = state.pool.get().await?;
-    let found = history::one(&client, account, id).await?;
+    let found = history::one(&client, principal.account_id, &principal.reach, id).await?;
     Ok(view(
         found.ok_or_else(|| ApiError::not_found("deployment"))?,
     ))
@@ -266,7 +272,7 @@ pub async fn create(
         .await?
     {
         drop(tx);
-        let view = load(&state, principal.account_id, resource).await?;
+        let view = load(&state, &principal, resource).await?;
         return Ok(replayed((status, Json(view))));
     }
     tx.query_opt(
@@ -275,6 +281,13 @@ pub async fn create(
     )
     .await?
     .ok_or_else(|| ApiError::not_found("project"))?;
+    if !principal.reach.reaches_project(req.project_id) {
+        return Err(ApiError::outside_scope(format!(
+            "project {}",
+            req.project_id
+        )));
+    }
+    super::servers::check_in_reach(&tx, &principal, &[req.server_id]).await?;
     let id = enqueue(
         &tx,
         &NewJob {
@@ -311,7 +324,7 @@ pub async fn create(
     state.agents.wakes.wake(req.server_id);
     Ok((
         StatusCode::CREATED,
-        Json(load(&state, principal.account_id, id).await?),
+        Json(load(&state, &principal, id).await?),
     )
         .into_response())
 }
@@ -325,7 +338,7 @@ pub async fn show(
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<DeploymentView>, ApiError> {
-    Ok(Json(load(&state, principal.account_id, id).await?))
+    Ok(Json(load(&state, &principal, id).await?))
 }
 
 /// Lines sent per read (and per event-stream chunk).
@@ -370,7 +383,7 @@ pub async fn logs(
     QueryParams(q): QueryParams<LogQuery>,
     headers: http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    load(&state, principal.account_id, id).await?;
+    load(&state, &principal, id).await?;
     let mut after = q.after.unwrap_or(0);
     if !q.follow {
         let (lines, status) = lines_after(&state, id, after).await?;
@@ -479,7 +492,7 @@ pub async fn rollback(
         sensei_shared::release::check_release_id(to)
             .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidRelease, e.0))?;
     }
-    let original = load(&state, principal.account_id, id).await?;
+    let original = load(&state, &principal, id).await?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     if let Claim::Replay { status, resource } = idempotency
@@ -492,7 +505,7 @@ pub async fn rollback(
         .await?
     {
         drop(tx);
-        let view = load(&state, principal.account_id, resource).await?;
+        let view = load(&state, &principal, resource).await?;
         return Ok(replayed((status, Json(view))));
     }
     if let Some(to) = &to_release {
@@ -555,7 +568,7 @@ pub async fn rollback(
     state.agents.wakes.wake(original.server_id);
     Ok((
         StatusCode::CREATED,
-        Json(load(&state, principal.account_id, new_id).await?),
+        Json(load(&state, &principal, new_id).await?),
     )
         .into_response())
 }

@@ -118,6 +118,7 @@ pub async fn show(
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<DnsView>, ApiError> {
+    super::projects::in_reach(&principal, id)?;
     Ok(Json(view(&state, principal.account_id, id).await?))
 }
 
@@ -134,6 +135,7 @@ pub async fn set(
     Path(id): Path<Uuid>,
     JsonBody(req): JsonBody<SetDns>,
 ) -> Result<Json<DnsView>, ApiError> {
+    super::projects::in_reach(&principal, id)?;
     let settings = DnsSettings {
         zone: req.zone.trim().trim_end_matches('.').to_ascii_lowercase(),
         server: req.server.trim().parse().map_err(|_| {
@@ -206,6 +208,7 @@ pub async fn remove(
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
+    super::projects::in_reach(&principal, id)?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let n = tx

@@ -107,6 +107,12 @@ error_codes! {
     InvalidDns => "invalid_dns",
     ZoneTaken => "zone_taken",
     ScopeExceedsRole => "scope_exceeds_role",
+    OutsideResourceScope => "outside_resource_scope",
+    FourEyesRequired => "four_eyes_required",
+    RoleTaken => "role_taken",
+    RoleInUse => "role_in_use",
+    InvalidPermissions => "invalid_permissions",
+    InvalidResourceScope => "invalid_resource_scope",
     ServerNotEnrolled => "server_not_enrolled",
     SessionRequired => "session_required",
     SignupClosed => "signup_closed",
@@ -178,6 +184,15 @@ impl ApiError {
 
     pub fn forbidden(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    /// A resource outside the caller's resource scope was named in a request body (a path
+    /// naming one answers "not found" instead, as for another account's).
+    pub fn outside_scope(what: impl std::fmt::Display) -> Self {
+        Self::forbidden(
+            ErrorCode::OutsideResourceScope,
+            format!("{what} is outside your resource scope"),
+        )
     }
 
     pub fn not_found(what: &str) -> Self {

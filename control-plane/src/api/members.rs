@@ -24,6 +24,7 @@ use super::{actor_event, AppState};
 use crate::audit::{self, Actor, AuditEvent, Outcome};
 use crate::identity::auth::{Principal, Role, SESSION_IDLE_DAYS};
 use crate::identity::names::normalise_email;
+use crate::identity::reach::ResourceScope;
 use crate::identity::tokens::{Token, TokenKind};
 
 /// How long an invitation link stays valid.
@@ -35,9 +36,31 @@ const MAX_OPEN_INVITATIONS: i64 = 100;
 pub struct MemberView {
     pub id: Uuid,
     pub email: String,
+    /// A built-in role, or the name of one of the account's custom roles.
     pub role: String,
     pub mfa_enabled: bool,
+    /// The resources the member reaches; absent: the whole account.
+    pub resource_scope: Option<ResourceScope>,
     pub created_at: DateTime<Utc>,
+}
+
+/// The member columns [`member_view`] reads, from `users u LEFT JOIN roles r`.
+const MEMBER_COLUMNS: &str = "u.id, u.email, coalesce(r.name, u.role) AS role, \
+     u.totp_enabled_at IS NOT NULL AS mfa_enabled, u.resource_scope, u.created_at";
+
+fn member_view(r: &tokio_postgres::Row) -> Result<MemberView, ApiError> {
+    let scope: Option<serde_json::Value> = r.get("resource_scope");
+    Ok(MemberView {
+        id: r.get("id"),
+        email: r.get("email"),
+        role: r.get("role"),
+        mfa_enabled: r.get("mfa_enabled"),
+        resource_scope: scope
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|_| ApiError::internal("unreadable resource scope in database"))?,
+        created_at: r.get("created_at"),
+    })
 }
 
 #[derive(Serialize, ToSchema)]
@@ -47,11 +70,92 @@ pub struct MemberList {
     pub next_cursor: Option<String>,
 }
 
-#[derive(Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RoleChange {
-    /// `viewer`, `operator`, `developer`, `admin` or `owner`.
-    pub role: String,
+    /// `viewer`, `operator`, `developer`, `admin`, `owner`, or the name of one of the
+    /// account's custom roles (`GET /v1/roles`). Absent: unchanged.
+    pub role: Option<String>,
+    /// What the member may reach: `{"projects": [...], "server_labels": {...}}`, or `null`
+    /// for the whole account. Absent: unchanged. Owners always reach the whole account.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<ResourceScope>)]
+    pub resource_scope: Option<Option<ResourceScope>>,
+}
+
+/// Tells a field sent as `null` (`Some(None)`) from one not sent (`None`).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// A role as a member may be given it.
+enum Assigned {
+    BuiltIn(Role),
+    Custom { id: Uuid, name: String },
+}
+
+/// A built-in role by name, else one of the account's custom roles.
+async fn assigned_role(
+    tx: &tokio_postgres::Transaction<'_>,
+    account_id: Uuid,
+    text: &str,
+) -> Result<Assigned, ApiError> {
+    if let Some(role) = Role::parse(text.trim()) {
+        return Ok(Assigned::BuiltIn(role));
+    }
+    let row = tx
+        .query_opt(
+            "SELECT id, name FROM roles WHERE account_id = $1 AND lower(name) = lower($2)",
+            &[&account_id, &text.trim()],
+        )
+        .await?
+        .ok_or_else(|| {
+            ApiError::unprocessable(
+                ErrorCode::InvalidRole,
+                "role must be viewer, operator, developer, admin, owner or one of the \
+                 account's custom roles (GET /v1/roles)",
+            )
+        })?;
+    Ok(Assigned::Custom {
+        id: row.get(0),
+        name: row.get(1),
+    })
+}
+
+/// Checks a resource scope before it is stored: bounded, and naming only the account's
+/// projects.
+async fn checked_scope(
+    tx: &tokio_postgres::Transaction<'_>,
+    account_id: Uuid,
+    scope: &ResourceScope,
+) -> Result<serde_json::Value, ApiError> {
+    scope
+        .check()
+        .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidResourceScope, e))?;
+    if let Some(projects) = &scope.projects {
+        let known: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM projects WHERE account_id = $1 AND deleted_at IS NULL \
+                 AND id = ANY($2)",
+                &[&account_id, projects],
+            )
+            .await?
+            .get(0);
+        let mut unique = projects.clone();
+        unique.sort();
+        unique.dedup();
+        if known != unique.len() as i64 {
+            return Err(ApiError::unprocessable(
+                ErrorCode::InvalidResourceScope,
+                "projects: every id must be one of the account's projects",
+            ));
+        }
+    }
+    serde_json::to_value(scope).map_err(|_| ApiError::internal("encoding a resource scope"))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -174,9 +278,9 @@ pub async fn list(
     let rows = client
         .query(
             &format!(
-                "SELECT id, email, role, totp_enabled_at IS NOT NULL AS mfa_enabled, created_at \
-                 FROM users WHERE account_id = $1{}",
-                Page::keyset_sql("created_at", "id", Order::OldestFirst, 2)
+                "SELECT {MEMBER_COLUMNS} FROM users u LEFT JOIN roles r ON r.id = u.custom_role_id \
+                 WHERE u.account_id = $1{}",
+                Page::keyset_sql("u.created_at", "u.id", Order::OldestFirst, 2)
             ),
             &[
                 &principal.account_id,
@@ -188,14 +292,8 @@ pub async fn list(
         .await?;
     let members = rows
         .iter()
-        .map(|r| MemberView {
-            id: r.get("id"),
-            email: r.get("email"),
-            role: r.get("role"),
-            mfa_enabled: r.get("mfa_enabled"),
-            created_at: r.get("created_at"),
-        })
-        .collect();
+        .map(member_view)
+        .collect::<Result<Vec<_>, _>>()?;
     let (members, next_cursor) =
         page.finish(members, |m: &MemberView| Cursor::at(m.created_at, m.id));
     Ok(Json(MemberList {
@@ -204,7 +302,8 @@ pub async fn list(
     }))
 }
 
-/// Changes a member's role. Takes effect on their next request, API keys included.
+/// Changes a member's role (built-in or custom) and what they may reach. Takes effect on their
+/// next request, API keys included.
 #[utoipa::path(patch, path = "/v1/members/{id}", tag = "members", request_body = RoleChange,
     params(("id" = Uuid, Path, description = "user id")),
     responses((status = 200, body = MemberView),
@@ -217,43 +316,97 @@ pub async fn change_role(
     Path(id): Path<Uuid>,
     JsonBody(req): JsonBody<RoleChange>,
 ) -> Result<Json<MemberView>, ApiError> {
-    let role = parse_role(&req.role)?;
+    if req.role.is_none() && req.resource_scope.is_none() {
+        return Err(ApiError::unprocessable(
+            ErrorCode::NothingToChange,
+            "give role, resource_scope or both",
+        ));
+    }
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let owners = lock_and_count_owners(&tx, principal.account_id).await?;
     let (current, _) = member_role(&tx, principal.account_id, id).await?;
-    check_may_assign(&principal, role)?;
     check_may_assign(&principal, current)?;
-    if current == Role::Owner && role != Role::Owner && owners <= 1 {
+    let assigned = match &req.role {
+        Some(text) => Some(assigned_role(&tx, principal.account_id, text).await?),
+        None => None,
+    };
+    // The built-in rank after the change: a custom-role member ranks as a viewer.
+    let rank = match &assigned {
+        Some(Assigned::BuiltIn(role)) => *role,
+        Some(Assigned::Custom { .. }) => Role::Viewer,
+        None => current,
+    };
+    check_may_assign(&principal, rank)?;
+    if current == Role::Owner && rank != Role::Owner && owners <= 1 {
         return Err(last_owner());
+    }
+    let scope = match &req.resource_scope {
+        Some(Some(_)) if rank == Role::Owner => {
+            return Err(ApiError::unprocessable(
+                ErrorCode::InvalidResourceScope,
+                "owners reach the whole account; give a scope to other roles",
+            ))
+        }
+        Some(Some(scope)) => Some(Some(checked_scope(&tx, principal.account_id, scope).await?)),
+        Some(None) => Some(None),
+        // An owner keeps no scope they had before becoming one.
+        None if rank == Role::Owner => Some(None),
+        None => None,
+    };
+    if let Some(assigned) = &assigned {
+        let (custom_id, custom_name) = match assigned {
+            Assigned::BuiltIn(_) => (None, None),
+            Assigned::Custom { id, name } => (Some(*id), Some(name.as_str())),
+        };
+        tx.execute(
+            "UPDATE users SET role = $3, custom_role_id = $4 WHERE id = $1 AND account_id = $2",
+            &[&id, &principal.account_id, &rank.as_str(), &custom_id],
+        )
+        .await?;
+        audit::append(
+            &tx,
+            state.keys.audit_keys(),
+            &actor_event(
+                &principal,
+                &meta,
+                "member.role_changed",
+                ("user", id),
+                json!({"from": current.as_str(), "to": custom_name.unwrap_or(rank.as_str())}),
+            ),
+        )
+        .await?;
+    }
+    if let Some(scope) = &scope {
+        tx.execute(
+            "UPDATE users SET resource_scope = $3 WHERE id = $1 AND account_id = $2",
+            &[&id, &principal.account_id, scope],
+        )
+        .await?;
+        audit::append(
+            &tx,
+            state.keys.audit_keys(),
+            &actor_event(
+                &principal,
+                &meta,
+                "member.scope_changed",
+                ("user", id),
+                json!({"resource_scope": scope}),
+            ),
+        )
+        .await?;
     }
     let row = tx
         .query_one(
-            "UPDATE users SET role = $3 WHERE id = $1 AND account_id = $2 \
-             RETURNING id, email, role, totp_enabled_at IS NOT NULL, created_at",
-            &[&id, &principal.account_id, &role.as_str()],
+            &format!(
+                "SELECT {MEMBER_COLUMNS} FROM users u LEFT JOIN roles r ON r.id = u.custom_role_id \
+                 WHERE u.id = $1"
+            ),
+            &[&id],
         )
         .await?;
-    audit::append(
-        &tx,
-        state.keys.audit_keys(),
-        &actor_event(
-            &principal,
-            &meta,
-            "member.role_changed",
-            ("user", id),
-            json!({"from": current.as_str(), "to": role.as_str()}),
-        ),
-    )
-    .await?;
     tx.commit().await?;
-    Ok(Json(MemberView {
-        id: row.get(0),
-        email: row.get(1),
-        role: row.get(2),
-        mfa_enabled: row.get(3),
-        created_at: row.get(4),
-    }))
+    Ok(Json(member_view(&row)?))
 }
 
 /// Removes a member: their sessions end and their API keys stop working at once.

@@ -37,6 +37,7 @@ pub mod mfa;
 pub mod page;
 pub mod password_reset;
 pub mod projects;
+pub mod roles;
 pub mod rollouts;
 pub mod servers;
 pub mod system;
@@ -163,6 +164,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(members::invite, members::list_invitations))
         .routes(routes!(members::revoke_invitation))
         .routes(routes!(members::accept))
+        .routes(routes!(roles::list, roles::create))
+        .routes(routes!(roles::update, roles::delete))
         .routes(routes!(account::show, account::update, account::delete))
         .routes(routes!(account::transfer_ownership))
         .routes(routes!(api_keys::create, api_keys::list))

@@ -235,6 +235,15 @@ fn seal_env(
     ))
 }
 
+/// A project outside the caller's resource scope is "not found", as another account's is.
+pub(super) fn in_reach(principal: &Principal, id: Uuid) -> Result<(), ApiError> {
+    if principal.reach.reaches_project(id) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found("project"))
+    }
+}
+
 /// Creates a project.
 #[utoipa::path(post, path = "/v1/projects", tag = "projects", request_body = CreateProject,
     responses((status = 201, body = ProjectView), (status = 422, body = ErrorBody)))]
@@ -254,6 +263,11 @@ pub async fn create(
         health_check: req.health_check.filter(|h| !h.trim().is_empty()),
         hook_timeout_secs: req.hook_timeout_secs.unwrap_or(600),
     };
+    if !principal.reach.may_create_projects() {
+        return Err(ApiError::outside_scope(
+            "a new project (your scope names the projects you may reach)",
+        ));
+    }
     check(&c)?;
     check_env(&req.env)?;
     let (sealed, names) = seal_env(&state, &req.env)?;
@@ -300,11 +314,12 @@ pub async fn list(
     let rows = client
         .query(
             &format!(
-                "{SELECT}{}",
-                Page::keyset_sql("created_at", "id", Order::OldestFirst, 2)
+                "{SELECT} AND ($2::uuid[] IS NULL OR id = ANY($2)){}",
+                Page::keyset_sql("created_at", "id", Order::OldestFirst, 3)
             ),
             &[
                 &principal.account_id,
+                &principal.reach.project_filter(),
                 &page.after_time(),
                 &page.after_id(),
                 &page.fetch(),
@@ -330,6 +345,7 @@ pub async fn show(
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<ProjectView>, ApiError> {
+    in_reach(&principal, id)?;
     Ok(Json(load(&state, principal.account_id, id).await?))
 }
 
@@ -345,6 +361,7 @@ pub async fn update(
     Path(id): Path<Uuid>,
     JsonBody(req): JsonBody<UpdateProject>,
 ) -> Result<Json<ProjectView>, ApiError> {
+    in_reach(&principal, id)?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     // Read under the row lock: a concurrent update (an `env set` while someone edits the
@@ -499,6 +516,7 @@ pub async fn delete(
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
+    in_reach(&principal, id)?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let n = tx

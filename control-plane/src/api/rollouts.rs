@@ -24,6 +24,7 @@ use super::page::{Cursor, Order, Page, PageQuery};
 use super::{actor_event, AppState};
 use crate::audit;
 use crate::identity::auth::Principal;
+use crate::identity::reach::Reach;
 
 const MAX_TARGETS: usize = 100_000;
 /// The route's name for its idempotency keys.
@@ -114,6 +115,17 @@ const ROLLOUT_SQL: &str = "SELECT r.id, r.project_id, r.git_ref, r.state, r.paus
        ) per_status) c ON true \
      WHERE r.account_id = $1";
 
+/// The condition that keeps a rollout within a member's resource scope: its project among
+/// `$p` and every one of its targets carrying the labels `$s` (NULL: no limit).
+fn within_reach(p: u8, s: u8) -> String {
+    format!(
+        " AND (${p}::uuid[] IS NULL OR r.project_id = ANY(${p})) \
+         AND (${s}::jsonb IS NULL OR NOT EXISTS (SELECT 1 FROM rollout_targets rt \
+              JOIN servers rs ON rs.id = rt.server_id \
+              WHERE rt.rollout_id = r.id AND NOT rs.labels @> ${s}))"
+    )
+}
+
 const TARGET_SQL: &str = "SELECT server_id, batch, position, status, deployment_id, \
        rollback_deployment_id, error FROM rollout_targets WHERE rollout_id = $1";
 
@@ -148,10 +160,24 @@ fn target_view(t: &tokio_postgres::Row) -> TargetView {
     }
 }
 
-async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<RolloutView, ApiError> {
+/// The rollout `id` with every target, if it is `account`'s and within `reach`.
+async fn load(
+    state: &AppState,
+    account: Uuid,
+    reach: &Reach,
+    id: Uuid,
+) -> Result<RolloutView, ApiError> {
     let client = state.pool.get().await?;
     let r = client
-        .query_opt(&format!("{ROLLOUT_SQL} AND r.id = $2"), &[&account, &id])
+        .query_opt(
+            &format!("{ROLLOUT_SQL} AND r.id = $2{}", within_reach(3, 4)),
+            &[
+                &account,
+                &id,
+                &reach.project_filter(),
+                &reach.server_filter(),
+            ],
+        )
         .await?
         .ok_or_else(|| ApiError::not_found("rollout"))?;
     let targets = client
@@ -194,7 +220,7 @@ pub async fn create(
         .await?
     {
         drop(tx);
-        let view = load(&state, principal.account_id, resource).await?;
+        let view = load(&state, principal.account_id, &principal.reach, resource).await?;
         return Ok(replayed((status, Json(view))));
     }
     tx.query_opt(
@@ -236,6 +262,13 @@ pub async fn create(
         }
         _ => return Err(ApiError::unprocessable(ErrorCode::InvalidTargets, "give either selector or server_ids")),
     };
+    if !principal.reach.reaches_project(req.project_id) {
+        return Err(ApiError::outside_scope(format!(
+            "project {}",
+            req.project_id
+        )));
+    }
+    super::servers::check_in_reach(&tx, &principal, &servers).await?;
     if servers.is_empty() {
         return Err(ApiError::unprocessable(
             ErrorCode::NoTargets,
@@ -300,7 +333,7 @@ pub async fn create(
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(load(&state, principal.account_id, id).await?),
+        Json(load(&state, principal.account_id, &principal.reach, id).await?),
     )
         .into_response())
 }
@@ -320,7 +353,8 @@ pub async fn list(
         .await?
         .query(
             &format!(
-                "{ROLLOUT_SQL}{}",
+                "{ROLLOUT_SQL}{}{}",
+                within_reach(5, 6),
                 Page::keyset_sql("r.created_at", "r.id", Order::NewestFirst, 2)
             ),
             &[
@@ -328,6 +362,8 @@ pub async fn list(
                 &page.after_time(),
                 &page.after_id(),
                 &page.fetch(),
+                &principal.reach.project_filter(),
+                &principal.reach.server_filter(),
             ],
         )
         .await?;
@@ -356,8 +392,16 @@ pub async fn targets(
     let client = state.pool.get().await?;
     client
         .query_opt(
-            "SELECT 1 FROM rollouts WHERE id = $1 AND account_id = $2",
-            &[&id, &principal.account_id],
+            &format!(
+                "SELECT 1 FROM rollouts r WHERE r.id = $1 AND r.account_id = $2{}",
+                within_reach(3, 4)
+            ),
+            &[
+                &id,
+                &principal.account_id,
+                &principal.reach.project_filter(),
+                &principal.reach.server_filter(),
+            ],
         )
         .await?
         .ok_or_else(|| ApiError::not_found("rollout"))?;
@@ -397,7 +441,9 @@ pub async fn show(
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<RolloutView>, ApiError> {
-    Ok(Json(load(&state, principal.account_id, id).await?))
+    Ok(Json(
+        load(&state, principal.account_id, &principal.reach, id).await?,
+    ))
 }
 
 /// Progress as server-sent events: the rollout (`event: rollout`) each time it changes, until
@@ -415,8 +461,9 @@ pub async fn events(
     Path(id): Path<Uuid>,
     headers: http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    load(&state, principal.account_id, id).await?;
+    load(&state, principal.account_id, &principal.reach, id).await?;
     let account = principal.account_id;
+    let reach = principal.reach.clone();
     let seen = live::last_event_id(&headers).unwrap_or_default().to_owned();
     let slot = state.live.open(principal.account_id, principal.user_id)?;
     let follower = live::Follower::new(
@@ -428,14 +475,15 @@ pub async fn events(
     let changes = state.live.subscribe(live::Followed::Rollout(id));
     let keep_alive = state.live.keep_alive();
     let stream = futures_util::stream::unfold(
-        (state, seen, false, changes, (slot, follower)),
+        // The member's reach travels with the stream: each change is read as they may see it.
+        (state, seen, false, changes, (slot, follower, reach)),
         move |(state, seen, ended, mut changes, slot)| async move {
             if ended {
                 return None;
             }
             loop {
                 changes.borrow_and_update();
-                let Ok(view) = load(&state, account, id).await else {
+                let Ok(view) = load(&state, account, &slot.2, id).await else {
                     return Some((
                         Err(std::io::Error::other("rollout stream interrupted")),
                         (state, seen, true, changes, slot),
@@ -477,12 +525,30 @@ async fn command(
     let tx = client.transaction().await?;
     let row = tx
         .query_opt(
-            "SELECT state, paused_reason, rolling_back FROM rollouts \
-             WHERE id = $1 AND account_id = $2 FOR UPDATE",
-            &[&id, &principal.account_id],
+            &format!(
+                "SELECT r.state, r.paused_reason, r.rolling_back, r.created_by, \
+                   a.four_eyes_approval FROM rollouts r JOIN accounts a ON a.id = r.account_id \
+                 WHERE r.id = $1 AND r.account_id = $2{} FOR UPDATE OF r",
+                within_reach(3, 4)
+            ),
+            &[
+                &id,
+                &principal.account_id,
+                &principal.reach.project_filter(),
+                &principal.reach.server_filter(),
+            ],
         )
         .await?
         .ok_or_else(|| ApiError::not_found("rollout"))?;
+    let four_eyes: bool = row.get("four_eyes_approval");
+    let started_by: Option<Uuid> = row.get("created_by");
+    if command == Command::Approve && four_eyes && started_by == Some(principal.user_id) {
+        return Err(ApiError::forbidden(
+            ErrorCode::FourEyesRequired,
+            "this account requires four eyes: someone other than the person who started the \
+             rollout must approve it",
+        ));
+    }
     let current = RolloutState::from_stored(
         row.get("state"),
         row.get("paused_reason"),
@@ -525,7 +591,9 @@ async fn command(
     )
     .await?;
     tx.commit().await?;
-    Ok(Json(load(state, principal.account_id, id).await?))
+    Ok(Json(
+        load(state, principal.account_id, &principal.reach, id).await?,
+    ))
 }
 
 macro_rules! steering_route {

@@ -208,10 +208,14 @@ fn view(state: &AppState, row: &tokio_postgres::Row) -> ServerView {
     }
 }
 
-async fn load(state: &AppState, account: Uuid, id: Uuid) -> Result<ServerView, ApiError> {
+/// The server `id` if it is the caller's account's and in their reach.
+async fn load(state: &AppState, principal: &Principal, id: Uuid) -> Result<ServerView, ApiError> {
     let client = state.pool.get().await?;
     let row = client
-        .query_opt(&format!("{VIEW_SQL} AND s.id = $2"), &[&account, &id])
+        .query_opt(
+            &format!("{VIEW_SQL} AND s.id = $2 AND ($3::jsonb IS NULL OR s.labels @> $3)"),
+            &[&principal.account_id, &id, &principal.reach.server_filter()],
+        )
         .await?
         .ok_or_else(|| ApiError::not_found("server"))?;
     Ok(view(state, &row))
@@ -283,6 +287,9 @@ pub async fn create(
     check_labels(&req.labels)?;
     let id = Uuid::new_v4();
     let labels = json!(req.labels);
+    if !principal.reach.reaches_server(&labels) {
+        return Err(ApiError::outside_scope("a server with these labels"));
+    }
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let (enrollment, public_key) = match req.transport.as_str() {
@@ -334,7 +341,7 @@ pub async fn create(
     )
     .await?;
     tx.commit().await?;
-    let server = load(&state, principal.account_id, id).await?;
+    let server = load(&state, &principal, id).await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedServer {
@@ -461,12 +468,13 @@ pub async fn list(
     let rows = client
         .query(
             &format!(
-                "{VIEW_SQL} AND s.labels @> $2{}",
-                Page::keyset_sql("s.created_at", "s.id", Order::OldestFirst, 3)
+                "{VIEW_SQL} AND s.labels @> $2 AND ($3::jsonb IS NULL OR s.labels @> $3){}",
+                Page::keyset_sql("s.created_at", "s.id", Order::OldestFirst, 4)
             ),
             &[
                 &principal.account_id,
                 &serde_json::Value::Object(selector),
+                &principal.reach.server_filter(),
                 &page.after_time(),
                 &page.after_id(),
                 &page.fetch(),
@@ -492,7 +500,7 @@ pub async fn show(
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<ServerView>, ApiError> {
-    Ok(Json(load(&state, principal.account_id, id).await?))
+    Ok(Json(load(&state, &principal, id).await?))
 }
 
 /// Revokes every valid certificate of these servers inside `tx` (telling every replica);
@@ -532,14 +540,43 @@ pub(super) async fn revoke_certificates(
     Ok(revoked)
 }
 
+/// Refuses servers of the caller's account that their resource scope does not reach (named in
+/// a request body: a deploy's or a rollout's targets). Servers that do not exist are left to
+/// the caller's own check.
+pub(super) async fn check_in_reach(
+    client: &impl deadpool_postgres::GenericClient,
+    principal: &Principal,
+    servers: &[Uuid],
+) -> Result<(), ApiError> {
+    let Some(labels) = principal.reach.server_filter() else {
+        return Ok(());
+    };
+    let outside = client
+        .query_opt(
+            "SELECT id FROM servers WHERE id = ANY($1) AND account_id = $2 \
+             AND NOT labels @> $3 LIMIT 1",
+            &[&servers, &principal.account_id, &labels],
+        )
+        .await?;
+    match outside {
+        Some(row) => Err(ApiError::outside_scope(format!(
+            "server {}",
+            row.get::<_, Uuid>(0)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Locks the server `id` if it is the caller's account's and in their reach.
 async fn lock_server(
     tx: &tokio_postgres::Transaction<'_>,
-    account: Uuid,
+    principal: &Principal,
     id: Uuid,
 ) -> Result<(), ApiError> {
     tx.query_opt(
-        "SELECT 1 FROM servers WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL FOR UPDATE",
-        &[&id, &account],
+        "SELECT 1 FROM servers WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL \
+         AND ($3::jsonb IS NULL OR labels @> $3) FOR UPDATE",
+        &[&id, &principal.account_id, &principal.reach.server_filter()],
     )
     .await?
     .ok_or_else(|| ApiError::not_found("server"))?;
@@ -560,7 +597,7 @@ pub async fn revoke_certificate(
 ) -> Result<StatusCode, ApiError> {
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    lock_server(&tx, principal.account_id, id).await?;
+    lock_server(&tx, &principal, id).await?;
     let revoked = revoke_certificates(&tx, &[id]).await?;
     if revoked.is_empty() {
         return Err(ApiError::new(
@@ -604,7 +641,7 @@ pub async fn new_enrollment_token(
     let ttl_secs = ttl(request.enrollment_ttl_seconds)?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    lock_server(&tx, principal.account_id, id).await?;
+    lock_server(&tx, &principal, id).await?;
     let enrollment = issue_token(&state, &tx, id, ttl_secs).await?;
     audit::append(
         &tx,
@@ -635,7 +672,7 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    lock_server(&tx, principal.account_id, id).await?;
+    lock_server(&tx, &principal, id).await?;
     let revoked = revoke_certificates(&tx, &[id]).await?;
     tx.execute("DELETE FROM enrollment_tokens WHERE server_id = $1", &[&id])
         .await?;

@@ -9,6 +9,7 @@ use http::HeaderMap;
 use uuid::Uuid;
 
 use crate::identity::allowlist;
+use crate::identity::reach::{parse_permissions, CustomRole, Reach};
 use crate::identity::tokens::{Token, TokenKind};
 
 /// The session cookie's name.
@@ -54,7 +55,7 @@ impl Role {
         let needed = match scope {
             ServersRead | ProjectsRead | DeploymentsRead | RolloutsRead | AuditRead
             | MembersRead | AccountRead => Role::Viewer,
-            DeploymentsWrite | RolloutsWrite => Role::Operator,
+            DeploymentsWrite | RolloutsWrite | RolloutsApprove => Role::Operator,
             ServersWrite | ProjectsWrite => Role::Developer,
             ApiKeysRead | ApiKeysWrite | MembersWrite | AccountWrite | AuditSinks => Role::Admin,
             AccountOwner => Role::Owner,
@@ -75,6 +76,9 @@ pub enum Scope {
     DeploymentsWrite,
     RolloutsRead,
     RolloutsWrite,
+    /// Approving a rollout's paused batch: its own permission so that an account can give
+    /// it to some people only, and require that it is not the person who started it.
+    RolloutsApprove,
     AuditRead,
     ApiKeysRead,
     ApiKeysWrite,
@@ -89,7 +93,7 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 17] = [
+    pub const ALL: [Scope; 18] = [
         Scope::ServersRead,
         Scope::ServersWrite,
         Scope::ProjectsRead,
@@ -98,6 +102,7 @@ impl Scope {
         Scope::DeploymentsWrite,
         Scope::RolloutsRead,
         Scope::RolloutsWrite,
+        Scope::RolloutsApprove,
         Scope::AuditRead,
         Scope::ApiKeysRead,
         Scope::ApiKeysWrite,
@@ -119,6 +124,7 @@ impl Scope {
             Scope::DeploymentsWrite => "deployments:write",
             Scope::RolloutsRead => "rollouts:read",
             Scope::RolloutsWrite => "rollouts:write",
+            Scope::RolloutsApprove => "rollouts:approve",
             Scope::AuditRead => "audit:read",
             Scope::ApiKeysRead => "api_keys:read",
             Scope::ApiKeysWrite => "api_keys:write",
@@ -155,17 +161,39 @@ pub struct Principal {
     /// The account requires MFA and this user has not set it up: only the routes that set
     /// it up (and sign out) are open to them.
     pub mfa_setup_required: bool,
+    /// The account's custom role this member holds instead of a built-in one; `role` is then
+    /// the rank the owner guards compare (viewer).
+    pub custom_role: Option<CustomRole>,
+    /// Which servers, projects, deployments and rollouts this member's routes reach.
+    pub reach: Reach,
 }
 
 impl Principal {
     /// Whether this caller may use `scope`: the role must grant it and, for an API key, the
     /// key must carry it too (a key only ever narrows its creator's role).
     pub fn allows(&self, scope: Scope) -> bool {
-        self.role.grants(scope)
+        self.grants(scope)
             && match &self.credential {
                 Credential::Session { .. } => true,
                 Credential::ApiKey { scopes, .. } => scopes.contains(&scope),
             }
+    }
+
+    /// Whether this member's role, built-in or custom, grants `scope` (whatever the
+    /// credential in use): what they may hand on to an API key.
+    pub fn grants(&self, scope: Scope) -> bool {
+        match &self.custom_role {
+            Some(custom) => custom.permissions.contains(&scope),
+            None => self.role.grants(scope),
+        }
+    }
+
+    /// The role's name as members see it: the custom role's, or the built-in one's.
+    pub fn role_name(&self) -> &str {
+        match &self.custom_role {
+            Some(custom) => &custom.name,
+            None => self.role.as_str(),
+        }
     }
 
     pub fn session_id(&self) -> Option<Uuid> {
@@ -251,6 +279,34 @@ fn stored_role(text: &str) -> Result<Role, AuthError> {
     Role::parse(text).ok_or_else(|| AuthError::Stored("unknown role in database".into()))
 }
 
+/// The columns [`member_grants`] reads, for a query that joins `users u`.
+const GRANT_COLUMNS: &str = "u.role, u.resource_scope, r.id AS custom_role_id, \
+     r.name AS custom_role_name, r.permissions AS custom_permissions";
+
+/// A member's custom role and reach, from a row carrying [`GRANT_COLUMNS`], read strictly: a
+/// stored permission or scope this version cannot read is an error, never a wider grant.
+fn member_grants(row: &tokio_postgres::Row) -> Result<(Option<CustomRole>, Reach), AuthError> {
+    let custom = match row.try_get::<_, Option<Uuid>>("custom_role_id")? {
+        Some(id) => {
+            let names: Vec<String> = row.try_get("custom_permissions")?;
+            Some(CustomRole {
+                id,
+                name: row.try_get("custom_role_name")?,
+                permissions: parse_permissions(&names).map_err(AuthError::Stored)?,
+            })
+        }
+        None => None,
+    };
+    let scope: Option<serde_json::Value> = row.try_get("resource_scope")?;
+    let reach = match scope {
+        Some(v) => Reach(Some(serde_json::from_value(v).map_err(|e| {
+            AuthError::Stored(format!("unreadable resource scope in database: {e}"))
+        })?)),
+        None => Reach::everything(),
+    };
+    Ok((custom, reach))
+}
+
 /// Authenticates a request by its API key (preferred when present) or session cookie.
 pub async fn authenticate(
     pool: &Pool,
@@ -275,14 +331,17 @@ async fn authenticate_session(
     let client = pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT s.secret_hash, s.revoked_at IS NOT NULL AS revoked, \
+            &format!(
+                "SELECT s.secret_hash, s.revoked_at IS NOT NULL AS revoked, \
                     s.last_seen_at < now() - make_interval(days => $2) AS idle, \
                     s.last_seen_at < now() - interval '1 minute' AS stale, \
-                    u.id AS user_id, u.account_id, u.email, u.role, \
+                    u.id AS user_id, u.account_id, u.email, {GRANT_COLUMNS}, \
                     a.require_mfa AND u.totp_enabled_at IS NULL AS mfa_setup_required, \
                     a.ip_allowlist AS account_allowlist \
              FROM sessions s JOIN users u ON u.id = s.user_id \
-             JOIN accounts a ON a.id = u.account_id WHERE s.id = $1",
+             LEFT JOIN roles r ON r.id = u.custom_role_id \
+             JOIN accounts a ON a.id = u.account_id WHERE s.id = $1"
+            ),
             &[&token.id, &(SESSION_IDLE_DAYS as i32)],
         )
         .await?
@@ -305,6 +364,7 @@ async fn authenticate_session(
             )
             .await?;
     }
+    let (custom_role, reach) = member_grants(&row)?;
     Ok(Principal {
         account_id: row.try_get("account_id")?,
         user_id: row.try_get("user_id")?,
@@ -314,6 +374,8 @@ async fn authenticate_session(
             session_id: token.id,
         },
         mfa_setup_required: row.try_get("mfa_setup_required")?,
+        custom_role,
+        reach,
     })
 }
 
@@ -326,12 +388,13 @@ async fn authenticate_api_key(
     let client = pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT k.secret_hash, k.revoked_at IS NOT NULL AS revoked, k.expires_at, k.scopes, \
-                    k.ip_allowlist, k.account_id, u.id AS user_id, u.email, u.role, \
+            &format!("SELECT k.secret_hash, k.revoked_at IS NOT NULL AS revoked, k.expires_at, k.scopes, \
+                    k.ip_allowlist, k.account_id, u.id AS user_id, u.email, {GRANT_COLUMNS}, \
                     a.require_mfa AND u.totp_enabled_at IS NULL AS mfa_setup_required, \
                     a.ip_allowlist AS account_allowlist \
              FROM api_keys k JOIN users u ON u.id = k.created_by AND u.account_id = k.account_id \
-             JOIN accounts a ON a.id = k.account_id WHERE k.id = $1",
+             LEFT JOIN roles r ON r.id = u.custom_role_id \
+             JOIN accounts a ON a.id = k.account_id WHERE k.id = $1"),
             &[&token.id],
         )
         .await?
@@ -358,6 +421,7 @@ async fn authenticate_api_key(
         )
         .await?;
     let scopes: Vec<String> = row.try_get("scopes")?;
+    let (custom_role, reach) = member_grants(&row)?;
     Ok(Principal {
         account_id: row.try_get("account_id")?,
         user_id: row.try_get("user_id")?,
@@ -368,6 +432,8 @@ async fn authenticate_api_key(
             scopes: scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
         },
         mfa_setup_required: row.try_get("mfa_setup_required")?,
+        custom_role,
+        reach,
     })
 }
 
@@ -398,6 +464,8 @@ mod tests {
                 scopes,
             },
             mfa_setup_required: false,
+            custom_role: None,
+            reach: Reach::everything(),
         };
         let narrow = key(Role::Owner, vec![Scope::ServersRead]);
         assert!(narrow.allows(Scope::ServersRead));

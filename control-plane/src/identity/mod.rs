@@ -12,6 +12,7 @@ pub mod login_throttle;
 pub mod mailer;
 pub mod names;
 pub mod passwords;
+pub mod reach;
 pub mod signup;
 pub mod tokens;
 pub mod totp;

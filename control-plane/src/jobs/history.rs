@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{JobKind, JobStatus};
+use crate::identity::reach::Reach;
 
 /// One job as stored.
 #[derive(Debug, Clone)]
@@ -90,10 +91,21 @@ pub struct Keyset<'a> {
     pub fetch: i64,
 }
 
-/// One page of an account's deployments.
+/// The condition that keeps a member's deployments within their resource scope: the project
+/// among `$p` and the server carrying the labels `$s` (NULL: no limit).
+fn within_reach(p: u8, s: u8) -> String {
+    format!(
+        " AND (${p}::uuid[] IS NULL OR d.project_id = ANY(${p})) \
+         AND (${s}::jsonb IS NULL OR EXISTS (SELECT 1 FROM servers rs \
+              WHERE rs.id = d.server_id AND rs.labels @> ${s}))"
+    )
+}
+
+/// One page of an account's deployments, within the caller's reach.
 pub async fn list(
     client: &tokio_postgres::Client,
     account: Uuid,
+    reach: &Reach,
     filter: &Filter,
     page: &Keyset<'_>,
 ) -> Result<Vec<Deployment>, tokio_postgres::Error> {
@@ -107,7 +119,8 @@ pub async fn list(
                  AND ($5::text IS NULL OR d.kind = $5) \
                  AND ($6::uuid IS NULL OR d.rollout_id = $6) \
                  AND ($7::timestamptz IS NULL OR d.created_at >= $7) \
-                 AND ($8::timestamptz IS NULL OR d.created_at < $8){}",
+                 AND ($8::timestamptz IS NULL OR d.created_at < $8){}{}",
+                within_reach(12, 13),
                 page.sql
             ),
             &[
@@ -122,20 +135,31 @@ pub async fn list(
                 &page.after.map(|(t, _)| t),
                 &page.after.map(|(_, id)| id),
                 &page.fetch,
+                &reach.project_filter(),
+                &reach.server_filter(),
             ],
         )
         .await?;
     rows.iter().map(Deployment::from_row).collect()
 }
 
-/// One deployment of an account.
+/// One deployment of an account, if it is within the caller's reach.
 pub async fn one(
     client: &tokio_postgres::Client,
     account: Uuid,
+    reach: &Reach,
     id: Uuid,
 ) -> Result<Option<Deployment>, tokio_postgres::Error> {
     client
-        .query_opt(&format!("{SELECT} AND d.id = $2"), &[&account, &id])
+        .query_opt(
+            &format!("{SELECT} AND d.id = $2{}", within_reach(3, 4)),
+            &[
+                &account,
+                &id,
+                &reach.project_filter(),
+                &reach.server_filter(),
+            ],
+        )
         .await?
         .as_ref()
         .map(Deployment::from_row)

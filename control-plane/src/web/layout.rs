@@ -83,7 +83,7 @@ pub fn page(title: &str, signed: &Signed, section: Section, body: Markup) -> Mar
                         }
                     }
                     div.who {
-                        span { (signed.principal.email) " (" (signed.principal.role.as_str()) ")" }
+                        span { (signed.principal.email) " (" (signed.principal.role_name()) ")" }
                         form method="post" action="/ui/sign-out" {
                             (csrf(signed))
                             button type="submit" id="sign-out" { "Sign out" }

@@ -255,7 +255,7 @@ pub async fn api_keys(
                 fieldset {
                     legend { "Scopes" }
                     @for scope in Scope::ALL {
-                        @if signed.principal.role.grants(scope) {
+                        @if signed.principal.grants(scope) {
                             label { input type="checkbox" name="scope" value=(scope.as_str()); " " (scope.as_str()) }
                         }
                     }
@@ -395,7 +395,10 @@ pub async fn change_role(
         signed.meta.clone(),
         Extension(signed.principal.clone()),
         crate::api::extract::Path(id),
-        JsonBody(RoleChange { role: form.role }),
+        JsonBody(RoleChange {
+            role: Some(form.role),
+            ..RoleChange::default()
+        }),
     )
     .await?;
     Ok(Redirect::to("/ui/settings/members?done=role-changed"))
@@ -516,6 +519,10 @@ pub async fn account(
                     input id="require_mfa" name="require_mfa" type="checkbox" value="on" checked[a.require_mfa];
                     " Every member signs in with a second factor"
                 }
+                label {
+                    input id="four_eyes_approval" name="four_eyes_approval" type="checkbox" value="on" checked[a.four_eyes_approval];
+                    " A rollout is approved by someone other than the person who started it"
+                }
                 label for="audit_retention_days" { "Keep audit events for (days, 30 to 2557)" }
                 input id="audit_retention_days" name="audit_retention_days" type="number" min="30" max="2557" required value=(a.audit_retention_days);
                 label for="deploy_log_retention_days" { "Keep deployment logs for (days, 1 to 2557)" }
@@ -526,6 +533,7 @@ pub async fn account(
             dl.facts {
                 dt { "Name" } dd { (a.name) }
                 dt { "Second factor required" } dd { @if a.require_mfa { "yes" } @else { "no" } }
+                dt { "Four-eyes rollout approval" } dd { @if a.four_eyes_approval { "yes" } @else { "no" } }
                 dt { "Audit events kept" } dd { (a.audit_retention_days) " days" }
                 dt { "Deployment logs kept" } dd { (a.deploy_log_retention_days) " days" }
             }
@@ -542,6 +550,8 @@ pub struct AccountForm {
     /// A checkbox: present (`on`) when ticked, absent otherwise.
     #[serde(default)]
     require_mfa: Option<String>,
+    #[serde(default)]
+    four_eyes_approval: Option<String>,
     audit_retention_days: String,
     deploy_log_retention_days: String,
 }
@@ -570,6 +580,7 @@ pub async fn update_account(
         // The network allowlist is set through the API (its lock-out guard needs the
         // caller's list in full); this form leaves it as it is.
         ip_allowlist: None,
+        four_eyes_approval: Some(form.four_eyes_approval.is_some()),
     };
     // The page shows the new settings; the answer itself is not needed.
     let _saved = crate::api::account::update(

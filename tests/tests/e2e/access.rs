@@ -90,9 +90,11 @@ fn need(method: &str, path: &str) -> Option<Need> {
             "/v1/rollouts"
             | "/v1/rollouts/{id}/pause"
             | "/v1/rollouts/{id}/resume"
-            | "/v1/rollouts/{id}/abort"
-            | "/v1/rollouts/{id}/approve",
+            | "/v1/rollouts/{id}/abort",
         ) => Scoped(operator, "rollouts:write"),
+        ("POST", "/v1/rollouts/{id}/approve") => Scoped(operator, "rollouts:approve"),
+        ("GET", "/v1/roles") => Scoped(viewer, "members:read"),
+        ("POST", "/v1/roles") | ("PATCH" | "DELETE", "/v1/roles/{id}") => SessionRole(admin),
         _ => return None,
     })
 }
@@ -260,6 +262,7 @@ async fn every_route_obeys_the_role_matrix() {
         // Valid bodies where a route takes one, so that only the ownership check can stop it.
         let body = match path.as_str() {
             "/v1/members/{id}" => json!({"role": "admin"}),
+            "/v1/roles/{id}" => json!({"name": "hijacked"}),
             "/v1/projects/{id}" => json!({"name": "hijacked"}),
             "/v1/projects/{id}/dns" => json!({"zone": "hijacked.test", "server": "192.0.2.53:53",
                 "key_name": "k", "secret": "c2Vuc2VpLXRlc3Qtc2VjcmV0LTMyLWJ5dGVzLWxvbmc="}),
@@ -374,6 +377,462 @@ async fn every_route_obeys_the_role_matrix() {
             _ => assert_eq!(status, 401, "anonymous: {method} {path}"),
         }
     }
+}
+
+/// The ids of one resource of each kind, for a path template.
+struct Ids {
+    server: String,
+    project: String,
+    deployment: String,
+    rollout: String,
+}
+
+impl Ids {
+    fn fill(&self, path: &str) -> String {
+        let id = if path.starts_with("/v1/servers/") {
+            &self.server
+        } else if path.starts_with("/v1/projects/") {
+            &self.project
+        } else if path.starts_with("/v1/deployments/") {
+            &self.deployment
+        } else if path.starts_with("/v1/rollouts/") {
+            &self.rollout
+        } else {
+            return path.replace("{id}", &Uuid::new_v4().to_string());
+        };
+        path.replace("{id}", id)
+    }
+}
+
+fn id_of(v: &Value) -> String {
+    v["id"].as_str().expect("id").to_owned()
+}
+
+/// The permissions of the custom role in the test below.
+const STAGING_DEPLOYER: [&str; 8] = [
+    "servers:read",
+    "projects:read",
+    "deployments:read",
+    "deployments:write",
+    "rollouts:read",
+    "rollouts:write",
+    "rollouts:approve",
+    "members:read",
+];
+
+#[tokio::test]
+async fn a_custom_role_with_a_resource_scope_reaches_only_what_it_names() {
+    let t = TestPlane::start().await;
+    let (owner, _) = t.signup("owner@scope.example", PW).await;
+    let server = |name: &str, env: &str| {
+        json!({"name": name, "host": "192.0.2.20", "transport": "ssh", "username": "deploy",
+               "auth": "key", "labels": {"env": env}})
+    };
+    let staging = id_of(
+        &t.post("/v1/servers", &owner, server("stg-1", "staging"))
+            .await
+            .1,
+    );
+    let prod = id_of(
+        &t.post("/v1/servers", &owner, server("prd-1", "prod"))
+            .await
+            .1,
+    );
+    let project = |name: &str| json!({"name": name, "repo_url": "https://example.com/x.git", "deploy_path": format!("/srv/{name}")});
+    let mine = id_of(&t.post("/v1/projects", &owner, project("mine")).await.1);
+    let theirs = id_of(&t.post("/v1/projects", &owner, project("theirs")).await.1);
+    let deploy = |p: &str, s: &str| json!({"project_id": p, "server_id": s, "ref": "main"});
+    let roll = |p: &str, servers: &[&str]| {
+        json!({"project_id": p, "ref": "main", "server_ids": servers,
+               "strategy": {"canary": 0, "manual_approval": true}})
+    };
+    let mut made = Vec::new();
+    for (path, body) in [
+        ("/v1/deployments", deploy(&mine, &staging)),
+        ("/v1/deployments", deploy(&theirs, &staging)),
+        ("/v1/deployments", deploy(&mine, &prod)),
+        ("/v1/rollouts", roll(&mine, &[&staging])),
+        ("/v1/rollouts", roll(&theirs, &[&staging])),
+        ("/v1/rollouts", roll(&mine, &[&staging, &prod])),
+    ] {
+        let (status, v) = t.post(path, &owner, body).await;
+        assert_eq!(status, 201, "{path}: {v}");
+        made.push(id_of(&v));
+    }
+    let inside = Ids {
+        server: staging.clone(),
+        project: mine.clone(),
+        deployment: made[0].clone(),
+        rollout: made[3].clone(),
+    };
+    // Each out of reach for its own reason: another project, a server without the label, a
+    // rollout with one target outside.
+    let outside = [
+        Ids {
+            server: prod.clone(),
+            project: theirs.clone(),
+            deployment: made[1].clone(),
+            rollout: made[4].clone(),
+        },
+        Ids {
+            server: prod.clone(),
+            project: theirs.clone(),
+            deployment: made[2].clone(),
+            rollout: made[5].clone(),
+        },
+    ];
+
+    // The role and the member.
+    let (status, role) = t
+        .post(
+            "/v1/roles",
+            &owner,
+            json!({"name": "staging deployer", "permissions": STAGING_DEPLOYER}),
+        )
+        .await;
+    assert_eq!(status, 201, "{role}");
+    let (cookie, member_id) = join(&t, &owner, "deployer@scope.example", "viewer").await;
+    let (status, member) = t
+        .patch(
+            &format!("/v1/members/{member_id}"),
+            &owner,
+            json!({"role": "Staging Deployer",
+                   "resource_scope": {"projects": [mine], "server_labels": {"env": "staging"}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{member}");
+    assert_eq!(member["role"], "staging deployer");
+    assert_eq!(member["resource_scope"]["server_labels"]["env"], "staging");
+    let me = t.get("/v1/auth/me", &cookie).await.1;
+    assert_eq!(me["user"]["role"], "staging deployer");
+    let mut granted: Vec<&str> = me["permissions"]
+        .as_array()
+        .expect("permissions")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    granted.sort();
+    let mut expected = STAGING_DEPLOYER.to_vec();
+    expected.sort();
+    assert_eq!(granted, expected);
+
+    // Every route × the custom role: the route table answers by the role's permissions.
+    let routes = all_routes(&t).await;
+    let caller = Caller::Cookie(cookie.clone());
+    let random = |path: &str| path.replace("{id}", &Uuid::new_v4().to_string());
+    for (method, path) in &routes {
+        if path.contains("logout") || path.contains("sign-out-everywhere") {
+            continue;
+        }
+        let (status, code) = call(&t, method, &random(path), &caller).await;
+        let allowed = match need(method, path).expect("matrix") {
+            Need::Public | Need::Session | Need::Anyone => true,
+            Need::SessionRole(_) => false,
+            Need::Scoped(_, scope) => STAGING_DEPLOYER.contains(&scope),
+        };
+        if allowed {
+            assert!(
+                status != 401 && status != 403,
+                "custom role: {method} {path} refused: {status} {code}"
+            );
+        } else {
+            assert_eq!(
+                (status, code.as_str()),
+                (403, "insufficient_scope"),
+                "custom role: {method} {path} allowed"
+            );
+        }
+    }
+
+    // Every route naming a resource × the scope: inside answers, outside is "not found"
+    // (exactly as another account's), and nothing outside changes.
+    let before: Vec<Value> = {
+        let mut v = Vec::new();
+        for id in &made[3..] {
+            v.push(t.get(&format!("/v1/rollouts/{id}"), &owner).await.1["state"].clone());
+        }
+        v
+    };
+    let resource_routes: Vec<&(String, String)> = routes
+        .iter()
+        .filter(|(_, p)| {
+            p.contains("{id}")
+                && [
+                    "/v1/servers/",
+                    "/v1/projects/",
+                    "/v1/deployments/",
+                    "/v1/rollouts/",
+                ]
+                .iter()
+                .any(|prefix| p.starts_with(prefix))
+        })
+        .collect();
+    assert!(resource_routes.len() >= 20, "{resource_routes:?}");
+    for (method, path) in &resource_routes {
+        let Some(Need::Scoped(_, scope)) = need(method, path) else {
+            panic!("{method} {path}: a resource route is scoped");
+        };
+        if !STAGING_DEPLOYER.contains(&scope) {
+            continue;
+        }
+        for ids in &outside {
+            let (status, code) = call(&t, method, &ids.fill(path), &caller).await;
+            assert_eq!(
+                (status, code.as_str()),
+                (404, "not_found"),
+                "outside the scope: {method} {path}"
+            );
+        }
+        if *method == "GET" && !path.ends_with("/events") {
+            let (status, code) = call(&t, method, &inside.fill(path), &caller).await;
+            assert_eq!(status, 200, "inside the scope: {method} {path}: {code}");
+        }
+    }
+    for (id, state) in made[3..].iter().zip(&before) {
+        let now = t.get(&format!("/v1/rollouts/{id}"), &owner).await.1;
+        assert_eq!(
+            &now["state"], state,
+            "rollout {id} changed from outside the scope"
+        );
+    }
+
+    // Lists hold only what is in reach.
+    let ids = |v: &Value, key: &str| -> Vec<String> {
+        let mut ids: Vec<String> = v[key].as_array().expect("list").iter().map(id_of).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(
+        ids(&t.get("/v1/servers", &cookie).await.1, "servers"),
+        vec![staging.clone()]
+    );
+    assert_eq!(
+        ids(&t.get("/v1/projects", &cookie).await.1, "projects"),
+        vec![mine.clone()]
+    );
+    // The rollouts queued jobs too: every deployment of this project on this server, and no
+    // other.
+    let mut in_reach: Vec<String> = t
+        .db()
+        .await
+        .query(
+            "SELECT id::text FROM deployments WHERE project_id = $1::text::uuid \
+             AND server_id = $2::text::uuid",
+            &[&mine, &staging],
+        )
+        .await
+        .expect("deployments")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    in_reach.sort();
+    assert!(in_reach.contains(&made[0]) && !in_reach.contains(&made[1]));
+    assert_eq!(
+        ids(&t.get("/v1/deployments", &cookie).await.1, "deployments"),
+        in_reach
+    );
+    assert_eq!(
+        ids(&t.get("/v1/rollouts", &cookie).await.1, "rollouts"),
+        [made[3].clone()]
+    );
+    // The owner still sees everything.
+    assert_eq!(
+        t.get("/v1/servers", &owner).await.1["servers"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+
+    // Creating: a deploy or rollout naming anything outside is refused and nothing is queued.
+    let db = t.db().await;
+    let count = |table: &'static str| {
+        let db = &db;
+        async move {
+            db.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .expect("count")
+                .get::<_, i64>(0)
+        }
+    };
+    let (deployments, rollouts) = (count("deployments").await, count("rollouts").await);
+    for body in [deploy(&theirs, &staging), deploy(&mine, &prod)] {
+        let (status, v) = t.post("/v1/deployments", &cookie, body).await;
+        assert_eq!(
+            (status, error_code(&v)),
+            (403, "outside_resource_scope"),
+            "{v}"
+        );
+    }
+    for body in [
+        roll(&theirs, &[&staging]),
+        roll(&mine, &[&staging, &prod]),
+        json!({"project_id": mine, "ref": "main", "selector": {"labels": {"env": "prod"}}}),
+    ] {
+        let (status, v) = t.post("/v1/rollouts", &cookie, body).await;
+        assert_eq!(
+            (status, error_code(&v)),
+            (403, "outside_resource_scope"),
+            "{v}"
+        );
+    }
+    assert_eq!(count("deployments").await, deployments);
+    assert_eq!(count("rollouts").await, rollouts);
+    let (status, v) = t
+        .post("/v1/deployments", &cookie, deploy(&mine, &staging))
+        .await;
+    assert_eq!(status, 201, "inside the scope a deploy is queued: {v}");
+
+    // The role's permissions change on the member's next request; a role in use stays.
+    let role_id = id_of(&role);
+    let (status, _) = t
+        .patch(
+            &format!("/v1/roles/{role_id}"),
+            &owner,
+            json!({"permissions": ["servers:read"]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, v) = t
+        .post("/v1/deployments", &cookie, deploy(&mine, &staging))
+        .await;
+    assert_eq!((status, error_code(&v)), (403, "insufficient_scope"), "{v}");
+    let r = t
+        .http
+        .delete(t.url(&format!("/v1/roles/{role_id}")))
+        .header("cookie", &owner)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(error_code(&v), "role_in_use");
+    let actions = t.audit_actions().await;
+    for a in [
+        "role.created",
+        "role.updated",
+        "member.role_changed",
+        "member.scope_changed",
+    ] {
+        assert!(actions.iter().any(|x| x == a), "{a} not audited");
+    }
+}
+
+#[tokio::test]
+async fn bad_custom_roles_and_scopes_are_refused_and_change_nothing() {
+    let t = TestPlane::start().await;
+    let (owner, signup) = t.signup("owner@roles.example", PW).await;
+    let owner_id = signup["user"]["id"].as_str().expect("id").to_owned();
+    let (admin, _) = join(&t, &owner, "admin@roles.example", "admin").await;
+    let (_, member_id) = join(&t, &owner, "dev@roles.example", "developer").await;
+    for (body, status, code) in [
+        (
+            json!({"name": "x", "permissions": ["members:write"]}),
+            422,
+            "invalid_permissions",
+        ),
+        (
+            json!({"name": "x", "permissions": ["account:owner"]}),
+            422,
+            "invalid_permissions",
+        ),
+        (
+            json!({"name": "x", "permissions": ["servers:fly"]}),
+            422,
+            "invalid_permissions",
+        ),
+        (
+            json!({"name": "x", "permissions": []}),
+            422,
+            "invalid_permissions",
+        ),
+        (
+            json!({"name": "", "permissions": ["servers:read"]}),
+            422,
+            "invalid_name",
+        ),
+        (
+            json!({"name": "Admin", "permissions": ["servers:read"]}),
+            409,
+            "role_taken",
+        ),
+    ] {
+        let (s, v) = t.post("/v1/roles", &admin, body.clone()).await;
+        assert_eq!((s, error_code(&v)), (status, code), "{body}");
+    }
+    let (s, v) = t
+        .post(
+            "/v1/roles",
+            &admin,
+            json!({"name": "readers", "permissions": ["servers:read"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = t
+        .post(
+            "/v1/roles",
+            &admin,
+            json!({"name": "READERS", "permissions": ["servers:read"]}),
+        )
+        .await;
+    assert_eq!((s, error_code(&v)), (409, "role_taken"));
+    let listed = t.get("/v1/roles", &admin).await.1;
+    assert_eq!(listed["custom"].as_array().map(Vec::len), Some(1));
+    assert!(listed["delegable"]
+        .as_array()
+        .expect("delegable")
+        .iter()
+        .all(|p| p != "members:write"));
+
+    let member = format!("/v1/members/{member_id}");
+    for (body, status, code) in [
+        (json!({"role": "nobody"}), 422, "invalid_role"),
+        (json!({"resource_scope": {}}), 422, "invalid_resource_scope"),
+        (
+            json!({"resource_scope": {"projects": []}}),
+            422,
+            "invalid_resource_scope",
+        ),
+        (
+            json!({"resource_scope": {"projects": [Uuid::new_v4()]}}),
+            422,
+            "invalid_resource_scope",
+        ),
+        (
+            json!({"resource_scope": {"tenants": ["x"]}}),
+            422,
+            "invalid_field",
+        ),
+        (json!({}), 422, "nothing_to_change"),
+    ] {
+        let (s, v) = t.patch(&member, &admin, body.clone()).await;
+        assert_eq!((s, error_code(&v)), (status, code), "{body}: {v}");
+    }
+    // Owners reach everything: no scope for them, and an admin cannot touch them anyway.
+    let (s, v) = t
+        .patch(
+            &format!("/v1/members/{owner_id}"),
+            &owner,
+            json!({"resource_scope": {"server_labels": {"env": "x"}}}),
+        )
+        .await;
+    assert_eq!((s, error_code(&v)), (422, "invalid_resource_scope"), "{v}");
+    let db = t.db().await;
+    let row = db
+        .query_one(
+            "SELECT role, custom_role_id IS NULL, resource_scope IS NULL FROM users WHERE id = $1",
+            &[&member_id],
+        )
+        .await
+        .expect("member");
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, bool>(1),
+            row.get::<_, bool>(2)
+        ),
+        ("developer".to_owned(), true, true),
+        "a refused change left the member as they were"
+    );
 }
 
 #[tokio::test]

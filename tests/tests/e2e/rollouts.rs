@@ -242,6 +242,95 @@ async fn a_mixed_fleet_rolls_out_in_batches_after_an_approved_canary() {
 }
 
 #[tokio::test]
+async fn four_eyes_approval_takes_a_second_person_with_the_approve_permission() {
+    let f = fleet().await;
+    f.configure("four-eyes", &["true"]).await;
+    let (status, v) =
+        f.t.patch(
+            "/v1/account",
+            &f.cookie,
+            json!({"four_eyes_approval": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["four_eyes_approval"], true);
+    // The second person holds a custom role that may approve and read rollouts, nothing else.
+    let (status, role) =
+        f.t.post(
+            "/v1/roles",
+            &f.cookie,
+            json!({"name": "approver", "permissions": ["rollouts:read", "rollouts:approve"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{role}");
+    let (status, inv) =
+        f.t.post(
+            "/v1/invitations",
+            &f.cookie,
+            json!({"email": "second@example.com", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{inv}");
+    let accepted =
+        f.t.http
+            .post(f.t.url("/v1/invitations/accept"))
+            .json(&json!({"token": inv["token"], "password": PW}))
+            .send()
+            .await
+            .expect("accept");
+    let second = sensei_e2e::session_cookie(&accepted).expect("cookie");
+    let second_id = accepted.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (status, v) =
+        f.t.patch(
+            &format!("/v1/members/{second_id}"),
+            &f.cookie,
+            json!({"role": "approver"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+
+    let r = f
+        .start(
+            json!({"server_ids": [f.agents[0].server_id, f.agents[1].server_id], "selector": null,
+                      "strategy": {"canary": 1, "batch_size": 1, "manual_approval": true}}),
+        )
+        .await;
+    let id = r["id"].as_str().expect("id");
+    f.wait_state(id, &["paused"]).await;
+    // The person who started it may not approve it.
+    let (status, v) =
+        f.t.post(&format!("/v1/rollouts/{id}/approve"), &f.cookie, json!({}))
+            .await;
+    assert_eq!(
+        (status, sensei_e2e::error_code(&v)),
+        (403, "four_eyes_required"),
+        "{v}"
+    );
+    assert_eq!(
+        f.get(id).await["state"],
+        "paused",
+        "the refusal changed nothing"
+    );
+    // The approver may approve, but not steer otherwise.
+    let (status, v) =
+        f.t.post(&format!("/v1/rollouts/{id}/pause"), &second, json!({}))
+            .await;
+    assert_eq!(
+        (status, sensei_e2e::error_code(&v)),
+        (403, "insufficient_scope")
+    );
+    let (status, v) =
+        f.t.post(&format!("/v1/rollouts/{id}/approve"), &second, json!({}))
+            .await;
+    assert_eq!(status, 200, "{v}");
+    let done = f.wait_state(id, &["succeeded", "halted"]).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+}
+
+#[tokio::test]
 async fn a_failure_halts_and_rolls_back_what_was_switched() {
     let f = fleet().await;
     // First a good release everywhere, so that there is something to roll back to.
