@@ -157,6 +157,7 @@ pub fn notice(done: Option<&str>) -> Markup {
         Some("totp-off") => "The second factor is off.",
         Some("role-changed") => "The role is changed.",
         Some("member-removed") => "The member is removed.",
+        Some("role-deleted") => "The role is deleted.",
         Some("invitation-revoked") => "The invitation is revoked.",
         Some("saved") => "Saved.",
         Some("rolled-back") => "A rollback is queued.",

@@ -25,6 +25,7 @@ mod fleet;
 mod guard;
 mod layout;
 mod projects;
+mod roles;
 mod rollouts;
 mod security;
 mod settings;
@@ -87,6 +88,13 @@ pub fn router(state: AppState) -> Router {
             get(team::members).post(team::invite),
         )
         .route("/ui/settings/members/{id}/role", post(team::change_role))
+        .route(
+            "/ui/settings/members/{id}/access",
+            get(roles::access).post(roles::save_access),
+        )
+        .route("/ui/settings/roles", get(roles::page).post(roles::create))
+        .route("/ui/settings/roles/{id}", post(roles::update))
+        .route("/ui/settings/roles/{id}/delete", post(roles::delete))
         .route(
             "/ui/settings/invitations/{id}/revoke",
             post(team::revoke_invitation),

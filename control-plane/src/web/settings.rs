@@ -25,6 +25,7 @@ pub fn tabs(signed: &Signed, current: &str) -> Markup {
         ("/ui/settings/sessions", "Sessions", "/v1/auth/sessions"),
         ("/ui/settings/security", "Security", "/v1/auth/me"),
         ("/ui/settings/members", "Members", "/v1/members"),
+        ("/ui/settings/roles", "Roles", "/v1/roles"),
         ("/ui/settings/api-keys", "API keys", "/v1/api-keys"),
         ("/ui/settings/account", "Account", "/v1/account"),
         ("/ui/settings/audit", "Audit log", "/v1/audit"),

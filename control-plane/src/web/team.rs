@@ -75,7 +75,7 @@ pub async fn members(
                 @for m in &list.members {
                     tr data-member=(m.id) {
                         td { (m.email) }
-                        td { (m.role) }
+                        td { (m.role) @if m.resource_scope.is_some() { " (scoped)" } }
                         td { @if m.mfa_enabled { "TOTP" } @else { "—" } }
                         td { (layout::time(m.created_at)) }
                         @if may_manage {
@@ -93,6 +93,8 @@ pub async fn members(
                                             }
                                         }
                                         button type="submit" { "Change role" }
+                                        " "
+                                        a.button href=(format!("/ui/settings/members/{}/access", m.id)) aria-label=(format!("Role and resource scope of {}", m.email)) { "Access…" }
                                         " "
                                         a.button.danger href=(format!("/ui/settings/members/{}/remove", m.id)) { "Remove" }
                                     }

@@ -1003,3 +1003,116 @@ async fn totp_is_set_up_on_the_security_page_and_a_recovery_code_signs_in_once()
     assert!(violations.is_empty(), "{violations:?}");
     b.close().await;
 }
+
+#[tokio::test]
+async fn a_custom_role_and_a_project_scope_given_from_settings_narrow_what_a_member_sees() {
+    let t = TestPlane::start().await;
+    let email = fresh_email("owner");
+    let (owner, _) = t.signup(&email, PW).await;
+    let mut project_ids = Vec::new();
+    for name in ["shop", "blog"] {
+        let (status, p) = t
+            .post(
+                "/v1/projects",
+                &owner,
+                json!({"name": name, "repo_url": "https://example.com/x.git", "deploy_path": format!("/srv/{name}")}),
+            )
+            .await;
+        assert_eq!(status, 201, "{p}");
+        project_ids.push(p["id"].as_str().expect("id").to_owned());
+    }
+    let member_email = fresh_email("reader");
+    let (status, inv) = t
+        .post(
+            "/v1/invitations",
+            &owner,
+            json!({"email": member_email, "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{inv}");
+    let r = t
+        .http
+        .post(t.url("/v1/invitations/accept"))
+        .json(&json!({"token": inv["token"], "password": PW}))
+        .send()
+        .await
+        .expect("accept");
+    let member = session_cookie(&r).expect("cookie");
+    let member_id = r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    let b = Browser::start(&t.base).await;
+    sign_in(&b, &email).await;
+    // A role defined on Settings → Roles.
+    b.open("/ui/settings/roles").await;
+    b.fill("#role-name", "shop readers").await;
+    b.click("#new-projects-read").await;
+    b.click("#new-deployments-read").await;
+    b.click("#create-role").await;
+    let roles = b
+        .wait_text("#custom-roles", |text| text.contains("shop readers"))
+        .await;
+    assert!(
+        roles.contains("projects:read") && roles.contains("deployments:read"),
+        "{roles}"
+    );
+    b.screenshot("roles").await;
+    // Given to the member with a scope of one project, on their access page.
+    b.open(&format!("/ui/settings/members/{member_id}/access"))
+        .await;
+    b.click("#access-role option[value='shop readers']").await;
+    b.click(&format!("#project-{}", project_ids[0])).await;
+    b.click("#save-access").await;
+    let members = b
+        .wait_text("#members", |text| text.contains("shop readers"))
+        .await;
+    assert!(members.contains("(scoped)"), "{members}");
+    // The role is in use: no Delete button on its row.
+    b.open("/ui/settings/roles").await;
+    b.wait_for("#custom-roles").await;
+    assert!(!b.has("#custom-roles button.danger").await);
+    b.close().await;
+
+    // The member reaches the one project, in the API and on the dashboard.
+    let (_, projects) = t.get("/v1/projects", &member).await;
+    let names: Vec<&str> = projects["projects"]
+        .as_array()
+        .expect("projects")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["shop"]);
+    let (status, html, _) = page(&t, "/ui/projects", &member).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("shop") && !html.contains("blog"), "{html}");
+    let (status, _) = t
+        .get(&format!("/v1/projects/{}", project_ids[1]), &member)
+        .await;
+    assert_eq!(status, 404);
+    // Servers are not among the role's permissions, nor roles: the pages refuse.
+    for path in ["/ui/servers", "/ui/settings/roles"] {
+        let (status, _, _) = page(&t, path, &member).await;
+        assert_eq!(status, 403, "{path}");
+    }
+    // A forged role form from the member, with their own token, is refused and adds nothing.
+    let (_, html, _) = page(&t, "/ui/projects", &member).await;
+    let token = form_token(&html);
+    let origin = t.plane.public_url().trim_end_matches('/').to_owned();
+    let r = raw_client(&t)
+        .post(t.url("/ui/settings/roles"))
+        .header("cookie", &member)
+        .header("origin", &origin)
+        .form(&[
+            ("csrf", token.as_str()),
+            ("name", "mine"),
+            ("permission", "servers:write"),
+        ])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 403);
+    let (_, roles) = t.get("/v1/roles", &owner).await;
+    assert_eq!(roles["custom"].as_array().map(Vec::len), Some(1));
+}
