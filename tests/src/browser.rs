@@ -43,15 +43,10 @@ pub struct Browser {
     _profile: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().expect("address").port()
-}
-
 impl Browser {
     /// Starts chromedriver and a headless Chromium session against `base`.
     pub async fn start(base: &str) -> Self {
-        let port = free_port();
+        let port = crate::free_port();
         let child = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")

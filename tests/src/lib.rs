@@ -19,6 +19,32 @@ use serde_json::Value;
 
 pub mod browser;
 
+/// A loopback port for a server a test starts (sshd, chromedriver, named, rsyslog, a
+/// replica's listeners, ...), free for TCP and UDP.
+///
+/// Binding port 0 and handing the number on leaves a window in which the kernel may give the
+/// same port to someone else, most often as the source port of an outgoing connection, which a
+/// busy parallel run makes all the time. So ports come from below Linux's ephemeral range
+/// (32768–60999), where the kernel never picks one by itself, each one handed out once per
+/// test process (a counter from a random start, so concurrent test processes seldom walk the
+/// same numbers), and checked free before they are given.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const HIGH: u32 = 32_768;
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let next = NEXT.get_or_init(|| AtomicU32::new(rand::random::<u32>() % (HIGH - LOW)));
+    for _ in 0..(HIGH - LOW) {
+        let port = (LOW + next.fetch_add(1, Ordering::Relaxed) % (HIGH - LOW)) as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {HIGH}");
+}
+
 struct SharedCluster {
     cluster: PostgresCluster,
     _dir: tempfile::TempDir,
@@ -799,10 +825,7 @@ impl SshServer {
         std::fs::write(&authorized_keys, "").expect("authorized_keys");
         std::fs::set_permissions(&authorized_keys, std::fs::Permissions::from_mode(0o644))
             .expect("chmod");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let port = free_port();
         let config = dir.path().join("sshd_config");
         std::fs::write(
             &config,
@@ -870,10 +893,7 @@ impl SmtpSink {
     pub fn start() -> Self {
         let dir = open_tempdir();
         let maildir = dir.path().join("mail");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let port = free_port();
         let log = std::fs::File::create(dir.path().join("smtpd.log")).expect("log");
         // SENSEI_TEST_PYTHON: the interpreter with Debian's python3-aiosmtpd (./test sets it).
         let python = std::env::var_os("SENSEI_TEST_PYTHON").unwrap_or_else(|| "python3".into());

@@ -66,14 +66,6 @@ fn receiver_certs() -> ReceiverCerts {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// Makes `n` audit events on the account of `cookie` (API keys created).
 async fn produce(t: &TestPlane, cookie: &str, n: usize, tag: &str) {
     for i in 0..n {
@@ -164,7 +156,7 @@ impl Rsyslog {
         std::fs::write(p("ca.pem"), &certs.ca_pem).expect("ca");
         std::fs::write(p("cert.pem"), &certs.cert_pem).expect("cert");
         std::fs::write(p("key.pem"), &certs.key_pem).expect("key");
-        let port = free_port();
+        let port = sensei_e2e::free_port();
         // A direct main queue: each message is written before the next is read, so a batch
         // rsyslog has read is a batch in the file. GnuTLS's NORMAL priorities: without them
         // rsyslog 8.2302 offers TLS 1.2 only; with them it negotiates 1.3.
@@ -467,7 +459,7 @@ async fn collect(
 impl HttpsReceiver {
     fn new(certs: &ReceiverCerts, key: &str) -> Self {
         Self {
-            port: free_port(),
+            port: sensei_e2e::free_port(),
             tls: sensei_certs::tls::https_server_config(&certs.cert_pem, &certs.key_pem)
                 .expect("server TLS"),
             state: Arc::new(ReceiverState {

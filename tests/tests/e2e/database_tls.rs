@@ -3,14 +3,7 @@
 use sensei_certs::CertificateAuthority;
 use sensei_control_plane::store::db;
 use sensei_control_plane::store::postgres_cluster::{ClusterOptions, PostgresCluster};
-use sensei_e2e::open_tempdir;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use sensei_e2e::{free_port, open_tempdir};
 
 #[tokio::test]
 async fn verify_full_connects_over_tls_and_refuses_an_unknown_server() {

@@ -31,11 +31,8 @@ impl Bind {
     async fn start() -> Self {
         let dir = open_tempdir();
         let secret = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
-        // A port free for TCP now; named takes it for UDP and TCP.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        // named takes it for UDP and TCP.
+        let port = sensei_e2e::free_port();
         let d = dir.path().display().to_string();
         for zone in ["apps.test", "other.test"] {
             std::fs::write(

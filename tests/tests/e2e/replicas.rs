@@ -16,20 +16,6 @@ struct Replica {
     _dir: tempfile::TempDir,
 }
 
-fn free_tcp() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
-
-fn free_udp() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
-
 async fn replica(db: &str, key: &str, api: u16, agent: u16) -> Replica {
     let dir = open_tempdir();
     let mut child = tokio::process::Command::new(control_plane_binary())
@@ -97,7 +83,12 @@ impl Api {
 async fn a_replica_killed_mid_rollout_does_not_stop_the_rollout() {
     let db = fresh_database().await;
     let key = FieldKeys::generate_key();
-    let (api_a, udp_a, api_b, udp_b) = (free_tcp(), free_udp(), free_tcp(), free_udp());
+    let (api_a, udp_a, api_b, udp_b) = (
+        sensei_e2e::free_port(),
+        sensei_e2e::free_port(),
+        sensei_e2e::free_port(),
+        sensei_e2e::free_port(),
+    );
     let mut a = replica(&db, &key, api_a, udp_a).await;
     let b = replica(&db, &key, api_b, udp_b).await;
     assert_eq!(a.fingerprint, b.fingerprint, "replicas share one CA");
