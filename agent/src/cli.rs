@@ -22,6 +22,10 @@ pub struct Cli {
     /// The configuration file; flags override it.
     #[arg(long, env = "SENSEI_AGENT_CONFIG", global = true)]
     pub config: Option<PathBuf>,
+    /// Log format on standard error: text or json (one JSON object a line, for a log
+    /// pipeline).
+    #[arg(long, env = "SENSEI_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: sensei_shared::logging::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -80,15 +84,6 @@ pub enum Command {
         #[arg(long, env = "SENSEI_AGENT_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
-}
-
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SENSEI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 /// Runs a command; returns the exit code.

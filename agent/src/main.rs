@@ -4,7 +4,7 @@ use sensei_agent::cli::{self, Cli};
 fn main() {
     sensei_certs::tls::install_default_provider();
     let cli = Cli::parse();
-    cli::init_logging();
+    sensei_shared::logging::init(cli.log_format);
     // One thread: the agent holds one connection and runs one job at a time, and every extra
     // worker thread costs memory (its stack, its malloc arena) on every server of the fleet.
     let runtime = tokio::runtime::Builder::new_current_thread()

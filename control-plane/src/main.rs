@@ -4,7 +4,7 @@ use sensei_control_plane::app::cli::{self, Cli};
 fn main() {
     sensei_certs::tls::install_default_provider();
     let cli = Cli::parse();
-    cli::init_logging(cli.log_format);
+    sensei_shared::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -7,6 +7,8 @@ pub mod backoff;
 pub mod codec;
 pub mod job;
 pub mod lines;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod protocol;
 pub mod release;
 pub mod renewal;

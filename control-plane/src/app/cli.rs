@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+pub use sensei_shared::logging::LogFormat;
 
 use crate::app::server::{open_database, ControlPlane, DatabaseSource, ServeOptions};
 use crate::identity::signup::SignupPolicy;
@@ -30,23 +31,11 @@ pub struct Cli {
     /// the directory of the packaged control plane.
     #[arg(long, env = "SENSEI_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
-    /// Log format on standard error.
-    #[arg(
-        long,
-        env = "SENSEI_LOG_FORMAT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
+    /// Log format on standard error: text or json (one JSON object a line).
+    #[arg(long, env = "SENSEI_LOG_FORMAT", default_value = "text", global = true)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(clap::Args, Clone)]
@@ -265,27 +254,6 @@ pub fn database_source() -> DatabaseSource {
     match std::env::var("DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => DatabaseSource::Url(url),
         _ => DatabaseSource::Embedded,
-    }
-}
-
-pub fn init_logging(format: LogFormat) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_env("SENSEI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // tokio-postgres logs statement parameters at debug level; parameters carry password
-    // hashes and sealed secrets, so its chatter stops at warnings whatever SENSEI_LOG asks.
-    if let Ok(cap) = "tokio_postgres=warn".parse() {
-        filter = filter.add_directive(cap);
-    }
-    // Colours only for a person at a terminal: escape codes in a log file or a journal get
-    // in the way of every grep.
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 
