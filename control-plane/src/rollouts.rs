@@ -318,9 +318,11 @@ async fn start_batch(
     let id = rollout.id;
     // `batch` indexes batches read from an i32 column, so it fits.
     let batch_no = i32::try_from(batch).unwrap_or(i32::MAX);
+    // Only targets still pending: one skipped when the rollout was made (an agent below its
+    // minimum version) takes no part.
     let members: Vec<Uuid> = targets
         .iter()
-        .filter(|t| t.batch == batch)
+        .filter(|t| t.batch == batch && t.status == TargetStatus::Pending)
         .map(|t| t.server)
         .collect();
     // The whole batch is queued in one statement and every agent is woken at once.

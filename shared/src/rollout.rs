@@ -39,6 +39,10 @@ pub struct Strategy {
     pub on_halt: OnHalt,
     /// A target whose server does not collect its job within this long is `unreachable`.
     pub unreachable_after_seconds: u32,
+    /// Agent servers whose agent is older (or has never said its version) are `skipped`
+    /// with the reason, and take no part; SSH servers run no agent and are not affected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_agent_version: Option<String>,
 }
 
 /// The safe default: one canary, then 10% of the fleet at a time, halting at the first
@@ -54,6 +58,7 @@ impl Default for Strategy {
             manual_approval: false,
             on_halt: OnHalt::Stop,
             unreachable_after_seconds: 120,
+            min_agent_version: None,
         }
     }
 }
@@ -74,7 +79,33 @@ impl Strategy {
         if !(1..=86_400).contains(&self.unreachable_after_seconds) {
             return Err("unreachable_after_seconds must be between 1 and 86400".into());
         }
+        if let Some(v) = &self.min_agent_version {
+            if v.len() > 64 || semver::Version::parse(v).is_err() {
+                return Err(format!(
+                    "min_agent_version must be a version such as 1.4.0, not {:?}",
+                    v.chars().take(64).collect::<String>()
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Why an agent of `version` (None: never reported) may not take part, if it may not.
+    pub fn agent_refusal(&self, version: Option<&str>) -> Option<String> {
+        let min = self.min_agent_version.as_deref()?;
+        let wanted = semver::Version::parse(min).ok()?;
+        match version.map(semver::Version::parse) {
+            None => Some(format!(
+                "the agent has not reported its version; this rollout needs {min} or newer"
+            )),
+            Some(Err(_)) => Some(format!(
+                "the agent's version is unreadable; this rollout needs {min} or newer"
+            )),
+            Some(Ok(v)) if v < wanted => Some(format!(
+                "agent {v} is older than this rollout's minimum {min}"
+            )),
+            Some(Ok(_)) => None,
+        }
     }
 
     /// The sizes of the batches for `targets` servers, canary first.
@@ -614,6 +645,46 @@ mod tests {
         .validate()
         .is_err());
         assert!(Strategy::default().validate().is_ok());
+        for bad in ["", "1.2", "v1.2.3", "latest"] {
+            assert!(
+                Strategy {
+                    min_agent_version: Some(bad.into()),
+                    ..Strategy::default()
+                }
+                .validate()
+                .is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_minimum_agent_version_refuses_older_and_unknown_agents() {
+        let s = Strategy {
+            min_agent_version: Some("1.4.0".into()),
+            ..Strategy::default()
+        };
+        assert!(s.validate().is_ok());
+        assert_eq!(s.agent_refusal(Some("1.4.0")), None);
+        assert_eq!(
+            s.agent_refusal(Some("1.10.2")),
+            None,
+            "compared as versions, not text"
+        );
+        assert!(s
+            .agent_refusal(Some("1.3.9"))
+            .expect("older")
+            .contains("older"));
+        assert!(
+            s.agent_refusal(Some("1.4.0-rc.1")).is_some(),
+            "a pre-release is older"
+        );
+        assert!(s
+            .agent_refusal(None)
+            .expect("unknown")
+            .contains("not reported"));
+        assert!(s.agent_refusal(Some("garbage")).is_some());
+        assert_eq!(Strategy::default().agent_refusal(None), None);
     }
 
     /// Every state the table can hold, each once.

@@ -229,7 +229,7 @@ pub async fn create(
     )
     .await?
     .ok_or_else(|| ApiError::not_found("project"))?;
-    let servers: Vec<Uuid> = match (req.selector, req.server_ids) {
+    let mut servers: Vec<Uuid> = match (req.selector, req.server_ids) {
         (Some(selector), None) => tx
             .query(
                 "SELECT id FROM servers WHERE account_id = $1 AND deleted_at IS NULL AND labels @> $2 \
@@ -281,6 +281,34 @@ pub async fn create(
             format!("at most {MAX_TARGETS} servers per rollout"),
         ));
     }
+    // Agents older than the strategy's minimum take no part: they are recorded as skipped,
+    // with the reason, after the last batch, so that no batch (the canary least of all) is
+    // made of servers that will not run.
+    let mut skipped: Vec<(Uuid, String)> = Vec::new();
+    if strategy.min_agent_version.is_some() {
+        let agents = tx
+            .query(
+                "SELECT id, agent_version FROM servers WHERE id = ANY($1) AND transport = 'agent'",
+                &[&servers],
+            )
+            .await?;
+        for row in &agents {
+            let version: Option<String> = row.get(1);
+            if let Some(reason) = strategy.agent_refusal(version.as_deref()) {
+                skipped.push((row.get(0), reason));
+            }
+        }
+        servers.retain(|s| !skipped.iter().any(|(id, _)| id == s));
+        if servers.is_empty() {
+            return Err(ApiError::unprocessable(
+                ErrorCode::NoTargets,
+                format!(
+                    "no target meets min_agent_version: {}",
+                    skipped.first().map(|(_, r)| r.as_str()).unwrap_or_default()
+                ),
+            ));
+        }
+    }
     let batches = strategy.batches(servers.len());
     let id = Uuid::new_v4();
     // The project's deploy configuration as it is now is what every job of the rollout will
@@ -309,6 +337,18 @@ pub async fn create(
         &[&id, &servers, &batch_of, &positions],
     )
     .await?;
+    if !skipped.is_empty() {
+        let last = batches.len() as i32 - 1;
+        let (ids, reasons): (Vec<Uuid>, Vec<String>) = skipped.iter().cloned().unzip();
+        let positions: Vec<i32> =
+            (servers.len() as i32..(servers.len() + skipped.len()) as i32).collect();
+        tx.execute(
+            "INSERT INTO rollout_targets (rollout_id, server_id, batch, position, status, error) \
+             SELECT $1, s, $2, p, 'skipped', e FROM unnest($3::uuid[], $4::int[], $5::text[]) AS t(s, p, e)",
+            &[&id, &last, &ids, &positions, &reasons],
+        )
+        .await?;
+    }
     audit::append(
         &tx,
         state.keys.audit_keys(),
@@ -317,7 +357,8 @@ pub async fn create(
             &meta,
             "rollout.started",
             ("rollout", id),
-            json!({"ref": git_ref, "targets": servers.len(), "batches": batches.len()}),
+            json!({"ref": git_ref, "targets": servers.len(), "batches": batches.len(),
+                   "skipped": skipped.len()}),
         ),
     )
     .await?;

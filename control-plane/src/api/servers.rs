@@ -443,6 +443,9 @@ impl SshCredentials {
 #[utoipa::path(get, path = "/v1/servers", tag = "servers",
     params(("label" = Option<String>, Query,
             description = "only servers with this label, written `key=value`; repeat to require several"),
+           ("agent_version" = Option<String>, Query, description = "only servers whose agent reported this version"),
+           ("certificate_expires_before" = Option<String>, Query,
+            description = "only agent servers whose current certificate expires before this time (RFC 3339)"),
            PageQuery),
     responses((status = 200, body = ServerList), (status = 400, body = ErrorBody, description = "invalid limit or cursor")))]
 pub async fn list(
@@ -451,9 +454,34 @@ pub async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<Json<ServerList>, ApiError> {
     let mut selector = serde_json::Map::new();
-    let labels = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+    let params: Vec<(String, String)> =
+        form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+    let single = |name: &str| params.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v);
+    let agent_version = single("agent_version").cloned();
+    if agent_version.as_ref().is_some_and(|v| v.len() > 64) {
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidFilter,
+            "agent_version is at most 64 characters",
+        ));
+    }
+    let expires_before = single("certificate_expires_before")
+        .map(|v| {
+            DateTime::parse_from_rfc3339(v)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| {
+                    ApiError::bad_request(
+                        ErrorCode::InvalidFilter,
+                        "certificate_expires_before is a time such as 2027-01-31T00:00:00Z",
+                    )
+                })
+        })
+        .transpose()?;
+    let labels = params
+        .iter()
         .filter(|(name, _)| name == "label")
-        .map(|(_, value)| value.into_owned());
+        .map(|(_, value)| value.clone());
     for pair in labels {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
             ApiError::bad_request(
@@ -468,13 +496,17 @@ pub async fn list(
     let rows = client
         .query(
             &format!(
-                "{VIEW_SQL} AND s.labels @> $2 AND ($3::jsonb IS NULL OR s.labels @> $3){}",
-                Page::keyset_sql("s.created_at", "s.id", Order::OldestFirst, 4)
+                "{VIEW_SQL} AND s.labels @> $2 AND ($3::jsonb IS NULL OR s.labels @> $3) \
+                 AND ($4::text IS NULL OR s.agent_version = $4) \
+                 AND ($5::timestamptz IS NULL OR c.not_after < $5){}",
+                Page::keyset_sql("s.created_at", "s.id", Order::OldestFirst, 6)
             ),
             &[
                 &principal.account_id,
                 &serde_json::Value::Object(selector),
                 &principal.reach.server_filter(),
+                &agent_version,
+                &expires_before,
                 &page.after_time(),
                 &page.after_id(),
                 &page.fetch(),

@@ -331,6 +331,147 @@ async fn four_eyes_approval_takes_a_second_person_with_the_approve_permission() 
 }
 
 #[tokio::test]
+async fn a_minimum_agent_version_skips_older_and_silent_agents_with_the_reason() {
+    let f = fleet().await;
+    f.configure("min-version", &["true"]).await;
+    // An agent server that never connected: its version is unknown.
+    let (status, silent) =
+        f.t.post(
+            "/v1/servers",
+            &f.cookie,
+            json!({"name": "web-new", "host": "192.0.2.30", "transport": "agent", "labels": {"env": "prod"}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{silent}");
+    let silent = silent["id"].as_str().expect("id").to_owned();
+    let connected = |id: uuid::Uuid| {
+        let f = &f;
+        async move {
+            f.t.get(&format!("/v1/servers/{id}"), &f.cookie).await.1["agent"]["version"]
+                .as_str()
+                .is_some()
+        }
+    };
+    for a in &f.agents {
+        assert!(sensei_e2e::eventually(Duration::from_secs(30), || connected(a.server_id)).await);
+    }
+    let version =
+        f.t.get(&format!("/v1/servers/{}", f.agents[0].server_id), &f.cookie)
+            .await
+            .1["agent"]["version"]
+            .as_str()
+            .expect("version")
+            .to_owned();
+
+    // Servers by agent version and by certificate expiry.
+    let count = |query: String| {
+        let f = &f;
+        async move {
+            let (status, v) = f.t.get(&format!("/v1/servers?{query}"), &f.cookie).await;
+            assert_eq!(status, 200, "{query}: {v}");
+            v["servers"].as_array().map(Vec::len).unwrap_or(0)
+        }
+    };
+    assert_eq!(count(format!("agent_version={version}")).await, 3);
+    assert_eq!(count("agent_version=0.0.1".into()).await, 0);
+    let far = (chrono::Utc::now() + chrono::Duration::days(3650))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    assert_eq!(count(format!("certificate_expires_before={far}")).await, 3);
+    assert_eq!(
+        count("certificate_expires_before=2000-01-01T00:00:00Z".into()).await,
+        0
+    );
+    let (status, v) =
+        f.t.get("/v1/servers?certificate_expires_before=soon", &f.cookie)
+            .await;
+    assert_eq!(
+        (status, sensei_e2e::error_code(&v)),
+        (400, "invalid_filter")
+    );
+
+    // Only agents below the minimum: refused, nothing created.
+    let db = f.t.db().await;
+    let rollouts = || async {
+        db.query_one("SELECT count(*) FROM rollouts", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+    };
+    let before = rollouts().await;
+    let (status, v) =
+        f.t.post(
+            "/v1/rollouts",
+            &f.cookie,
+            json!({"project_id": f.project, "ref": "main", "server_ids": [f.agents[0].server_id],
+                   "strategy": {"min_agent_version": "99.0.0"}}),
+        )
+        .await;
+    assert_eq!(
+        (status, sensei_e2e::error_code(&v)),
+        (422, "no_targets"),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("older"),
+        "{v}"
+    );
+    assert_eq!(rollouts().await, before);
+    let (status, v) =
+        f.t.post(
+            "/v1/rollouts",
+            &f.cookie,
+            json!({"project_id": f.project, "ref": "main", "server_ids": [f.agents[0].server_id],
+                   "strategy": {"min_agent_version": "latest"}}),
+        )
+        .await;
+    assert_eq!(
+        (status, sensei_e2e::error_code(&v)),
+        (422, "invalid_strategy"),
+        "{v}"
+    );
+
+    // The whole fleet with a minimum no agent meets: the SSH server deploys, every agent is
+    // skipped with its reason, and the rollout succeeds on what could take part.
+    let r = f
+        .start(json!({"strategy": {"canary": 1, "batch_size": 1, "min_agent_version": "99.0.0"}}))
+        .await;
+    let id = r["id"].as_str().expect("id");
+    let done = f.wait_state(id, &["succeeded", "halted"]).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let targets = done["targets"].as_array().expect("targets");
+    assert_eq!(targets.len(), 5);
+    for t in targets {
+        let server = t["server_id"].as_str().expect("server");
+        if server == f.ssh_server {
+            assert_eq!(t["status"], "succeeded", "{t}");
+        } else if server == silent {
+            assert_eq!(t["status"], "skipped");
+            assert!(
+                t["error"].as_str().unwrap_or("").contains("not reported"),
+                "{t}"
+            );
+        } else {
+            assert_eq!(t["status"], "skipped");
+            assert!(t["error"].as_str().unwrap_or("").contains("older"), "{t}");
+        }
+    }
+    // Meeting the minimum, the agents take part.
+    let r = f
+        .start(
+            json!({"server_ids": [f.agents[1].server_id], "selector": null,
+                      "strategy": {"canary": 0, "min_agent_version": version}}),
+        )
+        .await;
+    let done = f
+        .wait_state(r["id"].as_str().expect("id"), &["succeeded", "halted"])
+        .await;
+    assert_eq!(statuses(&done), ["succeeded"], "{done}");
+}
+
+#[tokio::test]
 async fn a_failure_halts_and_rolls_back_what_was_switched() {
     let f = fleet().await;
     // First a good release everywhere, so that there is something to roll back to.
