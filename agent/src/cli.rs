@@ -72,6 +72,16 @@ pub enum Command {
         #[arg(long)]
         allow_root: bool,
     },
+    /// Show this server's identity (server id, certificate expiry, pinned CA), whether the
+    /// running agent is connected, and the last job it ran with its result.
+    Status {
+        /// One JSON object, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Where the identity lives [default: the config file's, or /var/lib/sensei-agent].
+        #[arg(long, env = "SENSEI_AGENT_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Write the man pages into a directory (for packaging).
     #[command(hide = true)]
     Man { dir: PathBuf },
@@ -247,7 +257,37 @@ pub async fn execute(cli: Cli) -> i32 {
             }
         }
         Command::Revoke { yes, state_dir } => revoke(&StateDir::new(state_dir_of(state_dir)), yes),
+        Command::Status { json, state_dir } => {
+            status(&StateDir::new(state_dir_of(state_dir)), json)
+        }
         Command::Man { .. } => 0,
+    }
+}
+
+/// Exit codes: 0 connected, 1 not connected (or not running), 2 no identity here.
+fn status(state_dir: &StateDir, json: bool) -> i32 {
+    let report = match crate::status::report(state_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sensei-agent: {e}");
+            return 2;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("sensei-agent: {e}");
+                return 1;
+            }
+        }
+    } else {
+        print!("{}", crate::status::render(&report));
+    }
+    if report.connected {
+        0
+    } else {
+        1
     }
 }
 

@@ -42,6 +42,8 @@ const NEXT: &str = "identity.next";
 const SEQUENCE: &str = "sequence";
 /// A finished job's result not yet acknowledged by the control plane.
 const PENDING: &str = "pending-result.json";
+/// What the running agent last said about itself (`sensei-agent status`).
+const STATUS: &str = "status.json";
 
 /// What `agent.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,9 +313,25 @@ impl StateDir {
         let _ = fs::remove_file(self.dir.join(PENDING));
     }
 
+    /// Records the running agent's status ([`crate::status`]).
+    pub fn store_liveness(&self, liveness: &crate::status::Liveness) -> Result<(), IdentityError> {
+        let text = serde_json::to_string(liveness).map_err(|e| IdentityError::Io {
+            dir: self.dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        self.write(STATUS, &text)
+    }
+
+    /// The running agent's last status, if it wrote one that can be read.
+    pub fn liveness(&self) -> Option<crate::status::Liveness> {
+        let text = fs::read_to_string(self.dir.join(STATUS)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
     /// Deletes the identity. Returns whether there was one.
     pub fn delete(&self) -> Result<bool, IdentityError> {
         let _ = fs::remove_file(self.dir.join(SEQUENCE));
+        let _ = fs::remove_file(self.dir.join(STATUS));
         self.remove(NEXT)?;
         let mut found = false;
         for name in [KEY, CERT, CA, META] {

@@ -102,6 +102,18 @@ pub async fn job_loop(
                         if let Err(e) = ctx.state.store_pending_result(job_id, &result) {
                             tracing::warn!(error = %e, "cannot keep the job's result on disk");
                         }
+                        crate::status::record(&ctx.state, |s| {
+                            s.last_job = Some(crate::status::LastJob {
+                                id: job_id,
+                                succeeded: result.succeeded,
+                                summary: match (&result.error, &result.release_id) {
+                                    (Some((step, why)), _) => format!("{step}: {why}"),
+                                    (None, Some(release)) => format!("release {release}"),
+                                    (None, None) => "done".into(),
+                                },
+                                finished_at: crate::status::now(),
+                            });
+                        });
                     }
                     AgentJobAction::Forget { job_id } => {
                         if reporting == Some(job_id) {

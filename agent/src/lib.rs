@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod policy;
 pub mod renew;
 pub mod session;
+pub mod status;
 pub mod transport;
 
 /// This agent's version, as reported to the control plane.

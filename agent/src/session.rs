@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::identity::{Identity, IdentityError, StateDir};
 use crate::jobs::{job_loop, JobContext, JobPolicy};
 use crate::renew::{renewal_loop, RenewalPlan};
+use crate::status;
 use crate::transport::{self, TransportError, CONNECT_TIMEOUT};
 
 /// How `run` ended.
@@ -107,8 +108,25 @@ pub async fn run(
         };
         let end = tokio::select! {
             end = session(&identity, config, &mut backoff, &jobs, renewal) => end,
-            _ = shutdown.changed() => return Ok(RunOutcome::Shutdown),
+            _ = shutdown.changed() => {
+                status::record(state_dir, |s| {
+                    s.connected = false;
+                    s.since = status::now();
+                    s.detail = Some("stopped".into());
+                });
+                return Ok(RunOutcome::Shutdown);
+            }
         };
+        status::record(state_dir, |s| {
+            s.connected = false;
+            s.since = status::now();
+            s.detail = Some(match &end {
+                SessionEnd::Revoked => "revoked".into(),
+                SessionEnd::RetryAfter(_) => "the control plane asked to reconnect later".into(),
+                SessionEnd::Renewed => "reconnecting with a renewed certificate".into(),
+                SessionEnd::Lost(reason) => reason.clone(),
+            });
+        });
         let delay = match end {
             SessionEnd::Revoked => {
                 tracing::error!(
@@ -240,9 +258,15 @@ async fn session(
         Ok((control, hello)) => {
             // The control stream and the job loop share the connection; when either ends,
             // both end.
+            let state = renewal.state;
             let welcomed = |_heartbeat| {
                 tracing::info!(%server_id, "connected to the control plane");
                 backoff.reset();
+                status::record(state, |s| {
+                    s.connected = true;
+                    s.since = status::now();
+                    s.detail = None;
+                });
             };
             let renewing = async {
                 match renewal.plan {

@@ -726,3 +726,179 @@ async fn a_deployment_queued_on_one_replica_reaches_an_agent_held_by_another() {
         "v1"
     );
 }
+
+async fn status_run(state: &std::path::Path, json: bool) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(sensei_e2e::workspace_binary("sensei-agent"));
+    cmd.arg("status").arg("--state-dir").arg(state);
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.output().await.expect("sensei-agent status")
+}
+
+/// `sensei-agent status --json` on a state directory: its exit code and report.
+async fn status_json(state: &std::path::Path) -> (Option<i32>, serde_json::Value) {
+    let out = status_run(state, true).await;
+    let value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code(), value)
+}
+
+/// Both forms of `sensei-agent status`, for a state that is not changing: the exit code
+/// (the same for both), the report and the text for people.
+async fn agent_status(state: &std::path::Path) -> (Option<i32>, serde_json::Value, String) {
+    let (code, value) = status_json(state).await;
+    let text = status_run(state, false).await;
+    assert_eq!(code, text.status.code(), "{value}");
+    (
+        code,
+        value,
+        String::from_utf8_lossy(&text.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_agent_binary_logs_json_and_status_tells_its_identity_connection_and_last_job() {
+    let t = TestPlane::start().await;
+    let (cookie, _) = t.signup("status@example.com", PW).await;
+    let dir = open_tempdir();
+    let state = dir.path().join("agent");
+
+    // Nothing enrolled here yet: status says so, exit 2.
+    let (code, _, _) = agent_status(&state).await;
+    assert_eq!(code, Some(2));
+
+    let (status, server) = t
+        .post(
+            "/v1/servers",
+            &cookie,
+            json!({"name": "web-status", "host": "127.0.0.1", "transport": "agent"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{server}");
+    let server_id = server["id"].as_str().expect("id").to_owned();
+    let words: Vec<String> = server["enroll_command"]
+        .as_str()
+        .expect("command")
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_owned)
+        .collect();
+    let enrolled = tokio::process::Command::new(sensei_e2e::workspace_binary("sensei-agent"))
+        .args(&words)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .await
+        .expect("enroll");
+    assert!(enrolled.status.success(), "{enrolled:?}");
+    // Enrolled, no agent running: the identity, and "not running" (exit 1).
+    let (code, report, text) = agent_status(&state).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(report["server_id"], server_id.as_str());
+    assert_eq!(report["running"], false);
+    assert_eq!(
+        report["ca_fingerprint"],
+        t.plane.ca_fingerprint().to_string()
+    );
+    assert!(report["certificate_expires_at"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    assert!(text.contains("not running"), "{text}");
+
+    // The agent binary, logging JSON lines.
+    let mut agent = tokio::process::Command::new(sensei_e2e::workspace_binary("sensei-agent"))
+        .args(["--log-format", "json", "run", "--allow-root", "--state-dir"])
+        .arg(&state)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sensei-agent run");
+    // Its log, collected as it is written (shown when an assertion fails, checked at the end).
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let collector = {
+        let log = log.clone();
+        let mut stderr = agent.stderr.take().expect("stderr");
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                log.lock()
+                    .expect("log")
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        })
+    };
+    let shown = || log.lock().expect("log").clone();
+    let connected = || async { status_json(&state).await.1["connected"] == true };
+    assert!(eventually(Duration::from_secs(30), connected).await);
+    let (code, report, text) = agent_status(&state).await;
+    assert_eq!(code, Some(0), "{text}\n{}", shown());
+    assert_eq!(report["running"], true);
+    assert!(report["since"].is_string());
+    assert_eq!(report["last_job"], serde_json::Value::Null);
+    assert!(
+        text.contains("connected since") && text.contains("none yet"),
+        "{text}"
+    );
+
+    // A deploy through it: the last job and its result.
+    let work = open_tempdir();
+    let repo = sensei_e2e::git_repo(work.path(), &["v1"]);
+    let app = work.path().join("app");
+    let (status, project) = t
+        .post(
+            "/v1/projects",
+            &cookie,
+            json!({"name": "status-site", "repo_url": repo.display().to_string(),
+                   "deploy_path": app.display().to_string()}),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+    let (status, deployment) = t
+        .post(
+            "/v1/deployments",
+            &cookie,
+            json!({"project_id": project["id"], "server_id": server_id, "ref": "main"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{deployment}");
+    let id = deployment["id"].as_str().expect("id");
+    let done = t.wait_deployment(&cookie, id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let reported = || async { status_json(&state).await.1["last_job"]["id"] == id };
+    assert!(eventually(Duration::from_secs(30), reported).await);
+    let (_, report, _) = agent_status(&state).await;
+    assert_eq!(report["last_job"]["result"], "succeeded");
+    assert!(report["last_job"]["summary"]
+        .as_str()
+        .is_some_and(|s| s.contains(done["release_id"].as_str().expect("release"))));
+
+    // Stopped: "not running", whatever the file last said.
+    agent.start_kill().expect("kill");
+    let _ = agent.wait().await;
+    let (code, report, _) = agent_status(&state).await;
+    assert_eq!(code, Some(1));
+    assert_eq!(report["running"], false);
+    assert_eq!(report["connected"], false);
+    assert_eq!(
+        report["last_job"]["id"], id,
+        "the last job outlives the process"
+    );
+
+    // Every log line it wrote is one JSON object, and the connection is among them.
+    collector.await.expect("log collector");
+    let stderr = shown();
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "connected to the control plane"),
+        "{stderr}"
+    );
+}
