@@ -188,23 +188,7 @@ impl TestPlane {
         agent_addr: SocketAddr,
         adjust: impl FnOnce(&mut ServeOptions),
     ) -> Self {
-        sensei_certs::tls::install_default_provider();
-        let data_dir = open_tempdir();
-        let mut options = ServeOptions {
-            pool_size: 8,
-            agent_addr,
-            agent_heartbeat: std::time::Duration::from_secs(1),
-            dispatch_timeout: std::time::Duration::from_secs(60),
-            ..ServeOptions::new(
-                data_dir.path().to_owned(),
-                DatabaseSource::Url(app_conninfo(&conninfo)),
-                keys.clone(),
-            )
-        };
-        options.database_owner_url = Some(conninfo.clone());
-        // Tests make their tenants by signing up; the closed default has tests of its own.
-        options.signup = sensei_control_plane::identity::signup::SignupPolicy::Open;
-        adjust(&mut options);
+        let (options, data_dir) = Self::options(&conninfo, keys.clone(), agent_addr, adjust);
         let plane = ControlPlane::start(options)
             .await
             .expect("control plane starts");
@@ -218,6 +202,34 @@ impl TestPlane {
             data_dir,
             keys,
         }
+    }
+
+    /// The options a test plane starts with (adjusted by `adjust`), and its data directory:
+    /// for a test of a start that must fail.
+    pub fn options(
+        conninfo: &str,
+        keys: Arc<FieldKeys>,
+        agent_addr: SocketAddr,
+        adjust: impl FnOnce(&mut ServeOptions),
+    ) -> (ServeOptions, tempfile::TempDir) {
+        sensei_certs::tls::install_default_provider();
+        let data_dir = open_tempdir();
+        let mut options = ServeOptions {
+            pool_size: 8,
+            agent_addr,
+            agent_heartbeat: std::time::Duration::from_secs(1),
+            dispatch_timeout: std::time::Duration::from_secs(60),
+            ..ServeOptions::new(
+                data_dir.path().to_owned(),
+                DatabaseSource::Url(app_conninfo(conninfo)),
+                keys,
+            )
+        };
+        options.database_owner_url = Some(conninfo.to_owned());
+        // Tests make their tenants by signing up; the closed default has tests of its own.
+        options.signup = sensei_control_plane::identity::signup::SignupPolicy::Open;
+        adjust(&mut options);
+        (options, data_dir)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -721,3 +721,34 @@ async fn deployment_logs_expire_by_the_accounts_retention_and_nothing_else_does(
         .await
         .contains(&"deployment.queued".to_owned()));
 }
+
+#[tokio::test]
+async fn a_public_url_that_is_not_a_web_address_stops_the_start_with_its_name() {
+    let conninfo = sensei_e2e::fresh_database().await;
+    for bad in ["ftp://sensei.example.com", "sensei.example.com", "https://"] {
+        let (options, _dir) = TestPlane::options(
+            &conninfo,
+            sensei_e2e::test_keys(),
+            "127.0.0.1:0".parse().expect("addr"),
+            |o| o.public_url = Some(bad.into()),
+        );
+        let refused = sensei_control_plane::ControlPlane::start(options).await;
+        let message = match refused {
+            Ok(_) => panic!("{bad}: the control plane started"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            message.contains("public URL") && message.contains(bad),
+            "{bad}: {message}"
+        );
+    }
+    // The same database serves a plane with a good URL afterwards: nothing was left half-made.
+    let t = TestPlane::start_configured(
+        conninfo,
+        sensei_e2e::test_keys(),
+        "127.0.0.1:0".parse().expect("addr"),
+        |o| o.public_url = Some("https://sensei.example.com/".into()),
+    )
+    .await;
+    assert_eq!(t.plane.public_url(), "https://sensei.example.com");
+}
