@@ -121,6 +121,13 @@ error_codes! {
     UnreadableBody => "unreadable_body",
     UnsupportedMediaType => "unsupported_media_type",
     WeakPassword => "weak_password",
+    // Security keys (WebAuthn).
+    InvalidWebauthnChallenge => "invalid_webauthn_challenge",
+    KeyNameTaken => "key_name_taken",
+    NoSecurityKeys => "no_security_keys",
+    TooManyKeys => "too_many_keys",
+    WebauthnRefused => "webauthn_refused",
+    WebauthnUnavailable => "webauthn_unavailable",
 }
 
 #[derive(Debug)]

@@ -174,7 +174,7 @@ pub async fn list(
     let rows = client
         .query(
             &format!(
-                "SELECT id, email, role, totp_enabled_at IS NOT NULL AS mfa_enabled, created_at \
+                "SELECT id, email, role, user_has_second_factor(id) AS mfa_enabled, created_at \
                  FROM users WHERE account_id = $1{}",
                 Page::keyset_sql("created_at", "id", Order::OldestFirst, 2)
             ),
@@ -230,7 +230,7 @@ pub async fn change_role(
     let row = tx
         .query_one(
             "UPDATE users SET role = $3 WHERE id = $1 AND account_id = $2 \
-             RETURNING id, email, role, totp_enabled_at IS NOT NULL, created_at",
+             RETURNING id, email, role, user_has_second_factor(id), created_at",
             &[&id, &principal.account_id, &role.as_str()],
         )
         .await?;

@@ -37,9 +37,13 @@ fn need(method: &str, path: &str) -> Option<Need> {
             | "/v1/auth/login"
             | "/v1/auth/password-reset"
             | "/v1/auth/password-reset/confirm"
+            | "/v1/auth/login/webauthn"
             | "/v1/invitations/accept",
         ) => Public,
         ("POST", "/v1/auth/logout" | "/v1/auth/sessions/sign-out-everywhere") => Session,
+        ("POST", "/v1/auth/mfa/webauthn/registrations" | "/v1/auth/mfa/webauthn/keys")
+        | ("GET", "/v1/auth/mfa/webauthn/keys")
+        | ("PATCH" | "DELETE", "/v1/auth/mfa/webauthn/keys/{id}") => Session,
         ("GET", "/v1/auth/me") => Anyone,
         ("GET", "/v1/auth/sessions") => Session,
         ("DELETE", "/v1/auth/sessions/{id}") => Session,
