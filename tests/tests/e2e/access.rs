@@ -265,6 +265,7 @@ async fn every_route_obeys_the_role_matrix() {
         let body = match path.as_str() {
             "/v1/members/{id}" => json!({"role": "admin"}),
             "/v1/projects/{id}" => json!({"name": "hijacked"}),
+            "/v1/auth/mfa/webauthn/keys/{id}" => json!({"name": "hijacked"}),
             "/v1/projects/{id}/dns" => json!({"zone": "hijacked.test", "server": "192.0.2.53:53",
                 "key_name": "k", "secret": "c2Vuc2VpLXRlc3Qtc2VjcmV0LTMyLWJ5dGVzLWxvbmc="}),
             _ => json!({}),
