@@ -499,3 +499,80 @@ async fn keys_need_a_public_url_with_a_dns_name() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn key_forms_need_the_dashboards_origin_and_form_token() {
+    let t = plane().await;
+    let (owner, _) = t.signup("forms@example.com", PW).await;
+    let client = sensei_e2e::client_without_origin(t.plane.ca_pem());
+    let html = client
+        .get(t.url("/ui/settings/security"))
+        .header("cookie", &owner)
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("html");
+    assert!(html.contains("id=\"register-key-form\""), "{html}");
+    let marker = "name=\"csrf\" value=\"";
+    let at = html.find(marker).expect("a form token") + marker.len();
+    let token = &html[at..at + html[at..].find('"').expect("end")];
+    let ceremonies = || async {
+        t.db()
+            .await
+            .query_one("SELECT count(*) FROM webauthn_ceremonies", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+    };
+    let own = t.plane.public_url().to_owned();
+    let options = |origin: &'static str, csrf: String| {
+        let (client, t, own) = (&client, &t, own.clone());
+        let owner = owner.clone();
+        async move {
+            let origin = if origin.is_empty() {
+                own
+            } else {
+                origin.to_owned()
+            };
+            let r = client
+                .post(t.url("/ui/settings/security/keys/options"))
+                .header("cookie", owner)
+                .header("origin", origin)
+                .form(&[("csrf", csrf)])
+                .send()
+                .await
+                .expect("options");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, body) = options("https://evil.example", token.to_owned()).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = options("", "forged".into()).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].is_string(), "{body}");
+    assert_eq!(ceremonies().await, 0, "nothing was started");
+    let (status, body) = options("", token.to_owned()).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        body["options"]["publicKey"]["challenge"].is_string(),
+        "{body}"
+    );
+    assert_eq!(ceremonies().await, 1);
+
+    // Removing someone else's (or no) key from the dashboard finds nothing to remove.
+    let r = client
+        .post(t.url(&format!(
+            "/ui/settings/security/keys/{}/remove",
+            uuid::Uuid::new_v4()
+        )))
+        .header("cookie", &owner)
+        .header("origin", t.plane.public_url())
+        .form(&[("csrf", token)])
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(r.status(), 404);
+}
