@@ -123,8 +123,9 @@ async fn code_step(
                 input type="hidden" name="ticket" value=(&ticket);
                 fieldset {
                     legend { "Kind of code" }
-                    label { input type="radio" name="code_kind" value="totp" checked; " Authenticator code" }
-                    label { input type="radio" name="code_kind" value="recovery"; " Recovery code" }
+                    // Without TOTP (keys only), a recovery code is the only code there is.
+                    label { input type="radio" name="code_kind" value="totp" checked[totp]; " Authenticator code" }
+                    label { input type="radio" name="code_kind" value="recovery" checked[!totp]; " Recovery code" }
                 }
                 label for="code" { "Code" }
                 input id="code" name="code" type="text" inputmode="text" autocomplete="one-time-code"
