@@ -30,9 +30,22 @@ CREATE TABLE webauthn_ceremonies (
 );
 CREATE INDEX webauthn_ceremonies_user ON webauthn_ceremonies (user_id, created_at);
 
+-- An account may require every member's second factor to be a security key: TOTP is then
+-- refused at sign-in to anyone who has a key, and a member without one must register one.
+ALTER TABLE accounts ADD COLUMN require_webauthn boolean NOT NULL DEFAULT false;
+
 -- Whether a user has a second factor: TOTP, or at least one security key. One definition for
 -- sign-in, "MFA required" and the members list.
 CREATE FUNCTION user_has_second_factor(uid uuid) RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM users WHERE id = uid AND totp_enabled_at IS NOT NULL)
         OR EXISTS (SELECT 1 FROM webauthn_credentials WHERE user_id = uid)
+$$;
+
+-- Whether a member must set up a second factor before anything else: the account requires
+-- one they lack (any factor, or a security key in particular).
+CREATE FUNCTION user_needs_second_factor_setup(uid uuid) RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT (a.require_mfa AND NOT user_has_second_factor(u.id))
+        OR (a.require_webauthn
+            AND NOT EXISTS (SELECT 1 FROM webauthn_credentials w WHERE w.user_id = u.id))
+    FROM users u JOIN accounts a ON a.id = u.account_id WHERE u.id = uid
 $$;

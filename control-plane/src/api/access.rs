@@ -167,7 +167,8 @@ pub fn check_rule(rule: Rule, principal: &auth::Principal) -> Result<(), ApiErro
     if principal.mfa_setup_required && !matches!(rule, Rule::Session | Rule::Authenticated) {
         return Err(ApiError::forbidden(
             ErrorCode::MfaSetupRequired,
-            "this account requires multi-factor sign-in: set up TOTP at /v1/auth/mfa/totp first",
+            "this account requires multi-factor sign-in: set up TOTP at /v1/auth/mfa/totp or a \
+             security key at /v1/auth/mfa/webauthn/registrations first",
         ));
     }
     match rule {

@@ -26,6 +26,9 @@ pub struct AccountSettings {
     pub name: String,
     /// Every member must sign in with a second factor.
     pub require_mfa: bool,
+    /// Every member's second factor must be a security key (WebAuthn): TOTP is refused at
+    /// sign-in to a member who has a key, and a member without one must register one.
+    pub require_webauthn: bool,
     /// Audit rows older than this many days are expired.
     pub audit_retention_days: i32,
     /// Deployment log lines older than this many days are deleted (the deployments stay).
@@ -41,6 +44,7 @@ pub struct AccountSettings {
 pub struct AccountChange {
     pub name: Option<String>,
     pub require_mfa: Option<bool>,
+    pub require_webauthn: Option<bool>,
     /// 30 to 2557 days (seven years).
     pub audit_retention_days: Option<i32>,
     /// 1 to 2557 days.
@@ -64,7 +68,8 @@ pub struct TransferOwnership {
     pub user_id: Uuid,
 }
 
-const COLUMNS: &str = "id, name, require_mfa, audit_retention_days, deploy_log_retention_days, \
+const COLUMNS: &str =
+    "id, name, require_mfa, require_webauthn, audit_retention_days, deploy_log_retention_days, \
                        ip_allowlist, created_at";
 
 fn settings(r: &tokio_postgres::Row) -> AccountSettings {
@@ -72,6 +77,7 @@ fn settings(r: &tokio_postgres::Row) -> AccountSettings {
         id: r.get("id"),
         name: r.get("name"),
         require_mfa: r.get("require_mfa"),
+        require_webauthn: r.get("require_webauthn"),
         audit_retention_days: r.get("audit_retention_days"),
         deploy_log_retention_days: r.get("deploy_log_retention_days"),
         ip_allowlist: r.get("ip_allowlist"),
@@ -153,13 +159,14 @@ pub async fn update(
     };
     if name.is_none()
         && req.require_mfa.is_none()
+        && req.require_webauthn.is_none()
         && req.audit_retention_days.is_none()
         && req.deploy_log_retention_days.is_none()
         && allowlist.is_none()
     {
         return Err(ApiError::unprocessable(
             ErrorCode::NothingToChange,
-            "give name, require_mfa, audit_retention_days, deploy_log_retention_days or ip_allowlist",
+            "give name, require_mfa, require_webauthn, audit_retention_days, deploy_log_retention_days or ip_allowlist",
         ));
     }
     let mut client = state.pool.get().await?;
@@ -171,7 +178,8 @@ pub async fn update(
                  require_mfa = COALESCE($3, require_mfa), \
                  audit_retention_days = COALESCE($4, audit_retention_days), \
                  deploy_log_retention_days = COALESCE($5, deploy_log_retention_days), \
-                 ip_allowlist = COALESCE($6, ip_allowlist) \
+                 ip_allowlist = COALESCE($6, ip_allowlist), \
+                 require_webauthn = COALESCE($7, require_webauthn) \
                  WHERE id = $1 RETURNING {COLUMNS}"
             ),
             &[
@@ -181,6 +189,7 @@ pub async fn update(
                 &req.audit_retention_days,
                 &req.deploy_log_retention_days,
                 &allowlist,
+                &req.require_webauthn,
             ],
         )
         .await?;
@@ -190,6 +199,9 @@ pub async fn update(
     }
     if let Some(v) = req.require_mfa {
         changed.insert("require_mfa".into(), json!(v));
+    }
+    if let Some(v) = req.require_webauthn {
+        changed.insert("require_webauthn".into(), json!(v));
     }
     if let Some(v) = req.audit_retention_days {
         changed.insert("audit_retention_days".into(), json!(v));

@@ -334,7 +334,8 @@ async fn sign_in(
         .query_opt(
             "SELECT u.id, u.account_id, u.email, u.password_hash, u.role, \
                     u.totp_enabled_at IS NOT NULL, a.ip_allowlist, \
-                    EXISTS (SELECT 1 FROM webauthn_credentials w WHERE w.user_id = u.id) AS has_keys \
+                    EXISTS (SELECT 1 FROM webauthn_credentials w WHERE w.user_id = u.id) AS has_keys, \
+                    a.require_webauthn \
              FROM users u JOIN accounts a ON a.id = u.account_id WHERE lower(u.email) = lower($1)",
             &[&email],
         )
@@ -422,6 +423,17 @@ async fn sign_in(
                 "this user has no security key registered",
             )),
         };
+    }
+    if has_keys && user.get::<_, bool>("require_webauthn") && req.totp_code.is_some() {
+        // The account wants a key of members who have one: a code is not a guess, but it is
+        // not accepted either.
+        login_throttle::release(&*tx, reservation).await?;
+        tx.commit().await?;
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::WebauthnRequired,
+            "this account requires a security key: sign in with your key (or a recovery code)",
+        ));
     }
     let second_factor_given =
         req.totp_code.is_some() || req.recovery_code.is_some() || req.webauthn.is_some();

@@ -127,6 +127,7 @@ error_codes! {
     NoSecurityKeys => "no_security_keys",
     TooManyKeys => "too_many_keys",
     WebauthnRefused => "webauthn_refused",
+    WebauthnRequired => "webauthn_required",
     WebauthnUnavailable => "webauthn_unavailable",
 }
 

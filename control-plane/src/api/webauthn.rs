@@ -493,12 +493,23 @@ pub async fn remove(
         .get(0);
     let row = tx
         .query_one(
-            "SELECT user_has_second_factor(u.id), a.require_mfa FROM users u \
+            "SELECT user_has_second_factor(u.id), a.require_mfa, a.require_webauthn, \
+                    EXISTS (SELECT 1 FROM webauthn_credentials w WHERE w.user_id = u.id) \
+             FROM users u \
              JOIN accounts a ON a.id = u.account_id WHERE u.id = $1",
             &[&principal.user_id],
         )
         .await?;
-    let (still_has_factor, required): (bool, bool) = (row.get(0), row.get(1));
+    let (still_has_factor, required, keys_required, still_has_key): (bool, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if keys_required && !still_has_key {
+        // Dropping the transaction keeps the key.
+        return Err(ApiError::conflict(
+            ErrorCode::MfaRequiredByAccount,
+            "this account requires a security key of every member and this is your last; \
+             register another one first",
+        ));
+    }
     if !still_has_factor {
         if required {
             // Dropping the transaction keeps the key.

@@ -279,7 +279,7 @@ async fn authenticate_session(
                     s.last_seen_at < now() - make_interval(days => $2) AS idle, \
                     s.last_seen_at < now() - interval '1 minute' AS stale, \
                     u.id AS user_id, u.account_id, u.email, u.role, \
-                    a.require_mfa AND NOT user_has_second_factor(u.id) AS mfa_setup_required, \
+                    user_needs_second_factor_setup(u.id) AS mfa_setup_required, \
                     a.ip_allowlist AS account_allowlist \
              FROM sessions s JOIN users u ON u.id = s.user_id \
              JOIN accounts a ON a.id = u.account_id WHERE s.id = $1",
@@ -328,7 +328,7 @@ async fn authenticate_api_key(
         .query_opt(
             "SELECT k.secret_hash, k.revoked_at IS NOT NULL AS revoked, k.expires_at, k.scopes, \
                     k.ip_allowlist, k.account_id, u.id AS user_id, u.email, u.role, \
-                    a.require_mfa AND NOT user_has_second_factor(u.id) AS mfa_setup_required, \
+                    user_needs_second_factor_setup(u.id) AS mfa_setup_required, \
                     a.ip_allowlist AS account_allowlist \
              FROM api_keys k JOIN users u ON u.id = k.created_by AND u.account_id = k.account_id \
              JOIN accounts a ON a.id = k.account_id WHERE k.id = $1",

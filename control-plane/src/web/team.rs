@@ -516,6 +516,10 @@ pub async fn account(
                     input id="require_mfa" name="require_mfa" type="checkbox" value="on" checked[a.require_mfa];
                     " Every member signs in with a second factor"
                 }
+                label {
+                    input id="require_webauthn" name="require_webauthn" type="checkbox" value="on" checked[a.require_webauthn];
+                    " … and it must be a security key (TOTP is refused to members who have a key)"
+                }
                 label for="audit_retention_days" { "Keep audit events for (days, 30 to 2557)" }
                 input id="audit_retention_days" name="audit_retention_days" type="number" min="30" max="2557" required value=(a.audit_retention_days);
                 label for="deploy_log_retention_days" { "Keep deployment logs for (days, 1 to 2557)" }
@@ -526,6 +530,7 @@ pub async fn account(
             dl.facts {
                 dt { "Name" } dd { (a.name) }
                 dt { "Second factor required" } dd { @if a.require_mfa { "yes" } @else { "no" } }
+                dt { "Security key required" } dd { @if a.require_webauthn { "yes" } @else { "no" } }
                 dt { "Audit events kept" } dd { (a.audit_retention_days) " days" }
                 dt { "Deployment logs kept" } dd { (a.deploy_log_retention_days) " days" }
             }
@@ -542,6 +547,8 @@ pub struct AccountForm {
     /// A checkbox: present (`on`) when ticked, absent otherwise.
     #[serde(default)]
     require_mfa: Option<String>,
+    #[serde(default)]
+    require_webauthn: Option<String>,
     audit_retention_days: String,
     deploy_log_retention_days: String,
 }
@@ -565,6 +572,7 @@ pub async fn update_account(
     let change = crate::api::account::AccountChange {
         name: Some(form.name),
         require_mfa: Some(form.require_mfa.is_some()),
+        require_webauthn: Some(form.require_webauthn.is_some()),
         audit_retention_days: Some(days(&form.audit_retention_days)?),
         deploy_log_retention_days: Some(days(&form.deploy_log_retention_days)?),
         // The network allowlist is set through the API (its lock-out guard needs the

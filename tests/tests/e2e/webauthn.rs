@@ -286,6 +286,70 @@ async fn a_key_registered_in_settings_signs_in_and_a_removed_key_is_refused() {
         .await;
     assert_eq!(status, 200, "{confirmed}");
 
+    // An account that requires security keys refuses TOTP to a member who has a key, keeps
+    // their last key, and sends a member without one to register one.
+    let (status, account) = t
+        .patch("/v1/account", &recovered, json!({"require_webauthn": true}))
+        .await;
+    assert_eq!(status, 200, "{account}");
+    assert_eq!(account["require_webauthn"], true, "{account}");
+    let (status, body) = t
+        .post(
+            "/v1/auth/login",
+            "",
+            json!({"email": email, "password": PW,
+                   "totp_code": sensei_e2e::totp_code(&secret, 1)}),
+        )
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "webauthn_required", "{body}");
+    let r = t
+        .http
+        .delete(t.url(&path))
+        .header("cookie", &recovered)
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(
+        r.status(),
+        409,
+        "the last key stays while keys are required"
+    );
+    let (_, inv) = t
+        .post(
+            "/v1/invitations",
+            &recovered,
+            json!({"email": "plain@example.com", "role": "operator"}),
+        )
+        .await;
+    let r = t
+        .http
+        .post(t.url("/v1/invitations/accept"))
+        .json(&json!({"token": inv["token"], "password": PW}))
+        .send()
+        .await
+        .expect("accept");
+    assert_eq!(r.status(), 201);
+    let plain = sensei_e2e::session_cookie(&r).expect("cookie");
+    let (_, me) = t.get("/v1/auth/me", &plain).await;
+    assert_eq!(me["mfa_setup_required"], true, "{me}");
+    let (status, body) = t.get("/v1/servers", &plain).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "mfa_setup_required");
+    let (_, me) = t.get("/v1/auth/me", &viewer).await;
+    assert_eq!(
+        me["mfa_setup_required"], false,
+        "the viewer has a key: {me}"
+    );
+    let (status, _) = t
+        .patch(
+            "/v1/account",
+            &recovered,
+            json!({"require_webauthn": false}),
+        )
+        .await;
+    assert_eq!(status, 200);
+
     // A key removed while a sign-in waits for it is refused when it answers.
     b.click("#sign-out").await;
     b.wait_path("/ui/sign-in").await;
