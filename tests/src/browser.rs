@@ -226,6 +226,16 @@ impl Browser {
         std::fs::write(dir.join(format!("{name}.png")), png).expect("write screenshot");
     }
 
+    /// Sends a Chrome DevTools Protocol command to the page's tab (chromedriver's
+    /// `goog/cdp/execute`), e.g. to give it a virtual WebAuthn authenticator.
+    pub async fn cdp(&self, command: &str, params: serde_json::Value) -> serde_json::Value {
+        self.driver
+            .cdp()
+            .send_raw(command, params)
+            .await
+            .unwrap_or_else(|e| panic!("{command}: {e}"))
+    }
+
     /// Ends the browser session (the guard kills the processes either way).
     pub async fn close(self) {
         let Self {

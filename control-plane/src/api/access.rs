@@ -49,6 +49,11 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
             "POST",
             "/v1/auth/mfa/totp" | "/v1/auth/mfa/totp/confirm" | "/v1/auth/mfa/totp/disable",
         ) => Session,
+        // Security keys: each user manages only their own (another's key answers 404).
+        ("POST", "/v1/auth/login/webauthn") => Public,
+        ("POST", "/v1/auth/mfa/webauthn/registrations" | "/v1/auth/mfa/webauthn/keys") => Session,
+        ("GET", "/v1/auth/mfa/webauthn/keys") => Session,
+        ("PATCH" | "DELETE", "/v1/auth/mfa/webauthn/keys/{id}") => Session,
         ("GET", "/v1/auth/sessions") => Session,
         ("DELETE", "/v1/auth/sessions/{id}") => Session,
         ("POST", "/v1/auth/sessions/sign-out-everywhere") => Session,
@@ -168,7 +173,8 @@ pub fn check_rule(rule: Rule, principal: &auth::Principal) -> Result<(), ApiErro
     if principal.mfa_setup_required && !matches!(rule, Rule::Session | Rule::Authenticated) {
         return Err(ApiError::forbidden(
             ErrorCode::MfaSetupRequired,
-            "this account requires multi-factor sign-in: set up TOTP at /v1/auth/mfa/totp first",
+            "this account requires multi-factor sign-in: set up TOTP at /v1/auth/mfa/totp or a \
+             security key at /v1/auth/mfa/webauthn/registrations first",
         ));
     }
     match rule {

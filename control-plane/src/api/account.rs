@@ -26,6 +26,9 @@ pub struct AccountSettings {
     pub name: String,
     /// Every member must sign in with a second factor.
     pub require_mfa: bool,
+    /// Every member's second factor must be a security key (WebAuthn): TOTP is refused at
+    /// sign-in to a member who has a key, and a member without one must register one.
+    pub require_webauthn: bool,
     /// Audit rows older than this many days are expired.
     pub audit_retention_days: i32,
     /// Deployment log lines older than this many days are deleted (the deployments stay).
@@ -44,6 +47,7 @@ pub struct AccountSettings {
 pub struct AccountChange {
     pub name: Option<String>,
     pub require_mfa: Option<bool>,
+    pub require_webauthn: Option<bool>,
     /// 30 to 2557 days (seven years).
     pub audit_retention_days: Option<i32>,
     /// 1 to 2557 days.
@@ -69,14 +73,16 @@ pub struct TransferOwnership {
     pub user_id: Uuid,
 }
 
-const COLUMNS: &str = "id, name, require_mfa, audit_retention_days, deploy_log_retention_days, \
-                       ip_allowlist, four_eyes_approval, created_at";
+const COLUMNS: &str =
+    "id, name, require_mfa, require_webauthn, audit_retention_days, deploy_log_retention_days, \
+     ip_allowlist, four_eyes_approval, created_at";
 
 fn settings(r: &tokio_postgres::Row) -> AccountSettings {
     AccountSettings {
         id: r.get("id"),
         name: r.get("name"),
         require_mfa: r.get("require_mfa"),
+        require_webauthn: r.get("require_webauthn"),
         audit_retention_days: r.get("audit_retention_days"),
         deploy_log_retention_days: r.get("deploy_log_retention_days"),
         ip_allowlist: r.get("ip_allowlist"),
@@ -159,6 +165,7 @@ pub async fn update(
     };
     if name.is_none()
         && req.require_mfa.is_none()
+        && req.require_webauthn.is_none()
         && req.audit_retention_days.is_none()
         && req.deploy_log_retention_days.is_none()
         && allowlist.is_none()
@@ -166,8 +173,8 @@ pub async fn update(
     {
         return Err(ApiError::unprocessable(
             ErrorCode::NothingToChange,
-            "give name, require_mfa, audit_retention_days, deploy_log_retention_days, \
-             ip_allowlist or four_eyes_approval",
+            "give name, require_mfa, require_webauthn, audit_retention_days, \
+             deploy_log_retention_days, ip_allowlist or four_eyes_approval",
         ));
     }
     let mut client = state.pool.get().await?;
@@ -180,7 +187,8 @@ pub async fn update(
                  audit_retention_days = COALESCE($4, audit_retention_days), \
                  deploy_log_retention_days = COALESCE($5, deploy_log_retention_days), \
                  ip_allowlist = COALESCE($6, ip_allowlist), \
-                 four_eyes_approval = COALESCE($7, four_eyes_approval) \
+                 four_eyes_approval = COALESCE($7, four_eyes_approval), \
+                 require_webauthn = COALESCE($8, require_webauthn) \
                  WHERE id = $1 RETURNING {COLUMNS}"
             ),
             &[
@@ -191,6 +199,7 @@ pub async fn update(
                 &req.deploy_log_retention_days,
                 &allowlist,
                 &req.four_eyes_approval,
+                &req.require_webauthn,
             ],
         )
         .await?;
@@ -200,6 +209,9 @@ pub async fn update(
     }
     if let Some(v) = req.require_mfa {
         changed.insert("require_mfa".into(), json!(v));
+    }
+    if let Some(v) = req.require_webauthn {
+        changed.insert("require_webauthn".into(), json!(v));
     }
     if let Some(v) = req.audit_retention_days {
         changed.insert("audit_retention_days".into(), json!(v));

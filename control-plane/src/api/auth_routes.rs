@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody, Path};
-use super::mfa;
 use super::AppState;
+use super::{mfa, webauthn};
 use crate::audit::{self, Actor, AuditEvent, Outcome};
 use crate::identity::auth::{Principal, Role, SESSION_COOKIE, SESSION_IDLE_DAYS};
 use crate::identity::names::{account_name, normalise_email};
@@ -42,6 +42,17 @@ pub struct LoginRequest {
     pub totp_code: Option<String>,
     /// A one-time recovery code, instead of `totp_code` when the authenticator is lost.
     pub recovery_code: Option<String>,
+    /// A security key's answer to the challenge from `POST /v1/auth/login/webauthn`.
+    #[serde(default)]
+    pub webauthn: Option<webauthn::Assertion>,
+}
+
+/// The first step of a sign-in with a security key.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordStep {
+    pub email: String,
+    pub password: String,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -274,13 +285,57 @@ pub async fn login(
     meta: ClientMeta,
     JsonBody(req): JsonBody<LoginRequest>,
 ) -> Result<Response, ApiError> {
+    sign_in(state, meta, req, Step::Session).await
+}
+
+/// Checks email and password like `POST /v1/auth/login` (same throttle, same audit of a
+/// failure) and, for a user with security keys, answers a challenge for them; the assertion
+/// then goes to `POST /v1/auth/login` as `webauthn`, with the password again.
+#[utoipa::path(post, path = "/v1/auth/login/webauthn", tag = "auth", request_body = PasswordStep,
+    responses((status = 200, body = webauthn::SignInCeremony, description = "options for navigator.credentials.get()"),
+              (status = 401, body = ErrorBody, description = "email or password is incorrect"),
+              (status = 403, body = ErrorBody, description = "the account may not be used from this address"),
+              (status = 409, body = ErrorBody, description = "this user has no security key"),
+              (status = 429, body = ErrorBody, description = "too many failed attempts")))]
+pub async fn login_webauthn(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    JsonBody(req): JsonBody<PasswordStep>,
+) -> Result<Response, ApiError> {
+    let req = LoginRequest {
+        email: req.email,
+        password: req.password,
+        totp_code: None,
+        recovery_code: None,
+        webauthn: None,
+    };
+    sign_in(state, meta, req, Step::KeyChallenge).await
+}
+
+/// What a checked password leads to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// A session, once any second factor is proven.
+    Session,
+    /// A security key challenge, for the second factor.
+    KeyChallenge,
+}
+
+async fn sign_in(
+    state: AppState,
+    meta: ClientMeta,
+    req: LoginRequest,
+    step: Step,
+) -> Result<Response, ApiError> {
     let mut client = state.pool.get().await?;
     login_throttle::check_ip(&**client, meta.ip).await?;
     let email = req.email.trim().to_owned();
     let user = client
         .query_opt(
             "SELECT u.id, u.account_id, u.email, u.password_hash, u.role, \
-                    u.totp_enabled_at IS NOT NULL, a.ip_allowlist \
+                    u.totp_enabled_at IS NOT NULL, a.ip_allowlist, \
+                    EXISTS (SELECT 1 FROM webauthn_credentials w WHERE w.user_id = u.id) AS has_keys, \
+                    a.require_webauthn \
              FROM users u JOIN accounts a ON a.id = u.account_id WHERE lower(u.email) = lower($1)",
             &[&email],
         )
@@ -353,17 +408,74 @@ pub async fn login(
         return Err(refuse_login(&state, tx, &meta, failed, answer).await);
     }
     let mut factor = None;
-    if user.get::<_, bool>(5) && req.totp_code.is_none() && req.recovery_code.is_none() {
+    let mut key_used = None;
+    let has_totp: bool = user.get(5);
+    let has_keys: bool = user.get("has_keys");
+    if step == Step::KeyChallenge {
+        // A correct password, not a guess: it does not count.
+        login_throttle::release(&*tx, reservation).await?;
+        let ceremony = webauthn::open_sign_in(&tx, &state, user_id, has_totp).await?;
+        tx.commit().await?;
+        return match ceremony {
+            Some(ceremony) => Ok(Json(ceremony).into_response()),
+            None => Err(ApiError::conflict(
+                ErrorCode::NoSecurityKeys,
+                "this user has no security key registered",
+            )),
+        };
+    }
+    if has_keys && user.get::<_, bool>("require_webauthn") && req.totp_code.is_some() {
+        // The account wants a key of members who have one: a code is not a guess, but it is
+        // not accepted either.
+        login_throttle::release(&*tx, reservation).await?;
+        tx.commit().await?;
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::WebauthnRequired,
+            "this account requires a security key: sign in with your key (or a recovery code)",
+        ));
+    }
+    let second_factor_given =
+        req.totp_code.is_some() || req.recovery_code.is_some() || req.webauthn.is_some();
+    if (has_totp || has_keys) && !second_factor_given {
         // The first step of a two-step sign-in, not a wrong guess: it does not count.
         login_throttle::release(&*tx, reservation).await?;
         tx.commit().await?;
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::MfaRequired,
-            "this user signs in with a second factor: send totp_code (or recovery_code)",
+            "this user signs in with a second factor: send totp_code (or recovery_code), or a \
+             security key's answer as webauthn (its challenge from POST /v1/auth/login/webauthn)",
         ));
     }
-    if user.get::<_, bool>(5) {
+    // A key's answer is checked whenever the user has a second factor: a key removed since
+    // its challenge is refused as such.
+    if let (true, Some(assertion)) = (has_totp || has_keys, &req.webauthn) {
+        match webauthn::check_assertion(&tx, &state, &meta, user_id, account_id, assertion).await? {
+            Ok(key) => {
+                factor = Some(mfa::SecondFactor::Webauthn);
+                key_used = Some(key);
+            }
+            Err(refusal) => {
+                let failed = FailedLogin {
+                    email_hash: &email_hash,
+                    account_id: Some(account_id),
+                    user: Some(user_id),
+                    input: format!("{email}\u{0}{}", assertion.challenge_id),
+                    factor: "webauthn",
+                };
+                let answer = ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    match refusal {
+                        webauthn::Refusal::Challenge => ErrorCode::InvalidWebauthnChallenge,
+                        _ => ErrorCode::WebauthnRefused,
+                    },
+                    refusal.message(),
+                );
+                return Err(refuse_login(&state, tx, &meta, failed, answer).await);
+            }
+        }
+    } else if has_totp || has_keys {
         let (code, allow_recovery) =
             match (&req.totp_code, &req.recovery_code) {
                 (_, Some(recovery)) => (recovery.as_str(), true),
@@ -423,6 +535,8 @@ pub async fn login(
             metadata: json!({
                 "mfaUsed": factor.is_some(),
                 "mfa_method": factor.map(|f| f.as_str()),
+                "second_factor": factor.map(|f| f.as_str()),
+                "webauthn_key": key_used.map(|k: Uuid| k.to_string()),
                 "password_rehashed": rehash,
             }),
         },
@@ -622,7 +736,10 @@ pub async fn sign_out_everywhere(
 #[derive(Serialize, ToSchema)]
 pub struct Me {
     pub user: UserView,
+    /// A second factor is on: TOTP or at least one security key.
     pub mfa_enabled: bool,
+    /// TOTP in particular is on.
+    pub totp_enabled: bool,
     /// The account requires MFA and this user has not set it up yet.
     pub mfa_setup_required: bool,
     /// Set when the caller is an API key (`user` is then the key's creator).
@@ -649,7 +766,8 @@ pub async fn me(
     let client = state.pool.get().await?;
     let row = client
         .query_one(
-            "SELECT totp_enabled_at IS NOT NULL FROM users WHERE id = $1",
+            "SELECT user_has_second_factor(id), totp_enabled_at IS NOT NULL FROM users \
+             WHERE id = $1",
             &[&principal.user_id],
         )
         .await?;
@@ -661,6 +779,7 @@ pub async fn me(
             account_id: principal.account_id,
         },
         mfa_enabled: row.get(0),
+        totp_enabled: row.get(1),
         permissions: crate::identity::auth::Scope::ALL
             .into_iter()
             .filter(|s| principal.grants(*s))

@@ -127,6 +127,14 @@ error_codes! {
     UnreadableBody => "unreadable_body",
     UnsupportedMediaType => "unsupported_media_type",
     WeakPassword => "weak_password",
+    // Security keys (WebAuthn).
+    InvalidWebauthnChallenge => "invalid_webauthn_challenge",
+    KeyNameTaken => "key_name_taken",
+    NoSecurityKeys => "no_security_keys",
+    TooManyKeys => "too_many_keys",
+    WebauthnRefused => "webauthn_refused",
+    WebauthnRequired => "webauthn_required",
+    WebauthnUnavailable => "webauthn_unavailable",
 }
 
 #[derive(Debug)]

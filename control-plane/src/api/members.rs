@@ -46,7 +46,7 @@ pub struct MemberView {
 
 /// The member columns [`member_view`] reads, from `users u LEFT JOIN roles r`.
 const MEMBER_COLUMNS: &str = "u.id, u.email, coalesce(r.name, u.role) AS role, \
-     u.totp_enabled_at IS NOT NULL AS mfa_enabled, u.resource_scope, u.created_at";
+     user_has_second_factor(u.id) AS mfa_enabled, u.resource_scope, u.created_at";
 
 fn member_view(r: &tokio_postgres::Row) -> Result<MemberView, ApiError> {
     let scope: Option<serde_json::Value> = r.get("resource_scope");

@@ -48,6 +48,8 @@ pub struct RecoveryCodes {
 pub enum SecondFactor {
     Totp,
     RecoveryCode,
+    /// A security key's assertion ([`super::webauthn`]).
+    Webauthn,
 }
 
 impl SecondFactor {
@@ -55,6 +57,7 @@ impl SecondFactor {
         match self {
             SecondFactor::Totp => "totp",
             SecondFactor::RecoveryCode => "recovery_code",
+            SecondFactor::Webauthn => "webauthn",
         }
     }
 }
@@ -79,20 +82,20 @@ pub async fn consume_code(
             &[&user_id],
         )
         .await?;
-    let Some(sealed) = row.get::<_, Option<String>>(0) else {
-        return Ok(None);
-    };
-    let secret = keys
-        .decrypt(&sealed)
-        .map_err(|_| ApiError::internal("TOTP secret cannot be decrypted with the field keys"))?;
-    let last_step: i64 = row.get(1);
-    if let Some(step) = totp::verify(&secret, code, chrono::Utc::now().timestamp(), last_step) {
-        tx.execute(
-            "UPDATE users SET totp_last_step = $2 WHERE id = $1",
-            &[&user_id, &step],
-        )
-        .await?;
-        return Ok(Some(SecondFactor::Totp));
+    // A user with only security keys has no TOTP secret; their recovery codes still count.
+    if let Some(sealed) = row.get::<_, Option<String>>(0) {
+        let secret = keys.decrypt(&sealed).map_err(|_| {
+            ApiError::internal("TOTP secret cannot be decrypted with the field keys")
+        })?;
+        let last_step: i64 = row.get(1);
+        if let Some(step) = totp::verify(&secret, code, chrono::Utc::now().timestamp(), last_step) {
+            tx.execute(
+                "UPDATE users SET totp_last_step = $2 WHERE id = $1",
+                &[&user_id, &step],
+            )
+            .await?;
+            return Ok(Some(SecondFactor::Totp));
+        }
     }
     if allow_recovery {
         if let Some(normalised) = totp::normalise_recovery_code(code) {
@@ -109,6 +112,32 @@ pub async fn consume_code(
         }
     }
     Ok(None)
+}
+
+/// New recovery codes for `user_id`, replacing any they had (only their hashes are stored);
+/// answered once, to be shown once.
+pub async fn issue_recovery_codes(
+    tx: &tokio_postgres::Transaction<'_>,
+    user_id: Uuid,
+) -> Result<Vec<String>, ApiError> {
+    tx.execute(
+        "DELETE FROM mfa_recovery_codes WHERE user_id = $1",
+        &[&user_id],
+    )
+    .await?;
+    let codes: Vec<String> = (0..totp::RECOVERY_CODES)
+        .map(|_| totp::generate_recovery_code())
+        .collect();
+    for code in &codes {
+        let normalised = totp::normalise_recovery_code(code)
+            .ok_or_else(|| ApiError::internal("generated recovery code is malformed"))?;
+        tx.execute(
+            "INSERT INTO mfa_recovery_codes (user_id, code_hash) VALUES ($1, $2)",
+            &[&user_id, &recovery_hash(&normalised)],
+        )
+        .await?;
+    }
+    Ok(codes)
 }
 
 fn wrong_code() -> ApiError {
@@ -221,23 +250,7 @@ pub async fn confirm(
         &[&principal.user_id, &step],
     )
     .await?;
-    tx.execute(
-        "DELETE FROM mfa_recovery_codes WHERE user_id = $1",
-        &[&principal.user_id],
-    )
-    .await?;
-    let codes: Vec<String> = (0..totp::RECOVERY_CODES)
-        .map(|_| totp::generate_recovery_code())
-        .collect();
-    for code in &codes {
-        let normalised = totp::normalise_recovery_code(code)
-            .ok_or_else(|| ApiError::internal("generated recovery code is malformed"))?;
-        tx.execute(
-            "INSERT INTO mfa_recovery_codes (user_id, code_hash) VALUES ($1, $2)",
-            &[&principal.user_id, &recovery_hash(&normalised)],
-        )
-        .await?;
-    }
+    let codes = issue_recovery_codes(&tx, principal.user_id).await?;
     audit::append(
         &tx,
         state.keys.audit_keys(),
@@ -273,19 +286,20 @@ pub async fn disable(
     let tx = client.transaction().await?;
     let row = tx
         .query_one(
-            "SELECT u.totp_enabled_at IS NOT NULL, a.require_mfa FROM users u \
-             JOIN accounts a ON a.id = u.account_id WHERE u.id = $1",
+            "SELECT u.totp_enabled_at IS NOT NULL, a.require_mfa, \
+                    EXISTS (SELECT 1 FROM webauthn_credentials w WHERE w.user_id = u.id) \
+             FROM users u JOIN accounts a ON a.id = u.account_id WHERE u.id = $1",
             &[&principal.user_id],
         )
         .await?;
-    let (enabled, required): (bool, bool) = (row.get(0), row.get(1));
+    let (enabled, required, has_keys): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
     if !enabled {
         return Err(ApiError::conflict(
             ErrorCode::MfaNotEnabled,
             "TOTP is not on",
         ));
     }
-    if required {
+    if required && !has_keys {
         return Err(ApiError::conflict(
             ErrorCode::MfaRequiredByAccount,
             "this account requires MFA of every member; it cannot be turned off",
@@ -314,11 +328,14 @@ pub async fn disable(
         &[&principal.user_id],
     )
     .await?;
-    tx.execute(
-        "DELETE FROM mfa_recovery_codes WHERE user_id = $1",
-        &[&principal.user_id],
-    )
-    .await?;
+    // The recovery codes stay while a security key is left for them to stand in for.
+    if !has_keys {
+        tx.execute(
+            "DELETE FROM mfa_recovery_codes WHERE user_id = $1",
+            &[&principal.user_id],
+        )
+        .await?;
+    }
     audit::append(
         &tx,
         state.keys.audit_keys(),

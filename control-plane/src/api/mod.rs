@@ -41,6 +41,7 @@ pub mod roles;
 pub mod rollouts;
 pub mod servers;
 pub mod system;
+pub mod webauthn;
 
 /// The audit event for an action a signed-in caller took on `target` (type and id).
 pub fn actor_event(
@@ -157,6 +158,10 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(mfa::enroll))
         .routes(routes!(mfa::confirm))
         .routes(routes!(mfa::disable))
+        .routes(routes!(auth_routes::login_webauthn))
+        .routes(routes!(webauthn::start_registration))
+        .routes(routes!(webauthn::register, webauthn::list))
+        .routes(routes!(webauthn::rename, webauthn::remove))
         .routes(routes!(password_reset::request))
         .routes(routes!(password_reset::confirm))
         .routes(routes!(members::list))

@@ -336,7 +336,7 @@ async fn authenticate_session(
                     s.last_seen_at < now() - make_interval(days => $2) AS idle, \
                     s.last_seen_at < now() - interval '1 minute' AS stale, \
                     u.id AS user_id, u.account_id, u.email, {GRANT_COLUMNS}, \
-                    a.require_mfa AND u.totp_enabled_at IS NULL AS mfa_setup_required, \
+                    user_needs_second_factor_setup(u.id) AS mfa_setup_required, \
                     a.ip_allowlist AS account_allowlist \
              FROM sessions s JOIN users u ON u.id = s.user_id \
              LEFT JOIN roles r ON r.id = u.custom_role_id \
@@ -390,7 +390,7 @@ async fn authenticate_api_key(
         .query_opt(
             &format!("SELECT k.secret_hash, k.revoked_at IS NOT NULL AS revoked, k.expires_at, k.scopes, \
                     k.ip_allowlist, k.account_id, u.id AS user_id, u.email, {GRANT_COLUMNS}, \
-                    a.require_mfa AND u.totp_enabled_at IS NULL AS mfa_setup_required, \
+                    user_needs_second_factor_setup(u.id) AS mfa_setup_required, \
                     a.ip_allowlist AS account_allowlist \
              FROM api_keys k JOIN users u ON u.id = k.created_by AND u.account_id = k.account_id \
              LEFT JOIN roles r ON r.id = u.custom_role_id \

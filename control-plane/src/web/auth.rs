@@ -13,6 +13,7 @@ use super::guard::{self, Signed, TokenForm};
 use super::{layout, WebError};
 use crate::api::auth_routes::{self, LoginRequest};
 use crate::api::extract::{ClientMeta, JsonBody};
+use crate::api::webauthn::Assertion;
 use crate::api::AppState;
 
 /// How long the second step of a sign-in may wait for its code.
@@ -22,6 +23,8 @@ const MAX_EMAIL: usize = 320;
 const MAX_PASSWORD: usize = 1024;
 const MAX_CODE: usize = 64;
 const MAX_TICKET: usize = 4096;
+/// A security key's answer is a few hundred bytes.
+const MAX_ASSERTION: usize = 8192;
 
 #[derive(Deserialize)]
 pub struct SignInForm {
@@ -37,6 +40,11 @@ pub struct SignInForm {
     /// The sealed first step, on the second step's form.
     #[serde(default)]
     ticket: String,
+    /// A security key's challenge and answer (JSON), on the second step's key form.
+    #[serde(default)]
+    challenge_id: String,
+    #[serde(default)]
+    assertion: String,
 }
 
 /// What the second step's form carries from the first: the email and password, sealed with
@@ -89,19 +97,35 @@ fn password_step(error: Option<&str>, email: &str) -> Markup {
     )
 }
 
-fn code_step(error: Option<&str>, ticket: &str) -> Markup {
+/// The second step: the security key's part (empty without keys), then the codes.
+async fn code_step(
+    state: &AppState,
+    meta: &ClientMeta,
+    error: Option<&str>,
+    email: &str,
+    password: &str,
+) -> Markup {
+    let ticket = seal(state, email, password);
+    let (key_part, totp) =
+        super::webauthn::sign_in_part(state, meta, email, password, &ticket).await;
     layout::bare(
         "Second factor",
         html! {
             h1 { "Second factor" }
-            p { "Enter the 6-digit code from your authenticator app, or one of your recovery codes." }
             @if let Some(error) = error { p.error role="alert" id="sign-in-error" { (error) } }
+            (key_part)
+            @if totp {
+                p { "Enter the 6-digit code from your authenticator app, or one of your recovery codes." }
+            } @else {
+                p { "Or enter one of your recovery codes." }
+            }
             form.stack method="post" action="/ui/sign-in" {
-                input type="hidden" name="ticket" value=(ticket);
+                input type="hidden" name="ticket" value=(&ticket);
                 fieldset {
                     legend { "Kind of code" }
-                    label { input type="radio" name="code_kind" value="totp" checked; " Authenticator code" }
-                    label { input type="radio" name="code_kind" value="recovery"; " Recovery code" }
+                    // Without TOTP (keys only), a recovery code is the only code there is.
+                    label { input type="radio" name="code_kind" value="totp" checked[totp]; " Authenticator code" }
+                    label { input type="radio" name="code_kind" value="recovery" checked[!totp]; " Recovery code" }
                 }
                 label for="code" { "Code" }
                 input id="code" name="code" type="text" inputmode="text" autocomplete="one-time-code"
@@ -141,7 +165,11 @@ pub async fn sign_in(
     } else {
         (form.email, form.password)
     };
-    if email.len() > MAX_EMAIL || password.len() > MAX_PASSWORD || form.code.len() > MAX_CODE {
+    if email.len() > MAX_EMAIL
+        || password.len() > MAX_PASSWORD
+        || form.code.len() > MAX_CODE
+        || form.assertion.len() > MAX_ASSERTION
+    {
         return Ok((
             StatusCode::UNPROCESSABLE_ENTITY,
             password_step(Some("That is longer than any email or password."), ""),
@@ -154,25 +182,44 @@ pub async fn sign_in(
         (true, "recovery") => (None, Some(code)),
         (true, _) => (Some(code), None),
     };
+    // A key's answer instead of a code (an unreadable one is refused by the API as such).
+    let webauthn = (second_step && !form.assertion.is_empty()).then(|| Assertion {
+        challenge_id: form.challenge_id.parse().unwrap_or_default(),
+        credential: serde_json::from_str(&form.assertion).unwrap_or_default(),
+    });
+    let (totp_code, recovery_code) = if webauthn.is_some() {
+        (None, None)
+    } else {
+        (totp_code, recovery_code)
+    };
     let request = LoginRequest {
         email: email.clone(),
         password: password.clone(),
         totp_code,
         recovery_code,
+        webauthn,
     };
-    match auth_routes::login(State(state.clone()), meta, JsonBody(request)).await {
+    match auth_routes::login(State(state.clone()), meta.clone(), JsonBody(request)).await {
         // Home decides where to go: the fleet, or setting up a required second factor.
         Ok(answer) => Ok(carry_cookies(&answer, Redirect::to("/").into_response())),
         Err(e) if e.code() == "mfa_required" => Ok((
             StatusCode::OK,
-            code_step(None, &seal(&state, &email, &password)),
+            code_step(&state, &meta, None, &email, &password).await,
         )
             .into_response()),
-        Err(e) if second_step && e.code() == "invalid_mfa_code" => Ok((
-            e.status(),
-            code_step(Some(e.message()), &seal(&state, &email, &password)),
-        )
-            .into_response()),
+        Err(e)
+            if second_step
+                && matches!(
+                    e.code(),
+                    "invalid_mfa_code" | "webauthn_refused" | "invalid_webauthn_challenge"
+                ) =>
+        {
+            Ok((
+                e.status(),
+                code_step(&state, &meta, Some(e.message()), &email, &password).await,
+            )
+                .into_response())
+        }
         Err(e) => Ok((e.status(), password_step(Some(e.message()), &email)).into_response()),
     }
 }

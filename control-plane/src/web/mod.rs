@@ -30,6 +30,7 @@ mod rollouts;
 mod security;
 mod settings;
 mod team;
+mod webauthn;
 
 /// Largest form accepted, in bytes: the largest form (a project) is far below it.
 const MAX_FORM_BYTES: usize = 16 * 1024;
@@ -82,6 +83,19 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/ui/settings/security/totp/disable",
             post(security::disable),
+        )
+        .route("/ui/settings/security/keys", post(webauthn::register))
+        .route(
+            "/ui/settings/security/keys/options",
+            post(webauthn::options),
+        )
+        .route(
+            "/ui/settings/security/keys/{id}/rename",
+            post(webauthn::rename),
+        )
+        .route(
+            "/ui/settings/security/keys/{id}/remove",
+            get(webauthn::confirm_remove).post(webauthn::remove),
         )
         .route(
             "/ui/settings/members",

@@ -31,9 +31,10 @@ pub async fn page(
     Query(done): Query<Done>,
 ) -> Result<Markup, WebError> {
     signed.require(Method::GET, "/v1/auth/me")?;
-    let me = auth_routes::me(State(state), Extension(signed.principal.clone()))
+    let me = auth_routes::me(State(state.clone()), Extension(signed.principal.clone()))
         .await?
         .0;
+    let keys = super::webauthn::section(&state, &signed).await?;
     let body = html! {
         h1 { "Settings" }
         (tabs(&signed, "/ui/settings/security"))
@@ -42,7 +43,7 @@ pub async fn page(
         @if me.mfa_setup_required {
             p.error role="alert" { "Your account requires a second factor: set one up to use the dashboard." }
         }
-        @if me.mfa_enabled {
+        @if me.totp_enabled {
             p id="totp-state" { "Sign-in asks for a code from your authenticator app (TOTP)." }
             form.stack method="post" action="/ui/settings/security/totp/disable" {
                 (layout::csrf(&signed))
@@ -57,6 +58,7 @@ pub async fn page(
                 button type="submit" id="enroll-totp" { "Set up an authenticator app" }
             }
         }
+        (keys)
     };
     Ok(layout::page("Security", &signed, Section::Settings, body))
 }

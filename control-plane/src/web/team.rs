@@ -522,6 +522,10 @@ pub async fn account(
                     " Every member signs in with a second factor"
                 }
                 label {
+                    input id="require_webauthn" name="require_webauthn" type="checkbox" value="on" checked[a.require_webauthn];
+                    " … and it must be a security key (TOTP is refused to members who have a key)"
+                }
+                label {
                     input id="four_eyes_approval" name="four_eyes_approval" type="checkbox" value="on" checked[a.four_eyes_approval];
                     " A rollout is approved by someone other than the person who started it"
                 }
@@ -535,6 +539,7 @@ pub async fn account(
             dl.facts {
                 dt { "Name" } dd { (a.name) }
                 dt { "Second factor required" } dd { @if a.require_mfa { "yes" } @else { "no" } }
+                dt { "Security key required" } dd { @if a.require_webauthn { "yes" } @else { "no" } }
                 dt { "Four-eyes rollout approval" } dd { @if a.four_eyes_approval { "yes" } @else { "no" } }
                 dt { "Audit events kept" } dd { (a.audit_retention_days) " days" }
                 dt { "Deployment logs kept" } dd { (a.deploy_log_retention_days) " days" }
@@ -552,6 +557,8 @@ pub struct AccountForm {
     /// A checkbox: present (`on`) when ticked, absent otherwise.
     #[serde(default)]
     require_mfa: Option<String>,
+    #[serde(default)]
+    require_webauthn: Option<String>,
     #[serde(default)]
     four_eyes_approval: Option<String>,
     audit_retention_days: String,
@@ -577,6 +584,7 @@ pub async fn update_account(
     let change = crate::api::account::AccountChange {
         name: Some(form.name),
         require_mfa: Some(form.require_mfa.is_some()),
+        require_webauthn: Some(form.require_webauthn.is_some()),
         audit_retention_days: Some(days(&form.audit_retention_days)?),
         deploy_log_retention_days: Some(days(&form.deploy_log_retention_days)?),
         // The network allowlist is set through the API (its lock-out guard needs the

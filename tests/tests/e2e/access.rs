@@ -37,9 +37,13 @@ fn need(method: &str, path: &str) -> Option<Need> {
             | "/v1/auth/login"
             | "/v1/auth/password-reset"
             | "/v1/auth/password-reset/confirm"
+            | "/v1/auth/login/webauthn"
             | "/v1/invitations/accept",
         ) => Public,
         ("POST", "/v1/auth/logout" | "/v1/auth/sessions/sign-out-everywhere") => Session,
+        ("POST", "/v1/auth/mfa/webauthn/registrations" | "/v1/auth/mfa/webauthn/keys")
+        | ("GET", "/v1/auth/mfa/webauthn/keys")
+        | ("PATCH" | "DELETE", "/v1/auth/mfa/webauthn/keys/{id}") => Session,
         ("GET", "/v1/auth/me") => Anyone,
         ("GET", "/v1/auth/sessions") => Session,
         ("DELETE", "/v1/auth/sessions/{id}") => Session,
@@ -264,6 +268,7 @@ async fn every_route_obeys_the_role_matrix() {
             "/v1/members/{id}" => json!({"role": "admin"}),
             "/v1/roles/{id}" => json!({"name": "hijacked"}),
             "/v1/projects/{id}" => json!({"name": "hijacked"}),
+            "/v1/auth/mfa/webauthn/keys/{id}" => json!({"name": "hijacked"}),
             "/v1/projects/{id}/dns" => json!({"zone": "hijacked.test", "server": "192.0.2.53:53",
                 "key_name": "k", "secret": "c2Vuc2VpLXRlc3Qtc2VjcmV0LTMyLWJ5dGVzLWxvbmc="}),
             _ => json!({}),

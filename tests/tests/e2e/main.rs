@@ -27,3 +27,4 @@ mod sensei_cli;
 mod ssh;
 mod system;
 mod trust;
+mod webauthn;

@@ -1,5 +1,6 @@
-// The dashboard's only script. Pages work without it; with it, a running deployment's log
-// and a rollout's progress follow the API's server-sent events. It only ever sets text
+// The dashboard's only script. Pages work without it, except security keys, which only a
+// script can reach (navigator.credentials); with it, a running deployment's log and a
+// rollout's progress follow the API's server-sent events. It only ever sets text
 // (textContent), never markup, so nothing the server streams can become HTML.
 "use strict";
 
@@ -155,6 +156,160 @@
     });
   }
 
+
+  // Security keys (WebAuthn). The server's options carry binary fields in base64url; the
+  // browser's API takes and gives ArrayBuffers. The authenticator's answer goes back in an
+  // ordinary form post, with the page's form token where the page has one.
+  function fromBase64url(text) {
+    var b64 = String(text).replace(/-/g, "+").replace(/_/g, "/");
+    while (b64.length % 4) {
+      b64 += "=";
+    }
+    var raw = atob(b64);
+    var bytes = new Uint8Array(raw.length);
+    for (var i = 0; i < raw.length; i++) {
+      bytes[i] = raw.charCodeAt(i);
+    }
+    return bytes.buffer;
+  }
+
+  function toBase64url(buffer) {
+    var bytes = new Uint8Array(buffer);
+    var raw = "";
+    for (var i = 0; i < bytes.length; i++) {
+      raw += String.fromCharCode(bytes[i]);
+    }
+    return btoa(raw).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
+  function withIds(list) {
+    return (list || []).map(function (c) {
+      var copy = Object.assign({}, c);
+      copy.id = fromBase64url(c.id);
+      return copy;
+    });
+  }
+
+  function creationOptions(options) {
+    var pk = Object.assign({}, options.publicKey);
+    pk.challenge = fromBase64url(pk.challenge);
+    pk.user = Object.assign({}, pk.user, { id: fromBase64url(pk.user.id) });
+    pk.excludeCredentials = withIds(pk.excludeCredentials);
+    return pk;
+  }
+
+  function requestOptions(options) {
+    var pk = Object.assign({}, options.publicKey);
+    pk.challenge = fromBase64url(pk.challenge);
+    pk.allowCredentials = withIds(pk.allowCredentials);
+    return pk;
+  }
+
+  function credentialJson(credential) {
+    var r = credential.response;
+    var response = { clientDataJSON: toBase64url(r.clientDataJSON) };
+    if (r.attestationObject) {
+      response.attestationObject = toBase64url(r.attestationObject);
+      if (typeof r.getTransports === "function") {
+        response.transports = r.getTransports();
+      }
+    } else {
+      response.authenticatorData = toBase64url(r.authenticatorData);
+      response.signature = toBase64url(r.signature);
+      response.userHandle = r.userHandle ? toBase64url(r.userHandle) : null;
+    }
+    return JSON.stringify({
+      id: credential.id,
+      rawId: toBase64url(credential.rawId),
+      type: credential.type,
+      response: response,
+      extensions: {}
+    });
+  }
+
+  function keyError(text) {
+    var box = document.getElementById("key-error");
+    if (box) {
+      box.textContent = text;
+      box.hidden = false;
+    }
+  }
+
+  function keyUnavailable() {
+    if (!window.PublicKeyCredential || !navigator.credentials) {
+      keyError("This browser cannot use security keys here.");
+      return true;
+    }
+    return false;
+  }
+
+  function registerKey(form) {
+    form.addEventListener("submit", function (event) {
+      if (form.elements.credential.value) {
+        return;
+      }
+      event.preventDefault();
+      if (keyUnavailable()) {
+        return;
+      }
+      var body = new URLSearchParams();
+      body.set("csrf", form.elements.csrf.value);
+      fetch(form.getAttribute("data-options-url"), {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { Accept: "application/json" },
+        body: body
+      })
+        .then(function (response) {
+          return response.json().then(function (answer) {
+            if (!response.ok) {
+              throw new Error(answer.error || "the control plane refused");
+            }
+            return answer;
+          });
+        })
+        .then(function (ceremony) {
+          form.elements.challenge_id.value = ceremony.challenge_id;
+          return navigator.credentials.create({ publicKey: creationOptions(ceremony.options) });
+        })
+        .then(function (credential) {
+          form.elements.credential.value = credentialJson(credential);
+          form.submit();
+        })
+        .catch(function (error) {
+          keyError("The security key was not registered: " + (error && error.message ? error.message : error));
+        });
+    });
+  }
+
+  function useKey(form) {
+    var button = document.getElementById("use-key");
+    if (!button) {
+      return;
+    }
+    button.addEventListener("click", function () {
+      if (keyUnavailable()) {
+        return;
+      }
+      var options;
+      try {
+        options = requestOptions(JSON.parse(form.getAttribute("data-options")));
+      } catch (e) {
+        keyError("The sign-in page is damaged; start again.");
+        return;
+      }
+      navigator.credentials
+        .get({ publicKey: options })
+        .then(function (credential) {
+          form.elements.assertion.value = credentialJson(credential);
+          form.submit();
+        })
+        .catch(function (error) {
+          keyError("The security key did not answer: " + (error && error.message ? error.message : error));
+        });
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     var log = document.getElementById("log");
     if (log) {
@@ -163,6 +318,14 @@
     var rollout = document.getElementById("rollout");
     if (rollout) {
       followRollout(rollout);
+    }
+    var registration = document.querySelector("form[data-webauthn='create']");
+    if (registration) {
+      registerKey(registration);
+    }
+    var signIn = document.querySelector("form[data-webauthn='get']");
+    if (signIn) {
+      useKey(signIn);
     }
     document.documentElement.setAttribute("data-script", "ready");
   });
