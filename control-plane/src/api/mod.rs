@@ -39,6 +39,7 @@ pub mod password_reset;
 pub mod projects;
 pub mod rollouts;
 pub mod servers;
+pub mod sso;
 pub mod system;
 
 /// The audit event for an action a signed-in caller took on `target` (type and id).
@@ -106,6 +107,8 @@ pub struct StateInner {
     pub outbound: crate::egress::TargetPolicy,
     /// What this replica's audit-sink deliveries did, for `/metrics`.
     pub sink_counters: Arc<crate::audit::sinks::delivery::DeliveryCounters>,
+    /// OpenID providers' discovery documents and keys, cached for every account's SSO.
+    pub oidc_providers: crate::identity::oidc::SharedProviders,
 }
 
 impl AppState {
@@ -165,6 +168,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(members::accept))
         .routes(routes!(account::show, account::update, account::delete))
         .routes(routes!(account::transfer_ownership))
+        .routes(routes!(sso::show, sso::set, sso::remove))
         .routes(routes!(api_keys::create, api_keys::list))
         .routes(routes!(api_keys::revoke))
         .routes(routes!(audit_routes::list))

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod login_throttle;
 pub mod mailer;
 pub mod names;
+pub mod oidc;
 pub mod passwords;
 pub mod signup;
 pub mod tokens;

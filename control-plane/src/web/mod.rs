@@ -28,6 +28,7 @@ mod projects;
 mod rollouts;
 mod security;
 mod settings;
+mod sso;
 mod team;
 
 /// Largest form accepted, in bytes: the largest form (a project) is far below it.
@@ -48,6 +49,9 @@ pub fn router(state: AppState) -> Router {
         .route("/ui", get(home))
         .route("/ui/sign-in", get(auth::sign_in_page).post(auth::sign_in))
         .route("/ui/sign-out", post(auth::sign_out))
+        .route("/ui/sso", get(sso::page))
+        .route("/ui/sso/start", get(sso::start))
+        .route("/ui/sso/callback", get(sso::callback))
         .route("/ui/servers", get(fleet::list))
         .route("/ui/servers/new", get(fleet::new_form).post(fleet::create))
         .route("/ui/servers/{id}", get(fleet::show))
