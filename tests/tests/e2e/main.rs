@@ -25,5 +25,6 @@ mod rollouts;
 mod runners;
 mod sensei_cli;
 mod ssh;
+mod sso;
 mod system;
 mod trust;
