@@ -33,7 +33,8 @@ const MAX_ANSWER_BYTES: usize = 512 * 1024;
 /// How long a discovery document (and the keys fetched with it) is used before it is fetched
 /// again.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
-/// The least time between two fetches of a provider's keys prompted by an unknown key id.
+/// The least time between two fetches of a provider's keys prompted by an unknown key id (the
+/// first is made at once: a rotation is noticed at the first token signed with the new key).
 const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(60);
 /// Providers kept in the cache (the least recently fetched goes first).
 const MAX_CACHED_PROVIDERS: usize = 1024;
@@ -183,7 +184,8 @@ fn describe(e: &dyn std::error::Error) -> String {
 struct Cached {
     metadata: CoreProviderMetadata,
     fetched: Instant,
-    keys_fetched: Instant,
+    /// When an unknown key id last made us fetch the keys again.
+    keys_refetched: Option<Instant>,
 }
 
 /// Providers' discovery documents and keys, shared by every request of this replica.
@@ -219,13 +221,12 @@ impl ProviderCache {
                     entries.remove(&oldest);
                 }
             }
-            let now = Instant::now();
             entries.insert(
                 key,
                 Cached {
                     metadata,
-                    fetched: now,
-                    keys_fetched: now,
+                    fetched: Instant::now(),
+                    keys_refetched: None,
                 },
             );
         }
@@ -237,8 +238,12 @@ impl ProviderCache {
             return false;
         };
         match entries.get_mut(key) {
-            Some(c) if c.keys_fetched.elapsed() >= JWKS_REFETCH_INTERVAL => {
-                c.keys_fetched = Instant::now();
+            Some(c)
+                if c
+                    .keys_refetched
+                    .is_none_or(|at| at.elapsed() >= JWKS_REFETCH_INTERVAL) =>
+            {
+                c.keys_refetched = Some(Instant::now());
                 true
             }
             _ => false,
