@@ -179,6 +179,18 @@ async fn by_account(state: &AppState, account_id: Uuid) -> Result<Option<SsoAcco
     load(state, "account_id", &account_id).await
 }
 
+/// The CA stored for the account's provider, for a form that leaves the field empty.
+pub async fn stored_ca_pem(state: &AppState, account_id: Uuid) -> Result<Option<String>, ApiError> {
+    let client = state.pool.get().await?;
+    Ok(client
+        .query_opt(
+            "SELECT ca_pem FROM account_sso WHERE account_id = $1",
+            &[&account_id],
+        )
+        .await?
+        .and_then(|r| r.get(0)))
+}
+
 fn view(state: &AppState, sso: &SsoAccount) -> SsoSettings {
     SsoSettings {
         slug: sso.slug.clone(),

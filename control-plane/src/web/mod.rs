@@ -52,6 +52,11 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/sso", get(sso::page))
         .route("/ui/sso/start", get(sso::start))
         .route("/ui/sso/callback", get(sso::callback))
+        .route(
+            "/ui/settings/sso",
+            get(sso::settings).post(sso::save_settings),
+        )
+        .route("/ui/settings/sso/remove", post(sso::remove_settings))
         .route("/ui/servers", get(fleet::list))
         .route("/ui/servers/new", get(fleet::new_form).post(fleet::create))
         .route("/ui/servers/{id}", get(fleet::show))

@@ -4,12 +4,16 @@
 
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
-use http::{HeaderMap, HeaderValue, StatusCode};
+use axum::{Extension, Form};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::{layout, WebError};
-use crate::api::extract::ClientMeta;
+use super::guard::{Signed, TokenForm};
+use super::layout::{self, Section};
+use super::settings::{tabs, Done};
+use super::WebError;
+use crate::api::extract::{ClientMeta, JsonBody};
 use crate::api::sso::{self, Callback, STATE_COOKIE};
 use crate::api::AppState;
 
@@ -207,4 +211,198 @@ pub async fn callback(
         }
         Err(refused) => clear_state_cookie(refusal_page(refused.status, &refused.message)),
     }
+}
+
+/// The roles a provider may hand out, for the form's choices.
+const GRANTABLE_ROLES: [&str; 4] = ["viewer", "operator", "developer", "admin"];
+
+/// `GET /ui/settings/sso`: the account's provider; a form for those who may change it.
+pub async fn settings(
+    State(state): State<AppState>,
+    signed: Signed,
+    Query(done): Query<Done>,
+) -> Result<Markup, WebError> {
+    signed.require(Method::GET, "/v1/account/sso")?;
+    let current = match sso::show(State(state.clone()), Extension(signed.principal.clone())).await
+    {
+        Ok(settings) => Some(settings.0),
+        Err(e) if e.status() == StatusCode::NOT_FOUND => None,
+        Err(e) => return Err(e.into()),
+    };
+    let may_change = signed.may(Method::PUT, "/v1/account/sso");
+    let text = |f: fn(&sso::SsoSettings) -> String| current.as_ref().map(f).unwrap_or_default();
+    let role_map = text(|s| {
+        s.role_map
+            .iter()
+            .map(|(value, role)| format!("{value}={role}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let default_role = current
+        .as_ref()
+        .map(|s| s.default_role.clone())
+        .unwrap_or_else(|| "viewer".into());
+    let body = html! {
+        h1 { "Settings" }
+        (tabs(&signed, "/ui/settings/sso"))
+        (layout::notice(done.done.as_deref()))
+        h2 { "Single sign-on" }
+        p { "Register Sensei at your identity provider as a web application with the redirect URI "
+            code id="redirect-uri" { (sso::redirect_uri(&state)) } ". "
+            "docs/access.md explains the fields for Okta, Entra ID, Google and Keycloak." }
+        @if let Some(s) = &current {
+            dl.facts {
+                dt { "Sign-in link" } dd { code id="sign-in-url" { (s.sign_in_url) } }
+                dt { "Issuer" } dd { code id="issuer" { (s.issuer) } }
+                dt { "Required" } dd { @if s.require_sso { "yes: members sign in only through the provider" } @else { "no" } }
+                @if let Some(fp) = &s.ca_fingerprint { dt { "Provider CA" } dd { code { (fp) } } }
+            }
+        } @else {
+            p id="sso-off" { "Single sign-on is not set up." }
+        }
+        @if may_change {
+            form.stack method="post" action="/ui/settings/sso" {
+                (layout::csrf(&signed))
+                label for="slug" { "Name people type to sign in (a-z, 0-9, -)" }
+                input id="slug" name="slug" type="text" required maxlength="40" value=(text(|s| s.slug.clone()));
+                label for="display_name" { "Provider name on the button" }
+                input id="display_name" name="display_name" type="text" required maxlength="60" value=(text(|s| s.display_name.clone()));
+                label for="issuer_url" { "Issuer (https://…)" }
+                input id="issuer_url" name="issuer" type="url" required maxlength="512" value=(text(|s| s.issuer.clone()));
+                label for="client_id" { "Client id" }
+                input id="client_id" name="client_id" type="text" required maxlength="512" value=(text(|s| s.client_id.clone()));
+                label for="client_secret" { "Client secret" @if current.is_some() { " (leave empty to keep the stored one)" } }
+                input id="client_secret" name="client_secret" type="password" autocomplete="off" maxlength="1024";
+                label for="scopes" { "Scopes (separated by spaces)" }
+                input id="scopes" name="scopes" type="text" maxlength="2000" value=(current.as_ref().map(|s| s.scopes.join(" ")).unwrap_or_else(|| "openid email profile".into()));
+                label for="allowed_domains" { "Email domains whose people may join (separated by spaces)" }
+                input id="allowed_domains" name="allowed_domains" type="text" maxlength="4000" value=(text(|s| s.allowed_domains.join(" ")));
+                label for="default_role" { "Role of a new member" }
+                select id="default_role" name="default_role" {
+                    @for role in GRANTABLE_ROLES {
+                        option value=(role) selected[role == default_role] { (role) }
+                    }
+                }
+                label for="role_claim" { "Claim that maps to roles (e.g. groups)" }
+                input id="role_claim" name="role_claim" type="text" maxlength="100" value=(text(|s| s.role_claim.clone().unwrap_or_default()));
+                label for="role_map" { "Claim value=role, one a line" }
+                textarea id="role_map" name="role_map" rows="3" maxlength="8000" { (role_map) }
+                label for="ca_pem" { "CA certificate of the provider (PEM). Empty keeps the stored one; none stored: the public web PKI" }
+                textarea id="ca_pem" name="ca_pem" rows="3" maxlength="65536" {}
+                label {
+                    input id="require_sso" name="require_sso" type="checkbox" value="on" checked[current.as_ref().is_some_and(|s| s.require_sso)];
+                    " Require single sign-on (owners keep a password with a second factor)"
+                }
+                button type="submit" id="save-sso" { "Save" }
+            }
+            @if current.is_some() {
+                form method="post" action="/ui/settings/sso/remove" {
+                    (layout::csrf(&signed))
+                    button.danger type="submit" id="remove-sso" { "Remove single sign-on" }
+                }
+            }
+        }
+    };
+    Ok(layout::page("Single sign-on", &signed, Section::Settings, body))
+}
+
+#[derive(Deserialize)]
+pub struct SettingsForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    slug: String,
+    #[serde(default)]
+    display_name: String,
+    #[serde(default)]
+    issuer: String,
+    #[serde(default)]
+    client_id: String,
+    #[serde(default)]
+    client_secret: String,
+    #[serde(default)]
+    scopes: String,
+    #[serde(default)]
+    allowed_domains: String,
+    #[serde(default)]
+    default_role: String,
+    #[serde(default)]
+    role_claim: String,
+    #[serde(default)]
+    role_map: String,
+    #[serde(default)]
+    ca_pem: String,
+    #[serde(default)]
+    require_sso: Option<String>,
+}
+
+/// `POST /ui/settings/sso`
+pub async fn save_settings(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Form(form): Form<SettingsForm>,
+) -> Result<Redirect, WebError> {
+    signed.submit(&state, &headers, &form.csrf, Method::PUT, "/v1/account/sso")?;
+    let words = |text: &str| -> Vec<String> {
+        text.split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut role_map = std::collections::BTreeMap::new();
+    for line in form.role_map.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let Some((value, role)) = line.rsplit_once('=') else {
+            return Err(WebError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "each role mapping line is claim value=role",
+            ));
+        };
+        role_map.insert(value.trim().to_owned(), role.trim().to_owned());
+    }
+    // An empty CA field keeps the stored one (the page never shows the certificate itself).
+    let ca_pem = if form.ca_pem.trim().is_empty() {
+        sso::stored_ca_pem(&state, signed.principal.account_id).await?
+    } else {
+        Some(form.ca_pem)
+    };
+    let change = sso::SsoChange {
+        slug: form.slug,
+        display_name: form.display_name,
+        issuer: form.issuer,
+        client_id: form.client_id,
+        client_secret: (!form.client_secret.is_empty()).then_some(form.client_secret),
+        scopes: Some(words(&form.scopes)),
+        allowed_domains: words(&form.allowed_domains),
+        default_role: Some(form.default_role),
+        role_claim: Some(form.role_claim),
+        role_map: Some(role_map),
+        ca_pem,
+        require_sso: form.require_sso.is_some(),
+    };
+    let _saved = sso::set(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        JsonBody(change),
+    )
+    .await?;
+    Ok(Redirect::to("/ui/settings/sso?done=saved"))
+}
+
+/// `POST /ui/settings/sso/remove`
+pub async fn remove_settings(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Form(form): Form<TokenForm>,
+) -> Result<Redirect, WebError> {
+    signed.submit(&state, &headers, &form.csrf, Method::DELETE, "/v1/account/sso")?;
+    sso::remove(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+    )
+    .await?;
+    Ok(Redirect::to("/ui/settings/sso?done=saved"))
 }

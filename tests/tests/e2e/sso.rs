@@ -242,6 +242,54 @@ async fn sso_sign_in_through_a_real_provider_creates_and_matches_members() {
     assert_eq!(updates[0]["issuer"], idp.issuer.as_str());
     assert!(!updates[0].to_string().contains(CLIENT_SECRET));
 
+    // The dashboard's settings page shows it (never the secret) and saves it again: the
+    // stored secret and CA stay when their fields are left empty (the sign-ins below need them).
+    let raw = reqwest::Client::builder()
+        .use_preconfigured_tls(
+            sensei_certs::tls::client_config_trusting(t.plane.ca_pem()).expect("tls"),
+        )
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let page = raw
+        .get(t.url("/ui/settings/sso"))
+        .header("cookie", &owner)
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("text");
+    assert!(page.contains(&idp.issuer), "{page}");
+    assert!(!page.contains(CLIENT_SECRET));
+    let at = page.find("name=\"csrf\" value=\"").expect("form token") + 19;
+    let csrf = &page[at..at + page[at..].find('"').expect("end")];
+    let r = raw
+        .post(t.url("/ui/settings/sso"))
+        .header("cookie", &owner)
+        .header("origin", t.plane.public_url())
+        .form(&[
+            ("csrf", csrf),
+            ("slug", "acme"),
+            ("display_name", "Acme Login"),
+            ("issuer", idp.issuer.as_str()),
+            ("client_id", CLIENT_ID),
+            ("client_secret", ""),
+            ("scopes", "openid email groups"),
+            ("allowed_domains", "acme.test"),
+            ("default_role", "developer"),
+            ("role_claim", "groups"),
+            ("role_map", "admins=admin"),
+            ("ca_pem", ""),
+        ])
+        .send()
+        .await
+        .expect("save");
+    assert_eq!(r.status(), 303, "{}", r.text().await.unwrap_or_default());
+    let updates = audit_rows(&t, "account.sso_updated").await;
+    assert_eq!(updates.len(), 2);
+    assert_eq!(updates[1]["client_secret_changed"], false);
+
     // A new person from an allowed domain becomes a member at their first sign-in.
     let b = Browser::start(t.plane.public_url()).await;
     sign_in_through_provider(&b, &idp, "ann@acme.test").await;
