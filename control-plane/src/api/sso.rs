@@ -312,7 +312,11 @@ pub async fn set(
     if client_id.is_empty() || client_id.len() > 512 {
         return Err(invalid("client_id must be 1 to 512 characters"));
     }
-    if req.client_secret.as_ref().is_some_and(|s| s.is_empty() || s.len() > MAX_SECRET) {
+    if req
+        .client_secret
+        .as_ref()
+        .is_some_and(|s| s.is_empty() || s.len() > MAX_SECRET)
+    {
         return Err(invalid("client_secret must be 1 to 1024 characters"));
     }
     let scopes: Vec<String> = req
@@ -361,7 +365,9 @@ pub async fn set(
     let ca_pem = req.ca_pem.filter(|p| !p.trim().is_empty());
     if let Some(pem) = &ca_pem {
         if pem.len() > MAX_CA_PEM || sensei_certs::tls::sink_client_config(pem).is_err() {
-            return Err(invalid("ca_pem must be a PEM CA certificate (at most 64 KiB)"));
+            return Err(invalid(
+                "ca_pem must be a PEM CA certificate (at most 64 KiB)",
+            ));
         }
     }
 
@@ -523,7 +529,13 @@ pub async fn begin(state: &AppState, slug: &str) -> Result<Begun, ApiError> {
         .oidc_providers
         .start(&sso.provider, &state.outbound, &redirect_uri(state))
         .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::SsoProviderUnusable, e.to_string()))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::SsoProviderUnusable,
+                e.to_string(),
+            )
+        })?;
     let login_id = Uuid::new_v4();
     let client = state.pool.get().await?;
     // Started sign-ins nobody finished are forgotten once expired.
@@ -641,9 +653,12 @@ pub async fn complete(
     if spent == 0 {
         return Err(refused(StatusCode::BAD_REQUEST, start_again));
     }
-    let sso = by_account(state, flow.account_id)
-        .await?
-        .ok_or_else(|| refused(StatusCode::BAD_REQUEST, "single sign-on is not configured for this account any more"))?;
+    let sso = by_account(state, flow.account_id).await?.ok_or_else(|| {
+        refused(
+            StatusCode::BAD_REQUEST,
+            "single sign-on is not configured for this account any more",
+        )
+    })?;
     let identity = match state
         .oidc_providers
         .finish(

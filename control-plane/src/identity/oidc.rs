@@ -19,9 +19,9 @@ use openidconnect::core::{
     CoreProviderMetadata,
 };
 use openidconnect::{
-    AsyncHttpClient, AuthorizationCode, ClaimsVerificationError, ClientId, ClientSecret,
-    CsrfToken, HttpRequest, HttpResponse, IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier,
-    RedirectUrl, Scope, SignatureVerificationError, TokenResponse,
+    AsyncHttpClient, AuthorizationCode, ClaimsVerificationError, ClientId, ClientSecret, CsrfToken,
+    HttpRequest, HttpResponse, IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl,
+    Scope, SignatureVerificationError, TokenResponse,
 };
 
 use crate::egress::TargetPolicy;
@@ -239,8 +239,7 @@ impl ProviderCache {
         };
         match entries.get_mut(key) {
             Some(c)
-                if c
-                    .keys_refetched
+                if c.keys_refetched
                     .is_none_or(|at| at.elapsed() >= JWKS_REFETCH_INTERVAL) =>
             {
                 c.keys_refetched = Some(Instant::now());

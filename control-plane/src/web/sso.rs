@@ -98,10 +98,7 @@ pub async fn page(
 /// Whether the browser says this navigation started on one of our own pages (or was typed):
 /// another site cannot start a sign-in into an account of its choosing for a visitor.
 fn started_here(headers: &HeaderMap) -> bool {
-    match headers
-        .get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok())
-    {
+    match headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
         Some(site) => site == "same-origin" || site == "none",
         // Browsers too old to send it: the state cookie still binds the callback to them.
         None => true,
@@ -167,7 +164,9 @@ fn state_cookie(headers: &HeaderMap) -> Option<&str> {
 fn clear_state_cookie(mut response: Response) -> Response {
     response.headers_mut().append(
         http::header::SET_COOKIE,
-        HeaderValue::from_static("sensei_sso=; Path=/ui/sso; HttpOnly; Secure; SameSite=Lax; Max-Age=0"),
+        HeaderValue::from_static(
+            "sensei_sso=; Path=/ui/sso; HttpOnly; Secure; SameSite=Lax; Max-Age=0",
+        ),
     );
     response
 }
@@ -223,8 +222,7 @@ pub async fn settings(
     Query(done): Query<Done>,
 ) -> Result<Markup, WebError> {
     signed.require(Method::GET, "/v1/account/sso")?;
-    let current = match sso::show(State(state.clone()), Extension(signed.principal.clone())).await
-    {
+    let current = match sso::show(State(state.clone()), Extension(signed.principal.clone())).await {
         Ok(settings) => Some(settings.0),
         Err(e) if e.status() == StatusCode::NOT_FOUND => None,
         Err(e) => return Err(e.into()),
@@ -303,7 +301,12 @@ pub async fn settings(
             }
         }
     };
-    Ok(layout::page("Single sign-on", &signed, Section::Settings, body))
+    Ok(layout::page(
+        "Single sign-on",
+        &signed,
+        Section::Settings,
+        body,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -351,7 +354,12 @@ pub async fn save_settings(
             .collect()
     };
     let mut role_map = std::collections::BTreeMap::new();
-    for line in form.role_map.lines().map(str::trim).filter(|l| !l.is_empty()) {
+    for line in form
+        .role_map
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
         let Some((value, role)) = line.rsplit_once('=') else {
             return Err(WebError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -397,7 +405,13 @@ pub async fn remove_settings(
     headers: HeaderMap,
     Form(form): Form<TokenForm>,
 ) -> Result<Redirect, WebError> {
-    signed.submit(&state, &headers, &form.csrf, Method::DELETE, "/v1/account/sso")?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::DELETE,
+        "/v1/account/sso",
+    )?;
     sso::remove(
         State(state),
         signed.meta.clone(),

@@ -38,8 +38,8 @@ impl OidcProvider {
             "oidc-provider is not installed: run `npm ci --prefix tests/node` (./test does)"
         );
         let dir = open_tempdir();
-        let ca = sensei_certs::CertificateAuthority::generate("Test identity provider CA")
-            .expect("CA");
+        let ca =
+            sensei_certs::CertificateAuthority::generate("Test identity provider CA").expect("CA");
         let issued = ca
             .issue_server_certificate(&["127.0.0.1".to_owned()], time::Duration::days(1))
             .expect("certificate");
@@ -323,7 +323,10 @@ async fn sso_sign_in_through_a_real_provider_creates_and_matches_members() {
     sign_in_through_provider(&b, &idp, "admins+bob@acme.test").await;
     b.wait_path("/ui/servers").await;
     let cookie = browser_session(&b).await.expect("signed in");
-    assert_eq!(t.get("/v1/auth/me", &cookie).await.1["user"]["role"], "admin");
+    assert_eq!(
+        t.get("/v1/auth/me", &cookie).await.1["user"]["role"],
+        "admin"
+    );
     b.close().await;
 
     // Another domain, an unverified address, and an email that already has a user (never
@@ -339,7 +342,11 @@ async fn sso_sign_in_through_a_real_provider_creates_and_matches_members() {
         let text = b.wait_text("#sso-error", |_| true).await;
         assert!(text.contains(says), "{login}: {text}");
         assert!(browser_session(&b).await.is_none(), "{login} got a session");
-        assert_eq!(t.count("SELECT count(*) FROM users").await, users, "{login}");
+        assert_eq!(
+            t.count("SELECT count(*) FROM users").await,
+            users,
+            "{login}"
+        );
         b.close().await;
     }
     let failures = audit_rows(&t, "user.login_failed").await;
