@@ -20,7 +20,7 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody};
 use super::{actor_event, AppState};
 use crate::audit::{self, Actor, AuditEvent, Outcome};
-use crate::identity::allowlist;
+use crate::identity::{admission, allowlist};
 use crate::identity::auth::{Principal, Role};
 use crate::identity::oidc::{Identity, Pending, ProviderConfig};
 
@@ -516,8 +516,25 @@ pub struct Begun {
     pub state_cookie: String,
 }
 
-/// Starts a sign-in at the provider of the account named `slug`.
-pub async fn begin(state: &AppState, slug: &str) -> Result<Begun, ApiError> {
+/// Starts a sign-in at the provider of the account named `slug` (at most
+/// [`admission::SSO_START_PER_ADDRESS`] per client address).
+pub async fn begin(state: &AppState, meta: &ClientMeta, slug: &str) -> Result<Begun, ApiError> {
+    {
+        let mut client = state.pool.get().await?;
+        if let Err(refused) = admission::reserve(
+            &mut client,
+            admission::SSO_START_PER_ADDRESS,
+            &admission::address_key(meta.ip),
+        )
+        .await?
+        {
+            return Err(ApiError::too_many_of(
+                ErrorCode::TooManyAttempts,
+                "too many sign-ins started from this address; try again later",
+                refused.retry_after_secs,
+            ));
+        }
+    }
     let sso = by_slug(state, slug).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

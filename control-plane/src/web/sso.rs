@@ -108,6 +108,7 @@ fn started_here(headers: &HeaderMap) -> bool {
 /// `GET /ui/sso/start?org=<slug>`: to the provider, with the state cookie set.
 pub async fn start(
     State(state): State<AppState>,
+    meta: ClientMeta,
     headers: HeaderMap,
     Query(q): Query<OrgQuery>,
 ) -> Result<Response, WebError> {
@@ -120,7 +121,7 @@ pub async fn start(
     if q.org.len() > MAX_ORG {
         return Ok(refusal_page(StatusCode::NOT_FOUND, "no such organisation"));
     }
-    let begun = match sso::begin(&state, &q.org).await {
+    let begun = match sso::begin(&state, &meta, &q.org).await {
         Ok(begun) => begun,
         Err(e) => return Ok(refusal_page(e.status(), e.message())),
     };

@@ -417,6 +417,30 @@ async fn sso_forged_expired_and_replayed_id_tokens_are_refused() {
         .await
         .expect("start");
     assert_eq!(r.status(), 403);
+
+    // Starts are bounded per address (each stores a started sign-in): 60 in 15 minutes.
+    let mut answers = Vec::new();
+    for _ in 0..61 {
+        let r = client
+            .get(t.url("/ui/sso/start?org=acme"))
+            .send()
+            .await
+            .expect("start");
+        answers.push(r.status().as_u16());
+        if r.status() == 429 {
+            break;
+        }
+    }
+    assert_eq!(answers.last(), Some(&429), "{answers:?}");
+    assert!(answers[..answers.len() - 1].iter().all(|s| *s == 303));
+    let stored = t.count("SELECT count(*) FROM sso_logins").await;
+    let r = client
+        .get(t.url("/ui/sso/start?org=acme"))
+        .send()
+        .await
+        .expect("start");
+    assert_eq!(r.status(), 429);
+    assert_eq!(t.count("SELECT count(*) FROM sso_logins").await, stored);
 }
 
 #[tokio::test]
