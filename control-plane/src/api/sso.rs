@@ -20,9 +20,9 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{ClientMeta, JsonBody};
 use super::{actor_event, AppState};
 use crate::audit::{self, Actor, AuditEvent, Outcome};
-use crate::identity::{admission, allowlist};
 use crate::identity::auth::{Principal, Role};
 use crate::identity::oidc::{Identity, Pending, ProviderConfig};
+use crate::identity::{admission, allowlist};
 
 /// The name of the cookie holding a started sign-in (sealed; only sent back to `/ui/sso`).
 pub const STATE_COOKIE: &str = "sensei_sso";
@@ -177,6 +177,18 @@ pub async fn by_slug(state: &AppState, slug: &str) -> Result<Option<SsoAccount>,
 
 async fn by_account(state: &AppState, account_id: Uuid) -> Result<Option<SsoAccount>, ApiError> {
     load(state, "account_id", &account_id).await
+}
+
+/// The slug of the account's single sign-on, if it has one.
+pub async fn stored_slug(state: &AppState, account_id: Uuid) -> Result<Option<String>, ApiError> {
+    let client = state.pool.get().await?;
+    Ok(client
+        .query_opt(
+            "SELECT slug FROM account_sso WHERE account_id = $1",
+            &[&account_id],
+        )
+        .await?
+        .map(|r| r.get(0)))
 }
 
 /// The CA stored for the account's provider, for a form that leaves the field empty.
@@ -508,6 +520,9 @@ struct Flow {
     account_id: Uuid,
     pending: Pending,
     expires: i64,
+    /// Set when a signed-in member connects their identity at the provider to themselves.
+    #[serde(default)]
+    link_user: Option<Uuid>,
 }
 
 /// A started sign-in: where to send the browser, and the state cookie's value.
@@ -518,7 +533,12 @@ pub struct Begun {
 
 /// Starts a sign-in at the provider of the account named `slug` (at most
 /// [`admission::SSO_START_PER_ADDRESS`] per client address).
-pub async fn begin(state: &AppState, meta: &ClientMeta, slug: &str) -> Result<Begun, ApiError> {
+pub async fn begin(
+    state: &AppState,
+    meta: &ClientMeta,
+    slug: &str,
+    link_user: Option<Uuid>,
+) -> Result<Begun, ApiError> {
     {
         let mut client = state.pool.get().await?;
         if let Err(refused) = admission::reserve(
@@ -574,6 +594,7 @@ pub async fn begin(state: &AppState, meta: &ClientMeta, slug: &str) -> Result<Be
         account_id: sso.account_id,
         pending: started.pending,
         expires: Utc::now().timestamp() + FLOW_SECS,
+        link_user,
     };
     let plain = serde_json::to_vec(&flow).map_err(|e| ApiError::internal(&e.to_string()))?;
     Ok(Begun {
@@ -694,6 +715,12 @@ pub async fn complete(
             return Err(refused(StatusCode::UNAUTHORIZED, message));
         }
     };
+    if let Some(user_id) = flow.link_user {
+        if let Err(refusal) = link(state, meta, &sso, &identity, user_id).await {
+            audit_failure(state, meta, &sso, Some(&identity), &refusal.message).await?;
+            return Err(refusal);
+        }
+    }
     match admit(state, meta, &sso, &identity).await {
         Ok(signed_in) => Ok(signed_in),
         Err(refusal) => {
@@ -701,6 +728,73 @@ pub async fn complete(
             Err(refusal)
         }
     }
+}
+
+/// Connects the provider's `(issuer, subject)` to the member who started the sign-in while
+/// signed in: how an existing member (who has a password) comes to sign in through the
+/// provider, since nobody is ever linked by email.
+async fn link(
+    state: &AppState,
+    meta: &ClientMeta,
+    sso: &SsoAccount,
+    identity: &Identity,
+    user_id: Uuid,
+) -> Result<(), Refused> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let member = tx
+        .query_opt(
+            "SELECT email FROM users WHERE id = $1 AND account_id = $2",
+            &[&user_id, &sso.account_id],
+        )
+        .await?
+        .ok_or_else(|| {
+            refused(
+                StatusCode::FORBIDDEN,
+                "you are no longer a member of this account",
+            )
+        })?;
+    let email: String = member.get(0);
+    let linked = tx
+        .execute(
+            "INSERT INTO sso_identities (issuer, subject, user_id) VALUES ($1, $2, $3)              ON CONFLICT DO NOTHING",
+            &[&identity.issuer, &identity.subject, &user_id],
+        )
+        .await?;
+    if linked == 0 {
+        let owner: Option<Uuid> = tx
+            .query_opt(
+                "SELECT user_id FROM sso_identities WHERE issuer = $1 AND subject = $2",
+                &[&identity.issuer, &identity.subject],
+            )
+            .await?
+            .map(|r| r.get(0));
+        return if owner == Some(user_id) {
+            Ok(())
+        } else {
+            Err(refused(
+                StatusCode::CONFLICT,
+                "this identity at the provider is connected to another user, or you are already connected to another identity there",
+            ))
+        };
+    }
+    audit::append(
+        &tx,
+        state.keys.audit_keys(),
+        &AuditEvent {
+            account_id: Some(sso.account_id),
+            actor: Actor::User { id: user_id, email },
+            client_ip: Some(meta.ip.to_string()),
+            user_agent: Some(meta.user_agent.clone()),
+            action: "user.sso_linked",
+            target: Some(("user", user_id)),
+            outcome: Outcome::Success,
+            metadata: json!({ "issuer": identity.issuer, "subject": identity.subject }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// The role a new member gets: the highest `role_map` entry the role claim matches, else the
@@ -794,7 +888,7 @@ async fn admit(
                 // otherwise take over the account of anyone whose address they can assert.
                 return Err(refused(
                     StatusCode::CONFLICT,
-                    "a Sensei user with this email already exists and is not linked to this identity; sign in with the password, or ask an administrator",
+                    "a Sensei user with this email already exists and is not linked to this identity: sign in with your password and connect it under Settings → Single sign-on",
                 ));
             }
             let role = role_for(sso, identity);

@@ -51,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/sign-out", post(auth::sign_out))
         .route("/ui/sso", get(sso::page))
         .route("/ui/sso/start", get(sso::start))
+        .route("/ui/sso/connect", get(sso::connect))
         .route("/ui/sso/callback", get(sso::callback))
         .route(
             "/ui/settings/sso",

@@ -121,10 +121,43 @@ pub async fn start(
     if q.org.len() > MAX_ORG {
         return Ok(refusal_page(StatusCode::NOT_FOUND, "no such organisation"));
     }
-    let begun = match sso::begin(&state, &meta, &q.org).await {
-        Ok(begun) => begun,
-        Err(e) => return Ok(refusal_page(e.status(), e.message())),
+    match sso::begin(&state, &meta, &q.org, None).await {
+        Ok(begun) => Ok(to_provider(begun)),
+        Err(e) => Ok(refusal_page(e.status(), e.message())),
+    }
+}
+
+/// `GET /ui/sso/connect`: a signed-in member connects their identity at the account's
+/// provider to themselves, then signs in through it from now on.
+pub async fn connect(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+) -> Result<Response, WebError> {
+    // Strictly our own page: a forged connect would tie someone else's identity at the
+    // provider to this member, and let that someone sign in as them.
+    let same_origin =
+        headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("same-origin");
+    if !same_origin {
+        return Ok(refusal_page(
+            StatusCode::FORBIDDEN,
+            "connecting must start on this control plane's own settings page",
+        ));
+    }
+    let Some(slug) = sso::stored_slug(&state, signed.principal.account_id).await? else {
+        return Ok(refusal_page(
+            StatusCode::NOT_FOUND,
+            "this account has no single sign-on",
+        ));
     };
+    match sso::begin(&state, &signed.meta, &slug, Some(signed.principal.user_id)).await {
+        Ok(begun) => Ok(to_provider(begun)),
+        Err(e) => Ok(refusal_page(e.status(), e.message())),
+    }
+}
+
+/// To the provider, with the started sign-in in the state cookie.
+fn to_provider(begun: sso::Begun) -> Response {
     let mut response = Redirect::to(&begun.authorize_url).into_response();
     // SameSite=Lax: the provider's redirect back is a top-level navigation, which carries it.
     if let Ok(cookie) = HeaderValue::from_str(&format!(
@@ -136,7 +169,7 @@ pub async fn start(
             .headers_mut()
             .append(http::header::SET_COOKIE, cookie);
     }
-    Ok(response)
+    response
 }
 
 #[derive(Deserialize, Default)]
@@ -258,6 +291,13 @@ pub async fn settings(
             }
         } @else {
             p id="sso-off" { "Single sign-on is not set up." }
+        }
+        @if let Some(s) = &current {
+            p {
+                "Members who already have a password connect their identity at "
+                (s.display_name) " once, then sign in through it: "
+                a.button href="/ui/sso/connect" id="connect-sso" { "Connect my " (s.display_name) " identity" }
+            }
         }
         @if may_change {
             form.stack method="post" action="/ui/settings/sso" {

@@ -353,6 +353,41 @@ async fn sso_sign_in_through_a_real_provider_creates_and_matches_members() {
     assert_eq!(failures.len(), 3);
     assert!(failures.iter().all(|f| f["method"] == "oidc"));
 
+    // The owner, signed in with the password, connects their identity at the provider from
+    // the settings page; from then on the provider signs them in as themselves.
+    let b = Browser::start(t.plane.public_url()).await;
+    b.open("/ui/sign-in").await;
+    b.fill("#email", "owner@acme.test").await;
+    b.fill("#password", PW).await;
+    b.click("#sign-in").await;
+    b.wait_path("/ui/servers").await;
+    b.open("/ui/settings/sso").await;
+    b.click("#connect-sso").await;
+    b.wait_for("#login").await;
+    b.fill("#login", "owner@acme.test").await;
+    b.click("#provider-sign-in").await;
+    b.wait_path("/ui/servers").await;
+    assert_eq!(audit_rows(&t, "user.sso_linked").await.len(), 1);
+    b.click("#sign-out").await;
+    b.wait_path("/ui/sign-in").await;
+    sign_in_through_provider(&b, &idp, "owner@acme.test").await;
+    b.wait_path("/ui/servers").await;
+    let cookie = browser_session(&b).await.expect("signed in");
+    assert_eq!(
+        t.get("/v1/auth/me", &cookie).await.1["user"]["role"],
+        "owner"
+    );
+    b.close().await;
+    // A connect that another site starts is refused.
+    let r = raw
+        .get(t.url("/ui/sso/connect"))
+        .header("cookie", &owner)
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .expect("connect");
+    assert_eq!(r.status(), 403);
+
     // The provider rotates its signing key: the next sign-in fetches the new key.
     idp.rotate_keys().await;
     let b = Browser::start(t.plane.public_url()).await;
