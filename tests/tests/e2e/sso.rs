@@ -304,6 +304,15 @@ async fn sso_sign_in_through_a_real_provider_creates_and_matches_members() {
     assert_eq!(last["method"], "oidc");
     assert_eq!(last["issuer"], idp.issuer.as_str());
     assert_eq!(audit_rows(&t, "member.joined").await.len(), 1);
+    // A member the provider created has no password: none signs them in.
+    let (status, body) = t
+        .post(
+            "/v1/auth/login",
+            "",
+            json!({"email": "ann@acme.test", "password": "!sso"}),
+        )
+        .await;
+    assert_eq!((status, error_code(&body)), (401, "invalid_credentials"));
 
     // Signed out and in again: the same member, found by (issuer, subject).
     b.click("#sign-out").await;
@@ -349,9 +358,14 @@ async fn sso_sign_in_through_a_real_provider_creates_and_matches_members() {
         );
         b.close().await;
     }
+    // Three refusals through the provider (besides the password tried for ann above).
     let failures = audit_rows(&t, "user.login_failed").await;
-    assert_eq!(failures.len(), 3);
-    assert!(failures.iter().all(|f| f["method"] == "oidc"));
+    assert_eq!(failures.len(), 4);
+    assert_eq!(failures[0]["failed_factor"], "password");
+    assert!(failures[1..].iter().all(|f| f["method"] == "oidc"));
+    assert!(failures[1..]
+        .iter()
+        .all(|f| f["issuer"] == idp.issuer.as_str()));
 
     // The owner, signed in with the password, connects their identity at the provider from
     // the settings page; from then on the provider signs them in as themselves.
