@@ -1,7 +1,7 @@
-//! Where a tenant's configuration may make the control plane connect: SSH targets and audit
-//! sinks name hosts that tenants choose, so every such connection resolves the name here,
-//! checks each address, and connects only to an address that passed (no second lookup that
-//! could answer differently).
+//! Where a tenant's configuration may make the control plane connect: SSH targets, audit
+//! sinks and single sign-on providers name hosts that tenants choose, so every such
+//! connection resolves the name here, checks each address, and connects only to an address
+//! that passed (no second lookup that could answer differently).
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -79,6 +79,10 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
         ("DELETE", "/v1/invitations/{id}") => SessionWith(Scope::MembersWrite),
         ("GET", "/v1/account") => Scoped(Scope::AccountRead),
         ("PATCH", "/v1/account") => SessionWith(Scope::AccountWrite),
+        // Single sign-on: readable like the account's settings (never the client secret);
+        // changed by a signed-in admin, as the other settings.
+        ("GET", "/v1/account/sso") => Scoped(Scope::AccountRead),
+        ("PUT" | "DELETE", "/v1/account/sso") => SessionWith(Scope::AccountWrite),
         ("DELETE", "/v1/account") | ("POST", "/v1/account/transfer-ownership") => {
             SessionWith(Scope::AccountOwner)
         }

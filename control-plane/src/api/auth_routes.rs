@@ -124,6 +124,11 @@ pub(super) fn session_cookie(token: &str, max_age_secs: i64) -> HeaderValue {
     .unwrap_or_else(|_| HeaderValue::from_static("sensei_session=; Max-Age=0"))
 }
 
+/// The `Set-Cookie` value of a new session (for the dashboard's single sign-on callback).
+pub fn session_cookie_header(token: &str) -> HeaderValue {
+    session_cookie(token, SESSION_IDLE_DAYS * 86_400)
+}
+
 pub(super) fn with_cookie(mut response: Response, cookie: HeaderValue) -> Response {
     response
         .headers_mut()
@@ -278,7 +283,7 @@ pub async fn signup(
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = LoginResponse, description = "signed in; session cookie set"),
               (status = 401, body = ErrorBody, description = "email or password is incorrect"),
-              (status = 403, body = ErrorBody, description = "the account may not be used from this address"),
+              (status = 403, body = ErrorBody, description = "the account may not be used from this address, or requires single sign-on (sso_required)"),
               (status = 429, body = ErrorBody, description = "too many failed attempts")))]
 pub async fn login(
     State(state): State<AppState>,
@@ -335,8 +340,11 @@ async fn sign_in(
             "SELECT u.id, u.account_id, u.email, u.password_hash, u.role, \
                     u.totp_enabled_at IS NOT NULL, a.ip_allowlist, \
                     EXISTS (SELECT 1 FROM webauthn_credentials w WHERE w.user_id = u.id) AS has_keys, \
-                    a.require_webauthn \
-             FROM users u JOIN accounts a ON a.id = u.account_id WHERE lower(u.email) = lower($1)",
+                    a.require_webauthn, \
+                    COALESCE(s.require_sso, false) AS require_sso, s.slug AS sso_slug \
+             FROM users u JOIN accounts a ON a.id = u.account_id \
+             LEFT JOIN account_sso s ON s.account_id = u.account_id \
+             WHERE lower(u.email) = lower($1)",
             &[&email],
         )
         .await?;
@@ -357,6 +365,12 @@ async fn sign_in(
     let verdict = state
         .hashing
         .run(move || match stored {
+            // A member single sign-on created has no password (`!sso`): the same time is
+            // spent, so the answer's timing does not tell such members apart.
+            Some(stored) if stored.starts_with('!') => {
+                passwords::verify_dummy(&password);
+                Verdict::Mismatch
+            }
             Some(stored) => passwords::verify(&password, &stored),
             None => {
                 passwords::verify_dummy(&password);
@@ -405,6 +419,32 @@ async fn sign_in(
             ErrorCode::IpNotAllowed,
             format!("this account may not be used from {}", meta.ip),
         );
+        return Err(refuse_login(&state, tx, &meta, failed, answer).await);
+    }
+    // The account signs in through its identity provider: a member's password no longer
+    // opens it. Owners keep theirs as the way in when the provider is down, but only with a
+    // second factor, and the sign-in is audited as such.
+    let break_glass = user.get::<_, bool>("require_sso");
+    if break_glass && (role != Role::Owner.as_str() || !user.get::<_, bool>(5)) {
+        let slug: Option<String> = user.get("sso_slug");
+        let failed = FailedLogin {
+            email_hash: &email_hash,
+            account_id: Some(account_id),
+            user: Some(user_id),
+            input: format!("{email}\u{0}{}", req.password),
+            factor: "sso_required",
+        };
+        let message = if role == Role::Owner.as_str() {
+            "this account requires single sign-on: an owner signs in with a password only \
+             with a second factor set up; sign in through the identity provider"
+                .to_owned()
+        } else {
+            format!(
+                "this account requires single sign-on: sign in through your identity provider at /ui/sso?org={}",
+                slug.unwrap_or_default()
+            )
+        };
+        let answer = ApiError::forbidden(ErrorCode::SsoRequired, message);
         return Err(refuse_login(&state, tx, &meta, failed, answer).await);
     }
     let mut factor = None;
@@ -533,11 +573,13 @@ async fn sign_in(
             target: Some(("session", session_id)),
             outcome: Outcome::Success,
             metadata: json!({
+                "method": "password",
                 "mfaUsed": factor.is_some(),
                 "mfa_method": factor.map(|f| f.as_str()),
                 "second_factor": factor.map(|f| f.as_str()),
                 "webauthn_key": key_used.map(|k: Uuid| k.to_string()),
                 "password_rehashed": rehash,
+                "break_glass": break_glass,
             }),
         },
     )
@@ -565,7 +607,7 @@ struct FailedLogin<'a> {
     user: Option<Uuid>,
     /// What was typed (email and password, or email and code); hashed before it is stored.
     input: String,
-    /// `password`, `mfa` or `network`.
+    /// `password`, `mfa`, `network` or `sso_required`.
     factor: &'static str,
 }
 

@@ -40,6 +40,7 @@ pub mod projects;
 pub mod roles;
 pub mod rollouts;
 pub mod servers;
+pub mod sso;
 pub mod system;
 pub mod webauthn;
 
@@ -108,6 +109,8 @@ pub struct StateInner {
     pub outbound: crate::egress::TargetPolicy,
     /// What this replica's audit-sink deliveries did, for `/metrics`.
     pub sink_counters: Arc<crate::audit::sinks::delivery::DeliveryCounters>,
+    /// OpenID providers' discovery documents and keys, cached for every account's SSO.
+    pub oidc_providers: crate::identity::oidc::SharedProviders,
 }
 
 impl AppState {
@@ -173,6 +176,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(roles::update, roles::delete))
         .routes(routes!(account::show, account::update, account::delete))
         .routes(routes!(account::transfer_ownership))
+        .routes(routes!(sso::show, sso::set, sso::remove))
         .routes(routes!(api_keys::create, api_keys::list))
         .routes(routes!(api_keys::revoke))
         .routes(routes!(audit_routes::list))

@@ -456,6 +456,7 @@ impl ControlPlane {
             metrics_on_api: metrics_listener.is_none(),
             outbound: outbound.clone(),
             sink_counters,
+            oidc_providers: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tasks = vec![

@@ -47,6 +47,13 @@ pub const ENROLL_THROTTLED_AUDIT: Limit = Limit {
     window_secs: 15 * 60,
 };
 
+/// Single sign-on starts one address may make in a window: each stores a started sign-in.
+pub const SSO_START_PER_ADDRESS: Limit = Limit {
+    kind: "sso-start-ip",
+    max: 60,
+    window_secs: 15 * 60,
+};
+
 /// The longest window of any limit: older attempts are pruned.
 const LONGEST_WINDOW_SECS: i64 = 3600;
 

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod login_throttle;
 pub mod mailer;
 pub mod names;
+pub mod oidc;
 pub mod passwords;
 pub mod reach;
 pub mod signup;

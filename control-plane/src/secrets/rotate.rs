@@ -76,6 +76,12 @@ pub const ENCRYPTED_COLUMNS: &[EncryptedColumn] = &[
         key: "id",
         column: "secret_ciphertext",
     },
+    // An account's OpenID Connect client secret (V20).
+    EncryptedColumn {
+        table: "account_sso",
+        key: "account_id",
+        column: "client_secret_sealed",
+    },
 ];
 
 const BATCH: i64 = 200;

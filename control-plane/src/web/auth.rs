@@ -93,6 +93,7 @@ fn password_step(error: Option<&str>, email: &str) -> Markup {
                     autocomplete="current-password" required maxlength=(MAX_PASSWORD);
                 button type="submit" id="sign-in" { "Sign in" }
             }
+            (super::sso::sign_in_form())
         },
     )
 }

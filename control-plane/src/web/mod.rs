@@ -29,6 +29,7 @@ mod roles;
 mod rollouts;
 mod security;
 mod settings;
+mod sso;
 mod team;
 mod webauthn;
 
@@ -50,6 +51,15 @@ pub fn router(state: AppState) -> Router {
         .route("/ui", get(home))
         .route("/ui/sign-in", get(auth::sign_in_page).post(auth::sign_in))
         .route("/ui/sign-out", post(auth::sign_out))
+        .route("/ui/sso", get(sso::page))
+        .route("/ui/sso/start", get(sso::start))
+        .route("/ui/sso/connect", get(sso::connect))
+        .route("/ui/sso/callback", get(sso::callback))
+        .route(
+            "/ui/settings/sso",
+            get(sso::settings).post(sso::save_settings),
+        )
+        .route("/ui/settings/sso/remove", post(sso::remove_settings))
         .route("/ui/servers", get(fleet::list))
         .route("/ui/servers/new", get(fleet::new_form).post(fleet::create))
         .route("/ui/servers/{id}", get(fleet::show))

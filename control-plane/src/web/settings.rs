@@ -28,6 +28,7 @@ pub fn tabs(signed: &Signed, current: &str) -> Markup {
         ("/ui/settings/roles", "Roles", "/v1/roles"),
         ("/ui/settings/api-keys", "API keys", "/v1/api-keys"),
         ("/ui/settings/account", "Account", "/v1/account"),
+        ("/ui/settings/sso", "Single sign-on", "/v1/account/sso"),
         ("/ui/settings/audit", "Audit log", "/v1/audit"),
     ];
     html! {

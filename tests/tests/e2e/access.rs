@@ -62,6 +62,8 @@ fn need(method: &str, path: &str) -> Option<Need> {
         }
         ("GET", "/v1/account") => Scoped(viewer, "account:read"),
         ("PATCH", "/v1/account") => SessionRole(admin),
+        ("GET", "/v1/account/sso") => Scoped(viewer, "account:read"),
+        ("PUT" | "DELETE", "/v1/account/sso") => SessionRole(admin),
         ("DELETE", "/v1/account") | ("POST", "/v1/account/transfer-ownership") => {
             SessionRole(owner)
         }

@@ -25,6 +25,7 @@ mod rollouts;
 mod runners;
 mod sensei_cli;
 mod ssh;
+mod sso;
 mod system;
 mod trust;
 mod webauthn;
