@@ -1,6 +1,6 @@
 //! `sensei-agent run`: keep one mTLS QUIC connection to the control plane, say hello, send
 //! heartbeats (the protocol is `sensei_shared::session`; this is its driver), renew the
-//! certificate when it is due ([`crate::renew`]), and come back after any failure with
+//! certificate when it is due ([`crate::renew`]), follow a CA rotation ([`crate::trust`]), and come back after any failure with
 //! jittered exponential backoff (or after the delay the control plane suggested; at once after
 //! a renewal). The identity is read again before every connection, so a renewed certificate
 //! is used from the next one. A "revoked" close, or a handshake refused with the TLS alert
@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::identity::{Identity, IdentityError, StateDir};
 use crate::jobs::{job_loop, JobContext, JobPolicy};
 use crate::renew::{renewal_loop, RenewalPlan};
+use crate::trust::trust_loop;
 use crate::transport::{self, TransportError, CONNECT_TIMEOUT};
 
 /// How `run` ended.
@@ -244,6 +245,7 @@ async fn session(
                 tracing::info!(%server_id, "connected to the control plane");
                 backoff.reset();
             };
+            let state = renewal.state;
             let renewing = async {
                 match renewal.plan {
                     Some(plan) => {
@@ -256,6 +258,7 @@ async fn session(
                 end = control.run(welcomed) => end,
                 end = job_loop(&connection, jobs, hello) => end,
                 end = renewing => end,
+                end = trust_loop(&connection, hello, server_id, state) => end,
             }
         }
         Err(end) => end,

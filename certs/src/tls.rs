@@ -202,6 +202,30 @@ pub fn agent_client_config(
     Ok(config)
 }
 
+/// A certificate's DER as PEM (what an agent writes to its pinned trust: the bytes it
+/// checked, not the text it was sent).
+pub fn der_to_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+/// The SHA-256 fingerprints of every certificate in a PEM document (none if it does not
+/// parse).
+pub fn fingerprints(pem: &str) -> Vec<crate::Fingerprint> {
+    certs_from_pem(pem)
+        .unwrap_or_default()
+        .iter()
+        .map(|der| crate::Fingerprint::of_der(der))
+        .collect()
+}
+
 /// The DER of the first certificate in a PEM document.
 pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, CertError> {
     pem_to_der(pem)
