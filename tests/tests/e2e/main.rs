@@ -20,6 +20,7 @@ mod field_keys;
 mod live_follow;
 mod operations;
 mod renewal;
+mod rotation;
 mod replicas;
 mod rollouts;
 mod runners;
