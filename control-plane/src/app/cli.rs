@@ -602,7 +602,7 @@ async fn ca_command(
     keys: &FieldKeys,
     command: CaCommand,
 ) -> anyhow::Result<i32> {
-    use crate::secrets::ca_rotation::{self, CaRotationError};
+    use crate::runners::agent::ca_rotation::{self, CaRotationError};
     let list = |servers: &[ca_rotation::OldCaServer]| {
         for s in servers {
             println!(

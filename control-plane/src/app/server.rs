@@ -309,7 +309,7 @@ impl ControlPlane {
         crate::audit::seal_unkeyed_chains(&pool, keys.audit_keys())
             .await
             .map_err(|e| StartError::Audit(e.to_string()))?;
-        let ring = crate::secrets::ca_rotation::load(&pool, &keys).await?;
+        let ring = crate::runners::agent::ca_rotation::load(&pool, &keys).await?;
         // The CA clients pin: during a CA rotation, still the previous one.
         let ca = ring.presented();
         // Clients (curl, the quickstart, agents' operators) need the CA to trust the API.

@@ -4,7 +4,6 @@
 //! [`job_signing`] holds the key agents pin to check jobs; [`ssh_keys`] makes and reads the
 //! platform's SSH keys.
 
-pub mod ca_rotation;
 pub mod field_crypto;
 pub mod job_signing;
 pub mod key_provider;

@@ -1,5 +1,5 @@
 //! The CAs one replica works with, kept current while it runs: a `ca rotate` or `ca retire`
-//! run anywhere (`crate::secrets::ca_rotation`) reaches every replica as a notification on
+//! run anywhere (`crate::runners::agent::ca_rotation`) reaches every replica as a notification on
 //! the certificate channel, and [`follow`] reloads. From then on the gateway trusts the new
 //! set of CAs, issues from the new one, presents the right server certificate, and every
 //! agent watching for a rotation ([`watch_trust`]) is sent the endorsement.
@@ -13,7 +13,7 @@ use sensei_shared::protocol::ControlMessage;
 use tokio::sync::watch;
 
 use super::AgentHub;
-use crate::secrets::ca_rotation::{self, CaRing};
+use crate::runners::agent::ca_rotation::{self, CaRing};
 use crate::secrets::field_crypto::FieldKeys;
 use crate::secrets::pki;
 

@@ -23,7 +23,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::audit::{self, Actor, AuditEvent, Outcome};
-use crate::runners::agent::cert_events;
+use super::cert_events;
 use crate::secrets::field_crypto::FieldKeys;
 use crate::secrets::pki::{self, PkiError};
 
