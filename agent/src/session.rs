@@ -20,8 +20,8 @@ use uuid::Uuid;
 use crate::identity::{Identity, IdentityError, StateDir};
 use crate::jobs::{job_loop, JobContext, JobPolicy};
 use crate::renew::{renewal_loop, RenewalPlan};
-use crate::trust::trust_loop;
 use crate::transport::{self, TransportError, CONNECT_TIMEOUT};
+use crate::trust::trust_loop;
 
 /// How `run` ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

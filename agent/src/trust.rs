@@ -53,7 +53,9 @@ pub async fn trust_loop(
         Err(WatchEnd::Exchange(AgentTrustError::Unanswered)) => {
             tracing::debug!(%server_id, "the control plane does not announce CA rotations")
         }
-        Err(e) => tracing::warn!(%server_id, error = %e, "stopped watching for a CA rotation on this connection"),
+        Err(e) => {
+            tracing::warn!(%server_id, error = %e, "stopped watching for a CA rotation on this connection")
+        }
     }
     std::future::pending().await
 }
@@ -102,8 +104,7 @@ async fn watch(
                 } => {
                     let endorsement = CaEndorsement {
                         ca_pem,
-                        endorser: Fingerprint::from_raw(&endorser)
-                            .ok_or(WatchEnd::Stream)?,
+                        endorser: Fingerprint::from_raw(&endorser).ok_or(WatchEnd::Stream)?,
                         signature,
                     };
                     // Cannot be out of order: the machine asked for this check.

@@ -67,12 +67,9 @@ impl CertificateAuthority {
     /// Endorses `successor`: signs its certificate with this CA's key.
     pub fn endorse(&self, successor: &CertificateAuthority) -> Result<CaEndorsement, CertError> {
         let rng = SystemRandom::new();
-        let signer = EcdsaKeyPair::from_pkcs8(
-            &ECDSA_P256_SHA256_ASN1_SIGNING,
-            &self.key_der(),
-            &rng,
-        )
-        .map_err(|e| CertError::BadPem(format!("CA key is not ECDSA P-256: {e}")))?;
+        let signer =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &self.key_der(), &rng)
+                .map_err(|e| CertError::BadPem(format!("CA key is not ECDSA P-256: {e}")))?;
         let signature = signer
             .sign(&rng, &endorsed_message(successor.cert_der()))
             .map_err(|e| CertError::BadPem(format!("cannot sign: {e}")))?;
@@ -109,7 +106,11 @@ pub fn check_endorsement(
     }
     let successor = match certs_from_pem(&endorsement.ca_pem) {
         Ok(certs) if certs.len() == 1 => certs[0].to_vec(),
-        Ok(_) => return Err(EndorsementError::NotACa("not exactly one certificate".into())),
+        Ok(_) => {
+            return Err(EndorsementError::NotACa(
+                "not exactly one certificate".into(),
+            ))
+        }
         Err(e) => return Err(EndorsementError::NotACa(e.to_string())),
     };
     let key = public_key(&endorser).ok_or(EndorsementError::BadSignature)?;
@@ -120,7 +121,9 @@ pub fn check_endorsement(
     let (_, parsed) = x509_parser::parse_x509_certificate(&successor)
         .map_err(|e| EndorsementError::NotACa(e.to_string()))?;
     if !parsed.is_ca() {
-        return Err(EndorsementError::NotACa("basicConstraints says no CA".into()));
+        return Err(EndorsementError::NotACa(
+            "basicConstraints says no CA".into(),
+        ));
     }
     Ok(successor)
 }

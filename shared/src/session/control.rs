@@ -393,7 +393,9 @@ impl ControlJob {
             }
             (ControlJobState::AwaitingFirst, AgentMessage::WatchTrust { pinned_cas }) => {
                 if pinned_cas.len() > MAX_PINNED_CAS {
-                    Err(ControlJobError::Unexpected("WatchTrust naming too many CAs"))
+                    Err(ControlJobError::Unexpected(
+                        "WatchTrust naming too many CAs",
+                    ))
                 } else {
                     self.state = ControlJobState::Watching;
                     self.actions

@@ -10,8 +10,7 @@ use std::time::Duration;
 use quinn::VarInt;
 use sensei_certs::Fingerprint;
 use sensei_e2e::{
-    control_plane_binary, eventually, git_repo, open_tempdir, test_field_key, TestAgent,
-    TestPlane,
+    control_plane_binary, eventually, git_repo, open_tempdir, test_field_key, TestAgent, TestPlane,
 };
 use sensei_shared::codec::io::{read_frame, write_frame};
 use sensei_shared::protocol::{AgentMessage, ControlMessage, ALPN};
@@ -51,7 +50,10 @@ async fn stored_ca(t: &TestPlane, name: &str) -> Option<Fingerprint> {
     let row = t
         .db()
         .await
-        .query_opt("SELECT cert_pem FROM pki_material WHERE name = $1", &[&name])
+        .query_opt(
+            "SELECT cert_pem FROM pki_material WHERE name = $1",
+            &[&name],
+        )
         .await
         .expect("pki");
     row.map(|r| fingerprint(r.get(0)))
@@ -75,8 +77,7 @@ async fn handshake(
     t: &TestPlane,
     config: quinn::ClientConfig,
 ) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {
-    let endpoint =
-        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let connection = endpoint
         .connect_with(config, t.plane.agent_addr(), "127.0.0.1")
         .expect("connect")
@@ -282,9 +283,15 @@ async fn the_ca_rotates_under_a_live_fleet_and_an_agent_offline_throughout_must_
         old_ca_servers(&t, &cookie).await
     );
     let (status, body) = t.get("/v1/servers?ca=new", &cookie).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_ca_filter")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_ca_filter")),
+        "{body}"
+    );
     // New enrollments still pin the CA the gateway presents (the old one) during the overlap.
-    let (_, view) = t.get(&format!("/v1/servers/{}", fleet[0].server_id), &cookie).await;
+    let (_, view) = t
+        .get(&format!("/v1/servers/{}", fleet[0].server_id), &cookie)
+        .await;
     assert_eq!(view["ca_fingerprint"], old_ca.to_string());
     for agent in &fleet {
         deploy_succeeds(&t, &cookie, &project, agent).await;
@@ -293,7 +300,9 @@ async fn the_ca_rotates_under_a_live_fleet_and_an_agent_offline_throughout_must_
     // The older agent is connected and has not moved: retiring is refused, says which, and
     // changes nothing.
     assert!(
-        eventually(Duration::from_secs(20), || t.agent_connected(&cookie, older_id)).await,
+        eventually(Duration::from_secs(20), || t
+            .agent_connected(&cookie, older_id))
+        .await,
         "the older agent is not shown connected"
     );
     let (code, _, stderr) = ca(&t, &["retire"]).await;
@@ -302,7 +311,10 @@ async fn the_ca_rotates_under_a_live_fleet_and_an_agent_offline_throughout_must_
         stderr.contains("web-older") && stderr.contains(&older_id.to_string()),
         "{stderr}"
     );
-    assert!(!stderr.contains("web-offline"), "an offline agent does not hold it back: {stderr}");
+    assert!(
+        !stderr.contains("web-offline"),
+        "an offline agent does not hold it back: {stderr}"
+    );
     assert_eq!(stored_ca(&t, "ca.previous").await, Some(old_ca));
     let retired_before = t
         .count("SELECT count(*) FROM agent_certificates WHERE retired_at IS NOT NULL")
@@ -349,11 +361,17 @@ async fn the_ca_rotates_under_a_live_fleet_and_an_agent_offline_throughout_must_
     // certificate, and the gateway no longer accepts its old-CA certificate either.
     let stale = offline.state.load().expect("identity");
     assert_eq!(sensei_certs::tls::fingerprints(&stale.ca_pem), [old_ca]);
-    assert!(handshake(&t, client_config(&stale.ca_pem, &stale.cert_pem, &stale.key_pem))
-        .await
-        .is_err());
-    let refused = match handshake(&t, client_config(&new_ca_pem, &stale.cert_pem, &stale.key_pem))
-        .await
+    assert!(handshake(
+        &t,
+        client_config(&stale.ca_pem, &stale.cert_pem, &stale.key_pem)
+    )
+    .await
+    .is_err());
+    let refused = match handshake(
+        &t,
+        client_config(&new_ca_pem, &stale.cert_pem, &stale.key_pem),
+    )
+    .await
     {
         Ok((_endpoint, connection)) => {
             tokio::time::timeout(Duration::from_secs(5), connection.closed())
@@ -367,19 +385,26 @@ async fn the_ca_rotates_under_a_live_fleet_and_an_agent_offline_throughout_must_
         "{refused}"
     );
     // New enrollments pin the new CA, and work.
-    let (_, view) = t.get(&format!("/v1/servers/{}", fleet[0].server_id), &cookie).await;
+    let (_, view) = t
+        .get(&format!("/v1/servers/{}", fleet[0].server_id), &cookie)
+        .await;
     assert_eq!(view["ca_fingerprint"], new_ca.to_string());
     let (fresh_id, token) = t.create_agent_server(&cookie, "web-new", json!({})).await;
     let fresh_dir = open_tempdir();
     let mut options = t.enroll_options(&token, fresh_dir.path());
     options.ca_fingerprint = new_ca;
-    let fresh = sensei_agent::enroll::enroll(&options).await.expect("enroll under the new CA");
+    let fresh = sensei_agent::enroll::enroll(&options)
+        .await
+        .expect("enroll under the new CA");
     assert_eq!(sensei_certs::tls::fingerprints(&fresh.ca_pem), [new_ca]);
     assert!(!old_ca_servers(&t, &cookie).await.contains(&fresh_id));
 
     let actions = t.audit_actions().await;
     for action in ["ca.rotated", "ca.retired", "agent.ca_retired"] {
-        assert!(actions.iter().any(|a| a == action), "{action} in {actions:?}");
+        assert!(
+            actions.iter().any(|a| a == action),
+            "{action} in {actions:?}"
+        );
     }
     assert_eq!(
         sorted(

@@ -59,15 +59,17 @@ impl Authority {
     /// Reloads the CAs from the database and applies them.
     pub async fn reload(&self, pool: &Pool, keys: &FieldKeys) -> Result<(), pki::PkiError> {
         let ring = ca_rotation::load(pool, keys).await?;
-        self.verifier.trust(&ring.trusted_pem()).map_err(|e| {
-            pki::PkiError::Db(format!("cannot trust the reloaded CAs: {e}"))
-        })?;
+        self.verifier
+            .trust(&ring.trusted_pem())
+            .map_err(|e| pki::PkiError::Db(format!("cannot trust the reloaded CAs: {e}")))?;
         let presented = ring.presented().fingerprint();
         if presented != self.presented_fingerprint() {
             let cert = pki::api_certificate(pool, keys, ring.presented(), &self.names).await?;
             self.certificate
                 .replace(&cert.chain_pem, &cert.key_pem)
-                .map_err(|e| pki::PkiError::Db(format!("cannot present the new certificate: {e}")))?;
+                .map_err(|e| {
+                    pki::PkiError::Db(format!("cannot present the new certificate: {e}"))
+                })?;
             tracing::info!(ca_fingerprint = %presented, "the agent gateway presents a certificate from the new CA");
         }
         tracing::info!(
@@ -107,7 +109,11 @@ pub async fn follow(
 /// Waits until the agent pinning `pinned`, whose session certificate is `leaf_der`, has a
 /// rotation to follow, and returns the message that tells it. Waits for ever when none comes
 /// (the stream lives as long as the session).
-pub async fn watch_trust(authority: &Authority, pinned: &[[u8; 32]], leaf_der: &[u8]) -> ControlMessage {
+pub async fn watch_trust(
+    authority: &Authority,
+    pinned: &[[u8; 32]],
+    leaf_der: &[u8],
+) -> ControlMessage {
     let mut changes = authority.ring.subscribe();
     loop {
         {

@@ -22,8 +22,8 @@ use sensei_certs::{CaEndorsement, CertificateAuthority, Fingerprint};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::audit::{self, Actor, AuditEvent, Outcome};
 use super::cert_events;
+use crate::audit::{self, Actor, AuditEvent, Outcome};
 use crate::secrets::field_crypto::FieldKeys;
 use crate::secrets::pki::{self, PkiError};
 
@@ -174,7 +174,8 @@ pub async fn rotate(pool: &Pool, keys: &FieldKeys) -> Result<Rotated, CaRotation
         chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
     ))
     .map_err(PkiError::from)?;
-    let not_after = pki::to_chrono(sensei_certs::not_after(new.cert_pem()).map_err(PkiError::from)?);
+    let not_after =
+        pki::to_chrono(sensei_certs::not_after(new.cert_pem()).map_err(PkiError::from)?);
     tx.execute(
         "UPDATE pki_material SET name = $1 WHERE name = 'ca'",
         &[&PREVIOUS],
@@ -269,7 +270,11 @@ pub struct Retired {
 /// Ends a rotation: the previous CA's key is destroyed and every certificate it issued is
 /// retired. Refused while a connected agent still holds only a certificate from it, unless
 /// `force`.
-pub async fn retire(pool: &Pool, keys: &FieldKeys, force: bool) -> Result<Retired, CaRotationError> {
+pub async fn retire(
+    pool: &Pool,
+    keys: &FieldKeys,
+    force: bool,
+) -> Result<Retired, CaRotationError> {
     audit::keys::load(pool, keys)
         .await
         .map_err(|e| PkiError::Db(e.to_string()))?;
@@ -291,8 +296,7 @@ pub async fn retire(pool: &Pool, keys: &FieldKeys, force: bool) -> Result<Retire
             })
             .transpose()
     };
-    let (Some(previous), Some(current)) = (fingerprint_of(PREVIOUS)?, fingerprint_of("ca")?)
-    else {
+    let (Some(previous), Some(current)) = (fingerprint_of(PREVIOUS)?, fingerprint_of("ca")?) else {
         return Err(CaRotationError::NotRotating);
     };
     let stranded = servers_on_old_ca(&*tx, &current, None).await?;

@@ -120,7 +120,8 @@ pub async fn notify_revoked(
 pub async fn notify_ca_changed(
     tx: &tokio_postgres::Transaction<'_>,
 ) -> Result<(), tokio_postgres::Error> {
-    tx.execute("SELECT pg_notify($1, 'ca')", &[&CHANNEL]).await?;
+    tx.execute("SELECT pg_notify($1, 'ca')", &[&CHANNEL])
+        .await?;
     Ok(())
 }
 
