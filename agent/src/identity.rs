@@ -186,6 +186,12 @@ impl StateDir {
         self.write(CA, &next)
     }
 
+    /// Replaces the pinned CAs with `cas_pem` (a subset of them, after a CA rotation was
+    /// retired), with the same safe write.
+    pub fn replace_pinned_cas(&self, cas_pem: &str) -> Result<(), IdentityError> {
+        self.write(CA, cas_pem)
+    }
+
     fn remove(&self, name: &str) -> Result<(), IdentityError> {
         match fs::remove_file(self.dir.join(name)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.io(e)),

@@ -24,6 +24,8 @@ pub enum PinError {
     Endorsement(#[from] EndorsementError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("told to keep only the CA {0}, which this agent does not pin")]
+    CurrentNotPinned(Fingerprint),
 }
 
 /// Checks `endorsement` against the CAs pinned in `state` and, if it holds, pins the new CA
@@ -36,6 +38,37 @@ pub fn pin_endorsed(state: &StateDir, endorsement: &CaEndorsement) -> Result<boo
         return Ok(false);
     }
     state.pin_ca(&sensei_certs::tls::der_to_pem(&der))?;
+    Ok(true)
+}
+
+/// Unpins the CAs in `retired` (a CA rotation was retired), keeping `current`, which must be
+/// pinned: the control plane can narrow what the agent trusts, never empty it nor drop the CA
+/// it says it uses. Returns whether anything was unpinned.
+pub fn unpin_retired(
+    state: &StateDir,
+    retired: &[Fingerprint],
+    current: Fingerprint,
+) -> Result<bool, PinError> {
+    let identity = state.load()?;
+    let pinned = sensei_certs::tls::certs_from_pem(&identity.ca_pem).unwrap_or_default();
+    if !pinned.iter().any(|der| Fingerprint::of_der(der) == current) {
+        return Err(PinError::CurrentNotPinned(current));
+    }
+    let kept: Vec<_> = pinned
+        .iter()
+        .filter(|der| {
+            let fp = Fingerprint::of_der(der);
+            fp == current || !retired.contains(&fp)
+        })
+        .collect();
+    if kept.len() == pinned.len() {
+        return Ok(false);
+    }
+    let pem: String = kept
+        .iter()
+        .map(|der| sensei_certs::tls::der_to_pem(der))
+        .collect();
+    state.replace_pinned_cas(&pem)?;
     Ok(true)
 }
 
@@ -116,6 +149,23 @@ async fn watch(
                         }
                         Err(e) => {
                             tracing::error!(%server_id, error = %e, "REFUSED a new CA from the control plane: it is not endorsed by a CA this agent pins. Nothing was changed");
+                            refusal = Some(e);
+                            machine.refused()
+                        }
+                    };
+                }
+                AgentTrustAction::Unpin { retired, current } => {
+                    let retired: Vec<Fingerprint> =
+                        retired.iter().filter_map(|fp| Fingerprint::from_raw(fp)).collect();
+                    let current = Fingerprint::from_raw(&current).ok_or(WatchEnd::Stream)?;
+                    // Cannot be out of order: the machine asked for this.
+                    let _ = match unpin_retired(state, &retired, current) {
+                        Ok(changed) => {
+                            tracing::info!(%server_id, changed, %current, "the control plane's CA rotation is over; unpinned the retired CA");
+                            machine.stored()
+                        }
+                        Err(e) => {
+                            tracing::error!(%server_id, error = %e, "refused to unpin CAs; nothing was changed");
                             refusal = Some(e);
                             machine.refused()
                         }
@@ -235,6 +285,34 @@ mod tests {
                 )
                 .expect("trusted");
         }
+    }
+
+    /// After the retirement the old CA is unpinned, never the current one, and never when the
+    /// current one is not pinned.
+    #[test]
+    fn a_retired_ca_is_unpinned_but_never_the_current_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let old = CertificateAuthority::generate("old").expect("old");
+        let new = CertificateAuthority::generate("new").expect("new");
+        let state = enrolled(dir.path(), &old);
+        pin_endorsed(&state, &old.endorse(&new).expect("endorse")).expect("pinned");
+        // Told to keep a CA it does not pin: refused, nothing written.
+        let stranger = CertificateAuthority::generate("stranger").expect("stranger");
+        let before = std::fs::read(dir.path().join("ca.crt")).expect("ca");
+        assert!(matches!(
+            unpin_retired(&state, &[old.fingerprint()], stranger.fingerprint()),
+            Err(PinError::CurrentNotPinned(_))
+        ));
+        assert_eq!(std::fs::read(dir.path().join("ca.crt")).expect("ca"), before);
+        // Told to drop the current one too: it stays.
+        assert!(unpin_retired(
+            &state,
+            &[old.fingerprint(), new.fingerprint()],
+            new.fingerprint()
+        )
+        .expect("unpinned"));
+        assert_eq!(pinned(&state), [new.fingerprint()]);
+        assert!(!unpin_retired(&state, &[old.fingerprint()], new.fingerprint()).expect("again"));
     }
 
     /// A control plane (or whoever holds the connection) sends a "new CA" that the pinned CA

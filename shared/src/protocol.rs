@@ -209,6 +209,13 @@ pub enum ControlMessage {
         signature: Vec<u8>,
         renew: bool,
     },
+    /// The CA rotation is over, in answer to `WatchTrust` from an agent that pins `current`
+    /// and others: the agent unpins the CAs in `retired` (at most [`MAX_PINNED_CAS`]), never
+    /// `current`, then ends the stream. Dropping a pin can only narrow what the agent trusts.
+    CaRetired {
+        retired: Vec<[u8; 32]>,
+        current: [u8; 32],
+    },
 }
 
 /// The largest endorsement signature an agent reads (an ECDSA P-256 signature is at most 72
@@ -266,6 +273,7 @@ impl ControlMessage {
             Self::Renewed { .. } => "Renewed",
             Self::RenewalRefused { .. } => "RenewalRefused",
             Self::CaEndorsed { .. } => "CaEndorsed",
+            Self::CaRetired { .. } => "CaRetired",
         }
     }
 }

@@ -315,7 +315,7 @@ pub enum ControlJobAction {
     Drain,
     /// The agent watches for CA rotations, pinning these CAs (at most [`MAX_PINNED_CAS`]):
     /// once one it has not followed exists (or its certificate comes from the CA being
-    /// replaced), call [`ControlJob::endorse`].
+    /// replaced, or a rotation it followed was retired), call [`ControlJob::announce`].
     WatchTrust { pinned_cas: Vec<[u8; 32]> },
     /// The agent pinned the CA endorsed on this stream.
     TrustStored,
@@ -493,16 +493,20 @@ impl ControlJob {
         Ok(())
     }
 
-    /// A CA rotation the watching agent has not followed: send `endorsement` (a
-    /// [`ControlMessage::CaEndorsed`]), then wait for the agent to end the stream.
-    pub fn endorse(&mut self, endorsement: ControlMessage) -> Result<(), OutOfOrder> {
+    /// A CA change the watching agent has not followed: send `news` (a
+    /// [`ControlMessage::CaEndorsed`] or [`ControlMessage::CaRetired`]), then wait for the
+    /// agent to end the stream.
+    pub fn announce(&mut self, news: ControlMessage) -> Result<(), OutOfOrder> {
         if self.state != ControlJobState::Watching
-            || !matches!(endorsement, ControlMessage::CaEndorsed { .. })
+            || !matches!(
+                news,
+                ControlMessage::CaEndorsed { .. } | ControlMessage::CaRetired { .. }
+            )
         {
-            return Err(OutOfOrder("endorse"));
+            return Err(OutOfOrder("announce"));
         }
         self.state = ControlJobState::AwaitingTrustStored;
-        self.actions.push_back(ControlJobAction::Send(endorsement));
+        self.actions.push_back(ControlJobAction::Send(news));
         Ok(())
     }
 

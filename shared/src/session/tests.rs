@@ -1084,10 +1084,10 @@ fn a_trust_watch_waits_for_a_rotation_and_ends_once_the_ca_is_pinned() {
     assert!(control.is_watching());
     // Only an endorsement is sent on a watch.
     assert_eq!(
-        control.endorse(ControlMessage::HeartbeatAck),
-        Err(OutOfOrder("endorse"))
+        control.announce(ControlMessage::HeartbeatAck),
+        Err(OutOfOrder("announce"))
     );
-    control.endorse(endorsement(true)).expect("endorse");
+    control.announce(endorsement(true)).expect("endorse");
     let actions: [ControlJobAction; 1] = drain_control_job(&mut control).try_into().expect("one");
     let [ControlJobAction::Send(sent)] = actions else {
         panic!("the endorsement is sent");
@@ -1128,7 +1128,7 @@ fn a_refused_endorsement_resets_the_stream_and_records_nothing() {
         })
         .expect("watch");
     drain_control_job(&mut control);
-    control.endorse(endorsement(false)).expect("endorse");
+    control.announce(endorsement(false)).expect("endorse");
     drain_control_job(&mut control);
     agent.handle(endorsement(false)).expect("read");
     drain_trust(&mut agent);
@@ -1220,4 +1220,53 @@ fn trust_messages_are_appended_to_the_protocol() {
     assert_eq!(watch[0], 8);
     assert_eq!(crate::encode(&endorsement(true)).expect("enc")[0], 6);
     assert_eq!(crate::encode(&AgentMessage::Heartbeat).expect("enc"), [1]);
+}
+
+/// After `ca retire`, a watching agent that still pins the retired CA is told to unpin it;
+/// the agent's driver keeps the current CA whatever the message says.
+#[test]
+fn a_retired_ca_is_unpinned_through_the_watch() {
+    let mut agent = AgentTrust::new(hello_sent(), vec![[1; 32], [2; 32]]).expect("watch");
+    drain_trust(&mut agent);
+    let mut control = ControlJob::new();
+    control
+        .handle(AgentMessage::WatchTrust {
+            pinned_cas: vec![[1; 32], [2; 32]],
+        })
+        .expect("watch");
+    drain_control_job(&mut control);
+    let retired = ControlMessage::CaRetired {
+        retired: vec![[1; 32]],
+        current: [2; 32],
+    };
+    control.announce(retired.clone()).expect("announce");
+    assert_eq!(
+        drain_control_job(&mut control),
+        [ControlJobAction::Send(retired.clone())]
+    );
+    agent.handle(retired).expect("read");
+    assert_eq!(
+        drain_trust(&mut agent),
+        [AgentTrustAction::Unpin {
+            retired: vec![[1; 32]],
+            current: [2; 32]
+        }]
+    );
+    agent.stored().expect("unpinned");
+    assert_eq!(drain_trust(&mut agent), [AgentTrustAction::Finish]);
+    control.handle_end();
+    assert_eq!(
+        drain_control_job(&mut control),
+        [ControlJobAction::TrustStored, ControlJobAction::Finish]
+    );
+    // Naming more CAs than a watch may is refused unread.
+    let mut agent = AgentTrust::new(hello_sent(), vec![]).expect("watch");
+    drain_trust(&mut agent);
+    assert!(agent
+        .handle(ControlMessage::CaRetired {
+            retired: vec![[0; 32]; crate::protocol::MAX_PINNED_CAS + 1],
+            current: [2; 32],
+        })
+        .is_err());
+    assert_eq!(drain_trust(&mut agent), [AgentTrustAction::Reset]);
 }

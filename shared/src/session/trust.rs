@@ -9,6 +9,9 @@
 //!                       (checks the endorsement against its pinned CAs, stores the new CA)
 //!                       end of stream ──▶ the agent pins the new CA
 //!                       (renew: the agent renews its certificate now, under the new CA)
+//!                       ◀──────────── CaRetired { retired, current }   (after `ca retire`)
+//!                       (unpins the retired CAs, never the current one)
+//!                       end of stream ──▶ unpinned
 //! ```
 //!
 //! The stream has no deadline: the answer may come days later, when an operator rotates the
@@ -53,7 +56,14 @@ pub enum AgentTrustAction {
         signature: Vec<u8>,
         renew: bool,
     },
-    /// End the stream: this tells the control plane the new CA is pinned.
+    /// Unpin the CAs in `retired` if `current` is pinned (keeping `current` whatever
+    /// `retired` says), then call [`AgentTrust::stored`], or [`AgentTrust::refused`].
+    Unpin {
+        retired: Vec<[u8; 32]>,
+        current: [u8; 32],
+    },
+    /// End the stream: this tells the control plane the new CA is pinned (or the retired
+    /// ones unpinned).
     Finish,
     /// Reset the stream: the endorsement was refused, nothing was stored.
     Reset,
@@ -117,6 +127,14 @@ impl AgentTrust {
                     signature,
                     renew,
                 });
+                Ok(())
+            }
+            (TrustState::Watching, ControlMessage::CaRetired { retired, current })
+                if retired.len() <= MAX_PINNED_CAS =>
+            {
+                self.state = TrustState::Storing;
+                self.actions
+                    .push_back(AgentTrustAction::Unpin { retired, current });
                 Ok(())
             }
             (_, other) => {

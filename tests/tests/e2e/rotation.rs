@@ -340,10 +340,22 @@ async fn the_ca_rotates_under_a_live_fleet_and_an_agent_offline_throughout_must_
     older.heartbeats.abort();
     assert_eq!(old_ca_servers(&t, &cookie).await, lagging);
 
-    // The fleet keeps deploying, on the sessions it had.
+    // The fleet keeps deploying, on the sessions it had, and unpins the retired CA.
     for agent in &fleet {
         deploy_succeeds(&t, &cookie, &project, agent).await;
         assert!(!agent.task.is_finished(), "the agent stopped");
+        assert!(
+            eventually(Duration::from_secs(20), || {
+                let pinned = agent
+                    .state
+                    .load()
+                    .map(|id| sensei_certs::tls::fingerprints(&id.ca_pem))
+                    .unwrap_or_default();
+                async move { pinned == [new_ca] }
+            })
+            .await,
+            "an agent still pins the retired CA"
+        );
     }
     // A new handshake: the gateway now presents a certificate from the new CA (a client
     // trusting only the new CA accepts it) and accepts a moved agent's certificate.

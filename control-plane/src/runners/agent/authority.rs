@@ -107,7 +107,8 @@ pub async fn follow(
 }
 
 /// Waits until the agent pinning `pinned`, whose session certificate is `leaf_der`, has a
-/// rotation to follow, and returns the message that tells it. Waits for ever when none comes
+/// CA change to follow (a rotation, or its retirement), and returns the message that tells
+/// it. Waits for ever when none comes
 /// (the stream lives as long as the session).
 pub async fn watch_trust(
     authority: &Authority,
@@ -117,14 +118,8 @@ pub async fn watch_trust(
     let mut changes = authority.ring.subscribe();
     loop {
         {
-            let ring = changes.borrow_and_update();
-            if let Some((endorsement, renew)) = ring.endorsement_for(pinned, leaf_der) {
-                return ControlMessage::CaEndorsed {
-                    ca_pem: endorsement.ca_pem.clone(),
-                    endorser: *endorsement.endorser.as_bytes(),
-                    signature: endorsement.signature.clone(),
-                    renew,
-                };
+            if let Some(news) = changes.borrow_and_update().news_for(pinned, leaf_der) {
+                return news;
             }
         }
         if changes.changed().await.is_err() {

@@ -19,6 +19,7 @@
 
 use deadpool_postgres::Pool;
 use sensei_certs::{CaEndorsement, CertificateAuthority, Fingerprint};
+use sensei_shared::protocol::ControlMessage;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -56,21 +57,36 @@ impl CaRing {
         }
     }
 
-    /// What to tell an agent pinning `pinned` whose session certificate is `leaf_der`: the
-    /// endorsement of the new CA (and whether to renew under it), or nothing (no rotation
-    /// under way, the agent followed it, or it pins no CA that could endorse the new one).
-    pub fn endorsement_for(
-        &self,
-        pinned: &[[u8; 32]],
-        leaf_der: &[u8],
-    ) -> Option<(&CaEndorsement, bool)> {
-        let (previous, endorsement) = (self.previous.as_ref()?, self.endorsement.as_ref()?);
-        if !pinned.contains(previous.fingerprint().as_bytes()) {
-            return None;
+    /// What to tell an agent pinning `pinned` whose session certificate is `leaf_der`, if
+    /// anything:
+    /// - during a rotation, the new CA endorsed by the previous one (and whether to renew
+    ///   under it), unless the agent pinned it and holds a certificate from it already, or
+    ///   pins no CA that could endorse it;
+    /// - after a rotation was retired, to an agent pinning the current CA and others, that
+    ///   the others are retired.
+    pub fn news_for(&self, pinned: &[[u8; 32]], leaf_der: &[u8]) -> Option<ControlMessage> {
+        let current = *self.current.fingerprint().as_bytes();
+        let pins_current = pinned.contains(&current);
+        match (&self.previous, &self.endorsement) {
+            (Some(previous), Some(endorsement)) => {
+                if !pinned.contains(previous.fingerprint().as_bytes()) {
+                    return None;
+                }
+                let renew = sensei_certs::issued_by(leaf_der, previous.cert_der());
+                (renew || !pins_current).then(|| ControlMessage::CaEndorsed {
+                    ca_pem: endorsement.ca_pem.clone(),
+                    endorser: *endorsement.endorser.as_bytes(),
+                    signature: endorsement.signature.clone(),
+                    renew,
+                })
+            }
+            _ => {
+                let retired: Vec<[u8; 32]> =
+                    pinned.iter().filter(|fp| **fp != current).copied().collect();
+                (pins_current && !retired.is_empty())
+                    .then_some(ControlMessage::CaRetired { retired, current })
+            }
         }
-        let renew = sensei_certs::issued_by(leaf_der, previous.cert_der());
-        let pins_current = pinned.contains(self.current.fingerprint().as_bytes());
-        (renew || !pins_current).then_some((endorsement, renew))
     }
 }
 

@@ -137,17 +137,17 @@ pub async fn serve_poll(
                     };
                 }
                 ControlJobAction::WatchTrust { pinned_cas } => {
-                    let endorsement = super::authority::watch_trust(
+                    let news = super::authority::watch_trust(
                         &ctx.authority,
                         &pinned_cas,
                         &link.certificate_der,
                     )
                     .await;
                     // Cannot be out of order: the machine asked for this watch.
-                    let _ = exchange.endorse(endorsement);
+                    let _ = exchange.announce(news);
                 }
                 ControlJobAction::TrustStored => {
-                    tracing::info!(%server_id, "the agent pinned the new CA");
+                    tracing::info!(%server_id, "the agent follows the CA change");
                 }
                 ControlJobAction::Drain => {
                     tracing::info!(%server_id, "the agent stored its renewed certificate; draining its session");
