@@ -155,8 +155,10 @@ async fn watch(
                     };
                 }
                 AgentTrustAction::Unpin { retired, current } => {
-                    let retired: Vec<Fingerprint> =
-                        retired.iter().filter_map(|fp| Fingerprint::from_raw(fp)).collect();
+                    let retired: Vec<Fingerprint> = retired
+                        .iter()
+                        .filter_map(|fp| Fingerprint::from_raw(fp))
+                        .collect();
                     let current = Fingerprint::from_raw(&current).ok_or(WatchEnd::Stream)?;
                     // Cannot be out of order: the machine asked for this.
                     let _ = match unpin_retired(state, &retired, current) {
@@ -303,7 +305,10 @@ mod tests {
             unpin_retired(&state, &[old.fingerprint()], stranger.fingerprint()),
             Err(PinError::CurrentNotPinned(_))
         ));
-        assert_eq!(std::fs::read(dir.path().join("ca.crt")).expect("ca"), before);
+        assert_eq!(
+            std::fs::read(dir.path().join("ca.crt")).expect("ca"),
+            before
+        );
         // Told to drop the current one too: it stays.
         assert!(unpin_retired(
             &state,

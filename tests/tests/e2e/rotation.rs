@@ -282,6 +282,16 @@ async fn the_ca_rotates_under_a_live_fleet_and_an_agent_offline_throughout_must_
         "the API lists {:?}, not the offline and the older agent",
         old_ca_servers(&t, &cookie).await
     );
+    let (code, status_out, stderr) = ca(&t, &["status"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        status_out.contains(&format!("current CA: {new_ca}"))
+            && status_out.contains(&format!("previous CA (still accepted): {old_ca}"))
+            && status_out.contains("2 agent(s) not on the current CA yet")
+            && status_out.contains("web-offline (offline)")
+            && status_out.contains("web-older (connected)"),
+        "{status_out}"
+    );
     let (status, body) = t.get("/v1/servers?ca=new", &cookie).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
@@ -329,6 +339,8 @@ async fn the_ca_rotates_under_a_live_fleet_and_an_agent_offline_throughout_must_
         "{stdout}"
     );
     assert_eq!(stored_ca(&t, "ca.previous").await, None);
+    let (_, status_out, _) = ca(&t, &["status"]).await;
+    assert!(status_out.contains("no rotation under way"), "{status_out}");
     assert!(
         t.count("SELECT count(*) FROM agent_certificates WHERE retired_at IS NOT NULL")
             .await

@@ -81,8 +81,11 @@ impl CaRing {
                 })
             }
             _ => {
-                let retired: Vec<[u8; 32]> =
-                    pinned.iter().filter(|fp| **fp != current).copied().collect();
+                let retired: Vec<[u8; 32]> = pinned
+                    .iter()
+                    .filter(|fp| **fp != current)
+                    .copied()
+                    .collect();
                 (pins_current && !retired.is_empty())
                     .then_some(ControlMessage::CaRetired { retired, current })
             }
@@ -382,4 +385,91 @@ pub async fn retire(
         stranded,
         certificates_retired,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca(name: &str) -> CertificateAuthority {
+        CertificateAuthority::generate(name).expect("ca")
+    }
+
+    fn leaf(ca: &CertificateAuthority) -> Vec<u8> {
+        let request = sensei_certs::AgentKeyRequest::generate("agent").expect("key");
+        let now = time::OffsetDateTime::now_utc();
+        ca.sign_agent_csr(
+            &request.csr_der,
+            Uuid::new_v4(),
+            now,
+            now + time::Duration::days(1),
+        )
+        .expect("leaf")
+        .cert_der
+    }
+
+    fn rotating() -> (CaRing, [u8; 32], [u8; 32]) {
+        let (old, new) = (ca("old"), ca("new"));
+        let endorsement = old.endorse(&new).expect("endorse");
+        let (o, n) = (*old.fingerprint().as_bytes(), *new.fingerprint().as_bytes());
+        (
+            CaRing {
+                current: new,
+                previous: Some(old),
+                endorsement: Some(endorsement),
+            },
+            o,
+            n,
+        )
+    }
+
+    /// Who is told what during a rotation: an agent on the old CA gets the endorsement and
+    /// renews; one that pinned the new CA but still holds an old certificate renews again;
+    /// one that moved waits; one pinning neither is told nothing it could check.
+    #[test]
+    fn during_a_rotation_only_agents_that_have_not_moved_are_told() {
+        let (ring, old, new) = rotating();
+        let on_old = leaf(ring.previous.as_ref().expect("previous"));
+        let on_new = leaf(&ring.current);
+        let renew = |m: Option<ControlMessage>| match m {
+            Some(ControlMessage::CaEndorsed {
+                renew, endorser, ..
+            }) => {
+                assert_eq!(endorser, old);
+                Some(renew)
+            }
+            None => None,
+            Some(other) => panic!("{other:?}"),
+        };
+        assert_eq!(renew(ring.news_for(&[old], &on_old)), Some(true));
+        assert_eq!(renew(ring.news_for(&[old, new], &on_old)), Some(true));
+        // Enrolled during the overlap: a certificate from the new CA, the old one pinned.
+        assert_eq!(renew(ring.news_for(&[old], &on_new)), Some(false));
+        assert_eq!(renew(ring.news_for(&[old, new], &on_new)), None);
+        assert_eq!(renew(ring.news_for(&[[9; 32]], &on_old)), None);
+    }
+
+    /// After the retirement, an agent pinning the current CA and others is told to unpin the
+    /// others; one pinning only the current one, or not pinning it, is told nothing.
+    #[test]
+    fn after_the_retirement_agents_unpin_the_others() {
+        let (mut ring, old, new) = rotating();
+        ring.previous = None;
+        ring.endorsement = None;
+        let on_new = leaf(&ring.current);
+        assert_eq!(
+            ring.news_for(&[old, new], &on_new),
+            Some(ControlMessage::CaRetired {
+                retired: vec![old],
+                current: new
+            })
+        );
+        assert_eq!(ring.news_for(&[new], &on_new), None);
+        assert_eq!(ring.news_for(&[old], &on_new), None);
+        assert_eq!(ring.presented().fingerprint().as_bytes(), &new);
+        assert_eq!(
+            sensei_certs::tls::fingerprints(&ring.trusted_pem()),
+            [ring.current.fingerprint()]
+        );
+    }
 }
