@@ -72,6 +72,9 @@ pub fn unpin_retired(
     Ok(true)
 }
 
+/// How many trust watches one session opens at most.
+const WATCHES_PER_SESSION: usize = 4;
+
 /// Watches for a CA rotation for as long as the session lasts.
 pub async fn trust_loop(
     connection: &quinn::Connection,
@@ -79,15 +82,29 @@ pub async fn trust_loop(
     server_id: Uuid,
     state: &StateDir,
 ) -> StreamEnd {
-    match watch(connection, hello, server_id, state).await {
-        Ok(true) => renew_under_new_ca(connection, hello, server_id, state).await,
-        Ok(false) => {}
-        // An older control plane cannot read the watch: nothing to follow on this connection.
-        Err(WatchEnd::Exchange(AgentTrustError::Unanswered)) => {
-            tracing::debug!(%server_id, "the control plane does not announce CA rotations")
-        }
-        Err(e) => {
-            tracing::warn!(%server_id, error = %e, "stopped watching for a CA rotation on this connection")
+    // A session follows a handful of changes at most (a rotation, its retirement): more is a
+    // control plane that repeats itself, and is not worth a stream each.
+    for _ in 0..WATCHES_PER_SESSION {
+        match watch(connection, hello, server_id, state).await {
+            // The renewal ends the session (the control plane drains it): nothing more to
+            // watch on this one.
+            Ok(true) => {
+                renew_under_new_ca(connection, hello, server_id, state).await;
+                break;
+            }
+            // Followed; watch again with what is pinned now (a retirement may come on this
+            // same session).
+            Ok(false) => {}
+            // An older control plane cannot read the watch: nothing to follow on this
+            // connection.
+            Err(WatchEnd::Exchange(AgentTrustError::Unanswered)) => {
+                tracing::debug!(%server_id, "the control plane does not announce CA rotations");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(%server_id, error = %e, "stopped watching for a CA rotation on this connection");
+                break;
+            }
         }
     }
     std::future::pending().await

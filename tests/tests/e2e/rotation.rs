@@ -306,6 +306,18 @@ async fn the_ca_rotates_under_a_live_fleet_and_an_agent_offline_throughout_must_
     for agent in &fleet {
         deploy_succeeds(&t, &cookie, &project, agent).await;
     }
+    // Enrolled during the overlap: it pins the old CA (the presented one) and gets a
+    // certificate from the new one; on its first session it pins the new CA too.
+    let during = t.start_agent(&cookie, "web-during").await;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let moved = moved_to(&during, &new_ca_der);
+            async move { moved }
+        })
+        .await,
+        "an agent enrolled during the overlap did not pin the new CA"
+    );
+    deploy_succeeds(&t, &cookie, &project, &during).await;
 
     // The older agent is connected and has not moved: retiring is refused, says which, and
     // changes nothing.
@@ -353,7 +365,7 @@ async fn the_ca_rotates_under_a_live_fleet_and_an_agent_offline_throughout_must_
     assert_eq!(old_ca_servers(&t, &cookie).await, lagging);
 
     // The fleet keeps deploying, on the sessions it had, and unpins the retired CA.
-    for agent in &fleet {
+    for agent in fleet.iter().chain([&during]) {
         deploy_succeeds(&t, &cookie, &project, agent).await;
         assert!(!agent.task.is_finished(), "the agent stopped");
         assert!(
@@ -447,7 +459,7 @@ async fn the_ca_rotates_under_a_live_fleet_and_an_agent_offline_throughout_must_
         lagging
     );
     assert!(moved_fleet.iter().all(|id| !lagging.contains(id)));
-    for agent in &fleet {
+    for agent in fleet.iter().chain([&during]) {
         let _ = agent.stop.send(true);
     }
 }
