@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | `identity.key` | the private key (0600); made here, never sent anywhere |
 //! | `identity.crt` | the certificate the control plane's CA issued for this server |
-//! | `ca.crt` | the control plane's CA certificate |
+//! | `ca.crt` | the control plane's CA certificates this agent pins: the one pinned at enrollment, and any a pinned one endorsed during a CA rotation |
 //! | `agent.json` | server id, control plane address, pinned CA fingerprint and job-signing key |
 //! | `identity.next` | only during a renewal: the new key and certificate together |
 //!
@@ -175,6 +175,23 @@ impl StateDir {
         self.write(KEY, key_pem)?;
         self.write(CERT, cert_pem)?;
         self.remove(NEXT)
+    }
+
+    /// Adds `ca_pem` (one certificate, whose endorsement by a pinned CA was checked) to the
+    /// pinned CAs, with the same safe write as everything else: the whole file is replaced
+    /// at once, so a crash leaves the old set or the new one.
+    pub fn pin_ca(&self, ca_pem: &str) -> Result<(), IdentityError> {
+        let pinned = fs::read_to_string(self.dir.join(CA)).map_err(|e| self.io(e))?;
+        let mut next = pinned.trim_end().to_owned();
+        next.push('\n');
+        next.push_str(ca_pem);
+        self.write(CA, &next)
+    }
+
+    /// Replaces the pinned CAs with `cas_pem` (a subset of them, after a CA rotation was
+    /// retired), with the same safe write.
+    pub fn replace_pinned_cas(&self, cas_pem: &str) -> Result<(), IdentityError> {
+        self.write(CA, cas_pem)
     }
 
     fn remove(&self, name: &str) -> Result<(), IdentityError> {

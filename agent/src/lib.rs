@@ -1,6 +1,7 @@
 //! The Sensei agent, one module per step: [`identity`] is what it keeps on disk,
 //! [`enroll`] obtains that identity, [`session`] keeps the connection to the control plane,
-//! [`renew`] renews the certificate over it, [`cli`] is the command line.
+//! [`renew`] renews the certificate over it, [`trust`] follows a CA rotation, [`cli`] is the
+//! command line.
 
 pub mod cli;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod renew;
 pub mod session;
 pub mod status;
 pub mod transport;
+pub mod trust;
 
 /// This agent's version, as reported to the control plane.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -71,7 +71,7 @@ fn wall_clock() -> Duration {
 
 /// Why one attempt failed.
 #[derive(Debug, thiserror::Error)]
-enum AttemptError {
+pub(crate) enum AttemptError {
     #[error("cannot make a key pair: {0}")]
     Key(String),
     #[error("cannot open the renewal stream")]
@@ -82,6 +82,13 @@ enum AttemptError {
     Mismatch,
     #[error("cannot store the renewed certificate: {0}")]
     Store(String),
+}
+
+impl AttemptError {
+    /// Whether trying again is pointless: the certificate is revoked or expired.
+    pub(crate) fn is_final(&self) -> bool {
+        matches!(self, Self::Exchange(e) if e.is_final())
+    }
 }
 
 /// Renews when the plan says so, for as long as the session lasts. Never ends the session by
@@ -132,8 +139,9 @@ pub async fn renewal_loop(
     }
 }
 
-/// One renewal exchange on a stream of its own.
-async fn attempt(
+/// One renewal exchange on a stream of its own (also how an agent moves to a new CA:
+/// [`crate::trust`]).
+pub(crate) async fn attempt(
     connection: &quinn::Connection,
     hello: HelloSent,
     server_id: Uuid,

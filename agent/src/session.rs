@@ -1,6 +1,6 @@
 //! `sensei-agent run`: keep one mTLS QUIC connection to the control plane, say hello, send
 //! heartbeats (the protocol is `sensei_shared::session`; this is its driver), renew the
-//! certificate when it is due ([`crate::renew`]), and come back after any failure with
+//! certificate when it is due ([`crate::renew`]), follow a CA rotation ([`crate::trust`]), and come back after any failure with
 //! jittered exponential backoff (or after the delay the control plane suggested; at once after
 //! a renewal). The identity is read again before every connection, so a renewed certificate
 //! is used from the next one. A "revoked" close, or a handshake refused with the TLS alert
@@ -22,6 +22,7 @@ use crate::jobs::{job_loop, JobContext, JobPolicy};
 use crate::renew::{renewal_loop, RenewalPlan};
 use crate::status;
 use crate::transport::{self, TransportError, CONNECT_TIMEOUT};
+use crate::trust::trust_loop;
 
 /// How `run` ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,6 +269,7 @@ async fn session(
                     s.detail = None;
                 });
             };
+            let state = renewal.state;
             let renewing = async {
                 match renewal.plan {
                     Some(plan) => {
@@ -280,6 +282,7 @@ async fn session(
                 end = control.run(welcomed) => end,
                 end = job_loop(&connection, jobs, hello) => end,
                 end = renewing => end,
+                end = trust_loop(&connection, hello, server_id, state) => end,
             }
         }
         Err(end) => end,

@@ -110,27 +110,51 @@ impl AgentCertificateSet {
     }
 }
 
-/// Client-certificate verifier of the agent gateway: the chain must lead to our CA (webpki
-/// checks signature, validity period and key usage), and the certificate must be in the
-/// [`AgentCertificateSet`]. A connection without a certificate is let through: that is an
-/// enrollment, and the gateway accepts nothing else on it.
+/// Client-certificate verifier of the agent gateway: the chain must lead to one of the CAs
+/// it trusts (webpki checks signature, validity period and key usage), and the certificate
+/// must be in the [`AgentCertificateSet`]. A connection without a certificate is let through:
+/// that is an enrollment, and the gateway accepts nothing else on it.
+///
+/// The trusted CAs change while the gateway runs ([`Self::trust`]): during a CA rotation both
+/// the old and the new CA, after it only the new one.
 #[derive(Debug)]
 pub struct AgentClientVerifier {
-    webpki: Arc<dyn ClientCertVerifier>,
+    webpki: RwLock<Arc<dyn ClientCertVerifier>>,
     set: Arc<AgentCertificateSet>,
 }
 
+fn webpki_for(ca_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs_from_pem(ca_pem)? {
+        roots.add(cert)?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsConfigError::Rustls(rustls::Error::General(e.to_string())))
+}
+
 impl AgentClientVerifier {
+    /// A verifier trusting the CAs in `ca_pem` (one or more PEM certificates).
     pub fn new(ca_pem: &str, set: Arc<AgentCertificateSet>) -> Result<Arc<Self>, TlsConfigError> {
-        let mut roots = RootCertStore::empty();
-        for cert in certs_from_pem(ca_pem)? {
-            roots.add(cert)?;
-        }
-        let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsConfigError::Rustls(rustls::Error::General(e.to_string())))?;
-        Ok(Arc::new(Self { webpki, set }))
+        Ok(Arc::new(Self {
+            webpki: RwLock::new(webpki_for(ca_pem)?),
+            set,
+        }))
+    }
+
+    /// From the next handshake on, trusts exactly the CAs in `ca_pem`.
+    pub fn trust(&self, ca_pem: &str) -> Result<(), TlsConfigError> {
+        let webpki = webpki_for(ca_pem)?;
+        *self.webpki.write().unwrap_or_else(|p| p.into_inner()) = webpki;
+        Ok(())
+    }
+
+    fn webpki(&self) -> Arc<dyn ClientCertVerifier> {
+        self.webpki
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -143,8 +167,10 @@ impl ClientCertVerifier for AgentClientVerifier {
         false
     }
 
+    // No hints: they would have to be borrowed from a verifier that can be replaced, and an
+    // agent has exactly one certificate to offer anyway.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.webpki.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
@@ -153,7 +179,7 @@ impl ClientCertVerifier for AgentClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.webpki
+        self.webpki()
             .verify_client_cert(end_entity, intermediates, now)?;
         match self.set.status(&Fingerprint::of_der(end_entity)) {
             AgentCertStatus::Valid(_) => Ok(ClientCertVerified::assertion()),
@@ -175,7 +201,7 @@ impl ClientCertVerifier for AgentClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        self.webpki().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -184,11 +210,11 @@ impl ClientCertVerifier for AgentClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        self.webpki().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.webpki().supported_verify_schemes()
     }
 }
 

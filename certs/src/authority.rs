@@ -110,6 +110,11 @@ impl CertificateAuthority {
         self.key.serialize_pem()
     }
 
+    /// The CA's private key, PKCS#8 DER (for signing an endorsement).
+    pub(crate) fn key_der(&self) -> Vec<u8> {
+        self.key.serialize_der()
+    }
+
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint::of_der(&self.cert_der)
     }

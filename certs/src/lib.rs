@@ -7,6 +7,7 @@
 //!   refuses revoked ones at the handshake.
 //! - [`PinnedCaVerifier`]: an agent enrolling trusts the control plane by the CA fingerprint
 //!   given on its command line, never on first use.
+//! - [`rotation`]: a CA endorsing its successor, which agents then add to their pinned trust.
 //! - [`tls`]: the only place in the workspace that builds rustls configs; every config it
 //!   returns speaks TLS 1.3 and nothing older.
 
@@ -14,6 +15,7 @@ mod agent_set;
 mod authority;
 mod fingerprint;
 mod pinned;
+pub mod rotation;
 pub mod tls;
 
 pub use agent_set::{AgentCertStatus, AgentCertificateSet, AgentClientVerifier};
@@ -23,3 +25,4 @@ pub use authority::{
 };
 pub use fingerprint::{Fingerprint, FingerprintParseError};
 pub use pinned::PinnedCaVerifier;
+pub use rotation::{check_endorsement, issued_by, CaEndorsement, EndorsementError};

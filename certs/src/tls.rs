@@ -94,18 +94,68 @@ pub fn sink_client_config(ca_pem: &str) -> Result<ClientConfig, TlsConfigError> 
         .with_no_client_auth())
 }
 
-/// Server side of the agent gateway (QUIC): TLS 1.3, ALPN `alpn`, client certificates
-/// checked by `verifier` (see [`crate::AgentClientVerifier`]).
-pub fn agent_gateway_config(
+/// The agent gateway's server certificate, replaceable while the gateway runs: after a CA
+/// rotation is retired, the gateway presents a certificate from the new CA from the next
+/// handshake on.
+#[derive(Debug)]
+pub struct GatewayCertificate {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+fn certified_key(
     chain_pem: &str,
     key_pem: &str,
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsConfigError> {
+    let key = provider()
+        .key_provider
+        .load_private_key(key_from_pem(key_pem)?)?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(
+        certs_from_pem(chain_pem)?,
+        key,
+    )))
+}
+
+impl GatewayCertificate {
+    pub fn new(chain_pem: &str, key_pem: &str) -> Result<Arc<Self>, TlsConfigError> {
+        Ok(Arc::new(Self {
+            current: std::sync::RwLock::new(certified_key(chain_pem, key_pem)?),
+        }))
+    }
+
+    /// Presents `chain_pem` with `key_pem` from the next handshake on.
+    pub fn replace(&self, chain_pem: &str, key_pem: &str) -> Result<(), TlsConfigError> {
+        let next = certified_key(chain_pem, key_pem)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for GatewayCertificate {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+/// Server side of the agent gateway: TLS 1.3, ALPN `alpn`, the certificate `certificate`
+/// presents, client certificates checked by `verifier` (which lets certificate-less
+/// enrollment connections through).
+pub fn agent_gateway_config(
+    certificate: Arc<GatewayCertificate>,
     verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     alpn: &[u8],
 ) -> Result<ServerConfig, TlsConfigError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs_from_pem(chain_pem)?, key_from_pem(key_pem)?)?;
+        .with_cert_resolver(certificate);
     config.alpn_protocols = vec![alpn.to_vec()];
     // No resumption on the gateway: a resumed TLS 1.3 session does not present the client
     // certificate again, so the verifier (chain, validity period, the live valid set) would
@@ -150,6 +200,30 @@ pub fn agent_client_config(
     };
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
+}
+
+/// A certificate's DER as PEM (what an agent writes to its pinned trust: the bytes it
+/// checked, not the text it was sent).
+pub fn der_to_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+/// The SHA-256 fingerprints of every certificate in a PEM document (none if it does not
+/// parse).
+pub fn fingerprints(pem: &str) -> Vec<crate::Fingerprint> {
+    certs_from_pem(pem)
+        .unwrap_or_default()
+        .iter()
+        .map(|der| crate::Fingerprint::of_der(der))
+        .collect()
 }
 
 /// The DER of the first certificate in a PEM document.

@@ -14,7 +14,10 @@
 //! Compatibility: variants are only ever appended at the end of [`AgentMessage`] and
 //! [`ControlMessage`] (the codec numbers them in order), so an older peer still reads every
 //! message it knows. A control plane older than renewal cannot decode `Renew`: it drops that
-//! one stream, and the agent backs off ([`crate::session::AgentRenewal`]).
+//! one stream, and the agent backs off ([`crate::session::AgentRenewal`]). The same holds for
+//! `WatchTrust` (CA rotation): an older control plane drops that stream and the agent stops
+//! watching for the rest of the session; an older agent never asks, so it is never sent
+//! `CaEndorsed`.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -140,7 +143,19 @@ pub enum AgentMessage {
     Renew {
         csr_der: Vec<u8>,
     },
+    /// "Tell me when there is a CA I should pin": the first and only message of a trust
+    /// stream, naming the SHA-256 fingerprints of the CAs this agent pins (at most
+    /// [`MAX_PINNED_CAS`]). Answered with `CaEndorsed` when the control plane has started a CA
+    /// rotation that this agent has not followed yet, at once or whenever that happens; the
+    /// agent ends the stream once it has stored the new CA.
+    WatchTrust {
+        pinned_cas: Vec<[u8; 32]>,
+    },
 }
+
+/// The most CA fingerprints a `WatchTrust` may name (an agent pins one, two during a
+/// rotation).
+pub const MAX_PINNED_CAS: usize = 8;
 
 impl AgentMessage {
     /// The message's name, for errors and logs (its content can be large or secret).
@@ -154,6 +169,7 @@ impl AgentMessage {
             Self::JobRefused { .. } => "JobRefused",
             Self::JobReport { .. } => "JobReport",
             Self::Renew { .. } => "Renew",
+            Self::WatchTrust { .. } => "WatchTrust",
         }
     }
 }
@@ -180,7 +196,31 @@ pub enum ControlMessage {
     RenewalRefused {
         reason: RenewalRefusal,
     },
+    /// A new CA, endorsed by one the agent pins (`sensei_certs::rotation`), in answer to
+    /// `WatchTrust`. The agent pins it only if the endorsement verifies; then it ends the
+    /// stream. With `renew`, the session's certificate comes from the CA being replaced: the
+    /// agent renews it now, and the renewal is issued by the new CA.
+    CaEndorsed {
+        /// The new CA's certificate, PEM (at most [`MAX_CERTIFICATE_PEM_LEN`]).
+        ca_pem: String,
+        /// SHA-256 fingerprint of the endorsing CA, one the agent named as pinned.
+        endorser: [u8; 32],
+        /// The endorser's signature over the new CA (at most [`MAX_SIGNATURE_LEN`] bytes).
+        signature: Vec<u8>,
+        renew: bool,
+    },
+    /// The CA rotation is over, in answer to `WatchTrust` from an agent that pins `current`
+    /// and others: the agent unpins the CAs in `retired` (at most [`MAX_PINNED_CAS`]), never
+    /// `current`, then ends the stream. Dropping a pin can only narrow what the agent trusts.
+    CaRetired {
+        retired: Vec<[u8; 32]>,
+        current: [u8; 32],
+    },
 }
+
+/// The largest endorsement signature an agent reads (an ECDSA P-256 signature is at most 72
+/// bytes).
+pub const MAX_SIGNATURE_LEN: usize = 128;
 
 /// The largest CSR a renewal may carry. A P-256 CSR naming one UUID is about 300 bytes.
 pub const MAX_CSR_LEN: usize = 4096;
@@ -232,6 +272,8 @@ impl ControlMessage {
             Self::JobRecorded => "JobRecorded",
             Self::Renewed { .. } => "Renewed",
             Self::RenewalRefused { .. } => "RenewalRefused",
+            Self::CaEndorsed { .. } => "CaEndorsed",
+            Self::CaRetired { .. } => "CaRetired",
         }
     }
 }

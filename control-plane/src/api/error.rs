@@ -46,6 +46,7 @@ error_codes! {
     Internal => "internal",
     InvalidAccountName => "invalid_account_name",
     InvalidAuth => "invalid_auth",
+    InvalidCaFilter => "invalid_ca_filter",
     InvalidCredentials => "invalid_credentials",
     InvalidCursor => "invalid_cursor",
     InvalidDeployPath => "invalid_deploy_path",

@@ -77,8 +77,9 @@ pub struct StateInner {
     pub metrics: Metrics,
     pub binary_sha256: String,
     pub agents: Arc<AgentHub>,
-    /// `SHA256:…` of the CA, shown with servers so that operators can pin it.
-    pub ca_fingerprint: String,
+    /// The agents' CAs; the presented one's `SHA256:…` is shown with servers so that
+    /// operators can pin it (it follows a CA rotation).
+    pub ca_authority: Arc<crate::runners::agent::authority::Authority>,
     /// Where agents connect, as given to them.
     pub agent_endpoint: String,
     /// How long a queued deployment waits for its agent.

@@ -189,7 +189,7 @@ fn view(state: &AppState, row: &tokio_postgres::Row) -> ServerView {
         transport: row.get(5),
         labels: row.get(6),
         created_at: row.get(7),
-        ca_fingerprint: state.ca_fingerprint.clone(),
+        ca_fingerprint: state.ca_authority.presented_fingerprint().to_string(),
         agent_endpoint: state.agent_endpoint.clone(),
         agent: AgentStatus {
             last_seen_at: row.get(8),
@@ -250,7 +250,8 @@ async fn issue_token(
     Ok(Enrollment {
         enroll_command: format!(
             "sensei-agent enroll --control-plane {} --token {text} --ca-fingerprint {} --server-id {server_id}",
-            state.agent_endpoint, state.ca_fingerprint
+            state.agent_endpoint,
+            state.ca_authority.presented_fingerprint()
         ),
         enrollment_token: text,
         enrollment_expires_at: row.get(0),
@@ -446,6 +447,8 @@ impl SshCredentials {
            ("agent_version" = Option<String>, Query, description = "only servers whose agent reported this version"),
            ("certificate_expires_before" = Option<String>, Query,
             description = "only agent servers whose current certificate expires before this time (RFC 3339)"),
+           ("ca" = Option<String>, Query,
+            description = "`old`: only agent servers whose newest certificate was not issued by the current CA. During a CA rotation, the agents that have not moved yet; after `ca retire`, the ones that must enroll again"),
            PageQuery),
     responses((status = 200, body = ServerList), (status = 400, body = ErrorBody, description = "invalid limit or cursor")))]
 pub async fn list(
@@ -491,14 +494,37 @@ pub async fn list(
         })?;
         selector.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
     }
+    let mut old_ca = false;
+    for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match (name.as_ref(), value.as_ref()) {
+            ("ca", "old") => old_ca = true,
+            ("ca", other) => {
+                return Err(ApiError::bad_request(
+                    ErrorCode::InvalidCaFilter,
+                    format!("ca {other:?}: the only filter is ca=old"),
+                ))
+            }
+            _ => {}
+        }
+    }
     let page = PageQuery::from_raw(query.as_deref())?.page()?;
     let client = state.pool.get().await?;
+    let current_ca = state.ca_authority.ring().current.fingerprint();
+    let current_ca = current_ca.as_bytes().as_slice();
+    // The newest certificate (revoked ones aside) names another CA than the issuing one.
+    let old_ca_sql = if old_ca {
+        " AND EXISTS (SELECT 1 FROM (SELECT ca_fingerprint FROM agent_certificates \
+           WHERE server_id = s.id AND revoked_at IS NULL ORDER BY issued_at DESC LIMIT 1) n \
+           WHERE n.ca_fingerprint IS DISTINCT FROM $9) AND s.transport = 'agent'"
+    } else {
+        " AND $9::bytea IS NOT NULL"
+    };
     let rows = client
         .query(
             &format!(
                 "{VIEW_SQL} AND s.labels @> $2 AND ($3::jsonb IS NULL OR s.labels @> $3) \
                  AND ($4::text IS NULL OR s.agent_version = $4) \
-                 AND ($5::timestamptz IS NULL OR c.not_after < $5){}",
+                 AND ($5::timestamptz IS NULL OR c.not_after < $5){old_ca_sql}{}",
                 Page::keyset_sql("s.created_at", "s.id", Order::OldestFirst, 6)
             ),
             &[
@@ -510,6 +536,7 @@ pub async fn list(
                 &page.after_time(),
                 &page.after_id(),
                 &page.fetch(),
+                &current_ca,
             ],
         )
         .await?;

@@ -141,6 +141,11 @@ pub enum Command {
     },
     /// Re-encrypt every encrypted field under the first key of CODESENSEI_FIELD_KEY.
     RotateFieldKey,
+    /// The agents' CA: rotate it, see who has moved, retire the old one (docs/agent.md).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -203,6 +208,23 @@ pub enum Command {
         /// versions match.
         #[arg(long)]
         old_bindir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Create a new CA. Until `ca retire`, agent certificates from both are accepted, every
+    /// certificate is issued by the new one, and connected agents pin it and renew under it.
+    Rotate,
+    /// The CAs, and the agents that have not moved to the current one yet.
+    Status,
+    /// Retire the previous CA: its key is destroyed and its certificates stop working (their
+    /// servers must enroll again). Refused while a connected agent still holds only a
+    /// certificate from it, unless --force.
+    Retire {
+        /// Retire even though connected agents have not moved: they are disconnected.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -346,6 +368,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             );
             close(db);
             Ok(0)
+        }
+        Command::Ca { command } => {
+            let keys = FieldKeys::from_env()?;
+            let db = open_for_command(&keys, &data_dir).await?;
+            let code = ca_command(&db.pool, &keys, command).await;
+            close(db);
+            code
         }
         Command::Migrate { app_role } => {
             let owner = owner_url().ok_or_else(|| {
@@ -535,6 +564,85 @@ pub fn owner_url() -> Option<String> {
 
 /// The database as a maintenance command opens it: `DATABASE_URL` (migrated as the owner
 /// when `DATABASE_OWNER_URL` is set) with a small pool.
+/// `ca rotate | status | retire`.
+async fn ca_command(
+    pool: &deadpool_postgres::Pool,
+    keys: &FieldKeys,
+    command: CaCommand,
+) -> anyhow::Result<i32> {
+    use crate::runners::agent::ca_rotation::{self, CaRotationError};
+    let list = |servers: &[ca_rotation::OldCaServer]| {
+        for s in servers {
+            println!(
+                "  {} {} ({})",
+                s.id,
+                s.name,
+                if s.connected { "connected" } else { "offline" }
+            );
+        }
+    };
+    match command {
+        CaCommand::Rotate => match ca_rotation::rotate(pool, keys).await {
+            Ok(rotated) => {
+                println!(
+                    "ca rotate: new CA {}; the previous CA {} stays accepted until `ca retire`. \
+                     Connected agents now pin the new CA and renew under it; follow them with \
+                     `ca status`.",
+                    rotated.current, rotated.previous
+                );
+                Ok(0)
+            }
+            Err(e @ CaRotationError::AlreadyRotating(_)) => {
+                eprintln!("ca rotate: {e}");
+                Ok(1)
+            }
+            Err(e) => Err(e.into()),
+        },
+        CaCommand::Status => {
+            let ring = ca_rotation::load(pool, keys).await?;
+            println!("current CA: {}", ring.current.fingerprint());
+            match &ring.previous {
+                None => println!("no rotation under way"),
+                Some(previous) => {
+                    println!("previous CA (still accepted): {}", previous.fingerprint());
+                    let client = pool.get().await?;
+                    let old = ca_rotation::servers_on_old_ca(
+                        &**client,
+                        &ring.current.fingerprint(),
+                        None,
+                    )
+                    .await?;
+                    println!("{} agent(s) not on the current CA yet:", old.len());
+                    list(&old);
+                }
+            }
+            Ok(0)
+        }
+        CaCommand::Retire { force } => match ca_rotation::retire(pool, keys, force).await {
+            Ok(retired) => {
+                println!(
+                    "ca retire: the CA {} is retired ({} certificate(s)); {} is the only CA.",
+                    retired.retired, retired.certificates_retired, retired.current
+                );
+                if !retired.stranded.is_empty() {
+                    println!(
+                        "{} server(s) never moved and must enroll again \
+                         (POST /v1/servers/{{id}}/enrollment-token, then `sensei-agent enroll`):",
+                        retired.stranded.len()
+                    );
+                    list(&retired.stranded);
+                }
+                Ok(0)
+            }
+            Err(e @ (CaRotationError::NotRotating | CaRotationError::StillConnected(_))) => {
+                eprintln!("ca retire: {e}");
+                Ok(1)
+            }
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
 async fn open_for_command(
     keys: &FieldKeys,
     data_dir: &std::path::Path,

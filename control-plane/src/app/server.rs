@@ -309,7 +309,9 @@ impl ControlPlane {
         crate::audit::seal_unkeyed_chains(&pool, keys.audit_keys())
             .await
             .map_err(|e| StartError::Audit(e.to_string()))?;
-        let ca = pki::certificate_authority(&pool, &keys).await?;
+        let ring = crate::runners::agent::ca_rotation::load(&pool, &keys).await?;
+        // The CA clients pin: during a CA rotation, still the previous one.
+        let ca = ring.presented();
         // Clients (curl, the quickstart, agents' operators) need the CA to trust the API.
         prepare_data_dir(&options.data_dir)?;
         let ca_path = options.data_dir.join("ca.pem");
@@ -317,7 +319,8 @@ impl ControlPlane {
             path: ca_path.display().to_string(),
             message: e.to_string(),
         })?;
-        let api_cert = pki::api_certificate(&pool, &keys, &ca, &options.api_names).await?;
+        let api_cert = pki::api_certificate(&pool, &keys, ca, &options.api_names).await?;
+        let (ca_fingerprint, ca_pem) = (ca.fingerprint(), ca.cert_pem().to_owned());
         let tls = sensei_certs::tls::https_server_config(&api_cert.chain_pem, &api_cert.key_pem)?;
         let listener =
             TcpListener::bind(options.api_addr)
@@ -341,10 +344,16 @@ impl ControlPlane {
             .await
             .map_err(|e| db::DbError::Connect(db::describe(&e)))?;
         let last_seen = Arc::new(LastSeen::default());
-        let ca = Arc::new(ca);
+        let authority = crate::runners::agent::authority::Authority::new(
+            ring,
+            &api_cert.chain_pem,
+            &api_cert.key_pem,
+            options.api_names.clone(),
+            hub.certificates.clone(),
+        )?;
         let gateway_ctx = Arc::new(GatewayContext {
             pool: pool.clone(),
-            ca: ca.clone(),
+            authority: authority.clone(),
             job_public_key: job_key.verifying_key().to_bytes(),
             hub: hub.clone(),
             last_seen: last_seen.clone(),
@@ -363,12 +372,7 @@ impl ControlPlane {
                 hub.replica_id,
             ),
         });
-        let endpoint = gateway::bind(
-            options.agent_addr,
-            &api_cert.chain_pem,
-            &api_cert.key_pem,
-            &gateway_ctx,
-        )?;
+        let endpoint = gateway::bind(options.agent_addr, &gateway_ctx)?;
         let agent_addr = endpoint.local_addr().map_err(|e| StartError::Listen {
             addr: options.agent_addr,
             message: e.to_string(),
@@ -442,7 +446,7 @@ impl ControlPlane {
             binary_sha256: sha,
             dispatch_timeout: options.dispatch_timeout,
             agents: hub.clone(),
-            ca_fingerprint: ca.fingerprint().to_string(),
+            ca_authority: authority.clone(),
             agent_endpoint,
             mailer,
             public_url: public_url.clone(),
@@ -474,6 +478,13 @@ impl ControlPlane {
                 pool.clone(),
                 database_url,
                 hub.clone(),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(crate::runners::agent::authority::follow(
+                authority,
+                hub.clone(),
+                pool.clone(),
+                state_keys.clone(),
                 shutdown_rx.clone(),
             )),
             {
@@ -540,7 +551,7 @@ impl ControlPlane {
             crate::web::router(state.clone()).merge(api::router(state)),
             shutdown_rx,
         ));
-        tracing::info!(%api_addr, %agent_addr, ca_fingerprint = %ca.fingerprint(), "control plane listening");
+        tracing::info!(%api_addr, %agent_addr, %ca_fingerprint, "control plane listening");
         Ok(Self {
             api_addr,
             public_url,
@@ -550,8 +561,8 @@ impl ControlPlane {
             agents: hub,
             endpoint,
             tasks,
-            ca_fingerprint: ca.fingerprint(),
-            ca_pem: ca.cert_pem().to_owned(),
+            ca_fingerprint,
+            ca_pem,
             pool,
             shutdown,
             server,

@@ -46,7 +46,7 @@ pub struct ApiCertificate {
     pub key_pem: String,
 }
 
-async fn load(
+pub(crate) async fn load(
     pool: &Pool,
     keys: &FieldKeys,
     name: &str,
@@ -95,7 +95,7 @@ async fn store(
     Ok(())
 }
 
-fn to_chrono(t: time::OffsetDateTime) -> DateTime<Utc> {
+pub(crate) fn to_chrono(t: time::OffsetDateTime) -> DateTime<Utc> {
     DateTime::from_timestamp(t.unix_timestamp(), 0).unwrap_or_else(Utc::now)
 }
 
@@ -140,7 +140,15 @@ pub async fn api_certificate(
         *not_after > Utc::now() + chrono::Duration::days(RENEW_BEFORE_DAYS)
     };
     let (cert, key) = match load(pool, keys, &name, "API certificate").await? {
-        Some((cert, key, not_after)) if fresh_enough(&not_after) => (cert, key),
+        // Reused only if this CA issued it: after a CA rotation is retired, the stored one
+        // comes from the retired CA.
+        Some((cert, key, not_after))
+            if fresh_enough(&not_after)
+                && sensei_certs::tls::first_cert_der(&cert)
+                    .is_ok_and(|der| sensei_certs::issued_by(&der, ca.cert_der())) =>
+        {
+            (cert, key)
+        }
         _ => {
             let issued =
                 ca.issue_server_certificate(&sorted, time::Duration::days(API_CERT_DAYS))?;

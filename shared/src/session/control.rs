@@ -10,6 +10,7 @@ use super::{silence_limit, Instant, OutOfOrder};
 use crate::job::SignedJob;
 use crate::protocol::{
     close, AgentMessage, ControlMessage, JobResult, LogLine, RenewalRefusal, MAX_CSR_LEN,
+    MAX_PINNED_CAS,
 };
 
 /// The longest agent version kept (the rest is cut): it is shown, never interpreted.
@@ -277,6 +278,11 @@ enum ControlJobState {
     Recording,
     /// A renewal: the driver checks and signs the CSR.
     Renewing,
+    /// A trust watch: the driver answers once a CA rotation the agent has not followed
+    /// exists.
+    Watching,
+    /// The endorsement is sent; the agent ends the stream once it has pinned the new CA.
+    AwaitingTrustStored,
     /// The renewed certificate is sent; the agent ends the stream once it has stored it.
     AwaitingStored,
     Done,
@@ -307,6 +313,12 @@ pub enum ControlJobAction {
     /// The agent stored its renewed certificate (it ended the stream after `Renewed`): stop
     /// handing jobs to this session and close it with [`close::RENEWED`] once none runs.
     Drain,
+    /// The agent watches for CA rotations, pinning these CAs (at most [`MAX_PINNED_CAS`]):
+    /// once one it has not followed exists (or its certificate comes from the CA being
+    /// replaced, or a rotation it followed was retired), call [`ControlJob::announce`].
+    WatchTrust { pinned_cas: Vec<[u8; 32]> },
+    /// The agent pinned the CA endorsed on this stream.
+    TrustStored,
     /// The exchange is over: finish the stream.
     Finish,
 }
@@ -378,6 +390,18 @@ impl ControlJob {
                     self.actions.push_back(ControlJobAction::Renew { csr_der });
                 }
                 Ok(())
+            }
+            (ControlJobState::AwaitingFirst, AgentMessage::WatchTrust { pinned_cas }) => {
+                if pinned_cas.len() > MAX_PINNED_CAS {
+                    Err(ControlJobError::Unexpected(
+                        "WatchTrust naming too many CAs",
+                    ))
+                } else {
+                    self.state = ControlJobState::Watching;
+                    self.actions
+                        .push_back(ControlJobAction::WatchTrust { pinned_cas });
+                    Ok(())
+                }
             }
             (ControlJobState::AwaitingFirst, other) => {
                 Err(ControlJobError::ExpectedPollOrReport(other.name()))
@@ -469,6 +493,28 @@ impl ControlJob {
         Ok(())
     }
 
+    /// A CA change the watching agent has not followed: send `news` (a
+    /// [`ControlMessage::CaEndorsed`] or [`ControlMessage::CaRetired`]), then wait for the
+    /// agent to end the stream.
+    pub fn announce(&mut self, news: ControlMessage) -> Result<(), OutOfOrder> {
+        if self.state != ControlJobState::Watching
+            || !matches!(
+                news,
+                ControlMessage::CaEndorsed { .. } | ControlMessage::CaRetired { .. }
+            )
+        {
+            return Err(OutOfOrder("announce"));
+        }
+        self.state = ControlJobState::AwaitingTrustStored;
+        self.actions.push_back(ControlJobAction::Send(news));
+        Ok(())
+    }
+
+    /// Whether the stream is a trust watch still waiting for a rotation.
+    pub fn is_watching(&self) -> bool {
+        self.state == ControlJobState::Watching
+    }
+
     /// The renewal asked for is refused.
     pub fn renewal_refused(&mut self, reason: RenewalRefusal) -> Result<(), OutOfOrder> {
         if self.state != ControlJobState::Renewing {
@@ -491,9 +537,16 @@ impl ControlJob {
     /// stored; anywhere else it means nothing more will come (a running job fails when the
     /// session ends, as before).
     pub fn handle_end(&mut self) {
-        if self.state == ControlJobState::AwaitingStored {
-            self.actions.push_back(ControlJobAction::Drain);
-            self.actions.push_back(ControlJobAction::Finish);
+        match self.state {
+            ControlJobState::AwaitingStored => {
+                self.actions.push_back(ControlJobAction::Drain);
+                self.actions.push_back(ControlJobAction::Finish);
+            }
+            ControlJobState::AwaitingTrustStored => {
+                self.actions.push_back(ControlJobAction::TrustStored);
+                self.actions.push_back(ControlJobAction::Finish);
+            }
+            _ => {}
         }
         self.state = ControlJobState::Done;
     }

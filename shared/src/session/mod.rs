@@ -18,6 +18,9 @@
 //! renewal stream   agent: Renew { csr } ─────▶ check, sign, record (a `ControlJob` too)
 //!                         ◀───────────── Renewed { certificate } | RenewalRefused { reason }
 //!                         end of stream (stored) ──▶ drain, then close with `RENEWED`
+//! trust stream     agent: WatchTrust { pinned } ─▶ held open until a CA rotation
+//!                         ◀───────────── CaEndorsed { new CA signed by a pinned one }
+//!                         end of stream (pinned) ──▶ recorded
 //! ```
 //!
 //! The machines read no clock and touch no socket. A driver feeds them what arrived (a
@@ -50,6 +53,7 @@ mod control;
 mod renewal;
 #[cfg(test)]
 mod tests;
+mod trust;
 
 pub use agent::{
     AgentAction, AgentJob, AgentJobAction, AgentJobError, AgentSession, AgentSessionError,
@@ -60,6 +64,7 @@ pub use control::{
     ControlSessionError,
 };
 pub use renewal::{AgentRenewal, AgentRenewalAction, AgentRenewalError};
+pub use trust::{AgentTrust, AgentTrustAction, AgentTrustError};
 
 /// A point in time on the driver's monotonic clock.
 ///

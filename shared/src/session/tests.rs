@@ -1043,3 +1043,230 @@ fn renewal_messages_out_of_place_are_protocol_errors() {
         Err(AgentSessionError::Unexpected("RenewalRefused"))
     );
 }
+
+fn drain_trust(trust: &mut AgentTrust) -> Vec<AgentTrustAction> {
+    std::iter::from_fn(|| trust.poll()).collect()
+}
+
+fn endorsement(renew: bool) -> ControlMessage {
+    ControlMessage::CaEndorsed {
+        ca_pem: "-----BEGIN CERTIFICATE-----\n...".into(),
+        endorser: [7; 32],
+        signature: vec![9; 70],
+        renew,
+    }
+}
+
+/// The watch is held open (no timer on either side: a rotation may come days later); the
+/// endorsement is checked and stored by the agent's driver, and only the end of the stream
+/// tells the control plane the new CA is pinned.
+#[test]
+fn a_trust_watch_waits_for_a_rotation_and_ends_once_the_ca_is_pinned() {
+    let mut agent = AgentTrust::new(hello_sent(), vec![[7; 32]]).expect("watch");
+    let actions: [AgentTrustAction; 1] = drain_trust(&mut agent).try_into().expect("one");
+    let [AgentTrustAction::Send(watch)] = actions else {
+        panic!("the watch goes out first");
+    };
+    assert_eq!(
+        watch,
+        AgentMessage::WatchTrust {
+            pinned_cas: vec![[7; 32]]
+        }
+    );
+    let mut control = ControlJob::new();
+    control.handle(watch).expect("watch");
+    assert_eq!(
+        drain_control_job(&mut control),
+        [ControlJobAction::WatchTrust {
+            pinned_cas: vec![[7; 32]]
+        }]
+    );
+    assert!(control.is_watching());
+    // Only an endorsement is sent on a watch.
+    assert_eq!(
+        control.announce(ControlMessage::HeartbeatAck),
+        Err(OutOfOrder("announce"))
+    );
+    control.announce(endorsement(true)).expect("endorse");
+    let actions: [ControlJobAction; 1] = drain_control_job(&mut control).try_into().expect("one");
+    let [ControlJobAction::Send(sent)] = actions else {
+        panic!("the endorsement is sent");
+    };
+    agent.handle(sent).expect("endorsement");
+    assert_eq!(
+        drain_trust(&mut agent),
+        [AgentTrustAction::Check {
+            ca_pem: "-----BEGIN CERTIFICATE-----\n...".into(),
+            endorser: [7; 32],
+            signature: vec![9; 70],
+            renew: true,
+        }]
+    );
+    // Not pinned yet: no ack until the driver says it is stored.
+    assert!(!agent.is_done());
+    agent.stored().expect("stored");
+    assert_eq!(drain_trust(&mut agent), [AgentTrustAction::Finish]);
+    assert!(agent.is_done());
+    control.handle_end();
+    assert_eq!(
+        drain_control_job(&mut control),
+        [ControlJobAction::TrustStored, ControlJobAction::Finish]
+    );
+    assert!(control.is_done());
+}
+
+/// A forged endorsement (the driver's check fails) resets the stream: the control plane
+/// never hears "pinned", and the agent stored nothing.
+#[test]
+fn a_refused_endorsement_resets_the_stream_and_records_nothing() {
+    let mut agent = AgentTrust::new(hello_sent(), vec![[7; 32]]).expect("watch");
+    drain_trust(&mut agent);
+    let mut control = ControlJob::new();
+    control
+        .handle(AgentMessage::WatchTrust {
+            pinned_cas: vec![[7; 32]],
+        })
+        .expect("watch");
+    drain_control_job(&mut control);
+    control.announce(endorsement(false)).expect("endorse");
+    drain_control_job(&mut control);
+    agent.handle(endorsement(false)).expect("read");
+    drain_trust(&mut agent);
+    agent.stored().expect("stored");
+    // One verdict per endorsement: a second is out of order.
+    assert_eq!(agent.refused(), Err(OutOfOrder("refused")));
+
+    let mut forged = AgentTrust::new(hello_sent(), vec![[7; 32]]).expect("watch");
+    drain_trust(&mut forged);
+    forged.handle(endorsement(false)).expect("read");
+    drain_trust(&mut forged);
+    forged.refused().expect("refused");
+    assert_eq!(drain_trust(&mut forged), [AgentTrustAction::Reset]);
+    assert!(forged.is_done());
+    // A reset is no end of stream on the control plane's side: it only sees the stream go,
+    // which for a watch records nothing.
+    let mut control = ControlJob::new();
+    control
+        .handle(AgentMessage::WatchTrust { pinned_cas: vec![] })
+        .expect("watch");
+    drain_control_job(&mut control);
+    control.handle_end();
+    assert_eq!(drain_control_job(&mut control), []);
+    assert!(control.is_done());
+}
+
+/// Everything but an endorsement within bounds is refused on a trust stream, on both sides;
+/// an older control plane dropping the stream is no error for the session.
+#[test]
+fn trust_messages_out_of_place_or_too_large_are_refused() {
+    let oversized = [
+        ControlMessage::CaEndorsed {
+            ca_pem: "x".repeat(crate::protocol::MAX_CERTIFICATE_PEM_LEN + 1),
+            endorser: [0; 32],
+            signature: vec![],
+            renew: false,
+        },
+        ControlMessage::CaEndorsed {
+            ca_pem: String::new(),
+            endorser: [0; 32],
+            signature: vec![0; crate::protocol::MAX_SIGNATURE_LEN + 1],
+            renew: false,
+        },
+        ControlMessage::HeartbeatAck,
+        ControlMessage::Job(job()),
+    ];
+    for message in oversized {
+        let mut agent = AgentTrust::new(hello_sent(), vec![]).expect("watch");
+        drain_trust(&mut agent);
+        assert!(matches!(
+            agent.handle(message),
+            Err(AgentTrustError::Unexpected(_))
+        ));
+        assert_eq!(drain_trust(&mut agent), [AgentTrustAction::Reset]);
+        assert!(agent.is_done());
+    }
+    // A second endorsement on the same stream.
+    let mut agent = AgentTrust::new(hello_sent(), vec![]).expect("watch");
+    drain_trust(&mut agent);
+    agent.handle(endorsement(false)).expect("first");
+    assert!(agent.handle(endorsement(false)).is_err());
+    // Too many pinned CAs: the agent does not send it, the control plane refuses it.
+    let many = vec![[1; 32]; crate::protocol::MAX_PINNED_CAS + 1];
+    assert_eq!(
+        AgentTrust::new(hello_sent(), many.clone()).map(|_| ()),
+        Err(AgentTrustError::TooManyPinned(many.len()))
+    );
+    let mut control = ControlJob::new();
+    assert!(control
+        .handle(AgentMessage::WatchTrust { pinned_cas: many })
+        .is_err());
+    // The agent may send nothing on a watch but the watch.
+    let mut control = ControlJob::new();
+    control
+        .handle(AgentMessage::WatchTrust { pinned_cas: vec![] })
+        .expect("watch");
+    assert!(control.handle(AgentMessage::Heartbeat).is_err());
+    // An older control plane cannot read WatchTrust and drops the stream.
+    let mut agent = AgentTrust::new(hello_sent(), vec![]).expect("watch");
+    drain_trust(&mut agent);
+    assert_eq!(agent.handle_end(), Err(AgentTrustError::Unanswered));
+    assert_eq!(agent.handle_end(), Ok(()));
+}
+
+/// The rotation messages are appended: the older variants keep their encoding.
+#[test]
+fn trust_messages_are_appended_to_the_protocol() {
+    let watch = crate::encode(&AgentMessage::WatchTrust { pinned_cas: vec![] }).expect("enc");
+    assert_eq!(watch[0], 8);
+    assert_eq!(crate::encode(&endorsement(true)).expect("enc")[0], 6);
+    assert_eq!(crate::encode(&AgentMessage::Heartbeat).expect("enc"), [1]);
+}
+
+/// After `ca retire`, a watching agent that still pins the retired CA is told to unpin it;
+/// the agent's driver keeps the current CA whatever the message says.
+#[test]
+fn a_retired_ca_is_unpinned_through_the_watch() {
+    let mut agent = AgentTrust::new(hello_sent(), vec![[1; 32], [2; 32]]).expect("watch");
+    drain_trust(&mut agent);
+    let mut control = ControlJob::new();
+    control
+        .handle(AgentMessage::WatchTrust {
+            pinned_cas: vec![[1; 32], [2; 32]],
+        })
+        .expect("watch");
+    drain_control_job(&mut control);
+    let retired = ControlMessage::CaRetired {
+        retired: vec![[1; 32]],
+        current: [2; 32],
+    };
+    control.announce(retired.clone()).expect("announce");
+    assert_eq!(
+        drain_control_job(&mut control),
+        [ControlJobAction::Send(retired.clone())]
+    );
+    agent.handle(retired).expect("read");
+    assert_eq!(
+        drain_trust(&mut agent),
+        [AgentTrustAction::Unpin {
+            retired: vec![[1; 32]],
+            current: [2; 32]
+        }]
+    );
+    agent.stored().expect("unpinned");
+    assert_eq!(drain_trust(&mut agent), [AgentTrustAction::Finish]);
+    control.handle_end();
+    assert_eq!(
+        drain_control_job(&mut control),
+        [ControlJobAction::TrustStored, ControlJobAction::Finish]
+    );
+    // Naming more CAs than a watch may is refused unread.
+    let mut agent = AgentTrust::new(hello_sent(), vec![]).expect("watch");
+    drain_trust(&mut agent);
+    assert!(agent
+        .handle(ControlMessage::CaRetired {
+            retired: vec![[0; 32]; crate::protocol::MAX_PINNED_CAS + 1],
+            current: [2; 32],
+        })
+        .is_err());
+    assert_eq!(drain_trust(&mut agent), [AgentTrustAction::Reset]);
+}

@@ -22,6 +22,7 @@ mod operations;
 mod renewal;
 mod replicas;
 mod rollouts;
+mod rotation;
 mod runners;
 mod sensei_cli;
 mod ssh;

@@ -115,6 +115,16 @@ pub async fn notify_revoked(
     Ok(())
 }
 
+/// Queues, inside the caller's transaction, the notification that the CAs changed (a
+/// rotation started or was retired): every replica reloads them, and the certificates.
+pub async fn notify_ca_changed(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute("SELECT pg_notify($1, 'ca')", &[&CHANNEL])
+        .await?;
+    Ok(())
+}
+
 /// Applies one notification payload to the hub.
 pub fn apply(hub: &AgentHub, payload: &str) {
     let mut parts = payload.split(':');
@@ -143,6 +153,7 @@ pub fn apply(hub: &AgentHub, payload: &str) {
                 hub.retire(&[fp]);
             }
         }
+        (Some("ca"), None, None, None) => hub.ca_changed.notify_one(),
         _ => tracing::warn!(payload, "unknown agent certificate notification"),
     }
 }
@@ -165,6 +176,8 @@ pub async fn listen(
             }
             // Jobs queued while nobody was listening were announced to no one.
             hub.wakes.wake_all();
+            // Nor was a CA rotation.
+            hub.ca_changed.notify_one();
         }
     };
     crate::store::db::listen_until_shutdown(

@@ -136,6 +136,19 @@ pub async fn serve_poll(
                         Err(reason) => exchange.renewal_refused(reason),
                     };
                 }
+                ControlJobAction::WatchTrust { pinned_cas } => {
+                    let news = super::authority::watch_trust(
+                        &ctx.authority,
+                        &pinned_cas,
+                        &link.certificate_der,
+                    )
+                    .await;
+                    // Cannot be out of order: the machine asked for this watch.
+                    let _ = exchange.announce(news);
+                }
+                ControlJobAction::TrustStored => {
+                    tracing::info!(%server_id, "the agent follows the CA change");
+                }
                 ControlJobAction::Drain => {
                     tracing::info!(%server_id, "the agent stored its renewed certificate; draining its session");
                     link.drain.start();

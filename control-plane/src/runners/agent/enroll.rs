@@ -257,8 +257,9 @@ async fn enroll(
         )));
     }
     let (not_before, not_after) = super::renew::validity(ctx.agent_cert_lifetime);
-    let issued = ctx
-        .ca
+    let ring = ctx.authority.ring();
+    let issued = ring
+        .current
         .sign_agent_csr(&request.csr_der, server_id, not_before, not_after)
         .map_err(|e| scoped(e.to_string()))?;
     let fingerprint = Fingerprint::of_der(&issued.cert_der);
@@ -285,13 +286,14 @@ async fn enroll(
         .filter_map(|r| Fingerprint::from_raw(r.get::<_, &[u8]>(0)))
         .collect();
     tx.execute(
-        "INSERT INTO agent_certificates (fingerprint, server_id, serial, not_after) \
-         VALUES ($1, $2, $3, $4)",
+        "INSERT INTO agent_certificates (fingerprint, server_id, serial, not_after, ca_fingerprint) \
+         VALUES ($1, $2, $3, $4, $5)",
         &[
             &fingerprint.as_bytes().as_slice(),
             &server_id,
             &issued.serial_hex,
             &not_after,
+            &ring.current.fingerprint().as_bytes().as_slice(),
         ],
     )
     .await
@@ -333,7 +335,9 @@ async fn enroll(
         EnrollResponse::Enrolled {
             server_id,
             certificate_pem: issued.cert_pem,
-            ca_pem: ctx.ca.cert_pem().to_owned(),
+            // The CA the agent pinned (the presented one): during a CA rotation it learns
+            // the new one on its first session.
+            ca_pem: ctx.authority.ring().presented().cert_pem().to_owned(),
             job_signing_public_key: ctx.job_public_key,
         },
         Some(server_attempt),

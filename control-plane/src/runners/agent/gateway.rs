@@ -10,7 +10,6 @@ use deadpool_postgres::Pool;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::VarInt;
 use rustls::pki_types::CertificateDer;
-use sensei_certs::{AgentClientVerifier, CertificateAuthority};
 use sensei_shared::codec::io::{read_frame, write_frame};
 use sensei_shared::protocol::{close, EnrollRequest, ALPN};
 use tokio::sync::watch;
@@ -26,7 +25,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// What the gateway's handlers share.
 pub struct GatewayContext {
     pub pool: Pool,
-    pub ca: Arc<CertificateAuthority>,
+    /// The CAs: which issues, which are trusted, which the gateway presents.
+    pub authority: Arc<super::authority::Authority>,
     pub job_public_key: [u8; 32],
     pub hub: Arc<AgentHub>,
     pub last_seen: Arc<LastSeen>,
@@ -55,15 +55,14 @@ pub enum GatewayError {
     Bind { addr: SocketAddr, message: String },
 }
 
-/// Binds the endpoint.
-pub fn bind(
-    addr: SocketAddr,
-    chain_pem: &str,
-    key_pem: &str,
-    ctx: &GatewayContext,
-) -> Result<quinn::Endpoint, GatewayError> {
-    let verifier = AgentClientVerifier::new(ctx.ca.cert_pem(), ctx.hub.certificates.clone())?;
-    let tls = sensei_certs::tls::agent_gateway_config(chain_pem, key_pem, verifier, ALPN)?;
+/// Binds the endpoint. Its certificate and the CAs it trusts are the authority's, and follow
+/// a CA rotation.
+pub fn bind(addr: SocketAddr, ctx: &GatewayContext) -> Result<quinn::Endpoint, GatewayError> {
+    let tls = sensei_certs::tls::agent_gateway_config(
+        ctx.authority.certificate.clone(),
+        ctx.authority.verifier.clone(),
+        ALPN,
+    )?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| GatewayError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

@@ -32,6 +32,9 @@ pub struct AgentHub {
     pending: Mutex<HashSet<Fingerprint>>,
     /// Renewal attempts per server in the current window, for [`AgentHub::admit_renewal`].
     renewals: Mutex<HashMap<Uuid, (Instant, u32)>>,
+    /// A CA rotation started or was retired somewhere: reload the CAs
+    /// ([`super::authority::follow`]).
+    pub ca_changed: tokio::sync::Notify,
 }
 
 /// Renewal attempts a server may make per window before it is refused unread: an agent
@@ -48,6 +51,7 @@ impl AgentHub {
             wakes: JobWakes::default(),
             pending: Mutex::new(HashSet::new()),
             renewals: Mutex::new(HashMap::new()),
+            ca_changed: tokio::sync::Notify::new(),
         }
     }
 

@@ -184,22 +184,26 @@ async fn renew(
         }
     }
     let (not_before, not_after) = validity(ctx.agent_cert_lifetime);
-    let issued = ctx
-        .ca
+    // During a CA rotation the new CA issues: this is how agents move to it.
+    let ring = ctx.authority.ring();
+    let issued = ring
+        .current
         .sign_agent_csr(csr_der, server_id, not_before, not_after)
         .map_err(|_| scoped(RenewalRefusal::MalformedCsr))?;
     let fingerprint = Fingerprint::of_der(&issued.cert_der);
     let not_after =
         DateTime::from_timestamp(issued.not_after.unix_timestamp(), 0).unwrap_or_else(Utc::now);
     tx.execute(
-        "INSERT INTO agent_certificates (fingerprint, server_id, serial, not_after, renewed_from) \
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO agent_certificates \
+         (fingerprint, server_id, serial, not_after, renewed_from, ca_fingerprint) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
         &[
             &fingerprint.as_bytes().as_slice(),
             &server_id,
             &issued.serial_hex,
             &not_after,
             &link.fingerprint.as_bytes().as_slice(),
+            &ring.current.fingerprint().as_bytes().as_slice(),
         ],
     )
     .await
