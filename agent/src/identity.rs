@@ -341,7 +341,20 @@ impl StateDir {
 
     /// The running agent's last status, if it wrote one that can be read.
     pub fn liveness(&self) -> Option<crate::status::Liveness> {
-        let text = fs::read_to_string(self.dir.join(STATUS)).ok()?;
+        use std::io::Read;
+        // Read as untrusted: whatever can write the state directory (a hook running as the
+        // agent's user) could leave a symlink to /dev/zero or a FIFO there. A regular file,
+        // not followed through a link, and at most 64 KiB of it.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(self.dir.join(STATUS))
+            .ok()?;
+        if !file.metadata().ok()?.is_file() {
+            return None;
+        }
+        let mut text = String::new();
+        file.take(64 * 1024).read_to_string(&mut text).ok()?;
         serde_json::from_str(&text).ok()
     }
 

@@ -147,7 +147,15 @@ pub fn report(state: &StateDir) -> Result<Report, IdentityError> {
 /// The report for a person.
 pub fn render(r: &Report) -> String {
     let mut out = String::new();
-    let mut line = |k: &str, v: &str| out.push_str(&format!("{k:<22} {v}\n"));
+    // The close reason and a failed job's message come from elsewhere (the control plane, a
+    // hook's output): no control character reaches the terminal.
+    let mut line = |k: &str, v: &str| {
+        let v: String = v
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        out.push_str(&format!("{k:<22} {v}\n"))
+    };
     line("server", &r.server_id.to_string());
     line("control plane", &r.control_plane);
     line("agent version", &r.agent_version);
@@ -192,6 +200,39 @@ pub fn render(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hostile_status_file_is_not_followed_nor_read_whole_and_prints_no_escapes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = StateDir::new(dir.path());
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("status.json")).expect("link");
+        assert_eq!(state.liveness(), None, "a symlink is not followed");
+        std::fs::remove_file(dir.path().join("status.json")).expect("rm");
+        let huge = format!(
+            "{{\"pid\":1,\"connected\":true,\"since\":0,\"detail\":\"{}\",\"last_job\":null}}",
+            "x".repeat(100_000)
+        );
+        std::fs::write(dir.path().join("status.json"), huge).expect("write");
+        assert_eq!(state.liveness(), None, "only the first 64 KiB are read");
+        let report = Report {
+            server_id: Uuid::nil(),
+            control_plane: "cp:4433".into(),
+            agent_version: "0".into(),
+            certificate_fingerprint: "SHA256:x".into(),
+            certificate_expires_at: None,
+            ca_fingerprint: "SHA256:y".into(),
+            running: true,
+            connected: false,
+            since: None,
+            detail: Some("closed: \u{1b}]0;owned\u{7}\u{1b}[2J".into()),
+            last_job: None,
+        };
+        let text = render(&report);
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+    }
 
     #[test]
     fn a_status_left_by_a_dead_agent_is_not_running() {

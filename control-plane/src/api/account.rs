@@ -266,7 +266,10 @@ pub async fn transfer_ownership(
     .await?;
     let promoted = tx
         .execute(
-            "UPDATE users SET role = 'owner' WHERE id = $1 AND account_id = $2",
+            // An owner holds the built-in role and reaches the whole account: a custom role
+            // or a resource scope the member had goes.
+            "UPDATE users SET role = 'owner', custom_role_id = NULL, resource_scope = NULL \
+             WHERE id = $1 AND account_id = $2",
             &[&req.user_id, &principal.account_id],
         )
         .await?;

@@ -182,7 +182,8 @@ pub async fn list(
         .query(
             &format!(
                 "SELECT id, name, scopes, ip_allowlist, expires_at, created_at, last_used_at, \
-                 created_by FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL{}",
+                 created_by FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL \
+                 AND ($5::uuid IS NULL OR created_by = $5){}",
                 Page::keyset_sql("created_at", "id", Order::OldestFirst, 2)
             ),
             &[
@@ -190,6 +191,7 @@ pub async fn list(
                 &page.after_time(),
                 &page.after_id(),
                 &page.fetch(),
+                &own_keys_only(&principal),
             ],
         )
         .await?;
@@ -228,8 +230,9 @@ pub async fn revoke(
     let tx = client.transaction().await?;
     let n = tx
         .execute(
-            "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND account_id = $2 AND revoked_at IS NULL",
-            &[&id, &principal.account_id],
+            "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND account_id = $2 \
+             AND revoked_at IS NULL AND ($3::uuid IS NULL OR created_by = $3)",
+            &[&id, &principal.account_id, &own_keys_only(&principal)],
         )
         .await?;
     if n == 0 {
@@ -249,4 +252,10 @@ pub async fn revoke(
     .await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Admins and owners see and revoke every key of the account; anyone else who may manage keys
+/// (a custom role with `api_keys:*`) only their own: someone else's key answers "not found".
+fn own_keys_only(principal: &Principal) -> Option<Uuid> {
+    (principal.role < crate::identity::auth::Role::Admin).then_some(principal.user_id)
 }

@@ -135,7 +135,7 @@ pub async fn set(
     Path(id): Path<Uuid>,
     JsonBody(req): JsonBody<SetDns>,
 ) -> Result<Json<DnsView>, ApiError> {
-    super::projects::in_reach(&principal, id)?;
+    super::projects::may_change(&principal, id)?;
     let settings = DnsSettings {
         zone: req.zone.trim().trim_end_matches('.').to_ascii_lowercase(),
         server: req.server.trim().parse().map_err(|_| {
@@ -208,7 +208,7 @@ pub async fn remove(
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    super::projects::in_reach(&principal, id)?;
+    super::projects::may_change(&principal, id)?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let n = tx

@@ -194,6 +194,9 @@ pub struct Follower {
     ip: std::net::IpAddr,
     account: Uuid,
     scope: crate::identity::auth::Scope,
+    /// The resources the follower reached when the stream opened: a narrower reach since
+    /// ends the stream (what it follows may be outside it now).
+    reach: crate::identity::reach::Reach,
 }
 
 impl Follower {
@@ -214,13 +217,19 @@ impl Follower {
             ip,
             account: principal.account_id,
             scope,
+            reach: principal.reach.clone(),
         }
     }
 
     /// Whether the credentials that opened the stream would still open it.
     pub async fn still_allowed(&self, pool: &deadpool_postgres::Pool) -> bool {
         match crate::identity::auth::authenticate(pool, &self.headers, self.ip).await {
-            Ok(p) => p.account_id == self.account && p.allows(self.scope) && !p.mfa_setup_required,
+            Ok(p) => {
+                p.account_id == self.account
+                    && p.allows(self.scope)
+                    && !p.mfa_setup_required
+                    && p.reach == self.reach
+            }
             Err(_) => false,
         }
     }

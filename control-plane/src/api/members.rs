@@ -341,17 +341,19 @@ pub async fn change_role(
     if current == Role::Owner && rank != Role::Owner && owners <= 1 {
         return Err(last_owner());
     }
+    // Admins and owners manage members, invitations and the account itself, which a scope
+    // cannot narrow (an admin could lift their own): they reach the whole account.
     let scope = match &req.resource_scope {
-        Some(Some(_)) if rank == Role::Owner => {
+        Some(Some(_)) if rank >= Role::Admin => {
             return Err(ApiError::unprocessable(
                 ErrorCode::InvalidResourceScope,
-                "owners reach the whole account; give a scope to other roles",
+                "admins and owners reach the whole account; give a scope to other roles",
             ))
         }
         Some(Some(scope)) => Some(Some(checked_scope(&tx, principal.account_id, scope).await?)),
         Some(None) => Some(None),
-        // An owner keeps no scope they had before becoming one.
-        None if rank == Role::Owner => Some(None),
+        // Someone becoming an admin or owner keeps no scope they had before.
+        None if rank >= Role::Admin => Some(None),
         None => None,
     };
     if let Some(assigned) = &assigned {

@@ -244,6 +244,19 @@ pub(super) fn in_reach(principal: &Principal, id: Uuid) -> Result<(), ApiError> 
     }
 }
 
+/// Changing a project (its hooks, paths, environment, DNS, or deleting it) reaches every
+/// server it is deployed to, so a member limited to some servers may not: the next deploy by
+/// someone else, to a server outside their scope, would run what they wrote.
+pub(super) fn may_change(principal: &Principal, id: Uuid) -> Result<(), ApiError> {
+    in_reach(principal, id)?;
+    if principal.reach.server_filter().is_some() {
+        return Err(ApiError::outside_scope(
+            "changing a project (it reaches servers beyond your server labels)",
+        ));
+    }
+    Ok(())
+}
+
 /// Creates a project.
 #[utoipa::path(post, path = "/v1/projects", tag = "projects", request_body = CreateProject,
     responses((status = 201, body = ProjectView), (status = 422, body = ErrorBody)))]
@@ -361,7 +374,7 @@ pub async fn update(
     Path(id): Path<Uuid>,
     JsonBody(req): JsonBody<UpdateProject>,
 ) -> Result<Json<ProjectView>, ApiError> {
-    in_reach(&principal, id)?;
+    may_change(&principal, id)?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     // Read under the row lock: a concurrent update (an `env set` while someone edits the
@@ -516,7 +529,7 @@ pub async fn delete(
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    in_reach(&principal, id)?;
+    may_change(&principal, id)?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let n = tx

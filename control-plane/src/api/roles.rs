@@ -73,10 +73,17 @@ const BUILT_IN: [Role; 5] = [
 
 fn check_name(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
-    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+    // Plain ASCII: a name shown next to the built-in roles must not be able to pass for one
+    // (a Cyrillic "а", an invisible joiner, a right-to-left override).
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " -_.".contains(c))
+    {
         return Err(ApiError::unprocessable(
             ErrorCode::InvalidName,
-            "a role's name is 1 to 64 printable characters",
+            "a role's name is 1 to 64 ASCII letters, digits, spaces, '-', '_' or '.'",
         ));
     }
     if Role::parse(&name.to_ascii_lowercase()).is_some() {

@@ -229,12 +229,30 @@ pub async fn create(
     )
     .await?
     .ok_or_else(|| ApiError::not_found("project"))?;
+    // Four eyes: every rollout waits, after its canary, for someone else's approval. A
+    // strategy that would never wait is refused rather than quietly changed.
+    let four_eyes: bool = tx
+        .query_one(
+            "SELECT four_eyes_approval FROM accounts WHERE id = $1",
+            &[&principal.account_id],
+        )
+        .await?
+        .get(0);
+    if four_eyes && !(strategy.canary > 0 && strategy.manual_approval) {
+        return Err(ApiError::unprocessable(
+            ErrorCode::FourEyesRequired,
+            "this account requires four eyes: a rollout needs a canary (canary of at least 1) \
+             and manual_approval, so that someone else approves it",
+        ));
+    }
     let mut servers: Vec<Uuid> = match (req.selector, req.server_ids) {
         (Some(selector), None) => tx
             .query(
+                // Within the caller's reach: a selector never names, nor probes, a server
+                // outside their resource scope.
                 "SELECT id FROM servers WHERE account_id = $1 AND deleted_at IS NULL AND labels @> $2 \
-                 ORDER BY created_at, id",
-                &[&principal.account_id, &json!(selector.labels)],
+                 AND ($3::jsonb IS NULL OR labels @> $3) ORDER BY created_at, id",
+                &[&principal.account_id, &json!(selector.labels), &principal.reach.server_filter()],
             )
             .await?
             .iter()

@@ -612,16 +612,13 @@ pub(super) async fn check_in_reach(
     };
     let outside = client
         .query_opt(
-            "SELECT id FROM servers WHERE id = ANY($1) AND account_id = $2 \
+            "SELECT 1 FROM servers WHERE id = ANY($1) AND account_id = $2 \
              AND NOT labels @> $3 LIMIT 1",
             &[&servers, &principal.account_id, &labels],
         )
         .await?;
     match outside {
-        Some(row) => Err(ApiError::outside_scope(format!(
-            "server {}",
-            row.get::<_, Uuid>(0)
-        ))),
+        Some(_) => Err(ApiError::outside_scope("a server named in the request")),
         None => Ok(()),
     }
 }

@@ -183,16 +183,18 @@ impl Principal {
     /// credential in use): what they may hand on to an API key.
     pub fn grants(&self, scope: Scope) -> bool {
         match &self.custom_role {
-            Some(custom) => custom.permissions.contains(&scope),
-            None => self.role.grants(scope),
+            // Admins and owners hold their built-in role whatever a stale row says: a custom
+            // role can never take an owner's powers away (and lock the account's ownership).
+            Some(custom) if self.role < Role::Admin => custom.permissions.contains(&scope),
+            _ => self.role.grants(scope),
         }
     }
 
     /// The role's name as members see it: the custom role's, or the built-in one's.
     pub fn role_name(&self) -> &str {
         match &self.custom_role {
-            Some(custom) => &custom.name,
-            None => self.role.as_str(),
+            Some(custom) if self.role < Role::Admin => &custom.name,
+            _ => self.role.as_str(),
         }
     }
 

@@ -101,10 +101,19 @@ impl ResourceScope {
             if labels.is_empty() || labels.len() > MAX_SCOPE_LABELS {
                 return Err(format!("server_labels: 1 to {MAX_SCOPE_LABELS} labels"));
             }
+            // The rules a server's own labels follow, so a scope can name any label a server
+            // can carry, and nothing PostgreSQL's JSON would refuse (NUL) gets that far.
+            let key_ok = |k: &str| {
+                (1..=63).contains(&k.len())
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+            };
             for (k, v) in labels {
-                if k.is_empty() || k.len() > 63 || v.len() > 63 {
+                if !key_ok(k) || v.len() > 63 || v.chars().any(char::is_control) {
                     return Err(format!(
-                        "server_labels {k:?}: keys and values are at most 63 characters"
+                        "server_labels {:?}: keys are 1 to 63 letters, digits, '-', '_', '.', \
+                         '/'; values at most 63 printable characters",
+                        k.chars().take(63).collect::<String>()
                     ));
                 }
             }
@@ -220,5 +229,12 @@ mod tests {
             server_labels: None,
         };
         assert!(empty.check().is_err());
+        for (k, v) in [("env", "a\u{0}b"), ("", "x"), ("bad key", "x"), ("é", "x")] {
+            let labels = ResourceScope {
+                projects: None,
+                server_labels: Some(BTreeMap::from([(k.to_owned(), v.to_owned())])),
+            };
+            assert!(labels.check().is_err(), "{k:?}={v:?}");
+        }
     }
 }

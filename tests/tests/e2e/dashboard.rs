@@ -1063,6 +1063,7 @@ async fn a_custom_role_and_a_project_scope_given_from_settings_narrow_what_a_mem
     b.open(&format!("/ui/settings/members/{member_id}/access"))
         .await;
     b.click("#access-role option[value='shop readers']").await;
+    b.click("#reach-limited").await;
     b.click(&format!("#project-{}", project_ids[0])).await;
     b.click("#save-access").await;
     let members = b

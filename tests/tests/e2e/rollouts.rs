@@ -292,6 +292,27 @@ async fn four_eyes_approval_takes_a_second_person_with_the_approve_permission() 
         .await;
     assert_eq!(status, 200, "{v}");
 
+    // A strategy that would never wait for anyone is refused, and nothing is created.
+    for strategy in [
+        json!({"canary": 1, "manual_approval": false}),
+        json!({"canary": 0, "manual_approval": true}),
+    ] {
+        let (status, v) =
+            f.t.post(
+                "/v1/rollouts",
+                &f.cookie,
+                json!({"project_id": f.project, "ref": "main",
+                       "server_ids": [f.agents[0].server_id], "strategy": strategy}),
+            )
+            .await;
+        assert_eq!(
+            (status, sensei_e2e::error_code(&v)),
+            (422, "four_eyes_required"),
+            "{v}"
+        );
+    }
+    let (_, listed) = f.t.get("/v1/rollouts", &f.cookie).await;
+    assert_eq!(listed["rollouts"].as_array().map(Vec::len), Some(0));
     let r = f
         .start(
             json!({"server_ids": [f.agents[0].server_id, f.agents[1].server_id], "selector": null,
