@@ -2,7 +2,7 @@
 //! API's login handler does the work, so the throttles, the audit rows and the cookie are
 //! the API's own.
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use http::{HeaderMap, StatusCode};
@@ -14,6 +14,7 @@ use super::{layout, WebError};
 use crate::api::auth_routes::{self, LoginRequest};
 use crate::api::extract::{ClientMeta, JsonBody};
 use crate::api::AppState;
+use crate::identity::signup::SignupPolicy;
 
 /// How long the second step of a sign-in may wait for its code.
 const SECOND_STEP_SECS: i64 = 300;
@@ -70,10 +71,11 @@ fn open(state: &AppState, text: &str) -> Option<Ticket> {
     (ticket.expires >= chrono::Utc::now().timestamp()).then_some(ticket)
 }
 
-fn password_step(error: Option<&str>, email: &str) -> Markup {
+fn password_step(state: &AppState, error: Option<&str>, email: &str, done: Option<&str>) -> Markup {
     layout::bare(
         "Sign in",
         html! {
+            (layout::notice(done))
             h1 { "Sign in" }
             @if let Some(error) = error { p.error role="alert" id="sign-in-error" { (error) } }
             form.stack method="post" action="/ui/sign-in" {
@@ -84,6 +86,10 @@ fn password_step(error: Option<&str>, email: &str) -> Markup {
                 input id="password" name="password" type="password"
                     autocomplete="current-password" required maxlength=(MAX_PASSWORD);
                 button type="submit" id="sign-in" { "Sign in" }
+            }
+            p { a href="/ui/reset-password" id="forgot" { "Forgot your password?" } }
+            @if state.signup != SignupPolicy::Closed {
+                p { a href="/ui/sign-up" id="to-sign-up" { "Create an account" } }
             }
         },
     )
@@ -113,9 +119,15 @@ fn code_step(error: Option<&str>, ticket: &str) -> Markup {
     )
 }
 
+#[derive(Deserialize, Default)]
+pub struct Done {
+    #[serde(default)]
+    done: Option<String>,
+}
+
 /// `GET /ui/sign-in`
-pub async fn sign_in_page() -> Markup {
-    password_step(None, "")
+pub async fn sign_in_page(State(state): State<AppState>, Query(done): Query<Done>) -> Markup {
+    password_step(&state, None, "", done.done.as_deref())
 }
 
 /// `POST /ui/sign-in`: either step.
@@ -133,7 +145,12 @@ pub async fn sign_in(
             None => {
                 return Ok((
                     StatusCode::UNAUTHORIZED,
-                    password_step(Some("That sign-in took too long; start again."), ""),
+                    password_step(
+                        &state,
+                        Some("That sign-in took too long; start again."),
+                        "",
+                        None,
+                    ),
                 )
                     .into_response())
             }
@@ -144,7 +161,12 @@ pub async fn sign_in(
     if email.len() > MAX_EMAIL || password.len() > MAX_PASSWORD || form.code.len() > MAX_CODE {
         return Ok((
             StatusCode::UNPROCESSABLE_ENTITY,
-            password_step(Some("That is longer than any email or password."), ""),
+            password_step(
+                &state,
+                Some("That is longer than any email or password."),
+                "",
+                None,
+            ),
         )
             .into_response());
     }
@@ -173,7 +195,11 @@ pub async fn sign_in(
             code_step(Some(e.message()), &seal(&state, &email, &password)),
         )
             .into_response()),
-        Err(e) => Ok((e.status(), password_step(Some(e.message()), &email)).into_response()),
+        Err(e) => Ok((
+            e.status(),
+            password_step(&state, Some(e.message()), &email, None),
+        )
+            .into_response()),
     }
 }
 

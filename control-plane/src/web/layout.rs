@@ -185,6 +185,7 @@ pub fn notice(done: Option<&str>) -> Markup {
         Some("rolled-back") => "A rollback is queued.",
         Some("created") => "Created.",
         Some("steered") => "Done.",
+        Some("password-set") => "The password is set: sign in with it.",
         Some("server-deleted") => "The server is deleted; its credentials are erased.",
         Some("project-deleted") => "The project is deleted; its environment is erased.",
         Some("env-set") => "The variable is set.",

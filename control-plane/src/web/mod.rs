@@ -29,6 +29,7 @@ mod rollouts;
 mod security;
 mod settings;
 mod team;
+mod welcome;
 
 /// Largest form accepted, in bytes: the largest form (a project) is far below it.
 const MAX_FORM_BYTES: usize = 16 * 1024;
@@ -48,6 +49,22 @@ pub fn router(state: AppState) -> Router {
         .route("/ui", get(home))
         .route("/ui/sign-in", get(auth::sign_in_page).post(auth::sign_in))
         .route("/ui/sign-out", post(auth::sign_out))
+        .route(
+            "/ui/reset-password",
+            get(welcome::reset_request_page).post(welcome::reset_request),
+        )
+        .route(
+            crate::api::password_reset::RESET_PAGE,
+            get(welcome::reset_confirm_page).post(welcome::reset_confirm),
+        )
+        .route(
+            crate::api::members::INVITATION_PAGE,
+            get(welcome::invitation_form).post(welcome::accept_invitation),
+        )
+        .route(
+            "/ui/sign-up",
+            get(welcome::sign_up_form).post(welcome::sign_up),
+        )
         .route("/ui/servers", get(fleet::list))
         .route("/ui/servers/new", get(fleet::new_form).post(fleet::create))
         .route("/ui/servers/{id}", get(fleet::show))
