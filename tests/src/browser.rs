@@ -180,6 +180,11 @@ impl Browser {
         self.wait_for(css).await.click().await.expect("click");
     }
 
+    /// The page's HTML as the browser holds it now.
+    pub async fn source(&self) -> String {
+        self.driver.source().await.expect("source")
+    }
+
     /// Whether `css` is on the page now.
     pub async fn has(&self, css: &str) -> bool {
         !self

@@ -893,6 +893,14 @@ impl Drop for SshServer {
     }
 }
 
+/// Undoes quoted-printable soft line breaks, as a mail client would (the token's line is
+/// longer than the 76 characters a 7-bit body allows).
+pub fn unfold(raw: &str) -> String {
+    raw.replace("=\r\n", "")
+        .replace("=\n", "")
+        .replace("=3D", "=")
+}
+
 /// A real SMTP server (Python's aiosmtpd) on a loopback port, delivering into a maildir.
 pub struct SmtpSink {
     pub port: u16,

@@ -191,6 +191,9 @@ pub struct InvitationList {
     pub next_cursor: Option<String>,
 }
 
+/// The dashboard's page that accepts an invitation.
+pub const INVITATION_PAGE: &str = "/ui/invitation";
+
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AcceptInvitation {
@@ -544,10 +547,13 @@ pub async fn invite(
     let body = format!(
         "{} invited you to their Sensei account as {}.\n\n\
          Choose a password to join (the link works once, for {INVITATION_DAYS} days):\n\n\
+         {}\n\n\
+         or with:\n\n\
          curl -X POST {}/v1/invitations/accept -H 'content-type: application/json' \\\n  \
          -d '{{\"token\": \"{secret}\", \"password\": \"NEW PASSWORD\"}}'\n",
         principal.email,
         role.as_str(),
+        super::password_reset::dashboard_link(&state.public_url, INVITATION_PAGE, &secret),
         state.public_url
     );
     let mailer = state.mailer.clone();

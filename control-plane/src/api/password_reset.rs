@@ -136,10 +136,22 @@ pub async fn request(
 pub fn confirm_instructions(public_url: &str, token: &str) -> String {
     format!(
         "{token}\n\n\
-         Set the password with:\n\n\
+         Set the password in the dashboard:\n\n{}\n\n\
+         or with:\n\n\
          curl -X POST {public_url}/v1/auth/password-reset/confirm -H 'content-type: application/json' \\\n  \
-         -d '{{\"token\": \"{token}\", \"password\": \"NEW PASSWORD\"}}'\n"
+         -d '{{\"token\": \"{token}\", \"password\": \"NEW PASSWORD\"}}'\n",
+        dashboard_link(public_url, RESET_PAGE, token)
     )
+}
+
+/// The dashboard's page that sets a password with a reset token.
+pub const RESET_PAGE: &str = "/ui/reset-password/confirm";
+
+/// A link to a dashboard page for a token sent by email (a reset, an invitation). The token
+/// is in the fragment, which a browser never sends to a server: it reaches no access log,
+/// proxy or `Referer`; the page's script copies it into the form.
+pub fn dashboard_link(public_url: &str, page: &str, token: &str) -> String {
+    format!("{}{page}#token={token}", public_url.trim_end_matches('/'))
 }
 
 /// Sets a new password with a reset token; every session of the user ends.

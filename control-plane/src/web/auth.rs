@@ -2,7 +2,7 @@
 //! API's login handler does the work, so the throttles, the audit rows and the cookie are
 //! the API's own.
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use http::{HeaderMap, StatusCode};
@@ -15,6 +15,7 @@ use crate::api::auth_routes::{self, LoginRequest};
 use crate::api::extract::{ClientMeta, JsonBody};
 use crate::api::webauthn::Assertion;
 use crate::api::AppState;
+use crate::identity::signup::SignupPolicy;
 
 /// How long the second step of a sign-in may wait for its code.
 const SECOND_STEP_SECS: i64 = 300;
@@ -78,10 +79,11 @@ fn open(state: &AppState, text: &str) -> Option<Ticket> {
     (ticket.expires >= chrono::Utc::now().timestamp()).then_some(ticket)
 }
 
-fn password_step(error: Option<&str>, email: &str) -> Markup {
+fn password_step(state: &AppState, error: Option<&str>, email: &str, done: Option<&str>) -> Markup {
     layout::bare(
         "Sign in",
         html! {
+            (layout::notice(done))
             h1 { "Sign in" }
             @if let Some(error) = error { p.error role="alert" id="sign-in-error" { (error) } }
             form.stack method="post" action="/ui/sign-in" {
@@ -94,6 +96,10 @@ fn password_step(error: Option<&str>, email: &str) -> Markup {
                 button type="submit" id="sign-in" { "Sign in" }
             }
             (super::sso::sign_in_form())
+            p { a href="/ui/reset-password" id="forgot" { "Forgot your password?" } }
+            @if state.signup != SignupPolicy::Closed {
+                p { a href="/ui/sign-up" id="to-sign-up" { "Create an account" } }
+            }
         },
     )
 }
@@ -138,9 +144,15 @@ async fn code_step(
     )
 }
 
+#[derive(Deserialize, Default)]
+pub struct Done {
+    #[serde(default)]
+    done: Option<String>,
+}
+
 /// `GET /ui/sign-in`
-pub async fn sign_in_page() -> Markup {
-    password_step(None, "")
+pub async fn sign_in_page(State(state): State<AppState>, Query(done): Query<Done>) -> Markup {
+    password_step(&state, None, "", done.done.as_deref())
 }
 
 /// `POST /ui/sign-in`: either step.
@@ -158,7 +170,12 @@ pub async fn sign_in(
             None => {
                 return Ok((
                     StatusCode::UNAUTHORIZED,
-                    password_step(Some("That sign-in took too long; start again."), ""),
+                    password_step(
+                        &state,
+                        Some("That sign-in took too long; start again."),
+                        "",
+                        None,
+                    ),
                 )
                     .into_response())
             }
@@ -173,7 +190,12 @@ pub async fn sign_in(
     {
         return Ok((
             StatusCode::UNPROCESSABLE_ENTITY,
-            password_step(Some("That is longer than any email or password."), ""),
+            password_step(
+                &state,
+                Some("That is longer than any email or password."),
+                "",
+                None,
+            ),
         )
             .into_response());
     }
@@ -221,7 +243,11 @@ pub async fn sign_in(
             )
                 .into_response())
         }
-        Err(e) => Ok((e.status(), password_step(Some(e.message()), &email)).into_response()),
+        Err(e) => Ok((
+            e.status(),
+            password_step(&state, Some(e.message()), &email, None),
+        )
+            .into_response()),
     }
 }
 

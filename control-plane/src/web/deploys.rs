@@ -10,10 +10,12 @@ use maud::{html, Markup};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::guard::{parse_id, Signed, TokenForm};
+use super::guard::{parse_id, Signed};
 use super::layout::{self, Section};
 use super::WebError;
-use crate::api::deployments::{self, CreateDeployment, DeploymentFilter, DeploymentView, LogQuery};
+use crate::api::deployments::{
+    self, CreateDeployment, DeploymentFilter, DeploymentView, LogQuery, RollbackRequest,
+};
 use crate::api::extract::{JsonBody, OptionalJsonBody, QueryParams};
 use crate::api::idempotency::IdempotencyKey;
 use crate::api::page::PageQuery;
@@ -210,6 +212,12 @@ pub async fn show(
     let last = lines.last().and_then(|l| l["id"].as_i64()).unwrap_or(0);
     let names = Names::load(&state, &signed).await?;
     let finished = matches!(d.status.as_str(), "succeeded" | "failed");
+    let earlier =
+        if d.status == "succeeded" && signed.may(Method::POST, "/v1/deployments/{id}/rollback") {
+            Some(earlier_releases(&state, &signed, &d).await?)
+        } else {
+            None
+        };
     let body = html! {
         h1 { (d.kind) " of " (names.of(d.project_id)) " to " (names.of(d.server_id)) }
         // The script refreshes the fields marked `data-field` from the API when the log
@@ -233,10 +241,17 @@ pub async fn show(
                 dt { "Rollout" } dd { a href=(format!("/ui/rollouts/{r}")) { (layout::short(&r.to_string())) } }
             }
         }
-        @if d.status == "succeeded" && signed.may(Method::POST, "/v1/deployments/{id}/rollback") {
-            form method="post" action=(format!("/ui/deployments/{id}/rollback")) {
+        @if let Some(earlier) = &earlier {
+            form.inline method="post" action=(format!("/ui/deployments/{id}/rollback")) id="rollback-form" {
                 (layout::csrf(&signed))
-                button type="submit" id="rollback" { "Roll this server back to the release before" }
+                label for="to_release" { "Roll this server back to" }
+                select id="to_release" name="to_release" {
+                    option value="" { "the good release before the current one" }
+                    @for (release, commit, at) in earlier {
+                        option value=(release) { (release) " (" (layout::short(commit)) ", " (at.format("%Y-%m-%d %H:%M UTC")) ")" }
+                    }
+                }
+                button type="submit" id="rollback" { "Roll back" }
             }
         }
         h2 id="log-heading" { "Log" }
@@ -259,6 +274,59 @@ pub async fn show(
         Section::Deployments,
         body,
     ))
+}
+
+/// The releases a rollback from this deployment may return to: those successful deploys of
+/// its project made on its server, newest first, as many as the project keeps (older ones
+/// were pruned from the server), without the one this deployment made.
+async fn earlier_releases(
+    state: &AppState,
+    signed: &Signed,
+    d: &DeploymentView,
+) -> Result<Vec<(String, String, chrono::DateTime<chrono::Utc>)>, WebError> {
+    if !signed.may(Method::GET, "/v1/projects/{id}") {
+        return Ok(Vec::new());
+    }
+    let kept = projects::show(
+        State(state.clone()),
+        Extension(signed.principal.clone()),
+        crate::api::extract::Path(d.project_id),
+    )
+    .await?
+    .0
+    .keep_releases;
+    let filter = DeploymentFilter {
+        project_id: Some(d.project_id),
+        server_id: Some(d.server_id),
+        status: Some("succeeded".into()),
+        kind: Some("deploy".into()),
+        limit: Some(100),
+        ..Default::default()
+    };
+    let found = deployments::list(
+        State(state.clone()),
+        Extension(signed.principal.clone()),
+        QueryParams(filter),
+    )
+    .await?
+    .0;
+    let mut seen = std::collections::HashSet::new();
+    Ok(found
+        .deployments
+        .into_iter()
+        .filter_map(|e| Some((e.release_id?, e.commit.unwrap_or_default(), e.created_at)))
+        .filter(|(release, _, _)| seen.insert(release.clone()))
+        .take(usize::try_from(kept).unwrap_or(0))
+        .filter(|(release, _, _)| Some(release) != d.release_id.as_ref())
+        .collect())
+}
+
+#[derive(Deserialize)]
+pub struct RollbackForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    to_release: String,
 }
 
 #[derive(Deserialize)]
@@ -304,27 +372,19 @@ pub async fn create(
         JsonBody(request),
     )
     .await?;
-    let created: serde_json::Value = super::json_body(answer).await?;
-    let id = created["id"]
-        .as_str()
-        .and_then(|s| s.parse::<Uuid>().ok())
-        .ok_or_else(|| {
-            WebError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the deploy was queued but its answer was unreadable",
-            )
-        })?;
+    let id = super::created_id(answer, "deploy").await?;
     Ok(Redirect::to(&format!("/ui/deployments/{id}")))
 }
 
 /// `POST /ui/deployments/{id}/rollback`: queues a rollback of the deployment's server to the
-/// good release before the current one (the API's default), and shows it.
+/// chosen release, or to the good release before the current one (the API's default), and
+/// shows it.
 pub async fn rollback(
     State(state): State<AppState>,
     signed: Signed,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): Form<TokenForm>,
+    Form(form): Form<RollbackForm>,
 ) -> Result<Redirect, WebError> {
     let id = parse_id(&id)?;
     signed.submit(
@@ -340,18 +400,12 @@ pub async fn rollback(
         Extension(signed.principal.clone()),
         IdempotencyKey(None),
         crate::api::extract::Path(id),
-        OptionalJsonBody(None),
+        // The API checks the release is one this project made on this server.
+        OptionalJsonBody(Some(RollbackRequest {
+            to_release: layout::lines(&form.to_release).next().map(str::to_owned),
+        })),
     )
     .await?;
-    let queued: serde_json::Value = super::json_body(answer).await?;
-    let new_id = queued["id"]
-        .as_str()
-        .and_then(|s| s.parse::<Uuid>().ok())
-        .ok_or_else(|| {
-            WebError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the rollback was queued but its answer was unreadable",
-            )
-        })?;
+    let new_id = super::created_id(answer, "rollback").await?;
     Ok(Redirect::to(&format!("/ui/deployments/{new_id}")))
 }

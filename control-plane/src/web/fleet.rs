@@ -1,5 +1,6 @@
 //! The fleet: every server and its agent, one server's details and recent deployments,
-//! adding a server, and revoking an agent's certificate (after a confirmation page).
+//! adding a server, and, each after a confirmation page, revoking an agent's certificate,
+//! issuing a new enrollment token and deleting a server.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +17,7 @@ use super::layout::{self, Section};
 use super::WebError;
 use crate::api::deployments::{self, DeploymentFilter};
 use crate::api::extract::{JsonBody, QueryParams};
-use crate::api::servers::{self, CreateServer, ServerView};
+use crate::api::servers::{self, CreateServer, Enrollment, ServerView};
 use crate::api::AppState;
 
 #[derive(Deserialize, Default)]
@@ -29,6 +30,9 @@ pub struct FleetFilter {
     status: String,
     #[serde(default)]
     cursor: String,
+    /// What was just done (a fixed notice).
+    #[serde(default)]
+    done: Option<String>,
 }
 
 /// What the fleet page says about a server's connection.
@@ -101,6 +105,7 @@ pub async fn list(
         format!("/ui/servers?{}", q.finish())
     });
     let body = html! {
+        (layout::notice(filter.done.as_deref()))
         div.heading {
             h1 { "Fleet" }
             @if signed.may(Method::POST, "/v1/servers") {
@@ -156,14 +161,7 @@ pub async fn show(
     Query(done): Query<Done>,
 ) -> Result<Markup, WebError> {
     let id = parse_id(&id)?;
-    signed.require(Method::GET, "/v1/servers/{id}")?;
-    let server = servers::show(
-        State(state.clone()),
-        Extension(signed.principal.clone()),
-        crate::api::extract::Path(id),
-    )
-    .await?
-    .0;
+    let server = load(&state, &signed, id).await?;
     let recent = if signed.may(Method::GET, "/v1/deployments") {
         let filter = DeploymentFilter {
             server_id: Some(id),
@@ -211,8 +209,18 @@ pub async fn show(
                 dt { "Pinned host key" } dd { code.wrap { (server.host_key.as_deref().unwrap_or("—")) } }
             }
         }
-        @if can_revoke {
-            p { a.button.danger href=(format!("/ui/servers/{id}/revoke-certificate")) id="revoke" { "Revoke agent certificate" } }
+        p.actions {
+            @if server.transport == "agent" && signed.may(Method::POST, "/v1/servers/{id}/enrollment-token") {
+                a.button href=(format!("/ui/servers/{id}/enrollment-token")) id="new-token" { "New enrollment token" }
+                " "
+            }
+            @if can_revoke {
+                a.button.danger href=(format!("/ui/servers/{id}/revoke-certificate")) id="revoke" { "Revoke agent certificate" }
+                " "
+            }
+            @if signed.may(Method::DELETE, "/v1/servers/{id}") {
+                a.button.danger href=(format!("/ui/servers/{id}/delete")) id="delete-server" { "Delete server" }
+            }
         }
         @if let Some(recent) = recent {
             h2 { "Recent deployments" }
@@ -230,24 +238,14 @@ pub async fn confirm_revoke(
 ) -> Result<Markup, WebError> {
     let id = parse_id(&id)?;
     signed.require(Method::DELETE, "/v1/servers/{id}/agent-certificate")?;
-    let server = servers::show(
-        State(state),
-        Extension(signed.principal.clone()),
-        crate::api::extract::Path(id),
-    )
-    .await?
-    .0;
+    let server = load(&state, &signed, id).await?;
     let body = html! {
         h1 { "Revoke the agent certificate of " (server.name) "?" }
         p { "The agent is disconnected at once and cannot connect again with this certificate. "
             "Deployments to this server fail until an agent enrolls again with a new token." }
         p { "Certificate: " code { (server.agent.certificate_fingerprint.as_deref().unwrap_or("—")) } }
-        form method="post" action=(format!("/ui/servers/{id}/revoke-certificate")) {
-            (layout::csrf(&signed))
-            button.danger type="submit" id="confirm-revoke" { "Revoke agent certificate" }
-            " "
-            a href=(format!("/ui/servers/{id}")) { "Cancel" }
-        }
+        (layout::confirm_form(&signed, &format!("/ui/servers/{id}/revoke-certificate"), "confirm-revoke",
+            "Revoke agent certificate", &format!("/ui/servers/{id}")))
     };
     Ok(layout::page(
         "Revoke certificate",
@@ -334,9 +332,9 @@ pub struct NewServer {
     host_key: String,
 }
 
-fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, WebError> {
+pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, WebError> {
     let mut labels = BTreeMap::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+    for line in layout::lines(text) {
         let (k, v) = line.split_once('=').ok_or_else(|| {
             WebError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -396,11 +394,7 @@ pub async fn create(
     let body = html! {
         h1 { "Server " (created.server.name) " added" }
         @if let Some(e) = &created.enrollment {
-            p { "Run this on the server to enroll its agent. The token is single use, expires at "
-                (layout::time(e.enrollment_expires_at)) ", and is shown only this once." }
-            pre.command id="enroll-command" { code { (e.enroll_command) } }
-            p { "The command pins the control plane's CA by its fingerprint: "
-                code { (created.server.ca_fingerprint) } }
+            (enrollment(e, &created.server.ca_fingerprint))
         }
         @if let Some(key) = &created.public_key {
             p { "Add this line to the SSH user's " code { "~/.ssh/authorized_keys" }
@@ -414,4 +408,153 @@ pub async fn create(
         layout::page("Server added", &signed, Section::Fleet, body),
     )
         .into_response())
+}
+
+/// An enrollment token's command, shown once (after adding a server, or a new token).
+fn enrollment(e: &Enrollment, ca_fingerprint: &str) -> Markup {
+    html! {
+        p { "Run this on the server to enroll its agent. The token is single use, expires at "
+            (layout::time(e.enrollment_expires_at)) ", and is shown only this once." }
+        pre.command id="enroll-command" { code { (e.enroll_command) } }
+        p { "The command pins the control plane's CA by its fingerprint: "
+            code { (ca_fingerprint) } }
+    }
+}
+
+async fn load(state: &AppState, signed: &Signed, id: uuid::Uuid) -> Result<ServerView, WebError> {
+    signed.require(Method::GET, "/v1/servers/{id}")?;
+    Ok(servers::show(
+        State(state.clone()),
+        Extension(signed.principal.clone()),
+        crate::api::extract::Path(id),
+    )
+    .await?
+    .0)
+}
+
+/// `GET /ui/servers/{id}/enrollment-token`: the confirmation step.
+pub async fn confirm_new_token(
+    State(state): State<AppState>,
+    signed: Signed,
+    Path(id): Path<String>,
+) -> Result<Markup, WebError> {
+    let id = parse_id(&id)?;
+    signed.require(Method::POST, "/v1/servers/{id}/enrollment-token")?;
+    let server = load(&state, &signed, id).await?;
+    let body = html! {
+        h1 { "A new enrollment token for " (server.name) "?" }
+        p { "Use it to enroll the agent again, for example after reinstalling the server or "
+            "revoking its certificate. A token issued earlier and not used yet stops working. "
+            "The agent's current certificate keeps working until the agent enrolls with the new token." }
+        (layout::confirm_form(&signed, &format!("/ui/servers/{id}/enrollment-token"), "confirm-new-token",
+            "Issue a new token", &format!("/ui/servers/{id}")))
+    };
+    Ok(layout::page(
+        "New enrollment token",
+        &signed,
+        Section::Fleet,
+        body,
+    ))
+}
+
+/// `POST /ui/servers/{id}/enrollment-token`: the command with the new token, once.
+pub async fn new_token(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<TokenForm>,
+) -> Result<Response, WebError> {
+    let id = parse_id(&id)?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::POST,
+        "/v1/servers/{id}/enrollment-token",
+    )?;
+    let server = load(&state, &signed, id).await?;
+    let (_, issued) = servers::new_enrollment_token(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        crate::api::extract::Path(id),
+        axum::body::Bytes::new(),
+    )
+    .await?;
+    let body = html! {
+        h1 { "New enrollment token for " (server.name) }
+        (enrollment(&issued.0, &server.ca_fingerprint))
+        p { a href=(format!("/ui/servers/{id}")) { "Go to the server" } }
+    };
+    Ok((
+        StatusCode::CREATED,
+        layout::page("New enrollment token", &signed, Section::Fleet, body),
+    )
+        .into_response())
+}
+
+/// `GET /ui/servers/{id}/delete`: the confirmation step, with the order that keeps the
+/// server safe.
+pub async fn confirm_delete(
+    State(state): State<AppState>,
+    signed: Signed,
+    Path(id): Path<String>,
+) -> Result<Markup, WebError> {
+    let id = parse_id(&id)?;
+    signed.require(Method::DELETE, "/v1/servers/{id}")?;
+    let server = load(&state, &signed, id).await?;
+    let body = html! {
+        h1 { "Delete the server " (server.name) "?" }
+        p { "Deleting is a soft revoke: Sensei erases what it holds to reach this server "
+            "and keeps the row, marked deleted, for the audit log. It does not log in to the "
+            "server to undo anything there, and the application keeps running." }
+        @if server.transport == "ssh" {
+            p { "So do it in two steps, in this order:" }
+            ol id="delete-advice" {
+                li { "On the server, remove from the SSH user's " code { "~/.ssh/authorized_keys" }
+                     " the line of Sensei's key, the one with this fingerprint ("
+                     code { "ssh-keygen -lf ~/.ssh/authorized_keys" } " lists them): "
+                     code { (server.fingerprint.as_deref().unwrap_or("—")) } ". "
+                     "From then on Sensei cannot log in, whatever happens to its copy of the key." }
+                li { "Then delete the server here, which erases the stored private key and password." }
+            }
+        } @else {
+            p { "So do it in two steps, in this order:" }
+            ol id="delete-advice" {
+                li { "On the server, stop the agent and remove it, with its certificate and key." }
+                li { "Then delete the server here: its certificate is revoked at once (a running "
+                     "agent is disconnected) and unused enrollment tokens are erased." }
+            }
+        }
+        (layout::confirm_form(&signed, &format!("/ui/servers/{id}/delete"), "confirm-delete-server",
+            "Delete server", &format!("/ui/servers/{id}")))
+    };
+    Ok(layout::page("Delete server", &signed, Section::Fleet, body))
+}
+
+/// `POST /ui/servers/{id}/delete`
+pub async fn delete(
+    State(state): State<AppState>,
+    signed: Signed,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<TokenForm>,
+) -> Result<Redirect, WebError> {
+    let id = parse_id(&id)?;
+    signed.submit(
+        &state,
+        &headers,
+        &form.csrf,
+        Method::DELETE,
+        "/v1/servers/{id}",
+    )?;
+    servers::delete(
+        State(state),
+        signed.meta.clone(),
+        Extension(signed.principal.clone()),
+        crate::api::extract::Path(id),
+    )
+    .await?;
+    Ok(Redirect::to("/ui/servers?done=server-deleted"))
 }

@@ -117,6 +117,29 @@ pub fn csrf(signed: &Signed) -> Markup {
     html! { input type="hidden" name=(CSRF_FIELD) value=(signed.csrf); }
 }
 
+/// The form of a confirmation page: the one button that does it, and a way back.
+pub fn confirm_form(
+    signed: &Signed,
+    action: &str,
+    button_id: &str,
+    button: &str,
+    cancel: &str,
+) -> Markup {
+    html! {
+        form method="post" action=(action) {
+            (csrf(signed))
+            button.danger type="submit" id=(button_id) { (button) }
+            " "
+            a href=(cancel) { "Cancel" }
+        }
+    }
+}
+
+/// Non-empty trimmed lines of a text area (labels, hooks, shared paths: one per line).
+pub fn lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty())
+}
+
 /// A time, machine-readable and as people read it (UTC).
 pub fn time(at: DateTime<Utc>) -> Markup {
     html! {
@@ -166,6 +189,11 @@ pub fn notice(done: Option<&str>) -> Markup {
         Some("rolled-back") => "A rollback is queued.",
         Some("created") => "Created.",
         Some("steered") => "Done.",
+        Some("password-set") => "The password is set: sign in with it.",
+        Some("server-deleted") => "The server is deleted; its credentials are erased.",
+        Some("project-deleted") => "The project is deleted; its environment is erased.",
+        Some("env-set") => "The variable is set.",
+        Some("env-unset") => "The variable is removed.",
         _ => return html! {},
     };
     html! { p.notice role="status" { (text) } }

@@ -32,6 +32,7 @@ mod settings;
 mod sso;
 mod team;
 mod webauthn;
+mod welcome;
 
 /// Largest form accepted, in bytes: the largest form (a project) is far below it.
 const MAX_FORM_BYTES: usize = 16 * 1024;
@@ -60,6 +61,22 @@ pub fn router(state: AppState) -> Router {
             get(sso::settings).post(sso::save_settings),
         )
         .route("/ui/settings/sso/remove", post(sso::remove_settings))
+        .route(
+            "/ui/reset-password",
+            get(welcome::reset_request_page).post(welcome::reset_request),
+        )
+        .route(
+            crate::api::password_reset::RESET_PAGE,
+            get(welcome::reset_confirm_page).post(welcome::reset_confirm),
+        )
+        .route(
+            crate::api::members::INVITATION_PAGE,
+            get(welcome::invitation_form).post(welcome::accept_invitation),
+        )
+        .route(
+            "/ui/sign-up",
+            get(welcome::sign_up_form).post(welcome::sign_up),
+        )
         .route("/ui/servers", get(fleet::list))
         .route("/ui/servers/new", get(fleet::new_form).post(fleet::create))
         .route("/ui/servers/{id}", get(fleet::show))
@@ -67,11 +84,29 @@ pub fn router(state: AppState) -> Router {
             "/ui/servers/{id}/revoke-certificate",
             get(fleet::confirm_revoke).post(fleet::revoke),
         )
+        .route(
+            "/ui/servers/{id}/enrollment-token",
+            get(fleet::confirm_new_token).post(fleet::new_token),
+        )
+        .route(
+            "/ui/servers/{id}/delete",
+            get(fleet::confirm_delete).post(fleet::delete),
+        )
         .route("/ui/deployments", get(deploys::list).post(deploys::create))
         .route("/ui/deployments/{id}", get(deploys::show))
         .route("/ui/deployments/{id}/rollback", post(deploys::rollback))
         .route("/ui/projects", get(projects::list).post(projects::create))
-        .route("/ui/rollouts", get(rollouts::list))
+        .route(
+            "/ui/projects/{id}",
+            get(projects::show).post(projects::edit),
+        )
+        .route("/ui/projects/{id}/env", post(projects::set_env))
+        .route("/ui/projects/{id}/env/unset", post(projects::unset_env))
+        .route(
+            "/ui/projects/{id}/delete",
+            get(projects::confirm_delete).post(projects::delete),
+        )
+        .route("/ui/rollouts", get(rollouts::list).post(rollouts::create))
         .route("/ui/rollouts/{id}", get(rollouts::show))
         .route("/ui/rollouts/{id}/{command}", post(rollouts::steer))
         .route("/ui/settings/sessions", get(settings::sessions))
@@ -248,6 +283,20 @@ impl IntoResponse for WebError {
         );
         (self.status, body).into_response()
     }
+}
+
+/// The id of what an API handler created (a deployment, a rollout), from its answer.
+async fn created_id(answer: Response, what: &str) -> Result<uuid::Uuid, WebError> {
+    let created: serde_json::Value = json_body(answer).await?;
+    created["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            WebError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the {what} was queued but its answer was unreadable"),
+            )
+        })
 }
 
 /// Largest API answer a page reads back as JSON (a deployment's first log page).

@@ -294,12 +294,7 @@ pub async fn create_api_key(
             "name" => request.name = value.into_owned(),
             "scope" => request.scopes.push(value.into_owned()),
             "ip_allowlist" => {
-                request.ip_allowlist = value
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                    .map(str::to_owned)
-                    .collect()
+                request.ip_allowlist = layout::lines(&value).map(str::to_owned).collect()
             }
             "expires_in_days" if !value.trim().is_empty() => {
                 let days: i64 = value
@@ -429,12 +424,8 @@ pub async fn confirm_remove(
     let body = html! {
         h1 { "Remove " (member.email) " from the account?" }
         p { "Their sessions and API keys end at once. Their past actions stay in the audit log." }
-        form method="post" action=(format!("/ui/settings/members/{id}/remove")) {
-            (layout::csrf(&signed))
-            button.danger type="submit" id="confirm-remove" { "Remove member" }
-            " "
-            a href="/ui/settings/members" { "Cancel" }
-        }
+        (layout::confirm_form(&signed, &format!("/ui/settings/members/{id}/remove"), "confirm-remove",
+            "Remove member", "/ui/settings/members"))
     };
     Ok(layout::page(
         "Remove member",

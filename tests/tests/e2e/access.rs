@@ -1564,14 +1564,6 @@ async fn an_account_can_require_mfa_of_every_member() {
     assert_eq!(t.get("/v1/servers", &owner).await.0, 403, "the owner too");
 }
 
-/// Undoes quoted-printable soft line breaks, as a mail client would (the token's line is
-/// longer than the 76 characters a 7-bit body allows).
-fn unfold(raw: &str) -> String {
-    raw.replace("=\r\n", "")
-        .replace("=\n", "")
-        .replace("=3D", "=")
-}
-
 #[tokio::test]
 async fn password_reset_arrives_by_real_smtp_and_ends_every_session() {
     let smtp = SmtpSink::start();
@@ -1616,7 +1608,11 @@ async fn password_reset_arrives_by_real_smtp_and_ends_every_session() {
         "no email arrived"
     );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let messages: Vec<String> = smtp.messages().iter().map(|m| unfold(m)).collect();
+    let messages: Vec<String> = smtp
+        .messages()
+        .iter()
+        .map(|m| sensei_e2e::unfold(m))
+        .collect();
     assert_eq!(messages.len(), 1, "only the known address gets mail");
     let message = &messages[0];
     assert!(message.contains("To: forgetful@g.example"), "{message}");
@@ -1689,7 +1685,7 @@ async fn password_reset_arrives_by_real_smtp_and_ends_every_session() {
         .messages()
         .into_iter()
         .flat_map(|m| {
-            unfold(&m)
+            sensei_e2e::unfold(&m)
                 .split_whitespace()
                 .filter(|w| w.starts_with("pr_"))
                 .map(str::to_owned)

@@ -9,6 +9,9 @@ use sensei_e2e::{eventually, git_repo, open_tempdir, session_cookie, totp_code, 
 use serde_json::{json, Value};
 use thirtyfour::Key;
 
+mod manage;
+mod welcome;
+
 const PW: &str = "correct horse battery";
 
 fn fresh_email(prefix: &str) -> String {
@@ -479,6 +482,16 @@ async fn a_viewer_sees_no_destructive_buttons_and_a_forged_one_is_refused() {
             .agent_connected(&owner, agent.server_id))
         .await
     );
+    let (status, project) = t
+        .post(
+            "/v1/projects",
+            &owner,
+            json!({"name": "site", "repo_url": "/tmp/site.git", "deploy_path": "/srv/site",
+                   "env": {"SECRET": "s"}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+    let project_id = project["id"].as_str().expect("id").to_owned();
 
     let b = Browser::start(&t.base).await;
     sign_in(&b, &viewer_email).await;
@@ -495,6 +508,25 @@ async fn a_viewer_sees_no_destructive_buttons_and_a_forged_one_is_refused() {
     b.open("/ui/projects").await;
     b.wait_for("main h1").await;
     assert!(!b.has("#create-project").await);
+    b.click("#projects a").await;
+    b.wait_for("tr[data-env='SECRET']").await;
+    for button in [
+        "#set-env",
+        "#save-project",
+        "#delete-project",
+        "button.danger",
+    ] {
+        assert!(!b.has(button).await, "{button}");
+    }
+    b.open("/ui/servers").await;
+    b.click("#servers a").await;
+    b.wait_for("#cert-fingerprint").await;
+    for button in ["#new-token", "#delete-server"] {
+        assert!(!b.has(button).await, "{button}");
+    }
+    b.open("/ui/rollouts").await;
+    b.wait_for("main h1").await;
+    assert!(!b.has("#rollout-form").await);
     b.close().await;
 
     // The viewer's own token, the right origin: the server still refuses.
@@ -502,41 +534,74 @@ async fn a_viewer_sees_no_destructive_buttons_and_a_forged_one_is_refused() {
     let token = form_token(&html);
     let origin = t.plane.public_url().trim_end_matches('/').to_owned();
     let client = raw_client(&t);
+    let server = agent.server_id;
     for path in [
-        format!("/ui/servers/{}/revoke-certificate", agent.server_id),
+        format!("/ui/servers/{server}/revoke-certificate"),
+        format!("/ui/servers/{server}/enrollment-token"),
+        format!("/ui/servers/{server}/delete"),
         "/ui/servers/new".to_owned(),
         "/ui/projects".to_owned(),
+        format!("/ui/projects/{project_id}"),
+        format!("/ui/projects/{project_id}/env"),
+        format!("/ui/projects/{project_id}/env/unset"),
+        format!("/ui/projects/{project_id}/delete"),
+        "/ui/rollouts".to_owned(),
     ] {
         let r = client
             .post(t.url(&path))
             .header("cookie", &viewer)
             .header("origin", &origin)
+            // Every field any of these forms needs, so that only the access rule refuses.
             .form(&[
                 ("csrf", token.as_str()),
-                ("name", "x"),
+                ("name", "SECRET"),
+                ("value", "x"),
                 ("host", "x.example"),
                 ("repo_url", "/tmp/x"),
                 ("deploy_path", "/srv/x"),
+                ("keep_releases", "1"),
+                ("hook_timeout_secs", "1"),
+                ("project_id", project_id.as_str()),
+                ("ref", "main"),
+                ("selector", "env=prod"),
+                ("canary", "1"),
+                ("max_failures", "0"),
+                ("pause_seconds", "0"),
+                ("unreachable_after_seconds", "60"),
             ])
             .send()
             .await
             .expect("post");
         assert_eq!(r.status(), 403, "{path}");
     }
-    let (status, _, _) = page(
-        &t,
-        &format!("/ui/servers/{}/revoke-certificate", agent.server_id),
-        &viewer,
-    )
-    .await;
-    assert_eq!(status, 403);
+    for confirmation in [
+        format!("/ui/servers/{server}/revoke-certificate"),
+        format!("/ui/servers/{server}/enrollment-token"),
+        format!("/ui/servers/{server}/delete"),
+        format!("/ui/projects/{project_id}/delete"),
+    ] {
+        let (status, _, _) = page(&t, &confirmation, &viewer).await;
+        assert_eq!(status, 403, "{confirmation}");
+    }
+    // Nothing changed.
     assert!(t.agent_connected(&owner, agent.server_id).await);
     let (_, servers) = t.get("/v1/servers", &owner).await;
     assert_eq!(servers["servers"].as_array().expect("servers").len(), 1);
+    let (_, unchanged) = t.get(&format!("/v1/projects/{project_id}"), &owner).await;
+    assert_eq!(unchanged["name"], "site", "{unchanged}");
+    assert_eq!(unchanged["keep_releases"], 5);
+    assert_eq!(unchanged["env_names"], json!(["SECRET"]));
+    let (_, rollouts) = t.get("/v1/rollouts", &owner).await;
+    assert_eq!(rollouts["rollouts"], json!([]));
+    assert!(!t
+        .audit_actions()
+        .await
+        .iter()
+        .any(|a| a == "server.enrollment_token_created" || a == "server.deleted"));
 }
 
 #[tokio::test]
-async fn a_rollout_page_follows_progress_live_and_approves_the_canary() {
+async fn a_rollout_started_from_the_page_follows_progress_live_and_approves_the_canary() {
     let t = TestPlane::start().await;
     let email = "ops@example.com";
     let (cookie, _) = t.signup(email, PW).await;
@@ -565,23 +630,41 @@ async fn a_rollout_page_follows_progress_live_and_approves_the_canary() {
         )
         .await;
     assert_eq!(status, 201, "{project}");
-    let (status, rollout) = t
-        .post(
-            "/v1/rollouts",
-            &cookie,
-            json!({"project_id": project["id"], "ref": "main",
-                   "server_ids": [first.server_id, second.server_id],
-                   "strategy": {"canary": 1, "batch_size": 1, "manual_approval": true}}),
-        )
+    // A server the selector leaves out.
+    let staging = t
+        .start_labelled_agent(&cookie, "web-3", json!({"env": "staging"}), policy())
         .await;
-    assert_eq!(status, 201, "{rollout}");
-    let id = rollout["id"].as_str().expect("id");
 
+    // Started from the page: servers chosen by label, a canary and manual approval.
     let b = Browser::start(&t.base).await;
     sign_in(&b, email).await;
     b.open("/ui/rollouts").await;
-    b.click("#rollouts a").await;
-    b.wait_path(&format!("/ui/rollouts/{id}")).await;
+    b.fill("#selector", "env=prod").await;
+    b.fill("#canary", "1").await;
+    b.fill("#batch_size", "1").await;
+    b.click("#manual_approval").await;
+    b.screenshot("rollout-new").await;
+    b.click("#start-rollout").await;
+    b.wait_for("#rollout").await;
+    let path = b.path().await;
+    let id = path
+        .strip_prefix("/ui/rollouts/")
+        .expect("the rollout's page");
+    let (_, rollout) = t.get(&format!("/v1/rollouts/{id}"), &cookie).await;
+    assert_eq!(rollout["ref"], "main", "{rollout}");
+    assert_eq!(rollout["strategy"]["canary"], 1, "{rollout}");
+    assert_eq!(rollout["strategy"]["batch_size"], 1, "{rollout}");
+    assert_eq!(rollout["strategy"]["manual_approval"], true, "{rollout}");
+    let mut targets: Vec<String> = rollout["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(|t| t["server_id"].as_str().expect("id").to_owned())
+        .collect();
+    targets.sort();
+    let mut prod = vec![first.server_id.to_string(), second.server_id.to_string()];
+    prod.sort();
+    assert_eq!(targets, prod, "only env=prod, not {}", staging.server_id);
     // The script marks the state each event brings: the canary's end arrives on this page.
     b.wait_for("#rollout[data-state='paused:approval']").await;
     b.wait_text("#rollout-reason", |text| text.contains("approval"))
@@ -850,7 +933,7 @@ async fn api_keys_and_invitations_from_settings_work_against_the_api() {
 }
 
 #[tokio::test]
-async fn a_rollback_from_the_deployment_page_returns_to_the_release_before() {
+async fn a_rollback_from_the_deployment_page_returns_to_the_release_chosen() {
     let t = TestPlane::start().await;
     let email = "ops@example.com";
     let (cookie, _) = t.signup(email, PW).await;
@@ -882,17 +965,49 @@ async fn a_rollback_from_the_deployment_page_returns_to_the_release_before() {
     let first = deploy().await;
     sensei_e2e::git_commit(&repo, "v2");
     let second = deploy().await;
-    assert_eq!(second["status"], "succeeded", "{second}");
+    sensei_e2e::git_commit(&repo, "v3");
+    let third = deploy().await;
+    assert_eq!(third["status"], "succeeded", "{third}");
     let served = || std::fs::read_to_string(app.join("current/index.html")).unwrap_or_default();
-    assert_eq!(served(), "v2");
+    assert_eq!(served(), "v3");
+    let third_page = format!("/ui/deployments/{}", third["id"].as_str().expect("id"));
 
     let b = Browser::start(&t.base).await;
     sign_in(&b, email).await;
-    b.open(&format!(
-        "/ui/deployments/{}",
-        second["id"].as_str().expect("id")
-    ))
-    .await;
+    // The picker offers the earlier releases, not the current one.
+    b.open(&third_page).await;
+    let release = |d: &Value| d["release_id"].as_str().expect("release").to_owned();
+    let offered = b.wait_text("#to_release", |text| !text.is_empty()).await;
+    assert!(offered.contains(&release(&first)), "{offered}");
+    assert!(offered.contains(&release(&second)), "{offered}");
+    assert!(!offered.contains(&release(&third)), "{offered}");
+
+    // A release this project never made there, forged into the form: refused, nothing queued.
+    let cookie_of_browser = b.session_cookie().await;
+    let (_, html, _) = page(&t, &third_page, &cookie_of_browser).await;
+    let r = raw_client(&t)
+        .post(t.url(&format!("{third_page}/rollback")))
+        .header("cookie", &cookie_of_browser)
+        .header("origin", t.plane.public_url().trim_end_matches('/'))
+        .form(&[
+            ("csrf", form_token(&html).as_str()),
+            ("to_release", "20200101000000-aaaaaaaaaaaa"),
+        ])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 422);
+    let (_, rollbacks) = t.get("/v1/deployments?kind=rollback", &cookie).await;
+    assert_eq!(rollbacks["deployments"], json!([]), "{rollbacks}");
+
+    // Back to v1, past v2, chosen on the page.
+    let picker = b.wait_for("#to_release").await;
+    thirtyfour::components::SelectElement::new(&picker)
+        .await
+        .expect("select")
+        .select_by_value(&release(&first))
+        .await
+        .expect("choose v1");
     b.click("#rollback").await;
     // The rollback's own page, then its end (the page of the deploy had ended already).
     b.wait_text("main h1", |text| text.starts_with("rollback of site"))

@@ -310,7 +310,20 @@
     });
   }
 
+
+  // A token emailed as a link travels in the URL's fragment, which no server sees: copy it
+  // into its field, then drop it from the address bar and the history.
+  function tokenFromFragment() {
+    var field = document.querySelector('input[data-from-fragment="token"]');
+    var match = /^#token=([A-Za-z0-9_.~-]+)$/.exec(window.location.hash);
+    if (field && match) {
+      field.value = match[1];
+      window.history.replaceState(null, "", window.location.pathname);
+    }
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    tokenFromFragment();
     var log = document.getElementById("log");
     if (log) {
       followLog(log);
