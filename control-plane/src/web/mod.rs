@@ -119,6 +119,7 @@ pub fn router(state: AppState) -> Router {
             post(settings::sign_out_session),
         )
         .route("/ui/settings/audit", get(settings::audit))
+        .route("/ui/settings/audit/export", get(settings::audit_export))
         .route("/ui/settings/security", get(security::page))
         .route("/ui/settings/security/totp", post(security::enroll))
         .route(

@@ -3,7 +3,8 @@
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
-use http::{HeaderMap, Method};
+use chrono::{DateTime, Utc};
+use http::{HeaderMap, Method, StatusCode};
 use maud::{html, Markup};
 use serde::Deserialize;
 
@@ -157,23 +158,99 @@ pub async fn sign_out_everywhere(
 pub struct AuditQuery {
     #[serde(default)]
     action: String,
+    /// A user's or API key's id.
+    #[serde(default)]
+    actor: String,
+    /// The id of the object acted on.
+    #[serde(default)]
+    target: String,
+    /// `datetime-local` fields (`2026-12-04T05:40`), read as UTC.
+    #[serde(default)]
+    since: String,
+    #[serde(default)]
+    until: String,
     before: Option<i64>,
 }
 
-/// `GET /ui/settings/audit`: newest first, filtered by action, a page at a time.
+impl AuditQuery {
+    /// The API's filter for these fields: a malformed id or time is the person's mistake,
+    /// said as such, never silently ignored.
+    fn filter(&self) -> Result<AuditFilter, WebError> {
+        let id = |text: &str, what: &str| -> Result<Option<uuid::Uuid>, WebError> {
+            let text = text.trim();
+            if text.is_empty() {
+                return Ok(None);
+            }
+            text.parse().map(Some).map_err(|_| {
+                WebError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "the {what} is an id such as 3f0c2a9e-…, not {:?}",
+                        text.chars().take(40).collect::<String>()
+                    ),
+                )
+            })
+        };
+        let time = |text: &str, what: &str| -> Result<Option<DateTime<Utc>>, WebError> {
+            let text = text.trim();
+            if text.is_empty() {
+                return Ok(None);
+            }
+            let parsed = DateTime::parse_from_rfc3339(text)
+                .map(|t| t.with_timezone(&Utc))
+                .or_else(|_| {
+                    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M")
+                        .or_else(|_| {
+                            chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S")
+                        })
+                        .map(|t| t.and_utc())
+                });
+            parsed.map(Some).map_err(|_| {
+                WebError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("{what} is a time such as 2026-12-04T05:40 (UTC)"),
+                )
+            })
+        };
+        let action = self.action.trim();
+        Ok(AuditFilter {
+            action: (!action.is_empty()).then(|| action.chars().take(100).collect()),
+            actor: id(&self.actor, "actor")?,
+            target: id(&self.target, "target")?,
+            since: time(&self.since, "From")?,
+            until: time(&self.until, "Until")?,
+            limit: Some(AUDIT_PAGE),
+            before: self.before,
+        })
+    }
+
+    /// The query string of these filters (for the next page and the export).
+    fn pairs(&self) -> form_urlencoded::Serializer<'static, String> {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in [
+            ("action", &self.action),
+            ("actor", &self.actor),
+            ("target", &self.target),
+            ("since", &self.since),
+            ("until", &self.until),
+        ] {
+            if !v.trim().is_empty() {
+                q.append_pair(k, v.trim());
+            }
+        }
+        q
+    }
+}
+
+/// `GET /ui/settings/audit`: newest first, filtered by action, actor, target and time, a page
+/// at a time; the same filters export as JSON lines.
 pub async fn audit(
     State(state): State<AppState>,
     signed: Signed,
     Query(q): Query<AuditQuery>,
 ) -> Result<Markup, WebError> {
     signed.require(Method::GET, "/v1/audit")?;
-    let action = q.action.trim().chars().take(100).collect::<String>();
-    let filter = AuditFilter {
-        action: (!action.is_empty()).then(|| action.clone()),
-        limit: Some(AUDIT_PAGE),
-        before: q.before,
-        ..Default::default()
-    };
+    let filter = q.filter()?;
     let page = audit_routes::list(
         State(state),
         Extension(signed.principal.clone()),
@@ -182,11 +259,11 @@ pub async fn audit(
     .await?
     .0;
     let next = page.next_before.map(|before| {
-        let mut q = form_urlencoded::Serializer::new(String::new());
-        q.append_pair("action", &action)
-            .append_pair("before", &before.to_string());
-        format!("/ui/settings/audit?{}", q.finish())
+        let mut pairs = q.pairs();
+        pairs.append_pair("before", &before.to_string());
+        format!("/ui/settings/audit?{}", pairs.finish())
     });
+    let export = format!("/ui/settings/audit/export?{}", q.pairs().finish());
     let text = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_default();
     let body = html! {
         h1 { "Settings" }
@@ -194,9 +271,18 @@ pub async fn audit(
         h2 { "Audit log" }
         form.filters method="get" action="/ui/settings/audit" role="search" {
             label for="action" { "Action" }
-            input id="action" name="action" type="text" placeholder="user.logged_in" maxlength="100" value=(action);
+            input id="action" name="action" type="text" placeholder="user.logged_in" maxlength="100" value=(q.action);
+            label for="actor" { "Actor (user or API key id)" }
+            input id="actor" name="actor" type="text" maxlength="36" value=(q.actor);
+            label for="target" { "Target id" }
+            input id="target" name="target" type="text" maxlength="36" value=(q.target);
+            label for="since" { "From (UTC)" }
+            input id="since" name="since" type="datetime-local" value=(q.since);
+            label for="until" { "Until (UTC)" }
+            input id="until" name="until" type="datetime-local" value=(q.until);
             button type="submit" { "Filter" }
         }
+        p { a href=(export) id="export-audit" download="audit.jsonl" { "Export these events as JSON lines" } }
         table id="audit" {
             thead { tr { th { "When" } th { "Action" } th { "Actor" } th { "Target" } th { "Result" } th { "Address" } } }
             tbody {
@@ -216,4 +302,30 @@ pub async fn audit(
         @if let Some(next) = next { p { a href=(next) rel="next" id="older-events" { "Older events" } } }
     };
     Ok(layout::page("Audit log", &signed, Section::Settings, body))
+}
+
+/// `GET /ui/settings/audit/export`: the API's JSON-lines export of the same filters (a viewer
+/// gets their own events, an admin the account's), as a download.
+pub async fn audit_export(
+    State(state): State<AppState>,
+    signed: Signed,
+    Query(q): Query<AuditQuery>,
+) -> Result<axum::response::Response, WebError> {
+    signed.require(Method::GET, "/v1/audit/export")?;
+    let filter = AuditFilter {
+        limit: None,
+        before: None,
+        ..q.filter()?
+    };
+    let mut answer = audit_routes::export(
+        State(state),
+        Extension(signed.principal.clone()),
+        QueryParams(filter),
+    )
+    .await?;
+    answer.headers_mut().insert(
+        http::header::CONTENT_DISPOSITION,
+        http::HeaderValue::from_static("attachment; filename=\"audit.jsonl\""),
+    );
+    Ok(answer)
 }

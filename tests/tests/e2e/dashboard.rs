@@ -822,6 +822,68 @@ async fn the_audit_log_page_filters_by_action_and_pages_by_fifty() {
         "the filter is escaped"
     );
     assert!(!all.contains("<script>"));
+
+    // By target and by time; a malformed id or time is said, not ignored.
+    let (status, one) = t.get("/v1/servers?limit=1", &cookie).await;
+    assert_eq!(status, 200);
+    let target = one["servers"][0]["id"].as_str().expect("id").to_owned();
+    let (_, by_target, _) = page(&t, &format!("/ui/settings/audit?target={target}"), &cookie).await;
+    assert_eq!(rows(&by_target), 1, "one server.created names that server");
+    let (_, future, _) = page(&t, "/ui/settings/audit?since=2999-01-01T00%3A00", &cookie).await;
+    assert!(future.contains("No events match."));
+    let (_, past, _) = page(&t, "/ui/settings/audit?until=2000-01-01T00%3A00", &cookie).await;
+    assert!(past.contains("No events match."));
+    for bad in ["actor=nobody", "target=1", "since=yesterday"] {
+        let (status, _, _) = page(&t, &format!("/ui/settings/audit?{bad}"), &cookie).await;
+        assert_eq!(status, 422, "{bad}");
+    }
+
+    // The same filters download as JSON lines, oldest first; a viewer's export holds only
+    // their own events.
+    let at = first.find("id=\"export-audit\"").expect("an export link");
+    let href = first[..at]
+        .rsplit("href=\"")
+        .next()
+        .and_then(|rest| rest.split('"').next())
+        .expect("href")
+        .replace("&amp;", "&");
+    let (status, lines, headers) = page(&t, &href, &cookie).await;
+    assert_eq!(status, 200, "{href}");
+    assert!(headers
+        .get("content-disposition")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("attachment")));
+    let events: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(events.len(), 51);
+    assert!(events.iter().all(|e| e["event"] == "server.created"));
+    let (status, inv) = t
+        .post(
+            "/v1/invitations",
+            &cookie,
+            json!({"email": fresh_email("viewer"), "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{inv}");
+    let r = t
+        .http
+        .post(t.url("/v1/invitations/accept"))
+        .json(&json!({"token": inv["token"], "password": PW}))
+        .send()
+        .await
+        .expect("accept");
+    let viewer = session_cookie(&r).expect("cookie");
+    let (status, theirs, _) = page(&t, "/ui/settings/audit/export", &viewer).await;
+    assert_eq!(status, 200);
+    let actors: Vec<Value> = theirs
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line")["actor"]["id"].clone())
+        .collect();
+    assert!(!actors.is_empty(), "the viewer's own sign-up shows");
+    let viewer_id = r.json::<Value>().await.expect("json")["id"].clone();
+    assert!(actors.iter().all(|a| *a == viewer_id), "{theirs}");
 }
 
 #[tokio::test]
