@@ -516,17 +516,20 @@ async fn sign_in(
             }
         }
     } else if has_totp || has_keys {
-        let (code, allow_recovery) =
-            match (&req.totp_code, &req.recovery_code) {
-                (_, Some(recovery)) => (recovery.as_str(), true),
-                (Some(totp), None) => (totp.as_str(), false),
-                (None, None) => return Err(ApiError::new(
+        let key_required = has_keys && user.get::<_, bool>("require_webauthn");
+        let (code, accept) = match (&req.totp_code, &req.recovery_code) {
+            (_, Some(recovery)) if key_required => (recovery.as_str(), mfa::Accept::RecoveryOnly),
+            (_, Some(recovery)) => (recovery.as_str(), mfa::Accept::TotpOrRecovery),
+            (Some(totp), None) => (totp.as_str(), mfa::Accept::TotpOnly),
+            (None, None) => {
+                return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     ErrorCode::MfaRequired,
                     "this user signs in with a second factor: send totp_code (or recovery_code)",
-                )),
-            };
-        factor = mfa::consume_code(&tx, &state.keys, user_id, code, allow_recovery).await?;
+                ))
+            }
+        };
+        factor = mfa::consume_code(&tx, &state.keys, user_id, code, accept).await?;
         if factor.is_none() {
             let failed = FailedLogin {
                 email_hash: &email_hash,
@@ -837,4 +840,43 @@ pub async fn me(
             crate::identity::auth::Credential::Session { .. } => None,
         },
     }))
+}
+
+/// How recent a sign-in must be to add a way in (a security key, an identity at the provider)
+/// or take one away.
+pub const RECENT_SIGN_IN_MINUTES: i32 = 10;
+
+/// Refuses unless the caller's session began within [`RECENT_SIGN_IN_MINUTES`]: a stolen
+/// session cookie, or a script running in the page, must not be able to plant a lasting way
+/// in for its holder, nor remove the owner's.
+pub async fn require_recent_sign_in(
+    pool: &deadpool_postgres::Pool,
+    principal: &Principal,
+) -> Result<(), ApiError> {
+    let Some(session) = principal.session_id() else {
+        return Err(ApiError::forbidden(
+            ErrorCode::SessionRequired,
+            "only a signed-in user may do this, not an API key",
+        ));
+    };
+    let recent: bool = pool
+        .get()
+        .await?
+        .query_opt(
+            "SELECT 1 FROM sessions WHERE id = $1 \
+             AND created_at > now() - make_interval(mins => $2)",
+            &[&session, &RECENT_SIGN_IN_MINUTES],
+        )
+        .await?
+        .is_some();
+    if recent {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(
+            ErrorCode::RecentSignInRequired,
+            format!(
+                "sign in again first: this needs a sign-in from the last {RECENT_SIGN_IN_MINUTES} minutes"
+            ),
+        ))
+    }
 }

@@ -113,6 +113,7 @@ error_codes! {
     ZoneTaken => "zone_taken",
     ScopeExceedsRole => "scope_exceeds_role",
     OutsideResourceScope => "outside_resource_scope",
+    RecentSignInRequired => "recent_sign_in_required",
     FourEyesRequired => "four_eyes_required",
     RoleTaken => "role_taken",
     RoleInUse => "role_in_use",

@@ -698,6 +698,25 @@ pub async fn accept(
             format!("this account may not be used from {}", meta.ip),
         ));
     }
+    // An account that requires single sign-on takes its members through its provider: an
+    // invitation (a bearer token) never becomes a password and a session that skipped it.
+    // The invitation stays open; the person signs in through the provider instead.
+    let sso_slug: Option<String> = tx
+        .query_opt(
+            "SELECT slug FROM account_sso WHERE account_id = $1 AND require_sso",
+            &[&account_id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if let Some(slug) = sso_slug {
+        return Err(ApiError::forbidden(
+            ErrorCode::SsoRequired,
+            format!(
+                "this account requires single sign-on: sign in through your identity provider \
+                 at /ui/sso?org={slug} instead of accepting with a password"
+            ),
+        ));
+    }
     let user_id = Uuid::new_v4();
     let inserted = tx
         .execute(

@@ -43,6 +43,16 @@ pub struct RecoveryCodes {
     pub recovery_codes: Vec<String>,
 }
 
+/// Which codes [`consume_code`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accept {
+    TotpOnly,
+    TotpOrRecovery,
+    /// An account that requires a security key takes no TOTP code from a member who has one,
+    /// whichever field it comes in (a phishing proxy relays TOTP codes as easily as passwords).
+    RecoveryOnly,
+}
+
 /// How a second factor was proven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SecondFactor {
@@ -74,7 +84,7 @@ pub async fn consume_code(
     keys: &FieldKeys,
     user_id: Uuid,
     code: &str,
-    allow_recovery: bool,
+    accept: Accept,
 ) -> Result<Option<SecondFactor>, ApiError> {
     let row = tx
         .query_one(
@@ -83,7 +93,10 @@ pub async fn consume_code(
         )
         .await?;
     // A user with only security keys has no TOTP secret; their recovery codes still count.
-    if let Some(sealed) = row.get::<_, Option<String>>(0) {
+    let sealed = row
+        .get::<_, Option<String>>(0)
+        .filter(|_| accept != Accept::RecoveryOnly);
+    if let Some(sealed) = sealed {
         let secret = keys.decrypt(&sealed).map_err(|_| {
             ApiError::internal("TOTP secret cannot be decrypted with the field keys")
         })?;
@@ -97,7 +110,7 @@ pub async fn consume_code(
             return Ok(Some(SecondFactor::Totp));
         }
     }
-    if allow_recovery {
+    if accept != Accept::TotpOnly {
         if let Some(normalised) = totp::normalise_recovery_code(code) {
             let used = tx
                 .execute(
@@ -305,9 +318,15 @@ pub async fn disable(
             "this account requires MFA of every member; it cannot be turned off",
         ));
     }
-    if consume_code(&tx, &state.keys, principal.user_id, &req.code, true)
-        .await?
-        .is_none()
+    if consume_code(
+        &tx,
+        &state.keys,
+        principal.user_id,
+        &req.code,
+        Accept::TotpOrRecovery,
+    )
+    .await?
+    .is_none()
     {
         drop(tx);
         let hash = state

@@ -96,9 +96,12 @@ pub struct SsoChange {
     pub require_sso: bool,
 }
 
-/// The redirect URI every provider is registered with.
-pub fn redirect_uri(state: &AppState) -> String {
-    format!("{}/ui/sso/callback", state.public_url)
+/// The redirect URI an account's provider is registered with: one per account (its slug), so
+/// that the callback knows which provider must have answered. With a single URI for every
+/// account, a tenant's own provider could forward a victim's browser to the victim account's
+/// real provider and receive the code meant for Sensei (a mix-up attack).
+pub fn redirect_uri(state: &AppState, slug: &str) -> String {
+    format!("{}/ui/sso/callback/{slug}", state.public_url)
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -221,7 +224,7 @@ fn view(state: &AppState, sso: &SsoAccount) -> SsoSettings {
             .and_then(|pem| sensei_certs::tls::first_cert_der(pem).ok())
             .map(|der| sensei_certs::Fingerprint::of_der(&der).to_string()),
         require_sso: sso.require_sso,
-        redirect_uri: redirect_uri(state),
+        redirect_uri: redirect_uri(state, &sso.slug),
         sign_in_url: format!("{}/ui/sso?org={}", state.public_url, sso.slug),
         updated_at: sso.updated_at,
     }
@@ -564,7 +567,11 @@ pub async fn begin(
     })?;
     let started = state
         .oidc_providers
-        .start(&sso.provider, &state.outbound, &redirect_uri(state))
+        .start(
+            &sso.provider,
+            &state.outbound,
+            &redirect_uri(state, &sso.slug),
+        )
         .await
         .map_err(|e| {
             ApiError::new(
@@ -646,6 +653,8 @@ pub struct SignedIn {
 
 /// What came back from the provider, as the callback's query holds it.
 pub struct Callback<'a> {
+    /// The account the provider answered for: the slug in the redirect URI's path.
+    pub slug: &'a str,
     pub state_cookie: Option<&'a str>,
     pub state: &'a str,
     pub code: &'a str,
@@ -697,12 +706,28 @@ pub async fn complete(
             "single sign-on is not configured for this account any more",
         )
     })?;
+    // The answer came back on another account's redirect URI than the one this browser
+    // started at: a provider is forwarding what is not its own. Nothing is redeemed.
+    if sso.slug != callback.slug {
+        audit_failure(
+            state,
+            meta,
+            &sso,
+            None,
+            "the answer came back for another account's single sign-on",
+        )
+        .await?;
+        return Err(refused(
+            StatusCode::BAD_REQUEST,
+            "this answer is for another account's single sign-on; start again",
+        ));
+    }
     let identity = match state
         .oidc_providers
         .finish(
             &sso.provider,
             &state.outbound,
-            &redirect_uri(state),
+            &redirect_uri(state, &sso.slug),
             &flow.pending,
             callback.code,
         )

@@ -201,6 +201,7 @@ pub async fn start_registration(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
 ) -> Result<(StatusCode, Json<Ceremony>), ApiError> {
+    super::auth_routes::require_recent_sign_in(&state.pool, &principal).await?;
     let rp = keys::relying_party(&state.public_url).map_err(unavailable)?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
@@ -476,6 +477,7 @@ pub async fn remove(
     Extension(principal): Extension<Principal>,
     Path(id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
+    super::auth_routes::require_recent_sign_in(&state.pool, &principal).await?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     tx.execute(

@@ -55,7 +55,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/sso", get(sso::page))
         .route("/ui/sso/start", get(sso::start))
         .route("/ui/sso/connect", get(sso::connect))
-        .route("/ui/sso/callback", get(sso::callback))
+        .route("/ui/sso/callback/{slug}", get(sso::callback))
         .route(
             "/ui/settings/sso",
             get(sso::settings).post(sso::save_settings),

@@ -144,6 +144,11 @@ pub async fn connect(
             "connecting must start on this control plane's own settings page",
         ));
     }
+    if let Err(e) =
+        crate::api::auth_routes::require_recent_sign_in(&state.pool, &signed.principal).await
+    {
+        return Ok(refusal_page(e.status(), e.message()));
+    }
     let Some(slug) = sso::stored_slug(&state, signed.principal.account_id).await? else {
         return Ok(refusal_page(
             StatusCode::NOT_FOUND,
@@ -205,11 +210,12 @@ fn clear_state_cookie(mut response: Response) -> Response {
     response
 }
 
-/// `GET /ui/sso/callback`: where the provider sends the browser back.
+/// `GET /ui/sso/callback/{slug}`: where the account's provider sends the browser back.
 pub async fn callback(
     State(state): State<AppState>,
     meta: ClientMeta,
     headers: HeaderMap,
+    axum::extract::Path(slug): axum::extract::Path<String>,
     Query(q): Query<CallbackQuery>,
 ) -> Response {
     if !q.error.is_empty() {
@@ -229,6 +235,7 @@ pub async fn callback(
         ));
     }
     let callback = Callback {
+        slug: &slug,
         state_cookie: state_cookie(&headers),
         state: &q.state,
         code: &q.code,
@@ -280,7 +287,7 @@ pub async fn settings(
         (layout::notice(done.done.as_deref()))
         h2 { "Single sign-on" }
         p { "Register Sensei at your identity provider as a web application with the redirect URI "
-            code id="redirect-uri" { (sso::redirect_uri(&state)) } ". "
+            code id="redirect-uri" { (sso::redirect_uri(&state, current.as_ref().map(|s| s.slug.as_str()).unwrap_or("<slug>"))) } ". "
             "docs/access.md explains the fields for Okta, Entra ID, Google and Keycloak." }
         @if let Some(s) = &current {
             dl.facts {

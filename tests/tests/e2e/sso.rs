@@ -45,10 +45,7 @@ impl OidcProvider {
             .expect("certificate");
         std::fs::write(dir.path().join("cert.pem"), &issued.cert_pem).expect("cert");
         std::fs::write(dir.path().join("key.pem"), &issued.key_pem).expect("key");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let port = sensei_e2e::free_port();
         let log = dir.path().join("provider.log");
         let mut child = Command::new("node")
             .arg(node_dir.join("oidc-provider.mjs"))
@@ -60,7 +57,7 @@ impl OidcProvider {
             .env("CLIENT_SECRET", CLIENT_SECRET)
             .env(
                 "REDIRECT_URI",
-                format!("{}/ui/sso/callback", t.plane.public_url()),
+                format!("{}/ui/sso/callback/acme", t.plane.public_url()),
             )
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log"))
@@ -227,7 +224,7 @@ async fn sso_sign_in_through_a_real_provider_creates_and_matches_members() {
     assert!(!settings.to_string().contains(CLIENT_SECRET));
     assert_eq!(
         settings["redirect_uri"],
-        format!("{}/ui/sso/callback", t.plane.public_url())
+        format!("{}/ui/sso/callback/acme", t.plane.public_url())
     );
     let sealed: String = t
         .db()
@@ -452,12 +449,55 @@ async fn sso_forged_expired_and_replayed_id_tokens_are_refused() {
         .build()
         .expect("client");
     let r = client
-        .get(t.url("/ui/sso/callback?code=stolen&state=guessed"))
+        .get(t.url("/ui/sso/callback/acme?code=stolen&state=guessed"))
         .send()
         .await
         .expect("callback");
     assert_eq!(r.status(), 400);
     assert!(session_cookie(&r).is_none());
+    // A sign-in started at this account whose answer arrives on another account's redirect
+    // URI (a provider forwarding a code that is not its own: the mix-up attack) is refused
+    // before anything is redeemed, and the started sign-in is spent.
+    let started = client
+        .get(t.url("/ui/sso/start?org=acme"))
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .expect("start");
+    assert!(started.status().is_redirection(), "{}", started.status());
+    let location = started
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("to the provider")
+        .to_owned();
+    let state_param = reqwest::Url::parse(&location)
+        .expect("url")
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .expect("state");
+    let flow_cookie = started
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("sensei_sso="))
+        .and_then(|c| c.split(';').next())
+        .expect("state cookie")
+        .to_owned();
+    let r = client
+        .get(t.url(&format!(
+            "/ui/sso/callback/someone-else?code=forwarded&state={state_param}"
+        )))
+        .header("cookie", &flow_cookie)
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(r.status(), 400);
+    assert!(session_cookie(&r).is_none());
+    let page = r.text().await.expect("page");
+    assert!(page.contains("another account"), "{page}");
     // A start from another site's page is refused.
     let r = client
         .get(t.url("/ui/sso/start?org=acme"))
@@ -536,6 +576,26 @@ async fn sso_required_blocks_passwords_but_not_api_keys_or_owners_with_mfa() {
         .await
         .expect("put");
     assert_eq!(r.status(), 200, "the stored secret stays when none is sent");
+
+    // An invitation cannot be accepted with a password any more: the provider is the way in.
+    let users = t.count("SELECT count(*) FROM users").await;
+    let (status, inv) = t
+        .post(
+            "/v1/invitations",
+            &owner,
+            json!({"email": "late@acme.test", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{inv}");
+    let (status, body) = t
+        .post(
+            "/v1/invitations/accept",
+            "",
+            json!({"token": inv["token"], "password": PW}),
+        )
+        .await;
+    assert_eq!((status, error_code(&body)), (403, "sso_required"), "{body}");
+    assert_eq!(t.count("SELECT count(*) FROM users").await, users);
 
     // A member's password no longer signs in, through the API or the page.
     let sessions = t.count("SELECT count(*) FROM sessions").await;

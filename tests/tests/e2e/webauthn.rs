@@ -303,6 +303,19 @@ async fn a_key_registered_in_settings_signs_in_and_a_removed_key_is_refused() {
         .await;
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["error"]["code"], "webauthn_required", "{body}");
+    // Nor in the recovery code's field: only a real recovery code is taken there.
+    let sessions = t.count("SELECT count(*) FROM sessions").await;
+    let (status, body) = t
+        .post(
+            "/v1/auth/login",
+            "",
+            json!({"email": email, "password": PW,
+                   "recovery_code": sensei_e2e::totp_code(&secret, 1)}),
+        )
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_mfa_code", "{body}");
+    assert_eq!(t.count("SELECT count(*) FROM sessions").await, sessions);
     let r = t
         .http
         .delete(t.url(&path))
@@ -469,6 +482,36 @@ async fn stale_and_foreign_registration_challenges_are_refused() {
     let t = plane().await;
     let (owner, _) = t.signup("owner@example.com", PW).await;
     let (other, _) = t.signup("other@example.com", PW).await;
+    // A session signed in long ago (a stolen cookie, say) registers no key and removes none.
+    t.db()
+        .await
+        .execute(
+            "UPDATE sessions SET created_at = now() - interval '1 hour' \
+             WHERE user_id = (SELECT id FROM users WHERE email = 'other@example.com')",
+            &[],
+        )
+        .await
+        .expect("age the session");
+    let (status, body) = t
+        .post("/v1/auth/mfa/webauthn/registrations", &other, json!({}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("recent_sign_in_required")),
+        "{body}"
+    );
+    let r = t
+        .http
+        .delete(t.url(&format!(
+            "/v1/auth/mfa/webauthn/keys/{}",
+            uuid::Uuid::new_v4()
+        )))
+        .header("cookie", &other)
+        .send()
+        .await
+        .expect("remove");
+    assert_eq!(r.status(), 403);
+    let other = t.login("other@example.com", PW).await;
     let (status, ceremony) = t
         .post("/v1/auth/mfa/webauthn/registrations", &owner, json!({}))
         .await;
