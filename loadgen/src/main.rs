@@ -245,7 +245,7 @@ impl Setup {
                 .await?;
             self.db
                 .execute(
-                    "SELECT pg_notify('sensei_agent_certs', 'allow:' || encode(fingerprint, 'hex') || ':' || server_id) \
+                    "SELECT pg_notify('sensei_agent_certs', 'allow:' || encode(fingerprint, 'hex') || ':' || server_id || ':' || extract(epoch FROM not_after)::bigint) \
                      FROM agent_certificates WHERE server_id = ANY($1)",
                     &[&ids],
                 )
