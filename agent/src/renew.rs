@@ -71,7 +71,7 @@ fn wall_clock() -> Duration {
 
 /// Why one attempt failed.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum AttemptError {
+pub enum AttemptError {
     #[error("cannot make a key pair: {0}")]
     Key(String),
     #[error("cannot open the renewal stream")]
@@ -86,7 +86,7 @@ pub(crate) enum AttemptError {
 
 impl AttemptError {
     /// Whether trying again is pointless: the certificate is revoked or expired.
-    pub(crate) fn is_final(&self) -> bool {
+    pub fn is_final(&self) -> bool {
         matches!(self, Self::Exchange(e) if e.is_final())
     }
 }
@@ -147,10 +147,29 @@ pub(crate) async fn attempt(
     server_id: Uuid,
     state: &StateDir,
 ) -> Result<(), AttemptError> {
+    exchange(connection, hello, server_id, |key_pem, certificate_pem| {
+        state
+            .store_renewed(key_pem, certificate_pem)
+            .map_err(|e| AttemptError::Store(e.to_string()))
+    })
+    .await
+}
+
+/// One renewal exchange with a new key pair made here: `store` keeps the key and the
+/// certificate that came back for it (checked to certify the key) before the control plane is
+/// told they are stored. Shared by the agent (which writes them to its state directory) and
+/// the load generator's simulated agents (which keep them in memory).
+pub async fn exchange(
+    connection: &quinn::Connection,
+    hello: HelloSent,
+    server_id: Uuid,
+    store: impl FnOnce(&str, &str) -> Result<(), AttemptError>,
+) -> Result<(), AttemptError> {
     // The subject is the server's UUID, as the current certificate's; the key is new and
     // stays here, written only once the certificate for it has come back.
     let request = AgentKeyRequest::generate(&server_id.to_string())
         .map_err(|e| AttemptError::Key(e.to_string()))?;
+    let mut store = Some(store);
     let (mut send, recv) = connection
         .open_bi()
         .await
@@ -166,12 +185,13 @@ pub(crate) async fn attempt(
                     }
                 }
                 AgentRenewalAction::Store { certificate_pem } => {
-                    let stored = if sensei_certs::certifies(&certificate_pem, &request.key_pem) {
-                        state
-                            .store_renewed(&request.key_pem, &certificate_pem)
-                            .map_err(|e| AttemptError::Store(e.to_string()))
-                    } else {
-                        Err(AttemptError::Mismatch)
+                    let stored = match store.take() {
+                        Some(store)
+                            if sensei_certs::certifies(&certificate_pem, &request.key_pem) =>
+                        {
+                            store(&request.key_pem, &certificate_pem)
+                        }
+                        _ => Err(AttemptError::Mismatch),
                     };
                     if let Err(e) = stored {
                         // A reset, not an end: the control plane must not take the new

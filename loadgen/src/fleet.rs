@@ -90,11 +90,35 @@ pub struct Shared {
     pub verified: Mutex<HashMap<Uuid, Instant>>,
     pub verified_signal: Notify,
     pub refused: AtomicU64,
+    /// Agents that hold a renewed certificate.
+    pub renewed: AtomicUsize,
+    /// Renewal exchanges that failed (the agent keeps its old certificate).
+    pub renewal_failures: AtomicU64,
+    /// Each renewal exchange, from making the key pair to the stream's end.
+    pub renewal_round_trips: Mutex<Vec<Duration>>,
+    /// Agents that have made a session with their renewed certificate.
+    pub reconnected: AtomicUsize,
+    /// The handshake of each agent's first session with its renewed certificate.
+    pub renewed_handshakes: Mutex<Vec<Duration>>,
 }
 
 impl Shared {
     pub fn take_handshakes(&self) -> Vec<Duration> {
         self.handshakes
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default()
+    }
+
+    pub fn take_renewal_round_trips(&self) -> Vec<Duration> {
+        self.renewal_round_trips
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default()
+    }
+
+    pub fn take_renewed_handshakes(&self) -> Vec<Duration> {
+        self.renewed_handshakes
             .lock()
             .map(|mut h| std::mem::take(&mut *h))
             .unwrap_or_default()
@@ -109,7 +133,23 @@ impl Shared {
 pub struct Fleet {
     pub shared: Arc<Shared>,
     stop: watch::Sender<bool>,
+    renew: watch::Sender<Option<RenewalWave>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Every agent renews once, at a moment drawn uniformly in `[start, start + spread)`, as the
+/// jittered schedule spreads a fleet's renewals (`spread` zero: all at once).
+#[derive(Debug, Clone, Copy)]
+pub struct RenewalWave {
+    pub start: tokio::time::Instant,
+    pub spread: Duration,
+}
+
+impl RenewalWave {
+    /// When the agent that drew `random` (uniform in [0, 1)) renews.
+    pub fn moment(&self, random: f64) -> tokio::time::Instant {
+        self.start + self.spread.mul_f64(random.clamp(0.0, 1.0))
+    }
 }
 
 /// A client endpoint with large socket buffers: at thousands of handshakes a second the
@@ -150,6 +190,7 @@ impl Fleet {
             .collect::<Result<_, _>>()?;
         let shared = Arc::new(Shared::default());
         let (stop, stopped) = watch::channel(false);
+        let (renew, wave) = watch::channel(None);
         let gate = Arc::new(Semaphore::new(ramp.max(1)));
         let mut tasks = Vec::with_capacity(identities.len());
         for (i, id) in identities.into_iter().enumerate() {
@@ -159,8 +200,14 @@ impl Fleet {
             )?;
             let agent = SimAgent {
                 server_id: id.server_id,
-                fingerprint: id.fingerprint,
-                config,
+                current: Mutex::new(Current {
+                    fingerprint: id.fingerprint,
+                    config,
+                    renewed: false,
+                }),
+                verifier: verifier.clone(),
+                wave: wave.clone(),
+                renewal_draw: rand::random(),
                 endpoint: endpoints[i % endpoints.len()].clone(),
                 gateway,
                 job_key,
@@ -173,8 +220,30 @@ impl Fleet {
         Ok(Self {
             shared,
             stop,
+            renew,
             tasks,
         })
+    }
+
+    /// Starts the renewal wave: each connected agent renews once, over its live session.
+    pub fn renew(&self, spread: Duration) {
+        let _ = self.renew.send(Some(RenewalWave {
+            start: tokio::time::Instant::now(),
+            spread,
+        }));
+    }
+
+    /// Waits until `count` agents have renewed and made a session with the new certificate,
+    /// or `within` passes. Returns the time taken.
+    pub async fn wait_reconnected(&self, count: usize, within: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if self.shared.reconnected.load(Ordering::Relaxed) >= count {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
     }
 
     /// Waits until `count` agents are connected, or `within` passes. Returns the time taken.
@@ -214,10 +283,20 @@ impl Fleet {
     }
 }
 
-struct SimAgent {
-    server_id: Uuid,
+/// The certificate an agent connects with: replaced once it is renewed.
+struct Current {
     fingerprint: [u8; 32],
     config: quinn::ClientConfig,
+    renewed: bool,
+}
+
+struct SimAgent {
+    server_id: Uuid,
+    current: Mutex<Current>,
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    wave: watch::Receiver<Option<RenewalWave>>,
+    /// Where in the wave's spread this agent renews.
+    renewal_draw: f64,
     endpoint: quinn::Endpoint,
     gateway: SocketAddr,
     job_key: VerifyingKey,
@@ -230,9 +309,10 @@ impl SimAgent {
         let mut backoff = Backoff::agent_default();
         let mut highest_sequence = 0u64;
         let mut first = true;
+        let mut reconnected = false;
         loop {
             let delay = tokio::select! {
-                d = self.session(&mut backoff, &mut highest_sequence, &mut first) => d,
+                d = self.session(&mut backoff, &mut highest_sequence, &mut first, &mut reconnected) => d,
                 _ = stop.changed() => return,
             };
             tokio::select! {
@@ -248,6 +328,7 @@ impl SimAgent {
         backoff: &mut Backoff,
         highest_sequence: &mut u64,
         first: &mut bool,
+        reconnected: &mut bool,
     ) -> Duration {
         let permit = if *first {
             self.gate.clone().acquire_owned().await.ok()
@@ -255,14 +336,18 @@ impl SimAgent {
             None
         };
         let started = Instant::now();
-        let connecting =
-            match self
-                .endpoint
-                .connect_with(self.config.clone(), self.gateway, "localhost")
-            {
-                Ok(c) => c,
-                Err(_) => return self.failed(backoff),
-            };
+        // Jobs on this session are bound to the certificate it was made with.
+        let (config, fingerprint, renewed) = match self.current.lock() {
+            Ok(c) => (c.config.clone(), c.fingerprint, c.renewed),
+            Err(_) => return self.failed(backoff),
+        };
+        let connecting = match self
+            .endpoint
+            .connect_with(config, self.gateway, "localhost")
+        {
+            Ok(c) => c,
+            Err(_) => return self.failed(backoff),
+        };
         let connection = match tokio::time::timeout(Duration::from_secs(15), connecting).await {
             Ok(Ok(c)) => c,
             _ => return self.failed(backoff),
@@ -285,10 +370,18 @@ impl SimAgent {
             welcomed = true;
             self.shared.sessions.fetch_add(1, Ordering::Relaxed);
             self.shared.connected.fetch_add(1, Ordering::Relaxed);
+            if renewed && !*reconnected {
+                *reconnected = true;
+                if let Ok(mut h) = self.shared.renewed_handshakes.lock() {
+                    h.push(started.elapsed());
+                }
+                self.shared.reconnected.fetch_add(1, Ordering::Relaxed);
+            }
         };
         let end = tokio::select! {
             end = control.run(on_welcome) => end,
-            () = self.jobs(&connection, highest_sequence, hello) => StreamEnd::Connection,
+            () = self.jobs(&connection, fingerprint, highest_sequence, hello) => StreamEnd::Connection,
+            () = self.renew(&connection, hello, renewed) => StreamEnd::Connection,
         };
         if welcomed {
             self.shared.connected.fetch_sub(1, Ordering::Relaxed);
@@ -297,6 +390,64 @@ impl SimAgent {
             connection.close(quinn::VarInt::from_u32(code), reason.as_bytes());
         }
         self.after_close(&connection, backoff)
+    }
+
+    /// Renews once when the wave reaches this agent, over this session, with the real agent's
+    /// exchange; keeps the new key and certificate in memory for the next connection. The
+    /// control plane then closes the session (between jobs) and the agent reconnects. Never
+    /// ends by itself.
+    async fn renew(&self, connection: &quinn::Connection, hello: HelloSent, renewed: bool) {
+        if !renewed {
+            let mut wave = self.wave.clone();
+            let moment = match wave.wait_for(Option::is_some).await {
+                Ok(w) => w.map(|w| w.moment(self.renewal_draw)),
+                Err(_) => None,
+            };
+            if let Some(moment) = moment {
+                tokio::time::sleep_until(moment).await;
+                self.renew_now(connection, hello).await;
+            }
+        }
+        std::future::pending().await
+    }
+
+    async fn renew_now(&self, connection: &quinn::Connection, hello: HelloSent) {
+        let began = Instant::now();
+        let mut stored = None;
+        let exchange =
+            sensei_agent::renew::exchange(connection, hello, self.server_id, |key, cert| {
+                stored = Some((key.to_owned(), cert.to_owned()));
+                Ok(())
+            })
+            .await;
+        let took = began.elapsed();
+        let next = match (exchange, stored) {
+            (Ok(()), Some((key_pem, cert_pem))) => {
+                let fingerprint = sensei_certs::tls::first_cert_der(&cert_pem)
+                    .map(|der| *Fingerprint::of_der(&der).as_bytes());
+                let config = sensei_agent::transport::client_config(
+                    self.verifier.clone(),
+                    Some((cert_pem.as_str(), key_pem.as_str())),
+                );
+                fingerprint.ok().zip(config.ok())
+            }
+            _ => None,
+        };
+        let Some((fingerprint, config)) = next else {
+            self.shared.renewal_failures.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if let Ok(mut current) = self.current.lock() {
+            *current = Current {
+                fingerprint,
+                config,
+                renewed: true,
+            };
+        }
+        if let Ok(mut r) = self.shared.renewal_round_trips.lock() {
+            r.push(took);
+        }
+        self.shared.renewed.fetch_add(1, Ordering::Relaxed);
     }
 
     fn failed(&self, backoff: &mut Backoff) -> Duration {
@@ -313,6 +464,8 @@ impl SimAgent {
                     &close.reason,
                 ) {
                     CloseVerdict::RetryAfter(d) => Backoff::suggested(d, rand::random()),
+                    // Renewed: the real agent reconnects at once with the new certificate.
+                    CloseVerdict::Reconnect => Duration::ZERO,
                     _ => backoff.next_delay(rand::random()),
                 }
             }
@@ -325,6 +478,7 @@ impl SimAgent {
     async fn jobs(
         &self,
         connection: &quinn::Connection,
+        fingerprint: [u8; 32],
         highest_sequence: &mut u64,
         hello: HelloSent,
     ) {
@@ -344,7 +498,10 @@ impl SimAgent {
                             }
                         }
                         AgentJobAction::Run(job) => {
-                            if self.answer(&job, highest_sequence, &mut exchange).is_err() {
+                            if self
+                                .answer(&job, fingerprint, highest_sequence, &mut exchange)
+                                .is_err()
+                            {
                                 return;
                             }
                         }
@@ -373,6 +530,7 @@ impl SimAgent {
     fn answer(
         &self,
         job: &SignedJob,
+        fingerprint: [u8; 32],
         highest_sequence: &mut u64,
         exchange: &mut AgentJob,
     ) -> Result<(), OutOfOrder> {
@@ -382,7 +540,7 @@ impl SimAgent {
         let expectations = Expectations {
             key: &self.job_key,
             server_id: self.server_id,
-            certificate_fingerprint: self.fingerprint,
+            certificate_fingerprint: fingerprint,
             highest_sequence: *highest_sequence,
             now,
         };
@@ -412,5 +570,32 @@ impl SimAgent {
                 exchange.refuse(None, rejection.to_string())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wave places each agent's renewal within its spread, by the agent's own draw; with
+    /// no spread every agent renews at its start.
+    #[test]
+    fn a_wave_spreads_renewals_over_its_window() {
+        let start = tokio::time::Instant::now();
+        let wave = RenewalWave {
+            start,
+            spread: Duration::from_secs(60),
+        };
+        assert_eq!(wave.moment(0.0), start);
+        assert_eq!(wave.moment(0.5), start + Duration::from_secs(30));
+        assert!(wave.moment(0.999_999) < start + Duration::from_secs(60));
+        // Out-of-range draws stay inside the window.
+        assert_eq!(wave.moment(-1.0), start);
+        assert_eq!(wave.moment(7.0), start + Duration::from_secs(60));
+        let at_once = RenewalWave {
+            start,
+            spread: Duration::ZERO,
+        };
+        assert_eq!(at_once.moment(0.7), start);
     }
 }

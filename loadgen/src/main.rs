@@ -5,10 +5,13 @@
 //! target/release/sensei-loadgen fleet --agents 10000 --json fleet-10k.json
 //! target/release/sensei-loadgen footprint --secs 300
 //! target/release/sensei-loadgen logins --clients 64 --secs 30
+//! target/release/sensei-loadgen renewals --agents 1000 --spread-secs 60
 //! ```
 //!
 //! `fleet` runs, in order: idle density, dispatch latency, an all-at-once and a batched
 //! rollout, and a reconnect storm (it restarts the control plane, so it comes last).
+//! `renewals` connects the fleet, then every agent renews its certificate over its live
+//! session (the real agent's exchange) and reconnects with the new one.
 //! `footprint` enrolls and runs the real `sensei-agent` binary and reads its memory.
 
 mod fleet;
@@ -53,6 +56,23 @@ enum Scenario {
     },
     /// Sign-ins per second the control plane sustains, and /healthz latency meanwhile.
     Logins(logins::LoginOptions),
+    /// N connected agents renew their certificates over their sessions and reconnect.
+    Renewals(RenewalOptions),
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct RenewalOptions {
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Each agent renews at a moment drawn uniformly over this many seconds (0: all at once).
+    #[arg(long, default_value_t = 60)]
+    spread_secs: u64,
+    /// Client UDP sockets the simulated agents share.
+    #[arg(long, default_value_t = 8)]
+    endpoints: usize,
+    /// Handshakes in flight at most while the fleet first connects.
+    #[arg(long, default_value_t = 256)]
+    ramp: usize,
 }
 
 #[derive(clap::Args, Clone, Copy)]
@@ -225,7 +245,7 @@ impl Setup {
                 .await?;
             self.db
                 .execute(
-                    "SELECT pg_notify('sensei_agent_certs', 'allow:' || encode(fingerprint, 'hex') || ':' || server_id) \
+                    "SELECT pg_notify('sensei_agent_certs', 'allow:' || encode(fingerprint, 'hex') || ':' || server_id || ':' || extract(epoch FROM not_after)::bigint) \
                      FROM agent_certificates WHERE server_id = ANY($1)",
                     &[&ids],
                 )
@@ -239,17 +259,15 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::Result<Value> {
-    let FleetOptions {
-        agents,
-        idle_secs,
-        dispatches,
-        endpoints,
-        ramp,
-        heartbeat_secs,
-        idle_only,
-    } = options;
-    let mut setup = Setup::new(heartbeat_secs).await?;
+/// Issues `agents` certificates, registers their servers and connects them all (at most
+/// `ramp` handshakes in flight). Returns the fleet and its servers' ids.
+async fn connect_fleet(
+    report: &mut Report,
+    setup: &Setup,
+    agents: usize,
+    endpoints: usize,
+    ramp: usize,
+) -> anyhow::Result<(Fleet, Vec<Uuid>)> {
     let started = Instant::now();
     let pool = sensei_control_plane::store::db::connect(&setup.config.database_url, 2).await?;
     let keys =
@@ -274,8 +292,6 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
     setup.register(&identities).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // 1. Idle density.
-    let baseline = setup.plane()?.rss_kib();
     let fleet = Fleet::start(
         identities,
         &ca_pem,
@@ -303,6 +319,23 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
         json!({"secs": took.as_secs_f64(), "handshake": Spread::of(&first).map(|s| s.json()),
                "failed_attempts": fleet.shared.failed_attempts.load(Ordering::Relaxed)}),
     );
+    Ok((fleet, server_ids))
+}
+
+async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::Result<Value> {
+    let FleetOptions {
+        agents,
+        idle_secs,
+        dispatches,
+        endpoints,
+        ramp,
+        heartbeat_secs,
+        idle_only,
+    } = options;
+    let mut setup = Setup::new(heartbeat_secs).await?;
+    // 1. Idle density (the baseline before any agent is there).
+    let baseline = setup.plane()?.rss_kib();
+    let (fleet, server_ids) = connect_fleet(report, &setup, agents, endpoints, ramp).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let cpu_before = setup.plane()?.cpu();
     let measured = Instant::now();
@@ -498,6 +531,87 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
     )
 }
 
+/// Every connected agent renews its certificate over its live session and reconnects with it.
+async fn renewals(report: &mut Report, options: RenewalOptions) -> anyhow::Result<Value> {
+    let RenewalOptions {
+        agents,
+        spread_secs,
+        endpoints,
+        ramp,
+    } = options;
+    let setup = Setup::new(30).await?;
+    let (fleet, _) = connect_fleet(report, &setup, agents, endpoints, ramp).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let _ = fleet.shared.take_handshakes();
+    let failed_before = fleet.shared.failed_attempts.load(Ordering::Relaxed);
+    let sessions_before = fleet.shared.sessions.load(Ordering::Relaxed);
+    let cpu_before = setup.plane()?.cpu();
+    let spread = Duration::from_secs(spread_secs);
+    let within = spread + Duration::from_secs(600);
+    fleet.renew(spread);
+    let Some(wall) = fleet.wait_reconnected(agents, within).await else {
+        bail!(
+            "after {} s only {} of {agents} agents renewed ({} renewals failed) and {} reconnected with the new certificate",
+            within.as_secs(),
+            fleet.shared.renewed.load(Ordering::Relaxed),
+            fleet.shared.renewal_failures.load(Ordering::Relaxed),
+            fleet.shared.reconnected.load(Ordering::Relaxed),
+        );
+    };
+    let cpu = setup.plane()?.cpu() - cpu_before;
+    let sessions = fleet.shared.sessions.load(Ordering::Relaxed) - sessions_before;
+    let failed_attempts = fleet.shared.failed_attempts.load(Ordering::Relaxed) - failed_before;
+    let renewal_failures = fleet.shared.renewal_failures.load(Ordering::Relaxed);
+    let round_trips = fleet.shared.take_renewal_round_trips();
+    let handshakes = fleet.shared.take_renewed_handshakes();
+    // What the control plane recorded: one new certificate per agent.
+    let certificates: i64 = setup
+        .db
+        .query_one("SELECT count(*) FROM agent_certificates", &[])
+        .await?
+        .get(0);
+    let secs = wall.as_secs_f64();
+    report.add(
+        "renewal",
+        "wave → every agent reconnected with its new certificate",
+        format!(
+            "{agents} agents renewed over {spread_secs} s of spread in {secs:.2} s: {:.0} renewals/s, \
+             {:.0} handshakes/s ({sessions} sessions); control-plane CPU {:.1} s; \
+             failed renewals {renewal_failures}, failed connection attempts {failed_attempts}; \
+             {certificates} certificate rows",
+            agents as f64 / secs,
+            sessions as f64 / secs,
+            cpu.as_secs_f64()
+        ),
+        json!({"agents": agents, "spread_secs": spread_secs, "wall_secs": secs,
+               "renewals_per_sec": agents as f64 / secs, "handshakes_per_sec": sessions as f64 / secs,
+               "sessions": sessions, "cpu_secs": cpu.as_secs_f64(),
+               "renewal_failures": renewal_failures, "failed_attempts": failed_attempts,
+               "certificate_rows": certificates}),
+    );
+    report.add(
+        "renewal",
+        "renewal round trip (key pair, CSR → certificate, stored)",
+        Spread::of(&round_trips)
+            .map(|s| s.text())
+            .unwrap_or_default(),
+        json!(Spread::of(&round_trips).map(|s| s.json())),
+    );
+    report.add(
+        "renewal",
+        "reconnect handshake with the new certificate",
+        Spread::of(&handshakes)
+            .map(|s| s.text())
+            .unwrap_or_default(),
+        json!(Spread::of(&handshakes).map(|s| s.json())),
+    );
+    fleet.stop().await;
+    if renewal_failures > 0 || failed_attempts > 0 {
+        bail!("{renewal_failures} renewals and {failed_attempts} connection attempts failed");
+    }
+    Ok(json!({"agents": agents, "spread_secs": spread_secs, "endpoints": endpoints}))
+}
+
 /// The real agent binary, enrolled and connected: its memory after `secs`, and its size.
 async fn footprint(report: &mut Report, secs: u64) -> anyhow::Result<Value> {
     let setup = Setup::new(30).await?;
@@ -585,6 +699,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Fleet(options) => fleet_scenarios(&mut report, options).await,
             Scenario::Footprint { secs } => footprint(&mut report, secs).await,
             Scenario::Logins(options) => logins::run(&mut report, options).await,
+            Scenario::Renewals(options) => renewals(&mut report, options).await,
         }
     })?;
     if let Some(path) = cli.json {
