@@ -63,14 +63,6 @@ pub struct UpdateRole {
     pub permissions: Option<Vec<String>>,
 }
 
-const BUILT_IN: [Role; 5] = [
-    Role::Viewer,
-    Role::Operator,
-    Role::Developer,
-    Role::Admin,
-    Role::Owner,
-];
-
 fn check_name(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
     // Plain ASCII: a name shown next to the built-in roles must not be able to pass for one
@@ -163,7 +155,7 @@ pub async fn list(
             .collect::<Vec<_>>()
     };
     Ok(Json(RoleList {
-        built_in: BUILT_IN
+        built_in: Role::ALL
             .iter()
             .map(|role| BuiltInRole {
                 name: role.as_str().to_owned(),

@@ -495,8 +495,8 @@ pub async fn list(
         selector.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
     }
     let mut old_ca = false;
-    for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
-        match (name.as_ref(), value.as_ref()) {
+    for (name, value) in &params {
+        match (name.as_str(), value.as_str()) {
             ("ca", "old") => old_ca = true,
             ("ca", other) => {
                 return Err(ApiError::bad_request(

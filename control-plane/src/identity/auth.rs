@@ -28,6 +28,15 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every built-in role, weakest first.
+    pub const ALL: [Role; 5] = [
+        Role::Viewer,
+        Role::Operator,
+        Role::Developer,
+        Role::Admin,
+        Role::Owner,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Viewer => "viewer",

@@ -18,7 +18,6 @@ use crate::api::deployments::{
 };
 use crate::api::extract::{JsonBody, OptionalJsonBody, QueryParams};
 use crate::api::idempotency::IdempotencyKey;
-use crate::api::page::PageQuery;
 use crate::api::{projects, servers, AppState};
 
 /// The account's project and server names, to show names instead of ids (only those the
@@ -34,14 +33,10 @@ impl Names {
     pub async fn load(state: &AppState, signed: &Signed) -> Result<Self, WebError> {
         let mut names = Self::default();
         if signed.may(Method::GET, "/v1/projects") {
-            let page = PageQuery {
-                limit: Some(500),
-                cursor: None,
-            };
             let found = projects::list(
                 State(state.clone()),
                 Extension(signed.principal.clone()),
-                QueryParams(page),
+                super::all_rows(),
             )
             .await?
             .0;

@@ -46,6 +46,14 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
 
 /// The dashboard's routes, with the same outer layers as the API (request id, client
 /// address, access log) and the security headers on every answer.
+/// The query a page uses to list everything it shows (the API's largest page).
+fn all_rows() -> crate::api::extract::QueryParams<crate::api::page::PageQuery> {
+    crate::api::extract::QueryParams(crate::api::page::PageQuery {
+        limit: Some(500),
+        cursor: None,
+    })
+}
+
 pub fn router(state: AppState) -> Router {
     let router = Router::new()
         .route("/", get(home))

@@ -12,8 +12,7 @@ use serde::Deserialize;
 use super::guard::{parse_id, Signed, TokenForm};
 use super::layout::{self, Section};
 use super::WebError;
-use crate::api::extract::{JsonBody, QueryParams};
-use crate::api::page::PageQuery;
+use crate::api::extract::JsonBody;
 use crate::api::projects::{self, CreateProject, HookSet, ProjectView, UpdateProject};
 use crate::api::AppState;
 
@@ -27,10 +26,7 @@ pub async fn list(
     let found = projects::list(
         State(state),
         Extension(signed.principal.clone()),
-        QueryParams(PageQuery {
-            limit: Some(500),
-            cursor: None,
-        }),
+        super::all_rows(),
     )
     .await?
     .0;

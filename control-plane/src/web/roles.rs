@@ -14,9 +14,8 @@ use super::guard::{self, parse_id, Signed};
 use super::layout::{self, Section};
 use super::settings::{tabs, Done};
 use super::WebError;
-use crate::api::extract::{JsonBody, QueryParams};
+use crate::api::extract::JsonBody;
 use crate::api::members::{self, RoleChange};
-use crate::api::page::PageQuery;
 use crate::api::roles::{self, CreateRole, UpdateRole};
 use crate::api::AppState;
 use crate::identity::auth::Role;
@@ -228,16 +227,10 @@ pub async fn access(
 ) -> Result<Markup, WebError> {
     let id = parse_id(&id)?;
     signed.require(Method::PATCH, "/v1/members/{id}")?;
-    let all = || {
-        QueryParams(PageQuery {
-            limit: Some(500),
-            cursor: None,
-        })
-    };
     let member = members::list(
         State(state.clone()),
         Extension(signed.principal.clone()),
-        all(),
+        super::all_rows(),
     )
     .await?
     .0
@@ -248,11 +241,14 @@ pub async fn access(
     let roles = roles::list(State(state.clone()), Extension(signed.principal.clone()))
         .await?
         .0;
-    let projects =
-        crate::api::projects::list(State(state), Extension(signed.principal.clone()), all())
-            .await?
-            .0
-            .projects;
+    let projects = crate::api::projects::list(
+        State(state),
+        Extension(signed.principal.clone()),
+        super::all_rows(),
+    )
+    .await?
+    .0
+    .projects;
     let scope = member.resource_scope.clone().unwrap_or_default();
     let scoped_projects = scope.projects.clone().unwrap_or_default();
     let labels = scope
@@ -272,7 +268,7 @@ pub async fn access(
             (layout::csrf(&signed))
             label for="access-role" { "Role" }
             select id="access-role" name="role" {
-                @for role in [Role::Viewer, Role::Operator, Role::Developer, Role::Admin, Role::Owner] {
+                @for role in Role::ALL {
                     @if signed.principal.role >= role {
                         option value=(role.as_str()) selected[role.as_str() == member.role] { (role.as_str()) }
                     }

@@ -162,10 +162,7 @@ pub async fn show(
         State(state.clone()),
         Extension(signed.principal.clone()),
         crate::api::extract::Path(id),
-        QueryParams(PageQuery {
-            limit: Some(500),
-            cursor: None,
-        }),
+        super::all_rows(),
     )
     .await?
     .0;

@@ -14,26 +14,12 @@ use super::layout::{self, Section};
 use super::settings::{tabs, Done};
 use super::WebError;
 use crate::api::api_keys::{self, CreateApiKey};
-use crate::api::extract::{JsonBody, QueryParams};
+use crate::api::extract::JsonBody;
 use crate::api::members::{self, InvitationRequest, RoleChange};
-use crate::api::page::PageQuery;
 use crate::api::AppState;
 use crate::identity::auth::{Role, Scope};
 
-const ROLES: [Role; 5] = [
-    Role::Viewer,
-    Role::Operator,
-    Role::Developer,
-    Role::Admin,
-    Role::Owner,
-];
-
-fn all_rows() -> QueryParams<PageQuery> {
-    QueryParams(PageQuery {
-        limit: Some(500),
-        cursor: None,
-    })
-}
+use super::all_rows;
 
 /// `GET /ui/settings/members`
 pub async fn members(
@@ -86,7 +72,7 @@ pub async fn members(
                                         (layout::csrf(&signed))
                                         label.visually-hidden for=(format!("role-{}", m.id)) { "New role for " (m.email) }
                                         select id=(format!("role-{}", m.id)) name="role" {
-                                            @for role in ROLES {
+                                            @for role in Role::ALL {
                                                 @if signed.principal.role >= role {
                                                     option value=(role.as_str()) selected[role.as_str() == m.role] { (role.as_str()) }
                                                 }
@@ -136,7 +122,7 @@ pub async fn members(
                 input id="email" name="email" type="email" required maxlength="320";
                 label for="role" { "Role" }
                 select id="role" name="role" {
-                    @for role in ROLES {
+                    @for role in Role::ALL {
                         @if signed.principal.role >= role {
                             option value=(role.as_str()) selected[role == Role::Viewer] { (role.as_str()) }
                         }
