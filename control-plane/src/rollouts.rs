@@ -23,7 +23,14 @@ use crate::jobs::{history, JobKind};
 use crate::runners::agent::AgentHub;
 use crate::secrets::field_crypto::FieldKeys;
 
+/// How often the scheduler looks at rollouts in progress.
 const TICK: Duration = Duration::from_millis(250);
+/// How long the scheduler sleeps when no rollout is in progress, unless a rollout changes
+/// first (the live-follow notifications, from any replica, wake it at once). A rollout is
+/// created with its targets, whose insert notifies; approving, resuming, aborting and rolling
+/// back update its row, which notifies too. This is only a safety net: an idle scheduler
+/// costs the database one query per interval instead of four a second.
+const IDLE_TICK: Duration = Duration::from_secs(10);
 
 /// Why a rollout could not be advanced this tick. The next tick tries again.
 #[derive(Debug, thiserror::Error)]
@@ -50,20 +57,35 @@ pub async fn run(
     pool: Pool,
     hub: std::sync::Arc<AgentHub>,
     keys: std::sync::Arc<crate::secrets::field_crypto::FieldKeys>,
+    live: std::sync::Arc<crate::api::live::LiveStreams>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        if let Err(e) = tick(&pool, &hub, &keys).await {
-            tracing::warn!(error = %e, "rollout scheduler");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
-            _ = shutdown.changed() => return,
+        let in_progress = match tick(&pool, &hub, &keys).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "rollout scheduler");
+                1
+            }
+        };
+        if in_progress > 0 {
+            // Busy: every target's change notifies, far more often than a tick is useful.
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = shutdown.changed() => return,
+            }
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(IDLE_TICK) => {}
+                () = live.rollout_activity() => {}
+                _ = shutdown.changed() => return,
+            }
         }
     }
 }
 
-async fn tick(pool: &Pool, hub: &AgentHub, keys: &FieldKeys) -> Result<(), StepError> {
+/// Advances every rollout in progress once; answers how many there were.
+async fn tick(pool: &Pool, hub: &AgentHub, keys: &FieldKeys) -> Result<usize, StepError> {
     let client = pool.get().await?;
     let ids: Vec<Uuid> = client
         .query(
@@ -76,12 +98,13 @@ async fn tick(pool: &Pool, hub: &AgentHub, keys: &FieldKeys) -> Result<(), StepE
         .map(|r| r.get("id"))
         .collect();
     drop(client);
+    let in_progress = ids.len();
     for id in ids {
         if let Err(e) = step(pool, hub, keys, id).await {
             tracing::warn!(rollout = %id, error = %e, "advancing a rollout");
         }
     }
-    Ok(())
+    Ok(in_progress)
 }
 
 fn system_event(

@@ -14,6 +14,7 @@
 //! session (the real agent's exchange) and reconnects with the new one.
 //! `footprint` enrolls and runs the real `sensei-agent` binary and reads its memory.
 
+mod dbshare;
 mod fleet;
 mod logins;
 mod plane;
@@ -107,6 +108,9 @@ pub(crate) struct Setup {
     plane: Option<Plane>,
     http: reqwest::Client,
     db: tokio_postgres::Client,
+    /// The plane's database as the superuser, for PostgreSQL's statistics (`dbshare`).
+    superuser: tokio_postgres::Client,
+    pg_data: std::path::PathBuf,
     cookie: String,
     account: Uuid,
     project: String,
@@ -118,13 +122,21 @@ impl Setup {
         // A durable cluster (fsync on), as in production: acknowledgements are real commits.
         let cluster = sensei_control_plane::store::postgres_cluster::PostgresCluster::start(
             &pg_dir.path().join("pg"),
-            &sensei_control_plane::store::postgres_cluster::ClusterOptions::default(),
+            &sensei_control_plane::store::postgres_cluster::ClusterOptions {
+                settings: dbshare::cluster_settings(),
+                ..Default::default()
+            },
         )?;
         let (admin, conn) =
             tokio_postgres::connect(&cluster.conninfo("postgres"), tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         admin.batch_execute("CREATE DATABASE sensei").await?;
         admin.batch_execute("CREATE ROLE sensei_app LOGIN").await?;
+        let (superuser, conn) =
+            tokio_postgres::connect(&cluster.conninfo("sensei"), tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        dbshare::install(&superuser).await?;
+        let pg_data = pg_dir.path().join("pg").join("pgdata");
         // Two roles, as in production: the plane migrates as the owner, serves as sensei_app.
         let owner_url = cluster.conninfo("sensei");
         let database_url = cluster.conninfo_as("sensei", "sensei_app");
@@ -184,6 +196,8 @@ impl Setup {
             plane: Some(plane),
             http,
             db,
+            superuser,
+            pg_data,
             cookie,
             account,
             project,
@@ -192,6 +206,10 @@ impl Setup {
 
     pub(crate) fn base(&self) -> String {
         self.config.public_url()
+    }
+
+    async fn db_reading(&self) -> anyhow::Result<dbshare::DbReading> {
+        dbshare::read(&self.superuser, &self.pg_data).await
     }
 
     fn plane(&self) -> anyhow::Result<&Plane> {
@@ -338,8 +356,12 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
     let (fleet, server_ids) = connect_fleet(report, &setup, agents, endpoints, ramp).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let cpu_before = setup.plane()?.cpu();
+    let db_before = setup.db_reading().await?;
     let measured = Instant::now();
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let db_after = setup.db_reading().await?;
+    let (text, value) = dbshare::share(&db_before, &db_after, agents);
+    report.add("idle", "database share", text, value);
     let idle_cpu =
         (setup.plane()?.cpu() - cpu_before).as_secs_f64() / measured.elapsed().as_secs_f64();
     let rss = setup.plane()?.rss_kib();
@@ -415,6 +437,7 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
         ("4 batches", json!({"canary": 0, "batch_percent": 25})),
     ] {
         let cpu_before = setup.plane()?.cpu();
+        let db_before = setup.db_reading().await?;
         let sent = Instant::now();
         let (status, body) = setup
             .post(
@@ -449,6 +472,7 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
         }
         let wall = sent.elapsed();
         let cpu = setup.plane()?.cpu() - cpu_before;
+        let db_after = setup.db_reading().await?;
         let jobs: Vec<Uuid> = setup
             .db
             .query(
@@ -476,6 +500,8 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
             ),
             json!({"wall_secs": wall.as_secs_f64(), "per_agent": spread.json(), "cpu_secs": cpu.as_secs_f64()}),
         );
+        let (text, value) = dbshare::share(&db_before, &db_after, agents);
+        report.add("rollout", &format!("{label}: database share"), text, value);
     }
 
     // 4. Reconnect storm: restart the control plane with every agent connected.

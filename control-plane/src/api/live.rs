@@ -58,6 +58,8 @@ pub struct LiveStreams {
     keep_alive: Duration,
     open: Mutex<Open>,
     changes: Mutex<HashMap<Followed, watch::Sender<u64>>>,
+    /// Some rollout (any, on any replica) changed: what wakes an idle rollout scheduler.
+    rollout_activity: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -100,6 +102,7 @@ impl LiveStreams {
             keep_alive,
             open: Mutex::default(),
             changes: Mutex::default(),
+            rollout_activity: tokio::sync::Notify::new(),
         })
     }
 
@@ -162,8 +165,18 @@ impl LiveStreams {
             .subscribe()
     }
 
+    /// Resolves at the next change of any rollout (or at once if one happened since the last
+    /// wait): a rollout was created, approved, resumed, aborted or rolled back.
+    pub async fn rollout_activity(&self) {
+        self.rollout_activity.notified().await
+    }
+
     /// `subject` changed: wake its streams.
     pub fn changed(&self, subject: Followed) {
+        if let Followed::Rollout(_) = subject {
+            // Kept for the next wait if the scheduler is busy right now.
+            self.rollout_activity.notify_one();
+        }
         let changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = changes.get(&subject) {
             tx.send_modify(|v| *v += 1);
@@ -172,6 +185,7 @@ impl LiveStreams {
 
     /// Everything may have changed (notifications were missed): wake every stream.
     pub fn changed_all(&self) {
+        self.rollout_activity.notify_one();
         let changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
         for tx in changes.values() {
             tx.send_modify(|v| *v += 1);

@@ -165,9 +165,14 @@ fn ttl(requested: Option<i64>) -> Result<i64, ApiError> {
     Ok(secs)
 }
 
+/// A server's row as the API shows it. An agent counts as connected while the replica holding
+/// its session is alive (its heartbeat in `replicas` is younger than
+/// [`crate::jobs::sweep::REPLICA_SILENCE_SECS`]), and a connected agent was last seen at that
+/// heartbeat: agents' own heartbeats are answered in memory (the session closes a silent one),
+/// so an idle fleet costs the database one write per replica, not one per agent.
 const VIEW_SQL: &str = "SELECT s.id, s.name, s.host, s.port, s.username, s.transport, s.labels, \
-     s.created_at, s.last_seen_at, s.agent_version, \
-     s.connected_replica IS NOT NULL AND s.last_seen_at > now() - interval '90 seconds', \
+     s.created_at, coalesce(r.heartbeat_at, s.last_seen_at), s.agent_version, \
+     r.id IS NOT NULL, \
      c.serial, c.fingerprint, c.not_after, s.ssh_auth, s.ssh_key_fingerprint, s.host_key, \
      c.renewed_at \
      FROM servers s LEFT JOIN LATERAL ( \
@@ -176,7 +181,11 @@ const VIEW_SQL: &str = "SELECT s.id, s.name, s.host, s.port, s.username, s.trans
        FROM agent_certificates \
        WHERE server_id = s.id AND revoked_at IS NULL AND retired_at IS NULL \
        ORDER BY issued_at DESC LIMIT 1) c ON true \
+     LEFT JOIN replicas r ON r.id = s.connected_replica \
+       AND r.heartbeat_at > now() - make_interval(secs => 15) \
      WHERE s.account_id = $1 AND s.deleted_at IS NULL";
+// The literal 15 above is this constant (SQL text cannot name it).
+const _: () = assert!(crate::jobs::sweep::REPLICA_SILENCE_SECS == 15);
 
 fn view(state: &AppState, row: &tokio_postgres::Row) -> ServerView {
     let fingerprint: Option<&[u8]> = row.get(12);

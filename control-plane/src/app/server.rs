@@ -15,7 +15,6 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState, Metrics, StateInner};
 use crate::runners::agent::gateway::{self, GatewayContext};
-use crate::runners::agent::last_seen::LastSeen;
 use crate::runners::agent::{cert_events, AgentHub};
 use crate::secrets::field_crypto::FieldKeys;
 use crate::secrets::pki;
@@ -343,7 +342,6 @@ impl ControlPlane {
         cert_events::load_all(&pool, &hub)
             .await
             .map_err(|e| db::DbError::Connect(db::describe(&e)))?;
-        let last_seen = Arc::new(LastSeen::default());
         let authority = crate::runners::agent::authority::Authority::new(
             ring,
             &api_cert.chain_pem,
@@ -356,7 +354,6 @@ impl ControlPlane {
             authority: authority.clone(),
             job_public_key: job_key.verifying_key().to_bytes(),
             hub: hub.clone(),
-            last_seen: last_seen.clone(),
             heartbeat: options.agent_heartbeat,
             agent_cert_lifetime: options.agent_cert_lifetime,
             job_key: job_key.clone(),
@@ -487,11 +484,6 @@ impl ControlPlane {
                 state_keys.clone(),
                 shutdown_rx.clone(),
             )),
-            {
-                let pool = pool.clone();
-                let rx = shutdown_rx.clone();
-                tokio::spawn(async move { last_seen.run(pool, rx).await })
-            },
             tokio::spawn(crate::app::maintenance::run(
                 pool.clone(),
                 state_keys.clone(),
@@ -501,6 +493,7 @@ impl ControlPlane {
                 pool.clone(),
                 hub.clone(),
                 state_keys.clone(),
+                live_streams.clone(),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(

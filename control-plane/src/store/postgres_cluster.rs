@@ -82,6 +82,9 @@ pub struct ClusterOptions {
     pub tls: Option<(String, String)>,
     /// Trade durability for speed (tests): fsync and synchronous commit off.
     pub throwaway: bool,
+    /// More server settings (`-c name=value`), e.g. the load generator's
+    /// `shared_preload_libraries=pg_stat_statements` to count the plane's statements.
+    pub settings: Vec<(String, String)>,
 }
 
 /// A running private cluster. Dropping it stops the server (fast shutdown).
@@ -210,6 +213,9 @@ impl PostgresCluster {
             set("synchronous_commit", "off");
             set("full_page_writes", "off");
             set("max_connections", "300");
+        }
+        for (name, value) in &options.settings {
+            set(name, value);
         }
         if let Some((cert, key)) = &options.tls {
             let cert_path = root.join("server.crt");

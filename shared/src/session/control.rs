@@ -53,8 +53,6 @@ pub enum ControlAction {
     Register { agent_version: String },
     /// Write this message on the control stream.
     Send(ControlMessage),
-    /// A heartbeat arrived: the server was seen now.
-    Seen,
 }
 
 /// How an agent broke the protocol on its control stream. Every variant closes the
@@ -160,7 +158,6 @@ impl<I: Instant> ControlSession<I> {
                 self.state = ControlState::Established {
                     silence_deadline: now + self.silence(),
                 };
-                self.actions.push_back(ControlAction::Seen);
                 self.actions
                     .push_back(ControlAction::Send(ControlMessage::HeartbeatAck));
                 Ok(())

@@ -337,10 +337,7 @@ fn the_control_plane_notices_an_agent_that_stopped_heartbeating() {
         .expect("heartbeat");
     assert_eq!(
         drain_control(&mut control),
-        [
-            ControlAction::Seen,
-            ControlAction::Send(ControlMessage::HeartbeatAck)
-        ]
+        [ControlAction::Send(ControlMessage::HeartbeatAck)]
     );
     assert_eq!(control.poll_timeout(), Some(secs(18)));
     control.handle_timeout(secs(17)).expect("not yet");

@@ -24,6 +24,7 @@ async fn verify_full_connects_over_tls_and_refuses_an_unknown_server() {
                 tcp_port: Some(port),
                 tls: Some((server.cert_pem, server.key_pem)),
                 throwaway: true,
+                ..ClusterOptions::default()
             },
         )
     })

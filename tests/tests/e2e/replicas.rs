@@ -1,6 +1,6 @@
 //! Several control-plane replicas as real processes on one PostgreSQL: one is killed with
-//! SIGKILL in the middle of a rollout, and the rollout still finishes, with no deployment run
-//! twice and none lost.
+//! SIGKILL in the middle of a rollout; its agents are shown offline on the other replica, and
+//! the rollout still finishes, with no deployment run twice and none lost.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -202,6 +202,35 @@ async fn a_replica_killed_mid_rollout_does_not_stop_the_rollout() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     a.child.start_kill().expect("SIGKILL");
     let _ = a.child.wait().await;
+    let killed_at = chrono::Utc::now();
+    // Nothing writes for A's agents any more and their rows still name A: they stop counting
+    // as connected once A misses its replica heartbeats, and their last sighting is A's last
+    // heartbeat, not a time after the kill.
+    for id in &servers {
+        assert!(
+            sensei_e2e::eventually(Duration::from_secs(30), || async {
+                api.call(reqwest::Method::GET, &format!("/v1/servers/{id}"), None)
+                    .await
+                    .1["agent"]["connected"]
+                    == false
+            })
+            .await,
+            "agent {id} still shown connected to a killed replica"
+        );
+        let (_, server) = api
+            .call(reqwest::Method::GET, &format!("/v1/servers/{id}"), None)
+            .await;
+        let seen: chrono::DateTime<chrono::Utc> = server["agent"]["last_seen_at"]
+            .as_str()
+            .expect("last seen")
+            .parse()
+            .expect("a time");
+        assert!(seen <= killed_at, "{seen} is after the kill at {killed_at}");
+        assert!(
+            killed_at - seen < chrono::Duration::seconds(10),
+            "last seen {seen}: long before the kill at {killed_at}"
+        );
+    }
     // Traffic for A's address now reaches another replica (as a load balancer would send it).
     let _a2 = replica(&db, &key, api_a, udp_a).await;
 

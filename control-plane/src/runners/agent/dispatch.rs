@@ -19,11 +19,19 @@ use crate::jobs::batch::Dispatch;
 use crate::jobs::claim::Claimed;
 use crate::jobs::{record, Step};
 
-/// How often a waiting poll looks at the table even without a wake-up. Wake-ups come from
-/// PostgreSQL notifications (and every poll is woken when the LISTEN connection comes back),
-/// so this is only a safety net; every idle agent costs one query per interval, which at
-/// 5 s and 10,000 agents was 2,000 queries a second (see docs/benchmarks.md).
-const RECHECK: Duration = Duration::from_secs(60);
+/// How often, at most, a waiting poll looks at the table without a wake-up. Every way a job
+/// becomes claimable sends a wake-up (queueing and the orphan sweep notify in their
+/// transaction; a finished job's agent polls again itself), and every poll is woken when the
+/// LISTEN connection comes back, so this only bounds the damage of a wake-up lost to a bug.
+/// Each re-check is a claim for an idle agent: at 5 s they were 2,000 queries a second with
+/// 10,000 agents, at 60 s still the database's main idle cost (docs/benchmarks.md).
+const RECHECK: Duration = Duration::from_secs(15 * 60);
+
+/// A re-check delay between half and all of [`RECHECK`]: polls that began together (after a
+/// reconnect storm) do not all re-check in the same second.
+fn recheck_delay() -> Duration {
+    RECHECK.mul_f64(0.5 + 0.5 * rand::random::<f64>())
+}
 
 /// Serves one job stream: a poll waits for a job, sends it and records what comes back; a
 /// report is recorded; a renewal is answered ([`super::renew`]). The order of messages is
@@ -89,7 +97,7 @@ pub async fn serve_poll(
                         drop(busy);
                         tokio::select! {
                             _ = signal.notified() => {}
-                            _ = tokio::time::sleep(RECHECK) => {}
+                            _ = tokio::time::sleep(recheck_delay()) => {}
                             () = link.drain.started() => {}
                         }
                     };

@@ -14,7 +14,6 @@ use sensei_shared::codec::io::{read_frame, write_frame};
 use sensei_shared::protocol::{close, EnrollRequest, ALPN};
 use tokio::sync::watch;
 
-use super::last_seen::LastSeen;
 use super::{enroll, session, AgentHub};
 
 /// How long a peer may take for each step before it is dropped.
@@ -29,7 +28,6 @@ pub struct GatewayContext {
     pub authority: Arc<super::authority::Authority>,
     pub job_public_key: [u8; 32],
     pub hub: Arc<AgentHub>,
-    pub last_seen: Arc<LastSeen>,
     pub heartbeat: Duration,
     /// How long agent certificates are valid (enrolled or renewed).
     pub agent_cert_lifetime: Duration,

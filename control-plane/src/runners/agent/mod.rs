@@ -4,7 +4,8 @@
 //! a token and a CSR into a certificate; [`session`] keeps a connected agent's control stream;
 //! [`hub`] is the live state (valid certificates, open connections) shared with the API;
 //! [`cert_events`] keeps every replica's hub in step through PostgreSQL NOTIFY;
-//! [`last_seen`] batches heartbeat writes; [`presence`] batches connection marks;
+//! [`presence`] batches connection marks (a connected agent's "last seen" is its replica's
+//! heartbeat, so agents' own heartbeats cost the database nothing);
 //! [`dispatch`] serves an agent's job polls over the life of a job kept in
 //! [`crate::jobs`]; [`renew`] renews a connected agent's certificate, and [`drain`] lets its
 //! session end between jobs so that the agent reconnects with the new one.
@@ -17,7 +18,6 @@ pub mod drain;
 pub mod enroll;
 pub mod gateway;
 pub mod hub;
-pub mod last_seen;
 pub mod presence;
 pub mod renew;
 pub mod session;

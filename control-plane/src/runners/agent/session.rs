@@ -144,7 +144,6 @@ pub async fn run(
                         break 'session;
                     }
                 }
-                ControlAction::Seen => ctx.last_seen.touch(server_id),
                 // Asked for once, before the welcome (above).
                 ControlAction::Register { .. } => {}
             }
