@@ -28,14 +28,25 @@ pub const DEFAULT_PER_REPLICA: usize = 512;
 /// Quiet this long, a stream sends a keep-alive comment (proxies close idle connections).
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// The PostgreSQL channel the triggers of migration V12 notify: `d<deployment id>` or
-/// `r<rollout id>`.
+/// `r<rollout id>`; and the control plane itself, `s<account id>`, when agents of that
+/// account connect or disconnect ([`ANNOUNCE_PRESENCE_SQL`]).
 pub const CHANNEL: &str = "sensei_live";
+/// How long a presence stream lasts before it ends (the browser's `EventSource` opens a new
+/// one, authenticated again): no stream outlives its purpose by hours.
+pub const PRESENCE_LIFETIME: Duration = Duration::from_secs(30 * 60);
+/// Tells the presence streams of the accounts of servers `$2` (a `uuid[]`) that their
+/// agents' presence changed, on channel `$1` ([`CHANNEL`]). Inside a transaction, the
+/// notification leaves at commit.
+pub const ANNOUNCE_PRESENCE_SQL: &str = "SELECT pg_notify($1, 's' || account_id::text) \
+     FROM (SELECT DISTINCT account_id FROM servers WHERE id = ANY($2)) a";
 
 /// What a stream follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Followed {
     Deployment(Uuid),
     Rollout(Uuid),
+    /// The presence (connected, last seen) of an account's agents.
+    Presence(Uuid),
 }
 
 impl Followed {
@@ -46,6 +57,7 @@ impl Followed {
         match kind {
             "d" => Some(Self::Deployment(id)),
             "r" => Some(Self::Rollout(id)),
+            "s" => Some(Self::Presence(id)),
             _ => None,
         }
     }
@@ -361,6 +373,10 @@ mod tests {
         assert_eq!(
             Followed::parse(&format!("r{id}")),
             Some(Followed::Rollout(id))
+        );
+        assert_eq!(
+            Followed::parse(&format!("s{id}")),
+            Some(Followed::Presence(id))
         );
         for garbage in ["", "d", "x", &format!("x{id}"), "dnot-a-uuid", "é"] {
             assert_eq!(Followed::parse(garbage), None, "{garbage}");

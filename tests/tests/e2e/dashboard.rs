@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use thirtyfour::Key;
 
 mod manage;
+mod presence;
 mod welcome;
 
 const PW: &str = "correct horse battery";

@@ -110,4 +110,15 @@ async fn mark_batch(pool: &Pool, replica: Uuid, batch: Vec<Mark>) {
             tracing::warn!(error = %crate::store::db::describe(&e), "recording agent disconnections");
         }
     }
+    // The dashboards watching these accounts' fleets show the change at once.
+    let changed: Vec<Uuid> = up.into_iter().chain(down).collect();
+    if let Err(e) = client
+        .execute(
+            crate::api::live::ANNOUNCE_PRESENCE_SQL,
+            &[&crate::api::live::CHANNEL, &changed],
+        )
+        .await
+    {
+        tracing::warn!(error = %crate::store::db::describe(&e), "announcing agent presence");
+    }
 }

@@ -156,6 +156,43 @@
     });
   }
 
+  // Agents' presence on the fleet and server pages: each event lists servers whose
+  // connection or last-seen time changed; the rows (or the server's facts) that show them
+  // are updated in place. The browser opens a new stream when one ends, until it is refused
+  // (signed out).
+  function followPresence(holder) {
+    var url = holder.getAttribute("data-presence");
+    if (!url || typeof EventSource === "undefined") {
+      return;
+    }
+    var source = new EventSource(url);
+    source.addEventListener("presence", function (event) {
+      var servers;
+      try {
+        servers = JSON.parse(event.data);
+      } catch (e) {
+        return;
+      }
+      (servers || []).forEach(function (server) {
+        var id = String(server.id).replace(/[^0-9a-f-]/g, "");
+        var place = holder.getAttribute("data-server") === id ? holder : holder.querySelector('[data-server="' + id + '"]');
+        if (!place) {
+          return;
+        }
+        setStatus(place.querySelector('[data-field="presence"]'), server.status);
+        var seen = place.querySelector('[data-field="last_seen_at"]');
+        if (seen) {
+          var time = document.createElement("time");
+          if (server.last_seen_at) {
+            time.setAttribute("datetime", server.last_seen_at);
+          }
+          time.textContent = showTime(server.last_seen_at);
+          seen.replaceChildren(time);
+        }
+      });
+      holder.setAttribute("data-presence-seen", String(Date.now()));
+    });
+  }
 
   // Security keys (WebAuthn). The server's options carry binary fields in base64url; the
   // browser's API takes and gives ArrayBuffers. The authenticator's answer goes back in an
@@ -332,6 +369,7 @@
     if (rollout) {
       followRollout(rollout);
     }
+    document.querySelectorAll("[data-presence]").forEach(followPresence);
     var registration = document.querySelector("form[data-webauthn='create']");
     if (registration) {
       registerKey(registration);
