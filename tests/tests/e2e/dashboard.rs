@@ -1083,13 +1083,29 @@ async fn a_rollback_from_the_deployment_page_returns_to_the_release_chosen() {
     b.close().await;
 }
 
-/// Sets TOTP up on the security page; returns the recovery codes shown.
-async fn set_up_totp(b: &Browser) -> Vec<String> {
+/// Sets TOTP up on the security page for `email`; returns the recovery codes shown.
+async fn set_up_totp(b: &Browser, email: &str) -> Vec<String> {
     b.open("/ui/settings/security").await;
     b.click("#enroll-totp").await;
     let secret = b
         .wait_text("#totp-secret", |text| !text.trim().is_empty())
         .await;
+    // The QR code, drawn by the control plane in the page (the unit test of its drawing
+    // decodes it back to the link), is shown with the link it encodes, which names this
+    // account and this secret.
+    let qr = b.wait_for("svg#totp-qr[role='img'][aria-label]").await;
+    let size = qr.rect().await.expect("size");
+    assert!(size.width > 100.0 && size.height > 100.0, "{size:?}");
+    let uri = b.wait_text("#totp-uri", |text| !text.is_empty()).await;
+    let account = email.replace('@', "%40");
+    assert!(
+        uri.starts_with(&format!(
+            "otpauth://totp/Sensei:{account}?secret={}&",
+            secret.trim()
+        )),
+        "{uri}"
+    );
+    b.screenshot("totp-setup").await;
     let secret = sensei_e2e::base32_decode(secret.trim());
     b.fill("#code", &totp_code(&secret, 0)).await;
     b.click("#confirm-totp").await;
@@ -1113,7 +1129,7 @@ async fn totp_is_set_up_on_the_security_page_and_a_recovery_code_signs_in_once()
     let (owner, _) = t.signup(email, PW).await;
     let b = Browser::start(&t.base).await;
     sign_in(&b, email).await;
-    let codes = set_up_totp(&b).await;
+    let codes = set_up_totp(&b, email).await;
     assert_eq!(codes.len(), 10, "{codes:?}");
     b.open("/ui/settings/security").await;
     b.wait_text("#totp-state", |text| text.contains("authenticator"))
@@ -1173,7 +1189,7 @@ async fn totp_is_set_up_on_the_security_page_and_a_recovery_code_signs_in_once()
     b.wait_text("main", |text| text.contains("multi-factor"))
         .await;
     assert!(!b.has("#servers").await);
-    set_up_totp(&b).await;
+    set_up_totp(&b, "new@example.com").await;
     b.open("/ui/servers").await;
     b.wait_for("main h1").await;
     assert!(!b.has(".error").await);
