@@ -389,7 +389,7 @@ pub async fn create(
         @if let Some(key) = &created.public_key {
             p { "Add this line to the SSH user's " code { "~/.ssh/authorized_keys" }
                 " on the server. It is shown only this once; its fingerprint stays on the server's page." }
-            pre.command id="public-key" { code { (key) } }
+            (layout::copyable("public-key", "the public key", key))
         }
         p { a href=(format!("/ui/servers/{id}")) { "Go to the server" } }
     };
@@ -405,7 +405,7 @@ fn enrollment(e: &Enrollment, ca_fingerprint: &str) -> Markup {
     html! {
         p { "Run this on the server to enroll its agent. The token is single use, expires at "
             (layout::time(e.enrollment_expires_at)) ", and is shown only this once." }
-        pre.command id="enroll-command" { code { (e.enroll_command) } }
+        (layout::copyable("enroll-command", "the enroll command", &e.enroll_command))
         p { "The command pins the control plane's CA by its fingerprint: "
             code { (ca_fingerprint) } }
     }

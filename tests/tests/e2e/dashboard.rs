@@ -69,6 +69,57 @@ async fn sign_in_to(b: &Browser, email: &str, landing: &str) {
     b.wait_path(landing).await;
 }
 
+/// Lets the page write to (and the test read) the clipboard, as a person's browser asks them.
+async fn allow_clipboard(b: &Browser) {
+    b.cdp(
+        "Browser.grantPermissions",
+        json!({"origin": b.base, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]}),
+    )
+    .await;
+}
+
+/// Tabs to the copy button of `id` (it is reachable by keyboard), presses Enter and waits
+/// for its live region to say the text was copied.
+async fn copy_with_keyboard(b: &Browser, id: &str) {
+    allow_clipboard(b).await;
+    let button = b.wait_for(&format!("button[data-copy='{id}']")).await;
+    assert!(
+        button.is_displayed().await.expect("shown"),
+        "the script shows the button"
+    );
+    button.focus().await.expect("focus");
+    b.driver
+        .active_element()
+        .await
+        .expect("focused")
+        .send_keys(Key::Enter)
+        .await
+        .expect("press Enter");
+    let status = format!("button[data-copy='{id}'] + .copy-status");
+    b.wait_text(&status, |text| text == "Copied.").await;
+    let live = b.wait_for(&status).await;
+    assert_eq!(
+        live.attr("aria-live").await.expect("attr").as_deref(),
+        Some("polite")
+    );
+}
+
+/// What the clipboard holds.
+async fn clipboard(b: &Browser) -> String {
+    b.driver
+        .execute_async(
+            "var done = arguments[arguments.length - 1]; \
+             navigator.clipboard.readText().then(done, function (e) { done('failed: ' + e); });",
+            vec![],
+        )
+        .await
+        .expect("read the clipboard")
+        .json()
+        .as_str()
+        .expect("text")
+        .to_owned()
+}
+
 async fn session_valid(t: &TestPlane, cookie: &str) -> bool {
     t.get("/v1/auth/me", cookie).await.0 == 200
 }
@@ -729,6 +780,10 @@ async fn adding_servers_shows_the_enroll_command_and_the_public_key_once() {
         })
         .await;
     b.screenshot("server-added").await;
+    // The copy button, pressed from the keyboard, puts the command on the clipboard and says
+    // so in its live region.
+    copy_with_keyboard(&b, "enroll-command").await;
+    assert_eq!(clipboard(&b).await, command);
     let word_after = |flag: &str| {
         let mut words = command.split_whitespace();
         words.find(|w| *w == flag);
@@ -769,6 +824,8 @@ async fn adding_servers_shows_the_enroll_command_and_the_public_key_once() {
     let key = b
         .wait_text("#public-key", |text| text.starts_with("ssh-ed25519 "))
         .await;
+    copy_with_keyboard(&b, "public-key").await;
+    assert_eq!(clipboard(&b).await, key);
     b.click("main p a").await;
     let fingerprint = b
         .wait_text("#ssh-fingerprint", |text| text.starts_with("SHA256:"))
@@ -904,6 +961,8 @@ async fn api_keys_and_invitations_from_settings_work_against_the_api() {
         .wait_text("#api-key-secret", |text| !text.trim().is_empty())
         .await;
     b.screenshot("api-key-created").await;
+    copy_with_keyboard(&b, "api-key-secret").await;
+    assert_eq!(clipboard(&b).await, secret);
     let (status, _) = t.get_with_key("/v1/servers", &secret).await;
     assert_eq!(status, 200);
     let (status, _) = t.get_with_key("/v1/projects", &secret).await;

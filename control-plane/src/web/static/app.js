@@ -194,6 +194,48 @@
     });
   }
 
+  // Copy buttons: the text of the element the button names goes to the clipboard, and the
+  // live region next to the button says whether it did (screen readers announce it).
+  function selectText(element) {
+    var range = document.createRange();
+    range.selectNodeContents(element);
+    var selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+  }
+
+  function copyButton(button) {
+    var source = document.getElementById(button.getAttribute("data-copy"));
+    var status = button.parentNode.querySelector(".copy-status");
+    if (!source || !status) {
+      return;
+    }
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      var text = source.textContent;
+      var said = function (ok) {
+        status.textContent = ok ? "Copied." : "Not copied: the text is selected, copy it with your keyboard.";
+        status.setAttribute("data-copied", ok ? "yes" : "no");
+        if (!ok) {
+          selectText(source);
+        }
+      };
+      status.textContent = "";
+      if (navigator.clipboard && navigator.clipboard.writeText) {
+        navigator.clipboard.writeText(text).then(
+          function () {
+            said(true);
+          },
+          function () {
+            said(false);
+          }
+        );
+      } else {
+        said(false);
+      }
+    });
+  }
+
   // Security keys (WebAuthn). The server's options carry binary fields in base64url; the
   // browser's API takes and gives ArrayBuffers. The authenticator's answer goes back in an
   // ordinary form post, with the page's form token where the page has one.
@@ -370,6 +412,7 @@
       followRollout(rollout);
     }
     document.querySelectorAll("[data-presence]").forEach(followPresence);
+    document.querySelectorAll("button[data-copy]").forEach(copyButton);
     var registration = document.querySelector("form[data-webauthn='create']");
     if (registration) {
       registerKey(registration);
