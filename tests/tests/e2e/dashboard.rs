@@ -9,6 +9,7 @@ use sensei_e2e::{eventually, git_repo, open_tempdir, session_cookie, totp_code, 
 use serde_json::{json, Value};
 use thirtyfour::Key;
 
+mod accessibility;
 mod manage;
 mod presence;
 mod welcome;
