@@ -29,16 +29,11 @@ pub const DEFAULT_PER_REPLICA: usize = 512;
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// The PostgreSQL channel the triggers of migration V12 notify: `d<deployment id>` or
 /// `r<rollout id>`; and the control plane itself, `s<account id>`, when agents of that
-/// account connect or disconnect ([`ANNOUNCE_PRESENCE_SQL`]).
-pub const CHANNEL: &str = "sensei_live";
+/// account connect or disconnect ([`crate::runners::agent::presence::ANNOUNCE_SQL`]).
+pub const CHANNEL: &str = crate::store::db::LIVE_CHANNEL;
 /// How long a presence stream lasts before it ends (the browser's `EventSource` opens a new
 /// one, authenticated again): no stream outlives its purpose by hours.
 pub const PRESENCE_LIFETIME: Duration = Duration::from_secs(30 * 60);
-/// Tells the presence streams of the accounts of servers `$2` (a `uuid[]`) that their
-/// agents' presence changed, on channel `$1` ([`CHANNEL`]). Inside a transaction, the
-/// notification leaves at commit.
-pub const ANNOUNCE_PRESENCE_SQL: &str = "SELECT pg_notify($1, 's' || account_id::text) \
-     FROM (SELECT DISTINCT account_id FROM servers WHERE id = ANY($2)) a";
 
 /// What a stream follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -615,6 +615,7 @@ pub async fn show(
 }
 
 #[derive(Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PresenceQuery {
     /// Only this server (its page); otherwise every agent server the caller reaches.
@@ -697,6 +698,7 @@ pub async fn events(
         reach: principal.reach.clone(),
         only: query.server_id,
         ends_at: tokio::time::Instant::now() + live::PRESENCE_LIFETIME,
+        checked_at: tokio::time::Instant::now(),
         sent: std::collections::HashMap::new(),
         first: true,
         state,
@@ -715,6 +717,8 @@ struct PresenceStream {
     reach: crate::identity::reach::Reach,
     only: Option<Uuid>,
     ends_at: tokio::time::Instant,
+    /// When the credentials were last asked again.
+    checked_at: tokio::time::Instant,
     sent: std::collections::HashMap<Uuid, Presence>,
     first: bool,
 }
@@ -727,13 +731,19 @@ impl PresenceStream {
                 let left = self
                     .ends_at
                     .saturating_duration_since(tokio::time::Instant::now());
-                let keep_alive = self.state.live.keep_alive().min(left);
-                let changed = live::wait_for_change(&mut self.changes, keep_alive).await;
-                if left.is_zero() || tokio::time::Instant::now() >= self.ends_at {
+                let keep_alive = self.state.live.keep_alive();
+                live::wait_for_change(&mut self.changes, keep_alive.min(left)).await;
+                let now = tokio::time::Instant::now();
+                if now >= self.ends_at {
                     return None;
                 }
-                if !changed && !self.follower.still_allowed(&self.state.pool).await {
-                    return None;
+                // Asked again once a keep-alive, however busy the fleet: agents connecting
+                // all the time must not keep a signed-out session's stream open.
+                if now.duration_since(self.checked_at) >= keep_alive {
+                    if !self.follower.still_allowed(&self.state.pool).await {
+                        return None;
+                    }
+                    self.checked_at = now;
                 }
             }
             self.changes.borrow_and_update();
@@ -786,7 +796,7 @@ pub(super) async fn revoke_certificates(
     )
     .await?;
     tx.execute(
-        super::live::ANNOUNCE_PRESENCE_SQL,
+        crate::runners::agent::presence::ANNOUNCE_SQL,
         &[&super::live::CHANNEL, &servers],
     )
     .await?;
