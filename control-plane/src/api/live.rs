@@ -33,7 +33,7 @@ pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub const CHANNEL: &str = crate::store::db::LIVE_CHANNEL;
 /// How long a presence stream lasts before it ends (the browser's `EventSource` opens a new
 /// one, authenticated again): no stream outlives its purpose by hours.
-pub const PRESENCE_LIFETIME: Duration = Duration::from_secs(30 * 60);
+pub const DEFAULT_PRESENCE_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 /// What a stream follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,6 +63,7 @@ pub struct LiveStreams {
     per_user: usize,
     per_replica: usize,
     keep_alive: Duration,
+    presence_lifetime: Duration,
     open: Mutex<Open>,
     changes: Mutex<HashMap<Followed, watch::Sender<u64>>>,
 }
@@ -101,13 +102,28 @@ impl Drop for StreamSlot {
 
 impl LiveStreams {
     pub fn new(per_replica: usize, keep_alive: Duration) -> Arc<Self> {
+        Self::with_presence_lifetime(per_replica, keep_alive, DEFAULT_PRESENCE_LIFETIME)
+    }
+
+    /// [`LiveStreams::new`], with presence streams lasting `presence_lifetime`.
+    pub fn with_presence_lifetime(
+        per_replica: usize,
+        keep_alive: Duration,
+        presence_lifetime: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             per_user: PER_USER,
             per_replica: per_replica.max(1),
             keep_alive,
+            presence_lifetime,
             open: Mutex::default(),
             changes: Mutex::default(),
         })
+    }
+
+    /// How long a presence stream lasts.
+    pub fn presence_lifetime(&self) -> Duration {
+        self.presence_lifetime
     }
 
     /// How long a stream stays quiet before its keep-alive.

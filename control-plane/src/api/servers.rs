@@ -697,7 +697,7 @@ pub async fn events(
         account: principal.account_id,
         reach: principal.reach.clone(),
         only: query.server_id,
-        ends_at: tokio::time::Instant::now() + live::PRESENCE_LIFETIME,
+        ends_at: tokio::time::Instant::now() + state.live.presence_lifetime(),
         checked_at: tokio::time::Instant::now(),
         sent: std::collections::HashMap::new(),
         first: true,

@@ -443,3 +443,37 @@ async fn presence_streams_show_agents_in_reach_as_they_connect_and_end_with_the_
     while narrow.next().await.is_some() {}
     assert!(all.next().await.is_some(), "the owner's stream goes on");
 }
+
+#[tokio::test]
+async fn presence_streams_count_against_the_users_streams_and_end_at_their_lifetime() {
+    let lifetime = Duration::from_secs(2);
+    let t = TestPlane::start_configured(
+        sensei_e2e::fresh_database().await,
+        sensei_e2e::test_keys(),
+        "127.0.0.1:0".parse().expect("addr"),
+        move |o| {
+            o.live_keep_alive = Duration::from_millis(300);
+            o.presence_lifetime = lifetime;
+        },
+    )
+    .await;
+    let a = tenant(&t, "presence-bounds@live.example").await;
+    let opened = tokio::time::Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(EventStream::open(&t, "/v1/servers/events", &a.cookie, None).await);
+    }
+    let (status, body) = t.get("/v1/servers/events", &a.cookie).await;
+    assert_eq!((status, error_code(&body)), (429, "too_many_streams"));
+    // Each ends by itself at its lifetime (the browser then opens a new one), giving its
+    // slot back.
+    for stream in &mut held {
+        while stream.next().await.is_some() {}
+    }
+    assert!(opened.elapsed() >= lifetime, "{:?}", opened.elapsed());
+    let mut again = EventStream::open(&t, "/v1/servers/events", &a.cookie, None).await;
+    assert_eq!(
+        presences(&again.next_event().await.expect("presence")),
+        [(a.server.clone(), "offline".to_owned())]
+    );
+}
