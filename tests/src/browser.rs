@@ -219,6 +219,131 @@ impl Browser {
             .collect()
     }
 
+    /// The serious and critical accessibility violations axe-core finds on the page, one
+    /// line each (rule, impact, the elements). axe-core's source (pinned in
+    /// `tests/node/package.json`) is injected through WebDriver, which the page's
+    /// Content-Security-Policy does not govern: the policy stays as strict as served.
+    pub async fn accessibility_violations(&self) -> Vec<String> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("node/node_modules/axe-core/axe.min.js");
+        let axe = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run `npm ci --prefix tests/node` (./test does)",
+                path.display()
+            )
+        });
+        self.driver
+            .execute(&axe, vec![])
+            .await
+            .expect("inject axe-core");
+        let found = self
+            .driver
+            .execute_async(
+                r#"var done = arguments[arguments.length - 1];
+                axe.run(document, { resultTypes: ["violations"] }).then(function (r) {
+                  done(r.violations
+                    .filter(function (v) { return v.impact === "serious" || v.impact === "critical"; })
+                    .map(function (v) {
+                      return v.id + " (" + v.impact + "): " + v.help + " at " +
+                        v.nodes.map(function (n) { return n.target.join(" "); }).join(", ");
+                    }));
+                }, function (e) { done(["axe failed: " + e]); });"#,
+                vec![],
+            )
+            .await
+            .expect("run axe-core");
+        serde_json::from_value(found.json().clone()).expect("a list of violations")
+    }
+
+    /// Walks the page with the Tab key: every visible link, button and field must take the
+    /// focus in turn, each with a visible focus indicator. Returns what went wrong.
+    pub async fn keyboard_problems(&self) -> Vec<String> {
+        let count = self
+            .driver
+            .execute(
+                r#"var all = Array.prototype.filter.call(
+                  document.querySelectorAll("a[href], button, input:not([type=hidden]), select, textarea, [tabindex]:not([tabindex='-1'])"),
+                  function (e) { return !e.disabled && e.getClientRects().length > 0 && getComputedStyle(e).visibility !== "hidden"; });
+                all.forEach(function (e, i) { e.setAttribute("data-kbd", String(i)); });
+                document.activeElement && document.activeElement.blur();
+                window.scrollTo(0, 0);
+                return all.length;"#,
+                vec![],
+            )
+            .await
+            .expect("list the focusable elements")
+            .json()
+            .as_u64()
+            .expect("a count");
+        // Round the page once: until the first element reached is reached again. A radio
+        // group takes one stop, a date field one per part, so the presses are bounded by
+        // a generous multiple of the elements, not by their number.
+        let mut reached = std::collections::BTreeSet::new();
+        let mut first = None;
+        let mut problems = Vec::new();
+        for _ in 0..count * 8 + 8 {
+            self.driver
+                .action_chain()
+                .send_keys(Key::Tab)
+                .perform()
+                .await
+                .expect("press Tab");
+            let focused = self
+                .driver
+                .execute(
+                    r#"var e = document.activeElement;
+                    if (!e || e === document.body) { return null; }
+                    var s = getComputedStyle(e);
+                    var ring = (s.outlineStyle !== "none" && parseFloat(s.outlineWidth) > 0) || s.boxShadow !== "none";
+                    return [e.getAttribute("data-kbd"), ring, e.outerHTML.slice(0, 120)];"#,
+                    vec![],
+                )
+                .await
+                .expect("the focused element");
+            let Some([index, ring, html]) =
+                serde_json::from_value::<Option<[serde_json::Value; 3]>>(focused.json().clone())
+                    .expect("focus")
+            else {
+                continue;
+            };
+            let problem = format!("no visible focus on {html}");
+            if ring != serde_json::Value::Bool(true) && !problems.contains(&problem) {
+                problems.push(problem);
+            }
+            let Some(i) = index.as_str().and_then(|i| i.parse::<u64>().ok()) else {
+                continue;
+            };
+            if first == Some(i) && reached.len() > 1 {
+                break;
+            }
+            first.get_or_insert(i);
+            reached.insert(i);
+        }
+        let missed: Vec<u64> = (0..count).filter(|i| !reached.contains(i)).collect();
+        for i in missed {
+            let html = self
+                .driver
+                .execute(
+                    &format!(
+                        r#"var e = document.querySelector("[data-kbd='{i}']");
+                    return e.type === "radio" && !e.checked ? "" : e.outerHTML.slice(0, 120);"#
+                    ),
+                    vec![],
+                )
+                .await
+                .expect("the element missed")
+                .json()
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            // An unchecked radio button is reached with the arrow keys, not Tab.
+            if !html.is_empty() {
+                problems.push(format!("Tab never reaches {html}"));
+            }
+        }
+        problems
+    }
+
     /// Saves a screenshot of the page as `docs/dashboard/{name}.png` when
     /// `SENSEI_DASHBOARD_SCREENSHOTS=1` (so an ordinary test run leaves the tree alone).
     pub async fn screenshot(&self, name: &str) {

@@ -86,7 +86,9 @@ pub fn rule_for(method: &Method, path: &str) -> Option<Rule> {
         ("DELETE", "/v1/account") | ("POST", "/v1/account/transfer-ownership") => {
             SessionWith(Scope::AccountOwner)
         }
-        ("GET", "/v1/servers" | "/v1/servers/{id}") => Scoped(Scope::ServersRead),
+        ("GET", "/v1/servers" | "/v1/servers/{id}" | "/v1/servers/events") => {
+            Scoped(Scope::ServersRead)
+        }
         ("POST", "/v1/servers" | "/v1/servers/{id}/enrollment-token") => {
             Scoped(Scope::ServersWrite)
         }

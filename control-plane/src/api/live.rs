@@ -28,14 +28,20 @@ pub const DEFAULT_PER_REPLICA: usize = 512;
 /// Quiet this long, a stream sends a keep-alive comment (proxies close idle connections).
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// The PostgreSQL channel the triggers of migration V12 notify: `d<deployment id>` or
-/// `r<rollout id>`.
-pub const CHANNEL: &str = "sensei_live";
+/// `r<rollout id>`; and the control plane itself, `s<account id>`, when agents of that
+/// account connect or disconnect ([`crate::runners::agent::presence::ANNOUNCE_SQL`]).
+pub const CHANNEL: &str = crate::store::db::LIVE_CHANNEL;
+/// How long a presence stream lasts before it ends (the browser's `EventSource` opens a new
+/// one, authenticated again): no stream outlives its purpose by hours.
+pub const DEFAULT_PRESENCE_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 /// What a stream follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Followed {
     Deployment(Uuid),
     Rollout(Uuid),
+    /// The presence (connected, last seen) of an account's agents.
+    Presence(Uuid),
 }
 
 impl Followed {
@@ -46,6 +52,7 @@ impl Followed {
         match kind {
             "d" => Some(Self::Deployment(id)),
             "r" => Some(Self::Rollout(id)),
+            "s" => Some(Self::Presence(id)),
             _ => None,
         }
     }
@@ -56,6 +63,7 @@ pub struct LiveStreams {
     per_user: usize,
     per_replica: usize,
     keep_alive: Duration,
+    presence_lifetime: Duration,
     open: Mutex<Open>,
     changes: Mutex<HashMap<Followed, watch::Sender<u64>>>,
     /// Some rollout (any, on any replica) changed: what wakes an idle rollout scheduler.
@@ -96,14 +104,29 @@ impl Drop for StreamSlot {
 
 impl LiveStreams {
     pub fn new(per_replica: usize, keep_alive: Duration) -> Arc<Self> {
+        Self::with_presence_lifetime(per_replica, keep_alive, DEFAULT_PRESENCE_LIFETIME)
+    }
+
+    /// [`LiveStreams::new`], with presence streams lasting `presence_lifetime`.
+    pub fn with_presence_lifetime(
+        per_replica: usize,
+        keep_alive: Duration,
+        presence_lifetime: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             per_user: PER_USER,
             per_replica: per_replica.max(1),
             keep_alive,
+            presence_lifetime,
             open: Mutex::default(),
             changes: Mutex::default(),
             rollout_activity: tokio::sync::Notify::new(),
         })
+    }
+
+    /// How long a presence stream lasts.
+    pub fn presence_lifetime(&self) -> Duration {
+        self.presence_lifetime
     }
 
     /// How long a stream stays quiet before its keep-alive.
@@ -375,6 +398,10 @@ mod tests {
         assert_eq!(
             Followed::parse(&format!("r{id}")),
             Some(Followed::Rollout(id))
+        );
+        assert_eq!(
+            Followed::parse(&format!("s{id}")),
+            Some(Followed::Presence(id))
         );
         for garbage in ["", "d", "x", &format!("x{id}"), "dnot-a-uuid", "é"] {
             assert_eq!(Followed::parse(garbage), None, "{garbage}");

@@ -186,6 +186,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(audit_sinks::delete))
         .routes(routes!(servers::create, servers::list))
         .routes(routes!(servers::show, servers::delete))
+        .routes(routes!(servers::events))
         .routes(routes!(servers::revoke_certificate))
         .routes(routes!(servers::new_enrollment_token))
         .routes(routes!(projects::create, projects::list))

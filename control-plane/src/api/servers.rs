@@ -165,14 +165,62 @@ fn ttl(requested: Option<i64>) -> Result<i64, ApiError> {
     Ok(secs)
 }
 
-/// A server's row as the API shows it. An agent counts as connected while the replica holding
-/// its session is alive (its heartbeat in `replicas` is younger than
-/// [`crate::jobs::sweep::REPLICA_SILENCE_SECS`]), and a connected agent was last seen at that
-/// heartbeat: agents' own heartbeats are answered in memory (the session closes a silent one),
-/// so an idle fleet costs the database one write per replica, not one per agent.
-const VIEW_SQL: &str = "SELECT s.id, s.name, s.host, s.port, s.username, s.transport, s.labels, \
-     s.created_at, coalesce(r.heartbeat_at, s.last_seen_at), s.agent_version, \
-     r.id IS NOT NULL, \
+/// Whether the agent of server `s` is connected: a replica holds its session and that
+/// replica is alive (its heartbeat in `replicas` is younger than
+/// [`crate::jobs::sweep::REPLICA_SILENCE_SECS`]; one that died without saying so leaves
+/// `connected_replica` set). Agents' own heartbeats are answered in memory (the session
+/// closes a silent one), so an idle fleet costs the database one write per replica, not one
+/// per agent.
+macro_rules! connected_sql {
+    () => {
+        "(s.connected_replica IS NOT NULL AND EXISTS (SELECT 1 FROM replicas r \
+           WHERE r.id = s.connected_replica AND r.heartbeat_at > now() - interval '15 seconds'))"
+    };
+}
+// The literal 15 s above is this constant (SQL text cannot name it).
+const _: () = assert!(crate::jobs::sweep::REPLICA_SILENCE_SECS == 15);
+
+/// When the agent of server `s` was last seen: now, as far as anyone knows, while it is
+/// connected (its replica's latest heartbeat), else when it disconnected.
+macro_rules! last_seen_sql {
+    () => {
+        "coalesce((SELECT r.heartbeat_at FROM replicas r WHERE r.id = s.connected_replica \
+           AND r.heartbeat_at > now() - interval '15 seconds'), s.last_seen_at)"
+    };
+}
+
+/// What the dashboard says about a server's connection: `ssh` (no agent), `connected`,
+/// `not enrolled` (no valid certificate) or `offline`.
+pub fn presence_word(transport: &str, connected: bool, enrolled: bool) -> &'static str {
+    if transport == "ssh" {
+        "ssh"
+    } else if connected {
+        "connected"
+    } else if !enrolled {
+        "not enrolled"
+    } else {
+        "offline"
+    }
+}
+
+impl ServerView {
+    /// [`presence_word`] for this server.
+    pub fn presence(&self) -> &'static str {
+        presence_word(
+            &self.transport,
+            self.agent.connected,
+            self.agent.certificate_fingerprint.is_some(),
+        )
+    }
+}
+
+/// A server's row as the API shows it.
+const VIEW_SQL: &str = concat!(
+    "SELECT s.id, s.name, s.host, s.port, s.username, s.transport, s.labels, s.created_at, ",
+    last_seen_sql!(),
+    ", s.agent_version, ",
+    connected_sql!(),
+    ", \
      c.serial, c.fingerprint, c.not_after, s.ssh_auth, s.ssh_key_fingerprint, s.host_key, \
      c.renewed_at \
      FROM servers s LEFT JOIN LATERAL ( \
@@ -181,11 +229,8 @@ const VIEW_SQL: &str = "SELECT s.id, s.name, s.host, s.port, s.username, s.trans
        FROM agent_certificates \
        WHERE server_id = s.id AND revoked_at IS NULL AND retired_at IS NULL \
        ORDER BY issued_at DESC LIMIT 1) c ON true \
-     LEFT JOIN replicas r ON r.id = s.connected_replica \
-       AND r.heartbeat_at > now() - make_interval(secs => 15) \
-     WHERE s.account_id = $1 AND s.deleted_at IS NULL";
-// The literal 15 above is this constant (SQL text cannot name it).
-const _: () = assert!(crate::jobs::sweep::REPLICA_SILENCE_SECS == 15);
+     WHERE s.account_id = $1 AND s.deleted_at IS NULL"
+);
 
 fn view(state: &AppState, row: &tokio_postgres::Row) -> ServerView {
     let fingerprint: Option<&[u8]> = row.get(12);
@@ -458,6 +503,8 @@ impl SshCredentials {
             description = "only agent servers whose current certificate expires before this time (RFC 3339)"),
            ("ca" = Option<String>, Query,
             description = "`old`: only agent servers whose newest certificate was not issued by the current CA. During a CA rotation, the agents that have not moved yet; after `ca retire`, the ones that must enroll again"),
+           ("connected" = Option<bool>, Query,
+            description = "`true`: only servers whose agent is connected now; `false`: only the others (SSH servers, agents offline or not enrolled)"),
            PageQuery),
     responses((status = 200, body = ServerList), (status = 400, body = ErrorBody, description = "invalid limit or cursor")))]
 pub async fn list(
@@ -503,6 +550,17 @@ pub async fn list(
         })?;
         selector.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
     }
+    let connected = match single("connected").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                ErrorCode::InvalidFilter,
+                format!("connected {other:?}: write true or false"),
+            ))
+        }
+    };
     let mut old_ca = false;
     for (name, value) in &params {
         match (name.as_str(), value.as_str()) {
@@ -533,7 +591,9 @@ pub async fn list(
             &format!(
                 "{VIEW_SQL} AND s.labels @> $2 AND ($3::jsonb IS NULL OR s.labels @> $3) \
                  AND ($4::text IS NULL OR s.agent_version = $4) \
-                 AND ($5::timestamptz IS NULL OR c.not_after < $5){old_ca_sql}{}",
+                 AND ($5::timestamptz IS NULL OR c.not_after < $5){old_ca_sql} \
+                 AND ($10::bool IS NULL OR {} = $10){}",
+                connected_sql!(),
                 Page::keyset_sql("s.created_at", "s.id", Order::OldestFirst, 6)
             ),
             &[
@@ -546,6 +606,7 @@ pub async fn list(
                 &page.after_id(),
                 &page.fetch(),
                 &current_ca,
+                &connected,
             ],
         )
         .await?;
@@ -571,6 +632,164 @@ pub async fn show(
     Ok(Json(load(&state, &principal, id).await?))
 }
 
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceQuery {
+    /// Only this server (its page); otherwise every agent server the caller reaches.
+    pub server_id: Option<Uuid>,
+}
+
+/// One agent server's presence, as a presence event carries it.
+#[derive(Serialize, PartialEq, Clone, ToSchema)]
+pub struct Presence {
+    pub id: Uuid,
+    /// `connected`, `offline` or `not enrolled`.
+    pub status: &'static str,
+    pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+/// The presence of the agent servers `principal` reaches (or of `only`).
+async fn presences(
+    state: &AppState,
+    account: Uuid,
+    reach: &crate::identity::reach::Reach,
+    only: Option<Uuid>,
+) -> Result<Vec<Presence>, ApiError> {
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            concat!(
+                "SELECT s.id, ",
+                last_seen_sql!(),
+                ", ",
+                connected_sql!(),
+                ", EXISTS (SELECT 1 FROM agent_certificates \
+                   WHERE server_id = s.id AND revoked_at IS NULL AND retired_at IS NULL) \
+                 FROM servers s WHERE s.account_id = $1 AND s.deleted_at IS NULL \
+                   AND s.transport = 'agent' AND ($2::jsonb IS NULL OR s.labels @> $2) \
+                   AND ($3::uuid IS NULL OR s.id = $3)"
+            ),
+            &[&account, &reach.server_filter(), &only],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Presence {
+            id: r.get(0),
+            last_seen_at: r.get(1),
+            status: presence_word("agent", r.get(2), r.get(3)),
+        })
+        .collect())
+}
+
+/// Agents' presence as server-sent events: `event: presence` with a JSON array of
+/// [`Presence`], first every agent server followed, then those that changed, when an agent
+/// connects or disconnects (at once, from any replica) and at each keep-alive (last seen,
+/// and agents gone silent). The stream ends after 30 minutes (a client opens a new one) and
+/// when the credentials that opened it no longer would.
+#[utoipa::path(get, path = "/v1/servers/events", tag = "servers",
+    params(PresenceQuery),
+    responses((status = 200, content_type = "text/event-stream"), (status = 404, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "too many live streams open")))]
+pub async fn events(
+    State(state): State<AppState>,
+    meta: ClientMeta,
+    Extension(principal): Extension<Principal>,
+    super::extract::QueryParams(query): super::extract::QueryParams<PresenceQuery>,
+    headers: http::HeaderMap,
+) -> Result<axum::response::Response, ApiError> {
+    use super::live;
+    if let Some(id) = query.server_id {
+        load(&state, &principal, id).await?;
+    }
+    let stream = PresenceStream {
+        _slot: state.live.open(principal.account_id, principal.user_id)?,
+        follower: live::Follower::new(
+            &headers,
+            meta.ip,
+            &principal,
+            crate::identity::auth::Scope::ServersRead,
+        ),
+        changes: state
+            .live
+            .subscribe(live::Followed::Presence(principal.account_id)),
+        account: principal.account_id,
+        reach: principal.reach.clone(),
+        only: query.server_id,
+        ends_at: tokio::time::Instant::now() + state.live.presence_lifetime(),
+        checked_at: tokio::time::Instant::now(),
+        sent: std::collections::HashMap::new(),
+        first: true,
+        state,
+    };
+    live::event_stream(futures_util::stream::unfold(stream, PresenceStream::next))
+}
+
+/// An open presence stream: what it follows, for whom, and what it has sent.
+struct PresenceStream {
+    state: AppState,
+    /// Held while the stream lives; given back when it ends.
+    _slot: super::live::StreamSlot,
+    follower: super::live::Follower,
+    changes: tokio::sync::watch::Receiver<u64>,
+    account: Uuid,
+    reach: crate::identity::reach::Reach,
+    only: Option<Uuid>,
+    ends_at: tokio::time::Instant,
+    /// When the credentials were last asked again.
+    checked_at: tokio::time::Instant,
+    sent: std::collections::HashMap<Uuid, Presence>,
+    first: bool,
+}
+
+impl PresenceStream {
+    async fn next(mut self) -> Option<(Result<String, std::io::Error>, Self)> {
+        use super::live;
+        loop {
+            if !self.first {
+                let left = self
+                    .ends_at
+                    .saturating_duration_since(tokio::time::Instant::now());
+                let keep_alive = self.state.live.keep_alive();
+                live::wait_for_change(&mut self.changes, keep_alive.min(left)).await;
+                let now = tokio::time::Instant::now();
+                if now >= self.ends_at {
+                    return None;
+                }
+                // Asked again once a keep-alive, however busy the fleet: agents connecting
+                // all the time must not keep a signed-out session's stream open.
+                if now.duration_since(self.checked_at) >= keep_alive {
+                    if !self.follower.still_allowed(&self.state.pool).await {
+                        return None;
+                    }
+                    self.checked_at = now;
+                }
+            }
+            self.changes.borrow_and_update();
+            let now = presences(&self.state, self.account, &self.reach, self.only)
+                .await
+                .ok()?;
+            let fresh: Vec<Presence> = now
+                .into_iter()
+                .filter(|p| self.sent.get(&p.id) != Some(p))
+                .collect();
+            let first = std::mem::replace(&mut self.first, false);
+            if fresh.is_empty() {
+                if first {
+                    continue;
+                }
+                return Some((Ok(live::KEEP_ALIVE_COMMENT.to_owned()), self));
+            }
+            let text = serde_json::to_string(&fresh).unwrap_or_default();
+            for p in fresh {
+                self.sent.insert(p.id, p);
+            }
+            return Some((Ok(format!("event: presence\ndata: {text}\n\n")), self));
+        }
+    }
+}
+
 /// Revokes every valid certificate of these servers inside `tx` (telling every replica);
 /// returns their fingerprints.
 pub(super) async fn revoke_certificates(
@@ -594,6 +813,11 @@ pub(super) async fn revoke_certificates(
     tx.execute(
         "UPDATE servers SET connected_replica = NULL WHERE id = ANY($1)",
         &[&servers],
+    )
+    .await?;
+    tx.execute(
+        crate::runners::agent::presence::ANNOUNCE_SQL,
+        &[&super::live::CHANNEL, &servers],
     )
     .await?;
     // Nothing queued for these agents may still reach them, and nobody may enroll with a

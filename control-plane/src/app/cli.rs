@@ -117,8 +117,8 @@ pub struct ServeArgs {
     /// mode.
     #[arg(long, env = "SENSEI_SIGNUP", value_enum, default_value_t = SignupPolicy::Closed)]
     pub signup: SignupPolicy,
-    /// Live-follow streams (deployment logs, rollout events) this replica holds open at
-    /// most; each user may hold 8.
+    /// Live-follow streams (deployment logs, rollout events, agents' presence) this replica
+    /// holds open at most; each user may hold 8.
     #[arg(long, env = "SENSEI_MAX_LIVE_STREAMS", default_value_t = 512,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_live_streams: u32,

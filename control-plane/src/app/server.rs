@@ -77,6 +77,8 @@ pub struct ServeOptions {
     pub max_live_streams: usize,
     /// How long a quiet live-follow stream waits before its keep-alive comment.
     pub live_keep_alive: std::time::Duration,
+    /// How long a presence stream lasts before the browser opens a new one.
+    pub presence_lifetime: std::time::Duration,
     /// How audit sinks are delivered (poll, batch, timeout, backoff).
     pub audit_sinks: crate::audit::sinks::delivery::DeliverySettings,
 }
@@ -109,6 +111,7 @@ impl ServeOptions {
             signup: crate::identity::signup::SignupPolicy::Closed,
             max_live_streams: crate::api::live::DEFAULT_PER_REPLICA,
             live_keep_alive: crate::api::live::DEFAULT_KEEP_ALIVE,
+            presence_lifetime: crate::api::live::DEFAULT_PRESENCE_LIFETIME,
             audit_sinks: Default::default(),
         }
     }
@@ -433,8 +436,11 @@ impl ControlPlane {
                 .unwrap_or_else(|| "-".into()),
             counters: sink_counters.clone(),
         });
-        let live =
-            crate::api::live::LiveStreams::new(options.max_live_streams, options.live_keep_alive);
+        let live = crate::api::live::LiveStreams::with_presence_lifetime(
+            options.max_live_streams,
+            options.live_keep_alive,
+            options.presence_lifetime,
+        );
         let live_streams = live.clone();
         let state = AppState::new(StateInner {
             pool: pool.clone(),

@@ -132,6 +132,10 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The channel live-follow streams listen on: the triggers of migration V12 notify it of
+/// deployments and rollouts, the agent gateway of agents' presence.
+pub const LIVE_CHANNEL: &str = "sensei_live";
+
 /// How long a request waits for a pooled connection (or for a new one to open).
 pub const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 

@@ -35,19 +35,6 @@ pub struct FleetFilter {
     done: Option<String>,
 }
 
-/// What the fleet page says about a server's connection.
-fn presence(s: &ServerView) -> &'static str {
-    if s.transport == "ssh" {
-        "ssh"
-    } else if s.agent.connected {
-        "connected"
-    } else if s.agent.certificate_fingerprint.is_none() {
-        "not enrolled"
-    } else {
-        "offline"
-    }
-}
-
 fn labels(value: &serde_json::Value) -> Markup {
     html! {
         @if let Some(map) = value.as_object() {
@@ -71,10 +58,19 @@ pub async fn list(
     // Built before the call: the serializer is not `Send`, and must not live across it.
     let query = {
         let mut query = form_urlencoded::Serializer::new(String::new());
-        // The API's largest page: the status filter applies to what one page holds.
         query.append_pair("limit", "500");
         if !label.is_empty() {
             query.append_pair("label", label);
+        }
+        // Filtered by the API, so that each page holds the servers of that status.
+        match filter.status.as_str() {
+            "connected" => {
+                query.append_pair("connected", "true");
+            }
+            "offline" => {
+                query.append_pair("connected", "false");
+            }
+            _ => {}
         }
         if !filter.cursor.is_empty() {
             query.append_pair("cursor", &filter.cursor);
@@ -88,15 +84,7 @@ pub async fn list(
     )
     .await?
     .0;
-    let shown: Vec<&ServerView> = found
-        .servers
-        .iter()
-        .filter(|s| match filter.status.as_str() {
-            "connected" => s.agent.connected,
-            "offline" => !s.agent.connected,
-            _ => true,
-        })
-        .collect();
+    let shown = &found.servers;
     let next = found.next_cursor.as_ref().map(|cursor| {
         let mut q = form_urlencoded::Serializer::new(String::new());
         q.append_pair("label", label)
@@ -126,16 +114,17 @@ pub async fn list(
         @if shown.is_empty() {
             p { "No servers match." }
         } @else {
-            table id="servers" {
+            // The script follows the agents' presence and updates the rows it finds.
+            table id="servers" data-presence="/v1/servers/events" {
                 thead { tr { th { "Name" } th { "Labels" } th { "Transport" } th { "Status" } th { "Last seen" } th { "Agent version" } } }
                 tbody {
-                    @for s in &shown {
+                    @for s in shown {
                         tr data-server=(s.id) {
                             td { a href=(format!("/ui/servers/{}", s.id)) { (s.name) } }
                             td { (labels(&s.labels)) }
                             td { (s.transport) }
-                            td { (layout::status(presence(s))) }
-                            td { (layout::maybe_time(s.agent.last_seen_at)) }
+                            td data-field="presence" { (layout::status(s.presence())) }
+                            td data-field="last_seen_at" { (layout::maybe_time(s.agent.last_seen_at)) }
                             td { (s.agent.version.as_deref().unwrap_or("—")) }
                         }
                     }
@@ -189,12 +178,13 @@ pub async fn show(
     let body = html! {
         (layout::notice(done.done.as_deref()))
         h1 { (server.name) }
-        dl.facts {
+        dl.facts data-server=(server.id)
+            data-presence=[(server.transport == "agent").then(|| format!("/v1/servers/events?server_id={id}"))] {
             dt { "Host" } dd { (server.host) }
             dt { "Transport" } dd { (server.transport) }
             dt { "Labels" } dd { (labels(&server.labels)) }
-            dt { "Status" } dd id="presence" { (layout::status(presence(&server))) }
-            dt { "Last seen" } dd { (layout::maybe_time(a.last_seen_at)) }
+            dt { "Status" } dd id="presence" data-field="presence" { (layout::status(server.presence())) }
+            dt { "Last seen" } dd data-field="last_seen_at" { (layout::maybe_time(a.last_seen_at)) }
             @if server.transport == "agent" {
                 dt { "Agent version" } dd { (a.version.as_deref().unwrap_or("—")) }
                 dt { "Certificate fingerprint" } dd { code id="cert-fingerprint" { (a.certificate_fingerprint.as_deref().unwrap_or("none (not enrolled, or revoked)")) } }
@@ -399,7 +389,7 @@ pub async fn create(
         @if let Some(key) = &created.public_key {
             p { "Add this line to the SSH user's " code { "~/.ssh/authorized_keys" }
                 " on the server. It is shown only this once; its fingerprint stays on the server's page." }
-            pre.command id="public-key" { code { (key) } }
+            (layout::copyable("public-key", "the public key", key))
         }
         p { a href=(format!("/ui/servers/{id}")) { "Go to the server" } }
     };
@@ -415,7 +405,7 @@ fn enrollment(e: &Enrollment, ca_fingerprint: &str) -> Markup {
     html! {
         p { "Run this on the server to enroll its agent. The token is single use, expires at "
             (layout::time(e.enrollment_expires_at)) ", and is shown only this once." }
-        pre.command id="enroll-command" { code { (e.enroll_command) } }
+        (layout::copyable("enroll-command", "the enroll command", &e.enroll_command))
         p { "The command pins the control plane's CA by its fingerprint: "
             code { (ca_fingerprint) } }
     }

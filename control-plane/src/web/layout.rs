@@ -165,6 +165,23 @@ pub fn status(word: &str) -> Markup {
     html! { span class=(class) data-status=(word) { (word) } }
 }
 
+/// Text to copy (a command, a key, a secret) with a button that copies it, for the script to
+/// bring to life (hidden without it), and the live region that says it was copied. `what`
+/// completes the button's name for assistive technology ("Copy the enroll command").
+pub fn copyable(id: &str, what: &str, text: &str) -> Markup {
+    html! {
+        div.copyable {
+            pre.command id=(id) { code { (text) } }
+            div.copy-row {
+                button.secondary type="button" data-copy=(id) hidden {
+                    "Copy" span.visually-hidden { " " (what) }
+                }
+                span.copy-status role="status" aria-live="polite" {}
+            }
+        }
+    }
+}
+
 /// A short prefix of an id or a commit, for tables.
 pub fn short(text: &str) -> &str {
     text.get(..12).unwrap_or(text)

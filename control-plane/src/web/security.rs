@@ -9,7 +9,7 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use http::{HeaderMap, Method, StatusCode};
-use maud::{html, Markup};
+use maud::{html, Markup, PreEscaped};
 use serde::Deserialize;
 
 use super::guard::{Signed, TokenForm};
@@ -97,10 +97,14 @@ pub async fn enroll(
     )
     .await?;
     let enrolled = enrolled.0;
+    let qr = qr_svg(&enrolled.otpauth_uri);
     let body = html! {
         h1 { "Set up an authenticator app" }
-        p { "Add this secret to your authenticator app (type it in, or open the otpauth link on a device that has one). "
+        p { "Scan this code with your authenticator app, or type the secret in (or open the otpauth link on a device that has one). "
             "It is shown only this once." }
+        @if let Some(svg) = qr {
+            figure.qr { (PreEscaped(svg)) }
+        }
         dl.facts {
             dt { "Secret" } dd { code id="totp-secret" { (enrolled.secret) } }
             dt { "Link" } dd { code.wrap id="totp-uri" { (enrolled.otpauth_uri) } }
@@ -112,6 +116,27 @@ pub async fn enroll(
         layout::page("Authenticator", &signed, Section::Settings, body),
     )
         .into_response())
+}
+
+/// `text` (the `otpauth://` link) as a QR code: an SVG drawn here, inline in the page, so the
+/// secret goes to no image service and the page needs nothing its policy forbids (the
+/// colours are attributes, not styles). One unit of the drawing is one module; the style
+/// sheet sizes it. `None` when the text is too long for a QR code (it never is).
+fn qr_svg(text: &str) -> Option<String> {
+    let code =
+        qrcode::QrCode::with_error_correction_level(text.as_bytes(), qrcode::EcLevel::M).ok()?;
+    let svg = code
+        .render::<qrcode::render::svg::Color>()
+        .module_dimensions(1, 1)
+        .quiet_zone(true)
+        .build();
+    // Inline in HTML: without the XML declaration, and named for assistive technology.
+    let svg = &svg[svg.find("<svg ")?..];
+    Some(svg.replacen(
+        "<svg ",
+        "<svg id=\"totp-qr\" role=\"img\" aria-label=\"QR code of the otpauth link below\" ",
+        1,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -196,4 +221,59 @@ pub async fn disable(
     )
     .await?;
     Ok(Redirect::to("/ui/settings/security?done=totp-off"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Draws the SVG's dark rectangles (`M{x} {y}h{w}v{h}H{x}V{y}`, in modules) into a
+    /// bitmap, `scale` pixels a module.
+    fn rasterize(svg: &str, scale: usize) -> (usize, Vec<bool>) {
+        let size: usize = svg
+            .split("viewBox=\"0 0 ")
+            .nth(1)
+            .and_then(|v| v.split(' ').next())
+            .and_then(|w| w.parse().ok())
+            .expect("a viewBox");
+        let path = svg
+            .split(" d=\"")
+            .nth(1)
+            .and_then(|d| d.split('"').next())
+            .expect("a path");
+        let numbers = |text: &str| -> Vec<usize> {
+            text.split(|c: char| !c.is_ascii_digit())
+                .filter(|n| !n.is_empty())
+                .map(|n| n.parse().expect("number"))
+                .collect()
+        };
+        let side = size * scale;
+        let mut pixels = vec![false; side * side];
+        for rect in path.split('M').filter(|r| !r.is_empty()) {
+            let n = numbers(rect);
+            let (x, y, w, h) = (n[0], n[1], n[2], n[3]);
+            for row in y * scale..(y + h) * scale {
+                for col in x * scale..(x + w) * scale {
+                    pixels[row * side + col] = true;
+                }
+            }
+        }
+        (side, pixels)
+    }
+
+    #[test]
+    fn the_qr_code_decodes_to_the_otpauth_link() {
+        let secret = crate::identity::totp::generate_secret();
+        let uri = crate::identity::totp::otpauth_uri(&secret, "Sensei", "ops@example.com");
+        let svg = qr_svg(&uri).expect("an svg");
+        assert!(svg.starts_with("<svg id=\"totp-qr\" role=\"img\""), "{svg}");
+        assert!(!svg.contains("<?xml") && !svg.contains("style"), "{svg}");
+        let (side, pixels) = rasterize(&svg, 4);
+        let mut image =
+            rqrr::PreparedImage::prepare_from_bitmap(side, side, |x, y| pixels[y * side + x]);
+        let grids = image.detect_grids();
+        assert_eq!(grids.len(), 1);
+        let (_, content) = grids[0].decode().expect("decodes");
+        assert_eq!(content, uri);
+    }
 }

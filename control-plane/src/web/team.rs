@@ -312,7 +312,7 @@ pub async fn create_api_key(
     let body = html! {
         h1 { "API key " (created.key.name) " created" }
         p { "Copy it now: it is shown only this once. Send it as " code { "Authorization: Bearer …" } "." }
-        pre.command id="api-key-secret" { code { (created.secret) } }
+        (layout::copyable("api-key-secret", "the API key", &created.secret))
         p { "Scopes: " (created.key.scopes.join(", ")) }
         p { a href="/ui/settings/api-keys" { "Back to the API keys" } }
     };

@@ -67,7 +67,9 @@ fn need(method: &str, path: &str) -> Option<Need> {
         ("DELETE", "/v1/account") | ("POST", "/v1/account/transfer-ownership") => {
             SessionRole(owner)
         }
-        ("GET", "/v1/servers" | "/v1/servers/{id}") => Scoped(viewer, "servers:read"),
+        ("GET", "/v1/servers" | "/v1/servers/{id}" | "/v1/servers/events") => {
+            Scoped(viewer, "servers:read")
+        }
         ("POST", "/v1/servers" | "/v1/servers/{id}/enrollment-token")
         | ("DELETE", "/v1/servers/{id}" | "/v1/servers/{id}/agent-certificate") => {
             Scoped(developer, "servers:write")

@@ -9,7 +9,9 @@ use sensei_e2e::{eventually, git_repo, open_tempdir, session_cookie, totp_code, 
 use serde_json::{json, Value};
 use thirtyfour::Key;
 
+mod accessibility;
 mod manage;
+mod presence;
 mod welcome;
 
 const PW: &str = "correct horse battery";
@@ -66,6 +68,57 @@ async fn sign_in_to(b: &Browser, email: &str, landing: &str) {
     b.fill("#password", PW).await;
     b.click("#sign-in").await;
     b.wait_path(landing).await;
+}
+
+/// Lets the page write to (and the test read) the clipboard, as a person's browser asks them.
+async fn allow_clipboard(b: &Browser) {
+    b.cdp(
+        "Browser.grantPermissions",
+        json!({"origin": b.base, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]}),
+    )
+    .await;
+}
+
+/// Tabs to the copy button of `id` (it is reachable by keyboard), presses Enter and waits
+/// for its live region to say the text was copied.
+async fn copy_with_keyboard(b: &Browser, id: &str) {
+    allow_clipboard(b).await;
+    let button = b.wait_for(&format!("button[data-copy='{id}']")).await;
+    assert!(
+        button.is_displayed().await.expect("shown"),
+        "the script shows the button"
+    );
+    button.focus().await.expect("focus");
+    b.driver
+        .active_element()
+        .await
+        .expect("focused")
+        .send_keys(Key::Enter)
+        .await
+        .expect("press Enter");
+    let status = format!("button[data-copy='{id}'] + .copy-status");
+    b.wait_text(&status, |text| text == "Copied.").await;
+    let live = b.wait_for(&status).await;
+    assert_eq!(
+        live.attr("aria-live").await.expect("attr").as_deref(),
+        Some("polite")
+    );
+}
+
+/// What the clipboard holds.
+async fn clipboard(b: &Browser) -> String {
+    b.driver
+        .execute_async(
+            "var done = arguments[arguments.length - 1]; \
+             navigator.clipboard.readText().then(done, function (e) { done('failed: ' + e); });",
+            vec![],
+        )
+        .await
+        .expect("read the clipboard")
+        .json()
+        .as_str()
+        .expect("text")
+        .to_owned()
 }
 
 async fn session_valid(t: &TestPlane, cookie: &str) -> bool {
@@ -728,6 +781,10 @@ async fn adding_servers_shows_the_enroll_command_and_the_public_key_once() {
         })
         .await;
     b.screenshot("server-added").await;
+    // The copy button, pressed from the keyboard, puts the command on the clipboard and says
+    // so in its live region.
+    copy_with_keyboard(&b, "enroll-command").await;
+    assert_eq!(clipboard(&b).await, command);
     let word_after = |flag: &str| {
         let mut words = command.split_whitespace();
         words.find(|w| *w == flag);
@@ -768,6 +825,8 @@ async fn adding_servers_shows_the_enroll_command_and_the_public_key_once() {
     let key = b
         .wait_text("#public-key", |text| text.starts_with("ssh-ed25519 "))
         .await;
+    copy_with_keyboard(&b, "public-key").await;
+    assert_eq!(clipboard(&b).await, key);
     b.click("main p a").await;
     let fingerprint = b
         .wait_text("#ssh-fingerprint", |text| text.starts_with("SHA256:"))
@@ -903,6 +962,8 @@ async fn api_keys_and_invitations_from_settings_work_against_the_api() {
         .wait_text("#api-key-secret", |text| !text.trim().is_empty())
         .await;
     b.screenshot("api-key-created").await;
+    copy_with_keyboard(&b, "api-key-secret").await;
+    assert_eq!(clipboard(&b).await, secret);
     let (status, _) = t.get_with_key("/v1/servers", &secret).await;
     assert_eq!(status, 200);
     let (status, _) = t.get_with_key("/v1/projects", &secret).await;
@@ -1082,13 +1143,29 @@ async fn a_rollback_from_the_deployment_page_returns_to_the_release_chosen() {
     b.close().await;
 }
 
-/// Sets TOTP up on the security page; returns the recovery codes shown.
-async fn set_up_totp(b: &Browser) -> Vec<String> {
+/// Sets TOTP up on the security page for `email`; returns the recovery codes shown.
+async fn set_up_totp(b: &Browser, email: &str) -> Vec<String> {
     b.open("/ui/settings/security").await;
     b.click("#enroll-totp").await;
     let secret = b
         .wait_text("#totp-secret", |text| !text.trim().is_empty())
         .await;
+    // The QR code, drawn by the control plane in the page (the unit test of its drawing
+    // decodes it back to the link), is shown with the link it encodes, which names this
+    // account and this secret.
+    let qr = b.wait_for("svg#totp-qr[role='img'][aria-label]").await;
+    let size = qr.rect().await.expect("size");
+    assert!(size.width > 100.0 && size.height > 100.0, "{size:?}");
+    let uri = b.wait_text("#totp-uri", |text| !text.is_empty()).await;
+    let account = email.replace('@', "%40");
+    assert!(
+        uri.starts_with(&format!(
+            "otpauth://totp/Sensei:{account}?secret={}&",
+            secret.trim()
+        )),
+        "{uri}"
+    );
+    b.screenshot("totp-setup").await;
     let secret = sensei_e2e::base32_decode(secret.trim());
     b.fill("#code", &totp_code(&secret, 0)).await;
     b.click("#confirm-totp").await;
@@ -1112,7 +1189,7 @@ async fn totp_is_set_up_on_the_security_page_and_a_recovery_code_signs_in_once()
     let (owner, _) = t.signup(email, PW).await;
     let b = Browser::start(&t.base).await;
     sign_in(&b, email).await;
-    let codes = set_up_totp(&b).await;
+    let codes = set_up_totp(&b, email).await;
     assert_eq!(codes.len(), 10, "{codes:?}");
     b.open("/ui/settings/security").await;
     b.wait_text("#totp-state", |text| text.contains("authenticator"))
@@ -1172,7 +1249,7 @@ async fn totp_is_set_up_on_the_security_page_and_a_recovery_code_signs_in_once()
     b.wait_text("main", |text| text.contains("multi-factor"))
         .await;
     assert!(!b.has("#servers").await);
-    set_up_totp(&b).await;
+    set_up_totp(&b, "new@example.com").await;
     b.open("/ui/servers").await;
     b.wait_for("main h1").await;
     assert!(!b.has(".error").await);

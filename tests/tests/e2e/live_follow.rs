@@ -301,3 +301,179 @@ async fn rollout_events_are_pushed_and_last_event_id_skips_the_state_already_see
         }
     }
 }
+
+/// The presence entries of a presence event: `(server id, status)`.
+fn presences(event: &Event) -> Vec<(String, String)> {
+    assert_eq!(event.event.as_deref(), Some("presence"), "{event:?}");
+    let list: Value = serde_json::from_str(&event.data).expect("json");
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .map(|p| {
+            (
+                p["id"].as_str().expect("id").to_owned(),
+                p["status"].as_str().expect("status").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn presence_streams_show_agents_in_reach_as_they_connect_and_end_with_the_session() {
+    let t = plane(Duration::from_millis(500), 64).await;
+    let a = tenant(&t, "presence-a@live.example").await;
+    let b = tenant(&t, "presence-b@live.example").await;
+    // A viewer of tenant A confined to servers labelled env=staging.
+    let (status, inv) = t
+        .post(
+            "/v1/invitations",
+            &a.cookie,
+            json!({"email": "scoped@live.example", "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{inv}");
+    let r = t
+        .http
+        .post(t.url("/v1/invitations/accept"))
+        .json(&json!({"token": inv["token"], "password": PW}))
+        .send()
+        .await
+        .expect("accept");
+    assert_eq!(r.status(), 201);
+    let scoped = sensei_e2e::session_cookie(&r).expect("cookie");
+    let member: Value = r.json().await.expect("json");
+    let (status, v) = t
+        .patch(
+            &format!("/v1/members/{}", member["id"].as_str().expect("id")),
+            &a.cookie,
+            json!({"resource_scope": {"server_labels": {"env": "staging"}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+
+    // First, every agent server of the account: the quiet one is enrolled, not connected.
+    let mut all = EventStream::open(&t, "/v1/servers/events", &a.cookie, None).await;
+    let first = presences(&all.next_event().await.expect("a first event"));
+    assert_eq!(first, [(a.server.clone(), "offline".to_owned())]);
+    let mut narrow = EventStream::open(&t, "/v1/servers/events", &scoped, None).await;
+
+    // An agent connects: pushed at once (the keep-alive alone would not say "connected"
+    // sooner than the test's patience for a silent stream).
+    let staging = t
+        .start_labelled_agent(
+            &a.cookie,
+            "stg-1",
+            json!({"env": "staging"}),
+            sensei_agent::jobs::JobPolicy::default(),
+        )
+        .await;
+    let id = staging.server_id.to_string();
+    let mut statuses = Vec::new();
+    while !statuses.contains(&"connected".to_owned()) {
+        let event = all.next_event().await.expect("presence");
+        statuses.extend(
+            presences(&event)
+                .into_iter()
+                .filter(|(s, _)| *s == id)
+                .map(|(_, status)| status),
+        );
+    }
+    // The scoped member sees that server, and never the unlabelled one.
+    loop {
+        let event = narrow.next_event().await.expect("presence");
+        let seen = presences(&event);
+        assert!(seen.iter().all(|(s, _)| *s == id), "{seen:?}");
+        if seen.contains(&(id.clone(), "connected".to_owned())) {
+            break;
+        }
+    }
+    // One server: its own; another account's is not found; a server out of reach neither.
+    let mut one = EventStream::open(
+        &t,
+        &format!("/v1/servers/events?server_id={id}"),
+        &a.cookie,
+        None,
+    )
+    .await;
+    assert_eq!(
+        presences(&one.next_event().await.expect("presence")),
+        [(id.clone(), "connected".to_owned())]
+    );
+    for (path, cookie, status, code) in [
+        (
+            format!("/v1/servers/events?server_id={}", b.server),
+            &a.cookie,
+            404,
+            "not_found",
+        ),
+        (
+            format!("/v1/servers/events?server_id={}", a.server),
+            &scoped,
+            404,
+            "not_found",
+        ),
+        (
+            "/v1/servers/events?everything=1".to_owned(),
+            &a.cookie,
+            400,
+            "invalid_filter",
+        ),
+    ] {
+        let (got, body) = t.get(&path, cookie).await;
+        assert_eq!((got, error_code(&body)), (status, code), "{path}: {body}");
+    }
+
+    // The agent stops: offline, pushed.
+    staging.stop.send(true).expect("stop");
+    loop {
+        let seen = presences(&one.next_event().await.expect("presence"));
+        if seen == [(id.clone(), "offline".to_owned())] {
+            break;
+        }
+    }
+    // The member signs out: their stream ends (at its next keep-alive), the others go on.
+    let r = t
+        .http
+        .post(t.url("/v1/auth/logout"))
+        .header("cookie", &scoped)
+        .send()
+        .await
+        .expect("logout");
+    assert!(r.status().is_success(), "{}", r.status());
+    while narrow.next().await.is_some() {}
+    assert!(all.next().await.is_some(), "the owner's stream goes on");
+}
+
+#[tokio::test]
+async fn presence_streams_count_against_the_users_streams_and_end_at_their_lifetime() {
+    let lifetime = Duration::from_secs(2);
+    let t = TestPlane::start_configured(
+        sensei_e2e::fresh_database().await,
+        sensei_e2e::test_keys(),
+        "127.0.0.1:0".parse().expect("addr"),
+        move |o| {
+            o.live_keep_alive = Duration::from_millis(300);
+            o.presence_lifetime = lifetime;
+        },
+    )
+    .await;
+    let a = tenant(&t, "presence-bounds@live.example").await;
+    let opened = tokio::time::Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(EventStream::open(&t, "/v1/servers/events", &a.cookie, None).await);
+    }
+    let (status, body) = t.get("/v1/servers/events", &a.cookie).await;
+    assert_eq!((status, error_code(&body)), (429, "too_many_streams"));
+    // Each ends by itself at its lifetime (the browser then opens a new one), giving its
+    // slot back.
+    for stream in &mut held {
+        while stream.next().await.is_some() {}
+    }
+    assert!(opened.elapsed() >= lifetime, "{:?}", opened.elapsed());
+    let mut again = EventStream::open(&t, "/v1/servers/events", &a.cookie, None).await;
+    assert_eq!(
+        presences(&again.next_event().await.expect("presence")),
+        [(a.server.clone(), "offline".to_owned())]
+    );
+}

@@ -12,6 +12,12 @@ use uuid::Uuid;
 
 use crate::jobs::batch::worker;
 
+/// Tells the presence streams of the accounts of servers `$2` (a `uuid[]`) that their
+/// agents' presence changed, on channel `$1` ([`crate::store::db::LIVE_CHANNEL`]). Inside a
+/// transaction, the notification leaves at commit.
+pub const ANNOUNCE_SQL: &str = "SELECT pg_notify($1, 's' || account_id::text) \
+     FROM (SELECT DISTINCT account_id FROM servers WHERE id = ANY($2)) a";
+
 enum Mark {
     Connected {
         server_id: Uuid,
@@ -109,5 +115,13 @@ async fn mark_batch(pool: &Pool, replica: Uuid, batch: Vec<Mark>) {
         {
             tracing::warn!(error = %crate::store::db::describe(&e), "recording agent disconnections");
         }
+    }
+    // The dashboards watching these accounts' fleets show the change at once.
+    let changed: Vec<Uuid> = up.into_iter().chain(down).collect();
+    if let Err(e) = client
+        .execute(ANNOUNCE_SQL, &[&crate::store::db::LIVE_CHANNEL, &changed])
+        .await
+    {
+        tracing::warn!(error = %crate::store::db::describe(&e), "announcing agent presence");
     }
 }

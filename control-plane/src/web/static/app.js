@@ -156,6 +156,85 @@
     });
   }
 
+  // Agents' presence on the fleet and server pages: each event lists servers whose
+  // connection or last-seen time changed; the rows (or the server's facts) that show them
+  // are updated in place. The browser opens a new stream when one ends, until it is refused
+  // (signed out).
+  function followPresence(holder) {
+    var url = holder.getAttribute("data-presence");
+    if (!url || typeof EventSource === "undefined") {
+      return;
+    }
+    var source = new EventSource(url);
+    source.addEventListener("presence", function (event) {
+      var servers;
+      try {
+        servers = JSON.parse(event.data);
+      } catch (e) {
+        return;
+      }
+      (servers || []).forEach(function (server) {
+        var id = String(server.id).replace(/[^0-9a-f-]/g, "");
+        var place = holder.getAttribute("data-server") === id ? holder : holder.querySelector('[data-server="' + id + '"]');
+        if (!place) {
+          return;
+        }
+        setStatus(place.querySelector('[data-field="presence"]'), server.status);
+        var seen = place.querySelector('[data-field="last_seen_at"]');
+        if (seen) {
+          var time = document.createElement("time");
+          if (server.last_seen_at) {
+            time.setAttribute("datetime", server.last_seen_at);
+          }
+          time.textContent = showTime(server.last_seen_at);
+          seen.replaceChildren(time);
+        }
+      });
+      holder.setAttribute("data-presence-seen", String(Date.now()));
+    });
+  }
+
+  // Copy buttons: the text of the element the button names goes to the clipboard, and the
+  // live region next to the button says whether it did (screen readers announce it).
+  function selectText(element) {
+    var range = document.createRange();
+    range.selectNodeContents(element);
+    var selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+  }
+
+  function copyButton(button) {
+    var source = document.getElementById(button.getAttribute("data-copy"));
+    var status = button.parentNode.querySelector(".copy-status");
+    if (!source || !status) {
+      return;
+    }
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      var text = source.textContent;
+      var said = function (ok) {
+        status.textContent = ok ? "Copied." : "Not copied: the text is selected, copy it with your keyboard.";
+        status.setAttribute("data-copied", ok ? "yes" : "no");
+        if (!ok) {
+          selectText(source);
+        }
+      };
+      status.textContent = "";
+      if (navigator.clipboard && navigator.clipboard.writeText) {
+        navigator.clipboard.writeText(text).then(
+          function () {
+            said(true);
+          },
+          function () {
+            said(false);
+          }
+        );
+      } else {
+        said(false);
+      }
+    });
+  }
 
   // Security keys (WebAuthn). The server's options carry binary fields in base64url; the
   // browser's API takes and gives ArrayBuffers. The authenticator's answer goes back in an
@@ -332,6 +411,8 @@
     if (rollout) {
       followRollout(rollout);
     }
+    document.querySelectorAll("[data-presence]").forEach(followPresence);
+    document.querySelectorAll("button[data-copy]").forEach(copyButton);
     var registration = document.querySelector("form[data-webauthn='create']");
     if (registration) {
       registerKey(registration);
