@@ -17,6 +17,7 @@ pub mod drain;
 pub mod enroll;
 pub mod gateway;
 pub mod hub;
+pub mod job_key_rotation;
 pub mod last_seen;
 pub mod presence;
 pub mod renew;
