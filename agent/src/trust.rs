@@ -12,9 +12,9 @@
 
 use quinn::VarInt;
 use sensei_certs::{CaEndorsement, EndorsementError, Fingerprint};
-use sensei_shared::job_key::{JobKeyEndorsement, JobKeyError};
 use sensei_shared::backoff::Backoff;
 use sensei_shared::codec::io::{write_frame, FrameReader};
+use sensei_shared::job_key::{JobKeyEndorsement, JobKeyError};
 use sensei_shared::protocol::{close, ControlMessage};
 use sensei_shared::session::{AgentTrust, AgentTrustAction, AgentTrustError, HelloSent};
 use uuid::Uuid;
@@ -492,7 +492,10 @@ mod tests {
         let (old, new) = (job_key(1), job_key(2));
         let endorsement = JobKeyEndorsement::sign(&old, &new.verifying_key());
         assert!(pin_endorsed_job_key(&state, &endorsement).expect("pinned"));
-        let both = [old.verifying_key().to_bytes(), new.verifying_key().to_bytes()];
+        let both = [
+            old.verifying_key().to_bytes(),
+            new.verifying_key().to_bytes(),
+        ];
         assert_eq!(pinned_job_keys(&state), both);
         assert!(!pin_endorsed_job_key(&state, &endorsement).expect("again"));
         // What an older agent binary would read is the newest key.
@@ -523,8 +526,7 @@ mod tests {
         let state = enrolled_with_job_key(dir.path());
         let (old, new, attacker) = (job_key(1), job_key(2), job_key(66));
         let before = std::fs::read(dir.path().join("agent.json")).expect("meta");
-        let mut self_endorsed =
-            JobKeyEndorsement::sign(&attacker, &attacker.verifying_key());
+        let mut self_endorsed = JobKeyEndorsement::sign(&attacker, &attacker.verifying_key());
         self_endorsed.endorser = old.verifying_key().to_bytes();
         let by_stranger = JobKeyEndorsement::sign(&attacker, &new.verifying_key());
         let mut swapped = JobKeyEndorsement::sign(&old, &new.verifying_key());

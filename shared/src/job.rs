@@ -286,7 +286,8 @@ mod tests {
             let job = SignedJob::sign(&payload(), signer).expect("sign");
             assert_eq!(verify(&job, &e), Ok(payload()));
         }
-        let stranger = SignedJob::sign(&payload(), &SigningKey::from_bytes(&[9u8; 32])).expect("sign");
+        let stranger =
+            SignedJob::sign(&payload(), &SigningKey::from_bytes(&[9u8; 32])).expect("sign");
         assert_eq!(verify(&stranger, &e), Err(JobRejection::BadSignature));
         e.keys = &[];
         let job = SignedJob::sign(&payload(), &old).expect("sign");

@@ -129,8 +129,8 @@ impl JobKeySet {
             .iter()
             .find(|k| k.as_bytes() == &endorsement.endorser)
             .ok_or(JobKeyError::UnknownEndorser(endorsement.endorser))?;
-        let signature = Signature::from_slice(&endorsement.signature)
-            .map_err(|_| JobKeyError::BadSignature)?;
+        let signature =
+            Signature::from_slice(&endorsement.signature).map_err(|_| JobKeyError::BadSignature)?;
         endorser
             .verify(&endorsed_message(&endorsement.new_key), &signature)
             .map_err(|_| JobKeyError::BadSignature)?;

@@ -726,7 +726,10 @@ async fn job_key_command(
                         None,
                     )
                     .await?;
-                    println!("{} agent(s) have not acknowledged the current key:", old.len());
+                    println!(
+                        "{} agent(s) have not acknowledged the current key:",
+                        old.len()
+                    );
                     list(&old);
                 }
             }
@@ -751,8 +754,7 @@ async fn job_key_command(
                     Ok(0)
                 }
                 Err(
-                    e @ (JobKeyRotationError::NotRotating
-                    | JobKeyRotationError::StillConnected(_)),
+                    e @ (JobKeyRotationError::NotRotating | JobKeyRotationError::StillConnected(_)),
                 ) => {
                     eprintln!("job-key retire: {e}");
                     Ok(1)

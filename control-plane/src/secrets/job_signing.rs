@@ -215,7 +215,10 @@ mod tests {
     #[test]
     fn during_a_rotation_only_acknowledging_servers_get_the_new_key() {
         let ring = JobKeyRing::new(key(2), Some(key(1)));
-        assert_eq!(ring.for_server(Some(&public(2))).verifying_key().to_bytes(), public(2));
+        assert_eq!(
+            ring.for_server(Some(&public(2))).verifying_key().to_bytes(),
+            public(2)
+        );
         for other in [None, Some(public(1).as_slice()), Some(&[0u8; 3][..])] {
             assert_eq!(ring.for_server(other).verifying_key().to_bytes(), public(1));
         }
@@ -232,7 +235,10 @@ mod tests {
                 };
                 let set = sensei_shared::job_key::JobKeySet::new(&[public(1)]).expect("set");
                 assert_eq!(
-                    set.with_endorsed(&endorsement).expect("verifies").expect("new").raw(),
+                    set.with_endorsed(&endorsement)
+                        .expect("verifies")
+                        .expect("new")
+                        .raw(),
                     [public(1), public(2)]
                 );
             }

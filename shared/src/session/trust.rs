@@ -143,12 +143,10 @@ impl AgentTrust {
         Ok(Self {
             state: TrustState::Watching,
             job_keys: true,
-            actions: VecDeque::from([AgentTrustAction::Send(
-                AgentMessage::WatchTrustAndJobKeys {
-                    pinned_cas,
-                    job_keys,
-                },
-            )]),
+            actions: VecDeque::from([AgentTrustAction::Send(AgentMessage::WatchTrustAndJobKeys {
+                pinned_cas,
+                job_keys,
+            })]),
         })
     }
 

@@ -121,7 +121,10 @@ async fn the_job_key_rotates_under_a_live_fleet_and_an_agent_offline_throughout_
     // Nothing to retire before a rotation.
     let (code, _, stderr) = job_key(&t, &["retire"]).await;
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("no job-key rotation is under way"), "{stderr}");
+    assert!(
+        stderr.contains("no job-key rotation is under way"),
+        "{stderr}"
+    );
 
     let (code, stdout, stderr) = job_key(&t, &["rotate"]).await;
     assert_eq!(code, 0, "{stdout}{stderr}");
@@ -176,8 +179,10 @@ async fn the_job_key_rotates_under_a_live_fleet_and_an_agent_offline_throughout_
     let (code, status_out, stderr) = job_key(&t, &["status"]).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        status_out.contains(&format!("current job-signing key: {}", hex::encode(new_key)))
-            && status_out.contains(&hex::encode(old_key))
+        status_out.contains(&format!(
+            "current job-signing key: {}",
+            hex::encode(new_key)
+        )) && status_out.contains(&hex::encode(old_key))
             && status_out.contains("2 agent(s) have not acknowledged the current key")
             && status_out.contains("web-offline (offline)")
             && status_out.contains("web-older (connected)"),
@@ -315,7 +320,11 @@ async fn the_job_key_rotates_under_a_live_fleet_and_an_agent_offline_throughout_
     assert_eq!(old_job_key_servers(&t, &cookie).await, [older_id]);
 
     let actions = t.audit_actions().await;
-    for action in ["job_key.rotated", "job_key.retired", "agent.job_key_retired"] {
+    for action in [
+        "job_key.rotated",
+        "job_key.retired",
+        "agent.job_key_retired",
+    ] {
         assert!(
             actions.iter().any(|a| a == action),
             "{action} in {actions:?}"

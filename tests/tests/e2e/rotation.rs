@@ -27,7 +27,11 @@ async fn ca(t: &TestPlane, args: &[&str]) -> (i32, String, String) {
 
 /// Runs `sensei-control-plane <command> <args>` (a maintenance command such as `ca` or
 /// `job-key`) against the plane's database; returns (exit code, stdout, stderr).
-pub(crate) async fn maintenance(t: &TestPlane, command: &str, args: &[&str]) -> (i32, String, String) {
+pub(crate) async fn maintenance(
+    t: &TestPlane,
+    command: &str,
+    args: &[&str],
+) -> (i32, String, String) {
     let url = t.conninfo.clone();
     let command = command.to_owned();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
@@ -101,7 +105,10 @@ pub(crate) struct OlderAgent {
 }
 
 impl OlderAgent {
-    pub(crate) async fn connect(t: &TestPlane, identity: &sensei_agent::identity::Identity) -> Self {
+    pub(crate) async fn connect(
+        t: &TestPlane,
+        identity: &sensei_agent::identity::Identity,
+    ) -> Self {
         let (endpoint, connection) = handshake(
             t,
             client_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem),
@@ -173,7 +180,12 @@ fn moved_to(agent: &TestAgent, ca_der: &[u8]) -> bool {
     pinned.contains(&Fingerprint::of_der(ca_der)) && sensei_certs::issued_by(&cert, ca_der)
 }
 
-pub(crate) async fn deploy_succeeds(t: &TestPlane, cookie: &str, project: &Value, agent: &TestAgent) {
+pub(crate) async fn deploy_succeeds(
+    t: &TestPlane,
+    cookie: &str,
+    project: &Value,
+    agent: &TestAgent,
+) {
     let d = t
         .deploy_and_wait(
             cookie,

@@ -113,9 +113,9 @@ pub async fn serve_poll(
                 }
                 ControlJobAction::Refused { job_id, reason } => {
                     tracing::warn!(%server_id, deployment = %job_id, %reason, "the agent refused a job");
-                    stranded = sent.as_ref().is_some_and(|job| {
-                        signed_by_unacknowledged_key(&ctx.job_keys.ring(), job)
-                    });
+                    stranded = sent
+                        .as_ref()
+                        .is_some_and(|job| signed_by_unacknowledged_key(&ctx.job_keys.ring(), job));
                 }
                 ControlJobAction::Record { job_id, mut result } => {
                     if stranded {
