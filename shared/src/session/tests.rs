@@ -1366,6 +1366,12 @@ fn a_watch_with_job_keys_follows_a_job_key_rotation() {
         assert!(agent.handle(message).is_err());
         assert_eq!(drain_trust(&mut agent), [AgentTrustAction::Reset]);
     }
+    // A control plane older than job-key rotation cannot read the watch and drops the
+    // stream: `Unanswered`, on which the agent's driver watches again with `WatchTrust`.
+    let mut agent =
+        AgentTrust::with_job_keys(hello_sent(), vec![[7; 32]], vec![[1; 32]]).expect("watch");
+    drain_trust(&mut agent);
+    assert_eq!(agent.handle_end(), Err(AgentTrustError::Unanswered));
     // Naming too many keys: the agent does not send it, the control plane refuses it.
     let many = vec![[1; 32]; crate::protocol::MAX_PINNED_JOB_KEYS + 1];
     assert_eq!(
