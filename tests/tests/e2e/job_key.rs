@@ -4,11 +4,18 @@
 //! restart; an agent offline during the whole overlap is listed, and once the old key is
 //! retired its agent refuses the jobs (signed by a key it never pinned), which the deployment
 //! says; `job-key retire` refuses while a connected agent has not acknowledged (an agent too
-//! old to follow, here) and says which.
+//! old to follow, here) and says which. A session driven by the test shows which key signs a
+//! server's jobs: the old one until its agent's watch named the new one, the new one after.
 
 use std::time::Duration;
 
+use sensei_agent::identity::Identity;
+use sensei_certs::Fingerprint;
 use sensei_e2e::{eventually, git_repo, open_tempdir, TestAgent, TestPlane};
+use sensei_shared::codec::io::{read_frame, write_frame};
+use sensei_shared::job::{verify, Expectations, SignedJob};
+use sensei_shared::job_key::{JobKeyEndorsement, JobKeySet};
+use sensei_shared::protocol::{AgentMessage, ControlMessage};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -52,6 +59,58 @@ fn pinned(agent: &TestAgent) -> Vec<[u8; 32]> {
         .job_keys()
         .map(|keys| keys.raw())
         .unwrap_or_default()
+}
+
+/// Queues a deploy of `project` to `server` and takes the job as an agent would, polling on
+/// `connection` (a session that said hello): returns the signed job the control plane sent.
+async fn queue_and_poll(
+    t: &TestPlane,
+    cookie: &str,
+    project: &Value,
+    server: Uuid,
+    connection: &quinn::Connection,
+) -> SignedJob {
+    let (status, d) = t
+        .post(
+            "/v1/deployments",
+            cookie,
+            json!({"project_id": project["id"], "server_id": server, "ref": "main"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{d}");
+    let (mut send, mut recv) = connection.open_bi().await.expect("job stream");
+    write_frame(
+        &mut send,
+        &AgentMessage::Poll {
+            highest_sequence: 0,
+        },
+    )
+    .await
+    .expect("poll");
+    match tokio::time::timeout(Duration::from_secs(20), read_frame(&mut recv))
+        .await
+        .expect("a job within 20 s")
+    {
+        Ok(Some(ControlMessage::Job(job))) => job,
+        other => panic!("expected a job: {other:?}"),
+    }
+}
+
+/// Whether `job`, for the identity `identity`, verifies under exactly the keys `keys`.
+fn signed_by(job: &SignedJob, identity: &Identity, keys: &[[u8; 32]]) -> bool {
+    let keys = JobKeySet::new(keys).expect("keys");
+    let cert = sensei_certs::tls::first_cert_der(&identity.cert_pem).expect("certificate");
+    verify(
+        job,
+        &Expectations {
+            keys: keys.keys(),
+            server_id: identity.meta.server_id,
+            certificate_fingerprint: *Fingerprint::of_der(&cert).as_bytes(),
+            highest_sequence: 0,
+            now: chrono::Utc::now().timestamp(),
+        },
+    )
+    .is_ok()
 }
 
 async fn old_job_key_servers(t: &TestPlane, cookie: &str) -> Vec<Uuid> {
@@ -113,6 +172,13 @@ async fn the_job_key_rotates_under_a_live_fleet_and_an_agent_offline_throughout_
         .await
         .expect("enroll");
     let older = OlderAgent::connect(&t, &older_identity).await;
+    // A session driven by the test, speaking the protocol step by step, to see which key
+    // signs its jobs before and after it acknowledges the new one.
+    let (probe_id, token) = t.create_agent_server(&cookie, "web-probe", json!({})).await;
+    let probe_dir = open_tempdir();
+    let probe_identity = sensei_agent::enroll::enroll(&t.enroll_options(&token, probe_dir.path()))
+        .await
+        .expect("enroll");
     // One agent goes offline for the whole overlap.
     let _ = offline.stop.send(true);
     let _ = (&mut offline.task).await;
@@ -172,6 +238,75 @@ async fn the_job_key_rotates_under_a_live_fleet_and_an_agent_offline_throughout_
         deploy_succeeds(&t, &cookie, &project, agent).await;
         assert!(!agent.task.is_finished(), "the agent stopped");
     }
+    // Until a server's agent acknowledged the new key, its jobs are signed by the old one;
+    // once it did, by the new one.
+    let job = queue_and_poll(&t, &cookie, &project, older_id, &older.connection).await;
+    assert!(signed_by(&job, &older_identity, &[old_key]));
+    assert!(!signed_by(&job, &older_identity, &[new_key]));
+    let probe = OlderAgent::connect(&t, &probe_identity).await;
+    let pinned_cas: Vec<[u8; 32]> = sensei_certs::tls::fingerprints(&probe_identity.ca_pem)
+        .iter()
+        .map(|fp| *fp.as_bytes())
+        .collect();
+    let (mut send, mut recv) = probe.connection.open_bi().await.expect("trust stream");
+    write_frame(
+        &mut send,
+        &AgentMessage::WatchTrustAndJobKeys {
+            pinned_cas: pinned_cas.clone(),
+            job_keys: vec![old_key],
+        },
+    )
+    .await
+    .expect("watch");
+    let announced = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
+        .await
+        .expect("an announcement within 10 s")
+    {
+        Ok(Some(ControlMessage::JobKeyEndorsed {
+            new_key,
+            endorser,
+            signature,
+        })) => JobKeyEndorsement {
+            new_key,
+            endorser,
+            signature,
+        },
+        other => panic!("expected the new key, endorsed: {other:?}"),
+    };
+    // The announcement is the new key, endorsed by the old one.
+    let pinned_now = JobKeySet::new(&[old_key])
+        .expect("set")
+        .with_endorsed(&announced)
+        .expect("endorsed by the old key")
+        .expect("a new key");
+    assert_eq!(pinned_now.raw(), [old_key, new_key]);
+    send.finish().expect("finish");
+    // Pinned is not acknowledged: only a watch naming the key is.
+    assert!(old_job_key_servers(&t, &cookie).await.contains(&probe_id));
+    let (mut send, _recv) = probe.connection.open_bi().await.expect("trust stream");
+    write_frame(
+        &mut send,
+        &AgentMessage::WatchTrustAndJobKeys {
+            pinned_cas,
+            job_keys: pinned_now.raw(),
+        },
+    )
+    .await
+    .expect("watch");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let t = &t;
+            async move { acknowledged(t, probe_id).await.as_deref() == Some(new_key.as_slice()) }
+        })
+        .await,
+        "naming the new key was not recorded as an acknowledgement"
+    );
+    let job = queue_and_poll(&t, &cookie, &project, probe_id, &probe.connection).await;
+    assert!(signed_by(&job, &probe_identity, &[new_key]));
+    assert!(!signed_by(&job, &probe_identity, &[old_key]));
+    probe.heartbeats.abort();
+    probe.connection.close(quinn::VarInt::from_u32(0), b"");
+
     // The offline agent and the older one have not acknowledged: the API and `status` say so.
     let mut lagging = vec![offline.server_id, older_id];
     lagging.sort();
