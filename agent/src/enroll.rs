@@ -103,6 +103,7 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Identity, EnrollError> {
             ca_fingerprint: options.ca_fingerprint.to_string(),
             job_signing_public_key: hex::encode(job_signing_public_key),
             agent_version: crate::VERSION.into(),
+            job_signing_keys: Vec::new(),
         },
         key_pem: request_key.key_pem,
         cert_pem: certificate_pem,

@@ -6,7 +6,7 @@
 //! | `identity.key` | the private key (0600); made here, never sent anywhere |
 //! | `identity.crt` | the certificate the control plane's CA issued for this server |
 //! | `ca.crt` | the control plane's CA certificates this agent pins: the one pinned at enrollment, and any a pinned one endorsed during a CA rotation |
-//! | `agent.json` | server id, control plane address, pinned CA fingerprint and job-signing key |
+//! | `agent.json` | server id, control plane address, pinned CA fingerprint and job-signing keys (the one from enrollment, and any a pinned one endorsed during a job-key rotation) |
 //! | `identity.next` | only during a renewal: the new key and certificate together |
 //!
 //! A renewed key and certificate are first written together to `identity.next`, then copied
@@ -25,6 +25,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use sensei_shared::job_key::JobKeySet;
 use sensei_shared::protocol::JobResult;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -53,9 +54,35 @@ pub struct IdentityMeta {
     pub control_plane: String,
     /// The CA fingerprint pinned at enrollment.
     pub ca_fingerprint: String,
-    /// Hex of the Ed25519 key that signs deploy jobs.
+    /// Hex of the Ed25519 key that signs deploy jobs: the one pinned at enrollment, and
+    /// after a job-key rotation the newest pinned one (what an older agent reads).
     pub job_signing_public_key: String,
     pub agent_version: String,
+    /// Hex of every job-signing key pinned, oldest first, once a job-key rotation added or
+    /// removed one; empty until then (the set is `job_signing_public_key` alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub job_signing_keys: Vec<String>,
+}
+
+impl IdentityMeta {
+    /// The pinned job-signing keys, or why they do not read.
+    pub fn job_keys(&self) -> Result<JobKeySet, String> {
+        let listed: Vec<&String> = if self.job_signing_keys.is_empty() {
+            vec![&self.job_signing_public_key]
+        } else {
+            self.job_signing_keys.iter().collect()
+        };
+        let raw = listed
+            .iter()
+            .map(|hex_key| {
+                hex::decode(hex_key)
+                    .ok()
+                    .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                    .ok_or_else(|| format!("{META}: a pinned job-signing key is unreadable"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        JobKeySet::new(&raw).map_err(|e| format!("{META}: {e}"))
+    }
 }
 
 /// What `identity.next` holds: a renewed key and its certificate, together.
@@ -186,6 +213,30 @@ impl StateDir {
         next.push('\n');
         next.push_str(ca_pem);
         self.write(CA, &next)
+    }
+
+    /// The job-signing keys this agent pins. Fails closed: a key that does not read is an
+    /// error, never a smaller set.
+    pub fn job_keys(&self) -> Result<JobKeySet, IdentityError> {
+        let meta = self.load()?.meta;
+        meta.job_keys().map_err(|detail| IdentityError::Corrupt {
+            dir: self.dir.display().to_string(),
+            detail,
+        })
+    }
+
+    /// Replaces the pinned job-signing keys with `keys` (one endorsed by a pinned key added,
+    /// or retired ones removed), with the same safe write as everything else: `agent.json` is
+    /// replaced whole.
+    pub fn store_job_keys(&self, keys: &JobKeySet) -> Result<(), IdentityError> {
+        let mut meta = self.load()?.meta;
+        meta.job_signing_keys = keys.raw().iter().map(hex::encode).collect();
+        meta.job_signing_public_key = hex::encode(keys.newest().as_bytes());
+        let text = serde_json::to_string_pretty(&meta).map_err(|e| IdentityError::Io {
+            dir: self.dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        self.write(META, &text)
     }
 
     /// Replaces the pinned CAs with `cas_pem` (a subset of them, after a CA rotation was
@@ -505,6 +556,7 @@ mod tests {
                 ca_fingerprint: "SHA256:00".into(),
                 job_signing_public_key: "ab".repeat(32),
                 agent_version: "0.1.0".into(),
+                job_signing_keys: Vec::new(),
             },
             key_pem: "KEY".into(),
             cert_pem: "CERT".into(),

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use ed25519_dalek::VerifyingKey;
 use sensei_shared::codec::decode;
 use sensei_shared::codec::io::{write_frame, FrameReader};
 use sensei_shared::job::{verify, Expectations, JobPayload, JobTask, SignedJob};
@@ -24,9 +23,9 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(200);
 
 pub use crate::policy::JobPolicy;
 
-/// What the agent checks jobs against.
+/// What the agent checks jobs against (with the job-signing keys pinned in `state`, read
+/// for each job: a key pinned during the session counts at once).
 pub struct JobContext {
-    pub key: VerifyingKey,
     pub server_id: Uuid,
     pub fingerprint: [u8; 32],
     pub state: StateDir,
@@ -175,8 +174,18 @@ async fn run(
             }
         }
     };
+    // Fails closed: keys that do not read refuse the job, never a smaller set.
+    let keys = match ctx.state.job_keys() {
+        Ok(keys) => keys,
+        Err(e) => {
+            return Answer::Refused {
+                job_id: None,
+                reason: format!("the agent's pinned job-signing keys are unusable: {e}"),
+            }
+        }
+    };
     let expectations = Expectations {
-        key: &ctx.key,
+        keys: keys.keys(),
         server_id: ctx.server_id,
         certificate_fingerprint: ctx.fingerprint,
         highest_sequence,

@@ -247,6 +247,7 @@ mod tests {
                 ca_fingerprint: ca.fingerprint().to_string(),
                 job_signing_public_key: "ab".repeat(32),
                 agent_version: crate::VERSION.into(),
+                job_signing_keys: Vec::new(),
             },
             key_pem: request.key_pem,
             cert_pem: issued.cert_pem,

@@ -33,7 +33,9 @@ pub enum RunOutcome {
     Shutdown,
 }
 
-/// What jobs are checked against: the pinned job-signing key, this server, this certificate.
+/// What jobs are checked against: the pinned job-signing keys (read for each job, checked
+/// here so that an unreadable set stops the agent before it connects), this server, this
+/// certificate.
 fn job_context(
     identity: &Identity,
     state_dir: &StateDir,
@@ -45,16 +47,10 @@ fn job_context(
             detail: detail.into(),
         })
     };
-    let key: [u8; 32] = hex::decode(&identity.meta.job_signing_public_key)
-        .ok()
-        .and_then(|k| k.try_into().ok())
-        .ok_or_else(|| corrupt("the pinned job-signing key is unreadable"))?;
-    let key = ed25519_dalek::VerifyingKey::from_bytes(&key)
-        .map_err(|_| corrupt("the pinned job-signing key is invalid"))?;
+    identity.meta.job_keys().map_err(|e| corrupt(&e))?;
     let cert = sensei_certs::tls::first_cert_der(&identity.cert_pem)
         .map_err(|_| corrupt("the certificate is unreadable"))?;
     Ok(JobContext {
-        key,
         server_id: identity.meta.server_id,
         fingerprint: *sensei_certs::Fingerprint::of_der(&cert).as_bytes(),
         state: state_dir.clone(),

@@ -1,15 +1,20 @@
-//! Following a CA rotation: for the whole session the agent keeps a trust stream open
-//! (`sensei_shared::session::AgentTrust`) naming the CAs it pins. When the control plane
-//! rotates its CA it answers with the new CA endorsed by the old one; the agent pins the new
-//! CA only if a CA it already pins signed it ([`pin_endorsed`]), and then renews its own
-//! certificate, which the control plane now issues from the new CA. Nothing here ends the
-//! session: a refused endorsement, or a control plane too old to answer, leaves the agent
-//! as it was.
+//! Following a CA or job-key rotation: for the whole session the agent keeps a trust stream
+//! open (`sensei_shared::session::AgentTrust`) naming the CAs and the job-signing keys it
+//! pins. When the control plane rotates its CA it answers with the new CA endorsed by the old
+//! one; the agent pins the new CA only if a CA it already pins signed it ([`pin_endorsed`]),
+//! and then renews its own certificate, which the control plane now issues from the new CA.
+//! A job-key rotation is followed the same way ([`pin_endorsed_job_key`]); watching again,
+//! naming the new key, is the acknowledgement after which the control plane signs this
+//! server's jobs with it. Nothing here ends the session: a refused endorsement, or a control
+//! plane too old to answer, leaves the agent as it was. A control plane that predates job-key
+//! rotation drops the first watch (it cannot read it); the agent then watches with the plain
+//! CA watch for the rest of the session.
 
 use quinn::VarInt;
 use sensei_certs::{CaEndorsement, EndorsementError, Fingerprint};
 use sensei_shared::backoff::Backoff;
 use sensei_shared::codec::io::{write_frame, FrameReader};
+use sensei_shared::job_key::{JobKeyEndorsement, JobKeyError};
 use sensei_shared::protocol::{close, ControlMessage};
 use sensei_shared::session::{AgentTrust, AgentTrustAction, AgentTrustError, HelloSent};
 use uuid::Uuid;
@@ -26,6 +31,40 @@ pub enum PinError {
     Identity(#[from] IdentityError),
     #[error("told to keep only the CA {0}, which this agent does not pin")]
     CurrentNotPinned(Fingerprint),
+    #[error(transparent)]
+    JobKey(#[from] JobKeyError),
+}
+
+/// Checks `endorsement` against the job-signing keys pinned in `state` and, if it holds, pins
+/// the new key. Returns whether it was new. Nothing is written for an endorsement that does
+/// not hold.
+pub fn pin_endorsed_job_key(
+    state: &StateDir,
+    endorsement: &JobKeyEndorsement,
+) -> Result<bool, PinError> {
+    match state.job_keys()?.with_endorsed(endorsement)? {
+        Some(next) => {
+            state.store_job_keys(&next)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Unpins the job-signing keys in `retired` (a job-key rotation was retired), keeping
+/// `current`, which must be pinned. Returns whether anything was unpinned.
+pub fn unpin_retired_job_keys(
+    state: &StateDir,
+    retired: &[[u8; 32]],
+    current: [u8; 32],
+) -> Result<bool, PinError> {
+    match state.job_keys()?.without_retired(retired, current)? {
+        Some(next) => {
+            state.store_job_keys(&next)?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
 /// Checks `endorsement` against the CAs pinned in `state` and, if it holds, pins the new CA
@@ -84,8 +123,9 @@ pub async fn trust_loop(
 ) -> StreamEnd {
     // A session follows a handful of changes at most (a rotation, its retirement): more is a
     // control plane that repeats itself, and is not worth a stream each.
+    let mut job_keys = true;
     for _ in 0..WATCHES_PER_SESSION {
-        match watch(connection, hello, server_id, state).await {
+        match watch(connection, hello, server_id, state, job_keys).await {
             // The renewal ends the session (the control plane drains it): nothing more to
             // watch on this one.
             Ok(true) => {
@@ -95,6 +135,12 @@ pub async fn trust_loop(
             // Followed; watch again with what is pinned now (a retirement may come on this
             // same session).
             Ok(false) => {}
+            // A control plane older than job-key rotation cannot read the watch naming job
+            // keys: it still follows CA rotations with the plain watch.
+            Err(WatchEnd::Exchange(AgentTrustError::Unanswered)) if job_keys => {
+                tracing::debug!(%server_id, "the control plane does not announce job-key rotations; watching for CA rotations only");
+                job_keys = false;
+            }
             // An older control plane cannot read the watch: nothing to follow on this
             // connection.
             Err(WatchEnd::Exchange(AgentTrustError::Unanswered)) => {
@@ -118,7 +164,7 @@ enum WatchEnd {
     Stream,
     #[error(transparent)]
     Exchange(#[from] AgentTrustError),
-    #[error("refused the control plane's new CA: {0}")]
+    #[error("refused the control plane's change to the pinned CAs or job-signing keys: {0}")]
     Refused(PinError),
 }
 
@@ -128,12 +174,17 @@ async fn watch(
     hello: HelloSent,
     server_id: Uuid,
     state: &StateDir,
+    job_keys: bool,
 ) -> Result<bool, WatchEnd> {
     let pinned: Vec<[u8; 32]> = sensei_certs::tls::fingerprints(&state.load()?.ca_pem)
         .iter()
         .map(|fp| *fp.as_bytes())
         .collect();
-    let mut machine = AgentTrust::new(hello, pinned)?;
+    let mut machine = if job_keys {
+        AgentTrust::with_job_keys(hello, pinned, state.job_keys()?.raw())?
+    } else {
+        AgentTrust::new(hello, pinned)?
+    };
     let (mut send, recv) = connection.open_bi().await.map_err(|_| WatchEnd::Stream)?;
     let mut recv = FrameReader::new(recv);
     let mut renew = false;
@@ -185,6 +236,43 @@ async fn watch(
                         }
                         Err(e) => {
                             tracing::error!(%server_id, error = %e, "refused to unpin CAs; nothing was changed");
+                            refusal = Some(e);
+                            machine.refused()
+                        }
+                    };
+                }
+                AgentTrustAction::CheckJobKey {
+                    new_key,
+                    endorser,
+                    signature,
+                } => {
+                    let endorsement = JobKeyEndorsement {
+                        new_key,
+                        endorser,
+                        signature,
+                    };
+                    // Cannot be out of order: the machine asked for this check.
+                    let _ = match pin_endorsed_job_key(state, &endorsement) {
+                        Ok(new) => {
+                            tracing::info!(%server_id, new, new_key = %hex::encode(new_key), "pinned the control plane's new job-signing key, endorsed by a pinned one");
+                            machine.stored()
+                        }
+                        Err(e) => {
+                            tracing::error!(%server_id, error = %e, "REFUSED a new job-signing key from the control plane: it is not endorsed by a key this agent pins. Nothing was changed");
+                            refusal = Some(e);
+                            machine.refused()
+                        }
+                    };
+                }
+                AgentTrustAction::UnpinJobKeys { retired, current } => {
+                    // Cannot be out of order: the machine asked for this.
+                    let _ = match unpin_retired_job_keys(state, &retired, current) {
+                        Ok(changed) => {
+                            tracing::info!(%server_id, changed, current = %hex::encode(current), "the control plane's job-key rotation is over; unpinned the retired key");
+                            machine.stored()
+                        }
+                        Err(e) => {
+                            tracing::error!(%server_id, error = %e, "refused to unpin job-signing keys; nothing was changed");
                             refusal = Some(e);
                             machine.refused()
                         }
@@ -259,6 +347,7 @@ mod tests {
                     ca_fingerprint: ca.fingerprint().to_string(),
                     job_signing_public_key: "ab".repeat(32),
                     agent_version: crate::VERSION.into(),
+                    job_signing_keys: Vec::new(),
                 },
                 key_pem: "KEY".into(),
                 cert_pem: "CERT".into(),
@@ -374,5 +463,92 @@ mod tests {
             );
         }
         assert_eq!(pinned(&state), [old.fingerprint()]);
+    }
+
+    fn job_key(seed: u8) -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+    }
+
+    /// An agent enrolled with the job key of seed 1.
+    fn enrolled_with_job_key(dir: &std::path::Path) -> StateDir {
+        let ca = CertificateAuthority::generate("ca").expect("ca");
+        let state = enrolled(dir, &ca);
+        let mut identity = state.load().expect("load");
+        identity.meta.job_signing_public_key = hex::encode(job_key(1).verifying_key().as_bytes());
+        state.save(&identity).expect("save");
+        state
+    }
+
+    fn pinned_job_keys(state: &StateDir) -> Vec<[u8; 32]> {
+        state.job_keys().expect("job keys").raw()
+    }
+
+    /// The job-key rotation as an agent sees it: the new key, endorsed by the pinned one, is
+    /// added next to it (once), and after the retirement the old one goes, never the current.
+    #[test]
+    fn a_job_key_endorsed_by_the_pinned_one_is_pinned_then_the_old_one_unpinned() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = enrolled_with_job_key(dir.path());
+        let (old, new) = (job_key(1), job_key(2));
+        let endorsement = JobKeyEndorsement::sign(&old, &new.verifying_key());
+        assert!(pin_endorsed_job_key(&state, &endorsement).expect("pinned"));
+        let both = [
+            old.verifying_key().to_bytes(),
+            new.verifying_key().to_bytes(),
+        ];
+        assert_eq!(pinned_job_keys(&state), both);
+        assert!(!pin_endorsed_job_key(&state, &endorsement).expect("again"));
+        // What an older agent binary would read is the newest key.
+        assert_eq!(
+            state.load().expect("load").meta.job_signing_public_key,
+            hex::encode(new.verifying_key().as_bytes())
+        );
+        // Told to keep a key it does not pin: refused, nothing written.
+        let before = std::fs::read(dir.path().join("agent.json")).expect("meta");
+        assert!(matches!(
+            unpin_retired_job_keys(&state, &both, job_key(9).verifying_key().to_bytes()),
+            Err(PinError::JobKey(JobKeyError::CurrentNotPinned(_)))
+        ));
+        assert_eq!(
+            std::fs::read(dir.path().join("agent.json")).expect("meta"),
+            before
+        );
+        assert!(unpin_retired_job_keys(&state, &both, both[1]).expect("unpinned"));
+        assert_eq!(pinned_job_keys(&state), [both[1]]);
+    }
+
+    /// A "new job key" that no pinned key signed: self-endorsed under the pinned key's name,
+    /// endorsed by a stranger, a genuine endorsement with another key swapped in. Each is
+    /// refused and `agent.json` is byte for byte what it was.
+    #[test]
+    fn a_forged_new_job_key_is_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = enrolled_with_job_key(dir.path());
+        let (old, new, attacker) = (job_key(1), job_key(2), job_key(66));
+        let before = std::fs::read(dir.path().join("agent.json")).expect("meta");
+        let mut self_endorsed = JobKeyEndorsement::sign(&attacker, &attacker.verifying_key());
+        self_endorsed.endorser = old.verifying_key().to_bytes();
+        let by_stranger = JobKeyEndorsement::sign(&attacker, &new.verifying_key());
+        let mut swapped = JobKeyEndorsement::sign(&old, &new.verifying_key());
+        swapped.new_key = attacker.verifying_key().to_bytes();
+        for (forged, expected) in [
+            (&self_endorsed, JobKeyError::BadSignature),
+            (
+                &by_stranger,
+                JobKeyError::UnknownEndorser(attacker.verifying_key().to_bytes()),
+            ),
+            (&swapped, JobKeyError::BadSignature),
+        ] {
+            match pin_endorsed_job_key(&state, forged) {
+                Err(PinError::JobKey(e)) => assert_eq!(e, expected),
+                other => panic!("a forged job key was not refused: {other:?}"),
+            }
+            assert_eq!(
+                std::fs::read(dir.path().join("agent.json")).expect("meta"),
+                before,
+                "the pinned job keys changed"
+            );
+        }
+        assert_eq!(pinned_job_keys(&state), [old.verifying_key().to_bytes()]);
     }
 }

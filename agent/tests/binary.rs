@@ -22,6 +22,7 @@ fn stored_identity(dir: &std::path::Path) -> StateDir {
                 ca_fingerprint: "SHA256:00".into(),
                 job_signing_public_key: "00".repeat(32),
                 agent_version: "0".into(),
+                job_signing_keys: Vec::new(),
             },
             key_pem: "k".into(),
             cert_pem: "c".into(),

@@ -538,7 +538,7 @@ impl SimAgent {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         let expectations = Expectations {
-            key: &self.job_key,
+            keys: std::slice::from_ref(&self.job_key),
             server_id: self.server_id,
             certificate_fingerprint: fingerprint,
             highest_sequence: *highest_sequence,

@@ -58,7 +58,7 @@ fn jobs(c: &mut Criterion) {
     let signed = SignedJob::sign(&payload, &key).expect("sign");
     let verifying = key.verifying_key();
     let expect = Expectations {
-        key: &verifying,
+        keys: std::slice::from_ref(&verifying),
         server_id,
         certificate_fingerprint: [7; 32],
         highest_sequence: 41,

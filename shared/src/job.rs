@@ -130,8 +130,9 @@ fn signed_message(payload: &[u8]) -> Vec<u8> {
 /// What the receiving side knows and checks the job against.
 #[derive(Debug, Clone)]
 pub struct Expectations<'a> {
-    /// The job-signing key pinned at enrollment.
-    pub key: &'a VerifyingKey,
+    /// The job-signing keys the receiver pins (the one from enrollment, and any a pinned one
+    /// endorsed during a rotation: `crate::job_key`); any of them may have signed the job.
+    pub keys: &'a [VerifyingKey],
     pub server_id: Uuid,
     pub certificate_fingerprint: [u8; 32],
     /// The highest sequence number already run (0: none).
@@ -144,7 +145,10 @@ pub struct Expectations<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum JobRejection {
-    #[error("bad signature: the job was not signed by the pinned job-signing key, or was altered")]
+    #[error(
+        "bad signature: the job was not signed by a job-signing key this agent pins, or was \
+         altered (an agent that missed a job-key rotation must be enrolled again)"
+    )]
     BadSignature,
     #[error("malformed job: {0}")]
     Malformed(String),
@@ -165,10 +169,14 @@ pub enum JobRejection {
 pub fn verify(job: &SignedJob, expect: &Expectations<'_>) -> Result<JobPayload, JobRejection> {
     let signature =
         Signature::from_slice(&job.signature).map_err(|_| JobRejection::BadSignature)?;
-    expect
-        .key
-        .verify(&signed_message(&job.payload), &signature)
-        .map_err(|_| JobRejection::BadSignature)?;
+    let message = signed_message(&job.payload);
+    if !expect
+        .keys
+        .iter()
+        .any(|key| key.verify(&message, &signature).is_ok())
+    {
+        return Err(JobRejection::BadSignature);
+    }
     let payload: JobPayload =
         codec::decode(&job.payload).map_err(|e| JobRejection::Malformed(e.to_string()))?;
     if payload.server_id != expect.server_id {
@@ -240,7 +248,7 @@ mod tests {
 
     fn expectations(vk: &VerifyingKey) -> Expectations<'_> {
         Expectations {
-            key: vk,
+            keys: std::slice::from_ref(vk),
             server_id: Uuid::from_u128(2),
             certificate_fingerprint: [3u8; 32],
             highest_sequence: 4,
@@ -264,6 +272,26 @@ mod tests {
             verify(&job, &expectations(&vk)),
             Err(JobRejection::BadSignature)
         );
+    }
+
+    /// During a job-key rotation an agent pins two keys: a job signed by either verifies,
+    /// one signed by neither does not.
+    #[test]
+    fn a_job_signed_by_any_pinned_key_verifies() {
+        let (old, new) = (key(), SigningKey::from_bytes(&[8u8; 32]));
+        let pinned = [old.verifying_key(), new.verifying_key()];
+        let mut e = expectations(&pinned[0]);
+        e.keys = &pinned;
+        for signer in [&old, &new] {
+            let job = SignedJob::sign(&payload(), signer).expect("sign");
+            assert_eq!(verify(&job, &e), Ok(payload()));
+        }
+        let stranger =
+            SignedJob::sign(&payload(), &SigningKey::from_bytes(&[9u8; 32])).expect("sign");
+        assert_eq!(verify(&stranger, &e), Err(JobRejection::BadSignature));
+        e.keys = &[];
+        let job = SignedJob::sign(&payload(), &old).expect("sign");
+        assert_eq!(verify(&job, &e), Err(JobRejection::BadSignature));
     }
 
     #[test]

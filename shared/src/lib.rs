@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod codec;
 pub mod job;
+pub mod job_key;
 pub mod lines;
 #[cfg(feature = "logging")]
 pub mod logging;

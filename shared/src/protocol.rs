@@ -151,11 +151,25 @@ pub enum AgentMessage {
     WatchTrust {
         pinned_cas: Vec<[u8; 32]>,
     },
+    /// `WatchTrust` that also names the job-signing keys this agent pins (at most
+    /// [`MAX_PINNED_JOB_KEYS`]), sent instead of it by agents that follow job-key rotations.
+    /// Answered like `WatchTrust`, or with `JobKeyEndorsed` / `JobKeyRetired`. Naming a key is
+    /// also how the agent acknowledges it: the control plane signs this server's jobs with a
+    /// new key only once a watch named it. A control plane older than this message drops the
+    /// stream; the agent then watches with `WatchTrust` for the rest of the session.
+    WatchTrustAndJobKeys {
+        pinned_cas: Vec<[u8; 32]>,
+        job_keys: Vec<[u8; 32]>,
+    },
 }
 
 /// The most CA fingerprints a `WatchTrust` may name (an agent pins one, two during a
 /// rotation).
 pub const MAX_PINNED_CAS: usize = 8;
+
+/// The most job-signing keys an agent pins, and a watch may name (one, two during a
+/// rotation).
+pub const MAX_PINNED_JOB_KEYS: usize = 4;
 
 impl AgentMessage {
     /// The message's name, for errors and logs (its content can be large or secret).
@@ -170,6 +184,7 @@ impl AgentMessage {
             Self::JobReport { .. } => "JobReport",
             Self::Renew { .. } => "Renew",
             Self::WatchTrust { .. } => "WatchTrust",
+            Self::WatchTrustAndJobKeys { .. } => "WatchTrustAndJobKeys",
         }
     }
 }
@@ -213,6 +228,23 @@ pub enum ControlMessage {
     /// and others: the agent unpins the CAs in `retired` (at most [`MAX_PINNED_CAS`]), never
     /// `current`, then ends the stream. Dropping a pin can only narrow what the agent trusts.
     CaRetired {
+        retired: Vec<[u8; 32]>,
+        current: [u8; 32],
+    },
+    /// A new job-signing key, endorsed by one the agent pins (`crate::job_key`), in answer to
+    /// `WatchTrustAndJobKeys`. The agent pins it only if the endorsement verifies, then ends
+    /// the stream and watches again naming it, which acknowledges it.
+    JobKeyEndorsed {
+        new_key: [u8; 32],
+        /// A key the agent named as pinned.
+        endorser: [u8; 32],
+        /// Ed25519 by the endorser (at most [`MAX_SIGNATURE_LEN`] bytes).
+        signature: Vec<u8>,
+    },
+    /// The job-key rotation is over, in answer to `WatchTrustAndJobKeys` from an agent that
+    /// pins `current` and others: the agent unpins the keys in `retired` (at most
+    /// [`MAX_PINNED_JOB_KEYS`]), never `current`, then ends the stream.
+    JobKeyRetired {
         retired: Vec<[u8; 32]>,
         current: [u8; 32],
     },
@@ -274,6 +306,8 @@ impl ControlMessage {
             Self::RenewalRefused { .. } => "RenewalRefused",
             Self::CaEndorsed { .. } => "CaEndorsed",
             Self::CaRetired { .. } => "CaRetired",
+            Self::JobKeyEndorsed { .. } => "JobKeyEndorsed",
+            Self::JobKeyRetired { .. } => "JobKeyRetired",
         }
     }
 }

@@ -80,6 +80,8 @@ pub struct StateInner {
     /// The agents' CAs; the presented one's `SHA256:…` is shown with servers so that
     /// operators can pin it (it follows a CA rotation).
     pub ca_authority: Arc<crate::runners::agent::authority::Authority>,
+    /// The job-signing keys (current, and previous during a rotation).
+    pub job_keys: Arc<crate::secrets::job_signing::JobKeys>,
     /// Where agents connect, as given to them.
     pub agent_endpoint: String,
     /// How long a queued deployment waits for its agent.

@@ -505,6 +505,8 @@ impl SshCredentials {
             description = "`old`: only agent servers whose newest certificate was not issued by the current CA. During a CA rotation, the agents that have not moved yet; after `ca retire`, the ones that must enroll again"),
            ("connected" = Option<bool>, Query,
             description = "`true`: only servers whose agent is connected now; `false`: only the others (SSH servers, agents offline or not enrolled)"),
+           ("job_key" = Option<String>, Query,
+            description = "`old`: only agent servers whose agent has not acknowledged the current job-signing key. During a job-key rotation, the ones whose jobs are still signed by the previous key; after `job-key retire`, the ones that must enroll again"),
            PageQuery),
     responses((status = 200, body = ServerList), (status = 400, body = ErrorBody, description = "invalid limit or cursor")))]
 pub async fn list(
@@ -561,7 +563,7 @@ pub async fn list(
             ))
         }
     };
-    let mut old_ca = false;
+    let (mut old_ca, mut old_job_key) = (false, false);
     for (name, value) in &params {
         match (name.as_str(), value.as_str()) {
             ("ca", "old") => old_ca = true,
@@ -569,6 +571,13 @@ pub async fn list(
                 return Err(ApiError::bad_request(
                     ErrorCode::InvalidCaFilter,
                     format!("ca {other:?}: the only filter is ca=old"),
+                ))
+            }
+            ("job_key", "old") => old_job_key = true,
+            ("job_key", other) => {
+                return Err(ApiError::bad_request(
+                    ErrorCode::InvalidFilter,
+                    format!("job_key {other:?}: the only filter is job_key=old"),
                 ))
             }
             _ => {}
@@ -586,13 +595,23 @@ pub async fn list(
     } else {
         " AND $9::bytea IS NOT NULL"
     };
+    let current_job_key = state.job_keys.ring().current_public();
+    let current_job_key = current_job_key.as_slice();
+    let old_job_key_sql = if old_job_key {
+        format!(
+            " AND {}",
+            crate::runners::agent::job_key_rotation::OLD_JOB_KEY_SQL.replace("$KEY", "$10")
+        )
+    } else {
+        " AND $10::bytea IS NOT NULL".to_owned()
+    };
     let rows = client
         .query(
             &format!(
                 "{VIEW_SQL} AND s.labels @> $2 AND ($3::jsonb IS NULL OR s.labels @> $3) \
                  AND ($4::text IS NULL OR s.agent_version = $4) \
-                 AND ($5::timestamptz IS NULL OR c.not_after < $5){old_ca_sql} \
-                 AND ($10::bool IS NULL OR {} = $10){}",
+                 AND ($5::timestamptz IS NULL OR c.not_after < $5){old_ca_sql}{old_job_key_sql} \
+                 AND ($11::bool IS NULL OR {} = $11){}",
                 connected_sql!(),
                 Page::keyset_sql("s.created_at", "s.id", Order::OldestFirst, 6)
             ),
@@ -606,6 +625,7 @@ pub async fn list(
                 &page.after_id(),
                 &page.fetch(),
                 &current_ca,
+                &current_job_key,
                 &connected,
             ],
         )

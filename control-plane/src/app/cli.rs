@@ -146,6 +146,12 @@ pub enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// The job-signing key: rotate it, see which agents acknowledged the new one, retire the
+    /// old one (docs/agent.md).
+    JobKey {
+        #[command(subcommand)]
+        command: JobKeyCommand,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -223,6 +229,24 @@ pub enum CaCommand {
     /// certificate from it, unless --force.
     Retire {
         /// Retire even though connected agents have not moved: they are disconnected.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum JobKeyCommand {
+    /// Create a new job-signing key. Connected agents are sent it endorsed by the current
+    /// one and pin it; each server's jobs are signed by it once its agent acknowledged it, by
+    /// the previous key until then (or until `job-key retire`).
+    Rotate,
+    /// The keys, and the agents that have not acknowledged the current one yet.
+    Status,
+    /// Retire the previous key: it is destroyed and every job is signed by the new one
+    /// (agents that never acknowledged it refuse them and must enroll again). Refused while a
+    /// connected agent has not acknowledged it, unless --force.
+    Retire {
+        /// Retire even though connected agents have not acknowledged the new key.
         #[arg(long)]
         force: bool,
     },
@@ -373,6 +397,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let keys = FieldKeys::from_env()?;
             let db = open_for_command(&keys, &data_dir).await?;
             let code = ca_command(&db.pool, &keys, command).await;
+            close(db);
+            code
+        }
+        Command::JobKey { command } => {
+            let keys = FieldKeys::from_env()?;
+            let db = open_for_command(&keys, &data_dir).await?;
+            let code = job_key_command(&db.pool, &keys, command).await;
             close(db);
             code
         }
@@ -640,6 +671,97 @@ async fn ca_command(
             }
             Err(e) => Err(e.into()),
         },
+    }
+}
+
+/// `job-key rotate | status | retire`.
+async fn job_key_command(
+    pool: &deadpool_postgres::Pool,
+    keys: &FieldKeys,
+    command: JobKeyCommand,
+) -> anyhow::Result<i32> {
+    use crate::runners::agent::job_key_rotation::{self, public_hex, JobKeyRotationError};
+    let list = |servers: &[job_key_rotation::OldJobKeyServer]| {
+        for s in servers {
+            println!(
+                "  {} {} ({})",
+                s.id,
+                s.name,
+                if s.connected { "connected" } else { "offline" }
+            );
+        }
+    };
+    match command {
+        JobKeyCommand::Rotate => match job_key_rotation::rotate(pool, keys).await {
+            Ok(rotated) => {
+                println!(
+                    "job-key rotate: new job-signing key {}; the previous key {} keeps signing \
+                     for each agent until it acknowledged the new one, and until `job-key \
+                     retire`. Connected agents are sent the new key now; follow them with \
+                     `job-key status`.",
+                    rotated.current, rotated.previous
+                );
+                Ok(0)
+            }
+            Err(e @ JobKeyRotationError::AlreadyRotating(_)) => {
+                eprintln!("job-key rotate: {e}");
+                Ok(1)
+            }
+            Err(e) => Err(e.into()),
+        },
+        JobKeyCommand::Status => {
+            let ring = job_key_rotation::load(pool, keys).await?;
+            println!("current job-signing key: {}", public_hex(&ring.current));
+            match &ring.previous {
+                None => println!("no rotation under way"),
+                Some(previous) => {
+                    println!(
+                        "previous key (still signs for agents that have not acknowledged): {}",
+                        public_hex(previous)
+                    );
+                    let client = pool.get().await?;
+                    let old = job_key_rotation::servers_on_old_job_key(
+                        &**client,
+                        &ring.current_public(),
+                        None,
+                    )
+                    .await?;
+                    println!(
+                        "{} agent(s) have not acknowledged the current key:",
+                        old.len()
+                    );
+                    list(&old);
+                }
+            }
+            Ok(0)
+        }
+        JobKeyCommand::Retire { force } => {
+            match job_key_rotation::retire(pool, keys, force).await {
+                Ok(retired) => {
+                    println!(
+                        "job-key retire: the key {} is retired; {} signs every job.",
+                        retired.retired, retired.current
+                    );
+                    if !retired.stranded.is_empty() {
+                        println!(
+                            "{} server(s) never acknowledged it: their agents refuse every job \
+                             until they enroll again (POST /v1/servers/{{id}}/enrollment-token, \
+                             then `sensei-agent enroll`):",
+                            retired.stranded.len()
+                        );
+                        list(&retired.stranded);
+                    }
+                    Ok(0)
+                }
+                Err(
+                    e @ (JobKeyRotationError::NotRotating | JobKeyRotationError::StillConnected(_)),
+                ) => {
+                    eprintln!("job-key retire: {e}");
+                    Ok(1)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
     }
 }
 

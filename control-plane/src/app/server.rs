@@ -339,8 +339,10 @@ impl ControlPlane {
             .await
             .unwrap_or_else(|_| "unknown".into());
 
-        // Agents: the job-signing key they pin, the live certificate set, the QUIC gateway.
-        let job_key = crate::secrets::job_signing::load_or_create(&pool, &keys).await?;
+        // Agents: the job-signing keys they pin, the live certificate set, the QUIC gateway.
+        let job_keys = crate::secrets::job_signing::JobKeys::new(
+            crate::secrets::job_signing::load_ring(&pool, &keys).await?,
+        );
         let hub = Arc::new(AgentHub::new());
         cert_events::load_all(&pool, &hub)
             .await
@@ -355,16 +357,15 @@ impl ControlPlane {
         let gateway_ctx = Arc::new(GatewayContext {
             pool: pool.clone(),
             authority: authority.clone(),
-            job_public_key: job_key.verifying_key().to_bytes(),
             hub: hub.clone(),
             heartbeat: options.agent_heartbeat,
             agent_cert_lifetime: options.agent_cert_lifetime,
-            job_key: job_key.clone(),
+            job_keys: job_keys.clone(),
             keys: keys.clone(),
             jobs: crate::jobs::batch::JobBatches::spawn(
                 pool.clone(),
                 keys.clone(),
-                job_key.clone(),
+                job_keys.clone(),
                 hub.replica_id,
             ),
             presence: crate::runners::agent::presence::Presence::spawn(
@@ -450,6 +451,7 @@ impl ControlPlane {
             dispatch_timeout: options.dispatch_timeout,
             agents: hub.clone(),
             ca_authority: authority.clone(),
+            job_keys: job_keys.clone(),
             agent_endpoint,
             mailer,
             public_url: public_url.clone(),
@@ -490,6 +492,13 @@ impl ControlPlane {
                 state_keys.clone(),
                 shutdown_rx.clone(),
             )),
+            tokio::spawn(crate::runners::agent::job_key_rotation::follow(
+                job_keys.clone(),
+                hub.clone(),
+                pool.clone(),
+                state_keys.clone(),
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(crate::app::maintenance::run(
                 pool.clone(),
                 state_keys.clone(),
@@ -506,7 +515,7 @@ impl ControlPlane {
                 Arc::new(crate::runners::ssh::SshRunner {
                     pool: pool.clone(),
                     keys: state_keys.clone(),
-                    job_key: job_key.clone(),
+                    job_keys: job_keys.clone(),
                     hub: hub.clone(),
                     permits: ssh_permits,
                     max_job: options.ssh_job_timeout,

@@ -9,7 +9,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
-use ed25519_dalek::SigningKey;
 use sensei_shared::job::SignedJob;
 use sensei_shared::protocol::JobResult;
 use tokio::sync::{mpsc, oneshot};
@@ -19,6 +18,7 @@ use super::claim::{self, Claimed};
 use super::record::record_ends;
 use super::sign::{deploy_configs, sign_with, SignError};
 use crate::secrets::field_crypto::FieldKeys;
+use crate::secrets::job_signing::JobKeys;
 
 /// Requests served by one statement at most.
 const MAX_BATCH: usize = 1000;
@@ -59,7 +59,7 @@ struct FinishRequest {
 struct Context {
     pool: Pool,
     keys: Arc<FieldKeys>,
-    job_key: SigningKey,
+    job_keys: Arc<JobKeys>,
     replica: Uuid,
 }
 
@@ -89,11 +89,11 @@ where
 
 impl JobBatches {
     /// Starts the workers; they stop when the last handle is dropped.
-    pub fn spawn(pool: Pool, keys: Arc<FieldKeys>, job_key: SigningKey, replica: Uuid) -> Self {
+    pub fn spawn(pool: Pool, keys: Arc<FieldKeys>, job_keys: Arc<JobKeys>, replica: Uuid) -> Self {
         let ctx = Arc::new(Context {
             pool,
             keys,
-            job_key,
+            job_keys,
             replica,
         });
         let (c1, c2) = (ctx.clone(), ctx);
@@ -172,6 +172,7 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
             }
         }
         Ok((mut claimed, configs)) => {
+            let ring = ctx.job_keys.ring();
             for r in batch {
                 // Only the connection whose certificate the claim checked gets the job (a
                 // server with two connections in one batch had one of them checked).
@@ -188,9 +189,15 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
                     None => Dispatch::Idle,
                     Some(job) => {
                         let signed = match configs.get(&job.id) {
-                            Some(config) => {
-                                sign_with(config, &ctx.keys, &job, r.binding, &ctx.job_key)
-                            }
+                            // The key this server's agent acknowledged: during a job-key
+                            // rotation, the new one only once its agent named it.
+                            Some(config) => sign_with(
+                                config,
+                                &ctx.keys,
+                                &job,
+                                r.binding,
+                                ring.for_server(job.job_key_acknowledged.as_deref()),
+                            ),
                             None => Err(SignError::ProjectGone),
                         };
                         match signed {

@@ -24,11 +24,15 @@ pub struct Claimed {
     pub rollout_id: Option<Uuid>,
     /// The commit the ref must resolve to.
     pub expected_commit: Option<String>,
+    /// The newest job-signing key the server's agent acknowledged (agents only).
+    pub job_key_acknowledged: Option<Vec<u8>>,
 }
 
 /// The columns [`Claimed::from_row`] reads.
 const CLAIMED_COLUMNS: &str = "d.id, d.server_id, d.sequence, d.kind, d.git_ref, d.release_id, \
-                               d.project_id, d.rollout_id, d.expected_commit";
+                               d.project_id, d.rollout_id, d.expected_commit, \
+                               (SELECT job_key_acknowledged FROM servers \
+                                WHERE id = d.server_id) AS job_key_acknowledged";
 
 impl Claimed {
     fn from_row(r: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
@@ -42,6 +46,7 @@ impl Claimed {
             project_id: r.try_get("project_id")?,
             rollout_id: r.try_get("rollout_id")?,
             expected_commit: r.try_get("expected_commit")?,
+            job_key_acknowledged: r.try_get("job_key_acknowledged")?,
         })
     }
 }

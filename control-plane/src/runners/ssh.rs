@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use deadpool_postgres::Pool;
-use ed25519_dalek::SigningKey;
 use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
 use russh::{client, ChannelMsg};
 use sensei_shared::job::{verify, Expectations, JobTask};
@@ -41,7 +40,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct SshRunner {
     pub pool: Pool,
     pub keys: Arc<FieldKeys>,
-    pub job_key: SigningKey,
+    /// Sign jobs: SSH servers pin no key (the runner checks its own jobs), so always the
+    /// current one.
+    pub job_keys: Arc<crate::secrets::job_signing::JobKeys>,
     pub hub: Arc<AgentHub>,
     pub permits: Arc<Semaphore>,
     /// The longest any SSH deploy may run, whatever its hook timeouts add up to.
@@ -246,15 +247,16 @@ impl SshRunner {
             .get()
             .await
             .map_err(|e| fail("dispatch", e.to_string()))?;
-        let signed = sign::sign(&client, &self.keys, job, binding, &self.job_key)
+        let ring = self.job_keys.ring();
+        let signed = sign::sign(&client, &self.keys, job, binding, &ring.current)
             .await
             .map_err(|e| fail("dispatch", e.to_string()))?;
         drop(client);
-        let verifying = self.job_key.verifying_key();
+        let verifying = [ring.current.verifying_key()];
         let payload = verify(
             &signed,
             &Expectations {
-                key: &verifying,
+                keys: &verifying,
                 server_id,
                 certificate_fingerprint: binding,
                 highest_sequence: highest,

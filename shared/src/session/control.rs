@@ -10,7 +10,7 @@ use super::{silence_limit, Instant, OutOfOrder};
 use crate::job::SignedJob;
 use crate::protocol::{
     close, AgentMessage, ControlMessage, JobResult, LogLine, RenewalRefusal, MAX_CSR_LEN,
-    MAX_PINNED_CAS,
+    MAX_PINNED_CAS, MAX_PINNED_JOB_KEYS,
 };
 
 /// The longest agent version kept (the rest is cut): it is shown, never interpreted.
@@ -314,6 +314,14 @@ pub enum ControlJobAction {
     /// once one it has not followed exists (or its certificate comes from the CA being
     /// replaced, or a rotation it followed was retired), call [`ControlJob::announce`].
     WatchTrust { pinned_cas: Vec<[u8; 32]> },
+    /// The same, from an agent that also follows job-key rotations, pinning these job keys
+    /// (at most [`MAX_PINNED_JOB_KEYS`]): record which it names (a new key named is
+    /// acknowledged), then, once it has a CA or job-key change to follow, call
+    /// [`ControlJob::announce`].
+    WatchTrustAndJobKeys {
+        pinned_cas: Vec<[u8; 32]>,
+        job_keys: Vec<[u8; 32]>,
+    },
     /// The agent pinned the CA endorsed on this stream.
     TrustStored,
     /// The exchange is over: finish the stream.
@@ -397,6 +405,27 @@ impl ControlJob {
                     self.state = ControlJobState::Watching;
                     self.actions
                         .push_back(ControlJobAction::WatchTrust { pinned_cas });
+                    Ok(())
+                }
+            }
+            (
+                ControlJobState::AwaitingFirst,
+                AgentMessage::WatchTrustAndJobKeys {
+                    pinned_cas,
+                    job_keys,
+                },
+            ) => {
+                if pinned_cas.len() > MAX_PINNED_CAS || job_keys.len() > MAX_PINNED_JOB_KEYS {
+                    Err(ControlJobError::Unexpected(
+                        "WatchTrustAndJobKeys naming too many CAs or keys",
+                    ))
+                } else {
+                    self.state = ControlJobState::Watching;
+                    self.actions
+                        .push_back(ControlJobAction::WatchTrustAndJobKeys {
+                            pinned_cas,
+                            job_keys,
+                        });
                     Ok(())
                 }
             }
@@ -490,14 +519,18 @@ impl ControlJob {
         Ok(())
     }
 
-    /// A CA change the watching agent has not followed: send `news` (a
-    /// [`ControlMessage::CaEndorsed`] or [`ControlMessage::CaRetired`]), then wait for the
-    /// agent to end the stream.
+    /// A CA or job-key change the watching agent has not followed: send `news` (a
+    /// [`ControlMessage::CaEndorsed`], [`ControlMessage::CaRetired`],
+    /// [`ControlMessage::JobKeyEndorsed`] or [`ControlMessage::JobKeyRetired`]; the last two
+    /// only to a watch that named job keys), then wait for the agent to end the stream.
     pub fn announce(&mut self, news: ControlMessage) -> Result<(), OutOfOrder> {
         if self.state != ControlJobState::Watching
             || !matches!(
                 news,
-                ControlMessage::CaEndorsed { .. } | ControlMessage::CaRetired { .. }
+                ControlMessage::CaEndorsed { .. }
+                    | ControlMessage::CaRetired { .. }
+                    | ControlMessage::JobKeyEndorsed { .. }
+                    | ControlMessage::JobKeyRetired { .. }
             )
         {
             return Err(OutOfOrder("announce"));

@@ -1267,3 +1267,118 @@ fn a_retired_ca_is_unpinned_through_the_watch() {
         .is_err());
     assert_eq!(drain_trust(&mut agent), [AgentTrustAction::Reset]);
 }
+
+/// A watch naming job keys too: a new job key endorsed by a pinned one is checked and stored
+/// by the driver, the stream ends; a retirement is handled the same way. The job-key answers
+/// are appended to the protocol and refused on a plain `WatchTrust`, or when too large.
+#[test]
+fn a_watch_with_job_keys_follows_a_job_key_rotation() {
+    let mut agent =
+        AgentTrust::with_job_keys(hello_sent(), vec![[7; 32]], vec![[1; 32]]).expect("watch");
+    let actions: [AgentTrustAction; 1] = drain_trust(&mut agent).try_into().expect("one");
+    let [AgentTrustAction::Send(watch)] = actions else {
+        panic!("the watch goes out first");
+    };
+    let encoded = crate::encode(&watch).expect("enc");
+    assert_eq!(encoded[0], 9, "appended after WatchTrust");
+    let mut control = ControlJob::new();
+    control.handle(watch).expect("watch");
+    assert_eq!(
+        drain_control_job(&mut control),
+        [ControlJobAction::WatchTrustAndJobKeys {
+            pinned_cas: vec![[7; 32]],
+            job_keys: vec![[1; 32]],
+        }]
+    );
+    let news = ControlMessage::JobKeyEndorsed {
+        new_key: [2; 32],
+        endorser: [1; 32],
+        signature: vec![5; 64],
+    };
+    assert_eq!(crate::encode(&news).expect("enc")[0], 8);
+    control.announce(news.clone()).expect("announce");
+    assert_eq!(
+        drain_control_job(&mut control),
+        [ControlJobAction::Send(news.clone())]
+    );
+    agent.handle(news).expect("read");
+    assert_eq!(
+        drain_trust(&mut agent),
+        [AgentTrustAction::CheckJobKey {
+            new_key: [2; 32],
+            endorser: [1; 32],
+            signature: vec![5; 64],
+        }]
+    );
+    agent.stored().expect("stored");
+    assert_eq!(drain_trust(&mut agent), [AgentTrustAction::Finish]);
+    control.handle_end();
+    assert_eq!(
+        drain_control_job(&mut control),
+        [ControlJobAction::TrustStored, ControlJobAction::Finish]
+    );
+
+    let retired = ControlMessage::JobKeyRetired {
+        retired: vec![[1; 32]],
+        current: [2; 32],
+    };
+    assert_eq!(crate::encode(&retired).expect("enc")[0], 9);
+    let mut agent =
+        AgentTrust::with_job_keys(hello_sent(), vec![], vec![[1; 32], [2; 32]]).expect("watch");
+    drain_trust(&mut agent);
+    agent.handle(retired.clone()).expect("read");
+    assert_eq!(
+        drain_trust(&mut agent),
+        [AgentTrustAction::UnpinJobKeys {
+            retired: vec![[1; 32]],
+            current: [2; 32]
+        }]
+    );
+    // A forged one is refused by the driver: the stream is reset.
+    agent.refused().expect("refused");
+    assert_eq!(drain_trust(&mut agent), [AgentTrustAction::Reset]);
+
+    // A plain WatchTrust takes no job-key news; nor does any watch take one too large.
+    let too_large = [
+        ControlMessage::JobKeyEndorsed {
+            new_key: [2; 32],
+            endorser: [1; 32],
+            signature: vec![0; crate::protocol::MAX_SIGNATURE_LEN + 1],
+        },
+        ControlMessage::JobKeyRetired {
+            retired: vec![[0; 32]; crate::protocol::MAX_PINNED_JOB_KEYS + 1],
+            current: [2; 32],
+        },
+    ];
+    for message in [retired].into_iter().chain(too_large.clone()) {
+        let mut plain = AgentTrust::new(hello_sent(), vec![]).expect("watch");
+        drain_trust(&mut plain);
+        assert!(plain.handle(message).is_err());
+        assert_eq!(drain_trust(&mut plain), [AgentTrustAction::Reset]);
+    }
+    for message in too_large {
+        let mut agent =
+            AgentTrust::with_job_keys(hello_sent(), vec![], vec![[1; 32]]).expect("watch");
+        drain_trust(&mut agent);
+        assert!(agent.handle(message).is_err());
+        assert_eq!(drain_trust(&mut agent), [AgentTrustAction::Reset]);
+    }
+    // A control plane older than job-key rotation cannot read the watch and drops the
+    // stream: `Unanswered`, on which the agent's driver watches again with `WatchTrust`.
+    let mut agent =
+        AgentTrust::with_job_keys(hello_sent(), vec![[7; 32]], vec![[1; 32]]).expect("watch");
+    drain_trust(&mut agent);
+    assert_eq!(agent.handle_end(), Err(AgentTrustError::Unanswered));
+    // Naming too many keys: the agent does not send it, the control plane refuses it.
+    let many = vec![[1; 32]; crate::protocol::MAX_PINNED_JOB_KEYS + 1];
+    assert_eq!(
+        AgentTrust::with_job_keys(hello_sent(), vec![], many.clone()).map(|_| ()),
+        Err(AgentTrustError::TooManyJobKeys(many.len()))
+    );
+    assert!(ControlJob::new()
+        .handle(AgentMessage::WatchTrustAndJobKeys {
+            pinned_cas: vec![],
+            job_keys: many,
+        })
+        .is_err());
+}

@@ -14,6 +14,12 @@
 //!                       end of stream ──▶ unpinned
 //! ```
 //!
+//!
+//! An agent that follows job-key rotations too opens the stream with `WatchTrustAndJobKeys`
+//! ([`AgentTrust::with_job_keys`]), naming its pinned job-signing keys as well, and may be
+//! answered with `JobKeyEndorsed` (a new key endorsed by a pinned one: [`crate::job_key`]) or
+//! `JobKeyRetired`, handled the same way. Only such a watch accepts those answers.
+//!
 //! The stream has no deadline: the answer may come days later, when an operator rotates the
 //! CA. An endorsement the agent refuses resets the stream, and the agent watches no more on
 //! that connection: a control plane that sends a forgery is not asked again until the next
@@ -23,13 +29,16 @@ use std::collections::VecDeque;
 
 use super::HelloSent;
 use crate::protocol::{
-    AgentMessage, ControlMessage, MAX_CERTIFICATE_PEM_LEN, MAX_PINNED_CAS, MAX_SIGNATURE_LEN,
+    AgentMessage, ControlMessage, MAX_CERTIFICATE_PEM_LEN, MAX_PINNED_CAS, MAX_PINNED_JOB_KEYS,
+    MAX_SIGNATURE_LEN,
 };
 
 /// The agent's side of one trust stream.
 #[derive(Debug)]
 pub struct AgentTrust {
     state: TrustState,
+    /// The watch named the job keys: job-key news may come.
+    job_keys: bool,
     actions: VecDeque<AgentTrustAction>,
 }
 
@@ -62,6 +71,19 @@ pub enum AgentTrustAction {
         retired: Vec<[u8; 32]>,
         current: [u8; 32],
     },
+    /// Check the endorsement against the pinned job keys; if it holds, add `new_key` to them
+    /// (atomically) and call [`AgentTrust::stored`], else [`AgentTrust::refused`].
+    CheckJobKey {
+        new_key: [u8; 32],
+        endorser: [u8; 32],
+        signature: Vec<u8>,
+    },
+    /// Unpin the job keys in `retired` if `current` is pinned (keeping `current` whatever
+    /// `retired` says), then call [`AgentTrust::stored`], or [`AgentTrust::refused`].
+    UnpinJobKeys {
+        retired: Vec<[u8; 32]>,
+        current: [u8; 32],
+    },
     /// End the stream: this tells the control plane the new CA is pinned (or the retired
     /// ones unpinned).
     Finish,
@@ -84,6 +106,9 @@ pub enum AgentTrustError {
     /// that pins too many.
     #[error("too many pinned CAs to name ({0})")]
     TooManyPinned(usize),
+    /// Asked to name more job keys than a watch may.
+    #[error("too many pinned job-signing keys to name ({0})")]
+    TooManyJobKeys(usize),
 }
 
 impl AgentTrust {
@@ -95,8 +120,32 @@ impl AgentTrust {
         }
         Ok(Self {
             state: TrustState::Watching,
+            job_keys: false,
             actions: VecDeque::from([AgentTrustAction::Send(AgentMessage::WatchTrust {
                 pinned_cas,
+            })]),
+        })
+    }
+
+    /// A trust stream that follows job-key rotations too, naming the pinned job-signing keys
+    /// as well (which acknowledges them).
+    pub fn with_job_keys(
+        _hello: HelloSent,
+        pinned_cas: Vec<[u8; 32]>,
+        job_keys: Vec<[u8; 32]>,
+    ) -> Result<Self, AgentTrustError> {
+        if pinned_cas.len() > MAX_PINNED_CAS {
+            return Err(AgentTrustError::TooManyPinned(pinned_cas.len()));
+        }
+        if job_keys.len() > MAX_PINNED_JOB_KEYS {
+            return Err(AgentTrustError::TooManyJobKeys(job_keys.len()));
+        }
+        Ok(Self {
+            state: TrustState::Watching,
+            job_keys: true,
+            actions: VecDeque::from([AgentTrustAction::Send(AgentMessage::WatchTrustAndJobKeys {
+                pinned_cas,
+                job_keys,
             })]),
         })
     }
@@ -135,6 +184,30 @@ impl AgentTrust {
                 self.state = TrustState::Storing;
                 self.actions
                     .push_back(AgentTrustAction::Unpin { retired, current });
+                Ok(())
+            }
+            (
+                TrustState::Watching,
+                ControlMessage::JobKeyEndorsed {
+                    new_key,
+                    endorser,
+                    signature,
+                },
+            ) if self.job_keys && signature.len() <= MAX_SIGNATURE_LEN => {
+                self.state = TrustState::Storing;
+                self.actions.push_back(AgentTrustAction::CheckJobKey {
+                    new_key,
+                    endorser,
+                    signature,
+                });
+                Ok(())
+            }
+            (TrustState::Watching, ControlMessage::JobKeyRetired { retired, current })
+                if self.job_keys && retired.len() <= MAX_PINNED_JOB_KEYS =>
+            {
+                self.state = TrustState::Storing;
+                self.actions
+                    .push_back(AgentTrustAction::UnpinJobKeys { retired, current });
                 Ok(())
             }
             (_, other) => {

@@ -17,6 +17,7 @@ mod database_tls;
 mod deploys;
 mod dns;
 mod field_keys;
+mod job_key;
 mod live_follow;
 mod operations;
 mod renewal;

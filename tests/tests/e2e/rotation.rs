@@ -22,7 +22,18 @@ const PW: &str = "correct horse battery";
 /// Runs `sensei-control-plane ca <args>` against the plane's database; returns (exit code,
 /// stdout, stderr).
 async fn ca(t: &TestPlane, args: &[&str]) -> (i32, String, String) {
+    maintenance(t, "ca", args).await
+}
+
+/// Runs `sensei-control-plane <command> <args>` (a maintenance command such as `ca` or
+/// `job-key`) against the plane's database; returns (exit code, stdout, stderr).
+pub(crate) async fn maintenance(
+    t: &TestPlane,
+    command: &str,
+    args: &[&str],
+) -> (i32, String, String) {
     let url = t.conninfo.clone();
+    let command = command.to_owned();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(control_plane_binary())
@@ -31,7 +42,7 @@ async fn ca(t: &TestPlane, args: &[&str]) -> (i32, String, String) {
             .env_remove("SENSEI_DATA_DIR")
             .env("DATABASE_URL", url)
             .env("CODESENSEI_FIELD_KEY", test_field_key())
-            .arg("ca")
+            .arg(command)
             .args(args)
             .output()
             .expect("run")
@@ -86,15 +97,18 @@ async fn handshake(
 }
 
 /// An agent that predates CA rotation: it says hello and heartbeats, and never watches for
-/// a new CA (it does not know the message).
-struct OlderAgent {
-    connection: quinn::Connection,
+/// a new CA (it does not know the message), nor for a new job-signing key.
+pub(crate) struct OlderAgent {
+    pub(crate) connection: quinn::Connection,
     _endpoint: quinn::Endpoint,
-    heartbeats: tokio::task::JoinHandle<()>,
+    pub(crate) heartbeats: tokio::task::JoinHandle<()>,
 }
 
 impl OlderAgent {
-    async fn connect(t: &TestPlane, identity: &sensei_agent::identity::Identity) -> Self {
+    pub(crate) async fn connect(
+        t: &TestPlane,
+        identity: &sensei_agent::identity::Identity,
+    ) -> Self {
         let (endpoint, connection) = handshake(
             t,
             client_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem),
@@ -166,7 +180,12 @@ fn moved_to(agent: &TestAgent, ca_der: &[u8]) -> bool {
     pinned.contains(&Fingerprint::of_der(ca_der)) && sensei_certs::issued_by(&cert, ca_der)
 }
 
-async fn deploy_succeeds(t: &TestPlane, cookie: &str, project: &Value, agent: &TestAgent) {
+pub(crate) async fn deploy_succeeds(
+    t: &TestPlane,
+    cookie: &str,
+    project: &Value,
+    agent: &TestAgent,
+) {
     let d = t
         .deploy_and_wait(
             cookie,

@@ -125,6 +125,16 @@ pub async fn notify_ca_changed(
     Ok(())
 }
 
+/// Queues, inside the caller's transaction, the notification that the job-signing keys
+/// changed (a rotation started or was retired): every replica reloads them.
+pub async fn notify_job_key_changed(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute("SELECT pg_notify($1, 'job_key')", &[&CHANNEL])
+        .await?;
+    Ok(())
+}
+
 /// Applies one notification payload to the hub.
 pub fn apply(hub: &AgentHub, payload: &str) {
     let mut parts = payload.split(':');
@@ -154,6 +164,7 @@ pub fn apply(hub: &AgentHub, payload: &str) {
             }
         }
         (Some("ca"), None, None, None) => hub.ca_changed.notify_one(),
+        (Some("job_key"), None, None, None) => hub.job_key_changed.notify_one(),
         _ => tracing::warn!(payload, "unknown agent certificate notification"),
     }
 }
@@ -176,8 +187,9 @@ pub async fn listen(
             }
             // Jobs queued while nobody was listening were announced to no one.
             hub.wakes.wake_all();
-            // Nor was a CA rotation.
+            // Nor was a CA or job-key rotation.
             hub.ca_changed.notify_one();
+            hub.job_key_changed.notify_one();
         }
     };
     crate::store::db::listen_until_shutdown(

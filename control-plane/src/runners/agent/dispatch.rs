@@ -54,6 +54,8 @@ pub async fn serve_poll(
     let mut _busy = None;
     // The agent ended its side of the stream.
     let mut ended = false;
+    // The agent refused a job signed by a key it never acknowledged.
+    let mut stranded = false;
     loop {
         while let Some(action) = exchange.poll() {
             match action {
@@ -119,8 +121,16 @@ pub async fn serve_poll(
                 }
                 ControlJobAction::Refused { job_id, reason } => {
                     tracing::warn!(%server_id, deployment = %job_id, %reason, "the agent refused a job");
+                    stranded = sent
+                        .as_ref()
+                        .is_some_and(|job| signed_by_unacknowledged_key(&ctx.job_keys.ring(), job));
                 }
-                ControlJobAction::Record { job_id, result } => {
+                ControlJobAction::Record { job_id, mut result } => {
+                    if stranded {
+                        if let Some((_, message)) = result.error.as_mut() {
+                            message.push_str(STRANDED);
+                        }
+                    }
                     ctx.jobs.finish(job_id, result).await;
                     // Cannot be out of order: the machine asked for this record.
                     let _ = exchange.recorded();
@@ -154,8 +164,45 @@ pub async fn serve_poll(
                     // Cannot be out of order: the machine asked for this watch.
                     let _ = exchange.announce(news);
                 }
+                ControlJobAction::WatchTrustAndJobKeys {
+                    pinned_cas,
+                    job_keys,
+                } => {
+                    // Naming the new key during a rotation is the agent's acknowledgement:
+                    // its jobs are signed by that key from now on.
+                    let ring = ctx.job_keys.ring();
+                    let current = ring.current_public();
+                    if ring.previous.is_some() && job_keys.contains(&current) {
+                        match Box::pin(super::job_key_rotation::record_acknowledged(
+                            &ctx.pool, server_id, &current,
+                        ))
+                        .await
+                        {
+                            Ok(true) => {
+                                tracing::info!(%server_id, "the agent acknowledged the new job-signing key; its jobs are signed by it from now on")
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                tracing::warn!(%server_id, error = %e, "recording a job-key acknowledgement failed; its next session records it");
+                            }
+                        }
+                    }
+                    drop(ring);
+                    // A CA change first: a session renewing under a new CA ends soon anyway.
+                    let news = tokio::select! {
+                        biased;
+                        news = super::authority::watch_trust(
+                            &ctx.authority,
+                            &pinned_cas,
+                            &link.certificate_der,
+                        ) => news,
+                        news = ctx.job_keys.watch(&job_keys) => news,
+                    };
+                    // Cannot be out of order: the machine asked for this watch.
+                    let _ = exchange.announce(news);
+                }
                 ControlJobAction::TrustStored => {
-                    tracing::info!(%server_id, "the agent follows the CA change");
+                    tracing::info!(%server_id, "the agent follows the CA or job-key change");
                 }
                 ControlJobAction::Drain => {
                     tracing::info!(%server_id, "the agent stored its renewed certificate; draining its session");
@@ -189,6 +236,22 @@ pub async fn serve_poll(
             Err(_) => return,
         }
     }
+}
+
+/// What a refused job's error adds when the key that signed it is one the server's agent never
+/// acknowledged: after `job-key retire`, an agent that missed the rotation.
+const STRANDED: &str = "; this server's agent never acknowledged the current job-signing key \
+     (it was offline or too old during the job-key rotation, which is retired): enroll it again \
+     (POST /v1/servers/{id}/enrollment-token, then `sensei-agent enroll`)";
+
+/// Whether `job` was signed by a key its server's agent never acknowledged.
+fn signed_by_unacknowledged_key(
+    ring: &crate::secrets::job_signing::JobKeyRing,
+    job: &Claimed,
+) -> bool {
+    let acknowledged = job.job_key_acknowledged.as_deref();
+    let signer = ring.for_server(acknowledged).verifying_key().to_bytes();
+    acknowledged != Some(signer.as_slice())
 }
 
 /// Fails the jobs this replica handed to `server_id` that are still running (its agent went

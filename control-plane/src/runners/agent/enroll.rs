@@ -298,6 +298,16 @@ async fn enroll(
     )
     .await
     .map_err(db)?;
+    // The agent pins the current job-signing key, and its jobs are signed by it from the
+    // first one (during a job-key rotation too: it never needs the key being retired, so the
+    // retirement changes nothing for it).
+    let job_key = ctx.job_keys.ring().current_public();
+    tx.execute(
+        "UPDATE servers SET job_key_acknowledged = $2 WHERE id = $1",
+        &[&server_id, &job_key.as_slice()],
+    )
+    .await
+    .map_err(db)?;
     for old in &replaced {
         cert_events::notify_revoked(&tx, old).await.map_err(db)?;
     }
@@ -338,7 +348,7 @@ async fn enroll(
             // The CA the agent pinned (the presented one): during a CA rotation it learns
             // the new one on its first session.
             ca_pem: ctx.authority.ring().presented().cert_pem().to_owned(),
-            job_signing_public_key: ctx.job_public_key,
+            job_signing_public_key: job_key,
         },
         Some(server_attempt),
     ))

@@ -26,13 +26,12 @@ pub struct GatewayContext {
     pub pool: Pool,
     /// The CAs: which issues, which are trusted, which the gateway presents.
     pub authority: Arc<super::authority::Authority>,
-    pub job_public_key: [u8; 32],
     pub hub: Arc<AgentHub>,
     pub heartbeat: Duration,
     /// How long agent certificates are valid (enrolled or renewed).
     pub agent_cert_lifetime: Duration,
-    /// Signs jobs.
-    pub job_key: ed25519_dalek::SigningKey,
+    /// Sign jobs (reloaded when the key rotates).
+    pub job_keys: Arc<crate::secrets::job_signing::JobKeys>,
     /// Opens projects' environments at dispatch.
     pub keys: std::sync::Arc<crate::secrets::field_crypto::FieldKeys>,
     /// Claims and results of jobs, in batches.

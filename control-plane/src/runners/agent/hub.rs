@@ -35,6 +35,9 @@ pub struct AgentHub {
     /// A CA rotation started or was retired somewhere: reload the CAs
     /// ([`super::authority::follow`]).
     pub ca_changed: tokio::sync::Notify,
+    /// A job-key rotation started or was retired somewhere: reload the job-signing keys
+    /// ([`super::job_key_rotation::follow`]).
+    pub job_key_changed: tokio::sync::Notify,
 }
 
 /// Renewal attempts a server may make per window before it is refused unread: an agent
@@ -52,6 +55,7 @@ impl AgentHub {
             pending: Mutex::new(HashSet::new()),
             renewals: Mutex::new(HashMap::new()),
             ca_changed: tokio::sync::Notify::new(),
+            job_key_changed: tokio::sync::Notify::new(),
         }
     }
 

@@ -18,6 +18,7 @@ pub mod drain;
 pub mod enroll;
 pub mod gateway;
 pub mod hub;
+pub mod job_key_rotation;
 pub mod presence;
 pub mod renew;
 pub mod session;
