@@ -151,6 +151,15 @@ pub enum AgentMessage {
     WatchTrust {
         pinned_cas: Vec<[u8; 32]>,
     },
+    /// "This is the host I run on": the first and only message of a stream the agent opens
+    /// once per session, after the hello. The OS (os-release's `PRETTY_NAME`) and the
+    /// architecture, bounded by [`crate::upgrade::check_host_facts`]; no answer. An older
+    /// control plane cannot decode it and drops that one stream; an older agent never sends
+    /// it, and its server shows no OS or architecture.
+    HostFacts {
+        os: String,
+        arch: String,
+    },
 }
 
 /// The most CA fingerprints a `WatchTrust` may name (an agent pins one, two during a
@@ -170,6 +179,7 @@ impl AgentMessage {
             Self::JobReport { .. } => "JobReport",
             Self::Renew { .. } => "Renew",
             Self::WatchTrust { .. } => "WatchTrust",
+            Self::HostFacts { .. } => "HostFacts",
         }
     }
 }
@@ -407,6 +417,12 @@ mod tests {
         })
         .expect("enc");
         assert_eq!(refused[0], 5);
+        let facts = crate::encode(&AgentMessage::HostFacts {
+            os: "Linux".into(),
+            arch: "x86_64".into(),
+        })
+        .expect("enc");
+        assert_eq!(facts[0], 9, "appended after WatchTrust");
         let back: ControlMessage = crate::decode(&refused).expect("dec");
         assert_eq!(
             back,

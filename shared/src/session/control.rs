@@ -319,6 +319,9 @@ pub enum ControlJobAction {
     WatchTrust { pinned_cas: Vec<[u8; 32]> },
     /// The agent pinned the CA endorsed on this stream.
     TrustStored,
+    /// The agent described its host (already checked by
+    /// [`crate::upgrade::check_host_facts`]): store it; a `Finish` follows.
+    StoreHostFacts { os: String, arch: String },
     /// The exchange is over: finish the stream.
     Finish,
 }
@@ -400,6 +403,17 @@ impl ControlJob {
                     self.state = ControlJobState::Watching;
                     self.actions
                         .push_back(ControlJobAction::WatchTrust { pinned_cas });
+                    Ok(())
+                }
+            }
+            (ControlJobState::AwaitingFirst, AgentMessage::HostFacts { os, arch }) => {
+                if crate::upgrade::check_host_facts(&os, &arch).is_err() {
+                    Err(ControlJobError::Unexpected("HostFacts out of bounds"))
+                } else {
+                    self.state = ControlJobState::Done;
+                    self.actions
+                        .push_back(ControlJobAction::StoreHostFacts { os, arch });
+                    self.actions.push_back(ControlJobAction::Finish);
                     Ok(())
                 }
             }
