@@ -258,7 +258,7 @@ mod tests {
                     control_plane: "cp.example:7443".into(),
                     ca_fingerprint: ca.fingerprint().to_string(),
                     job_signing_public_key: "ab".repeat(32),
-                    agent_version: crate::VERSION.into(),
+                    agent_version: crate::version().into(),
                 },
                 key_pem: "KEY".into(),
                 cert_pem: "CERT".into(),
