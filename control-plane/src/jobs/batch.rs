@@ -187,12 +187,13 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
                 let answer = match job {
                     None => Dispatch::Idle,
                     Some(job) => {
-                        let signed = match configs.get(&job.id) {
-                            Some(config) => {
-                                sign_with(config, &ctx.keys, &job, r.binding, &ctx.job_key)
-                            }
-                            None => Err(SignError::ProjectGone),
-                        };
+                        let signed = sign_with(
+                            configs.get(&job.id),
+                            &ctx.keys,
+                            &job,
+                            r.binding,
+                            &ctx.job_key,
+                        );
                         match signed {
                             Ok(signed) => Dispatch::Ready(job, signed),
                             Err(e) => Dispatch::Unsignable(job, e),

@@ -36,7 +36,8 @@ const SELECT: &str =
     "SELECT d.id, d.project_id, d.server_id, d.kind, d.git_ref, d.status, d.commit, \
      d.release_id, d.sequence, d.error_step, d.error_message, d.rollback_of, d.rollout_id, \
      d.created_by, u.email AS created_by_email, d.created_at, d.started_at, d.finished_at \
-     FROM deployments d LEFT JOIN users u ON u.id = d.created_by WHERE d.account_id = $1";
+     FROM deployments d LEFT JOIN users u ON u.id = d.created_by WHERE d.account_id = $1 \
+     AND d.kind <> 'upgrade_agent'";
 
 impl Deployment {
     fn from_row(r: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {

@@ -127,7 +127,7 @@ pub async fn list(
             p { "No servers match." }
         } @else {
             table id="servers" {
-                thead { tr { th { "Name" } th { "Labels" } th { "Transport" } th { "Status" } th { "Last seen" } th { "Agent version" } } }
+                thead { tr { th { "Name" } th { "Labels" } th { "Transport" } th { "Status" } th { "Last seen" } th { "Agent version" } th { "OS" } th { "Arch" } } }
                 tbody {
                     @for s in &shown {
                         tr data-server=(s.id) {
@@ -137,6 +137,8 @@ pub async fn list(
                             td { (layout::status(presence(s))) }
                             td { (layout::maybe_time(s.agent.last_seen_at)) }
                             td { (s.agent.version.as_deref().unwrap_or("—")) }
+                            td { (s.agent.os.as_deref().unwrap_or("—")) }
+                            td { (s.agent.arch.as_deref().unwrap_or("—")) }
                         }
                     }
                 }
@@ -197,6 +199,8 @@ pub async fn show(
             dt { "Last seen" } dd { (layout::maybe_time(a.last_seen_at)) }
             @if server.transport == "agent" {
                 dt { "Agent version" } dd { (a.version.as_deref().unwrap_or("—")) }
+                dt { "Operating system" } dd id="agent-os" { (a.os.as_deref().unwrap_or("— (not reported yet)")) }
+                dt { "Architecture" } dd id="agent-arch" { (a.arch.as_deref().unwrap_or("—")) }
                 dt { "Certificate fingerprint" } dd { code id="cert-fingerprint" { (a.certificate_fingerprint.as_deref().unwrap_or("none (not enrolled, or revoked)")) } }
                 dt { "Certificate serial" } dd { code id="cert-serial" { (a.certificate_serial.as_deref().unwrap_or("—")) } }
                 dt { "Certificate expires" } dd { (layout::maybe_time(a.expires_at)) }
