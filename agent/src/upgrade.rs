@@ -31,7 +31,10 @@ const OS_RELEASE_BYTES: u64 = 8192;
 /// The trigger's argument list for `version`: every argument that is exactly `{unit}` or
 /// `{version}` is replaced (never inside a longer argument, never through a shell).
 pub fn command_for(template: Option<&[String]>, version: &str) -> Vec<String> {
-    let default: Vec<String> = DEFAULT_UPGRADE_COMMAND.iter().map(|s| (*s).to_owned()).collect();
+    let default: Vec<String> = DEFAULT_UPGRADE_COMMAND
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
     template
         .filter(|t| !t.is_empty())
         .map_or(default, <[String]>::to_vec)
@@ -62,15 +65,25 @@ pub async fn trigger(template: Option<&[String]>, version: &str) -> Result<(), S
     let run = async {
         let mut text = String::new();
         if let Some(err) = stderr.as_mut() {
-            let _ = err.take(TRIGGER_OUTPUT_BYTES).read_to_string(&mut text).await;
+            let _ = err
+                .take(TRIGGER_OUTPUT_BYTES)
+                .read_to_string(&mut text)
+                .await;
         }
         (child.wait().await, text)
     };
     match tokio::time::timeout(TRIGGER_TIMEOUT, run).await {
         Ok((Ok(status), _)) if status.success() => Ok(()),
-        Ok((Ok(status), text)) => Err(format!("{} exited with {status}: {}", argv.join(" "), text.trim())),
+        Ok((Ok(status), text)) => Err(format!(
+            "{} exited with {status}: {}",
+            argv.join(" "),
+            text.trim()
+        )),
         Ok((Err(e), _)) => Err(format!("{program}: {e}")),
-        Err(_) => Err(format!("{} did not finish within {TRIGGER_TIMEOUT:?}", argv.join(" "))),
+        Err(_) => Err(format!(
+            "{} did not finish within {TRIGGER_TIMEOUT:?}",
+            argv.join(" ")
+        )),
     }
 }
 
@@ -112,9 +125,18 @@ mod tests {
     fn the_default_trigger_starts_the_escaped_unit() {
         assert_eq!(
             command_for(None, "0.1.1-1"),
-            ["systemctl", "start", "--no-block", "sensei-agent-upgrade@0.1.1\\x2d1.service"]
+            [
+                "systemctl",
+                "start",
+                "--no-block",
+                "sensei-agent-upgrade@0.1.1\\x2d1.service"
+            ]
         );
-        let custom = vec!["/usr/local/bin/up".to_owned(), "{version}".into(), "x{version}".into()];
+        let custom = vec![
+            "/usr/local/bin/up".to_owned(),
+            "{version}".into(),
+            "x{version}".into(),
+        ];
         assert_eq!(
             command_for(Some(&custom), "0.1.1-1"),
             ["/usr/local/bin/up", "0.1.1-1", "x{version}"]
@@ -131,14 +153,24 @@ mod tests {
             "-c".into(),
             format!("touch {}", marker.display()),
         ];
-        for bad in ["0.1.1; reboot", "--reinstall", "", "1.0 -o APT::x=1", "../../x"] {
+        for bad in [
+            "0.1.1; reboot",
+            "--reinstall",
+            "",
+            "1.0 -o APT::x=1",
+            "../../x",
+        ] {
             let err = trigger(Some(&script), bad).await.expect_err("refused");
             assert!(err.contains("version"), "{err}");
         }
         assert!(!marker.exists(), "the trigger never ran");
         trigger(Some(&script), "0.1.1-1").await.expect("runs");
         assert!(marker.exists());
-        let failing = vec!["/bin/sh".to_owned(), "-c".into(), "echo nope >&2; exit 3".into()];
+        let failing = vec![
+            "/bin/sh".to_owned(),
+            "-c".into(),
+            "echo nope >&2; exit 3".into(),
+        ];
         let err = trigger(Some(&failing), "0.1.1-1").await.expect_err("fails");
         assert!(err.contains("nope"), "{err}");
     }

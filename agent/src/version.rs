@@ -130,7 +130,9 @@ mod tests {
         assert_eq!(stamped.len(), fake.len());
         let at = 9 + MARKER.len();
         assert_eq!(&stamped[at..at + 5], b"0.2.0");
-        assert!(stamped[at + 5..at + STAMP_FIELD_LEN].iter().all(|b| *b == 0));
+        assert!(stamped[at + 5..at + STAMP_FIELD_LEN]
+            .iter()
+            .all(|b| *b == 0));
         // Stamping again replaces the field (no leftover of a longer version).
         stamp_file(&output, &output, "0.3-1").expect("restamp");
         let again = std::fs::read(&output).expect("read");

@@ -359,7 +359,9 @@ async fn fold_upgrades(tx: &Transaction<'_>, rollout: &Rollout) -> Result<(), St
         if let Some((status, reason)) = outcome {
             ended.0.push(r.get("server_id"));
             ended.1.push(status.as_str());
-            ended.2.push((status != TargetStatus::Succeeded).then_some(reason));
+            ended
+                .2
+                .push((status != TargetStatus::Succeeded).then_some(reason));
         }
     }
     if !ended.0.is_empty() {

@@ -241,7 +241,13 @@ mod tests {
 
     #[test]
     fn debian_versions_are_accepted() {
-        for v in ["0.1.1-1", "0.1.1", "1:2.0~rc1-3", "0.1.1+deb12u1-1", "10.0.0-1ubuntu2.1"] {
+        for v in [
+            "0.1.1-1",
+            "0.1.1",
+            "1:2.0~rc1-3",
+            "0.1.1+deb12u1-1",
+            "10.0.0-1ubuntu2.1",
+        ] {
             assert_eq!(check_package_version(v), Ok(()), "{v}");
         }
     }
@@ -301,17 +307,29 @@ mod tests {
 
     #[test]
     fn host_facts_are_bounded() {
-        assert_eq!(check_host_facts("Debian GNU/Linux 12 (bookworm)", "x86_64"), Ok(()));
+        assert_eq!(
+            check_host_facts("Debian GNU/Linux 12 (bookworm)", "x86_64"),
+            Ok(())
+        );
         assert_eq!(check_host_facts("", "x86_64"), Err(HostFactsError::Os));
         assert_eq!(check_host_facts("   ", "x86_64"), Err(HostFactsError::Os));
-        assert_eq!(check_host_facts("a\u{1b}[31m", "x86_64"), Err(HostFactsError::Os));
-        assert_eq!(check_host_facts("caf\u{e9}", "x86_64"), Err(HostFactsError::Os));
+        assert_eq!(
+            check_host_facts("a\u{1b}[31m", "x86_64"),
+            Err(HostFactsError::Os)
+        );
+        assert_eq!(
+            check_host_facts("caf\u{e9}", "x86_64"),
+            Err(HostFactsError::Os)
+        );
         assert_eq!(
             check_host_facts(&"a".repeat(MAX_OS_LEN + 1), "x86_64"),
             Err(HostFactsError::Os)
         );
         assert_eq!(check_host_facts("Linux", "X86"), Err(HostFactsError::Arch));
-        assert_eq!(check_host_facts("Linux", "x86 64"), Err(HostFactsError::Arch));
+        assert_eq!(
+            check_host_facts("Linux", "x86 64"),
+            Err(HostFactsError::Arch)
+        );
         assert_eq!(check_host_facts("Linux", ""), Err(HostFactsError::Arch));
         assert_eq!(
             check_host_facts("Linux", &"a".repeat(MAX_ARCH_LEN + 1)),
@@ -332,7 +350,11 @@ mod tests {
         assert_eq!(check_host_facts(&os, std::env::consts::ARCH), Ok(()));
     }
 
-    fn target(job: UpgradeJob<'static>, reported: Option<&'static str>, now: i64) -> UpgradeTarget<'static> {
+    fn target(
+        job: UpgradeJob<'static>,
+        reported: Option<&'static str>,
+        now: i64,
+    ) -> UpgradeTarget<'static> {
         UpgradeTarget {
             wanted: "0.1.1-1",
             reported,
@@ -356,8 +378,14 @@ mod tests {
     #[test]
     fn an_upgrade_succeeds_when_the_agent_comes_back_on_the_version() {
         // Triggered, agent restarting: still running until the deadline.
-        assert_eq!(upgrade_outcome(&target(UpgradeJob::Triggered, Some("0.1.0"), 1_300)), None);
-        assert_eq!(upgrade_outcome(&target(UpgradeJob::Open, Some("0.1.0"), 1_599)), None);
+        assert_eq!(
+            upgrade_outcome(&target(UpgradeJob::Triggered, Some("0.1.0"), 1_300)),
+            None
+        );
+        assert_eq!(
+            upgrade_outcome(&target(UpgradeJob::Open, Some("0.1.0"), 1_599)),
+            None
+        );
         let (status, why) =
             upgrade_outcome(&target(UpgradeJob::Triggered, Some("0.1.1"), 1_300)).expect("ended");
         assert_eq!(status, TargetStatus::Succeeded);
@@ -379,7 +407,11 @@ mod tests {
             "the agent did not come back reporting version 0.1.1 within 600 s (it reports 0.1.0)"
         );
         assert_eq!(
-            upgrade_outcome(&target(UpgradeJob::Failed("apt said no"), Some("0.1.0"), 1_001)),
+            upgrade_outcome(&target(
+                UpgradeJob::Failed("apt said no"),
+                Some("0.1.0"),
+                1_001
+            )),
             Some((TargetStatus::Failed, "apt said no".into()))
         );
         assert_eq!(

@@ -456,8 +456,14 @@ pub async fn create(
             tx.execute(
                 "INSERT INTO rollouts (id, account_id, strategy, state, batch_count, created_by, \
                    upgrade_agent_version) VALUES ($1, $2, $3, 'running', $4, $5, $6)",
-                &[&id, &principal.account_id, &json!(strategy), &(batches.len() as i32),
-                  &principal.user_id, version],
+                &[
+                    &id,
+                    &principal.account_id,
+                    &json!(strategy),
+                    &(batches.len() as i32),
+                    &principal.user_id,
+                    version,
+                ],
             )
             .await?;
         }

@@ -195,5 +195,5 @@ fn deploy_task(
                 expected_commit: job.expected_commit.clone(),
             })
         }
-        })
+    })
 }

@@ -350,18 +350,17 @@ pub async fn create(
             "choose the servers by at least one label (key=value)",
         ));
     }
-    let request = CreateRollout {
-        project_id: Some(
-            form.project_id.parse().map_err(|_| {
+    let request =
+        CreateRollout {
+            project_id: Some(form.project_id.parse().map_err(|_| {
                 WebError::new(StatusCode::UNPROCESSABLE_ENTITY, "choose a project")
-            })?,
-        ),
-        git_ref: Some(form.git_ref.clone()),
-        upgrade_agent: None,
-        selector: Some(Selector { labels }),
-        server_ids: None,
-        strategy: Some(form.strategy()?),
-    };
+            })?),
+            git_ref: Some(form.git_ref.clone()),
+            upgrade_agent: None,
+            selector: Some(Selector { labels }),
+            server_ids: None,
+            strategy: Some(form.strategy()?),
+        };
     let answer = rollouts::create(
         State(state),
         signed.meta.clone(),

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sensei_e2e::{eventually, open_tempdir, workspace_binary, TestPlane, TestAgent};
+use sensei_e2e::{eventually, open_tempdir, workspace_binary, TestAgent, TestPlane};
 use serde_json::{json, Value};
 
 const PW: &str = "correct horse battery staple";
@@ -55,7 +55,10 @@ fn target<'a>(rollout: &'a Value, agent: &TestAgent) -> &'a Value {
 async fn agents_report_their_os_and_architecture() {
     let t = TestPlane::start().await;
     let (cookie, _) = t
-        .signup(&format!("u{}@example.com", uuid::Uuid::new_v4().simple()), PW)
+        .signup(
+            &format!("u{}@example.com", uuid::Uuid::new_v4().simple()),
+            PW,
+        )
         .await;
     let agent = t.start_agent(&cookie, "host-facts").await;
     let path = format!("/v1/servers/{}", agent.server_id);
@@ -79,7 +82,10 @@ async fn agents_report_their_os_and_architecture() {
     assert_eq!(listed["agent"]["os"], os.as_str());
     assert_eq!(listed["agent"]["arch"], std::env::consts::ARCH);
     // The dashboard's server page and fleet table show them.
-    for page in [format!("/ui/servers/{}", agent.server_id), "/ui/servers".into()] {
+    for page in [
+        format!("/ui/servers/{}", agent.server_id),
+        "/ui/servers".into(),
+    ] {
         let html = t
             .http
             .get(t.url(&page))
@@ -99,7 +105,11 @@ async fn agents_report_their_os_and_architecture() {
 
     // Out-of-bounds values never reach the table: the database refuses them too.
     let db = t.db().await;
-    for (os, arch) in [("x".repeat(101), "x86_64"), ("ok\u{1b}[2J".into(), "x86_64"), ("ok".into(), "X86")] {
+    for (os, arch) in [
+        ("x".repeat(101), "x86_64"),
+        ("ok\u{1b}[2J".into(), "x86_64"),
+        ("ok".into(), "X86"),
+    ] {
         assert!(db
             .execute(
                 "UPDATE servers SET agent_os = $2, agent_arch = $3 WHERE id = $1",
@@ -114,10 +124,15 @@ async fn agents_report_their_os_and_architecture() {
 async fn upgrade_rollouts_succeed_for_current_agents_and_fail_for_missing_versions() {
     let t = TestPlane::start().await;
     let (cookie, _) = t
-        .signup(&format!("u{}@example.com", uuid::Uuid::new_v4().simple()), PW)
+        .signup(
+            &format!("u{}@example.com", uuid::Uuid::new_v4().simple()),
+            PW,
+        )
         .await;
     let dir = open_tempdir();
-    let markers: Vec<_> = (0..3).map(|i| dir.path().join(format!("trigger-{i}"))).collect();
+    let markers: Vec<_> = (0..3)
+        .map(|i| dir.path().join(format!("trigger-{i}")))
+        .collect();
     let mut agents = Vec::new();
     for (i, marker) in markers.iter().enumerate() {
         agents.push(
@@ -141,24 +156,48 @@ async fn upgrade_rollouts_succeed_for_current_agents_and_fail_for_missing_versio
         );
     }
     let rollouts = || async { t.count("SELECT count(*) FROM rollouts").await };
-    let upgrade_jobs =
-        || async { t.count("SELECT count(*) FROM deployments WHERE kind = 'upgrade_agent'").await };
+    let upgrade_jobs = || async {
+        t.count("SELECT count(*) FROM deployments WHERE kind = 'upgrade_agent'")
+            .await
+    };
 
     // Refused before anything is made: a version that is no Debian version, both kinds at
     // once, a rollback on halt (an upgrade rolls back with another upgrade).
     for (body, code) in [
-        (json!({"upgrade_agent": {"version": "0.1.1; reboot"}}), "invalid_version"),
-        (json!({"upgrade_agent": {"version": "--reinstall"}}), "invalid_version"),
-        (json!({"upgrade_agent": {"version": "1".repeat(65)}}), "invalid_version"),
-        (json!({"upgrade_agent": {"version": "0.1.1-1"}, "project_id": uuid::Uuid::new_v4(), "ref": "main"}), "invalid_rollout"),
+        (
+            json!({"upgrade_agent": {"version": "0.1.1; reboot"}}),
+            "invalid_version",
+        ),
+        (
+            json!({"upgrade_agent": {"version": "--reinstall"}}),
+            "invalid_version",
+        ),
+        (
+            json!({"upgrade_agent": {"version": "1".repeat(65)}}),
+            "invalid_version",
+        ),
+        (
+            json!({"upgrade_agent": {"version": "0.1.1-1"}, "project_id": uuid::Uuid::new_v4(), "ref": "main"}),
+            "invalid_rollout",
+        ),
         (json!({}), "invalid_rollout"),
-        (json!({"upgrade_agent": {"version": "0.1.1-1"}, "strategy": {"on_halt": "rollback"}}), "invalid_strategy"),
-        (json!({"upgrade_agent": {"version": "0.1.1-1"}, "strategy": {"upgrade_deadline_seconds": 0}}), "invalid_strategy"),
+        (
+            json!({"upgrade_agent": {"version": "0.1.1-1"}, "strategy": {"on_halt": "rollback"}}),
+            "invalid_strategy",
+        ),
+        (
+            json!({"upgrade_agent": {"version": "0.1.1-1"}, "strategy": {"upgrade_deadline_seconds": 0}}),
+            "invalid_strategy",
+        ),
     ] {
         let mut body = body;
         body["selector"] = json!({"labels": {"tier": "up"}});
         let (status, v) = t.post("/v1/rollouts", &cookie, body.clone()).await;
-        assert_eq!((status, sensei_e2e::error_code(&v)), (422, code), "{body}: {v}");
+        assert_eq!(
+            (status, sensei_e2e::error_code(&v)),
+            (422, code),
+            "{body}: {v}"
+        );
         assert_eq!(rollouts().await, 0);
     }
 
@@ -176,14 +215,24 @@ async fn upgrade_rollouts_succeed_for_current_agents_and_fail_for_missing_versio
     assert_eq!(status, 201, "{r}");
     assert_eq!(r["upgrade_agent"]["version"], current.as_str());
     assert!(r["project_id"].is_null() && r["ref"].is_null(), "{r}");
-    let done = wait_rollout(&t, &cookie, r["id"].as_str().expect("id"), &["succeeded", "halted"]).await;
+    let done = wait_rollout(
+        &t,
+        &cookie,
+        r["id"].as_str().expect("id"),
+        &["succeeded", "halted"],
+    )
+    .await;
     assert_eq!(done["state"], "succeeded", "{done}");
     for a in &agents {
         let tg = target(&done, a);
         assert_eq!(tg["status"], "succeeded", "{tg}");
         assert_eq!(
             tg["error"],
-            format!("already on version {}: nothing to upgrade", sensei_agent::version()).as_str()
+            format!(
+                "already on version {}: nothing to upgrade",
+                sensei_agent::version()
+            )
+            .as_str()
         );
     }
     assert_eq!(upgrade_jobs().await, 0);
@@ -207,7 +256,10 @@ async fn upgrade_rollouts_succeed_for_current_agents_and_fail_for_missing_versio
     let done = wait_rollout(&t, &cookie, id, &["halted", "succeeded"]).await;
     assert_eq!(done["state"], "halted", "{done}");
     assert!(
-        done["halted_reason"].as_str().unwrap_or("").contains("max_failures is 0"),
+        done["halted_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("max_failures is 0"),
         "{done}"
     );
     let canary = target(&done, &agents[1]);
@@ -244,7 +296,10 @@ async fn upgrade_rollouts_succeed_for_current_agents_and_fail_for_missing_versio
         job.get::<_, f64>("finished") <= triggered_at,
         "the outcome was recorded before the trigger ran"
     );
-    assert!(!markers[0].exists() && !markers[2].exists(), "nothing else changed");
+    assert!(
+        !markers[0].exists() && !markers[2].exists(),
+        "nothing else changed"
+    );
     assert_eq!(upgrade_jobs().await, 1);
     // The halted rollout moves no further.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -268,12 +323,19 @@ async fn a_stamped_agent_binary_reports_the_package_version() {
         .arg(&stamped)
         .output()
         .expect("stamp");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let version = std::process::Command::new(&stamped)
         .arg("--version")
         .output()
         .expect("run");
-    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), "sensei-agent 7.8.9");
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        "sensei-agent 7.8.9"
+    );
     let original = std::process::Command::new(&agent)
         .arg("--version")
         .output()
