@@ -76,6 +76,8 @@ pub async fn job_loop(
             return StreamEnd::Connection;
         };
         let mut recv = FrameReader::new(recv);
+        // An upgrade whose outcome the control plane recorded on this stream.
+        let mut recorded_upgrade = None;
         loop {
             while let Some(action) = job.poll() {
                 match action {
@@ -133,10 +135,10 @@ pub async fn job_loop(
                             reported = Some(job_id);
                         }
                         ctx.state.clear_pending_result();
-                        // The outcome is recorded and no job runs: only now may the upgrade
-                        // (which restarts this agent) start.
+                        // The outcome is recorded: the upgrade may start once this stream is
+                        // over (below).
                         if let Some((_, version)) = upgrade.take_if(|(id, _)| *id == job_id) {
-                            upgrade_now(connection, ctx, &version).await;
+                            recorded_upgrade = Some(version);
                         }
                     }
                     AgentJobAction::Finish => {
@@ -158,6 +160,11 @@ pub async fn job_loop(
                 }
                 Ok(None) | Err(_) => return StreamEnd::Connection,
             }
+        }
+        // The outcome is recorded and no job runs: only now may the upgrade (which restarts
+        // this agent) start.
+        if let Some(version) = recorded_upgrade {
+            upgrade_now(connection, ctx, &version).await;
         }
     }
 }

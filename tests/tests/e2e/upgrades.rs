@@ -355,3 +355,130 @@ async fn a_stamped_agent_binary_reports_the_package_version() {
     assert!(!out.status.success());
     assert!(!refused.exists());
 }
+
+/// The success path with a real agent process: the agent binary runs under a supervisor that
+/// restarts it when it exits (as systemd does), its upgrade trigger (agent.toml) replaces the
+/// binary with a copy stamped with the new version and stops the agent, as the package's
+/// upgrade would; the agent comes back reporting the new version and the target succeeds.
+#[tokio::test]
+async fn an_upgrade_rollout_upgrades_a_real_agent_process() {
+    let t = TestPlane::start().await;
+    let (cookie, _) = t
+        .signup(
+            &format!("u{}@example.com", uuid::Uuid::new_v4().simple()),
+            PW,
+        )
+        .await;
+    let (server_id, token) = t.create_agent_server(&cookie, "real-up", json!({})).await;
+    let dir = open_tempdir();
+    let bin = dir.path().join("sensei-agent");
+    std::fs::copy(workspace_binary("sensei-agent"), &bin).expect("copy the agent");
+    let state = dir.path().join("state");
+    // Not a blocking wait: the control plane answering it runs on this test's runtime.
+    let enrolled = tokio::process::Command::new(&bin)
+        .args([
+            "enroll",
+            "--control-plane",
+            &t.agent_endpoint(),
+            "--token",
+            &token,
+        ])
+        .args(["--ca-fingerprint", &t.plane.ca_fingerprint().to_string()])
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .await
+        .expect("enroll");
+    assert!(
+        enrolled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enrolled.stderr)
+    );
+    let triggered = dir.path().join("triggered");
+    let script = dir.path().join("upgrade.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "set -e\n\"{bin}\" stamp-version --version \"$1\" --input \"{bin}\" --output \"{bin}\"\n\
+             echo \"$1\" >> \"{triggered}\"\nkill -TERM $PPID\n",
+            bin = bin.display(),
+            triggered = triggered.display()
+        ),
+    )
+    .expect("script");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "upgrade_command = [\"/bin/sh\", \"{}\", \"{{version}}\"]\n",
+            script.display()
+        ),
+    )
+    .expect("config");
+    // The supervisor: restart the agent whenever it exits; killed with the task.
+    let supervisor = {
+        let (bin, config, state) = (bin.clone(), config.clone(), state.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut agent = tokio::process::Command::new(&bin)
+                    .arg("--config")
+                    .arg(&config)
+                    .args(["run", "--allow-root", "--state-dir"])
+                    .arg(&state)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("run the agent");
+                let _ = agent.wait().await;
+                // As the unit's RestartSec, shortened.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let path = format!("/v1/servers/{server_id}");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let (_, s) = t.get(&path, &cookie).await;
+            s["agent"]["version"] == env!("CARGO_PKG_VERSION") && s["agent"]["connected"] == true
+        })
+        .await,
+        "the agent never connected"
+    );
+
+    let (status, r) = t
+        .post(
+            "/v1/rollouts",
+            &cookie,
+            json!({"upgrade_agent": {"version": "0.1.1-1"}, "server_ids": [server_id],
+                   "strategy": {"canary": 0, "upgrade_deadline_seconds": 60}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{r}");
+    let done = wait_rollout(
+        &t,
+        &cookie,
+        r["id"].as_str().expect("id"),
+        &["succeeded", "halted"],
+    )
+    .await;
+    supervisor.abort();
+    let _ = supervisor.await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let tg = &done["targets"][0];
+    assert_eq!(tg["status"], "succeeded", "{tg}");
+    assert!(tg["error"].is_null(), "{tg}");
+    assert_eq!(
+        std::fs::read_to_string(&triggered).expect("triggered"),
+        "0.1.1-1\n",
+        "the trigger ran once, with the version"
+    );
+    let (_, server) = t.get(&path, &cookie).await;
+    assert_eq!(server["agent"]["version"], "0.1.1", "{server}");
+    let version = std::process::Command::new(&bin)
+        .arg("--version")
+        .output()
+        .expect("version");
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        "sensei-agent 0.1.1"
+    );
+}
