@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::audit::{self, Actor, AuditEvent, Outcome};
 use crate::jobs::queue::{enqueue, enqueue_many, NewJob};
-use crate::jobs::{history, JobKind, Step};
+use crate::jobs::{history, JobKind, JobStatus};
 use crate::runners::agent::AgentHub;
 use crate::secrets::field_crypto::FieldKeys;
 
@@ -325,39 +325,28 @@ async fn fold_upgrades(tx: &Transaction<'_>, rollout: &Rollout) -> Result<(), St
     let Some(wanted) = rollout.upgrade_version.as_deref() else {
         return Ok(());
     };
-    let rows = tx
-        .query(
-            "SELECT t.server_id, extract(epoch FROM coalesce(t.started_at, now()))::bigint AS started, \
-                    s.agent_version, d.status AS job_status, d.error_step, d.error_message, \
-                    extract(epoch FROM now())::bigint AS now \
-             FROM rollout_targets t JOIN servers s ON s.id = t.server_id \
-             LEFT JOIN deployments d ON d.id = t.deployment_id \
-             WHERE t.rollout_id = $1 AND t.status = 'running'",
-            &[&rollout.id],
-        )
-        .await?;
+    let running = history::upgrade_targets(tx, rollout.id).await?;
     let deadline_secs = rollout.strategy.upgrade_deadline();
     let mut ended: (Vec<Uuid>, Vec<&str>, Vec<Option<String>>) = Default::default();
-    for r in &rows {
-        let status: Option<&str> = r.get("job_status");
-        let step: Option<&str> = r.get("error_step");
-        let message: Option<&str> = r.get("error_message");
-        let job = match status {
-            Some("succeeded") => UpgradeJob::Triggered,
-            Some("failed") if step == Some(Step::Dispatch.as_str()) => UpgradeJob::Undelivered,
-            Some("failed") => UpgradeJob::Failed(message.unwrap_or("the upgrade job failed")),
-            _ => UpgradeJob::Open,
+    for r in &running {
+        let job = match (r.job_status, r.undelivered) {
+            (Some(JobStatus::Succeeded), _) => UpgradeJob::Triggered,
+            (Some(JobStatus::Failed), true) => UpgradeJob::Undelivered,
+            (Some(JobStatus::Failed), false) => {
+                UpgradeJob::Failed(r.message.as_deref().unwrap_or("the upgrade job failed"))
+            }
+            (Some(JobStatus::Queued | JobStatus::Running) | None, _) => UpgradeJob::Open,
         };
         let outcome = upgrade_outcome(&UpgradeTarget {
             wanted,
-            reported: r.get("agent_version"),
+            reported: r.agent_version.as_deref(),
             job,
-            started_at: r.get("started"),
+            started_at: r.started_at,
             deadline_secs,
-            now: r.get("now"),
+            now: r.now,
         });
         if let Some((status, reason)) = outcome {
-            ended.0.push(r.get("server_id"));
+            ended.0.push(r.server);
             ended.1.push(status.as_str());
             ended
                 .2

@@ -281,6 +281,54 @@ pub async fn rollout_job_ends(
     .collect()
 }
 
+/// A running target of an agent upgrade rollout, with what its job and its agent say.
+#[derive(Debug, Clone)]
+pub struct UpgradeTargetState {
+    pub server: Uuid,
+    /// When its job was queued (unix seconds).
+    pub started_at: i64,
+    /// The version its agent last reported.
+    pub agent_version: Option<String>,
+    /// Its upgrade job's status, if it has one.
+    pub job_status: Option<JobStatus>,
+    /// The job never reached its server (failed at [`Step::Dispatch`](super::Step::Dispatch)).
+    pub undelivered: bool,
+    pub message: Option<String>,
+    /// The database's clock (unix seconds), the one `started_at` was read with.
+    pub now: i64,
+}
+
+/// The running targets of the agent upgrade rollout `rollout`.
+pub async fn upgrade_targets(
+    tx: &tokio_postgres::Transaction<'_>,
+    rollout: Uuid,
+) -> Result<Vec<UpgradeTargetState>, tokio_postgres::Error> {
+    tx.query(
+        "SELECT t.server_id, extract(epoch FROM coalesce(t.started_at, now()))::bigint AS started, \
+                s.agent_version, d.status AS job_status, d.error_step, d.error_message, \
+                extract(epoch FROM now())::bigint AS now \
+         FROM rollout_targets t JOIN servers s ON s.id = t.server_id \
+         LEFT JOIN deployments d ON d.id = t.deployment_id \
+         WHERE t.rollout_id = $1 AND t.status = 'running'",
+        &[&rollout],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        let step: Option<&str> = r.try_get("error_step")?;
+        Ok(UpgradeTargetState {
+            server: r.try_get("server_id")?,
+            started_at: r.try_get("started")?,
+            agent_version: r.try_get("agent_version")?,
+            job_status: r.try_get("job_status")?,
+            undelivered: step == Some(super::Step::Dispatch.as_str()),
+            message: r.try_get("error_message")?,
+            now: r.try_get("now")?,
+        })
+    })
+    .collect()
+}
+
 /// The commit the first successful job of `rollout` deployed (a full hex commit id only).
 pub async fn first_deployed_commit(
     tx: &tokio_postgres::Transaction<'_>,
