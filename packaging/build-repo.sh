@@ -36,6 +36,12 @@ export RUSTFLAGS="${RUSTFLAGS:-} --remap-path-prefix=$PWD=/build/sensei --remap-
 if [ "$build" = 1 ]; then
   cargo build --release --locked -p sensei-agent -p sensei-control-plane -p sensei-cli
 fi
+# The agent reports the package's upstream version (`--version`, its hello): the version is
+# stamped into the binary that is packaged (docs/packaging.md), so a --version build needs
+# no second compilation.
+agent_version=${version:-$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)}
+target/release/sensei-agent stamp-version --version "$agent_version" \
+  --input target/release/sensei-agent --output target/release/sensei-agent
 # The man pages and shell completions, made by each binary from its own command definitions
 # (clap_mangen, clap_complete), so they cannot drift from the options it accepts.
 rm -rf target/man target/completions

@@ -9,8 +9,10 @@
 #   4. runs the installed control plane as its user, checks /healthz's binary SHA-256
 #      against the packaged binary, signs in with the installed `sensei`, enrolls the agent
 #      as root with the command it prints, and runs the agent as the service user;
-#   5. upgrades to a newer build (identity and config survive), refuses a repository signed
-#      with another key, removes (identity kept) and purges (identity and users gone).
+#   5. upgrades to a newer build through the agent's upgrade unit, as an upgrade rollout
+#      does (identity and config survive, the binary reports the new version; a malformed
+#      version is refused and installs nothing), refuses a repository signed with another
+#      key, removes (identity kept) and purges (identity and users gone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "test-apt: run as root on a disposable machine" >&2; exit 2; }
@@ -89,6 +91,12 @@ done
 step "systemd-analyze verify and security"
 systemd-analyze verify /usr/lib/systemd/system/sensei-agent.service \
   /usr/lib/systemd/system/sensei-agent.path /usr/lib/systemd/system/sensei-control-plane.service
+# The upgrade template, verified as the instance an upgrade to 0.1.1-1 starts.
+mkdir -p "$work/units"
+ln -s /usr/lib/systemd/system/sensei-agent-upgrade@.service "$work/units/sensei-agent-upgrade@0.1.1\x2d1.service"
+systemd-analyze verify "$work/units/sensei-agent-upgrade@0.1.1\x2d1.service"
+[ -x /usr/lib/sensei-agent/upgrade ] || fail "the upgrade script is missing"
+[ -f /usr/share/polkit-1/rules.d/50-sensei-agent-upgrade.rules ] || fail "the polkit rule is missing"
 for unit in sensei-agent.service sensei-control-plane.service; do
   systemd-analyze security --offline=true --no-pager "/usr/lib/systemd/system/$unit" | tail -n 1
 done
@@ -173,11 +181,28 @@ stop "${pids[1]}" sensei-agent
 identity_sum=$(sha256sum /var/lib/sensei-agent/identity.crt | cut -d' ' -f1)
 echo "# a local edit" >> /etc/sensei/agent.toml
 
-step "upgrade to a newer build: identity and configuration survive"
+step "upgrade to a newer build through the upgrade unit: identity and configuration survive"
 packaging/build-repo.sh "$work/repo" "$key" --version 0.1.1-1 --no-build
 apt_only update
-DEBIAN_FRONTEND=noninteractive apt_only install -y -o Dpkg::Options::=--force-confold sensei-agent
+before=$(dpkg-query -W -f='${Version}' sensei-agent)
+# A malformed version is refused before apt sees it, and nothing changes.
+for bad in "0.1.1-1; touch $work/pwned" "--reinstall" "0.1.1-1 -o APT::Get::AllowUnauthenticated=1" ""; do
+  if /usr/lib/sensei-agent/upgrade "$bad" 2>/dev/null; then fail "the upgrade script took version '$bad'"; fi
+done
+[ ! -e "$work/pwned" ] || fail "a version ran a command"
+[ "$(dpkg-query -W -f='${Version}' sensei-agent)" = "$before" ] || fail "a refused version changed the package"
+# The unit the agent starts (its instance escaped as the agent escapes it).
+[ "$(systemd-escape 0.1.1-1)" = '0.1.1\x2d1' ] || fail "systemd-escape disagrees with the agent's escaping"
+if [ -d /run/systemd/system ]; then
+  systemctl start 'sensei-agent-upgrade@0.1.1\x2d1.service' \
+    || { journalctl -u 'sensei-agent-upgrade@*' --no-pager | tail -n 30; fail "the upgrade unit failed"; }
+else
+  # Without systemd: the script as the unit runs it, as root.
+  /usr/lib/sensei-agent/upgrade 0.1.1-1
+fi
 [ "$(dpkg-query -W -f='${Version}' sensei-agent)" = "0.1.1-1" ] || fail "not upgraded"
+# The binary reports the package's upstream version (build-repo.sh stamps it).
+sensei-agent --version | grep -qx "sensei-agent 0.1.1" || fail "sensei-agent --version after the upgrade: $(sensei-agent --version)"
 [ "$(sha256sum /var/lib/sensei-agent/identity.crt | cut -d' ' -f1)" = "$identity_sum" ] || fail "identity changed"
 grep -q "# a local edit" /etc/sensei/agent.toml || fail "local configuration lost"
 if [ -d /run/systemd/system ]; then

@@ -85,6 +85,20 @@ pub enum Command {
     /// Write the man pages into a directory (for packaging).
     #[command(hide = true)]
     Man { dir: PathBuf },
+    /// Write a copy of an agent binary stamped with a package version (for packaging: the
+    /// copy's `--version` and hello report the version's upstream part).
+    #[command(hide = true)]
+    StampVersion {
+        /// The package version, e.g. 0.1.1-1.
+        #[arg(long)]
+        version: String,
+        /// The binary to stamp.
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write the stamped copy (may be the input).
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Delete this server's agent identity: the agent can no longer connect.
     Revoke {
         /// Do not ask for confirmation.
@@ -103,6 +117,20 @@ pub async fn execute(cli: Cli) -> i32 {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("sensei-agent: writing man pages to {}: {e}", dir.display());
+                1
+            }
+        };
+    }
+    if let Command::StampVersion {
+        version,
+        input,
+        output,
+    } = &cli.command
+    {
+        return match crate::version::stamp_file(input, output, version) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("sensei-agent: stamp-version: {e}");
                 1
             }
         };
@@ -235,6 +263,7 @@ pub async fn execute(cli: Cli) -> i32 {
                 allowed_roots,
                 allowed_repositories: config.allowed_repositories.clone(),
                 deploy_user,
+                upgrade_command: config.upgrade_command.clone(),
             };
             let state_dir = state_dir_of(state_dir);
             let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -260,7 +289,7 @@ pub async fn execute(cli: Cli) -> i32 {
         Command::Status { json, state_dir } => {
             status(&StateDir::new(state_dir_of(state_dir)), json)
         }
-        Command::Man { .. } => 0,
+        Command::Man { .. } | Command::StampVersion { .. } => 0,
     }
 }
 

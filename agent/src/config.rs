@@ -29,6 +29,10 @@ pub struct AgentConfig {
     pub allowed_repositories: Vec<String>,
     /// The unprivileged user deploys and hooks run as (the package: `sensei-deploy`).
     pub deploy_user: Option<String>,
+    /// How an upgrade job starts the agent's upgrade, as an argument list (no shell); the
+    /// arguments `{unit}` and `{version}` are replaced. Default:
+    /// `["systemctl", "start", "--no-block", "{unit}"]`.
+    pub upgrade_command: Option<Vec<String>>,
 }
 
 /// Why the configuration file cannot be used.

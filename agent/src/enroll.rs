@@ -102,7 +102,7 @@ pub async fn enroll(options: &EnrollOptions) -> Result<Identity, EnrollError> {
             control_plane: options.control_plane.clone(),
             ca_fingerprint: options.ca_fingerprint.to_string(),
             job_signing_public_key: hex::encode(job_signing_public_key),
-            agent_version: crate::VERSION.into(),
+            agent_version: crate::version().into(),
             job_signing_keys: Vec::new(),
         },
         key_pem: request_key.key_pem,
@@ -127,7 +127,7 @@ async fn exchange(
         token: options.token.clone(),
         expected_server_id: options.expected_server_id,
         csr_der: csr_der.to_vec(),
-        agent_version: crate::VERSION.into(),
+        agent_version: crate::version().into(),
         hostname: hostname(),
     };
     write_frame(&mut send, &request)

@@ -50,6 +50,8 @@ pub async fn job_loop(
     // A result reported once on this connection is not reported again if its copy on disk
     // could not be removed: the control plane recorded it already.
     let mut reported = None;
+    // An upgrade job accepted on this stream: triggered once the control plane recorded it.
+    let mut upgrade: Option<(Uuid, String)> = None;
     loop {
         let unreported = ctx
             .state
@@ -73,6 +75,8 @@ pub async fn job_loop(
             return StreamEnd::Connection;
         };
         let mut recv = FrameReader::new(recv);
+        // An upgrade whose outcome the control plane recorded on this stream.
+        let mut recorded_upgrade = None;
         loop {
             while let Some(action) = job.poll() {
                 match action {
@@ -85,6 +89,16 @@ pub async fn job_loop(
                         let answered =
                             match run(connection, ctx, &signed, &mut job, &mut send).await {
                                 Answer::Finished { job_id, result } => job.finish(job_id, result),
+                                Answer::Upgrade { job_id, version } => {
+                                    let result = JobResult {
+                                        succeeded: true,
+                                        release_id: None,
+                                        commit: None,
+                                        error: None,
+                                    };
+                                    upgrade = Some((job_id, version));
+                                    job.finish(job_id, result)
+                                }
                                 Answer::Refused { job_id, reason } => job.refuse(job_id, reason),
                             };
                         // Cannot fail: the machine asked to run the job, so one is running.
@@ -120,6 +134,11 @@ pub async fn job_loop(
                             reported = Some(job_id);
                         }
                         ctx.state.clear_pending_result();
+                        // The outcome is recorded: the upgrade may start once this stream is
+                        // over (below).
+                        if let Some((_, version)) = upgrade.take_if(|(id, _)| *id == job_id) {
+                            recorded_upgrade = Some(version);
+                        }
                     }
                     AgentJobAction::Finish => {
                         let _ = send.finish();
@@ -141,6 +160,30 @@ pub async fn job_loop(
                 Ok(None) | Err(_) => return StreamEnd::Connection,
             }
         }
+        // The outcome is recorded and no job runs: only now may the upgrade (which restarts
+        // this agent) start.
+        if let Some(version) = recorded_upgrade {
+            upgrade_now(connection, ctx, &version).await;
+        }
+    }
+}
+
+/// Triggers the upgrade to `version`, then takes no job until this agent is restarted on the
+/// new version (or [`crate::upgrade::UPGRADE_HOLD`] passed: the upgrade did not happen).
+async fn upgrade_now(connection: &quinn::Connection, ctx: &JobContext, version: &str) {
+    match crate::upgrade::trigger(ctx.policy.upgrade_command.as_deref(), version).await {
+        Ok(()) => {
+            tracing::info!(%version, "agent upgrade started; taking no job until restarted");
+            tokio::select! {
+                () = tokio::time::sleep(crate::upgrade::UPGRADE_HOLD) => {
+                    tracing::error!(%version, "the agent upgrade did not restart the agent; taking jobs again (see journalctl -u 'sensei-agent-upgrade@*')");
+                }
+                _ = connection.closed() => {}
+            }
+        }
+        Err(reason) => {
+            tracing::error!(%version, %reason, "cannot start the agent upgrade");
+        }
     }
 }
 
@@ -149,6 +192,11 @@ enum Answer {
     Finished {
         job_id: Uuid,
         result: JobResult,
+    },
+    /// An upgrade job passed every check: report success, then trigger the upgrade.
+    Upgrade {
+        job_id: Uuid,
+        version: String,
     },
     /// Failed verification, not run.
     Refused {
@@ -213,10 +261,29 @@ async fn run(
             ),
         };
     }
-    let deploy_path = payload.task.deploy_path().to_owned();
+    // Verified like any job; its version is checked again before anything else.
+    if let JobTask::UpgradeAgent(spec) = &payload.task {
+        return match crate::upgrade::accept(spec) {
+            Ok(version) => {
+                tracing::info!(%job_id, %version, "upgrade job accepted");
+                Answer::Upgrade {
+                    job_id,
+                    version: version.to_owned(),
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(%job_id, %reason, "refused an upgrade job");
+                Answer::Finished {
+                    job_id,
+                    result: JobResult::failed("verify", reason),
+                }
+            }
+        };
+    }
+    let deploy_path = payload.task.deploy_path().unwrap_or_default().to_owned();
     let repo_url = match &payload.task {
         JobTask::Deploy(spec) => Some(spec.repo_url.as_str()),
-        JobTask::Rollback(_) | JobTask::ForgetEnv(_) => None,
+        JobTask::Rollback(_) | JobTask::ForgetEnv(_) | JobTask::UpgradeAgent(_) => None,
     };
     // This server's own policy, whatever the signature says.
     let allowed = ctx

@@ -15,6 +15,11 @@ pub mod session;
 pub mod status;
 pub mod transport;
 pub mod trust;
+pub mod upgrade;
+pub mod version;
 
-/// This agent's version, as reported to the control plane.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// This agent's version, as reported to the control plane: the binary's stamp, if the
+/// packaging stamped one, else the version it was compiled as ([`version`]).
+pub fn version() -> &'static str {
+    version::current()
+}

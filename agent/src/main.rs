@@ -1,9 +1,16 @@
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use sensei_agent::cli::{self, Cli};
 
 fn main() {
     sensei_certs::tls::install_default_provider();
-    let cli = Cli::parse();
+    // `--version` shows the binary's own (possibly stamped) version, like the hello.
+    let matches = Cli::command()
+        .version(sensei_agent::version())
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     sensei_shared::logging::init(cli.log_format);
     // One thread: the agent holds one connection and runs one job at a time, and every extra
     // worker thread costs memory (its stack, its malloc arena) on every server of the fleet.

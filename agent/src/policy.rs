@@ -101,6 +101,9 @@ pub struct JobPolicy {
     pub allowed_repositories: Vec<String>,
     /// Who deploys run as; `None`: as the agent's own user.
     pub deploy_user: Option<DeployUser>,
+    /// How an upgrade job starts the upgrade (`{unit}` and `{version}` arguments replaced);
+    /// `None`: `systemctl start --no-block {unit}` ([`crate::upgrade::DEFAULT_UPGRADE_COMMAND`]).
+    pub upgrade_command: Option<Vec<String>>,
 }
 
 impl JobPolicy {

@@ -246,7 +246,7 @@ mod tests {
                 control_plane: "cp.example:7443".into(),
                 ca_fingerprint: ca.fingerprint().to_string(),
                 job_signing_public_key: "ab".repeat(32),
-                agent_version: crate::VERSION.into(),
+                agent_version: crate::version().into(),
                 job_signing_keys: Vec::new(),
             },
             key_pem: request.key_pem,

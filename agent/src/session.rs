@@ -251,7 +251,7 @@ async fn session(
     // The hello goes out on the control stream (the connection's first) before the job loop
     // may open its first poll stream: the control plane reads a poll where it expects the
     // hello as a protocol error. `HelloSent` is the proof the job loop needs.
-    let end = match ControlStream::open(&connection, server_id, crate::VERSION.into()).await {
+    let end = match ControlStream::open(&connection, server_id, crate::version().into()).await {
         Ok((control, hello)) => {
             // The control stream and the job loop share the connection; when either ends,
             // both end.
@@ -279,6 +279,10 @@ async fn session(
                 end = job_loop(&connection, jobs, hello) => end,
                 end = renewing => end,
                 end = trust_loop(&connection, hello, server_id, state) => end,
+                end = async {
+                    crate::upgrade::send_host_facts(&connection, hello).await;
+                    std::future::pending().await
+                } => end,
             }
         }
         Err(end) => end,

@@ -119,7 +119,7 @@ pub fn report(state: &StateDir) -> Result<Report, IdentityError> {
     Ok(Report {
         server_id: identity.meta.server_id,
         control_plane: identity.meta.control_plane.clone(),
-        agent_version: crate::VERSION.into(),
+        agent_version: crate::version().into(),
         certificate_fingerprint: fingerprint(&identity.cert_pem),
         certificate_expires_at: sensei_certs::not_after(&identity.cert_pem)
             .ok()

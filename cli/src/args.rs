@@ -279,7 +279,8 @@ pub struct DeployArgs {
 
 #[derive(Subcommand)]
 pub enum RolloutCommand {
-    /// Start a rollout to every server matching the labels.
+    /// Start a rollout to every server matching the labels: a deploy of a project, or
+    /// (`--upgrade-agent VERSION`) an upgrade of their agents' package.
     Start(RolloutStartArgs),
     /// A rollout's state, batches and targets.
     Status {
@@ -302,8 +303,17 @@ pub enum RolloutCommand {
 
 #[derive(Args)]
 pub struct RolloutStartArgs {
-    /// The project's name or id.
-    pub project: String,
+    /// The project's name or id (not with --upgrade-agent).
+    #[arg(required_unless_present = "upgrade_agent")]
+    pub project: Option<String>,
+    /// Upgrade the servers' agent package to this exact version (e.g. 0.1.1-1) instead of
+    /// deploying a project.
+    #[arg(long, value_name = "VERSION", conflicts_with = "project")]
+    pub upgrade_agent: Option<String>,
+    /// With --upgrade-agent: seconds an agent has to come back on the new version before its
+    /// server counts as failed [default: 600].
+    #[arg(long, value_name = "SECONDS", requires = "upgrade_agent")]
+    pub upgrade_deadline: Option<u32>,
     /// The servers: every one with this label (repeatable: all must match).
     #[arg(long, value_name = "KEY=VALUE", required = true)]
     pub label: Vec<String>,

@@ -12,6 +12,7 @@ use sensei_shared::rollout::{
     self, decide, statuses_by_batch, to_roll_back, Decision, PauseReason, Progress, RolloutState,
     Strategy, Target, TargetStatus,
 };
+use sensei_shared::upgrade::{already_current, upgrade_outcome, UpgradeJob, UpgradeTarget};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_postgres::Transaction;
@@ -19,7 +20,7 @@ use uuid::Uuid;
 
 use crate::audit::{self, Actor, AuditEvent, Outcome};
 use crate::jobs::queue::{enqueue, enqueue_many, NewJob};
-use crate::jobs::{history, JobKind};
+use crate::jobs::{history, JobKind, JobStatus};
 use crate::runners::agent::AgentHub;
 use crate::secrets::field_crypto::FieldKeys;
 
@@ -129,8 +130,11 @@ fn system_event(
 struct Rollout {
     id: Uuid,
     account: Uuid,
-    project: Uuid,
-    git_ref: String,
+    /// The project and ref deployed; none for an agent upgrade.
+    project: Option<Uuid>,
+    git_ref: Option<String>,
+    /// An agent upgrade's package version; none for a deploy.
+    upgrade_version: Option<String>,
     strategy: Strategy,
     state: RolloutState,
     current_batch: Option<usize>,
@@ -147,7 +151,7 @@ impl Rollout {
         let Some(r) = tx
             .query_opt(
                 "SELECT account_id, project_id, git_ref, strategy, state, paused_reason, current_batch, \
-                        batch_done_at, approved, rolling_back, created_by, commit \
+                        batch_done_at, approved, rolling_back, created_by, commit, upgrade_agent_version \
                  FROM rollouts WHERE id = $1 FOR UPDATE SKIP LOCKED",
                 &[&id],
             )
@@ -164,6 +168,7 @@ impl Rollout {
             account: r.get("account_id"),
             project: r.get("project_id"),
             git_ref: r.get("git_ref"),
+            upgrade_version: r.get("upgrade_agent_version"),
             strategy: serde_json::from_value(r.get("strategy"))?,
             state: RolloutState::from_stored(
                 r.get("state"),
@@ -214,8 +219,14 @@ async fn step(pool: &Pool, hub: &AgentHub, keys: &FieldKeys, id: Uuid) -> Result
         return Ok(());
     };
 
-    // Fold finished jobs into the targets. A job nobody collected is "unreachable".
-    let ends = history::rollout_job_ends(&tx, id).await?;
+    // Fold finished jobs into the targets. A job nobody collected is "unreachable". An
+    // upgrade target ends when its agent comes back on the version, or at its deadline.
+    let ends = if rollout.upgrade_version.is_some() {
+        fold_upgrades(&tx, &rollout).await?;
+        Vec::new()
+    } else {
+        history::rollout_job_ends(&tx, id).await?
+    };
     if !ends.is_empty() {
         let deployments: Vec<Uuid> = ends.iter().map(|e| e.deployment).collect();
         let statuses: Vec<&str> = ends
@@ -233,7 +244,7 @@ async fn step(pool: &Pool, hub: &AgentHub, keys: &FieldKeys, id: Uuid) -> Result
     }
     // The first success fixes the commit the rest of the rollout deploys: a push to the
     // branch after the canary was approved does not reach the fleet.
-    if rollout.commit.is_none() {
+    if rollout.commit.is_none() && rollout.upgrade_version.is_none() {
         rollout.commit = history::first_deployed_commit(&tx, id).await?;
         if let Some(commit) = &rollout.commit {
             tx.execute(
@@ -331,7 +342,55 @@ async fn apply(
     Ok(Vec::new())
 }
 
-/// Queues one deploy job per target of `batch`, each signed later for its own server.
+/// Folds what the agents of an upgrade rollout's running targets did into the targets: each
+/// ends as [`upgrade_outcome`] says, given the version its agent reports now.
+async fn fold_upgrades(tx: &Transaction<'_>, rollout: &Rollout) -> Result<(), StepError> {
+    let Some(wanted) = rollout.upgrade_version.as_deref() else {
+        return Ok(());
+    };
+    let running = history::upgrade_targets(tx, rollout.id).await?;
+    let deadline_secs = rollout.strategy.upgrade_deadline();
+    let mut ended: (Vec<Uuid>, Vec<&str>, Vec<Option<String>>) = Default::default();
+    for r in &running {
+        let job = match (r.job_status, r.undelivered) {
+            (Some(JobStatus::Succeeded), _) => UpgradeJob::Triggered,
+            (Some(JobStatus::Failed), true) => UpgradeJob::Undelivered,
+            (Some(JobStatus::Failed), false) => {
+                UpgradeJob::Failed(r.message.as_deref().unwrap_or("the upgrade job failed"))
+            }
+            (Some(JobStatus::Queued | JobStatus::Running) | None, _) => UpgradeJob::Open,
+        };
+        let outcome = upgrade_outcome(&UpgradeTarget {
+            wanted,
+            reported: r.agent_version.as_deref(),
+            job,
+            started_at: r.started_at,
+            deadline_secs,
+            now: r.now,
+        });
+        if let Some((status, reason)) = outcome {
+            ended.0.push(r.server);
+            ended.1.push(status.as_str());
+            ended
+                .2
+                .push((status != TargetStatus::Succeeded).then_some(reason));
+        }
+    }
+    if !ended.0.is_empty() {
+        tx.execute(
+            "UPDATE rollout_targets t SET status = e.status, error = e.error \
+             FROM unnest($2::uuid[], $3::text[], $4::text[]) AS e(server, status, error) \
+             WHERE t.rollout_id = $1 AND t.server_id = e.server",
+            &[&rollout.id, &ended.0, &ended.1, &ended.2],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Queues one job per pending target of `batch`, each signed later for its own server: a
+/// deploy, or an agent upgrade (a server already on the version succeeds at once, without
+/// one).
 async fn start_batch(
     tx: &Transaction<'_>,
     rollout: &Rollout,
@@ -343,11 +402,35 @@ async fn start_batch(
     let batch_no = i32::try_from(batch).unwrap_or(i32::MAX);
     // Only targets still pending: one skipped when the rollout was made (an agent below its
     // minimum version) takes no part.
-    let members: Vec<Uuid> = targets
+    let mut members: Vec<Uuid> = targets
         .iter()
         .filter(|t| t.batch == batch && t.status == TargetStatus::Pending)
         .map(|t| t.server)
         .collect();
+    if let Some(wanted) = rollout.upgrade_version.as_deref() {
+        let (current, reasons): (Vec<Uuid>, Vec<String>) = tx
+            .query(
+                "SELECT id, agent_version FROM servers WHERE id = ANY($1)",
+                &[&members],
+            )
+            .await?
+            .iter()
+            .filter_map(|r| Some((r.get::<_, Uuid>(0), already_current(wanted, r.get(1))?)))
+            .unzip();
+        tx.execute(
+            "UPDATE rollout_targets t SET status = 'succeeded', error = c.reason \
+             FROM unnest($2::uuid[], $3::text[]) AS c(server, reason) \
+             WHERE t.rollout_id = $1 AND t.server_id = c.server",
+            &[&id, &current, &reasons],
+        )
+        .await?;
+        members.retain(|m| !current.contains(m));
+    }
+    let kind = if rollout.upgrade_version.is_some() {
+        JobKind::UpgradeAgent
+    } else {
+        JobKind::Deploy
+    };
     // The whole batch is queued in one statement and every agent is woken at once.
     let queued = enqueue_many(
         tx,
@@ -355,20 +438,21 @@ async fn start_batch(
             account_id: rollout.account,
             created_by: rollout.created_by,
             project_id: rollout.project,
-            kind: JobKind::Deploy,
-            git_ref: Some(&rollout.git_ref),
+            kind,
+            git_ref: rollout.git_ref.as_deref(),
             rollback_of: None,
             rollout_id: Some(id),
             expected_commit: rollout.commit.as_deref(),
             rollback_to: None,
             timeout: rollout.job_timeout(),
+            upgrade_version: rollout.upgrade_version.as_deref(),
         },
         &members,
     )
     .await?;
     let (servers, jobs): (Vec<Uuid>, Vec<Uuid>) = queued.into_iter().unzip();
     tx.execute(
-        "UPDATE rollout_targets t SET status = 'running', deployment_id = q.job \
+        "UPDATE rollout_targets t SET status = 'running', deployment_id = q.job, started_at = now() \
          FROM unnest($2::uuid[], $3::uuid[]) AS q(server, job) \
          WHERE t.rollout_id = $1 AND t.server_id = q.server",
         &[&id, &servers, &jobs],
@@ -406,7 +490,13 @@ async fn halt(
     )
     .await?;
     let mut woken = Vec::new();
-    for target in to_roll_back(&rollout.strategy, targets) {
+    // Projects roll back; an upgrade rolls back with another upgrade rollout (the API
+    // refuses on_halt "rollback" for one).
+    let switched = match rollout.project {
+        Some(_) => to_roll_back(&rollout.strategy, targets),
+        None => Vec::new(),
+    };
+    for target in switched {
         let rollback = NewJob {
             account_id: rollout.account,
             created_by: rollout.created_by,
@@ -418,6 +508,7 @@ async fn halt(
             expected_commit: None,
             rollback_to: None,
             timeout: rollout.job_timeout(),
+            upgrade_version: None,
         };
         // A server that can take no job any more (deleted, no credentials) stays on the new
         // release; that must not keep the others from rolling back.

@@ -553,7 +553,7 @@ impl SimAgent {
                 self.shared.verified_signal.notify_waiters();
                 let release_id = match &payload.task {
                     JobTask::Deploy(spec) => Some(spec.release_id.clone()),
-                    JobTask::Rollback(_) | JobTask::ForgetEnv(_) => None,
+                    JobTask::Rollback(_) | JobTask::ForgetEnv(_) | JobTask::UpgradeAgent(_) => None,
                 };
                 exchange.finish(
                     payload.job_id,

@@ -69,17 +69,28 @@ pub enum JobTask {
     /// Remove the environment file a deleted project left (`shared/.env`); the releases and
     /// the running application stay.
     ForgetEnv(ForgetEnvSpec),
+    /// Upgrade the agent's own package to an exact version (an upgrade rollout's job). Only
+    /// agents run it; the agent checks the version again before it does anything.
+    UpgradeAgent(UpgradeAgentSpec),
 }
 
 impl JobTask {
-    /// The deploy directory the task works in.
-    pub fn deploy_path(&self) -> &str {
+    /// The deploy directory the task works in; an agent upgrade works in none.
+    pub fn deploy_path(&self) -> Option<&str> {
         match self {
-            Self::Deploy(spec) => &spec.deploy_path,
-            Self::Rollback(spec) => &spec.deploy_path,
-            Self::ForgetEnv(spec) => &spec.deploy_path,
+            Self::Deploy(spec) => Some(&spec.deploy_path),
+            Self::Rollback(spec) => Some(&spec.deploy_path),
+            Self::ForgetEnv(spec) => Some(&spec.deploy_path),
+            Self::UpgradeAgent(_) => None,
         }
     }
+}
+
+/// Upgrade the agent's package to `version`, a Debian version
+/// ([`crate::upgrade::check_package_version`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeAgentSpec {
+    pub version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,5 +15,6 @@ pub mod release;
 pub mod renewal;
 pub mod rollout;
 pub mod session;
+pub mod upgrade;
 
 pub use codec::{decode, encode, CodecError, MAX_MESSAGE_LEN};

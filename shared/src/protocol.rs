@@ -161,6 +161,15 @@ pub enum AgentMessage {
         pinned_cas: Vec<[u8; 32]>,
         job_keys: Vec<[u8; 32]>,
     },
+    /// "This is the host I run on": the first and only message of a stream the agent opens
+    /// once per session, after the hello. The OS (os-release's `PRETTY_NAME`) and the
+    /// architecture, bounded by [`crate::upgrade::check_host_facts`]; no answer. An older
+    /// control plane cannot decode it and drops that one stream; an older agent never sends
+    /// it, and its server shows no OS or architecture.
+    HostFacts {
+        os: String,
+        arch: String,
+    },
 }
 
 /// The most CA fingerprints a `WatchTrust` may name (an agent pins one, two during a
@@ -185,6 +194,7 @@ impl AgentMessage {
             Self::Renew { .. } => "Renew",
             Self::WatchTrust { .. } => "WatchTrust",
             Self::WatchTrustAndJobKeys { .. } => "WatchTrustAndJobKeys",
+            Self::HostFacts { .. } => "HostFacts",
         }
     }
 }
@@ -441,6 +451,12 @@ mod tests {
         })
         .expect("enc");
         assert_eq!(refused[0], 5);
+        let facts = crate::encode(&AgentMessage::HostFacts {
+            os: "Linux".into(),
+            arch: "x86_64".into(),
+        })
+        .expect("enc");
+        assert_eq!(facts[0], 10, "appended after WatchTrustAndJobKeys");
         let back: ControlMessage = crate::decode(&refused).expect("dec");
         assert_eq!(
             back,

@@ -612,6 +612,10 @@ pub fn script_for(task: &JobTask, job_id: Uuid, nonce: &str) -> Result<String, I
         JobTask::Deploy(spec) => deploy_script(spec, &job, nonce),
         JobTask::Rollback(spec) => rollback_script(spec, &job, nonce),
         JobTask::ForgetEnv(spec) => forget_env_script(spec, &job, nonce),
+        // The agent carries it out itself (its package, through systemd); there is no script.
+        JobTask::UpgradeAgent(_) => Err(InvalidSpec(
+            "an agent upgrade is carried out by the agent, not by a release script".into(),
+        )),
     }
 }
 

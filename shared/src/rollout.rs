@@ -43,6 +43,11 @@ pub struct Strategy {
     /// with the reason, and take no part; SSH servers run no agent and are not affected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_agent_version: Option<String>,
+    /// Agent upgrade rollouts: how long a target's agent has to come back reporting the
+    /// version asked for before the target fails (default
+    /// [`crate::upgrade::DEFAULT_UPGRADE_DEADLINE_SECS`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade_deadline_seconds: Option<u32>,
 }
 
 /// The safe default: one canary, then 10% of the fleet at a time, halting at the first
@@ -59,6 +64,7 @@ impl Default for Strategy {
             on_halt: OnHalt::Stop,
             unreachable_after_seconds: 120,
             min_agent_version: None,
+            upgrade_deadline_seconds: None,
         }
     }
 }
@@ -78,6 +84,14 @@ impl Strategy {
         }
         if !(1..=86_400).contains(&self.unreachable_after_seconds) {
             return Err("unreachable_after_seconds must be between 1 and 86400".into());
+        }
+        if let Some(s) = self.upgrade_deadline_seconds {
+            let max = crate::upgrade::MAX_UPGRADE_DEADLINE_SECS;
+            if !(1..=max).contains(&s) {
+                return Err(format!(
+                    "upgrade_deadline_seconds must be between 1 and {max}"
+                ));
+            }
         }
         if let Some(v) = &self.min_agent_version {
             if v.len() > 64 || semver::Version::parse(v).is_err() {
@@ -106,6 +120,12 @@ impl Strategy {
             )),
             Some(Ok(_)) => None,
         }
+    }
+
+    /// How long an agent upgrade target waits for its agent to come back on the new version.
+    pub fn upgrade_deadline(&self) -> u32 {
+        self.upgrade_deadline_seconds
+            .unwrap_or(crate::upgrade::DEFAULT_UPGRADE_DEADLINE_SECS)
     }
 
     /// The sizes of the batches for `targets` servers, canary first.

@@ -43,7 +43,10 @@ pub async fn run(ctx: &Ctx, command: RolloutCommand) -> Result<()> {
                     vec![
                         output::time(&r["created_at"]),
                         output::text(&r["state"]),
-                        output::text(&r["ref"]),
+                        match r["upgrade_agent"]["version"].as_str() {
+                            Some(version) => format!("agent {version}"),
+                            None => output::text(&r["ref"]),
+                        },
                         counts(&r["target_counts"]),
                         output::text(&r["id"]),
                     ]
@@ -99,7 +102,6 @@ fn batch(raw: &str) -> Result<(&'static str, u32)> {
 }
 
 async fn start(ctx: &Ctx, args: RolloutStartArgs) -> Result<()> {
-    let project = ctx.project(&args.project).await?;
     let (batch_field, batch_value) = batch(&args.batch)?;
     let mut strategy = json!({
         "canary": args.canary,
@@ -113,12 +115,28 @@ async fn start(ctx: &Ctx, args: RolloutStartArgs) -> Result<()> {
         // The API's default is a percentage; a size given replaces it.
         strategy["batch_percent"] = Value::Null;
     }
-    let body = json!({
-        "project_id": project["id"],
-        "ref": args.git_ref,
+    if let Some(deadline) = args.upgrade_deadline {
+        strategy["upgrade_deadline_seconds"] = json!(deadline);
+    }
+    let mut body = json!({
         "selector": {"labels": labels_object(&args.label)?},
         "strategy": strategy,
     });
+    // What the rollout does, for the message below.
+    let what = match (&args.upgrade_agent, &args.project) {
+        (Some(version), _) => {
+            body["upgrade_agent"] = json!({ "version": version });
+            format!("the agent upgrade to {version}")
+        }
+        (None, Some(project)) => {
+            let project = ctx.project(project).await?;
+            body["project_id"] = project["id"].clone();
+            body["ref"] = json!(args.git_ref);
+            args.git_ref.clone()
+        }
+        // clap requires one of the two.
+        (None, None) => return Err(CliError::usage("give a project or --upgrade-agent")),
+    };
     let key = args
         .idempotency_key
         .clone()
@@ -135,7 +153,7 @@ async fn start(ctx: &Ctx, args: RolloutStartArgs) -> Result<()> {
             println!("{id}");
             eprintln!(
                 "Started rollout {id} of {} to {} servers ({} batches). `sensei rollout status {id} --watch` follows it.",
-                args.git_ref,
+                what,
                 r["target_counts"].as_object().map(|c| c.values().filter_map(Value::as_i64).sum::<i64>()).unwrap_or_default(),
                 output::text(&r["batch_count"])
             );
@@ -266,12 +284,18 @@ async fn watch_to_end(ctx: &Ctx, id: &str) -> Result<()> {
 
 /// The rollout and its targets as a table.
 async fn show(ctx: &Ctx, r: &Value) -> Result<()> {
-    println!(
-        "rollout {} of {} (commit {})",
-        output::text(&r["id"]),
-        output::text(&r["ref"]),
-        output::short_commit(&r["commit"])
-    );
+    match r["upgrade_agent"]["version"].as_str() {
+        Some(version) => println!(
+            "rollout {}: agent upgrade to {version}",
+            output::text(&r["id"])
+        ),
+        None => println!(
+            "rollout {} of {} (commit {})",
+            output::text(&r["id"]),
+            output::text(&r["ref"]),
+            output::short_commit(&r["commit"])
+        ),
+    }
     println!("{}", summary(r));
     let names: std::collections::BTreeMap<String, String> = ctx
         .api

@@ -127,6 +127,8 @@ fn show(s: &Value) {
     if s["transport"] == "agent" {
         lines.extend([
             ("agent version", output::text(&agent["version"])),
+            ("os", output::text(&agent["os"])),
+            ("arch", output::text(&agent["arch"])),
             ("last seen", output::time(&agent["last_seen_at"])),
             (
                 "certificate",

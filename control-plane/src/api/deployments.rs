@@ -293,7 +293,7 @@ pub async fn create(
         &NewJob {
             account_id: principal.account_id,
             created_by: Some(principal.user_id),
-            project_id: req.project_id,
+            project_id: Some(req.project_id),
             kind: JobKind::Deploy,
             git_ref: Some(git_ref),
             rollback_of: None,
@@ -301,6 +301,7 @@ pub async fn create(
             expected_commit: None,
             rollback_to: None,
             timeout: state.dispatch_timeout,
+            upgrade_version: None,
         },
         req.server_id,
     )
@@ -531,7 +532,7 @@ pub async fn rollback(
         &NewJob {
             account_id: principal.account_id,
             created_by: Some(principal.user_id),
-            project_id: original.project_id,
+            project_id: Some(original.project_id),
             kind: JobKind::Rollback,
             git_ref: None,
             rollback_of: Some(id),
@@ -539,6 +540,7 @@ pub async fn rollback(
             expected_commit: None,
             rollback_to: to_release.as_deref(),
             timeout: state.dispatch_timeout,
+            upgrade_version: None,
         },
         original.server_id,
     )

@@ -92,6 +92,8 @@ error_codes! {
     InvalidTransport => "invalid_transport",
     InvalidTtl => "invalid_ttl",
     InvalidUsername => "invalid_username",
+    InvalidVersion => "invalid_version",
+    InvalidRollout => "invalid_rollout",
     IpNotAllowed => "ip_not_allowed",
     LastOwner => "last_owner",
     MalformedJson => "malformed_json",

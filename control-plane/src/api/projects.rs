@@ -552,7 +552,7 @@ pub async fn delete(
         &jobs::queue::NewJob {
             account_id: principal.account_id,
             created_by: Some(principal.user_id),
-            project_id: id,
+            project_id: Some(id),
             kind: jobs::JobKind::ForgetEnv,
             git_ref: None,
             rollback_of: None,
@@ -560,6 +560,7 @@ pub async fn delete(
             expected_commit: None,
             rollback_to: None,
             timeout: state.dispatch_timeout,
+            upgrade_version: None,
         },
         &deployed_to,
     )

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use http::StatusCode;
-use sensei_shared::rollout::{transition, Command, PauseReason, RolloutState, Strategy};
+use sensei_shared::rollout::{transition, Command, OnHalt, PauseReason, RolloutState, Strategy};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -36,12 +36,23 @@ pub struct Selector {
     pub labels: BTreeMap<String, String>,
 }
 
+/// An agent upgrade instead of a deploy.
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeAgent {
+    /// The exact package version, e.g. `0.1.1-1` (a Debian version, at most 64 characters).
+    pub version: String,
+}
+
+/// Give `project_id` and `ref` to deploy, or `upgrade_agent` to upgrade the agents.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRollout {
-    pub project_id: Uuid,
+    pub project_id: Option<Uuid>,
     #[serde(rename = "ref")]
-    pub git_ref: String,
+    pub git_ref: Option<String>,
+    /// Upgrade the targets' agent package to this exact version instead of deploying.
+    pub upgrade_agent: Option<UpgradeAgent>,
     /// Servers whose labels include all of these. Give this or `server_ids`.
     pub selector: Option<Selector>,
     pub server_ids: Option<Vec<Uuid>>,
@@ -64,9 +75,13 @@ pub struct TargetView {
 #[derive(Serialize, ToSchema)]
 pub struct RolloutView {
     pub id: Uuid,
-    pub project_id: Uuid,
+    /// The project deployed (absent for an agent upgrade).
+    pub project_id: Option<Uuid>,
     #[serde(rename = "ref")]
-    pub git_ref: String,
+    pub git_ref: Option<String>,
+    /// The agent upgrade, for an upgrade rollout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade_agent: Option<UpgradeAgent>,
     /// `running`, `paused`, `halted`, `succeeded`, `aborted` or `rolled_back`.
     pub state: String,
     pub paused_reason: Option<String>,
@@ -107,7 +122,7 @@ pub struct TargetList {
 
 /// The rollout columns and the per-status target counts, for one rollout or a list.
 const ROLLOUT_SQL: &str = "SELECT r.id, r.project_id, r.git_ref, r.state, r.paused_reason, \
-       r.halted_reason, r.current_batch, r.batch_count, r.strategy, r.created_at, r.finished_at, r.commit, \
+       r.halted_reason, r.current_batch, r.batch_count, r.strategy, r.created_at, r.finished_at, r.commit, r.upgrade_agent_version, \
        coalesce(c.counts, '{}'::jsonb) AS target_counts \
      FROM rollouts r LEFT JOIN LATERAL ( \
        SELECT jsonb_object_agg(status, n) AS counts FROM ( \
@@ -135,6 +150,9 @@ fn rollout_view(r: &tokio_postgres::Row) -> RolloutView {
         id: r.get("id"),
         project_id: r.get("project_id"),
         git_ref: r.get("git_ref"),
+        upgrade_agent: r
+            .get::<_, Option<String>>("upgrade_agent_version")
+            .map(|version| UpgradeAgent { version }),
         state: r.get("state"),
         paused_reason: r.get("paused_reason"),
         halted_reason: r.get("halted_reason"),
@@ -189,7 +207,37 @@ async fn load(
     })
 }
 
-/// Starts a rollout.
+/// What a rollout does to each target.
+enum RolloutKind {
+    Deploy { project: Uuid, git_ref: String },
+    UpgradeAgent { version: String },
+}
+
+impl RolloutKind {
+    fn project(&self) -> Option<Uuid> {
+        match self {
+            Self::Deploy { project, .. } => Some(*project),
+            Self::UpgradeAgent { .. } => None,
+        }
+    }
+
+    fn git_ref(&self) -> Option<&str> {
+        match self {
+            Self::Deploy { git_ref, .. } => Some(git_ref),
+            Self::UpgradeAgent { .. } => None,
+        }
+    }
+
+    fn upgrade_version(&self) -> Option<&str> {
+        match self {
+            Self::Deploy { .. } => None,
+            Self::UpgradeAgent { version } => Some(version),
+        }
+    }
+}
+
+/// Starts a rollout: a deploy of a project's ref, or an upgrade of the agents to an exact
+/// package version.
 #[utoipa::path(post, path = "/v1/rollouts", tag = "rollouts", request_body = CreateRollout,
     responses((status = 201, body = RolloutView), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn create(
@@ -199,18 +247,48 @@ pub async fn create(
     idempotency: IdempotencyKey,
     JsonBody(req): JsonBody<CreateRollout>,
 ) -> Result<Response, ApiError> {
-    let git_ref = req.git_ref.trim().to_owned();
-    sensei_shared::release::check_git_ref(&git_ref)
-        .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidRef, e.0))?;
     let strategy = req.strategy.unwrap_or_default();
     strategy
         .validate()
         .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidStrategy, e))?;
+    let kind = match (req.project_id, req.git_ref, req.upgrade_agent) {
+        (Some(project), Some(git_ref), None) => {
+            let git_ref = git_ref.trim().to_owned();
+            sensei_shared::release::check_git_ref(&git_ref)
+                .map_err(|e| ApiError::unprocessable(ErrorCode::InvalidRef, e.0))?;
+            RolloutKind::Deploy { project, git_ref }
+        }
+        (None, None, Some(upgrade)) => {
+            sensei_shared::upgrade::check_package_version(&upgrade.version).map_err(|e| {
+                ApiError::unprocessable(
+                    ErrorCode::InvalidVersion,
+                    format!("upgrade_agent.version: {e}"),
+                )
+            })?;
+            if strategy.on_halt == OnHalt::Rollback {
+                return Err(ApiError::unprocessable(
+                    ErrorCode::InvalidStrategy,
+                    "an agent upgrade cannot roll back on halt: start an upgrade rollout to the \
+                     previous version instead (docs/agent.md, Upgrading agents)",
+                ));
+            }
+            RolloutKind::UpgradeAgent {
+                version: upgrade.version,
+            }
+        }
+        _ => {
+            return Err(ApiError::unprocessable(
+                ErrorCode::InvalidRollout,
+                "give project_id and ref to deploy, or upgrade_agent to upgrade the agents",
+            ))
+        }
+    };
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let request = json!({
-        "project_id": req.project_id,
-        "ref": git_ref,
+        "project_id": kind.project(),
+        "ref": kind.git_ref(),
+        "upgrade_agent": kind.upgrade_version(),
         "selector": req.selector.as_ref().map(|s| &s.labels),
         "server_ids": req.server_ids,
         "strategy": strategy,
@@ -223,12 +301,14 @@ pub async fn create(
         let view = load(&state, principal.account_id, &principal.reach, resource).await?;
         return Ok(replayed((status, Json(view))));
     }
-    tx.query_opt(
-        "SELECT 1 FROM projects WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
-        &[&req.project_id, &principal.account_id],
-    )
-    .await?
-    .ok_or_else(|| ApiError::not_found("project"))?;
+    if let Some(project) = kind.project() {
+        tx.query_opt(
+            "SELECT 1 FROM projects WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
+            &[&project, &principal.account_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("project"))?;
+    }
     // Four eyes: every rollout waits, after its canary, for someone else's approval. A
     // strategy that would never wait is refused rather than quietly changed.
     let four_eyes: bool = tx
@@ -280,11 +360,18 @@ pub async fn create(
         }
         _ => return Err(ApiError::unprocessable(ErrorCode::InvalidTargets, "give either selector or server_ids")),
     };
-    if !principal.reach.reaches_project(req.project_id) {
-        return Err(ApiError::outside_scope(format!(
-            "project {}",
-            req.project_id
-        )));
+    match kind.project() {
+        Some(project) if !principal.reach.reaches_project(project) => {
+            return Err(ApiError::outside_scope(format!("project {project}")));
+        }
+        // An upgrade belongs to no project: a member limited to some projects may not
+        // start one.
+        None if principal.reach.project_filter().is_some() => {
+            return Err(ApiError::outside_scope(
+                "every project (an agent upgrade belongs to no project)",
+            ));
+        }
+        _ => {}
     }
     super::servers::check_in_reach(&tx, &principal, &servers).await?;
     if servers.is_empty() {
@@ -303,6 +390,24 @@ pub async fn create(
     // with the reason, after the last batch, so that no batch (the canary least of all) is
     // made of servers that will not run.
     let mut skipped: Vec<(Uuid, String)> = Vec::new();
+    if kind.upgrade_version().is_some() {
+        let ssh = tx
+            .query(
+                "SELECT id FROM servers WHERE id = ANY($1) AND transport = 'ssh'",
+                &[&servers],
+            )
+            .await?;
+        for row in &ssh {
+            skipped.push((row.get(0), "an SSH server runs no agent to upgrade".into()));
+        }
+        servers.retain(|s| !skipped.iter().any(|(id, _)| id == s));
+        if servers.is_empty() {
+            return Err(ApiError::unprocessable(
+                ErrorCode::NoTargets,
+                "no target runs an agent (SSH servers have none to upgrade)",
+            ));
+        }
+    }
     if strategy.min_agent_version.is_some() {
         let agents = tx
             .query(
@@ -329,21 +434,40 @@ pub async fn create(
     }
     let batches = strategy.batches(servers.len());
     let id = Uuid::new_v4();
-    // The project's deploy configuration as it is now is what every job of the rollout will
-    // use (a later PATCH does not reach it); a ref that is already a full commit pins it at
-    // once, any other is pinned by the first success.
-    let pinned = sensei_shared::release::is_commit_id(&git_ref).then_some(git_ref.as_str());
-    tx.execute(
-        "INSERT INTO rollouts (id, account_id, project_id, git_ref, strategy, state, batch_count, created_by, \
-           commit, repo_url, deploy_path, keep_releases, shared_paths, hooks, health_check, \
-           hook_timeout_secs, env_ciphertext) \
-         SELECT $1, $2, $3, $4, $5, 'running', $6, $7, $8, repo_url, deploy_path, keep_releases, \
-           shared_paths, hooks, health_check, hook_timeout_secs, env_ciphertext \
-         FROM projects WHERE id = $3",
-        &[&id, &principal.account_id, &req.project_id, &git_ref, &json!(strategy),
-          &(batches.len() as i32), &principal.user_id, &pinned],
-    )
-    .await?;
+    match &kind {
+        RolloutKind::Deploy { project, git_ref } => {
+            // The project's deploy configuration as it is now is what every job of the
+            // rollout will use (a later PATCH does not reach it); a ref that is already a
+            // full commit pins it at once, any other is pinned by the first success.
+            let pinned = sensei_shared::release::is_commit_id(git_ref).then_some(git_ref.as_str());
+            tx.execute(
+                "INSERT INTO rollouts (id, account_id, project_id, git_ref, strategy, state, batch_count, created_by, \
+                   commit, repo_url, deploy_path, keep_releases, shared_paths, hooks, health_check, \
+                   hook_timeout_secs, env_ciphertext) \
+                 SELECT $1, $2, $3, $4, $5, 'running', $6, $7, $8, repo_url, deploy_path, keep_releases, \
+                   shared_paths, hooks, health_check, hook_timeout_secs, env_ciphertext \
+                 FROM projects WHERE id = $3",
+                &[&id, &principal.account_id, project, git_ref, &json!(strategy),
+                  &(batches.len() as i32), &principal.user_id, &pinned],
+            )
+            .await?;
+        }
+        RolloutKind::UpgradeAgent { version } => {
+            tx.execute(
+                "INSERT INTO rollouts (id, account_id, strategy, state, batch_count, created_by, \
+                   upgrade_agent_version) VALUES ($1, $2, $3, 'running', $4, $5, $6)",
+                &[
+                    &id,
+                    &principal.account_id,
+                    &json!(strategy),
+                    &(batches.len() as i32),
+                    &principal.user_id,
+                    version,
+                ],
+            )
+            .await?;
+        }
+    }
     let mut batch_of = Vec::with_capacity(servers.len());
     for (b, size) in batches.iter().enumerate() {
         batch_of.extend(std::iter::repeat_n(b as i32, *size));
@@ -375,8 +499,8 @@ pub async fn create(
             &meta,
             "rollout.started",
             ("rollout", id),
-            json!({"ref": git_ref, "targets": servers.len(), "batches": batches.len(),
-                   "skipped": skipped.len()}),
+            json!({"ref": kind.git_ref(), "upgrade_agent": kind.upgrade_version(),
+                   "targets": servers.len(), "batches": batches.len(), "skipped": skipped.len()}),
         ),
     )
     .await?;

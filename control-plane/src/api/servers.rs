@@ -59,6 +59,11 @@ pub struct AgentStatus {
     pub connected: bool,
     pub last_seen_at: Option<DateTime<Utc>>,
     pub version: Option<String>,
+    /// The agent's operating system (os-release's `PRETTY_NAME`, at most 100 printable
+    /// ASCII characters); null until an agent that reports it connects.
+    pub os: Option<String>,
+    /// The agent's architecture, e.g. `x86_64`, `aarch64`; null like `os`.
+    pub arch: Option<String>,
     pub certificate_serial: Option<String>,
     pub certificate_fingerprint: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
@@ -222,7 +227,7 @@ const VIEW_SQL: &str = concat!(
     connected_sql!(),
     ", \
      c.serial, c.fingerprint, c.not_after, s.ssh_auth, s.ssh_key_fingerprint, s.host_key, \
-     c.renewed_at \
+     c.renewed_at, s.agent_os, s.agent_arch \
      FROM servers s LEFT JOIN LATERAL ( \
        SELECT serial, fingerprint, not_after, \
          CASE WHEN renewed_from IS NOT NULL THEN issued_at END AS renewed_at \
@@ -248,6 +253,8 @@ fn view(state: &AppState, row: &tokio_postgres::Row) -> ServerView {
         agent: AgentStatus {
             last_seen_at: row.get(8),
             version: row.get(9),
+            os: row.get(18),
+            arch: row.get(19),
             connected: row.get(10),
             certificate_serial: row.get(11),
             certificate_fingerprint: fingerprint

@@ -188,18 +188,15 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
                 let answer = match job {
                     None => Dispatch::Idle,
                     Some(job) => {
-                        let signed = match configs.get(&job.id) {
+                        let signed = sign_with(
+                            configs.get(&job.id),
+                            &ctx.keys,
+                            &job,
+                            r.binding,
                             // The key this server's agent acknowledged: during a job-key
                             // rotation, the new one only once its agent named it.
-                            Some(config) => sign_with(
-                                config,
-                                &ctx.keys,
-                                &job,
-                                r.binding,
-                                ring.for_server(job.job_key_acknowledged.as_deref()),
-                            ),
-                            None => Err(SignError::ProjectGone),
-                        };
+                            ring.for_server(job.job_key_acknowledged.as_deref()),
+                        );
                         match signed {
                             Ok(signed) => Dispatch::Ready(job, signed),
                             Err(e) => Dispatch::Unsignable(job, e),

@@ -19,7 +19,10 @@ pub struct Claimed {
     pub kind: JobKind,
     pub git_ref: Option<String>,
     pub release_id: Option<String>,
-    pub project_id: Uuid,
+    /// None for an agent upgrade.
+    pub project_id: Option<Uuid>,
+    /// An agent upgrade's package version.
+    pub upgrade_version: Option<String>,
     /// The rollout it belongs to: its deploy configuration is the rollout's copy.
     pub rollout_id: Option<Uuid>,
     /// The commit the ref must resolve to.
@@ -30,7 +33,7 @@ pub struct Claimed {
 
 /// The columns [`Claimed::from_row`] reads.
 const CLAIMED_COLUMNS: &str = "d.id, d.server_id, d.sequence, d.kind, d.git_ref, d.release_id, \
-                               d.project_id, d.rollout_id, d.expected_commit, \
+                               d.project_id, d.rollout_id, d.expected_commit, d.upgrade_version, \
                                (SELECT job_key_acknowledged FROM servers \
                                 WHERE id = d.server_id) AS job_key_acknowledged";
 
@@ -44,6 +47,7 @@ impl Claimed {
             git_ref: r.try_get("git_ref")?,
             release_id: r.try_get("release_id")?,
             project_id: r.try_get("project_id")?,
+            upgrade_version: r.try_get("upgrade_version")?,
             rollout_id: r.try_get("rollout_id")?,
             expected_commit: r.try_get("expected_commit")?,
             job_key_acknowledged: r.try_get("job_key_acknowledged")?,

@@ -36,7 +36,8 @@ const SELECT: &str =
     "SELECT d.id, d.project_id, d.server_id, d.kind, d.git_ref, d.status, d.commit, \
      d.release_id, d.sequence, d.error_step, d.error_message, d.rollback_of, d.rollout_id, \
      d.created_by, u.email AS created_by_email, d.created_at, d.started_at, d.finished_at \
-     FROM deployments d LEFT JOIN users u ON u.id = d.created_by WHERE d.account_id = $1";
+     FROM deployments d LEFT JOIN users u ON u.id = d.created_by WHERE d.account_id = $1 \
+     AND d.kind <> 'upgrade_agent'";
 
 impl Deployment {
     fn from_row(r: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
@@ -275,6 +276,54 @@ pub async fn rollout_job_ends(
             succeeded: status == JobStatus::Succeeded,
             undelivered: step == Some(super::Step::Dispatch.as_str()),
             message: r.try_get("error_message")?,
+        })
+    })
+    .collect()
+}
+
+/// A running target of an agent upgrade rollout, with what its job and its agent say.
+#[derive(Debug, Clone)]
+pub struct UpgradeTargetState {
+    pub server: Uuid,
+    /// When its job was queued (unix seconds).
+    pub started_at: i64,
+    /// The version its agent last reported.
+    pub agent_version: Option<String>,
+    /// Its upgrade job's status, if it has one.
+    pub job_status: Option<JobStatus>,
+    /// The job never reached its server (failed at [`Step::Dispatch`](super::Step::Dispatch)).
+    pub undelivered: bool,
+    pub message: Option<String>,
+    /// The database's clock (unix seconds), the one `started_at` was read with.
+    pub now: i64,
+}
+
+/// The running targets of the agent upgrade rollout `rollout`.
+pub async fn upgrade_targets(
+    tx: &tokio_postgres::Transaction<'_>,
+    rollout: Uuid,
+) -> Result<Vec<UpgradeTargetState>, tokio_postgres::Error> {
+    tx.query(
+        "SELECT t.server_id, extract(epoch FROM coalesce(t.started_at, now()))::bigint AS started, \
+                s.agent_version, d.status AS job_status, d.error_step, d.error_message, \
+                extract(epoch FROM now())::bigint AS now \
+         FROM rollout_targets t JOIN servers s ON s.id = t.server_id \
+         LEFT JOIN deployments d ON d.id = t.deployment_id \
+         WHERE t.rollout_id = $1 AND t.status = 'running'",
+        &[&rollout],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        let step: Option<&str> = r.try_get("error_step")?;
+        Ok(UpgradeTargetState {
+            server: r.try_get("server_id")?,
+            started_at: r.try_get("started")?,
+            agent_version: r.try_get("agent_version")?,
+            job_status: r.try_get("job_status")?,
+            undelivered: step == Some(super::Step::Dispatch.as_str()),
+            message: r.try_get("error_message")?,
+            now: r.try_get("now")?,
         })
     })
     .collect()

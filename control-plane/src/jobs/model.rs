@@ -83,6 +83,8 @@ stored_enum!(
         Rollback => "rollback",
         /// Remove the environment file of a deleted project.
         ForgetEnv => "forget_env",
+        /// Upgrade the agent's package to an exact version (an upgrade rollout's job).
+        UpgradeAgent => "upgrade_agent",
     }
 );
 

@@ -16,7 +16,8 @@ pub struct NewJob<'a> {
     pub account_id: Uuid,
     /// The user who asked (none for jobs the platform queues itself).
     pub created_by: Option<Uuid>,
-    pub project_id: Uuid,
+    /// The project deployed; none for an agent upgrade.
+    pub project_id: Option<Uuid>,
     pub kind: JobKind,
     pub git_ref: Option<&'a str>,
     pub rollback_of: Option<Uuid>,
@@ -28,6 +29,8 @@ pub struct NewJob<'a> {
     pub rollback_to: Option<&'a str>,
     /// How long it waits for its server before it fails as unreachable.
     pub timeout: Duration,
+    /// An agent upgrade's package version (checked).
+    pub upgrade_version: Option<&'a str>,
 }
 
 /// Why one job could not be queued.
@@ -74,17 +77,18 @@ pub async fn enqueue_many(
              jobs AS (SELECT gen_random_uuid() AS job, server, seq FROM numbered), \
              queued AS ( \
                INSERT INTO deployments (id, account_id, project_id, server_id, kind, git_ref, rollback_of, \
-                 sequence, release_id, status, created_by, expires_at, rollout_id, expected_commit) \
+                 sequence, release_id, status, created_by, expires_at, rollout_id, expected_commit, \
+                 upgrade_version) \
                SELECT job, $2, $3, server, $4, $5, $6, seq, \
                  CASE WHEN $4 = 'deploy' THEN to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISS') \
                    || '-' || lpad(seq::text, 10, '0') || '-' || substr(job::text, 1, 6) \
                    ELSE $11 END, \
-                 'queued', $7, now() + make_interval(secs => $8), $9, $10 \
+                 'queued', $7, now() + make_interval(secs => $8), $9, $10, $12 \
                FROM jobs RETURNING server_id, id) \
              SELECT server_id, id FROM queued",
             &[&servers, &job.account_id, &job.project_id, &job.kind.as_str(), &job.git_ref,
               &job.rollback_of, &job.created_by, &job.timeout.as_secs_f64(), &job.rollout_id,
-              &job.expected_commit, &job.rollback_to],
+              &job.expected_commit, &job.rollback_to, &job.upgrade_version],
         )
         .await?;
     let queued: Vec<(Uuid, Uuid)> = rows

@@ -9,6 +9,7 @@ use chrono::Utc;
 use ed25519_dalek::SigningKey;
 use sensei_shared::job::{
     DeploySpec, ForgetEnvSpec, Hooks, JobPayload, JobTask, RollbackSpec, SignedJob,
+    UpgradeAgentSpec,
 };
 use uuid::Uuid;
 
@@ -115,27 +116,57 @@ pub async fn sign(
     let mut configs = deploy_configs(client, &[job])
         .await
         .map_err(|e| SignError::Database(crate::store::db::describe(&e)))?;
-    let config = configs.remove(&job.id).ok_or(SignError::ProjectGone)?;
-    sign_with(&config, keys, job, binding, key)
+    sign_with(configs.remove(&job.id).as_ref(), keys, job, binding, key)
 }
 
-/// Builds and signs a claimed job from its deploy configuration.
+/// Builds and signs a claimed job from its deploy configuration (none for an agent
+/// upgrade, which deploys nothing; none for any other job: its project is gone).
 pub fn sign_with(
-    config: &DeployConfig,
+    config: Option<&DeployConfig>,
     keys: &FieldKeys,
     job: &Claimed,
     binding: [u8; 32],
     key: &SigningKey,
 ) -> Result<SignedJob, SignError> {
+    let task = match (job.kind, config) {
+        (JobKind::UpgradeAgent, _) => JobTask::UpgradeAgent(UpgradeAgentSpec {
+            // Required by a CHECK constraint for this kind.
+            version: job.upgrade_version.clone().unwrap_or_default(),
+        }),
+        (_, None) => return Err(SignError::ProjectGone),
+        (kind, Some(config)) => deploy_task(kind, config, keys, job)?,
+    };
+    let now = Utc::now().timestamp();
+    let payload = JobPayload {
+        job_id: job.id,
+        server_id: job.server_id,
+        certificate_fingerprint: binding,
+        // Sequences start at 1 and only grow (`servers.job_sequence + 1`).
+        sequence: u64::try_from(job.sequence).unwrap_or(0),
+        not_before: now,
+        expires_at: now + JOB_VALIDITY_SECS,
+        task,
+    };
+    SignedJob::sign(&payload, key).map_err(|e| SignError::Envelope(e.to_string()))
+}
+
+/// The task of a job that works in a project's deploy directory.
+fn deploy_task(
+    kind: JobKind,
+    config: &DeployConfig,
+    keys: &FieldKeys,
+    job: &Claimed,
+) -> Result<JobTask, SignError> {
     let deploy_path = config.deploy_path.clone();
-    let task = match job.kind {
+    Ok(match kind {
         JobKind::Rollback => JobTask::Rollback(RollbackSpec {
             deploy_path,
             // A rollback's release id is the one chosen when it was queued, if any.
             to_release: job.release_id.clone(),
         }),
         JobKind::ForgetEnv => JobTask::ForgetEnv(ForgetEnvSpec { deploy_path }),
-        JobKind::Deploy => {
+        // An upgrade never gets here: `sign_with` builds it without a configuration.
+        JobKind::Deploy | JobKind::UpgradeAgent => {
             let env: Vec<(String, String)> = match &config.env_ciphertext {
                 Some(sealed) => {
                     let plain = keys
@@ -164,17 +195,5 @@ pub fn sign_with(
                 expected_commit: job.expected_commit.clone(),
             })
         }
-    };
-    let now = Utc::now().timestamp();
-    let payload = JobPayload {
-        job_id: job.id,
-        server_id: job.server_id,
-        certificate_fingerprint: binding,
-        // Sequences start at 1 and only grow (`servers.job_sequence + 1`).
-        sequence: u64::try_from(job.sequence).unwrap_or(0),
-        not_before: now,
-        expires_at: now + JOB_VALIDITY_SECS,
-        task,
-    };
-    SignedJob::sign(&payload, key).map_err(|e| SignError::Envelope(e.to_string()))
+    })
 }

@@ -300,7 +300,9 @@ impl SshRunner {
                     .saturating_mul(steps)
                     .saturating_add(Duration::from_secs(60))
             }
-            JobTask::Rollback(_) | JobTask::ForgetEnv(_) => Duration::from_secs(120),
+            JobTask::Rollback(_) | JobTask::ForgetEnv(_) | JobTask::UpgradeAgent(_) => {
+                Duration::from_secs(120)
+            }
         }
         .min(self.max_job);
         // The deadline covers connecting and authenticating too: a server that completes the

@@ -116,7 +116,7 @@ pub async fn list(
         } @else {
             // The script follows the agents' presence and updates the rows it finds.
             table id="servers" data-presence="/v1/servers/events" {
-                thead { tr { th { "Name" } th { "Labels" } th { "Transport" } th { "Status" } th { "Last seen" } th { "Agent version" } } }
+                thead { tr { th { "Name" } th { "Labels" } th { "Transport" } th { "Status" } th { "Last seen" } th { "Agent version" } th { "OS" } th { "Arch" } } }
                 tbody {
                     @for s in shown {
                         tr data-server=(s.id) {
@@ -126,6 +126,8 @@ pub async fn list(
                             td data-field="presence" { (layout::status(s.presence())) }
                             td data-field="last_seen_at" { (layout::maybe_time(s.agent.last_seen_at)) }
                             td { (s.agent.version.as_deref().unwrap_or("—")) }
+                            td { (s.agent.os.as_deref().unwrap_or("—")) }
+                            td { (s.agent.arch.as_deref().unwrap_or("—")) }
                         }
                     }
                 }
@@ -187,6 +189,8 @@ pub async fn show(
             dt { "Last seen" } dd data-field="last_seen_at" { (layout::maybe_time(a.last_seen_at)) }
             @if server.transport == "agent" {
                 dt { "Agent version" } dd { (a.version.as_deref().unwrap_or("—")) }
+                dt { "Operating system" } dd id="agent-os" { (a.os.as_deref().unwrap_or("— (not reported yet)")) }
+                dt { "Architecture" } dd id="agent-arch" { (a.arch.as_deref().unwrap_or("—")) }
                 dt { "Certificate fingerprint" } dd { code id="cert-fingerprint" { (a.certificate_fingerprint.as_deref().unwrap_or("none (not enrolled, or revoked)")) } }
                 dt { "Certificate serial" } dd { code id="cert-serial" { (a.certificate_serial.as_deref().unwrap_or("—")) } }
                 dt { "Certificate expires" } dd { (layout::maybe_time(a.expires_at)) }

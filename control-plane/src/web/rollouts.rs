@@ -91,8 +91,16 @@ pub async fn list(State(state): State<AppState>, signed: Signed) -> Result<Marku
                     @for r in &found.rollouts {
                         tr {
                             td { a href=(format!("/ui/rollouts/{}", r.id)) { (layout::short(&r.id.to_string())) } }
-                            td { (names.of(r.project_id)) }
-                            td { code { (r.git_ref) } }
+                            @match (&r.upgrade_agent, r.project_id) {
+                                (Some(upgrade), _) => {
+                                    td { "Agent upgrade" }
+                                    td { code { (upgrade.version) } }
+                                }
+                                (None, project) => {
+                                    td { (project.map(|p| names.of(p)).unwrap_or_default()) }
+                                    td { code { (r.git_ref.as_deref().unwrap_or_default()) } }
+                                }
+                            }
                             td { (layout::status(&r.state)) }
                             td { (r.current_batch.map(|b| b + 1).unwrap_or(0)) " / " (r.batch_count) }
                             td { (layout::time(r.created_at)) }
@@ -169,7 +177,13 @@ pub async fn show(
     let names = Names::load(&state, &signed).await?;
     let key = state_key(&r);
     let body = html! {
-        h1 { "Rollout of " (names.of(r.project_id)) " at " code { (r.git_ref) } }
+        @match (&r.upgrade_agent, r.project_id) {
+            (Some(upgrade), _) => h1 { "Agent upgrade to " code { (upgrade.version) } },
+            (None, project) => h1 {
+                "Rollout of " (project.map(|p| names.of(p)).unwrap_or_default())
+                " at " code { (r.git_ref.as_deref().unwrap_or_default()) }
+            },
+        }
         div id="rollout" data-follow=(format!("/v1/rollouts/{id}/events")) {
             dl.facts {
                 dt { "State" } dd id="rollout-state" { (layout::status(&r.state)) }
@@ -315,6 +329,7 @@ impl NewRollout {
             .unwrap_or(defaults.unreachable_after_seconds),
             min_agent_version: Some(self.min_agent_version.trim().to_owned())
                 .filter(|v| !v.is_empty()),
+            upgrade_deadline_seconds: None,
         })
     }
 }
@@ -335,16 +350,17 @@ pub async fn create(
             "choose the servers by at least one label (key=value)",
         ));
     }
-    let request = CreateRollout {
-        project_id: form
-            .project_id
-            .parse()
-            .map_err(|_| WebError::new(StatusCode::UNPROCESSABLE_ENTITY, "choose a project"))?,
-        git_ref: form.git_ref.clone(),
-        selector: Some(Selector { labels }),
-        server_ids: None,
-        strategy: Some(form.strategy()?),
-    };
+    let request =
+        CreateRollout {
+            project_id: Some(form.project_id.parse().map_err(|_| {
+                WebError::new(StatusCode::UNPROCESSABLE_ENTITY, "choose a project")
+            })?),
+            git_ref: Some(form.git_ref.clone()),
+            upgrade_agent: None,
+            selector: Some(Selector { labels }),
+            server_ids: None,
+            strategy: Some(form.strategy()?),
+        };
     let answer = rollouts::create(
         State(state),
         signed.meta.clone(),

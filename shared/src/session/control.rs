@@ -324,6 +324,9 @@ pub enum ControlJobAction {
     },
     /// The agent pinned the CA endorsed on this stream.
     TrustStored,
+    /// The agent described its host (already checked by
+    /// [`crate::upgrade::check_host_facts`]): store it; a `Finish` follows.
+    StoreHostFacts { os: String, arch: String },
     /// The exchange is over: finish the stream.
     Finish,
 }
@@ -426,6 +429,17 @@ impl ControlJob {
                             pinned_cas,
                             job_keys,
                         });
+                    Ok(())
+                }
+            }
+            (ControlJobState::AwaitingFirst, AgentMessage::HostFacts { os, arch }) => {
+                if crate::upgrade::check_host_facts(&os, &arch).is_err() {
+                    Err(ControlJobError::Unexpected("HostFacts out of bounds"))
+                } else {
+                    self.state = ControlJobState::Done;
+                    self.actions
+                        .push_back(ControlJobAction::StoreHostFacts { os, arch });
+                    self.actions.push_back(ControlJobAction::Finish);
                     Ok(())
                 }
             }

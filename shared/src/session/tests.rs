@@ -1382,3 +1382,35 @@ fn a_watch_with_job_keys_follows_a_job_key_rotation() {
         })
         .is_err());
 }
+
+/// A host description within bounds is stored and the stream finished; one out of bounds is
+/// a protocol error and stores nothing.
+#[test]
+fn host_facts_are_stored_only_within_bounds() {
+    let mut job = ControlJob::new();
+    job.handle(AgentMessage::HostFacts {
+        os: "Debian GNU/Linux 12 (bookworm)".into(),
+        arch: "x86_64".into(),
+    })
+    .expect("accepted");
+    assert_eq!(
+        job.poll(),
+        Some(ControlJobAction::StoreHostFacts {
+            os: "Debian GNU/Linux 12 (bookworm)".into(),
+            arch: "x86_64".into()
+        })
+    );
+    assert_eq!(job.poll(), Some(ControlJobAction::Finish));
+    assert!(job.is_done());
+
+    for (os, arch) in [
+        ("x".repeat(101), "x86_64".to_owned()),
+        ("Linux\u{1b}[2J".to_owned(), "x86_64".to_owned()),
+        ("Linux".to_owned(), "x86_64; rm".to_owned()),
+    ] {
+        let mut job = ControlJob::new();
+        assert!(job.handle(AgentMessage::HostFacts { os, arch }).is_err());
+        assert_eq!(job.poll(), None, "nothing to store");
+        assert!(job.is_done());
+    }
+}

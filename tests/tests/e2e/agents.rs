@@ -69,7 +69,7 @@ async fn enroll_connect_then_revoke_cuts_the_agent_off_within_a_second() {
     let (_, server) = t
         .get(&format!("/v1/servers/{}", agent.server_id), &cookie)
         .await;
-    assert_eq!(server["agent"]["version"], sensei_agent::VERSION);
+    assert_eq!(server["agent"]["version"], sensei_agent::version());
     assert_eq!(
         server["ca_fingerprint"],
         t.plane.ca_fingerprint().to_string()

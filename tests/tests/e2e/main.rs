@@ -30,4 +30,5 @@ mod ssh;
 mod sso;
 mod system;
 mod trust;
+mod upgrades;
 mod webauthn;

@@ -59,7 +59,7 @@ impl Session {
         let (mut send, mut recv) = connection.open_bi().await.expect("control stream");
         let hello = AgentMessage::Hello {
             server_id: identity.meta.server_id,
-            agent_version: sensei_agent::VERSION.into(),
+            agent_version: sensei_agent::version().into(),
         };
         write_frame(&mut send, &hello).await.expect("hello");
         let welcome = read_frame::<ControlMessage, _>(&mut recv)

@@ -664,3 +664,76 @@ async fn a_ci_key_deploys_once_per_idempotency_key_and_an_expired_key_is_named()
     );
     assert_eq!(deployments(&t).await, 1);
 }
+
+/// `sensei servers show` names the agent's OS and architecture; `sensei rollout start
+/// --upgrade-agent` starts an agent upgrade (here to the version the agent runs: it succeeds
+/// at once) and a malformed version is refused with the API's reason, starting nothing.
+#[tokio::test]
+async fn the_cli_shows_agent_hosts_and_starts_agent_upgrades() {
+    let t = TestPlane::start().await;
+    let email = "upgrades@example.com";
+    let (cookie, _) = t.signup(email, PW).await;
+    let agent = t
+        .start_labelled_agent(
+            &cookie,
+            "up-1",
+            json!({"tier": "up"}),
+            sensei_agent::jobs::JobPolicy::default(),
+        )
+        .await;
+    let path = format!("/v1/servers/{}", agent.server_id);
+    assert!(
+        eventually(std::time::Duration::from_secs(20), || async {
+            t.get(&path, &cookie).await.1["agent"]["arch"].is_string()
+        })
+        .await
+    );
+    let cli = Cli::new();
+    let out = cli.login(&t, email, &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let shown = cli.ok(&["servers", "show", "up-1"]).await;
+    let (os, arch) = sensei_agent::upgrade::host_facts();
+    assert!(shown.contains(&os) && shown.contains(&arch), "{shown}");
+
+    let out = cli
+        .run(&[
+            "rollout",
+            "start",
+            "--upgrade-agent",
+            "0.1.1; reboot",
+            "--label",
+            "tier=up",
+        ])
+        .await;
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("Debian package version"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(t.count("SELECT count(*) FROM rollouts").await, 0);
+
+    let current = format!("{}-1", sensei_agent::version());
+    let out = cli
+        .run(&[
+            "rollout",
+            "start",
+            "--upgrade-agent",
+            &current,
+            "--label",
+            "tier=up",
+            "--canary",
+            "0",
+            "--watch",
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let rollouts = cli.json(&["rollout", "list"]).await;
+    assert_eq!(rollouts["rollouts"][0]["state"], "succeeded");
+    assert_eq!(
+        rollouts["rollouts"][0]["upgrade_agent"]["version"],
+        current.as_str()
+    );
+    let list = cli.ok(&["rollout", "list"]).await;
+    assert!(list.contains(&format!("agent {current}")), "{list}");
+}

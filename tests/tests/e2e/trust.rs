@@ -50,7 +50,7 @@ impl RacingConnection {
         if let Ok((mut send, mut recv)) = self.connection.open_bi().await {
             let hello = AgentMessage::Hello {
                 server_id: self.server_id,
-                agent_version: sensei_agent::VERSION.into(),
+                agent_version: sensei_agent::version().into(),
             };
             if write_frame(&mut send, &hello).await.is_ok() {
                 if let Ok(Ok(Some(m))) = tokio::time::timeout(

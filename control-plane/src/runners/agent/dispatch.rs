@@ -201,6 +201,25 @@ pub async fn serve_poll(
                     // Cannot be out of order: the machine asked for this watch.
                     let _ = exchange.announce(news);
                 }
+                ControlJobAction::StoreHostFacts { os, arch } => {
+                    // Checked by the machine (length, charset); written only when changed, so
+                    // a fleet reconnecting costs reads, not writes.
+                    let stored = match ctx.pool.get().await {
+                        Ok(client) => client
+                            .execute(
+                                "UPDATE servers SET agent_os = $2, agent_arch = $3 WHERE id = $1 \
+                                 AND (agent_os IS DISTINCT FROM $2 OR agent_arch IS DISTINCT FROM $3)",
+                                &[&server_id, &os, &arch],
+                            )
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| crate::store::db::describe(&e)),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(error) = stored {
+                        tracing::warn!(%server_id, %error, "cannot store the agent's host facts");
+                    }
+                }
                 ControlJobAction::TrustStored => {
                     tracing::info!(%server_id, "the agent follows the CA or job-key change");
                 }
