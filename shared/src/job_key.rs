@@ -67,6 +67,10 @@ pub enum JobKeyError {
     /// Told to keep a key it does not pin: the message is refused whole.
     #[error("told to keep only the job-signing key {}, which this agent does not pin", hex_short(.0))]
     CurrentNotPinned([u8; 32]),
+    /// Told that an older key is current: a replica that missed the rotation (its keys not
+    /// reloaded) must not make the agent drop the newer key its jobs are signed with.
+    #[error("told that the job-signing key {} is current, but this agent pinned a newer one", hex_short(.0))]
+    CurrentNotNewest([u8; 32]),
 }
 
 fn hex_short(key: &[u8; 32]) -> String {
@@ -143,8 +147,9 @@ impl JobKeySet {
     }
 
     /// The set without the keys in `retired`, keeping `current` whatever `retired` says;
-    /// refused if `current` is not pinned (the control plane can narrow what the agent
-    /// accepts, never empty it nor drop the key it signs with). `None` if nothing changes.
+    /// refused if `current` is not pinned, or is not the newest key pinned (the control plane
+    /// can narrow what the agent accepts, never empty it, drop the key it signs with, nor
+    /// turn the agent back to an older key). `None` if nothing changes.
     pub fn without_retired(
         &self,
         retired: &[[u8; 32]],
@@ -152,6 +157,9 @@ impl JobKeySet {
     ) -> Result<Option<Self>, JobKeyError> {
         if !self.contains(&current) {
             return Err(JobKeyError::CurrentNotPinned(current));
+        }
+        if self.newest().as_bytes() != &current {
+            return Err(JobKeyError::CurrentNotNewest(current));
         }
         let kept: Vec<[u8; 32]> = self
             .raw()
@@ -288,6 +296,12 @@ mod tests {
             .expect("changed");
         assert_eq!(narrowed.raw(), [pub_of(2)]);
         assert_eq!(narrowed.without_retired(&[pub_of(1)], pub_of(2)), Ok(None));
+        // A replica that missed the rotation names the old key as current and the new one as
+        // retired: refused whole, the newer key stays.
+        assert_eq!(
+            set.without_retired(&[pub_of(2)], pub_of(1)),
+            Err(JobKeyError::CurrentNotNewest(pub_of(1)))
+        );
     }
 
     #[test]

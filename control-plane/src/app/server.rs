@@ -468,6 +468,9 @@ impl ControlPlane {
             oidc_providers: Default::default(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
+        // Alive before the first agent is accepted: another replica's sweep releases the
+        // agents of replicas it does not see alive.
+        crate::jobs::sweep::heartbeat(&pool, hub.replica_id).await;
         let tasks = vec![
             tokio::spawn(gateway::run(
                 endpoint.clone(),

@@ -34,6 +34,9 @@ pub async fn run(pool: Pool, replica: Uuid, mut shutdown: watch::Receiver<bool>)
                 if sweeps.is_multiple_of(2) {
                     heartbeat(&pool, replica).await;
                 }
+                if sweeps.is_multiple_of(RELEASE_EVERY) {
+                    release_silent_replicas_agents(&pool).await;
+                }
                 sweeps += 1;
                 sweep(&pool).await;
             }
@@ -41,6 +44,40 @@ pub async fn run(pool: Pool, replica: Uuid, mut shutdown: watch::Receiver<bool>)
         }
     }
     retire(&pool, replica).await;
+}
+
+/// How many sweeps apart the agents of silent replicas are released.
+const RELEASE_EVERY: u64 = 15;
+
+/// Servers whose row still names a replica that is gone (killed, or stopped while its
+/// disconnect marks could not be written) are marked disconnected, last seen at that
+/// replica's last heartbeat. The API already shows them offline (it checks the replica's
+/// heartbeat); this keeps the rows true for everything that reads `connected_replica`
+/// (rotation status and retirement), and costs one statement every [`RELEASE_EVERY`] s.
+pub async fn release_silent_replicas_agents(pool: &Pool) {
+    let released = match pool.get().await {
+        Ok(client) => client
+            .execute(
+                "UPDATE servers s SET connected_replica = NULL, \
+                   last_seen_at = coalesce((SELECT r.heartbeat_at FROM replicas r \
+                                            WHERE r.id = s.connected_replica), s.last_seen_at) \
+                 WHERE s.connected_replica IS NOT NULL \
+                   AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = s.connected_replica \
+                                   AND r.heartbeat_at > now() - make_interval(secs => $1))",
+                &[&(REPLICA_SILENCE_SECS as f64)],
+            )
+            .await
+            .map_err(|e| crate::store::db::describe(&e)),
+        Err(e) => Err(e.to_string()),
+    };
+    match released {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            servers = n,
+            "marked the agents of silent replicas disconnected"
+        ),
+        Err(error) => tracing::warn!(%error, "releasing the agents of silent replicas"),
+    }
 }
 
 /// Records `replica` as alive.

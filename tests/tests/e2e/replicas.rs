@@ -231,6 +231,23 @@ async fn a_replica_killed_mid_rollout_does_not_stop_the_rollout() {
             "last seen {seen}: long before the kill at {killed_at}"
         );
     }
+    // B's sweep then releases them in the database too (what rotations read).
+    let conn = sensei_e2e::connect(&db).await;
+    for id in &servers {
+        assert!(
+            sensei_e2e::eventually(Duration::from_secs(40), || async {
+                conn.query_one(
+                    "SELECT connected_replica IS NULL FROM servers WHERE id = $1::text::uuid",
+                    &[id],
+                )
+                .await
+                .expect("server")
+                .get::<_, bool>(0)
+            })
+            .await,
+            "server {id} still names the killed replica"
+        );
+    }
     // Traffic for A's address now reaches another replica (as a load balancer would send it).
     let _a2 = replica(&db, &key, api_a, udp_a).await;
 
