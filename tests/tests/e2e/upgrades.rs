@@ -482,3 +482,109 @@ async fn an_upgrade_rollout_upgrades_a_real_agent_process() {
         "sensei-agent 0.1.1"
     );
 }
+
+/// A hostile agent describing its host again and again on one session: the second
+/// description resets its stream and writes nothing (one write per session at most).
+#[tokio::test]
+async fn a_second_host_description_on_one_session_is_refused_and_writes_nothing() {
+    use sensei_shared::codec::io::{read_frame, write_frame};
+    use sensei_shared::protocol::{AgentMessage, ControlMessage, ALPN};
+
+    let t = TestPlane::start().await;
+    let (cookie, _) = t
+        .signup(
+            &format!("u{}@example.com", uuid::Uuid::new_v4().simple()),
+            PW,
+        )
+        .await;
+    let agent = t.start_agent(&cookie, "host-facts-twice").await;
+    let path = format!("/v1/servers/{}", agent.server_id);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            t.get(&path, &cookie).await.1["agent"]["arch"].is_string()
+        })
+        .await,
+        "the agent never reported its host"
+    );
+    // The same identity, driven by the test: stop the real agent first.
+    let _ = agent.stop.send(true);
+    let identity = agent.state.load().expect("identity");
+    let verifier = sensei_certs::tls::verifier_trusting(t.plane.ca_pem()).expect("verifier");
+    let tls = sensei_certs::tls::agent_client_config(
+        verifier,
+        Some((identity.cert_pem.as_str(), identity.key_pem.as_str())),
+        ALPN,
+    )
+    .expect("tls");
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    let config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let connection = endpoint
+        .connect_with(config, t.plane.agent_addr(), "127.0.0.1")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut control, mut control_recv) = connection.open_bi().await.expect("control stream");
+    write_frame(
+        &mut control,
+        &AgentMessage::Hello {
+            server_id: agent.server_id,
+            agent_version: "test".into(),
+        },
+    )
+    .await
+    .expect("hello");
+    let welcome = tokio::time::timeout(
+        Duration::from_secs(5),
+        read_frame::<ControlMessage, _>(&mut control_recv),
+    )
+    .await
+    .expect("in time")
+    .expect("readable");
+    assert!(
+        matches!(welcome, Some(ControlMessage::Welcome { .. })),
+        "{welcome:?}"
+    );
+    let describe = |os: &str| AgentMessage::HostFacts {
+        os: os.into(),
+        arch: "x86_64".into(),
+    };
+    // The first description is stored and its stream finished.
+    let (mut send, mut recv) = connection.open_bi().await.expect("stream");
+    write_frame(&mut send, &describe("First OS"))
+        .await
+        .expect("facts");
+    let first = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(64))
+        .await
+        .expect("in time");
+    assert!(
+        first.is_ok(),
+        "the first description's stream ends cleanly: {first:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            t.get(&path, &cookie).await.1["agent"]["os"] == "First OS"
+        })
+        .await,
+        "the first description was not stored"
+    );
+    // The second is refused: the stream is reset, and nothing is written.
+    let (mut send, mut recv) = connection.open_bi().await.expect("stream");
+    write_frame(&mut send, &describe("Second OS"))
+        .await
+        .expect("facts");
+    let second = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(64))
+        .await
+        .expect("in time");
+    assert!(
+        matches!(
+            second,
+            Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(_)))
+        ),
+        "{second:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(t.get(&path, &cookie).await.1["agent"]["os"], "First OS");
+    connection.close(quinn::VarInt::from_u32(0), b"");
+    endpoint.wait_idle().await;
+}

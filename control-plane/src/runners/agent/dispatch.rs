@@ -9,7 +9,7 @@ use std::time::Duration;
 use quinn::VarInt;
 use sensei_certs::AgentCertStatus;
 use sensei_shared::codec::io::{write_frame, FrameReader};
-use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult};
+use sensei_shared::protocol::{close, AgentMessage, ControlMessage, JobResult};
 use sensei_shared::session::{ControlJob, ControlJobAction};
 use uuid::Uuid;
 
@@ -202,6 +202,14 @@ pub async fn serve_poll(
                     let _ = exchange.announce(news);
                 }
                 ControlJobAction::StoreHostFacts { os, arch } => {
+                    if link
+                        .host_facts_seen
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!(%server_id, "the agent described its host twice on one session; stream reset");
+                        let _ = send.reset(VarInt::from_u32(close::PROTOCOL_ERROR));
+                        return;
+                    }
                     // Checked by the machine (length, charset); written only when changed, so
                     // a fleet reconnecting costs reads, not writes.
                     let stored = match ctx.pool.get().await {

@@ -29,6 +29,9 @@ pub struct SessionLink {
     pub agent_version: String,
     /// Set once the agent stored a renewed certificate.
     pub drain: Drain,
+    /// The agent described its host on this session: it does so once, so a second
+    /// description is a protocol error (a hostile agent cannot turn streams into writes).
+    pub host_facts_seen: std::sync::atomic::AtomicBool,
 }
 
 pub async fn run(
@@ -130,6 +133,7 @@ pub async fn run(
         peer: connection.remote_address().ip(),
         agent_version: agent_version.clone(),
         drain: Drain::default(),
+        host_facts_seen: std::sync::atomic::AtomicBool::new(false),
     });
     tracing::info!(%server_id, %agent_version, peer = %connection.remote_address(), "agent connected");
     // Cannot be out of order: the machine asked for the registration just above.
