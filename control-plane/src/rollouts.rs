@@ -27,9 +27,9 @@ use crate::secrets::field_crypto::FieldKeys;
 /// How often the scheduler looks at rollouts in progress.
 const TICK: Duration = Duration::from_millis(250);
 /// How long the scheduler sleeps when no rollout is in progress, unless a rollout changes
-/// first (the live-follow notifications, from any replica, wake it at once). A rollout is
-/// created with its targets, whose insert notifies; approving, resuming, aborting and rolling
-/// back update its row, which notifies too. This is only a safety net: an idle scheduler
+/// first (`activity`: the live-follow notifications, from any replica, wake it at once).
+/// A rollout is created with its targets, whose insert notifies; approving, resuming,
+/// aborting and rolling back update its row, which notifies too. This is only a safety net: an idle scheduler
 /// costs the database one query per interval instead of four a second.
 const IDLE_TICK: Duration = Duration::from_secs(10);
 
@@ -58,7 +58,7 @@ pub async fn run(
     pool: Pool,
     hub: std::sync::Arc<AgentHub>,
     keys: std::sync::Arc<crate::secrets::field_crypto::FieldKeys>,
-    live: std::sync::Arc<crate::api::live::LiveStreams>,
+    activity: std::sync::Arc<tokio::sync::Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -78,7 +78,7 @@ pub async fn run(
         } else {
             tokio::select! {
                 _ = tokio::time::sleep(IDLE_TICK) => {}
-                () = live.rollout_activity() => {}
+                () = activity.notified() => {}
                 _ = shutdown.changed() => return,
             }
         }

@@ -67,7 +67,7 @@ pub struct LiveStreams {
     open: Mutex<Open>,
     changes: Mutex<HashMap<Followed, watch::Sender<u64>>>,
     /// Some rollout (any, on any replica) changed: what wakes an idle rollout scheduler.
-    rollout_activity: tokio::sync::Notify,
+    rollout_activity: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -120,7 +120,7 @@ impl LiveStreams {
             presence_lifetime,
             open: Mutex::default(),
             changes: Mutex::default(),
-            rollout_activity: tokio::sync::Notify::new(),
+            rollout_activity: Arc::default(),
         })
     }
 
@@ -188,10 +188,11 @@ impl LiveStreams {
             .subscribe()
     }
 
-    /// Resolves at the next change of any rollout (or at once if one happened since the last
-    /// wait): a rollout was created, approved, resumed, aborted or rolled back.
-    pub async fn rollout_activity(&self) {
-        self.rollout_activity.notified().await
+    /// Notified at each change of any rollout (a permit is kept if nobody waits): a rollout
+    /// was created, approved, resumed, aborted or rolled back. The rollout scheduler waits on
+    /// it when idle.
+    pub fn rollout_activity(&self) -> Arc<tokio::sync::Notify> {
+        self.rollout_activity.clone()
     }
 
     /// `subject` changed: wake its streams.

@@ -511,7 +511,7 @@ impl ControlPlane {
                 pool.clone(),
                 hub.clone(),
                 state_keys.clone(),
-                live_streams.clone(),
+                live_streams.rollout_activity(),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(
