@@ -593,8 +593,18 @@ pub fn owner_url() -> Option<String> {
         .filter(|u| !u.trim().is_empty())
 }
 
-/// The database as a maintenance command opens it: `DATABASE_URL` (migrated as the owner
-/// when `DATABASE_OWNER_URL` is set) with a small pool.
+/// Prints the servers whose agents have not followed a CA or job-key rotation, one a line.
+fn list_lagging(servers: &[crate::runners::agent::ca_rotation::LaggingServer]) {
+    for s in servers {
+        println!(
+            "  {} {} ({})",
+            s.id,
+            s.name,
+            if s.connected { "connected" } else { "offline" }
+        );
+    }
+}
+
 /// `ca rotate | status | retire`.
 async fn ca_command(
     pool: &deadpool_postgres::Pool,
@@ -602,16 +612,6 @@ async fn ca_command(
     command: CaCommand,
 ) -> anyhow::Result<i32> {
     use crate::runners::agent::ca_rotation::{self, CaRotationError};
-    let list = |servers: &[ca_rotation::OldCaServer]| {
-        for s in servers {
-            println!(
-                "  {} {} ({})",
-                s.id,
-                s.name,
-                if s.connected { "connected" } else { "offline" }
-            );
-        }
-    };
     match command {
         CaCommand::Rotate => match ca_rotation::rotate(pool, keys).await {
             Ok(rotated) => {
@@ -644,7 +644,7 @@ async fn ca_command(
                     )
                     .await?;
                     println!("{} agent(s) not on the current CA yet:", old.len());
-                    list(&old);
+                    list_lagging(&old);
                 }
             }
             Ok(0)
@@ -661,7 +661,7 @@ async fn ca_command(
                          (POST /v1/servers/{{id}}/enrollment-token, then `sensei-agent enroll`):",
                         retired.stranded.len()
                     );
-                    list(&retired.stranded);
+                    list_lagging(&retired.stranded);
                 }
                 Ok(0)
             }
@@ -681,16 +681,6 @@ async fn job_key_command(
     command: JobKeyCommand,
 ) -> anyhow::Result<i32> {
     use crate::runners::agent::job_key_rotation::{self, public_hex, JobKeyRotationError};
-    let list = |servers: &[job_key_rotation::OldJobKeyServer]| {
-        for s in servers {
-            println!(
-                "  {} {} ({})",
-                s.id,
-                s.name,
-                if s.connected { "connected" } else { "offline" }
-            );
-        }
-    };
     match command {
         JobKeyCommand::Rotate => match job_key_rotation::rotate(pool, keys).await {
             Ok(rotated) => {
@@ -730,7 +720,7 @@ async fn job_key_command(
                         "{} agent(s) have not acknowledged the current key:",
                         old.len()
                     );
-                    list(&old);
+                    list_lagging(&old);
                 }
             }
             Ok(0)
@@ -749,7 +739,7 @@ async fn job_key_command(
                              then `sensei-agent enroll`):",
                             retired.stranded.len()
                         );
-                        list(&retired.stranded);
+                        list_lagging(&retired.stranded);
                     }
                     Ok(0)
                 }

@@ -131,7 +131,7 @@ pub enum CaRotationError {
         .0.len(),
         .0.iter().map(|s| format!("{} ({})", s.name, s.id)).collect::<Vec<_>>().join(", ")
     )]
-    StillConnected(Vec<OldCaServer>),
+    StillConnected(Vec<LaggingServer>),
 }
 
 impl From<tokio_postgres::Error> for CaRotationError {
@@ -146,9 +146,10 @@ impl From<deadpool_postgres::PoolError> for CaRotationError {
     }
 }
 
-/// A server whose agent has not moved to the current CA.
+/// A server whose agent has not followed a rotation: not moved to the current CA, or (in
+/// [`super::job_key_rotation`]) not acknowledged the current job-signing key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OldCaServer {
+pub struct LaggingServer {
     pub id: Uuid,
     pub account_id: Uuid,
     pub name: String,
@@ -250,7 +251,7 @@ pub async fn servers_on_old_ca(
     client: &impl tokio_postgres::GenericClient,
     current: &Fingerprint,
     account: Option<Uuid>,
-) -> Result<Vec<OldCaServer>, tokio_postgres::Error> {
+) -> Result<Vec<LaggingServer>, tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT s.id, s.account_id, s.name, s.connected_replica IS NOT NULL AS connected \
@@ -267,7 +268,7 @@ pub async fn servers_on_old_ca(
         .await?;
     Ok(rows
         .iter()
-        .map(|row| OldCaServer {
+        .map(|row| LaggingServer {
             id: row.get(0),
             account_id: row.get(1),
             name: row.get(2),
@@ -282,7 +283,7 @@ pub struct Retired {
     pub retired: Fingerprint,
     pub current: Fingerprint,
     /// Agents that never moved: their certificates are retired, they must enroll again.
-    pub stranded: Vec<OldCaServer>,
+    pub stranded: Vec<LaggingServer>,
     pub certificates_retired: u64,
 }
 
@@ -319,7 +320,7 @@ pub async fn retire(
         return Err(CaRotationError::NotRotating);
     };
     let stranded = servers_on_old_ca(&*tx, &current, None).await?;
-    let connected: Vec<OldCaServer> = stranded.iter().filter(|s| s.connected).cloned().collect();
+    let connected: Vec<LaggingServer> = stranded.iter().filter(|s| s.connected).cloned().collect();
     if !connected.is_empty() && !force {
         return Err(CaRotationError::StillConnected(connected));
     }

@@ -27,6 +27,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::ca_rotation::LaggingServer;
 use super::{cert_events, AgentHub};
 use crate::audit::{self, Actor, AuditEvent, Outcome};
 use crate::secrets::field_crypto::FieldKeys;
@@ -53,7 +54,7 @@ pub enum JobKeyRotationError {
         .0.len(),
         .0.iter().map(|s| format!("{} ({})", s.name, s.id)).collect::<Vec<_>>().join(", ")
     )]
-    StillConnected(Vec<OldJobKeyServer>),
+    StillConnected(Vec<LaggingServer>),
 }
 
 impl From<tokio_postgres::Error> for JobKeyRotationError {
@@ -66,15 +67,6 @@ impl From<deadpool_postgres::PoolError> for JobKeyRotationError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         Self::Pki(e.into())
     }
-}
-
-/// A server whose agent has not acknowledged the current job-signing key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OldJobKeyServer {
-    pub id: Uuid,
-    pub account_id: Uuid,
-    pub name: String,
-    pub connected: bool,
 }
 
 /// The public key of `key`, as operators see it (hex).
@@ -155,7 +147,7 @@ pub async fn servers_on_old_job_key(
     client: &impl tokio_postgres::GenericClient,
     current: &[u8; 32],
     account: Option<Uuid>,
-) -> Result<Vec<OldJobKeyServer>, tokio_postgres::Error> {
+) -> Result<Vec<LaggingServer>, tokio_postgres::Error> {
     let rows = client
         .query(
             &format!(
@@ -169,7 +161,7 @@ pub async fn servers_on_old_job_key(
         .await?;
     Ok(rows
         .iter()
-        .map(|row| OldJobKeyServer {
+        .map(|row| LaggingServer {
             id: row.get(0),
             account_id: row.get(1),
             name: row.get(2),
@@ -210,7 +202,7 @@ pub struct Retired {
     pub retired: String,
     pub current: String,
     /// Agents that never acknowledged the current key: they must enroll again.
-    pub stranded: Vec<OldJobKeyServer>,
+    pub stranded: Vec<LaggingServer>,
 }
 
 /// Ends a rotation: the previous key is destroyed, every job is signed by the current one.
@@ -240,8 +232,7 @@ pub async fn retire(
         return Err(JobKeyRotationError::NotRotating);
     };
     let stranded = servers_on_old_job_key(&*tx, &current, None).await?;
-    let connected: Vec<OldJobKeyServer> =
-        stranded.iter().filter(|s| s.connected).cloned().collect();
+    let connected: Vec<LaggingServer> = stranded.iter().filter(|s| s.connected).cloned().collect();
     if !connected.is_empty() && !force {
         return Err(JobKeyRotationError::StillConnected(connected));
     }
