@@ -14,6 +14,7 @@
 mod agent_set;
 mod authority;
 mod fingerprint;
+pub mod handshake_cost;
 mod pinned;
 pub mod rotation;
 pub mod tls;

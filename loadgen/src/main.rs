@@ -59,6 +59,12 @@ enum Scenario {
     Logins(logins::LoginOptions),
     /// N connected agents renew their certificates over their sessions and reconnect.
     Renewals(RenewalOptions),
+    /// Full mutual-TLS handshakes in a tight loop, in memory, with the gateway's and the
+    /// agent's own configurations: the machine's physical limit, CPU per side.
+    Handshakes {
+        #[arg(long, default_value_t = 2000)]
+        rounds: u32,
+    },
 }
 
 #[derive(clap::Args, Clone, Copy)]
@@ -76,7 +82,7 @@ struct RenewalOptions {
     ramp: usize,
 }
 
-#[derive(clap::Args, Clone, Copy)]
+#[derive(clap::Args, Clone)]
 struct FleetOptions {
     #[arg(long, default_value_t = 1000)]
     agents: usize,
@@ -98,6 +104,12 @@ struct FleetOptions {
     /// Stop after the idle density figures (for the largest fleets).
     #[arg(long)]
     idle_only: bool,
+    /// Connect the fleet, then go straight to the reconnect storm.
+    #[arg(long, conflicts_with = "idle_only")]
+    storm_only: bool,
+    /// Run the control plane on these CPUs only (`taskset -c LIST`, e.g. `0`).
+    #[arg(long)]
+    plane_cpus: Option<String>,
 }
 
 /// What every scenario runs against.
@@ -117,7 +129,7 @@ pub(crate) struct Setup {
 }
 
 impl Setup {
-    pub(crate) async fn new(heartbeat_secs: u64) -> anyhow::Result<Self> {
+    pub(crate) async fn new(heartbeat_secs: u64, cpus: Option<String>) -> anyhow::Result<Self> {
         let pg_dir = plane::open_tempdir("sensei-loadgen-pg-")?;
         // A durable cluster (fsync on), as in production: acknowledgements are real commits.
         let cluster = sensei_control_plane::store::postgres_cluster::PostgresCluster::start(
@@ -151,6 +163,7 @@ impl Setup {
             agent_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(true)?)),
             heartbeat_secs,
             log: data_dir.path().join("control-plane.log"),
+            cpus,
         };
         let plane = Plane::start(&config)?;
         let http = plane::client_for(&config.data_dir, &config.public_url()).await?;
@@ -216,6 +229,21 @@ impl Setup {
         self.plane
             .as_ref()
             .context("the control plane is not running")
+    }
+
+    /// One unlabelled figure from the running plane's `/metrics`.
+    async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base()))
+            .send()
+            .await?
+            .text()
+            .await?;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("{name} is not in /metrics"))
     }
 
     async fn post(&self, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
@@ -340,21 +368,22 @@ async fn connect_fleet(
     Ok((fleet, server_ids))
 }
 
-async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::Result<Value> {
+/// Idle density, dispatch latency and rollouts on the connected fleet. Answers the run's
+/// metadata when the run ends here (`--idle-only`).
+async fn steady_state(
+    report: &mut Report,
+    setup: &Setup,
+    fleet: &Fleet,
+    server_ids: &[Uuid],
+    baseline: u64,
+    options: &FleetOptions,
+) -> anyhow::Result<Option<Value>> {
     let FleetOptions {
         agents,
         idle_secs,
         dispatches,
-        endpoints,
-        ramp,
-        heartbeat_secs,
-        idle_only,
-    } = options;
-    let mut setup = Setup::new(heartbeat_secs).await?;
-    // 1. Idle density (the baseline before any agent is there).
-    let baseline = setup.plane()?.rss_kib();
-    let (fleet, server_ids) = connect_fleet(report, &setup, agents, endpoints, ramp).await?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+        ..
+    } = *options;
     let cpu_before = setup.plane()?.cpu();
     let db_before = setup.db_reading().await?;
     let measured = Instant::now();
@@ -382,9 +411,10 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
         format!("{:.1}% of one core over {idle_secs} s", idle_cpu * 100.0),
         json!({"core_fraction": idle_cpu, "secs": idle_secs}),
     );
-    if idle_only {
-        fleet.stop().await;
-        return Ok(json!({"agents": agents, "idle_secs": idle_secs, "idle_only": true}));
+    if options.idle_only {
+        return Ok(Some(
+            json!({"agents": agents, "idle_secs": idle_secs, "idle_only": true}),
+        ));
     }
 
     // 2. Dispatch latency: one deployment at a time to a random agent.
@@ -504,13 +534,46 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
         report.add("rollout", &format!("{label}: database share"), text, value);
     }
 
+    Ok(None)
+}
+
+async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::Result<Value> {
+    let FleetOptions {
+        agents,
+        idle_secs,
+        dispatches,
+        endpoints,
+        ramp,
+        heartbeat_secs,
+        storm_only,
+        plane_cpus,
+        ..
+    } = options.clone();
+    let mut setup = Setup::new(heartbeat_secs, plane_cpus.clone()).await?;
+    // 1. Idle density (the baseline before any agent is there).
+    let baseline = setup.plane()?.rss_kib();
+    let (fleet, server_ids) = connect_fleet(report, &setup, agents, endpoints, ramp).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    if !storm_only {
+        if let Some(meta) =
+            steady_state(report, &setup, &fleet, &server_ids, baseline, &options).await?
+        {
+            fleet.stop().await;
+            return Ok(meta);
+        }
+    }
+
     // 4. Reconnect storm: restart the control plane with every agent connected.
     let _ = fleet.shared.take_handshakes();
     let failed_before = fleet.shared.failed_attempts.load(Ordering::Relaxed);
     let sessions_before = fleet.shared.sessions.load(Ordering::Relaxed);
+    let schedule_rate = setup.metric("sensei_agent_reconnect_rate").await?;
     let old = setup.plane.take().context("plane")?;
+    let old_cpu = old.cpu();
     let stopping = Instant::now();
-    tokio::task::spawn_blocking(move || old.terminate()).await??;
+    let old_stop_cpu = tokio::task::spawn_blocking(move || old.terminate())
+        .await??
+        .saturating_sub(old_cpu);
     let stopped = stopping.elapsed();
     let restarted = Plane::start(&setup.config)?;
     plane::wait_healthy(&setup.http, setup.config.api_addr, Duration::from_secs(60)).await?;
@@ -529,22 +592,33 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
         );
     };
     let since_start = setup.plane()?.started.elapsed();
+    // The new process's whole CPU until the last agent was back (its start included), and
+    // the old one's from the close to its exit.
+    let storm_cpu = setup.plane()?.cpu() + old_stop_cpu;
     let handshakes = fleet.shared.take_handshakes();
     let failed = fleet.shared.failed_attempts.load(Ordering::Relaxed) - failed_before;
+    let deferred = setup
+        .metric("sensei_agent_handshakes_deferred_total")
+        .await?;
     report.add(
         "reconnect",
         "restart → all agents back",
         format!(
             "{agents} agents back {:.2} s after the new process started (stop took {:.2} s, ready after {:.2} s); \
-             handshake {}; failed attempts {failed}",
+             handshake {}; failed attempts {failed}; control-plane CPU {:.2} s ({:.2} s per 1k reconnects); \
+             spread at {schedule_rate:.0}/s, {deferred:.0} first packets deferred by admission",
             since_start.as_secs_f64(),
             stopped.as_secs_f64(),
             ready.as_secs_f64(),
-            Spread::of(&handshakes).map(|s| s.text()).unwrap_or_default()
+            Spread::of(&handshakes).map(|s| s.text()).unwrap_or_default(),
+            storm_cpu.as_secs_f64(),
+            storm_cpu.as_secs_f64() * 1000.0 / agents as f64,
         ),
         json!({"back_after_start_secs": since_start.as_secs_f64(), "stop_secs": stopped.as_secs_f64(),
                "ready_secs": ready.as_secs_f64(), "handshake": Spread::of(&handshakes).map(|s| s.json()),
-               "failed_attempts": failed}),
+               "failed_attempts": failed, "cpu_secs": storm_cpu.as_secs_f64(),
+               "schedule_rate": schedule_rate, "deferred": deferred,
+               "plane_cpus": plane_cpus}),
     );
     let refused = fleet.shared.refused.load(Ordering::Relaxed);
     if refused > 0 {
@@ -565,7 +639,7 @@ async fn renewals(report: &mut Report, options: RenewalOptions) -> anyhow::Resul
         endpoints,
         ramp,
     } = options;
-    let setup = Setup::new(30).await?;
+    let setup = Setup::new(30, None).await?;
     let (fleet, _) = connect_fleet(report, &setup, agents, endpoints, ramp).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let _ = fleet.shared.take_handshakes();
@@ -640,7 +714,7 @@ async fn renewals(report: &mut Report, options: RenewalOptions) -> anyhow::Resul
 
 /// The real agent binary, enrolled and connected: its memory after `secs`, and its size.
 async fn footprint(report: &mut Report, secs: u64) -> anyhow::Result<Value> {
-    let setup = Setup::new(30).await?;
+    let setup = Setup::new(30, None).await?;
     let agent_bin = plane::sibling_binary("sensei-agent")?;
     let (status, server) = setup
         .post(
@@ -715,6 +789,27 @@ async fn footprint(report: &mut Report, secs: u64) -> anyhow::Result<Value> {
     Ok(json!({"secs": secs}))
 }
 
+fn handshakes(report: &mut Report, rounds: u32) -> anyhow::Result<Value> {
+    let cost = sensei_certs::handshake_cost::measure(rounds)?;
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    report.add(
+        "handshakes",
+        "full mutual-TLS handshake, CPU per side",
+        format!(
+            "server {:.0} µs, client {:.0} µs (mean of {}): {:.0} handshakes/s per core for the \
+             server alone, {:.0}/s per core with both sides on it",
+            micros(cost.server),
+            micros(cost.client),
+            cost.rounds,
+            cost.server_per_core_per_sec(),
+            1.0 / (cost.server + cost.client).as_secs_f64()
+        ),
+        json!({"server_us": micros(cost.server), "client_us": micros(cost.client),
+               "server_per_core_per_sec": cost.server_per_core_per_sec()}),
+    );
+    Ok(json!({"rounds": rounds}))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     sensei_certs::tls::install_default_provider();
@@ -726,6 +821,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Footprint { secs } => footprint(&mut report, secs).await,
             Scenario::Logins(options) => logins::run(&mut report, options).await,
             Scenario::Renewals(options) => renewals(&mut report, options).await,
+            Scenario::Handshakes { rounds } => handshakes(&mut report, rounds),
         }
     })?;
     if let Some(path) = cli.json {

@@ -50,6 +50,9 @@ pub struct PlaneConfig {
     pub agent_addr: SocketAddr,
     pub heartbeat_secs: u64,
     pub log: PathBuf,
+    /// Run the control plane on these CPUs only (`taskset -c`), to see how it behaves with
+    /// less than the whole machine.
+    pub cpus: Option<String>,
 }
 
 impl PlaneConfig {
@@ -70,7 +73,15 @@ impl Plane {
             .create(true)
             .append(true)
             .open(&config.log)?;
-        let child = Command::new(&config.binary)
+        let mut command = match &config.cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpus).arg(&config.binary);
+                c
+            }
+            None => Command::new(&config.binary),
+        };
+        let child = command
             .arg("serve")
             .arg("--api-addr")
             .arg(config.api_addr.to_string())
@@ -113,8 +124,9 @@ impl Plane {
         proc_cpu(self.pid())
     }
 
-    /// SIGTERM (the graceful path: agents are told when to come back), then wait.
-    pub fn terminate(mut self) -> anyhow::Result<()> {
+    /// SIGTERM (the graceful path: agents are told when to come back), then wait. Answers the
+    /// process's CPU time at its exit.
+    pub fn terminate(mut self) -> anyhow::Result<Duration> {
         let status = Command::new("kill")
             .arg("-TERM")
             .arg(self.pid().to_string())
@@ -123,9 +135,15 @@ impl Plane {
             bail!("kill -TERM failed");
         }
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut cpu = self.cpu();
         while Instant::now() < deadline {
+            // Read while the process exists; after it is reaped /proc has nothing.
+            let now = self.cpu();
+            if now > cpu {
+                cpu = now;
+            }
             if self.child.try_wait()?.is_some() {
-                return Ok(());
+                return Ok(cpu);
             }
             std::thread::sleep(Duration::from_millis(20));
         }

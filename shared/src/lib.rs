@@ -3,6 +3,7 @@
 //! Nothing in this crate opens a socket, touches a database or reads the clock: callers feed it
 //! bytes, times and random numbers, so every rule can be tested with plain values.
 
+pub mod admission;
 pub mod backoff;
 pub mod codec;
 pub mod job;

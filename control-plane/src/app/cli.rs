@@ -62,6 +62,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSEI_AGENT_HEARTBEAT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub agent_heartbeat_secs: u64,
+    /// New agent handshakes admitted per second; past it a new connection's first packet
+    /// goes unanswered and the agent sends it again about a second later [default: measured
+    /// at start from the cost of a handshake on this machine, with 50 % headroom].
+    #[arg(long, env = "SENSEI_AGENT_HANDSHAKE_RATE",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub agent_handshake_rate: Option<u32>,
     /// Days the agent certificates issued are valid; agents renew them at about two thirds
     /// of that, over their connection.
     #[arg(long, env = "SENSEI_AGENT_CERT_DAYS", default_value_t = crate::app::server::AGENT_CERT_DAYS,
@@ -844,6 +850,7 @@ pub fn serve_options(
         database_owner_url: owner_url(),
         signup: args.signup,
         max_live_streams: args.max_live_streams as usize,
+        agent_handshake_rate: args.agent_handshake_rate.map(f64::from),
         ..ServeOptions::new(data_dir, database_source(), Arc::new(keys))
     }
 }

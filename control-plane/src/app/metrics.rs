@@ -123,6 +123,10 @@ pub struct FleetFigures {
     pub binary_sha256: String,
     /// Agents connected to this replica.
     pub connected_agents: usize,
+    /// Agent handshakes this replica left unanswered because they came faster than admitted.
+    pub agent_handshakes_deferred: u64,
+    /// Reconnects per second a restart of this replica spreads its agents over.
+    pub agent_reconnect_rate: f64,
     /// SSH jobs this replica runs now.
     pub ssh_jobs_in_flight: usize,
     /// Password hashes waiting for a slot, running, and done since start.
@@ -238,6 +242,22 @@ impl FleetFigures {
             "Agents connected to this replica.",
             "gauge",
             self.connected_agents,
+        );
+        gauge(
+            out,
+            "sensei_agent_handshakes_deferred_total",
+            "Agent handshakes left unanswered (to be retransmitted) because they came faster than \
+             the admission rate.",
+            "counter",
+            self.agent_handshakes_deferred,
+        );
+        gauge(
+            out,
+            "sensei_agent_reconnect_rate",
+            "Reconnects per second a restart of this replica spreads its agents over (from the \
+             handshake cost measured at start).",
+            "gauge",
+            self.agent_reconnect_rate.round(),
         );
         gauge(
             out,

@@ -81,6 +81,9 @@ pub struct ServeOptions {
     pub presence_lifetime: std::time::Duration,
     /// How audit sinks are delivered (poll, batch, timeout, backoff).
     pub audit_sinks: crate::audit::sinks::delivery::DeliverySettings,
+    /// New agent handshakes admitted per second; default: measured at start (see
+    /// `backoff::reconnect_rate`) with headroom.
+    pub agent_handshake_rate: Option<f64>,
 }
 
 impl ServeOptions {
@@ -113,9 +116,39 @@ impl ServeOptions {
             live_keep_alive: crate::api::live::DEFAULT_KEEP_ALIVE,
             presence_lifetime: crate::api::live::DEFAULT_PRESENCE_LIFETIME,
             audit_sinks: Default::default(),
+            agent_handshake_rate: None,
         }
     }
 }
+
+/// Measures what a full agent handshake costs this machine (in the background: some 0.1 s of
+/// one core) and sizes the reconnect rate a restart spreads the fleet over from it.
+fn measure_handshake_cost(hub: Arc<AgentHub>) {
+    tokio::task::spawn_blocking(move || {
+        match sensei_certs::handshake_cost::measure(MEASURED_HANDSHAKES) {
+            Ok(cost) => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let rate = sensei_shared::backoff::reconnect_rate(cost.server, cores);
+                hub.set_reconnect_rate(rate);
+                tracing::info!(
+                    server_micros = cost.server.as_micros() as u64,
+                    cores,
+                    reconnects_per_sec = rate as u64,
+                    "agent gateway: measured the cost of a full handshake; a restart spreads \
+                     the fleet's reconnects at this rate"
+                );
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "agent gateway: could not measure the handshake cost; a restart spreads \
+                 reconnects at a conservative rate"
+            ),
+        }
+    });
+}
+
+/// Handshakes in the start-up measurement: enough to average out a cold cache.
+const MEASURED_HANDSHAKES: u32 = 100;
 
 /// Default lifetime of agent certificates, in days: agents renew them over their connection
 /// at about two thirds of it (`--agent-cert-days`).
@@ -372,7 +405,9 @@ impl ControlPlane {
                 pool.clone(),
                 hub.replica_id,
             ),
+            handshake_rate: options.agent_handshake_rate,
         });
+        measure_handshake_cost(hub.clone());
         let endpoint = gateway::bind(options.agent_addr, &gateway_ctx)?;
         let agent_addr = endpoint.local_addr().map_err(|e| StartError::Listen {
             addr: options.agent_addr,

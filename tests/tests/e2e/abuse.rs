@@ -447,3 +447,68 @@ async fn while_200_logins_are_in_flight_health_and_an_agent_deploy_still_answer(
         );
     }
 }
+
+/// Completes a QUIC handshake with the gateway as an enrolling agent does (no certificate),
+/// and answers how long it took.
+async fn handshake(ca_pem: String, gateway: std::net::SocketAddr) -> Result<Duration, String> {
+    let verifier = sensei_certs::tls::verifier_trusting(&ca_pem).map_err(|e| e.to_string())?;
+    let tls = sensei_certs::tls::agent_client_config(verifier, None, sensei_shared::protocol::ALPN)
+        .map_err(|e| e.to_string())?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
+    let connection = endpoint
+        .connect_with(config, gateway, "127.0.0.1")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let took = started.elapsed();
+    connection.close(quinn::VarInt::from_u32(0), b"done");
+    endpoint.wait_idle().await;
+    Ok(took)
+}
+
+#[tokio::test]
+async fn a_burst_of_handshakes_past_the_admission_rate_waits_and_gets_in_without_a_failure() {
+    // One new handshake a second (and a burst of one): four at once are more than the gateway
+    // admits. A client whose first packet goes unanswered sends it again after about 1 s, then
+    // 2 s, then 4 s, and each time one more gets in.
+    let t = TestPlane::start_configured(
+        sensei_e2e::fresh_database().await,
+        sensei_e2e::test_keys(),
+        "127.0.0.1:0".parse().expect("addr"),
+        |o| o.agent_handshake_rate = Some(1.0),
+    )
+    .await;
+    assert_eq!(
+        t.metric("sensei_agent_handshakes_deferred_total").await,
+        0.0
+    );
+    let burst: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(handshake(t.plane.ca_pem().to_owned(), t.plane.agent_addr())))
+        .collect();
+    // Nobody failed: the handshakes past the rate were left unanswered, and each client sent
+    // its first packet again after its probe timeout until it was admitted.
+    let mut took = Vec::new();
+    for h in burst {
+        took.push(
+            h.await
+                .expect("task")
+                .expect("every handshake of the burst completes"),
+        );
+    }
+    took.sort();
+    let deferred = t.metric("sensei_agent_handshakes_deferred_total").await;
+    assert!(deferred >= 3.0, "{deferred} first packets deferred");
+    // The first was admitted at once; the others waited for retransmissions, the last for at
+    // least two (about 1 s and 2 s).
+    assert!(took[0] < Duration::from_millis(900), "{took:?}");
+    assert!(took[1] > Duration::from_millis(900), "{took:?}");
+    assert!(took[3] > Duration::from_millis(2500), "{took:?}");
+    // The rest of the plane answered throughout.
+    let health = t.http.get(t.url("/healthz")).send().await.expect("healthz");
+    assert_eq!(health.status().as_u16(), 200);
+}

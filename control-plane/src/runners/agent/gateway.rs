@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use quinn::crypto::rustls::QuicServerConfig;
@@ -13,6 +13,8 @@ use rustls::pki_types::CertificateDer;
 use sensei_shared::codec::io::{read_frame, write_frame};
 use sensei_shared::protocol::{close, EnrollRequest, ALPN};
 use tokio::sync::watch;
+
+use sensei_shared::admission::{self, HandshakeAdmission};
 
 use super::{enroll, session, AgentHub};
 
@@ -38,6 +40,9 @@ pub struct GatewayContext {
     pub jobs: crate::jobs::batch::JobBatches,
     /// Which agents are connected here, written in batches.
     pub presence: super::presence::Presence,
+    /// Handshakes admitted per second, fixed by the operator; `None`: the measured reconnect
+    /// rate ([`AgentHub::reconnect_rate`]) with [`admission::HEADROOM`].
+    pub handshake_rate: Option<f64>,
 }
 
 /// Why the gateway could not start.
@@ -120,12 +125,18 @@ fn set_buffers(socket: &socket2::Socket) {
     }
 }
 
-/// Accepts connections until `shutdown`.
+/// Accepts connections until `shutdown`, admitting new handshakes at the rate this machine
+/// sustains ([`HandshakeAdmission`]).
 pub async fn run(
     endpoint: quinn::Endpoint,
     ctx: Arc<GatewayContext>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let admission_rate = |ctx: &GatewayContext| {
+        ctx.handshake_rate
+            .unwrap_or_else(|| ctx.hub.reconnect_rate() * admission::HEADROOM)
+    };
+    let mut admission = HandshakeAdmission::new(admission_rate(&ctx), Instant::now());
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => match incoming {
@@ -134,6 +145,17 @@ pub async fn run(
             },
             _ = shutdown.changed() => break,
         };
+        let now = Instant::now();
+        let rate = admission_rate(&ctx);
+        if rate != admission.rate() {
+            admission.set_rate(rate, now);
+        }
+        if !admission.admit(now) {
+            // Past the rate: no answer, no state, no cryptography. The client retransmits.
+            ctx.hub.handshake_deferred();
+            incoming.ignore();
+            continue;
+        }
         let ctx = ctx.clone();
         tokio::spawn(async move { handle(incoming, ctx).await });
     }
@@ -141,14 +163,17 @@ pub async fn run(
 
 async fn handle(incoming: quinn::Incoming, ctx: Arc<GatewayContext>) {
     let peer = incoming.remote_address();
-    let connection = match tokio::time::timeout(STEP_TIMEOUT, incoming).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "agent handshake refused");
-            return;
-        }
+    let handshake = match tokio::time::timeout(STEP_TIMEOUT, incoming).await {
+        Ok(done) => done,
         Err(_) => {
             tracing::debug!(%peer, "agent handshake timed out");
+            return;
+        }
+    };
+    let connection = match handshake {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "agent handshake refused");
             return;
         }
     };

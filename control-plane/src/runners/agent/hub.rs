@@ -2,6 +2,7 @@
 //! handshake) and which agents are connected here.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +39,16 @@ pub struct AgentHub {
     /// A job-key rotation started or was retired somewhere: reload the job-signing keys
     /// ([`super::job_key_rotation::follow`]).
     pub job_key_changed: tokio::sync::Notify,
+    /// Reconnects per second a restart spreads the fleet's return over (`f64` bits): set from
+    /// the handshake cost measured at start ([`AgentHub::set_reconnect_rate`]).
+    reconnect_rate: AtomicU64,
+    /// Handshakes the gateway did not answer because they came faster than its admission rate.
+    handshakes_deferred: AtomicU64,
 }
+
+/// What a handshake is assumed to cost the server until it has been measured (a slow core;
+/// today's x86 cores measure about 0.23 ms).
+const UNMEASURED_HANDSHAKE_COST: Duration = Duration::from_micros(500);
 
 /// Renewal attempts a server may make per window before it is refused unread: an agent
 /// retries on its own schedule, so more is a broken or hostile client (each attempt costs a
@@ -56,7 +66,33 @@ impl AgentHub {
             renewals: Mutex::new(HashMap::new()),
             ca_changed: tokio::sync::Notify::new(),
             job_key_changed: tokio::sync::Notify::new(),
+            reconnect_rate: AtomicU64::new(
+                sensei_shared::backoff::reconnect_rate(
+                    UNMEASURED_HANDSHAKE_COST,
+                    std::thread::available_parallelism().map_or(1, |n| n.get()),
+                )
+                .to_bits(),
+            ),
+            handshakes_deferred: AtomicU64::new(0),
         }
+    }
+
+    /// The rate a restart spreads reconnects at (see [`Self::close_all_for_restart`]).
+    pub fn reconnect_rate(&self) -> f64 {
+        f64::from_bits(self.reconnect_rate.load(Ordering::Relaxed))
+    }
+
+    pub fn set_reconnect_rate(&self, rate: f64) {
+        self.reconnect_rate.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The gateway left a handshake unanswered (past its admission rate).
+    pub fn handshake_deferred(&self) {
+        self.handshakes_deferred.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn handshakes_deferred(&self) -> u64 {
+        self.handshakes_deferred.load(Ordering::Relaxed)
     }
 
     /// The sessions' lock. Nothing under it can panic but a bug, and a revocation must never
@@ -195,14 +231,16 @@ impl AgentHub {
     }
 
     /// Closes every session, suggesting each agent a reconnect delay drawn over a window
-    /// sized to the fleet (`backoff::restart_delay`), so that they do not all return in the
-    /// same instant.
+    /// sized to the fleet and to this machine's measured handshake rate
+    /// (`backoff::restart_delay`), so that they do not all return in the same instant and a
+    /// slower machine gets a longer window instead of a collapse.
     pub fn close_all_for_restart(&self) {
+        let rate = self.reconnect_rate();
         let mut live = self.live();
         let connected = live.len();
         for (_, l) in live.drain() {
             let delay_ms =
-                sensei_shared::backoff::restart_delay(connected, rand::random()).as_millis();
+                sensei_shared::backoff::restart_delay(connected, rate, rand::random()).as_millis();
             l.connection.close(
                 VarInt::from_u32(close::RETRY_LATER),
                 delay_ms.to_string().as_bytes(),
