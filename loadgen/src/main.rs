@@ -6,6 +6,8 @@
 //! target/release/sensei-loadgen footprint --secs 300
 //! target/release/sensei-loadgen logins --clients 64 --secs 30
 //! target/release/sensei-loadgen renewals --agents 1000 --spread-secs 60
+//! target/release/sensei-loadgen handshakes --rounds 2000
+//! taskset -c 1 target/release/sensei-loadgen fleet --agents 10000 --storm-only --plane-cpus 0
 //! ```
 //!
 //! `fleet` runs, in order: idle density, dispatch latency, an all-at-once and a batched
@@ -13,6 +15,8 @@
 //! `renewals` connects the fleet, then every agent renews its certificate over its live
 //! session (the real agent's exchange) and reconnects with the new one.
 //! `footprint` enrolls and runs the real `sensei-agent` binary and reads its memory.
+//! `handshakes` measures what a full handshake costs each side on this machine (in memory,
+//! no network): the physical limit the reconnect figures are compared with.
 
 mod dbshare;
 mod fleet;
@@ -570,6 +574,7 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
     let schedule_rate = setup.metric("sensei_agent_reconnect_rate").await?;
     let old = setup.plane.take().context("plane")?;
     let old_cpu = old.cpu();
+    let loadgen_cpu_before = plane::proc_cpu(std::process::id());
     let stopping = Instant::now();
     let old_stop_cpu = tokio::task::spawn_blocking(move || old.terminate())
         .await??
@@ -595,6 +600,8 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
     // The new process's whole CPU until the last agent was back (its start included), and
     // the old one's from the close to its exit.
     let storm_cpu = setup.plane()?.cpu() + old_stop_cpu;
+    // The simulated agents' side of the same reconnects (their handshakes, on this machine).
+    let loadgen_cpu = plane::proc_cpu(std::process::id()).saturating_sub(loadgen_cpu_before);
     let handshakes = fleet.shared.take_handshakes();
     let failed = fleet.shared.failed_attempts.load(Ordering::Relaxed) - failed_before;
     let deferred = setup
@@ -606,18 +613,20 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
         format!(
             "{agents} agents back {:.2} s after the new process started (stop took {:.2} s, ready after {:.2} s); \
              handshake {}; failed attempts {failed}; control-plane CPU {:.2} s ({:.2} s per 1k reconnects); \
-             spread at {schedule_rate:.0}/s, {deferred:.0} first packets deferred by admission",
+             load generator CPU {:.2} s; spread at {schedule_rate:.0}/s, {deferred:.0} first packets deferred by admission",
             since_start.as_secs_f64(),
             stopped.as_secs_f64(),
             ready.as_secs_f64(),
             Spread::of(&handshakes).map(|s| s.text()).unwrap_or_default(),
             storm_cpu.as_secs_f64(),
             storm_cpu.as_secs_f64() * 1000.0 / agents as f64,
+            loadgen_cpu.as_secs_f64(),
         ),
         json!({"back_after_start_secs": since_start.as_secs_f64(), "stop_secs": stopped.as_secs_f64(),
                "ready_secs": ready.as_secs_f64(), "handshake": Spread::of(&handshakes).map(|s| s.json()),
                "failed_attempts": failed, "cpu_secs": storm_cpu.as_secs_f64(),
                "schedule_rate": schedule_rate, "deferred": deferred,
+               "loadgen_cpu_secs": loadgen_cpu.as_secs_f64(),
                "plane_cpus": plane_cpus}),
     );
     let refused = fleet.shared.refused.load(Ordering::Relaxed);

@@ -73,10 +73,17 @@ impl Plane {
             .create(true)
             .append(true)
             .open(&config.log)?;
-        let mut command = match &config.cpus {
-            Some(cpus) => {
-                let mut c = Command::new("taskset");
-                c.arg("-c").arg(cpus).arg(&config.binary);
+        // A profiler to run the plane under (e.g. `heaptrack -o /tmp/plane`), for finding
+        // where its memory goes; not for figures (it slows the plane down).
+        let wrapper = std::env::var("SENSEI_LOADGEN_PLANE_WRAPPER").unwrap_or_default();
+        let mut words: Vec<String> = wrapper.split_whitespace().map(str::to_owned).collect();
+        if let Some(cpus) = &config.cpus {
+            words.splice(0..0, ["taskset".to_owned(), "-c".to_owned(), cpus.clone()]);
+        }
+        let mut command = match words.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&config.binary);
                 c
             }
             None => Command::new(&config.binary),
