@@ -188,10 +188,24 @@ pub async fn run(
 }
 
 /// One pass, in one transaction: its lock keeps other replicas out and goes with it however
-/// the pass ends, and the pass lasts at most about [`BUDGET`].
+/// the pass ends, and the pass lasts at most about [`BUDGET`]. Without any DNS settings or
+/// record there is nothing to reconcile, and the pass is one statement instead of seven (an
+/// idle plane's database cost: docs/benchmarks.md).
 pub async fn reconcile(pool: &Pool, keys: &FieldKeys, policy: &TargetPolicy) -> Result<(), String> {
     let db = |e: tokio_postgres::Error| crate::store::db::describe(&e);
     let mut client = pool.get().await.map_err(|e| e.to_string())?;
+    let in_use: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM projects WHERE dns IS NOT NULL AND deleted_at IS NULL) \
+                 OR EXISTS (SELECT 1 FROM dns_records) AS in_use",
+            &[],
+        )
+        .await
+        .map_err(db)?
+        .get("in_use");
+    if !in_use {
+        return Ok(());
+    }
     let tx = client.transaction().await.map_err(db)?;
     let locked: bool = tx
         .query_one(
