@@ -881,7 +881,7 @@ impl SshServer {
                     "private",
                     "sh",
                     "-c",
-                    "mount --bind \"$0\" \"$1\" && exec /usr/sbin/sshd \"$@\"",
+                    "mount --bind \"$0\" \"$1\" && shift && exec /usr/sbin/sshd \"$@\"",
                 ])
                 .arg(disk)
                 .arg(at);
