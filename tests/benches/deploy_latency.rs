@@ -3,11 +3,16 @@
 //! Both paths run the same signed job and the same release engine; the difference is the
 //! transport (a job pulled over a standing QUIC connection, against a fresh SSH login).
 //!
+//! Side by side, in the same rounds: Capistrano and Ansible (`deploy_helper`), from their
+//! Debian packages with the configuration in `loadgen/peers/`, through the same sshd as the
+//! same user from the same repository (skipped, saying so, when they are not installed).
+//!
 //! `cargo bench -p sensei-e2e --bench deploy_latency` (SENSEI_BENCH_ROUNDS, default 10)
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use sensei_e2e::peers::{self, Inventory, Peer, PeerKey};
 use sensei_e2e::{git_repo, give_to_deploy_user, open_tempdir, SshServer, TestPlane, DEPLOY_USER};
 use serde_json::json;
 
@@ -66,6 +71,29 @@ async fn deploy(t: &TestPlane, cookie: &str, project: &str, server: &str, app: &
     switched
 }
 
+/// One deploy by a peer to its directory; checks that `current` switched to a new release
+/// that exists.
+async fn peer_deploy(peer: Peer, inventory: &Inventory, app: &Path) -> peers::PeerRun {
+    let current = app.join("current");
+    let run = peer.deploy(inventory, 1, None, Some(&current)).await;
+    let now = std::fs::read_link(&current).expect("current after the deploy");
+    assert!(
+        run.switched.is_some(),
+        "{} did not switch current",
+        peer.name()
+    );
+    let release = app
+        .join("releases")
+        .join(now.file_name().expect("release name"));
+    assert!(
+        release.join("index.html").exists(),
+        "{} switched to {}",
+        peer.name(),
+        now.display()
+    );
+    run
+}
+
 fn main() {
     let rounds: usize = std::env::var("SENSEI_BENCH_ROUNDS")
         .ok()
@@ -100,7 +128,28 @@ fn main() {
             )
             .await;
         assert_eq!(status, 201, "{server}");
-        sshd.set_authorized_keys(&format!("{}\n", server["public_key"].as_str().expect("key")));
+        let sensei_key = server["public_key"].as_str().expect("key").to_owned();
+        sshd.set_authorized_keys(&format!("{sensei_key}\n"));
+        // The peers log in to the same sshd as the same user, with a key of their own, and
+        // deploy the same repository, each to a directory of its own.
+        let setups: Vec<(Peer, Inventory, PathBuf)> = if peers::installed() {
+            let key = PeerKey::generate(dir.path());
+            sshd.set_authorized_keys(&format!("{sensei_key}\n{}\n", key.public));
+            Peer::ALL
+                .iter()
+                .map(|&peer| {
+                    let app = dir.path().join(format!("{}-app", peer.name().to_lowercase()));
+                    std::fs::create_dir_all(&app).expect("app dir");
+                    give_to_deploy_user(&app);
+                    let hosts = [(sshd.port, sshd.host_key_public.clone())];
+                    let inventory =
+                        Inventory::write(&dir.path().join(peer.name()), &key, &ssh_repo, &app, &hosts);
+                    (peer, inventory, app)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let ssh_server = server["id"].as_str().expect("id").to_owned();
         let agent_project = project(&t, &cookie, "via-agent", &agent_repo, &agent_app).await;
         let ssh_project = project(&t, &cookie, "via-ssh", &ssh_repo, &ssh_app).await;
@@ -112,10 +161,19 @@ fn main() {
         // One warm-up each (first clone, first login), then alternate.
         deploy(&t, &cookie, &agent_project, &agent_server, &agent_app).await;
         deploy(&t, &cookie, &ssh_project, &ssh_server, &ssh_app).await;
+        for (peer, inventory, app) in &setups {
+            peer_deploy(*peer, inventory, app).await;
+        }
         let (mut via_agent, mut via_ssh) = (Vec::new(), Vec::new());
+        let mut via_peers: Vec<(Vec<Duration>, Vec<Duration>)> = vec![Default::default(); setups.len()];
         for _ in 0..rounds {
             via_agent.push(deploy(&t, &cookie, &agent_project, &agent_server, &agent_app).await);
             via_ssh.push(deploy(&t, &cookie, &ssh_project, &ssh_server, &ssh_app).await);
+            for ((peer, inventory, app), (switched, exited)) in setups.iter().zip(&mut via_peers) {
+                let run = peer_deploy(*peer, inventory, app).await;
+                switched.push(run.switched.expect("checked by peer_deploy"));
+                exited.push(run.wall);
+            }
         }
         let (a, s) = (median(via_agent), median(via_ssh));
         println!("deploy latency, API call -> current switched, median of {rounds}:");
@@ -125,5 +183,16 @@ fn main() {
             "  agent / SSH:            {:>8.2} (target <= 0.33)",
             a.as_secs_f64() / s.as_secs_f64()
         );
+        println!("  SSH runner / agent:     {:>8.2}", s.as_secs_f64() / a.as_secs_f64());
+        for ((peer, _, _), (switched, exited)) in setups.iter().zip(via_peers) {
+            let (sw, ex) = (median(switched), median(exited));
+            println!(
+                "  {:<12} start -> current switched {:>8.1} ms ({:.2} x the agent), to its exit {:>8.1} ms",
+                peer.name(),
+                sw.as_secs_f64() * 1e3,
+                sw.as_secs_f64() / a.as_secs_f64(),
+                ex.as_secs_f64() * 1e3
+            );
+        }
     });
 }

@@ -18,6 +18,7 @@ use sensei_control_plane::{ControlPlane, DatabaseSource, ServeOptions};
 use serde_json::Value;
 
 pub mod browser;
+pub mod peers;
 
 /// A loopback port for a server a test starts (sshd, chromedriver, named, rsyslog, a
 /// replica's listeners, ...), free for TCP and UDP.
@@ -824,6 +825,22 @@ impl SshServer {
     /// An sshd with `extra` appended to its configuration (e.g. a `ForceCommand` that
     /// misbehaves).
     pub fn start_with(extra: &str) -> Self {
+        Self::start_inner(extra, None)
+    }
+
+    /// An sshd whose logins see `disk` at `at`: it runs in a mount namespace of its own with
+    /// `disk` bind-mounted there. Many of them on one machine are many servers with the same
+    /// deploy path, each with its own disk (the fleet benchmarks).
+    pub fn start_seeing(disk: &std::path::Path, at: &std::path::Path) -> Self {
+        Self::start_inner("", Some((disk, at)))
+    }
+
+    /// The sshd listener's process id (its sessions are its children).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn start_inner(extra: &str, mount: Option<(&std::path::Path, &std::path::Path)>) -> Self {
         deploy_user();
         let dir = open_tempdir();
         let host_key = dir.path().join("host_key");
@@ -853,7 +870,25 @@ impl SshServer {
         .expect("sshd_config");
         std::fs::create_dir_all("/run/sshd").expect("privilege separation directory");
         let log = std::fs::File::create(dir.path().join("sshd.log")).expect("log");
-        let child = std::process::Command::new("/usr/sbin/sshd")
+        let mut command = match mount {
+            None => std::process::Command::new("/usr/sbin/sshd"),
+            Some((disk, at)) => {
+                let mut c = std::process::Command::new("unshare");
+                // `exec`: the child is sshd itself, so dropping this kills it.
+                c.args([
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    "mount --bind \"$0\" \"$1\" && shift && exec /usr/sbin/sshd \"$@\"",
+                ])
+                .arg(disk)
+                .arg(at);
+                c
+            }
+        };
+        let child = command
             .args(["-D", "-e", "-f"])
             .arg(&config)
             .stderr(log)
