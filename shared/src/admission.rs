@@ -11,6 +11,14 @@
 //! nothing about this machine's capacity, and because nothing a stalled peer does can hold
 //! admission for anyone else.
 //!
+//! First packets can be sent from forged addresses at no cost, so a flood of them could take
+//! every admission from the real agents. Half the bucket is therefore kept for clients whose
+//! address is proven: an unproven one is admitted only while the bucket is more than half full,
+//! and otherwise asked for a stateless retry (QUIC's Retry packet, which costs this side one
+//! MAC and no state); a real client answers it within a round trip and comes back proven, a
+//! forged address never does. Whatever a forging attacker sends, proven clients keep the
+//! whole refill rate.
+//!
 //! Pure: the caller passes the time, so the behaviour is testable with simulated time.
 
 use std::time::{Duration, Instant};
@@ -22,12 +30,24 @@ pub const HEADROOM: f64 = 1.5;
 /// How much of a second's worth of handshakes may arrive at once.
 pub const BURST: Duration = Duration::from_millis(100);
 
+/// What to do with a new handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Go ahead (a token was taken).
+    Admit,
+    /// Ask the client to prove its address with a stateless retry; no token was taken.
+    Retry,
+    /// No answer: the client retransmits its first packet after its probe timeout.
+    Defer,
+}
+
 #[derive(Debug, Clone)]
 pub struct HandshakeAdmission {
     rate: f64,
     tokens: f64,
     last: Instant,
     admitted: u64,
+    retried: u64,
     deferred: u64,
 }
 
@@ -40,6 +60,7 @@ impl HandshakeAdmission {
             tokens: Self::capacity_for(rate),
             last: now,
             admitted: 0,
+            retried: 0,
             deferred: 0,
         }
     }
@@ -65,17 +86,32 @@ impl HandshakeAdmission {
         self.tokens = (self.tokens + elapsed * self.rate).min(Self::capacity_for(self.rate));
     }
 
-    /// A new handshake arrived at `now`: true if it may proceed.
-    pub fn admit(&mut self, now: Instant) -> bool {
+    /// A new handshake arrived at `now`. `address_validated`: the client already answered a
+    /// retry (its address is real); `may_retry`: a retry can still be asked of it.
+    pub fn decide(&mut self, now: Instant, address_validated: bool, may_retry: bool) -> Decision {
         self.refill(now);
-        if self.tokens >= 1.0 {
+        // Proven clients may take any token; unproven ones only those above the reserve.
+        let reserve = if address_validated {
+            0.0
+        } else {
+            Self::capacity_for(self.rate) / 2.0
+        };
+        if self.tokens >= 1.0 + reserve {
             self.tokens -= 1.0;
             self.admitted += 1;
-            true
+            Decision::Admit
+        } else if !address_validated && may_retry {
+            self.retried += 1;
+            Decision::Retry
         } else {
             self.deferred += 1;
-            false
+            Decision::Defer
         }
+    }
+
+    /// Retries asked so far.
+    pub fn retried(&self) -> u64 {
+        self.retried
     }
 
     pub fn admitted(&self) -> u64 {
@@ -97,7 +133,7 @@ mod tests {
         let before = admission.admitted();
         for i in 0..per_sec * secs {
             let at = start + Duration::from_secs_f64(f64::from(i) / f64::from(per_sec));
-            admission.admit(at);
+            admission.decide(at, true, false);
         }
         admission.admitted() - before
     }
@@ -122,7 +158,7 @@ mod tests {
         let later = start + Duration::from_secs(60);
         let mut at_once = 0;
         for _ in 0..10_000 {
-            if admission.admit(later) {
+            if admission.decide(later, true, false) == Decision::Admit {
                 at_once += 1;
             }
         }
@@ -134,7 +170,9 @@ mod tests {
         let start = Instant::now();
         let mut admission = HandshakeAdmission::new(500.0, start);
         let later = start + Duration::from_secs(3600);
-        let admitted = (0..10_000).filter(|_| admission.admit(later)).count();
+        let admitted = (0..10_000)
+            .filter(|_| admission.decide(later, true, false) == Decision::Admit)
+            .count();
         assert_eq!(admitted, 50);
     }
 
@@ -149,10 +187,70 @@ mod tests {
         assert_eq!(offer(&mut admission, t1, 4000, 1), 10 + 2000 - 1);
         // An earlier instant than the last one neither refills nor panics.
         let before = admission.admitted();
-        assert!(!admission.admit(start));
+        assert_eq!(admission.decide(start, true, false), Decision::Defer);
         assert_eq!(admission.admitted(), before);
         // A rate of zero is one a second, never a gateway that admits nobody.
         admission.set_rate(0.0, t1 + Duration::from_secs(5));
-        assert!(admission.admit(t1 + Duration::from_secs(6)));
+        assert_eq!(
+            admission.decide(t1 + Duration::from_secs(6), true, false),
+            Decision::Admit
+        );
+    }
+
+    #[test]
+    fn a_flood_from_forged_addresses_leaves_proven_clients_the_whole_rate() {
+        let start = Instant::now();
+        let mut admission = HandshakeAdmission::new(1000.0, start);
+        // 20,000 forged first packets a second (never validated; each may be retried once)
+        // and 500 real clients a second, each coming back validated after its retry.
+        let mut real_admitted = 0;
+        let mut forged_admitted = 0;
+        for i in 0..20_000u32 * 4 {
+            let at = start + Duration::from_secs_f64(f64::from(i) / 20_000.0);
+            if admission.decide(at, false, true) == Decision::Admit {
+                forged_admitted += 1;
+            }
+            if i % 40 == 0 {
+                let real = match admission.decide(at, false, true) {
+                    Decision::Retry => admission.decide(at, true, false),
+                    other => other,
+                };
+                if real == Decision::Admit {
+                    real_admitted += 1;
+                }
+            }
+        }
+        // Four seconds of 500 real clients a second: every one of them got in.
+        assert_eq!(real_admitted, 2000);
+        // The forged ones got at most what was left: the rate, minus the real clients'
+        // share, plus the unreserved half of the first burst.
+        assert!(forged_admitted <= 4000 - 2000 + 100, "{forged_admitted}");
+        assert!(admission.retried() > 70_000);
+    }
+
+    #[test]
+    fn an_unproven_client_is_admitted_while_the_bucket_is_over_half_full_and_retried_after() {
+        let start = Instant::now();
+        let mut admission = HandshakeAdmission::new(100.0, start);
+        // A burst of 10: five unproven clients go straight in, the rest are asked to retry.
+        let decisions: Vec<Decision> = (0..10)
+            .map(|_| admission.decide(start, false, true))
+            .collect();
+        assert_eq!(
+            decisions.iter().filter(|d| **d == Decision::Admit).count(),
+            5
+        );
+        assert_eq!(
+            decisions.iter().filter(|d| **d == Decision::Retry).count(),
+            5
+        );
+        // Proven, they take the reserved half.
+        let proven: Vec<Decision> = (0..6)
+            .map(|_| admission.decide(start, true, false))
+            .collect();
+        assert_eq!(proven.iter().filter(|d| **d == Decision::Admit).count(), 5);
+        assert_eq!(proven[5], Decision::Defer);
+        // A client that was retried already and is still unproven is not retried again.
+        assert_eq!(admission.decide(start, false, false), Decision::Defer);
     }
 }

@@ -223,6 +223,7 @@ async fn fleet_figures(state: &AppState) -> crate::app::metrics::FleetFigures {
         binary_sha256: state.binary_sha256.clone(),
         connected_agents: state.agents.connected_count(),
         agent_handshakes_deferred: state.agents.handshakes_deferred(),
+        agent_handshakes_retried: state.agents.handshakes_retried(),
         agent_reconnect_rate: state.agents.reconnect_rate(),
         ssh_jobs_in_flight: crate::runners::ssh::DEFAULT_CONCURRENCY
             .saturating_sub(state.ssh_permits.available_permits()),

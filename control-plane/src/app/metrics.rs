@@ -125,6 +125,8 @@ pub struct FleetFigures {
     pub connected_agents: usize,
     /// Agent handshakes this replica left unanswered because they came faster than admitted.
     pub agent_handshakes_deferred: u64,
+    /// Agent handshakes asked to prove their address first (a stateless retry).
+    pub agent_handshakes_retried: u64,
     /// Reconnects per second a restart of this replica spreads its agents over.
     pub agent_reconnect_rate: f64,
     /// SSH jobs this replica runs now.
@@ -250,6 +252,14 @@ impl FleetFigures {
              the admission rate.",
             "counter",
             self.agent_handshakes_deferred,
+        );
+        gauge(
+            out,
+            "sensei_agent_handshakes_retried_total",
+            "Agent handshakes asked to prove their address with a stateless retry before \
+             admission (the gateway was busy and the address unproven).",
+            "counter",
+            self.agent_handshakes_retried,
         );
         gauge(
             out,

@@ -474,8 +474,10 @@ async fn handshake(ca_pem: String, gateway: std::net::SocketAddr) -> Result<Dura
 #[tokio::test]
 async fn a_burst_of_handshakes_past_the_admission_rate_waits_and_gets_in_without_a_failure() {
     // One new handshake a second (and a burst of one): four at once are more than the gateway
-    // admits. A client whose first packet goes unanswered sends it again after about 1 s, then
-    // 2 s, then 4 s, and each time one more gets in.
+    // admits. Each is first asked to prove its address (a stateless retry: the bucket is never
+    // more than half full for unproven clients at this rate); proven, one gets the token and
+    // the others go unanswered, send their first packet again after about 1 s, then 2 s, and
+    // each time one more gets in.
     let t = TestPlane::start_configured(
         sensei_e2e::fresh_database().await,
         sensei_e2e::test_keys(),
@@ -503,6 +505,8 @@ async fn a_burst_of_handshakes_past_the_admission_rate_waits_and_gets_in_without
     took.sort();
     let deferred = t.metric("sensei_agent_handshakes_deferred_total").await;
     assert!(deferred >= 3.0, "{deferred} first packets deferred");
+    let retried = t.metric("sensei_agent_handshakes_retried_total").await;
+    assert!(retried >= 4.0, "{retried} retries asked");
     // The first was admitted at once; the others waited for retransmissions, the last for at
     // least two (about 1 s and 2 s).
     assert!(took[0] < Duration::from_millis(900), "{took:?}");

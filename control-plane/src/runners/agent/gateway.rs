@@ -14,7 +14,7 @@ use sensei_shared::codec::io::{read_frame, write_frame};
 use sensei_shared::protocol::{close, EnrollRequest, ALPN};
 use tokio::sync::watch;
 
-use sensei_shared::admission::{self, HandshakeAdmission};
+use sensei_shared::admission::{self, Decision, HandshakeAdmission};
 
 use super::{enroll, session, AgentHub};
 
@@ -157,11 +157,23 @@ pub async fn run(
         if rate != admission.rate() {
             admission.set_rate(rate, now);
         }
-        if !admission.admit(now) {
-            // Past the rate: no answer, no state, no cryptography. The client retransmits.
-            ctx.hub.handshake_deferred();
-            incoming.ignore();
-            continue;
+        let validated = incoming.remote_address_validated();
+        match admission.decide(now, validated, incoming.may_retry()) {
+            Decision::Admit => {}
+            Decision::Retry => {
+                // Prove the address first: one MAC, no state. A forged one never answers.
+                ctx.hub.handshake_retried();
+                if let Err(refused) = incoming.retry() {
+                    refused.into_incoming().ignore();
+                }
+                continue;
+            }
+            Decision::Defer => {
+                // Past the rate: no answer, no state, no cryptography. The client retransmits.
+                ctx.hub.handshake_deferred();
+                incoming.ignore();
+                continue;
+            }
         }
         let ctx = ctx.clone();
         tokio::spawn(async move { handle(incoming, ctx).await });

@@ -44,6 +44,8 @@ pub struct AgentHub {
     reconnect_rate: AtomicU64,
     /// Handshakes the gateway did not answer because they came faster than its admission rate.
     handshakes_deferred: AtomicU64,
+    /// Handshakes asked to prove their address with a stateless retry (since start).
+    handshakes_retried: AtomicU64,
 }
 
 /// What a handshake is assumed to cost the server until it has been measured (a slow core;
@@ -74,6 +76,7 @@ impl AgentHub {
                 .to_bits(),
             ),
             handshakes_deferred: AtomicU64::new(0),
+            handshakes_retried: AtomicU64::new(0),
         }
     }
 
@@ -93,6 +96,15 @@ impl AgentHub {
 
     pub fn handshakes_deferred(&self) -> u64 {
         self.handshakes_deferred.load(Ordering::Relaxed)
+    }
+
+    /// The gateway asked a client to prove its address before admitting it.
+    pub fn handshake_retried(&self) {
+        self.handshakes_retried.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn handshakes_retried(&self) -> u64 {
+        self.handshakes_retried.load(Ordering::Relaxed)
     }
 
     /// The sessions' lock. Nothing under it can panic but a bug, and a revocation must never
