@@ -244,9 +244,7 @@ impl Setup {
             .await?
             .text()
             .await?;
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        sensei_control_plane::app::metrics::unlabelled_value(&text, name)
             .with_context(|| format!("{name} is not in /metrics"))
     }
 

@@ -349,11 +349,7 @@ impl TestPlane {
 
     /// A gauge or counter from /metrics (without labels).
     pub async fn metric(&self, name: &str) -> f64 {
-        self.metrics_text()
-            .await
-            .lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
+        sensei_control_plane::app::metrics::unlabelled_value(&self.metrics_text().await, name)
             .unwrap_or_else(|| panic!("{name} is not in /metrics"))
     }
 

@@ -212,6 +212,13 @@ impl ProcessFigures {
     }
 }
 
+/// The value of an unlabelled gauge or counter in a `/metrics` page as [`gauge`] writes it, for
+/// the tools that read the page back (the load generator, the end-to-end tests).
+pub fn unlabelled_value(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 fn gauge(out: &mut String, name: &str, help: &str, kind: &str, value: impl std::fmt::Display) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");

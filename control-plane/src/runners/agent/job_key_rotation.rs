@@ -74,6 +74,18 @@ pub fn public_hex(key: &SigningKey) -> String {
     hex::encode(key.verifying_key().as_bytes())
 }
 
+/// The current and the previous key's rows (name, public key), locked: two rotations (or a
+/// rotation and a retirement) never interleave.
+async fn lock_keys(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    tx.query(
+        "SELECT name, public_key FROM signing_keys WHERE name IN ($1, $2) FOR UPDATE",
+        &[&NAME, &PREVIOUS],
+    )
+    .await
+}
+
 /// What `job-key rotate` did.
 #[derive(Debug)]
 pub struct Rotated {
@@ -91,13 +103,7 @@ pub async fn rotate(pool: &Pool, keys: &FieldKeys) -> Result<Rotated, JobKeyRota
         .map_err(|e| PkiError::Db(e.to_string()))?;
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    // Both rows locked: two rotations (or a rotation and a retirement) never interleave.
-    let rows = tx
-        .query(
-            "SELECT name, public_key FROM signing_keys WHERE name IN ($1, $2) FOR UPDATE",
-            &[&NAME, &PREVIOUS],
-        )
-        .await?;
+    let rows = lock_keys(&tx).await?;
     if let Some(row) = rows.iter().find(|r| r.get::<_, &str>(0) == PREVIOUS) {
         return Err(JobKeyRotationError::AlreadyRotating(hex::encode(
             row.get::<_, &[u8]>(1),
@@ -217,12 +223,7 @@ pub async fn retire(
         .map_err(|e| PkiError::Db(e.to_string()))?;
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let rows = tx
-        .query(
-            "SELECT name, public_key FROM signing_keys WHERE name IN ($1, $2) FOR UPDATE",
-            &[&NAME, &PREVIOUS],
-        )
-        .await?;
+    let rows = lock_keys(&tx).await?;
     let public_of = |name: &str| -> Option<[u8; 32]> {
         rows.iter()
             .find(|r| r.get::<_, &str>(0) == name)
