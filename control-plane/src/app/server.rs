@@ -127,12 +127,9 @@ fn measure_handshake_cost(hub: Arc<AgentHub>) {
     tokio::task::spawn_blocking(move || {
         match sensei_certs::handshake_cost::measure(MEASURED_HANDSHAKES) {
             Ok(cost) => {
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                let rate = sensei_shared::backoff::reconnect_rate(cost.server, cores);
-                hub.set_reconnect_rate(rate);
+                let rate = hub.set_handshake_cost(cost.server);
                 tracing::info!(
                     server_micros = cost.server.as_micros() as u64,
-                    cores,
                     reconnects_per_sec = rate as u64,
                     "agent gateway: measured the cost of a full handshake; a restart spreads \
                      the fleet's reconnects at this rate"

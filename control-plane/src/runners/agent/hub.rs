@@ -40,7 +40,7 @@ pub struct AgentHub {
     /// ([`super::job_key_rotation::follow`]).
     pub job_key_changed: tokio::sync::Notify,
     /// Reconnects per second a restart spreads the fleet's return over (`f64` bits): set from
-    /// the handshake cost measured at start ([`AgentHub::set_reconnect_rate`]).
+    /// the handshake cost measured at start ([`AgentHub::set_handshake_cost`]).
     reconnect_rate: AtomicU64,
     /// Handshakes the gateway did not answer because they came faster than its admission rate.
     handshakes_deferred: AtomicU64,
@@ -51,6 +51,12 @@ pub struct AgentHub {
 /// What a handshake is assumed to cost the server until it has been measured (a slow core;
 /// today's x86 cores measure about 0.23 ms).
 const UNMEASURED_HANDSHAKE_COST: Duration = Duration::from_micros(500);
+
+/// The reconnect rate for a handshake cost, on the cores this process may run on.
+fn rate_for(cost: Duration) -> f64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    sensei_shared::backoff::reconnect_rate(cost, cores)
+}
 
 /// Renewal attempts a server may make per window before it is refused unread: an agent
 /// retries on its own schedule, so more is a broken or hostile client (each attempt costs a
@@ -68,13 +74,7 @@ impl AgentHub {
             renewals: Mutex::new(HashMap::new()),
             ca_changed: tokio::sync::Notify::new(),
             job_key_changed: tokio::sync::Notify::new(),
-            reconnect_rate: AtomicU64::new(
-                sensei_shared::backoff::reconnect_rate(
-                    UNMEASURED_HANDSHAKE_COST,
-                    std::thread::available_parallelism().map_or(1, |n| n.get()),
-                )
-                .to_bits(),
-            ),
+            reconnect_rate: AtomicU64::new(rate_for(UNMEASURED_HANDSHAKE_COST).to_bits()),
             handshakes_deferred: AtomicU64::new(0),
             handshakes_retried: AtomicU64::new(0),
         }
@@ -85,8 +85,12 @@ impl AgentHub {
         f64::from_bits(self.reconnect_rate.load(Ordering::Relaxed))
     }
 
-    pub fn set_reconnect_rate(&self, rate: f64) {
+    /// A full handshake was measured to cost the server `cost` of CPU: answers the reconnect
+    /// rate that follows for this machine, now in force.
+    pub fn set_handshake_cost(&self, cost: Duration) -> f64 {
+        let rate = rate_for(cost);
         self.reconnect_rate.store(rate.to_bits(), Ordering::Relaxed);
+        rate
     }
 
     /// The gateway left a handshake unanswered (past its admission rate).
