@@ -85,6 +85,12 @@ pub fn bind(addr: SocketAddr, ctx: &GatewayContext) -> Result<quinn::Endpoint, G
         // No unreliable datagrams are used: none are accepted.
         .datagram_receive_buffer_size(None);
     config.transport_config(Arc::new(transport));
+    // A client asked for a stateless retry may then be deferred by admission, and QUIC's probe
+    // timer doubles between its retransmissions (1 s, 2 s, 4 s, 8 s…): with quinn's default
+    // 15 s lifetime its token could expire while it waits, which ends its attempt with a fatal
+    // INVALID_TOKEN. The token stays bound to the client's address; it now lives as long as
+    // the gateway would wait for any silent peer.
+    config.retry_token_lifetime(IDLE_TIMEOUT);
     let bind_error = |e: std::io::Error| GatewayError::Bind {
         addr,
         message: e.to_string(),
