@@ -86,6 +86,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<RunOutcome, RunError> {
     let mut backoff = Backoff::agent_default();
+    let mut gateways = transport::Gateways::starting_at(rand::random::<u16>().into());
     let mut plan = None;
     loop {
         // Read before every connection: a renewal stores a new key and certificate.
@@ -104,7 +105,7 @@ pub async fn run(
             plan: plan.as_mut(),
         };
         let end = tokio::select! {
-            end = session(&identity, config, &mut backoff, &jobs, renewal) => end,
+            end = session(&identity, config, &mut backoff, &jobs, renewal, gateways) => end,
             _ = shutdown.changed() => {
                 status::record(state_dir, |s| {
                     s.connected = false;
@@ -156,6 +157,7 @@ pub async fn run(
                 delay
             }
             SessionEnd::Lost(reason) => {
+                gateways.failed();
                 let delay = backoff.next_delay(rand::random());
                 tracing::warn!(%reason, ?delay, "connection to the control plane lost; retrying");
                 delay
@@ -169,7 +171,7 @@ pub async fn run(
 }
 
 /// Whether a handshake failure is the control plane refusing a revoked certificate.
-fn refused_as_revoked(e: &ConnectionError) -> bool {
+pub fn refused_as_revoked(e: &ConnectionError) -> bool {
     let revoked = TransportErrorCode::crypto(TLS_ALERT_CERTIFICATE_REVOKED);
     match e {
         ConnectionError::ConnectionClosed(close) => close.error_code == revoked,
@@ -229,9 +231,13 @@ async fn session(
     backoff: &mut Backoff,
     jobs: &JobContext,
     renewal: Renewal<'_>,
+    gateways: transport::Gateways,
 ) -> SessionEnd {
-    let (remote, server_name) = match transport::resolve(&identity.meta.control_plane).await {
-        Ok(r) => r,
+    let (remote, server_name) = match transport::resolve_all(&identity.meta.control_plane).await {
+        Ok((addresses, name)) => match gateways.pick(&addresses) {
+            Some(remote) => (remote, name),
+            None => return SessionEnd::Lost("the control plane's name has no address".into()),
+        },
         Err(e) => return SessionEnd::Lost(e.to_string()),
     };
     let endpoint = match transport::endpoint(remote) {

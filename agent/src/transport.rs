@@ -28,8 +28,24 @@ pub enum TransportError {
     Socket(String),
 }
 
-/// Splits `HOST:PORT` and resolves it. The host is also the TLS server name.
+/// Splits `HOST:PORT` and resolves it to its first address. The host is also the TLS server
+/// name.
 pub async fn resolve(address: &str) -> Result<(SocketAddr, String), TransportError> {
+    let (addresses, host) = resolve_all(address).await?;
+    let first = addresses
+        .first()
+        .copied()
+        .ok_or_else(|| TransportError::Resolve {
+            address: address.to_owned(),
+            message: "no address".into(),
+        })?;
+    Ok((first, host))
+}
+
+/// Splits `HOST:PORT` and resolves it to every address it names (several replicas behind
+/// one DNS name), sorted so that the order does not change when a resolver rotates its
+/// answers. Never empty. The host is also the TLS server name.
+pub async fn resolve_all(address: &str) -> Result<(Vec<SocketAddr>, String), TransportError> {
     let (host, _port) = address
         .rsplit_once(':')
         .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
@@ -38,18 +54,52 @@ pub async fn resolve(address: &str) -> Result<(SocketAddr, String), TransportErr
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
-    let addr = tokio::net::lookup_host(address)
+    let mut addresses: Vec<SocketAddr> = tokio::net::lookup_host(address)
         .await
         .map_err(|e| TransportError::Resolve {
             address: address.to_owned(),
             message: e.to_string(),
         })?
-        .next()
-        .ok_or_else(|| TransportError::Resolve {
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    if addresses.is_empty() {
+        return Err(TransportError::Resolve {
             address: address.to_owned(),
             message: "no address".into(),
-        })?;
-    Ok((addr, host))
+        });
+    }
+    Ok((addresses, host))
+}
+
+/// Which of the control plane's addresses the next connection goes to. An agent stays on
+/// the address that works, and moves to the next one after an attempt that failed or a
+/// connection that was lost: a replica that died without a word (whose address still
+/// resolves) is left behind at the next attempt instead of being retried forever.
+#[derive(Debug, Clone, Copy)]
+pub struct Gateways {
+    cursor: usize,
+}
+
+impl Gateways {
+    /// Starts at position `start` (a random draw, so that a fleet behind one name spreads
+    /// over its addresses).
+    pub fn starting_at(start: usize) -> Self {
+        Self { cursor: start }
+    }
+
+    /// The address for the next connection.
+    pub fn pick(&self, addresses: &[SocketAddr]) -> Option<SocketAddr> {
+        match addresses.len() {
+            0 => None,
+            n => addresses.get(self.cursor % n).copied(),
+        }
+    }
+
+    /// The last connection to the picked address failed or was lost: try the next.
+    pub fn failed(&mut self) {
+        self.cursor = self.cursor.wrapping_add(1);
+    }
 }
 
 /// A client endpoint on an ephemeral port of the right address family.
@@ -82,4 +132,54 @@ pub fn client_config(
     }
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// An agent stays on an address until a connection to it fails, then moves to the next,
+    /// wrapping around; with one address it always picks that one.
+    #[test]
+    fn gateways_move_on_after_a_failure_and_wrap_around() {
+        let addresses = [addr(1), addr(2), addr(3)];
+        let mut gateways = Gateways::starting_at(1);
+        assert_eq!(gateways.pick(&addresses), Some(addr(2)));
+        assert_eq!(gateways.pick(&addresses), Some(addr(2)), "no failure: stay");
+        gateways.failed();
+        assert_eq!(gateways.pick(&addresses), Some(addr(3)));
+        gateways.failed();
+        assert_eq!(gateways.pick(&addresses), Some(addr(1)));
+        // A name that now resolves to fewer addresses still picks one of them.
+        assert_eq!(gateways.pick(&addresses[..1]), Some(addr(1)));
+        assert_eq!(gateways.pick(&[]), None);
+        let mut far = Gateways::starting_at(usize::MAX);
+        far.failed();
+        assert!(far.pick(&addresses).is_some());
+    }
+
+    /// Every address a name resolves to is kept, in a stable order.
+    #[tokio::test]
+    async fn every_address_of_a_name_is_resolved_in_a_stable_order() {
+        let (all, host) = resolve_all("localhost:7443").await.expect("resolve");
+        assert_eq!(host, "localhost");
+        assert!(!all.is_empty());
+        let mut sorted = all.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(all, sorted);
+        let (v6, host) = resolve_all("[::1]:7443").await.expect("resolve");
+        assert_eq!(
+            (v6, host.as_str()),
+            (vec!["[::1]:7443".parse().expect("addr")], "::1")
+        );
+        assert!(matches!(
+            resolve_all("no-port").await,
+            Err(TransportError::BadAddress(_))
+        ));
+    }
 }

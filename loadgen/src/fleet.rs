@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
-use sensei_agent::session::{ControlStream, StreamEnd};
+use sensei_agent::session::{refused_as_revoked, ControlStream, StreamEnd};
+use sensei_agent::transport::{Gateways, CONNECT_TIMEOUT};
 use sensei_certs::{AgentKeyRequest, CertificateAuthority, Fingerprint};
 use sensei_shared::backoff::Backoff;
 use sensei_shared::codec::io::{write_frame, FrameReader};
@@ -100,6 +101,14 @@ pub struct Shared {
     pub reconnected: AtomicUsize,
     /// The handshake of each agent's first session with its renewed certificate.
     pub renewed_handshakes: Mutex<Vec<Duration>>,
+    /// Server id → when its agent was told it is revoked (it stops, as the real agent does).
+    pub revoked: Mutex<HashMap<Uuid, Instant>>,
+    pub revoked_signal: Notify,
+    /// How long an agent holds a verified job before answering it (a deploy that takes time,
+    /// so that a replica can die while jobs run); 0: at once.
+    pub hold_ms: AtomicU64,
+    /// Results of jobs lost with their connection, reported on the next session.
+    pub reported_after_reconnect: AtomicU64,
 }
 
 impl Shared {
@@ -126,6 +135,33 @@ impl Shared {
 
     pub fn verified_at(&self, job: Uuid) -> Option<Instant> {
         self.verified.lock().ok().and_then(|v| v.get(&job).copied())
+    }
+
+    pub fn revoked_at(&self, server: Uuid) -> Option<Instant> {
+        self.revoked
+            .lock()
+            .ok()
+            .and_then(|v| v.get(&server).copied())
+    }
+}
+
+/// Waits until `mark` answers when something happened (looked at again each time `signal`
+/// fires, and every 50 ms), or `within` passes.
+pub async fn wait_for_mark(
+    signal: &Notify,
+    within: Duration,
+    mark: impl Fn() -> Option<Instant>,
+) -> Option<Instant> {
+    let deadline = Instant::now() + within;
+    loop {
+        let notified = signal.notified();
+        if let Some(at) = mark() {
+            return Some(at);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
     }
 }
 
@@ -175,12 +211,13 @@ fn client_endpoint(buffer: usize) -> anyhow::Result<quinn::Endpoint> {
 
 impl Fleet {
     /// Starts one task per identity. At most `ramp` handshakes are in flight at once while the
-    /// fleet first connects.
+    /// fleet first connects. With several gateways (replicas) agent `i` starts on gateway
+    /// `i mod n` and moves on as the real agent does ([`Gateways`]).
     pub fn start(
         identities: Vec<SimIdentity>,
         ca_pem: &str,
         job_key: VerifyingKey,
-        gateway: SocketAddr,
+        gateways: &[SocketAddr],
         endpoints: usize,
         ramp: usize,
     ) -> anyhow::Result<Self> {
@@ -209,7 +246,9 @@ impl Fleet {
                 wave: wave.clone(),
                 renewal_draw: rand::random(),
                 endpoint: endpoints[i % endpoints.len()].clone(),
-                gateway,
+                gateways: gateways.to_vec(),
+                start: i,
+                pending: Mutex::new(None),
                 job_key,
                 shared: shared.clone(),
                 gate: gate.clone(),
@@ -298,7 +337,12 @@ struct SimAgent {
     /// Where in the wave's spread this agent renews.
     renewal_draw: f64,
     endpoint: quinn::Endpoint,
-    gateway: SocketAddr,
+    gateways: Vec<SocketAddr>,
+    /// Where in `gateways` this agent starts.
+    start: usize,
+    /// A job's result not yet acknowledged, reported first on the next session (as the real
+    /// agent keeps it on disk).
+    pending: Mutex<Option<(Uuid, JobResult)>>,
     job_key: VerifyingKey,
     shared: Arc<Shared>,
     gate: Arc<Semaphore>,
@@ -310,10 +354,14 @@ impl SimAgent {
         let mut highest_sequence = 0u64;
         let mut first = true;
         let mut reconnected = false;
+        let mut gateways = Gateways::starting_at(self.start);
         loop {
-            let delay = tokio::select! {
-                d = self.session(&mut backoff, &mut highest_sequence, &mut first, &mut reconnected) => d,
+            let next = tokio::select! {
+                d = self.session(&mut backoff, &mut gateways, &mut highest_sequence, &mut first, &mut reconnected) => d,
                 _ = stop.changed() => return,
+            };
+            let Some(delay) = next else {
+                return;
             };
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -322,14 +370,15 @@ impl SimAgent {
         }
     }
 
-    /// One connection; answers how long to wait before the next.
+    /// One connection; answers how long to wait before the next, or None when revoked.
     async fn session(
         &self,
         backoff: &mut Backoff,
+        gateways: &mut Gateways,
         highest_sequence: &mut u64,
         first: &mut bool,
         reconnected: &mut bool,
-    ) -> Duration {
+    ) -> Option<Duration> {
         let permit = if *first {
             self.gate.clone().acquire_owned().await.ok()
         } else {
@@ -339,24 +388,25 @@ impl SimAgent {
         // Jobs on this session are bound to the certificate it was made with.
         let (config, fingerprint, renewed) = match self.current.lock() {
             Ok(c) => (c.config.clone(), c.fingerprint, c.renewed),
-            Err(_) => return self.failed(backoff),
+            Err(_) => return Some(self.failed(backoff, gateways)),
         };
-        let connecting = match self
-            .endpoint
-            .connect_with(config, self.gateway, "localhost")
-        {
+        let Some(gateway) = gateways.pick(&self.gateways) else {
+            return Some(self.failed(backoff, gateways));
+        };
+        let connecting = match self.endpoint.connect_with(config, gateway, "localhost") {
             Ok(c) => c,
-            Err(_) => return self.failed(backoff),
+            Err(_) => return Some(self.failed(backoff, gateways)),
         };
-        let connection = match tokio::time::timeout(Duration::from_secs(15), connecting).await {
+        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
-            _ => return self.failed(backoff),
+            Ok(Err(e)) if refused_as_revoked(&e) => return self.revoked(),
+            _ => return Some(self.failed(backoff, gateways)),
         };
         // The real agent's control-stream driver over the shared session machine.
         let Ok((control, hello)) =
             ControlStream::open(&connection, self.server_id, "loadgen".into()).await
         else {
-            return self.failed(backoff);
+            return Some(self.failed(backoff, gateways));
         };
         let mut permit = permit;
         let mut welcomed = false;
@@ -389,7 +439,16 @@ impl SimAgent {
         if let StreamEnd::GiveUp { code, reason } = end {
             connection.close(quinn::VarInt::from_u32(code), reason.as_bytes());
         }
-        self.after_close(&connection, backoff)
+        self.after_close(&connection, backoff, gateways)
+    }
+
+    /// Told it is revoked: stops for good, as the real agent does.
+    fn revoked(&self) -> Option<Duration> {
+        if let Ok(mut r) = self.shared.revoked.lock() {
+            r.insert(self.server_id, Instant::now());
+        }
+        self.shared.revoked_signal.notify_waiters();
+        None
     }
 
     /// Renews once when the wave reaches this agent, over this session, with the real agent's
@@ -450,26 +509,41 @@ impl SimAgent {
         self.shared.renewed.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn failed(&self, backoff: &mut Backoff) -> Duration {
+    fn failed(&self, backoff: &mut Backoff, gateways: &mut Gateways) -> Duration {
         self.shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        gateways.failed();
         backoff.next_delay(rand::random())
     }
 
-    /// The delay the control plane asked for when it closed, as the real agent computes it.
-    fn after_close(&self, connection: &quinn::Connection, backoff: &mut Backoff) -> Duration {
+    /// The delay the control plane asked for when it closed, as the real agent computes it;
+    /// None when it said "revoked". A connection lost without a word moves to the next
+    /// gateway, as the real agent's does.
+    fn after_close(
+        &self,
+        connection: &quinn::Connection,
+        backoff: &mut Backoff,
+        gateways: &mut Gateways,
+    ) -> Option<Duration> {
         match connection.close_reason() {
             Some(quinn::ConnectionError::ApplicationClosed(close)) => {
                 match CloseVerdict::from_application_close(
                     close.error_code.into_inner(),
                     &close.reason,
                 ) {
-                    CloseVerdict::RetryAfter(d) => Backoff::suggested(d, rand::random()),
+                    CloseVerdict::RetryAfter(d) => Some(Backoff::suggested(d, rand::random())),
                     // Renewed: the real agent reconnects at once with the new certificate.
-                    CloseVerdict::Reconnect => Duration::ZERO,
-                    _ => backoff.next_delay(rand::random()),
+                    CloseVerdict::Reconnect => Some(Duration::ZERO),
+                    CloseVerdict::Stop => self.revoked(),
+                    CloseVerdict::Retry => {
+                        gateways.failed();
+                        Some(backoff.next_delay(rand::random()))
+                    }
                 }
             }
-            _ => backoff.next_delay(rand::random()),
+            _ => {
+                gateways.failed();
+                Some(backoff.next_delay(rand::random()))
+            }
         }
     }
 
@@ -483,8 +557,9 @@ impl SimAgent {
         hello: HelloSent,
     ) {
         loop {
-            // The simulated agent keeps no result across connections: nothing to report.
-            let mut exchange = AgentJob::next(hello, None, *highest_sequence);
+            let unreported = self.pending.lock().ok().and_then(|p| p.clone());
+            let reporting = unreported.as_ref().map(|(job, _)| *job);
+            let mut exchange = AgentJob::next(hello, unreported, *highest_sequence);
             let Ok((mut send, recv)) = connection.open_bi().await else {
                 return;
             };
@@ -500,12 +575,27 @@ impl SimAgent {
                         AgentJobAction::Run(job) => {
                             if self
                                 .answer(&job, fingerprint, highest_sequence, &mut exchange)
+                                .await
                                 .is_err()
                             {
                                 return;
                             }
                         }
-                        AgentJobAction::Keep { .. } | AgentJobAction::Forget { .. } => {}
+                        AgentJobAction::Keep { job_id, result } => {
+                            if let Ok(mut p) = self.pending.lock() {
+                                *p = Some((job_id, result));
+                            }
+                        }
+                        AgentJobAction::Forget { job_id } => {
+                            if reporting == Some(job_id) {
+                                self.shared
+                                    .reported_after_reconnect
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            if let Ok(mut p) = self.pending.lock() {
+                                *p = None;
+                            }
+                        }
                         AgentJobAction::Finish => {
                             let _ = send.finish();
                         }
@@ -526,8 +616,18 @@ impl SimAgent {
         }
     }
 
-    /// Verifies a job as the agent does and answers it without running anything.
-    fn answer(
+    /// Holds a job for the fleet's hold time, as if it ran. A connection lost meanwhile ends
+    /// the hold with no result, as the real agent's deploy is killed with its connection.
+    async fn hold(&self) {
+        let hold = Duration::from_millis(self.shared.hold_ms.load(Ordering::Relaxed));
+        if !hold.is_zero() {
+            tokio::time::sleep(hold).await;
+        }
+    }
+
+    /// Verifies a job as the agent does and answers it without running anything (after the
+    /// fleet's hold time).
+    async fn answer(
         &self,
         job: &SignedJob,
         fingerprint: [u8; 32],
@@ -551,6 +651,7 @@ impl SimAgent {
                     v.insert(payload.job_id, Instant::now());
                 }
                 self.shared.verified_signal.notify_waiters();
+                self.hold().await;
                 let release_id = match &payload.task {
                     JobTask::Deploy(spec) => Some(spec.release_id.clone()),
                     JobTask::Rollback(_) | JobTask::ForgetEnv(_) | JobTask::UpgradeAgent(_) => None,

@@ -8,12 +8,15 @@
 //! target/release/sensei-loadgen renewals --agents 1000 --spread-secs 60
 //! target/release/sensei-loadgen handshakes --rounds 2000
 //! taskset -c 1 target/release/sensei-loadgen fleet --agents 10000 --storm-only --plane-cpus 0
+//! target/release/sensei-loadgen replicas --replicas 2 --agents 10000
 //! ```
 //!
 //! `fleet` runs, in order: idle density, dispatch latency, an all-at-once and a batched
 //! rollout, and a reconnect storm (it restarts the control plane, so it comes last).
 //! `renewals` connects the fleet, then every agent renews its certificate over its live
 //! session (the real agent's exchange) and reconnects with the new one.
+//! `replicas` splits the fleet over several replicas on one database: idle cost per replica,
+//! dispatch and revocation across replicas, and failover after one is killed with SIGKILL.
 //! `footprint` enrolls and runs the real `sensei-agent` binary and reads its memory.
 //! `handshakes` measures what a full handshake costs each side on this machine (in memory,
 //! no network): the physical limit the reconnect figures are compared with.
@@ -22,6 +25,7 @@ mod dbshare;
 mod fleet;
 mod logins;
 mod plane;
+mod replicas;
 mod stats;
 
 use std::net::SocketAddr;
@@ -61,6 +65,9 @@ enum Scenario {
     },
     /// Sign-ins per second the control plane sustains, and /healthz latency meanwhile.
     Logins(logins::LoginOptions),
+    /// Several replicas on one database: idle cost, dispatch and revocation across them,
+    /// failover after SIGKILL.
+    Replicas(replicas::ReplicaOptions),
     /// N connected agents renew their certificates over their sessions and reconnect.
     Renewals(RenewalOptions),
     /// Full mutual-TLS handshakes in a tight loop, in memory, with the gateway's and the
@@ -71,6 +78,17 @@ enum Scenario {
     },
 }
 
+/// How the simulated fleet connects.
+#[derive(clap::Args, Clone, Copy)]
+pub(crate) struct Connecting {
+    /// Client UDP sockets the simulated agents share.
+    #[arg(long, default_value_t = 8)]
+    endpoints: usize,
+    /// Handshakes in flight at most while the fleet first connects.
+    #[arg(long, default_value_t = 256)]
+    ramp: usize,
+}
+
 #[derive(clap::Args, Clone, Copy)]
 struct RenewalOptions {
     #[arg(long, default_value_t = 1000)]
@@ -78,12 +96,8 @@ struct RenewalOptions {
     /// Each agent renews at a moment drawn uniformly over this many seconds (0: all at once).
     #[arg(long, default_value_t = 60)]
     spread_secs: u64,
-    /// Client UDP sockets the simulated agents share.
-    #[arg(long, default_value_t = 8)]
-    endpoints: usize,
-    /// Handshakes in flight at most while the fleet first connects.
-    #[arg(long, default_value_t = 256)]
-    ramp: usize,
+    #[command(flatten)]
+    connecting: Connecting,
 }
 
 #[derive(clap::Args, Clone)]
@@ -96,12 +110,8 @@ struct FleetOptions {
     /// Deployments queued one after another for the dispatch latency.
     #[arg(long, default_value_t = 200)]
     dispatches: usize,
-    /// Client UDP sockets the simulated agents share.
-    #[arg(long, default_value_t = 8)]
-    endpoints: usize,
-    /// Handshakes in flight at most while the fleet first connects.
-    #[arg(long, default_value_t = 256)]
-    ramp: usize,
+    #[command(flatten)]
+    connecting: Connecting,
     /// Agent heartbeat interval the control plane asks for (production default 30).
     #[arg(long, default_value_t = 30)]
     heartbeat_secs: u64,
@@ -122,6 +132,8 @@ pub(crate) struct Setup {
     _dirs: Vec<tempfile::TempDir>,
     config: PlaneConfig,
     plane: Option<Plane>,
+    /// Further replicas on the same database (the `replicas` scenario).
+    extra: Vec<(PlaneConfig, Option<Plane>)>,
     http: reqwest::Client,
     db: tokio_postgres::Client,
     /// The plane's database as the superuser, for PostgreSQL's statistics (`dbshare`).
@@ -211,6 +223,7 @@ impl Setup {
             _dirs: vec![pg_dir, data_dir],
             config,
             plane: Some(plane),
+            extra: Vec::new(),
             http,
             db,
             superuser,
@@ -225,6 +238,53 @@ impl Setup {
         self.config.public_url()
     }
 
+    /// Starts `count` more replicas of the control plane on the same database (each with
+    /// its own ports and data directory) and waits until they answer.
+    pub(crate) async fn add_replicas(&mut self, count: usize) -> anyhow::Result<()> {
+        for _ in 0..count {
+            let data_dir = plane::open_tempdir("sensei-loadgen-data-")?;
+            let config = PlaneConfig {
+                data_dir: data_dir.path().to_owned(),
+                api_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(false)?)),
+                agent_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(true)?)),
+                log: data_dir.path().join("control-plane.log"),
+                ..self.config.clone()
+            };
+            let replica = Plane::start(&config)?;
+            plane::wait_healthy(&self.http, config.api_addr, Duration::from_secs(60)).await?;
+            self._dirs.push(data_dir);
+            self.extra.push((config, Some(replica)));
+        }
+        Ok(())
+    }
+
+    /// Every replica's agent gateway, the first replica's first.
+    pub(crate) fn gateways(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.config.agent_addr)
+            .chain(self.extra.iter().map(|(c, _)| c.agent_addr))
+            .collect()
+    }
+
+    /// Replica `i` (0: the first), if it runs.
+    pub(crate) fn replica(&self, i: usize) -> anyhow::Result<&Plane> {
+        match i {
+            0 => self.plane(),
+            i => self
+                .extra
+                .get(i - 1)
+                .and_then(|(_, p)| p.as_ref())
+                .with_context(|| format!("replica {i} is not running")),
+        }
+    }
+
+    /// Replica `i`'s API address.
+    pub(crate) fn replica_api(&self, i: usize) -> SocketAddr {
+        match i {
+            0 => self.config.api_addr,
+            i => self.extra[i - 1].0.api_addr,
+        }
+    }
+
     async fn db_reading(&self) -> anyhow::Result<dbshare::DbReading> {
         dbshare::read(&self.superuser, &self.pg_data).await
     }
@@ -237,9 +297,17 @@ impl Setup {
 
     /// One unlabelled figure from the running plane's `/metrics`.
     async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        self.replica_metric(0, name).await
+    }
+
+    /// One unlabelled figure from replica `i`'s `/metrics`.
+    pub(crate) async fn replica_metric(&self, i: usize, name: &str) -> anyhow::Result<f64> {
         let text = self
             .http
-            .get(format!("{}/metrics", self.base()))
+            .get(format!(
+                "https://localhost:{}/metrics",
+                self.replica_api(i).port()
+            ))
             .send()
             .await?
             .text()
@@ -258,6 +326,31 @@ impl Setup {
             .await?;
         let status = r.status().as_u16();
         Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Queues a deployment of the load project to `server`; answers its id.
+    pub(crate) async fn queue_deployment(&self, server: Uuid) -> anyhow::Result<Uuid> {
+        let (status, body) = self
+            .post(
+                "/v1/deployments",
+                json!({"project_id": self.project, "server_id": server, "ref": "main"}),
+            )
+            .await?;
+        if status != 201 {
+            bail!("queueing a deployment failed: {status} {body}");
+        }
+        Ok(body["id"].as_str().context("deployment id")?.parse()?)
+    }
+
+    /// `DELETE path` through the first replica's API; answers the status.
+    pub(crate) async fn delete(&self, path: &str) -> anyhow::Result<u16> {
+        let r = self
+            .http
+            .delete(format!("{}{path}", self.base()))
+            .header("cookie", &self.cookie)
+            .send()
+            .await?;
+        Ok(r.status().as_u16())
     }
 
     /// Creates the servers and their certificate rows, and tells the running control plane
@@ -308,13 +401,13 @@ fn mib(kib: u64) -> f64 {
 }
 
 /// Issues `agents` certificates, registers their servers and connects them all (at most
-/// `ramp` handshakes in flight). Returns the fleet and its servers' ids.
+/// `ramp` handshakes in flight), agent `i` to replica `i mod replicas`. Returns the fleet and
+/// its servers' ids.
 async fn connect_fleet(
     report: &mut Report,
     setup: &Setup,
     agents: usize,
-    endpoints: usize,
-    ramp: usize,
+    Connecting { endpoints, ramp }: Connecting,
 ) -> anyhow::Result<(Fleet, Vec<Uuid>)> {
     let started = Instant::now();
     let pool = sensei_control_plane::store::db::connect(&setup.config.database_url, 2).await?;
@@ -344,7 +437,7 @@ async fn connect_fleet(
         identities,
         &ca_pem,
         job_key,
-        setup.config.agent_addr,
+        &setup.gateways(),
         endpoints,
         ramp,
     )?;
@@ -420,35 +513,8 @@ async fn steady_state(
     }
 
     // 2. Dispatch latency: one deployment at a time to a random agent.
-    let mut latencies = Vec::with_capacity(dispatches);
-    let mut api = Vec::with_capacity(dispatches);
-    for i in 0..dispatches {
-        let server = server_ids[(i * 7919) % server_ids.len()];
-        let sent = Instant::now();
-        let (status, body) = setup
-            .post(
-                "/v1/deployments",
-                json!({"project_id": setup.project, "server_id": server, "ref": "main"}),
-            )
-            .await?;
-        api.push(sent.elapsed());
-        if status != 201 {
-            bail!("queueing a deployment failed: {status} {body}");
-        }
-        let job: Uuid = body["id"].as_str().context("deployment id")?.parse()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let at = loop {
-            let notified = fleet.shared.verified_signal.notified();
-            if let Some(at) = fleet.shared.verified_at(job) {
-                break at;
-            }
-            if Instant::now() > deadline {
-                bail!("deployment {job} was never verified by its agent");
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
-        };
-        latencies.push(at.saturating_duration_since(sent));
-    }
+    let servers = (0..dispatches).map(|i| server_ids[(i * 7919) % server_ids.len()]);
+    let (latencies, api) = dispatch_latency(setup, fleet, servers).await?;
     let spread = Spread::of(&latencies).context("no dispatches")?;
     report.add(
         "dispatch",
@@ -539,13 +605,40 @@ async fn steady_state(
     Ok(None)
 }
 
+/// Queues one deployment at a time (through the first replica's API) for each server in
+/// turn and waits until its agent verified it. Answers each latency from the API call to the
+/// agent's verification, and each API call's own.
+pub(crate) async fn dispatch_latency(
+    setup: &Setup,
+    fleet: &Fleet,
+    servers: impl Iterator<Item = Uuid>,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let mut latencies = Vec::new();
+    let mut api = Vec::new();
+    for server in servers {
+        let sent = Instant::now();
+        let job = setup.queue_deployment(server).await?;
+        api.push(sent.elapsed());
+        let Some(at) = fleet::wait_for_mark(
+            &fleet.shared.verified_signal,
+            Duration::from_secs(30),
+            || fleet.shared.verified_at(job),
+        )
+        .await
+        else {
+            bail!("deployment {job} was never verified by its agent");
+        };
+        latencies.push(at.saturating_duration_since(sent));
+    }
+    Ok((latencies, api))
+}
+
 async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::Result<Value> {
     let FleetOptions {
         agents,
         idle_secs,
         dispatches,
-        endpoints,
-        ramp,
+        connecting,
         heartbeat_secs,
         storm_only,
         plane_cpus,
@@ -554,7 +647,7 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
     let mut setup = Setup::new(heartbeat_secs, plane_cpus.clone()).await?;
     // 1. Idle density (the baseline before any agent is there).
     let baseline = setup.plane()?.rss_kib();
-    let (fleet, server_ids) = connect_fleet(report, &setup, agents, endpoints, ramp).await?;
+    let (fleet, server_ids) = connect_fleet(report, &setup, agents, connecting).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     if !storm_only {
         if let Some(meta) =
@@ -634,7 +727,7 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
     fleet.stop().await;
     Ok(
         json!({"agents": agents, "idle_secs": idle_secs, "dispatches": dispatches,
-              "endpoints": endpoints, "heartbeat_secs": heartbeat_secs}),
+              "endpoints": connecting.endpoints, "heartbeat_secs": heartbeat_secs}),
     )
 }
 
@@ -643,11 +736,10 @@ async fn renewals(report: &mut Report, options: RenewalOptions) -> anyhow::Resul
     let RenewalOptions {
         agents,
         spread_secs,
-        endpoints,
-        ramp,
+        connecting,
     } = options;
     let setup = Setup::new(30, None).await?;
-    let (fleet, _) = connect_fleet(report, &setup, agents, endpoints, ramp).await?;
+    let (fleet, _) = connect_fleet(report, &setup, agents, connecting).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let _ = fleet.shared.take_handshakes();
     let failed_before = fleet.shared.failed_attempts.load(Ordering::Relaxed);
@@ -716,7 +808,7 @@ async fn renewals(report: &mut Report, options: RenewalOptions) -> anyhow::Resul
     if renewal_failures > 0 || failed_attempts > 0 {
         bail!("{renewal_failures} renewals and {failed_attempts} connection attempts failed");
     }
-    Ok(json!({"agents": agents, "spread_secs": spread_secs, "endpoints": endpoints}))
+    Ok(json!({"agents": agents, "spread_secs": spread_secs, "endpoints": connecting.endpoints}))
 }
 
 /// The real agent binary, enrolled and connected: its memory after `secs`, and its size.
@@ -828,6 +920,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Footprint { secs } => footprint(&mut report, secs).await,
             Scenario::Logins(options) => logins::run(&mut report, options).await,
             Scenario::Renewals(options) => renewals(&mut report, options).await,
+            Scenario::Replicas(options) => replicas::run(&mut report, options).await,
             Scenario::Handshakes { rounds } => handshakes(&mut report, rounds),
         }
     })?;

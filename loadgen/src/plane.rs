@@ -160,6 +160,17 @@ impl Plane {
     }
 }
 
+impl Plane {
+    /// SIGKILL: the replica dies without a word (no close to its agents, no leaving
+    /// heartbeat). Answers the process's CPU time at its death.
+    pub fn kill(mut self) -> anyhow::Result<Duration> {
+        let cpu = self.cpu();
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(cpu)
+    }
+}
+
 impl Drop for Plane {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use super::claim::{self, Claimed};
 use super::record::record_ends;
 use super::sign::{deploy_configs, sign_with, SignError};
+use super::sweep;
 use crate::secrets::field_crypto::FieldKeys;
 use crate::secrets::job_signing::JobKeys;
 
@@ -46,6 +47,8 @@ pub enum ClaimError {
 struct ClaimRequest {
     server_id: Uuid,
     binding: [u8; 32],
+    /// The session's first poll (see [`super::sweep::fail_jobs_left_behind`]).
+    first_poll: bool,
     reply: oneshot::Sender<Result<Dispatch, ClaimError>>,
 }
 
@@ -110,13 +113,21 @@ impl JobBatches {
     }
 
     /// Claims the next job of `server_id` (if it may run one now) and signs it for
-    /// `binding`, the fingerprint of the certificate its connection presented.
-    pub async fn claim(&self, server_id: Uuid, binding: [u8; 32]) -> Result<Dispatch, ClaimError> {
+    /// `binding`, the fingerprint of the certificate its connection presented. On a session's
+    /// `first_poll`, a job a dead replica handed to this server's agent earlier is failed
+    /// first: the agent came back without it.
+    pub async fn claim(
+        &self,
+        server_id: Uuid,
+        binding: [u8; 32],
+        first_poll: bool,
+    ) -> Result<Dispatch, ClaimError> {
         let (reply, answer) = oneshot::channel();
         self.claims
             .send(ClaimRequest {
                 server_id,
                 binding,
+                first_poll,
                 reply,
             })
             .map_err(|_| ClaimError::ShuttingDown)?;
@@ -152,6 +163,18 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
             .await
             .map_err(|e| ClaimError::Database(e.to_string()))?;
         let db = |e: tokio_postgres::Error| ClaimError::Database(crate::store::db::describe(&e));
+        // Checked against the database's certificate row like the claim below: only a
+        // connection whose certificate is valid proves anything about its server.
+        let returned: Vec<(Uuid, Vec<u8>)> = batch
+            .iter()
+            .filter(|r| r.first_poll)
+            .map(|r| (r.server_id, r.binding.to_vec()))
+            .collect();
+        if !returned.is_empty() {
+            sweep::fail_jobs_left_behind(&client, &returned)
+                .await
+                .map_err(db)?;
+        }
         // Another replica claiming for one of these servers in the same instant trips the
         // one-running-job index; once more, the statement's new snapshot sees that claim.
         let claimed = match claim::for_agents(&client, ctx.replica, &sessions).await {

@@ -19,10 +19,46 @@ use super::Step;
 pub const REPLICA_SILENCE_SECS: i64 = 15;
 /// How long a job handed out by a gone replica waits for its server to report, before it
 /// fails. (An agent notices a dead replica within its 60 s idle timeout, then reconnects and
-/// reports.)
+/// reports, or polls: its first poll ends the job at once, [`fail_jobs_left_behind`]. This
+/// grace is for agents that do not come back, and for SSH deploys.)
 pub const ORPHAN_GRACE_SECS: i64 = 180;
 /// How often the sweep runs; a replica's heartbeat is written every other sweep.
 const SWEEP: Duration = Duration::from_secs(1);
+
+/// Fails the jobs still running for the servers of `returned` (server, fingerprint of the
+/// certificate its new connection presented), whose agents have just polled for the first
+/// time on a new session. An agent keeps one connection at a time; the deploy it was running
+/// stopped with the connection it ran on (its processes are killed), and a result it kept
+/// from that connection was reported before this first poll. So a job still running in the
+/// table now will never report: without this it would hold up the server's next job until
+/// its replica noticed the lost connection, or, when that replica died, for
+/// [`ORPHAN_GRACE_SECS`]. Answers how many jobs were failed.
+pub async fn fail_jobs_left_behind(
+    client: &tokio_postgres::Client,
+    returned: &[(Uuid, Vec<u8>)],
+) -> Result<u64, tokio_postgres::Error> {
+    let (servers, bindings): (Vec<Uuid>, Vec<Vec<u8>>) = returned.iter().cloned().unzip();
+    let failed = client
+        .execute(
+            "UPDATE deployments d SET status = 'failed', error_step = $3, \
+             error_message = 'the server''s agent came back on a new connection without a result: the deploy stopped with the connection it ran on (a control plane replica stopped, or the network dropped); current still points at a complete release', \
+             finished_at = now() \
+             FROM unnest($1::uuid[], $2::bytea[]) AS s(server_id, fingerprint) \
+             WHERE d.server_id = s.server_id AND d.status = 'running' \
+               AND EXISTS (SELECT 1 FROM agent_certificates c \
+                           WHERE c.server_id = s.server_id AND c.fingerprint = s.fingerprint \
+                             AND c.revoked_at IS NULL AND c.retired_at IS NULL AND c.not_after > now())",
+            &[&servers, &bindings, &Step::Run],
+        )
+        .await?;
+    if failed > 0 {
+        tracing::info!(
+            jobs = failed,
+            "failed jobs whose agents came back on a new connection without a result"
+        );
+    }
+    Ok(failed)
+}
 
 /// Sweeps until `shutdown`, then says this replica is leaving.
 pub async fn run(pool: Pool, replica: Uuid, mut shutdown: watch::Receiver<bool>) {

@@ -4,6 +4,7 @@
 //! signed for this server and this certificate. Then the agent's log lines and result go to
 //! [`crate::jobs::record`].
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use quinn::VarInt;
@@ -78,7 +79,12 @@ pub async fn serve_poll(
                             let _ = send.finish();
                             return;
                         };
-                        match ctx.jobs.claim(server_id, *fingerprint.as_bytes()).await {
+                        let first_poll = !link.polled.swap(true, Ordering::Relaxed);
+                        match ctx
+                            .jobs
+                            .claim(server_id, *fingerprint.as_bytes(), first_poll)
+                            .await
+                        {
                             Ok(Dispatch::Ready(job, _)) if !still_valid() => {
                                 // Revoked while the claim was in flight: the job never leaves.
                                 ctx.jobs.finish(job.id, record::certificate_revoked()).await;

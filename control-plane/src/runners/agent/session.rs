@@ -32,6 +32,10 @@ pub struct SessionLink {
     /// The agent described its host on this session: it does so once, so a second
     /// description is a protocol error (a hostile agent cannot turn streams into writes).
     pub host_facts_seen: std::sync::atomic::AtomicBool,
+    /// The agent has polled on this session. Its first poll comes after it reported any
+    /// result kept from a lost connection, so it proves that no job from before this session
+    /// runs on it any more ([`crate::jobs::sweep::fail_jobs_left_behind`]).
+    pub polled: std::sync::atomic::AtomicBool,
 }
 
 pub async fn run(
@@ -134,6 +138,7 @@ pub async fn run(
         agent_version: agent_version.clone(),
         drain: Drain::default(),
         host_facts_seen: std::sync::atomic::AtomicBool::new(false),
+        polled: std::sync::atomic::AtomicBool::new(false),
     });
     tracing::info!(%server_id, %agent_version, peer = %connection.remote_address(), "agent connected");
     // Cannot be out of order: the machine asked for the registration just above.
