@@ -1,5 +1,5 @@
-//! Jobs that nobody will end are ended here, by every replica once a second (the updates
-//! are idempotent, so running them everywhere is harmless):
+//! Jobs that nobody will end are ended here, about once a second across all replicas (the
+//! updates are idempotent, so running them anywhere, or twice, is harmless):
 //! - a queued job nobody collected before its deadline fails as "agent offline";
 //! - a running job whose replica is gone (no heartbeat for [`REPLICA_SILENCE_SECS`]) and
 //!   whose server did not report a result within [`ORPHAN_GRACE_SECS`] fails.
@@ -60,21 +60,28 @@ pub async fn fail_jobs_left_behind(
     Ok(failed)
 }
 
-/// Sweeps until `shutdown`, then says this replica is leaving.
+/// Sweeps until `shutdown`, then says this replica is leaving. The sweep's updates are the
+/// same whichever replica runs them, so with `n` replicas alive each one sweeps every `n`th
+/// tick (at a phase of its own): the database sees about one sweep a second however many
+/// replicas there are, instead of `n` (docs/benchmarks.md, several replicas).
 pub async fn run(pool: Pool, replica: Uuid, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(SWEEP);
-    let mut sweeps = 0u64;
+    let mut ticks = 0u64;
+    let phase: u64 = rand::random::<u16>().into();
+    let mut alive = 1u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if sweeps.is_multiple_of(2) {
-                    heartbeat(&pool, replica).await;
+                if ticks.is_multiple_of(2) {
+                    alive = heartbeat(&pool, replica).await.unwrap_or(alive);
                 }
-                if sweeps.is_multiple_of(RELEASE_EVERY) {
+                if ticks.is_multiple_of(RELEASE_EVERY) {
                     release_silent_replicas_agents(&pool).await;
                 }
-                sweeps += 1;
-                sweep(&pool).await;
+                if (ticks + phase).is_multiple_of(alive.max(1)) {
+                    sweep(&pool).await;
+                }
+                ticks += 1;
             }
             _ = shutdown.changed() => break,
         }
@@ -116,21 +123,31 @@ pub async fn release_silent_replicas_agents(pool: &Pool) {
     }
 }
 
-/// Records `replica` as alive.
-pub async fn heartbeat(pool: &Pool, replica: Uuid) {
+/// Records `replica` as alive; answers how many replicas are alive, this one included (None
+/// if the database could not be reached).
+pub async fn heartbeat(pool: &Pool, replica: Uuid) -> Option<u64> {
     let written = match pool.get().await {
         Ok(client) => client
-            .execute(
-                "INSERT INTO replicas (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
-                &[&replica],
+            .query_one(
+                // The statement's snapshot does not see its own upsert: count the others.
+                "WITH beat AS (INSERT INTO replicas (id) VALUES ($1) \
+                               ON CONFLICT (id) DO UPDATE SET heartbeat_at = now() RETURNING id) \
+                 SELECT 1 + count(*) FROM replicas r \
+                 WHERE r.id <> $1 AND r.heartbeat_at > now() - make_interval(secs => $2) \
+                   AND EXISTS (SELECT 1 FROM beat)",
+                &[&replica, &(REPLICA_SILENCE_SECS as f64)],
             )
             .await
-            .map(drop)
+            .map(|row| row.get::<_, i64>(0).max(1) as u64)
             .map_err(|e| crate::store::db::describe(&e)),
         Err(e) => Err(e.to_string()),
     };
-    if let Err(error) = written {
-        tracing::warn!(%error, "recording this replica's heartbeat");
+    match written {
+        Ok(alive) => Some(alive),
+        Err(error) => {
+            tracing::warn!(%error, "recording this replica's heartbeat");
+            None
+        }
     }
 }
 
@@ -151,22 +168,18 @@ pub async fn sweep(pool: &Pool) {
     let Ok(client) = pool.get().await else {
         return;
     };
+    // Both rules in one statement (they touch disjoint rows: queued and running; PostgreSQL
+    // runs a data-modifying WITH whether or not it is read), so that the live-follow trigger
+    // on `deployments` fires once a sweep, not twice. A server runs
+    // one job at a time, so each orphan failed here may free its server's next job: its poll,
+    // on whichever replica, is told to look.
     if let Err(e) = client
         .execute(
-            "UPDATE deployments SET status = 'failed', error_step = $1, \
-             error_message = 'agent offline: the server''s agent did not collect the job in time; the application keeps running', \
-             finished_at = now() WHERE status = 'queued' AND expires_at <= now()",
-            &[&Step::Dispatch],
-        )
-        .await
-    {
-        tracing::warn!(error = %crate::store::db::describe(&e), "expiring queued deployments");
-    }
-    // A server runs one job at a time, so each orphan failed here may free its server's next
-    // job: its poll, on whichever replica, is told to look.
-    if let Err(e) = client
-        .execute(
-            "WITH orphans AS ( \
+            "WITH expired AS ( \
+               UPDATE deployments SET status = 'failed', error_step = $5, \
+               error_message = 'agent offline: the server''s agent did not collect the job in time; the application keeps running', \
+               finished_at = now() WHERE status = 'queued' AND expires_at <= now()), \
+             orphans AS ( \
                UPDATE deployments d SET status = 'failed', error_step = $3, \
                error_message = 'the control plane replica running this deploy stopped and the server did not report a result', \
                finished_at = now() \
@@ -180,10 +193,11 @@ pub async fn sweep(pool: &Pool) {
                 &(REPLICA_SILENCE_SECS as f64),
                 &Step::Run,
                 &JOB_CHANNEL,
+                &Step::Dispatch,
             ],
         )
         .await
     {
-        tracing::warn!(error = %crate::store::db::describe(&e), "failing orphaned deployments");
+        tracing::warn!(error = %crate::store::db::describe(&e), "sweeping deployments");
     }
 }
