@@ -17,7 +17,7 @@ use sensei_certs::{AgentKeyRequest, CertificateAuthority, Fingerprint};
 use sensei_shared::backoff::Backoff;
 use sensei_shared::codec::io::{write_frame, FrameReader};
 use sensei_shared::job::{verify, Expectations, JobTask, SignedJob};
-use sensei_shared::protocol::{CloseVerdict, ControlMessage, JobResult};
+use sensei_shared::protocol::{close, CloseVerdict, ControlMessage, JobResult};
 use sensei_shared::session::{AgentJob, AgentJobAction, HelloSent, OutOfOrder};
 use tokio::sync::{watch, Notify, Semaphore};
 use uuid::Uuid;
@@ -109,6 +109,8 @@ pub struct Shared {
     pub hold_ms: AtomicU64,
     /// Results of jobs lost with their connection, reported on the next session.
     pub reported_after_reconnect: AtomicU64,
+    /// Connections dropped by a churn.
+    pub churned: AtomicU64,
 }
 
 impl Shared {
@@ -170,6 +172,8 @@ pub struct Fleet {
     pub shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     renew: watch::Sender<Option<RenewalWave>>,
+    /// Each new value: every agent restarts with the probability it carries (churn).
+    churn: watch::Sender<f64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -228,6 +232,7 @@ impl Fleet {
         let shared = Arc::new(Shared::default());
         let (stop, stopped) = watch::channel(false);
         let (renew, wave) = watch::channel(None);
+        let (churn, churning) = watch::channel(0.0);
         let gate = Arc::new(Semaphore::new(ramp.max(1)));
         let mut tasks = Vec::with_capacity(identities.len());
         for (i, id) in identities.into_iter().enumerate() {
@@ -244,6 +249,7 @@ impl Fleet {
                 }),
                 verifier: verifier.clone(),
                 wave: wave.clone(),
+                churning: churning.clone(),
                 renewal_draw: rand::random(),
                 endpoint: endpoints[i % endpoints.len()].clone(),
                 gateways: gateways.to_vec(),
@@ -260,8 +266,15 @@ impl Fleet {
             shared,
             stop,
             renew,
+            churn,
             tasks,
         })
+    }
+
+    /// Each connected agent drops its connection with probability `fraction`, as a
+    /// restarting agent does, and connects again after its backoff.
+    pub fn churn(&self, fraction: f64) {
+        self.churn.send_replace(fraction);
     }
 
     /// Starts the renewal wave: each connected agent renews once, over its live session.
@@ -334,6 +347,7 @@ struct SimAgent {
     current: Mutex<Current>,
     verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
     wave: watch::Receiver<Option<RenewalWave>>,
+    churning: watch::Receiver<f64>,
     /// Where in the wave's spread this agent renews.
     renewal_draw: f64,
     endpoint: quinn::Endpoint,
@@ -432,6 +446,11 @@ impl SimAgent {
             end = control.run(on_welcome) => end,
             () = self.jobs(&connection, fingerprint, highest_sequence, hello) => StreamEnd::Connection,
             () = self.renew(&connection, hello, renewed) => StreamEnd::Connection,
+            () = self.churned() => {
+                self.shared.churned.fetch_add(1, Ordering::Relaxed);
+                connection.close(quinn::VarInt::from_u32(close::LEAVING), b"agent restarting");
+                StreamEnd::Connection
+            }
         };
         if welcomed {
             self.shared.connected.fetch_sub(1, Ordering::Relaxed);
@@ -449,6 +468,18 @@ impl SimAgent {
         }
         self.shared.revoked_signal.notify_waiters();
         None
+    }
+
+    /// Resolves when a churn drawn after this session began picks this agent.
+    async fn churned(&self) {
+        let mut churning = self.churning.clone();
+        churning.borrow_and_update();
+        while churning.changed().await.is_ok() {
+            if rand::random::<f64>() < *churning.borrow_and_update() {
+                return;
+            }
+        }
+        std::future::pending().await
     }
 
     /// Renews once when the wave reaches this agent, over this session, with the real agent's

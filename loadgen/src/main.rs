@@ -9,6 +9,7 @@
 //! target/release/sensei-loadgen handshakes --rounds 2000
 //! taskset -c 1 target/release/sensei-loadgen fleet --agents 10000 --storm-only --plane-cpus 0
 //! target/release/sensei-loadgen replicas --replicas 2 --agents 10000
+//! target/release/sensei-loadgen soak --agents 10000 --minutes 30
 //! ```
 //!
 //! `fleet` runs, in order: idle density, dispatch latency, an all-at-once and a batched
@@ -17,6 +18,8 @@
 //! session (the real agent's exchange) and reconnects with the new one.
 //! `replicas` splits the fleet over several replicas on one database: idle cost per replica,
 //! dispatch and revocation across replicas, and failover after one is killed with SIGKILL.
+//! `soak` holds the fleet for many minutes while 1 % of it restarts every minute and a
+//! deployment arrives every few seconds, and reports memory and errors minute by minute.
 //! `footprint` enrolls and runs the real `sensei-agent` binary and reads its memory.
 //! `handshakes` measures what a full handshake costs each side on this machine (in memory,
 //! no network): the physical limit the reconnect figures are compared with.
@@ -26,6 +29,7 @@ mod fleet;
 mod logins;
 mod plane;
 mod replicas;
+mod soak;
 mod stats;
 
 use std::net::SocketAddr;
@@ -68,6 +72,8 @@ enum Scenario {
     /// Several replicas on one database: idle cost, dispatch and revocation across them,
     /// failover after SIGKILL.
     Replicas(replicas::ReplicaOptions),
+    /// A long run with churn and deployments: memory must stay flat, nothing may fail.
+    Soak(soak::SoakOptions),
     /// N connected agents renew their certificates over their sessions and reconnect.
     Renewals(RenewalOptions),
     /// Full mutual-TLS handshakes in a tight loop, in memory, with the gateway's and the
@@ -921,6 +927,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Logins(options) => logins::run(&mut report, options).await,
             Scenario::Renewals(options) => renewals(&mut report, options).await,
             Scenario::Replicas(options) => replicas::run(&mut report, options).await,
+            Scenario::Soak(options) => soak::run(&mut report, options).await,
             Scenario::Handshakes { rounds } => handshakes(&mut report, rounds),
         }
     })?;
