@@ -34,8 +34,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Counts one finished request.
+    /// Counts one finished request. Methods outside the standard ones count as `OTHER`: a
+    /// client may send any token as a method, and each new one would otherwise add series
+    /// (and memory) for as long as the process runs.
     pub fn observe(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let method = match method {
+            "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" => method,
+            _ => "OTHER",
+        };
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
@@ -473,6 +479,23 @@ mod tests {
         assert!(text.contains("le=\"0.05\"} 2"));
         assert!(text.contains("sensei_db_pool_max 4"));
         assert!(text.contains("sensei_metrics_database_up 0"));
+        // Made-up methods share one series, however many a client invents.
+        for i in 0..100 {
+            m.observe(&format!("X{i}"), "unmatched", 405, Duration::from_millis(1));
+        }
+        let text = m.render(
+            &deadpool_postgres::Status {
+                max_size: 4,
+                size: 1,
+                available: 1,
+                waiting: 0,
+            },
+            &FleetFigures::default(),
+        );
+        assert!(text.contains(
+            "sensei_http_requests_total{method=\"OTHER\",route=\"unmatched\",status=\"405\"} 100"
+        ));
+        assert!(!text.contains("X1"));
     }
 
     #[test]

@@ -32,6 +32,24 @@ impl JobWakes {
         self.lock().entry(server_id).or_default().clone()
     }
 
+    /// The session of `server_id` on this replica ended: its signal goes, unless a poll
+    /// still holds it. Without this the map would keep an entry for every server that ever
+    /// connected here, which grows without end for fleets whose servers come and go.
+    pub fn forget(&self, server_id: Uuid) {
+        let mut servers = self.lock();
+        if servers
+            .get(&server_id)
+            .is_some_and(|signal| Arc::strong_count(signal) == 1)
+        {
+            servers.remove(&server_id);
+        }
+    }
+
+    /// How many servers have a signal (for tests and figures).
+    pub fn signal_count(&self) -> usize {
+        self.lock().len()
+    }
+
     /// A job was queued for `server_id`: wake its poll if this replica holds it. A wake-up
     /// with nobody waiting is kept for the next wait, so none is lost between check and wait.
     pub fn wake(&self, server_id: Uuid) {
@@ -100,5 +118,37 @@ mod tests {
                 .await
                 .expect("everyone woken");
         }
+    }
+
+    /// A session's end removes its server's signal unless a poll still holds it; a wake for
+    /// a forgotten server is harmless, and its next poll gets a fresh signal.
+    #[tokio::test]
+    async fn an_ended_session_leaves_no_signal_behind() {
+        let wakes = JobWakes::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        drop(wakes.signal(a));
+        let held = wakes.signal(b);
+        assert_eq!(wakes.signal_count(), 2);
+        wakes.forget(a);
+        wakes.forget(b);
+        assert_eq!(
+            wakes.signal_count(),
+            1,
+            "b's signal is still held by its poll"
+        );
+        wakes.wake(a);
+        assert_eq!(
+            wakes.signal_count(),
+            1,
+            "a wake does not bring a signal back"
+        );
+        drop(held);
+        wakes.forget(b);
+        assert_eq!(wakes.signal_count(), 0);
+        let again = wakes.signal(a);
+        wakes.wake(a);
+        tokio::time::timeout(std::time::Duration::from_secs(1), again.notified())
+            .await
+            .expect("a new poll is woken");
     }
 }

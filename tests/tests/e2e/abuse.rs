@@ -516,3 +516,39 @@ async fn a_burst_of_handshakes_past_the_admission_rate_waits_and_gets_in_without
     let health = t.http.get(t.url("/healthz")).send().await.expect("healthz");
     assert_eq!(health.status().as_u16(), 200);
 }
+
+/// Anyone can send a request with a made-up method. Each used to become its own series in
+/// `/metrics`, a map entry kept for the life of the process: memory an unauthenticated
+/// client could grow without end. Now they all count as `OTHER`.
+#[tokio::test]
+async fn made_up_http_methods_do_not_grow_the_metrics() {
+    let t = TestPlane::start().await;
+    let before = t.metrics_text().await.len();
+    for i in 0..200 {
+        let method = reqwest::Method::from_bytes(format!("MADEUP{i}").as_bytes()).expect("method");
+        let r = t
+            .http
+            .request(method, t.url("/v1/projects"))
+            .send()
+            .await
+            .expect("request");
+        assert!(r.status().is_client_error(), "{}", r.status());
+    }
+    let text = t.metrics_text().await;
+    assert!(!text.contains("MADEUP"), "a made-up method became a series");
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("sensei_http_requests_total{method=\"OTHER\"") && l.ends_with(" 200")
+        ),
+        "the made-up requests are counted together"
+    );
+    // One counter line and one histogram's worth of lines, not 200 of each.
+    assert!(
+        text.len() < before + 4096,
+        "{} → {} bytes",
+        before,
+        text.len()
+    );
+    let health = t.http.get(t.url("/healthz")).send().await.expect("healthz");
+    assert_eq!(health.status(), 200);
+}

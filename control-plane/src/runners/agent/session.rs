@@ -206,6 +206,7 @@ pub async fn run(
     Box::pin(super::dispatch::fail_interrupted(ctx, server_id)).await;
     if ctx.hub.unregister(server_id, &connection) {
         ctx.presence.disconnected(server_id);
+        ctx.hub.wakes.forget(server_id);
     }
     tracing::info!(%server_id, reason = ?connection.close_reason(), "agent disconnected");
 }
