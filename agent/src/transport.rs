@@ -32,14 +32,8 @@ pub enum TransportError {
 /// name.
 pub async fn resolve(address: &str) -> Result<(SocketAddr, String), TransportError> {
     let (addresses, host) = resolve_all(address).await?;
-    let first = addresses
-        .first()
-        .copied()
-        .ok_or_else(|| TransportError::Resolve {
-            address: address.to_owned(),
-            message: "no address".into(),
-        })?;
-    Ok((first, host))
+    // `resolve_all` answers at least one address or an error.
+    Ok((addresses[0], host))
 }
 
 /// Splits `HOST:PORT` and resolves it to every address it names (several replicas behind

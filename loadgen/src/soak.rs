@@ -32,6 +32,7 @@ pub struct SoakOptions {
 }
 
 /// One minute of the soak.
+#[derive(Default)]
 struct Minute {
     rss_kib: u64,
     cpu: f64,
@@ -63,13 +64,7 @@ pub async fn run(report: &mut Report, options: SoakOptions) -> anyhow::Result<Va
     );
     let mut cpu_mark = setup.plane()?.cpu();
     let mut mark = Instant::now();
-    let mut current = Minute {
-        rss_kib: 0,
-        cpu: 0.0,
-        connected: 0,
-        dispatches: Vec::new(),
-        dispatch_failures: 0,
-    };
+    let mut current = Minute::default();
     let mut done: Vec<Minute> = Vec::new();
     let mut all_dispatches = Vec::new();
     let mut dispatch_failures = 0u64;
@@ -113,9 +108,7 @@ pub async fn run(report: &mut Report, options: SoakOptions) -> anyhow::Result<Va
                 );
                 all_dispatches.extend(current.dispatches.iter().copied());
                 dispatch_failures += current.dispatch_failures;
-                done.push(std::mem::replace(&mut current, Minute {
-                    rss_kib: 0, cpu: 0.0, connected: 0, dispatches: Vec::new(), dispatch_failures: 0,
-                }));
+                done.push(std::mem::take(&mut current));
                 // The churn for the next minute: this share of the fleet restarts now.
                 if (done.len() as u64) < minutes {
                     fleet.churn(churn_percent / 100.0);

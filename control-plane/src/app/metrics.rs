@@ -461,17 +461,20 @@ mod tests {
     #[test]
     fn counts_and_buckets() {
         let m = Metrics::default();
+        let render = |m: &Metrics| {
+            m.render(
+                &deadpool_postgres::Status {
+                    max_size: 4,
+                    size: 1,
+                    available: 1,
+                    waiting: 0,
+                },
+                &FleetFigures::default(),
+            )
+        };
         m.observe("GET", "/healthz", 200, Duration::from_millis(3));
         m.observe("GET", "/healthz", 200, Duration::from_millis(30));
-        let text = m.render(
-            &deadpool_postgres::Status {
-                max_size: 4,
-                size: 1,
-                available: 1,
-                waiting: 0,
-            },
-            &FleetFigures::default(),
-        );
+        let text = render(&m);
         assert!(text.contains(
             "sensei_http_requests_total{method=\"GET\",route=\"/healthz\",status=\"200\"} 2"
         ));
@@ -483,15 +486,7 @@ mod tests {
         for i in 0..100 {
             m.observe(&format!("X{i}"), "unmatched", 405, Duration::from_millis(1));
         }
-        let text = m.render(
-            &deadpool_postgres::Status {
-                max_size: 4,
-                size: 1,
-                available: 1,
-                waiting: 0,
-            },
-            &FleetFigures::default(),
-        );
+        let text = render(&m);
         assert!(text.contains(
             "sensei_http_requests_total{method=\"OTHER\",route=\"unmatched\",status=\"405\"} 100"
         ));

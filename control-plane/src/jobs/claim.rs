@@ -55,6 +55,13 @@ impl Claimed {
     }
 }
 
+/// SQL: the certificate `s.fingerprint` that server `s.server_id`'s connection presented is
+/// valid in the database (not revoked, retired or expired). Only such a connection may claim
+/// a job, or prove anything about its server's jobs ([`super::sweep::fail_jobs_left_behind`]).
+pub(super) const PRESENTED_CERTIFICATE_VALID: &str = "EXISTS (SELECT 1 FROM agent_certificates c \
+       WHERE c.server_id = s.server_id AND c.fingerprint = s.fingerprint \
+         AND c.revoked_at IS NULL AND c.retired_at IS NULL AND c.not_after > now())";
+
 /// Claims, in one statement, the next job of each agent server in `sessions` (server, the
 /// fingerprint of the certificate its connection presented). A server is skipped when its job
 /// is still running, and when that certificate is no longer valid in the database: a
@@ -75,10 +82,7 @@ pub async fn for_agents(
                        WHERE server_id = s.server_id AND status = 'queued' AND expires_at > now() \
                          AND NOT EXISTS (SELECT 1 FROM deployments r \
                            WHERE r.server_id = s.server_id AND r.status = 'running') \
-                         AND EXISTS (SELECT 1 FROM agent_certificates c \
-                           WHERE c.server_id = s.server_id AND c.fingerprint = s.fingerprint \
-                             AND c.revoked_at IS NULL AND c.retired_at IS NULL \
-                             AND c.not_after > now()) \
+                         AND {PRESENTED_CERTIFICATE_VALID} \
                        ORDER BY sequence LIMIT 1 FOR UPDATE SKIP LOCKED) q) \
                  UPDATE deployments d SET status = 'running', started_at = now(), dispatched_replica = $2 \
                  FROM picked WHERE d.id = picked.id \

@@ -12,6 +12,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::claim::PRESENTED_CERTIFICATE_VALID;
 use super::wake::JOB_CHANNEL;
 use super::Step;
 
@@ -40,14 +41,14 @@ pub async fn fail_jobs_left_behind(
     let (servers, bindings): (Vec<Uuid>, Vec<Vec<u8>>) = returned.iter().cloned().unzip();
     let failed = client
         .execute(
-            "UPDATE deployments d SET status = 'failed', error_step = $3, \
-             error_message = 'the server''s agent came back on a new connection without a result: the deploy stopped with the connection it ran on (a control plane replica stopped, or the network dropped); current still points at a complete release', \
-             finished_at = now() \
-             FROM unnest($1::uuid[], $2::bytea[]) AS s(server_id, fingerprint) \
-             WHERE d.server_id = s.server_id AND d.status = 'running' \
-               AND EXISTS (SELECT 1 FROM agent_certificates c \
-                           WHERE c.server_id = s.server_id AND c.fingerprint = s.fingerprint \
-                             AND c.revoked_at IS NULL AND c.retired_at IS NULL AND c.not_after > now())",
+            &format!(
+                "UPDATE deployments d SET status = 'failed', error_step = $3, \
+                 error_message = 'the server''s agent came back on a new connection without a result: the deploy stopped with the connection it ran on (a control plane replica stopped, or the network dropped); current still points at a complete release', \
+                 finished_at = now() \
+                 FROM unnest($1::uuid[], $2::bytea[]) AS s(server_id, fingerprint) \
+                 WHERE d.server_id = s.server_id AND d.status = 'running' \
+                   AND {PRESENTED_CERTIFICATE_VALID}"
+            ),
             &[&servers, &bindings, &Step::Run],
         )
         .await?;
@@ -130,11 +131,11 @@ pub async fn heartbeat(pool: &Pool, replica: Uuid) -> Option<u64> {
         Ok(client) => client
             .query_one(
                 // The statement's snapshot does not see its own upsert: count the others.
+                // (PostgreSQL runs a data-modifying WITH whether or not it is read.)
                 "WITH beat AS (INSERT INTO replicas (id) VALUES ($1) \
                                ON CONFLICT (id) DO UPDATE SET heartbeat_at = now() RETURNING id) \
                  SELECT 1 + count(*) FROM replicas r \
-                 WHERE r.id <> $1 AND r.heartbeat_at > now() - make_interval(secs => $2) \
-                   AND EXISTS (SELECT 1 FROM beat)",
+                 WHERE r.id <> $1 AND r.heartbeat_at > now() - make_interval(secs => $2)",
                 &[&replica, &(REPLICA_SILENCE_SECS as f64)],
             )
             .await
