@@ -9,8 +9,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use sensei_shared::rollout::{
-    self, decide, statuses_by_batch, to_roll_back, Decision, PauseReason, Progress, RolloutState,
-    Strategy, Target, TargetStatus,
+    self, decide, to_roll_back, Decision, PauseReason, Progress, RolloutState, Strategy, Tally,
+    Target, TargetStatus,
 };
 use sensei_shared::upgrade::{already_current, upgrade_outcome, UpgradeJob, UpgradeTarget};
 use serde_json::json;
@@ -137,6 +137,7 @@ struct Rollout {
     upgrade_version: Option<String>,
     strategy: Strategy,
     state: RolloutState,
+    batch_count: usize,
     current_batch: Option<usize>,
     batch_done_at: Option<DateTime<Utc>>,
     approved: bool,
@@ -150,7 +151,7 @@ impl Rollout {
     async fn lock(tx: &Transaction<'_>, id: Uuid) -> Result<Option<Self>, StepError> {
         let Some(r) = tx
             .query_opt(
-                "SELECT account_id, project_id, git_ref, strategy, state, paused_reason, current_batch, \
+                "SELECT account_id, project_id, git_ref, strategy, state, paused_reason, batch_count, current_batch, \
                         batch_done_at, approved, rolling_back, created_by, commit, upgrade_agent_version \
                  FROM rollouts WHERE id = $1 FOR UPDATE SKIP LOCKED",
                 &[&id],
@@ -163,6 +164,7 @@ impl Rollout {
             Some(b) => Some(usize::try_from(b).map_err(|_| StepError::Batch(b))?),
             None => None,
         };
+        let batch_count: i32 = r.get("batch_count");
         Ok(Some(Self {
             id,
             account: r.get("account_id"),
@@ -175,6 +177,7 @@ impl Rollout {
                 r.get("paused_reason"),
                 r.get("rolling_back"),
             )?,
+            batch_count: usize::try_from(batch_count).map_err(|_| StepError::Batch(batch_count))?,
             current_batch,
             batch_done_at: r.get("batch_done_at"),
             approved: r.get("approved"),
@@ -187,9 +190,36 @@ impl Rollout {
     fn job_timeout(&self) -> Duration {
         Duration::from_secs(u64::from(self.strategy.unreachable_after_seconds))
     }
+
+    /// The current batch's number as stored.
+    fn current_batch_no(&self) -> Option<i32> {
+        // Read from an i32 column, so it fits.
+        self.current_batch
+            .map(|b| i32::try_from(b).unwrap_or(i32::MAX))
+    }
+
+    /// What [`decide`] needs of the targets, looked up through the indexes of migration V26
+    /// rather than read target by target.
+    async fn tally(&self, tx: &Transaction<'_>) -> Result<Tally, StepError> {
+        let row = tx
+            .query_one(
+                "SELECT (SELECT count(*) FROM rollout_targets \
+                         WHERE rollout_id = $1 AND status IN ('failed', 'unreachable')), \
+                        EXISTS (SELECT 1 FROM rollout_targets \
+                         WHERE rollout_id = $1 AND batch = $2 AND status IN ('pending', 'running'))",
+                &[&self.id, &self.current_batch_no().unwrap_or(-1)],
+            )
+            .await?;
+        Ok(Tally {
+            batches: self.batch_count,
+            failures: usize::try_from(row.get::<_, i64>(0)).unwrap_or(usize::MAX),
+            current_open: row.get(1),
+        })
+    }
 }
 
-/// The rollout's targets in rollout order: by batch, then position.
+/// Every target of the rollout in rollout order (by batch, then position): only when it
+/// halts, to find the servers to roll back.
 async fn load_targets(tx: &Transaction<'_>, id: Uuid) -> Result<Vec<Target>, StepError> {
     tx.query(
         "SELECT server_id, batch, status, deployment_id FROM rollout_targets \
@@ -219,28 +249,11 @@ async fn step(pool: &Pool, hub: &AgentHub, keys: &FieldKeys, id: Uuid) -> Result
         return Ok(());
     };
 
-    // Fold finished jobs into the targets. A job nobody collected is "unreachable". An
-    // upgrade target ends when its agent comes back on the version, or at its deadline.
-    let ends = if rollout.upgrade_version.is_some() {
+    // A deploy target takes its job's outcome as the job ends (the `deployments` trigger of
+    // migration V26). An upgrade target ends when its agent comes back on the version, or at
+    // its deadline: that is folded here.
+    if rollout.upgrade_version.is_some() {
         fold_upgrades(&tx, &rollout).await?;
-        Vec::new()
-    } else {
-        history::rollout_job_ends(&tx, id).await?
-    };
-    if !ends.is_empty() {
-        let deployments: Vec<Uuid> = ends.iter().map(|e| e.deployment).collect();
-        let statuses: Vec<&str> = ends
-            .iter()
-            .map(|e| TargetStatus::from_job_end(e.succeeded, e.undelivered).as_str())
-            .collect();
-        let errors: Vec<Option<&str>> = ends.iter().map(|e| e.message.as_deref()).collect();
-        tx.execute(
-            "UPDATE rollout_targets t SET status = e.status, error = e.error \
-             FROM unnest($2::uuid[], $3::text[], $4::text[]) AS e(deployment, status, error) \
-             WHERE t.rollout_id = $1 AND t.deployment_id = e.deployment",
-            &[&id, &deployments, &statuses, &errors],
-        )
-        .await?;
     }
     // The first success fixes the commit the rest of the rollout deploys: a push to the
     // branch after the canary was approved does not reach the fleet.
@@ -257,17 +270,15 @@ async fn step(pool: &Pool, hub: &AgentHub, keys: &FieldKeys, id: Uuid) -> Result
 
     let woken = match rollout.state {
         RolloutState::Running => {
-            let targets = load_targets(&tx, id).await?;
-            let statuses = statuses_by_batch(&targets);
             let decision = decide(&Progress {
                 strategy: &rollout.strategy,
-                statuses: &statuses,
+                tally: rollout.tally(&tx).await?,
                 current_batch: rollout.current_batch,
                 batch_done_at: rollout.batch_done_at.map(|t| t.timestamp()),
                 approved: rollout.approved,
                 now: Utc::now().timestamp(),
             });
-            apply(&tx, keys, &rollout, &targets, decision).await?
+            apply(&tx, keys, &rollout, decision).await?
         }
         RolloutState::Halted { rolling_back: true } => {
             finish_rollback(&tx, keys, &rollout).await?;
@@ -296,7 +307,6 @@ async fn apply(
     tx: &Transaction<'_>,
     keys: &FieldKeys,
     rollout: &Rollout,
-    targets: &[Target],
     decision: Decision,
 ) -> Result<Vec<Uuid>, StepError> {
     let id = rollout.id;
@@ -309,7 +319,7 @@ async fn apply(
             )
             .await?;
         }
-        Decision::StartBatch(batch) => return start_batch(tx, rollout, targets, batch).await,
+        Decision::StartBatch(batch) => return start_batch(tx, rollout, batch).await,
         Decision::AwaitApproval => {
             tx.execute(
                 "UPDATE rollouts SET state = 'paused', paused_reason = $2, updated_at = now() \
@@ -324,7 +334,7 @@ async fn apply(
             )
             .await?;
         }
-        Decision::Halt(reason) => return halt(tx, keys, rollout, targets, &reason).await,
+        Decision::Halt(reason) => return halt(tx, keys, rollout, &reason).await,
         Decision::Complete => {
             tx.execute(
                 "UPDATE rollouts SET state = 'succeeded', finished_at = now(), updated_at = now() WHERE id = $1",
@@ -394,18 +404,22 @@ async fn fold_upgrades(tx: &Transaction<'_>, rollout: &Rollout) -> Result<(), St
 async fn start_batch(
     tx: &Transaction<'_>,
     rollout: &Rollout,
-    targets: &[Target],
     batch: usize,
 ) -> Result<Vec<Uuid>, StepError> {
     let id = rollout.id;
-    // `batch` indexes batches read from an i32 column, so it fits.
+    // `batch` indexes batches numbered from an i32 column, so it fits.
     let batch_no = i32::try_from(batch).unwrap_or(i32::MAX);
     // Only targets still pending: one skipped when the rollout was made (an agent below its
     // minimum version) takes no part.
-    let mut members: Vec<Uuid> = targets
+    let mut members: Vec<Uuid> = tx
+        .query(
+            "SELECT server_id FROM rollout_targets \
+             WHERE rollout_id = $1 AND batch = $2 AND status = 'pending' ORDER BY position",
+            &[&id, &batch_no],
+        )
+        .await?
         .iter()
-        .filter(|t| t.batch == batch && t.status == TargetStatus::Pending)
-        .map(|t| t.server)
+        .map(|r| r.get(0))
         .collect();
     if let Some(wanted) = rollout.upgrade_version.as_deref() {
         let (current, reasons): (Vec<Uuid>, Vec<String>) = tx
@@ -480,10 +494,10 @@ async fn halt(
     tx: &Transaction<'_>,
     keys: &FieldKeys,
     rollout: &Rollout,
-    targets: &[Target],
     reason: &str,
 ) -> Result<Vec<Uuid>, StepError> {
     let id = rollout.id;
+    let targets = load_targets(tx, id).await?;
     tx.execute(
         "UPDATE rollout_targets SET status = 'skipped' WHERE rollout_id = $1 AND status = 'pending'",
         &[&id],
@@ -493,7 +507,7 @@ async fn halt(
     // Projects roll back; an upgrade rolls back with another upgrade rollout (the API
     // refuses on_halt "rollback" for one).
     let switched = match rollout.project {
-        Some(_) => to_roll_back(&rollout.strategy, targets),
+        Some(_) => to_roll_back(&rollout.strategy, &targets),
         None => Vec::new(),
     };
     for target in switched {

@@ -49,8 +49,9 @@ pub struct DbReading {
     transactions: i64,
     wal_bytes: i64,
     cpu: Duration,
-    /// Calls per statement text (normalised by pg_stat_statements), for the breakdown.
-    by_statement: HashMap<String, i64>,
+    /// Calls and execution time (ms) per statement text (normalised by
+    /// pg_stat_statements), for the breakdown.
+    by_statement: HashMap<String, (i64, f64)>,
 }
 
 /// Reads the counters. `superuser` is connected to the plane's database as a superuser (the
@@ -79,14 +80,20 @@ pub async fn read(
         .await?;
     let by_statement = superuser
         .query(
-            "SELECT s.query, sum(s.calls)::bigint FROM pg_stat_statements s \
+            "SELECT s.query, sum(s.calls)::bigint, sum(s.total_exec_time)::float8 \
+               FROM pg_stat_statements s \
                JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = 'sensei_app' \
              GROUP BY s.query",
             &[],
         )
         .await?
         .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                (r.get::<_, i64>(1), r.get::<_, f64>(2)),
+            )
+        })
         .collect();
     Ok(DbReading {
         at: Instant::now(),
@@ -115,21 +122,25 @@ pub fn share(before: &DbReading, after: &DbReading, agents: usize) -> (String, V
         wal / secs / 1024.0,
         cpu / secs * 100.0
     );
-    // The statements that ran most in the window: where the database's share goes.
-    let mut top: Vec<(&String, i64)> = after
+    // The statements that took the most time in the window: where the database's share
+    // goes. A trigger's statements count inside the statement that fired them as well.
+    let mut top: Vec<(&String, i64, f64)> = after
         .by_statement
         .iter()
-        .map(|(q, n)| (q, n - before.by_statement.get(q).copied().unwrap_or(0)))
-        .filter(|(_, n)| *n > 0)
+        .map(|(q, (n, ms))| {
+            let (n0, ms0) = before.by_statement.get(q).copied().unwrap_or((0, 0.0));
+            (q, n - n0, ms - ms0)
+        })
+        .filter(|(_, n, _)| *n > 0)
         .collect();
-    top.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    top.sort_by(|a, b| b.2.total_cmp(&a.2));
     let top: Vec<Value> = top
         .iter()
         .take(12)
-        .map(|(q, n)| {
+        .map(|(q, n, ms)| {
             let text: String = q.split_whitespace().collect::<Vec<_>>().join(" ");
             let text: String = text.chars().take(160).collect();
-            json!({"calls": n, "per_sec": *n as f64 / secs, "statement": text})
+            json!({"calls": n, "per_sec": *n as f64 / secs, "exec_ms": ms, "statement": text})
         })
         .collect();
     let value = json!({

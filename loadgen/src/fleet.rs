@@ -135,6 +135,11 @@ impl Shared {
             .unwrap_or_default()
     }
 
+    /// How many jobs the fleet has verified so far.
+    pub fn verified_count(&self) -> usize {
+        self.verified.lock().map_or(0, |v| v.len())
+    }
+
     pub fn verified_at(&self, job: Uuid) -> Option<Instant> {
         self.verified.lock().ok().and_then(|v| v.get(&job).copied())
     }

@@ -244,43 +244,6 @@ pub async fn count_by_status(
         .collect()
 }
 
-/// A job of a rollout that ended while its target still shows it running.
-#[derive(Debug, Clone)]
-pub struct RolloutJobEnd {
-    pub deployment: Uuid,
-    pub succeeded: bool,
-    /// It never reached its server (the step the control plane failed it at was
-    /// [`Step::Dispatch`](super::Step::Dispatch)): the target was unreachable.
-    pub undelivered: bool,
-    pub message: Option<String>,
-}
-
-/// The jobs of `rollout` that ended since the scheduler last folded them into its targets.
-pub async fn rollout_job_ends(
-    tx: &tokio_postgres::Transaction<'_>,
-    rollout: Uuid,
-) -> Result<Vec<RolloutJobEnd>, tokio_postgres::Error> {
-    tx.query(
-        "SELECT d.id, d.status, d.error_step, d.error_message \
-         FROM rollout_targets t JOIN deployments d ON d.id = t.deployment_id \
-         WHERE t.rollout_id = $1 AND t.status = 'running' AND d.status IN ('succeeded', 'failed')",
-        &[&rollout],
-    )
-    .await?
-    .iter()
-    .map(|r| {
-        let status: JobStatus = r.try_get("status")?;
-        let step: Option<&str> = r.try_get("error_step")?;
-        Ok(RolloutJobEnd {
-            deployment: r.try_get("id")?,
-            succeeded: status == JobStatus::Succeeded,
-            undelivered: step == Some(super::Step::Dispatch.as_str()),
-            message: r.try_get("error_message")?,
-        })
-    })
-    .collect()
-}
-
 /// A running target of an agent upgrade rollout, with what its job and its agent say.
 #[derive(Debug, Clone)]
 pub struct UpgradeTargetState {
