@@ -579,12 +579,33 @@ async fn steady_state(
                     )
                     .await?;
                 if row.get::<_, &str>(0) == "halted" {
+                    let failures: Vec<String> = setup
+                        .db
+                        .query(
+                            "SELECT status, coalesce(error, ''), count(*) FROM rollout_targets \
+                             WHERE rollout_id = $1 AND status IN ('failed', 'unreachable') \
+                             GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 10",
+                            &[&rollout],
+                        )
+                        .await?
+                        .iter()
+                        .map(|r| {
+                            format!(
+                                "{} x {} ({})",
+                                r.get::<_, i64>(2),
+                                r.get::<_, &str>(0),
+                                r.get::<_, &str>(1)
+                            )
+                        })
+                        .collect();
                     bail!(
-                        "rollout {label} halted after {:.1} s: {}; {} of {agents} jobs verified, {} new sessions meanwhile",
+                        "rollout {label} halted after {:.1} s: {}; {} of {agents} jobs verified, {} new sessions meanwhile; \
+                         failed targets: {}",
                         sent.elapsed().as_secs_f64(),
                         row.get::<_, Option<String>>(1).unwrap_or_default(),
                         fleet.shared.verified_count() - verified_before,
-                        fleet.shared.sessions.load(Ordering::Relaxed) - sessions_before
+                        fleet.shared.sessions.load(Ordering::Relaxed) - sessions_before,
+                        failures.join("; ")
                     );
                 }
             }

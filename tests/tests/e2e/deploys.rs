@@ -772,3 +772,50 @@ async fn an_orphaned_job_holds_its_server_until_the_sweep_fails_it() {
         "a live replica's job is left to its agent"
     );
 }
+
+/// A claim the database cannot answer (as when its pool is exhausted under load) is tried
+/// again within seconds. The wake-up that led to it is spent and no other comes, so waiting
+/// for the poll's next re-check (minutes) would leave the job queued long enough for a
+/// rollout to count its server unreachable.
+#[tokio::test]
+async fn a_claim_the_database_could_not_answer_is_tried_again_shortly() {
+    let s = setup(json!({})).await;
+    let db = s.t.db().await;
+    // Every claim fails while this trigger exists; the sequence counts the attempts (a
+    // sequence is not rolled back with the failed statement).
+    db.batch_execute(&format!(
+        "CREATE SEQUENCE test_refused_claims; \
+         GRANT USAGE ON SEQUENCE test_refused_claims TO {}; \
+         CREATE FUNCTION test_refuse_claims() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM nextval('test_refused_claims'); RAISE EXCEPTION 'claims refused by the test'; END $$; \
+         CREATE TRIGGER test_refuse_claims BEFORE UPDATE ON deployments FOR EACH ROW \
+         WHEN (OLD.status = 'queued' AND NEW.status = 'running') EXECUTE FUNCTION test_refuse_claims();",
+        sensei_e2e::APP_ROLE
+    ))
+    .await
+    .expect("refuse claims");
+    let d = s.deploy("main").await;
+    let id = d["id"].as_str().expect("id");
+    let mut refused = false;
+    for _ in 0..600 {
+        let row = db
+            .query_one("SELECT is_called FROM test_refused_claims", &[])
+            .await
+            .expect("sequence");
+        if row.get::<_, bool>(0) {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "the queued deploy woke no claim");
+    let (_, queued) = s.t.get(&format!("/v1/deployments/{id}"), &s.cookie).await;
+    assert_eq!(queued["status"], "queued", "{queued}");
+    db.batch_execute("DROP TRIGGER test_refuse_claims ON deployments")
+        .await
+        .expect("allow claims");
+    // No wake-up is sent from here on: only the poll's own retry can find the job.
+    let done = s.t.wait_deployment(&s.cookie, id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(s.served(), "v1");
+}

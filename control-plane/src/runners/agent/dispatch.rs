@@ -34,6 +34,17 @@ fn recheck_delay() -> Duration {
     RECHECK.mul_f64(0.5 + 0.5 * rand::random::<f64>())
 }
 
+/// How soon a claim the database could not answer (its pool exhausted under load, a
+/// connection lost) is tried again: between one and two of these, so that the polls of a
+/// whole rollout that failed together do not come back together. The wake-up that led to the
+/// claim is spent; waiting for the next re-check instead would leave a queued job for minutes,
+/// long enough for a rollout to count its server unreachable.
+const CLAIM_RETRY: Duration = Duration::from_secs(1);
+
+fn claim_retry_delay() -> Duration {
+    CLAIM_RETRY.mul_f64(1.0 + rand::random::<f64>())
+}
+
 /// Serves one job stream: a poll waits for a job, sends it and records what comes back; a
 /// report is recorded; a renewal is answered ([`super::renew`]). The order of messages is
 /// `sensei_shared::session::ControlJob`'s; a message out of place resets the stream with the
@@ -99,7 +110,17 @@ pub async fn serve_poll(
                             }
                             Ok(Dispatch::Idle) => {}
                             Err(e) => {
-                                tracing::warn!(%server_id, error = %e, "looking for queued jobs")
+                                tracing::warn!(%server_id, error = %e, "looking for queued jobs; trying again shortly");
+                                // The first-poll rule may not have run: the next claim runs it.
+                                if first_poll {
+                                    link.polled.store(false, Ordering::Relaxed);
+                                }
+                                drop(busy);
+                                tokio::select! {
+                                    _ = tokio::time::sleep(claim_retry_delay()) => {}
+                                    () = link.drain.started() => {}
+                                }
+                                continue;
                             }
                         }
                         drop(busy);
