@@ -87,6 +87,8 @@ dpkg-query -W -f='${Conffiles}\n' sensei-control-plane | grep -q /etc/sensei/con
 for unit in sensei-agent.service sensei-agent.path sensei-control-plane.service; do
   [ -f "/usr/lib/systemd/system/$unit" ] || fail "$unit missing"
 done
+grep -q '^net.core.rmem_max = 33554432$' /usr/lib/sysctl.d/60-sensei-control-plane.conf \
+  || fail "the gateway's socket buffer ceiling is not installed"
 
 step "systemd-analyze verify and security"
 systemd-analyze verify /usr/lib/systemd/system/sensei-agent.service \

@@ -175,6 +175,8 @@ pub async fn wait_for_mark(
 /// The fleet: its connections share a few client endpoints (UDP sockets).
 pub struct Fleet {
     pub shared: Arc<Shared>,
+    /// The local UDP ports of the client endpoints (for their kernel drop counts).
+    pub ports: Vec<u16>,
     stop: watch::Sender<bool>,
     renew: watch::Sender<Option<RenewalWave>>,
     /// Each new value: every agent restarts with the probability it carries (churn).
@@ -234,6 +236,10 @@ impl Fleet {
         let endpoints: Vec<quinn::Endpoint> = (0..endpoints.max(1))
             .map(|_| client_endpoint(8 << 20))
             .collect::<Result<_, _>>()?;
+        let ports = endpoints
+            .iter()
+            .filter_map(|e| e.local_addr().ok().map(|a| a.port()))
+            .collect();
         let shared = Arc::new(Shared::default());
         let (stop, stopped) = watch::channel(false);
         let (renew, wave) = watch::channel(None);
@@ -269,6 +275,7 @@ impl Fleet {
         }
         Ok(Self {
             shared,
+            ports,
             stop,
             renew,
             churn,

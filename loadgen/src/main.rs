@@ -54,6 +54,10 @@ struct Cli {
     /// Write the figures as JSON here too.
     #[arg(long, global = true)]
     json: Option<std::path::PathBuf>,
+    /// Keep the (first) control plane's log here instead of in its data directory, which is
+    /// removed at the end: what a run that went wrong leaves to read.
+    #[arg(long, global = true)]
+    plane_log: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Scenario,
 }
@@ -135,6 +139,9 @@ struct FleetOptions {
     plane_cpus: Option<String>,
 }
 
+/// `--plane-log`, for [`Setup::new`].
+static PLANE_LOG: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
 /// What every scenario runs against.
 pub(crate) struct Setup {
     _cluster: sensei_control_plane::store::postgres_cluster::PostgresCluster,
@@ -187,7 +194,11 @@ impl Setup {
             api_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(false)?)),
             agent_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(true)?)),
             heartbeat_secs,
-            log: data_dir.path().join("control-plane.log"),
+            log: PLANE_LOG
+                .get()
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| data_dir.path().join("control-plane.log")),
             cpus,
         };
         let plane = Plane::start(&config)?;
@@ -546,6 +557,11 @@ async fn steady_state(
         let cpu_before = setup.plane()?.cpu();
         let db_before = setup.db_reading().await?;
         let verified_before = fleet.shared.verified_count();
+        let gateway_port = [setup.config.agent_addr.port()];
+        let drops_before = (
+            plane::udp_drops(&gateway_port),
+            plane::udp_drops(&fleet.ports),
+        );
         let sent = Instant::now();
         let (status, body) = setup
             .post(
@@ -600,12 +616,14 @@ async fn steady_state(
                         .collect();
                     bail!(
                         "rollout {label} halted after {:.1} s: {}; {} of {agents} jobs verified, {} new sessions meanwhile; \
-                         failed targets: {}",
+                         failed targets: {}; UDP datagrams dropped by the kernel: {} at the gateway, {} at the agents",
                         sent.elapsed().as_secs_f64(),
                         row.get::<_, Option<String>>(1).unwrap_or_default(),
                         fleet.shared.verified_count() - verified_before,
                         fleet.shared.sessions.load(Ordering::Relaxed) - sessions_before,
-                        failures.join("; ")
+                        failures.join("; "),
+                        plane::udp_drops(&gateway_port) - drops_before.0,
+                        plane::udp_drops(&fleet.ports) - drops_before.1,
                     );
                 }
             }
@@ -631,6 +649,10 @@ async fn steady_state(
         }
         let wall = sent.elapsed();
         let reconnects = fleet.shared.sessions.load(Ordering::Relaxed) - sessions_before;
+        let drops = (
+            plane::udp_drops(&gateway_port) - drops_before.0,
+            plane::udp_drops(&fleet.ports) - drops_before.1,
+        );
         let cpu = setup.plane()?.cpu() - cpu_before;
         let db_after = setup.db_reading().await?;
         let jobs: Vec<Uuid> = setup
@@ -653,13 +675,16 @@ async fn steady_state(
             "rollout",
             &format!("{label}: every ack committed"),
             format!(
-                "{agents} agents in {:.2} s; per agent {}; control-plane CPU {:.1} s; {reconnects} new sessions meanwhile",
+                "{agents} agents in {:.2} s; per agent {}; control-plane CPU {:.1} s; {reconnects} new sessions meanwhile; \
+                 UDP datagrams dropped by the kernel: {} at the gateway, {} at the agents",
                 wall.as_secs_f64(),
                 spread.text(),
-                cpu.as_secs_f64()
+                cpu.as_secs_f64(),
+                drops.0,
+                drops.1
             ),
             json!({"wall_secs": wall.as_secs_f64(), "per_agent": spread.json(), "cpu_secs": cpu.as_secs_f64(),
-                   "new_sessions": reconnects}),
+                   "new_sessions": reconnects, "udp_drops_gateway": drops.0, "udp_drops_agents": drops.1}),
         );
         let (text, value) = dbshare::share(&db_before, &db_after, agents);
         report.add("rollout", &format!("{label}: database share"), text, value);
@@ -978,6 +1003,7 @@ fn handshakes(report: &mut Report, rounds: u32) -> anyhow::Result<Value> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let _ = PLANE_LOG.set(cli.plane_log.clone());
     sensei_certs::tls::install_default_provider();
     let runtime = tokio::runtime::Runtime::new()?;
     let mut report = Report::default();

@@ -193,6 +193,25 @@ pub fn proc_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Datagrams the kernel dropped so far on the IPv4 UDP sockets bound to these local ports,
+/// mostly for a full receive buffer: the last column of `/proc/net/udp`. A side that cannot
+/// drain its socket in time shows here first.
+pub fn udp_drops(ports: &[u16]) -> u64 {
+    let Ok(table) = std::fs::read_to_string("/proc/net/udp") else {
+        return 0;
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = u16::from_str_radix(fields.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            let drops: u64 = fields.last()?.parse().ok()?;
+            ports.contains(&port).then_some(drops)
+        })
+        .sum()
+}
+
 /// User + system CPU time of a process.
 pub fn proc_cpu(pid: u32) -> Duration {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
