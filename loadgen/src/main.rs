@@ -134,6 +134,10 @@ struct FleetOptions {
     /// Stop after the rollouts (no reconnect storm).
     #[arg(long, conflicts_with_all = ["idle_only", "storm_only"])]
     no_storm: bool,
+    /// One rollout in batches of this percentage of the fleet, instead of the two standard
+    /// ones (all at once, then four batches).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    batch_percent: Option<u8>,
     /// Run the control plane on these CPUs only (`taskset -c LIST`, e.g. `0`).
     #[arg(long)]
     plane_cpus: Option<String>,
@@ -550,10 +554,23 @@ async fn steady_state(
     );
 
     // 3. Rollouts: all at once, then in four batches.
-    for (label, strategy) in [
-        ("all at once", json!({"canary": 0, "batch_percent": 100})),
-        ("4 batches", json!({"canary": 0, "batch_percent": 25})),
-    ] {
+    let strategies = match options.batch_percent {
+        Some(p) => vec![(
+            format!("batches of {p} %"),
+            json!({"canary": 0, "batch_percent": p}),
+        )],
+        None => vec![
+            (
+                "all at once".to_owned(),
+                json!({"canary": 0, "batch_percent": 100}),
+            ),
+            (
+                "4 batches".to_owned(),
+                json!({"canary": 0, "batch_percent": 25}),
+            ),
+        ],
+    };
+    for (label, strategy) in strategies {
         let cpu_before = setup.plane()?.cpu();
         let db_before = setup.db_reading().await?;
         let verified_before = fleet.shared.verified_count();
