@@ -46,13 +46,10 @@ CREATE TRIGGER deployments_changed AFTER UPDATE ON deployments
     EXECUTE FUNCTION deployments_changed();
 DROP FUNCTION live_deployments_changed();
 
--- Jobs that ended before this migration and were not folded yet by the scheduler.
-UPDATE rollout_targets t
-   SET status = CASE WHEN d.status = 'succeeded' THEN 'succeeded'
-                     WHEN d.error_step = 'dispatch' THEN 'unreachable'
-                     ELSE 'failed' END,
-       error = d.error_message
-  FROM deployments d
+-- Jobs that ended before this migration and were not folded yet by the scheduler: an UPDATE
+-- that changes nothing in them hands them to the trigger above, which folds them by its rule.
+UPDATE deployments d SET status = d.status
+  FROM rollout_targets t
  WHERE t.deployment_id = d.id
    AND t.status = 'running'
    AND d.kind = 'deploy'

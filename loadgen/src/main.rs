@@ -574,11 +574,19 @@ async fn steady_state(
         let cpu_before = setup.plane()?.cpu();
         let db_before = setup.db_reading().await?;
         let verified_before = fleet.shared.verified_count();
+        // Datagrams the kernel dropped since the rollout began: at the gateway, at the agents.
         let gateway_port = [setup.config.agent_addr.port()];
-        let drops_before = (
-            plane::udp_drops(&gateway_port),
-            plane::udp_drops(&fleet.ports),
-        );
+        let drops_now = || {
+            (
+                plane::udp_drops(&gateway_port),
+                plane::udp_drops(&fleet.ports),
+            )
+        };
+        let drops_before = drops_now();
+        let drops_since = || {
+            let now = drops_now();
+            (now.0 - drops_before.0, now.1 - drops_before.1)
+        };
         let sent = Instant::now();
         let (status, body) = setup
             .post(
@@ -631,6 +639,7 @@ async fn steady_state(
                             )
                         })
                         .collect();
+                    let drops = drops_since();
                     bail!(
                         "rollout {label} halted after {:.1} s: {}; {} of {agents} jobs verified, {} new sessions meanwhile; \
                          failed targets: {}; UDP datagrams dropped by the kernel: {} at the gateway, {} at the agents",
@@ -639,8 +648,8 @@ async fn steady_state(
                         fleet.shared.verified_count() - verified_before,
                         fleet.shared.sessions.load(Ordering::Relaxed) - sessions_before,
                         failures.join("; "),
-                        plane::udp_drops(&gateway_port) - drops_before.0,
-                        plane::udp_drops(&fleet.ports) - drops_before.1,
+                        drops.0,
+                        drops.1,
                     );
                 }
             }
@@ -666,10 +675,7 @@ async fn steady_state(
         }
         let wall = sent.elapsed();
         let reconnects = fleet.shared.sessions.load(Ordering::Relaxed) - sessions_before;
-        let drops = (
-            plane::udp_drops(&gateway_port) - drops_before.0,
-            plane::udp_drops(&fleet.ports) - drops_before.1,
-        );
+        let drops = drops_since();
         let cpu = setup.plane()?.cpu() - cpu_before;
         let db_after = setup.db_reading().await?;
         let jobs: Vec<Uuid> = setup
