@@ -43,6 +43,9 @@ const NEXT: &str = "identity.next";
 const SEQUENCE: &str = "sequence";
 /// A finished job's result not yet acknowledged by the control plane.
 const PENDING: &str = "pending-result.json";
+/// The upgrade a pending result is for: triggered once that result is recorded, on whichever
+/// connection that happens.
+const PENDING_UPGRADE: &str = "pending-upgrade.json";
 /// What the running agent last said about itself (`sensei-agent status`).
 const STATUS: &str = "status.json";
 
@@ -357,17 +360,21 @@ impl StateDir {
         self.write(SEQUENCE, &sequence.to_string())
     }
 
+    fn write_json(&self, name: &str, value: &impl Serialize) -> Result<(), IdentityError> {
+        let text = serde_json::to_string(value).map_err(|e| IdentityError::Io {
+            dir: self.dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        self.write(name, &text)
+    }
+
     /// Keeps a finished job's result until the control plane has recorded it.
     pub fn store_pending_result(
         &self,
         job_id: Uuid,
         result: &JobResult,
     ) -> Result<(), IdentityError> {
-        let text = serde_json::to_string(&(job_id, result)).map_err(|e| IdentityError::Io {
-            dir: self.dir.display().to_string(),
-            message: e.to_string(),
-        })?;
-        self.write(PENDING, &text)
+        self.write_json(PENDING, &(job_id, result))
     }
 
     /// The result still to report, if any.
@@ -381,13 +388,34 @@ impl StateDir {
         let _ = fs::remove_file(self.dir.join(PENDING));
     }
 
+    /// Keeps the version an upgrade job asked for until its result is recorded: the upgrade
+    /// starts then, even if that happens on a later connection or after a restart.
+    pub fn store_pending_upgrade(&self, job_id: Uuid, version: &str) -> Result<(), IdentityError> {
+        self.write_json(PENDING_UPGRADE, &(job_id, version))
+    }
+
+    /// The upgrade waiting for the pending result of the same job. One kept for any other job
+    /// (its result was recorded and the upgrade started, or given up) is removed.
+    pub fn pending_upgrade(&self) -> Option<(Uuid, String)> {
+        let text = fs::read_to_string(self.dir.join(PENDING_UPGRADE)).ok()?;
+        let upgrade: Option<(Uuid, String)> = serde_json::from_str(&text).ok();
+        match (upgrade, self.pending_result()) {
+            (Some(upgrade), Some((job_id, _))) if upgrade.0 == job_id => Some(upgrade),
+            _ => {
+                self.clear_pending_upgrade();
+                None
+            }
+        }
+    }
+
+    /// The upgrade's result was recorded: it starts now, or never.
+    pub fn clear_pending_upgrade(&self) {
+        let _ = fs::remove_file(self.dir.join(PENDING_UPGRADE));
+    }
+
     /// Records the running agent's status ([`crate::status`]).
     pub fn store_liveness(&self, liveness: &crate::status::Liveness) -> Result<(), IdentityError> {
-        let text = serde_json::to_string(liveness).map_err(|e| IdentityError::Io {
-            dir: self.dir.display().to_string(),
-            message: e.to_string(),
-        })?;
-        self.write(STATUS, &text)
+        self.write_json(STATUS, liveness)
     }
 
     /// The running agent's last status, if it wrote one that can be read.
@@ -464,6 +492,39 @@ mod tests {
         ));
     }
 
+    /// An upgrade waits on disk for its own job's result only: recorded with it, it is there
+    /// after a restart; with no result, or another job's, it is dropped.
+    #[test]
+    fn a_pending_upgrade_belongs_to_the_pending_result_of_its_job() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = StateDir::new(dir.path());
+        let done = JobResult {
+            succeeded: true,
+            release_id: None,
+            commit: None,
+            error: None,
+        };
+        let job = Uuid::new_v4();
+        state
+            .store_pending_upgrade(job, "2.0.0-1")
+            .expect("upgrade");
+        assert_eq!(state.pending_upgrade(), None, "no result to wait for");
+        assert!(!dir.path().join(PENDING_UPGRADE).exists());
+
+        state.store_pending_result(job, &done).expect("result");
+        state
+            .store_pending_upgrade(job, "2.0.0-1")
+            .expect("upgrade");
+        let restarted = StateDir::new(dir.path());
+        assert_eq!(restarted.pending_upgrade(), Some((job, "2.0.0-1".into())));
+
+        state
+            .store_pending_result(Uuid::new_v4(), &done)
+            .expect("another job's result");
+        assert_eq!(state.pending_upgrade(), None, "another job's result");
+        assert!(!dir.path().join(PENDING_UPGRADE).exists());
+    }
+
     /// An attacker who can write into the state directory plants symlinks at every name the
     /// old code wrote through (the predictable temporary names) and at the final names, each
     /// pointing at a file root owns. Enrolling (here: saving) must leave the targets alone.
@@ -474,7 +535,7 @@ mod tests {
         fs::create_dir(&state_dir).expect("mkdir");
         let victim = dir.path().join("victim");
         fs::write(&victim, "root's file").expect("victim");
-        for name in [KEY, CERT, CA, META, SEQUENCE, PENDING] {
+        for name in [KEY, CERT, CA, META, SEQUENCE, PENDING, PENDING_UPGRADE] {
             for planted in [format!(".{name}.tmp"), name.to_owned()] {
                 std::os::unix::fs::symlink(&victim, state_dir.join(&planted)).expect("plant");
             }
@@ -493,8 +554,11 @@ mod tests {
                 },
             )
             .expect("pending");
+        state
+            .store_pending_upgrade(Uuid::new_v4(), "1.2.3-1")
+            .expect("pending upgrade");
         assert_eq!(fs::read_to_string(&victim).expect("victim"), "root's file");
-        for name in [KEY, CERT, CA, META, SEQUENCE, PENDING] {
+        for name in [KEY, CERT, CA, META, SEQUENCE, PENDING, PENDING_UPGRADE] {
             let meta = fs::symlink_metadata(state_dir.join(name)).expect("file");
             assert!(meta.file_type().is_file(), "{name} is still a link");
         }

@@ -50,8 +50,9 @@ pub async fn job_loop(
     // A result reported once on this connection is not reported again if its copy on disk
     // could not be removed: the control plane recorded it already.
     let mut reported = None;
-    // An upgrade job accepted on this stream: triggered once the control plane recorded it.
-    let mut upgrade: Option<(Uuid, String)> = None;
+    // An upgrade job accepted (on this connection or an earlier one, whose result is still to
+    // report): triggered once the control plane recorded its result.
+    let mut upgrade: Option<(Uuid, String)> = ctx.state.pending_upgrade();
     loop {
         let unreported = ctx
             .state
@@ -86,21 +87,25 @@ pub async fn job_loop(
                         }
                     }
                     AgentJobAction::Run(signed) => {
-                        let answered =
-                            match run(connection, ctx, &signed, &mut job, &mut send).await {
-                                Answer::Finished { job_id, result } => job.finish(job_id, result),
-                                Answer::Upgrade { job_id, version } => {
-                                    let result = JobResult {
-                                        succeeded: true,
-                                        release_id: None,
-                                        commit: None,
-                                        error: None,
-                                    };
-                                    upgrade = Some((job_id, version));
-                                    job.finish(job_id, result)
+                        let answered = match run(connection, ctx, &signed, &mut job, &mut send)
+                            .await
+                        {
+                            Answer::Finished { job_id, result } => job.finish(job_id, result),
+                            Answer::Upgrade { job_id, version } => {
+                                let result = JobResult {
+                                    succeeded: true,
+                                    release_id: None,
+                                    commit: None,
+                                    error: None,
+                                };
+                                if let Err(e) = ctx.state.store_pending_upgrade(job_id, &version) {
+                                    tracing::warn!(error = %e, "cannot keep the upgrade on disk until its result is recorded");
                                 }
-                                Answer::Refused { job_id, reason } => job.refuse(job_id, reason),
-                            };
+                                upgrade = Some((job_id, version));
+                                job.finish(job_id, result)
+                            }
+                            Answer::Refused { job_id, reason } => job.refuse(job_id, reason),
+                        };
                         // Cannot fail: the machine asked to run the job, so one is running.
                         if let Err(e) = answered {
                             return StreamEnd::GiveUp {
@@ -137,6 +142,7 @@ pub async fn job_loop(
                         // The outcome is recorded: the upgrade may start once this stream is
                         // over (below).
                         if let Some((_, version)) = upgrade.take_if(|(id, _)| *id == job_id) {
+                            ctx.state.clear_pending_upgrade();
                             recorded_upgrade = Some(version);
                         }
                     }

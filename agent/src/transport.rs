@@ -6,12 +6,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::QuicClientConfig;
-use sensei_shared::protocol::ALPN;
+use sensei_shared::protocol::{self, ALPN};
 
-/// Sent when nothing else is, so that NAT bindings and the control plane's idle timer stay
-/// fresh.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A QUIC PING after this long without a packet from the control plane. An idle agent's
+/// liveness signal is the heartbeat the control plane chooses in its welcome (30 s by
+/// default): it and its answer keep NAT bindings and both sides' idle timers fresh, so this
+/// is only a floor for a heartbeat chosen longer. quinn restarts the timer on every packet it
+/// receives, so while heartbeats are answered more often than this it never fires. At 15 s it
+/// fired once or twice between two default heartbeats: four of the seven packets an idle
+/// agent cost the gateway every 30 s (docs/benchmarks.md). Behind a NAT that forgets UDP
+/// mappings in less than 30 s, the operator lowers the heartbeat.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(protocol::AGENT_KEEP_ALIVE_SECS as u64);
+/// What the agent asks for; the control plane may shorten it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(protocol::AGENT_IDLE_TIMEOUT_SECS as u64);
+// Heartbeats at the default interval keep the keep-alive quiet, with room for a late one.
+const _: () = assert!(
+    protocol::AGENT_KEEP_ALIVE_SECS >= protocol::DEFAULT_HEARTBEAT_SECS + 10
+        && protocol::AGENT_KEEP_ALIVE_SECS + protocol::LIVENESS_SPARE_SECS
+            <= protocol::AGENT_IDLE_TIMEOUT_SECS
+);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why a connection could not be set up (before any protocol exchange).
@@ -115,13 +128,22 @@ pub fn client_config(
     verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
     identity: Option<(&str, &str)>,
 ) -> Result<quinn::ClientConfig, TransportError> {
+    client_config_timed(verifier, identity, KEEP_ALIVE, IDLE_TIMEOUT)
+}
+
+fn client_config_timed(
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    identity: Option<(&str, &str)>,
+    keep_alive: Duration,
+    idle_timeout: Duration,
+) -> Result<quinn::ClientConfig, TransportError> {
     let tls = sensei_certs::tls::agent_client_config(verifier, identity, ALPN)
         .map_err(|e| TransportError::Tls(e.to_string()))?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(KEEP_ALIVE));
-    if let Ok(idle) = IDLE_TIMEOUT.try_into() {
+    transport.keep_alive_interval(Some(keep_alive));
+    if let Ok(idle) = idle_timeout.try_into() {
         transport.max_idle_timeout(Some(idle));
     }
     config.transport_config(Arc::new(transport));
@@ -154,6 +176,95 @@ mod tests {
         let mut far = Gateways::starting_at(usize::MAX);
         far.failed();
         assert!(far.pick(&addresses).is_some());
+    }
+
+    /// The keep-alive stays quiet while heartbeats are answered and fills in when they stop,
+    /// keeping the connection past its idle timeout: what lets an idle agent cost the gateway
+    /// a heartbeat, its answer and an acknowledgement, and no PINGs. Real QUIC on loopback,
+    /// with the production timers scaled down (heartbeats well inside the keep-alive, the
+    /// keep-alive well inside the idle timeout).
+    #[tokio::test]
+    async fn the_keep_alive_fires_only_when_heartbeats_stop() {
+        const HEARTBEAT: Duration = Duration::from_millis(100);
+        // Heartbeats every 100 ms against a 3 s keep-alive: a PING in the first phase needs
+        // the test stalled for 2.9 s, not a slow machine.
+        const KEEP_ALIVE: Duration = Duration::from_secs(3);
+        const IDLE: Duration = Duration::from_secs(8);
+        let ca = sensei_certs::CertificateAuthority::generate("keep-alive test").expect("ca");
+        let issued = ca
+            .issue_server_certificate(&["localhost".into()], time::Duration::hours(1))
+            .expect("server certificate");
+        let mut tls = rustls::ServerConfig::builder_with_provider(sensei_certs::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(
+                sensei_certs::tls::certs_from_pem(&issued.cert_pem).expect("chain"),
+                sensei_certs::tls::key_from_pem(&issued.key_pem).expect("key"),
+            )
+            .expect("server TLS");
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("QUIC TLS");
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut server_transport = quinn::TransportConfig::default();
+        server_transport.max_idle_timeout(Some(IDLE.try_into().expect("idle")));
+        server_config.transport_config(Arc::new(server_transport));
+        let server = quinn::Endpoint::server(server_config, addr(0)).expect("bind");
+        let server_addr = server.local_addr().expect("address");
+        // The control plane's side: answers every heartbeat byte, sends nothing of its own.
+        let answering = tokio::spawn(async move {
+            let connection = server.accept().await?.await.ok()?;
+            let (mut send, mut recv) = connection.accept_bi().await.ok()?;
+            let mut byte = [0u8; 1];
+            while recv.read_exact(&mut byte).await.is_ok() {
+                send.write_all(&byte).await.ok()?;
+            }
+            Some(connection)
+        });
+
+        let verifier = sensei_certs::tls::verifier_trusting(ca.cert_pem()).expect("verifier");
+        let config = client_config_timed(verifier, None, KEEP_ALIVE, IDLE).expect("config");
+        let mut client = endpoint(server_addr).expect("client endpoint");
+        client.set_default_client_config(config);
+        let connection = client
+            .connect(server_addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = connection.open_bi().await.expect("stream");
+        async fn heartbeat(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) {
+            send.write_all(&[1]).await.expect("heartbeat");
+            recv.read_exact(&mut [0u8; 1]).await.expect("answer");
+            tokio::time::sleep(HEARTBEAT).await;
+        }
+        // Path MTU probes count as PINGs too; they are over after the first round trips.
+        for _ in 0..5 {
+            heartbeat(&mut send, &mut recv).await;
+        }
+        let pings = || connection.stats().frame_tx.ping;
+        let before = pings();
+        let heartbeats_end = tokio::time::Instant::now() + KEEP_ALIVE * 2;
+        while tokio::time::Instant::now() < heartbeats_end {
+            heartbeat(&mut send, &mut recv).await;
+        }
+        assert_eq!(
+            pings(),
+            before,
+            "no keep-alive while heartbeats are answered"
+        );
+
+        // Silence for longer than the idle timeout: the keep-alive holds the connection.
+        tokio::time::sleep(IDLE + KEEP_ALIVE).await;
+        assert_eq!(connection.close_reason(), None, "still connected");
+        assert!(
+            pings() >= before + 2,
+            "keep-alives filled the silence: {} PINGs",
+            pings() - before
+        );
+        heartbeat(&mut send, &mut recv).await;
+        drop((send, recv));
+        connection.close(0u32.into(), b"done");
+        assert!(answering.await.expect("server task").is_some());
     }
 
     /// Every address a name resolves to is kept, in a stable order.

@@ -52,7 +52,7 @@ async fn probe_health(
 
 pub async fn run(report: &mut Report, options: LoginOptions) -> anyhow::Result<Value> {
     let LoginOptions { clients, secs } = options;
-    let setup = Setup::new(30, None).await?;
+    let setup = Setup::new(crate::Liveness::default(), None).await?;
     let base = setup.base();
     let health_url = format!("{base}/healthz");
     // One account per client, each made from its own address (signups are throttled per

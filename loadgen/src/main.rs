@@ -122,9 +122,8 @@ struct FleetOptions {
     dispatches: usize,
     #[command(flatten)]
     connecting: Connecting,
-    /// Agent heartbeat interval the control plane asks for (production default 30).
-    #[arg(long, default_value_t = 30)]
-    heartbeat_secs: u64,
+    #[command(flatten)]
+    liveness: Liveness,
     /// Stop after the idle density figures (for the largest fleets).
     #[arg(long)]
     idle_only: bool,
@@ -141,6 +140,27 @@ struct FleetOptions {
     /// Run the control plane on these CPUs only (`taskset -c LIST`, e.g. `0`).
     #[arg(long)]
     plane_cpus: Option<String>,
+}
+
+/// How the control plane keeps its agents' connections alive (production defaults unless
+/// told otherwise).
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub(crate) struct Liveness {
+    /// Agent heartbeat interval the control plane asks for.
+    #[arg(long, default_value_t = sensei_shared::protocol::DEFAULT_HEARTBEAT_SECS.into())]
+    pub heartbeat_secs: u64,
+    /// The agents' QUIC idle timeout the control plane asks for (`--agent-idle-timeout-secs`).
+    #[arg(long, default_value_t = sensei_shared::protocol::AGENT_IDLE_TIMEOUT_SECS.into())]
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            heartbeat_secs: sensei_shared::protocol::DEFAULT_HEARTBEAT_SECS.into(),
+            idle_timeout_secs: sensei_shared::protocol::AGENT_IDLE_TIMEOUT_SECS.into(),
+        }
+    }
 }
 
 /// `--plane-log`, for [`Setup::new`].
@@ -165,7 +185,7 @@ pub(crate) struct Setup {
 }
 
 impl Setup {
-    pub(crate) async fn new(heartbeat_secs: u64, cpus: Option<String>) -> anyhow::Result<Self> {
+    pub(crate) async fn new(liveness: Liveness, cpus: Option<String>) -> anyhow::Result<Self> {
         let pg_dir = plane::open_tempdir("sensei-loadgen-pg-")?;
         // A durable cluster (fsync on), as in production: acknowledgements are real commits.
         let cluster = sensei_control_plane::store::postgres_cluster::PostgresCluster::start(
@@ -197,7 +217,8 @@ impl Setup {
             data_dir: data_dir.path().to_owned(),
             api_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(false)?)),
             agent_addr: SocketAddr::from(([127, 0, 0, 1], plane::free_port(true)?)),
-            heartbeat_secs,
+            heartbeat_secs: liveness.heartbeat_secs,
+            idle_timeout_secs: liveness.idle_timeout_secs,
             log: PLANE_LOG
                 .get()
                 .cloned()
@@ -750,12 +771,12 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
         idle_secs,
         dispatches,
         connecting,
-        heartbeat_secs,
+        liveness,
         storm_only,
         plane_cpus,
         ..
     } = options.clone();
-    let mut setup = Setup::new(heartbeat_secs, plane_cpus.clone()).await?;
+    let mut setup = Setup::new(liveness, plane_cpus.clone()).await?;
     // 1. Idle density (the baseline before any agent is there).
     let baseline = setup.plane()?.rss_kib();
     let (fleet, server_ids) = connect_fleet(report, &setup, agents, connecting).await?;
@@ -769,7 +790,8 @@ async fn fleet_scenarios(report: &mut Report, options: FleetOptions) -> anyhow::
         }
     }
     let meta = json!({"agents": agents, "idle_secs": idle_secs, "dispatches": dispatches,
-                      "endpoints": connecting.endpoints, "heartbeat_secs": heartbeat_secs,
+                      "endpoints": connecting.endpoints, "heartbeat_secs": liveness.heartbeat_secs,
+                      "idle_timeout_secs": liveness.idle_timeout_secs,
                       "no_storm": options.no_storm});
     if options.no_storm {
         fleet.stop().await;
@@ -853,7 +875,7 @@ async fn renewals(report: &mut Report, options: RenewalOptions) -> anyhow::Resul
         spread_secs,
         connecting,
     } = options;
-    let setup = Setup::new(30, None).await?;
+    let setup = Setup::new(Liveness::default(), None).await?;
     let (fleet, _) = connect_fleet(report, &setup, agents, connecting).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let _ = fleet.shared.take_handshakes();
@@ -928,7 +950,7 @@ async fn renewals(report: &mut Report, options: RenewalOptions) -> anyhow::Resul
 
 /// The real agent binary, enrolled and connected: its memory after `secs`, and its size.
 async fn footprint(report: &mut Report, secs: u64) -> anyhow::Result<Value> {
-    let setup = Setup::new(30, None).await?;
+    let setup = Setup::new(Liveness::default(), None).await?;
     let agent_bin = plane::sibling_binary("sensei-agent")?;
     let (status, server) = setup
         .post(

@@ -49,6 +49,8 @@ pub struct PlaneConfig {
     pub api_addr: SocketAddr,
     pub agent_addr: SocketAddr,
     pub heartbeat_secs: u64,
+    /// The agents' QUIC idle timeout the control plane asks for (`--agent-idle-timeout-secs`).
+    pub idle_timeout_secs: u64,
     pub log: PathBuf,
     /// Run the control plane on these CPUs only (`taskset -c`), to see how it behaves with
     /// less than the whole machine.
@@ -96,6 +98,8 @@ impl Plane {
             .arg(config.agent_addr.to_string())
             .arg("--agent-heartbeat-secs")
             .arg(config.heartbeat_secs.to_string())
+            .arg("--agent-idle-timeout-secs")
+            .arg(config.idle_timeout_secs.to_string())
             .arg("--public-url")
             .arg(config.public_url())
             // The load generator speaks for many clients (the logins scenario) through

@@ -33,9 +33,8 @@ pub struct ReplicaOptions {
     running_jobs: usize,
     #[command(flatten)]
     connecting: Connecting,
-    /// Agent heartbeat interval the control plane asks for (production default 30).
-    #[arg(long, default_value_t = 30)]
-    heartbeat_secs: u64,
+    #[command(flatten)]
+    liveness: crate::Liveness,
 }
 
 pub async fn run(report: &mut Report, options: ReplicaOptions) -> anyhow::Result<Value> {
@@ -47,12 +46,12 @@ pub async fn run(report: &mut Report, options: ReplicaOptions) -> anyhow::Result
         revocations,
         running_jobs,
         connecting,
-        heartbeat_secs,
+        liveness,
     } = options;
     if replicas < 2 {
         bail!("--replicas must be at least 2");
     }
-    let mut setup = Setup::new(heartbeat_secs, None).await?;
+    let mut setup = Setup::new(liveness, None).await?;
     setup.add_replicas(replicas - 1).await?;
     let baselines: Vec<u64> = (0..replicas)
         .map(|i| setup.replica(i).map(|p| p.rss_kib()))
@@ -306,6 +305,6 @@ pub async fn run(report: &mut Report, options: ReplicaOptions) -> anyhow::Result
     Ok(
         json!({"replicas": replicas, "agents": agents, "idle_secs": idle_secs,
               "dispatches": dispatches, "revocations": revocations, "running_jobs": running_jobs,
-              "heartbeat_secs": heartbeat_secs, "idle_core_fractions": per_replica}),
+              "heartbeat_secs": liveness.heartbeat_secs, "idle_timeout_secs": liveness.idle_timeout_secs, "idle_core_fractions": per_replica}),
     )
 }

@@ -26,9 +26,8 @@ pub struct SoakOptions {
     deploy_every_secs: u64,
     #[command(flatten)]
     connecting: Connecting,
-    /// Agent heartbeat interval the control plane asks for (production default 30).
-    #[arg(long, default_value_t = 30)]
-    heartbeat_secs: u64,
+    #[command(flatten)]
+    liveness: crate::Liveness,
 }
 
 /// One minute of the soak.
@@ -48,9 +47,9 @@ pub async fn run(report: &mut Report, options: SoakOptions) -> anyhow::Result<Va
         churn_percent,
         deploy_every_secs,
         connecting,
-        heartbeat_secs,
+        liveness,
     } = options;
-    let setup = Setup::new(heartbeat_secs, None).await?;
+    let setup = Setup::new(liveness, None).await?;
     let baseline = setup.plane()?.rss_kib();
     let (fleet, server_ids) = connect_fleet(report, &setup, agents, connecting).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -152,6 +151,6 @@ pub async fn run(report: &mut Report, options: SoakOptions) -> anyhow::Result<Va
     fleet.stop().await;
     Ok(
         json!({"agents": agents, "minutes": minutes, "churn_percent": churn_percent,
-              "deploy_every_secs": deploy_every_secs, "heartbeat_secs": heartbeat_secs}),
+              "deploy_every_secs": deploy_every_secs, "heartbeat_secs": liveness.heartbeat_secs, "idle_timeout_secs": liveness.idle_timeout_secs}),
     )
 }

@@ -27,6 +27,60 @@ use crate::release::{Outcome, ScriptExit};
 /// ALPN of every Sensei agent connection.
 pub const ALPN: &[u8] = b"sensei/1";
 
+/// The heartbeat interval a control plane offers in its welcome unless its operator chose
+/// another (`--agent-heartbeat-secs`). A heartbeat and its answer are an idle agent's only
+/// traffic: the agent's QUIC keep-alive is set above this so that it never fires while they
+/// flow.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 30;
+
+/// The QUIC idle timeout agents ask for. QUIC uses the lower of both sides' values, so a
+/// control plane may shorten it (`--agent-idle-timeout-secs`), never lengthen it.
+pub const AGENT_IDLE_TIMEOUT_SECS: u16 = 60;
+
+/// The agent's QUIC keep-alive: a PING after this long without a packet from the control
+/// plane. It only fills in for a heartbeat chosen longer than this (quinn restarts it on every
+/// packet received, so answered heartbeats keep it quiet). Agents before this constant used
+/// 15 s.
+pub const AGENT_KEEP_ALIVE_SECS: u16 = 40;
+
+/// What an idle timeout must leave after an agent's last liveness signal, for that signal to
+/// be lost once and sent again (QUIC's probe timer doubles from about a second).
+pub const LIVENESS_SPARE_SECS: u16 = 15;
+
+/// Why a heartbeat interval and an idle timeout do not go together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "an idle timeout of {idle_timeout_secs} s needs agents heard from every {max_signal_secs} s \
+     at most ({LIVENESS_SPARE_SECS} s to spare for a lost packet), but they send a heartbeat \
+     every {heartbeat_secs} s: lower the heartbeat or raise the idle timeout"
+)]
+pub struct LivenessError {
+    pub heartbeat_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub max_signal_secs: u64,
+}
+
+/// Checks that agents sending a heartbeat every `heartbeat` (or, when that is longer, their
+/// keep-alive) are heard from often enough for an `idle_timeout` not to end a healthy
+/// connection, with one lost packet to spare.
+pub fn check_liveness(
+    heartbeat: std::time::Duration,
+    idle_timeout: std::time::Duration,
+) -> Result<(), LivenessError> {
+    let signal = heartbeat.as_secs().min(AGENT_KEEP_ALIVE_SECS.into());
+    let max_signal_secs = idle_timeout
+        .as_secs()
+        .saturating_sub(LIVENESS_SPARE_SECS.into());
+    if signal > max_signal_secs {
+        return Err(LivenessError {
+            heartbeat_secs: heartbeat.as_secs(),
+            idle_timeout_secs: idle_timeout.as_secs(),
+            max_signal_secs,
+        });
+    }
+    Ok(())
+}
+
 /// The agent asks to be enrolled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrollRequest {
@@ -386,6 +440,40 @@ impl CloseVerdict {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// The defaults go together; a shorter idle timeout needs a heartbeat that leaves time
+    /// for a lost packet; a heartbeat longer than the keep-alive is covered by the keep-alive.
+    #[test]
+    fn an_idle_timeout_must_leave_time_after_the_liveness_signal() {
+        let secs = Duration::from_secs;
+        let default_idle = secs(AGENT_IDLE_TIMEOUT_SECS.into());
+        assert_eq!(
+            check_liveness(secs(DEFAULT_HEARTBEAT_SECS.into()), default_idle),
+            Ok(())
+        );
+        assert_eq!(check_liveness(secs(15), secs(30)), Ok(()));
+        let refused = check_liveness(secs(30), secs(30)).expect_err("no time to spare");
+        assert_eq!(
+            refused,
+            LivenessError {
+                heartbeat_secs: 30,
+                idle_timeout_secs: 30,
+                max_signal_secs: 15
+            }
+        );
+        assert!(
+            refused.to_string().contains("every 15 s at most"),
+            "{refused}"
+        );
+        assert!(check_liveness(secs(16), secs(30)).is_err());
+        // Heartbeats every 300 s: the keep-alive (40 s) is what the idle timeout hears.
+        assert_eq!(check_liveness(secs(300), default_idle), Ok(()));
+        assert!(check_liveness(secs(300), secs(50)).is_err());
+        assert!(
+            check_liveness(secs(1), secs(10)).is_err(),
+            "too short to spare 15 s"
+        );
+    }
 
     #[test]
     fn close_codes_are_interpreted() {

@@ -1023,3 +1023,50 @@ pub fn totp_code(secret: &[u8], offset: i64) -> String {
         sensei_control_plane::identity::totp::hotp(secret, step as u64)
     )
 }
+
+/// Puts a trigger named `name` on the updates of `table` whose rows match `when` (over `OLD`
+/// and `NEW`): each firing counts in the sequence `name`, which is not rolled back with its
+/// statement, and the update is refused when `refuse` is set. What a test uses to make the
+/// database fail one kind of write, and to see it tried. Dropped with
+/// `DROP TRIGGER {name} ON {table}`.
+pub async fn watch_updates(
+    db: &tokio_postgres::Client,
+    table: &str,
+    name: &str,
+    when: &str,
+    refuse: bool,
+) {
+    let verdict = if refuse {
+        "RAISE EXCEPTION 'refused by the test'"
+    } else {
+        "RETURN NEW"
+    };
+    db.batch_execute(&format!(
+        "CREATE SEQUENCE {name}; \
+         GRANT USAGE ON SEQUENCE {name} TO {APP_ROLE}; \
+         CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM nextval('{name}'); {verdict}; END $$; \
+         CREATE TRIGGER {name} BEFORE UPDATE ON {table} FOR EACH ROW \
+         WHEN ({when}) EXECUTE FUNCTION {name}();"
+    ))
+    .await
+    .expect("trigger on updates");
+}
+
+/// Waits (up to a minute) until the trigger `name` of [`watch_updates`] fired more than
+/// `times` times; answers how often it fired.
+pub async fn fired_more_than(db: &tokio_postgres::Client, name: &str, times: i64) -> i64 {
+    let mut fired = 0;
+    for _ in 0..1200 {
+        let row = db
+            .query_one(&format!("SELECT last_value, is_called FROM {name}"), &[])
+            .await
+            .expect("sequence");
+        fired = if row.get(1) { row.get::<_, i64>(0) } else { 0 };
+        if fired > times {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    fired
+}

@@ -59,9 +59,17 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSEI_AGENT_ENDPOINT")]
     pub agent_endpoint: Option<String>,
     /// Seconds between agent heartbeats.
-    #[arg(long, env = "SENSEI_AGENT_HEARTBEAT_SECS", default_value_t = 30,
+    #[arg(long, env = "SENSEI_AGENT_HEARTBEAT_SECS", default_value_t = sensei_shared::protocol::DEFAULT_HEARTBEAT_SECS.into(),
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub agent_heartbeat_secs: u64,
+    /// Seconds an agent connection may stay silent before both sides end it: how long the
+    /// agents of a crashed replica take to notice and move to another, and how long a network
+    /// outage a connection survives. Must exceed the heartbeat by 15 s.
+    #[arg(long, env = "SENSEI_AGENT_IDLE_TIMEOUT_SECS",
+          default_value_t = sensei_shared::protocol::AGENT_IDLE_TIMEOUT_SECS.into(),
+          value_parser = clap::value_parser!(u64)
+              .range(16..=u64::from(sensei_shared::protocol::AGENT_IDLE_TIMEOUT_SECS)))]
+    pub agent_idle_timeout_secs: u64,
     /// New agent handshakes admitted per second; past it a new connection's first packet
     /// goes unanswered and the agent sends it again about a second later [default: measured
     /// at start from the cost of a handshake on this machine, with 50 % headroom].
@@ -822,6 +830,7 @@ pub fn serve_options(
         agent_addr: pick(args.agent_addr, DEFAULT_AGENT_ADDR),
         agent_endpoint: args.agent_endpoint.clone(),
         agent_heartbeat: std::time::Duration::from_secs(args.agent_heartbeat_secs),
+        agent_idle_timeout: std::time::Duration::from_secs(args.agent_idle_timeout_secs),
         agent_cert_lifetime: std::time::Duration::from_secs(args.agent_cert_days * 86_400),
         dispatch_timeout: std::time::Duration::from_secs(args.dispatch_timeout_secs),
         api_names: args
@@ -904,5 +913,49 @@ mod tests {
         for refused in ["0", "826", "soon"] {
             assert!(serve(&["--agent-cert-days", refused]).is_err(), "{refused}");
         }
+    }
+
+    /// A shorter idle timeout is taken only with a heartbeat that leaves 15 s after it; a
+    /// control plane told otherwise refuses to start, before it touches anything.
+    #[tokio::test]
+    async fn an_idle_timeout_the_heartbeat_cannot_keep_is_refused() {
+        let keys = || FieldKeys::parse(&FieldKeys::generate_key()).expect("a generated key parses");
+        let options = |args: &ServeArgs| {
+            serve_options(args, PathBuf::from("/nonexistent/sensei"), keys(), true)
+        };
+        let default = serve(&[]).expect("defaults");
+        assert_eq!(
+            options(&default).agent_idle_timeout,
+            std::time::Duration::from_secs(60)
+        );
+        let fast = serve(&[
+            "--agent-idle-timeout-secs",
+            "30",
+            "--agent-heartbeat-secs",
+            "15",
+        ])
+        .expect("30 s with heartbeats every 15 s");
+        assert_eq!(
+            options(&fast).agent_idle_timeout,
+            std::time::Duration::from_secs(30)
+        );
+        for refused in ["15", "61", "0"] {
+            assert!(
+                serve(&["--agent-idle-timeout-secs", refused]).is_err(),
+                "{refused}"
+            );
+        }
+        let slow_heartbeat =
+            serve(&["--agent-idle-timeout-secs", "30"]).expect("parses; checked at start");
+        let Err(refused) = ControlPlane::start(options(&slow_heartbeat)).await else {
+            panic!("started with heartbeats every 30 s and a 30 s idle timeout");
+        };
+        assert!(
+            refused
+                .to_string()
+                .contains("an idle timeout of 30 s needs agents heard from every 15 s at most"),
+            "{refused}"
+        );
+        assert!(!std::path::Path::new("/nonexistent/sensei").exists());
     }
 }

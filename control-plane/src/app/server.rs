@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub agent_endpoint: Option<String>,
     /// How often agents send heartbeats.
     pub agent_heartbeat: std::time::Duration,
+    /// How long an agent connection may stay silent before both sides end it.
+    pub agent_idle_timeout: std::time::Duration,
     /// How long the agent certificates this control plane issues are valid (enrolled or
     /// renewed); agents renew at about two thirds of it. Tests set seconds.
     pub agent_cert_lifetime: std::time::Duration,
@@ -100,7 +102,10 @@ impl ServeOptions {
             pool_size: 16,
             agent_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             agent_endpoint: None,
-            agent_heartbeat: std::time::Duration::from_secs(30),
+            agent_heartbeat: std::time::Duration::from_secs(
+                sensei_shared::protocol::DEFAULT_HEARTBEAT_SECS.into(),
+            ),
+            agent_idle_timeout: crate::runners::agent::gateway::IDLE_TIMEOUT,
             agent_cert_lifetime: AGENT_CERT_LIFETIME,
             dispatch_timeout: std::time::Duration::from_secs(600),
             mail: Default::default(),
@@ -177,6 +182,8 @@ pub enum StartError {
     Audit(String),
     #[error("public URL {0:?} is not an https:// (or http://) URL with a host")]
     PublicUrl(String),
+    #[error("agent liveness: {0}")]
+    Liveness(#[from] sensei_shared::protocol::LivenessError),
 }
 
 /// A running control plane.
@@ -187,6 +194,7 @@ pub struct ControlPlane {
     metrics_addr: Option<SocketAddr>,
     agent_addr: SocketAddr,
     agents: Arc<AgentHub>,
+    job_keys: Arc<crate::secrets::job_signing::JobKeys>,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
     ca_fingerprint: Fingerprint,
@@ -323,6 +331,10 @@ fn binary_sha256() -> String {
 impl ControlPlane {
     /// Starts everything and returns once the API is listening.
     pub async fn start(options: ServeOptions) -> Result<Self, StartError> {
+        sensei_shared::protocol::check_liveness(
+            options.agent_heartbeat,
+            options.agent_idle_timeout,
+        )?;
         let mailer = Arc::new(crate::identity::mailer::Mailer::new(&options.mail)?);
         let OpenedDatabase {
             pool,
@@ -389,6 +401,7 @@ impl ControlPlane {
             authority: authority.clone(),
             hub: hub.clone(),
             heartbeat: options.agent_heartbeat,
+            idle_timeout: options.agent_idle_timeout,
             agent_cert_lifetime: options.agent_cert_lifetime,
             job_keys: job_keys.clone(),
             keys: keys.clone(),
@@ -602,6 +615,7 @@ impl ControlPlane {
             metrics_addr,
             agent_addr,
             agents: hub,
+            job_keys,
             endpoint,
             tasks,
             ca_fingerprint,
@@ -621,6 +635,11 @@ impl ControlPlane {
     /// This replica's live agent state.
     pub fn agents(&self) -> &Arc<AgentHub> {
         &self.agents
+    }
+
+    /// The job-signing keys this replica signs with now.
+    pub fn job_keys(&self) -> &Arc<crate::secrets::job_signing::JobKeys> {
+        &self.job_keys
     }
 
     pub fn api_addr(&self) -> SocketAddr {

@@ -5,8 +5,10 @@
 //! takes whatever requests are waiting (up to a limit) and serves them with one statement. An
 //! idle control plane sees batches of one, so nothing waits for a batch to fill.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use sensei_shared::job::SignedJob;
@@ -16,7 +18,7 @@ use uuid::Uuid;
 
 use super::claim::{self, Claimed};
 use super::record::record_ends;
-use super::sign::{deploy_configs, sign_with, SignError};
+use super::sign::{deploy_configs, sign_with, DeployConfig, SignError};
 use super::sweep;
 use crate::secrets::field_crypto::FieldKeys;
 use crate::secrets::job_signing::JobKeys;
@@ -55,8 +57,13 @@ struct ClaimRequest {
 struct FinishRequest {
     id: Uuid,
     result: JobResult,
-    reply: oneshot::Sender<()>,
+    reply: oneshot::Sender<Result<(), NotRecorded>>,
 }
+
+/// A job's end could not be written.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the job's end could not be recorded: {0}")]
+pub struct NotRecorded(pub String);
 
 /// What the workers need.
 struct Context {
@@ -135,16 +142,15 @@ impl JobBatches {
     }
 
     /// Records how a job ended (only if it is still running: an end is final); returns once
-    /// it is committed.
-    pub async fn finish(&self, id: Uuid, result: JobResult) {
+    /// it is committed, or with why it could not be after [`RECORD_RETRIES`]: the caller
+    /// must then not tell the agent its result was recorded.
+    pub async fn finish(&self, id: Uuid, result: JobResult) -> Result<(), NotRecorded> {
         let (reply, done) = oneshot::channel();
-        if self
-            .finishes
+        self.finishes
             .send(FinishRequest { id, result, reply })
-            .is_ok()
-        {
-            let _ = done.await;
-        }
+            .map_err(|_| NotRecorded("the control plane is shutting down".into()))?;
+        done.await
+            .unwrap_or_else(|_| Err(NotRecorded("the control plane is shutting down".into())))
     }
 }
 
@@ -157,7 +163,7 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
     sessions.sort_unstable();
     sessions.dedup_by(|a, b| a.0 == b.0);
     let looked_up = async {
-        let client = ctx
+        let mut client = ctx
             .pool
             .get()
             .await
@@ -177,16 +183,13 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
         }
         // Another replica claiming for one of these servers in the same instant trips the
         // one-running-job index; once more, the statement's new snapshot sees that claim.
-        let claimed = match claim::for_agents(&client, ctx.replica, &sessions).await {
+        match claim_with_configs(&mut client, ctx.replica, &sessions).await {
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-                claim::for_agents(&client, ctx.replica, &sessions).await
+                claim_with_configs(&mut client, ctx.replica, &sessions).await
             }
             other => other,
         }
-        .map_err(db)?;
-        let jobs: Vec<&Claimed> = claimed.values().collect();
-        let configs = deploy_configs(&client, &jobs).await.map_err(db)?;
-        Ok::<_, ClaimError>((claimed, configs))
+        .map_err(db)
     };
     match looked_up.await {
         Err(e) => {
@@ -232,19 +235,57 @@ async fn claim_batch(ctx: &Context, batch: Vec<ClaimRequest>) {
     }
 }
 
+/// Claims the next job of each session's server and reads what signing them needs, in one
+/// transaction: a claim whose configurations could not be read is rolled back, so its jobs
+/// stay queued for the poll's retry instead of running, unsent, on a live connection (where
+/// nothing would end them before the agent reconnects).
+async fn claim_with_configs(
+    client: &mut deadpool_postgres::Client,
+    replica: Uuid,
+    sessions: &[(Uuid, Vec<u8>)],
+) -> Result<(HashMap<Uuid, Claimed>, HashMap<Uuid, DeployConfig>), tokio_postgres::Error> {
+    let transaction = client.transaction().await?;
+    let claimed = claim::for_agents(&*transaction, replica, sessions).await?;
+    let jobs: Vec<&Claimed> = claimed.values().collect();
+    let configs = deploy_configs(&*transaction, &jobs).await?;
+    transaction.commit().await?;
+    Ok((claimed, configs))
+}
+
+/// Waits before each further attempt at writing a batch of job ends: about 8 s in all,
+/// enough for a lost database connection to be replaced, short enough that an agent is not
+/// kept waiting for its acknowledgement long.
+pub const RECORD_RETRIES: [Duration; 5] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
+
 async fn finish_batch(ctx: &Context, batch: Vec<FinishRequest>) {
     let ends: Vec<(Uuid, &JobResult)> = batch.iter().map(|r| (r.id, &r.result)).collect();
-    let written = match ctx.pool.get().await {
-        Ok(client) => record_ends(&client, &ends)
-            .await
-            .map_err(|e| crate::store::db::describe(&e)),
-        Err(e) => Err(e.to_string()),
+    let mut waits = RECORD_RETRIES.iter();
+    let written = loop {
+        let written = match ctx.pool.get().await {
+            Ok(client) => record_ends(&client, &ends)
+                .await
+                .map_err(|e| crate::store::db::describe(&e)),
+            Err(e) => Err(e.to_string()),
+        };
+        match (written, waits.next()) {
+            (Err(error), Some(wait)) => {
+                tracing::warn!(%error, jobs = ends.len(), "recording the end of deployments; trying again");
+                tokio::time::sleep(*wait).await;
+            }
+            (written, _) => break written,
+        }
     };
-    if let Err(error) = written {
-        tracing::error!(%error, jobs = ends.len(), "recording the end of deployments");
+    if let Err(error) = &written {
+        tracing::error!(%error, jobs = ends.len(), "recording the end of deployments failed; the agents keep their results and report them again");
     }
     drop(ends);
     for r in batch {
-        let _ = r.reply.send(());
+        let _ = r.reply.send(written.clone().map(drop).map_err(NotRecorded));
     }
 }

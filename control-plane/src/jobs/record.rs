@@ -73,22 +73,23 @@ pub async fn finish(pool: &deadpool_postgres::Pool, id: Uuid, result: &JobResult
 }
 
 /// Records a result an agent reports after reconnecting (to any replica), if the job belongs
-/// to that server and is still open. Answers whether it was recorded.
+/// to that server and is still open. Answers whether it was recorded; an error when the
+/// database could not say (the agent must keep the result and report it again).
 pub async fn report(
     pool: &deadpool_postgres::Pool,
     server_id: Uuid,
     job_id: Uuid,
     result: &JobResult,
-) -> bool {
+) -> Result<bool, super::batch::NotRecorded> {
     let recorded = match pool.get().await {
         Ok(client) => record_ends_of_server(&client, server_id, &[(job_id, result)]).await,
         Err(e) => Err(e.to_string()),
     };
     match recorded {
-        Ok(n) => n > 0,
+        Ok(n) => Ok(n > 0),
         Err(error) => {
             tracing::error!(%server_id, deployment = %job_id, %error, "recording a reported result");
-            false
+            Err(super::batch::NotRecorded(error))
         }
     }
 }

@@ -75,7 +75,7 @@ impl DeployConfig {
 /// The deploy configuration of each job, by job id. Jobs of deleted projects get none (their
 /// claim fails), but for the `forget_env` job their deletion queued.
 pub async fn deploy_configs(
-    client: &tokio_postgres::Client,
+    client: &impl tokio_postgres::GenericClient,
     jobs: &[&Claimed],
 ) -> Result<HashMap<Uuid, DeployConfig>, tokio_postgres::Error> {
     if jobs.is_empty() {

@@ -902,3 +902,42 @@ async fn the_agent_binary_logs_json_and_status_tells_its_identity_connection_and
         "{stderr}"
     );
 }
+
+/// An agent's departure the database refuses to record at first is recorded once it can be:
+/// before, the mark was dropped and the server showed as connected for as long as its replica
+/// lived.
+#[tokio::test]
+async fn a_disconnection_the_database_refused_is_recorded_later() {
+    let t = TestPlane::start().await;
+    let (cookie, _) = t.signup("presence@example.com", PW).await;
+    let agent = t.start_agent(&cookie, "web-1").await;
+    let id = agent.server_id;
+    assert!(eventually(Duration::from_secs(10), || t.agent_connected(&cookie, id)).await);
+    let db = t.db().await;
+    let marks = "test_refused_departures";
+    sensei_e2e::watch_updates(
+        &db,
+        "servers",
+        marks,
+        "OLD.connected_replica IS NOT NULL AND NEW.connected_replica IS NULL",
+        true,
+    )
+    .await;
+    let _ = agent.stop.send(true);
+    let refused = sensei_e2e::fired_more_than(&db, marks, 1).await;
+    assert!(refused >= 2, "departure written {refused} times");
+    assert!(
+        t.agent_connected(&cookie, id).await,
+        "the departure was recorded despite the refusal"
+    );
+    db.batch_execute(&format!("DROP TRIGGER {marks} ON servers"))
+        .await
+        .expect("take departures again");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            !t.agent_connected(&cookie, id).await
+        })
+        .await,
+        "the departure was never recorded"
+    );
+}

@@ -781,40 +781,107 @@ async fn an_orphaned_job_holds_its_server_until_the_sweep_fails_it() {
 async fn a_claim_the_database_could_not_answer_is_tried_again_shortly() {
     let s = setup(json!({})).await;
     let db = s.t.db().await;
-    // Every claim fails while this trigger exists; the sequence counts the attempts (a
-    // sequence is not rolled back with the failed statement).
-    db.batch_execute(&format!(
-        "CREATE SEQUENCE test_refused_claims; \
-         GRANT USAGE ON SEQUENCE test_refused_claims TO {}; \
-         CREATE FUNCTION test_refuse_claims() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN PERFORM nextval('test_refused_claims'); RAISE EXCEPTION 'claims refused by the test'; END $$; \
-         CREATE TRIGGER test_refuse_claims BEFORE UPDATE ON deployments FOR EACH ROW \
-         WHEN (OLD.status = 'queued' AND NEW.status = 'running') EXECUTE FUNCTION test_refuse_claims();",
-        sensei_e2e::APP_ROLE
-    ))
-    .await
-    .expect("refuse claims");
+    let claims = "test_refused_claims";
+    sensei_e2e::watch_updates(
+        &db,
+        "deployments",
+        claims,
+        "OLD.status = 'queued' AND NEW.status = 'running'",
+        true,
+    )
+    .await;
     let d = s.deploy("main").await;
     let id = d["id"].as_str().expect("id");
-    let mut refused = false;
-    for _ in 0..600 {
-        let row = db
-            .query_one("SELECT is_called FROM test_refused_claims", &[])
-            .await
-            .expect("sequence");
-        if row.get::<_, bool>(0) {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(refused, "the queued deploy woke no claim");
+    assert!(
+        sensei_e2e::fired_more_than(&db, claims, 0).await > 0,
+        "the queued deploy woke no claim"
+    );
     let (_, queued) = s.t.get(&format!("/v1/deployments/{id}"), &s.cookie).await;
     assert_eq!(queued["status"], "queued", "{queued}");
-    db.batch_execute("DROP TRIGGER test_refuse_claims ON deployments")
+    db.batch_execute(&format!("DROP TRIGGER {claims} ON deployments"))
         .await
         .expect("allow claims");
     // No wake-up is sent from here on: only the poll's own retry can find the job.
+    let done = s.t.wait_deployment(&s.cookie, id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(s.served(), "v1");
+}
+
+/// A claim whose jobs' configurations cannot be read after the claim statement (the database
+/// failing between the two) leaves the job queued, not running: nothing would have ended a
+/// running job that was never sent while its agent stays connected, and the server would take
+/// no other job. The poll's retry then finds it.
+#[tokio::test]
+async fn a_claim_cut_off_before_its_jobs_are_signed_leaves_them_queued() {
+    let s = setup(json!({})).await;
+    let db = s.t.db().await;
+    let claims = "test_claims";
+    sensei_e2e::watch_updates(
+        &db,
+        "deployments",
+        claims,
+        "OLD.status = 'queued' AND NEW.status = 'running'",
+        false,
+    )
+    .await;
+    // Reading the jobs' configurations (which may come from a rollout) fails while the grant
+    // is away.
+    db.batch_execute(&format!(
+        "REVOKE SELECT ON rollouts FROM {}",
+        sensei_e2e::APP_ROLE
+    ))
+    .await
+    .expect("cut claims off after their statement");
+    let d = s.deploy("main").await;
+    let id = d["id"].as_str().expect("id");
+    // A first claim and at least one retry, each cut off.
+    let tried = sensei_e2e::fired_more_than(&db, claims, 1).await;
+    assert!(tried >= 2, "claims tried: {tried}");
+    let (_, queued) = s.t.get(&format!("/v1/deployments/{id}"), &s.cookie).await;
+    assert_eq!(
+        queued["status"], "queued",
+        "the cut-off claim was kept: {queued}"
+    );
+    db.batch_execute(&format!(
+        "GRANT SELECT ON rollouts TO {}",
+        sensei_e2e::APP_ROLE
+    ))
+    .await
+    .expect("restore the grant");
+    let done = s.t.wait_deployment(&s.cookie, id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(s.served(), "v1");
+}
+
+/// A result the database refuses to record for longer than the control plane's retries is not
+/// acknowledged: the agent keeps it, is asked to reconnect, and reports it again, as often as
+/// it takes. Once the database takes it, the deploy ends with the agent's real outcome; before,
+/// the agent was told "recorded", dropped its copy, and the job stayed running while the
+/// server took no other.
+#[tokio::test]
+async fn a_result_the_database_refused_is_reported_again_not_lost() {
+    let s = setup(json!({})).await;
+    let db = s.t.db().await;
+    let ends = "test_refused_ends";
+    sensei_e2e::watch_updates(
+        &db,
+        "deployments",
+        ends,
+        "OLD.status = 'running' AND NEW.status <> 'running'",
+        true,
+    )
+    .await;
+    let d = s.deploy("main").await;
+    let id = d["id"].as_str().expect("id");
+    // The finish worker's attempts, then at least one report from a new connection.
+    let given_up = sensei_control_plane::jobs::batch::RECORD_RETRIES.len() as i64 + 1;
+    let refused = sensei_e2e::fired_more_than(&db, ends, given_up).await;
+    assert!(refused > given_up, "attempts to record the end: {refused}");
+    let (_, running) = s.t.get(&format!("/v1/deployments/{id}"), &s.cookie).await;
+    assert_eq!(running["status"], "running", "{running}");
+    db.batch_execute(&format!("DROP TRIGGER {ends} ON deployments"))
+        .await
+        .expect("take ends again");
     let done = s.t.wait_deployment(&s.cookie, id).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(s.served(), "v1");

@@ -483,3 +483,40 @@ async fn the_job_key_rotates_under_a_live_fleet_and_an_agent_offline_throughout_
         let _ = agent.stop.send(true);
     }
 }
+
+/// A replica whose reload of the job-signing keys failed (here: the database refused it the
+/// key table) tries again until it has the new ones. Before, it kept signing with the old key
+/// until some later rotation, and agents drop the old key once a rotation is retired.
+#[tokio::test]
+async fn a_replica_whose_key_reload_failed_tries_again_until_it_has_the_new_keys() {
+    let t = TestPlane::start().await;
+    let signing = || t.plane.job_keys().ring().current.verifying_key().to_bytes();
+    let old_key = stored_key(&t, "job-signing").await.expect("key");
+    assert_eq!(signing(), old_key);
+    let db = t.db().await;
+    db.batch_execute(&format!(
+        "REVOKE SELECT ON signing_keys FROM {}",
+        sensei_e2e::APP_ROLE
+    ))
+    .await
+    .expect("refuse the replica its keys");
+    // The rotation runs as the database owner (as `sensei-control-plane job-key` does) and
+    // notifies every replica; this one's reload is refused.
+    let (code, stdout, stderr) = job_key(&t, &["rotate"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let new_key = stored_key(&t, "job-signing").await.expect("new key");
+    assert_ne!(new_key, old_key);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(signing(), old_key, "reloaded although refused");
+    db.batch_execute(&format!(
+        "GRANT SELECT ON signing_keys TO {}",
+        sensei_e2e::APP_ROLE
+    ))
+    .await
+    .expect("give the keys back");
+    // No notification comes any more: only the replica's own retry can pick the keys up.
+    assert!(
+        eventually(Duration::from_secs(40), || async { signing() == new_key }).await,
+        "still signing with the old key"
+    );
+}

@@ -27,6 +27,44 @@ fn recording_policy(marker: &std::path::Path) -> sensei_agent::jobs::JobPolicy {
     }
 }
 
+async fn plane_and_account() -> (TestPlane, String) {
+    let t = TestPlane::start().await;
+    let (cookie, _) = t
+        .signup(
+            &format!("u{}@example.com", uuid::Uuid::new_v4().simple()),
+            PW,
+        )
+        .await;
+    (t, cookie)
+}
+
+/// An agent labelled `{"tier": "up"}` whose upgrade trigger records to `marker`
+/// ([`recording_policy`]), once it has said hello (its version is known).
+async fn recording_agent(
+    t: &TestPlane,
+    cookie: &str,
+    name: &str,
+    marker: &std::path::Path,
+) -> TestAgent {
+    let agent = t
+        .start_labelled_agent(
+            cookie,
+            name,
+            json!({"tier": "up"}),
+            recording_policy(marker),
+        )
+        .await;
+    let path = format!("/v1/servers/{}", agent.server_id);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            t.get(&path, cookie).await.1["agent"]["version"] == sensei_agent::version()
+        })
+        .await,
+        "{name} never said hello"
+    );
+    agent
+}
+
 async fn wait_rollout(t: &TestPlane, cookie: &str, id: &str, states: &[&str]) -> Value {
     let mut last = Value::Null;
     // Up to 60 s: an upper bound for a loaded machine, not a timing.
@@ -53,13 +91,7 @@ fn target<'a>(rollout: &'a Value, agent: &TestAgent) -> &'a Value {
 
 #[tokio::test]
 async fn agents_report_their_os_and_architecture() {
-    let t = TestPlane::start().await;
-    let (cookie, _) = t
-        .signup(
-            &format!("u{}@example.com", uuid::Uuid::new_v4().simple()),
-            PW,
-        )
-        .await;
+    let (t, cookie) = plane_and_account().await;
     let agent = t.start_agent(&cookie, "host-facts").await;
     let path = format!("/v1/servers/{}", agent.server_id);
     assert!(
@@ -122,38 +154,14 @@ async fn agents_report_their_os_and_architecture() {
 
 #[tokio::test]
 async fn upgrade_rollouts_succeed_for_current_agents_and_fail_for_missing_versions() {
-    let t = TestPlane::start().await;
-    let (cookie, _) = t
-        .signup(
-            &format!("u{}@example.com", uuid::Uuid::new_v4().simple()),
-            PW,
-        )
-        .await;
+    let (t, cookie) = plane_and_account().await;
     let dir = open_tempdir();
     let markers: Vec<_> = (0..3)
         .map(|i| dir.path().join(format!("trigger-{i}")))
         .collect();
     let mut agents = Vec::new();
     for (i, marker) in markers.iter().enumerate() {
-        agents.push(
-            t.start_labelled_agent(
-                &cookie,
-                &format!("up-{i}"),
-                json!({"tier": "up"}),
-                recording_policy(marker),
-            )
-            .await,
-        );
-    }
-    // Every agent has said hello (its version is known).
-    for a in &agents {
-        let path = format!("/v1/servers/{}", a.server_id);
-        assert!(
-            eventually(Duration::from_secs(20), || async {
-                t.get(&path, &cookie).await.1["agent"]["version"] == sensei_agent::version()
-            })
-            .await
-        );
+        agents.push(recording_agent(&t, &cookie, &format!("up-{i}"), marker).await);
     }
     let rollouts = || async { t.count("SELECT count(*) FROM rollouts").await };
     let upgrade_jobs = || async {
@@ -362,13 +370,7 @@ async fn a_stamped_agent_binary_reports_the_package_version() {
 /// upgrade would; the agent comes back reporting the new version and the target succeeds.
 #[tokio::test]
 async fn an_upgrade_rollout_upgrades_a_real_agent_process() {
-    let t = TestPlane::start().await;
-    let (cookie, _) = t
-        .signup(
-            &format!("u{}@example.com", uuid::Uuid::new_v4().simple()),
-            PW,
-        )
-        .await;
+    let (t, cookie) = plane_and_account().await;
     let (server_id, token) = t.create_agent_server(&cookie, "real-up", json!({})).await;
     let dir = open_tempdir();
     let bin = dir.path().join("sensei-agent");
@@ -490,13 +492,7 @@ async fn a_second_host_description_on_one_session_is_refused_and_writes_nothing(
     use sensei_shared::codec::io::{read_frame, write_frame};
     use sensei_shared::protocol::{AgentMessage, ControlMessage, ALPN};
 
-    let t = TestPlane::start().await;
-    let (cookie, _) = t
-        .signup(
-            &format!("u{}@example.com", uuid::Uuid::new_v4().simple()),
-            PW,
-        )
-        .await;
+    let (t, cookie) = plane_and_account().await;
     let agent = t.start_agent(&cookie, "host-facts-twice").await;
     let path = format!("/v1/servers/{}", agent.server_id);
     assert!(
@@ -587,4 +583,66 @@ async fn a_second_host_description_on_one_session_is_refused_and_writes_nothing(
     assert_eq!(t.get(&path, &cookie).await.1["agent"]["os"], "First OS");
     connection.close(quinn::VarInt::from_u32(0), b"");
     endpoint.wait_idle().await;
+}
+
+/// An upgrade whose result the control plane could not record at once still starts once the
+/// result is recorded from the agent's next connection: the agent keeps the upgrade on disk
+/// with its result. Before, the upgrade was forgotten with the connection while the job was
+/// recorded as succeeded, and the agent never upgraded.
+#[tokio::test]
+async fn an_upgrade_recorded_from_a_later_connection_still_starts() {
+    let (t, cookie) = plane_and_account().await;
+    let dir = open_tempdir();
+    let marker = dir.path().join("trigger");
+    let agent = recording_agent(&t, &cookie, "late", &marker).await;
+    let db = t.db().await;
+    let ends = "test_refused_upgrade_ends";
+    sensei_e2e::watch_updates(
+        &db,
+        "deployments",
+        ends,
+        "OLD.status = 'running' AND NEW.status <> 'running' AND NEW.kind = 'upgrade_agent'",
+        true,
+    )
+    .await;
+    let (status, r) = t
+        .post(
+            "/v1/rollouts",
+            &cookie,
+            json!({"upgrade_agent": {"version": "99.0.0-1"},
+                   "server_ids": [agent.server_id],
+                   "strategy": {"batch_size": 1, "upgrade_deadline_seconds": 600}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{r}");
+    // The finish worker's attempts, then at least one report from a new connection.
+    let given_up = sensei_control_plane::jobs::batch::RECORD_RETRIES.len() as i64 + 1;
+    let refused = sensei_e2e::fired_more_than(&db, ends, given_up).await;
+    assert!(refused > given_up, "attempts to record the end: {refused}");
+    assert!(
+        !marker.exists(),
+        "the upgrade started before its result was recorded"
+    );
+    db.batch_execute(&format!("DROP TRIGGER {ends} ON deployments"))
+        .await
+        .expect("take ends again");
+    // The trigger's shell creates the file before it writes to it: wait for what it wrote.
+    let written = || std::fs::read_to_string(&marker).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            written().contains(' ')
+        })
+        .await,
+        "the upgrade never started"
+    );
+    let triggered = written();
+    assert!(triggered.starts_with("99.0.0-1 "), "{triggered}");
+    let job = db
+        .query_one(
+            "SELECT status FROM deployments WHERE kind = 'upgrade_agent' AND server_id = $1",
+            &[&agent.server_id],
+        )
+        .await
+        .expect("the upgrade job");
+    assert_eq!(job.get::<_, &str>("status"), "succeeded");
 }

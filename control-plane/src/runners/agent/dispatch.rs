@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::gateway::GatewayContext;
 use super::session::SessionLink;
-use crate::jobs::batch::Dispatch;
+use crate::jobs::batch::{Dispatch, NotRecorded};
 use crate::jobs::claim::Claimed;
 use crate::jobs::{record, Step};
 
@@ -45,6 +45,17 @@ fn claim_retry_delay() -> Duration {
     CLAIM_RETRY.mul_f64(1.0 + rand::random::<f64>())
 }
 
+/// A job's end could not be written (the database failed for longer than the retries): the
+/// agent is not told its result was recorded, and its connection is closed so that it comes
+/// back in a second and reports the result it keeps on disk until acknowledged. A job it never
+/// received is failed at its first poll on the new connection
+/// ([`crate::jobs::sweep::fail_jobs_left_behind`]). Either way the server is not left with a
+/// job that stays running while its agent is connected.
+fn hand_back(connection: &quinn::Connection, server_id: Uuid, error: &NotRecorded) {
+    tracing::warn!(%server_id, %error, "closing the agent's connection so that it reports again");
+    connection.close(VarInt::from_u32(close::RETRY_LATER), b"1000");
+}
+
 /// Serves one job stream: a poll waits for a job, sends it and records what comes back; a
 /// report is recorded; a renewal is answered ([`super::renew`]). The order of messages is
 /// `sensei_shared::session::ControlJob`'s; a message out of place resets the stream with the
@@ -53,6 +64,7 @@ pub async fn serve_poll(
     ctx: &GatewayContext,
     server_id: Uuid,
     link: &SessionLink,
+    connection: &quinn::Connection,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
@@ -98,14 +110,21 @@ pub async fn serve_poll(
                         {
                             Ok(Dispatch::Ready(job, _)) if !still_valid() => {
                                 // Revoked while the claim was in flight: the job never leaves.
-                                ctx.jobs.finish(job.id, record::certificate_revoked()).await;
+                                let ended =
+                                    ctx.jobs.finish(job.id, record::certificate_revoked()).await;
+                                if let Err(e) = ended {
+                                    hand_back(connection, server_id, &e);
+                                }
                                 return;
                             }
                             Ok(Dispatch::Ready(job, signed)) => break (job, signed, busy),
                             Ok(Dispatch::Unsignable(job, reason)) => {
                                 let failed =
                                     JobResult::failed(Step::Dispatch.as_str(), reason.to_string());
-                                ctx.jobs.finish(job.id, failed).await;
+                                if let Err(e) = ctx.jobs.finish(job.id, failed).await {
+                                    hand_back(connection, server_id, &e);
+                                    return;
+                                }
                                 continue;
                             }
                             Ok(Dispatch::Idle) => {}
@@ -158,7 +177,10 @@ pub async fn serve_poll(
                             message.push_str(STRANDED);
                         }
                     }
-                    ctx.jobs.finish(job_id, result).await;
+                    if let Err(e) = ctx.jobs.finish(job_id, result).await {
+                        hand_back(connection, server_id, &e);
+                        return;
+                    }
                     // Cannot be out of order: the machine asked for this record.
                     let _ = exchange.recorded();
                 }
@@ -167,8 +189,16 @@ pub async fn serve_poll(
                     // job out, it is recorded if the job belongs to this server and is still
                     // open. Boxed, like the other database futures here: a waiting poll task
                     // stays small.
-                    if Box::pin(record::report(&ctx.pool, server_id, job_id, &result)).await {
-                        tracing::info!(%server_id, deployment = %job_id, "recorded a result reported after reconnecting");
+                    match Box::pin(record::report(&ctx.pool, server_id, job_id, &result)).await {
+                        Ok(true) => {
+                            tracing::info!(%server_id, deployment = %job_id, "recorded a result reported after reconnecting");
+                        }
+                        // Not open any more, or not this server's: nothing to keep.
+                        Ok(false) => {}
+                        Err(e) => {
+                            hand_back(connection, server_id, &e);
+                            return;
+                        }
                     }
                     let _ = exchange.recorded();
                 }

@@ -20,8 +20,10 @@ use super::{enroll, session, AgentHub};
 
 /// How long a peer may take for each step before it is dropped.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-/// A silent connection is closed after this long (agents send QUIC keep-alives).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest a silent connection is kept: what agents ask for (QUIC uses the lower of both
+/// sides' idle timeouts). The operator may shorten it (`GatewayContext::idle_timeout`).
+pub const IDLE_TIMEOUT: Duration =
+    Duration::from_secs(sensei_shared::protocol::AGENT_IDLE_TIMEOUT_SECS as u64);
 
 /// What the gateway's handlers share.
 pub struct GatewayContext {
@@ -30,6 +32,11 @@ pub struct GatewayContext {
     pub authority: Arc<super::authority::Authority>,
     pub hub: Arc<AgentHub>,
     pub heartbeat: Duration,
+    /// A connection silent this long is over, on both sides: how long a crashed replica's
+    /// agents take to notice and move on, and how long a network outage a connection
+    /// survives. At most [`IDLE_TIMEOUT`]; checked against the heartbeat at start
+    /// ([`sensei_shared::protocol::check_liveness`]).
+    pub idle_timeout: Duration,
     /// How long agent certificates are valid (enrolled or renewed).
     pub agent_cert_lifetime: Duration,
     /// Sign jobs (reloaded when the key rotates).
@@ -70,7 +77,8 @@ pub fn bind(addr: SocketAddr, ctx: &GatewayContext) -> Result<quinn::Endpoint, G
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(
-            IDLE_TIMEOUT
+            ctx.idle_timeout
+                .min(IDLE_TIMEOUT)
                 .try_into()
                 .map_err(|_| GatewayError::Quic("idle timeout out of range".into()))?,
         ))

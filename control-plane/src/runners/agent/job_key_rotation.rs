@@ -20,9 +20,11 @@
 //! audited and told to every replica with a `NOTIFY` on the agent-certificate channel.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use ed25519_dalek::SigningKey;
+use sensei_shared::backoff::Backoff;
 use serde_json::json;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -290,7 +292,10 @@ pub async fn retire(
     })
 }
 
-/// Reloads the job-signing keys each time the hub hears they changed, until `shutdown`.
+/// Reloads the job-signing keys each time the hub hears they changed, until `shutdown`. A
+/// reload that fails is tried again (backoff from 0.25 s to 30 s) until it succeeds: no
+/// further notification may come, and a replica left on the old keys would sign with a key
+/// that agents drop once the rotation is retired.
 pub async fn follow(
     job_keys: Arc<JobKeys>,
     hub: Arc<AgentHub>,
@@ -298,14 +303,21 @@ pub async fn follow(
     keys: Arc<FieldKeys>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
         tokio::select! {
             () = hub.job_key_changed.notified() => {}
             _ = shutdown.changed() => return,
         }
-        if let Err(e) = job_keys.reload(&pool, &keys).await {
-            tracing::error!(error = %e, "reloading the job-signing keys failed; still using the previous ones");
+        while let Err(e) = job_keys.reload(&pool, &keys).await {
+            let wait = backoff.next_delay(rand::random());
+            tracing::error!(error = %e, retry_in = ?wait, "reloading the job-signing keys failed; still using the previous ones");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
         }
+        backoff.reset();
     }
 }
 

@@ -5,8 +5,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use sensei_shared::backoff::Backoff;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -86,12 +88,37 @@ async fn mark_batch(pool: &Pool, replica: Uuid, batch: Vec<Mark>) {
             None => down.push(id),
         }
     }
-    let Ok(client) = pool.get().await else {
-        tracing::warn!("cannot record agent connections: no database connection");
-        return;
-    };
+    // Where each agent is must converge: a lost "disconnected" would show an agent as
+    // connected for as long as this replica lives, a lost "connected" the opposite. So the
+    // marks are written again, in order (later ones wait behind), until the database takes
+    // them.
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(8));
+    loop {
+        let written = match pool.get().await {
+            Ok(client) => write_marks(&client, replica, &up, &versions, &addresses, &down)
+                .await
+                .map_err(|e| crate::store::db::describe(&e)),
+            Err(e) => Err(e.to_string()),
+        };
+        let Err(error) = written else {
+            return;
+        };
+        let wait = backoff.next_delay(rand::random());
+        tracing::warn!(%error, connected = up.len(), disconnected = down.len(), retry_in = ?wait, "recording agent connections");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn write_marks(
+    client: &tokio_postgres::Client,
+    replica: Uuid,
+    up: &[Uuid],
+    versions: &[String],
+    addresses: &[String],
+    down: &[Uuid],
+) -> Result<(), tokio_postgres::Error> {
     if !up.is_empty() {
-        if let Err(e) = client
+        client
             .execute(
                 "UPDATE servers s SET connected_replica = $2, last_seen_at = now(), \
                    agent_version = v.version, agent_address = v.address \
@@ -99,29 +126,21 @@ async fn mark_batch(pool: &Pool, replica: Uuid, batch: Vec<Mark>) {
                  WHERE s.id = v.id",
                 &[&up, &replica, &versions, &addresses],
             )
-            .await
-        {
-            tracing::warn!(error = %crate::store::db::describe(&e), "recording agent connections");
-        }
+            .await?;
     }
     if !down.is_empty() {
-        if let Err(e) = client
+        client
             .execute(
                 "UPDATE servers SET connected_replica = NULL, last_seen_at = now() \
                  WHERE id = ANY($1) AND connected_replica = $2",
                 &[&down, &replica],
             )
-            .await
-        {
-            tracing::warn!(error = %crate::store::db::describe(&e), "recording agent disconnections");
-        }
+            .await?;
     }
     // The dashboards watching these accounts' fleets show the change at once.
-    let changed: Vec<Uuid> = up.into_iter().chain(down).collect();
-    if let Err(e) = client
+    let changed: Vec<Uuid> = up.iter().chain(down).copied().collect();
+    client
         .execute(ANNOUNCE_SQL, &[&crate::store::db::LIVE_CHANNEL, &changed])
-        .await
-    {
-        tracing::warn!(error = %crate::store::db::describe(&e), "announcing agent presence");
-    }
+        .await?;
+    Ok(())
 }

@@ -177,8 +177,9 @@ pub async fn run(
                 Ok((send, recv)) => {
                     let ctx = ctx.clone();
                     let link = link.clone();
+                    let connection = connection.clone();
                     polls.spawn(async move {
-                        super::dispatch::serve_poll(&ctx, server_id, &link, send, recv).await
+                        super::dispatch::serve_poll(&ctx, server_id, &link, &connection, send, recv).await
                     });
                 }
                 Err(_) => break,
