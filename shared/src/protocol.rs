@@ -120,6 +120,17 @@ pub struct LogLine {
     pub text: String,
 }
 
+/// The longest release id, commit or failed step of a job's result kept (the rest is cut).
+pub const MAX_RESULT_FIELD_CHARS: usize = 128;
+/// The longest failure message of a job's result kept (the rest is cut).
+pub const MAX_RESULT_MESSAGE_CHARS: usize = 16 * 1024;
+
+/// Text from a server, as the control plane stores it: without NUL characters (PostgreSQL
+/// text cannot hold them) and at most `max` characters.
+pub fn storable_text(text: &str, max: usize) -> String {
+    text.chars().filter(|&c| c != '\0').take(max).collect()
+}
+
 /// How a job ended on the server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobResult {
@@ -138,6 +149,31 @@ impl JobResult {
             release_id: None,
             commit: None,
             error: Some((step.into(), message.into())),
+        }
+    }
+
+    /// The result as the control plane stores it. Every field is text from the server
+    /// (reported by its agent, or printed by its script over SSH), so untrusted: NUL
+    /// characters, which PostgreSQL text cannot hold, are dropped (one would fail the write
+    /// of every result in its batch, other tenants' included), and each field is cut to its
+    /// bound.
+    pub fn storable(&self) -> Self {
+        Self {
+            succeeded: self.succeeded,
+            release_id: self
+                .release_id
+                .as_deref()
+                .map(|r| storable_text(r, MAX_RESULT_FIELD_CHARS)),
+            commit: self
+                .commit
+                .as_deref()
+                .map(|c| storable_text(c, MAX_RESULT_FIELD_CHARS)),
+            error: self.error.as_ref().map(|(step, message)| {
+                (
+                    storable_text(step, MAX_RESULT_FIELD_CHARS),
+                    storable_text(message, MAX_RESULT_MESSAGE_CHARS),
+                )
+            }),
         }
     }
 
@@ -440,6 +476,32 @@ impl CloseVerdict {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_result_is_stored_without_nul_characters_and_within_bounds() {
+        let hostile = JobResult {
+            succeeded: false,
+            release_id: Some("2026\0".into()),
+            commit: Some("\0".repeat(3)),
+            error: Some(("run\0".into(), format!("it\0 broke{}", "x".repeat(20_000)))),
+        };
+        let stored = hostile.storable();
+        assert_eq!(stored.release_id.as_deref(), Some("2026"));
+        assert_eq!(stored.commit.as_deref(), Some(""));
+        let (step, message) = stored.error.expect("error");
+        assert_eq!(step, "run");
+        assert!(message.starts_with("it broke"));
+        assert_eq!(message.chars().count(), MAX_RESULT_MESSAGE_CHARS);
+        assert_eq!(storable_text(&"é".repeat(200), 128).chars().count(), 128);
+        // A well-formed result is kept as it is.
+        let fine = JobResult {
+            succeeded: true,
+            release_id: Some("20261205T001500Z".into()),
+            commit: Some("a".repeat(40)),
+            error: None,
+        };
+        assert_eq!(fine.storable(), fine);
+    }
 
     /// The defaults go together; a shorter idle timeout needs a heartbeat that leaves time
     /// for a lost packet; a heartbeat longer than the keep-alive is covered by the keep-alive.

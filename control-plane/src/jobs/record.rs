@@ -25,6 +25,9 @@ pub async fn record_ends(
     client: &tokio_postgres::Client,
     ends: &[(Uuid, &JobResult)],
 ) -> Result<u64, tokio_postgres::Error> {
+    // What servers report is untrusted text: one NUL would fail the whole statement.
+    let stored: Vec<JobResult> = ends.iter().map(|(_, r)| r.storable()).collect();
+    let ends: Vec<(Uuid, &JobResult)> = ends.iter().map(|(id, _)| *id).zip(&stored).collect();
     let ids: Vec<Uuid> = ends.iter().map(|(id, _)| *id).collect();
     let statuses: Vec<JobStatus> = ends
         .iter()

@@ -138,10 +138,10 @@ impl<I: Instant> ControlSession<I> {
                 if server_id == self.server_id {
                     self.state = ControlState::Registering;
                     self.actions.push_back(ControlAction::Register {
-                        agent_version: agent_version
-                            .chars()
-                            .take(MAX_AGENT_VERSION_CHARS)
-                            .collect(),
+                        agent_version: crate::protocol::storable_text(
+                            &agent_version,
+                            MAX_AGENT_VERSION_CHARS,
+                        ),
                     });
                     Ok(())
                 } else {

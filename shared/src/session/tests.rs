@@ -137,7 +137,8 @@ fn hello_register_welcome_on_the_control_plane() {
         .handle(
             AgentMessage::Hello {
                 server_id,
-                agent_version: "v".repeat(100),
+                // NULs dropped (PostgreSQL text cannot hold them), then cut at 64.
+                agent_version: format!("\0{}", "v".repeat(100)),
             },
             secs(2),
         )

@@ -551,3 +551,137 @@ async fn made_up_http_methods_do_not_grow_the_metrics() {
     let health = t.http.get(t.url("/healthz")).send().await.expect("healthz");
     assert_eq!(health.status(), 200);
 }
+
+/// Text a hostile agent sends (its version, its job's result) may hold NUL characters, which
+/// PostgreSQL text cannot store. Written as sent, the version stopped this replica's presence
+/// writes for good (every later agent's connection waited behind it), and the result failed
+/// its whole batch of job ends, other tenants' results included, and had every agent of the
+/// batch told to reconnect. The control plane drops the NULs and stores the rest.
+#[tokio::test]
+async fn nul_characters_from_a_hostile_agent_are_dropped_and_hold_up_nobody() {
+    use sensei_shared::codec::io::{read_frame, write_frame};
+    use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult, ALPN};
+
+    let t = TestPlane::start().await;
+    let (cookie, _) = t.signup("nul@example.com", PW).await;
+    let hostile = t.start_agent(&cookie, "hostile").await;
+    // Its identity, driven by the test from here on.
+    let _ = hostile.stop.send(true);
+    let _ = hostile.task.await;
+    let identity = hostile.state.load().expect("identity");
+    let verifier = sensei_certs::tls::verifier_trusting(t.plane.ca_pem()).expect("verifier");
+    let tls = sensei_certs::tls::agent_client_config(
+        verifier,
+        Some((identity.cert_pem.as_str(), identity.key_pem.as_str())),
+        ALPN,
+    )
+    .expect("tls");
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    let config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let connection = endpoint
+        .connect_with(config, t.plane.agent_addr(), "127.0.0.1")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut control, mut control_recv) = connection.open_bi().await.expect("control stream");
+    write_frame(
+        &mut control,
+        &AgentMessage::Hello {
+            server_id: hostile.server_id,
+            agent_version: "1.0\0-evil".into(),
+        },
+    )
+    .await
+    .expect("hello");
+    let welcome = tokio::time::timeout(
+        Duration::from_secs(5),
+        read_frame::<ControlMessage, _>(&mut control_recv),
+    )
+    .await
+    .expect("in time")
+    .expect("readable");
+    assert!(
+        matches!(welcome, Some(ControlMessage::Welcome { .. })),
+        "{welcome:?}"
+    );
+    let path = format!("/v1/servers/{}", hostile.server_id);
+    assert!(
+        sensei_e2e::eventually(Duration::from_secs(20), || async {
+            t.get(&path, &cookie).await.1["agent"]["version"] == "1.0-evil"
+        })
+        .await,
+        "the version was not stored: {}",
+        t.get(&path, &cookie).await.1
+    );
+    // Another agent connecting afterwards is seen.
+    let bystander = t.start_agent(&cookie, "bystander").await;
+    assert!(
+        sensei_e2e::eventually(Duration::from_secs(20), || t
+            .agent_connected(&cookie, bystander.server_id))
+        .await,
+        "the bystander's connection was never recorded"
+    );
+
+    // A result full of NULs is recorded, acknowledged, and shown without them.
+    let (_, project) = t
+        .post(
+            "/v1/projects",
+            &cookie,
+            json!({"name": "nul", "repo_url": "https://example.com/x.git", "deploy_path": "/srv/nul"}),
+        )
+        .await;
+    let (status, d) = t
+        .post(
+            "/v1/deployments",
+            &cookie,
+            json!({"project_id": project["id"], "server_id": hostile.server_id, "ref": "main"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{d}");
+    let id = d["id"].as_str().expect("id");
+    let (mut send, mut recv) = connection.open_bi().await.expect("job stream");
+    write_frame(
+        &mut send,
+        &AgentMessage::Poll {
+            highest_sequence: 0,
+        },
+    )
+    .await
+    .expect("poll");
+    match tokio::time::timeout(Duration::from_secs(20), read_frame(&mut recv))
+        .await
+        .expect("a job within 20 s")
+    {
+        Ok(Some(ControlMessage::Job(_))) => {}
+        other => panic!("expected a job: {other:?}"),
+    }
+    let job_id: uuid::Uuid = id.parse().expect("uuid");
+    write_frame(
+        &mut send,
+        &AgentMessage::JobFinished {
+            job_id,
+            result: JobResult {
+                succeeded: false,
+                release_id: Some("2026\0".into()),
+                commit: Some("\0".into()),
+                error: Some(("run\0".into(), "it\0 broke".into())),
+            },
+        },
+    )
+    .await
+    .expect("result");
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut recv))
+        .await
+        .expect("acknowledged within 5 s");
+    assert!(
+        matches!(answer, Ok(Some(ControlMessage::JobRecorded))),
+        "{answer:?}"
+    );
+    let ended = t.wait_deployment(&cookie, id).await;
+    assert_eq!(ended["status"], "failed", "{ended}");
+    assert_eq!(ended["error"]["message"], "it broke", "{ended}");
+    assert_eq!(ended["error"]["step"], "run", "{ended}");
+    connection.close(quinn::VarInt::from_u32(0), b"");
+    endpoint.wait_idle().await;
+}
