@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use sensei_shared::job::SignedJob;
@@ -17,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::claim::{self, Claimed};
-use super::record::record_ends;
+use super::record::record_ends_retrying;
 use super::sign::{deploy_configs, sign_with, DeployConfig, SignError};
 use super::sweep;
 use crate::secrets::field_crypto::FieldKeys;
@@ -142,7 +141,7 @@ impl JobBatches {
     }
 
     /// Records how a job ended (only if it is still running: an end is final); returns once
-    /// it is committed, or with why it could not be after [`RECORD_RETRIES`]: the caller
+    /// it is committed, or with why it could not be after [`RECORD_RETRIES`](super::record::RECORD_RETRIES): the caller
     /// must then not tell the agent its result was recorded.
     pub async fn finish(&self, id: Uuid, result: JobResult) -> Result<(), NotRecorded> {
         let (reply, done) = oneshot::channel();
@@ -252,35 +251,9 @@ async fn claim_with_configs(
     Ok((claimed, configs))
 }
 
-/// Waits before each further attempt at writing a batch of job ends: about 8 s in all,
-/// enough for a lost database connection to be replaced, short enough that an agent is not
-/// kept waiting for its acknowledgement long.
-pub const RECORD_RETRIES: [Duration; 5] = [
-    Duration::from_millis(250),
-    Duration::from_millis(500),
-    Duration::from_secs(1),
-    Duration::from_secs(2),
-    Duration::from_secs(4),
-];
-
 async fn finish_batch(ctx: &Context, batch: Vec<FinishRequest>) {
     let ends: Vec<(Uuid, &JobResult)> = batch.iter().map(|r| (r.id, &r.result)).collect();
-    let mut waits = RECORD_RETRIES.iter();
-    let written = loop {
-        let written = match ctx.pool.get().await {
-            Ok(client) => record_ends(&client, &ends)
-                .await
-                .map_err(|e| crate::store::db::describe(&e)),
-            Err(e) => Err(e.to_string()),
-        };
-        match (written, waits.next()) {
-            (Err(error), Some(wait)) => {
-                tracing::warn!(%error, jobs = ends.len(), "recording the end of deployments; trying again");
-                tokio::time::sleep(*wait).await;
-            }
-            (written, _) => break written,
-        }
-    };
+    let written = record_ends_retrying(&ctx.pool, &ends).await;
     if let Err(error) = &written {
         tracing::error!(%error, jobs = ends.len(), "recording the end of deployments failed; the agents keep their results and report them again");
     }

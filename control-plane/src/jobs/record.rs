@@ -3,6 +3,8 @@
 //! certificate was revoked, its project deleted. An end is final: only a job still open is
 //! ever given one, so a late or repeated report changes nothing.
 
+use std::time::Duration;
+
 use sensei_shared::protocol::{JobResult, LogLine};
 use uuid::Uuid;
 
@@ -62,16 +64,50 @@ pub async fn record_ends(
         .await
 }
 
-/// Records the end of one deployment.
+/// Waits before each further attempt at writing job ends: about 8 s in all, enough for a lost
+/// database connection to be replaced, short enough that an agent waiting for its
+/// acknowledgement is not kept long.
+pub const RECORD_RETRIES: [Duration; 5] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
+
+/// [`record_ends`], tried again after each of [`RECORD_RETRIES`] while the database fails.
+/// Both runners write the ends of their jobs through this: a result is never dropped at the
+/// first error.
+pub async fn record_ends_retrying(
+    pool: &deadpool_postgres::Pool,
+    ends: &[(Uuid, &JobResult)],
+) -> Result<u64, String> {
+    let mut waits = RECORD_RETRIES.iter();
+    loop {
+        let written = match pool.get().await {
+            Ok(client) => record_ends(&client, ends)
+                .await
+                .map_err(|e| crate::store::db::describe(&e)),
+            Err(e) => Err(e.to_string()),
+        };
+        match (written, waits.next()) {
+            (Err(error), Some(wait)) => {
+                tracing::warn!(%error, jobs = ends.len(), "recording the end of deployments; trying again");
+                tokio::time::sleep(*wait).await;
+            }
+            (written, _) => return written,
+        }
+    }
+}
+
+/// Records the end of a deployment this replica ran itself (over SSH). Nobody else holds the
+/// result (an agent keeps its own and reports it again; an SSH server does not), so it is
+/// written again, round after round of [`RECORD_RETRIES`], until the database takes it; the
+/// server takes no other job meanwhile, as its state is not yet known. If the replica stops
+/// first, the orphan sweep fails the job.
 pub async fn finish(pool: &deadpool_postgres::Pool, id: Uuid, result: &JobResult) {
-    let written = match pool.get().await {
-        Ok(client) => record_ends(&client, &[(id, result)])
-            .await
-            .map_err(|e| crate::store::db::describe(&e)),
-        Err(e) => Err(e.to_string()),
-    };
-    if let Err(error) = written {
-        tracing::error!(deployment = %id, %error, "recording a deployment's end");
+    while let Err(error) = record_ends_retrying(pool, &[(id, result)]).await {
+        tracing::error!(deployment = %id, %error, "recording a deployment's end failed; trying again");
     }
 }
 

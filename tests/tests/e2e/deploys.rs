@@ -874,7 +874,7 @@ async fn a_result_the_database_refused_is_reported_again_not_lost() {
     let d = s.deploy("main").await;
     let id = d["id"].as_str().expect("id");
     // The finish worker's attempts, then at least one report from a new connection.
-    let given_up = sensei_control_plane::jobs::batch::RECORD_RETRIES.len() as i64 + 1;
+    let given_up = sensei_control_plane::jobs::record::RECORD_RETRIES.len() as i64 + 1;
     let refused = sensei_e2e::fired_more_than(&db, ends, given_up).await;
     assert!(refused > given_up, "attempts to record the end: {refused}");
     let (_, running) = s.t.get(&format!("/v1/deployments/{id}"), &s.cookie).await;

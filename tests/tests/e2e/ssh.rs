@@ -184,6 +184,49 @@ async fn deploy_over_ssh_as_a_non_root_user() {
     );
 }
 
+/// The SSH runner holds the only copy of an SSH deploy's result (an agent keeps its own and
+/// reports it again; an SSH server does not). One the database refuses is written again until
+/// it is taken: dropped at the first error, the job stayed running for good and its server
+/// took no other.
+#[tokio::test]
+async fn an_ssh_result_the_database_refused_is_written_again_not_lost() {
+    let s = setup(json!({})).await;
+    let db = s.t.db().await;
+    let ends = "test_refused_ssh_ends";
+    sensei_e2e::watch_updates(
+        &db,
+        "deployments",
+        ends,
+        "OLD.status = 'running' AND NEW.status <> 'running'",
+        true,
+    )
+    .await;
+    let (status, d) =
+        s.t.post(
+            "/v1/deployments",
+            &s.cookie,
+            json!({"project_id": s.project, "server_id": s.server_id(), "ref": "main"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{d}");
+    let id = d["id"].as_str().expect("id");
+    // More attempts than one round of retries: the runner went on after the round.
+    let round = sensei_control_plane::jobs::record::RECORD_RETRIES.len() as i64 + 1;
+    let refused = sensei_e2e::fired_more_than(&db, ends, round).await;
+    assert!(refused > round, "attempts to record the end: {refused}");
+    let (_, running) = s.t.get(&format!("/v1/deployments/{id}"), &s.cookie).await;
+    assert_eq!(running["status"], "running", "{running}");
+    db.batch_execute(&format!("DROP TRIGGER {ends} ON deployments"))
+        .await
+        .expect("take ends again");
+    let done = s.t.wait_deployment(&s.cookie, id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        std::fs::read_to_string(s.app.join("current/index.html")).expect("page"),
+        "v1"
+    );
+}
+
 #[tokio::test]
 async fn a_removed_key_fails_at_authentication_and_the_app_keeps_running() {
     let s = setup(json!({})).await;

@@ -616,7 +616,7 @@ async fn an_upgrade_recorded_from_a_later_connection_still_starts() {
         .await;
     assert_eq!(status, 201, "{r}");
     // The finish worker's attempts, then at least one report from a new connection.
-    let given_up = sensei_control_plane::jobs::batch::RECORD_RETRIES.len() as i64 + 1;
+    let given_up = sensei_control_plane::jobs::record::RECORD_RETRIES.len() as i64 + 1;
     let refused = sensei_e2e::fired_more_than(&db, ends, given_up).await;
     assert!(refused > given_up, "attempts to record the end: {refused}");
     assert!(
