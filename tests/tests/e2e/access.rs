@@ -468,6 +468,19 @@ async fn a_custom_role_with_a_resource_scope_reaches_only_what_it_names() {
         assert_eq!(status, 201, "{path}: {v}");
         made.push(id_of(&v));
     }
+    // The scheduler queues each rollout's first batch on its own tick. Every comparison of
+    // deployments below needs those jobs in place: no later batch can start, as no target on
+    // an unreachable address succeeds.
+    for id in &made[3..] {
+        let path = format!("/v1/rollouts/{id}");
+        assert!(
+            eventually(std::time::Duration::from_secs(30), || async {
+                !t.get(&path, &owner).await.1["current_batch"].is_null()
+            })
+            .await,
+            "rollout {id} never queued its first batch"
+        );
+    }
     let inside = Ids {
         server: staging.clone(),
         project: mine.clone(),
