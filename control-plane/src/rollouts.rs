@@ -33,6 +33,11 @@ const TICK: Duration = Duration::from_millis(250);
 /// costs the database one query per interval instead of four a second.
 const IDLE_TICK: Duration = Duration::from_secs(10);
 
+/// Targets of one batch queued per transaction. A batch of 10,000 queued in one statement
+/// kept every server waiting for the whole insert (about half a second) and its commit; in
+/// chunks, the first servers run while the rest is queued (docs/benchmarks.md).
+pub const QUEUE_CHUNK: i64 = 1_000;
+
 /// Why a rollout could not be advanced this tick. The next tick tries again.
 #[derive(Debug, thiserror::Error)]
 enum StepError {
@@ -62,14 +67,19 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let in_progress = match tick(&pool, &hub, &keys).await {
+        let (in_progress, queueing) = match tick(&pool, &hub, &keys).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "rollout scheduler");
-                1
+                (1, false)
             }
         };
-        if in_progress > 0 {
+        if queueing {
+            // A batch's next chunk goes in at once: its servers are waiting for it.
+            if *shutdown.borrow() {
+                return;
+            }
+        } else if in_progress > 0 {
             // Busy: every target's change notifies, far more often than a tick is useful.
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
@@ -85,8 +95,9 @@ pub async fn run(
     }
 }
 
-/// Advances every rollout in progress once; answers how many there were.
-async fn tick(pool: &Pool, hub: &AgentHub, keys: &FieldKeys) -> Result<usize, StepError> {
+/// Advances every rollout in progress once; answers how many there were, and whether one of
+/// them is queueing a batch (more chunks to come).
+async fn tick(pool: &Pool, hub: &AgentHub, keys: &FieldKeys) -> Result<(usize, bool), StepError> {
     let client = pool.get().await?;
     let ids: Vec<Uuid> = client
         .query(
@@ -100,12 +111,14 @@ async fn tick(pool: &Pool, hub: &AgentHub, keys: &FieldKeys) -> Result<usize, St
         .collect();
     drop(client);
     let in_progress = ids.len();
+    let mut queueing = false;
     for id in ids {
-        if let Err(e) = step(pool, hub, keys, id).await {
-            tracing::warn!(rollout = %id, error = %e, "advancing a rollout");
+        match step(pool, hub, keys, id).await {
+            Ok(started) => queueing |= started,
+            Err(e) => tracing::warn!(rollout = %id, error = %e, "advancing a rollout"),
         }
     }
-    Ok(in_progress)
+    Ok((in_progress, queueing))
 }
 
 fn system_event(
@@ -206,7 +219,9 @@ impl Rollout {
                 "SELECT (SELECT count(*) FROM rollout_targets \
                          WHERE rollout_id = $1 AND status IN ('failed', 'unreachable')), \
                         EXISTS (SELECT 1 FROM rollout_targets \
-                         WHERE rollout_id = $1 AND batch = $2 AND status IN ('pending', 'running'))",
+                         WHERE rollout_id = $1 AND batch = $2 AND status IN ('pending', 'running')), \
+                        EXISTS (SELECT 1 FROM rollout_targets \
+                         WHERE rollout_id = $1 AND batch = $2 AND status = 'pending')",
                 &[&self.id, &self.current_batch_no().unwrap_or(-1)],
             )
             .await?;
@@ -214,6 +229,7 @@ impl Rollout {
             batches: self.batch_count,
             failures: usize::try_from(row.get::<_, i64>(0)).unwrap_or(usize::MAX),
             current_open: row.get(1),
+            current_unqueued: row.get(2),
         })
     }
 }
@@ -241,12 +257,13 @@ async fn load_targets(tx: &Transaction<'_>, id: Uuid) -> Result<Vec<Target>, Ste
 }
 
 /// Advances one rollout: load it, fold in what its jobs did, decide, apply, all in one
-/// transaction holding the row.
-async fn step(pool: &Pool, hub: &AgentHub, keys: &FieldKeys, id: Uuid) -> Result<(), StepError> {
+/// transaction holding the row. Answers whether it queued (part of) a batch: the next chunk,
+/// if any, is then queued without waiting for the next tick.
+async fn step(pool: &Pool, hub: &AgentHub, keys: &FieldKeys, id: Uuid) -> Result<bool, StepError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let Some(mut rollout) = Rollout::lock(&tx, id).await? else {
-        return Ok(());
+        return Ok(false);
     };
 
     // A deploy target takes its job's outcome as the job ends (the `deployments` trigger of
@@ -268,6 +285,7 @@ async fn step(pool: &Pool, hub: &AgentHub, keys: &FieldKeys, id: Uuid) -> Result
         }
     }
 
+    let mut queued = false;
     let woken = match rollout.state {
         RolloutState::Running => {
             let decision = decide(&Progress {
@@ -278,6 +296,7 @@ async fn step(pool: &Pool, hub: &AgentHub, keys: &FieldKeys, id: Uuid) -> Result
                 approved: rollout.approved,
                 now: Utc::now().timestamp(),
             });
+            queued = matches!(decision, Decision::StartBatch(_));
             apply(&tx, keys, &rollout, decision).await?
         }
         RolloutState::Halted { rolling_back: true } => {
@@ -298,7 +317,7 @@ async fn step(pool: &Pool, hub: &AgentHub, keys: &FieldKeys, id: Uuid) -> Result
     for server in woken {
         hub.wakes.wake(server);
     }
-    Ok(())
+    Ok(queued)
 }
 
 /// Carries out the scheduler's decision for a running rollout. Returns the servers that got
@@ -398,9 +417,9 @@ async fn fold_upgrades(tx: &Transaction<'_>, rollout: &Rollout) -> Result<(), St
     Ok(())
 }
 
-/// Queues one job per pending target of `batch`, each signed later for its own server: a
-/// deploy, or an agent upgrade (a server already on the version succeeds at once, without
-/// one).
+/// Queues one job per pending target of `batch`, at most [`QUEUE_CHUNK`] of them (the rest
+/// in the next steps, as [`decide`] asks), each signed later for its own server: a deploy, or
+/// an agent upgrade (a server already on the version succeeds at once, without one).
 async fn start_batch(
     tx: &Transaction<'_>,
     rollout: &Rollout,
@@ -414,8 +433,8 @@ async fn start_batch(
     let mut members: Vec<Uuid> = tx
         .query(
             "SELECT server_id FROM rollout_targets \
-             WHERE rollout_id = $1 AND batch = $2 AND status = 'pending' ORDER BY position",
-            &[&id, &batch_no],
+             WHERE rollout_id = $1 AND batch = $2 AND status = 'pending' ORDER BY position LIMIT $3",
+            &[&id, &batch_no, &QUEUE_CHUNK],
         )
         .await?
         .iter()
@@ -445,7 +464,7 @@ async fn start_batch(
     } else {
         JobKind::Deploy
     };
-    // The whole batch is queued in one statement and every agent is woken at once.
+    // The chunk is queued in one statement and its agents are woken at once.
     let queued = enqueue_many(
         tx,
         &NewJob {
@@ -472,12 +491,12 @@ async fn start_batch(
         &[&id, &servers, &jobs],
     )
     .await?;
-    // A member that got no job has nothing to collect it with.
+    // A member of this chunk that got no job has nothing to collect it with.
     tx.execute(
         "UPDATE rollout_targets SET status = 'unreachable', \
          error = 'the server has no valid agent certificate or SSH credentials' \
-         WHERE rollout_id = $1 AND batch = $2 AND status = 'pending'",
-        &[&id, &batch_no],
+         WHERE rollout_id = $1 AND server_id = ANY($2) AND status = 'pending'",
+        &[&id, &members],
     )
     .await?;
     tx.execute(

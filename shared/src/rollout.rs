@@ -227,18 +227,22 @@ pub struct Tally {
     pub failures: usize,
     /// Some target of the current batch is still pending or running.
     pub current_open: bool,
+    /// Some target of the current batch has no job yet: a large batch is queued a chunk at a
+    /// time (each chunk its own transaction), so that its first servers run while the rest
+    /// is queued.
+    pub current_unqueued: bool,
 }
 
 impl Tally {
     /// The tally of targets held in memory, `statuses[batch]` being every status of a batch:
     /// what the database's count must agree with.
     pub fn of(statuses: &[Vec<TargetStatus>], current_batch: Option<usize>) -> Self {
+        let current = current_batch.and_then(|b| statuses.get(b));
         Tally {
             batches: statuses.len(),
             failures: statuses.iter().flatten().filter(|s| s.is_failure()).count(),
-            current_open: current_batch
-                .and_then(|b| statuses.get(b))
-                .is_some_and(|b| b.iter().any(|s| !s.is_final())),
+            current_open: current.is_some_and(|b| b.iter().any(|s| !s.is_final())),
+            current_unqueued: current.is_some_and(|b| b.contains(&TargetStatus::Pending)),
         }
     }
 }
@@ -272,6 +276,8 @@ pub struct Progress<'a> {
 /// The next thing to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
+    /// Queue jobs for the batch's targets still pending (at most a chunk of them: the same
+    /// decision comes again until none is left).
     StartBatch(usize),
     /// The current batch is still running.
     Wait,
@@ -299,6 +305,9 @@ pub fn decide(p: &Progress<'_>) -> Decision {
             Decision::StartBatch(0)
         };
     };
+    if p.tally.current_unqueued {
+        return Decision::StartBatch(current);
+    }
     if p.tally.current_open {
         return Decision::Wait;
     }
@@ -619,6 +628,29 @@ mod tests {
         assert_eq!(decide(&p), Decision::StartBatch(1));
         let b = vec![vec![Succeeded], vec![Succeeded, Succeeded]];
         assert_eq!(decide(&progress(&s, &b, Some(1), None)), Decision::Complete);
+    }
+
+    /// A batch queued in part (a chunk committed, the rest still pending) goes on being
+    /// queued before anything else, unless the failures already halt the rollout.
+    #[test]
+    fn a_batch_queued_in_part_is_queued_to_its_end_first() {
+        let s = Strategy {
+            max_failures: 1,
+            manual_approval: true,
+            ..Strategy::default()
+        };
+        let b = vec![vec![Running, Succeeded, Pending, Pending], vec![Pending]];
+        assert_eq!(
+            decide(&progress(&s, &b, Some(0), None)),
+            Decision::StartBatch(0)
+        );
+        let b = vec![vec![Running, Succeeded, Running, Running], vec![Pending]];
+        assert_eq!(decide(&progress(&s, &b, Some(0), None)), Decision::Wait);
+        let b = vec![vec![Failed, Unreachable, Pending], vec![Pending]];
+        assert!(matches!(
+            decide(&progress(&s, &b, Some(0), None)),
+            Decision::Halt(_)
+        ));
     }
 
     #[test]
@@ -1078,9 +1110,12 @@ mod tests {
             Tally {
                 batches: 3,
                 failures: 2,
-                current_open: true
+                current_open: true,
+                current_unqueued: false,
             }
         );
+        // The last batch is open and has a target without a job.
+        assert!(Tally::of(&b, Some(2)).current_unqueued);
         // The first batch is over whatever the second holds.
         assert!(!Tally::of(&b, Some(0)).current_open);
         // Nothing started yet, or a batch number past the end: nothing is open.

@@ -704,3 +704,124 @@ async fn bad_rollout_requests_are_refused() {
             .get(0);
     assert_eq!(n, 0);
 }
+
+/// A batch larger than a chunk is queued a chunk per transaction, in rollout order, so that
+/// its first servers run while the rest is queued. Every target gets exactly one job, and a
+/// server without credentials is unreachable whichever chunk it falls in. The servers have
+/// valid certificate rows made in SQL and no agent connects: what is checked is the queueing.
+#[tokio::test]
+async fn a_batch_larger_than_a_chunk_is_queued_in_chunks_each_target_once() {
+    let t = TestPlane::start().await;
+    let (cookie, body) = t.signup("chunks@example.com", PW).await;
+    let account: uuid::Uuid = body["account"]["id"]
+        .as_str()
+        .expect("id")
+        .parse()
+        .expect("uuid");
+    let chunk = sensei_control_plane::rollouts::QUEUE_CHUNK;
+    let servers = chunk * 2 + chunk / 2;
+    let db = t.db().await;
+    db.execute(
+        "INSERT INTO servers (id, account_id, name, host, transport, labels) \
+         SELECT gen_random_uuid(), $1, 'chunk-' || g, 'h', 'agent', '{\"fleet\":\"chunks\"}' \
+         FROM generate_series(1, $2::bigint) g",
+        &[&account, &servers],
+    )
+    .await
+    .expect("servers");
+    // Every 500th server has no certificate: one in each chunk.
+    db.execute(
+        "INSERT INTO agent_certificates (fingerprint, server_id, serial, not_after) \
+         SELECT sha256(id::text::bytea), id, 'chunk', now() + interval '1 day' \
+         FROM servers WHERE account_id = $1 AND substr(name, 7)::int % 500 <> 0",
+        &[&account],
+    )
+    .await
+    .expect("certificates");
+    let without = servers / 500;
+    let (_, project) = t
+        .post(
+            "/v1/projects",
+            &cookie,
+            json!({"name": "chunks", "repo_url": "/nonexistent", "deploy_path": "/srv/chunks"}),
+        )
+        .await;
+    let (status, rollout) = t
+        .post(
+            "/v1/rollouts",
+            &cookie,
+            json!({"project_id": project["id"], "ref": "main",
+                   "selector": {"labels": {"fleet": "chunks"}},
+                   "strategy": {"canary": 0, "batch_percent": 100, "max_failures": without}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let id: uuid::Uuid = rollout["id"].as_str().expect("id").parse().expect("uuid");
+    let pending = || async {
+        db.query_one(
+            "SELECT count(*) FROM rollout_targets WHERE rollout_id = $1 AND status = 'pending'",
+            &[&id],
+        )
+        .await
+        .expect("pending")
+        .get::<_, i64>(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || async { pending().await == 0 }).await,
+        "{} targets still pending",
+        pending().await
+    );
+
+    let count = |sql: &'static str| {
+        let db = &db;
+        async move { db.query_one(sql, &[&id]).await.expect(sql).get::<_, i64>(0) }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM deployments WHERE rollout_id = $1").await,
+        servers - without
+    );
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM (SELECT server_id FROM deployments WHERE rollout_id = $1 \
+             GROUP BY server_id HAVING count(*) > 1) twice"
+        )
+        .await,
+        0,
+        "a server got two jobs"
+    );
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM rollout_targets WHERE rollout_id = $1 AND status = 'running' \
+             AND deployment_id IS NOT NULL"
+        )
+        .await,
+        servers - without
+    );
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM rollout_targets WHERE rollout_id = $1 AND status = 'unreachable' \
+             AND deployment_id IS NULL AND error LIKE '%no valid agent certificate%'"
+        )
+        .await,
+        without
+    );
+    // One transaction per chunk (a row's xmin names the transaction that wrote it), taken
+    // in rollout order: walking the targets by position, the writing transaction changes
+    // exactly once per chunk boundary.
+    let writers: Vec<String> = db
+        .query(
+            "SELECT d.xmin::text FROM rollout_targets t JOIN deployments d ON d.id = t.deployment_id \
+             WHERE t.rollout_id = $1 ORDER BY t.position",
+            &[&id],
+        )
+        .await
+        .expect("writers")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let changes = writers.windows(2).filter(|w| w[0] != w[1]).count();
+    assert_eq!(changes, 2, "chunks of {chunk} in {servers} targets");
+    // Until its deadline the rollout waits for its agents.
+    let (_, shown) = t.get(&format!("/v1/rollouts/{id}"), &cookie).await;
+    assert_eq!(shown["state"], "running", "{shown}");
+}
