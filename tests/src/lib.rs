@@ -450,6 +450,104 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     bin
 }
 
+/// A session driven by the test with an enrolled agent's identity, for what no real agent
+/// would send. Dropping it ends the session (the control stream is held here).
+pub struct DrivenSession {
+    pub endpoint: quinn::Endpoint,
+    pub connection: quinn::Connection,
+    pub control: (quinn::SendStream, quinn::RecvStream),
+    /// What the control plane answered the hello with, if anything within 5 s.
+    pub welcome: Option<sensei_shared::protocol::ControlMessage>,
+}
+
+/// Opens a job stream on `connection` and polls, as an agent that pinned nothing yet: the
+/// stream and the control plane's first answer within 20 s (a job, once one is queued).
+pub async fn poll_on(
+    connection: &quinn::Connection,
+) -> (
+    quinn::SendStream,
+    quinn::RecvStream,
+    Option<sensei_shared::protocol::ControlMessage>,
+) {
+    use sensei_shared::codec::io::{read_frame, write_frame};
+    use sensei_shared::protocol::AgentMessage;
+    let (mut send, mut recv) = connection.open_bi().await.expect("job stream");
+    write_frame(
+        &mut send,
+        &AgentMessage::Poll {
+            highest_sequence: 0,
+        },
+    )
+    .await
+    .expect("poll");
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), read_frame(&mut recv))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    (send, recv, answer)
+}
+
+/// Connects to the gateway `identity` names, with its certificate, and says hello as
+/// `version`.
+pub async fn driven_session(
+    identity: &sensei_agent::identity::Identity,
+    version: &str,
+) -> DrivenSession {
+    use sensei_shared::codec::io::{read_frame, write_frame};
+    use sensei_shared::protocol::{AgentMessage, ControlMessage, ALPN};
+    let verifier = sensei_certs::tls::verifier_trusting(&identity.ca_pem).expect("verifier");
+    let tls = sensei_certs::tls::agent_client_config(
+        verifier,
+        Some((identity.cert_pem.as_str(), identity.key_pem.as_str())),
+        ALPN,
+    )
+    .expect("tls");
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    let config = quinn::ClientConfig::new(Arc::new(crypto));
+    let gateway = tokio::net::lookup_host(&identity.meta.control_plane)
+        .await
+        .expect("gateway address")
+        .next()
+        .expect("an address");
+    let host = identity
+        .meta
+        .control_plane
+        .rsplit_once(':')
+        .map_or("localhost", |(host, _)| host)
+        .to_owned();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let connection = endpoint
+        .connect_with(config, gateway, &host)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut send, mut recv) = connection.open_bi().await.expect("control stream");
+    write_frame(
+        &mut send,
+        &AgentMessage::Hello {
+            server_id: identity.meta.server_id,
+            agent_version: version.to_owned(),
+        },
+    )
+    .await
+    .expect("hello");
+    let welcome = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        read_frame::<ControlMessage, _>(&mut recv),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .flatten();
+    DrivenSession {
+        endpoint,
+        connection,
+        control: (send, recv),
+        welcome,
+    }
+}
+
 /// Polls `check` every 20 ms until it holds or `within` passes; returns whether it held.
 #[must_use = "a condition that did not hold must fail the test"]
 pub async fn eventually<F, Fut>(within: std::time::Duration, mut check: F) -> bool

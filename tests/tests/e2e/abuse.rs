@@ -560,7 +560,7 @@ async fn made_up_http_methods_do_not_grow_the_metrics() {
 #[tokio::test]
 async fn nul_characters_from_a_hostile_agent_are_dropped_and_hold_up_nobody() {
     use sensei_shared::codec::io::{read_frame, write_frame};
-    use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult, ALPN};
+    use sensei_shared::protocol::{AgentMessage, ControlMessage, JobResult};
 
     let t = TestPlane::start().await;
     let (cookie, _) = t.signup("nul@example.com", PW).await;
@@ -569,41 +569,11 @@ async fn nul_characters_from_a_hostile_agent_are_dropped_and_hold_up_nobody() {
     let _ = hostile.stop.send(true);
     let _ = hostile.task.await;
     let identity = hostile.state.load().expect("identity");
-    let verifier = sensei_certs::tls::verifier_trusting(t.plane.ca_pem()).expect("verifier");
-    let tls = sensei_certs::tls::agent_client_config(
-        verifier,
-        Some((identity.cert_pem.as_str(), identity.key_pem.as_str())),
-        ALPN,
-    )
-    .expect("tls");
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    let config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let connection = endpoint
-        .connect_with(config, t.plane.agent_addr(), "127.0.0.1")
-        .expect("connect")
-        .await
-        .expect("handshake");
-    let (mut control, mut control_recv) = connection.open_bi().await.expect("control stream");
-    write_frame(
-        &mut control,
-        &AgentMessage::Hello {
-            server_id: hostile.server_id,
-            agent_version: "1.0\0-evil".into(),
-        },
-    )
-    .await
-    .expect("hello");
-    let welcome = tokio::time::timeout(
-        Duration::from_secs(5),
-        read_frame::<ControlMessage, _>(&mut control_recv),
-    )
-    .await
-    .expect("in time")
-    .expect("readable");
+    let session = sensei_e2e::driven_session(&identity, "1.0\0-evil").await;
     assert!(
-        matches!(welcome, Some(ControlMessage::Welcome { .. })),
-        "{welcome:?}"
+        matches!(session.welcome, Some(ControlMessage::Welcome { .. })),
+        "{:?}",
+        session.welcome
     );
     let path = format!("/v1/servers/{}", hostile.server_id);
     assert!(
@@ -640,22 +610,8 @@ async fn nul_characters_from_a_hostile_agent_are_dropped_and_hold_up_nobody() {
         .await;
     assert_eq!(status, 201, "{d}");
     let id = d["id"].as_str().expect("id");
-    let (mut send, mut recv) = connection.open_bi().await.expect("job stream");
-    write_frame(
-        &mut send,
-        &AgentMessage::Poll {
-            highest_sequence: 0,
-        },
-    )
-    .await
-    .expect("poll");
-    match tokio::time::timeout(Duration::from_secs(20), read_frame(&mut recv))
-        .await
-        .expect("a job within 20 s")
-    {
-        Ok(Some(ControlMessage::Job(_))) => {}
-        other => panic!("expected a job: {other:?}"),
-    }
+    let (mut send, mut recv, job) = sensei_e2e::poll_on(&session.connection).await;
+    assert!(matches!(job, Some(ControlMessage::Job(_))), "{job:?}");
     let job_id: uuid::Uuid = id.parse().expect("uuid");
     write_frame(
         &mut send,
@@ -682,6 +638,6 @@ async fn nul_characters_from_a_hostile_agent_are_dropped_and_hold_up_nobody() {
     assert_eq!(ended["status"], "failed", "{ended}");
     assert_eq!(ended["error"]["message"], "it broke", "{ended}");
     assert_eq!(ended["error"]["step"], "run", "{ended}");
-    connection.close(quinn::VarInt::from_u32(0), b"");
-    endpoint.wait_idle().await;
+    session.connection.close(quinn::VarInt::from_u32(0), b"");
+    session.endpoint.wait_idle().await;
 }

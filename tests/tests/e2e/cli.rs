@@ -22,6 +22,78 @@ fn command() -> std::process::Command {
     cmd
 }
 
+/// `sensei-control-plane serve` as a real process on a fresh database, on loopback ports
+/// chosen by the kernel, its standard error collected until it ends.
+struct Served {
+    child: tokio::process::Child,
+    base: String,
+    ca_pem: String,
+    ca_fingerprint: String,
+    stderr: tokio::task::JoinHandle<String>,
+    _dir: tempfile::TempDir,
+}
+
+async fn serve(field_key: &str, log: &str) -> Served {
+    let dir = open_tempdir();
+    let owner = fresh_database().await;
+    let mut child = tokio::process::Command::new(control_plane_binary())
+        .env("CODESENSEI_FIELD_KEY", field_key)
+        .env("DATABASE_URL", sensei_e2e::app_conninfo(&owner))
+        .env("DATABASE_OWNER_URL", &owner)
+        .env("SENSEI_SIGNUP", "open")
+        .env("SENSEI_LOG", log)
+        .args([
+            "--data-dir",
+            &dir.path().display().to_string(),
+            "serve",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--agent-addr",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn serve");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut stderr = child.stderr.take().expect("stderr");
+    let stderr = tokio::spawn(async move {
+        let mut all = String::new();
+        let _ = stderr.read_to_string(&mut all).await;
+        all
+    });
+    let (mut base, mut ca_fingerprint) = (None, None);
+    while let Ok(Some(line)) = stdout.next_line().await {
+        if let Some(rest) = line.strip_prefix("Sensei control plane listening on ") {
+            base = Some(rest.to_owned());
+        }
+        if let Some(fp) = line.strip_prefix("CA fingerprint: ") {
+            ca_fingerprint = Some(fp.to_owned());
+            break;
+        }
+    }
+    let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem"))
+        .expect("serve writes the CA certificate to the data directory");
+    Served {
+        child,
+        base: base.expect("listening line"),
+        ca_pem,
+        ca_fingerprint: ca_fingerprint.expect("CA fingerprint line"),
+        stderr,
+        _dir: dir,
+    }
+}
+
+impl Served {
+    /// Stops the process; answers everything it wrote to standard error.
+    async fn stop(mut self) -> String {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        self.stderr.await.expect("stderr")
+    }
+}
+
 #[test]
 fn serve_without_field_key_refuses_to_start() {
     let dir = open_tempdir();
@@ -327,50 +399,9 @@ async fn rotate_field_key_command_reports_what_it_rewrote() {
 #[tokio::test]
 async fn secrets_never_reach_the_log_even_at_trace_level() {
     let field_key = FieldKeys::generate_key();
-    let dir = open_tempdir();
-    let owner = fresh_database().await;
-    let mut child = tokio::process::Command::new(control_plane_binary())
-        .env("CODESENSEI_FIELD_KEY", &field_key)
-        .env("DATABASE_URL", sensei_e2e::app_conninfo(&owner))
-        .env("DATABASE_OWNER_URL", &owner)
-        .env("SENSEI_SIGNUP", "open")
-        .env("SENSEI_LOG", "trace")
-        .args([
-            "--data-dir",
-            &dir.path().display().to_string(),
-            "serve",
-            "--api-addr",
-            "127.0.0.1:0",
-            "--agent-addr",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn serve");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut stderr = child.stderr.take().expect("stderr");
-    let stderr_task = tokio::spawn(async move {
-        let mut all = String::new();
-        let _ = stderr.read_to_string(&mut all).await;
-        all
-    });
-    let mut base = None;
-    let mut ca_fp = None;
-    while let Ok(Some(line)) = stdout.next_line().await {
-        if let Some(rest) = line.strip_prefix("Sensei control plane listening on ") {
-            base = Some(rest.to_owned());
-        }
-        if let Some(fp) = line.strip_prefix("CA fingerprint: ") {
-            ca_fp = Some(fp.to_owned());
-            break;
-        }
-    }
-    let base = base.expect("listening line");
-    assert!(ca_fp.is_some_and(|f| f.starts_with("SHA256:")));
-    let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem"))
-        .expect("serve writes the CA certificate to the data directory");
+    let served = serve(&field_key, "trace").await;
+    assert!(served.ca_fingerprint.starts_with("SHA256:"));
+    let (base, ca_pem) = (served.base.clone(), served.ca_pem.clone());
     let http = sensei_e2e::api_client(&ca_pem, &base);
     let password = "pa55word-that-must-not-leak";
     let wrong = "wr0ng-guess-that-must-not-leak";
@@ -398,9 +429,7 @@ async fn secrets_never_reach_the_log_even_at_trace_level() {
         .await
         .expect("json");
     let secret = key["secret"].as_str().expect("secret").to_owned();
-    let _ = child.start_kill();
-    let _ = child.wait().await;
-    let log = stderr_task.await.expect("stderr");
+    let log = served.stop().await;
     assert!(
         log.len() > 1000,
         "trace logging produced almost nothing:\n{log}"
@@ -872,4 +901,123 @@ async fn field_keys_wrapped_by_an_hsm_work_and_open_nothing_without_it() {
     })
     .await
     .expect("join");
+}
+
+/// What an agent sends that the control plane logs (its version, a job refusal's reason) is
+/// logged escaped: a newline in it cannot start a line of its own in the operator's log, so a
+/// hostile agent cannot forge entries (here, one that would read as a revocation).
+#[tokio::test]
+async fn an_agent_cannot_forge_lines_in_the_control_planes_log() {
+    use sensei_shared::codec::io::{read_frame, write_frame};
+    use sensei_shared::protocol::{AgentMessage, ControlMessage};
+
+    let served = serve(&FieldKeys::generate_key(), "info").await;
+    let (base, ca_pem) = (served.base.clone(), served.ca_pem.clone());
+    let http = sensei_e2e::api_client(&ca_pem, &base);
+    let call =
+        |method: reqwest::Method, path: &str, cookie: Option<&str>, body: serde_json::Value| {
+            let mut request = http.request(method, format!("{base}{path}")).json(&body);
+            if let Some(cookie) = cookie {
+                request = request.header("cookie", cookie);
+            }
+            request.send()
+        };
+    let r = call(
+        reqwest::Method::POST,
+        "/v1/auth/signup",
+        None,
+        json!({"email": "forge@example.com", "password": "correct horse battery", "account_name": "F"}),
+    )
+    .await
+    .expect("signup");
+    assert_eq!(r.status(), 201);
+    let cookie = sensei_e2e::session_cookie(&r).expect("cookie");
+    let server: serde_json::Value = call(
+        reqwest::Method::POST,
+        "/v1/servers",
+        Some(&cookie),
+        json!({"name": "forger", "host": "forger.example", "transport": "agent"}),
+    )
+    .await
+    .expect("server")
+    .json()
+    .await
+    .expect("json");
+    let agent_dir = open_tempdir();
+    let options = sensei_agent::enroll::EnrollOptions {
+        control_plane: server["agent_endpoint"]
+            .as_str()
+            .expect("agent endpoint")
+            .to_owned(),
+        token: server["enrollment_token"]
+            .as_str()
+            .expect("token")
+            .to_owned(),
+        ca_fingerprint: served.ca_fingerprint.parse().expect("fingerprint"),
+        expected_server_id: None,
+        state_dir: sensei_agent::identity::StateDir::new(agent_dir.path().join("state")),
+    };
+    sensei_agent::enroll::enroll(&options)
+        .await
+        .expect("enroll");
+    let identity = options.state_dir.load().expect("identity");
+
+    let forged = "FORGED certificate revoked for every server";
+    let session = sensei_e2e::driven_session(&identity, &format!("1.0\n{forged}")).await;
+    assert!(
+        matches!(session.welcome, Some(ControlMessage::Welcome { .. })),
+        "{:?}",
+        session.welcome
+    );
+    let project: serde_json::Value = call(
+        reqwest::Method::POST,
+        "/v1/projects",
+        Some(&cookie),
+        json!({"name": "f", "repo_url": "https://example.com/f.git", "deploy_path": "/srv/f"}),
+    )
+    .await
+    .expect("project")
+    .json()
+    .await
+    .expect("json");
+    let r = call(
+        reqwest::Method::POST,
+        "/v1/deployments",
+        Some(&cookie),
+        json!({"project_id": project["id"], "server_id": identity.meta.server_id, "ref": "main"}),
+    )
+    .await
+    .expect("deploy");
+    assert_eq!(r.status(), 201);
+    let (mut send, mut recv, job) = sensei_e2e::poll_on(&session.connection).await;
+    assert!(matches!(job, Some(ControlMessage::Job(_))), "{job:?}");
+    write_frame(
+        &mut send,
+        &AgentMessage::JobRefused {
+            job_id: None,
+            reason: format!("bad signature\r\n{forged}"),
+        },
+    )
+    .await
+    .expect("refusal");
+    let recorded = tokio::time::timeout(std::time::Duration::from_secs(10), read_frame(&mut recv))
+        .await
+        .expect("recorded within 10 s");
+    assert!(
+        matches!(recorded, Ok(Some(ControlMessage::JobRecorded))),
+        "{recorded:?}"
+    );
+    let log = served.stop().await;
+    // Both were logged, and neither started a line.
+    assert!(log.contains("agent connected"), "{log}");
+    assert!(log.contains("the agent refused a job"), "{log}");
+    assert_eq!(
+        log.matches(forged).count(),
+        2,
+        "each text logged once:\n{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.trim_start().starts_with("FORGED")),
+        "a line was forged:\n{log}"
+    );
 }

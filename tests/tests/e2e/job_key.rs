@@ -78,21 +78,9 @@ async fn queue_and_poll(
         )
         .await;
     assert_eq!(status, 201, "{d}");
-    let (mut send, mut recv) = connection.open_bi().await.expect("job stream");
-    write_frame(
-        &mut send,
-        &AgentMessage::Poll {
-            highest_sequence: 0,
-        },
-    )
-    .await
-    .expect("poll");
-    match tokio::time::timeout(Duration::from_secs(20), read_frame(&mut recv))
-        .await
-        .expect("a job within 20 s")
-    {
-        Ok(Some(ControlMessage::Job(job))) => job,
-        other => panic!("expected a job: {other:?}"),
+    match sensei_e2e::poll_on(connection).await {
+        (_, _, Some(ControlMessage::Job(job))) => job,
+        (_, _, other) => panic!("expected a job within 20 s: {other:?}"),
     }
 }
 

@@ -489,8 +489,8 @@ async fn an_upgrade_rollout_upgrades_a_real_agent_process() {
 /// description resets its stream and writes nothing (one write per session at most).
 #[tokio::test]
 async fn a_second_host_description_on_one_session_is_refused_and_writes_nothing() {
-    use sensei_shared::codec::io::{read_frame, write_frame};
-    use sensei_shared::protocol::{AgentMessage, ControlMessage, ALPN};
+    use sensei_shared::codec::io::write_frame;
+    use sensei_shared::protocol::{AgentMessage, ControlMessage};
 
     let (t, cookie) = plane_and_account().await;
     let agent = t.start_agent(&cookie, "host-facts-twice").await;
@@ -505,42 +505,13 @@ async fn a_second_host_description_on_one_session_is_refused_and_writes_nothing(
     // The same identity, driven by the test: stop the real agent first.
     let _ = agent.stop.send(true);
     let identity = agent.state.load().expect("identity");
-    let verifier = sensei_certs::tls::verifier_trusting(t.plane.ca_pem()).expect("verifier");
-    let tls = sensei_certs::tls::agent_client_config(
-        verifier,
-        Some((identity.cert_pem.as_str(), identity.key_pem.as_str())),
-        ALPN,
-    )
-    .expect("tls");
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    let config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let connection = endpoint
-        .connect_with(config, t.plane.agent_addr(), "127.0.0.1")
-        .expect("connect")
-        .await
-        .expect("handshake");
-    let (mut control, mut control_recv) = connection.open_bi().await.expect("control stream");
-    write_frame(
-        &mut control,
-        &AgentMessage::Hello {
-            server_id: agent.server_id,
-            agent_version: "test".into(),
-        },
-    )
-    .await
-    .expect("hello");
-    let welcome = tokio::time::timeout(
-        Duration::from_secs(5),
-        read_frame::<ControlMessage, _>(&mut control_recv),
-    )
-    .await
-    .expect("in time")
-    .expect("readable");
+    let session = sensei_e2e::driven_session(&identity, "test").await;
     assert!(
-        matches!(welcome, Some(ControlMessage::Welcome { .. })),
-        "{welcome:?}"
+        matches!(session.welcome, Some(ControlMessage::Welcome { .. })),
+        "{:?}",
+        session.welcome
     );
+    let connection = &session.connection;
     let describe = |os: &str| AgentMessage::HostFacts {
         os: os.into(),
         arch: "x86_64".into(),
@@ -582,7 +553,7 @@ async fn a_second_host_description_on_one_session_is_refused_and_writes_nothing(
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(t.get(&path, &cookie).await.1["agent"]["os"], "First OS");
     connection.close(quinn::VarInt::from_u32(0), b"");
-    endpoint.wait_idle().await;
+    session.endpoint.wait_idle().await;
 }
 
 /// An upgrade whose result the control plane could not record at once still starts once the

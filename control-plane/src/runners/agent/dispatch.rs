@@ -166,7 +166,8 @@ pub async fn serve_poll(
                     Box::pin(record::store_lines(&ctx.pool, job_id, &lines)).await;
                 }
                 ControlJobAction::Refused { job_id, reason } => {
-                    tracing::warn!(%server_id, deployment = %job_id, %reason, "the agent refused a job");
+                    // Debug-formatted: the reason is the agent's text, and escaped it cannot start a log line.
+                    tracing::warn!(%server_id, deployment = %job_id, ?reason, "the agent refused a job");
                     stranded = sent
                         .as_ref()
                         .is_some_and(|job| signed_by_unacknowledged_key(&ctx.job_keys.ring(), job));

@@ -140,7 +140,8 @@ pub async fn run(
         host_facts_seen: std::sync::atomic::AtomicBool::new(false),
         polled: std::sync::atomic::AtomicBool::new(false),
     });
-    tracing::info!(%server_id, %agent_version, peer = %connection.remote_address(), "agent connected");
+    // The version is the agent's text: Debug-formatted (escaped), it cannot start a log line.
+    tracing::info!(%server_id, ?agent_version, peer = %connection.remote_address(), "agent connected");
     // Cannot be out of order: the machine asked for the registration just above.
     let _ = session.registered(Instant::now());
     let mut polls = tokio::task::JoinSet::new();
