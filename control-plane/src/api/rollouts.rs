@@ -801,7 +801,7 @@ steering_route!(
     pause,
     "/v1/rollouts/{id}/pause",
     Command::Pause,
-    "Stops starting new batches; running deploys finish."
+    "Stops queueing jobs (no new batch, nor the rest of a batch being queued); running deploys finish."
 );
 steering_route!(
     resume,

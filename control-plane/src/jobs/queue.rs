@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::wake::{JOB_CHANNEL, WAKE_ALL, WAKE_ALL_ABOVE};
+use super::wake::{JOB_CHANNEL, WAKE_LIST_MAX};
 use super::JobKind;
 
 /// What to queue: the same for every server of one request.
@@ -95,17 +95,16 @@ pub async fn enqueue_many(
         .iter()
         .map(|r| (r.get("server_id"), r.get("id")))
         .collect();
-    // Wake the servers' polls on every replica. A large batch sends one "everyone" notice
-    // instead of one per server: each replica then has all its polls look at the queue, in
-    // batched statements (10,000 notifications cost more than the rollout they announce).
-    if queued.len() > WAKE_ALL_ABOVE {
-        tx.execute("SELECT pg_notify($1, $2)", &[&JOB_CHANNEL, &WAKE_ALL])
-            .await?;
-    } else if !queued.is_empty() {
+    // Wake the servers' polls on every replica: their ids, [`WAKE_LIST_MAX`] to a
+    // notification, so that each replica wakes only the polls of servers that got a job.
+    // (A batch once sent one "wake everyone" instead: every idle poll of every replica then
+    // claimed, and a rollout's batch, queued a chunk at a time, would do so once a chunk.)
+    if !queued.is_empty() {
         let servers: Vec<Uuid> = queued.iter().map(|(s, _)| *s).collect();
         tx.execute(
-            "SELECT pg_notify($1, s::text) FROM unnest($2::uuid[]) AS s",
-            &[&JOB_CHANNEL, &servers],
+            "SELECT pg_notify($1, string_agg(s::text, ',')) \
+             FROM unnest($2::uuid[]) WITH ORDINALITY AS t(s, n) GROUP BY (n - 1) / $3",
+            &[&JOB_CHANNEL, &servers, &(WAKE_LIST_MAX as i64)],
         )
         .await?;
     }

@@ -104,10 +104,22 @@ pub async fn record_ends_retrying(
 /// result (an agent keeps its own and reports it again; an SSH server does not), so it is
 /// written again, round after round of [`RECORD_RETRIES`], until the database takes it; the
 /// server takes no other job meanwhile, as its state is not yet known. If the replica stops
-/// first, the orphan sweep fails the job.
+/// first, or is silent in the database long enough for another replica to take it for gone,
+/// the orphan sweep fails the job.
 pub async fn finish(pool: &deadpool_postgres::Pool, id: Uuid, result: &JobResult) {
-    while let Err(error) = record_ends_retrying(pool, &[(id, result)]).await {
-        tracing::error!(deployment = %id, %error, "recording a deployment's end failed; trying again");
+    loop {
+        match record_ends_retrying(pool, &[(id, result)]).await {
+            Ok(0) => {
+                // Another replica ended it meanwhile (as an orphan, this one having been
+                // silent in the database too long): an end is final, so say what is dropped.
+                tracing::warn!(deployment = %id, succeeded = result.succeeded, "the deployment had already ended (failed as an orphan while this replica could not reach the database); its SSH result is not recorded");
+                return;
+            }
+            Ok(_) => return,
+            Err(error) => {
+                tracing::error!(deployment = %id, %error, "recording a deployment's end failed; trying again");
+            }
+        }
     }
 }
 
@@ -163,20 +175,28 @@ async fn record_ends_of_server(
         .map_err(|e| crate::store::db::describe(&e))
 }
 
-/// Appends log lines to a deployment (up to [`MAX_LOG_LINES`]). NUL bytes, which PostgreSQL
-/// text cannot hold, are dropped.
+/// Appends log lines to a deployment (up to [`MAX_LOG_LINES`] in all, each cut to
+/// [`sensei_shared::lines::MAX_LINE`] characters). NUL bytes, which PostgreSQL text cannot
+/// hold, are dropped.
 pub async fn store_lines(pool: &deadpool_postgres::Pool, id: Uuid, lines: &[LogLine]) {
     let Ok(client) = pool.get().await else {
         tracing::warn!(deployment = %id, lines = lines.len(), "no database connection: deploy log lines lost");
         return;
     };
+    // A hostile agent's lines are bounded here as the engine bounds its own output: one
+    // message may carry a mebibyte of lines, so their count is cut too, not only checked.
+    let kept = usize::try_from(MAX_LOG_LINES).unwrap_or(usize::MAX);
+    let lines = &lines[..lines.len().min(kept)];
     let streams: Vec<i16> = lines.iter().map(|l| i16::from(l.stream)).collect();
-    let texts: Vec<String> = lines.iter().map(|l| l.text.replace('\0', "")).collect();
+    let texts: Vec<String> = lines
+        .iter()
+        .map(|l| sensei_shared::protocol::storable_text(&l.text, sensei_shared::lines::MAX_LINE))
+        .collect();
     let result = client
         .execute(
             "INSERT INTO deployment_logs (deployment_id, stream, line) \
-             SELECT $1, s, l FROM unnest($2::smallint[], $3::text[]) AS t(s, l) \
-             WHERE (SELECT count(*) FROM deployment_logs WHERE deployment_id = $1) < $4",
+             SELECT $1, s, l FROM unnest($2::smallint[], $3::text[]) WITH ORDINALITY AS t(s, l, n) \
+             WHERE n <= $4 - (SELECT count(*) FROM deployment_logs WHERE deployment_id = $1)",
             &[&id, &streams, &texts, &MAX_LOG_LINES],
         )
         .await;

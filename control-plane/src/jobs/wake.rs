@@ -10,12 +10,15 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-/// The PostgreSQL channel of queued jobs; the payload is the server id.
+/// The PostgreSQL channel of queued jobs; the payload is the ids of the servers that got a
+/// job, comma-separated (a single id is what versions before 2026-12-05 sent and read).
 pub const JOB_CHANNEL: &str = "sensei_jobs";
-/// The payload on [`JOB_CHANNEL`] that wakes every poll (sent for large batches of jobs).
+/// Server ids in one notification at most: 200 ids of 36 characters and their commas fit the
+/// 8,000 bytes PostgreSQL allows a payload.
+pub const WAKE_LIST_MAX: usize = 200;
+/// The payload that wakes every poll. Versions before 2026-12-05 sent it for batches of more
+/// than 64 jobs; it is still obeyed, for a rolling upgrade in which they queue jobs.
 pub const WAKE_ALL: &str = "*";
-/// Batches of more jobs than this are announced with [`WAKE_ALL`].
-pub const WAKE_ALL_ABOVE: usize = 64;
 
 /// One replica's job waiters.
 #[derive(Default)]
@@ -73,7 +76,13 @@ impl JobWakes {
     pub fn apply(&self, payload: &str) {
         if payload == WAKE_ALL {
             self.wake_all();
-        } else if let Ok(server_id) = payload.parse::<Uuid>() {
+            return;
+        }
+        for server_id in payload
+            .split(',')
+            .take(WAKE_LIST_MAX)
+            .filter_map(|id| id.parse::<Uuid>().ok())
+        {
             self.wake(server_id);
         }
     }
@@ -111,6 +120,21 @@ mod tests {
                 .await
                 .is_err(),
             "garbage wakes nobody"
+        );
+        // A list wakes exactly the servers it names.
+        let c = Uuid::new_v4();
+        let sc = wakes.signal(c);
+        wakes.apply(&format!("{a},{c},not a server id"));
+        for s in [&sa, &sc] {
+            tokio::time::timeout(std::time::Duration::from_secs(1), s.notified())
+                .await
+                .expect("named and woken");
+        }
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), sb.notified())
+                .await
+                .is_err(),
+            "b was not named"
         );
         wakes.apply(WAKE_ALL);
         for s in [&sa, &sb] {

@@ -15,6 +15,8 @@ use crate::protocol::{
 
 /// The longest agent version kept (the rest is cut): it is shown, never interpreted.
 const MAX_AGENT_VERSION_CHARS: usize = 64;
+/// The longest reason for refusing a job kept (the rest is cut).
+const MAX_REFUSAL_REASON_CHARS: usize = 4096;
 
 /// The control plane's side of a control stream: the hello (checked against the server the
 /// certificate was issued to), the welcome, then heartbeats and acks.
@@ -480,6 +482,9 @@ impl ControlJob {
             // The refusal's job id is not checked: a job that failed verification may not
             // even decode, and the refusal can only be about the job sent on this stream.
             (ControlJobState::Running { job_id }, AgentMessage::JobRefused { reason, .. }) => {
+                // Bounded well inside a result's message, so that what the control plane
+                // appends to it (how to recover a stranded agent) is never cut off.
+                let reason = crate::protocol::storable_text(&reason, MAX_REFUSAL_REASON_CHARS);
                 self.state = ControlJobState::Recording;
                 let result = JobResult::failed("verify", format!("refused by the agent: {reason}"));
                 self.actions

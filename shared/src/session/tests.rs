@@ -540,6 +540,22 @@ fn a_refused_job_is_recorded_as_failed_verification() {
     control_job.recorded().expect("recorded");
     agent_job.handle(ControlMessage::JobRecorded).expect("ack");
     assert_eq!(drain_agent_job(&mut agent_job), [AgentJobAction::Finish]);
+
+    // A hostile agent's reason is cut (4,096 characters, NULs dropped) before anything is
+    // appended to it or logged.
+    let mut control_job = running_control_job(job_id);
+    control_job
+        .handle(AgentMessage::JobRefused {
+            job_id: None,
+            reason: format!("\0{}", "r".repeat(100_000)),
+        })
+        .expect("refusal");
+    match drain_control_job(&mut control_job).as_slice() {
+        [ControlJobAction::Refused { reason, .. }, ControlJobAction::Record { .. }] => {
+            assert_eq!(reason, &"r".repeat(4096));
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -611,17 +627,7 @@ fn a_result_from_a_lost_connection_is_reported_first_on_the_next() {
 fn a_log_for_another_job_is_a_protocol_error() {
     let job_id = Uuid::new_v4();
     let other = Uuid::new_v4();
-    let running = || {
-        let mut control_job = ControlJob::new();
-        control_job
-            .handle(AgentMessage::Poll {
-                highest_sequence: 0,
-            })
-            .expect("poll");
-        control_job.claimed(job_id, job()).expect("claimed");
-        drain_control_job(&mut control_job);
-        control_job
-    };
+    let running = || running_control_job(job_id);
     let mut control_job = running();
     let error = control_job
         .handle(AgentMessage::JobLog {
@@ -1414,4 +1420,17 @@ fn host_facts_are_stored_only_within_bounds() {
         assert_eq!(job.poll(), None, "nothing to store");
         assert!(job.is_done());
     }
+}
+
+/// The control plane's side of a job stream whose poll was answered with job `job_id`.
+fn running_control_job(job_id: Uuid) -> ControlJob {
+    let mut control_job = ControlJob::new();
+    control_job
+        .handle(AgentMessage::Poll {
+            highest_sequence: 0,
+        })
+        .expect("poll");
+    control_job.claimed(job_id, job()).expect("claimed");
+    drain_control_job(&mut control_job);
+    control_job
 }

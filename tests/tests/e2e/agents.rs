@@ -941,3 +941,68 @@ async fn a_disconnection_the_database_refused_is_recorded_later() {
         "the departure was never recorded"
     );
 }
+
+/// Enrollment needs no login, so a stranger's text goes into the refusal's audit row. A NUL in
+/// the hostname or the version (PostgreSQL refuses it in text and in jsonb) made that row fail
+/// to write, and the attempt went unrecorded; now it is recorded without the NULs.
+#[tokio::test]
+async fn a_refused_enrollment_with_nul_characters_is_still_audited() {
+    use sensei_shared::protocol::{EnrollRequest, EnrollResponse};
+
+    let t = TestPlane::start().await;
+    let verifier = sensei_certs::tls::verifier_trusting(t.plane.ca_pem()).expect("verifier");
+    let tls = sensei_certs::tls::agent_client_config(verifier, None, ALPN).expect("tls");
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    let config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let connection = endpoint
+        .connect_with(config, t.plane.agent_addr(), "127.0.0.1")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut send, mut recv) = connection.open_bi().await.expect("stream");
+    write_frame(
+        &mut send,
+        &EnrollRequest {
+            token: format!("et_{}_{}", Uuid::new_v4().simple(), "A".repeat(43)),
+            expected_server_id: None,
+            csr_der: Vec::new(),
+            agent_version: "9.9\0".into(),
+            hostname: "evil\0host".into(),
+        },
+    )
+    .await
+    .expect("request");
+    let _ = send.finish();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        read_frame::<EnrollResponse, _>(&mut recv),
+    )
+    .await
+    .expect("an answer within 10 s");
+    assert!(
+        matches!(&answer, Ok(Some(EnrollResponse::Refused { reason })) if reason == "unknown enrollment token"),
+        "{answer:?}"
+    );
+    let db = t.db().await;
+    let row = || async {
+        db.query_opt(
+            "SELECT metadata->>'hostname', user_agent FROM audit_log \
+             WHERE action = 'agent.enrollment_refused'",
+            &[],
+        )
+        .await
+        .expect("audit")
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async { row().await.is_some() }).await,
+        "the refusal was not audited"
+    );
+    assert_eq!(
+        row().await,
+        Some(("evilhost".to_owned(), "sensei-agent/9.9".to_owned()))
+    );
+    connection.close(VarInt::from_u32(0), b"");
+    endpoint.wait_idle().await;
+}

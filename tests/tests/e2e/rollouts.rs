@@ -721,15 +721,17 @@ async fn a_batch_larger_than_a_chunk_is_queued_in_chunks_each_target_once() {
     let chunk = sensei_control_plane::rollouts::QUEUE_CHUNK;
     let servers = chunk * 2 + chunk / 2;
     let db = t.db().await;
+    // Created a millisecond apart, so that rollout order (the selector's) is name order.
     db.execute(
-        "INSERT INTO servers (id, account_id, name, host, transport, labels) \
-         SELECT gen_random_uuid(), $1, 'chunk-' || g, 'h', 'agent', '{\"fleet\":\"chunks\"}' \
+        "INSERT INTO servers (id, account_id, name, host, transport, labels, created_at) \
+         SELECT gen_random_uuid(), $1, 'chunk-' || g, 'h', 'agent', '{\"fleet\":\"chunks\"}', \
+                now() + g * interval '1 millisecond' \
          FROM generate_series(1, $2::bigint) g",
         &[&account, &servers],
     )
     .await
     .expect("servers");
-    // Every 500th server has no certificate: one in each chunk.
+    // Every 500th server has no certificate: some in each chunk.
     db.execute(
         "INSERT INTO agent_certificates (fingerprint, server_id, serial, not_after) \
          SELECT sha256(id::text::bytea), id, 'chunk', now() + interval '1 day' \

@@ -145,7 +145,9 @@ async fn audit_refusal(
 
 /// Untrusted strings from the agent are cut short before they are stored.
 fn truncate(s: &str) -> String {
-    s.chars().take(128).collect()
+    // Anyone may try to enroll: without its NULs (which PostgreSQL text and jsonb refuse) the
+    // attempt's audit row is written whatever the client sent.
+    sensei_shared::protocol::storable_text(s, 128)
 }
 
 /// Enrolls, or says why not; on success also the server's counted attempt, to release.
