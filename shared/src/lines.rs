@@ -8,6 +8,11 @@
 /// The most bytes kept of one line.
 pub const MAX_LINE: usize = 4096;
 
+/// The longest line, in characters, the control plane stores: [`MAX_LINE`] and the marker
+/// saying how much was cut (` …[N bytes cut]`, at most 36 characters). What a hostile agent
+/// sends is cut to this.
+pub const MAX_STORED_LINE_CHARS: usize = MAX_LINE + 64;
+
 /// Splits a byte stream into bounded lines.
 #[derive(Debug, Default)]
 pub struct LineAssembler {

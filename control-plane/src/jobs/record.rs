@@ -176,7 +176,7 @@ async fn record_ends_of_server(
 }
 
 /// Appends log lines to a deployment (up to [`MAX_LOG_LINES`] in all, each cut to
-/// [`sensei_shared::lines::MAX_LINE`] characters). NUL bytes, which PostgreSQL text cannot
+/// [`sensei_shared::lines::MAX_STORED_LINE_CHARS`] characters). NUL bytes, which PostgreSQL text cannot
 /// hold, are dropped.
 pub async fn store_lines(pool: &deadpool_postgres::Pool, id: Uuid, lines: &[LogLine]) {
     let Ok(client) = pool.get().await else {
@@ -190,7 +190,12 @@ pub async fn store_lines(pool: &deadpool_postgres::Pool, id: Uuid, lines: &[LogL
     let streams: Vec<i16> = lines.iter().map(|l| i16::from(l.stream)).collect();
     let texts: Vec<String> = lines
         .iter()
-        .map(|l| sensei_shared::protocol::storable_text(&l.text, sensei_shared::lines::MAX_LINE))
+        .map(|l| {
+            sensei_shared::protocol::storable_text(
+                &l.text,
+                sensei_shared::lines::MAX_STORED_LINE_CHARS,
+            )
+        })
         .collect();
     let result = client
         .execute(
