@@ -1151,6 +1151,14 @@ pub async fn watch_updates(
     .expect("trigger on updates");
 }
 
+/// The rows of `deployments` a job's end changes (over `OLD` and `NEW`), for [`watch_updates`].
+pub const JOB_ENDS: &str = "OLD.status = 'running' AND NEW.status <> 'running'";
+
+/// Has the database refuse every job's end (the trigger `name` of [`watch_updates`]).
+pub async fn refuse_job_ends(db: &tokio_postgres::Client, name: &str) {
+    watch_updates(db, "deployments", name, JOB_ENDS, true).await;
+}
+
 /// Waits (up to a minute) until the trigger `name` of [`watch_updates`] fired more than
 /// `times` times; answers how often it fired.
 pub async fn fired_more_than(db: &tokio_postgres::Client, name: &str, times: i64) -> i64 {

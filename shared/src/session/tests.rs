@@ -515,14 +515,7 @@ fn a_refused_job_is_recorded_as_failed_verification() {
         Err(OutOfOrder("finish"))
     );
 
-    let mut control_job = ControlJob::new();
-    control_job
-        .handle(AgentMessage::Poll {
-            highest_sequence: 0,
-        })
-        .expect("poll");
-    control_job.claimed(job_id, job()).expect("claimed");
-    drain_control_job(&mut control_job);
+    let mut control_job = running_control_job(job_id);
     control_job.handle(refusal).expect("refusal");
     assert_eq!(
         drain_control_job(&mut control_job),

@@ -863,14 +863,7 @@ async fn a_result_the_database_refused_is_reported_again_not_lost() {
     let s = setup(json!({})).await;
     let db = s.t.db().await;
     let ends = "test_refused_ends";
-    sensei_e2e::watch_updates(
-        &db,
-        "deployments",
-        ends,
-        "OLD.status = 'running' AND NEW.status <> 'running'",
-        true,
-    )
-    .await;
+    sensei_e2e::refuse_job_ends(&db, ends).await;
     let d = s.deploy("main").await;
     let id = d["id"].as_str().expect("id");
     // The finish worker's attempts, then at least one report from a new connection.

@@ -193,14 +193,7 @@ async fn an_ssh_result_the_database_refused_is_written_again_not_lost() {
     let s = setup(json!({})).await;
     let db = s.t.db().await;
     let ends = "test_refused_ssh_ends";
-    sensei_e2e::watch_updates(
-        &db,
-        "deployments",
-        ends,
-        "OLD.status = 'running' AND NEW.status <> 'running'",
-        true,
-    )
-    .await;
+    sensei_e2e::refuse_job_ends(&db, ends).await;
     let (status, d) =
         s.t.post(
             "/v1/deployments",

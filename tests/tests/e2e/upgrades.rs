@@ -572,7 +572,7 @@ async fn an_upgrade_recorded_from_a_later_connection_still_starts() {
         &db,
         "deployments",
         ends,
-        "OLD.status = 'running' AND NEW.status <> 'running' AND NEW.kind = 'upgrade_agent'",
+        &format!("{} AND NEW.kind = 'upgrade_agent'", sensei_e2e::JOB_ENDS),
         true,
     )
     .await;
